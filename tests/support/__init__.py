@@ -1,0 +1,1 @@
+"""Helpers for tests that run real components: ports, processes, images."""
