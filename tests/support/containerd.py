@@ -1,0 +1,109 @@
+"""A private, real containerd 1.6 for a test: its own root, state and socket.
+
+CRI is off unless asked for, because with CRI on containerd re-labels and
+re-creates image records in k8s.io, which makes event tests noisy (RECIPES.md).
+The directory lives under /tmp with a short name because a unix socket path
+must fit in 108 bytes and pytest's tmp_path often does not.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+from tests.support.processes import spawn, stop, wait_until
+
+NAMESPACE = "k8s.io"
+
+
+class Containerd:
+    def __init__(
+        self, *, cri: bool = False, registry_config_path: str | None = None, extra_config: str = ""
+    ) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ctrd-", dir="/tmp"))
+        self.root = self.dir / "root"
+        self.state = self.dir / "state"
+        self.socket = self.dir / "containerd.sock"
+        self.config = self.dir / "config.toml"
+        self.log = self.dir / "containerd.log"
+        self.content_path = self.root / "io.containerd.content.v1.content"
+        self._proc: subprocess.Popen[bytes] | None = None
+        lines = [
+            "version = 2",
+            f'root = "{self.root}"',
+            f'state = "{self.state}"',
+            "[grpc]",
+            f'  address = "{self.socket}"',
+            "[ttrpc]",
+            f'  address = "{self.dir}/ttrpc.sock"',
+        ]
+        if not cri:
+            lines.insert(1, 'disabled_plugins = ["io.containerd.grpc.v1.cri"]')
+        elif registry_config_path is not None:
+            lines += [
+                '[plugins."io.containerd.grpc.v1.cri".registry]',
+                f'  config_path = "{registry_config_path}"',
+            ]
+        self.config.write_text("\n".join(lines) + "\n" + extra_config)
+
+    def start(self, timeout: float = 15.0) -> Containerd:
+        self._proc = spawn(["containerd", "--config", str(self.config)], self.log)
+        try:
+            wait_until(
+                lambda: self.ctr("version", check=False).returncode == 0,
+                timeout,
+                f"containerd on {self.socket} (log: {self.log})",
+            )
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop(self._proc)
+            self._proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def ctr(
+        self, *args: str, check: bool = True, timeout: float = 120.0, namespace: str = NAMESPACE
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``ctr`` against this instance; raises with ctr's stderr when ``check``."""
+        result = subprocess.run(
+            ["ctr", "--address", str(self.socket), "--namespace", namespace, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(
+                f"ctr {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}"
+            )
+        return result
+
+    def close(self) -> None:
+        self.stop()
+        # Snapshots may hold overlay mounts only when containers ran; we never run any.
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Containerd:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
