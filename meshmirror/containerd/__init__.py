@@ -1,0 +1,1 @@
+"""containerd integration: the gRPC client and the Store over containerd's images and content."""
