@@ -1,0 +1,69 @@
+"""Fixtures for the containerd store tests: a private real containerd and a store on it."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from meshmirror.containerd.store import ContainerdStore
+from meshmirror.oci.imagebuilder import BuiltImage, build_image
+from meshmirror.store.base import Store
+from tests.support.containerd import NAMESPACE, Containerd
+
+READY_WITHIN = 10.0
+
+
+@pytest.fixture
+def containerd() -> Iterator[Containerd]:
+    with Containerd() as instance:
+        yield instance
+
+
+ImageFactory = Callable[..., BuiltImage]
+
+
+@pytest.fixture
+def make_image(tmp_path: Path) -> ImageFactory:
+    """Build an image archive offline; each call gets its own layout and archive."""
+    counter = itertools.count()
+
+    def make(name: str, layer_sizes: Sequence[int] = (1024,), **kwargs: object) -> BuiltImage:
+        n = next(counter)
+        return build_image(name, tmp_path / f"layout{n}", layer_sizes,
+                           archive=tmp_path / f"image{n}.tar", **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+def import_image(ctrd: Containerd, image: BuiltImage, *extra: str) -> None:
+    assert image.archive is not None
+    ctrd.ctr("images", "import", *extra, str(image.archive))
+
+
+@pytest.fixture
+async def store(containerd: Containerd) -> AsyncIterator[ContainerdStore]:
+    s = ContainerdStore(containerd.socket, NAMESPACE, containerd.content_path)
+    await s.start()
+    try:
+        assert await s.wait_ready(READY_WITHIN), "store did not sync with containerd"
+        yield s
+    finally:
+        await s.close()
+
+
+async def wait_keys(store: Store, want: frozenset[str], within: float = 5.0,
+                    exact: bool = False) -> None:
+    """Bounded wait until ``want`` is a subset of (``exact``: equal to) the store's keys."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        keys = await store.keys()
+        if keys == want or (not exact and want <= keys):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"after {within}s missing {sorted(want - keys)}, "
+                                 f"extra {sorted(keys - want) if exact else []}")
+        await asyncio.sleep(0.02)
