@@ -107,7 +107,7 @@ class Codec(Protocol):
     def compound(self, parts: list[bytes]) -> bytes: ...
 
     def seal_packet(self, payload: bytes, *, keyring: Keyring | None, label: bytes = b"",
-                    crc: bool = True) -> bytes: ...
+                    crc: bool = True, compress: bool = False) -> bytes: ...
 
     def open_packet(self, data: bytes, *, keyring: Keyring | None,
                     label: bytes = b"") -> list[Message]: ...
@@ -1074,7 +1074,8 @@ class Memberlist:
         self._effects.append(SendPacket(addr, data))
 
     def _seal(self, payload: bytes, *, crc: bool) -> bytes:
-        return self._codec.seal_packet(payload, keyring=self._keyring, label=self._label, crc=crc)
+        return self._codec.seal_packet(payload, keyring=self._keyring, label=self._label, crc=crc,
+                                       compress=self.config.enable_compression)
 
     # ------------------------------------------------------------------ counters
 
