@@ -1,0 +1,367 @@
+"""The registry's HTTP application: the OCI distribution pull API over a Store.
+
+Routes:
+
+- ``GET/HEAD /v2/`` - API version check.
+- ``GET/HEAD /v2/<name>/manifests/<tag|digest>`` and
+  ``GET/HEAD /v2/<name>/blobs/<digest>`` (blobs honour a single Range).
+- any other method on ``/v2/...`` - 405 UNSUPPORTED with ``Allow: GET, HEAD``.
+- ``/healthz`` (the process answers) and ``/readyz`` (the store answers).
+
+Which registry a tag belongs to: containerd names it in ``?ns=<registry>``. A
+request without ``ns`` (skopeo, curl, containerd using us as ``server``) is
+taken to mean ``options.default_registry``, ``docker.io`` unless configured -
+the same registry Docker assumes for a bare name. Digests need no registry.
+
+Blobs are content-addressed and the store does not record which repositories
+reference them, so a blob is served under any valid repository name; the
+repository only matters for tags (and is passed on to the fallback).
+
+Manifests are at most ``options.manifest_limit`` bytes (4 MiB, Distribution's
+limit); anything larger, or anything that is not a manifest or index, is
+MANIFEST_UNKNOWN on the manifests endpoint, so a layer can never be served as
+a manifest. ``Accept`` is not negotiated: a manifest is served as stored, which
+is what Distribution does for every non-schema1 manifest.
+
+Failures of the store itself (containerd restarting) are treated as misses:
+the fallback is asked, then 404, so containerd goes on to the next host
+instead of failing the pull.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from meshmirror.oci import mediatypes
+from meshmirror.oci.digest import Digest
+from meshmirror.oci.manifest import ManifestError, parse_manifest
+from meshmirror.oci.reference import DOCKER_HUB, InvalidRegistryError, validate_registry
+from meshmirror.registry.accesslog import SCOPE_HANDLER, SCOPE_SOURCE, AccessLogMiddleware
+from meshmirror.registry.errors import RegistryError
+from meshmirror.registry.fallback import Fallback, FallbackContent
+from meshmirror.registry.metrics import RegistryMetrics
+from meshmirror.registry.paths import Kind, V2Path, parse_v2_path
+from meshmirror.registry.ranges import (
+    ByteRange,
+    MalformedRangeError,
+    RangeSpec,
+    UnsatisfiableRangeError,
+    parse_range,
+)
+from meshmirror.store.base import BlobInfo, NotFoundError, Store
+
+API_VERSION_HEADER: Final = "Docker-Distribution-API-Version"
+API_VERSION: Final = "registry/2.0"
+BLOB_CONTENT_TYPE: Final = "application/octet-stream"
+_ALLOWED: Final = "GET, HEAD"
+# Blobs never change under a digest; let caches keep them.
+_BLOB_CACHE_CONTROL: Final = "max-age=31536000"
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryOptions:
+    default_registry: str = DOCKER_HUB
+    manifest_limit: int = 4 * 1024 * 1024
+
+
+class _Miss(Exception):
+    """The local store cannot serve this request; try the fallback, then 404."""
+
+
+def _common_headers(digest: Digest, length: int, content_type: str) -> dict[str, str]:
+    return {
+        API_VERSION_HEADER: API_VERSION,
+        "Content-Type": content_type,
+        "Content-Length": str(length),
+        "Docker-Content-Digest": str(digest),
+        "ETag": f'"{digest}"',
+    }
+
+
+async def _closing(first: bytes | None, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Yield a pre-read first chunk then the rest, closing ``body`` however streaming ends."""
+    try:
+        if first:
+            yield first
+        async for chunk in body:
+            yield chunk
+    finally:
+        await _aclose(body)
+
+
+async def _aclose(body: AsyncIterator[bytes] | None) -> None:
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class RegistryApp:
+    """Request handlers bound to one store, fallback and set of options."""
+
+    def __init__(self, store: Store, options: RegistryOptions, fallback: Fallback | None,
+                 logger: logging.Logger) -> None:
+        self.store = store
+        self.options = options
+        self.fallback = fallback
+        self.logger = logger
+
+    # -- routes ---------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        request.scope[SCOPE_HANDLER] = "healthz"
+        return PlainTextResponse("ok\n")
+
+    async def readyz(self, request: Request) -> Response:
+        request.scope[SCOPE_HANDLER] = "readyz"
+        try:
+            ready = await self.store.ready()
+        except Exception:
+            self.logger.exception("store readiness check failed")
+            ready = False
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    async def v2(self, request: Request) -> Response:
+        request.scope[SCOPE_HANDLER] = "v2"
+        head = request.method == "HEAD"
+        try:
+            if request.method not in ("GET", "HEAD"):
+                raise RegistryError("UNSUPPORTED", f"{request.method[:20]} is not supported: "
+                                    "this registry only serves pulls",
+                                    headers={"Allow": _ALLOWED})
+            path = parse_v2_path(request.scope["path"])
+            request.scope[SCOPE_HANDLER] = path.kind.value
+            if path.kind is Kind.BASE:
+                return Response(b"" if head else b"{}", headers={
+                    API_VERSION_HEADER: API_VERSION, "Content-Length": "2",
+                    "Content-Type": "application/json"})
+            registry = self._registry_for(request)
+            if path.kind is Kind.MANIFEST:
+                return await self._manifest(request, registry, path, head)
+            return await self._blob(request, registry, path, head)
+        except RegistryError as err:
+            return err.response(head=head)
+
+    # -- helpers --------------------------------------------------------------
+
+    def _registry_for(self, request: Request) -> str:
+        ns = request.query_params.get("ns")
+        if not ns:
+            return self.options.default_registry
+        try:
+            return validate_registry(ns)
+        except InvalidRegistryError as err:
+            raise RegistryError("NAME_INVALID", str(err), {"ns": ns[:200]}) from err
+
+    async def _local_manifest(self, registry: str, path: V2Path, want_body: bool
+                              ) -> tuple[BlobInfo, str, bytes | None]:
+        try:
+            digest = path.digest
+            if digest is None:
+                assert path.tag is not None
+                digest = await self.store.resolve(registry, path.repository, path.tag)
+            info = await self.store.stat(digest)
+            if info.size > self.options.manifest_limit:
+                raise _Miss(f"{digest} is {info.size} bytes, too large for a manifest")
+            media_type = info.media_type
+            if media_type is not None and not mediatypes.is_manifest_like(media_type):
+                raise _Miss(f"{digest} is a {media_type}, not a manifest")
+            data: bytes | None = None
+            if want_body or media_type is None:
+                data = await self.store.read_all(digest, self.options.manifest_limit)
+                if len(data) != info.size:
+                    raise _Miss(f"{digest}: store returned {len(data)} of {info.size} bytes")
+                # Only ever serve a document that really is a manifest or index.
+                parsed = parse_manifest(data, media_type, max_size=self.options.manifest_limit)
+                media_type = media_type or parsed.media_type
+            return info, media_type, data
+        except ManifestError as err:
+            raise _Miss(f"{path.reference} is not a servable manifest: {err}") from err
+        except NotFoundError as err:
+            raise _Miss(str(err)) from err
+        except _Miss:
+            raise
+        except Exception as err:
+            self.logger.warning("store failed serving a manifest; treating it as a miss",
+                                exc_info=True)
+            raise _Miss(str(err)) from err
+
+    async def _manifest(self, request: Request, registry: str, path: V2Path,
+                        head: bool) -> Response:
+        try:
+            info, media_type, data = await self._local_manifest(registry, path, not head)
+        except _Miss:
+            return await self._fallback_manifest(request, registry, path, head)
+        request.scope[SCOPE_SOURCE] = "local"
+        headers = _common_headers(info.digest, info.size, media_type)
+        return Response(b"" if head else (data or b""), headers=headers)
+
+    async def _fallback_manifest(self, request: Request, registry: str, path: V2Path,
+                                 head: bool) -> Response:
+        unknown = RegistryError("MANIFEST_UNKNOWN", detail={
+            "name": path.repository, "reference": path.reference, "registry": registry})
+        if self.fallback is None:
+            raise unknown
+        try:
+            content = await self.fallback.open_manifest(
+                registry, path.repository, path.reference, not head)
+        except Exception:
+            self.logger.warning("fallback failed on a manifest; answering 404", exc_info=True)
+            raise unknown from None
+        if content is None:
+            raise unknown
+        if not mediatypes.is_manifest_like(content.media_type):
+            self.logger.warning("fallback returned a manifest without a manifest media type",
+                                extra={"fields": {"media_type": content.media_type}})
+            await _aclose(content.body)
+            raise unknown
+        assert content.media_type is not None
+        request.scope[SCOPE_SOURCE] = "fallback"
+        headers = _common_headers(content.digest, content.size, content.media_type)
+        if head or content.body is None:
+            await _aclose(content.body)
+            if not head:
+                raise unknown
+            return Response(b"", headers=headers)
+        return StreamingResponse(_closing(None, content.body), headers=headers)
+
+    def _blob_range(self, request: Request, digest: Digest, head: bool) -> RangeSpec | None:
+        """The client's range, or None when Range does not apply (HEAD, If-Range mismatch)."""
+        value = request.headers.get("range")
+        if head or value is None:
+            return None
+        if_range = request.headers.get("if-range")
+        if if_range is not None and if_range.strip() != f'"{digest}"':
+            return None  # a validator we do not match (or a date): RFC 9110 says send it all
+        try:
+            return parse_range(value)
+        except MalformedRangeError as err:
+            raise RegistryError("RANGE_INVALID", str(err)) from err
+
+    async def _blob(self, request: Request, registry: str, path: V2Path,
+                    head: bool) -> Response:
+        digest = path.digest
+        assert digest is not None
+        spec = self._blob_range(request, digest, head)
+        try:
+            info = await self.store.stat(digest)
+        except NotFoundError:
+            return await self._fallback_blob(request, registry, path, digest, spec, head)
+        except Exception:
+            self.logger.warning("store failed a blob stat; treating it as a miss", exc_info=True)
+            return await self._fallback_blob(request, registry, path, digest, spec, head)
+        selected = self._resolve(spec, info.size)
+        headers = self._blob_headers(digest, info.size, selected)
+        if head:
+            request.scope[SCOPE_SOURCE] = "local"
+            return Response(b"", headers=headers)
+        offset, length = (0, info.size) if selected is None else (selected.offset, selected.length)
+        body = self.store.read(digest, offset, length)
+        # Pull the first chunk before committing to a status, so a blob removed
+        # since stat still becomes a miss rather than a cut-off 200.
+        try:
+            first: bytes | None = await anext(body) if length else None
+        except StopAsyncIteration:
+            first = None
+        except NotFoundError:
+            await _aclose(body)
+            return await self._fallback_blob(request, registry, path, digest, spec, head)
+        except Exception:
+            await _aclose(body)
+            self.logger.warning("store failed reading a blob; treating it as a miss",
+                                exc_info=True)
+            return await self._fallback_blob(request, registry, path, digest, spec, head)
+        request.scope[SCOPE_SOURCE] = "local"
+        status = 200 if selected is None else 206
+        return StreamingResponse(_closing(first, body), status_code=status, headers=headers)
+
+    @staticmethod
+    def _resolve(spec: RangeSpec | None, size: int) -> ByteRange | None:
+        if spec is None:
+            return None
+        try:
+            return spec.resolve(size)
+        except UnsatisfiableRangeError as err:
+            raise RegistryError("RANGE_INVALID", str(err),
+                                headers={"Content-Range": f"bytes */{size}"}) from err
+
+    @staticmethod
+    def _blob_headers(digest: Digest, size: int, selected: ByteRange | None) -> dict[str, str]:
+        headers = _common_headers(digest, size if selected is None else selected.length,
+                                  BLOB_CONTENT_TYPE)
+        headers["Accept-Ranges"] = "bytes"
+        headers["Cache-Control"] = _BLOB_CACHE_CONTROL
+        if selected is not None:
+            headers["Content-Range"] = selected.content_range()
+        return headers
+
+    async def _fallback_blob(self, request: Request, registry: str, path: V2Path,
+                             digest: Digest, spec: RangeSpec | None, head: bool) -> Response:
+        unknown = RegistryError("BLOB_UNKNOWN", detail={"digest": str(digest)})
+        if self.fallback is None:
+            raise unknown
+        content: FallbackContent | None
+        try:
+            content = await self.fallback.open_blob(
+                registry, path.repository, digest, spec, not head)
+        except Exception:
+            self.logger.warning("fallback failed on a blob; answering 404", exc_info=True)
+            raise unknown from None
+        if content is None:
+            raise unknown
+        try:
+            selected = self._resolve(spec, content.size)
+        except RegistryError:
+            await _aclose(content.body)
+            raise
+        request.scope[SCOPE_SOURCE] = "fallback"
+        headers = self._blob_headers(digest, content.size, selected)
+        if head or content.body is None:
+            await _aclose(content.body)
+            if not head:
+                raise unknown
+            return Response(b"", headers=headers)
+        status = 200 if selected is None else 206
+        return StreamingResponse(_closing(None, content.body), status_code=status,
+                                 headers=headers)
+
+
+class _AnyMethod:
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.handler(Request(scope, receive))
+        await response(scope, receive, send)
+
+
+def create_app(store: Store, *, options: RegistryOptions | None = None,
+               fallback: Fallback | None = None, metrics: RegistryMetrics | None = None,
+               logger: logging.Logger | None = None,
+               extra_routes: Sequence[BaseRoute] = ()) -> ASGIApp:
+    """The registry as an ASGI app; ``extra_routes`` lets other components add endpoints.
+
+    The access log wraps the whole Starlette app so even its own 404s and 500s
+    are logged with their final status.
+    """
+    handlers = RegistryApp(store, options or RegistryOptions(), fallback,
+                           logger or logging.getLogger("meshmirror.registry"))
+    routes: list[BaseRoute] = [
+        Route("/healthz", handlers.healthz, methods=["GET", "HEAD"]),
+        Route("/readyz", handlers.readyz, methods=["GET", "HEAD"]),
+        # An ASGI endpoint, not a function, so Starlette does not restrict the
+        # methods: every method reaches `v2`, which answers OCI-style 405s.
+        Route("/v2", _AnyMethod(handlers.v2)),
+        Route("/v2/{rest:path}", _AnyMethod(handlers.v2)),
+        *extra_routes,
+    ]
+    app = Starlette(routes=routes)
+    return AccessLogMiddleware(app, logging.getLogger("meshmirror.access"), metrics)

@@ -1,0 +1,525 @@
+"""Mirror mode: serve what the local store lacks by streaming it from peers.
+
+`PeerMirror` is the registry's `Fallback`. For every miss it asks the router
+which peers probably hold the key, and then:
+
+- **bounds the wait.** Each peer gets ``first_byte_timeout`` to answer with
+  headers; a second (hedged) request to the next candidate starts after
+  ``hedge_delay`` if the first is silent, and the first good answer wins. With
+  nobody left the answer is None, which the app turns into a fast 404 so
+  containerd goes upstream: the mirror never makes a pull slower than that bound.
+- **trusts no peer's bytes.** Every byte is hashed on its way through. A
+  manifest, or a blob of at most ``verify_before_send_limit`` bytes, is read
+  whole and verified before the client sees any of it, so a lying peer costs a
+  retry on the next candidate and nothing else. A larger blob is streamed (memory
+  must not grow with blob size) with its last chunk held back until the whole
+  digest checks out; on a mismatch the stream raises, the server aborts the
+  connection short of Content-Length, and the client cannot take it as complete.
+- **resumes.** A peer that breaks mid-stream is replaced by the next candidate,
+  asked with ``Range: bytes=<reached>-``, and the hash carries on from there.
+  A client's own Range is served by hashing the blob from byte 0 (the skipped
+  prefix is read from the peer and discarded), because a digest can only be
+  checked over the whole blob.
+
+Requests to peers carry `PEER_HEADER`; a node answers those from its own store
+only (see `peer_dispatch`), so a false positive can never bounce between mirrors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from meshmirror.mesh.router import Peer, Router
+from meshmirror.oci.digest import Digest, DigestError
+from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
+from meshmirror.registry.fallback import FallbackContent
+from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
+from meshmirror.store.base import tag_key
+
+PEER_HEADER = "X-Meshmirror-Peer"
+_PEER_HEADER_BYTES = PEER_HEADER.lower().encode()
+_MANIFEST_LIMIT = 4 * 1024 * 1024
+_FIRST_BYTE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+logger = logging.getLogger("meshmirror.mirror")
+
+
+class PeerFailure(Exception):
+    """One peer could not serve; ``reason`` labels the metric."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class VerificationError(Exception):
+    """Every byte was sent but the digest did not match: the stream must be aborted."""
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorOptions:
+    """Knobs of mirror mode; defaults follow Spegel where it has one."""
+
+    # Connect + response headers from one peer. Spegel uses 20 ms in Go; Python
+    # on a busy 2-core node needs more headroom, and the hedge covers the tail.
+    first_byte_timeout: float = 0.05
+    # Start the hedged request to the next candidate after this long.
+    hedge_delay: float = 0.015
+    # Peers tried for one request (Spegel: 3).
+    max_attempts: int = 3
+    # Blobs up to this size are verified whole before the first byte is sent.
+    verify_before_send_limit: int = 8 * 1024 * 1024
+    chunk_size: int = 1024 * 1024
+    # A stalled peer mid-stream is abandoned after this long without a byte.
+    read_timeout: float = 5.0
+    resolve_tags: bool = True
+    # Regexes on ``registry/repo:tag``; a match answers 404 at once.
+    registry_filters: tuple[re.Pattern[str], ...] = ()
+    # Hosts to mirror; empty means every registry.
+    mirrored_registries: frozenset[str] = field(default_factory=frozenset)
+
+    def mirrors(self, registry: str) -> bool:
+        return not self.mirrored_registries or registry in self.mirrored_registries
+
+    def filtered(self, key: str) -> bool:
+        return any(pattern.search(key) for pattern in self.registry_filters)
+
+
+def registry_host(text: str) -> str:
+    """``https://docker.io/`` and ``docker.io`` both name the registry ``docker.io``."""
+    text = text.strip()
+    text = re.sub(r"^[a-z]+://", "", text)
+    return text.rstrip("/")
+
+
+class MirrorMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "meshmirror_mirror_requests", "Requests the local store missed, by outcome",
+            ["registry", "kind", "result"], registry=registry)
+        self.peer_bytes = Counter(
+            "meshmirror_mirror_peer_bytes", "Bytes received from peers (verified or not)",
+            registry=registry)
+        self.first_byte = Histogram(
+            "meshmirror_mirror_first_byte_seconds",
+            "From a miss to the first peer's response headers (the lookup cost a pull sees)",
+            buckets=_FIRST_BYTE_BUCKETS, registry=registry)
+        self.false_positives = Counter(
+            "meshmirror_mirror_peer_false_positives",
+            "Peers whose summary matched but that answered 404", registry=registry)
+        self.peer_failures = Counter(
+            "meshmirror_mirror_peer_failures", "Peer requests that failed, by reason",
+            ["reason"], registry=registry)
+
+
+@dataclass(slots=True)
+class _Opened:
+    """A peer's response whose headers have arrived."""
+
+    peer: Peer
+    response: aiohttp.ClientResponse
+    started: float
+
+
+class PeerMirror:
+    """The registry's fallback: fetch from peers chosen by the router, verified."""
+
+    def __init__(self, router: Router, session: aiohttp.ClientSession, *,
+                 options: MirrorOptions | None = None, metrics: MirrorMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._router = router
+        self._session = session
+        self._options = options or MirrorOptions()
+        self._metrics = metrics or MirrorMetrics(CollectorRegistry())
+        self._clock = clock
+
+    # -- Fallback ------------------------------------------------------------------
+
+    async def open_manifest(self, registry: str, repository: str, reference: str,
+                            want_body: bool) -> FallbackContent | None:
+        opts = self._options
+        expected: Digest | None = None
+        if ":" in reference:
+            try:
+                expected = Digest.parse(reference)
+            except DigestError:
+                return None
+            key = str(expected)
+        else:
+            key = tag_key(registry, repository, reference)
+            if not opts.resolve_tags or opts.filtered(key):
+                self._count(registry, "manifest", "filtered")
+                return None
+        if not opts.mirrors(registry):
+            self._count(registry, "manifest", "not_mirrored")
+            return None
+        path = f"/v2/{repository}/manifests/{reference}"
+        # HEAD is answered from a verified GET too: manifests are small and a tag's
+        # digest is only as good as the body it came with.
+        candidates = self._router.candidates(key, limit=opts.max_attempts)
+        opener = _hedged_open(self, candidates, path, registry, {"Accept": CONTAINERD_ACCEPT},
+                              offset=0)
+        try:
+            async for opened in opener:
+                try:
+                    content = await self._read_manifest(opened, expected)
+                except PeerFailure as failure:
+                    self._fail(opened.peer, failure)
+                    continue
+                self._router.report(opened.peer.name, ok=True,
+                                    latency_s=self._clock() - opened.started)
+                self._count(registry, "manifest", "hit")
+                return content
+        finally:
+            await opener.aclose()
+        self._count(registry, "manifest", "miss")
+        return None
+
+    async def open_blob(self, registry: str, repository: str, digest: Digest,
+                        byte_range: RangeSpec | None, want_body: bool
+                        ) -> FallbackContent | None:
+        if not self._options.mirrors(registry):
+            self._count(registry, "blob", "not_mirrored")
+            return None
+        path = f"/v2/{repository}/blobs/{digest}"
+        fetch = _BlobFetch(self, registry, path, digest)
+        opened = await fetch.open_first()
+        if opened is None:
+            self._count(registry, "blob", "miss")
+            return None
+        size = opened
+        if not want_body:
+            await fetch.close()
+            self._count(registry, "blob", "hit")
+            return FallbackContent(digest, size, None, None)
+        try:
+            selected = byte_range.resolve(size) if byte_range is not None else None
+        except UnsatisfiableRangeError:
+            await fetch.close()
+            return FallbackContent(digest, size, None, None)
+        start = 0 if selected is None else selected.offset
+        end = size if selected is None else selected.offset + selected.length
+        if size <= self._options.verify_before_send_limit:
+            data = await fetch.read_verified_whole()
+            if data is None:
+                self._count(registry, "blob", "error")
+                return None
+            self._count(registry, "blob", "hit")
+            return FallbackContent(digest, size, None, _once(data[start:end]))
+        self._count(registry, "blob", "hit")
+        return FallbackContent(digest, size, None, fetch.stream(start, end))
+
+    # -- shared plumbing ---------------------------------------------------------
+
+    def _count(self, registry: str, kind: str, result: str) -> None:
+        self._metrics.requests.labels(registry, kind, result).inc()
+
+    def _fail(self, peer: Peer, failure: PeerFailure) -> None:
+        self._metrics.peer_failures.labels(failure.reason).inc()
+        if failure.reason == "not_found":
+            self._metrics.false_positives.inc()
+            self._router.report(peer.name, ok=False, latency_s=0.0, false_positive=True)
+        elif failure.reason == "digest_mismatch":
+            self._router.penalise(peer.name)
+        else:
+            self._router.report(peer.name, ok=False, latency_s=0.0)
+        logger.info("peer %s failed: %s", peer.name, failure)
+
+    async def _open(self, peer: Peer, path: str, registry: str, headers: dict[str, str],
+                    offset: int) -> _Opened:
+        """Ask one peer; headers must arrive within the first-byte bound."""
+        request_headers = {PEER_HEADER: "1", "Accept-Encoding": "identity", **headers}
+        if offset:
+            request_headers["Range"] = f"bytes={offset}-"
+        started = self._clock()
+        url = f"{peer.http_base}{path}"
+        self._router.begin(peer.name)
+        try:
+            response = await asyncio.wait_for(
+                self._session.get(url, params={"ns": registry}, headers=request_headers,
+                                  allow_redirects=False),
+                self._options.first_byte_timeout)
+        except TimeoutError as err:
+            self._router.end(peer.name)
+            raise PeerFailure("timeout", url) from err
+        except (aiohttp.ClientError, OSError) as err:
+            self._router.end(peer.name)
+            raise PeerFailure("connect", f"{url}: {err}") from err
+        expected_status = 206 if offset else 200
+        if response.status != expected_status:
+            response.release()
+            self._router.end(peer.name)
+            reason = "not_found" if response.status == 404 else "bad_status"
+            raise PeerFailure(reason, f"{url} answered {response.status}")
+        self._metrics.first_byte.observe(self._clock() - started)
+        return _Opened(peer, response, started)
+
+    def _done(self, opened: _Opened) -> None:
+        opened.response.release()
+        self._router.end(opened.peer.name)
+
+    async def _read_manifest(self, opened: _Opened, expected: Digest | None
+                             ) -> FallbackContent:
+        try:
+            response = opened.response
+            announced = response.headers.get("Docker-Content-Digest", "")
+            media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+            if response.content_length is not None and response.content_length > _MANIFEST_LIMIT:
+                raise PeerFailure("too_large", f"{response.content_length} bytes")
+            data = await self._read_limited(response, _MANIFEST_LIMIT)
+        finally:
+            self._done(opened)
+        self._metrics.peer_bytes.inc(len(data))
+        if expected is None:
+            try:
+                expected = Digest.parse(announced)
+            except DigestError as err:
+                raise PeerFailure("bad_digest_header", announced[:80]) from err
+        if Digest.of(data, expected.algorithm) != expected:
+            raise PeerFailure("digest_mismatch", f"manifest {expected}")
+        return FallbackContent(expected, len(data), media_type or None, _once(data))
+
+    async def _read_limited(self, response: aiohttp.ClientResponse, limit: int) -> bytes:
+        buffer = bytearray()
+        try:
+            async with asyncio.timeout(self._options.read_timeout):
+                async for chunk in response.content.iter_any():
+                    buffer += chunk
+                    if len(buffer) > limit:
+                        raise PeerFailure("too_large", f"over {limit} bytes")
+        except TimeoutError as err:
+            raise PeerFailure("stalled", "no bytes within the read timeout") from err
+        except (aiohttp.ClientError, OSError) as err:
+            raise PeerFailure("broken", str(err)) from err
+        return bytes(buffer)
+
+
+async def _hedged_open(mirror: PeerMirror, candidates: Sequence[Peer], path: str,
+                       registry: str, headers: dict[str, str], offset: int
+                       ) -> AsyncGenerator[_Opened, None]:
+    """Yield peers' opened responses, best first, hedging slow ones.
+
+    The next candidate is started when the current ones fail or stay silent for
+    ``hedge_delay``; the first good response is yielded and, if the caller comes
+    back for more (that one turned out bad), the race goes on. Responses that
+    lose the race are closed.
+    """
+    remaining = list(candidates)
+    pending: dict[asyncio.Task[_Opened], Peer] = {}
+    hedge_delay = mirror._options.hedge_delay
+
+    def launch() -> None:
+        peer = remaining.pop(0)
+        pending[asyncio.ensure_future(mirror._open(peer, path, registry, headers, offset))] = peer
+
+    try:
+        if remaining:
+            launch()
+        while pending:
+            done, _ = await asyncio.wait(pending, timeout=hedge_delay,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                if remaining:
+                    launch()
+                continue
+            for task in done:
+                peer = pending.pop(task)
+                try:
+                    opened = task.result()
+                except PeerFailure as failure:
+                    mirror._fail(peer, failure)
+                    if remaining:
+                        launch()
+                    continue
+                yield opened
+                if not pending and remaining:
+                    launch()
+    finally:
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(BaseException):
+                mirror._done(await task)
+
+
+class _BlobFetch:
+    """One blob request's journey across peers: opening, verifying, resuming."""
+
+    def __init__(self, mirror: PeerMirror, registry: str, path: str, digest: Digest) -> None:
+        self._mirror = mirror
+        self._registry = registry
+        self._path = path
+        self._digest = digest
+        key = str(digest)
+        self._candidates = mirror._router.candidates(key, limit=mirror._options.max_attempts)
+        self._tried: set[str] = set()
+        self._current: _Opened | None = None
+        self._size = 0
+
+    async def open_first(self) -> int | None:
+        """Open a response from the best responsive peer; its size, or None for none."""
+        opened = await self._open_from(0, self._candidates)
+        if opened is None:
+            return None
+        self._current = opened
+        return self._size
+
+    async def _open_from(self, offset: int, candidates: Sequence[Peer]) -> _Opened | None:
+        fresh = [peer for peer in candidates if peer.name not in self._tried]
+        self._tried.update(peer.name for peer in fresh)
+        opener = _hedged_open(self._mirror, fresh, self._path, self._registry, {}, offset)
+        try:
+            async for opened in opener:
+                try:
+                    self._check_headers(opened, offset)
+                except PeerFailure as failure:
+                    self._mirror._done(opened)
+                    self._mirror._fail(opened.peer, failure)
+                    continue
+                return opened
+        finally:
+            await opener.aclose()
+        return None
+
+    def _check_headers(self, opened: _Opened, offset: int) -> None:
+        headers = opened.response.headers
+        announced = headers.get("Docker-Content-Digest")
+        if announced is not None and announced != str(self._digest):
+            raise PeerFailure("digest_mismatch", f"announced {announced[:80]}")
+        if offset == 0:
+            length = opened.response.content_length
+            if length is None:
+                raise PeerFailure("bad_headers", "no Content-Length")
+            self._size = length
+            return
+        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers.get("Content-Range", ""))
+        if match is None or int(match.group(1)) != offset or int(match.group(3)) != self._size:
+            raise PeerFailure("bad_headers", f"Content-Range {headers.get('Content-Range')!r}")
+
+    async def close(self) -> None:
+        if self._current is not None:
+            self._mirror._done(self._current)
+            self._current = None
+
+    async def _next_source(self, offset: int, failure: PeerFailure) -> bool:
+        """Replace the current peer after ``failure``; False when none is left."""
+        if self._current is not None:
+            self._mirror._fail(self._current.peer, failure)
+            self._mirror._done(self._current)
+            self._current = None
+        more = self._mirror._router.candidates(
+            str(self._digest), limit=self._mirror._options.max_attempts + len(self._tried))
+        self._current = await self._open_from(offset, more)
+        return self._current is not None
+
+    async def _chunks(self, offset: int) -> AsyncIterator[tuple[int, bytes]]:
+        """(position, chunk) pairs from ``offset`` to the end, failing over on breaks."""
+        position = offset
+        chunk_size = self._mirror._options.chunk_size
+        read_timeout = self._mirror._options.read_timeout
+        while position < self._size:
+            current = self._current
+            if current is None:
+                raise PeerFailure("exhausted", f"no peer left at byte {position}")
+            try:
+                async with asyncio.timeout(read_timeout):
+                    chunk = await current.response.content.read(chunk_size)
+            except TimeoutError:
+                failure = PeerFailure("stalled", f"at byte {position}")
+            except (aiohttp.ClientError, OSError) as err:
+                failure = PeerFailure("broken", f"at byte {position}: {err}")
+            else:
+                if chunk:
+                    if position + len(chunk) > self._size:
+                        chunk = chunk[: self._size - position]
+                    self._mirror._metrics.peer_bytes.inc(len(chunk))
+                    yield position, chunk
+                    position += len(chunk)
+                    continue
+                failure = PeerFailure("broken", f"body ended at byte {position}")
+            if not await self._next_source(position, failure):
+                raise PeerFailure("exhausted", f"no peer left at byte {position}")
+
+    async def read_verified_whole(self) -> bytes | None:
+        """The whole blob, verified; tries the next peer (from byte 0) on a mismatch."""
+        while self._current is not None:
+            hasher = self._digest.hasher()
+            buffer = bytearray()
+            try:
+                async for _, chunk in self._chunks(0):
+                    hasher.update(chunk)
+                    buffer += chunk
+            except PeerFailure:
+                await self.close()
+                return None
+            if hasher.hexdigest() == self._digest.hex:
+                self._report_ok()
+                return bytes(buffer)
+            if not await self._next_source(0, PeerFailure("digest_mismatch", str(self._digest))):
+                return None
+        return None
+
+    def _report_ok(self) -> None:
+        if self._current is not None:
+            opened = self._current
+            self._mirror._router.report(opened.peer.name, ok=True,
+                                        latency_s=self._mirror._clock() - opened.started)
+            self._mirror._done(opened)
+            self._current = None
+
+    async def stream(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of the blob, hashed from byte 0; the last chunk is held
+        back until the whole digest verifies."""
+        hasher = self._digest.hasher()
+        held: bytes | None = None
+        try:
+            async for position, chunk in self._chunks(0):
+                hasher.update(chunk)
+                lo, hi = max(start, position), min(end, position + len(chunk))
+                if lo >= hi:
+                    continue
+                piece = chunk[lo - position: hi - position]
+                if held is not None:
+                    yield held
+                held = piece
+            if hasher.hexdigest() != self._digest.hex:
+                if self._current is not None:
+                    self._mirror._fail(self._current.peer,
+                                       PeerFailure("digest_mismatch", str(self._digest)))
+                raise VerificationError(f"{self._digest} did not verify; aborting the response")
+            self._report_ok()
+            if held is not None:
+                yield held
+        finally:
+            await self.close()
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def peer_dispatch(for_clients: ASGIApp, for_peers: ASGIApp) -> ASGIApp:
+    """Route requests carrying `PEER_HEADER` to an app without a fallback.
+
+    A peer asks us only for what our summary claims we hold; answering from the
+    local store alone keeps a false positive from turning into a chain of mirrors.
+    """
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and any(
+                name == _PEER_HEADER_BYTES for name, _ in scope.get("headers", ())):
+            await for_peers(scope, receive, send)
+        else:
+            await for_clients(scope, receive, send)
+
+    return app
