@@ -1,0 +1,384 @@
+"""Who has key K? Candidate peers for a key, best first.
+
+The mirror asks ``router.candidates(key, limit)`` for every request it cannot
+serve locally, so the answer must cost microseconds with a thousand peers. Two
+implementations share one ranking:
+
+* ``BloomRouter`` matches a key against every peer's Bloom summary. Peers'
+  filters of the same geometry (m bits, k hashes) are stacked column by column
+  into one uint8 matrix of shape (m/8, peers); a key's k bit positions select k
+  contiguous rows, so one lookup is a gather of k*peers bytes and a reduction,
+  not a Python loop over peers.
+* ``InMemoryRouter`` holds an explicit key -> peers map: exact answers for
+  tests and for callers that know the truth.
+
+Ranking (``_Health``): alive peers whose filter matches, ordered by
+  1. not penalised: a peer that errored or served bad bytes is pushed below
+     every healthy one for a cooling period that doubles with each consecutive
+     failure (1 s up to 60 s) and ends on the first success;
+  2. fewest requests in flight (spreads a burst of pulls across holders);
+  3. recent history: an EWMA of latency inflated by EWMAs of the error and
+     false-positive rates, in half-octave buckets so peers of similar speed tie;
+  4. ties broken at random, so equal peers share load.
+A peer with no history yet ranks as fast, so new peers get tried.
+
+Wiring (the node)::
+
+    router = BloomRouter(registry=metrics_registry)
+    directory = PeerDirectory(router, registry=metrics_registry)   # feeds it
+    ...
+    for peer in router.candidates(str(digest), limit=3):
+        with router.request(peer.name):           # in-flight accounting
+            ... stream, then router.report(peer.name, ok=..., latency_s=...)
+
+All methods are synchronous and not thread-safe: call them from the registry's
+event loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import CollectorRegistry, Histogram
+
+from meshmirror.mesh.summary import Summary, key_hashes, positions
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+_LOOKUP_BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 10e-3, 0.1)
+_EMPTY: IntArray = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A peer the mirror can ask: its mesh node name and its registry's base URL."""
+
+    name: str
+    http_base: str
+
+
+class _Health:
+    """Per-peer load and history in flat arrays indexed by slot, ranked in bulk.
+
+    Arrays rather than per-peer objects so a key held by all 1,000 peers is
+    ranked with a few numpy operations instead of a thousand Python ones.
+    """
+
+    ALPHA = 0.3
+    PENALTY_BASE_S = 1.0
+    PENALTY_MAX_S = 60.0
+
+    def __init__(self, clock: Callable[[], float], rng: np.random.Generator) -> None:
+        self._clock = clock
+        self._rng = rng
+        self.slot_of: dict[str, int] = {}
+        self.peer_at: list[Peer | None] = []
+        self._free: list[int] = []
+        self._size = 0
+        self.in_flight: IntArray = _EMPTY.copy()
+        self.latency: FloatArray = np.zeros(0)
+        self.errors: FloatArray = np.zeros(0)
+        self.false_pos: FloatArray = np.zeros(0)
+        self.penalty_until: FloatArray = np.zeros(0)
+        self.strikes: IntArray = _EMPTY.copy()
+        self.bucket: FloatArray = np.zeros(0)
+        # in_flight * 1e6 + bucket, kept current so a lookup gathers one array.
+        self.static_score: FloatArray = np.zeros(0)
+
+    def _grow(self) -> None:
+        new = max(16, self._size * 2)
+        for name in ("in_flight", "latency", "errors", "false_pos", "penalty_until", "strikes",
+                     "bucket", "static_score"):
+            old = getattr(self, name)
+            arr = np.zeros(new, dtype=old.dtype)
+            arr[: self._size] = old
+            setattr(self, name, arr)
+        self.peer_at.extend([None] * (new - self._size))
+        self._free.extend(range(new - 1, self._size - 1, -1))
+        self._size = new
+
+    def add(self, peer: Peer) -> int:
+        """The peer's slot; an existing name keeps its slot and history."""
+        slot = self.slot_of.get(peer.name)
+        if slot is None:
+            if not self._free:
+                self._grow()
+            slot = self._free.pop()
+            self.slot_of[peer.name] = slot
+            for arr in (self.in_flight, self.latency, self.errors, self.false_pos,
+                        self.penalty_until, self.strikes, self.bucket, self.static_score):
+                arr[slot] = 0
+        self.peer_at[slot] = peer
+        return slot
+
+    def remove(self, name: str) -> int | None:
+        slot = self.slot_of.pop(name, None)
+        if slot is not None:
+            self.peer_at[slot] = None
+            self._free.append(slot)
+        return slot
+
+    def rank(self, slots: IntArray, limit: int) -> list[Peer]:
+        if limit <= 0 or len(slots) == 0:
+            return []
+        now = self._clock()
+        score = self.static_score[slots] + self._rng.random(len(slots))
+        score[self.penalty_until[slots] > now] += 1e12
+        if len(slots) > limit:
+            best = np.argpartition(score, limit - 1)[:limit]
+            slots, score = slots[best], score[best]
+        ordered = slots[np.argsort(score)]
+        return [peer for peer in (self.peer_at[s] for s in ordered.tolist()) if peer is not None]
+
+    def begin(self, name: str) -> None:
+        slot = self.slot_of.get(name)
+        if slot is not None:
+            self.in_flight[slot] += 1
+            self._rescore(slot)
+
+    def end(self, name: str) -> None:
+        slot = self.slot_of.get(name)
+        if slot is not None and self.in_flight[slot] > 0:
+            self.in_flight[slot] -= 1
+            self._rescore(slot)
+
+    def report(self, name: str, ok: bool, latency_s: float, false_positive: bool) -> None:
+        slot = self.slot_of.get(name)
+        if slot is None:
+            return
+        if not math.isfinite(latency_s) or latency_s < 0:
+            raise ValueError(f"latency must be a finite number of seconds >= 0, got {latency_s}")
+        a = self.ALPHA
+        self.latency[slot] = latency_s if self.latency[slot] == 0 else (
+            (1 - a) * self.latency[slot] + a * latency_s)
+        self.false_pos[slot] = (1 - a) * self.false_pos[slot] + a * float(false_positive)
+        # A false positive is the filter's expected 1%, not the peer misbehaving.
+        failed = not ok and not false_positive
+        self.errors[slot] = (1 - a) * self.errors[slot] + a * float(failed)
+        if failed:
+            self.strikes[slot] += 1
+            cooldown = min(self.PENALTY_MAX_S,
+                           self.PENALTY_BASE_S * 2.0 ** (int(self.strikes[slot]) - 1))
+            self.penalty_until[slot] = max(self.penalty_until[slot], self._clock() + cooldown)
+        elif ok:
+            self.strikes[slot] = 0
+            self.penalty_until[slot] = 0.0
+        self._rebucket(slot)
+
+    def penalise(self, name: str, cooldown_s: float) -> None:
+        slot = self.slot_of.get(name)
+        if slot is not None:
+            self.strikes[slot] += 1
+            self.penalty_until[slot] = max(self.penalty_until[slot], self._clock() + cooldown_s)
+
+    def _rebucket(self, slot: int) -> None:
+        effective_ms = (self.latency[slot] * 1000 * (1 + 4 * self.errors[slot])
+                        * (1 + self.false_pos[slot]))
+        self.bucket[slot] = math.floor(2 * math.log2(1 + effective_ms))
+        self._rescore(slot)
+
+    def _rescore(self, slot: int) -> None:
+        self.static_score[slot] = self.in_flight[slot] * 1e6 + self.bucket[slot]
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lookup = Histogram("meshmirror_router_lookup_seconds",
+                                "Time to find and rank the candidate peers for a key",
+                                buckets=_LOOKUP_BUCKETS, registry=registry)
+
+
+class Router(abc.ABC):
+    """Candidate peers for a key, plus the feedback that ranks them."""
+
+    def __init__(self, *, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
+        self._health = _Health(clock, np.random.default_rng(seed))
+        self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
+
+    @abc.abstractmethod
+    def _matching_slots(self, key: str) -> IntArray:
+        """Slots of the peers that (probably) hold ``key``."""
+
+    @abc.abstractmethod
+    def drop_peer(self, name: str) -> None:
+        """Forget a peer that died or left: no more candidates from it."""
+
+    def candidates(self, key: str, limit: int = 3) -> list[Peer]:
+        """Up to ``limit`` peers that probably hold ``key``, best first."""
+        start = time.perf_counter()
+        result = self._health.rank(self._matching_slots(key), limit)
+        self.metrics.lookup.observe(time.perf_counter() - start)
+        return result
+
+    def report(self, peer_name: str, *, ok: bool, latency_s: float,
+               false_positive: bool = False) -> None:
+        """Outcome of one request: ``ok`` False for errors and bad bytes (penalised),
+        ``false_positive`` for a 404 on a key the filter matched (not an error)."""
+        self._health.report(peer_name, ok, latency_s, false_positive)
+
+    def penalise(self, peer_name: str, cooldown_s: float = 30.0) -> None:
+        """Push a peer down for ``cooldown_s``, e.g. after it served corrupt bytes."""
+        self._health.penalise(peer_name, cooldown_s)
+
+    def begin(self, peer_name: str) -> None:
+        self._health.begin(peer_name)
+
+    def end(self, peer_name: str) -> None:
+        self._health.end(peer_name)
+
+    @contextmanager
+    def request(self, peer_name: str) -> Iterator[None]:
+        """Count a request to the peer as in flight for the duration of the block."""
+        self.begin(peer_name)
+        try:
+            yield
+        finally:
+            self.end(peer_name)
+
+    def in_flight(self, peer_name: str) -> int:
+        slot = self._health.slot_of.get(peer_name)
+        return 0 if slot is None else int(self._health.in_flight[slot])
+
+    def peers(self) -> list[Peer]:
+        return [p for p in self._health.peer_at if p is not None]
+
+
+class InMemoryRouter(Router):
+    """Exact key -> peers map; the reference the Bloom router is held to."""
+
+    def __init__(self, *, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
+        super().__init__(registry=registry, clock=clock, seed=seed)
+        self._holders: dict[str, set[int]] = {}
+        self._keys_of: dict[int, set[str]] = {}
+
+    def set_keys(self, peer: Peer, keys: Iterable[str]) -> None:
+        """Replace everything known about ``peer`` with exactly ``keys``."""
+        slot = self._health.add(peer)
+        self._forget_keys(slot)
+        new = set(keys)
+        self._keys_of[slot] = new
+        for key in new:
+            self._holders.setdefault(key, set()).add(slot)
+
+    def drop_peer(self, name: str) -> None:
+        slot = self._health.remove(name)
+        if slot is not None:
+            self._forget_keys(slot)
+
+    def _forget_keys(self, slot: int) -> None:
+        for key in self._keys_of.pop(slot, ()):
+            holders = self._holders.get(key)
+            if holders is not None:
+                holders.discard(slot)
+                if not holders:
+                    del self._holders[key]
+
+    def _matching_slots(self, key: str) -> IntArray:
+        holders = self._holders.get(key)
+        if not holders:
+            return _EMPTY
+        return np.fromiter(holders, dtype=np.int64, count=len(holders))
+
+
+class _FilterGroup:
+    """Filters of one geometry stacked as columns of a (m/8, capacity) matrix."""
+
+    def __init__(self, m: int, k: int) -> None:
+        self.m = m
+        self.k = k
+        self.matrix: npt.NDArray[np.uint8] = np.zeros((m // 8, 0), dtype=np.uint8)
+        self.col_slot: IntArray = _EMPTY.copy()
+        self._free: list[int] = []
+        self.used = 0
+
+    def put(self, slot: int, bits: bytes) -> int:
+        if not self._free:
+            old_cap = self.matrix.shape[1]
+            cap = max(8, old_cap * 2)
+            matrix = np.zeros((self.m // 8, cap), dtype=np.uint8)
+            matrix[:, :old_cap] = self.matrix
+            col_slot = np.full(cap, -1, dtype=np.int64)
+            col_slot[:old_cap] = self.col_slot
+            self.matrix, self.col_slot = matrix, col_slot
+            self._free.extend(range(cap - 1, old_cap - 1, -1))
+        col = self._free.pop()
+        self.write(col, slot, bits)
+        self.used += 1
+        return col
+
+    def write(self, col: int, slot: int, bits: bytes) -> None:
+        self.matrix[:, col] = np.frombuffer(bits, dtype=np.uint8)
+        self.col_slot[col] = slot
+
+    def clear(self, col: int) -> None:
+        self.matrix[:, col] = 0
+        self.col_slot[col] = -1
+        self._free.append(col)
+        self.used -= 1
+
+    def match(self, h1: int, h2: int) -> IntArray:
+        pos = np.array(positions(h1, h2, self.k, self.m), dtype=np.int64)
+        rows = self.matrix[pos >> 3]
+        shifted = rows >> (pos & 7).astype(np.uint8)[:, None]
+        hit = np.bitwise_and.reduce(shifted, axis=0) & 1
+        # Cleared columns are all zero, so they can never match.
+        return self.col_slot[np.flatnonzero(hit)]
+
+
+class BloomRouter(Router):
+    """Candidates from peers' Bloom summaries; fed by a PeerDirectory.
+
+    ``set_summary(peer, summary)`` installs or replaces a peer's filter and
+    ``drop_peer(name)`` removes it; the directory calls both.
+    """
+
+    def __init__(self, *, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
+        super().__init__(registry=registry, clock=clock, seed=seed)
+        self._groups: dict[tuple[int, int], _FilterGroup] = {}
+        self._where: dict[int, tuple[_FilterGroup, int]] = {}
+
+    def set_summary(self, peer: Peer, summary: Summary) -> None:
+        slot = self._health.add(peer)
+        placed = self._where.get(slot)
+        if placed is not None:
+            group, col = placed
+            if (group.m, group.k) == (summary.m, summary.k):
+                group.write(col, slot, summary.bits)
+                return
+            self._unplace(slot)
+        target = self._groups.get((summary.m, summary.k))
+        if target is None:
+            target = self._groups[(summary.m, summary.k)] = _FilterGroup(summary.m, summary.k)
+        self._where[slot] = (target, target.put(slot, summary.bits))
+
+    def drop_peer(self, name: str) -> None:
+        slot = self._health.remove(name)
+        if slot is not None:
+            self._unplace(slot)
+
+    def _unplace(self, slot: int) -> None:
+        placed = self._where.pop(slot, None)
+        if placed is None:
+            return
+        group, col = placed
+        group.clear(col)
+        if group.used == 0:
+            del self._groups[(group.m, group.k)]
+
+    def _matching_slots(self, key: str) -> IntArray:
+        if not self._groups:
+            return _EMPTY
+        h1, h2 = key_hashes(key)
+        found = [group.match(h1, h2) for group in self._groups.values()]
+        return found[0] if len(found) == 1 else np.concatenate(found)
