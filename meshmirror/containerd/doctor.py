@@ -1,0 +1,174 @@
+"""``meshmirror doctor``: every check a node needs, each printed with its fix.
+
+It runs the startup checks of ``run`` (containerd socket, namespace, config),
+then what only a whole node shows: hosts.toml exists for each mirrored
+registry and sends pulls to this node's registry first, and that registry
+answers ``GET /v2/``. Exit 0 only when nothing failed; checks that could not
+be made (an unreadable containerd config in a pod) print ``skip`` and do not
+fail, because doctor cannot know whether they matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import ipaddress
+import socket
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from meshmirror.addresses import AddressError, parse_host_port
+from meshmirror.cli import UsageError, split_list
+from meshmirror.containerd.checks import CheckResult, run_startup_checks
+from meshmirror.containerd.hostsconfig import (
+    HOSTS_FILE,
+    MirroredRegistry,
+    parse_mirror_target,
+    parse_registries,
+)
+
+_WILDCARDS = {"", "0.0.0.0", "::"}
+DEFAULT_TIMEOUT = 2.0
+
+
+def registry_endpoint(registry_addr: str) -> tuple[str, int]:
+    """``--registry-addr`` as (host, port); host '' when it listens on every address."""
+    try:
+        host, port = parse_host_port(registry_addr, default_host="")
+    except AddressError as err:
+        raise UsageError(f"--registry-addr: {err}") from err
+    return ("" if host in _WILDCARDS else host), port
+
+
+def _is_local_address(host: str) -> bool:
+    """Whether ``host`` is an address of this machine: binding to it only works if so."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+        except OSError:
+            return False
+        return any(_is_local_address(str(info[4][0])) for info in infos)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
+
+
+def points_at_this_node(target: str, registry_host: str, registry_port: int) -> bool:
+    """A hosts.toml entry URL reaches this node's registry listener."""
+    parts = urlsplit(target)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    host = parts.hostname or ""
+    if port != registry_port:
+        return False
+    if registry_host:
+        return host == registry_host.strip("[]")
+    return _is_local_address(host)
+
+
+def check_hosts_file(
+    config_path: Path,
+    registry: MirroredRegistry,
+    registry_addr: str,
+    expected_targets: Sequence[str] = (),
+) -> CheckResult:
+    """``<config_path>/<registry>/hosts.toml`` exists and tries this node's mirror."""
+    name = f"hosts.toml {registry.directory}"
+    path = config_path / registry.directory / HOSTS_FILE
+    configure_fix = (f"run `meshmirror configure --containerd-registry-config-path {config_path}"
+                     f" --mirror-targets http://<this node>:{registry_endpoint(registry_addr)[1]}"
+                     + ("" if registry.server is None
+                        else f" --mirrored-registries {registry.directory}") + "`")
+    try:
+        with path.open("rb") as f:
+            data: dict[str, Any] = tomllib.load(f)
+    except FileNotFoundError:
+        return CheckResult(name, False, problem=f"{path} does not exist, so containerd pulls "
+                                                f"{registry.directory} without the mirror",
+                           fix=configure_fix)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        return CheckResult(name, False, problem=f"{path} cannot be read ({err})",
+                           fix=configure_fix)
+    hosts = data.get("host", {})
+    hosts = hosts if isinstance(hosts, dict) else {}
+    missing = [t for t in expected_targets if t not in hosts]
+    if missing:
+        return CheckResult(name, False, problem=f"{path} lacks the mirror targets "
+                                                f"{', '.join(missing)}", fix=configure_fix)
+    registry_host, registry_port = registry_endpoint(registry_addr)
+    ours = [url for url, entry in hosts.items()
+            if isinstance(entry, dict) and "pull" in entry.get("capabilities", ["pull"])
+            and points_at_this_node(url, registry_host, registry_port)]
+    if not ours:
+        listed = ", ".join(hosts) or "no [host] entries"
+        return CheckResult(name, False,
+                           problem=f"{path} does not send pulls to this node's registry "
+                                   f"({registry_addr}); it lists {listed}",
+                           fix=configure_fix)
+    return CheckResult(name, True, detail=f"{path} tries {ours[0]}")
+
+
+def check_registry(registry_addr: str, timeout: float = DEFAULT_TIMEOUT) -> CheckResult:
+    """This node's registry accepts a TCP connection and answers ``GET /v2/`` with 200."""
+    name = "registry"
+    host, port = registry_endpoint(registry_addr)
+    connect_host = host.strip("[]") or "127.0.0.1"
+    where = f"{connect_host}:{port}" if ":" not in connect_host else f"[{connect_host}]:{port}"
+    fix = ("start `meshmirror run` on this node, or set --registry-addr to the address it "
+           "listens on")
+    conn = http.client.HTTPConnection(connect_host, port, timeout=timeout)
+    try:
+        try:
+            conn.connect()
+        except OSError as err:
+            return CheckResult(name, False, problem=f"cannot connect to {where} ({err})", fix=fix)
+        try:
+            conn.request("GET", "/v2/")
+            response = conn.getresponse()
+            response.read(4096)
+        except (OSError, http.client.HTTPException) as err:
+            return CheckResult(name, False, problem=f"{where} accepted a connection but did not "
+                                                    f"answer GET /v2/ ({err})", fix=fix)
+    finally:
+        conn.close()
+    if response.status != 200:
+        return CheckResult(name, False,
+                           problem=f"GET http://{where}/v2/ answered {response.status}, not 200",
+                           fix="make sure --registry-addr is meshmirror's registry, not another "
+                               "service on that port")
+    return CheckResult(name, True, detail=f"GET http://{where}/v2/ answered 200")
+
+
+def run_doctor(args: argparse.Namespace) -> list[CheckResult]:
+    """Every check, in the order a person fixing the node would want them."""
+    config_path = Path(args.containerd_registry_config_path)
+    registries = parse_registries(args.mirrored_registries)
+    targets = [parse_mirror_target(t) for t in split_list(args.mirror_targets)]
+    registry_endpoint(args.registry_addr)  # a bad flag is a usage error, not a failed check
+    results = run_startup_checks(args, registry_config_path=str(config_path))
+    results.extend(check_hosts_file(config_path, r, args.registry_addr, targets)
+                   for r in registries)
+    results.append(check_registry(args.registry_addr))
+    return results
+
+
+def doctor_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    stream = out if out is not None else sys.stdout
+    results = run_doctor(args)
+    for result in results:
+        print(result.line(), file=stream)
+    failed = sum(not r.ok for r in results)
+    print(f"{failed} problem(s) found" if failed else "all checks passed", file=stream)
+    return 1 if failed else 0
