@@ -1,0 +1,173 @@
+"""values.schema.json refuses bad values with a message naming the value, and the
+optional parts (gossip encryption, ServiceMonitor) render what they promise."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from meshmirror.containerd import hostsconfig
+from tests.helm import chart
+from tests.helm.cmdline import parse_container
+
+FULLNAME = f"{chart.RELEASE}-meshmirror"
+
+# (--set or --set-string arguments, JSON pointer helm must name, words of the reason)
+INVALID = [
+    (["--set", "registry.port=abc"], "/registry/port", "got string, want integer"),
+    (["--set-string", "registry.hostPort=30020"], "/registry/hostPort", "want integer"),
+    (["--set", "mesh.port=70000"], "/mesh/port", "maximum: got 70,000, want 65,535"),
+    (["--set", "metrics.port=0"], "/metrics/port", "minimum: got 0, want 1"),
+    (["--set", "registry.nodePort=-1"], "/registry/nodePort", "minimum: got -1, want 0"),
+    (["--set", "logLevel=verbose"], "/logLevel", "value must be one of 'debug', 'info'"),
+    (["--set", "resolveTags=maybe"], "/resolveTags", "want boolean"),
+    (["--set", "mirrorResolveTimeout=0"], "/mirrorResolveTimeout", "exclusiveMinimum"),
+    (["--set-string", "mirrorResolveTimeout=0.0"], "/mirrorResolveTimeout",
+     "'0.0' does not match pattern"),
+    (["--set", "mirrorResolveTimeout=soon"], "/mirrorResolveTimeout",
+     "'soon' does not match pattern"),
+    (["--set-json", "summaryFpRate=1.5"], "/summaryFpRate", "exclusiveMaximum"),
+    (["--set", "summaryFpRate=1.5"], "/summaryFpRate", "'1.5' does not match pattern"),
+    (["--set", "mirroredRegistries={docker.io/library}"], "/mirroredRegistries/0",
+     "does not match pattern"),
+    (["--set", "mirroredRegistries={ghcr.io,ghcr.io}"], "/mirroredRegistries",
+     "items at 0 and 1 are equal"),
+    (["--set", "additionalMirrorTargets={10.0.0.1:5000}"], "/additionalMirrorTargets/0",
+     "does not match pattern"),
+    (["--set", "containerd.sock=run/containerd.sock"], "/containerd/sock",
+     "does not match pattern"),
+    (["--set", "registry.prot=5000"], "/registry", "'prot' not allowed"),
+    (["--set", "mirrorRegistries={ghcr.io}"], "", "'mirrorRegistries' not allowed"),
+    (["--set", "updateStrategy.rollingUpdate.maxSurge=1"], "/updateStrategy/rollingUpdate/maxSurge",
+     "value must be one of"),
+    (["--set", "image.digest=latest"], "/image/digest", "does not match pattern"),
+    (["--set", "mesh.encryption.secretKey=a/b"], "/mesh/encryption/secretKey",
+     "does not match pattern"),
+    (["--set", "metrics.serviceMonitor.interval=often"], "/metrics/serviceMonitor/interval",
+     "does not match pattern"),
+]
+
+
+@pytest.mark.parametrize(("args", "pointer", "reason"), INVALID,
+                         ids=[" ".join(a) for a, _, _ in INVALID])
+def test_schema_rejects_invalid_values(
+    helm: Path, args: list[str], pointer: str, reason: str
+) -> None:
+    result = chart.run_helm(["template", chart.RELEASE, str(chart.CHART), *args])
+    assert result.returncode != 0, f"helm accepted {args}"
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert f"at '{pointer}'" in result.stderr, result.stderr
+    assert reason in result.stderr, result.stderr
+
+
+def test_decimals_given_with_set_reach_the_cli(
+    helm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`helm --set x=0.05` passes a string, not a number; the schema takes both."""
+    manifests = chart.render(sets=["mirrorResolveTimeout=0.05", "summaryFpRate=.001"])
+    args = parse_container(chart.container(manifests, "meshmirror"), monkeypatch)
+    assert args.mirror_resolve_timeout == pytest.approx(0.05)
+    assert args.summary_fp_rate == pytest.approx(0.001)
+
+
+def test_schema_accepts_every_registry_form_configure_accepts(helm: Path) -> None:
+    """The schema's pattern and configure's parser agree on the usual spellings."""
+    forms = ["https://docker.io", "http://127.0.0.1:5050", "ghcr.io", "registry.internal:5050",
+             "_default"]
+    for form in forms:
+        hostsconfig.parse_registry(form)
+    chart.render(sets=["mirroredRegistries={" + ",".join(forms) + "}"])
+
+
+def test_schema_covers_every_default_value() -> None:
+    """Every key in values.yaml is declared, so additionalProperties=false guards them all."""
+    import yaml  # type: ignore[import-untyped]
+
+    schema = json.loads((chart.CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((chart.CHART / "values.yaml").read_text())
+
+    def walk(value: object, node: dict[str, object], path: str) -> None:
+        if not isinstance(value, dict) or node.get("additionalProperties") is not False:
+            return
+        props = node["properties"]
+        assert isinstance(props, dict)
+        for key, sub in value.items():
+            assert key in props, f"{path}/{key} is not in values.schema.json"
+            walk(sub, props[key], f"{path}/{key}")
+
+    walk(values, schema, "")
+
+
+def test_encryption_with_existing_secret(helm: Path) -> None:
+    manifests = chart.render(("encryption-existing-secret.yaml",))
+    assert not chart.of_kind(manifests, "Secret")
+    spec = chart.pod_spec(manifests)
+    volume = {v["name"]: v for v in spec["volumes"]}["gossip-key"]
+    assert volume["secret"]["secretName"] == "gossip-keys"
+    assert volume["secret"]["items"] == [{"key": "primary", "path": "primary"}]
+    main = chart.container(manifests, "meshmirror")
+    mount = {m["name"]: m for m in main["volumeMounts"]}["gossip-key"]
+    assert mount["readOnly"] is True
+    key_file = chart.literal_env(main)["MESHMIRROR_GOSSIP_KEY_FILE"]
+    assert key_file == f"{mount['mountPath']}/primary"
+
+
+def test_encryption_generates_a_usable_key(helm: Path) -> None:
+    manifests = chart.render(("encryption-generated.yaml",))
+    secret = chart.one(manifests, "Secret", f"{FULLNAME}-gossip")
+    file_content = base64.b64decode(secret["data"]["gossip-key"])
+    # The mounted file holds base64 of a 32-byte key, as `serf keygen` prints it.
+    assert len(base64.b64decode(file_content, validate=True)) == 32
+    volume = {v["name"]: v for v in chart.pod_spec(manifests)["volumes"]}["gossip-key"]
+    assert volume["secret"]["secretName"] == f"{FULLNAME}-gossip"
+    main = chart.container(manifests, "meshmirror")
+    assert chart.literal_env(main)["MESHMIRROR_GOSSIP_KEY_FILE"] == (
+        "/etc/meshmirror/gossip/gossip-key")
+    # Offline rendering cannot look the Secret up, so each render draws a new key:
+    # the caveat values.yaml documents.
+    again = chart.one(chart.render(("encryption-generated.yaml",)), "Secret")
+    assert again["data"] != secret["data"]
+
+
+def test_encryption_off_by_default(helm: Path) -> None:
+    manifests = chart.render()
+    assert not chart.of_kind(manifests, "Secret")
+    main = chart.container(manifests, "meshmirror")
+    assert "MESHMIRROR_GOSSIP_KEY_FILE" not in chart.literal_env(main)
+    assert "gossip-key" not in {v["name"] for v in chart.pod_spec(manifests)["volumes"]}
+
+
+def test_service_monitor(helm: Path) -> None:
+    assert not chart.of_kind(chart.render(), "ServiceMonitor")
+    manifests = chart.render(("servicemonitor.yaml",))
+    monitor = chart.one(manifests, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selected = [s for s in chart.of_kind(manifests, "Service")
+                if monitor["spec"]["selector"]["matchLabels"].items()
+                <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in selected] == [f"{FULLNAME}-metrics"]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [chart.NAMESPACE]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in selected[0]["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    assert (endpoint["interval"], endpoint["scrapeTimeout"]) == ("15s", "5s")
+    assert endpoint["relabelings"][0]["targetLabel"] == "node"
+
+
+def test_notes_render_for_every_mode(helm: Path) -> None:
+    for value_files in [(), ("k3s-minimal.yaml", "encryption-generated.yaml")]:
+        result = chart.run_helm(["install", chart.RELEASE, str(chart.CHART), "--dry-run=client",
+                                 "--namespace", chart.NAMESPACE,
+                                 *chart.value_args(value_files)])
+        assert result.returncode == 0, result.stderr
+        notes = result.stdout.split("NOTES:", 1)[1]
+        assert "meshmirror doctor" in notes
+        if value_files:
+            assert "cleanup.onStop is false" in notes
+            assert "existingSecret" in notes
+        else:
+            assert "preStop hook runs `meshmirror cleanup`" in notes
+            assert ":30021" in notes
