@@ -1,0 +1,231 @@
+"""Startup checks: config parsing for every config layout, and socket/namespace against a
+real containerd 1.6."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshmirror.containerd import checks
+from meshmirror.containerd.checks import CheckResult, check_containerd_config
+from tests.support.containerd import Containerd
+
+V2_GOOD = """version = 2
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  discard_unpacked_layers = false
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "/etc/containerd/certs.d"
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
+    return {r.name: r for r in results}
+
+
+def test_v2_config_with_config_path_passes(tmp_path: Path) -> None:
+    results = check_containerd_config(write(tmp_path, V2_GOOD), "/etc/containerd/certs.d/")
+    assert all(r.ok and not r.skipped for r in results), [r.line() for r in results]
+    assert len(results) == 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # v1: no version key, short plugin name
+        '[plugins.cri.registry]\nconfig_path = "/etc/containerd/certs.d"\n',
+        'version = 1\n[plugins.cri.registry]\nconfig_path = "/etc/containerd/certs.d"\n',
+        # several directories, ours among them
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n'
+        'config_path = "/etc/docker/certs.d:/etc/containerd/certs.d"\n',
+        # containerd 2 layout
+        "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\n"
+        "config_path = '/etc/containerd/certs.d'\n",
+        # containerd 2 reads /etc/containerd/certs.d by default
+        "version = 3\n[plugins.'io.containerd.cri.v1.images']\nsnapshotter = 'overlayfs'\n",
+    ],
+)
+def test_config_path_found_in_every_layout(tmp_path: Path, text: str) -> None:
+    results = by_name(check_containerd_config(write(tmp_path, text), "/etc/containerd/certs.d"))
+    assert results["containerd config_path"].ok, results["containerd config_path"].line()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "version = 2\n",
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\nconfig_path = ""\n',
+        "[plugins.cri]\nsandbox_image = 'pause'\n",
+        # v2 key in a v1 file is not where containerd looks
+        '[plugins."io.containerd.grpc.v1.cri".registry]\nconfig_path = "/etc/containerd/certs.d"\n',
+        "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\nconfig_path = ''\n",
+    ],
+)
+def test_missing_config_path_fails_with_the_line_to_add(tmp_path: Path, text: str) -> None:
+    result = by_name(check_containerd_config(write(tmp_path, text), "/srv/certs.d"))[
+        "containerd config_path"]
+    assert not result.ok
+    assert "never reads hosts.toml" in result.problem
+    assert 'config_path = "/srv/certs.d"' in result.fix and "restart containerd" in result.fix
+
+
+def test_config_path_elsewhere_than_ours_fails(tmp_path: Path) -> None:
+    result = by_name(check_containerd_config(write(tmp_path, V2_GOOD), "/srv/certs.d"))[
+        "containerd config_path"]
+    assert not result.ok
+    assert "/etc/containerd/certs.d" in result.problem and "/srv/certs.d" in result.problem
+    assert "--containerd-registry-config-path" in result.fix
+
+
+def test_config_path_with_deprecated_mirrors_fails(tmp_path: Path) -> None:
+    text = V2_GOOD + ('[plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]\n'
+                      'endpoint = ["https://m.example"]\n')
+    result = by_name(check_containerd_config(write(tmp_path, text), None))[
+        "containerd config_path"]
+    assert not result.ok and "mirrors" in result.problem
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        V2_GOOD.replace("discard_unpacked_layers = false", "discard_unpacked_layers = true"),
+        '[plugins.cri.containerd]\ndiscard_unpacked_layers = true\n'
+        '[plugins.cri.registry]\nconfig_path = "/etc/containerd/certs.d"\n',
+        "version = 3\n[plugins.'io.containerd.cri.v1.images']\ndiscard_unpacked_layers = true\n",
+    ],
+)
+def test_discard_unpacked_layers_fails(tmp_path: Path, text: str) -> None:
+    results = by_name(check_containerd_config(write(tmp_path, text), None))
+    result = results["containerd discard_unpacked_layers"]
+    assert not result.ok
+    assert "nothing to share" in result.problem
+    assert "discard_unpacked_layers = false" in result.fix
+    assert results["containerd config_path"].ok
+
+
+def test_unreadable_config_is_skipped_not_failed(tmp_path: Path) -> None:
+    results = check_containerd_config(str(tmp_path / "absent.toml"), None)
+    assert all(r.ok and r.skipped for r in results)
+    assert results[0].line().startswith("skip  ")
+
+
+def test_invalid_config_fails(tmp_path: Path) -> None:
+    (result,) = check_containerd_config(write(tmp_path, "version = \n"), None)
+    assert not result.ok and "not valid TOML" in result.problem
+
+
+def test_cri_disabled_skips_config_checks(tmp_path: Path) -> None:
+    text = 'version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+    results = check_containerd_config(write(tmp_path, text), None)
+    assert all(r.skipped for r in results)
+    assert "CRI plugin is disabled" in results[0].detail
+
+
+# --- against a real containerd ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def containerd() -> Iterator[Containerd]:
+    with Containerd(cri=True, registry_config_path="/etc/containerd/certs.d") as c:
+        c.ctr("namespaces", "create", "k8s.io", namespace="default")
+        yield c
+
+
+def args_for(sock: str, config: str, namespace: str = "k8s.io") -> argparse.Namespace:
+    return argparse.Namespace(containerd_sock=sock, containerd_namespace=namespace,
+                              containerd_config=config)
+
+
+@pytest.mark.real
+def test_all_startup_checks_pass_on_a_good_containerd(containerd: Containerd) -> None:
+    results = checks.run_startup_checks(args_for(str(containerd.socket), str(containerd.config)))
+    assert [r.ok and not r.skipped for r in results] == [True] * 4, [r.line() for r in results]
+    assert "containerd 1.6" in results[0].detail
+    out = io.StringIO()
+    assert checks.startup_gate(args_for(str(containerd.socket), str(containerd.config)), out) == 0
+    assert out.getvalue() == ""
+
+
+@pytest.mark.real
+def test_missing_namespace_is_reported_with_the_existing_ones(containerd: Containerd) -> None:
+    result = checks.check_namespace(str(containerd.socket), "no-such-ns")
+    assert not result.ok
+    assert "'no-such-ns' does not exist" in result.problem and "k8s.io" in result.problem
+    assert "--containerd-namespace" in result.fix
+
+
+def test_missing_socket(tmp_path: Path) -> None:
+    result = checks.check_socket(str(tmp_path / "containerd.sock"))
+    assert not result.ok and "does not exist" in result.problem
+    assert "--containerd-sock" in result.fix
+
+
+def test_socket_path_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "containerd.sock").write_text("")
+    result = checks.check_socket(str(tmp_path / "containerd.sock"))
+    assert not result.ok and "is not a socket" in result.problem
+
+
+def test_socket_nobody_listens_on(tmp_path: Path) -> None:
+    path = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))  # bound, never listening: connect is refused
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    result = checks.check_socket(str(path), timeout=2.0)
+    assert not result.ok and "does not answer" in result.problem
+    assert "containerd is running" in result.fix
+
+
+def test_socket_that_accepts_but_never_answers(tmp_path: Path) -> None:
+    path = tmp_path / "mute.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        s.listen()
+        result = checks.check_socket(str(path), timeout=0.5)
+    assert not result.ok and "DEADLINE_EXCEEDED" in result.problem
+
+
+def test_startup_gate_prints_one_line_per_problem(tmp_path: Path) -> None:
+    config = write(tmp_path, 'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n'
+                             "discard_unpacked_layers = true\n")
+    out = io.StringIO()
+    code = checks.startup_gate(args_for(str(tmp_path / "nope.sock"), config), out)
+    lines = out.getvalue().splitlines()
+    assert code == 1
+    assert len(lines) == 3  # socket, config_path, discard; namespace is not a second symptom
+    assert all(line.startswith("meshmirror: ") and "; fix: " in line for line in lines)
+    assert "nope.sock does not exist" in lines[0]
+    assert "config_path" in lines[1] and "discard_unpacked_layers" in lines[2]
+
+
+@pytest.mark.real
+def test_startup_gate_namespace_line_against_real_containerd(containerd: Containerd) -> None:
+    out = io.StringIO()
+    code = checks.startup_gate(
+        args_for(str(containerd.socket), str(containerd.config), "missing"), out)
+    assert code == 1
+    (line,) = out.getvalue().splitlines()
+    assert "namespace 'missing' does not exist" in line and "--containerd-namespace" in line
+
+
+@pytest.mark.real
+def test_real_containerd_config_without_config_path(tmp_path: Path) -> None:
+    """containerd's own default config, as `containerd config default` prints it for 1.6."""
+    default = subprocess.run(["containerd", "config", "default"], capture_output=True, text=True,
+                             check=True, timeout=30).stdout
+    results = by_name(check_containerd_config(write(tmp_path, default), None))
+    assert not results["containerd config_path"].ok
+    assert results["containerd discard_unpacked_layers"].ok
