@@ -50,6 +50,8 @@ from meshmirror.store.base import KeyEvent, Store
 log = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/vnd.meshmirror.summary.v1"
+# Where a node serves its summary to peers (registry/summary_endpoint.py).
+SUMMARY_PATH = "/_mesh/v1/summary"
 MAGIC = b"MMSF"
 VERSION = 1
 _HEADER = struct.Struct(">4sBBHQQQQ")
