@@ -9,6 +9,8 @@ digests (``sha256:...``) and tags (``registry/repository:tag``).
 from __future__ import annotations
 
 import abc
+import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -42,6 +44,90 @@ def tag_key(registry: str, repository: str, tag: str) -> str:
     return f"{registry}/{repository}:{tag}"
 
 
+def check_range(size: int, offset: int, length: int | None) -> int:
+    """Validate a read of ``size``-byte content and return its end offset.
+
+    Stores raise ValueError rather than silently shortening a read, because the
+    registry has already promised a Content-Length by the time it streams.
+    """
+    if offset < 0 or (length is not None and length < 0):
+        raise ValueError(f"negative offset or length ({offset}, {length})")
+    end = size if length is None else offset + length
+    if offset > size or end > size:
+        raise ValueError(f"range {offset}+{length} is outside the {size} byte blob")
+    return end
+
+
+class KeyEventHub:
+    """Fans a store's key set out to subscribers as KeyEvents.
+
+    Each subscription remembers the key set it last reported and, when woken,
+    reports the difference to the newest set. A slow or idle subscriber therefore
+    costs one frozenset reference, never a growing queue, and bursts of changes
+    coalesce into one event. Use from the store's event loop only; subscriptions
+    abandoned without ``aclose()`` are dropped with their last reference.
+    """
+
+    def __init__(self, keys: frozenset[str] = frozenset()) -> None:
+        self._keys = keys
+        self._closed = False
+        self._subscriptions: weakref.WeakSet[KeySubscription] = weakref.WeakSet()
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return self._keys
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def publish(self, keys: frozenset[str]) -> None:
+        """Record the store's whole current key set; subscribers see the change."""
+        if keys == self._keys:
+            return
+        self._keys = keys
+        for sub in list(self._subscriptions):
+            sub._wake.set()
+
+    def subscribe(self) -> KeySubscription:
+        """A subscription whose baseline is the key set published so far."""
+        sub = KeySubscription(self, self._keys)
+        self._subscriptions.add(sub)
+        return sub
+
+    def close(self) -> None:
+        self._closed = True
+        for sub in list(self._subscriptions):
+            sub._wake.set()
+
+
+class KeySubscription:
+    """Async iterator of KeyEvents from a KeyEventHub; ends when the hub closes."""
+
+    def __init__(self, hub: KeyEventHub, baseline: frozenset[str]) -> None:
+        self._hub = hub
+        self._last = baseline
+        self._wake = asyncio.Event()
+
+    def __aiter__(self) -> KeySubscription:
+        return self
+
+    async def __anext__(self) -> KeyEvent:
+        while True:
+            if self._hub.closed:
+                raise StopAsyncIteration
+            self._wake.clear()
+            current = self._hub.keys
+            if current != self._last:
+                event = KeyEvent(added=current - self._last, removed=self._last - current)
+                self._last = current
+                return event
+            await self._wake.wait()
+
+    async def aclose(self) -> None:
+        self._hub._subscriptions.discard(self)
+
+
 class Store(abc.ABC):
     """Read-only view of the image content a node holds."""
 
@@ -54,11 +140,13 @@ class Store(abc.ABC):
         """Size and media type of a blob; NotFoundError when absent."""
 
     @abc.abstractmethod
-    def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+    def read(self, digest: Digest, offset: int = 0, length: int | None = None
+             ) -> AsyncIterator[bytes]:
         """Stream ``length`` bytes (all remaining when None) from ``offset``.
 
         NotFoundError is raised on the first iteration when the blob is absent, so
-        callers must stat first if they need to answer before streaming.
+        callers must stat first if they need to answer before streaming. A range
+        outside the blob raises ValueError (see ``check_range``), never a short read.
         """
 
     @abc.abstractmethod
