@@ -105,21 +105,33 @@ def registry_host(text: str) -> str:
 class MirrorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
-            "meshmirror_mirror_requests", "Requests the local store missed, by outcome",
-            ["registry", "kind", "result"], registry=registry)
+            "meshmirror_mirror_requests",
+            "Requests the local store missed, by outcome",
+            ["registry", "kind", "result"],
+            registry=registry,
+        )
         self.peer_bytes = Counter(
-            "meshmirror_mirror_peer_bytes", "Bytes received from peers (verified or not)",
-            registry=registry)
+            "meshmirror_mirror_peer_bytes",
+            "Bytes received from peers (verified or not)",
+            registry=registry,
+        )
         self.first_byte = Histogram(
             "meshmirror_mirror_first_byte_seconds",
             "From a miss to the first peer's response headers (the lookup cost a pull sees)",
-            buckets=_FIRST_BYTE_BUCKETS, registry=registry)
+            buckets=_FIRST_BYTE_BUCKETS,
+            registry=registry,
+        )
         self.false_positives = Counter(
             "meshmirror_mirror_peer_false_positives",
-            "Peers whose summary matched but that answered 404", registry=registry)
+            "Peers whose summary matched but that answered 404",
+            registry=registry,
+        )
         self.peer_failures = Counter(
-            "meshmirror_mirror_peer_failures", "Peer requests that failed, by reason",
-            ["reason"], registry=registry)
+            "meshmirror_mirror_peer_failures",
+            "Peer requests that failed, by reason",
+            ["reason"],
+            registry=registry,
+        )
 
 
 @dataclass(slots=True)
@@ -134,9 +146,15 @@ class _Opened:
 class PeerMirror:
     """The registry's fallback: fetch from peers chosen by the router, verified."""
 
-    def __init__(self, router: Router, session: aiohttp.ClientSession, *,
-                 options: MirrorOptions | None = None, metrics: MirrorMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        router: Router,
+        session: aiohttp.ClientSession,
+        *,
+        options: MirrorOptions | None = None,
+        metrics: MirrorMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._router = router
         self._session = session
         self._options = options or MirrorOptions()
@@ -145,8 +163,9 @@ class PeerMirror:
 
     # -- Fallback ------------------------------------------------------------------
 
-    async def open_manifest(self, registry: str, repository: str, reference: str,
-                            want_body: bool) -> FallbackContent | None:
+    async def open_manifest(
+        self, registry: str, repository: str, reference: str, want_body: bool
+    ) -> FallbackContent | None:
         opts = self._options
         expected: Digest | None = None
         if ":" in reference:
@@ -167,8 +186,9 @@ class PeerMirror:
         # HEAD is answered from a verified GET too: manifests are small and a tag's
         # digest is only as good as the body it came with.
         candidates = self._router.candidates(key, limit=opts.max_attempts)
-        opener = _hedged_open(self, candidates, path, registry, {"Accept": CONTAINERD_ACCEPT},
-                              offset=0)
+        opener = _hedged_open(
+            self, candidates, path, registry, {"Accept": CONTAINERD_ACCEPT}, offset=0
+        )
         try:
             async for opened in opener:
                 try:
@@ -176,8 +196,9 @@ class PeerMirror:
                 except PeerFailure as failure:
                     self._fail(opened.peer, failure)
                     continue
-                self._router.report(opened.peer.name, ok=True,
-                                    latency_s=self._clock() - opened.started)
+                self._router.report(
+                    opened.peer.name, ok=True, latency_s=self._clock() - opened.started
+                )
                 self._count(registry, "manifest", "hit")
                 return content
         finally:
@@ -185,9 +206,14 @@ class PeerMirror:
         self._count(registry, "manifest", "miss")
         return None
 
-    async def open_blob(self, registry: str, repository: str, digest: Digest,
-                        byte_range: RangeSpec | None, want_body: bool
-                        ) -> FallbackContent | None:
+    async def open_blob(
+        self,
+        registry: str,
+        repository: str,
+        digest: Digest,
+        byte_range: RangeSpec | None,
+        want_body: bool,
+    ) -> FallbackContent | None:
         if not self._options.mirrors(registry):
             self._count(registry, "blob", "not_mirrored")
             return None
@@ -235,8 +261,9 @@ class PeerMirror:
             self._router.report(peer.name, ok=False, latency_s=0.0)
         logger.info("peer %s failed: %s", peer.name, failure)
 
-    async def _open(self, peer: Peer, path: str, registry: str, headers: dict[str, str],
-                    offset: int) -> _Opened:
+    async def _open(
+        self, peer: Peer, path: str, registry: str, headers: dict[str, str], offset: int
+    ) -> _Opened:
         """Ask one peer; headers must arrive within the first-byte bound."""
         request_headers = {PEER_HEADER: "1", "Accept-Encoding": "identity", **headers}
         if offset:
@@ -246,9 +273,11 @@ class PeerMirror:
         self._router.begin(peer.name)
         try:
             response = await asyncio.wait_for(
-                self._session.get(url, params={"ns": registry}, headers=request_headers,
-                                  allow_redirects=False),
-                self._options.first_byte_timeout)
+                self._session.get(
+                    url, params={"ns": registry}, headers=request_headers, allow_redirects=False
+                ),
+                self._options.first_byte_timeout,
+            )
         except TimeoutError as err:
             self._router.end(peer.name)
             raise PeerFailure("timeout", url) from err
@@ -268,8 +297,7 @@ class PeerMirror:
         opened.response.release()
         self._router.end(opened.peer.name)
 
-    async def _read_manifest(self, opened: _Opened, expected: Digest | None
-                             ) -> FallbackContent:
+    async def _read_manifest(self, opened: _Opened, expected: Digest | None) -> FallbackContent:
         try:
             response = opened.response
             announced = response.headers.get("Docker-Content-Digest", "")
@@ -304,9 +332,15 @@ class PeerMirror:
         return bytes(buffer)
 
 
-async def _hedged_open(mirror: PeerMirror, candidates: Sequence[Peer], path: str,
-                       registry: str, headers: dict[str, str], offset: int
-                       ) -> AsyncGenerator[_Opened, None]:
+async def _hedged_open(
+    mirror: PeerMirror,
+    candidates: Sequence[Peer],
+    path: str,
+    registry: str,
+    headers: dict[str, str],
+    offset: int,
+    launched: set[str] | None = None,
+) -> AsyncGenerator[_Opened, None]:
     """Yield peers' opened responses, best first, hedging slow ones.
 
     The next candidate is started when the current ones fail or stay silent for
@@ -320,14 +354,17 @@ async def _hedged_open(mirror: PeerMirror, candidates: Sequence[Peer], path: str
 
     def launch() -> None:
         peer = remaining.pop(0)
+        if launched is not None:
+            launched.add(peer.name)
         pending[asyncio.ensure_future(mirror._open(peer, path, registry, headers, offset))] = peer
 
     try:
         if remaining:
             launch()
         while pending:
-            done, _ = await asyncio.wait(pending, timeout=hedge_delay,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                pending, timeout=hedge_delay, return_when=asyncio.FIRST_COMPLETED
+            )
             if not done:
                 if remaining:
                     launch()
@@ -376,8 +413,9 @@ class _BlobFetch:
 
     async def _open_from(self, offset: int, candidates: Sequence[Peer]) -> _Opened | None:
         fresh = [peer for peer in candidates if peer.name not in self._tried]
-        self._tried.update(peer.name for peer in fresh)
-        opener = _hedged_open(self._mirror, fresh, self._path, self._registry, {}, offset)
+        opener = _hedged_open(
+            self._mirror, fresh, self._path, self._registry, {}, offset, launched=self._tried
+        )
         try:
             async for opened in opener:
                 try:
@@ -418,7 +456,8 @@ class _BlobFetch:
             self._mirror._done(self._current)
             self._current = None
         more = self._mirror._router.candidates(
-            str(self._digest), limit=self._mirror._options.max_attempts + len(self._tried))
+            str(self._digest), limit=self._mirror._options.max_attempts + len(self._tried)
+        )
         self._current = await self._open_from(offset, more)
         return self._current is not None
 
@@ -472,8 +511,9 @@ class _BlobFetch:
     def _report_ok(self) -> None:
         if self._current is not None:
             opened = self._current
-            self._mirror._router.report(opened.peer.name, ok=True,
-                                        latency_s=self._mirror._clock() - opened.started)
+            self._mirror._router.report(
+                opened.peer.name, ok=True, latency_s=self._mirror._clock() - opened.started
+            )
             self._mirror._done(opened)
             self._current = None
 
@@ -488,14 +528,15 @@ class _BlobFetch:
                 lo, hi = max(start, position), min(end, position + len(chunk))
                 if lo >= hi:
                     continue
-                piece = chunk[lo - position: hi - position]
+                piece = chunk[lo - position : hi - position]
                 if held is not None:
                     yield held
                 held = piece
             if hasher.hexdigest() != self._digest.hex:
                 if self._current is not None:
-                    self._mirror._fail(self._current.peer,
-                                       PeerFailure("digest_mismatch", str(self._digest)))
+                    self._mirror._fail(
+                        self._current.peer, PeerFailure("digest_mismatch", str(self._digest))
+                    )
                 raise VerificationError(f"{self._digest} did not verify; aborting the response")
             self._report_ok()
             if held is not None:
@@ -517,7 +558,8 @@ def peer_dispatch(for_clients: ASGIApp, for_peers: ASGIApp) -> ASGIApp:
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and any(
-                name == _PEER_HEADER_BYTES for name, _ in scope.get("headers", ())):
+            name == _PEER_HEADER_BYTES for name, _ in scope.get("headers", ())
+        ):
             await for_peers(scope, receive, send)
         else:
             await for_clients(scope, receive, send)

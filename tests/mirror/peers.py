@@ -1,0 +1,101 @@
+"""Fake peers for mirror tests: real HTTP servers on loopback with scripted faults."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from meshmirror.mesh.router import Peer
+from tests.support.ports import free_port, loopback_host
+
+
+@dataclass
+class Behaviour:
+    """How a fake peer answers: honestly, or with one scripted fault."""
+
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # ref -> (type, body)
+    corrupt: bool = False
+    break_after: int | None = None
+    header_delay: float = 0.0
+    not_found: bool = False
+    requests: list[tuple[str, str | None, str | None]] = field(default_factory=list)
+
+
+class FakePeer:
+    def __init__(self, name: str, behaviour: Behaviour) -> None:
+        self.name = name
+        self.behaviour = behaviour
+        self.host = loopback_host()
+        self.port = free_port(self.host)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def peer(self) -> Peer:
+        return Peer(self.name, f"http://{self.host}:{self.port}")
+
+    async def start(self) -> FakePeer:
+        app = web.Application()
+        app.router.add_get(r"/v2/{repo:.+}/blobs/{digest}", self._blob)
+        app.router.add_get(r"/v2/{repo:.+}/manifests/{ref}", self._manifest)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        b = self.behaviour
+        b.requests.append(
+            (request.path, request.headers.get("Range"), request.headers.get("X-Meshmirror-Peer"))
+        )
+        if b.header_delay:
+            await asyncio.sleep(b.header_delay)
+        data = b.blobs.get(request.match_info["digest"])
+        if data is None or b.not_found:
+            return web.Response(status=404)
+        if b.corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        start = 0
+        match = re.fullmatch(r"bytes=(\d+)-", request.headers.get("Range", ""))
+        status = 200
+        headers = {"Docker-Content-Digest": request.match_info["digest"]}
+        if match:
+            start = int(match.group(1))
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = len(data) - start
+        await response.prepare(request)
+        body = data[start:]
+        if b.break_after is not None:
+            await response.write(body[: b.break_after])
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        for i in range(0, len(body), 256 * 1024):
+            await response.write(body[i : i + 256 * 1024])
+        await response.write_eof()
+        return response
+
+    async def _manifest(self, request: web.Request) -> web.Response:
+        b = self.behaviour
+        b.requests.append((request.path, None, request.headers.get("X-Meshmirror-Peer")))
+        found = b.manifests.get(request.match_info["ref"])
+        if found is None or b.not_found:
+            return web.Response(status=404)
+        media_type, body = found
+        from meshmirror.oci.digest import Digest
+
+        digest = str(Digest.of(body))
+        if b.corrupt:
+            body = body + b" "
+        return web.Response(
+            body=body, headers={"Content-Type": media_type, "Docker-Content-Digest": digest}
+        )

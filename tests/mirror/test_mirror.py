@@ -1,0 +1,247 @@
+"""PeerMirror against real HTTP peers on loopback: hits, misses, faults, verification."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from meshmirror.mesh.router import InMemoryRouter
+from meshmirror.oci.digest import Digest
+from meshmirror.oci.mediatypes import OCI_MANIFEST
+from meshmirror.registry.mirror import (
+    MirrorMetrics,
+    MirrorOptions,
+    PeerMirror,
+    VerificationError,
+)
+from meshmirror.registry.ranges import RangeSpec
+from tests.mirror.peers import Behaviour, FakePeer
+
+SMALL = os.urandom(300_000)
+LARGE = os.urandom(3 * 1024 * 1024 + 17)
+SMALL_D = str(Digest.of(SMALL))
+LARGE_D = str(Digest.of(LARGE))
+MANIFEST = b'{"schemaVersion":2,"mediaType":"%s","layers":[]}' % OCI_MANIFEST.encode()
+MANIFEST_D = str(Digest.of(MANIFEST))
+
+MakePeer = Callable[..., Awaitable[FakePeer]]
+
+
+@pytest.fixture
+async def make_peer() -> AsyncIterator[MakePeer]:
+    started: list[FakePeer] = []
+
+    async def make(name: str, **faults: object) -> FakePeer:
+        behaviour = Behaviour(
+            blobs={SMALL_D: SMALL, LARGE_D: LARGE},
+            manifests={"1.0": (OCI_MANIFEST, MANIFEST), MANIFEST_D: (OCI_MANIFEST, MANIFEST)},
+            **faults,
+        )  # type: ignore[arg-type]
+        peer = await FakePeer(name, behaviour).start()
+        started.append(peer)
+        return peer
+
+    yield make
+    for peer in started:
+        await peer.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        yield s
+
+
+def mirror_for(
+    session: aiohttp.ClientSession, peers: list[FakePeer], **options: object
+) -> tuple[PeerMirror, InMemoryRouter, CollectorRegistry]:
+    registry = CollectorRegistry()
+    router = InMemoryRouter(registry=registry, seed=1)
+    for peer in peers:
+        router.set_keys(peer.peer, [SMALL_D, LARGE_D, MANIFEST_D, "docker.io/library/x:1.0"])
+    settings: dict[str, object] = {
+        "first_byte_timeout": 0.5,
+        "hedge_delay": 0.2,
+        "verify_before_send_limit": 1 << 20,
+        "chunk_size": 64 * 1024,
+    }
+    settings.update(options)
+    opts = MirrorOptions(**settings)  # type: ignore[arg-type]
+    return (
+        PeerMirror(router, session, options=opts, metrics=MirrorMetrics(registry)),
+        router,
+        registry,
+    )
+
+
+async def read(body: AsyncIterator[bytes] | None) -> bytes:
+    assert body is not None
+    return b"".join([chunk async for chunk in body])
+
+
+def metric(metrics: CollectorRegistry, name: str, **labels: str) -> float:
+    return metrics.get_sample_value(name, labels) or 0.0
+
+
+async def test_small_blob_from_a_peer_is_verified_and_marked(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    peer = await make_peer("a")
+    mirror, _, registry = mirror_for(session, [peer])
+    content = await mirror.open_blob("docker.io", "library/x", Digest.parse(SMALL_D), None, True)
+    assert content is not None and content.size == len(SMALL)
+    assert await read(content.body) == SMALL
+    assert peer.behaviour.requests[0][2] == "1", "peer requests must carry the peer marker"
+    assert (
+        metric(
+            registry,
+            "meshmirror_mirror_requests_total",
+            registry="docker.io",
+            kind="blob",
+            result="hit",
+        )
+        == 1
+    )
+
+
+async def test_no_candidate_is_a_fast_miss(session: aiohttp.ClientSession) -> None:
+    mirror, _, registry = mirror_for(session, [])
+    started = time.monotonic()
+    assert await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True) is None
+    assert time.monotonic() - started < 0.5
+    assert (
+        metric(
+            registry,
+            "meshmirror_mirror_requests_total",
+            registry="docker.io",
+            kind="blob",
+            result="miss",
+        )
+        == 1
+    )
+
+
+async def test_false_positive_moves_on_and_is_counted(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    liar = await make_peer("fp", not_found=True)
+    good = await make_peer("good")
+    mirror, router, registry = mirror_for(session, [liar, good])
+    router.report("good", ok=True, latency_s=5.0)  # rank the 404 peer first
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True)
+    assert content is not None and await read(content.body) == SMALL
+    assert metric(registry, "meshmirror_mirror_peer_false_positives_total") == 1
+
+
+async def test_corrupt_small_blob_is_never_passed_on(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    bad = await make_peer("bad", corrupt=True)
+    good = await make_peer("good")
+    mirror, router, _ = mirror_for(session, [bad, good])
+    router.report("good", ok=True, latency_s=5.0)
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True)
+    assert content is not None and await read(content.body) == SMALL
+    assert next(p.name for p in router.candidates(SMALL_D, 2)) == "good", "liar is penalised"
+
+
+async def test_large_blob_resumes_on_next_peer_after_a_break(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    broken = await make_peer("broken", break_after=1024 * 1024 + 5)
+    good = await make_peer("good")
+    mirror, router, _ = mirror_for(session, [broken, good])
+    router.report("good", ok=True, latency_s=5.0)
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+    assert content is not None and content.size == len(LARGE)
+    assert await read(content.body) == LARGE
+    resumed = [r for r in good.behaviour.requests if r[1] is not None]
+    assert resumed and re.fullmatch(r"bytes=\d+-", resumed[0][1] or "")
+    assert int((resumed[0][1] or "=0-")[6:-1]) > 0
+
+
+async def test_large_corrupt_blob_aborts_before_the_last_chunk(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    bad = await make_peer("bad", corrupt=True)
+    mirror, _, _ = mirror_for(session, [bad])
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+    assert content is not None and content.body is not None
+    received = bytearray()
+    with pytest.raises(VerificationError):
+        async for chunk in content.body:
+            received += chunk
+    assert len(received) < len(LARGE), "a blob that failed verification must arrive short"
+
+
+async def test_client_range_is_served_after_hashing_the_prefix(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    peer = await make_peer("a")
+    mirror, _, _ = mirror_for(session, [peer])
+    spec = RangeSpec(first=1_000_000)
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), spec, True)
+    assert content is not None
+    assert await read(content.body) == LARGE[1_000_000:]
+
+
+async def test_slow_peer_is_hedged(make_peer: MakePeer, session: aiohttp.ClientSession) -> None:
+    slow = await make_peer("slow", header_delay=2.0)
+    fast = await make_peer("fast")
+    mirror, router, _ = mirror_for(session, [slow, fast], first_byte_timeout=3.0, hedge_delay=0.05)
+    router.report("fast", ok=True, latency_s=5.0)
+    started = time.monotonic()
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True)
+    assert content is not None and await read(content.body) == SMALL
+    assert time.monotonic() - started < 1.5, "the hedged request must win over the slow peer"
+
+
+async def test_unresponsive_peers_are_bounded(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    slow = [await make_peer(f"s{i}", header_delay=5.0) for i in range(3)]
+    mirror, _, _ = mirror_for(session, slow, first_byte_timeout=0.1, hedge_delay=0.03)
+    started = time.monotonic()
+    assert await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True) is None
+    assert time.monotonic() - started < 1.0
+
+
+async def test_manifest_by_tag_is_checked_against_its_digest(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    bad = await make_peer("bad", corrupt=True)
+    good = await make_peer("good")
+    mirror, router, _ = mirror_for(session, [bad, good])
+    router.report("good", ok=True, latency_s=5.0)
+    content = await mirror.open_manifest("docker.io", "library/x", "1.0", True)
+    assert content is not None and str(content.digest) == MANIFEST_D
+    assert content.media_type == OCI_MANIFEST
+    assert await read(content.body) == MANIFEST
+
+
+async def test_tags_not_resolved_when_disabled_or_filtered(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    peer = await make_peer("a")
+    mirror, _, _ = mirror_for(session, [peer], resolve_tags=False)
+    assert await mirror.open_manifest("docker.io", "library/x", "1.0", True) is None
+    mirror, _, _ = mirror_for(session, [peer], registry_filters=(re.compile(r":1\.0$"),))
+    assert await mirror.open_manifest("docker.io", "library/x", "1.0", True) is None
+    assert not peer.behaviour.requests, "filtered requests must not reach a peer"
+    by_digest = await mirror.open_manifest("docker.io", "library/x", MANIFEST_D, True)
+    assert by_digest is not None
+
+
+async def test_unmirrored_registry_is_a_miss(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    peer = await make_peer("a")
+    mirror, _, _ = mirror_for(session, [peer], mirrored_registries=frozenset({"ghcr.io"}))
+    assert await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True) is None
+    assert not peer.behaviour.requests
