@@ -1,0 +1,301 @@
+"""The node: ``meshmirror run`` composes a store, the registry and metrics.
+
+A `Node` is a list of components, each with ``start()`` and ``stop()``, started
+in order and stopped in reverse. It is built so the mesh, the summary
+publisher and the mirror join without rewriting anything here:
+
+- ``node.add_component(c)`` inserts a component after the store and metrics
+  and before the registry listener, so the registry only accepts requests
+  once everything it depends on runs, and stops accepting first;
+- ``node.fallback`` (a `meshmirror.registry.fallback.Fallback`) is consulted
+  by the registry on a local miss;
+- ``node.registry_routes`` / ``node.metrics_routes`` add endpoints (the
+  ``/_mesh/v1/summary`` route, a status page) to the two HTTP servers;
+- ``node.metrics_registry`` is the one Prometheus registry every component
+  registers on.
+
+All of these must be set before ``start()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import sys
+from argparse import Namespace
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Protocol
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
+
+from meshmirror.addresses import AddressError, parse_host_port
+from meshmirror.cli import UsageError
+from meshmirror.logging import configure_logging
+from meshmirror.oci.reference import DOCKER_HUB
+from meshmirror.registry.app import RegistryOptions, create_app
+from meshmirror.registry.fallback import Fallback
+from meshmirror.registry.metrics import RegistryMetrics
+from meshmirror.registry.server import ServerOptions, bind_listener, listener_address, serve
+from meshmirror.store.base import Store
+
+log = logging.getLogger("meshmirror.node")
+
+# A component that does not stop within this long is abandoned so that
+# SIGTERM always ends the process; Kubernetes would SIGKILL us anyway.
+_STOP_TIMEOUT: Final = 10.0
+
+
+class StartError(Exception):
+    """A component could not start (port in use, store unreachable); one line for the operator."""
+
+
+class Component(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """What ``run`` needs, validated; built from the CLI flags by `from_args`."""
+
+    store: str
+    registry_host: str
+    registry_port: int
+    metrics_host: str
+    metrics_port: int
+    containerd_sock: str = "/run/containerd/containerd.sock"
+    containerd_namespace: str = "k8s.io"
+    containerd_content_path: str | None = None
+    default_registry: str = DOCKER_HUB
+    server: ServerOptions = field(default_factory=ServerOptions)
+
+    @classmethod
+    def from_args(cls, args: Namespace) -> NodeConfig:
+        store = str(args.store)
+        if store != "containerd":
+            if not store.startswith("oci:") or not store[4:]:
+                raise UsageError(f"--store {store!r}: want 'containerd' or 'oci:DIR'")
+            directory = Path(store[4:])
+            if directory.exists() and not directory.is_dir():
+                raise UsageError(f"--store {store!r}: {directory} is not a directory")
+        try:
+            registry_host, registry_port = parse_host_port(args.registry_addr)
+            metrics_host, metrics_port = parse_host_port(args.metrics_addr)
+        except AddressError as err:
+            raise UsageError(str(err)) from err
+        return cls(
+            store=store,
+            registry_host=registry_host,
+            registry_port=registry_port,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+            containerd_sock=args.containerd_sock,
+            containerd_namespace=args.containerd_namespace,
+            containerd_content_path=args.containerd_content_path,
+        )
+
+
+def build_store(config: NodeConfig) -> Store:
+    """The store ``--store`` names; StartError when its implementation is unavailable."""
+    if config.store.startswith("oci:"):
+        module_name, class_name = "meshmirror.store.ocilayout", "OciLayoutStore"
+        positional: tuple[object, ...] = (Path(config.store[4:]),)
+    else:
+        module_name, class_name = "meshmirror.containerd.store", "ContainerdStore"
+        positional = (config.containerd_sock, config.containerd_namespace,
+                      config.containerd_content_path)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        raise StartError(f"--store {config.store}: not available in this build "
+                         f"({module_name} is missing)") from err
+    store_class = getattr(module, class_name)
+    try:
+        store: Store = store_class(*positional)
+    except (OSError, ValueError) as err:
+        raise StartError(f"--store {config.store}: {err}") from err
+    return store
+
+
+class StoreComponent:
+    """Starts a store that has a ``start()`` (the containerd store syncs) and closes it."""
+
+    name = "store"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def start(self) -> None:
+        start = getattr(self.store, "start", None)
+        if start is not None:
+            try:
+                await start()
+            except (OSError, ValueError) as err:
+                raise StartError(f"store: {err}") from err
+
+    async def stop(self) -> None:
+        await self.store.close()
+
+
+class HttpServer:
+    """One Hypercorn listener; binds in ``start()`` so a busy port fails the start."""
+
+    def __init__(self, name: str, app: ASGIApp, host: str, port: int,
+                 options: ServerOptions) -> None:
+        self.name = name
+        self.app = app
+        self.host = host
+        self.port = port
+        self.options = options
+        self.address: str | None = None
+        self._shutdown = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        try:
+            sock = bind_listener(self.host, self.port, self.options.backlog)
+        except OSError as err:
+            raise StartError(f"{self.name}: cannot listen on {self.host}:{self.port}: "
+                             f"{err.strerror or err}") from err
+        self.address = listener_address(sock)
+        self._task = asyncio.create_task(serve(self.app, sock, self._shutdown, self.options),
+                                         name=f"http-{self.name}")
+        log.info("listening", extra={"fields": {"server": self.name, "address": self.address}})
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._shutdown.set()
+        try:
+            await asyncio.wait_for(self._task, self.options.graceful_timeout + 2.0)
+        except TimeoutError:
+            log.warning("server did not stop in time", extra={"fields": {"server": self.name}})
+        self._task = None
+
+
+def metrics_app(registry: CollectorRegistry, routes: list[BaseRoute]) -> ASGIApp:
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[Route("/metrics", metrics, methods=["GET", "HEAD"]), *routes])
+
+
+class Node:
+    """The running node; an async context manager over its components."""
+
+    def __init__(self, config: NodeConfig, *, store: Store | None = None) -> None:
+        self.config = config
+        self.metrics_registry = CollectorRegistry()
+        ProcessCollector(registry=self.metrics_registry)
+        PlatformCollector(registry=self.metrics_registry)
+        self.store = store if store is not None else build_store(config)
+        self.fallback: Fallback | None = None
+        self.registry_routes: list[BaseRoute] = []
+        self.metrics_routes: list[BaseRoute] = []
+        self._extra: list[Component] = []
+        self._started: list[Component] = []
+        self.registry_server: HttpServer | None = None
+        self.metrics_server: HttpServer | None = None
+
+    def add_component(self, component: Component) -> None:
+        self._extra.append(component)
+
+    def _assemble(self) -> list[Component]:
+        registry_app = create_app(
+            self.store,
+            options=RegistryOptions(default_registry=self.config.default_registry),
+            fallback=self.fallback,
+            metrics=RegistryMetrics(self.metrics_registry),
+            extra_routes=self.registry_routes,
+        )
+        self.metrics_server = HttpServer(
+            "metrics", metrics_app(self.metrics_registry, self.metrics_routes),
+            self.config.metrics_host, self.config.metrics_port, self.config.server)
+        self.registry_server = HttpServer(
+            "registry", registry_app, self.config.registry_host, self.config.registry_port,
+            self.config.server)
+        return [StoreComponent(self.store), self.metrics_server, *self._extra,
+                self.registry_server]
+
+    async def start(self) -> None:
+        for component in self._assemble():
+            try:
+                await component.start()
+            except BaseException:
+                # A component that failed half-way may hold resources too.
+                self._started.append(component)
+                await self.stop()
+                raise
+            self._started.append(component)
+
+    async def stop(self) -> None:
+        """Stop in reverse order; one component failing to stop does not keep others up."""
+        while self._started:
+            component = self._started.pop()
+            try:
+                await asyncio.wait_for(component.stop(), _STOP_TIMEOUT)
+            except Exception:
+                log.exception("component failed to stop",
+                              extra={"fields": {"component": component.name}})
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+
+async def run_node(config: NodeConfig) -> int:
+    """Run until SIGTERM or SIGINT; 0 on a clean stop, 1 when the node cannot start."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        node = Node(config)
+        async with node:
+            log.info("node started", extra={"fields": {
+                "registry": node.registry_server.address if node.registry_server else None,
+                "metrics": node.metrics_server.address if node.metrics_server else None,
+                "store": config.store}})
+            await stopping.wait()
+            log.info("stopping")
+    except StartError as err:
+        print(f"meshmirror: {err}", file=sys.stderr)
+        return 1
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+    log.info("stopped")
+    return 0
+
+
+def run_command(args: Namespace) -> int:
+    """``meshmirror run``: flags are checked before anything starts (exit 2 on bad ones)."""
+    config = NodeConfig.from_args(args)
+    configure_logging(args.log_level)
+    return asyncio.run(run_node(config))

@@ -1,0 +1,85 @@
+"""A real CNCF Distribution registry (Debian ``docker-registry``) for a test.
+
+Used as the upstream that containerd falls back to, as the baseline in the
+registry benchmark, and as a push target for skopeo. Storage lives in a fresh
+temporary directory; the process runs in its own process group and is always
+stopped, with every wait bounded.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from tests.support.ports import free_port, loopback_host
+from tests.support.processes import spawn, stop, wait_until
+
+
+class DistributionRegistry:
+    """``with DistributionRegistry() as reg:`` serves on ``reg.address`` until the block ends."""
+
+    def __init__(self, host: str | None = None, port: int | None = None) -> None:
+        self.host = host or loopback_host()
+        self.port = port or free_port(self.host)
+        self.dir = Path(tempfile.mkdtemp(prefix="distribution-"))
+        self.storage = self.dir / "storage"
+        self.config = self.dir / "config.yml"
+        self.log = self.dir / "registry.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.storage.mkdir()
+        self.config.write_text(
+            "version: 0.1\n"
+            "log:\n  level: error\n  accesslog:\n    disabled: true\n"
+            "storage:\n"
+            f"  filesystem:\n    rootdirectory: {self.storage}\n"
+            "  delete:\n    enabled: true\n"
+            "  maintenance:\n    uploadpurging:\n      enabled: false\n"
+            f"http:\n  addr: {self.host}:{self.port}\n"
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def _answers(self) -> bool:
+        with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as response:
+            return bool(response.status == 200)
+
+    def start(self, timeout: float = 15.0) -> DistributionRegistry:
+        self._proc = spawn(["docker-registry", "serve", str(self.config)], self.log)
+        try:
+            wait_until(self._answers, timeout, f"docker-registry on {self.address} "
+                                               f"(log: {self.log})")
+        except TimeoutError:
+            self.close()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop the process but keep storage, e.g. to make the upstream 'go down'."""
+        if self._proc is not None:
+            stop(self._proc)
+            self._proc = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> DistributionRegistry:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
