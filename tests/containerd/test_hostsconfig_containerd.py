@@ -1,0 +1,137 @@
+"""containerd 1.6 itself pulling through the hosts.toml that `meshmirror configure` wrote.
+
+An upstream docker-registry holds an image built offline; a second docker-registry
+holding the same image stands in for a live mirror. `ctr images pull --hosts-dir`
+runs containerd's own hosts.toml resolver code (the same code CRI uses), so what
+passes here is what a kubelet pull does on a node.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from meshmirror.cli import main
+from meshmirror.oci.imagebuilder import BuiltImage, build_image
+from tests.support.containerd import Containerd
+from tests.support.distribution import DistributionRegistry
+from tests.support.ports import free_port, loopback_host
+
+pytestmark = pytest.mark.real
+
+REPO = "team/app"
+TAG = "1.0"
+
+
+@dataclass
+class Setup:
+    upstream: DistributionRegistry
+    mirror: DistributionRegistry
+    image: BuiltImage
+    containerd: Containerd
+    hosts_dir: Path
+
+    @property
+    def reference(self) -> str:
+        return f"{self.upstream.address}/{REPO}:{TAG}"
+
+
+def push(layout: Path, registry: DistributionRegistry) -> None:
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{TAG}",
+         f"docker://{registry.address}/{REPO}:{TAG}"],
+        check=True, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    with DistributionRegistry() as upstream, DistributionRegistry() as mirror, \
+            Containerd() as containerd:
+        image = build_image(f"{upstream.address}/{REPO}:{TAG}", tmp_path / "layout",
+                            (300_000, 70_000, 1_000), seed=7)
+        push(image.layout, upstream)
+        push(image.layout, mirror)
+        yield Setup(upstream, mirror, image, containerd, tmp_path / "certs.d")
+
+
+def configure(hosts_dir: Path, *flags: str) -> None:
+    assert main(["configure", "--containerd-registry-config-path", str(hosts_dir), *flags]) == 0
+
+
+def pull(s: Setup, reference: str | None = None) -> subprocess.CompletedProcess[str]:
+    return s.containerd.ctr("images", "pull", "--hosts-dir", str(s.hosts_dir),
+                            reference or s.reference, check=False, timeout=120)
+
+
+def assert_image_complete(s: Setup) -> None:
+    """Every blob of the image is in containerd's content store, and the tag points right."""
+    content = set(s.containerd.ctr("content", "ls", "--quiet").stdout.split())
+    assert s.image.digests() <= content
+    listing = s.containerd.ctr("images", "ls").stdout
+    assert str(s.image.digest) in listing and s.reference in listing
+
+
+def test_pull_falls_back_to_server_when_the_mirror_is_down(setup: Setup) -> None:
+    dead = f"http://{loopback_host()}:{free_port()}"  # nothing listens there
+    configure(setup.hosts_dir, "--mirrored-registries", setup.upstream.url,
+              "--mirror-targets", dead)
+    result = pull(setup)
+    assert result.returncode == 0, result.stderr
+    assert "trying next host" in result.stderr and dead.removeprefix("http://") in result.stderr
+    assert_image_complete(setup)
+
+
+def test_pull_goes_through_a_live_mirror_with_upstream_stopped(setup: Setup) -> None:
+    configure(setup.hosts_dir, "--mirrored-registries", setup.upstream.url,
+              "--mirror-targets", setup.mirror.url)
+    setup.upstream.stop()
+    result = pull(setup)
+    assert result.returncode == 0, result.stderr
+    assert_image_complete(setup)
+
+
+def test_mirror_targets_are_tried_in_order(setup: Setup) -> None:
+    dead = f"http://{loopback_host()}:{free_port()}"
+    configure(setup.hosts_dir, "--mirrored-registries", setup.upstream.url,
+              "--mirror-targets", f"{dead},{setup.mirror.url}")
+    setup.upstream.stop()
+    result = pull(setup)
+    assert result.returncode == 0, result.stderr
+    assert dead.removeprefix("http://") in result.stderr  # the first was tried, then the second
+    assert_image_complete(setup)
+
+
+def test_default_hosts_file_covers_unnamed_registries(setup: Setup) -> None:
+    configure(setup.hosts_dir, "--mirror-targets", setup.mirror.url)
+    assert (setup.hosts_dir / "_default" / "hosts.toml").is_file()
+    setup.upstream.stop()
+    result = pull(setup)
+    assert result.returncode == 0, result.stderr
+    assert_image_complete(setup)
+
+
+def test_without_resolve_tags_only_digests_come_from_the_mirror(setup: Setup) -> None:
+    configure(setup.hosts_dir, "--mirrored-registries", setup.upstream.url,
+              "--mirror-targets", setup.mirror.url, "--resolve-tags", "false")
+    setup.upstream.stop()
+    # A tag needs a host with "resolve": only the (stopped) server has it.
+    by_tag = pull(setup)
+    assert by_tag.returncode != 0
+    by_digest = pull(setup, f"{setup.upstream.address}/{REPO}@{setup.image.digest}")
+    assert by_digest.returncode == 0, by_digest.stderr
+    content = set(setup.containerd.ctr("content", "ls", "--quiet").stdout.split())
+    assert setup.image.digests() <= content
+
+
+def test_cleanup_takes_the_mirror_out_of_the_path(setup: Setup) -> None:
+    configure(setup.hosts_dir, "--mirrored-registries", setup.upstream.url,
+              "--mirror-targets", setup.mirror.url)
+    assert main(["cleanup", "--containerd-registry-config-path", str(setup.hosts_dir)]) == 0
+    assert list(setup.hosts_dir.iterdir()) == []
+    setup.upstream.stop()
+    result = pull(setup)
+    assert result.returncode != 0  # nothing but the stopped upstream is left to ask
