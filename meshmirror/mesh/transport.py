@@ -1,0 +1,677 @@
+"""The asyncio adapter that runs the sans-IO membership core on real sockets.
+
+``MeshNode`` owns one thread with its own event loop (DESIGN.md: gossip timing
+must not share a loop with bulk blob streaming, or healthy nodes get declared
+dead). On that loop it binds UDP and TCP on one port, feeds datagrams and
+stream messages into ``state.Memberlist``, carries out the effects the core
+asks for, and calls ``tick`` at ``next_deadline()``. Every other thread talks
+to it through the thread-safe methods below; membership events reach the
+caller's own loop through ``subscribe()``.
+
+Run as ``python -m meshmirror.mesh.transport --bind HOST:PORT --join ...`` it
+is a one-node process that prints membership events as JSON lines, used by the
+real-process tests (the full ``meshmirror run`` wires a MeshNode into the node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from meshmirror.addresses import parse_host_port
+from meshmirror.mesh import wire
+from meshmirror.mesh.config import MeshConfig
+from meshmirror.mesh.events import (
+    Address,
+    Delegate,
+    Effect,
+    JoinResult,
+    MemberJoined,
+    MemberLeft,
+    MemberUpdated,
+    NodeInfo,
+    OpenStream,
+    SendPacket,
+    UserMessage,
+)
+from meshmirror.mesh.keyring import Keyring
+from meshmirror.mesh.messages import ErrResp, Message
+from meshmirror.mesh.state import Memberlist
+from meshmirror.mesh.tags import decode_tags, encode_tags
+
+log = logging.getLogger(__name__)
+
+MembershipEvent = MemberJoined | MemberUpdated | MemberLeft | UserMessage | JoinResult
+
+# Bounds on inbound TCP so one slow or hostile peer cannot pin memory or tasks.
+MAX_INBOUND_STREAMS = 128
+STREAM_READ_CHUNK = 64 * 1024
+
+
+class MeshError(RuntimeError):
+    """The mesh could not start (address in use, bad advertise address, ...)."""
+
+
+@dataclass
+class TransportStats:
+    """Socket-level counters for the Prometheus collector (plain ints, read unlocked)."""
+
+    udp_packets_sent: int = 0
+    udp_bytes_sent: int = 0
+    udp_packets_received: int = 0
+    udp_bytes_received: int = 0
+    udp_send_errors: int = 0
+    tcp_streams_accepted: int = 0
+    tcp_streams_rejected: int = 0
+    tcp_streams_opened: int = 0
+    tcp_bytes_sent: int = 0
+    tcp_bytes_received: int = 0
+    tcp_errors: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    join_attempts: int = 0
+    loop_lag_max: float = 0.0
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+class _UDP(asyncio.DatagramProtocol):
+    def __init__(self, node: MeshNode) -> None:
+        self._node = node
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self._node._on_datagram(data, (str(addr[0]), int(addr[1])))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a dead peer lands here; SWIM handles it by timeout.
+        self._node.transport_stats.udp_send_errors += 1
+
+
+class MeshNode:
+    """One mesh member on real sockets, on its own thread and event loop."""
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        *,
+        name: str,
+        bind: Address,
+        advertise: Address | None = None,
+        meta: bytes = b"",
+        keyring: Keyring | None = None,
+        delegate: Delegate | None = None,
+        join: Sequence[Address] = (),
+        join_dns: str | None = None,
+        rng: random.Random | None = None,
+        join_retry_max: float = 30.0,
+        leave_timeout: float = 3.0,
+    ) -> None:
+        self.config = config
+        self.name = name
+        self._bind = bind
+        self._advertise = advertise
+        self._meta = meta
+        self._keyring = keyring
+        self._delegate = delegate
+        self._join = list(join)
+        self._join_dns = join_dns
+        self._rng = rng or random.Random()
+        self._join_retry_max = join_retry_max
+        self._leave_timeout = leave_timeout
+        self.transport_stats = TransportStats()
+        self._core: Memberlist | None = None
+        self._core_lock = threading.RLock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._stopping: asyncio.Event | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._inbound = 0
+        self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[MembershipEvent]]]
+        self._subscribers = []
+        self._listeners: list[Callable[[MembershipEvent], None]] = []
+        self._sub_lock = threading.Lock()
+        self._joined = threading.Event()
+        self.address: Address = bind
+
+    # ------------------------------------------------------------ public API
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Bind sockets and start the mesh thread; raises MeshError if binding fails."""
+        if self._thread is not None:
+            raise MeshError("mesh node already started")
+        self._thread = threading.Thread(target=self._run, name=f"mesh-{self.name}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise MeshError("mesh thread did not start in time")
+        if self._start_error is not None:
+            self._thread.join(timeout)
+            raise MeshError(f"mesh: cannot start: {self._start_error}") from self._start_error
+
+    def stop(self, *, leave: bool = True, timeout: float = 10.0) -> None:
+        """Leave gracefully (unless ``leave`` is False), close sockets, end the thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._begin_stop, leave)
+        thread.join(timeout)
+
+    def leave(self, timeout: float = 10.0) -> None:
+        self.stop(leave=True, timeout=timeout)
+
+    def members(self, *, include_dead: bool = False) -> list[NodeInfo]:
+        core = self._core
+        if core is None:
+            return []
+        with self._core_lock:
+            return core.members(include_dead=include_dead)
+
+    @property
+    def incarnation(self) -> int:
+        core = self._core
+        if core is None:
+            return 0
+        with self._core_lock:
+            return core.incarnation
+
+    def wait_joined(self, timeout: float) -> bool:
+        """True once a join reached at least one peer (or there was nothing to join)."""
+        return self._joined.wait(timeout)
+
+    def update_meta(self, meta: bytes) -> None:
+        self._call(lambda core, now: core.update_meta(meta, now))
+
+    def send_user(self, node_name: str, payload: bytes) -> None:
+        self._call(lambda core, now: core.send_user(node_name, payload))
+
+    def broadcast_user(self, payload: bytes) -> None:
+        self._call(lambda core, now: core.broadcast_user(payload))
+
+    def subscribe(self) -> asyncio.Queue[MembershipEvent]:
+        """A queue on the caller's running loop that receives every membership event."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[MembershipEvent] = asyncio.Queue()
+        with self._sub_lock:
+            self._subscribers.append((loop, queue))
+        return queue
+
+    def add_listener(self, fn: Callable[[MembershipEvent], None]) -> None:
+        """Call ``fn`` on the mesh thread for each event; it must be quick and thread-safe."""
+        with self._sub_lock:
+            self._listeners.append(fn)
+
+    # ------------------------------------------------------------ mesh thread
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        except BaseException as err:  # reported to start(); the thread must not die silently
+            if not self._ready.is_set():
+                self._start_error = err
+                self._ready.set()
+            else:
+                log.exception("mesh %s: event loop failed", self.name)
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        await self._bind_sockets()
+        adv_host, adv_port = self._advertise_address()
+        with self._core_lock:
+            self._core = Memberlist(
+                self.config, name=self.name, addr=adv_host, port=adv_port, meta=self._meta,
+                rng=self._rng, now=loop.time(), keyring=self._keyring, delegate=self._delegate)
+        self._ready.set()
+        self._kick()
+        if self._join or self._join_dns:
+            self._spawn(self._join_loop())
+        else:
+            self._joined.set()
+        self._spawn(self._lag_monitor())
+        await self._stopping.wait()
+
+    async def _bind_sockets(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self._bind
+        host = host or "0.0.0.0"
+        last: OSError | None = None
+        for _ in range(20 if port == 0 else 1):
+            tcp = await asyncio.start_server(self._on_connection, host, port,
+                                             reuse_address=True, backlog=128)
+            actual = int(tcp.sockets[0].getsockname()[1])
+            try:
+                udp, _ = await loop.create_datagram_endpoint(
+                    lambda: _UDP(self), local_addr=(host, actual))
+            except OSError as err:  # UDP half of an ephemeral port taken: try another
+                last = err
+                tcp.close()
+                await tcp.wait_closed()
+                continue
+            self._tcp, self._udp = tcp, udp
+            self.address = (host, actual)
+            return
+        raise MeshError(f"cannot bind UDP on {host}: {last}")
+
+    def _advertise_address(self) -> Address:
+        host, port = self._advertise or self.address
+        if self._advertise is not None and port == 0:
+            port = self.address[1]
+        if host in ("", "0.0.0.0", "::"):
+            try:
+                host = socket.gethostbyname(socket.gethostname())
+            except OSError as err:
+                raise MeshError("bind address is a wildcard and the host name does not "
+                                "resolve; set --advertise-addr") from err
+        try:
+            wire_addr = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        except OSError as err:
+            raise MeshError(f"advertise address {host!r} is not an IP address") from err
+        del wire_addr
+        return host, port
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _call(self, fn: Callable[[Memberlist, float], None]) -> None:
+        loop = self._loop
+        if loop is None:
+            raise MeshError("mesh node is not running")
+
+        def run() -> None:
+            core = self._core
+            if core is None:
+                return
+            with self._core_lock:
+                fn(core, self._now())
+            self._kick()
+
+        loop.call_soon_threadsafe(run)
+
+    def _kick(self) -> None:
+        """Carry out queued effects and re-arm the timer for the core's next deadline."""
+        core = self._core
+        if core is None:
+            return
+        with self._core_lock:
+            effects = core.drain()
+            deadline = core.next_deadline()
+        for effect in effects:
+            self._execute(effect)
+        if deadline != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = deadline
+            if deadline is not None and self._loop is not None:
+                self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        core = self._core
+        if core is None:
+            return
+        with self._core_lock:
+            core.tick(self._now())
+        self._kick()
+
+    def _execute(self, effect: Effect) -> None:
+        if isinstance(effect, SendPacket):
+            self._send_packet(effect)
+        elif isinstance(effect, OpenStream):
+            self._spawn(self._outbound_stream(effect))
+        else:
+            if isinstance(effect, JoinResult) and effect.contacted > 0:
+                self._joined.set()
+            self._publish(effect)
+
+    def _send_packet(self, effect: SendPacket) -> None:
+        udp = self._udp
+        if udp is None or udp.is_closing():
+            return
+        try:
+            udp.sendto(effect.data, effect.addr)
+        except OSError:
+            self.transport_stats.udp_send_errors += 1
+            return
+        self.transport_stats.udp_packets_sent += 1
+        self.transport_stats.udp_bytes_sent += len(effect.data)
+
+    def _publish(self, event: MembershipEvent) -> None:
+        with self._sub_lock:
+            subscribers = list(self._subscribers)
+            listeners = list(self._listeners)
+        for fn in listeners:
+            try:
+                fn(event)
+            except Exception:
+                log.exception("mesh %s: membership listener failed", self.name)
+        for loop, queue in subscribers:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: drop silently
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def _on_datagram(self, data: bytes, source: Address) -> None:
+        core = self._core
+        if core is None:
+            return
+        self.transport_stats.udp_packets_received += 1
+        self.transport_stats.udp_bytes_received += len(data)
+        with self._core_lock:
+            core.packet_received(data, source, self._now())
+        self._kick()
+
+    # ------------------------------------------------------------ TCP streams
+
+    def _label(self) -> bytes:
+        return self.config.label.encode()
+
+    async def _read_message(self, reader: asyncio.StreamReader, deadline: float
+                            ) -> Message:
+        decoder = wire.StreamDecoder(self._keyring, self._label())
+        while True:
+            remaining = deadline - self._now()
+            if remaining <= 0:
+                raise TimeoutError("stream read timed out")
+            chunk = await asyncio.wait_for(reader.read(STREAM_READ_CHUNK), remaining)
+            if not chunk:
+                decoder.eof()
+            self.transport_stats.tcp_bytes_received += len(chunk)
+            msg = decoder.feed(chunk)
+            if msg is not None:
+                return msg
+
+    async def _on_connection(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        stats = self.transport_stats
+        if self._inbound >= MAX_INBOUND_STREAMS or self._core is None:
+            stats.tcp_streams_rejected += 1
+            writer.close()
+            return
+        self._inbound += 1
+        stats.tcp_streams_accepted += 1
+        peer = writer.get_extra_info("peername") or ("", 0)
+        source: Address = (str(peer[0]), int(peer[1]))
+        try:
+            deadline = self._now() + self.config.tcp_timeout
+            try:
+                msg = await self._read_message(reader, deadline)
+            except wire.WireError as err:
+                stats.drop(err.reason)
+                if err.reason not in ("truncated",):
+                    await self._write(writer, wire.encode_stream(
+                        ErrResp(str(err)), keyring=self._keyring, label=self._label()))
+                return
+            core = self._core
+            with self._core_lock:
+                reply = core.stream_received(msg, source, self._now())
+            self._kick()
+            if reply is not None:
+                await self._write(writer, reply)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            stats.tcp_errors += 1
+        finally:
+            self._inbound -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        await asyncio.wait_for(writer.drain(), self.config.tcp_timeout)
+        self.transport_stats.tcp_bytes_sent += len(data)
+
+    async def _outbound_stream(self, effect: OpenStream) -> None:
+        stats = self.transport_stats
+        stats.tcp_streams_opened += 1
+        reply: Message | None = None
+        deadline = self._now() + effect.timeout
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, conn = await asyncio.wait_for(
+                asyncio.open_connection(effect.addr[0], effect.addr[1]), effect.timeout)
+            writer = conn
+            await self._write(conn, effect.data)
+            reply = await self._read_message(reader, deadline)
+        except wire.WireError as err:
+            stats.drop(err.reason)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            stats.tcp_errors += 1
+        finally:
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+        core = self._core
+        if core is None:
+            return
+        with self._core_lock:
+            core.stream_reply(effect.stream_id, reply, self._now())
+        self._kick()
+
+    # ------------------------------------------------------------ join, stop
+
+    async def _resolve_seeds(self) -> list[Address]:
+        loop = asyncio.get_running_loop()
+        seeds: list[Address] = []
+        names: list[Address] = list(self._join)
+        if self._join_dns:
+            names.append(parse_host_port(self._join_dns, default_port=self.address[1]))
+        for host, port in names:
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as err:
+                log.warning("mesh %s: cannot resolve %s: %s", self.name, host, err)
+                continue
+            for info in infos:
+                addr = (str(info[4][0]), int(info[4][1]))
+                if addr not in seeds and addr != self._advertise_address():
+                    seeds.append(addr)
+        return seeds
+
+    async def _join_loop(self) -> None:
+        """Join, retrying with capped exponential backoff until one seed answers."""
+        delay = 0.5
+        queue: asyncio.Queue[JoinResult] = asyncio.Queue()
+        self.add_listener(lambda ev: queue.put_nowait(ev) if isinstance(ev, JoinResult) else None)
+        assert self._stopping is not None
+        while not self._stopping.is_set():
+            self.transport_stats.join_attempts += 1
+            seeds = await self._resolve_seeds()
+            if seeds:
+                core = self._core
+                assert core is not None
+                with self._core_lock:
+                    core.join(seeds, self._now())
+                self._kick()
+                result = await queue.get()
+                if result.contacted > 0:
+                    log.info("mesh %s: joined via %d of %d seeds", self.name,
+                             result.contacted, len(seeds))
+                    return
+                log.warning("mesh %s: join failed, retrying in %.1fs: %s", self.name, delay,
+                            "; ".join(result.errors))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay * (0.5 + self._rng.random()))
+            delay = min(delay * 2, self._join_retry_max)
+
+    async def _lag_monitor(self) -> None:
+        """Track how late the mesh loop wakes up: the number DESIGN.md cares about."""
+        assert self._stopping is not None
+        while not self._stopping.is_set():
+            before = self._now()
+            await asyncio.sleep(0.1)
+            lag = self._now() - before - 0.1
+            self.transport_stats.loop_lag_max = max(self.transport_stats.loop_lag_max, lag)
+
+    def _begin_stop(self, leave: bool) -> None:
+        self._spawn(self._shutdown(leave))
+
+    async def _shutdown(self, leave: bool) -> None:
+        core = self._core
+        if core is not None and leave:
+            with self._core_lock:
+                core.leave(self._now())
+            self._kick()
+            end = self._now() + self._leave_timeout
+            while self._now() < end:
+                with self._core_lock:
+                    done = core.leave_broadcast_done
+                if done:
+                    break
+                await asyncio.sleep(0.05)
+        if core is not None:
+            with self._core_lock:
+                core.stop()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        assert self._stopping is not None
+        self._stopping.set()
+
+
+# ---------------------------------------------------------------- runner
+
+
+def _event_json(event: MembershipEvent, node: MeshNode) -> dict[str, Any]:
+    def info(n: NodeInfo) -> dict[str, Any]:
+        try:
+            tags: dict[str, str] | None = decode_tags(n.meta)
+        except wire.WireError:
+            tags = None
+        return {"node": n.name, "addr": n.addr, "port": n.port, "incarnation": n.incarnation,
+                "state": n.state.name.lower(), "tags": tags}
+
+    base: dict[str, Any] = {"time": time.time(), "self": node.name}
+    if isinstance(event, MemberJoined):
+        return {**base, "event": "join", **info(event.node)}
+    if isinstance(event, MemberUpdated):
+        return {**base, "event": "update", **info(event.node)}
+    if isinstance(event, MemberLeft):
+        return {**base, "event": "dead" if event.dead else "leave", **info(event.node)}
+    if isinstance(event, UserMessage):
+        return {**base, "event": "user", "source": event.source,
+                "payload": event.payload.decode("utf-8", "replace")}
+    return {**base, "event": "join_result", "contacted": event.contacted,
+            "errors": list(event.errors)}
+
+
+def _parse_tag(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"tag must be KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _runner_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m meshmirror.mesh.transport",
+        description="one mesh node that prints membership events as JSON lines")
+    parser.add_argument("--bind", required=True, metavar="HOST:PORT")
+    parser.add_argument("--advertise", default=None, metavar="HOST[:PORT]")
+    parser.add_argument("--name", default=socket.gethostname())
+    parser.add_argument("--join", action="append", default=[], metavar="HOST:PORT")
+    parser.add_argument("--join-dns", default=None, metavar="NAME[:PORT]")
+    parser.add_argument("--gossip-key-file", default=None, metavar="FILE")
+    parser.add_argument("--tag", action="append", default=[], type=_parse_tag,
+                        metavar="KEY=VALUE")
+    parser.add_argument("--probe-interval", type=float, default=None)
+    parser.add_argument("--probe-timeout", type=float, default=None)
+    parser.add_argument("--gossip-interval", type=float, default=None)
+    parser.add_argument("--suspicion-mult", type=int, default=None)
+    parser.add_argument("--push-pull-interval", type=float, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run one node until SIGTERM/SIGINT (leave) or SIGKILL (crash)."""
+    args = _runner_args(argv)
+    config = MeshConfig()
+    overrides = {k: getattr(args, k) for k in ("probe_interval", "probe_timeout",
+                                               "gossip_interval", "suspicion_mult",
+                                               "push_pull_interval")
+                 if getattr(args, k) is not None}
+    try:
+        config = replace(config, **overrides)
+        bind = parse_host_port(args.bind)
+        advertise = parse_host_port(args.advertise, default_port=0) if args.advertise else None
+        joins = [parse_host_port(j) for j in args.join]
+        keyring = Keyring.from_base64_file(args.gossip_key_file) if args.gossip_key_file else None
+        meta = encode_tags(dict(args.tag)) if args.tag else b""
+    except ValueError as err:
+        print(f"mesh: {err}", file=sys.stderr)
+        return 2
+    node = MeshNode(config, name=args.name, bind=bind, advertise=advertise, meta=meta,
+                    keyring=keyring, join=joins, join_dns=args.join_dns)
+    out_lock = threading.Lock()
+
+    def emit(obj: dict[str, Any]) -> None:
+        with out_lock:
+            sys.stdout.write(json.dumps(obj) + "\n")
+            sys.stdout.flush()
+
+    node.add_listener(lambda ev: emit(_event_json(ev, node)))
+    try:
+        node.start()
+    except MeshError as err:
+        print(str(err), file=sys.stderr)
+        return 1
+    emit({"time": time.time(), "event": "ready", "self": args.name, "addr": node.address[0],
+          "port": node.address[1], "incarnation": node.incarnation})
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+
+    def commands() -> None:
+        # "members" on stdin prints the current member list, for tests to poll.
+        for line in sys.stdin:
+            if line.strip() == "members":
+                emit({"time": time.time(), "event": "members", "self": args.name,
+                      "members": [{"node": m.name, "state": m.state.name.lower(),
+                                   "incarnation": m.incarnation}
+                                  for m in node.members(include_dead=True)]})
+
+    threading.Thread(target=commands, daemon=True).start()
+    done.wait()
+    node.stop(leave=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
