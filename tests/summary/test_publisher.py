@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from meshmirror.mesh.summary import EpochClock, Summary, SummaryPublisher
+from tests.summary.fakes import KeyStore, digest_key
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.versions: list[Summary] = []
+
+    def __call__(self, summary: Summary) -> None:
+        self.versions.append(summary)
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[tuple[KeyStore, SummaryPublisher, Recorder,
+                                           CollectorRegistry]]:
+    store = KeyStore({digest_key(i) for i in range(1000)})
+    registry = CollectorRegistry()
+    recorder = Recorder()
+    publisher = SummaryPublisher(store, 0.01, registry=registry, on_publish=recorder,
+                                 debounce_s=0.15)
+    await publisher.start()
+    try:
+        yield store, publisher, recorder, registry
+    finally:
+        await publisher.close()
+
+
+async def _next_version(publisher: SummaryPublisher, after: int) -> Summary:
+    async with asyncio.timeout(2):
+        return await publisher.wait_for(lambda s: s.epoch > after)
+
+
+async def test_first_version_is_published_by_start(started: tuple) -> None:
+    store, publisher, recorder, registry = started
+    current = publisher.current
+    assert current is not None
+    assert current.count == 1000
+    assert all(digest_key(i) in current for i in range(1000))
+    assert recorder.versions == [current]
+    assert publisher.payload == current.encode()
+    assert registry.get_sample_value("meshmirror_summary_keys") == 1000
+    assert registry.get_sample_value("meshmirror_summary_epoch") == current.epoch
+
+
+async def test_a_change_is_published_within_a_second_in_one_version(started: tuple) -> None:
+    store, publisher, recorder, registry = started
+    first = publisher.current
+    before = time.monotonic()
+    for i in range(30):  # a pulled image: a burst of keys
+        store.add(digest_key(f"new{i}"))
+        await asyncio.sleep(0.002)
+    summary = await _next_version(publisher, first.epoch)
+    elapsed = time.monotonic() - before
+    assert elapsed < 1.0
+    await asyncio.sleep(0.3)
+    # Debounced: the whole burst went into one version.
+    assert len(recorder.versions) == 2
+    summary = recorder.versions[-1]
+    assert summary.count == 1030
+    assert all(digest_key(f"new{i}") in summary for i in range(30))
+    assert registry.get_sample_value("meshmirror_summary_keys") == 1030
+    assert registry.get_sample_value("meshmirror_summary_epoch") == summary.epoch
+    # Additions are OR-ed in, not rebuilt.
+    assert registry.get_sample_value("meshmirror_summary_rebuilds_total") == 1
+
+
+async def test_a_continuous_stream_of_changes_still_publishes_within_a_second(
+        started: tuple) -> None:
+    store, publisher, recorder, _ = started
+    first = publisher.current
+
+    async def trickle() -> None:
+        for i in range(200):
+            store.add(digest_key(f"trickle{i}"))
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(trickle())
+    try:
+        await asyncio.sleep(0.02)
+        before = time.monotonic()
+        await _next_version(publisher, first.epoch)
+        assert time.monotonic() - before < 1.0
+    finally:
+        task.cancel()
+
+
+async def test_born_at_is_the_arrival_of_the_oldest_new_key(started: tuple) -> None:
+    store, publisher, _, _ = started
+    first = publisher.current
+    arrived = time.time_ns() // 1_000_000
+    store.add(digest_key("fresh"))
+    summary = await _next_version(publisher, first.epoch)
+    assert arrived - 5 <= summary.born_at_ms <= arrived + 100
+    assert summary.born_at_ms > first.born_at_ms
+    # A removal-only version carries no new key: born_at does not move.
+    store.remove(digest_key("fresh"))
+    later = await _next_version(publisher, summary.epoch)
+    assert later.born_at_ms == summary.born_at_ms
+
+
+async def test_few_removals_do_not_rebuild(started: tuple) -> None:
+    store, publisher, _, registry = started
+    first = publisher.current
+    store.remove(*[digest_key(i) for i in range(40)])  # 4% of 1000
+    summary = await _next_version(publisher, first.epoch)
+    assert summary.count == 960
+    assert publisher.rebuilds == 1
+    # Bloom filters cannot delete: the removed keys still match until a rebuild.
+    assert all(digest_key(i) in summary for i in range(40))
+
+
+async def test_removals_over_five_percent_rebuild_from_the_store(started: tuple) -> None:
+    store, publisher, _, registry = started
+    first = publisher.current
+    removed = [digest_key(i) for i in range(60)]  # 6% of 1000
+    store.remove(*removed)
+    summary = await _next_version(publisher, first.epoch)
+    assert summary.count == 940
+    assert publisher.rebuilds == 2
+    assert registry.get_sample_value("meshmirror_summary_rebuilds_total") == 2
+    assert sum(key in summary for key in removed) <= 3  # only false positives remain
+    assert all(digest_key(i) in summary for i in range(60, 1000))
+
+
+async def test_growth_past_capacity_rebuilds_a_bigger_filter(started: tuple) -> None:
+    store, publisher, _, _ = started
+    first = publisher.current
+    store.add(*[digest_key(f"grow{i}") for i in range(4000)])
+    summary = await _next_version(publisher, first.epoch)
+    assert publisher.rebuilds == 2
+    assert summary.m > first.m
+    assert summary.count == 5000
+    assert summary.filter().estimated_fp_rate() <= 0.01
+
+
+async def test_events_lost_by_the_store_are_repaired_by_reconcile() -> None:
+    store = KeyStore({digest_key(i) for i in range(10)})
+    publisher = SummaryPublisher(store, debounce_s=0.01, reconcile_interval_s=0.2)
+    await publisher.start()
+    try:
+        first = publisher.current
+        assert first is not None
+        store.lose_events = True
+        store.add(digest_key("lost"))
+        summary = await _next_version(publisher, first.epoch)
+        assert digest_key("lost") in summary
+        assert summary.count == 11
+    finally:
+        await publisher.close()
+
+
+async def test_events_racing_a_rebuild_are_not_lost() -> None:
+    store = KeyStore({digest_key(i) for i in range(100)})
+    publisher = SummaryPublisher(store, debounce_s=0.01, reconcile_interval_s=0)
+    await publisher.start()
+    try:
+        real_keys = store.keys
+
+        async def slow_keys() -> frozenset[str]:
+            snapshot = await real_keys()
+            # A key arrives after the snapshot was taken but before it is installed.
+            store.add(digest_key("racer"))
+            await asyncio.sleep(0.05)
+            return snapshot
+
+        store.keys = slow_keys  # type: ignore[method-assign]
+        store.remove(*[digest_key(i) for i in range(20)])  # forces a rebuild
+        async with asyncio.timeout(2):
+            summary = await publisher.wait_for(lambda s: digest_key("racer") in s)
+        assert summary.count == 81
+    finally:
+        await publisher.close()
+
+
+def test_epochs_never_go_backwards_even_within_one_millisecond() -> None:
+    now = [1000]
+    clock = EpochClock(lambda: now[0])
+    assert [clock.next(), clock.next(), clock.next()] == [1000, 1001, 1002]
+    now[0] = 5000
+    assert clock.next() == 5000
+    now[0] = 10  # wall clock stepped back
+    assert clock.next() == 5001
+
+
+def test_a_restarted_node_starts_past_its_old_epochs() -> None:
+    first = EpochClock()
+    old = [first.next() for _ in range(5)]
+    time.sleep(0.01)
+    assert EpochClock().next() > max(old)
+
+
+@pytest.mark.parametrize("kwargs", [{"fp_rate": 0}, {"debounce_s": -1},
+                                    {"rebuild_fraction": 0}, {"max_fp_factor": 1}])
+def test_bad_settings_are_refused(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        SummaryPublisher(KeyStore(), **kwargs)
+
+
+async def test_start_twice_is_an_error(started: tuple) -> None:
+    _, publisher, _, _ = started
+    with pytest.raises(RuntimeError, match="already started"):
+        await publisher.start()
