@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,15 @@ from meshmirror.containerd.proto import content_events_pb2, events_pb2, image_ev
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE, ManifestError, parse_manifest
 from meshmirror.oci.mediatypes import is_manifest_like
-from meshmirror.store.base import BlobInfo, KeyEvent, NotFoundError, Store, tag_key
+from meshmirror.store.base import (
+    BlobInfo,
+    KeyEvent,
+    KeyEventHub,
+    NotFoundError,
+    Store,
+    check_range,
+    tag_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +104,15 @@ class _Index:
     images: dict[str, _ImageRecord] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
     media_types: dict[str, str] = field(default_factory=dict)
+    _frozen: frozenset[str] | None = None
 
     def keys(self) -> frozenset[str]:
-        return frozenset(self.counts)
+        if self._frozen is None:
+            self._frozen = frozenset(self.counts)
+        return self._frozen
 
-    def put(self, name: str, record: _ImageRecord | None) -> tuple[set[str], set[str]]:
-        """Replace (or, with None, drop) one image; returns keys (added, removed)."""
+    def put(self, name: str, record: _ImageRecord | None) -> None:
+        """Replace (or, with None, drop) one image's contribution to the key set."""
         old = self.images.pop(name, None)
         old_keys = old.keys() if old is not None else set()
         new_keys = record.keys() if record is not None else set()
@@ -110,30 +121,23 @@ class _Index:
             for digest, media_type in record.blobs.items():
                 if media_type:
                     self.media_types[digest] = media_type
-        added, removed = set(), set()
+        if old_keys == new_keys:
+            return
+        self._frozen = None
         for key in new_keys - old_keys:
             self.counts[key] += 1
-            if self.counts[key] == 1:
-                added.add(key)
         for key in old_keys - new_keys:
             self.counts[key] -= 1
             if self.counts[key] <= 0:
                 del self.counts[key]
                 self.media_types.pop(key, None)
-                removed.add(key)
-        return added, removed
 
-    def forget_digest(self, digest: str) -> tuple[set[str], set[str]]:
+    def forget_digest(self, digest: str) -> None:
         """containerd deleted a blob: no image holds it any more."""
-        added: set[str] = set()
-        removed: set[str] = set()
         holders = [(n, r) for n, r in self.images.items() if digest in r.blobs]
         for name, record in holders:
             blobs = {d: m for d, m in record.blobs.items() if d != digest}
-            a, r = self.put(name, _ImageRecord(record.target, blobs, record.tag))
-            added |= a
-            removed |= r
-        return added, removed
+            self.put(name, _ImageRecord(record.target, blobs, record.tag))
 
 
 def _children(ref: _Ref, data: bytes) -> list[_Ref]:
@@ -186,7 +190,7 @@ class ContainerdStore(Store):
         self._client: ContainerdClient | None = None
         self._connected = False
         self._synced = asyncio.Event()
-        self._subscribers: set[asyncio.Queue[KeyEvent | None]] = set()
+        self._hub = KeyEventHub()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
         self.syncs = 0  # completed full syncs; tests and benchmarks read it
@@ -219,8 +223,7 @@ class ContainerdStore(Store):
         if self._client is not None:
             await self._client.close()
             self._client = None
-        for queue in list(self._subscribers):
-            queue.put_nowait(None)
+        self._hub.close()
 
     async def __aenter__(self) -> ContainerdStore:
         await self.start()
@@ -261,33 +264,17 @@ class ContainerdStore(Store):
         return self._index.keys()
 
     def subscribe(self) -> AsyncIterator[KeyEvent]:
-        # Registered now, not at the first iteration, so no change made after
-        # this call is missed by a caller that starts iterating later.
-        queue: asyncio.Queue[KeyEvent | None] = asyncio.Queue()
-        if self._closed:
-            queue.put_nowait(None)
-        self._subscribers.add(queue)
-        return self._drain(queue)
-
-    async def _drain(self, queue: asyncio.Queue[KeyEvent | None]) -> AsyncIterator[KeyEvent]:
-        try:
-            while (event := await queue.get()) is not None:
-                yield event
-        finally:
-            self._subscribers.discard(queue)
+        # Baseline is the key set at this call, so nothing changed after it is missed.
+        return self._hub.subscribe()
 
     async def read(self, digest: Digest, offset: int = 0, length: int | None = None
                    ) -> AsyncIterator[bytes]:
-        if offset < 0:
-            raise ValueError(f"offset must not be negative, got {offset}")
-        if length is not None and length < 0:
-            raise ValueError(f"length must not be negative, got {length}")
+        if offset < 0 or (length is not None and length < 0):
+            check_range(0, offset, length)  # raises the ValueError before any RPC
         # Info first: it gives the size and scopes the read to our namespace
         # (the content directory holds every namespace's blobs).
         info = await self.stat(digest)
-        if offset > info.size:
-            raise ValueError(f"offset {offset} is past the end of {digest} ({info.size} bytes)")
-        end = info.size if length is None else min(info.size, offset + length)
+        end = check_range(info.size, offset, length)
         if end <= offset:
             return
         fd = await self._open_direct(digest)
@@ -335,12 +322,8 @@ class ContainerdStore(Store):
 
     # -- index -------------------------------------------------------------
 
-    def _emit(self, added: Iterable[str], removed: Iterable[str]) -> None:
-        event = KeyEvent(frozenset(added), frozenset(removed))
-        if not event.added and not event.removed:
-            return
-        for queue in self._subscribers:
-            queue.put_nowait(event)
+    def _publish(self) -> None:
+        self._hub.publish(self._index.keys())
 
     async def _read_small(self, client: ContainerdClient, digest: str) -> bytes:
         if self.content_path is not None:
@@ -407,13 +390,11 @@ class ContainerdStore(Store):
         for image in images:
             target = _Ref(image.target.digest, image.target.media_type)
             fresh.put(image.name, await self._walk(client, image.name, target, present))
-        old_keys = self._index.keys()
         self._index = fresh
-        new_keys = fresh.keys()
         for digest in [d for d in self._manifest_cache if d not in fresh.counts]:
             del self._manifest_cache[digest]
         self.syncs += 1
-        self._emit(new_keys - old_keys, old_keys - new_keys)
+        self._publish()
 
     async def _refresh_image(self, client: ContainerdClient, name: str) -> None:
         try:
@@ -421,7 +402,8 @@ class ContainerdStore(Store):
         except ContainerdUnavailableError:
             raise
         except NotFoundError:
-            self._emit(*self._index.put(name, None))
+            self._index.put(name, None)
+            self._publish()
             return
 
         async def present(digest: str) -> bool:
@@ -435,7 +417,8 @@ class ContainerdStore(Store):
 
         target = _Ref(image.target.digest, image.target.media_type)
         record = await self._walk(client, name, target, present)
-        self._emit(*self._index.put(name, record))
+        self._index.put(name, record)
+        self._publish()
 
     async def _apply(self, client: ContainerdClient, envelope: events_pb2.Envelope) -> None:
         if envelope.namespace != self.namespace:
@@ -444,7 +427,8 @@ class ContainerdStore(Store):
         if topic in _IMAGE_TOPICS:
             if topic == "/images/delete":
                 deleted = image_events_pb2.ImageDelete.FromString(envelope.event.value)
-                self._emit(*self._index.put(deleted.name, None))
+                self._index.put(deleted.name, None)
+                self._publish()
             else:
                 kind = (image_events_pb2.ImageCreate if topic == "/images/create"
                         else image_events_pb2.ImageUpdate)
@@ -457,7 +441,8 @@ class ContainerdStore(Store):
         elif topic == _CONTENT_DELETE:
             gone = content_events_pb2.ContentDelete.FromString(envelope.event.value)
             self._manifest_cache.pop(gone.digest, None)
-            self._emit(*self._index.forget_digest(gone.digest))
+            self._index.forget_digest(gone.digest)
+            self._publish()
 
     # -- connection loop ---------------------------------------------------
 

@@ -26,7 +26,7 @@ EVENT_WITHIN = 5.0
 
 def _store(socket: Path | str, content: Path | None = None, **kwargs: float) -> ContainerdStore:
     options: dict[str, float] = {"resync_interval": 3600.0, "backoff_max": 0.5} | kwargs
-    return ContainerdStore(socket, NAMESPACE, content, **options)  # type: ignore[arg-type]
+    return ContainerdStore(socket, NAMESPACE, content, **options)
 
 
 class Changes:
