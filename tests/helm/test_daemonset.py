@@ -25,9 +25,9 @@ FULLNAME = f"{chart.RELEASE}-meshmirror"
 JOIN_DNS = f"{FULLNAME}-mesh.{chart.NAMESPACE}.svc.cluster.local"
 
 
-def test_run_command_line_defaults(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_command_line_defaults(helm: Path) -> None:
     manifests = chart.render()
-    args = parse_container(chart.container(manifests, "meshmirror"), monkeypatch)
+    args = parse_container(chart.container(manifests, "meshmirror"))
     assert args.command == "run"
     assert args.store == "containerd"
     assert args.join_dns == JOIN_DNS
@@ -49,9 +49,9 @@ def test_run_command_line_defaults(helm: Path, monkeypatch: pytest.MonkeyPatch) 
     assert args.containerd_config == "/etc/containerd/config.toml"
 
 
-def test_run_command_line_custom_values(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_command_line_custom_values(helm: Path) -> None:
     manifests = chart.render(("custom-registries.yaml",))
-    args = parse_container(chart.container(manifests, "meshmirror"), monkeypatch)
+    args = parse_container(chart.container(manifests, "meshmirror"))
     assert args.log_level == "debug"
     assert cli.split_list(args.mirrored_registries) == [
         "https://docker.io", "ghcr.io", "http://registry.internal:5050"]
@@ -66,7 +66,8 @@ def test_run_command_line_custom_values(helm: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_exact_name_checks_catch_what_argparse_abbreviation_hides(helm: Path) -> None:
-    """A renamed flag would be caught even where argparse accepts its prefix."""
+    """A renamed flag would be caught even where argparse accepts its prefix, and a
+    value the flag's type refuses fails the parse."""
     parser = cli.build_parser()
     run = chart.subparser(parser, "run")
     assert parser.parse_args(["run", "--join-d=x"]).join_dns == "x"  # argparse: abbreviation
@@ -74,6 +75,25 @@ def test_exact_name_checks_catch_what_argparse_abbreviation_hides(helm: Path) ->
         check_exact_flags(["run", "--join-d=x"], run, "test")
     with pytest.raises(AssertionError, match="MESHMIRROR_JOIN_DNS_NAME"):
         check_env_names({"MESHMIRROR_JOIN_DNS_NAME": "x"}, "run")
+    bad = {"name": "meshmirror", "command": ["meshmirror"], "args": ["run"],
+           "env": [{"name": "MESHMIRROR_RESOLVE_TAGS", "value": "maybe"}]}
+    with pytest.raises(AssertionError, match="refuses"):
+        parse_container(bad)
+
+
+@pytest.mark.parametrize("value_files", [(), ("custom-registries.yaml",),
+                                         ("encryption-generated.yaml",)])
+def test_env_names_are_unique(helm: Path, value_files: tuple[str, ...]) -> None:
+    """A repeated name is accepted by the API server with only a warning, last one wins."""
+    spec = chart.pod_spec(chart.render(value_files))
+    for cont in [*spec["initContainers"], *spec["containers"]]:
+        names = [e["name"] for e in cont.get("env", [])]
+        assert len(names) == len(set(names)), f"{cont['name']}: {names}"
+
+
+def test_extra_env_is_appended(helm: Path) -> None:
+    main = chart.container(chart.render(("custom-registries.yaml",)), "meshmirror")
+    assert main["env"][-1] == {"name": "TZ", "value": "UTC"}
 
 
 def test_downward_api_fields(helm: Path) -> None:
@@ -84,9 +104,9 @@ def test_downward_api_fields(helm: Path) -> None:
     assert chart.field_env(init) == {"NODE_IP": "status.hostIP"}
 
 
-def test_configure_init_container(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_configure_init_container(helm: Path) -> None:
     init = chart.container(chart.render(), "configure", init=True)
-    args = parse_container(init, monkeypatch)
+    args = parse_container(init)
     assert args.command == "configure"
     assert args.containerd_registry_config_path == "/etc/containerd/certs.d"
     # hostPort of this node first, then the NodePort Service reaching any node.
@@ -101,9 +121,9 @@ def test_configure_init_container(helm: Path, monkeypatch: pytest.MonkeyPatch) -
         "volumeMounts"]
 
 
-def test_configure_init_container_custom(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_configure_init_container_custom(helm: Path) -> None:
     init = chart.container(chart.render(("custom-registries.yaml",)), "configure", init=True)
-    args = parse_container(init, monkeypatch)
+    args = parse_container(init)
     assert args.log_level == "debug"
     assert args.mirror_targets == ["http://192.0.2.10:31020", "http://192.0.2.10:31021",
                                    "http://mirror.example.internal:5000"]
@@ -113,9 +133,9 @@ def test_configure_init_container_custom(helm: Path, monkeypatch: pytest.MonkeyP
     assert [r.directory for r in registries] == ["docker.io", "ghcr.io", "registry.internal:5050"]
 
 
-def test_no_node_port_means_one_target(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_node_port_means_one_target(helm: Path) -> None:
     manifests = chart.render(("k3s-minimal.yaml",))
-    args = parse_container(chart.container(manifests, "configure", init=True), monkeypatch)
+    args = parse_container(chart.container(manifests, "configure", init=True))
     assert args.mirror_targets == ["http://192.0.2.10:30020"]
     assert args.containerd_registry_config_path == (
         "/var/lib/rancher/k3s/agent/etc/containerd/certs.d")
@@ -124,11 +144,11 @@ def test_no_node_port_means_one_target(helm: Path, monkeypatch: pytest.MonkeyPat
     assert "nodePort" not in service["spec"]["ports"][0]
 
 
-def test_prestop_cleanup(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prestop_cleanup(helm: Path) -> None:
     main = chart.container(chart.render(("custom-registries.yaml",)), "meshmirror")
     command = main["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "meshmirror"
-    args = parse_container(main, monkeypatch, argv=command[1:])
+    args = parse_container(main, argv=command[1:])
     assert args.command == "cleanup"
     assert args.containerd_registry_config_path == "/etc/containerd/certs.d"
     assert cli.split_list(args.mirrored_registries) == [
@@ -206,11 +226,11 @@ def test_host_path_mounts(helm: Path) -> None:
                 assert mount["mountPath"] == volume["hostPath"]["path"]
 
 
-def test_k3s_paths_and_no_config_mount(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_k3s_paths_and_no_config_mount(helm: Path) -> None:
     manifests = chart.render(("k3s-minimal.yaml",))
     spec = chart.pod_spec(manifests)
     assert "containerd-config" not in {v["name"] for v in spec["volumes"]}
-    args = parse_container(chart.container(manifests, "meshmirror"), monkeypatch)
+    args = parse_container(chart.container(manifests, "meshmirror"))
     assert args.containerd_sock == "/run/k3s/containerd/containerd.sock"
     assert args.containerd_content_path == (
         "/var/lib/rancher/k3s/agent/containerd/io.containerd.content.v1.content")
@@ -296,3 +316,11 @@ def test_image_tag_and_digest(helm: Path) -> None:
                  chart.container(pinned, "configure", init=True)):
         assert cont["image"] == ("registry.example.internal/meshmirror@sha256:"
                                  "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+
+
+def test_ipv6_nodes_bracket_the_mirror_host(helm: Path) -> None:
+    manifests = chart.render(sets=["registry.mirrorHost=[$(NODE_IP)]"])
+    init = chart.container(manifests, "configure", init=True)
+    args = parse_container(init, node={"status.hostIP": "2001:db8::10"})
+    assert args.mirror_targets == ["http://[2001:db8::10]:30020", "http://[2001:db8::10]:30021"]
+    assert hostsconfig.parse_targets(args.mirror_targets) == args.mirror_targets

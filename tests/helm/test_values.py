@@ -63,12 +63,10 @@ def test_schema_rejects_invalid_values(
     assert reason in result.stderr, result.stderr
 
 
-def test_decimals_given_with_set_reach_the_cli(
-    helm: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_decimals_given_with_set_reach_the_cli(helm: Path) -> None:
     """`helm --set x=0.05` passes a string, not a number; the schema takes both."""
     manifests = chart.render(sets=["mirrorResolveTimeout=0.05", "summaryFpRate=.001"])
-    args = parse_container(chart.container(manifests, "meshmirror"), monkeypatch)
+    args = parse_container(chart.container(manifests, "meshmirror"))
     assert args.mirror_resolve_timeout == pytest.approx(0.05)
     assert args.summary_fp_rate == pytest.approx(0.001)
 
@@ -171,3 +169,10 @@ def test_notes_render_for_every_mode(helm: Path) -> None:
         else:
             assert "preStop hook runs `meshmirror cleanup`" in notes
             assert ":30021" in notes
+
+
+def test_missing_helm_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    monkeypatch.setattr(chart, "HELM", tmp_path / "no-helm")
+    with pytest.raises(chart.HelmMissing, match="run `bash scripts/bootstrap`"):
+        chart.helm_binary()

@@ -81,9 +81,9 @@ so the three always agree on which registries are ours.
 {{- $args := list "configure" (printf "--containerd-registry-config-path=%s" $v.containerd.registryConfigPath) -}}
 {{- $args = concat $args (include "meshmirror.mirroredRegistryArgs" . | fromJsonArray) -}}
 {{- /* The node's own mirror first, then the Service, then anything extra. */ -}}
-{{- $args = append $args (printf "--mirror-targets=http://$(NODE_IP):%d" (int $v.registry.hostPort)) -}}
+{{- $args = append $args (printf "--mirror-targets=http://%s:%d" $v.registry.mirrorHost (int $v.registry.hostPort)) -}}
 {{- if gt (int $v.registry.nodePort) 0 -}}
-{{- $args = append $args (printf "--mirror-targets=http://$(NODE_IP):%d" (int $v.registry.nodePort)) -}}
+{{- $args = append $args (printf "--mirror-targets=http://%s:%d" $v.registry.mirrorHost (int $v.registry.nodePort)) -}}
 {{- end -}}
 {{- range $v.additionalMirrorTargets -}}
 {{- $args = append $args (printf "--mirror-targets=%s" .) -}}
