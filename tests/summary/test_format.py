@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
@@ -63,10 +64,8 @@ def test_malformed_input_is_rejected_with_a_clear_error(data: bytes, message: st
 
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_never_crash_the_decoder(data: bytes) -> None:
-    try:
+    with contextlib.suppress(SummaryFormatError):
         Summary.decode(data)
-    except SummaryFormatError:
-        pass
 
 
 def test_a_summary_with_the_wrong_bit_count_cannot_be_built() -> None:

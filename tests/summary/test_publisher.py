@@ -40,7 +40,7 @@ async def _next_version(publisher: SummaryPublisher, after: int) -> Summary:
 
 
 async def test_first_version_is_published_by_start(started: tuple) -> None:
-    store, publisher, recorder, registry = started
+    _store, publisher, recorder, registry = started
     current = publisher.current
     assert current is not None
     assert current.count == 1000
@@ -75,7 +75,7 @@ async def test_a_change_is_published_within_a_second_in_one_version(started: tup
 
 async def test_a_continuous_stream_of_changes_still_publishes_within_a_second(
         started: tuple) -> None:
-    store, publisher, recorder, _ = started
+    store, publisher, _recorder, _ = started
     first = publisher.current
 
     async def trickle() -> None:
@@ -108,7 +108,7 @@ async def test_born_at_is_the_arrival_of_the_oldest_new_key(started: tuple) -> N
 
 
 async def test_few_removals_do_not_rebuild(started: tuple) -> None:
-    store, publisher, _, registry = started
+    store, publisher, _, _registry = started
     first = publisher.current
     store.remove(*[digest_key(i) for i in range(40)])  # 4% of 1000
     summary = await _next_version(publisher, first.epoch)

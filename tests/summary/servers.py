@@ -1,0 +1,112 @@
+"""A peer's summary endpoint served for real: Starlette under Hypercorn on 127.0.x.y."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from meshmirror.mesh.summary import BloomFilter, Summary
+from meshmirror.registry.summary_endpoint import summary_route
+from tests.support.ports import free_port, loopback_host
+
+
+def make_summary(keys: list[str], epoch: int, born_at_ms: int = 0) -> Summary:
+    bloom = BloomFilter.build(keys)
+    return Summary(epoch=epoch, k=bloom.k, m=bloom.m, count=len(keys), born_at_ms=born_at_ms,
+                   bits=bloom.bits.tobytes())
+
+
+@dataclass
+class PeerSource:
+    """A settable summary source, plus faults and a log of what peers asked."""
+
+    summary: Summary | None = None
+    fail_status: int | None = None
+    delay_s: float = 0.0
+    requests: list[str | None] = field(default_factory=list)  # If-None-Match of each
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    @property
+    def current(self) -> Summary | None:
+        return self.summary
+
+    @property
+    def payload(self) -> bytes:
+        return b"" if self.summary is None else self.summary.encode()
+
+
+class _Faults:
+    def __init__(self, app: ASGIApp, source: PeerSource) -> None:
+        self.app = app
+        self.source = source
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        src = self.source
+        headers = dict(scope["headers"])
+        src.requests.append(headers.get(b"if-none-match", b"").decode() or None)
+        src.in_flight += 1
+        src.max_in_flight = max(src.max_in_flight, src.in_flight)
+        try:
+            if src.delay_s:
+                await asyncio.sleep(src.delay_s)
+            if src.fail_status is not None:
+                await send({"type": "http.response.start", "status": src.fail_status,
+                            "headers": [(b"content-length", b"0")]})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            await self.app(scope, receive, send)
+        finally:
+            src.in_flight -= 1
+
+
+@dataclass
+class PeerServer:
+    source: PeerSource
+    http_base: str
+
+
+@contextlib.asynccontextmanager
+async def peer_server(source: PeerSource) -> AsyncIterator[PeerServer]:
+    """Serve ``source`` until the block ends; bounded start and stop."""
+    host = loopback_host()
+    port = free_port(host)
+    app = _Faults(Starlette(routes=[summary_route(source)]), source)
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 0.5
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection(host, port)
+                except OSError:
+                    await asyncio.sleep(0.02)
+                    continue
+                writer.close()
+                await writer.wait_closed()
+                break
+        yield PeerServer(source, f"http://{host}:{port}")
+    finally:
+        stop.set()
+        try:
+            async with asyncio.timeout(5):
+                await task
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

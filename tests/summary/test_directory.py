@@ -1,0 +1,250 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from meshmirror.mesh.directory import PeerDirectory, check_http_base
+from meshmirror.mesh.router import BloomRouter, Peer
+from meshmirror.mesh.summary import Summary
+from tests.summary.fakes import digest_key
+from tests.summary.servers import PeerSource, make_summary, peer_server
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.installed: list[tuple[Peer, int]] = []
+        self.dropped: list[str] = []
+
+    def set_summary(self, peer: Peer, summary: Summary) -> None:
+        self.installed.append((peer, summary.epoch))
+
+    def drop_peer(self, name: str) -> None:
+        self.dropped.append(name)
+
+
+async def until(cond: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll state that a real server and a background task change; bounded."""
+    async with asyncio.timeout(within):
+        while not cond():  # noqa: ASYNC110 - the state has no event to wait on
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+async def directory(registry: CollectorRegistry) -> AsyncIterator[tuple[PeerDirectory,
+                                                                        BloomRouter]]:
+    router = BloomRouter(registry=registry, seed=1)
+    d = PeerDirectory(router, registry=registry, timeout_s=0.5, backoff_s=0.05,
+                      max_backoff_s=0.2)
+    try:
+        yield d, router
+    finally:
+        await d.close()
+
+
+async def test_a_peer_summary_is_fetched_and_routes_its_keys(directory: tuple,
+                                                              registry: CollectorRegistry) -> None:
+    d, router = directory
+    keys = [digest_key(i) for i in range(500)]
+    async with peer_server(PeerSource(make_summary(keys, epoch=10))) as srv:
+        assert d.share() == 1.0  # no peers yet
+        d.update_peer("n1", srv.http_base, 10)
+        assert d.share() == 0.0
+        await until(lambda: d.summary_of("n1") is not None)
+        assert d.share() == 1.0
+        assert registry.get_sample_value("meshmirror_peer_summaries_share") == 1.0
+        assert router.candidates(keys[7]) == [Peer("n1", srv.http_base)]
+        assert srv.source.requests == [None]
+
+
+async def test_a_new_epoch_is_fetched_with_if_none_match(directory: tuple) -> None:
+    d, router = directory
+    source = PeerSource(make_summary([digest_key(1)], epoch=10))
+    async with peer_server(source) as srv:
+        d.update_peer("n1", srv.http_base, 10)
+        await until(lambda: d.summary_of("n1") is not None)
+        d.update_peer("n1", srv.http_base, 10)  # same epoch: nothing to do
+        await asyncio.sleep(0.1)
+        assert len(source.requests) == 1
+        source.summary = make_summary([digest_key(1), digest_key(2)], epoch=11)
+        d.update_peer("n1", srv.http_base, 11)
+        await until(lambda: d.summary_of("n1").epoch == 11)
+        assert source.requests == [None, '"10"']
+        assert router.candidates(digest_key(2)) == [Peer("n1", srv.http_base)]
+
+
+async def test_304_while_the_peer_has_not_published_yet_is_retried(directory: tuple,
+                                                                     registry: CollectorRegistry
+                                                                     ) -> None:
+    d, _ = directory
+    source = PeerSource(make_summary([digest_key(1)], epoch=10))
+    async with peer_server(source) as srv:
+        d.update_peer("n1", srv.http_base, 10)
+        await until(lambda: d.summary_of("n1") is not None)
+        d.update_peer("n1", srv.http_base, 12)  # advertised before it is served
+        await until(lambda: len(source.requests) >= 3)
+        assert d.share() == 0.0
+        assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
+                                         {"result": "not_modified"}) >= 2
+        source.summary = make_summary([digest_key(1)], epoch=12)
+        await until(lambda: d.summary_of("n1").epoch == 12)
+        assert d.share() == 1.0
+
+
+async def test_a_response_older_than_the_held_summary_is_ignored(directory: tuple) -> None:
+    d, _ = directory
+    source = PeerSource(make_summary([digest_key(1)], epoch=20))
+    async with peer_server(source) as srv:
+        d.update_peer("n1", srv.http_base, 20)
+        await until(lambda: d.summary_of("n1") is not None)
+        source.summary = make_summary([digest_key(9)], epoch=5)  # e.g. a stale replica
+        d.update_peer("n1", srv.http_base, 21)
+        await until(lambda: len(source.requests) >= 3)
+        assert d.summary_of("n1").epoch == 20
+        assert digest_key(1) in d.summary_of("n1")
+
+
+async def test_never_more_than_one_fetch_in_flight_per_peer(directory: tuple) -> None:
+    d, _ = directory
+    source = PeerSource(make_summary([digest_key(1)], epoch=1), delay_s=0.2)
+    async with peer_server(source) as srv:
+        for epoch in range(1, 30):
+            source.summary = make_summary([digest_key(1)], epoch=epoch)
+            d.update_peer("n1", srv.http_base, epoch)
+            await asyncio.sleep(0.01)
+        await until(lambda: d.summary_of("n1") is not None and d.summary_of("n1").epoch == 29)
+        assert source.max_in_flight == 1
+        assert len(source.requests) <= 4  # a burst of epochs costs a few fetches, not 29
+
+
+async def test_failures_are_retried_with_backoff(directory: tuple,
+                                                 registry: CollectorRegistry) -> None:
+    d, _ = directory
+    source = PeerSource(make_summary([digest_key(1)], epoch=3), fail_status=500)
+    async with peer_server(source) as srv:
+        started = time.monotonic()
+        d.update_peer("n1", srv.http_base, 3)
+        await until(lambda: len(source.requests) >= 4)
+        elapsed = time.monotonic() - started
+        # 0.05 + 0.1 + 0.2 (jittered to at least half) between the four attempts.
+        assert elapsed >= 0.17
+        assert d.summary_of("n1") is None
+        assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
+                                         {"result": "error"}) >= 4
+        source.fail_status = None
+        await until(lambda: d.summary_of("n1") is not None)
+
+
+async def test_a_slow_peer_times_out_and_is_retried(directory: tuple) -> None:
+    d, _ = directory
+    source = PeerSource(make_summary([digest_key(1)], epoch=3), delay_s=2.0)
+    async with peer_server(source) as srv:
+        d.update_peer("n1", srv.http_base, 3)
+        await until(lambda: len(source.requests) >= 2, within=5)
+        assert d.summary_of("n1") is None
+        source.delay_s = 0
+        await until(lambda: d.summary_of("n1") is not None)
+
+
+async def test_garbage_and_wrong_content_type_are_not_installed(directory: tuple) -> None:
+    d, _ = directory
+
+    class Garbage(PeerSource):
+        @property
+        def payload(self) -> bytes:
+            return b"MMSF" + b"\x09" * 60
+
+    source = Garbage(make_summary([digest_key(1)], epoch=3))
+    async with peer_server(source) as srv:
+        d.update_peer("n1", srv.http_base, 3)
+        await until(lambda: len(source.requests) >= 2)
+        assert d.summary_of("n1") is None
+
+
+async def test_an_unreachable_peer_does_not_break_the_others(directory: tuple) -> None:
+    d, router = directory
+    async with peer_server(PeerSource(make_summary([digest_key(1)], epoch=1))) as srv:
+        async with peer_server(PeerSource()) as gone:
+            dead_base = gone.http_base
+        d.update_peer("dead", dead_base, 1)
+        d.update_peer("n1", srv.http_base, 1)
+        await until(lambda: d.summary_of("n1") is not None)
+        assert d.share() == 0.5
+        assert router.candidates(digest_key(1)) == [Peer("n1", srv.http_base)]
+
+
+async def test_a_dead_peer_is_dropped_with_its_fetch(registry: CollectorRegistry) -> None:
+    sink = RecordingSink()
+    d = PeerDirectory(sink, registry=registry, timeout_s=5)
+    try:
+        keys = [digest_key(1)]
+        fast = PeerSource(make_summary(keys, epoch=1))
+        slow = PeerSource(make_summary(keys, epoch=1), delay_s=3)
+        async with peer_server(fast) as a, peer_server(slow) as b:
+            d.update_peer("a", a.http_base, 1)
+            d.update_peer("b", b.http_base, 1)
+            await until(lambda: d.summary_of("a") is not None and slow.in_flight == 1)
+            d.remove_peer("a")
+            d.remove_peer("b")  # its fetch is cancelled, nothing installed later
+            assert sink.dropped == ["a", "b"]
+            assert d.peers() == []
+            await until(lambda: slow.in_flight == 0)
+            assert [peer.name for peer, _ in sink.installed] == ["a"]
+            assert d.share() == 1.0
+    finally:
+        await d.close()
+
+
+async def test_a_moved_peer_is_routed_at_its_new_address(directory: tuple) -> None:
+    d, router = directory
+    source = PeerSource(make_summary([digest_key(1)], epoch=1))
+    async with peer_server(source) as one, peer_server(source) as two:
+        d.update_peer("n1", one.http_base, 1)
+        await until(lambda: d.summary_of("n1") is not None)
+        d.update_peer("n1", two.http_base, 1)
+        assert router.candidates(digest_key(1)) == [Peer("n1", two.http_base)]
+
+
+async def test_propagation_is_observed_from_the_keys_arrival(directory: tuple,
+                                                             registry: CollectorRegistry) -> None:
+    d, _ = directory
+    now_ms = time.time_ns() // 1_000_000
+    source = PeerSource(make_summary([digest_key(1)], epoch=1, born_at_ms=now_ms - 60_000))
+    async with peer_server(source) as srv:
+        d.update_peer("n1", srv.http_base, 1)
+        await until(lambda: d.summary_of("n1") is not None)
+        # The first summary of a peer measures when we met it, not propagation.
+        assert registry.get_sample_value("meshmirror_summary_propagation_seconds_count") == 0
+        born = time.time_ns() // 1_000_000 - 300
+        source.summary = make_summary([digest_key(1), digest_key(2)], epoch=2, born_at_ms=born)
+        d.update_peer("n1", srv.http_base, 2)
+        await until(lambda: d.summary_of("n1").epoch == 2)
+        assert registry.get_sample_value("meshmirror_summary_propagation_seconds_count") == 1
+        observed = registry.get_sample_value("meshmirror_summary_propagation_seconds_sum")
+        assert 0.3 <= observed < 2.0
+        # A version with no newer keys (a removal) is not a propagation sample.
+        source.summary = make_summary([digest_key(1)], epoch=3, born_at_ms=born)
+        d.update_peer("n1", srv.http_base, 3)
+        await until(lambda: d.summary_of("n1").epoch == 3)
+        assert registry.get_sample_value("meshmirror_summary_propagation_seconds_count") == 1
+
+
+@pytest.mark.parametrize("base", ["127.0.0.2:5000", "ftp://h:1", "http://h:1/v2", "http://",
+                                  "http://h:99999"])
+def test_a_bad_peer_address_is_refused(base: str) -> None:
+    with pytest.raises(ValueError, match="peer address"):
+        check_http_base(base)
+
+
+async def test_a_bad_epoch_is_refused(directory: tuple) -> None:
+    d, _ = directory
+    with pytest.raises(ValueError, match="epoch"):
+        d.update_peer("n1", "http://127.0.0.2:5000", -1)

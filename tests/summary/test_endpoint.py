@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from meshmirror.mesh.summary import MEDIA_TYPE, Summary, SummaryPublisher
+from meshmirror.registry.summary_endpoint import summary_route
+from tests.summary.fakes import KeyStore, digest_key
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[tuple[httpx.AsyncClient, SummaryPublisher]]:
+    publisher = SummaryPublisher(KeyStore({digest_key(i) for i in range(50)}))
+    await publisher.start()
+    app = Starlette(routes=[summary_route(publisher)])
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://peer") as c:
+            yield c, publisher
+    finally:
+        await publisher.close()
+
+
+async def test_get_returns_the_binary_summary_with_its_epoch_as_etag(client: tuple) -> None:
+    c, publisher = client
+    resp = await c.get("/_mesh/v1/summary")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"] == MEDIA_TYPE
+    assert resp.headers["etag"] == f'"{publisher.current.epoch}"'
+    summary = Summary.decode(resp.content)
+    assert summary == publisher.current
+    assert all(digest_key(i) in summary for i in range(50))
+
+
+@pytest.mark.parametrize("header", ['"{e}"', 'W/"{e}"', '"1", "{e}"', "*"])
+async def test_if_none_match_on_the_current_epoch_is_304(client: tuple, header: str) -> None:
+    c, publisher = client
+    resp = await c.get("/_mesh/v1/summary",
+                       headers={"If-None-Match": header.format(e=publisher.current.epoch)})
+    assert resp.status_code == 304
+    assert resp.content == b""
+    assert resp.headers["etag"] == f'"{publisher.current.epoch}"'
+
+
+async def test_an_older_etag_gets_the_new_summary(client: tuple) -> None:
+    c, publisher = client
+    resp = await c.get("/_mesh/v1/summary",
+                       headers={"If-None-Match": f'"{publisher.current.epoch - 1}"'})
+    assert resp.status_code == 200
+    assert Summary.decode(resp.content).epoch == publisher.current.epoch
+
+
+async def test_head_has_the_headers_and_no_body(client: tuple) -> None:
+    c, publisher = client
+    resp = await c.head("/_mesh/v1/summary")
+    assert resp.status_code == 200
+    assert resp.headers["etag"] == f'"{publisher.current.epoch}"'
+    assert resp.content == b""
+
+
+async def test_before_the_first_version_the_endpoint_says_retry() -> None:
+    publisher = SummaryPublisher(KeyStore())
+    app = Starlette(routes=[summary_route(publisher)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://peer") as c:
+        resp = await c.get("/_mesh/v1/summary")
+    assert resp.status_code == 503
+    assert resp.headers["retry-after"] == "1"
