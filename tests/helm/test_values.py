@@ -106,6 +106,7 @@ def test_encryption_with_existing_secret(helm: Path) -> None:
     volume = {v["name"]: v for v in spec["volumes"]}["gossip-key"]
     assert volume["secret"]["secretName"] == "gossip-keys"
     assert volume["secret"]["items"] == [{"key": "primary", "path": "primary"}]
+    assert volume["secret"]["defaultMode"] == 0o400
     main = chart.container(manifests, "meshmirror")
     mount = {m["name"]: m for m in main["volumeMounts"]}["gossip-key"]
     assert mount["readOnly"] is True
