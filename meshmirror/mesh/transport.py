@@ -559,9 +559,11 @@ class MeshNode:
         if self._tcp is not None:
             self._tcp.close()
         current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
+        others = [task for task in self._tasks if task is not current]
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.wait(others, timeout=2.0)
         assert self._stopping is not None
         self._stopping.set()
 
