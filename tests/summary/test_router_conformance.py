@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from meshmirror.mesh.router import BloomRouter, InMemoryRouter, Peer
+from meshmirror.mesh.summary import BloomFilter, Summary
+from tests.conformance.router_suite import FakeClock, RouterConformance, RouterHarness, key, peer
+
+
+def summary_of(keys: set[str], capacity: int | None = None, fp_rate: float = 0.01) -> Summary:
+    bloom = BloomFilter.build(keys, fp_rate=fp_rate, capacity=capacity)
+    return Summary(epoch=1, k=bloom.k, m=bloom.m, count=len(keys), born_at_ms=0,
+                   bits=bloom.bits.tobytes())
+
+
+class TestInMemoryRouter(RouterConformance):
+    @pytest.fixture
+    def harness(self) -> RouterHarness:
+        clock, registry = FakeClock(), CollectorRegistry()
+        router = InMemoryRouter(clock=clock, registry=registry)
+        return RouterHarness(router, clock, registry, router.set_keys, router.drop_peer)
+
+
+class TestBloomRouter(RouterConformance):
+    @pytest.fixture
+    def harness(self) -> RouterHarness:
+        clock, registry = FakeClock(), CollectorRegistry()
+        router = BloomRouter(clock=clock, registry=registry)
+
+        def give(p: Peer, keys: set[str]) -> None:
+            router.set_summary(p, summary_of(keys))
+
+        return RouterHarness(router, clock, registry, give, router.drop_peer)
+
+
+def test_bloom_router_matches_across_filter_geometries() -> None:
+    router = BloomRouter(seed=3)
+    shared = key("shared")
+    sizes = [10, 5000, 20000]
+    for n, size in enumerate(sizes):
+        router.set_summary(peer(n), summary_of({shared, key(f"only-{n}")}, capacity=size))
+    router.set_summary(peer(9), summary_of({shared}, fp_rate=0.001))  # another k
+    assert len(router._groups) == 4
+    assert set(router.candidates(shared, 10)) == {peer(0), peer(1), peer(2), peer(9)}
+    for n in range(3):
+        assert router.candidates(key(f"only-{n}"), 10) == [peer(n)]
+    # A peer whose filter changes size moves group; emptied groups go away.
+    router.set_summary(peer(0), summary_of({key("moved")}, capacity=20000))
+    assert len(router._groups) == 3
+    assert router.candidates(key("moved"), 10) == [peer(0)]
+    assert peer(0) not in router.candidates(shared, 10)
+
+
+def test_bloom_router_reuses_columns_of_dropped_peers() -> None:
+    router = BloomRouter(seed=3)
+    for n in range(20):
+        router.set_summary(peer(n), summary_of({key(n)}))
+    for n in range(10):
+        router.drop_peer(peer(n).name)
+    for n in range(20, 30):
+        router.set_summary(peer(n), summary_of({key(n)}))
+    (group,) = router._groups.values()
+    assert group.matrix.shape[1] == 32 and group.used == 20
+    for n in range(10):
+        assert router.candidates(key(n), 5) == []
+    for n in range(10, 30):
+        assert router.candidates(key(n), 5) == [peer(n)]
+
+
+def test_bloom_router_agrees_with_single_filter_membership() -> None:
+    """The stacked-matrix lookup gives exactly what each filter alone says,
+    false positives included."""
+    rng = np.random.default_rng(7)
+    router = BloomRouter(seed=1)
+    summaries = {}
+    for n in range(60):
+        keys = {key(f"{n}-{i}") for i in range(int(rng.integers(50, 400)))}
+        summaries[peer(n)] = summary_of(keys, capacity=300)  # some over capacity: more FPs
+        router.set_summary(peer(n), summaries[peer(n)])
+    probes = [key(f"probe-{i}") for i in range(300)] + [key(f"{n}-3") for n in range(60)]
+    for probe in probes:
+        expected = {p for p, s in summaries.items() if probe in s}
+        assert set(router.candidates(probe, 100)) == expected
