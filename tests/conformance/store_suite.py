@@ -6,7 +6,7 @@ Subclass :class:`StoreConformance` in a test module whose class name starts
 with ``Test`` and override the ``harness`` fixture. It must yield a
 :class:`StoreHarness` whose ``store`` already holds exactly one image, built with
 :func:`build_known_image` (so it has an index over two platforms, a layer larger
-than three 1 MiB chunks, and every blob on disk under ``image.layout``), with
+than ``MAX_CHUNK``, and every blob on disk under ``image.layout``), with
 *all* platforms' blobs present (containerd: ``ctr images import --all-platforms``),
 and no other content. ``add_image(built)`` must put a further image in the store
 while it runs (from ``built.archive`` or ``built.layout``) and ``remove_image(built)``
@@ -52,7 +52,7 @@ EVENT_TIMEOUT = 5.0
 MAX_CHUNK = 4 * 1024 * 1024
 MIB = 1024 * 1024
 KNOWN_IMAGE_NAME = "127.0.0.1:5050/conformance/known:v1"
-KNOWN_LAYER_SIZES = (700, 3 * MIB + 12_345)
+KNOWN_LAYER_SIZES = (700, 5 * MIB + 12_345)
 KNOWN_PLATFORMS = ("linux/amd64", "linux/arm64")
 KNOWN_SEED = 1
 ABSENT = Digest.parse("sha256:" + "0" * 64)
@@ -178,11 +178,11 @@ class StoreConformance:
 
     async def test_read_ranges(self, harness: StoreHarness) -> None:
         big = max(harness.image.blobs(), key=lambda r: r.size)
-        assert big.size > 3 * MIB
+        assert big.size > MAX_CHUNK
         content = harness.image.blob_path(big.digest).read_bytes()
         size = len(content)
         cases = [(0, 1), (1, size - 1), (size - 1, 1), (size - 1, None), (MIB - 7, 2 * MIB + 9),
-                 (MIB, MIB), (12_345, None), (0, None), (0, size)]
+                 (MIB, MIB), (12_345, None), (0, None), (0, size), (4 * MIB - 1, MIB + 2)]
         for offset, length in cases:
             got = await _read(harness.store, big.digest, offset, length)
             want = content[offset:] if length is None else content[offset : offset + length]
