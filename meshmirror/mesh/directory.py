@@ -56,7 +56,21 @@ class SummarySink(Protocol):
 
     def set_summary(self, peer: Peer, summary: Summary) -> None: ...
 
+    def set_address(self, peer: Peer) -> None: ...
+
     def drop_peer(self, name: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HeldSummary:
+    """What the directory keeps of an installed summary: the bits live only in
+    the sink (at 1,000 peers they are tens of MiB; one copy is enough)."""
+
+    epoch: int
+    count: int
+    born_at_ms: int
+    m: int
+    k: int
 
 
 class FetchError(Exception):
@@ -97,13 +111,13 @@ class DirectoryMetrics:
 class _PeerState:
     peer: Peer
     advertised: int | None
-    summary: Summary | None = None
+    held: HeldSummary | None = None
     task: asyncio.Task[None] | None = None
 
     def is_current(self) -> bool:
-        if self.summary is None:
+        if self.held is None:
             return False
-        return self.advertised is None or self.summary.epoch >= self.advertised
+        return self.advertised is None or self.held.epoch >= self.advertised
 
 
 class PeerDirectory:
@@ -140,8 +154,7 @@ class PeerDirectory:
         else:
             if state.peer.http_base != base:
                 state.peer = Peer(name, base)
-                if state.summary is not None:
-                    self._sink.set_summary(state.peer, state.summary)
+                self._sink.set_address(state.peer)
             if epoch is not None and (state.advertised is None or epoch > state.advertised):
                 state.advertised = epoch
         if not state.is_current() and (state.task is None or state.task.done()):
@@ -159,9 +172,10 @@ class PeerDirectory:
         self._sink.drop_peer(name)
         self._update_share()
 
-    def summary_of(self, name: str) -> Summary | None:
+    def held(self, name: str) -> HeldSummary | None:
+        """What is known of the peer's installed summary; None before the first."""
         state = self._peers.get(name)
-        return None if state is None else state.summary
+        return None if state is None else state.held
 
     def peers(self) -> list[Peer]:
         return [state.peer for state in self._peers.values()]
@@ -214,8 +228,8 @@ class PeerDirectory:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         headers = {"Accept": MEDIA_TYPE}
-        if state.summary is not None:
-            headers["If-None-Match"] = f'"{state.summary.epoch}"'
+        if state.held is not None:
+            headers["If-None-Match"] = f'"{state.held.epoch}"'
         url = state.peer.http_base + SUMMARY_PATH
         async with self._session.get(url, headers=headers) as resp:
             if resp.status == 304:
@@ -234,10 +248,11 @@ class PeerDirectory:
         return Summary.decode(bytes(body))
 
     def _install(self, state: _PeerState, summary: Summary) -> None:
-        previous = state.summary
+        previous = state.held
         if previous is not None and summary.epoch <= previous.epoch:
             return
-        state.summary = summary
+        state.held = HeldSummary(summary.epoch, summary.count, summary.born_at_ms, summary.m,
+                                 summary.k)
         self._sink.set_summary(state.peer, summary)
         # Observe only versions carrying keys newer than the last one held: the
         # first summary of a peer measures when we met it, not propagation.

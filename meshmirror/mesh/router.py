@@ -338,8 +338,9 @@ class _FilterGroup:
 class BloomRouter(Router):
     """Candidates from peers' Bloom summaries; fed by a PeerDirectory.
 
-    ``set_summary(peer, summary)`` installs or replaces a peer's filter and
-    ``drop_peer(name)`` removes it; the directory calls both.
+    ``set_summary(peer, summary)`` installs or replaces a peer's filter,
+    ``set_address(peer)`` follows a peer whose registry moved and
+    ``drop_peer(name)`` removes it; the directory calls all three.
     """
 
     def __init__(self, *, registry: CollectorRegistry | None = None,
@@ -361,6 +362,11 @@ class BloomRouter(Router):
         if target is None:
             target = self._groups[(summary.m, summary.k)] = _FilterGroup(summary.m, summary.k)
         self._where[slot] = (target, target.put(slot, summary.bits))
+
+    def set_address(self, peer: Peer) -> None:
+        """A known peer's registry moved; its filter and history stay."""
+        if peer.name in self._health.slot_of:
+            self._health.add(peer)
 
     def drop_peer(self, name: str) -> None:
         slot = self._health.remove(name)

@@ -22,6 +22,9 @@ class RecordingSink:
     def set_summary(self, peer: Peer, summary: Summary) -> None:
         self.installed.append((peer, summary.epoch))
 
+    def set_address(self, peer: Peer) -> None:
+        self.installed.append((peer, -1))
+
     def drop_peer(self, name: str) -> None:
         self.dropped.append(name)
 
@@ -58,7 +61,7 @@ async def test_a_peer_summary_is_fetched_and_routes_its_keys(directory: tuple,
         assert d.share() == 1.0  # no peers yet
         d.update_peer("n1", srv.http_base, 10)
         assert d.share() == 0.0
-        await until(lambda: d.summary_of("n1") is not None)
+        await until(lambda: d.held("n1") is not None)
         assert d.share() == 1.0
         assert registry.get_sample_value("meshmirror_peer_summaries_share") == 1.0
         assert router.candidates(keys[7]) == [Peer("n1", srv.http_base)]
@@ -70,13 +73,13 @@ async def test_a_new_epoch_is_fetched_with_if_none_match(directory: tuple) -> No
     source = PeerSource(make_summary([digest_key(1)], epoch=10))
     async with peer_server(source) as srv:
         d.update_peer("n1", srv.http_base, 10)
-        await until(lambda: d.summary_of("n1") is not None)
+        await until(lambda: d.held("n1") is not None)
         d.update_peer("n1", srv.http_base, 10)  # same epoch: nothing to do
         await asyncio.sleep(0.1)
         assert len(source.requests) == 1
         source.summary = make_summary([digest_key(1), digest_key(2)], epoch=11)
         d.update_peer("n1", srv.http_base, 11)
-        await until(lambda: d.summary_of("n1").epoch == 11)
+        await until(lambda: d.held("n1").epoch == 11)
         assert source.requests == [None, '"10"']
         assert router.candidates(digest_key(2)) == [Peer("n1", srv.http_base)]
 
@@ -88,28 +91,29 @@ async def test_304_while_the_peer_has_not_published_yet_is_retried(directory: tu
     source = PeerSource(make_summary([digest_key(1)], epoch=10))
     async with peer_server(source) as srv:
         d.update_peer("n1", srv.http_base, 10)
-        await until(lambda: d.summary_of("n1") is not None)
+        await until(lambda: d.held("n1") is not None)
         d.update_peer("n1", srv.http_base, 12)  # advertised before it is served
         await until(lambda: len(source.requests) >= 3)
         assert d.share() == 0.0
         assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
                                          {"result": "not_modified"}) >= 2
         source.summary = make_summary([digest_key(1)], epoch=12)
-        await until(lambda: d.summary_of("n1").epoch == 12)
+        await until(lambda: d.held("n1").epoch == 12)
         assert d.share() == 1.0
 
 
 async def test_a_response_older_than_the_held_summary_is_ignored(directory: tuple) -> None:
-    d, _ = directory
+    d, router = directory
     source = PeerSource(make_summary([digest_key(1)], epoch=20))
     async with peer_server(source) as srv:
         d.update_peer("n1", srv.http_base, 20)
-        await until(lambda: d.summary_of("n1") is not None)
+        await until(lambda: d.held("n1") is not None)
         source.summary = make_summary([digest_key(9)], epoch=5)  # e.g. a stale replica
         d.update_peer("n1", srv.http_base, 21)
         await until(lambda: len(source.requests) >= 3)
-        assert d.summary_of("n1").epoch == 20
-        assert digest_key(1) in d.summary_of("n1")
+        assert d.held("n1").epoch == 20
+        assert router.candidates(digest_key(1)) == [Peer("n1", srv.http_base)]
+        assert router.candidates(digest_key(9)) == []
 
 
 async def test_never_more_than_one_fetch_in_flight_per_peer(directory: tuple) -> None:
@@ -120,7 +124,7 @@ async def test_never_more_than_one_fetch_in_flight_per_peer(directory: tuple) ->
             source.summary = make_summary([digest_key(1)], epoch=epoch)
             d.update_peer("n1", srv.http_base, epoch)
             await asyncio.sleep(0.01)
-        await until(lambda: d.summary_of("n1") is not None and d.summary_of("n1").epoch == 29)
+        await until(lambda: d.held("n1") is not None and d.held("n1").epoch == 29)
         assert source.max_in_flight == 1
         assert len(source.requests) <= 4  # a burst of epochs costs a few fetches, not 29
 
@@ -136,11 +140,11 @@ async def test_failures_are_retried_with_backoff(directory: tuple,
         elapsed = time.monotonic() - started
         # 0.05 + 0.1 + 0.2 (jittered to at least half) between the four attempts.
         assert elapsed >= 0.17
-        assert d.summary_of("n1") is None
+        assert d.held("n1") is None
         assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
                                          {"result": "error"}) >= 4
         source.fail_status = None
-        await until(lambda: d.summary_of("n1") is not None)
+        await until(lambda: d.held("n1") is not None)
 
 
 async def test_a_slow_peer_times_out_and_is_retried(directory: tuple) -> None:
@@ -149,9 +153,9 @@ async def test_a_slow_peer_times_out_and_is_retried(directory: tuple) -> None:
     async with peer_server(source) as srv:
         d.update_peer("n1", srv.http_base, 3)
         await until(lambda: len(source.requests) >= 2, within=5)
-        assert d.summary_of("n1") is None
+        assert d.held("n1") is None
         source.delay_s = 0
-        await until(lambda: d.summary_of("n1") is not None)
+        await until(lambda: d.held("n1") is not None)
 
 
 async def test_garbage_and_wrong_content_type_are_not_installed(directory: tuple) -> None:
@@ -166,7 +170,7 @@ async def test_garbage_and_wrong_content_type_are_not_installed(directory: tuple
     async with peer_server(source) as srv:
         d.update_peer("n1", srv.http_base, 3)
         await until(lambda: len(source.requests) >= 2)
-        assert d.summary_of("n1") is None
+        assert d.held("n1") is None
 
 
 async def test_an_unreachable_peer_does_not_break_the_others(directory: tuple) -> None:
@@ -176,7 +180,7 @@ async def test_an_unreachable_peer_does_not_break_the_others(directory: tuple) -
             dead_base = gone.http_base
         d.update_peer("dead", dead_base, 1)
         d.update_peer("n1", srv.http_base, 1)
-        await until(lambda: d.summary_of("n1") is not None)
+        await until(lambda: d.held("n1") is not None)
         assert d.share() == 0.5
         assert router.candidates(digest_key(1)) == [Peer("n1", srv.http_base)]
 
@@ -191,7 +195,7 @@ async def test_a_dead_peer_is_dropped_with_its_fetch(registry: CollectorRegistry
         async with peer_server(fast) as a, peer_server(slow) as b:
             d.update_peer("a", a.http_base, 1)
             d.update_peer("b", b.http_base, 1)
-            await until(lambda: d.summary_of("a") is not None and slow.in_flight == 1)
+            await until(lambda: d.held("a") is not None and slow.in_flight == 1)
             d.remove_peer("a")
             d.remove_peer("b")  # its fetch is cancelled, nothing installed later
             assert sink.dropped == ["a", "b"]
@@ -208,7 +212,7 @@ async def test_a_moved_peer_is_routed_at_its_new_address(directory: tuple) -> No
     source = PeerSource(make_summary([digest_key(1)], epoch=1))
     async with peer_server(source) as one, peer_server(source) as two:
         d.update_peer("n1", one.http_base, 1)
-        await until(lambda: d.summary_of("n1") is not None)
+        await until(lambda: d.held("n1") is not None)
         d.update_peer("n1", two.http_base, 1)
         assert router.candidates(digest_key(1)) == [Peer("n1", two.http_base)]
 
@@ -220,20 +224,20 @@ async def test_propagation_is_observed_from_the_keys_arrival(directory: tuple,
     source = PeerSource(make_summary([digest_key(1)], epoch=1, born_at_ms=now_ms - 60_000))
     async with peer_server(source) as srv:
         d.update_peer("n1", srv.http_base, 1)
-        await until(lambda: d.summary_of("n1") is not None)
+        await until(lambda: d.held("n1") is not None)
         # The first summary of a peer measures when we met it, not propagation.
         assert registry.get_sample_value("meshmirror_summary_propagation_seconds_count") == 0
         born = time.time_ns() // 1_000_000 - 300
         source.summary = make_summary([digest_key(1), digest_key(2)], epoch=2, born_at_ms=born)
         d.update_peer("n1", srv.http_base, 2)
-        await until(lambda: d.summary_of("n1").epoch == 2)
+        await until(lambda: d.held("n1").epoch == 2)
         assert registry.get_sample_value("meshmirror_summary_propagation_seconds_count") == 1
         observed = registry.get_sample_value("meshmirror_summary_propagation_seconds_sum")
         assert 0.3 <= observed < 2.0
         # A version with no newer keys (a removal) is not a propagation sample.
         source.summary = make_summary([digest_key(1)], epoch=3, born_at_ms=born)
         d.update_peer("n1", srv.http_base, 3)
-        await until(lambda: d.summary_of("n1").epoch == 3)
+        await until(lambda: d.held("n1").epoch == 3)
         assert registry.get_sample_value("meshmirror_summary_propagation_seconds_count") == 1
 
 
