@@ -7,8 +7,9 @@ class AddressError(ValueError):
     """An address flag that is not HOST:PORT."""
 
 
-def parse_host_port(text: str, default_host: str = "0.0.0.0", default_port: int | None = None
-                    ) -> tuple[str, int]:
+def parse_host_port(
+    text: str, default_host: str = "0.0.0.0", default_port: int | None = None
+) -> tuple[str, int]:
     """Split ``HOST:PORT``, ``:PORT``, ``[v6]:PORT`` or (with a default port) ``HOST``."""
     text = text.strip()
     host, port_text = text, ""
@@ -32,7 +33,9 @@ def parse_host_port(text: str, default_host: str = "0.0.0.0", default_port: int 
         try:
             port = int(port_text)
         except ValueError as err:
-            raise AddressError(f"invalid address {text!r}: port {port_text!r} is not a number") from err
+            raise AddressError(
+                f"invalid address {text!r}: port {port_text!r} is not a number"
+            ) from err
         if not 0 <= port <= 65535:
             raise AddressError(f"invalid address {text!r}: port must be 0-65535")
     return (host or default_host, port)

@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--store", default="containerd", metavar="containerd|oci:DIR",
                      help="where this node's image content lives")
     run.add_argument("--registry-addr", default=":5000", metavar="HOST:PORT")
-    run.add_argument("--mesh-addr", default=":7946", metavar="HOST:PORT",
-                     help="gossip bind address (UDP and TCP)")
+    run.add_argument("--mesh-addr", default=":7946", metavar="HOST:PORT|off",
+                     help="gossip bind address (UDP and TCP); 'off' serves the local store only")
     run.add_argument("--metrics-addr", default=":9090", metavar="HOST:PORT")
     run.add_argument("--advertise-addr", default=None, metavar="HOST[:PORT]",
                      help="address peers use to reach this node (default: the bind address)")
@@ -132,16 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a local three-node mesh on loopback")
     demo.add_argument("--nodes", type=int, default=3)
     demo.add_argument("--workdir", default=None, metavar="DIR")
-    demo.add_argument("--image-size-mib", type=int, default=32)
+    demo.add_argument("--image-size-mib", type=int, default=64,
+                      help="total size of the demo image's layers")
+    demo.add_argument("--no-wait", action="store_true",
+                      help="exit after the pull instead of keeping the mesh up")
     return parser
 
 
-def _apply_environment(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+def _apply_environment(parser: argparse.ArgumentParser) -> None:
     """Turn MESHMIRROR_<FLAG> variables into defaults of the chosen subcommand."""
-    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     parsers: list[argparse.ArgumentParser] = [parser]
-    for action in subparsers:
-        parsers.extend(action.choices.values())
+    for group in parser._actions:
+        if isinstance(group, argparse._SubParsersAction):
+            parsers.extend(group.choices.values())
     for p in parsers:
         for action in p._actions:
             flags = [s for s in action.option_strings if s.startswith("--")]
@@ -174,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        _apply_environment(parser, args_list)
+        _apply_environment(parser)
         args = parser.parse_args(args_list)
         return _resolve(_HANDLERS[args.command])(args)
     except UsageError as err:

@@ -48,9 +48,11 @@ from meshmirror.addresses import AddressError, parse_host_port
 from meshmirror.cli import UsageError
 from meshmirror.logging import configure_logging
 from meshmirror.oci.reference import DOCKER_HUB
+from meshmirror.peering import Peering, PeeringConfig
 from meshmirror.registry.app import RegistryOptions, create_app
 from meshmirror.registry.fallback import Fallback
 from meshmirror.registry.metrics import RegistryMetrics
+from meshmirror.registry.mirror import peer_dispatch
 from meshmirror.registry.server import ServerOptions, bind_listener, listener_address, serve
 from meshmirror.store.base import Store
 
@@ -87,6 +89,8 @@ class NodeConfig:
     containerd_content_path: str | None = None
     default_registry: str = DOCKER_HUB
     server: ServerOptions = field(default_factory=ServerOptions)
+    # None serves the local store only (``--mesh-addr off``).
+    peering: PeeringConfig | None = None
 
     @classmethod
     def from_args(cls, args: Namespace) -> NodeConfig:
@@ -111,6 +115,7 @@ class NodeConfig:
             containerd_sock=args.containerd_sock,
             containerd_namespace=args.containerd_namespace,
             containerd_content_path=args.containerd_content_path,
+            peering=PeeringConfig.from_args(args, registry_host, registry_port),
         )
 
 
@@ -215,6 +220,13 @@ class Node:
         self.metrics_routes: list[BaseRoute] = []
         self._extra: list[Component] = []
         self._started: list[Component] = []
+        self.peering: Peering | None = None
+        if config.peering is not None:
+            self.peering = Peering(self.store, config.peering,
+                                   metrics_registry=self.metrics_registry)
+            self.fallback = self.peering.mirror
+            self.registry_routes.extend(self.peering.routes)
+            self.add_component(self.peering)
         self.registry_server: HttpServer | None = None
         self.metrics_server: HttpServer | None = None
 
@@ -222,13 +234,15 @@ class Node:
         self._extra.append(component)
 
     def _assemble(self) -> list[Component]:
-        registry_app = create_app(
-            self.store,
-            options=RegistryOptions(default_registry=self.config.default_registry),
-            fallback=self.fallback,
-            metrics=RegistryMetrics(self.metrics_registry),
-            extra_routes=self.registry_routes,
-        )
+        options = RegistryOptions(default_registry=self.config.default_registry)
+        registry_metrics = RegistryMetrics(self.metrics_registry)
+        registry_app = create_app(self.store, options=options, fallback=self.fallback,
+                                  metrics=registry_metrics, extra_routes=self.registry_routes)
+        if self.fallback is not None:
+            # Peers get the local store only, so a false positive cannot chain mirrors.
+            local_only = create_app(self.store, options=options, metrics=registry_metrics,
+                                    extra_routes=self.registry_routes)
+            registry_app = peer_dispatch(registry_app, local_only)
         self.metrics_server = HttpServer(
             "metrics", metrics_app(self.metrics_registry, self.metrics_routes),
             self.config.metrics_host, self.config.metrics_port, self.config.server)

@@ -27,11 +27,14 @@ class Digest:
     def parse(cls, text: str) -> Digest:
         match = _DIGEST_RE.match(text)
         if match is None:
-            raise DigestError(f"invalid digest {text[:80]!r}: want sha256:<64 hex> or sha512:<128 hex>")
+            raise DigestError(
+                f"invalid digest {text[:80]!r}: want sha256:<64 hex> or sha512:<128 hex>"
+            )
         algorithm, hex_part = match.groups()
         if len(hex_part) != _HEX_LENGTH[algorithm]:
             raise DigestError(
-                f"invalid digest {text[:80]!r}: {algorithm} needs {_HEX_LENGTH[algorithm]} hex digits"
+                f"invalid digest {text[:80]!r}: "
+                f"{algorithm} needs {_HEX_LENGTH[algorithm]} hex digits"
             )
         return cls(algorithm, hex_part)
 

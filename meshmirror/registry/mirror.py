@@ -519,19 +519,31 @@ class _BlobFetch:
 
     async def stream(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes [start, end) of the blob, hashed from byte 0; the last chunk is held
-        back until the whole digest verifies."""
+        back until the whole digest verifies.
+
+        Hashing runs on a worker thread (hashlib releases the GIL) while the event
+        loop forwards the previous chunk and receives the next, so verification
+        costs a second core rather than halving the stream's speed.
+        """
+        loop = asyncio.get_running_loop()
         hasher = self._digest.hasher()
+        hashing: asyncio.Future[None] | None = None
         held: bytes | None = None
         try:
             async for position, chunk in self._chunks(0):
-                hasher.update(chunk)
+                if hashing is not None:
+                    await hashing
+                hashing = loop.run_in_executor(None, hasher.update, chunk)
                 lo, hi = max(start, position), min(end, position + len(chunk))
                 if lo >= hi:
                     continue
-                piece = chunk[lo - position : hi - position]
+                whole = lo == position and hi == position + len(chunk)
+                piece = chunk if whole else chunk[lo - position : hi - position]
                 if held is not None:
                     yield held
                 held = piece
+            if hashing is not None:
+                await hashing
             if hasher.hexdigest() != self._digest.hex:
                 if self._current is not None:
                     self._mirror._fail(

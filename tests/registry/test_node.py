@@ -34,7 +34,8 @@ def config_for(layout: Path, host: str) -> NodeConfig:
     return NodeConfig.from_args(run_args(
         "--store", f"oci:{layout}",
         "--registry-addr", f"{host}:{free_port(host)}",
-        "--metrics-addr", f"{host}:{free_port(host)}"))
+        "--metrics-addr", f"{host}:{free_port(host)}",
+        "--mesh-addr", f"{host}:{free_port(host)}"))
 
 
 @pytest.fixture
@@ -112,7 +113,8 @@ async def test_node_start_failure_stops_what_started(layout: Path) -> None:
         port = busy.getsockname()[1]
         config = NodeConfig.from_args(run_args(
             "--store", f"oci:{layout}", "--registry-addr", f"{host}:{port}",
-            "--metrics-addr", f"{host}:{free_port(host)}"))
+            "--metrics-addr", f"{host}:{free_port(host)}",
+        "--mesh-addr", f"{host}:{free_port(host)}"))
         node = Node(config)
         with pytest.raises(StartError, match="cannot listen"):
             await node.start()
@@ -142,7 +144,8 @@ def start_node(store: str, log: Path, extra: tuple[str, ...] = ()) -> RunningNod
     metrics = f"{host}:{free_port(host)}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = spawn([sys.executable, "-m", "meshmirror", "run", "--store", store,
-                  "--registry-addr", address, "--metrics-addr", metrics, *extra], log, env)
+                  "--registry-addr", address, "--metrics-addr", metrics,
+                  "--mesh-addr", f"{host}:{free_port(host)}", *extra], log, env)
     node = RunningNode(proc, address, metrics, log)
 
     def healthy() -> bool:
@@ -271,7 +274,7 @@ def test_busy_port_is_a_one_line_error(tmp_path: Path, layout: Path) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "meshmirror", "run", "--store", f"oci:{layout}",
              "--registry-addr", f"{host}:{busy.getsockname()[1]}",
-             "--metrics-addr", f"{host}:{free_port(host)}"],
+             "--metrics-addr", f"{host}:{free_port(host)}", "--mesh-addr", "off"],
             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("meshmirror:")]
@@ -282,7 +285,7 @@ def test_busy_port_is_a_one_line_error(tmp_path: Path, layout: Path) -> None:
 def test_missing_store_directory(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "meshmirror", "run", "--store", f"oci:{tmp_path / 'nope'}",
-         "--registry-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"],
+         "--registry-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--mesh-addr", "off"],
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("meshmirror: --store oci:")
