@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from meshmirror.oci.digest import Digest
 from meshmirror.store.base import BlobInfo, KeyEvent, NotFoundError, Store
+
+
+async def until(cond: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll state that a real server and a background task change; bounded."""
+    async with asyncio.timeout(within):
+        while not cond():  # noqa: ASYNC110 - the state has no event to wait on
+            await asyncio.sleep(0.005)
 
 
 def digest_key(label: str | int) -> str:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from meshmirror.mesh.directory import PeerDirectory, check_http_base
 from meshmirror.mesh.router import BloomRouter, Peer
 from meshmirror.mesh.summary import Summary
-from tests.summary.fakes import digest_key
+from tests.summary.fakes import digest_key, until
 from tests.summary.servers import PeerSource, make_summary, peer_server
 
 
@@ -27,13 +27,6 @@ class RecordingSink:
 
     def drop_peer(self, name: str) -> None:
         self.dropped.append(name)
-
-
-async def until(cond: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll state that a real server and a background task change; bounded."""
-    async with asyncio.timeout(within):
-        while not cond():  # noqa: ASYNC110 - the state has no event to wait on
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
