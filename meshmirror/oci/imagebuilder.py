@@ -153,14 +153,27 @@ def canonical_json(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _create_if_absent(path: Path, data: bytes) -> None:
+    """Write a whole file only if none exists; never clobbers a concurrent writer's file."""
+    if path.exists():
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.link(tmp, path)  # atomic, and fails if someone got there first
+    except FileExistsError:
+        pass
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def ensure_layout(layout: Path) -> None:
-    """Create the skeleton of an image layout (idempotent)."""
+    """Create the skeleton of an image layout (idempotent, safe against concurrent callers)."""
     (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-    marker = layout / "oci-layout"
-    if not marker.exists():
-        atomic_write(marker, canonical_json({"imageLayoutVersion": mt.OCI_LAYOUT_VERSION}))
-    if not (layout / "index.json").exists():
-        atomic_write(layout / "index.json", _layout_index([]))
+    _create_if_absent(layout / "oci-layout",
+                      canonical_json({"imageLayoutVersion": mt.OCI_LAYOUT_VERSION}))
+    _create_if_absent(layout / "index.json", _layout_index([]))
 
 
 def _layout_index(entries: list[dict[str, Any]]) -> bytes:

@@ -302,3 +302,15 @@ async def test_serves_a_layout_skopeo_wrote(tmp_path: Path) -> None:
     store = OciLayoutStore(dest, base_name="localhost/copied")
     assert await store.resolve("localhost", "copied", "latest") == image.digest
     assert await store.keys() == image.digests() | {"localhost/copied:latest"}
+
+
+def test_concurrent_imports_keep_every_entry(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [_image(tmp_path, f"r.example/c{i}:1", seed=10 + i) for i in range(6)]
+    root = tmp_path / "store"
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda im: import_archive(root, im.archive), images))
+    names = {e["annotations"][ANNOTATION_CONTAINERD_NAME]
+             for e in json.loads((root / "index.json").read_bytes())["manifests"]}
+    assert names == {im.name for im in images}
