@@ -47,7 +47,7 @@ async def test_a_new_key_on_one_node_is_routable_on_another_within_a_second() ->
             source.publisher = SummaryPublisher(store, registry=CollectorRegistry(),
                                                 on_publish=advertise)
             await source.publisher.start()
-            await until(lambda: directory.share() == 1)
+            await until(lambda: directory.held(peer.name) is not None)
             assert router.candidates(digest_key(5)) == [peer]
             assert router.candidates(digest_key("layer")) == []
 
