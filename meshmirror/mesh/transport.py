@@ -457,8 +457,13 @@ class MeshNode:
         deadline = self._now() + effect.timeout
         writer: asyncio.StreamWriter | None = None
         try:
+            # Dial from the bound address when there is one, so peers (and
+            # firewalls) see the same source address for our TCP as for our UDP.
+            host = self.address[0]
+            local = (host, 0) if host not in ("", "0.0.0.0", "::") else None
             reader, conn = await asyncio.wait_for(
-                asyncio.open_connection(effect.addr[0], effect.addr[1]), effect.timeout)
+                asyncio.open_connection(effect.addr[0], effect.addr[1], local_addr=local),
+                effect.timeout)
             writer = conn
             await self._write(conn, effect.data)
             reply = await self._read_message(reader, deadline)
