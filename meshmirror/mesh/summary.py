@@ -453,6 +453,11 @@ class SummaryPublisher:
             raise
         except Exception:
             log.exception("store subscription failed; the periodic reconcile will resync")
+        finally:
+            # Let the store drop the subscription now rather than when collected.
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     def _needs_rebuild(self) -> bool:
         if self._removed_since_rebuild > self._rebuild_fraction * max(self._entries_at_rebuild, 1):

@@ -209,3 +209,23 @@ async def test_start_twice_is_an_error(started: tuple) -> None:
     _, publisher, _, _ = started
     with pytest.raises(RuntimeError, match="already started"):
         await publisher.start()
+
+
+async def test_with_the_real_memory_store() -> None:
+    from meshmirror.store.memory import MemoryStore
+
+    store = MemoryStore()
+    first_blob = store.add_blob(b"config")
+    publisher = SummaryPublisher(store, debounce_s=0.05)
+    await publisher.start()
+    try:
+        assert str(first_blob) in publisher.current
+        blob = store.add_blob(b"a layer")
+        store.tag("docker.io", "library/app", "1", blob)
+        async with asyncio.timeout(1):
+            summary = await publisher.wait_for(
+                lambda s: "docker.io/library/app:1" in s and str(blob) in s)
+        assert summary.count == 3
+    finally:
+        await publisher.close()
+        await store.close()
