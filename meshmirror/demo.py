@@ -124,13 +124,14 @@ class LocalCluster:
                 raise TimeoutError(f"summaries did not converge within {within:.0f}s")
             await asyncio.sleep(0.02)
 
-    @staticmethod
-    def _knows(local: LocalNode, holder: LocalNode, keys: Sequence[str]) -> bool:
+    def _knows(self, local: LocalNode, holder: LocalNode, keys: Sequence[str]) -> bool:
+        """Whether ``local``'s router already names ``holder`` for every key."""
         peering = local.node.peering
         if peering is None:
             return False
-        summary = peering.directory.summary_of(holder.name)
-        return summary is not None and all(key in summary for key in keys)
+        limit = len(self.nodes)
+        return all(any(peer.name == holder.name for peer in peering.router.candidates(key, limit))
+                   for key in keys)
 
 
 @dataclass(frozen=True)

@@ -274,7 +274,11 @@ class PeerMirror:
         try:
             response = await asyncio.wait_for(
                 self._session.get(
-                    url, params={"ns": registry}, headers=request_headers, allow_redirects=False
+                    url,
+                    params={"ns": registry},
+                    headers=request_headers,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(sock_read=self._options.read_timeout),
                 ),
                 self._options.first_byte_timeout,
             )
@@ -465,15 +469,14 @@ class _BlobFetch:
         """(position, chunk) pairs from ``offset`` to the end, failing over on breaks."""
         position = offset
         chunk_size = self._mirror._options.chunk_size
-        read_timeout = self._mirror._options.read_timeout
         while position < self._size:
             current = self._current
             if current is None:
                 raise PeerFailure("exhausted", f"no peer left at byte {position}")
             try:
-                async with asyncio.timeout(read_timeout):
-                    chunk = await current.response.content.read(chunk_size)
-            except TimeoutError:
+                # The request's sock_read timeout bounds a stalled peer per read.
+                chunk = await current.response.content.read(chunk_size)
+            except (TimeoutError, aiohttp.ServerTimeoutError):
                 failure = PeerFailure("stalled", f"at byte {position}")
             except (aiohttp.ClientError, OSError) as err:
                 failure = PeerFailure("broken", f"at byte {position}: {err}")
