@@ -312,4 +312,11 @@ def run_command(args: Namespace) -> int:
     """``meshmirror run``: flags are checked before anything starts (exit 2 on bad ones)."""
     config = NodeConfig.from_args(args)
     configure_logging(args.log_level)
+    if config.store == "containerd":
+        # Fail at once with what to fix rather than serve 404s from a store that
+        # can never fill (no socket, wrong namespace, layers discarded...).
+        from meshmirror.containerd.checks import startup_gate
+
+        if (code := startup_gate(args)) != 0:
+            return code
     return asyncio.run(run_node(config))
