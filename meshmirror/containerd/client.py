@@ -12,7 +12,7 @@ becomes ``ContainerdUnavailableError``, so callers never import grpc.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -138,7 +138,7 @@ class ContainerdClient:
         return out
 
     async def read_content(self, digest: str, offset: int = 0, size: int = 0
-                           ) -> AsyncIterator[bytes]:
+                           ) -> AsyncGenerator[bytes, None]:
         """Stream a blob from ``offset``; ``size`` 0 means to the end, as containerd defines it."""
         if offset < 0 or size < 0:
             raise ValueError(f"offset and size must not be negative, got {offset}, {size}")

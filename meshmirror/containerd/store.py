@@ -193,7 +193,6 @@ class ContainerdStore(Store):
         self._hub = KeyEventHub()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
-        self.syncs = 0  # completed full syncs; tests and benchmarks read it
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -310,13 +309,16 @@ class ContainerdStore(Store):
 
     async def _read_grpc(self, digest: Digest, offset: int, count: int) -> AsyncIterator[bytes]:
         remaining = count
-        async for data in self._require_client().read_content(str(digest), offset, count):
-            if len(data) > remaining:
-                data = data[:remaining]
-            remaining -= len(data)
-            yield data
-            if remaining == 0:
-                return
+        # aclosing: stopping early must cancel the RPC now, not when GC finds it.
+        async with contextlib.aclosing(
+                self._require_client().read_content(str(digest), offset, count)) as stream:
+            async for data in stream:
+                if len(data) > remaining:
+                    data = data[:remaining]
+                remaining -= len(data)
+                yield data
+                if remaining == 0:
+                    return
         if remaining:
             raise ContainerdError(f"containerd Read of {digest} ended {remaining} bytes early")
 
@@ -337,11 +339,13 @@ class ContainerdStore(Store):
                 return data
         chunks: list[bytes] = []
         total = 0
-        async for chunk in client.read_content(digest):
-            total += len(chunk)
-            if total > MAX_MANIFEST_SIZE:
-                raise ValueError(f"{digest} is over {MAX_MANIFEST_SIZE} bytes, not a manifest")
-            chunks.append(chunk)
+        async with contextlib.aclosing(client.read_content(digest)) as stream:
+            async for chunk in stream:
+                total += len(chunk)
+                if total > MAX_MANIFEST_SIZE:
+                    raise ValueError(f"{digest} is over {MAX_MANIFEST_SIZE} bytes, "
+                                     "not a manifest")
+                chunks.append(chunk)
         return b"".join(chunks)
 
     async def _children_of(self, client: ContainerdClient, ref: _Ref) -> list[_Ref]:
@@ -393,7 +397,6 @@ class ContainerdStore(Store):
         self._index = fresh
         for digest in [d for d in self._manifest_cache if d not in fresh.counts]:
             del self._manifest_cache[digest]
-        self.syncs += 1
         self._publish()
 
     async def _refresh_image(self, client: ContainerdClient, name: str) -> None:

@@ -97,6 +97,21 @@ async def test_import_and_rmi_update_keys(containerd: Containerd,
         assert await store.keys() == frozenset()
 
 
+async def test_reimport_under_same_name_is_an_update(containerd: Containerd,
+                                                     make_image: ImageFactory) -> None:
+    """ctr import of an existing name updates the record (/images/update), new target."""
+    old = make_image("docker.io/library/moving:latest", (1000,), seed=21)
+    new = make_image("docker.io/library/moving:latest", (1000,), seed=22)
+    import_image(containerd, old)
+    async with _store(containerd.socket, containerd.content_path) as store:
+        assert await store.wait_ready(READY_WITHIN)
+        changes = Changes(store.subscribe())
+        import_image(containerd, new)
+        await changes.wait(added=new.digests(), removed=old.digests())
+        assert await store.keys() == new.keys()
+        assert await store.resolve("docker.io", "library/moving", "latest") == new.digest
+
+
 async def test_retag_and_content_delete(containerd: Containerd,
                                         make_image: ImageFactory) -> None:
     image = make_image("docker.io/library/tagme:1", (1000, 1000), seed=3)
