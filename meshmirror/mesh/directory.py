@@ -12,7 +12,8 @@ Fetching rules, per peer:
     every turn, so a burst of epoch changes costs one fetch, not one each;
   * ``If-None-Match`` with the held epoch, a bounded timeout, and exponential
     backoff with jitter between failed attempts (capped, retried while the
-    peer is alive and stale, since a stale filter costs false hits);
+    peer is alive and stale, since a stale filter costs false hits); a newly
+    advertised epoch cuts the wait short and restarts the backoff;
   * a response older than what is held is ignored (a slow response racing a
     newer one, or a load balancer answering from elsewhere);
   * a dead or left peer is dropped at once, with its in-flight fetch.
@@ -36,7 +37,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -113,6 +114,9 @@ class _PeerState:
     advertised: int | None
     held: HeldSummary | None = None
     task: asyncio.Task[None] | None = None
+    # Set when the advertised epoch moves: cuts a backoff wait short, so a peer
+    # that failed a while ago is fetched as soon as it has something new.
+    poke: asyncio.Event = field(default_factory=asyncio.Event)
 
     def is_current(self) -> bool:
         if self.held is None:
@@ -157,6 +161,7 @@ class PeerDirectory:
                 self._sink.set_address(state.peer)
             if epoch is not None and (state.advertised is None or epoch > state.advertised):
                 state.advertised = epoch
+                state.poke.set()
         if not state.is_current() and (state.task is None or state.task.done()):
             state.task = asyncio.get_running_loop().create_task(
                 self._sync(state), name=f"summary-fetch-{name}")
@@ -221,7 +226,13 @@ class PeerDirectory:
             # it advertises (published between the two): wait, then try again.
             failures += 1
             delay = min(self._max_backoff_s, self._backoff_s * 2 ** (failures - 1))
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            state.poke.clear()
+            try:
+                async with asyncio.timeout(delay * random.uniform(0.5, 1.0)):
+                    await state.poke.wait()
+                failures = 0  # a new epoch: start the backoff over
+            except TimeoutError:
+                pass
 
     async def _fetch(self, state: _PeerState) -> Summary | None:
         """The peer's summary, or None when it answers 304 for the one held."""

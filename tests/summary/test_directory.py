@@ -245,3 +245,23 @@ async def test_a_bad_epoch_is_refused(directory: tuple) -> None:
     d, _ = directory
     with pytest.raises(ValueError, match="epoch"):
         d.update_peer("n1", "http://127.0.0.2:5000", -1)
+
+
+async def test_a_new_epoch_cuts_a_long_backoff_short(registry: CollectorRegistry) -> None:
+    d = PeerDirectory(RecordingSink(), registry=registry, timeout_s=0.5, backoff_s=5,
+                      max_backoff_s=5)
+    try:
+        source = PeerSource(make_summary([digest_key(1)], epoch=1), fail_status=503)
+        async with peer_server(source) as srv:
+            d.update_peer("n1", srv.http_base, 1)
+            await until(lambda: len(source.requests) == 1)
+            await asyncio.sleep(0.1)  # now waiting out a 2.5-5 s backoff
+            source.fail_status = None
+            source.summary = make_summary([digest_key(1)], epoch=2)
+            started = time.monotonic()
+            d.update_peer("n1", srv.http_base, 2)
+            await until(lambda: d.held("n1") is not None, within=2)
+            assert time.monotonic() - started < 1.0
+            assert d.held("n1").epoch == 2
+    finally:
+        await d.close()
