@@ -199,6 +199,7 @@ class _Node:
     state: NodeState
     state_change: float
     vsn: tuple[int, ...]
+    addr_bytes: bytes
 
     @property
     def pmax(self) -> int:
@@ -277,6 +278,7 @@ class Memberlist:
         self.addr = addr
         self.port = port
         self._addr_bytes = ip_to_bytes(addr)
+        self._ip_text: dict[bytes, str | None] = {}
         self._rng = rng
         self._keyring = keyring
         self._delegate = delegate
@@ -302,6 +304,9 @@ class Memberlist:
         self._incarnation = 0
         self._left = False
         self._stopped = False
+        self._quiet = False
+        self._push_pull_timer = _Timer(lambda _now: None)  # replaced by _schedule
+        self._pp_nodes: tuple[PushNodeState, ...] | None = None
         self.broadcasts = TransmitLimitedQueue(config.retransmit_mult)
         self.user_broadcasts = TransmitLimitedQueue(config.retransmit_mult)
 
@@ -432,6 +437,37 @@ class Memberlist:
             if batch.pending == 0:
                 self._effects.append(JoinResult(batch.contacted, tuple(batch.errors)))
 
+    def merge_state(self, state: PushPull, now: float, *, quiet: bool = False) -> str | None:
+        """Merge a full state obtained out of band (simulator bootstrap, tests).
+
+        The same merge a push-pull reply gets, without building a reply;
+        returns why the state was refused, or None. ``quiet`` skips the version
+        check and queues no broadcasts, for seeding a cluster that is meant to
+        have converged long ago.
+        """
+        self._now = now
+        if not quiet:
+            return self._merge_remote(state, now)
+        self._quiet = True
+        try:
+            self._merge_nodes(state.nodes, now)
+        finally:
+            self._quiet = False
+        return None
+
+    def reschedule_push_pull(self, now: float) -> None:
+        """Draw the next periodic push-pull anew within the interval scaled to today's size.
+
+        A cold start spreads first push-pulls over the unscaled interval, as
+        memberlist does; a node seeded with a large state out of band uses this
+        to look like a member of a long-running cluster instead.
+        """
+        self._now = now
+        self._push_pull_timer.cancelled = True
+        interval = push_pull_scale(self.config.push_pull_interval, len(self._nodes))
+        self._push_pull_timer = self._at(now + self._rng.random() * interval,
+                                         self._push_pull_tick)
+
     def join(self, addresses: Sequence[Address], now: float) -> None:
         """Push-pull with every seed; a ``JoinResult`` effect follows once all have answered."""
         self._now = now
@@ -464,7 +500,7 @@ class Memberlist:
         self._now = now
         me = self._node_map[self.name]
         self._alive_node(
-            Alive(self._next_incarnation(), self.name, me_addr_bytes(me), me.port, meta,
+            Alive(self._next_incarnation(), self.name, me.addr_bytes, me.port, meta,
                   self.config.vsn), now, bootstrap=True)
 
     def send_user(self, node_name: str, payload: bytes) -> None:
@@ -497,7 +533,8 @@ class Memberlist:
         cfg = self.config
         self._at(now + self._rng.random() * cfg.probe_interval, self._probe_tick)
         self._at(now + self._rng.random() * cfg.gossip_interval, self._gossip_tick)
-        self._at(now + self._rng.random() * cfg.push_pull_interval, self._push_pull_tick)
+        self._push_pull_timer = self._at(now + self._rng.random() * cfg.push_pull_interval,
+                                         self._push_pull_tick)
 
     def _probe_tick(self, now: float) -> None:
         # A fixed-rate ticker; a probe still running (waiting out its scaled
@@ -513,8 +550,8 @@ class Memberlist:
         self._gossip(now)
 
     def _push_pull_tick(self, now: float) -> None:
-        self._after(push_pull_scale(self.config.push_pull_interval, len(self._nodes)),
-                    self._push_pull_tick)
+        self._push_pull_timer = self._after(
+            push_pull_scale(self.config.push_pull_interval, len(self._nodes)), self._push_pull_tick)
         candidates = self._k_random(1, lambda n: n.name == self.name or n.state != NodeState.ALIVE)
         if candidates:
             self._open_push_pull(candidates[0].address, join=False, batch=None)
@@ -584,7 +621,7 @@ class Memberlist:
             nack = peer.pmax >= 4
             probe.expected_nacks += nack
             self.stats.indirect_probes += 1
-            ind = IndirectPing(probe.seq, ip_to_bytes(node.addr), node.port, node.name, nack,
+            ind = IndirectPing(probe.seq, node.addr_bytes, node.port, node.name, nack,
                                self._addr_bytes, self.port, self.name)
             self._send_msg(peer.address, self._encode(ind))
         if not self.config.disable_tcp_pings and node.pmax >= 3:
@@ -693,7 +730,7 @@ class Memberlist:
                        self._encode(AckResp(ping.seq_no, b"")))
 
     def _handle_indirect_ping(self, ind: IndirectPing, source: Address, now: float) -> None:
-        target_ip = ip_from_bytes(ind.target)
+        target_ip = self._ip_from_bytes(ind.target)
         if target_ip is None:
             self.stats.drop("malformed")
             return
@@ -725,7 +762,7 @@ class Memberlist:
 
     def _reply_addr(self, addr: bytes, port: int, source: Address) -> Address:
         if addr and port > 0:
-            ip = ip_from_bytes(addr)
+            ip = self._ip_from_bytes(addr)
             if ip is not None:
                 return (ip, port)
         return source
@@ -744,25 +781,30 @@ class Memberlist:
         counts[state] += 1
         node.state = state
         node.state_change = now
+        self._pp_nodes = None
 
     def _alive_node(self, a: Alive, now: float, *, bootstrap: bool = False) -> None:
         is_local = a.node == self.name
+        node = self._node_map.get(a.node)
+        if (node is not None and not is_local and a.incarnation <= node.incarnation
+                and a.addr == node.addr_bytes and (a.port or self.port) == node.port):
+            return  # old news, by far the commonest case in a push-pull merge
         if self._left and is_local:
             return
         vsn = a.vsn
         if len(vsn) >= 3 and (vsn[0] == 0 or vsn[1] == 0 or vsn[0] > vsn[1]):
             self.stats.drop("bad_version")
             return
-        addr = ip_from_bytes(a.addr)
+        addr = self._ip_from_bytes(a.addr)
         if addr is None:
             self.stats.drop("malformed")
             return
         port = a.port or self.port
-        node = self._node_map.get(a.node)
         updates_node = False
         if node is None:
             node = _Node(a.node, addr, port, a.meta, 0, NodeState.DEAD, now,
-                         tuple(vsn) if len(vsn) > 5 else (0, 0, 0, 0, 0, 0))
+                         tuple(vsn) if len(vsn) > 5 else (0, 0, 0, 0, 0, 0),
+                         a.addr if len(a.addr) == 4 else ip_to_bytes(addr))
             self.stats.members_by_state[NodeState.DEAD] += 1
             self._node_map[a.node] = node
             # Insert at a random position so that probe order stays unpredictable.
@@ -792,13 +834,18 @@ class Memberlist:
             self._refute(node, a.incarnation)
         else:
             self._queue_broadcast(a.node, a)
+            self._pp_nodes = None
             if len(vsn) >= 6:
                 node.vsn = tuple(vsn)
             node.incarnation = a.incarnation
             node.meta = a.meta
-            node.addr, node.port = addr, port
+            if node.addr != addr:
+                node.addr, node.addr_bytes = addr, ip_to_bytes(addr)
+            node.port = port
             if node.state != NodeState.ALIVE:
                 self._set_state(node, NodeState.ALIVE, now)
+        if self._quiet:
+            return
         if old_state in (NodeState.DEAD, NodeState.LEFT):
             self._effects.append(MemberJoined(node.info()))
         elif old_meta != node.meta or old_addr != (node.addr, node.port):
@@ -868,9 +915,10 @@ class Memberlist:
             self._incarnation = accused_incarnation + 1
             inc = self._incarnation
         me.incarnation = inc
+        self._pp_nodes = None
         self.stats.refutations += 1
         self._apply_awareness(1)
-        self._queue_broadcast(me.name, Alive(inc, me.name, me_addr_bytes(me), me.port, me.meta,
+        self._queue_broadcast(me.name, Alive(inc, me.name, me.addr_bytes, me.port, me.meta,
                                              me.vsn))
 
     def _reset_nodes(self, now: float) -> None:
@@ -886,10 +934,13 @@ class Memberlist:
                 keep.append(node)
         self._rng.shuffle(keep)
         self._nodes = keep
+        self._pp_nodes = None
 
     # ------------------------------------------------------------------ gossip
 
     def _queue_broadcast(self, node_name: str, msg: Message) -> None:
+        if self._quiet:
+            return
         self.broadcasts.queue(self._encode(msg), node_name)
 
     def _get_broadcasts(self, overhead: int, limit: int) -> list[bytes]:
@@ -974,8 +1025,13 @@ class Memberlist:
     # ------------------------------------------------------------------ push-pull
 
     def _local_push_pull(self, join: bool) -> PushPull:
-        nodes = tuple(PushNodeState(n.name, ip_to_bytes(n.addr), n.port, n.meta, n.incarnation,
-                                    n.state, n.vsn) for n in self._nodes)
+        nodes = self._pp_nodes
+        if nodes is None:
+            # Cached between changes: in a large quiet cluster most push-pulls
+            # would otherwise rebuild the same thousand entries.
+            nodes = self._pp_nodes = tuple(
+                PushNodeState(n.name, n.addr_bytes, n.port, n.meta, n.incarnation, n.state, n.vsn)
+                for n in self._nodes)
         local_state = getattr(self._delegate, "local_state", None)
         user_state = local_state(join) if local_state is not None else b""
         return PushPull(join, nodes, user_state)
@@ -992,7 +1048,14 @@ class Memberlist:
         if error is not None:
             self.stats.drop("incompatible_version")
             return error
-        for r in pp.nodes:
+        self._merge_nodes(pp.nodes, now)
+        merge = getattr(self._delegate, "merge_remote_state", None)
+        if pp.user_state and merge is not None:
+            merge(pp.user_state, pp.join)
+        return None
+
+    def _merge_nodes(self, nodes: Sequence[PushNodeState], now: float) -> None:
+        for r in nodes:
             if r.state == NodeState.ALIVE:
                 self._alive_node(Alive(r.incarnation, r.name, r.addr, r.port, r.meta, r.vsn), now)
             elif r.state == NodeState.LEFT:
@@ -1000,18 +1063,16 @@ class Memberlist:
             elif r.state in (NodeState.DEAD, NodeState.SUSPECT):
                 # Never trust a remote death outright: suspect, so the node may refute.
                 self._suspect_node(Suspect(r.incarnation, r.name, self.name), now)
-        merge = getattr(self._delegate, "merge_remote_state", None)
-        if pp.user_state and merge is not None:
-            merge(pp.user_state, pp.join)
-        return None
 
     def _verify_protocol(self, remote: Sequence[PushNodeState]) -> str | None:
         """memberlist's verifyProtocol: every node's current versions must suit everyone."""
         max_pmin = max_dmin = 0
         min_pmax = min_dmax = 255
-        for vsn in itertools.chain(
-                (r.vsn for r in remote if r.state == NodeState.ALIVE and len(r.vsn) >= 5),
-                (n.vsn for n in self._nodes if n.state == NodeState.ALIVE and len(n.vsn) >= 5)):
+        vsns = [tuple(r.vsn) for r in remote if r.state == NodeState.ALIVE]
+        vsns += [n.vsn for n in self._nodes if n.state == NodeState.ALIVE]
+        for vsn in set(vsns):  # a handful of distinct version sets, however large the cluster
+            if len(vsn) < 5:
+                continue
             max_pmin = max(max_pmin, vsn[0])
             min_pmax = min(min_pmax, vsn[1])
             max_dmin = max(max_dmin, vsn[3])
@@ -1020,10 +1081,10 @@ class Memberlist:
         checks += [(n.name, n.vsn) for n in self._nodes]
         for name, vsn in checks:
             pcur, dcur = (vsn[2], vsn[5]) if len(vsn) >= 6 else (0, 0)
-            if not max_pmin <= pcur <= min_pmax:
-                return (f"node {name!r} protocol version {pcur} is incompatible: "
-                        f"[{max_pmin}, {min_pmax}]")
-            if not max_dmin <= dcur <= min_dmax:
+            if not (max_pmin <= pcur <= min_pmax and max_dmin <= dcur <= min_dmax):
+                if not max_pmin <= pcur <= min_pmax:
+                    return (f"node {name!r} protocol version {pcur} is incompatible: "
+                            f"[{max_pmin}, {min_pmax}]")
                 return (f"node {name!r} delegate protocol version {dcur} is incompatible: "
                         f"[{max_dmin}, {min_dmax}]")
         return None
@@ -1079,6 +1140,17 @@ class Memberlist:
 
     # ------------------------------------------------------------------ counters
 
+    def _ip_from_bytes(self, raw: bytes) -> str | None:
+        """``ip_from_bytes`` memoised: the same few addresses arrive in every packet."""
+        try:
+            return self._ip_text[raw]
+        except KeyError:
+            pass
+        if len(self._ip_text) > 4096:
+            self._ip_text.clear()
+        text = self._ip_text[raw] = ip_from_bytes(raw)
+        return text
+
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & _SEQ_MASK
         return self._seq
@@ -1086,10 +1158,6 @@ class Memberlist:
     def _next_incarnation(self) -> int:
         self._incarnation += 1
         return self._incarnation
-
-
-def me_addr_bytes(node: _Node) -> bytes:
-    return ip_to_bytes(node.addr)
 
 
 def _check_meta(meta: bytes) -> None:
