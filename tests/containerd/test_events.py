@@ -210,3 +210,37 @@ async def test_close_ends_subscriptions(containerd: Containerd) -> None:
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(anext(events), 2.0)
     assert not await store.ready()
+
+
+async def test_ctr_pull_from_a_registry(containerd: Containerd, tmp_path: Path) -> None:
+    """A real pull of a two-platform index: only what ctr fetched (amd64) is advertised."""
+    import subprocess
+
+    from meshmirror.oci.imagebuilder import build_image
+    from tests.support.distribution import DistributionRegistry
+
+    with DistributionRegistry() as upstream:
+        image = build_image(f"{upstream.address}/team/pulled:3", tmp_path / "served",
+                            (20_000, 30_000), seed=31,
+                            platforms=("linux/amd64", "linux/arm64"))
+        # Blocking is fine here: no store is running on this loop yet.
+        push = subprocess.run(  # noqa: ASYNC221
+            ["skopeo", "--insecure-policy", "copy", "--all", "--dest-tls-verify=false",
+             "--preserve-digests", f"oci:{tmp_path / 'served'}:3",
+             f"docker://{upstream.address}/team/pulled:3"],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert push.returncode == 0, push.stderr
+        amd64 = next(p for p in image.platforms if p.platform == "linux/amd64")
+        want = frozenset({image.tag_key, str(image.digest)} | {
+            str(b.digest) for b in (amd64.manifest, amd64.config, *amd64.layers)})
+        async with _store(containerd.socket, containerd.content_path) as store:
+            assert await store.wait_ready(READY_WITHIN)
+            changes = Changes(store.subscribe())
+            containerd.ctr("images", "pull", "--plain-http", image.name, timeout=120)
+            await changes.wait(added=want)
+            await wait_keys(store, want, exact=True)
+            assert await store.resolve(upstream.address, "team/pulled", "3") == image.digest
+
+            containerd.ctr("images", "rm", image.name)
+            await changes.wait(removed=want)
+            assert await store.keys() == frozenset()
