@@ -37,6 +37,7 @@ from meshmirror.mesh.config import MeshConfig
 from meshmirror.mesh.directory import PeerDirectory
 from meshmirror.mesh.events import MemberJoined, MemberLeft, MemberUpdated, NodeInfo
 from meshmirror.mesh.keyring import Keyring
+from meshmirror.mesh.metrics import register_mesh_metrics
 from meshmirror.mesh.router import BloomRouter
 from meshmirror.mesh.summary import Summary, SummaryPublisher
 from meshmirror.mesh.tags import decode_tags, encode_tags
@@ -153,6 +154,8 @@ class Peering:
             advertise=config.mesh_advertise, meta=self._meta(None), keyring=keyring,
             join=config.join, join_dns=config.join_dns, rng=random.Random(),
         )
+        # Suspicions, deaths and probe RTTs on /metrics: how operators see gossip health.
+        register_mesh_metrics(metrics_registry, self.mesh)
         self._members_gauge = Gauge("meshmirror_peers_known",
                                     "Peers advertising a registry that this node tracks",
                                     registry=metrics_registry)
