@@ -250,14 +250,23 @@ class RegistryApp:
                     head: bool) -> Response:
         digest = path.digest
         assert digest is not None
-        spec = self._blob_range(request, digest, head)
+        malformed: RegistryError | None = None
+        try:
+            spec = self._blob_range(request, digest, head)
+        except RegistryError as err:
+            malformed, spec = err, None
         try:
             info = await self.store.stat(digest)
         except NotFoundError:
-            return await self._fallback_blob(request, registry, path, digest, spec, head)
+            return await self._fallback_blob(request, registry, path, digest, spec, head,
+                                               malformed)
         except Exception:
             self.logger.warning("store failed a blob stat; treating it as a miss", exc_info=True)
-            return await self._fallback_blob(request, registry, path, digest, spec, head)
+            return await self._fallback_blob(request, registry, path, digest, spec, head,
+                                               malformed)
+        if malformed is not None:
+            malformed.headers["Content-Range"] = f"bytes */{info.size}"
+            raise malformed
         selected = self._resolve(spec, info.size)
         headers = self._blob_headers(digest, info.size, selected)
         if head:
@@ -273,12 +282,14 @@ class RegistryApp:
             first = None
         except NotFoundError:
             await _aclose(body)
-            return await self._fallback_blob(request, registry, path, digest, spec, head)
+            return await self._fallback_blob(request, registry, path, digest, spec, head,
+                                               malformed)
         except Exception:
             await _aclose(body)
             self.logger.warning("store failed reading a blob; treating it as a miss",
                                 exc_info=True)
-            return await self._fallback_blob(request, registry, path, digest, spec, head)
+            return await self._fallback_blob(request, registry, path, digest, spec, head,
+                                               malformed)
         request.scope[SCOPE_SOURCE] = "local"
         status = 200 if selected is None else 206
         return StreamingResponse(_closing(first, body), status_code=status, headers=headers)
@@ -304,8 +315,11 @@ class RegistryApp:
         return headers
 
     async def _fallback_blob(self, request: Request, registry: str, path: V2Path,
-                             digest: Digest, spec: RangeSpec | None, head: bool) -> Response:
+                             digest: Digest, spec: RangeSpec | None, head: bool,
+                             malformed: RegistryError | None = None) -> Response:
         unknown = RegistryError("BLOB_UNKNOWN", detail={"digest": str(digest)})
+        if malformed is not None:
+            raise malformed
         if self.fallback is None:
             raise unknown
         content: FallbackContent | None
