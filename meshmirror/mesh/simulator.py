@@ -228,6 +228,8 @@ class Simulator:
                 self._deliver_stream(args)
             elif kind == "reply":
                 self._deliver_reply(args)
+            elif kind == "stream_late":
+                self._deliver_late_stream(args)
             elif kind == "call":
                 fn = args[0]
                 assert callable(fn)
@@ -317,6 +319,37 @@ class Simulator:
             self._push(self.now - self._delay() + effect.timeout, "reply",
                        (src.name, effect.stream_id, None))
             return
+        stall = self._tcp_stall()
+        if stall + 2 * self._delay() > effect.timeout:
+            self._push(self.now - self._delay() + effect.timeout, "reply",
+                       (src.name, effect.stream_id, None))
+            return
+        if stall:
+            self._push(self.now + stall, "stream_late", (src.name, effect))
+            return
+        self._serve_stream(src, dst, effect)
+
+    def _tcp_stall(self) -> float:
+        """Extra time TCP spends retransmitting through loss (RTO 1 s, doubling).
+
+        A stream is four segments that matter here (SYN, SYN-ACK, request,
+        reply); each lost one costs a retransmission timeout. That is what
+        makes a TCP fallback ping, with well under a second left, fail under
+        loss, while a push-pull with ten seconds to spare gets through.
+        """
+        loss = self.network.loss
+        if not loss:
+            return 0.0
+        stall, rto = 0.0, 1.0
+        for _ in range(4):
+            while self.rng.random() < loss:
+                stall += rto
+                rto *= 2
+                if stall > 60.0:
+                    return stall
+        return stall
+
+    def _serve_stream(self, src: _SimNode, dst: _SimNode, effect: OpenStream) -> None:
         reply = dst.core.stream_received(self._decode_stream(effect.data), src.addr, self.now)
         self._pump(dst)
         if reply is not None:
@@ -324,6 +357,16 @@ class Simulator:
             self._push(self.now + self._delay(), "reply", (src.name, effect.stream_id, reply))
         else:
             self._push(self.now + self._delay(), "reply", (src.name, effect.stream_id, None))
+
+    def _deliver_late_stream(self, args: tuple[object, ...]) -> None:
+        src_name, effect = args
+        assert isinstance(effect, OpenStream)
+        src = self.nodes[str(src_name)]
+        dst = self.by_addr.get(effect.addr)
+        if dst is None or not dst.up or not self._reachable(src, dst):
+            self._push(self.now + self._delay(), "reply", (src.name, effect.stream_id, None))
+            return
+        self._serve_stream(src, dst, effect)
 
     def _decode_stream(self, data: bytes) -> Message:
         msg = self._memo.take(data)
