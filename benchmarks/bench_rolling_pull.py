@@ -1,0 +1,333 @@
+"""Rolling pull of one image across containerd nodes, with and without meshmirror.
+
+Everything is real and on loopback: a Debian docker-registry holds a ~200 MB
+image (4 layers of 50 MiB by default) behind a counting proxy that limits the
+upstream to ~50 MB/s, like a shared uplink. Each node is a private containerd
+1.6 and, in the meshmirror run, a ``meshmirror run --store containerd`` joined
+into one mesh, with the hosts dir written by ``meshmirror configure`` pointing
+``ctr images pull --hosts-dir`` at the node's own mirror. Nodes pull one after
+another (a rolling deployment); before each pull after the first the benchmark
+waits until that node's mirror resolves the tag through a peer, and records how
+long that took after the previous pull ended (gossip + summary convergence).
+
+The baseline is the same rolling pull on fresh containerds whose hosts dir
+holds only the upstream ``server``: every node fetches the whole image over the
+rate-limited link. Figures: bytes the upstream served (target 1.0x the image
+with meshmirror, against N x without) and each node's pull time.
+
+    python -m benchmarks.bench_rolling_pull --nodes 3 --layer-mib 50 --layers 4 --rate-mb 50
+
+containerd roots live on /dev/shm: containerd fsyncs every blob it commits and
+unpacks every layer, and the disk here is shared, so a tmpfs keeps the figures
+about the network path rather than about someone else's disk writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshmirror.oci import mediatypes as mt
+from meshmirror.oci.imagebuilder import BuiltImage, build_image
+from tests.support.containerd import Containerd
+from tests.support.distribution import DistributionRegistry
+from tests.support.ports import free_port, loopback_host
+from tests.support.processes import spawn, stop, wait_until
+from tests.support.proxy import CountingProxy
+
+REPOSITORY = "bench/rolling"
+TAG = "1"
+# A pull slower than this at the configured rate means something is stuck.
+PULL_TIMEOUT = 600.0
+
+
+@dataclass
+class PullFigures:
+    """One rolling run: per-node pull seconds, waits before each pull, upstream bytes."""
+
+    label: str
+    seconds: list[float] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)
+    upstream_bytes: list[int] = field(default_factory=list)
+    metrics: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def total_upstream(self) -> int:
+        return sum(self.upstream_bytes)
+
+
+@dataclass
+class MeshNode:
+    """A running ``meshmirror run --store containerd`` beside its containerd."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    registry: str
+    mesh: str
+    metrics: str
+    log: Path
+
+    def scrape(self) -> dict[str, float]:
+        """Flat ``name{labels}`` -> value of this node's Prometheus exposition."""
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}"] = sample.value
+        return out
+
+    def alive_members(self) -> int:
+        return int(self.scrape().get("meshmirror_mesh_members{state=alive}", 0))
+
+
+@contextmanager
+def containerd_on_tmpfs(scratch: Path, name: str) -> Iterator[Containerd]:
+    """A private containerd whose root (content + snapshots) is a directory on ``scratch``."""
+    ctrd = Containerd()
+    try:
+        root = scratch / f"{name}-root"
+        root.mkdir()
+        ctrd.root.symlink_to(root)
+        ctrd.start()
+        # `run --store containerd` refuses a namespace that does not exist yet.
+        ctrd.ctr("namespaces", "create", "k8s.io")
+        yield ctrd
+    finally:
+        ctrd.close()
+        shutil.rmtree(scratch / f"{name}-root", ignore_errors=True)
+
+
+def start_meshmirror(workdir: Path, name: str, ctrd: Containerd, join: str | None,
+                     extra: list[str]) -> MeshNode:
+    host = loopback_host()
+    registry = f"{host}:{free_port(host)}"
+    mesh = f"{host}:{free_port(host)}"
+    metrics = f"{host}:{free_port(host)}"
+    argv = [sys.executable, "-m", "meshmirror", "--log-level", "warning", "run",
+            "--store", "containerd", "--containerd-sock", str(ctrd.socket),
+            "--containerd-content-path", str(ctrd.content_path),
+            "--containerd-config", str(ctrd.config),
+            "--registry-addr", registry, "--metrics-addr", metrics, "--mesh-addr", mesh,
+            "--node-name", name, *extra]
+    if join is not None:
+        argv += ["--join", join]
+    log = workdir / f"{name}.log"
+    proc = spawn(argv, log)
+    node = MeshNode(name, proc, registry, mesh, metrics, log)
+    try:
+        wait_until(lambda: urllib.request.urlopen(f"http://{registry}/readyz", timeout=1)
+                   .status == 200, 60, f"{name} to be ready (log: {log})")
+    except TimeoutError:
+        stop(proc)
+        raise
+    return node
+
+
+def run_flags(args: argparse.Namespace) -> list[str]:
+    """``meshmirror run`` flags the benchmark was asked to override (none by default)."""
+    if args.mirror_resolve_timeout is None:
+        return []
+    return ["--mirror-resolve-timeout", str(args.mirror_resolve_timeout)]
+
+
+def configure_hosts(hosts_dir: Path, upstream_url: str, mirror: str | None) -> None:
+    """``meshmirror configure`` for a node with a mirror; the bare server entry without."""
+    if mirror is None:
+        registry = upstream_url.removeprefix("http://")
+        (hosts_dir / registry).mkdir(parents=True)
+        (hosts_dir / registry / "hosts.toml").write_text(f'server = "{upstream_url}"\n')
+        return
+    subprocess.run([sys.executable, "-m", "meshmirror", "configure",
+                    "--containerd-registry-config-path", str(hosts_dir),
+                    "--mirrored-registries", upstream_url, "--mirror-targets", f"http://{mirror}"],
+                   check=True, capture_output=True, timeout=60)
+
+
+def mirror_resolves(node: MeshNode, image: BuiltImage) -> bool:
+    """True once the node's mirror answers the tag (it can only do so through a peer)."""
+    request = urllib.request.Request(
+        f"http://{node.registry}/v2/{image.repository}/manifests/{image.tag}"
+        f"?ns={image.registry}", method="HEAD",
+        headers={"Accept": f"{mt.OCI_MANIFEST}, {mt.OCI_INDEX}"})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def pull(ctrd: Containerd, hosts_dir: Path, image: BuiltImage) -> float:
+    started = time.perf_counter()
+    ctrd.ctr("images", "pull", "--hosts-dir", str(hosts_dir), image.name, timeout=PULL_TIMEOUT)
+    seconds = time.perf_counter() - started
+    content = set(ctrd.ctr("content", "ls", "--quiet").stdout.split())
+    missing = image.digests() - content
+    if missing:
+        raise RuntimeError(f"pull finished without {sorted(missing)}")
+    return seconds
+
+
+def rolling_run(args: argparse.Namespace, scratch: Path, proxy: CountingProxy,
+                image: BuiltImage, *, mesh: bool) -> PullFigures:
+    figures = PullFigures("meshmirror" if mesh else "baseline")
+    run_dir = scratch / figures.label
+    run_dir.mkdir()
+    with ExitStack() as stack:
+        ctrds = [stack.enter_context(containerd_on_tmpfs(run_dir, f"node{i}"))
+                 for i in range(args.nodes)]
+        nodes: list[MeshNode] = []
+        if mesh:
+            for i, ctrd in enumerate(ctrds):
+                node = start_meshmirror(run_dir, f"node{i}", ctrd,
+                                        nodes[0].mesh if nodes else None, run_flags(args))
+                stack.callback(stop, node.proc)
+                nodes.append(node)
+            wait_until(lambda: all(n.alive_members() == args.nodes for n in nodes), 60,
+                       f"{args.nodes} nodes to see each other alive")
+        hosts_dirs = []
+        for i in range(args.nodes):
+            hosts_dirs.append(run_dir / f"hosts{i}")
+            configure_hosts(hosts_dirs[i], proxy.url, nodes[i].registry if mesh else None)
+        proxy.reset()
+        previous_end = time.perf_counter()
+        for i, ctrd in enumerate(ctrds):
+            if mesh and i > 0:
+                wait_until(functools.partial(mirror_resolves, nodes[i], image), 60,
+                           f"node{i}'s mirror to find the image on a peer", interval=0.02)
+            figures.waits.append(time.perf_counter() - previous_end)
+            before = proxy.bytes_to_clients
+            figures.seconds.append(pull(ctrd, hosts_dirs[i], image))
+            previous_end = time.perf_counter()
+            figures.upstream_bytes.append(proxy.bytes_to_clients - before)
+            print(f"{figures.label} node{i}: {figures.seconds[-1]:.2f} s, "
+                  f"{figures.upstream_bytes[-1] / 1e6:.1f} MB from upstream "
+                  f"(waited {figures.waits[-1]:.2f} s before)", flush=True)
+        figures.metrics = [n.scrape() for n in nodes]
+    return figures
+
+
+def peer_bytes(metrics: dict[str, float]) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith("meshmirror_mirror_peer_bytes_total"))
+
+
+def mirror_results(metrics: dict[str, float]) -> str:
+    """``hit 5, miss 6`` over kinds: what each node's mirror did with local misses."""
+    totals: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key.startswith("meshmirror_mirror_requests_total{"):
+            result = next(p.split("=", 1)[1] for p in key[:-1].split("{", 1)[1].split(",")
+                          if p.startswith("result="))
+            totals[result] = totals.get(result, 0) + value
+    return ", ".join(f"{k} {int(v)}" for k, v in sorted(totals.items())) or "none"
+
+
+def load_average() -> str:
+    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def report(args: argparse.Namespace, image_bytes: int, base: PullFigures, mesh: PullFigures,
+           load_before: str, load_after: str) -> str:
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%MZ")
+    rows = []
+    for i in range(args.nodes):
+        rows.append(
+            f"| node{i} | {base.seconds[i]:.2f} | {base.upstream_bytes[i] / 1e6:.1f} | "
+            f"{mesh.seconds[i]:.2f} | {mesh.upstream_bytes[i] / 1e6:.1f} | "
+            f"{mesh.seconds[i] / base.seconds[i]:.2f} | "
+            f"{'-' if i == 0 else f'{mesh.waits[i]:.2f}'} | "
+            f"{peer_bytes(mesh.metrics[i]) / 1e6:.1f} | {mirror_results(mesh.metrics[i])} |")
+    total_base, total_mesh = sum(base.seconds), sum(mesh.seconds)
+    later_base = sum(base.seconds[1:]) / max(1, args.nodes - 1)
+    later_mesh = sum(mesh.seconds[1:]) / max(1, args.nodes - 1)
+    command = (f"python -m benchmarks.bench_rolling_pull --nodes {args.nodes} --layers "
+               f"{args.layers} --layer-mib {args.layer_mib} --rate-mb {args.rate_mb:g}"
+               + "".join(f" {flag}" for flag in run_flags(args)))
+    return "\n".join([
+        f"\n## Rolling pull across {args.nodes} containerd nodes, upstream at "
+        f"{args.rate_mb:g} MB/s\n",
+        f"`{command}` — {date}, 2-core machine shared with other engineers' runs; load "
+        f"average (1/5/15 min) {load_before} before, {load_after} after. Image: "
+        f"{args.layers} x {args.layer_mib} MiB layers, {image_bytes / 1e6:.1f} MB in all; "
+        "docker-registry behind a counting proxy limited to "
+        f"{args.rate_mb:g} MB/s; `ctr images pull --hosts-dir` on each node in turn "
+        "(containerd 1.6.20, root on /dev/shm, pull includes unpack). Baseline: hosts.toml "
+        "with only the upstream `server`; meshmirror: `meshmirror configure` pointing at the "
+        "node's own `meshmirror run --store containerd`, all nodes in one mesh.\n",
+        "| node | baseline s | baseline MB upstream | meshmirror s | meshmirror MB upstream "
+        "| time ratio | wait for summary s | MB from peers | mirror results |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        *rows,
+        "",
+        f"- Bytes from upstream: baseline {base.total_upstream / 1e6:.1f} MB "
+        f"(**{base.total_upstream / image_bytes:.2f}x** the image), meshmirror "
+        f"{mesh.total_upstream / 1e6:.1f} MB (**{mesh.total_upstream / image_bytes:.2f}x**; "
+        "target 1.0x).",
+        f"- Pull time of the nodes after the first, mean: baseline {later_base:.2f} s, "
+        f"meshmirror {later_mesh:.2f} s (**{later_mesh / later_base:.2f}x**); whole rolling "
+        f"pull {total_base:.2f} s vs {total_mesh:.2f} s ({total_mesh / total_base:.2f}x).",
+        "- \"wait for summary\" is the time from the previous pull's end until this node's "
+        "mirror resolved the tag through a peer (polled every 20 ms), i.e. how long the "
+        "cluster needed to learn that a peer now holds the image.",
+    ])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layer-mib", type=int, default=50)
+    parser.add_argument("--rate-mb", type=float, default=50.0,
+                        help="upstream rate limit in MB/s (10^6 bytes)")
+    parser.add_argument("--mirror-resolve-timeout", type=float, default=None, metavar="SECONDS",
+                        help="passed to every `meshmirror run` (default: run's own default)")
+    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
+    args = parser.parse_args()
+    if args.nodes < 2:
+        parser.error("--nodes: a rolling pull needs at least 2 nodes")
+    if args.layers < 1 or args.layer_mib < 1 or args.rate_mb <= 0:
+        parser.error("--layers and --layer-mib must be >= 1 and --rate-mb > 0")
+
+    load_before = load_average()
+    scratch_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="bench-rolling-", dir=scratch_root) as tmp, \
+            DistributionRegistry() as upstream:
+        scratch = Path(tmp)
+        proxy = CountingProxy(upstream.host, upstream.port, rate=args.rate_mb * 1e6)
+        image = build_image(f"{proxy.address}/{REPOSITORY}:{TAG}", scratch / "layout",
+                            [args.layer_mib << 20] * args.layers, seed=17)
+        image_bytes = sum(blob.size for blob in image.blobs())
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                        "--preserve-digests", f"oci:{image.layout}:{TAG}",
+                        f"docker://{upstream.address}/{REPOSITORY}:{TAG}"],
+                       check=True, timeout=600, stdin=subprocess.DEVNULL)
+        shutil.rmtree(image.layout)
+        with proxy:
+            mesh = rolling_run(args, scratch, proxy, image, mesh=True)
+            base = rolling_run(args, scratch, proxy, image, mesh=False)
+    section = report(args, image_bytes, base, mesh, load_before, load_average())
+    print(section)
+    if not args.no_write:
+        with args.results.open("a") as out:
+            out.write(section + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
