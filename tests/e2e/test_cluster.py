@@ -1,0 +1,134 @@
+"""End to end, all real: upstream Distribution, three containerd 1.6 + meshmirror nodes.
+
+Node 1 pulls an image from upstream through its own mirror (which misses: nobody
+has it yet); the upstream is then stopped and nodes 2 and 3 pull the same image
+through their mirrors, which stream it from node 1. The counting proxy in front
+of the upstream shows that the cluster fetched about one copy of the image.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshmirror.oci.imagebuilder import BuiltImage, build_image
+from tests.e2e.cluster import E2ENode, image_bytes, metric, push_image, wait_mesh
+from tests.support.distribution import DistributionRegistry
+from tests.support.proxy import CountingProxy
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+MiB = 1024 * 1024
+LAYERS = (6 * MiB, 10 * MiB, 14 * MiB)
+SPREAD_DEADLINE_S = 5.0
+
+
+def _record(name: str, figures: dict[str, object]) -> None:
+    """Figures for benchmarks/RESULTS.md, printed and kept under /tmp for the report."""
+    line = json.dumps({"test": name, **figures}, sort_keys=True)
+    print(line)
+    with open("/tmp/meshmirror-e2e-figures.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def test_cluster_shares_one_upstream_copy(tmp_path: Path) -> None:
+    with DistributionRegistry() as upstream, \
+            CountingProxy(upstream.host, upstream.port) as proxy:
+        layout = tmp_path / "layout"
+        image = build_image(f"{proxy.address}/e2e/app:1", layout, layer_sizes=LAYERS, seed=51)
+        push_image(layout, "1", upstream.address, "e2e/app")
+        proxy.reset()
+
+        nodes: list[E2ENode] = []
+        try:
+            first = E2ENode("node-1").start()
+            nodes.append(first)
+            for i in (2, 3):
+                nodes.append(E2ENode(f"node-{i}", join=first.mesh_address).start())
+            for node in nodes:
+                node.configure(proxy.url, [node.registry_url])
+            wait_mesh(nodes)
+            _run_scenario(nodes, image, upstream, proxy)
+        finally:
+            for node in nodes:
+                node.close()
+
+
+def _run_scenario(nodes: list[E2ENode], image: BuiltImage, upstream: DistributionRegistry,
+                  proxy: CountingProxy) -> None:
+    first, others = nodes[0], nodes[1:]
+    pulled = first.pull(image.name)
+    assert pulled.ok, pulled.output
+    first.verify_image(image)
+    m1 = first.metrics()
+    # Node 1's mirror was asked and missed (nobody held the image), so containerd
+    # went upstream; it never served content from a peer.
+    assert metric(m1, "meshmirror_mirror_requests_total", result="miss") >= 1
+    assert metric(m1, "meshmirror_mirror_requests_total", result="hit") == 0
+
+    upstream.stop()
+    connections_before = proxy.connections
+
+    # Both pull at once, as two nodes scheduling the same pod would.
+    results: dict[str, subprocess.Popen[bytes]] = {}
+    started = time.monotonic()
+    finish: dict[str, float] = {}
+    attempts: dict[str, int] = {n.name: 0 for n in others}
+    logs: dict[str, Path] = {}
+    deadline = pulled.finished + SPREAD_DEADLINE_S + 15.0  # retry past 5 s to measure it
+    pending = {n.name: n for n in others}
+    while pending and time.monotonic() < deadline:
+        for name, node in list(pending.items()):
+            proc = results.get(name)
+            if proc is None:
+                logs[name] = node.dir / f"pull-{attempts[name]}.log"
+                results[name] = node.start_pull(image.name, logs[name])
+                attempts[name] += 1
+                continue
+            code = proc.poll()
+            if code is None:
+                continue
+            if code == 0:
+                finish[name] = time.monotonic()
+                del pending[name]
+            else:
+                del results[name]  # failed (summary not there yet?): try again
+                time.sleep(0.1)
+        time.sleep(0.02)
+    for proc in results.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert not pending, {n: logs[n].read_text()[-2000:] for n in pending}
+
+    for node in others:
+        node.verify_image(image)
+    total = image_bytes(image)
+    served = proxy.bytes_to_clients
+    after = {n.name: round(finish[n.name] - pulled.finished, 3) for n in others}
+    propagation = {}
+    for node in others:
+        m = node.metrics()
+        count = metric(m, "meshmirror_summary_propagation_seconds_count")
+        total_s = metric(m, "meshmirror_summary_propagation_seconds_sum")
+        propagation[node.name] = round(total_s / count, 3) if count else None
+        assert metric(m, "meshmirror_mirror_requests_total", result="hit") >= len(image.blobs())
+        assert metric(m, "meshmirror_registry_response_bytes_total", source="fallback") >= \
+            total - image.root.size
+    _record("cluster", {
+        "image_bytes": total, "proxy_bytes_to_clients": served,
+        "proxy_ratio": round(served / total, 4),
+        "node1_pull_s": round(pulled.seconds, 3),
+        "others_done_after_node1_s": after,
+        "others_started_after_node1_s": round(started - pulled.finished, 3),
+        "attempts": attempts,
+        "upstream_connections_after_stop": proxy.connections - connections_before,
+        "summary_propagation_mean_s": propagation,
+    })
+    assert served <= 1.05 * total, (served, total)
+    assert all(t <= SPREAD_DEADLINE_S for t in after.values()), after
