@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute
 
 from meshmirror.addresses import AddressError, parse_host_port
@@ -156,9 +156,6 @@ class Peering:
         )
         # Suspicions, deaths and probe RTTs on /metrics: how operators see gossip health.
         register_mesh_metrics(metrics_registry, self.mesh)
-        self._members_gauge = Gauge("meshmirror_peers_known",
-                                    "Peers advertising a registry that this node tracks",
-                                    registry=metrics_registry)
         self._events_task: asyncio.Task[None] | None = None
 
     @property
@@ -209,7 +206,6 @@ class Peering:
             return
         if not alive:
             self.directory.remove_peer(member.name)
-            self._members_gauge.set(len(self.directory.peers()))
             return
         try:
             tags = decode_tags(member.meta)
@@ -225,8 +221,6 @@ class Peering:
             self.directory.update_peer(member.name, http_base, epoch)
         except ValueError as err:
             log.info("peer %s advertises an unusable registry address: %s", member.name, err)
-            return
-        self._members_gauge.set(len(self.directory.peers()))
 
 
 def mesh_addresses(mesh_addr: str, advertise_addr: str | None, registry_host: str,
