@@ -104,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--registry-filters", action="append", default=None, metavar="REGEX",
                      help="keys registry/repo:tag matching any of these answer 404 at once")
     run.add_argument("--resolve-tags", type=parse_bool, default=True, metavar="BOOL")
-    run.add_argument("--mirror-resolve-timeout", type=float, default=0.020, metavar="SECONDS",
-                     help="bound on connecting to a peer and its first byte")
+    run.add_argument("--mirror-resolve-timeout", type=float, default=0.1, metavar="SECONDS",
+                     help="bound on a peer's connect and response headers; a hedged request "
+                          "to the next peer starts at half of it (Spegel uses 20 ms in Go; "
+                          "Python peers on busy nodes need more headroom)")
     run.add_argument("--mirror-resolve-retries", type=int, default=3, metavar="N",
                      help="how many peers to try before answering 404")
     run.add_argument("--summary-fp-rate", type=float, default=0.01, metavar="RATE",
