@@ -47,7 +47,7 @@ from meshmirror.mesh.events import (
     UserMessage,
 )
 from meshmirror.mesh.keyring import Keyring
-from meshmirror.mesh.messages import ErrResp, Message
+from meshmirror.mesh.messages import ErrResp, Message, NodeState
 from meshmirror.mesh.state import Memberlist
 from meshmirror.mesh.tags import decode_tags, encode_tags
 
@@ -117,6 +117,7 @@ class MeshNode:
         rng: random.Random | None = None,
         join_retry_max: float = 30.0,
         leave_timeout: float = 3.0,
+        reconnect_interval: float = 10.0,
     ) -> None:
         self.config = config
         self.name = name
@@ -130,6 +131,7 @@ class MeshNode:
         self._rng = rng or random.Random()
         self._join_retry_max = join_retry_max
         self._leave_timeout = leave_timeout
+        self._reconnect_interval = reconnect_interval
         self.transport_stats = TransportStats()
         self._core: Memberlist | None = None
         self._core_lock = threading.RLock()
@@ -218,6 +220,10 @@ class MeshNode:
         with self._sub_lock:
             self._listeners.append(fn)
 
+    def _remove_listener(self, fn: Callable[[MembershipEvent], None]) -> None:
+        with self._sub_lock, contextlib.suppress(ValueError):
+            self._listeners.remove(fn)
+
     # ------------------------------------------------------------ mesh thread
 
     def _run(self) -> None:
@@ -252,6 +258,8 @@ class MeshNode:
         else:
             self._joined.set()
         self._spawn(self._lag_monitor())
+        if self._reconnect_interval > 0:
+            self._spawn(self._reconnect_loop())
         await self._stopping.wait()
 
     async def _bind_sockets(self) -> None:
@@ -507,7 +515,12 @@ class MeshNode:
         """Join, retrying with capped exponential backoff until one seed answers."""
         delay = 0.5
         queue: asyncio.Queue[JoinResult] = asyncio.Queue()
-        self.add_listener(lambda ev: queue.put_nowait(ev) if isinstance(ev, JoinResult) else None)
+
+        def on_result(ev: MembershipEvent) -> None:
+            if isinstance(ev, JoinResult):
+                queue.put_nowait(ev)
+
+        self.add_listener(on_result)
         assert self._stopping is not None
         while not self._stopping.is_set():
             self.transport_stats.join_attempts += 1
@@ -520,6 +533,7 @@ class MeshNode:
                 self._kick()
                 result = await queue.get()
                 if result.contacted > 0:
+                    self._remove_listener(on_result)
                     log.info("mesh %s: joined via %d of %d seeds", self.name,
                              result.contacted, len(seeds))
                     return
@@ -528,6 +542,29 @@ class MeshNode:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay * (0.5 + self._rng.random()))
             delay = min(delay * 2, self._join_retry_max)
+
+    async def _reconnect_loop(self) -> None:
+        """Push-pull with one failed member now and then, as Serf's reconnect does.
+
+        memberlist alone never probes a dead member again, so after a full
+        partition outlasts gossip_to_the_dead_time the halves would stay apart
+        for good. A push-pull to a failed member that is back merges them.
+        """
+        assert self._stopping is not None
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._reconnect_interval)
+            core = self._core
+            if core is None or self._stopping.is_set():
+                return
+            with self._core_lock:
+                failed = [m for m in core.members(include_dead=True)
+                          if m.state == NodeState.DEAD]
+                if failed:
+                    target = self._rng.choice(failed)
+                    core.join([(target.addr, target.port)], self._now())
+            if failed:
+                self._kick()
 
     async def _lag_monitor(self) -> None:
         """Track how late the mesh loop wakes up: the number DESIGN.md cares about."""
