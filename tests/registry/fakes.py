@@ -1,4 +1,4 @@
-"""A minimal in-memory Store and Fallback for the registry's unit tests."""
+"""MemoryStore with failure injection, and a Fallback, for the registry's unit tests."""
 
 from __future__ import annotations
 
@@ -10,58 +10,38 @@ from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
 from meshmirror.registry.fallback import FallbackContent
 from meshmirror.registry.ranges import RangeSpec
-from meshmirror.store.base import BlobInfo, KeyEvent, NotFoundError, Store, tag_key
+from meshmirror.store.base import BlobInfo, NotFoundError
+from meshmirror.store.memory import MemoryStore
 
 
-class FakeStore(Store):
+class FakeStore(MemoryStore):
+    """MemoryStore that can be made to fail and records every read."""
+
     def __init__(self, chunk: int = 1024 * 1024) -> None:
-        self.blobs: dict[Digest, tuple[bytes, str | None]] = {}
-        self.tags: dict[str, Digest] = {}
-        self.chunk = chunk
-        self.is_ready = True
+        super().__init__(chunk_size=chunk)
         self.fail_with: Exception | None = None
         self.reads: list[tuple[Digest, int, int | None]] = []
+        self.held: set[Digest] = set()
 
     def add(self, data: bytes, media_type: str | None = None) -> Digest:
-        digest = Digest.of(data)
-        self.blobs[digest] = (data, media_type)
+        digest = self.add_blob(data, media_type)
+        self.held.add(digest)
         return digest
 
     async def resolve(self, registry: str, repository: str, tag: str) -> Digest:
         if self.fail_with is not None:
             raise self.fail_with
-        try:
-            return self.tags[tag_key(registry, repository, tag)]
-        except KeyError:
-            raise NotFoundError(tag_key(registry, repository, tag)) from None
+        return await super().resolve(registry, repository, tag)
 
     async def stat(self, digest: Digest) -> BlobInfo:
         if self.fail_with is not None:
             raise self.fail_with
-        if digest not in self.blobs:
-            raise NotFoundError(str(digest))
-        data, media_type = self.blobs[digest]
-        return BlobInfo(digest, len(data), media_type)
+        return await super().stat(digest)
 
-    async def read(self, digest: Digest, offset: int = 0,
-                   length: int | None = None) -> AsyncIterator[bytes]:
+    def read(self, digest: Digest, offset: int = 0,
+             length: int | None = None) -> AsyncIterator[bytes]:
         self.reads.append((digest, offset, length))
-        if digest not in self.blobs:
-            raise NotFoundError(str(digest))
-        data = self.blobs[digest][0]
-        end = len(data) if length is None else min(len(data), offset + length)
-        for start in range(offset, end, self.chunk):
-            yield data[start:min(end, start + self.chunk)]
-
-    async def keys(self) -> frozenset[str]:
-        return frozenset(str(d) for d in self.blobs) | frozenset(self.tags)
-
-    async def subscribe(self) -> AsyncIterator[KeyEvent]:
-        if False:  # pragma: no cover - no events from a fake
-            yield KeyEvent()
-
-    async def ready(self) -> bool:
-        return self.is_ready
+        return super().read(digest, offset, length)
 
 
 @dataclass
@@ -87,7 +67,7 @@ def add_image(store: FakeStore, registry: str, repository: str, tag: str,
     manifest_bytes = json.dumps(doc).encode()
     manifest = store.add(manifest_bytes,
                          mediatypes.OCI_MANIFEST if manifest_type_known else None)
-    store.tags[tag_key(registry, repository, tag)] = manifest
+    store.tag(registry, repository, tag, manifest)
     return Image(config, layer_digest, manifest, manifest_bytes, layer)
 
 
@@ -119,7 +99,7 @@ class FakeFallback:
             info = await self.store.stat(digest)
         except NotFoundError:
             return None
-        data = self.store.blobs[digest][0]
+        data = await self.store.read_all(digest)
         return FallbackContent(digest, info.size, info.media_type,
                                self._body(data) if want_body else None)
 
@@ -128,9 +108,9 @@ class FakeFallback:
         self.calls.append(("blob", registry, repository, str(digest), str(byte_range)))
         if self.raise_error:
             raise RuntimeError("peer exploded")
-        if digest not in self.store.blobs:
+        if digest not in self.store.held:
             return None
-        data = self.store.blobs[digest][0]
+        data = await self.store.read_all(digest)
         selected = None
         if byte_range is not None:
             try:

@@ -256,8 +256,10 @@ async def test_empty_blob(store: FakeStore) -> None:
         assert start.status_code == 416 and start.headers["content-range"] == "bytes */0"
 
 
-async def test_blob_streams_in_store_chunks(store: FakeStore, image: Image) -> None:
-    store.chunk = 1024
+async def test_blob_streams_in_store_chunks() -> None:
+    store = FakeStore(chunk=1024)
+    image = add_image(store, "docker.io", "library/nginx", "1.25",
+                      layer=bytes(range(256)) * 400)
     sent = await call(create_app(store), "GET", f"/v2/library/nginx/blobs/{image.layer}")
     assert sent.status == 200 and sent.body == image.layer_bytes
     assert [len(c) for c in sent.chunks] == [1024] * 100
@@ -320,7 +322,7 @@ async def test_other_methods_unsupported(client: httpx.AsyncClient, image: Image
 async def test_health_and_readiness(client: httpx.AsyncClient, store: FakeStore) -> None:
     assert (await client.get("/healthz")).status_code == 200
     assert (await client.get("/readyz")).json() == {"ready": True}
-    store.is_ready = False
+    store.set_ready(False)
     r = await client.get("/readyz")
     assert r.status_code == 503 and r.json() == {"ready": False}
 
@@ -344,7 +346,7 @@ async def test_blob_vanishing_between_stat_and_read_is_a_404(store: FakeStore,
             yield b""
 
     vanishing = Vanishing()
-    vanishing.blobs = store.blobs
+    vanishing.add(image.layer_bytes)
     async with client_for(create_app(vanishing)) as c:
         r = await c.get(f"/v2/x/blobs/{image.layer}")
         assert r.status_code == 404 and error_code(r) == "BLOB_UNKNOWN"

@@ -232,7 +232,7 @@ def test_app_never_answers_5xx(loop: asyncio.AbstractEventLoop, method: str, pat
     if sent.status >= 400 and (path == "/v2" or path.startswith("/v2/")) and method != "HEAD":
         assert "code" in json.loads(sent.body)["errors"][0]
     for read_digest, _, _ in store.reads:
-        assert read_digest in store.blobs  # nothing outside the store is ever opened
+        assert read_digest in store.held  # nothing outside the store is ever opened
     del image
 
 
