@@ -23,6 +23,10 @@ MANIFEST_UNKNOWN on the manifests endpoint, so a layer can never be served as
 a manifest. ``Accept`` is not negotiated: a manifest is served as stored, which
 is what Distribution does for every non-schema1 manifest.
 
+Bodies stream in the chunks the store yields (1-4 MiB for the stores we
+ship), straight from store to socket under Hypercorn's backpressure, so memory
+does not grow with blob size; manifests (at most 4 MiB) are read whole.
+
 Failures of the store itself (containerd restarting) are treated as misses:
 the fallback is asked, then 404, so containerd goes on to the next host
 instead of failing the pull.
