@@ -110,7 +110,10 @@ class E2ENode:
         # A fresh containerd has no namespaces; run's startup check wants k8s.io.
         self.containerd.ctr("namespaces", "create", NAMESPACE, check=False)
 
-    def start_meshmirror(self, timeout: float = 30.0) -> None:
+    def start_meshmirror(self, timeout: float = 30.0, join: str | None = None) -> None:
+        """Start (or restart, same ports and name) this node's meshmirror; ``join`` overrides."""
+        if join is not None:
+            self.join = join
         argv = [
             sys.executable, "-m", "meshmirror", "--log-level", "info", "run",
             "--store", "containerd",
@@ -200,10 +203,11 @@ class E2ENode:
 
     # -- containerd --------------------------------------------------------------
 
-    def configure(self, registry_url: str, targets: Iterable[str]) -> None:
+    def configure(self, registry_url: str, targets: Iterable[str],
+                  hosts_dir: Path | None = None) -> None:
         """`meshmirror configure`, exactly as the DaemonSet's init step runs it."""
         argv = [sys.executable, "-m", "meshmirror", "configure",
-                "--containerd-registry-config-path", str(self.hosts_dir),
+                "--containerd-registry-config-path", str(hosts_dir or self.hosts_dir),
                 "--mirrored-registries", registry_url]
         for target in targets:
             argv += ["--mirror-targets", target]
@@ -212,20 +216,27 @@ class E2ENode:
         if done.returncode != 0:
             raise RuntimeError(f"meshmirror configure failed: {done.stderr.strip()}")
 
-    def pull(self, ref: str, timeout: float = 120.0) -> PullResult:
+    def _pull_argv(self, ref: str, hosts_dir: Path | None) -> list[str]:
+        argv = ["ctr", "--address", str(self.containerd.socket), "-n", NAMESPACE, "images",
+                "pull", "--plain-http"]
+        if hosts_dir is not None:
+            argv += ["--hosts-dir", str(hosts_dir)]
+        return [*argv, ref]
+
+    def pull(self, ref: str, timeout: float = 120.0, hosts_dir: Path | None = None,
+             direct: bool = False) -> PullResult:
+        """``ctr images pull`` through this node's hosts dir (``direct``: none at all)."""
         started = time.monotonic()
         done = subprocess.run(
-            ["ctr", "--address", str(self.containerd.socket), "-n", NAMESPACE, "images", "pull",
-             "--plain-http", "--hosts-dir", str(self.hosts_dir), ref],
+            self._pull_argv(ref, None if direct else hosts_dir or self.hosts_dir),
             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         finished = time.monotonic()
         return PullResult(done.returncode == 0, finished - started, started, finished,
                           (done.stdout + done.stderr)[-3000:])
 
-    def start_pull(self, ref: str, log: Path) -> subprocess.Popen[bytes]:
-        return spawn(["ctr", "--address", str(self.containerd.socket), "-n", NAMESPACE,
-                      "images", "pull", "--plain-http", "--hosts-dir", str(self.hosts_dir),
-                      ref], log)
+    def start_pull(self, ref: str, log: Path,
+                   hosts_dir: Path | None = None) -> subprocess.Popen[bytes]:
+        return spawn(self._pull_argv(ref, hosts_dir or self.hosts_dir), log)
 
     def pull_until(self, ref: str, deadline_s: float, interval: float = 0.1) -> PullResult:
         """Retry a pull until it succeeds or ``deadline_s`` passes (summaries may lag)."""
