@@ -381,5 +381,13 @@ def create_app(store: Store, *, options: RegistryOptions | None = None,
         Route("/v2/{rest:path}", _AnyMethod(handlers.v2)),
         *extra_routes,
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={404: _unrouted})
     return AccessLogMiddleware(app, logging.getLogger("meshmirror.access"), metrics)
+
+
+async def _unrouted(request: Request, exc: Exception) -> Response:
+    """A /v2 path no route matched (e.g. one holding a newline) still gets an OCI error."""
+    path = str(request.scope.get("path", ""))  # not request.url: the query may not decode
+    if path == "/v2" or path.startswith("/v2/"):
+        return RegistryError("NOT_FOUND").response(head=request.method == "HEAD")
+    return PlainTextResponse("Not Found", status_code=404)
