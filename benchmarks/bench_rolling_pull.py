@@ -12,10 +12,15 @@ long that took after the previous pull ended (gossip + summary convergence).
 
 The baseline is the same rolling pull on fresh containerds whose hosts dir
 holds only the upstream ``server``: every node fetches the whole image over the
-rate-limited link. Figures: bytes the upstream served (target 1.0x the image
-with meshmirror, against N x without) and each node's pull time.
+rate-limited link. Rounds alternate the two modes. Figures: bytes the upstream
+served (target 1.0x the image with meshmirror, against N x without) and each
+node's pull time, whole and without the unpack that ctr reports separately.
 
     python -m benchmarks.bench_rolling_pull --nodes 3 --layer-mib 50 --layers 4 --rate-mb 50
+
+ctr fetches inside its own process and writes through containerd's content API,
+which on a busy 2-core machine ingests only ~50-80 MB/s; an upstream limit at or
+above that shows in bytes rather than in seconds, so try ``--rate-mb 10`` too.
 
 containerd roots live on /dev/shm: containerd fsyncs every blob it commits and
 unpacks every layer, and the disk here is shared, so a tmpfs keeps the figures
@@ -28,13 +33,15 @@ import argparse
 import datetime
 import functools
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +68,7 @@ class PullFigures:
 
     label: str
     seconds: list[float] = field(default_factory=list)
+    fetch_seconds: list[float] = field(default_factory=list)
     waits: list[float] = field(default_factory=list)
     upstream_bytes: list[int] = field(default_factory=list)
     metrics: list[dict[str, float]] = field(default_factory=list)
@@ -172,15 +180,32 @@ def mirror_resolves(node: MeshNode, image: BuiltImage) -> bool:
         return False
 
 
-def pull(ctrd: Containerd, hosts_dir: Path, image: BuiltImage) -> float:
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def go_duration(text: str) -> float:
+    """Seconds in a Go ``time.Duration`` string such as ``1m2.5s`` or ``466.56ms``."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|\u00b5s|ms|s|m|h)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a Go duration: {text!r}")
+    return sum(float(number) * _GO_UNITS[unit] for number, unit in parts)
+
+
+def pull(ctrd: Containerd, hosts_dir: Path, image: BuiltImage) -> tuple[float, float]:
+    """(whole pull, fetch part) in seconds; the fetch part is the pull minus the unpack
+    time ctr prints as ``done: <duration>`` after ``unpacking``."""
     started = time.perf_counter()
-    ctrd.ctr("images", "pull", "--hosts-dir", str(hosts_dir), image.name, timeout=PULL_TIMEOUT)
+    result = ctrd.ctr("images", "pull", "--hosts-dir", str(hosts_dir), image.name,
+                      timeout=PULL_TIMEOUT)
     seconds = time.perf_counter() - started
+    done = re.search(r"^done: (\S+)\s*$", result.stdout, re.MULTILINE)
+    if done is None:
+        raise RuntimeError(f"ctr printed no unpack time: {result.stdout[-300:]!r}")
     content = set(ctrd.ctr("content", "ls", "--quiet").stdout.split())
     missing = image.digests() - content
     if missing:
         raise RuntimeError(f"pull finished without {sorted(missing)}")
-    return seconds
+    return seconds, seconds - go_duration(done.group(1))
 
 
 def rolling_run(args: argparse.Namespace, scratch: Path, proxy: CountingProxy,
@@ -212,10 +237,12 @@ def rolling_run(args: argparse.Namespace, scratch: Path, proxy: CountingProxy,
                            f"node{i}'s mirror to find the image on a peer", interval=0.02)
             figures.waits.append(time.perf_counter() - previous_end)
             before = proxy.bytes_to_clients
-            figures.seconds.append(pull(ctrd, hosts_dirs[i], image))
+            seconds, fetch_seconds = pull(ctrd, hosts_dirs[i], image)
             previous_end = time.perf_counter()
+            figures.seconds.append(seconds)
+            figures.fetch_seconds.append(fetch_seconds)
             figures.upstream_bytes.append(proxy.bytes_to_clients - before)
-            print(f"{figures.label} node{i}: {figures.seconds[-1]:.2f} s, "
+            print(f"{figures.label} node{i}: {seconds:.2f} s (fetch {fetch_seconds:.2f} s), "
                   f"{figures.upstream_bytes[-1] / 1e6:.1f} MB from upstream "
                   f"(waited {figures.waits[-1]:.2f} s before)", flush=True)
         figures.metrics = [n.scrape() for n in nodes]
@@ -226,64 +253,89 @@ def peer_bytes(metrics: dict[str, float]) -> float:
     return sum(v for k, v in metrics.items() if k.startswith("meshmirror_mirror_peer_bytes_total"))
 
 
-def mirror_results(metrics: dict[str, float]) -> str:
-    """``hit 5, miss 6`` over kinds: what each node's mirror did with local misses."""
+def _label_totals(metrics: dict[str, float], prefix: str, label: str) -> dict[str, float]:
     totals: dict[str, float] = {}
     for key, value in metrics.items():
-        if key.startswith("meshmirror_mirror_requests_total{"):
-            result = next(p.split("=", 1)[1] for p in key[:-1].split("{", 1)[1].split(",")
-                          if p.startswith("result="))
-            totals[result] = totals.get(result, 0) + value
-    return ", ".join(f"{k} {int(v)}" for k, v in sorted(totals.items())) or "none"
+        if key.startswith(prefix + "{"):
+            labels = dict(p.split("=", 1) for p in key[len(prefix) + 1:-1].split(",") if p)
+            totals[labels[label]] = totals.get(labels[label], 0) + value
+    return totals
+
+
+def mirror_results(metrics: dict[str, float]) -> str:
+    """``hit 5, miss 6; peer failures: timeout 3``: what a node's mirror did with misses."""
+    results = _label_totals(metrics, "meshmirror_mirror_requests_total", "result")
+    failures = _label_totals(metrics, "meshmirror_mirror_peer_failures_total", "reason")
+    text = ", ".join(f"{k} {int(v)}" for k, v in sorted(results.items())) or "none"
+    if failures:
+        text += "; peer failures: " + ", ".join(
+            f"{k} {int(v)}" for k, v in sorted(failures.items()))
+    return text
 
 
 def load_average() -> str:
     return " / ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def report(args: argparse.Namespace, image_bytes: int, base: PullFigures, mesh: PullFigures,
-           load_before: str, load_after: str) -> str:
+def median_per_node(runs: list[PullFigures], pick: Callable[[PullFigures], list[float]]
+                    ) -> list[float]:
+    return [statistics.median(pick(run)[i] for run in runs) for i in range(len(pick(runs[0])))]
+
+
+def report(args: argparse.Namespace, image_bytes: int, base: list[PullFigures],
+           mesh: list[PullFigures], load_before: str, load_after: str) -> str:
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%MZ")
+    base_s = median_per_node(base, lambda f: f.seconds)
+    mesh_s = median_per_node(mesh, lambda f: f.seconds)
+    base_f = median_per_node(base, lambda f: f.fetch_seconds)
+    mesh_f = median_per_node(mesh, lambda f: f.fetch_seconds)
     rows = []
     for i in range(args.nodes):
-        rows.append(
-            f"| node{i} | {base.seconds[i]:.2f} | {base.upstream_bytes[i] / 1e6:.1f} | "
-            f"{mesh.seconds[i]:.2f} | {mesh.upstream_bytes[i] / 1e6:.1f} | "
-            f"{mesh.seconds[i] / base.seconds[i]:.2f} | "
-            f"{'-' if i == 0 else f'{mesh.waits[i]:.2f}'} | "
-            f"{peer_bytes(mesh.metrics[i]) / 1e6:.1f} | {mirror_results(mesh.metrics[i])} |")
-    total_base, total_mesh = sum(base.seconds), sum(mesh.seconds)
-    later_base = sum(base.seconds[1:]) / max(1, args.nodes - 1)
-    later_mesh = sum(mesh.seconds[1:]) / max(1, args.nodes - 1)
+        up_base = "/".join(f"{run.upstream_bytes[i] / 1e6:.0f}" for run in base)
+        up_mesh = "/".join(f"{run.upstream_bytes[i] / 1e6:.0f}" for run in mesh)
+        waits = "-" if i == 0 else "/".join(f"{run.waits[i]:.2f}" for run in mesh)
+        results = " / ".join(mirror_results(run.metrics[i]) for run in mesh)
+        rows.append(f"| node{i} | {base_s[i]:.2f} ({base_f[i]:.2f}) | {up_base} | "
+                    f"{mesh_s[i]:.2f} ({mesh_f[i]:.2f}) | {up_mesh} | "
+                    f"{mesh_s[i] / base_s[i]:.2f} ({mesh_f[i] / base_f[i]:.2f}) | {waits} | "
+                    f"{results} |")
+    later = slice(1, None)
+    ratio_total = statistics.mean(mesh_s[later]) / statistics.mean(base_s[later])
+    ratio_fetch = statistics.mean(mesh_f[later]) / statistics.mean(base_f[later])
+    upstream_base = [run.total_upstream / image_bytes for run in base]
+    upstream_mesh = [run.total_upstream / image_bytes for run in mesh]
     command = (f"python -m benchmarks.bench_rolling_pull --nodes {args.nodes} --layers "
-               f"{args.layers} --layer-mib {args.layer_mib} --rate-mb {args.rate_mb:g}"
-               + "".join(f" {flag}" for flag in run_flags(args)))
+               f"{args.layers} --layer-mib {args.layer_mib} --rate-mb {args.rate_mb:g} "
+               f"--rounds {args.rounds}" + "".join(f" {flag}" for flag in run_flags(args)))
     return "\n".join([
         f"\n## Rolling pull across {args.nodes} containerd nodes, upstream at "
         f"{args.rate_mb:g} MB/s\n",
         f"`{command}` — {date}, 2-core machine shared with other engineers' runs; load "
         f"average (1/5/15 min) {load_before} before, {load_after} after. Image: "
-        f"{args.layers} x {args.layer_mib} MiB layers, {image_bytes / 1e6:.1f} MB in all; "
-        "docker-registry behind a counting proxy limited to "
-        f"{args.rate_mb:g} MB/s; `ctr images pull --hosts-dir` on each node in turn "
-        "(containerd 1.6.20, root on /dev/shm, pull includes unpack). Baseline: hosts.toml "
-        "with only the upstream `server`; meshmirror: `meshmirror configure` pointing at the "
-        "node's own `meshmirror run --store containerd`, all nodes in one mesh.\n",
-        "| node | baseline s | baseline MB upstream | meshmirror s | meshmirror MB upstream "
-        "| time ratio | wait for summary s | MB from peers | mirror results |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"{args.layers} x {args.layer_mib} MiB layers, {image_bytes / 1e6:.1f} MB in all, in "
+        f"docker-registry behind a counting proxy limited to {args.rate_mb:g} MB/s. Each node "
+        "runs `ctr images pull --hosts-dir` in turn (containerd 1.6.20, root on /dev/shm, the "
+        "pull includes unpacking). Baseline: hosts.toml with only the upstream `server`. "
+        "meshmirror: `meshmirror configure` pointing at the node's own `meshmirror run --store "
+        f"containerd`, all nodes in one mesh. {args.rounds} rounds, meshmirror and baseline "
+        "alternating on fresh containerds; times are medians, per-round figures are "
+        "separated by `/`.\n",
+        "| node | baseline s (fetch) | baseline MB from upstream | meshmirror s (fetch) "
+        "| meshmirror MB from upstream | meshmirror/baseline (fetch) | wait for summary s "
+        "| meshmirror mirror results |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
         *rows,
         "",
-        f"- Bytes from upstream: baseline {base.total_upstream / 1e6:.1f} MB "
-        f"(**{base.total_upstream / image_bytes:.2f}x** the image), meshmirror "
-        f"{mesh.total_upstream / 1e6:.1f} MB (**{mesh.total_upstream / image_bytes:.2f}x**; "
-        "target 1.0x).",
-        f"- Pull time of the nodes after the first, mean: baseline {later_base:.2f} s, "
-        f"meshmirror {later_mesh:.2f} s (**{later_mesh / later_base:.2f}x**); whole rolling "
-        f"pull {total_base:.2f} s vs {total_mesh:.2f} s ({total_mesh / total_base:.2f}x).",
-        "- \"wait for summary\" is the time from the previous pull's end until this node's "
-        "mirror resolved the tag through a peer (polled every 20 ms), i.e. how long the "
-        "cluster needed to learn that a peer now holds the image.",
+        "- Bytes from upstream per rolling pull, as a multiple of the image: baseline "
+        + ", ".join(f"{r:.2f}x" for r in upstream_base) + "; meshmirror "
+        + ", ".join(f"**{r:.2f}x**" for r in upstream_mesh) + " (target 1.0x).",
+        f"- Nodes after the first, mean of medians: whole pull {ratio_total:.2f}x the baseline, "
+        f"fetch part {ratio_fetch:.2f}x. \"fetch\" is the pull minus the unpack time ctr "
+        "prints; unpacking (gunzip + writing 200 MB into overlay snapshots) costs the same "
+        "either way and is CPU-bound on this machine.",
+        "- \"wait for summary\": from the previous pull's end until this node's mirror "
+        "resolved the tag through a peer (polled every 20 ms; polls made before the summary "
+        "arrived count as manifest misses in the last column).",
     ])
 
 
@@ -294,6 +346,8 @@ def main() -> int:
     parser.add_argument("--layer-mib", type=int, default=50)
     parser.add_argument("--rate-mb", type=float, default=50.0,
                         help="upstream rate limit in MB/s (10^6 bytes)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rolling pulls per mode, alternating meshmirror and baseline")
     parser.add_argument("--mirror-resolve-timeout", type=float, default=None, metavar="SECONDS",
                         help="passed to every `meshmirror run` (default: run's own default)")
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
@@ -301,11 +355,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.nodes < 2:
         parser.error("--nodes: a rolling pull needs at least 2 nodes")
-    if args.layers < 1 or args.layer_mib < 1 or args.rate_mb <= 0:
-        parser.error("--layers and --layer-mib must be >= 1 and --rate-mb > 0")
+    if min(args.layers, args.layer_mib, args.rounds) < 1 or args.rate_mb <= 0:
+        parser.error("--layers, --layer-mib and --rounds must be >= 1 and --rate-mb > 0")
 
     load_before = load_average()
     scratch_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    base: list[PullFigures] = []
+    mesh: list[PullFigures] = []
     with tempfile.TemporaryDirectory(prefix="bench-rolling-", dir=scratch_root) as tmp, \
             DistributionRegistry() as upstream:
         scratch = Path(tmp)
@@ -319,8 +375,14 @@ def main() -> int:
                        check=True, timeout=600, stdin=subprocess.DEVNULL)
         shutil.rmtree(image.layout)
         with proxy:
-            mesh = rolling_run(args, scratch, proxy, image, mesh=True)
-            base = rolling_run(args, scratch, proxy, image, mesh=False)
+            for round_no in range(args.rounds):
+                # Alternate which mode goes first so a drift in machine load hits both.
+                order = (True, False) if round_no % 2 == 0 else (False, True)
+                for with_mesh in order:
+                    run_dir = scratch / f"round{round_no}"
+                    run_dir.mkdir(exist_ok=True)
+                    figures = rolling_run(args, run_dir, proxy, image, mesh=with_mesh)
+                    (mesh if with_mesh else base).append(figures)
     section = report(args, image_bytes, base, mesh, load_before, load_average())
     print(section)
     if not args.no_write:
