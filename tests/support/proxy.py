@@ -187,13 +187,15 @@ class CountingProxy:
                     break
                 if to_client and self._bucket is not None:
                     await self._bucket.take(len(data))
-                writer.write(data)
-                await writer.drain()
+                # Counted as handed to the socket, before the peer can have read it,
+                # so a client that finished reading sees the final count.
                 with self._count_lock:
                     if to_client:
                         self._bytes_to_clients += len(data)
                     else:
                         self._bytes_to_upstream += len(data)
+                writer.write(data)
+                await writer.drain()
             if writer.can_write_eof():
                 with contextlib.suppress(OSError):
                     writer.write_eof()
