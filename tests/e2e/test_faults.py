@@ -227,6 +227,10 @@ def test_serving_peer_killed_mid_stream(cluster: Cluster) -> None:
     assert broken >= 1, "the break was not seen as a peer failure"
     assert _delta(after, before, "meshmirror_mirror_requests_total", kind="blob",
                   result="hit") >= 1
+    # The rest came from the other holder, asked with Range from the byte reached.
+    survivor = c.n3 if victim is c.n1 else c.n1
+    resumed = [r for r in _layer_requests(survivor, _layer(c.big)) if r.get("status") == 206]
+    assert resumed, f"{survivor.name} never served a Range request"
     _record("fault_peer_killed", {
         "victim": victim.name, "peer_bytes_at_kill_MiB": round(at_kill / MiB, 1),
         "pull_finished_after_kill_s": round(finished - killed_at, 2),
@@ -342,15 +346,18 @@ def test_all_peers_gone_pulls_go_upstream_without_delay(cluster: Cluster) -> Non
         return times
 
     direct = timed(direct=True)
+    before = c.n2.metrics()
     c.n1.kill_meshmirror()
     c.n3.kill_meshmirror()
     dead_peers = timed()
+    refused = _delta(c.n2.metrics(), before, "meshmirror_mirror_peer_failures_total",
+                     reason="connect")
     c.n2.kill_meshmirror()
     dead_mirror = timed()
     base = statistics.median(direct)
     figures = {
         "direct_s": direct, "mirror_with_dead_peers_s": dead_peers,
-        "dead_mirror_target_s": dead_mirror,
+        "dead_mirror_target_s": dead_mirror, "dead_peer_connects_refused": refused,
         "ratio_dead_peers": round(statistics.median(dead_peers) / base, 2),
         "ratio_dead_mirror": round(statistics.median(dead_mirror) / base, 2),
     }
