@@ -291,7 +291,9 @@ def report(mesh: ImplResult, kin: ImplResult, command: str) -> str:
         "",
         f"`{command}` — {dt.date.today().isoformat()}, {mesh.n} real processes each, "
         f"loopback, both LAN presets (memberlist LAN defaults), {len(mesh.kill_first)} / "
-        f"{len(kin.kill_first)} kills.",
+        f"{len(kin.kill_first)} kills. Join is timed from the joiner's \"ready\" line to the "
+        "last other node's join event (kinship joins right after it; meshmirror's transport "
+        "is already joining by then, so its figure is if anything flattered by a few ms).",
         "",
         "| metric | meshmirror | kinship | ratio meshmirror/kinship |",
         "|---|---|---|---|",
