@@ -1,0 +1,63 @@
+"""The rolling-pull benchmark's own parsing: ctr's unpack time, metric labels, bad flags.
+
+The benchmark's figures are only as good as these helpers: a misread Go duration
+would shift every "fetch" time, a misparsed label would misreport why a node missed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from benchmarks import bench_rolling_pull as bench
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("466.564985ms", 0.466564985),
+    ("3.2s", 3.2),
+    ("1m2.5s", 62.5),
+    ("12\u00b5s", 12e-6),
+    ("250us", 250e-6),
+    ("1h0m0s", 3600.0),
+])
+def test_go_duration(text: str, seconds: float) -> None:
+    assert bench.go_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "12", "3.2 s", "1.5sx", "-1s"])
+def test_go_duration_rejects_what_ctr_never_prints(text: str) -> None:
+    with pytest.raises(ValueError, match="not a Go duration"):
+        bench.go_duration(text)
+
+
+def test_mirror_results_totals_over_kinds_and_lists_failure_reasons() -> None:
+    metrics = {
+        "meshmirror_mirror_requests_total{kind=blob,registry=r:1,result=hit}": 4.0,
+        "meshmirror_mirror_requests_total{kind=manifest,registry=r:1,result=hit}": 2.0,
+        "meshmirror_mirror_requests_total{kind=blob,registry=r:1,result=miss}": 3.0,
+        "meshmirror_mirror_requests_created{kind=blob,registry=r:1,result=miss}": 1e9,
+        "meshmirror_mirror_peer_failures_total{reason=timeout}": 3.0,
+        "meshmirror_mirror_peer_bytes_total{}": 10.0,
+    }
+    assert bench.mirror_results(metrics) == "hit 6, miss 3; peer failures: timeout 3"
+
+
+def test_mirror_results_of_an_idle_mirror() -> None:
+    assert bench.mirror_results({"meshmirror_mirror_peer_bytes_total{}": 0.0}) == "none"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--nodes", "1"],
+    ["--rounds", "0"],
+    ["--layer-mib", "0"],
+    ["--rate-mb", "0"],
+])
+def test_bad_flags_exit_with_usage_before_starting_anything(
+        argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["bench_rolling_pull", *argv])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
