@@ -243,19 +243,24 @@ def test_serving_peer_killed_mid_stream(cluster: Cluster) -> None:
 def test_corrupt_small_blobs_come_from_the_good_peer(cluster: Cluster) -> None:
     c = cluster
     c.heal()
-    c.fresh_puller()
-    c.n2.remove_image(c.small.name, c.small.digests())
     for layer in c.small.platforms[0].layers:
         c.corrupt(c.n1, str(layer.digest))
-    before = c.n2.metrics()
-    with _busy(c.n2, c.blocker):  # node 3 looks busy: node 2 asks node 1 first
-        result = c.n2.pull(c.small.name)
-    after = c.n2.metrics()
-    assert result.ok, result.output
-    c.n2.verify_image(c.small)  # every stored blob hashes to its digest
-    mismatches = _delta(after, before, "meshmirror_mirror_peer_failures_total",
-                        reason="digest_mismatch")
-    assert mismatches >= 1, "node 1's corrupt copy was never tried"
+    attempts = mismatches = 0
+    # Ranking, not the test, picks the peer: on a loaded machine node 3 can still
+    # win node 2's first choice, and then the pull is simply clean; try again.
+    while attempts < CORRUPT_ATTEMPTS and not mismatches:
+        attempts += 1
+        c.fresh_puller()
+        c.n2.remove_image(c.small.name, c.small.digests())
+        before = c.n2.metrics()
+        with _busy(c.n2, c.blocker):  # node 3 looks busy: node 2 asks node 1 first
+            result = c.n2.pull(c.small.name)
+        after = c.n2.metrics()
+        assert result.ok, result.output
+        c.n2.verify_image(c.small)  # every stored blob hashes to its digest
+        mismatches = _delta(after, before, "meshmirror_mirror_peer_failures_total",
+                            reason="digest_mismatch")
+    assert mismatches >= 1, f"node 1's corrupt copy was never tried in {attempts} pulls"
     # Small blobs are verified whole before sending: no response was cut short.
     for layer in c.small.platforms[0].layers:
         assert not any(r.get("aborted") for r in _layer_requests(c.n2, str(layer.digest)))
@@ -305,7 +310,14 @@ def test_corrupt_large_blob_aborts_then_retry_succeeds(cluster: Cluster) -> None
         assert first.ok, first.output
         c.n2.verify_image(c.big)
     held = c.n2.content_digests()
-    active = c.n2.containerd.ctr("content", "active").stdout.splitlines()[1:]
+
+    def ingests() -> list[str]:
+        return c.n2.containerd.ctr("content", "active").stdout.splitlines()[1:]
+
+    # containerd drops a failed ingest shortly after the pull returns, not before.
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: not ingests(), 15, "containerd to drop the failed ingest")
+    active = ingests()
     first_requests = _layer_requests(c.n2, layer)[requests_before:]
     second = c.n2.pull(c.big.name)
     after = c.n2.metrics()
