@@ -105,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keys registry/repo:tag matching any of these answer 404 at once")
     run.add_argument("--resolve-tags", type=parse_bool, default=True, metavar="BOOL")
     run.add_argument("--mirror-resolve-timeout", type=float, default=0.1, metavar="SECONDS",
-                     help="bound on a peer's connect and response headers; a hedged request "
-                          "to the next peer starts at half of it (Spegel uses 20 ms in Go; "
-                          "Python peers on busy nodes need more headroom)")
+                     help="bound on connecting to a peer; a hedged request to the next peer "
+                          "starts at half of it")
+    run.add_argument("--mirror-first-byte-timeout", type=float, default=0.5, metavar="SECONDS",
+                     help="bound on a connected peer's response headers")
     run.add_argument("--mirror-resolve-retries", type=int, default=3, metavar="N",
                      help="how many peers to try before answering 404")
     run.add_argument("--summary-fp-rate", type=float, default=0.01, metavar="RATE",

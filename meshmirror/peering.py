@@ -89,13 +89,15 @@ class PeeringConfig:
                 raise UsageError(f"--registry-filters {text!r}: not a regex: {err}") from err
         if args.gossip_key_file and not Path(args.gossip_key_file).is_file():
             raise UsageError(f"--gossip-key-file {args.gossip_key_file}: no such file")
-        if args.mirror_resolve_timeout <= 0 or args.mirror_resolve_retries < 1:
-            raise UsageError("--mirror-resolve-timeout must be > 0 and "
-                             "--mirror-resolve-retries >= 1")
+        if (args.mirror_resolve_timeout <= 0 or args.mirror_first_byte_timeout <= 0
+                or args.mirror_resolve_retries < 1):
+            raise UsageError("--mirror-resolve-timeout and --mirror-first-byte-timeout must be "
+                             "> 0 and --mirror-resolve-retries >= 1")
         if not 0 < args.summary_fp_rate < 1:
             raise UsageError("--summary-fp-rate must be between 0 and 1, e.g. 0.01")
         mirror = MirrorOptions(
-            first_byte_timeout=args.mirror_resolve_timeout,
+            connect_timeout=args.mirror_resolve_timeout,
+            first_byte_timeout=args.mirror_first_byte_timeout,
             hedge_delay=args.mirror_resolve_timeout / 2,
             max_attempts=args.mirror_resolve_retries,
             resolve_tags=args.resolve_tags,

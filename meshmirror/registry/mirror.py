@@ -3,11 +3,14 @@
 `PeerMirror` is the registry's `Fallback`. For every miss it asks the router
 which peers probably hold the key, and then:
 
-- **bounds the wait.** Each peer gets ``first_byte_timeout`` to answer with
-  headers; a second (hedged) request to the next candidate starts after
-  ``hedge_delay`` if the first is silent, and the first good answer wins. With
-  nobody left the answer is None, which the app turns into a fast 404 so
-  containerd goes upstream: the mirror never makes a pull slower than that bound.
+- **bounds the wait.** A peer must accept the connection within
+  ``connect_timeout`` (a dead or unreachable peer costs no more than that) and
+  answer with headers within ``first_byte_timeout``; a second (hedged) request
+  to the next candidate starts after ``hedge_delay`` if the first is silent, and
+  the first good answer wins. With nobody left the answer is None, which the app
+  turns into a fast 404 so containerd goes upstream. The two bounds differ on
+  purpose: a live peer starting several responses at once on a busy node needs
+  tens of milliseconds, and giving up on it sends the bytes upstream.
 - **trusts no peer's bytes.** Every byte is hashed on its way through. A
   manifest, or a blob of at most ``verify_before_send_limit`` bytes, is read
   whole and verified before the client sees any of it, so a lying peer costs a
@@ -70,11 +73,14 @@ class VerificationError(Exception):
 class MirrorOptions:
     """Knobs of mirror mode; defaults follow Spegel where it has one."""
 
-    # Connect + response headers from one peer. Spegel uses 20 ms in Go; Python
-    # on a busy 2-core node needs more headroom, and the hedge covers the tail.
-    first_byte_timeout: float = 0.05
+    # TCP connect to one peer (Spegel bounds the whole request at 20 ms in Go).
+    connect_timeout: float = 0.1
+    # Response headers from a peer that accepted the connection. Measured: a Python
+    # peer on a loaded 2-core node needs 22-43 ms to start four concurrent
+    # responses, so 20-50 ms sent a third of the bytes upstream (benchmarks/RESULTS.md).
+    first_byte_timeout: float = 0.5
     # Start the hedged request to the next candidate after this long.
-    hedge_delay: float = 0.015
+    hedge_delay: float = 0.05
     # Peers tried for one request (Spegel: 3).
     max_attempts: int = 3
     # Blobs up to this size are verified whole before the first byte is sent.
@@ -278,10 +284,16 @@ class PeerMirror:
                     params={"ns": registry},
                     headers=request_headers,
                     allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(sock_read=self._options.read_timeout),
+                    timeout=aiohttp.ClientTimeout(
+                        sock_connect=self._options.connect_timeout,
+                        sock_read=self._options.read_timeout,
+                    ),
                 ),
                 self._options.first_byte_timeout,
             )
+        except aiohttp.ServerTimeoutError as err:  # before TimeoutError: it is one
+            self._router.end(peer.name)
+            raise PeerFailure("connect_timeout", url) from err
         except TimeoutError as err:
             self._router.end(peer.name)
             raise PeerFailure("timeout", url) from err
