@@ -37,7 +37,8 @@ def test_run_command_line_defaults(helm: Path) -> None:
     assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (":5000", ":7946", ":9090")
     assert args.log_level == "info"
     assert args.resolve_tags is True
-    assert args.mirror_resolve_timeout == pytest.approx(0.02)
+    assert args.mirror_resolve_timeout == pytest.approx(0.1)
+    assert args.mirror_first_byte_timeout == pytest.approx(0.5)
     assert args.mirror_resolve_retries == 3
     assert args.summary_fp_rate == pytest.approx(0.01)
     assert args.mirrored_registries is None
