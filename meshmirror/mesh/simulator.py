@@ -59,9 +59,9 @@ class _StreamMemo:
         return self._codec.seal_packet(payload, keyring=keyring, label=label, crc=crc,
                                        compress=compress)
 
-    def open_packet(self, data: bytes, *, keyring: Keyring | None,
-                    label: bytes = b"") -> list[Message]:
-        return self._codec.open_packet(data, keyring=keyring, label=label)
+    def open_packet(self, data: bytes, *, keyring: Keyring | None, label: bytes = b"",
+                    errors: list[wire.WireError] | None = None) -> list[Message]:
+        return self._codec.open_packet(data, keyring=keyring, label=label, errors=errors)
 
     def encode_stream(self, msg: Message, *, keyring: Keyring | None, label: bytes,
                       compress: bool) -> bytes:

@@ -75,6 +75,7 @@ from meshmirror.mesh.suspicion import Suspicion
 
 if TYPE_CHECKING:
     from meshmirror.mesh.keyring import Keyring
+    from meshmirror.mesh.wire import WireError
 
 __all__ = [
     "Codec",
@@ -109,8 +110,8 @@ class Codec(Protocol):
     def seal_packet(self, payload: bytes, *, keyring: Keyring | None, label: bytes = b"",
                     crc: bool = True, compress: bool = False) -> bytes: ...
 
-    def open_packet(self, data: bytes, *, keyring: Keyring | None,
-                    label: bytes = b"") -> list[Message]: ...
+    def open_packet(self, data: bytes, *, keyring: Keyring | None, label: bytes = b"",
+                    errors: list[WireError] | None = None) -> list[Message]: ...
 
     def encode_stream(self, msg: Message, *, keyring: Keyring | None, label: bytes,
                       compress: bool) -> bytes: ...
@@ -375,11 +376,15 @@ class Memberlist:
         stats = self.stats
         stats.packets_received += 1
         stats.packet_bytes_received += len(data)
+        bad_parts: list[WireError] = []
         try:
-            msgs = self._codec.open_packet(data, keyring=self._keyring, label=self._label)
+            msgs = self._codec.open_packet(data, keyring=self._keyring, label=self._label,
+                                           errors=bad_parts)
         except ValueError as err:
             stats.drop(getattr(err, "reason", "malformed"))
             return
+        for bad in bad_parts:  # a compound's bad parts, dropped without spoiling the rest
+            stats.drop(bad.reason)
         for msg in msgs:
             self._handle_packet_msg(msg, source, now)
 

@@ -8,7 +8,14 @@ import pytest
 
 from meshmirror.mesh import wire
 from meshmirror.mesh.config import MeshConfig
-from meshmirror.mesh.events import JoinResult, MemberJoined, MemberLeft, MemberUpdated, UserMessage
+from meshmirror.mesh.events import (
+    JoinResult,
+    MemberJoined,
+    MemberLeft,
+    MemberUpdated,
+    SendPacket,
+    UserMessage,
+)
 from meshmirror.mesh.messages import (
     AckResp,
     Alive,
@@ -555,3 +562,19 @@ def test_alive_with_impossible_versions_is_dropped() -> None:
     a.packet_received(packet(Alive(1, "x", bytes([127, 0, 0, 9]), 1, b"", (3, 1, 2, 0, 0, 0))),
                       ("127.0.0.9", 1), 0.0)
     assert a.member("x") is None and a.stats.dropped["bad_version"] == 1
+
+
+def test_bad_parts_of_a_compound_are_counted_and_the_rest_handled() -> None:
+    from meshmirror.mesh import wire
+    from meshmirror.mesh.config import MeshConfig
+    from meshmirror.mesh.messages import Ping
+    from meshmirror.mesh.state import Memberlist
+
+    core = Memberlist(MeshConfig(), name="a", addr="127.0.0.1", port=7946, meta=b"",
+                      rng=random.Random(1), now=0.0)
+    good = wire.encode(Ping(seq_no=7, node="a"))
+    packet = wire.seal_packet(wire.compound([good, b"\xfe garbage"]), keyring=None)
+    core.packet_received(packet, ("127.0.0.2", 7946), 0.0)
+    assert sum(core.stats.dropped.values()) == 1
+    assert any(isinstance(e, SendPacket) and e.addr == ("127.0.0.2", 7946)
+               for e in core.drain()), "the good ping in the compound is still acked"
