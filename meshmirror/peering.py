@@ -120,7 +120,11 @@ def advertised_host(*candidates: str) -> str:
     for host in candidates:
         if host and host not in {"0.0.0.0", "::", "[::]"}:
             return host
-    return socket.gethostbyname(socket.gethostname())
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError as err:
+        raise UsageError(f"cannot tell which address peers should use ({err}); "
+                         "pass --advertise-addr") from err
 
 
 class Peering:
@@ -236,4 +240,5 @@ def mesh_addresses(mesh_addr: str, advertise_addr: str | None, registry_host: st
     public = advertised_host(host, bind[0], registry_host)
     if advertise is None and bind[0] in {"0.0.0.0", "::"}:
         advertise = (public, bind[1])
-    return bind, advertise, f"http://{public}:{registry_port}"
+    url_host = f"[{public}]" if ":" in public else public
+    return bind, advertise, f"http://{url_host}:{registry_port}"

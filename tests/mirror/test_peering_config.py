@@ -1,0 +1,71 @@
+"""`meshmirror run`'s peering flags: what they become, and one-line errors for bad ones."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from meshmirror.cli import UsageError, build_parser, main
+from meshmirror.peering import PeeringConfig, mesh_addresses
+
+
+def config(*flags: str) -> PeeringConfig | None:
+    args = build_parser().parse_args(["run", "--store", "oci:/tmp", *flags])
+    return PeeringConfig.from_args(args, "127.0.0.5", 5000)
+
+
+def test_flags_become_mesh_and_mirror_settings(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("dGhpcyBpcyAxNiBieXRlcw==\n")
+    got = config("--mesh-addr", "127.0.0.5:7000", "--join", "127.0.0.6:7000,127.0.0.7",
+                 "--join", "127.0.0.8:7001", "--registry-filters", ":latest$",
+                 "--mirrored-registries", "https://docker.io,ghcr.io",
+                 "--mirror-resolve-timeout", "0.2", "--mirror-first-byte-timeout", "1.5",
+                 "--resolve-tags", "false", "--gossip-key-file", str(key), "--node-name", "n5")
+    assert got is not None
+    assert got.mesh_bind == ("127.0.0.5", 7000)
+    assert got.join == (("127.0.0.6", 7000), ("127.0.0.7", 7946), ("127.0.0.8", 7001))
+    assert got.http_base == "http://127.0.0.5:5000"
+    assert got.node_name == "n5"
+    assert got.mirror.mirrored_registries == frozenset({"docker.io", "ghcr.io"})
+    assert got.mirror.registry_filters == (re.compile(":latest$"),)
+    assert (got.mirror.connect_timeout, got.mirror.first_byte_timeout) == (0.2, 1.5)
+    assert got.mirror.hedge_delay == pytest.approx(0.1)
+    assert got.mirror.resolve_tags is False
+
+
+def test_mesh_off_serves_the_local_store_only() -> None:
+    assert config("--mesh-addr", "off") is None
+
+
+def test_wildcard_bind_advertises_a_concrete_address() -> None:
+    bind, advertise, http_base = mesh_addresses(":7946", None, "0.0.0.0", 5000)
+    assert bind == ("0.0.0.0", 7946)
+    assert advertise is not None and advertise[0] not in {"0.0.0.0", ""}
+    assert http_base == f"http://{advertise[0]}:5000"
+    _, advertise, http_base = mesh_addresses(":7946", "10.1.2.3", "0.0.0.0", 5000)
+    assert advertise == ("10.1.2.3", 7946)
+    assert http_base == "http://10.1.2.3:5000"
+    _, _, http_base = mesh_addresses("[::1]:7946", None, "::", 5000)
+    assert http_base == "http://[::1]:5000"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--registry-filters", "(unclosed"), "not a regex"),
+    (("--gossip-key-file", "/nonexistent/key"), "no such file"),
+    (("--mirror-resolve-timeout", "0"), "must be > 0"),
+    (("--mirror-resolve-retries", "0"), "retries >= 1"),
+    (("--summary-fp-rate", "1.5"), "between 0 and 1"),
+    (("--join", "host:notaport"), "not a number"),
+])
+def test_bad_flags_are_usage_errors(flags: tuple[str, ...], message: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        config(*flags)
+
+
+def test_bad_flag_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--store", "oci:/tmp", "--registry-filters", "(x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("meshmirror: --registry-filters")
