@@ -148,7 +148,7 @@ class Peering:
         self._session = aiohttp.ClientSession(
             auto_decompress=False,
             # Larger reads mean fewer, bigger chunks through the verifying stream.
-            read_bufsize=1024 * 1024,
+            read_bufsize=4 * 1024 * 1024,
             connector=aiohttp.TCPConnector(limit=256, limit_per_host=32, ssl=False),
         )
         self.mirror = PeerMirror(self.router, self._session, options=config.mirror,

@@ -85,7 +85,7 @@ class MirrorOptions:
     max_attempts: int = 3
     # Blobs up to this size are verified whole before the first byte is sent.
     verify_before_send_limit: int = 8 * 1024 * 1024
-    chunk_size: int = 1024 * 1024
+    chunk_size: int = 4 * 1024 * 1024
     # A stalled peer mid-stream is abandoned after this long without a byte.
     read_timeout: float = 5.0
     resolve_tags: bool = True
