@@ -104,6 +104,10 @@ class _Index:
     images: dict[str, _ImageRecord] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
     media_types: dict[str, str] = field(default_factory=dict)
+    # Sizes of held blobs already asked of containerd: content is immutable by
+    # digest, so a blob still in the key set keeps its size. Saves the Info RPC
+    # on every stat, which a peer pays for before its first byte.
+    sizes: dict[str, int] = field(default_factory=dict)
     _frozen: frozenset[str] | None = None
 
     def keys(self) -> frozenset[str]:
@@ -131,6 +135,7 @@ class _Index:
             if self.counts[key] <= 0:
                 del self.counts[key]
                 self.media_types.pop(key, None)
+                self.sizes.pop(key, None)
 
     def forget_digest(self, digest: str) -> None:
         """containerd deleted a blob: no image holds it any more."""
@@ -256,8 +261,15 @@ class ContainerdStore(Store):
         return target
 
     async def stat(self, digest: Digest) -> BlobInfo:
-        info = await self._require_client().content_info(str(digest))
-        return BlobInfo(digest, int(info.size), self._index.media_types.get(str(digest)))
+        key = str(digest)
+        index = self._index
+        size = index.sizes.get(key) if key in index.counts else None
+        if size is None:
+            info = await self._require_client().content_info(key)
+            size = int(info.size)
+            if key in index.counts:
+                index.sizes[key] = size
+        return BlobInfo(digest, size, index.media_types.get(key))
 
     async def keys(self) -> frozenset[str]:
         return self._index.keys()
