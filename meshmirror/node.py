@@ -54,6 +54,7 @@ from meshmirror.registry.fallback import Fallback
 from meshmirror.registry.metrics import RegistryMetrics
 from meshmirror.registry.mirror import peer_dispatch
 from meshmirror.registry.server import ServerOptions, bind_listener, listener_address, serve
+from meshmirror.status import status_routes
 from meshmirror.store.base import Store
 
 log = logging.getLogger("meshmirror.node")
@@ -227,6 +228,7 @@ class Node:
             self.fallback = self.peering.mirror
             self.registry_routes.extend(self.peering.routes)
             self.add_component(self.peering)
+        self.metrics_routes.extend(status_routes(self.store, self.peering))
         self.registry_server: HttpServer | None = None
         self.metrics_server: HttpServer | None = None
 
