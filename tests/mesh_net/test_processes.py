@@ -188,8 +188,8 @@ def _iptables(*args: str) -> subprocess.CompletedProcess[bytes]:
 @pytest.fixture
 def chain() -> Iterator[str]:
     """A private iptables chain hooked into INPUT, removed in teardown whatever happens."""
-    if IPTABLES is None or _iptables("-L", "INPUT", "-n").returncode != 0:
-        pytest.skip("iptables is not usable here")
+    assert IPTABLES is not None and _iptables("-L", "INPUT", "-n").returncode == 0, \
+        "iptables is not usable: run scripts/bootstrap as root"
     name = f"MMTEST{os.getpid() % 100000}"
     _iptables("-N", name)
     _iptables("-I", "INPUT", "-j", name)

@@ -23,12 +23,11 @@ from meshmirror.mesh.messages import NodeState, PushPull
 from meshmirror.mesh.tags import decode_tags, encode_tags
 from meshmirror.mesh.transport import MeshNode
 from tests.support.ports import free_port, loopback_host
-from tests.support.serf import SERF, SerfCluster, serf_cluster, wait_for
+from tests.support.serf import SerfCluster, serf_cluster, wait_for
 
 pytestmark = [
     pytest.mark.real,
     pytest.mark.slow,
-    pytest.mark.skipif(SERF is None, reason="serf is not installed (apt-get install serf)"),
 ]
 
 CONFIG = MeshConfig()

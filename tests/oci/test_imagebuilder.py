@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import io
 import json
-import shutil
 import subprocess
 import tarfile
 import tracemalloc
@@ -180,7 +179,6 @@ def test_bad_arguments_are_refused(kwargs: dict[str, object], message: str,
 
 
 @pytest.mark.real
-@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo not installed")
 def test_skopeo_accepts_and_copies_the_layout(tmp_path: Path) -> None:
     image = build_image("127.0.0.1:5050/library/demo:1", tmp_path / "lay", [1000, 20_000],
                         platforms=["linux/amd64", "linux/arm64"], seed=4)
@@ -194,7 +192,6 @@ def test_skopeo_accepts_and_copies_the_layout(tmp_path: Path) -> None:
 
 
 @pytest.mark.real
-@pytest.mark.skipif(shutil.which("containerd") is None, reason="containerd not installed")
 def test_ctr_imports_and_unpacks_the_archive(tmp_path: Path) -> None:
     from tests.support.containerd import Containerd
 

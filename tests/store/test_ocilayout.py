@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -293,7 +292,6 @@ def test_import_command_exit_codes_and_one_line_errors(
 
 
 @pytest.mark.real
-@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo not installed")
 async def test_serves_a_layout_skopeo_wrote(tmp_path: Path) -> None:
     image = _image(tmp_path)
     dest = tmp_path / "skopeo"
