@@ -77,7 +77,10 @@ def _add_hosts_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshmirror", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="meshmirror",
+        description="A cluster-local OCI registry mirror: nodes share image content over a "
+                    "gossip mesh.")
     parser.add_argument("--version", action="version", version=f"meshmirror {__version__}")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
@@ -139,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="total size of the demo image's layers")
     demo.add_argument("--no-wait", action="store_true",
                       help="exit after the pull instead of keeping the mesh up")
+    # Accept --log-level after the subcommand too (`meshmirror run --log-level debug`).
+    for choice in sub.choices.values():
+        choice.add_argument("--log-level", default=argparse.SUPPRESS,
+                            choices=["debug", "info", "warning", "error"])
     return parser
 
 
