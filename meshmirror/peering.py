@@ -197,6 +197,7 @@ class Peering:
         await asyncio.to_thread(self.mesh.stop, leave=True, timeout=5.0)
         await self.directory.close()
         await self.publisher.close()
+        self.mirror.close()
         await self._session.close()
 
     async def _follow(self, events: asyncio.Queue[MembershipEvent]) -> None:

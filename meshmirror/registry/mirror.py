@@ -32,10 +32,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import os
+import queue
 import re
+import socket
+import struct
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -88,6 +95,12 @@ class MirrorOptions:
     chunk_size: int = 4 * 1024 * 1024
     # A stalled peer mid-stream is abandoned after this long without a byte.
     read_timeout: float = 5.0
+    # Streamed bodies are read and hashed on two threads each (see `_BodyPump`); at
+    # most this many threads, later streams read on the event loop instead of waiting.
+    body_threads: int = 64
+    # Chunks a body thread may read ahead of the client: memory per stream stays
+    # at a few chunks however fast the peer and however slow the client.
+    read_ahead: int = 2
     resolve_tags: bool = True
     # Regexes on ``registry/repo:tag``; a match answers 404 at once.
     registry_filters: tuple[re.Pattern[str], ...] = ()
@@ -166,6 +179,61 @@ class PeerMirror:
         self._options = options or MirrorOptions()
         self._metrics = metrics or MirrorMetrics(CollectorRegistry())
         self._clock = clock
+        # Our own threads for body reads: each holds its thread for a whole stream,
+        # so on the default executor they would starve the stores' file reads.
+        self._body_executor = ThreadPoolExecutor(
+            max_workers=max(1, self._options.body_threads),
+            thread_name_prefix="meshmirror-peer-body",
+        )
+        self._pumps: set[_BodyPump] = set()
+
+    def close(self) -> None:
+        """Stop every body thread (their sockets are shut so blocked reads return)."""
+        for pump in list(self._pumps):
+            pump.stop()
+        self._body_executor.shutdown(wait=False, cancel_futures=True)
+
+    def _start_pump(self, opened: _Opened, length: int, hasher: hashlib._Hash) -> _BodyPump | None:
+        """Hand the rest of ``opened``'s body (``length`` bytes) to a body thread.
+
+        None when every body thread is busy or the response cannot be taken over;
+        the caller then reads it through aiohttp on the event loop as before.
+        """
+        if 2 * (len(self._pumps) + 1) > self._options.body_threads:
+            return None
+        taken = _take_over(opened.response)
+        if taken is None:
+            return None
+        prefix, sock = taken
+        loop = asyncio.get_running_loop()
+        pump = _BodyPump(
+            loop,
+            sock,
+            prefix[:length],
+            length,
+            chunk_size=self._options.chunk_size,
+            read_timeout=self._options.read_timeout,
+            hasher=hasher,
+            read_ahead=self._options.read_ahead,
+        )
+        try:
+            hashing = loop.run_in_executor(self._body_executor, pump.hash)
+        except RuntimeError:  # executor shut down: the node is stopping
+            sock.close()
+            pump.items.put_nowait(PeerFailure("broken", "mirror closed"))
+            return pump
+        self._pumps.add(pump)
+        hashing.add_done_callback(lambda _: self._pumps.discard(pump))
+        try:
+            reading = loop.run_in_executor(self._body_executor, pump.read)
+        except RuntimeError:
+            sock.close()
+            pump.abandon()  # the hashing thread passes the failure on and returns
+            return pump
+        # Closed on the loop only once the reader is done with it, so a concurrent
+        # stop() can never shut down a descriptor that has been reused.
+        reading.add_done_callback(lambda _: sock.close())
+        return pump
 
     # -- Fallback ------------------------------------------------------------------
 
@@ -477,32 +545,77 @@ class _BlobFetch:
         self._current = await self._open_from(offset, more)
         return self._current is not None
 
-    async def _chunks(self, offset: int) -> AsyncIterator[tuple[int, bytes]]:
-        """(position, chunk) pairs from ``offset`` to the end, failing over on breaks."""
+    async def _chunks(
+        self, offset: int, hasher: hashlib._Hash | None = None
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """(position, chunk) pairs from ``offset`` to the end, failing over on breaks.
+
+        With ``hasher``, every chunk is added to it, and the generator ends only
+        once all are: the body is then read and hashed on a body thread
+        (`_BodyPump`), so the event loop only forwards chunks. Without a free body
+        thread it is read here and hashed on the default executor, overlapped.
+        """
         position = offset
         chunk_size = self._mirror._options.chunk_size
+        loop = asyncio.get_running_loop()
+        hashing: asyncio.Future[None] | None = None
+        pumped_from: _Opened | None = None
         while position < self._size:
             current = self._current
             if current is None:
                 raise PeerFailure("exhausted", f"no peer left at byte {position}")
-            try:
-                # The request's sock_read timeout bounds a stalled peer per read.
-                chunk = await current.response.content.read(chunk_size)
-            except (TimeoutError, aiohttp.ServerTimeoutError):
-                failure = PeerFailure("stalled", f"at byte {position}")
-            except (aiohttp.ClientError, OSError) as err:
-                failure = PeerFailure("broken", f"at byte {position}: {err}")
-            else:
-                if chunk:
-                    if position + len(chunk) > self._size:
-                        chunk = chunk[: self._size - position]
-                    self._mirror._metrics.peer_bytes.inc(len(chunk))
-                    yield position, chunk
-                    position += len(chunk)
+            pump: _BodyPump | None = None
+            if hasher is not None and pumped_from is not current:
+                pumped_from = current  # once per source: a refusal means read it here
+                if hashing is not None:
+                    await hashing  # the thread must carry on from a complete hash
+                    hashing = None
+                pump = self._mirror._start_pump(current, self._size - position, hasher)
+            if pump is not None:
+                failure: PeerFailure | None = None
+                try:
+                    while True:
+                        item = await pump.items.get()
+                        if item is None:
+                            break
+                        if isinstance(item, PeerFailure):
+                            failure = PeerFailure(item.reason, f"at byte {position}: {item}")
+                            break
+                        self._mirror._metrics.peer_bytes.inc(len(item))
+                        yield position, item
+                        position += len(item)
+                        pump.consumed()
+                finally:
+                    pump.stop()
+                if failure is None:
                     continue
-                failure = PeerFailure("broken", f"body ended at byte {position}")
+            else:
+                try:
+                    # The request's sock_read timeout bounds a stalled peer per read.
+                    chunk = await current.response.content.read(chunk_size)
+                except (TimeoutError, aiohttp.ServerTimeoutError):
+                    failure = PeerFailure("stalled", f"at byte {position}")
+                except (aiohttp.ClientError, OSError) as err:
+                    failure = PeerFailure("broken", f"at byte {position}: {err}")
+                else:
+                    if chunk:
+                        if position + len(chunk) > self._size:
+                            chunk = chunk[: self._size - position]
+                        self._mirror._metrics.peer_bytes.inc(len(chunk))
+                        if hasher is not None:
+                            # Overlapped with forwarding this chunk and reading the
+                            # next; ordered by awaiting the previous one first.
+                            if hashing is not None:
+                                await hashing
+                            hashing = loop.run_in_executor(None, hasher.update, chunk)
+                        yield position, chunk
+                        position += len(chunk)
+                        continue
+                    failure = PeerFailure("broken", f"body ended at byte {position}")
             if not await self._next_source(position, failure):
                 raise PeerFailure("exhausted", f"no peer left at byte {position}")
+        if hashing is not None:
+            await hashing
 
     async def read_verified_whole(self) -> bytes | None:
         """The whole blob, verified; tries the next peer (from byte 0) on a mismatch."""
@@ -536,19 +649,14 @@ class _BlobFetch:
         """Bytes [start, end) of the blob, hashed from byte 0; the last chunk is held
         back until the whole digest verifies.
 
-        Hashing runs on a worker thread (hashlib releases the GIL) while the event
-        loop forwards the previous chunk and receives the next, so verification
-        costs a second core rather than halving the stream's speed.
+        Reading and hashing run on a body thread (socket reads and hashlib release
+        the GIL) while the event loop forwards the previous chunk to the client, so
+        the loop, which was the bottleneck, does nothing but write.
         """
-        loop = asyncio.get_running_loop()
         hasher = self._digest.hasher()
-        hashing: asyncio.Future[None] | None = None
         held: bytes | None = None
         try:
-            async for position, chunk in self._chunks(0):
-                if hashing is not None:
-                    await hashing
-                hashing = loop.run_in_executor(None, hasher.update, chunk)
+            async for position, chunk in self._chunks(0, hasher):
                 lo, hi = max(start, position), min(end, position + len(chunk))
                 if lo >= hi:
                     continue
@@ -557,8 +665,6 @@ class _BlobFetch:
                 if held is not None:
                     yield held
                 held = piece
-            if hashing is not None:
-                await hashing
             if hasher.hexdigest() != self._digest.hex:
                 if self._current is not None:
                     self._mirror._fail(
@@ -570,6 +676,161 @@ class _BlobFetch:
                 yield held
         finally:
             await self.close()
+
+
+def _take_over(response: aiohttp.ClientResponse) -> tuple[bytes, socket.socket] | None:
+    """The body bytes aiohttp has buffered and a private socket for the rest.
+
+    The response is closed here, so aiohttp never touches the connection again
+    (it is not pooled: a half-read body cannot be reused). The socket is a
+    duplicate descriptor: the connection lives until it is closed too. None,
+    with nothing consumed, when the body is not a plain Content-Length one or
+    aiohttp holds bytes it has not parsed yet.
+    """
+    connection = response.connection
+    if connection is None or connection.transport is None or connection.protocol is None:
+        return None
+    if response.content_length is None or "Transfer-Encoding" in response.headers:
+        return None
+    if getattr(connection.protocol, "_tail", b"") or response.content.exception() is not None:
+        return None
+    raw = connection.transport.get_extra_info("socket")
+    if raw is None:
+        return None
+    try:
+        sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
+    except OSError:
+        return None
+    buffered: list[bytes] = []
+    while data := response.content.read_nowait(-1):
+        buffered.append(data)
+    response.close()
+    return b"".join(buffered), sock
+
+
+_BodyItem = bytes | PeerFailure | None
+
+
+class _BodyPump:
+    """Reads and hashes one peer response's body on two threads, for the event loop.
+
+    Why: with aiohttp the event loop read the peer (transport reads, feed_data,
+    joining buffers into chunks) as well as writing to the client, and sat at 100%
+    of a core while the hashing threads idled. Here a reader thread fills each
+    chunk with one blocking ``recv(MSG_WAITALL)``, GIL released, straight into the
+    ``bytes`` object that is later written to the client (no joins); a hashing
+    thread hashes it and queues it for the loop, which only forwards. Reading and
+    hashing overlap (hashing alone takes as long as the loop's write).
+
+    - Back-pressure: the reader reads a chunk only when it holds one of
+      ``read_ahead`` slots; the loop gives a slot back once the chunk it yielded
+      has been consumed, so memory stays at a few chunks per stream.
+    - Stall bound: ``SO_RCVTIMEO`` makes a read with no byte for ``read_timeout``
+      fail (a read that got some bytes returns them), like aiohttp's ``sock_read``.
+    - Cancellation: `stop` shuts the socket down, which wakes a blocked ``recv``,
+      and frees a slot, which wakes a reader waiting for one; the reader always
+      ends by queueing a final item, which ends the hashing thread. The socket is
+      closed on the loop once the reader has returned (`PeerMirror._start_pump`).
+    - Items on ``items``: hashed chunks in order, then ``None`` at the end of the
+      body, or a `PeerFailure` after the last good chunk.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        prefix: bytes,
+        length: int,
+        *,
+        chunk_size: int,
+        read_timeout: float,
+        hasher: hashlib._Hash,
+        read_ahead: int,
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._prefix = prefix
+        self._length = length
+        self._chunk_size = chunk_size
+        self._read_timeout = read_timeout
+        self._hasher = hasher
+        self._slots = threading.Semaphore(max(1, read_ahead))
+        self._to_hash: queue.SimpleQueue[_BodyItem] = queue.SimpleQueue()
+        self._stopping = False
+        self.items: asyncio.Queue[_BodyItem] = asyncio.Queue()
+
+    def consumed(self) -> None:
+        """The loop is done with one chunk: the reader may read another."""
+        self._slots.release()
+
+    def stop(self) -> None:
+        """Make both threads return soon, whatever they are blocked on."""
+        if self._stopping:
+            return
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._slots.release()
+
+    def abandon(self) -> None:
+        """No reader will run (the executor is shut down): end with a failure."""
+        self._to_hash.put(PeerFailure("broken", "mirror closed"))
+
+    def _post(self, item: _BodyItem) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
+            self._loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+    def hash(self) -> None:
+        """The hashing thread: hash each chunk in order, then pass it to the loop."""
+        while True:
+            item = self._to_hash.get()
+            if not isinstance(item, bytes):
+                if not self._stopping:
+                    self._post(item)
+                return
+            if not self._stopping:
+                self._hasher.update(item)
+                self._post(item)
+
+    def read(self) -> None:
+        """The reader thread; it always ends by queueing one final item."""
+        end: _BodyItem = PeerFailure("broken", "stopped")
+        try:
+            end = self._read()
+        except Exception as err:  # reported to the loop, which fails over
+            end = PeerFailure("broken", f"body thread: {err!r}")
+        finally:
+            self._to_hash.put(end)
+
+    def _read(self) -> _BodyItem:
+        sock = self._sock
+        sock.settimeout(None)  # blocking; SO_RCVTIMEO below bounds each wait
+        seconds = max(self._read_timeout, 0.001)
+        sock.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_RCVTIMEO,
+            struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000)),
+        )
+        remaining = self._length
+        if self._prefix:
+            self._slots.acquire()
+            remaining -= len(self._prefix)
+            self._to_hash.put(self._prefix)
+        while remaining > 0:
+            self._slots.acquire()
+            if self._stopping:
+                return None
+            try:
+                chunk = sock.recv(min(self._chunk_size, remaining), socket.MSG_WAITALL)
+            except (BlockingIOError, TimeoutError):
+                return PeerFailure("stalled", "no bytes within the read timeout")
+            except OSError as err:
+                return PeerFailure("broken", str(err))
+            if not chunk:
+                return PeerFailure("broken", "body ended")
+            remaining -= len(chunk)
+            self._to_hash.put(chunk)
+        return None
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

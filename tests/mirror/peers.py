@@ -20,6 +20,10 @@ class Behaviour:
     manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # ref -> (type, body)
     corrupt: bool = False
     break_after: int | None = None
+    # Send this many body bytes, then nothing until the client goes away (or 10 s).
+    stall_after: int | None = None
+    # Set once a stalled response's connection has been closed by the client.
+    client_gone: asyncio.Event = field(default_factory=asyncio.Event)
     header_delay: float = 0.0
     not_found: bool = False
     requests: list[tuple[str, str | None, str | None]] = field(default_factory=list)
@@ -78,6 +82,15 @@ class FakePeer:
             await response.write(body[: b.break_after])
             assert request.transport is not None
             request.transport.close()
+            return response
+        if b.stall_after is not None:
+            await response.write(body[: b.stall_after])
+            transport = request.transport
+            for _ in range(1000):
+                if transport is None or transport.is_closing():
+                    b.client_gone.set()
+                    break
+                await asyncio.sleep(0.01)
             return response
         for i in range(0, len(body), 256 * 1024):
             await response.write(body[i : i + 256 * 1024])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -245,3 +246,68 @@ async def test_unmirrored_registry_is_a_miss(
     mirror, _, _ = mirror_for(session, [peer], mirrored_registries=frozenset({"ghcr.io"}))
     assert await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True) is None
     assert not peer.behaviour.requests
+
+
+async def wait_for(condition: Callable[[], bool], within: float) -> bool:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("threads", [64, 0], ids=["body-threads", "event-loop"])
+async def test_large_blob_streams_and_resumes_with_or_without_body_threads(
+    make_peer: MakePeer, session: aiohttp.ClientSession, threads: int
+) -> None:
+    broken = await make_peer("broken", break_after=1024 * 1024 + 5)
+    good = await make_peer("good")
+    mirror, router, _ = mirror_for(session, [broken, good], body_threads=threads)
+    router.report("good", ok=True, latency_s=5.0)
+    for _ in range(2):  # the second one starts on the good peer and never breaks
+        content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+        assert content is not None
+        assert await read(content.body) == LARGE
+    assert bool(mirror._body_executor._threads) == bool(threads), "read on body threads"
+    assert await wait_for(lambda: not mirror._pumps, 2.0), "every body thread has finished"
+    mirror.close()
+
+
+async def test_stalled_peer_is_abandoned_and_the_next_resumes(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    stalled = await make_peer("stalled", stall_after=1024 * 1024 + 3)
+    good = await make_peer("good")
+    mirror, router, registry = mirror_for(session, [stalled, good], read_timeout=0.3)
+    router.report("good", ok=True, latency_s=5.0)
+    started = time.monotonic()
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+    assert content is not None and await read(content.body) == LARGE
+    assert time.monotonic() - started < 3.0
+    assert metric(registry, "meshmirror_mirror_peer_failures_total", reason="stalled") == 1
+    resumed = [r for r in good.behaviour.requests if r[1] is not None]
+    assert resumed and int((resumed[0][1] or "=0-")[6:-1]) > 0
+    assert await wait_for(stalled.behaviour.client_gone.is_set, 2.0), "stalled socket closed"
+
+
+async def test_client_going_away_stops_the_body_thread_and_closes_the_peer(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    stalled = await make_peer("stalled", stall_after=1024 * 1024 + 3)
+    # A long stall bound: only the cancellation may end the blocked read.
+    mirror, _, _ = mirror_for(session, [stalled], read_timeout=30.0)
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+    assert content is not None and content.body is not None
+    body = content.body
+    assert len(await anext(body)) > 0
+    await wait_for(lambda: bool(mirror._pumps), 1.0)
+    started = time.monotonic()
+    await body.aclose()  # type: ignore[attr-defined]
+    assert await wait_for(lambda: not mirror._pumps, 2.0), "body threads must return"
+    assert await wait_for(stalled.behaviour.client_gone.is_set, 2.0), "peer socket closed"
+    assert time.monotonic() - started < 2.0
+    threads = list(mirror._body_executor._threads)
+    assert threads and all(t.name.startswith("meshmirror-peer-body") for t in threads)
+    mirror.close()
+    assert await wait_for(lambda: not any(t.is_alive() for t in threads), 2.0)
