@@ -252,9 +252,11 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
             pull_s = time.monotonic() - pull_started
         print(f"pulled {image.name} through {puller.name}:")
         for blob in pulled:
-            rate = blob.size / blob.seconds / 1e6 if blob.seconds else 0.0
+            # A rate over a few hundred bytes only measures latency; show it for layers.
+            rate = (f"{blob.size / blob.seconds / 1e6:7.0f} MB/s"
+                    if blob.seconds and blob.size >= 1 << 20 else "")
             print(f"  {blob.kind:8} {str(blob.digest)[:19]}  {_size(blob.size):>10}  "
-                  f"from {blob.source:6} {blob.seconds * 1000:7.1f} ms  {rate:7.0f} MB/s")
+                  f"from {blob.source:6} {blob.seconds * 1000:7.1f} ms  {rate}")
         got = sum(b.size for b in pulled)
         print(f"total {_size(got)} in {pull_s:.2f}s, every digest verified")
         print(json.dumps({"converged_ms": round(converge_s * 1000, 1), "pull_bytes": got,
