@@ -1,0 +1,184 @@
+"""Reading a peer's response body off the event loop.
+
+The mirror's event loop has to write every byte to the client; when it also read
+them from the peer through aiohttp (transport reads, buffer feeding, joins) it sat
+at 100% of a core while the hashing threads idled. Once a large blob's response
+has good headers, `take_over` lifts its socket out of aiohttp and a `BodyPump`
+reads and hashes the rest on two threads, handing finished chunks to the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import queue
+import socket
+import struct
+import threading
+
+import aiohttp
+
+
+class PeerFailure(Exception):
+    """One peer could not serve; ``reason`` labels the metric."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def take_over(response: aiohttp.ClientResponse) -> tuple[bytes, socket.socket] | None:
+    """The body bytes aiohttp has buffered and a private socket for the rest.
+
+    The response is closed here, so aiohttp never touches the connection again
+    (it is not pooled: a half-read body cannot be reused). The socket is a
+    duplicate descriptor: the connection lives until it is closed too. None,
+    with nothing consumed, when the body is not a plain Content-Length one or
+    aiohttp holds bytes it has not parsed yet.
+    """
+    connection = response.connection
+    if connection is None or connection.transport is None or connection.protocol is None:
+        return None
+    if response.content_length is None or "Transfer-Encoding" in response.headers:
+        return None
+    if getattr(connection.protocol, "_tail", b"") or response.content.exception() is not None:
+        return None
+    raw = connection.transport.get_extra_info("socket")
+    if raw is None:
+        return None
+    try:
+        sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
+    except OSError:
+        return None
+    buffered: list[bytes] = []
+    while data := response.content.read_nowait(-1):
+        buffered.append(data)
+    response.close()
+    return b"".join(buffered), sock
+
+
+BodyItem = bytes | PeerFailure | None
+
+
+class BodyPump:
+    """Reads and hashes one peer response's body on two threads, for the event loop.
+
+    Why: with aiohttp the event loop read the peer (transport reads, feed_data,
+    joining buffers into chunks) as well as writing to the client, and sat at 100%
+    of a core while the hashing threads idled. Here a reader thread fills each
+    chunk with one blocking ``recv(MSG_WAITALL)``, GIL released, straight into the
+    ``bytes`` object that is later written to the client (no joins); a hashing
+    thread hashes it and queues it for the loop, which only forwards. Reading and
+    hashing overlap (hashing alone takes as long as the loop's write).
+
+    - Back-pressure: the reader reads a chunk only when it holds one of
+      ``read_ahead`` slots; the loop gives a slot back once the chunk it yielded
+      has been consumed, so memory stays at a few chunks per stream.
+    - Stall bound: ``SO_RCVTIMEO`` makes a read with no byte for ``read_timeout``
+      fail (a read that got some bytes returns them), like aiohttp's ``sock_read``.
+    - Cancellation: `stop` shuts the socket down, which wakes a blocked ``recv``,
+      and frees a slot, which wakes a reader waiting for one; the reader always
+      ends by queueing a final item, which ends the hashing thread. The socket is
+      closed on the loop once the reader has returned (`PeerMirror._start_pump`).
+    - Items on ``items``: hashed chunks in order, then ``None`` at the end of the
+      body, or a `PeerFailure` after the last good chunk.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        prefix: bytes,
+        length: int,
+        *,
+        chunk_size: int,
+        read_timeout: float,
+        hasher: hashlib._Hash,
+        read_ahead: int,
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._prefix = prefix
+        self._length = length
+        self._chunk_size = chunk_size
+        self._read_timeout = read_timeout
+        self._hasher = hasher
+        self._slots = threading.Semaphore(max(1, read_ahead))
+        self._to_hash: queue.SimpleQueue[BodyItem] = queue.SimpleQueue()
+        self._stopping = False
+        self.items: asyncio.Queue[BodyItem] = asyncio.Queue()
+
+    def consumed(self) -> None:
+        """The loop is done with one chunk: the reader may read another."""
+        self._slots.release()
+
+    def stop(self) -> None:
+        """Make both threads return soon, whatever they are blocked on."""
+        if self._stopping:
+            return
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._slots.release()
+
+    def abandon(self) -> None:
+        """No reader will run (the executor is shut down): end with a failure."""
+        self._to_hash.put(PeerFailure("broken", "mirror closed"))
+
+    def _post(self, item: BodyItem) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
+            self._loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+    def hash(self) -> None:
+        """The hashing thread: hash each chunk in order, then pass it to the loop."""
+        while True:
+            item = self._to_hash.get()
+            if not isinstance(item, bytes):
+                if not self._stopping:
+                    self._post(item)
+                return
+            if not self._stopping:
+                self._hasher.update(item)
+                self._post(item)
+
+    def read(self) -> None:
+        """The reader thread; it always ends by queueing one final item."""
+        end: BodyItem = PeerFailure("broken", "stopped")
+        try:
+            end = self._read()
+        except Exception as err:  # reported to the loop, which fails over
+            end = PeerFailure("broken", f"body thread: {err!r}")
+        finally:
+            self._to_hash.put(end)
+
+    def _read(self) -> BodyItem:
+        sock = self._sock
+        sock.settimeout(None)  # blocking; SO_RCVTIMEO below bounds each wait
+        seconds = max(self._read_timeout, 0.001)
+        sock.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_RCVTIMEO,
+            struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000)),
+        )
+        remaining = self._length
+        if self._prefix:
+            self._slots.acquire()
+            remaining -= len(self._prefix)
+            self._to_hash.put(self._prefix)
+        while remaining > 0:
+            self._slots.acquire()
+            if self._stopping:
+                return None
+            try:
+                chunk = sock.recv(min(self._chunk_size, remaining), socket.MSG_WAITALL)
+            except (BlockingIOError, TimeoutError):
+                return PeerFailure("stalled", "no bytes within the read timeout")
+            except OSError as err:
+                return PeerFailure("broken", str(err))
+            if not chunk:
+                return PeerFailure("broken", "body ended")
+            remaining -= len(chunk)
+            self._to_hash.put(chunk)
+        return None
