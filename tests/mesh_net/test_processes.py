@@ -209,7 +209,11 @@ def test_partition_detected_and_heals(mesh: Mesh, chain: str) -> None:
         for b in side_b:
             assert _iptables("-A", chain, "-s", a.host, "-d", b.host, "-j", "DROP").returncode == 0
             assert _iptables("-A", chain, "-s", b.host, "-d", a.host, "-j", "DROP").returncode == 0
-    bound = detection_bound(CONFIG, n)
+    # Twice the bound: every probe across the cut fails, so Lifeguard's awareness
+    # stretches each node's probe interval and timeouts, and a node whose own view
+    # of a peer has a newer incarnation than the others' dead broadcasts must
+    # suspect it itself, without confirmations (the longest suspicion).
+    bound = 2 * detection_bound(CONFIG, n)
     names_a = {p.name for p in side_a}
     names_b = {p.name for p in side_b}
     assert wait_for(lambda: all(p.alive() == names_a for p in side_a)
