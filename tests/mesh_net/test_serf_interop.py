@@ -49,14 +49,6 @@ def cluster(tmp_path: Path) -> Iterator[SerfCluster]:
         yield c
 
 
-@pytest.fixture
-def nodes() -> Iterator[list[MeshNode]]:
-    started: list[MeshNode] = []
-    try:
-        yield started
-    finally:
-        for node in started:
-            node.stop(leave=False, timeout=5)
 
 
 def new_node(nodes: list[MeshNode], name: str, *, key: bytes | None,

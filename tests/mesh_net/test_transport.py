@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -23,14 +22,6 @@ from tests.support.serf import wait_for
 CONFIG = MeshConfig()
 
 
-@pytest.fixture
-def nodes() -> Iterator[list[MeshNode]]:
-    started: list[MeshNode] = []
-    try:
-        yield started
-    finally:
-        for node in started:
-            node.stop(leave=False, timeout=5)
 
 
 def start(nodes: list[MeshNode], name: str, *, host: str | None = None, port: int | None = None,
