@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -49,6 +50,19 @@ def parse_bool(text: str) -> bool:
     if lowered in {"0", "false", "no", "off"}:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``4Gi``, ``4GiB``, ``512M`` or ``1073741824``: the forms a Helm value or a
+    person would write (Ki/Mi/Gi are powers of 1024, K/M/G of 1000)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]i?)?b?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4Gi or 512MiB, got {text!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]
 
 
 def _add_containerd_flags(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bound on a connected peer's response headers")
     run.add_argument("--mirror-resolve-retries", type=int, default=3, metavar="N",
                      help="how many peers to try before answering 404")
+    run.add_argument("--mirror-spool-dir", default=None, metavar="DIR",
+                     help="where blobs from peers are held until verified (default: the "
+                          "system's temporary directory)")
+    run.add_argument("--mirror-spool-limit", type=parse_size, default=4 << 30, metavar="SIZE",
+                     help="bytes of blobs held at once (e.g. 4Gi); a blob beyond it is streamed "
+                          "and checked only at its end; 0 streams every large blob")
     run.add_argument("--summary-fp-rate", type=float, default=0.01, metavar="RATE",
                      help="target false-positive rate of the Bloom summary")
     _add_containerd_flags(run)

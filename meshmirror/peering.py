@@ -23,6 +23,7 @@ import logging
 import random
 import re
 import socket
+import tempfile
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from meshmirror.mesh.transport import MembershipEvent, MeshNode
 from meshmirror.mesh.wire import WireError
 from meshmirror.registry.mirror import MirrorMetrics, MirrorOptions, PeerMirror
 from meshmirror.registry.mirror import registry_host as registry_host_of
+from meshmirror.registry.spool import check_spool_directory
 from meshmirror.registry.summary_endpoint import summary_route
 from meshmirror.store.base import Store
 
@@ -95,11 +97,21 @@ class PeeringConfig:
                              "> 0 and --mirror-resolve-retries >= 1")
         if not 0 < args.summary_fp_rate < 1:
             raise UsageError("--summary-fp-rate must be between 0 and 1, e.g. 0.01")
+        spool_dir = Path(args.mirror_spool_dir) if args.mirror_spool_dir else None
+        if args.mirror_spool_limit > 0:
+            try:
+                check_spool_directory(spool_dir or Path(tempfile.gettempdir()))
+            except OSError as err:
+                flag = "--mirror-spool-dir" if spool_dir else "the temporary directory"
+                raise UsageError(f"{flag}: {err}; point --mirror-spool-dir at a writable "
+                                 "directory or set --mirror-spool-limit 0") from err
         mirror = MirrorOptions(
             connect_timeout=args.mirror_resolve_timeout,
             first_byte_timeout=args.mirror_first_byte_timeout,
             hedge_delay=args.mirror_resolve_timeout / 2,
             max_attempts=args.mirror_resolve_retries,
+            spool_dir=spool_dir,
+            spool_limit=args.mirror_spool_limit,
             resolve_tags=args.resolve_tags,
             registry_filters=tuple(filters),
             mirrored_registries=frozenset(

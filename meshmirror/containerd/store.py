@@ -35,6 +35,7 @@ from meshmirror.containerd.client import (
     EventStream,
 )
 from meshmirror.containerd.proto import content_events_pb2, events_pb2, image_events_pb2
+from meshmirror.fileio import pread_chunks
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE, ManifestError, parse_manifest
 from meshmirror.oci.mediatypes import is_manifest_like
@@ -291,7 +292,7 @@ class ContainerdStore(Store):
         fd = await self._open_direct(digest)
         if fd is not None:
             try:
-                async for chunk in self._read_file(fd, offset, end - offset):
+                async for chunk in pread_chunks(fd, offset, end, CHUNK_SIZE):
                     yield chunk
             finally:
                 os.close(fd)
@@ -308,16 +309,6 @@ class ContainerdStore(Store):
             return await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
-
-    async def _read_file(self, fd: int, offset: int, count: int) -> AsyncIterator[bytes]:
-        position, remaining = offset, count
-        while remaining > 0:
-            data = await asyncio.to_thread(os.pread, fd, min(CHUNK_SIZE, remaining), position)
-            if not data:
-                raise ContainerdError(f"content file ended {remaining} bytes early")
-            position += len(data)
-            remaining -= len(data)
-            yield data
 
     async def _read_grpc(self, digest: Digest, offset: int, count: int) -> AsyncIterator[bytes]:
         remaining = count

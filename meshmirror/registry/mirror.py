@@ -11,13 +11,16 @@ which peers probably hold the key, and then:
   turns into a fast 404 so containerd goes upstream. The two bounds differ on
   purpose: a live peer starting several responses at once on a busy node needs
   tens of milliseconds, and giving up on it sends the bytes upstream.
-- **trusts no peer's bytes.** Every byte is hashed on its way through. A
-  manifest, or a blob of at most ``verify_before_send_limit`` bytes, is read
-  whole and verified before the client sees any of it, so a lying peer costs a
-  retry on the next candidate and nothing else. A larger blob is streamed (memory
-  must not grow with blob size) with its last chunk held back until the whole
-  digest checks out; on a mismatch the stream raises, the server aborts the
-  connection short of Content-Length, and the client cannot take it as complete.
+- **passes on no unverified byte.** A manifest, or a blob of at most
+  ``verify_before_send_limit`` bytes, is read whole into memory and verified
+  before the client sees any of it; a larger blob is held the same way in a
+  spool file (see `spool`), so a lying peer costs a retry on the next candidate
+  and nothing else. Why not stream and check at the end: containerd keeps every
+  byte it was sent, so one corrupt byte fails its pull even when the mirror
+  aborts. Only when the spool budget is spent is a blob streamed, with its last
+  chunk held back until the digest checks out; on a mismatch the stream raises,
+  the server aborts the connection short of Content-Length, and the client
+  cannot take it as complete (but that pull fails, and its retry succeeds).
 - **resumes.** A peer that breaks mid-stream is replaced by the next candidate,
   asked with ``Range: bytes=<reached>-``, and the hash carries on from there.
   A client's own Range is served by hashing the blob from byte 0 (the skipped
@@ -39,17 +42,20 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 import aiohttp
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshmirror.mesh.router import Peer, Router
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
 from meshmirror.registry.fallback import FallbackContent
-from meshmirror.registry.peer_body import BodyPump, PeerFailure, take_over
+from meshmirror.registry.peer_body import BodyPump, PeerFailure, SinkFailure, take_over
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
+from meshmirror.registry.spool import SpoolBudget
 from meshmirror.store.base import tag_key
 
 PEER_HEADER = "X-Meshmirror-Peer"
@@ -78,8 +84,14 @@ class MirrorOptions:
     hedge_delay: float = 0.05
     # Peers tried for one request (Spegel: 3).
     max_attempts: int = 3
-    # Blobs up to this size are verified whole before the first byte is sent.
+    # Blobs up to this size are verified whole in memory before the first byte is sent.
     verify_before_send_limit: int = 8 * 1024 * 1024
+    # Larger ones are verified whole in a spool file in this directory (None: the
+    # system's temporary directory) ...
+    spool_dir: Path | None = None
+    # ... while the spool files of concurrent requests total at most this many
+    # bytes; a blob that does not fit is streamed (0: always stream).
+    spool_limit: int = 4 * 1024 * 1024 * 1024
     chunk_size: int = 4 * 1024 * 1024
     # A stalled peer mid-stream is abandoned after this long without a byte.
     read_timeout: float = 5.0
@@ -139,6 +151,18 @@ class MirrorMetrics:
             ["reason"],
             registry=registry,
         )
+        self.blob_bodies = Counter(
+            "meshmirror_mirror_blob_bodies",
+            "Blob bodies sent from peers, by how they were verified: whole in memory or in "
+            "a spool file before the first byte, or streamed and checked at the end",
+            ["mode"],
+            registry=registry,
+        )
+        self.spool_bytes = Gauge(
+            "meshmirror_mirror_spool_bytes",
+            "Bytes of spool files held by requests in progress",
+            registry=registry,
+        )
 
 
 @dataclass(slots=True)
@@ -174,6 +198,8 @@ class PeerMirror:
             thread_name_prefix="meshmirror-peer-body",
         )
         self._pumps: set[BodyPump] = set()
+        self._spools = SpoolBudget(self._options.spool_dir, self._options.spool_limit)
+        self._metrics.spool_bytes.set_function(lambda: self._spools.used)
 
     def close(self) -> None:
         """Stop every body thread (their sockets are shut so blocked reads return)."""
@@ -181,7 +207,9 @@ class PeerMirror:
             pump.stop()
         self._body_executor.shutdown(wait=False, cancel_futures=True)
 
-    def _start_pump(self, opened: _Opened, length: int, hasher: hashlib._Hash) -> BodyPump | None:
+    def _start_pump(
+        self, opened: _Opened, length: int, consume: Callable[[bytes], None]
+    ) -> BodyPump | None:
         """Hand the rest of ``opened``'s body (``length`` bytes) to a body thread.
 
         None when every body thread is busy or the response cannot be taken over;
@@ -201,7 +229,7 @@ class PeerMirror:
             length,
             chunk_size=self._options.chunk_size,
             read_timeout=self._options.read_timeout,
-            hasher=hasher,
+            consume=consume,
             read_ahead=self._options.read_ahead,
         )
         try:
@@ -298,14 +326,40 @@ class PeerMirror:
         start = 0 if selected is None else selected.offset
         end = size if selected is None else selected.offset + selected.length
         if size <= self._options.verify_before_send_limit:
-            data = await fetch.read_verified_whole()
-            if data is None:
-                self._count(registry, "blob", "error")
+            memory = _MemorySink()
+            if not await self._verify(fetch, memory, registry, threads=False):
                 return None
-            self._count(registry, "blob", "hit")
-            return FallbackContent(digest, size, None, _once(data[start:end]))
+            self._metrics.blob_bodies.labels("memory").inc()
+            return FallbackContent(digest, size, None, _once(bytes(memory.data[start:end])))
+        spool = self._spools.reserve(size)
+        if spool is not None:
+            try:
+                verified = await self._verify(fetch, spool, registry, threads=True)
+            except BaseException:
+                spool.release()
+                raise
+            if not verified:
+                spool.release()
+                return None
+            self._metrics.blob_bodies.labels("spool").inc()
+            return FallbackContent(
+                digest, size, None, spool.read(start, end, self._options.chunk_size))
         self._count(registry, "blob", "hit")
+        self._metrics.blob_bodies.labels("stream").inc()
         return FallbackContent(digest, size, None, fetch.stream(start, end))
+
+    async def _verify(
+        self, fetch: _BlobFetch, sink: _Sink, registry: str, *, threads: bool
+    ) -> bool:
+        """Fill ``sink`` with the verified blob and count the request's outcome."""
+        try:
+            verified = await fetch.read_verified(sink, threads=threads)
+        except SinkFailure as err:
+            await fetch.close()
+            logger.warning("could not hold a blob until verified (%s); answering 404", err)
+            verified = False
+        self._count(registry, "blob", "hit" if verified else "error")
+        return verified
 
     # -- shared plumbing ---------------------------------------------------------
 
@@ -534,14 +588,15 @@ class _BlobFetch:
         return self._current is not None
 
     async def _chunks(
-        self, offset: int, hasher: hashlib._Hash | None = None
+        self, offset: int, consume: Callable[[bytes], None], *, threads: bool
     ) -> AsyncIterator[tuple[int, bytes]]:
         """(position, chunk) pairs from ``offset`` to the end, failing over on breaks.
 
-        With ``hasher``, every chunk is added to it, and the generator ends only
-        once all are: the body is then read and hashed on a body thread
-        (`BodyPump`), so the event loop only forwards chunks. Without a free body
-        thread it is read here and hashed on the default executor, overlapped.
+        Every chunk is passed to ``consume`` (hashing, maybe spooling), in order,
+        and the generator ends only once all are. With ``threads`` the body is read
+        and consumed on body threads (`BodyPump`), so the event loop only forwards
+        chunks; otherwise, or without a free body thread, it is read here and
+        consumed on the default executor, overlapped with the next read.
         """
         position = offset
         chunk_size = self._mirror._options.chunk_size
@@ -553,12 +608,12 @@ class _BlobFetch:
             if current is None:
                 raise PeerFailure("exhausted", f"no peer left at byte {position}")
             pump: BodyPump | None = None
-            if hasher is not None and pumped_from is not current:
+            if threads and pumped_from is not current:
                 pumped_from = current  # once per source: a refusal means read it here
                 if hashing is not None:
                     await hashing  # the thread must carry on from a complete hash
                     hashing = None
-                pump = self._mirror._start_pump(current, self._size - position, hasher)
+                pump = self._mirror._start_pump(current, self._size - position, consume)
             if pump is not None:
                 failure: PeerFailure | None = None
                 try:
@@ -566,6 +621,8 @@ class _BlobFetch:
                         item = await pump.items.get()
                         if item is None:
                             break
+                        if isinstance(item, SinkFailure):
+                            raise item
                         if isinstance(item, PeerFailure):
                             failure = PeerFailure(item.reason, f"at byte {position}: {item}")
                             break
@@ -590,12 +647,11 @@ class _BlobFetch:
                         if position + len(chunk) > self._size:
                             chunk = chunk[: self._size - position]
                         self._mirror._metrics.peer_bytes.inc(len(chunk))
-                        if hasher is not None:
-                            # Overlapped with forwarding this chunk and reading the
-                            # next; ordered by awaiting the previous one first.
-                            if hashing is not None:
-                                await hashing
-                            hashing = loop.run_in_executor(None, hasher.update, chunk)
+                        # Overlapped with forwarding this chunk and reading the
+                        # next; ordered by awaiting the previous one first.
+                        if hashing is not None:
+                            await hashing
+                        hashing = loop.run_in_executor(None, consume, chunk)
                         yield position, chunk
                         position += len(chunk)
                         continue
@@ -605,24 +661,24 @@ class _BlobFetch:
         if hashing is not None:
             await hashing
 
-    async def read_verified_whole(self) -> bytes | None:
-        """The whole blob, verified; tries the next peer (from byte 0) on a mismatch."""
+    async def read_verified(self, sink: _Sink, *, threads: bool) -> bool:
+        """Fill ``sink`` with the whole blob and verify it; on a mismatch, start again
+        from byte 0 on the next peer. False when no peer had good bytes."""
         while self._current is not None:
             hasher = self._digest.hasher()
-            buffer = bytearray()
+            sink.reset()
             try:
-                async for _, chunk in self._chunks(0):
-                    hasher.update(chunk)
-                    buffer += chunk
+                async for _ in self._chunks(0, _hash_then(hasher, sink.write), threads=threads):
+                    pass
             except PeerFailure:
                 await self.close()
-                return None
+                return False
             if hasher.hexdigest() == self._digest.hex:
                 self._report_ok()
-                return bytes(buffer)
+                return True
             if not await self._next_source(0, PeerFailure("digest_mismatch", str(self._digest))):
-                return None
-        return None
+                return False
+        return False
 
     def _report_ok(self) -> None:
         if self._current is not None:
@@ -644,7 +700,7 @@ class _BlobFetch:
         hasher = self._digest.hasher()
         held: bytes | None = None
         try:
-            async for position, chunk in self._chunks(0, hasher):
+            async for position, chunk in self._chunks(0, hasher.update, threads=True):
                 lo, hi = max(start, position), min(end, position + len(chunk))
                 if lo >= hi:
                     continue
@@ -668,6 +724,38 @@ class _BlobFetch:
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+class _Sink(Protocol):
+    """Where a blob is held until verified: `_MemorySink` or a `spool.SpoolFile`."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+class _MemorySink:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, chunk: bytes) -> None:
+        self.data += chunk
+
+    def reset(self) -> None:
+        self.data.clear()
+
+
+def _hash_then(hasher: hashlib._Hash, keep: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """One chunk's work off the loop: hash it, then keep it; a failure to keep it is ours."""
+
+    def consume(chunk: bytes) -> None:
+        hasher.update(chunk)
+        try:
+            keep(chunk)
+        except OSError as err:
+            raise SinkFailure(str(err)) from err
+
+    return consume
 
 
 def peer_dispatch(for_clients: ASGIApp, for_peers: ASGIApp) -> ASGIApp:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import queue
 import socket
 import struct
 import threading
+from collections.abc import Callable
 
 import aiohttp
 
@@ -27,6 +27,11 @@ class PeerFailure(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+class SinkFailure(Exception):
+    """We could not keep a chunk (e.g. the spool's disk is full): no peer is to blame,
+    so no other peer is tried either."""
 
 
 def take_over(response: aiohttp.ClientResponse) -> tuple[bytes, socket.socket] | None:
@@ -59,19 +64,20 @@ def take_over(response: aiohttp.ClientResponse) -> tuple[bytes, socket.socket] |
     return b"".join(buffered), sock
 
 
-BodyItem = bytes | PeerFailure | None
+BodyItem = bytes | PeerFailure | SinkFailure | None
 
 
 class BodyPump:
-    """Reads and hashes one peer response's body on two threads, for the event loop.
+    """Reads and consumes (hashes, maybe spools) one peer response's body on two threads.
 
     Why: with aiohttp the event loop read the peer (transport reads, feed_data,
     joining buffers into chunks) as well as writing to the client, and sat at 100%
     of a core while the hashing threads idled. Here a reader thread fills each
     chunk with one blocking ``recv(MSG_WAITALL)``, GIL released, straight into the
     ``bytes`` object that is later written to the client (no joins); a hashing
-    thread hashes it and queues it for the loop, which only forwards. Reading and
-    hashing overlap (hashing alone takes as long as the loop's write).
+    thread passes it to ``consume`` (hashing, and spooling when the blob is held
+    until verified) and queues it for the loop, which only forwards or counts.
+    Reading and hashing overlap (hashing alone takes as long as the loop's write).
 
     - Back-pressure: the reader reads a chunk only when it holds one of
       ``read_ahead`` slots; the loop gives a slot back once the chunk it yielded
@@ -82,8 +88,9 @@ class BodyPump:
       and frees a slot, which wakes a reader waiting for one; the reader always
       ends by queueing a final item, which ends the hashing thread. The socket is
       closed on the loop once the reader has returned (`PeerMirror._start_pump`).
-    - Items on ``items``: hashed chunks in order, then ``None`` at the end of the
-      body, or a `PeerFailure` after the last good chunk.
+    - Items on ``items``: consumed chunks in order, then ``None`` at the end of the
+      body, or a `PeerFailure` after the last good chunk, or a `SinkFailure` when
+      ``consume`` raised (nothing after it is consumed).
     """
 
     def __init__(
@@ -95,7 +102,7 @@ class BodyPump:
         *,
         chunk_size: int,
         read_timeout: float,
-        hasher: hashlib._Hash,
+        consume: Callable[[bytes], None],
         read_ahead: int,
     ) -> None:
         self._loop = loop
@@ -104,7 +111,7 @@ class BodyPump:
         self._length = length
         self._chunk_size = chunk_size
         self._read_timeout = read_timeout
-        self._hasher = hasher
+        self._consume = consume
         self._slots = threading.Semaphore(max(1, read_ahead))
         self._to_hash: queue.SimpleQueue[BodyItem] = queue.SimpleQueue()
         self._stopping = False
@@ -132,16 +139,22 @@ class BodyPump:
             self._loop.call_soon_threadsafe(self.items.put_nowait, item)
 
     def hash(self) -> None:
-        """The hashing thread: hash each chunk in order, then pass it to the loop."""
+        """The consuming thread: consume each chunk in order, then pass it to the loop."""
         while True:
             item = self._to_hash.get()
             if not isinstance(item, bytes):
                 if not self._stopping:
                     self._post(item)
                 return
-            if not self._stopping:
-                self._hasher.update(item)
-                self._post(item)
+            if self._stopping:
+                continue
+            try:
+                self._consume(item)
+            except Exception as err:  # the loop gives up on this body; drain the reader
+                self._post(err if isinstance(err, SinkFailure) else SinkFailure(repr(err)))
+                self.stop()
+                continue
+            self._post(item)
 
     def read(self) -> None:
         """The reader thread; it always ends by queueing one final item."""

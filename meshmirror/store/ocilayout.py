@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from meshmirror.fileio import pread_chunks
 from meshmirror.oci import mediatypes as mt
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.imagebuilder import (
@@ -273,15 +274,8 @@ class OciLayoutStore(Store):
             fd = await asyncio.to_thread(os.open, blob_path(self.root, digest), os.O_RDONLY)
         except FileNotFoundError:
             raise NotFoundError(f"blob {digest} not found") from None
-        loop = asyncio.get_running_loop()
         try:
-            pos = offset
-            while pos < end:
-                chunk = await loop.run_in_executor(
-                    None, os.pread, fd, min(self.chunk_size, end - pos), pos)
-                if not chunk:
-                    raise OSError(f"blob {digest} shrank while being read at {pos}")
-                pos += len(chunk)
+            async for chunk in pread_chunks(fd, offset, end, self.chunk_size):
                 yield chunk
         finally:
             os.close(fd)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -22,6 +24,7 @@ from meshmirror.registry.mirror import (
     VerificationError,
 )
 from meshmirror.registry.ranges import RangeSpec
+from meshmirror.registry.spool import SpoolFile
 from tests.mirror.peers import Behaviour, FakePeer
 
 SMALL = os.urandom(300_000)
@@ -167,11 +170,11 @@ async def test_large_blob_resumes_on_next_peer_after_a_break(
     assert int((resumed[0][1] or "=0-")[6:-1]) > 0
 
 
-async def test_large_corrupt_blob_aborts_before_the_last_chunk(
+async def test_streamed_corrupt_blob_aborts_before_the_last_chunk(
     make_peer: MakePeer, session: aiohttp.ClientSession
 ) -> None:
     bad = await make_peer("bad", corrupt=True)
-    mirror, _, _ = mirror_for(session, [bad])
+    mirror, _, registry = mirror_for(session, [bad], spool_limit=0)  # no spool: streamed
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
     assert content is not None and content.body is not None
     received = bytearray()
@@ -179,6 +182,7 @@ async def test_large_corrupt_blob_aborts_before_the_last_chunk(
         async for chunk in content.body:
             received += chunk
     assert len(received) < len(LARGE), "a blob that failed verification must arrive short"
+    assert metric(registry, "meshmirror_mirror_blob_bodies_total", mode="stream") == 1
 
 
 async def test_client_range_is_served_after_hashing_the_prefix(
@@ -258,12 +262,15 @@ async def wait_for(condition: Callable[[], bool], within: float) -> bool:
 
 
 @pytest.mark.parametrize("threads", [64, 0], ids=["body-threads", "event-loop"])
-async def test_large_blob_streams_and_resumes_with_or_without_body_threads(
-    make_peer: MakePeer, session: aiohttp.ClientSession, threads: int
+@pytest.mark.parametrize("spool_limit", [1 << 30, 0], ids=["spooled", "streamed"])
+async def test_large_blob_resumes_with_or_without_body_threads(
+    make_peer: MakePeer, session: aiohttp.ClientSession, threads: int, spool_limit: int
 ) -> None:
     broken = await make_peer("broken", break_after=1024 * 1024 + 5)
     good = await make_peer("good")
-    mirror, router, _ = mirror_for(session, [broken, good], body_threads=threads)
+    mirror, router, _ = mirror_for(
+        session, [broken, good], body_threads=threads, spool_limit=spool_limit
+    )
     router.report("good", ok=True, latency_s=5.0)
     for _ in range(2):  # the second one starts on the good peer and never breaks
         content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
@@ -295,8 +302,9 @@ async def test_client_going_away_stops_the_body_thread_and_closes_the_peer(
     make_peer: MakePeer, session: aiohttp.ClientSession
 ) -> None:
     stalled = await make_peer("stalled", stall_after=1024 * 1024 + 3)
-    # A long stall bound: only the cancellation may end the blocked read.
-    mirror, _, _ = mirror_for(session, [stalled], read_timeout=30.0)
+    # A long stall bound: only the cancellation may end the blocked read. Streamed
+    # (no spool), so the client has a body to walk away from mid-stream.
+    mirror, _, _ = mirror_for(session, [stalled], read_timeout=30.0, spool_limit=0)
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
     assert content is not None and content.body is not None
     body = content.body
@@ -311,3 +319,116 @@ async def test_client_going_away_stops_the_body_thread_and_closes_the_peer(
     assert threads and all(t.name.startswith("meshmirror-peer-body") for t in threads)
     mirror.close()
     assert await wait_for(lambda: not any(t.is_alive() for t in threads), 2.0)
+
+
+# -- large blobs held in a spool file until verified ------------------------------
+
+
+async def test_large_corrupt_blob_is_never_passed_on(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    """The whole point of the spool: the client sees only the good peer's bytes."""
+    bad = await make_peer("bad", corrupt=True)
+    good = await make_peer("good")
+    mirror, router, registry = mirror_for(session, [bad, good])
+    router.report("good", ok=True, latency_s=5.0)  # rank the liar first
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+    assert content is not None
+    assert await read(content.body) == LARGE
+    assert [r[1] for r in bad.behaviour.requests] == [None], "the liar was asked once"
+    assert next(p.name for p in router.candidates(LARGE_D, 2)) == "good", "liar is penalised"
+    assert metric(registry, "meshmirror_mirror_peer_failures_total", reason="digest_mismatch") == 1
+    assert metric(registry, "meshmirror_mirror_blob_bodies_total", mode="spool") == 1
+    assert metric(registry, "meshmirror_mirror_spool_bytes") == 0, "spool released"
+    mirror.close()
+
+
+async def test_large_blob_only_a_liar_has_is_a_miss_with_nothing_sent(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    bad = await make_peer("bad", corrupt=True)
+    mirror, _, registry = mirror_for(session, [bad])
+    assert await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True) is None
+    assert metric(registry, "meshmirror_mirror_requests_total",
+                  registry="docker.io", kind="blob", result="error") == 1
+    assert metric(registry, "meshmirror_mirror_spool_bytes") == 0
+    mirror.close()
+
+
+async def test_client_range_is_served_from_the_spool(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    peer = await make_peer("a")
+    mirror, _, registry = mirror_for(session, [peer])
+    spec = RangeSpec(first=1_000_000, last=2_000_000)
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), spec, True)
+    assert content is not None and content.size == len(LARGE)
+    assert metric(registry, "meshmirror_mirror_spool_bytes") == len(LARGE), "held while unsent"
+    assert await read(content.body) == LARGE[1_000_000:2_000_001]
+    assert metric(registry, "meshmirror_mirror_spool_bytes") == 0
+    mirror.close()
+
+
+async def test_spool_budget_spent_means_streaming(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    peer = await make_peer("a")
+    mirror, _, registry = mirror_for(session, [peer], spool_limit=len(LARGE) + 10)
+    first = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+    second = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+    assert first is not None and second is not None
+    assert metric(registry, "meshmirror_mirror_blob_bodies_total", mode="spool") == 1
+    assert metric(registry, "meshmirror_mirror_blob_bodies_total", mode="stream") == 1
+    assert await read(second.body) == LARGE
+    assert await read(first.body) == LARGE
+    # Budget back: the next one is spooled again.
+    third = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+    assert third is not None and await read(third.body) == LARGE
+    assert metric(registry, "meshmirror_mirror_blob_bodies_total", mode="spool") == 2
+    mirror.close()
+
+
+async def test_unsent_spool_is_released_when_dropped(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    """A client that leaves before its first byte: the body is never iterated."""
+    peer = await make_peer("a")
+    mirror, _, registry = mirror_for(session, [peer])
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+    assert content is not None
+    assert metric(registry, "meshmirror_mirror_spool_bytes") == len(LARGE)
+    del content
+    assert await wait_for(lambda: not mirror._pumps, 2.0), "body threads must return"
+    gc.collect()
+    assert metric(registry, "meshmirror_mirror_spool_bytes") == 0
+    mirror.close()
+
+
+@pytest.mark.parametrize("threads", [64, 0], ids=["body-threads", "event-loop"])
+async def test_spool_write_failure_is_a_miss_not_a_peer_fault(
+    make_peer: MakePeer, session: aiohttp.ClientSession, threads: int,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(self: SpoolFile, chunk: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SpoolFile, "write", disk_full)
+    peer = await make_peer("a")
+    other = await make_peer("b")
+    mirror, _, registry = mirror_for(session, [peer, other], body_threads=threads)
+    assert await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True) is None
+    assert len(peer.behaviour.requests) + len(other.behaviour.requests) == 1, "no peer blamed"
+    assert metric(registry, "meshmirror_mirror_spool_bytes") == 0
+    assert await wait_for(lambda: not mirror._pumps, 2.0), "body threads must return"
+    mirror.close()
+
+
+async def test_unwritable_spool_directory_falls_back_to_streaming(
+    make_peer: MakePeer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    peer = await make_peer("a")
+    mirror, _, registry = mirror_for(session, [peer], spool_dir=tmp_path / "missing")
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+    assert content is not None and await read(content.body) == LARGE
+    assert metric(registry, "meshmirror_mirror_blob_bodies_total", mode="stream") == 1
+    mirror.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshmirror.cli import UsageError, build_parser, main
+from meshmirror.cli import UsageError, build_parser, main, parse_size
 from meshmirror.peering import PeeringConfig, mesh_addresses
 
 
@@ -36,6 +36,25 @@ def test_flags_become_mesh_and_mirror_settings(tmp_path: Path) -> None:
     assert got.mirror.resolve_tags is False
 
 
+def test_spool_flags(tmp_path: Path) -> None:
+    got = config("--mirror-spool-dir", str(tmp_path), "--mirror-spool-limit", "512Mi")
+    assert got is not None
+    assert (got.mirror.spool_dir, got.mirror.spool_limit) == (tmp_path, 512 << 20)
+    default = config()
+    assert default is not None and default.mirror.spool_limit == 4 << 30
+    assert default.mirror.spool_dir is None  # the system's temporary directory
+    off = config("--mirror-spool-dir", str(tmp_path / "missing"), "--mirror-spool-limit", "0")
+    assert off is not None and off.mirror.spool_limit == 0, "no spool: directory not needed"
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("0", 0), ("1073741824", 1 << 30), ("4Gi", 4 << 30), ("4GiB", 4 << 30), ("512Mi", 512 << 20),
+    ("512M", 512 * 10**6), ("2k", 2000), (" 8 MiB ", 8 << 20),
+])
+def test_sizes_read_as_a_person_writes_them(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
 def test_mesh_off_serves_the_local_store_only() -> None:
     assert config("--mesh-addr", "off") is None
 
@@ -59,6 +78,7 @@ def test_wildcard_bind_advertises_a_concrete_address() -> None:
     (("--mirror-resolve-retries", "0"), "retries >= 1"),
     (("--summary-fp-rate", "1.5"), "between 0 and 1"),
     (("--join", "host:notaport"), "not a number"),
+    (("--mirror-spool-dir", "/nonexistent/spool"), "not a directory"),
 ])
 def test_bad_flags_are_usage_errors(flags: tuple[str, ...], message: str) -> None:
     with pytest.raises(UsageError, match=re.escape(message)):
@@ -69,3 +89,10 @@ def test_bad_flag_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["run", "--store", "oci:/tmp", "--registry-filters", "(x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("meshmirror: --registry-filters")
+
+
+def test_bad_size_exits_2_saying_what_to_write(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--store", "oci:/tmp", "--mirror-spool-limit", "lots"])
+    assert exited.value.code == 2
+    assert "expected a size such as 4Gi" in capsys.readouterr().err

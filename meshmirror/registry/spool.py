@@ -1,0 +1,122 @@
+"""Spool files: where a large blob from a peer waits until its digest checks out.
+
+Why spool at all: containerd 1.6 writes every byte it receives into its ingest
+and checks the digest only at commit. If the mirror streamed a lying peer's
+bytes and aborted at the end, containerd would resume with ``Range`` from the
+byte it reached, the corrupt prefix would stay in its ingest, the commit would
+fail and so would the pull (measured in tests/e2e/test_faults.py before this
+existed). OCI has no per-chunk digests, so the only way to never pass on an
+unverified byte is to hold the whole blob until it verifies. Memory cannot hold
+multi-GiB layers; a file can, and the page cache usually keeps it in RAM anyway.
+
+The files are anonymous (``O_TMPFILE`` where the kernel has it): nothing is
+left behind when the process dies. A `SpoolBudget` bounds the bytes held across
+concurrent requests; a blob that does not fit is streamed instead (verified at
+the end, aborted on a mismatch), which is what the budget trades away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import IO
+
+from meshmirror.fileio import pread_chunks
+
+
+class SpoolBudget:
+    """At most ``limit`` bytes of spool files at once, in ``directory``."""
+
+    def __init__(self, directory: Path | None, limit: int) -> None:
+        if limit < 0:
+            raise ValueError("the spool limit cannot be negative")
+        self.directory = directory
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()  # released from finalizers, which may run anywhere
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def reserve(self, size: int) -> SpoolFile | None:
+        """A spool file for ``size`` bytes, or None when they do not fit (or no file can
+        be made: the caller then streams, which is always possible)."""
+        with self._lock:
+            if size > self.limit - self._used:
+                return None
+            self._used += size
+        try:
+            # Owned by the SpoolFile from here on; its release (or finalizer) closes it.
+            file = tempfile.TemporaryFile(dir=self.directory, buffering=0)  # noqa: SIM115
+        except OSError:
+            self._give_back(size)
+            return None
+        return SpoolFile(file, size, self)
+
+    def _give_back(self, size: int) -> None:
+        with self._lock:
+            self._used -= size
+
+
+class SpoolFile:
+    """One blob's spool: written in order by one thread, then read back by ranges.
+
+    `release` closes the file and returns its bytes to the budget; it also runs
+    when the object is garbage-collected, so a response that is never iterated
+    (the client left before its first byte) cannot leak budget.
+    """
+
+    def __init__(self, file: IO[bytes], size: int, budget: SpoolBudget) -> None:
+        self._file = file
+        self.size = size
+        self.written = 0
+        self._release = weakref.finalize(self, _release, file, size, budget)
+
+    def write(self, chunk: bytes) -> None:
+        """Append ``chunk``; safe to call from any one thread at a time."""
+        if self.written + len(chunk) > self.size:
+            raise ValueError(f"spool for {self.size} bytes was given {self.written + len(chunk)}")
+        view = memoryview(chunk)
+        while view:  # unbuffered: a write may take less than it was given
+            done = self._file.write(view)
+            view = view[done or 0:]
+        self.written += len(chunk)
+
+    def reset(self) -> None:
+        """Forget what was written (the bytes failed verification)."""
+        self._file.seek(0)
+        self._file.truncate()
+        self.written = 0
+
+    async def read(self, start: int, end: int, chunk_size: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of what was written; the spool is released at the end."""
+        try:
+            async for chunk in pread_chunks(self._file.fileno(), start, end, chunk_size):
+                yield chunk
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        self._release()
+
+
+def _release(file: IO[bytes], size: int, budget: SpoolBudget) -> None:
+    with contextlib.suppress(OSError):
+        file.close()
+    budget._give_back(size)
+
+
+def check_spool_directory(directory: Path) -> None:
+    """Raise OSError with a readable message unless spool files can be made in ``directory``."""
+    if not directory.is_dir():
+        raise OSError(f"{directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OSError(f"{directory} is not writable")
+    with tempfile.TemporaryFile(dir=directory):
+        pass
