@@ -11,6 +11,7 @@ import re
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,27 @@ def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argumen
 
 def flags_used(argv: Iterable[str]) -> list[str]:
     return [arg.split("=", 1)[0] for arg in argv if arg.startswith("--")]
+
+
+# Kubernetes' resource.Quantity grammar (k8s.io/apimachinery/pkg/api/resource):
+# a signed decimal number, then a binary suffix, a decimal SI suffix ("m" is milli)
+# or a decimal exponent. Case matters: "Gi" is a quantity, "GiB", "gi" and "K" are not.
+_QUANTITY = re.compile(
+    r"(?P<number>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
+    r"(?:(?P<exponent>[eE][+-]?[0-9]+)|(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E))?")
+_QUANTITY_SUFFIXES: dict[str, int | Fraction] = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "m": Fraction(1, 1000), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+    "P": 10**15, "E": 10**18,
+}
+
+
+def quantity_value(text: str) -> Fraction:
+    """What the API server reads a quantity string as; ValueError if it would refuse it."""
+    match = _QUANTITY.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a Kubernetes quantity")
+    value = Fraction(match["number"])
+    if match["exponent"]:
+        return value * Fraction(10) ** int(match["exponent"][1:])
+    return value * _QUANTITY_SUFFIXES.get(match["suffix"] or "", 1)

@@ -40,6 +40,8 @@ def test_run_command_line_defaults(helm: Path) -> None:
     assert args.mirror_resolve_timeout == pytest.approx(0.1)
     assert args.mirror_first_byte_timeout == pytest.approx(0.5)
     assert args.mirror_resolve_retries == 3
+    assert args.mirror_spool_limit == 4 << 30
+    assert args.mirror_spool_dir == "/var/spool/meshmirror"
     assert args.summary_fp_rate == pytest.approx(0.01)
     assert args.mirrored_registries is None
     assert args.registry_filters is None
@@ -61,6 +63,7 @@ def test_run_command_line_custom_values(helm: Path) -> None:
     assert args.resolve_tags is False
     assert args.mirror_resolve_timeout == pytest.approx(0.05)
     assert args.mirror_resolve_retries == 5
+    assert args.mirror_spool_limit == 6 << 30
     assert args.summary_fp_rate == pytest.approx(0.001)
     assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (":5001", ":7947", ":9191")
     assert args.join == ["seed.example.internal:7947"]
@@ -83,7 +86,7 @@ def test_exact_name_checks_catch_what_argparse_abbreviation_hides(helm: Path) ->
 
 
 @pytest.mark.parametrize("value_files", [(), ("custom-registries.yaml",),
-                                         ("encryption-generated.yaml",)])
+                                         ("encryption-generated.yaml",), ("spool-off.yaml",)])
 def test_env_names_are_unique(helm: Path, value_files: tuple[str, ...]) -> None:
     """A repeated name is accepted by the API server with only a warning, last one wins."""
     spec = chart.pod_spec(chart.render(value_files))

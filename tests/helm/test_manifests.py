@@ -26,6 +26,7 @@ VALUE_SETS = [
     ("encryption-generated.yaml",),
     ("servicemonitor.yaml",),
     ("k3s-minimal.yaml",),
+    ("spool-off.yaml",),
     ("custom-registries.yaml", "encryption-existing-secret.yaml", "servicemonitor.yaml"),
 ]
 IDS = ["+".join(v) or "defaults" for v in VALUE_SETS]

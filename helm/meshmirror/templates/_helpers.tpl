@@ -113,3 +113,65 @@ settings travel as MESHMIRROR_* variables instead (see the container's env).
 {{- $args = concat $args .Values.extraArgs -}}
 {{- toYaml $args -}}
 {{- end -}}
+
+{{/* Where blobs from peers wait until verified: the `spool` emptyDir volume. */}}
+{{- define "meshmirror.spoolDir" -}}/var/spool/meshmirror{{- end -}}
+
+{{/*
+mirrorSpoolLimit in bytes, read the way `meshmirror.cli.parse_size` reads it:
+Ki/Mi/Gi/Ti are powers of 1024, k/K/M/G/T powers of 1000, a trailing B changes
+nothing. values.schema.json admits only these forms, with few enough digits that
+the arithmetic stays within 64 bits; the checks here hold the same line when the
+schema is skipped (--skip-schema-validation).
+*/}}
+{{- define "meshmirror.spoolLimitBytes" -}}
+{{- $v := .Values.mirrorSpoolLimit -}}
+{{- if kindIs "string" $v -}}
+{{- if not (regexMatch "^([0-9]{1,15}B?|[0-9]{1,6}(Ki|Mi|Gi|Ti|k|K|M|G|T)B?)$" $v) -}}
+{{- fail (printf "mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got %q" $v) -}}
+{{- end -}}
+{{- $units := dict "" 1 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000
+      "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 -}}
+{{- $unit := regexReplaceAll "^[0-9]+" $v "" | trimSuffix "B" -}}
+{{- mul (regexFind "^[0-9]+" $v | atoi) (get $units $unit) -}}
+{{- else if or (kindIs "int" $v) (kindIs "int64" $v) (kindIs "float64" $v) -}}
+{{- if or (lt (float64 $v) 0.0) (gt (float64 $v) 999999999999999.0) (ne (float64 $v) (float64 (int64 $v))) -}}
+{{- fail (printf "mirrorSpoolLimit: expected a whole number of bytes from 0 to 999999999999999, got %v" $v) -}}
+{{- end -}}
+{{- int64 $v -}}
+{{- else -}}
+{{- fail (printf "mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got %v" $v) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+MESHMIRROR_MIRROR_SPOOL_LIMIT: a string as written (every form the schema admits
+is one parse_size reads), a number in plain digits (toString would print a large
+float from a values file as 4.294967296e+09, which no parser takes).
+*/}}
+{{- define "meshmirror.spoolLimitEnv" -}}
+{{- if kindIs "string" .Values.mirrorSpoolLimit -}}
+{{- .Values.mirrorSpoolLimit -}}
+{{- else -}}
+{{- include "meshmirror.spoolLimitBytes" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+sizeLimit of the `spool` volume: the limit rounded up to whole MiB, plus an
+eighth of it and at least 64Mi. The process never reserves more than the limit,
+but the kubelet counts what the filesystem uses, not what the budget counts:
+every file ends on a whole block, and filesystems allocate ahead of a growing
+file (XFS's speculative preallocation). A few KiB over an exact limit would
+evict the pod and break every pull in flight on the node, while the margin only
+raises a cap (sizeLimit reserves nothing). The margin needs the value in bytes
+anyway, so the sizeLimit is written from those bytes as whole MiB with the Mi
+suffix: a valid quantity whatever form the value was written in (4GiB, 500M,
+plain bytes), with no need to narrow the forms to those Kubernetes reads alike.
+The schema refuses lower-case units other than k ("512m", "4gi"): "m" is milli
+to Kubernetes and mega to parse_size, so neither reading can be assumed.
+*/}}
+{{- define "meshmirror.spoolSizeLimit" -}}
+{{- $mi := div (add (include "meshmirror.spoolLimitBytes" . | atoi) 1048575) 1048576 -}}
+{{- printf "%dMi" (add $mi (max 64 (div $mi 8))) -}}
+{{- end -}}
