@@ -7,8 +7,9 @@ optional `Fallback` (the mirror, which streams from peers) before answering
 - ``open_manifest(registry, repository, reference, want_body)`` and
   ``open_blob(registry, repository, digest, byte_range, want_body)`` return a
   `FallbackContent`, or None for a miss (the app then answers 404 so containerd
-  falls back upstream). They must answer quickly; a slow peer is the
-  fallback's problem to bound, not the app's.
+  falls back upstream). A miss must be quick; a slow peer is the fallback's
+  problem to bound, not the app's. A hit may take as long as verifying the
+  content needs (the mirror holds a large blob until its digest checks out).
 - ``want_body`` is False for HEAD: return the metadata and ``body=None``.
 - ``byte_range`` is the client's parsed Range (see `ranges.RangeSpec`), or
   None for the whole blob. The fallback learns the blob's size, then its body
