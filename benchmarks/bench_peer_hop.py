@@ -4,9 +4,12 @@ Three servers hold the same blob, all real processes on loopback:
 
 - ``distribution``: the Debian docker-registry serving it (the baseline);
 - ``local``: ``meshmirror run`` with the blob in its OCI-layout store;
-- ``peer hop``: a second ``meshmirror run`` with an empty store, which finds the
-  blob through the first node's Bloom summary and streams it over, verifying
-  sha256 on the way.
+- ``peer hop (verified, then sent)``: a second ``meshmirror run`` with an empty
+  store, which finds the blob through the first node's Bloom summary, fetches it
+  into a spool file while hashing, and sends it once the sha256 checks out (the
+  default: containerd must never receive an unverified byte);
+- ``peer hop (streamed)``: a third node with ``--mirror-spool-limit 0``, which
+  forwards while hashing and holds back only the last chunk.
 
 curl downloads the blob to /dev/null from each, round-robin, and the figure per
 server is the median over rounds. Issue target: peer hop >= 0.5x Distribution.
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +38,7 @@ from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
 
 
-def start_node(workdir: Path, name: str, layout: Path, join: str | None
+def start_node(workdir: Path, name: str, layout: Path, join: str | None, *extra: str
                ) -> tuple[subprocess.Popen[bytes], str, str]:
     host = loopback_host()
     registry = f"{host}:{free_port(host)}"
@@ -41,7 +46,7 @@ def start_node(workdir: Path, name: str, layout: Path, join: str | None
     argv = [sys.executable, "-m", "meshmirror", "--log-level", "warning", "run",
             "--store", f"oci:{layout}", "--registry-addr", registry,
             "--metrics-addr", f"{host}:{free_port(host)}", "--mesh-addr", mesh,
-            "--node-name", name]
+            "--node-name", name, *extra]
     if join:
         argv += ["--join", join]
     proc = spawn(argv, workdir / f"{name}.log")
@@ -60,6 +65,10 @@ def curl_rate(url: str) -> float:
     return float(speed)
 
 
+def serves(url: str) -> bool:
+    return curl_rate(url) > 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=512)
@@ -69,9 +78,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-hop-") as tmp:
         workdir = Path(tmp)
-        seeded, empty = workdir / "seeded", workdir / "empty"
-        seeded.mkdir()
-        empty.mkdir()
+        seeded, empty, empty3 = workdir / "seeded", workdir / "empty", workdir / "empty3"
+        for directory in (seeded, empty, empty3):
+            directory.mkdir()
         image = build_image("docker.io/library/bench:1", seeded, [args.size_mib << 20], seed=3)
         layer = image.platforms[0].layers[0]
         procs: list[subprocess.Popen[bytes]] = []
@@ -85,12 +94,17 @@ def main() -> int:
             procs.append(node1)
             node2, reg2, _ = start_node(workdir, "node2", empty, mesh1)
             procs.append(node2)
+            node3, reg3, _ = start_node(workdir, "node3", empty3, mesh1,
+                                        "--mirror-spool-limit", "0")
+            procs.append(node3)
             path = f"/v2/library/bench/blobs/{layer.digest}"
             urls = {"distribution": f"{upstream.url}{path}",
                     "local": f"http://{reg1}{path}?ns=docker.io",
-                    "peer hop": f"http://{reg2}{path}?ns=docker.io"}
-            # node2 learns node1's summary through gossip; wait until it can serve.
-            wait_until(lambda: curl_rate(urls["peer hop"]) > 0, 30, "node2 to find the blob")
+                    "peer hop (verified, then sent)": f"http://{reg2}{path}?ns=docker.io",
+                    "peer hop (streamed)": f"http://{reg3}{path}?ns=docker.io"}
+            # The empty nodes learn node1's summary through gossip; wait until they serve.
+            for name in ("peer hop (verified, then sent)", "peer hop (streamed)"):
+                wait_until(functools.partial(serves, urls[name]), 30, f"{name} to find the blob")
             rates: dict[str, list[float]] = {name: [] for name in urls}
             for _ in range(args.rounds):
                 for name, url in urls.items():
@@ -115,6 +129,7 @@ def main() -> int:
         *rows,
         "",
         "Target: peer hop >= 0.5x Distribution.",
+        f"Load average at the end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}.",
     ])
     print(section)
     print(json.dumps({"medians_bytes_per_s": medians, "at": time.time()}))
