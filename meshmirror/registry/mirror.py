@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import re
 import time
@@ -208,7 +207,11 @@ class PeerMirror:
         self._body_executor.shutdown(wait=False, cancel_futures=True)
 
     def _start_pump(
-        self, opened: _Opened, length: int, consume: Callable[[bytes], None]
+        self,
+        opened: _Opened,
+        length: int,
+        consume: Callable[[bytes], None],
+        keep: Callable[[bytes], None] | None,
     ) -> BodyPump | None:
         """Hand the rest of ``opened``'s body (``length`` bytes) to a body thread.
 
@@ -230,6 +233,7 @@ class PeerMirror:
             chunk_size=self._options.chunk_size,
             read_timeout=self._options.read_timeout,
             consume=consume,
+            keep=keep,
             read_ahead=self._options.read_ahead,
         )
         try:
@@ -588,16 +592,23 @@ class _BlobFetch:
         return self._current is not None
 
     async def _chunks(
-        self, offset: int, consume: Callable[[bytes], None], *, threads: bool
+        self,
+        offset: int,
+        consume: Callable[[bytes], None],
+        keep: Callable[[bytes], None] | None = None,
+        *,
+        threads: bool,
     ) -> AsyncIterator[tuple[int, bytes]]:
         """(position, chunk) pairs from ``offset`` to the end, failing over on breaks.
 
-        Every chunk is passed to ``consume`` (hashing, maybe spooling), in order,
-        and the generator ends only once all are. With ``threads`` the body is read
-        and consumed on body threads (`BodyPump`), so the event loop only forwards
-        chunks; otherwise, or without a free body thread, it is read here and
-        consumed on the default executor, overlapped with the next read.
+        Every chunk is passed, in order, to ``keep`` (where the blob is held until
+        verified, if it is) and ``consume`` (hashing), and the generator ends only
+        once all are. With ``threads`` the body is read and consumed on body
+        threads (`BodyPump`), so the event loop only forwards chunks; otherwise,
+        or without a free body thread, it is read here and consumed on the
+        default executor, overlapped with the next read.
         """
+        off_loop = _keep_then(keep, consume)
         position = offset
         chunk_size = self._mirror._options.chunk_size
         loop = asyncio.get_running_loop()
@@ -613,7 +624,7 @@ class _BlobFetch:
                 if hashing is not None:
                     await hashing  # the thread must carry on from a complete hash
                     hashing = None
-                pump = self._mirror._start_pump(current, self._size - position, consume)
+                pump = self._mirror._start_pump(current, self._size - position, consume, keep)
             if pump is not None:
                 failure: PeerFailure | None = None
                 try:
@@ -651,7 +662,7 @@ class _BlobFetch:
                         # next; ordered by awaiting the previous one first.
                         if hashing is not None:
                             await hashing
-                        hashing = loop.run_in_executor(None, consume, chunk)
+                        hashing = loop.run_in_executor(None, off_loop, chunk)
                         yield position, chunk
                         position += len(chunk)
                         continue
@@ -668,7 +679,7 @@ class _BlobFetch:
             hasher = self._digest.hasher()
             sink.reset()
             try:
-                async for _ in self._chunks(0, _hash_then(hasher, sink.write), threads=threads):
+                async for _ in self._chunks(0, hasher.update, sink.write, threads=threads):
                     pass
             except PeerFailure:
                 await self.close()
@@ -745,17 +756,20 @@ class _MemorySink:
         self.data.clear()
 
 
-def _hash_then(hasher: hashlib._Hash, keep: Callable[[bytes], None]) -> Callable[[bytes], None]:
-    """One chunk's work off the loop: hash it, then keep it; a failure to keep it is ours."""
+def _keep_then(
+    keep: Callable[[bytes], None] | None, consume: Callable[[bytes], None]
+) -> Callable[[bytes], None]:
+    """One chunk's work off the loop: keep it, then hash it; a failure to keep it is ours."""
 
-    def consume(chunk: bytes) -> None:
-        hasher.update(chunk)
-        try:
-            keep(chunk)
-        except OSError as err:
-            raise SinkFailure(str(err)) from err
+    def both(chunk: bytes) -> None:
+        if keep is not None:
+            try:
+                keep(chunk)
+            except OSError as err:
+                raise SinkFailure(str(err)) from err
+        consume(chunk)
 
-    return consume
+    return both
 
 
 def peer_dispatch(for_clients: ASGIApp, for_peers: ASGIApp) -> ASGIApp:

@@ -74,10 +74,11 @@ class BodyPump:
     joining buffers into chunks) as well as writing to the client, and sat at 100%
     of a core while the hashing threads idled. Here a reader thread fills each
     chunk with one blocking ``recv(MSG_WAITALL)``, GIL released, straight into the
-    ``bytes`` object that is later written to the client (no joins); a hashing
-    thread passes it to ``consume`` (hashing, and spooling when the blob is held
-    until verified) and queues it for the loop, which only forwards or counts.
-    Reading and hashing overlap (hashing alone takes as long as the loop's write).
+    ``bytes`` object that is later written to the client (no joins) and hands it
+    to ``keep`` (the spool, when the blob is held until verified); a hashing
+    thread passes it to ``consume`` and queues it for the loop, which only
+    forwards or counts. Reading (and keeping) overlaps hashing: sha256 is the
+    slowest step, so it gets a thread to itself.
 
     - Back-pressure: the reader reads a chunk only when it holds one of
       ``read_ahead`` slots; the loop gives a slot back once the chunk it yielded
@@ -90,7 +91,7 @@ class BodyPump:
       closed on the loop once the reader has returned (`PeerMirror._start_pump`).
     - Items on ``items``: consumed chunks in order, then ``None`` at the end of the
       body, or a `PeerFailure` after the last good chunk, or a `SinkFailure` when
-      ``consume`` raised (nothing after it is consumed).
+      ``keep`` or ``consume`` raised (nothing after it is consumed).
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class BodyPump:
         chunk_size: int,
         read_timeout: float,
         consume: Callable[[bytes], None],
+        keep: Callable[[bytes], None] | None = None,
         read_ahead: int,
     ) -> None:
         self._loop = loop
@@ -112,6 +114,7 @@ class BodyPump:
         self._chunk_size = chunk_size
         self._read_timeout = read_timeout
         self._consume = consume
+        self._keep = keep
         self._slots = threading.Semaphore(max(1, read_ahead))
         self._to_hash: queue.SimpleQueue[BodyItem] = queue.SimpleQueue()
         self._stopping = False
@@ -179,6 +182,8 @@ class BodyPump:
         if self._prefix:
             self._slots.acquire()
             remaining -= len(self._prefix)
+            if (failure := self._kept(self._prefix)) is not None:
+                return failure
             self._to_hash.put(self._prefix)
         while remaining > 0:
             self._slots.acquire()
@@ -193,5 +198,16 @@ class BodyPump:
             if not chunk:
                 return PeerFailure("broken", "body ended")
             remaining -= len(chunk)
+            if (failure := self._kept(chunk)) is not None:
+                return failure
             self._to_hash.put(chunk)
+        return None
+
+    def _kept(self, chunk: bytes) -> SinkFailure | None:
+        if self._keep is None:
+            return None
+        try:
+            self._keep(chunk)
+        except Exception as err:
+            return err if isinstance(err, SinkFailure) else SinkFailure(repr(err))
         return None
