@@ -13,6 +13,9 @@ Three servers hold the same blob, all real processes on loopback:
 
 curl downloads the blob to /dev/null from each, round-robin, and the figure per
 server is the median over rounds. Issue target: peer hop >= 0.5x Distribution.
+Next to each rate: the CPU seconds per GB the serving process(es) spent on it
+(from /proc, user + system, all threads): on a shared 2-core machine the hop's
+rate is bounded by the CPU that the hop, the serving peer and curl need in all.
 
     python -m benchmarks.bench_peer_hop --size-mib 512 --rounds 5
 """
@@ -65,6 +68,12 @@ def curl_rate(url: str) -> float:
     return float(speed)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def serves(url: str) -> bool:
     return curl_rate(url) > 0
 
@@ -105,10 +114,19 @@ def main() -> int:
             # The empty nodes learn node1's summary through gossip; wait until they serve.
             for name in ("peer hop (verified, then sent)", "peer hop (streamed)"):
                 wait_until(functools.partial(serves, urls[name]), 30, f"{name} to find the blob")
+            # Processes whose CPU each download costs (Distribution's is not ours to count).
+            serving = {"distribution": [], "local": [node1.pid],
+                       "peer hop (verified, then sent)": [node1.pid, node2.pid],
+                       "peer hop (streamed)": [node1.pid, node3.pid]}
             rates: dict[str, list[float]] = {name: [] for name in urls}
+            cpu: dict[str, list[list[float]]] = {name: [] for name in urls}
+            gigabytes = layer.size / 1e9
             for _ in range(args.rounds):
                 for name, url in urls.items():
+                    before = [cpu_seconds(pid) for pid in serving[name]]
                     rates[name].append(curl_rate(url))
+                    cpu[name].append([(cpu_seconds(pid) - b) / gigabytes
+                                      for pid, b in zip(serving[name], before, strict=True)])
         finally:
             for proc in procs:
                 stop(proc)
@@ -117,15 +135,20 @@ def main() -> int:
     medians = {name: statistics.median(values) for name, values in rates.items()}
     base = medians["distribution"]
     date = datetime.date.today().isoformat()
-    rows = [f"| {name} | {medians[name] / 1e9:.2f} | {medians[name] / base:.2f} |"
-            for name in urls]
+    def cpu_text(name: str) -> str:
+        per_process = [statistics.median(run[i] for run in cpu[name])
+                       for i in range(len(cpu[name][0]))]
+        return " + ".join(f"{x:.2f}" for x in per_process) or "-"
+
+    rows = [f"| {name} | {medians[name] / 1e9:.2f} | {medians[name] / base:.2f} | "
+            f"{cpu_text(name)} |" for name in urls]
     section = "\n".join([
         f"\n## Peer-hop streaming throughput ({args.size_mib} MiB blob)\n",
         f"`python -m benchmarks.bench_peer_hop --size-mib {args.size_mib} --rounds {args.rounds}`"
         f" — {date}, 2-core shared machine, loopback, curl to /dev/null, median of "
         f"{args.rounds} rounds.\n",
-        "| server | GB/s | x Distribution |",
-        "|---|---:|---:|",
+        "| server | GB/s | x Distribution | CPU s/GB (serving peer + hop) |",
+        "|---|---:|---:|---:|",
         *rows,
         "",
         "Target: peer hop >= 0.5x Distribution.",

@@ -149,9 +149,12 @@ def start_meshmirror(workdir: Path, name: str, ctrd: Containerd, join: str | Non
 
 def run_flags(args: argparse.Namespace) -> list[str]:
     """``meshmirror run`` flags the benchmark was asked to override (none by default)."""
-    if args.mirror_resolve_timeout is None:
-        return []
-    return ["--mirror-resolve-timeout", str(args.mirror_resolve_timeout)]
+    flags: list[str] = []
+    if args.mirror_resolve_timeout is not None:
+        flags += ["--mirror-resolve-timeout", str(args.mirror_resolve_timeout)]
+    if args.mirror_spool_limit is not None:
+        flags += ["--mirror-spool-limit", args.mirror_spool_limit]
+    return flags
 
 
 def configure_hosts(hosts_dir: Path, upstream_url: str, mirror: str | None) -> None:
@@ -350,6 +353,9 @@ def main() -> int:
                         help="rolling pulls per mode, alternating meshmirror and baseline")
     parser.add_argument("--mirror-resolve-timeout", type=float, default=None, metavar="SECONDS",
                         help="passed to every `meshmirror run` (default: run's own default)")
+    parser.add_argument("--mirror-spool-limit", default=None, metavar="SIZE",
+                        help="passed to every `meshmirror run`; 0 streams blobs from peers "
+                             "instead of holding them until verified")
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     args = parser.parse_args()

@@ -37,14 +37,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from meshmirror.mesh.config import MeshConfig
-from meshmirror.mesh.events import Effect, MemberJoined, MemberLeft, MemberUpdated
-from meshmirror.mesh.simulator import NetworkModel, Simulator
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run as a script: `benchmarks` is then importable
+
+from benchmarks.results import replace_marked_section  # noqa: E402
+from meshmirror.mesh.config import MeshConfig  # noqa: E402
+from meshmirror.mesh.events import Effect, MemberJoined, MemberLeft, MemberUpdated  # noqa: E402
+from meshmirror.mesh.simulator import NetworkModel, Simulator  # noqa: E402
+
 RESULTS = HERE / "RESULTS.md"
 PLOT = HERE / "mesh_convergence.png"
-BEGIN, END = "<!-- mesh_sim:begin -->", "<!-- mesh_sim:end -->"
 
 MEMBERLIST_P50, MEMBERLIST_P99, MEMBERLIST_TRAIL = 9.86, 11.98, 0.38
 SERF_999 = {100: 1.6, 1000: 2.0}
@@ -252,18 +254,6 @@ def plot(results: list[SizeResult], path: Path) -> bool:
     return True
 
 
-def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="50,100,200,1000")
@@ -305,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(section)
     if not args.no_write:
-        write_results(section)
+        replace_marked_section(RESULTS, "mesh_sim", section)
         plot(results, PLOT)
     return 0
 

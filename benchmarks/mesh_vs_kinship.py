@@ -42,10 +42,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import replace_marked_section  # noqa: E402
 from tests.support.ports import free_port, loopback_host  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
-BEGIN, END = "<!-- mesh_vs_kinship:begin -->", "<!-- mesh_vs_kinship:end -->"
 
 
 # ---------------------------------------------------------------- the kinship node process
@@ -307,18 +307,6 @@ def report(mesh: ImplResult, kin: ImplResult, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--kinship-node":
@@ -344,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     section = report(mesh, kin, "python benchmarks/mesh_vs_kinship.py " + " ".join(argv))
     print(section)
     if not args.no_write:
-        write_results(section)
+        replace_marked_section(RESULTS, "mesh_vs_kinship", section)
     return 0
 
 

@@ -42,3 +42,16 @@ def test_side_by_side_rejects_bad_node_counts() -> None:
         with pytest.raises(SystemExit) as exc:
             bench.main([*argv, "--no-write"])
         assert exc.value.code == 2
+
+
+def test_marked_section_is_replaced_not_appended(tmp_path: Path) -> None:
+    from benchmarks.results import replace_marked_section
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Other\nkept\n")
+    replace_marked_section(results, "sim", "## Sim\nrun 1")
+    replace_marked_section(results, "sim", "## Sim\nrun 2")
+    text = results.read_text()
+    assert "run 1" not in text and text.count("run 2") == 1
+    assert text.startswith("# Benchmark results\n\n## Other\nkept\n")
+    assert text.count("<!-- sim:begin -->") == 1 and text.count("<!-- sim:end -->") == 1
