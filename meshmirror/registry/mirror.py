@@ -334,7 +334,8 @@ class PeerMirror:
             if not await self._verify(fetch, memory, registry, threads=False):
                 return None
             self._metrics.blob_bodies.labels("memory").inc()
-            return FallbackContent(digest, size, None, _once(bytes(memory.data[start:end])))
+            body = bytes(memoryview(memory.data)[start:end])  # one copy, not two
+            return FallbackContent(digest, size, None, _once(body))
         spool = self._spools.reserve(size)
         if spool is not None:
             try:
