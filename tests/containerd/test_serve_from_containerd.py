@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.registry.test_node import start_node
 from tests.support.containerd import Containerd
 from tests.support.distribution import DistributionRegistry
+from tests.support.node import start_node
 from tests.support.processes import stop
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]

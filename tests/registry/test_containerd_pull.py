@@ -16,8 +16,8 @@ from urllib.parse import parse_qs
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.registry.test_node import RunningNode, start_node
 from tests.support.containerd import Containerd
+from tests.support.node import RunningNode, start_node
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import stop
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.registry.test_node import start_node
+from tests.support.node import start_node
 from tests.support.processes import stop
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -22,8 +21,9 @@ from meshmirror.cli import build_parser, main
 from meshmirror.node import Node, NodeConfig, StartError, build_store
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from meshmirror.store.ocilayout import OciLayoutStore
+from tests.support.node import RunningNode, start_node
 from tests.support.ports import free_port, loopback_host
-from tests.support.processes import spawn, stop, wait_until
+from tests.support.processes import stop
 
 
 def run_args(*extra: str) -> Namespace:
@@ -124,43 +124,6 @@ async def test_node_start_failure_stops_what_started(layout: Path) -> None:
 
 
 # -- the real command ---------------------------------------------------------------------
-
-class RunningNode:
-    def __init__(self, proc: subprocess.Popen[bytes], address: str, metrics: str,
-                 log: Path) -> None:
-        self.proc = proc
-        self.address = address
-        self.metrics = metrics
-        self.log = log
-
-    def log_lines(self) -> list[dict[str, object]]:
-        return [json.loads(line) for line in self.log.read_text().splitlines()
-                if line.startswith("{")]
-
-
-def start_node(store: str, log: Path, extra: tuple[str, ...] = ()) -> RunningNode:
-    host = loopback_host()
-    address = f"{host}:{free_port(host)}"
-    metrics = f"{host}:{free_port(host)}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = spawn([sys.executable, "-m", "meshmirror", "run", "--store", store,
-                  "--registry-addr", address, "--metrics-addr", metrics,
-                  "--mesh-addr", f"{host}:{free_port(host)}", *extra], log, env)
-    node = RunningNode(proc, address, metrics, log)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"meshmirror exited {proc.returncode}: {log.read_text()}")
-        with urllib.request.urlopen(f"http://{address}/healthz", timeout=1) as r:
-            return bool(r.status == 200)
-
-    try:
-        wait_until(healthy, 20, f"meshmirror run on {address}")
-    except BaseException:
-        stop(proc)
-        raise
-    return node
-
 
 @pytest.fixture
 def running(tmp_path: Path, layout: Path, image: BuiltImage) -> Iterator[RunningNode]:
