@@ -34,10 +34,11 @@ instead of failing the pull.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -106,6 +107,42 @@ async def _aclose(body: AsyncIterator[bytes] | None) -> None:
     aclose = getattr(body, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+_T = TypeVar("_T")
+
+
+class _ClientLeft(Exception):
+    """The client disconnected while the fallback was still looking."""
+
+
+async def _unless_client_leaves(receive: Receive, work: Awaitable[_T]) -> _T:
+    """``work``'s result; if the client disconnects first, ``work`` is cancelled and
+    `_ClientLeft` raised.
+
+    Why: the mirror holds a large blob until its digest checks out, which can take
+    seconds; a pull cancelled meanwhile would otherwise keep a peer transfer and a
+    spool file busy for nobody. A GET's only other message is its empty body.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request itself is cancelled (the server is stopping)
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})  # let its cleanup (closing peers, freeing the spool) finish
+    raise _ClientLeft
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class RegistryApp:
@@ -215,8 +252,11 @@ class RegistryApp:
         if self.fallback is None:
             raise unknown
         try:
-            content = await self.fallback.open_manifest(
-                registry, path.repository, path.reference, not head)
+            content = await _unless_client_leaves(request.receive, self.fallback.open_manifest(
+                registry, path.repository, path.reference, not head))
+        except _ClientLeft:
+            self.logger.info("client left while the fallback looked for a manifest")
+            raise unknown from None
         except Exception:
             self.logger.warning("fallback failed on a manifest; answering 404", exc_info=True)
             raise unknown from None
@@ -328,8 +368,11 @@ class RegistryApp:
             raise unknown
         content: FallbackContent | None
         try:
-            content = await self.fallback.open_blob(
-                registry, path.repository, digest, spec, not head)
+            content = await _unless_client_leaves(request.receive, self.fallback.open_blob(
+                registry, path.repository, digest, spec, not head))
+        except _ClientLeft:
+            self.logger.info("client left while the fallback fetched a blob")
+            raise unknown from None
         except Exception:
             self.logger.warning("fallback failed on a blob; answering 404", exc_info=True)
             raise unknown from None

@@ -9,7 +9,9 @@ optional `Fallback` (the mirror, which streams from peers) before answering
   `FallbackContent`, or None for a miss (the app then answers 404 so containerd
   falls back upstream). A miss must be quick; a slow peer is the fallback's
   problem to bound, not the app's. A hit may take as long as verifying the
-  content needs (the mirror holds a large blob until its digest checks out).
+  content needs (the mirror holds a large blob until its digest checks out);
+  if the client disconnects meanwhile, the app cancels the call, so the
+  fallback must clean up on cancellation.
 - ``want_body`` is False for HEAD: return the metadata and ``body=None``.
 - ``byte_range`` is the client's parsed Range (see `ranges.RangeSpec`), or
   None for the whole blob. The fallback learns the blob's size, then its body

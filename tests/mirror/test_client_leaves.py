@@ -1,0 +1,160 @@
+"""A client that disconnects while the mirror is still fetching stops the fetch.
+
+The mirror holds a large blob until its digest checks out; a pull cancelled
+meanwhile must not keep the peer transfer, the body threads and the spool busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.types import Message
+
+from meshmirror.mesh.router import InMemoryRouter
+from meshmirror.oci.digest import Digest
+from meshmirror.registry.app import create_app
+from meshmirror.registry.fallback import FallbackContent
+from meshmirror.registry.mirror import MirrorMetrics, MirrorOptions, PeerMirror
+from meshmirror.registry.ranges import RangeSpec
+from meshmirror.registry.server import ServerOptions, bind_listener, serve
+from meshmirror.store.memory import MemoryStore
+from tests.mirror.peers import Behaviour, FakePeer
+from tests.support.ports import loopback_host
+
+BLOB = os.urandom(3 * 1024 * 1024 + 5)
+BLOB_D = Digest.of(BLOB)
+PATH = f"/v2/library/x/blobs/{BLOB_D}"
+
+
+async def get(app: object, leave_after: float | None) -> tuple[int, bytes]:
+    """GET ``PATH`` through ``app``; the client disconnects after ``leave_after`` seconds."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.1"},
+        "http_version": "1.1", "method": "GET", "scheme": "http", "path": PATH,
+        "raw_path": PATH.encode(), "query_string": b"ns=docker.io", "root_path": "",
+        "headers": [], "client": ("127.0.0.9", 4242), "server": ("127.0.0.1", 5000),
+    }
+    status, body = 0, bytearray()
+    requested = False
+
+    async def receive() -> Message:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(3600 if leave_after is None else leave_after)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            body.extend(message.get("body", b""))
+
+    await app(scope, receive, send)  # type: ignore[operator]
+    return status, bytes(body)
+
+
+class SlowFallback:
+    """A fallback that answers after ``delay`` seconds and notes whether it was cancelled."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.cancelled = False
+
+    async def open_manifest(self, registry: str, repository: str, reference: str,
+                            want_body: bool) -> FallbackContent | None:
+        return None
+
+    async def open_blob(self, registry: str, repository: str, digest: Digest,
+                        byte_range: RangeSpec | None, want_body: bool) -> FallbackContent | None:
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+        async def body() -> AsyncIterator[bytes]:
+            yield BLOB
+
+        return FallbackContent(digest, len(BLOB), None, body())
+
+
+async def test_client_leaving_cancels_the_fallback() -> None:
+    fallback = SlowFallback(delay=30.0)
+    app = create_app(MemoryStore(), fallback=fallback)
+    started = time.monotonic()
+    status, _ = await asyncio.wait_for(get(app, leave_after=0.1), 5.0)
+    assert fallback.cancelled
+    assert time.monotonic() - started < 2.0
+    assert status == 404  # nobody reads it; the access log records the outcome
+
+
+async def test_client_that_stays_gets_the_blob() -> None:
+    app = create_app(MemoryStore(), fallback=SlowFallback(delay=0.1))
+    status, body = await asyncio.wait_for(get(app, leave_after=None), 5.0)
+    assert (status, body) == (200, BLOB)
+
+
+@pytest.fixture
+async def stalled_peer() -> AsyncIterator[FakePeer]:
+    peer = await FakePeer("stalled", Behaviour(blobs={str(BLOB_D): BLOB},
+                                               stall_after=1024 * 1024 + 3)).start()
+    yield peer
+    await peer.stop()
+
+
+async def test_client_leaving_mid_spool_frees_the_peer_threads_and_spool(
+        stalled_peer: FakePeer) -> None:
+    registry = CollectorRegistry()
+    router = InMemoryRouter(registry=registry, seed=1)
+    router.set_keys(stalled_peer.peer, [str(BLOB_D)])
+    options = MirrorOptions(verify_before_send_limit=1 << 20, chunk_size=64 * 1024,
+                            read_timeout=30.0)  # only the client leaving may end the fetch
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        mirror = PeerMirror(router, session, options=options, metrics=MirrorMetrics(registry))
+        app = create_app(MemoryStore(), fallback=mirror)
+        started = time.monotonic()
+        status, body = await asyncio.wait_for(get(app, leave_after=0.5), 10.0)
+        assert (status, body[:1]) == (404, b"{"), "no byte of the unverified blob was sent"
+        assert time.monotonic() - started < 3.0
+        assert registry.get_sample_value("meshmirror_mirror_spool_bytes") == 0
+        for _ in range(200):  # up to 2 s
+            if not mirror._pumps:
+                break
+            await asyncio.sleep(0.01)
+        assert not mirror._pumps, "body threads must return"
+        await asyncio.wait_for(stalled_peer.behaviour.client_gone.wait(), 2.0)
+        mirror.close()
+
+
+async def test_hypercorn_tells_the_app_when_a_real_client_leaves() -> None:
+    """The same through a real server and socket: the disconnect must reach the app."""
+    fallback = SlowFallback(delay=30.0)
+    host = loopback_host()
+    listener = bind_listener(host, 0)
+    port = listener.getsockname()[1]
+    shutdown = asyncio.Event()
+    server = asyncio.create_task(serve(create_app(MemoryStore(), fallback=fallback), listener,
+                                       shutdown, ServerOptions(graceful_timeout=1.0)))
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5.0)
+        writer.write(f"GET {PATH}?ns=docker.io HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the fallback is now waiting
+        writer.close()
+        for _ in range(300):  # up to 3 s
+            if fallback.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert fallback.cancelled, "the fallback went on after the client left"
+    finally:
+        shutdown.set()
+        await asyncio.wait_for(server, 10.0)
