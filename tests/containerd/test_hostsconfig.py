@@ -105,6 +105,15 @@ def hosts_of(path: Path) -> dict[str, object]:
     return data
 
 
+def host_entries(parsed: dict[str, object]) -> dict[str, dict[str, object]]:
+    """A parsed hosts.toml's ``[host."<url>"]`` tables by URL, in file order."""
+    hosts = parsed["host"]
+    assert isinstance(hosts, dict)
+    for url, entry in hosts.items():
+        assert isinstance(url, str) and isinstance(entry, dict), (url, entry)
+    return hosts
+
+
 def test_configure_then_cleanup_restores_everything_byte_for_byte(existing: Path) -> None:
     before = snapshot(existing)
     assert configure(existing, "--mirrored-registries", "docker.io,https://quay.example",
@@ -162,7 +171,7 @@ def test_default_when_no_registry_named(tmp_path: Path) -> None:
     parsed = hosts_of(tmp_path / "_default" / "hosts.toml")
     # No server: containerd then falls back to the registry being pulled from.
     assert "server" not in parsed
-    assert list(parsed["host"]) == ["http://127.0.0.2:5000"]
+    assert list(host_entries(parsed)) == ["http://127.0.0.2:5000"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_backup", "_default"]
 
 
@@ -170,7 +179,7 @@ def test_resolve_tags_false_gives_pull_only(tmp_path: Path) -> None:
     assert configure(tmp_path, "--mirror-targets", "http://127.0.0.2:5000",
                      "--resolve-tags", "false") == 0
     parsed = hosts_of(tmp_path / "_default" / "hosts.toml")
-    assert parsed["host"]["http://127.0.0.2:5000"]["capabilities"] == ["pull"]
+    assert host_entries(parsed)["http://127.0.0.2:5000"]["capabilities"] == ["pull"]
 
 
 def test_prepend_existing_keeps_old_entries_after_ours(existing: Path) -> None:
@@ -179,10 +188,10 @@ def test_prepend_existing_keeps_old_entries_after_ours(existing: Path) -> None:
                      "--prepend-existing=true") == 0
     docker = hosts_of(existing / "docker.io" / "hosts.toml")
     old = tomllib.loads(EXISTING_DOCKER.decode())
-    assert list(docker["host"]) == ["http://127.0.0.2:5000", "http://127.0.0.3:5000",
-                                     "https://mirror-a.internal",
-                                     "https://mirror-b.internal/v2/upstream"]
-    assert docker["host"]["https://mirror-a.internal"] == old["host"]["https://mirror-a.internal"]
+    assert list(host_entries(docker)) == ["http://127.0.0.2:5000", "http://127.0.0.3:5000",
+                                           "https://mirror-a.internal",
+                                           "https://mirror-b.internal/v2/upstream"]
+    assert host_entries(docker)["https://mirror-a.internal"] == old["host"]["https://mirror-a.internal"]
     # Same server as before, so its TLS settings still apply and are kept.
     assert docker["ca"] == "upstream-ca.crt"
     # Certificates the kept entries name sit beside the new file with their modes.
@@ -192,8 +201,8 @@ def test_prepend_existing_keeps_old_entries_after_ours(existing: Path) -> None:
         assert stat.S_IMODE(new.stat().st_mode) == stat.S_IMODE(orig.stat().st_mode)
     quay = hosts_of(existing / "quay.example" / "hosts.toml")
     assert quay["server"] == "https://quay.example"
-    assert list(quay["host"]) == ["http://127.0.0.2:5000", "http://127.0.0.3:5000",
-                                  "http://quay-cache:8080"]
+    assert list(host_entries(quay)) == ["http://127.0.0.2:5000", "http://127.0.0.3:5000",
+                                        "http://quay-cache:8080"]
 
 
 def test_prepend_drops_server_settings_of_a_different_server(tmp_path: Path) -> None:
@@ -206,14 +215,14 @@ def test_prepend_drops_server_settings_of_a_different_server(tmp_path: Path) -> 
     parsed = hosts_of(tmp_path / "docker.io" / "hosts.toml")
     assert parsed["server"] == "https://registry-1.docker.io"
     assert "skip_verify" not in parsed
-    assert list(parsed["host"]) == ["http://127.0.0.2:5000", "https://m.internal"]
+    assert list(host_entries(parsed)) == ["http://127.0.0.2:5000", "https://m.internal"]
 
 
 def test_without_prepend_old_entries_are_gone_but_backed_up(existing: Path) -> None:
     assert configure(existing, "--mirrored-registries", "docker.io",
                      "--mirror-targets", "http://127.0.0.2:5000") == 0
     assert sorted(p.name for p in (existing / "docker.io").iterdir()) == ["hosts.toml"]
-    assert list(hosts_of(existing / "docker.io" / "hosts.toml")["host"]) == \
+    assert list(host_entries(hosts_of(existing / "docker.io" / "hosts.toml"))) == \
         ["http://127.0.0.2:5000"]
     assert (existing / "_backup" / "docker.io" / "hosts.toml").read_bytes() == EXISTING_DOCKER
 
@@ -293,7 +302,7 @@ def test_environment_variables_work_like_flags(
     monkeypatch.setenv("MESHMIRROR_MIRRORED_REGISTRIES", "ghcr.io,quay.io")
     assert run("configure") == 0
     parsed = hosts_of(tmp_path / "quay.io" / "hosts.toml")
-    assert list(parsed["host"]) == ["http://127.0.0.2:5000", "http://127.0.0.3:5000"]
+    assert list(host_entries(parsed)) == ["http://127.0.0.2:5000", "http://127.0.0.3:5000"]
 
 
 def test_cleanup_without_backup_removes_only_our_files(
@@ -333,7 +342,8 @@ def test_interrupted_backup_is_completed(existing: Path) -> None:
     assert not partial.exists()
     assert snapshot(existing / "_backup") == before
     # The half-made backup was still read for --prepend-existing.
-    assert "https://mirror-a.internal" in hosts_of(existing / "docker.io" / "hosts.toml")["host"]
+    assert "https://mirror-a.internal" in host_entries(
+        hosts_of(existing / "docker.io" / "hosts.toml"))
     assert run("cleanup", "--containerd-registry-config-path", str(existing)) == 0
     assert snapshot(existing) == before
 
@@ -361,7 +371,7 @@ def test_config_path_that_is_a_file_is_refused(
     assert "is not a directory" in capsys.readouterr().err
 
 
-_toml_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
+_toml_text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20)
 _toml_value = st.recursive(
     st.one_of(_toml_text, st.booleans(), st.integers(-(2**63), 2**63 - 1)),
     lambda inner: st.one_of(st.lists(inner, max_size=3),
@@ -385,8 +395,8 @@ def test_rendered_toml_round_trips_any_existing_entries(
     text = render_hosts(registry, targets, True,
                         {"server": "https://r.example", "host": existing_hosts}).decode()
     parsed = tomllib.loads(text)
-    expected = {t: {"capabilities": ["pull", "resolve"], "dial_timeout": "200ms"}
-                for t in targets}
+    expected: dict[str, dict[str, object]] = {
+        t: {"capabilities": ["pull", "resolve"], "dial_timeout": "200ms"} for t in targets}
     for url, entry in existing_hosts.items():
         expected.setdefault(url, entry)
     assert parsed["host"] == expected

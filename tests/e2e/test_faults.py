@@ -293,7 +293,8 @@ def test_corrupt_small_blobs_come_from_the_good_peer(cluster: Cluster) -> None:
     c.heal()
     for layer in c.small.platforms[0].layers:
         c.corrupt(c.n1, str(layer.digest))
-    attempts = mismatches = 0
+    attempts = 0
+    mismatches = 0.0
     # Ranking, not the test, picks the peer: on a loaded machine node 3 can still
     # win node 2's first choice, and then the pull is simply clean; try again.
     while attempts < CORRUPT_ATTEMPTS and not mismatches:
@@ -336,7 +337,8 @@ def test_corrupt_large_blob_comes_from_the_good_peer(cluster: Cluster) -> None:
     c.heal()
     layer = _layer(c.big)
     c.corrupt(c.n1, layer)
-    attempts = mismatches = 0
+    attempts = 0
+    mismatches = 0.0
     while attempts < CORRUPT_ATTEMPTS and not mismatches:
         attempts += 1
         c.fresh_puller()

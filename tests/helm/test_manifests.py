@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate  # type: ignore[import-untyped]
+import kubernetes_validate
 import pytest
-from yamllint import config as yamllint_config  # type: ignore[import-untyped]
+from yamllint import config as yamllint_config
 from yamllint import linter
 
 from tests.helm import chart

@@ -93,7 +93,7 @@ def test_schema_accepts_every_registry_form_configure_accepts(helm: Path) -> Non
 
 def test_schema_covers_every_default_value() -> None:
     """Every key in values.yaml is declared, so additionalProperties=false guards them all."""
-    import yaml  # type: ignore[import-untyped]
+    import yaml
 
     schema = json.loads((chart.CHART / "values.schema.json").read_text())
     values = yaml.safe_load((chart.CHART / "values.yaml").read_text())

@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Protocol, TypedDict, Unpack
 
 import aiohttp
 import pytest
@@ -34,19 +35,31 @@ LARGE_D = str(Digest.of(LARGE))
 MANIFEST = b'{"schemaVersion":2,"mediaType":"%s","layers":[]}' % OCI_MANIFEST.encode()
 MANIFEST_D = str(Digest.of(MANIFEST))
 
-MakePeer = Callable[..., Awaitable[FakePeer]]
+
+class Faults(TypedDict, total=False):
+    """The scripted faults of a Behaviour a test may ask a peer for."""
+
+    corrupt: bool
+    break_after: int | None
+    stall_after: int | None
+    header_delay: float
+    not_found: bool
+
+
+class MakePeer(Protocol):
+    def __call__(self, name: str, **faults: Unpack[Faults]) -> Awaitable[FakePeer]: ...
 
 
 @pytest.fixture
 async def make_peer() -> AsyncIterator[MakePeer]:
     started: list[FakePeer] = []
 
-    async def make(name: str, **faults: object) -> FakePeer:
+    async def make(name: str, **faults: Unpack[Faults]) -> FakePeer:
         behaviour = Behaviour(
             blobs={SMALL_D: SMALL, LARGE_D: LARGE},
             manifests={"1.0": (OCI_MANIFEST, MANIFEST), MANIFEST_D: (OCI_MANIFEST, MANIFEST)},
             **faults,
-        )  # type: ignore[arg-type]
+        )
         peer = await FakePeer(name, behaviour).start()
         started.append(peer)
         return peer

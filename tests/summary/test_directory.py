@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meshmirror.mesh.directory import PeerDirectory, check_http_base
+from meshmirror.mesh.directory import HeldSummary, PeerDirectory, check_http_base
 from meshmirror.mesh.router import BloomRouter, Peer
 from meshmirror.mesh.summary import Summary
 from tests.summary.fakes import digest_key, until
@@ -34,9 +34,31 @@ def registry() -> CollectorRegistry:
     return CollectorRegistry()
 
 
+Directory = tuple[PeerDirectory, BloomRouter]
+
+
+def held(d: PeerDirectory, name: str) -> HeldSummary:
+    """The peer's installed summary, which the caller knows is there by now."""
+    summary = d.held(name)
+    assert summary is not None, f"no summary held for {name}"
+    return summary
+
+
+def held_epoch(d: PeerDirectory, name: str) -> int | None:
+    summary = d.held(name)
+    return None if summary is None else summary.epoch
+
+
+def sample(registry: CollectorRegistry, name: str,
+           labels: dict[str, str] | None = None) -> float:
+    """A metric sample the code under test has recorded."""
+    value = registry.get_sample_value(name, labels)
+    assert value is not None, f"{name}{labels or ''} was never recorded"
+    return value
+
+
 @pytest.fixture
-async def directory(registry: CollectorRegistry) -> AsyncIterator[tuple[PeerDirectory,
-                                                                        BloomRouter]]:
+async def directory(registry: CollectorRegistry) -> AsyncIterator[Directory]:
     router = BloomRouter(registry=registry, seed=1)
     d = PeerDirectory(router, registry=registry, timeout_s=0.5, backoff_s=0.05,
                       max_backoff_s=0.2)
@@ -46,7 +68,7 @@ async def directory(registry: CollectorRegistry) -> AsyncIterator[tuple[PeerDire
         await d.close()
 
 
-async def test_a_peer_summary_is_fetched_and_routes_its_keys(directory: tuple,
+async def test_a_peer_summary_is_fetched_and_routes_its_keys(directory: Directory,
                                                               registry: CollectorRegistry) -> None:
     d, router = directory
     keys = [digest_key(i) for i in range(500)]
@@ -61,7 +83,7 @@ async def test_a_peer_summary_is_fetched_and_routes_its_keys(directory: tuple,
         assert srv.source.requests == [None]
 
 
-async def test_a_new_epoch_is_fetched_with_if_none_match(directory: tuple) -> None:
+async def test_a_new_epoch_is_fetched_with_if_none_match(directory: Directory) -> None:
     d, router = directory
     source = PeerSource(make_summary([digest_key(1)], epoch=10))
     async with peer_server(source) as srv:
@@ -72,12 +94,12 @@ async def test_a_new_epoch_is_fetched_with_if_none_match(directory: tuple) -> No
         assert len(source.requests) == 1
         source.summary = make_summary([digest_key(1), digest_key(2)], epoch=11)
         d.update_peer("n1", srv.http_base, 11)
-        await until(lambda: d.held("n1").epoch == 11)
+        await until(lambda: held(d, "n1").epoch == 11)
         assert source.requests == [None, '"10"']
         assert router.candidates(digest_key(2)) == [Peer("n1", srv.http_base)]
 
 
-async def test_304_while_the_peer_has_not_published_yet_is_retried(directory: tuple,
+async def test_304_while_the_peer_has_not_published_yet_is_retried(directory: Directory,
                                                                      registry: CollectorRegistry
                                                                      ) -> None:
     d, _ = directory
@@ -88,14 +110,14 @@ async def test_304_while_the_peer_has_not_published_yet_is_retried(directory: tu
         d.update_peer("n1", srv.http_base, 12)  # advertised before it is served
         await until(lambda: len(source.requests) >= 3)
         assert d.share() == 0.0
-        assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
-                                         {"result": "not_modified"}) >= 2
+        assert sample(registry, "meshmirror_peer_summary_fetches_total",
+                      {"result": "not_modified"}) >= 2
         source.summary = make_summary([digest_key(1)], epoch=12)
-        await until(lambda: d.held("n1").epoch == 12)
+        await until(lambda: held(d, "n1").epoch == 12)
         assert d.share() == 1.0
 
 
-async def test_a_response_older_than_the_held_summary_is_ignored(directory: tuple) -> None:
+async def test_a_response_older_than_the_held_summary_is_ignored(directory: Directory) -> None:
     d, router = directory
     source = PeerSource(make_summary([digest_key(1)], epoch=20))
     async with peer_server(source) as srv:
@@ -104,12 +126,12 @@ async def test_a_response_older_than_the_held_summary_is_ignored(directory: tupl
         source.summary = make_summary([digest_key(9)], epoch=5)  # e.g. a stale replica
         d.update_peer("n1", srv.http_base, 21)
         await until(lambda: len(source.requests) >= 3)
-        assert d.held("n1").epoch == 20
+        assert held(d, "n1").epoch == 20
         assert router.candidates(digest_key(1)) == [Peer("n1", srv.http_base)]
         assert router.candidates(digest_key(9)) == []
 
 
-async def test_never_more_than_one_fetch_in_flight_per_peer(directory: tuple) -> None:
+async def test_never_more_than_one_fetch_in_flight_per_peer(directory: Directory) -> None:
     d, _ = directory
     source = PeerSource(make_summary([digest_key(1)], epoch=1), delay_s=0.2)
     async with peer_server(source) as srv:
@@ -117,12 +139,12 @@ async def test_never_more_than_one_fetch_in_flight_per_peer(directory: tuple) ->
             source.summary = make_summary([digest_key(1)], epoch=epoch)
             d.update_peer("n1", srv.http_base, epoch)
             await asyncio.sleep(0.01)
-        await until(lambda: d.held("n1") is not None and d.held("n1").epoch == 29)
+        await until(lambda: held_epoch(d, "n1") == 29)
         assert source.max_in_flight == 1
         assert len(source.requests) <= 4  # a burst of epochs costs a few fetches, not 29
 
 
-async def test_failures_are_retried_with_backoff(directory: tuple,
+async def test_failures_are_retried_with_backoff(directory: Directory,
                                                  registry: CollectorRegistry) -> None:
     d, _ = directory
     source = PeerSource(make_summary([digest_key(1)], epoch=3), fail_status=500)
@@ -134,13 +156,13 @@ async def test_failures_are_retried_with_backoff(directory: tuple,
         # 0.05 + 0.1 + 0.2 (jittered to at least half) between the four attempts.
         assert elapsed >= 0.17
         assert d.held("n1") is None
-        assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
-                                         {"result": "error"}) >= 4
+        assert sample(registry, "meshmirror_peer_summary_fetches_total",
+                      {"result": "error"}) >= 4
         source.fail_status = None
         await until(lambda: d.held("n1") is not None)
 
 
-async def test_a_slow_peer_times_out_and_is_retried(directory: tuple) -> None:
+async def test_a_slow_peer_times_out_and_is_retried(directory: Directory) -> None:
     d, _ = directory
     source = PeerSource(make_summary([digest_key(1)], epoch=3), delay_s=2.0)
     async with peer_server(source) as srv:
@@ -151,7 +173,7 @@ async def test_a_slow_peer_times_out_and_is_retried(directory: tuple) -> None:
         await until(lambda: d.held("n1") is not None)
 
 
-async def test_garbage_and_wrong_content_type_are_not_installed(directory: tuple) -> None:
+async def test_garbage_and_wrong_content_type_are_not_installed(directory: Directory) -> None:
     d, _ = directory
 
     class Garbage(PeerSource):
@@ -166,7 +188,7 @@ async def test_garbage_and_wrong_content_type_are_not_installed(directory: tuple
         assert d.held("n1") is None
 
 
-async def test_an_unreachable_peer_does_not_break_the_others(directory: tuple) -> None:
+async def test_an_unreachable_peer_does_not_break_the_others(directory: Directory) -> None:
     d, router = directory
     async with peer_server(PeerSource(make_summary([digest_key(1)], epoch=1))) as srv:
         async with peer_server(PeerSource()) as gone:
@@ -200,7 +222,7 @@ async def test_a_dead_peer_is_dropped_with_its_fetch(registry: CollectorRegistry
         await d.close()
 
 
-async def test_a_moved_peer_is_routed_at_its_new_address(directory: tuple) -> None:
+async def test_a_moved_peer_is_routed_at_its_new_address(directory: Directory) -> None:
     d, router = directory
     source = PeerSource(make_summary([digest_key(1)], epoch=1))
     async with peer_server(source) as one, peer_server(source) as two:
@@ -210,7 +232,7 @@ async def test_a_moved_peer_is_routed_at_its_new_address(directory: tuple) -> No
         assert router.candidates(digest_key(1)) == [Peer("n1", two.http_base)]
 
 
-async def test_propagation_is_observed_from_the_keys_arrival(directory: tuple,
+async def test_propagation_is_observed_from_the_keys_arrival(directory: Directory,
                                                              registry: CollectorRegistry) -> None:
     d, _ = directory
     now_ms = time.time_ns() // 1_000_000
@@ -223,14 +245,14 @@ async def test_propagation_is_observed_from_the_keys_arrival(directory: tuple,
         born = time.time_ns() // 1_000_000 - 300
         source.summary = make_summary([digest_key(1), digest_key(2)], epoch=2, born_at_ms=born)
         d.update_peer("n1", srv.http_base, 2)
-        await until(lambda: d.held("n1").epoch == 2)
+        await until(lambda: held(d, "n1").epoch == 2)
         assert registry.get_sample_value("meshmirror_summary_propagation_seconds_count") == 1
-        observed = registry.get_sample_value("meshmirror_summary_propagation_seconds_sum")
+        observed = sample(registry, "meshmirror_summary_propagation_seconds_sum")
         assert 0.3 <= observed < 2.0
         # A version with no newer keys (a removal) is not a propagation sample.
         source.summary = make_summary([digest_key(1)], epoch=3, born_at_ms=born)
         d.update_peer("n1", srv.http_base, 3)
-        await until(lambda: d.held("n1").epoch == 3)
+        await until(lambda: held(d, "n1").epoch == 3)
         assert registry.get_sample_value("meshmirror_summary_propagation_seconds_count") == 1
 
 
@@ -241,7 +263,7 @@ def test_a_bad_peer_address_is_refused(base: str) -> None:
         check_http_base(base)
 
 
-async def test_a_bad_epoch_is_refused(directory: tuple) -> None:
+async def test_a_bad_epoch_is_refused(directory: Directory) -> None:
     d, _ = directory
     with pytest.raises(ValueError, match="epoch"):
         d.update_peer("n1", "http://127.0.0.2:5000", -1)
@@ -262,6 +284,6 @@ async def test_a_new_epoch_cuts_a_long_backoff_short(registry: CollectorRegistry
             d.update_peer("n1", srv.http_base, 2)
             await until(lambda: d.held("n1") is not None, within=2)
             assert time.monotonic() - started < 1.0
-            assert d.held("n1").epoch == 2
+            assert held(d, "n1").epoch == 2
     finally:
         await d.close()

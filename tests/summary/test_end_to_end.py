@@ -60,6 +60,7 @@ async def test_a_new_key_on_one_node_is_routable_on_another_within_a_second() ->
                 "meshmirror_summary_propagation_seconds_count") == 1
             propagation = registry.get_sample_value(
                 "meshmirror_summary_propagation_seconds_sum")
+            assert propagation is not None
             assert 0.1 <= propagation < 1.0  # at least the debounce, within the deadline
             assert registry.get_sample_value("meshmirror_peer_summaries_share") == 1.0
     finally:

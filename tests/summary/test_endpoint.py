@@ -10,9 +10,11 @@ from meshmirror.mesh.summary import MEDIA_TYPE, Summary, SummaryPublisher
 from meshmirror.registry.summary_endpoint import summary_route
 from tests.summary.fakes import KeyStore, digest_key
 
+Client = tuple[httpx.AsyncClient, SummaryPublisher]
+
 
 @pytest.fixture
-async def client() -> AsyncIterator[tuple[httpx.AsyncClient, SummaryPublisher]]:
+async def client() -> AsyncIterator[Client]:
     publisher = SummaryPublisher(KeyStore({digest_key(i) for i in range(50)}))
     await publisher.start()
     app = Starlette(routes=[summary_route(publisher)])
@@ -24,40 +26,48 @@ async def client() -> AsyncIterator[tuple[httpx.AsyncClient, SummaryPublisher]]:
         await publisher.close()
 
 
-async def test_get_returns_the_binary_summary_with_its_epoch_as_etag(client: tuple) -> None:
+async def test_get_returns_the_binary_summary_with_its_epoch_as_etag(client: Client) -> None:
     c, publisher = client
+    current = publisher.current
+    assert current is not None  # start() publishes the first version
     resp = await c.get("/_mesh/v1/summary")
     assert resp.status_code == 200
     assert resp.headers["content-type"] == MEDIA_TYPE
-    assert resp.headers["etag"] == f'"{publisher.current.epoch}"'
+    assert resp.headers["etag"] == f'"{current.epoch}"'
     summary = Summary.decode(resp.content)
-    assert summary == publisher.current
+    assert summary == current
     assert all(digest_key(i) in summary for i in range(50))
 
 
 @pytest.mark.parametrize("header", ['"{e}"', 'W/"{e}"', '"1", "{e}"', "*"])
-async def test_if_none_match_on_the_current_epoch_is_304(client: tuple, header: str) -> None:
+async def test_if_none_match_on_the_current_epoch_is_304(client: Client, header: str) -> None:
     c, publisher = client
+    current = publisher.current
+    assert current is not None  # start() publishes the first version
     resp = await c.get("/_mesh/v1/summary",
-                       headers={"If-None-Match": header.format(e=publisher.current.epoch)})
+                       headers={"If-None-Match": header.format(e=current.epoch)})
     assert resp.status_code == 304
     assert resp.content == b""
-    assert resp.headers["etag"] == f'"{publisher.current.epoch}"'
+    assert resp.headers["etag"] == f'"{current.epoch}"'
 
 
-async def test_an_older_etag_gets_the_new_summary(client: tuple) -> None:
+async def test_an_older_etag_gets_the_new_summary(client: Client) -> None:
     c, publisher = client
+    current = publisher.current
+    assert current is not None  # start() publishes the first version
     resp = await c.get("/_mesh/v1/summary",
-                       headers={"If-None-Match": f'"{publisher.current.epoch - 1}"'})
+                       headers={"If-None-Match": f'"{current.epoch - 1}"'})
     assert resp.status_code == 200
-    assert Summary.decode(resp.content).epoch == publisher.current.epoch
+    assert Summary.decode(resp.content).epoch == current.epoch
 
 
-async def test_head_has_the_headers_and_no_body(client: tuple) -> None:
+async def test_head_has_the_headers_and_no_body(client: Client) -> None:
     c, publisher = client
+    current = publisher.current
+    assert current is not None  # start() publishes the first version
     resp = await c.head("/_mesh/v1/summary")
     assert resp.status_code == 200
-    assert resp.headers["etag"] == f'"{publisher.current.epoch}"'
+    assert resp.headers["etag"] == f'"{current.epoch}"'
     assert resp.content == b""
 
 

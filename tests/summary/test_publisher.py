@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import TypedDict
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -19,9 +20,11 @@ class Recorder:
         self.versions.append(summary)
 
 
+Started = tuple[KeyStore, SummaryPublisher, Recorder, CollectorRegistry]
+
+
 @pytest.fixture
-async def started() -> AsyncIterator[tuple[KeyStore, SummaryPublisher, Recorder,
-                                           CollectorRegistry]]:
+async def started() -> AsyncIterator[Started]:
     store = KeyStore({digest_key(i) for i in range(1000)})
     registry = CollectorRegistry()
     recorder = Recorder()
@@ -39,7 +42,7 @@ async def _next_version(publisher: SummaryPublisher, after: int) -> Summary:
         return await publisher.wait_for(lambda s: s.epoch > after)
 
 
-async def test_first_version_is_published_by_start(started: tuple) -> None:
+async def test_first_version_is_published_by_start(started: Started) -> None:
     _store, publisher, recorder, registry = started
     current = publisher.current
     assert current is not None
@@ -51,9 +54,10 @@ async def test_first_version_is_published_by_start(started: tuple) -> None:
     assert registry.get_sample_value("meshmirror_summary_epoch") == current.epoch
 
 
-async def test_a_change_is_published_within_a_second_in_one_version(started: tuple) -> None:
+async def test_a_change_is_published_within_a_second_in_one_version(started: Started) -> None:
     store, publisher, recorder, registry = started
     first = publisher.current
+    assert first is not None
     before = time.monotonic()
     for i in range(30):  # a pulled image: a burst of keys
         store.add(digest_key(f"new{i}"))
@@ -74,9 +78,10 @@ async def test_a_change_is_published_within_a_second_in_one_version(started: tup
 
 
 async def test_a_continuous_stream_of_changes_still_publishes_within_a_second(
-        started: tuple) -> None:
+        started: Started) -> None:
     store, publisher, _recorder, _ = started
     first = publisher.current
+    assert first is not None
 
     async def trickle() -> None:
         for i in range(200):
@@ -93,9 +98,10 @@ async def test_a_continuous_stream_of_changes_still_publishes_within_a_second(
         task.cancel()
 
 
-async def test_born_at_is_the_arrival_of_the_oldest_new_key(started: tuple) -> None:
+async def test_born_at_is_the_arrival_of_the_oldest_new_key(started: Started) -> None:
     store, publisher, _, _ = started
     first = publisher.current
+    assert first is not None
     arrived = time.time_ns() // 1_000_000
     store.add(digest_key("fresh"))
     summary = await _next_version(publisher, first.epoch)
@@ -107,9 +113,10 @@ async def test_born_at_is_the_arrival_of_the_oldest_new_key(started: tuple) -> N
     assert later.born_at_ms == summary.born_at_ms
 
 
-async def test_few_removals_do_not_rebuild(started: tuple) -> None:
+async def test_few_removals_do_not_rebuild(started: Started) -> None:
     store, publisher, _, _registry = started
     first = publisher.current
+    assert first is not None
     store.remove(*[digest_key(i) for i in range(40)])  # 4% of 1000
     summary = await _next_version(publisher, first.epoch)
     assert summary.count == 960
@@ -118,9 +125,10 @@ async def test_few_removals_do_not_rebuild(started: tuple) -> None:
     assert all(digest_key(i) in summary for i in range(40))
 
 
-async def test_removals_over_five_percent_rebuild_from_the_store(started: tuple) -> None:
+async def test_removals_over_five_percent_rebuild_from_the_store(started: Started) -> None:
     store, publisher, _, registry = started
     first = publisher.current
+    assert first is not None
     removed = [digest_key(i) for i in range(60)]  # 6% of 1000
     store.remove(*removed)
     summary = await _next_version(publisher, first.epoch)
@@ -131,9 +139,10 @@ async def test_removals_over_five_percent_rebuild_from_the_store(started: tuple)
     assert all(digest_key(i) in summary for i in range(60, 1000))
 
 
-async def test_growth_past_capacity_rebuilds_a_bigger_filter(started: tuple) -> None:
+async def test_growth_past_capacity_rebuilds_a_bigger_filter(started: Started) -> None:
     store, publisher, _, _ = started
     first = publisher.current
+    assert first is not None
     store.add(*[digest_key(f"grow{i}") for i in range(4000)])
     summary = await _next_version(publisher, first.epoch)
     assert publisher.rebuilds == 2
@@ -198,14 +207,21 @@ def test_a_restarted_node_starts_past_its_old_epochs() -> None:
     assert EpochClock().next() > max(old)
 
 
-@pytest.mark.parametrize("kwargs", [{"fp_rate": 0}, {"debounce_s": -1},
-                                    {"rebuild_fraction": 0}, {"max_fp_factor": 1}])
-def test_bad_settings_are_refused(kwargs: dict) -> None:
+class Settings(TypedDict, total=False):
+    fp_rate: float
+    debounce_s: float
+    rebuild_fraction: float
+    max_fp_factor: float
+
+
+@pytest.mark.parametrize("kwargs", [Settings(fp_rate=0), Settings(debounce_s=-1),
+                                    Settings(rebuild_fraction=0), Settings(max_fp_factor=1)])
+def test_bad_settings_are_refused(kwargs: Settings) -> None:
     with pytest.raises(ValueError):
         SummaryPublisher(KeyStore(), **kwargs)
 
 
-async def test_start_twice_is_an_error(started: tuple) -> None:
+async def test_start_twice_is_an_error(started: Started) -> None:
     _, publisher, _, _ = started
     with pytest.raises(RuntimeError, match="already started"):
         await publisher.start()
@@ -219,7 +235,9 @@ async def test_with_the_real_memory_store() -> None:
     publisher = SummaryPublisher(store, debounce_s=0.05)
     await publisher.start()
     try:
-        assert str(first_blob) in publisher.current
+        current = publisher.current
+        assert current is not None
+        assert str(first_blob) in current
         blob = store.add_blob(b"a layer")
         store.tag("docker.io", "library/app", "1", blob)
         async with asyncio.timeout(1):
