@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import tempfile
 import threading
 import weakref
@@ -38,30 +39,43 @@ class SpoolBudget:
         self.directory = directory
         self.limit = limit
         self._used = 0
-        self._lock = threading.Lock()  # released from finalizers, which may run anywhere
+        self._lock = threading.Lock()  # reserve() on the loop, used() from a metrics scrape
+        # Sizes given back by releases. A release may run in a garbage-collection
+        # finalizer, at any point in any thread, even inside the lock above, so it
+        # only ever puts here: SimpleQueue.put is safe to call from finalizers.
+        self._returned: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     @property
     def used(self) -> int:
-        return self._used
+        with self._lock:
+            return self._settle()
 
     def reserve(self, size: int) -> SpoolFile | None:
         """A spool file for ``size`` bytes, or None when they do not fit (or no file can
         be made: the caller then streams, which is always possible)."""
         with self._lock:
-            if size > self.limit - self._used:
+            if size > self.limit - self._settle():
                 return None
             self._used += size
         try:
             # Owned by the SpoolFile from here on; its release (or finalizer) closes it.
             file = tempfile.TemporaryFile(dir=self.directory, buffering=0)  # noqa: SIM115
         except OSError:
-            self._give_back(size)
+            self.give_back(size)
             return None
         return SpoolFile(file, size, self)
 
-    def _give_back(self, size: int) -> None:
-        with self._lock:
-            self._used -= size
+    def give_back(self, size: int) -> None:
+        """Return ``size`` bytes to the budget; safe anywhere, finalizers included."""
+        self._returned.put(size)
+
+    def _settle(self) -> int:
+        """Apply the sizes given back so far (the lock is held) and return the bytes used."""
+        while True:
+            try:
+                self._used -= self._returned.get_nowait()
+            except queue.Empty:
+                return self._used
 
 
 class SpoolFile:
@@ -109,7 +123,7 @@ class SpoolFile:
 def _release(file: IO[bytes], size: int, budget: SpoolBudget) -> None:
     with contextlib.suppress(OSError):
         file.close()
-    budget._give_back(size)
+    budget.give_back(size)
 
 
 def check_spool_directory(directory: Path) -> None:
