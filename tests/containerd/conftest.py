@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol, TypedDict, Unpack
 
 import pytest
 
@@ -23,7 +24,19 @@ def containerd() -> Iterator[Containerd]:
         yield instance
 
 
-ImageFactory = Callable[..., BuiltImage]
+class ImageOptions(TypedDict, total=False):
+    """Keyword options of ``build_image`` that ``make_image`` passes on."""
+
+    seed: int
+    platforms: Sequence[str]
+    index: bool | None
+    docker: bool
+    compresslevel: int
+
+
+class ImageFactory(Protocol):
+    def __call__(self, name: str, layer_sizes: Sequence[int] = ...,
+                 **options: Unpack[ImageOptions]) -> BuiltImage: ...
 
 
 @pytest.fixture
@@ -31,10 +44,11 @@ def make_image(tmp_path: Path) -> ImageFactory:
     """Build an image archive offline; each call gets its own layout and archive."""
     counter = itertools.count()
 
-    def make(name: str, layer_sizes: Sequence[int] = (1024,), **kwargs: object) -> BuiltImage:
+    def make(name: str, layer_sizes: Sequence[int] = (1024,),
+             **options: Unpack[ImageOptions]) -> BuiltImage:
         n = next(counter)
         return build_image(name, tmp_path / f"layout{n}", layer_sizes,
-                           archive=tmp_path / f"image{n}.tar", **kwargs)  # type: ignore[arg-type]
+                           archive=tmp_path / f"image{n}.tar", **options)
 
     return make
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from google.protobuf.message import Message
+
 from meshmirror.containerd.proto import (
     content_events_pb2,
     content_pb2,
@@ -60,8 +62,8 @@ def test_staleness_is_detected(tmp_path: Path) -> None:
 
 def test_names_and_field_numbers_match_containerd() -> None:
     """Wire compatibility rests on these; values read from containerd 1.6's api/*.proto."""
-    def fields(message: object) -> dict[str, int]:
-        descriptor = message.DESCRIPTOR  # type: ignore[attr-defined]
+    def fields(message: type[Message]) -> dict[str, int]:
+        descriptor = message.DESCRIPTOR
         return {f.name: f.number for f in descriptor.fields}
 
     assert descriptor_pb2.Descriptor.DESCRIPTOR.full_name == "containerd.types.Descriptor"

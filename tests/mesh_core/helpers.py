@@ -7,20 +7,29 @@ from collections.abc import Iterable
 
 from meshmirror.mesh import wire
 from meshmirror.mesh.config import MeshConfig
-from meshmirror.mesh.events import Effect, OpenStream, SendPacket
+from meshmirror.mesh.events import Delegate, Effect, NodeInfo, OpenStream, SendPacket
+from meshmirror.mesh.keyring import Keyring
 from meshmirror.mesh.messages import Message, NodeState, Ping, PushNodeState, PushPull
 from meshmirror.mesh.simulator import wire_stream_decode
-from meshmirror.mesh.state import Memberlist, ip_to_bytes
+from meshmirror.mesh.state import Codec, Memberlist, ip_to_bytes
 
 CFG = MeshConfig()
 
 
 def make(name: str, n: int, *, cfg: MeshConfig = CFG, now: float = 0.0, meta: bytes = b"",
-         seed: int | None = None, **kw: object) -> Memberlist:
+         seed: int | None = None, keyring: Keyring | None = None,
+         delegate: Delegate | None = None, codec: Codec | None = None) -> Memberlist:
     """A core at 127.50.0.<n>:7946."""
     rng = random.Random(seed if seed is not None else n)
     return Memberlist(cfg, name=name, addr=f"127.50.0.{n}", port=7946, meta=meta, rng=rng,
-                      now=now, **kw)  # type: ignore[arg-type]
+                      now=now, keyring=keyring, delegate=delegate, codec=codec)
+
+
+def member(core: Memberlist, name: str) -> NodeInfo:
+    """``core``'s view of ``name``, which the test knows ``core`` has."""
+    info = core.member(name)
+    assert info is not None, f"{core.name} does not know {name}"
+    return info
 
 
 def addr(core: Memberlist) -> tuple[str, int]:
@@ -35,7 +44,7 @@ def state_of(core: Memberlist, inc: int = 1, state: NodeState = NodeState.ALIVE,
 
 def introduce(target: Memberlist, others: Iterable[Memberlist], now: float = 0.0) -> None:
     """Tell ``target`` about ``others`` through a push-pull merge, then forget the side effects."""
-    nodes = tuple(state_of(o, o.incarnation, meta=o.member(o.name).meta)  # type: ignore[union-attr]
+    nodes = tuple(state_of(o, o.incarnation, meta=member(o, o.name).meta)
                   for o in others)
     target.stream_received(PushPull(False, nodes), ("127.0.0.1", 1), now)
     target.broadcasts.reset()
@@ -55,8 +64,8 @@ def opened(effects: Iterable[Effect]) -> list[OpenStream]:
     return [e for e in effects if isinstance(e, OpenStream)]
 
 
-def decode(packet: SendPacket, keyring: object = None) -> list[Message]:
-    return wire.open_packet(packet.data, keyring=keyring)  # type: ignore[arg-type]
+def decode(packet: SendPacket, keyring: Keyring | None = None) -> list[Message]:
+    return wire.open_packet(packet.data, keyring=keyring)
 
 
 def messages(effects: Iterable[Effect]) -> list[tuple[tuple[str, int], Message]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import pytest
 from hypothesis import given
@@ -17,6 +18,18 @@ from meshmirror.mesh.suspicion import Suspicion, remaining_suspicion_time
 from .helpers import make
 
 
+class ConfigOptions(TypedDict, total=False):
+    """The ``MeshConfig`` fields the rejection cases below set."""
+
+    probe_interval: float
+    probe_timeout: float
+    gossip_nodes: int
+    retransmit_mult: int
+    udp_buffer_size: int
+    protocol_version: int
+    label: str
+
+
 def test_defaults_are_memberlists_lan_profile() -> None:
     c = MeshConfig()
     assert (c.probe_interval, c.probe_timeout, c.indirect_checks) == (1.0, 0.5, 3)
@@ -27,7 +40,7 @@ def test_defaults_are_memberlists_lan_profile() -> None:
     assert c.vsn == (1, 5, 2, 2, 5, 4)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
+BAD_CONFIGS: list[tuple[ConfigOptions, str]] = [
     ({"probe_interval": 0}, "probe_interval must be > 0"),
     ({"probe_timeout": 2.0}, "must not exceed"),
     ({"gossip_nodes": -1}, "gossip_nodes must be >= 0"),
@@ -35,10 +48,13 @@ def test_defaults_are_memberlists_lan_profile() -> None:
     ({"udp_buffer_size": 100}, "udp_buffer_size"),
     ({"protocol_version": 9}, "protocol_version"),
     ({"label": "x" * 300}, "label"),
-])
-def test_bad_config_is_rejected_with_the_reason(kwargs: dict[str, object], message: str) -> None:
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_CONFIGS)
+def test_bad_config_is_rejected_with_the_reason(kwargs: ConfigOptions, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        MeshConfig(**kwargs)  # type: ignore[arg-type]
+        MeshConfig(**kwargs)
 
 
 def test_transmit_limit_grows_with_log_of_cluster_size() -> None:

@@ -21,6 +21,7 @@ from meshmirror.mesh.messages import (
     Alive,
     Dead,
     IndirectPing,
+    Message,
     NackResp,
     NodeState,
     Ping,
@@ -37,6 +38,7 @@ from .helpers import (
     deliver,
     introduce,
     make,
+    member,
     mesh,
     messages,
     of_type,
@@ -49,8 +51,8 @@ from .helpers import (
 )
 
 
-def packet(*msgs: object) -> bytes:
-    parts = [wire.encode(m) for m in msgs]  # type: ignore[arg-type]
+def packet(*msgs: Message) -> bytes:
+    parts = [wire.encode(m) for m in msgs]
     payload = parts[0] if len(parts) == 1 else wire.compound(parts)
     return wire.seal_packet(payload, keyring=None, crc=False)
 
@@ -143,7 +145,7 @@ def test_probe_is_answered_by_ack_and_records_rtt() -> None:
     assert a.stats.probe_rtt_sum == pytest.approx(0.002)
     later = step(a, t + 0.99)
     assert not of_type(later, IndirectPing) and not opened(later)
-    assert a.member("b").state == NodeState.ALIVE  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.ALIVE
     assert a.awareness.score == 0
 
 
@@ -172,9 +174,9 @@ def test_missed_probe_goes_indirect_then_suspects_and_nack_less_silence_hurts_aw
     (tcp,) = opened(later)
     assert tcp.addr == target_addr
     step(a, t + 1.0)
-    assert a.member(target).state == NodeState.ALIVE  # type: ignore[union-attr]
+    assert member(a, target).state == NodeState.ALIVE
     a.stream_reply(tcp.stream_id, None, t + 1.0)  # the TCP fallback failed too
-    assert a.member(target).state == NodeState.SUSPECT  # type: ignore[union-attr]
+    assert member(a, target).state == NodeState.SUSPECT
     assert a.stats.suspicions == 1 and a.stats.probe_failures == 1
     # Three nacks were expected and none came: we may be the broken one.
     assert a.awareness.score == 3
@@ -233,7 +235,7 @@ def test_tcp_fallback_ping_saves_a_node_whose_udp_is_broken() -> None:
     assert reply is not None
     a.stream_reply(tcp.stream_id, wire.StreamDecoder(None).feed(reply), t + 0.6)
     step(a, t + 1.0)
-    assert a.member("b").state == NodeState.ALIVE  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.ALIVE
     assert a.stats.tcp_fallback_rescues == 1 and a.stats.suspicions == 0
 
 
@@ -246,9 +248,9 @@ def test_awareness_stretches_the_probe_before_suspecting() -> None:
     assert tcp.timeout == pytest.approx(2.5)
     a.stream_reply(tcp.stream_id, None, t + 0.6)
     step(a, t + 2.99)
-    assert a.member("b").state == NodeState.ALIVE  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.ALIVE
     step(a, t + 3.0)
-    assert a.member("b").state == NodeState.SUSPECT  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.SUSPECT
     assert a.awareness.score == 3  # no nacks expected from nobody: +1
 
 
@@ -256,7 +258,7 @@ def test_buddy_system_tells_the_suspect_which_refutes_on_the_spot() -> None:
     a, b = make("a", 1), make("b", 2)
     mesh([a, b])
     a.packet_received(packet(Suspect(1, "b", "a")), addr(b), 0.0)
-    assert a.member("b").state == NodeState.SUSPECT  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.SUSPECT
     t, effects = until_ping(a)
     probe = [p for p in sent(effects) if p.addr == addr(b)]
     kinds = {type(m) for p in probe for m in wire.open_packet(p.data, keyring=None)}
@@ -284,9 +286,9 @@ def test_lone_suspicion_in_a_tiny_cluster_becomes_death_after_the_minimum_timeou
     timeout = suspicion_timeout(4, 2, 1.0)
     assert timeout == 4.0  # k = 0 with two nodes: nobody could confirm
     step(a, timeout - 0.01)
-    assert a.member("b").state == NodeState.SUSPECT  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.SUSPECT
     effects = step(a, timeout + 0.01)
-    assert a.member("b").state == NodeState.DEAD  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.DEAD
     left = [e for e in effects if isinstance(e, MemberLeft)]
     assert len(left) == 1 and left[0].dead and left[0].node.name == "b"
 
@@ -306,9 +308,9 @@ def test_independent_confirmations_shrink_the_suspicion_timeout() -> None:
     assert a.broadcasts.contains("b")
     a.packet_received(packet(Suspect(1, "b", "d")), addr(cores[3]), 2.0)
     step(a, lo - 0.01)
-    assert a.member("b").state == NodeState.SUSPECT  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.SUSPECT
     step(a, lo + 0.01)
-    assert a.member("b").state == NodeState.DEAD  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.DEAD
 
 
 def test_unconfirmed_suspicion_waits_for_the_maximum_timeout() -> None:
@@ -317,9 +319,9 @@ def test_unconfirmed_suspicion_waits_for_the_maximum_timeout() -> None:
     mesh(cores)
     a.packet_received(packet(Suspect(1, "b", "a")), addr(cores[1]), 0.0)
     step(a, 23.9)
-    assert a.member("b").state == NodeState.SUSPECT  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.SUSPECT
     step(a, 24.01)
-    assert a.member("b").state == NodeState.DEAD  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.DEAD
 
 
 def test_alive_with_higher_incarnation_cancels_the_suspicion() -> None:
@@ -328,12 +330,12 @@ def test_alive_with_higher_incarnation_cancels_the_suspicion() -> None:
     a.packet_received(packet(Suspect(1, "b", "a")), addr(b), 0.0)
     stale = Alive(1, "b", bytes([127, 50, 0, 2]), 7946, b"", a.config.vsn)
     a.packet_received(packet(stale), addr(b), 0.5)
-    assert a.member("b").state == NodeState.SUSPECT  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.SUSPECT
     fresh = Alive(2, "b", bytes([127, 50, 0, 2]), 7946, b"", a.config.vsn)
     a.packet_received(packet(fresh), addr(b), 1.0)
-    assert a.member("b").state == NodeState.ALIVE  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.ALIVE
     step(a, 4.5)  # past the cancelled suspicion's 4 s; a fresh one would need 4 s more
-    assert a.member("b").state != NodeState.DEAD  # type: ignore[union-attr]
+    assert member(a, "b").state != NodeState.DEAD
 
 
 def test_suspicion_and_death_of_ourselves_are_refuted_with_a_higher_incarnation() -> None:
@@ -341,7 +343,7 @@ def test_suspicion_and_death_of_ourselves_are_refuted_with_a_higher_incarnation(
     mesh([a, b])
     a.packet_received(packet(Suspect(1, "a", "b")), addr(b), 0.0)
     assert a.incarnation == 2 and a.stats.refutations == 1
-    assert a.member("a").state == NodeState.ALIVE  # type: ignore[union-attr]
+    assert member(a, "a").state == NodeState.ALIVE
     a.packet_received(packet(Dead(7, "a", "b")), addr(b), 0.1)
     assert a.incarnation == 8, "outbids the accusation"
     assert a.awareness.score == 2, "being accused is a sign we are slow"
@@ -349,14 +351,14 @@ def test_suspicion_and_death_of_ourselves_are_refuted_with_a_higher_incarnation(
     alive = [m for m in of_type(gossip, Alive) if isinstance(m, Alive) and m.node == "a"]
     assert alive and alive[-1].incarnation == 8
     deliver(gossip, [b], 0.5, a)
-    assert b.member("a").incarnation == 8  # type: ignore[union-attr]
+    assert member(b, "a").incarnation == 8
 
 
 def test_dead_nodes_are_forgotten_after_gossip_to_the_dead_time() -> None:
     a, b, c = make("a", 1), make("b", 2), make("c", 3)
     mesh([a, b, c])
     a.packet_received(packet(Dead(1, "b", "c")), addr(c), 0.0)
-    assert a.member("b").state == NodeState.DEAD  # type: ignore[union-attr]
+    assert member(a, "b").state == NodeState.DEAD
     step(a, 29.0)
     assert a.member("b") is not None
     step(a, 35.0)
@@ -374,7 +376,7 @@ def test_dead_node_may_come_back_at_a_new_address_only_after_reclaim_time() -> N
     a.packet_received(packet(Dead(1, "b", "a")), addr(b), 0.0)
     moved = Alive(2, "b", bytes([127, 50, 0, 77]), 7946, b"", cfg.vsn)
     a.packet_received(packet(moved), ("127.50.0.77", 7946), 5.0)
-    assert a.member("b").addr == "127.50.0.2"  # type: ignore[union-attr]
+    assert member(a, "b").addr == "127.50.0.2"
     assert a.stats.dropped["address_conflict"] == 1
     a.packet_received(packet(moved), ("127.50.0.77", 7946), 11.0)
     view = a.member("b")
@@ -409,7 +411,7 @@ def test_graceful_leave_is_gossiped_as_left_not_dead() -> None:
     a, b = make("a", 1), make("b", 2)
     mesh([a, b])
     a.leave(1.0)
-    assert a.has_left and a.member("a").state == NodeState.LEFT  # type: ignore[union-attr]
+    assert a.has_left and member(a, "a").state == NodeState.LEFT
     assert not _leave_done(a)
     mine = [e for e in a.drain() if isinstance(e, MemberLeft)]
     assert mine and not mine[0].dead
@@ -417,13 +419,13 @@ def test_graceful_leave_is_gossiped_as_left_not_dead() -> None:
     dead = [m for m in of_type(gossip, Dead) if isinstance(m, Dead)]
     assert dead and dead[0].node == dead[0].from_node == "a"
     out = deliver(gossip, [b], 1.3, a)
-    assert b.member("a").state == NodeState.LEFT  # type: ignore[union-attr]
+    assert member(b, "a").state == NodeState.LEFT
     assert any(isinstance(e, MemberLeft) and not e.dead for e in b.drain() + out)
     step(a, 3.0)
     assert _leave_done(a)
     # A left node does not rejoin on stale gossip about itself.
     a.packet_received(packet(Suspect(1, "a", "b")), addr(b), 3.1)
-    assert a.member("a").state == NodeState.LEFT  # type: ignore[union-attr]
+    assert member(a, "a").state == NodeState.LEFT
 
 
 def test_metadata_update_raises_incarnation_and_reaches_peers() -> None:
@@ -475,10 +477,10 @@ def test_push_pull_merges_alive_left_and_dead_and_carries_user_state() -> None:
     mine = wire.StreamDecoder(None).feed(reply)
     assert isinstance(mine, PushPull) and mine.user_state == b"SYNC"
     assert {n.name for n in mine.nodes} == {"b", "c", "d", "e"}
-    assert b.member("c").meta == b"new" and b.member("c").incarnation == 3  # type: ignore[union-attr]
+    assert member(b, "c").meta == b"new" and member(b, "c").incarnation == 3
     # A remote "dead" is only a suspicion here: the node gets its chance to refute.
-    assert b.member("d").state == NodeState.SUSPECT  # type: ignore[union-attr]
-    assert b.member("e").state == NodeState.LEFT  # type: ignore[union-attr]
+    assert member(b, "d").state == NodeState.SUSPECT
+    assert member(b, "e").state == NodeState.LEFT
     assert delegate.merged == [(b"THEIRS", False)]
 
 

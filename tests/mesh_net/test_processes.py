@@ -59,6 +59,12 @@ class Proc:
         with self.lock:
             return self.view.get(name)
 
+    def incarnation_of(self, name: str) -> int:
+        """The incarnation this process last saw for ``name``, which it knows of."""
+        state = self.state_of(name)
+        assert state is not None, f"{self.name} has no view of {name}"
+        return state[1]
+
     def first_event_time(self, kind: str, node: str, after: float) -> float | None:
         with self.lock:
             for ev in self.events:
@@ -160,7 +166,7 @@ def test_twenty_processes_converge_detect_kill_and_rejoin(mesh: Mesh) -> None:
 
     # Restart with the same name and address: it refutes its death with a higher incarnation.
     mesh.spawn(victim, [procs[0]])
-    dead_inc = max(p.state_of(victim.name)[1] for p in others)  # type: ignore[index]
+    dead_inc = max(p.incarnation_of(victim.name) for p in others)
 
     def rejoined() -> bool:
         for p in others:

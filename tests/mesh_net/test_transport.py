@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from meshmirror.mesh import wire
 from meshmirror.mesh.config import MeshConfig
-from meshmirror.mesh.events import MemberJoined, MemberLeft
+from meshmirror.mesh.events import Address, MemberJoined, MemberLeft
 from meshmirror.mesh.keyring import Keyring
 from meshmirror.mesh.messages import NodeState, Ping
 from meshmirror.mesh.metrics import register_mesh_metrics
@@ -25,10 +26,11 @@ CONFIG = MeshConfig()
 
 
 def start(nodes: list[MeshNode], name: str, *, host: str | None = None, port: int | None = None,
-          **kwargs: object) -> MeshNode:
+          meta: bytes = b"", keyring: Keyring | None = None, join: Sequence[Address] = (),
+          join_dns: str | None = None) -> MeshNode:
     host = host or loopback_host()
     node = MeshNode(CONFIG, name=name, bind=(host, port if port is not None else free_port(host)),
-                    **kwargs)  # type: ignore[arg-type]
+                    meta=meta, keyring=keyring, join=join, join_dns=join_dns)
     nodes.append(node)
     node.start()
     return node
@@ -75,7 +77,9 @@ def test_bad_input_is_dropped_and_counted(nodes: list[MeshNode]) -> None:
             assert reply == b"" or reply[0] == 10
     registry = CollectorRegistry()
     register_mesh_metrics(registry, a)
-    assert wait_for(lambda: sum(a._core.stats.dropped.values()) >= 4  # type: ignore[union-attr]
+    core = a._core
+    assert core is not None, "a started node has a core"
+    assert wait_for(lambda: sum(core.stats.dropped.values()) >= 4
                     and sum(a.transport_stats.dropped.values()) >= 3, 5)
     text = generate_latest(registry).decode()
     assert 'meshmirror_mesh_dropped_packets_total{reason="decrypt_failed"}' in text

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
-from starlette.types import Message
+from starlette.types import ASGIApp, Message, Scope
 
 from meshmirror.mesh.router import InMemoryRouter
 from meshmirror.oci.digest import Digest
@@ -32,9 +32,9 @@ BLOB_D = Digest.of(BLOB)
 PATH = f"/v2/library/x/blobs/{BLOB_D}"
 
 
-async def get(app: object, leave_after: float | None) -> tuple[int, bytes]:
+async def get(app: ASGIApp, leave_after: float | None) -> tuple[int, bytes]:
     """GET ``PATH`` through ``app``; the client disconnects after ``leave_after`` seconds."""
-    scope = {
+    scope: Scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.1"},
         "http_version": "1.1", "method": "GET", "scheme": "http", "path": PATH,
         "raw_path": PATH.encode(), "query_string": b"ns=docker.io", "root_path": "",
@@ -58,7 +58,7 @@ async def get(app: object, leave_after: float | None) -> tuple[int, bytes]:
         elif message["type"] == "http.response.body":
             body.extend(message.get("body", b""))
 
-    await app(scope, receive, send)  # type: ignore[operator]
+    await app(scope, receive, send)
     return status, bytes(body)
 
 

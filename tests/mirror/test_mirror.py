@@ -7,7 +7,7 @@ import gc
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol, TypedDict, Unpack
 
@@ -75,21 +75,40 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
+class Settings(TypedDict, total=False):
+    """Keyword arguments of ``MirrorOptions``, as ``mirror_for`` passes them on."""
+
+    connect_timeout: float
+    first_byte_timeout: float
+    hedge_delay: float
+    max_attempts: int
+    verify_before_send_limit: int
+    spool_dir: Path | None
+    spool_limit: int
+    chunk_size: int
+    read_timeout: float
+    body_threads: int
+    read_ahead: int
+    resolve_tags: bool
+    registry_filters: tuple[re.Pattern[str], ...]
+    mirrored_registries: frozenset[str]
+
+
 def mirror_for(
-    session: aiohttp.ClientSession, peers: list[FakePeer], **options: object
+    session: aiohttp.ClientSession, peers: list[FakePeer], **options: Unpack[Settings]
 ) -> tuple[PeerMirror, InMemoryRouter, CollectorRegistry]:
     registry = CollectorRegistry()
     router = InMemoryRouter(registry=registry, seed=1)
     for peer in peers:
         router.set_keys(peer.peer, [SMALL_D, LARGE_D, MANIFEST_D, "docker.io/library/x:1.0"])
-    settings: dict[str, object] = {
+    settings: Settings = {
         "first_byte_timeout": 0.5,
         "hedge_delay": 0.2,
         "verify_before_send_limit": 1 << 20,
         "chunk_size": 64 * 1024,
     }
     settings.update(options)
-    opts = MirrorOptions(**settings)  # type: ignore[arg-type]
+    opts = MirrorOptions(**settings)
     return (
         PeerMirror(router, session, options=opts, metrics=MirrorMetrics(registry)),
         router,
@@ -321,10 +340,11 @@ async def test_client_going_away_stops_the_body_thread_and_closes_the_peer(
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
     assert content is not None and content.body is not None
     body = content.body
+    assert isinstance(body, AsyncGenerator), "a streamed body can be closed early"
     assert len(await anext(body)) > 0
     await wait_for(lambda: bool(mirror._pumps), 1.0)
     started = time.monotonic()
-    await body.aclose()  # type: ignore[attr-defined]
+    await body.aclose()
     assert await wait_for(lambda: not mirror._pumps, 2.0), "body threads must return"
     assert await wait_for(stalled.behaviour.client_gone.is_set, 2.0), "peer socket closed"
     assert time.monotonic() - started < 2.0

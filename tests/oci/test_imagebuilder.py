@@ -10,6 +10,7 @@ import subprocess
 import tarfile
 import tracemalloc
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -124,7 +125,9 @@ def test_archive_holds_only_this_image(tmp_path: Path) -> None:
     assert image.archive == tmp_path / "x.tar"
     with tarfile.open(tmp_path / "x.tar") as tar:  # plain tar: mode "r" autodetects no gzip
         names = tar.getnames()
-        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        index_file = tar.extractfile("index.json")
+        assert index_file is not None, "index.json is a regular file"
+        index = json.loads(index_file.read())
         for record in image.blobs():
             member = tar.getmember(f"blobs/sha256/{record.digest.hex}")
             assert member.size == record.size
@@ -162,20 +165,28 @@ def test_split_image_name_normalises_like_containerd() -> None:
     assert split_image_name("localhost/app:v") == ("localhost", "app", "v")
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"platforms": ["linux"]}, "invalid platform"),
-        ({"platforms": []}, "at least one platform"),
-        ({"platforms": ["linux/amd64", "linux/amd64"]}, "duplicate platform"),
-        ({"platforms": ["linux/amd64", "linux/arm64"], "index": False}, "need an index"),
-        ({"layer_sizes": [-1]}, "layer size"),
-    ],
-)
-def test_bad_arguments_are_refused(kwargs: dict[str, object], message: str,
+class BuildOptions(TypedDict, total=False):
+    """The ``build_image`` arguments the refusal cases below set."""
+
+    layer_sizes: list[int]
+    platforms: list[str]
+    index: bool
+
+
+BAD_ARGUMENTS: list[tuple[BuildOptions, str]] = [
+    ({"platforms": ["linux"]}, "invalid platform"),
+    ({"platforms": []}, "at least one platform"),
+    ({"platforms": ["linux/amd64", "linux/amd64"]}, "duplicate platform"),
+    ({"platforms": ["linux/amd64", "linux/arm64"], "index": False}, "need an index"),
+    ({"layer_sizes": [-1]}, "layer size"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_ARGUMENTS)
+def test_bad_arguments_are_refused(kwargs: BuildOptions, message: str,
                                    tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=message):
-        build_image("r.example/x:1", tmp_path, **kwargs)  # type: ignore[arg-type]
+        build_image("r.example/x:1", tmp_path, **kwargs)
 
 
 @pytest.mark.real

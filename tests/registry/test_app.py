@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
+from starlette.types import ASGIApp
 
 from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
@@ -31,8 +32,8 @@ def image(store: FakeStore) -> Image:
                      layer=bytes(range(256)) * 400)
 
 
-def client_for(app: object) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+def client_for(app: ASGIApp) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app)
     return httpx.AsyncClient(transport=transport, base_url="http://registry.test")
 
 
@@ -408,6 +409,13 @@ async def test_failing_fallback_is_a_404(store: FakeStore) -> None:
 
 # -- observability -------------------------------------------------------------------
 
+def access_fields(record: logging.LogRecord) -> dict[str, object]:
+    """The ``fields`` an access-log record carries (set through ``extra``)."""
+    fields = record.__dict__["fields"]
+    assert isinstance(fields, dict), fields
+    return fields
+
+
 async def test_access_log_line_per_request(client: httpx.AsyncClient, image: Image,
                                            caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="meshmirror.access"):
@@ -416,13 +424,13 @@ async def test_access_log_line_per_request(client: httpx.AsyncClient, image: Ima
         await client.get("/v2/library/nginx/manifests/missing")
     records = [r for r in caplog.records if r.name == "meshmirror.access"]
     assert len(records) == 2
-    blob = records[0].fields  # type: ignore[attr-defined]
+    blob = access_fields(records[0])
     assert blob["handler"] == "blob" and blob["method"] == "GET"
     assert blob["path"] == f"/v2/library/nginx/blobs/{image.layer}"
     assert blob["query"] == "ns=docker.io"
     assert blob["status"] == 206 and blob["bytes"] == 10 and blob["source"] == "local"
     assert isinstance(blob["latency_ms"], float) and blob["client"]
-    missing = records[1].fields  # type: ignore[attr-defined]
+    missing = access_fields(records[1])
     assert missing["handler"] == "manifest" and missing["status"] == 404
 
 

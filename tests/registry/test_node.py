@@ -199,8 +199,8 @@ def test_skopeo_copy_reproduces_every_digest(tmp_path: Path, docker: bool,
 @pytest.mark.real
 def test_sigterm_exits_zero_promptly(running: RunningNode) -> None:
     # A keep-alive connection left open must not hold up the shutdown.
-    with socket.create_connection(tuple(running.address.rsplit(":", 1)),  # type: ignore[arg-type]
-                                  timeout=5) as idle:
+    host, port = running.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as idle:
         idle.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
         assert idle.recv(1024).startswith(b"HTTP/1.1 200")
         started = time.monotonic()

@@ -88,6 +88,8 @@ async def peer_server(source: PeerSource) -> AsyncIterator[PeerServer]:
     config.errorlog = None
     config.graceful_timeout = 0.5
     stop = asyncio.Event()
+    # hypercorn types the app with its own per-event TypedDicts, which no Starlette-typed
+    # (MutableMapping scope) ASGI app can match; the app is a plain ASGI 3 callable.
     task = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
     try:
         async with asyncio.timeout(10):

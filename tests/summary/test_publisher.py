@@ -167,7 +167,7 @@ async def test_events_lost_by_the_store_are_repaired_by_reconcile() -> None:
         await publisher.close()
 
 
-async def test_events_racing_a_rebuild_are_not_lost() -> None:
+async def test_events_racing_a_rebuild_are_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
     store = KeyStore({digest_key(i) for i in range(100)})
     publisher = SummaryPublisher(store, debounce_s=0.01, reconcile_interval_s=0)
     await publisher.start()
@@ -181,7 +181,7 @@ async def test_events_racing_a_rebuild_are_not_lost() -> None:
             await asyncio.sleep(0.05)
             return snapshot
 
-        store.keys = slow_keys  # type: ignore[method-assign]
+        monkeypatch.setattr(store, "keys", slow_keys)
         store.remove(*[digest_key(i) for i in range(20)])  # forces a rebuild
         async with asyncio.timeout(2):
             summary = await publisher.wait_for(lambda s: digest_key("racer") in s)
