@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
-from starlette.types import ASGIApp, Message, Scope
+from starlette.types import ASGIApp
 
 from meshmirror.mesh.router import InMemoryRouter
 from meshmirror.oci.digest import Digest
@@ -25,6 +25,7 @@ from meshmirror.registry.ranges import RangeSpec
 from meshmirror.registry.server import ServerOptions, bind_listener, serve
 from meshmirror.store.memory import MemoryStore
 from tests.mirror.peers import Behaviour, FakePeer
+from tests.registry.asgi import call
 from tests.support.ports import loopback_host
 
 BLOB = os.urandom(3 * 1024 * 1024 + 5)
@@ -34,32 +35,8 @@ PATH = f"/v2/library/x/blobs/{BLOB_D}"
 
 async def get(app: ASGIApp, leave_after: float | None) -> tuple[int, bytes]:
     """GET ``PATH`` through ``app``; the client disconnects after ``leave_after`` seconds."""
-    scope: Scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.1"},
-        "http_version": "1.1", "method": "GET", "scheme": "http", "path": PATH,
-        "raw_path": PATH.encode(), "query_string": b"ns=docker.io", "root_path": "",
-        "headers": [], "client": ("127.0.0.9", 4242), "server": ("127.0.0.1", 5000),
-    }
-    status, body = 0, bytearray()
-    requested = False
-
-    async def receive() -> Message:
-        nonlocal requested
-        if not requested:
-            requested = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.sleep(3600 if leave_after is None else leave_after)
-        return {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            body.extend(message.get("body", b""))
-
-    await app(scope, receive, send)
-    return status, bytes(body)
+    sent = await call(app, "GET", PATH, query=b"ns=docker.io", leave_after=leave_after)
+    return sent.status, sent.body
 
 
 class SlowFallback:

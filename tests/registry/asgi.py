@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message
@@ -19,7 +20,10 @@ class Sent:
 
 
 async def call(app: ASGIApp, method: str, path: str, *, query: bytes = b"",
-               headers: list[tuple[bytes, bytes]] | None = None) -> Sent:
+               headers: list[tuple[bytes, bytes]] | None = None,
+               leave_after: float | None = None) -> Sent:
+    """Send one request; the client disconnects after ``leave_after`` seconds (never
+    when None: the app must then finish on its own)."""
     scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.1"},
         "http_version": "1.1", "method": method, "scheme": "http", "path": path,
@@ -35,9 +39,7 @@ async def call(app: ASGIApp, method: str, path: str, *, query: bytes = b"",
         if not requested:
             requested = True
             return {"type": "http.request", "body": b"", "more_body": False}
-        # Never disconnect: the app must finish on its own.
-        import asyncio
-        await asyncio.sleep(3600)
+        await asyncio.sleep(3600 if leave_after is None else leave_after)
         return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
