@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import E2ENode, Metrics, metric, push_image, wait_mesh
+from tests.e2e.cluster import E2ENode, Metrics, PullResult, metric, push_image, wait_mesh
 from tests.e2e.conftest import BIG_LAYER, MiB, Upstream
 from tests.support.processes import wait_until
 from tests.support.proxy import CountingProxy
@@ -288,37 +288,61 @@ def test_serving_peer_killed_mid_transfer(cluster: Cluster, mode: str) -> None:
     })
 
 
+@dataclass
+class _LiarPull:
+    """Node 2's pull of an image whose copy on node 1 is corrupt."""
+
+    result: PullResult
+    before: Metrics
+    after: Metrics
+    mismatches: float
+    attempts: int
+    log_mark: int  # node 2's log records before this pull
+
+
+def _pull_with_the_liar_first(c: Cluster, image: BuiltImage) -> _LiarPull:
+    """Pull ``image`` on node 2, node 3 made to look busy, until node 1's corrupt copy
+    was really tried (at most CORRUPT_ATTEMPTS pulls); every pull must succeed and
+    store only blobs that hash to their digests.
+
+    Ranking, not the test, picks the peer: on a loaded machine node 3 can still win
+    node 2's first choice, and then the pull is simply clean; so try again.
+    """
+    attempts = 0
+    while True:
+        attempts += 1
+        c.fresh_puller()
+        c.n2.remove_image(image.name, image.digests())
+        before = c.n2.metrics()
+        log_mark = len(c.n2.log_records())
+        with _busy(c.n2, c.blocker):  # node 3 looks busy: node 2 asks node 1 first
+            result = c.n2.pull(image.name)
+        after = c.n2.metrics()
+        assert result.ok, result.output
+        c.n2.verify_image(image)  # every stored blob hashes to its digest
+        mismatches = _delta(after, before, "meshmirror_mirror_peer_failures_total",
+                            reason="digest_mismatch")
+        if mismatches or attempts == CORRUPT_ATTEMPTS:
+            assert mismatches >= 1, f"node 1's corrupt copy was never tried in {attempts} pulls"
+            return _LiarPull(result, before, after, mismatches, attempts, log_mark)
+
+
 def test_corrupt_small_blobs_come_from_the_good_peer(cluster: Cluster) -> None:
     c = cluster
     c.heal()
     for layer in c.small.platforms[0].layers:
         c.corrupt(c.n1, str(layer.digest))
-    attempts = 0
-    mismatches = 0.0
-    # Ranking, not the test, picks the peer: on a loaded machine node 3 can still
-    # win node 2's first choice, and then the pull is simply clean; try again.
-    while attempts < CORRUPT_ATTEMPTS and not mismatches:
-        attempts += 1
-        c.fresh_puller()
-        c.n2.remove_image(c.small.name, c.small.digests())
-        before = c.n2.metrics()
-        with _busy(c.n2, c.blocker):  # node 3 looks busy: node 2 asks node 1 first
-            result = c.n2.pull(c.small.name)
-        after = c.n2.metrics()
-        assert result.ok, result.output
-        c.n2.verify_image(c.small)  # every stored blob hashes to its digest
-        mismatches = _delta(after, before, "meshmirror_mirror_peer_failures_total",
-                            reason="digest_mismatch")
-    assert mismatches >= 1, f"node 1's corrupt copy was never tried in {attempts} pulls"
+    pull = _pull_with_the_liar_first(c, c.small)
     # Small blobs are verified whole before sending: no response was cut short.
     for layer in c.small.platforms[0].layers:
         assert not any(r.get("aborted") for r in _layer_requests(c.n2, str(layer.digest)))
-    _record("fault_corrupt_small", {"pull_s": round(result.seconds, 2),
-                                    "digest_mismatches": mismatches})
+    _record("fault_corrupt_small", {"pull_s": round(pull.result.seconds, 2),
+                                    "digest_mismatches": pull.mismatches})
 
 
-def _layer_requests(node: E2ENode, digest: str) -> list[dict[str, object]]:
-    return [r for r in node.log_records() if r.get("msg") == "request"
+def _layer_requests(node: E2ENode, digest: str, since: int = 0) -> list[dict[str, object]]:
+    """GETs of ``digest`` in ``node``'s access log, from its ``since``-th record on."""
+    return [r for r in node.log_records()[since:] if r.get("msg") == "request"
             and r.get("method") == "GET" and str(r.get("path", "")).endswith(digest)]
 
 
@@ -337,39 +361,25 @@ def test_corrupt_large_blob_comes_from_the_good_peer(cluster: Cluster) -> None:
     c.heal()
     layer = _layer(c.big)
     c.corrupt(c.n1, layer)
-    attempts = 0
-    mismatches = 0.0
-    while attempts < CORRUPT_ATTEMPTS and not mismatches:
-        attempts += 1
-        c.fresh_puller()
-        c.n2.remove_image(c.big.name, c.big.digests())
-        before = c.n2.metrics()
-        requests_before = len(_layer_requests(c.n2, layer))
-        with _busy(c.n2, c.blocker):  # node 3 looks busy: node 2 asks node 1 first
-            result = c.n2.pull(c.big.name)
-        mid = c.n2.metrics()
-        assert result.ok, result.output
-        c.n2.verify_image(c.big)  # every stored blob hashes to its digest
-        mismatches = _delta(mid, before, "meshmirror_mirror_peer_failures_total",
-                            reason="digest_mismatch")
-    requests = _layer_requests(c.n2, layer)[requests_before:]
+    pull = _pull_with_the_liar_first(c, c.big)
+    requests = _layer_requests(c.n2, layer, since=pull.log_mark)
+    spooled = _delta(pull.after, pull.before, "meshmirror_mirror_blob_bodies_total", mode="spool")
     c.n2.remove_image(c.big.name, c.big.digests())
     again = c.n2.pull(c.big.name)  # node 1 is still corrupt and still ranked first
     after = c.n2.metrics()
     _record("fault_corrupt_large", {
-        "attempts": attempts, "pull_s": round(result.seconds, 2),
-        "digest_mismatches": mismatches,
+        "attempts": pull.attempts, "pull_s": round(pull.result.seconds, 2),
+        "digest_mismatches": pull.mismatches,
         "requests": [(r.get("status"), r.get("bytes"), r.get("aborted", False))
                      for r in requests],
-        "spooled": _delta(mid, before, "meshmirror_mirror_blob_bodies_total", mode="spool"),
+        "spooled": spooled,
     })
-    assert mismatches >= 1, f"node 1's corrupt copy was never tried in {attempts} pulls"
     # One request, answered whole: nothing was aborted, nothing resumed.
     assert [(r.get("status"), r.get("aborted", False)) for r in requests] == [(200, False)], \
         requests
-    assert _delta(mid, before, "meshmirror_mirror_blob_bodies_total", mode="spool") >= 1
+    assert spooled >= 1
     assert again.ok, again.output
-    assert _delta(after, mid, "meshmirror_mirror_peer_failures_total",
+    assert _delta(after, pull.after, "meshmirror_mirror_peer_failures_total",
                   reason="digest_mismatch") == 0, "the penalised peer was asked again"
 
 
