@@ -766,8 +766,8 @@ def _keep_then(
         if keep is not None:
             try:
                 keep(chunk)
-            except OSError as err:
-                raise SinkFailure(str(err)) from err
+            except Exception as err:
+                raise SinkFailure.of(err) from err
         consume(chunk)
 
     return both

@@ -33,6 +33,11 @@ class SinkFailure(Exception):
     """We could not keep a chunk (e.g. the spool's disk is full): no peer is to blame,
     so no other peer is tried either."""
 
+    @classmethod
+    def of(cls, err: Exception) -> SinkFailure:
+        """``err`` from keeping or hashing a chunk, as a SinkFailure."""
+        return err if isinstance(err, SinkFailure) else cls(repr(err))
+
 
 def take_over(response: aiohttp.ClientResponse) -> tuple[bytes, socket.socket] | None:
     """The body bytes aiohttp has buffered and a private socket for the rest.
@@ -154,7 +159,7 @@ class BodyPump:
             try:
                 self._consume(item)
             except Exception as err:  # the loop gives up on this body; drain the reader
-                self._post(err if isinstance(err, SinkFailure) else SinkFailure(repr(err)))
+                self._post(SinkFailure.of(err))
                 self.stop()
                 continue
             self._post(item)
@@ -209,5 +214,5 @@ class BodyPump:
         try:
             self._keep(chunk)
         except Exception as err:
-            return err if isinstance(err, SinkFailure) else SinkFailure(repr(err))
+            return SinkFailure.of(err)
         return None
