@@ -27,8 +27,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from meshmirror.mesh.router import BloomRouter, Peer
-from meshmirror.mesh.summary import BloomFilter, Summary, bits_for
+from meshmirror.routing.bloom import BloomFilter, bits_for
+from meshmirror.routing.router import BloomRouter, Peer
+from meshmirror.routing.summary import Summary
 
 KEY_COUNTS = (5_000, 10_000, 20_000, 50_000)
 

@@ -52,7 +52,7 @@ RESULTS = HERE / "RESULTS.md"
 
 
 def kinship_node(argv: list[str]) -> int:
-    """One kinship node printing JSON lines like ``python -m meshmirror.mesh.transport``."""
+    """One kinship node printing JSON lines like ``python -m meshmirror.mesh``."""
     import kinship
     import kinship.blocking
 
@@ -133,7 +133,7 @@ class Cluster:
 
     def command(self, p: Proc, join: list[Proc]) -> list[str]:
         if self.impl == "meshmirror":
-            cmd = [sys.executable, "-m", "meshmirror.mesh.transport", "--bind", p.addr,
+            cmd = [sys.executable, "-m", "meshmirror.mesh", "--bind", p.addr,
                    "--name", p.name]
         else:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--kinship-node",

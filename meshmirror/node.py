@@ -45,14 +45,14 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from meshmirror.addresses import AddressError, parse_host_port
-from meshmirror.cli import UsageError
+from meshmirror.flags import UsageError
 from meshmirror.logging import configure_logging
+from meshmirror.mirror.marker import peer_dispatch
 from meshmirror.oci.reference import DOCKER_HUB
 from meshmirror.peering import Peering, PeeringConfig
 from meshmirror.registry.app import RegistryOptions, create_app
 from meshmirror.registry.fallback import Fallback
 from meshmirror.registry.metrics import RegistryMetrics
-from meshmirror.registry.mirror import peer_dispatch
 from meshmirror.registry.server import ServerOptions, bind_listener, listener_address, serve
 from meshmirror.status import status_routes
 from meshmirror.store.base import Store

@@ -33,21 +33,23 @@ from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute
 
 from meshmirror.addresses import AddressError, parse_host_port
-from meshmirror.cli import UsageError, split_list
+from meshmirror.flags import UsageError, split_list
 from meshmirror.mesh.config import MeshConfig
-from meshmirror.mesh.directory import PeerDirectory
 from meshmirror.mesh.events import MemberJoined, MemberLeft, MemberUpdated, NodeInfo
 from meshmirror.mesh.keyring import Keyring
 from meshmirror.mesh.metrics import register_mesh_metrics
-from meshmirror.mesh.router import BloomRouter
-from meshmirror.mesh.summary import Summary, SummaryPublisher
 from meshmirror.mesh.tags import decode_tags, encode_tags
 from meshmirror.mesh.transport import MembershipEvent, MeshNode
 from meshmirror.mesh.wire import WireError
-from meshmirror.registry.mirror import MirrorMetrics, MirrorOptions, PeerMirror
-from meshmirror.registry.mirror import registry_host as registry_host_of
-from meshmirror.registry.spool import check_spool_directory
-from meshmirror.registry.summary_endpoint import summary_route
+from meshmirror.mirror.metrics import MirrorMetrics
+from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import registry_host as registry_host_of
+from meshmirror.mirror.peer_mirror import PeerMirror
+from meshmirror.mirror.spool import check_spool_directory
+from meshmirror.routing.directory import PeerDirectory
+from meshmirror.routing.publisher import SummaryPublisher
+from meshmirror.routing.router import BloomRouter
+from meshmirror.routing.summary import Summary, summary_route
 from meshmirror.store.base import Store
 
 log = logging.getLogger("meshmirror.peering")

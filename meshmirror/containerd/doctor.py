@@ -22,7 +22,6 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from meshmirror.addresses import AddressError, parse_host_port
-from meshmirror.cli import UsageError, split_list
 from meshmirror.containerd.checks import CheckResult, run_startup_checks
 from meshmirror.containerd.hostsconfig import (
     HOSTS_FILE,
@@ -30,6 +29,7 @@ from meshmirror.containerd.hostsconfig import (
     parse_mirror_target,
     parse_registries,
 )
+from meshmirror.flags import UsageError, split_list
 
 _WILDCARDS = {"", "0.0.0.0", "::"}
 DEFAULT_TIMEOUT = 2.0

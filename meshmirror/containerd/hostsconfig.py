@@ -48,7 +48,7 @@ from urllib.parse import urlsplit
 import tomli_w
 
 from meshmirror.addresses import AddressError, parse_host_port
-from meshmirror.cli import UsageError, split_list
+from meshmirror.flags import UsageError, split_list
 
 BACKUP_DIR = "_backup"
 PARTIAL_BACKUP_DIR = "_backup.partial"

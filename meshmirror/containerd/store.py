@@ -39,6 +39,7 @@ from meshmirror.fileio import pread_chunks
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE, ManifestError, parse_manifest
 from meshmirror.oci.mediatypes import is_manifest_like
+from meshmirror.oci.reference import tag_key
 from meshmirror.store.base import (
     BlobInfo,
     KeyEvent,
@@ -46,7 +47,6 @@ from meshmirror.store.base import (
     NotFoundError,
     Store,
     check_range,
-    tag_key,
 )
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,8 @@
 """Membership: a port of HashiCorp memberlist (SWIM + Lifeguard), wire-compatible with it.
 
+The mesh carries who is alive and each member's metadata (Serf tags); it knows
+nothing of content, summaries or registries.
+
 One file per protocol concern, as memberlist does it:
 
 - ``config``     every tunable, with memberlist's LAN defaults, in one place
@@ -11,5 +14,10 @@ One file per protocol concern, as memberlist does it:
 - ``suspicion``  Lifeguard's shrinking suspicion timeout
 - ``awareness``  Lifeguard's local-health multiplier
 - ``queue``      the transmit-limited broadcast queue
+- ``events``     effects and membership events the core emits
+- ``tags``       Serf's tag encoding of node metadata
 - ``transport``  the asyncio UDP/TCP adapter, on its own thread and event loop
+- ``metrics``    a Prometheus collector read at scrape time
+- ``simulator``  the same core on a virtual clock and a lossy network
+- ``__main__``   ``python -m meshmirror.mesh``: one bare node printing events as JSON
 """

@@ -33,8 +33,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from meshmirror.oci import mediatypes as mt
 from meshmirror.oci.digest import Digest
-from meshmirror.oci.reference import InvalidReferenceError, Reference
-from meshmirror.store.base import tag_key
+from meshmirror.oci.reference import InvalidReferenceError, Reference, tag_key
 
 ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"

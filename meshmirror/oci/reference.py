@@ -180,3 +180,8 @@ def _split_registry(name: str) -> tuple[str, str]:
         repository = f"library/{repository}"
     validate_repository(repository)
     return registry, repository
+
+
+def tag_key(registry: str, repository: str, tag: str) -> str:
+    """The key under which a tag is advertised, e.g. ``docker.io/library/nginx:1.25``."""
+    return f"{registry}/{repository}:{tag}"

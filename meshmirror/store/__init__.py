@@ -5,6 +5,6 @@ an OCI image-layout directory. The containerd-backed store lives in
 `meshmirror.containerd.store` because it is mostly containerd plumbing.
 """
 
-from meshmirror.store.base import BlobInfo, KeyEvent, NotFoundError, Store, tag_key
+from meshmirror.store.base import BlobInfo, KeyEvent, NotFoundError, Store
 
-__all__ = ["BlobInfo", "KeyEvent", "NotFoundError", "Store", "tag_key"]
+__all__ = ["BlobInfo", "KeyEvent", "NotFoundError", "Store"]

@@ -39,11 +39,6 @@ class KeyEvent:
     removed: frozenset[str] = frozenset()
 
 
-def tag_key(registry: str, repository: str, tag: str) -> str:
-    """The key under which a tag is advertised, e.g. ``docker.io/library/nginx:1.25``."""
-    return f"{registry}/{repository}:{tag}"
-
-
 def check_range(size: int, offset: int, length: int | None) -> int:
     """Validate a read of ``size``-byte content and return its end offset.
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.imagebuilder import BuiltImage
+from meshmirror.oci.reference import tag_key
 from meshmirror.store.base import (
     BlobInfo,
     KeyEvent,
@@ -18,7 +19,6 @@ from meshmirror.store.base import (
     NotFoundError,
     Store,
     check_range,
-    tag_key,
 )
 
 _CHUNK = 1024 * 1024

@@ -61,7 +61,7 @@ from meshmirror.oci.manifest import (
     ManifestError,
     parse_manifest,
 )
-from meshmirror.oci.reference import InvalidReferenceError, Reference
+from meshmirror.oci.reference import InvalidReferenceError, Reference, tag_key
 from meshmirror.store.base import (
     BlobInfo,
     KeyEvent,
@@ -69,7 +69,6 @@ from meshmirror.store.base import (
     NotFoundError,
     Store,
     check_range,
-    tag_key,
 )
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meshmirror.mesh.router import Peer, Router
+from meshmirror.routing.router import Peer, Router
 
 
 class FakeClock:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from meshmirror import cli
+from meshmirror import cli, flags
 from meshmirror.containerd import hostsconfig
 from tests.helm import chart
 from tests.helm.cmdline import check_env_names, check_exact_flags, node_env, parse_container
@@ -56,7 +56,7 @@ def test_run_command_line_custom_values(helm: Path) -> None:
     manifests = chart.render(("custom-registries.yaml",))
     args = parse_container(chart.container(manifests, "meshmirror"))
     assert args.log_level == "debug"
-    assert cli.split_list(args.mirrored_registries) == [
+    assert flags.split_list(args.mirrored_registries) == [
         "https://docker.io", "ghcr.io", "http://registry.internal:5050"]
     # Each regex arrives whole, commas included: lists are flags, not one env value.
     assert args.registry_filters == ["^docker\\.io/library/.{1,3}:", ":latest$"]
@@ -155,7 +155,7 @@ def test_prestop_cleanup(helm: Path) -> None:
     args = parse_container(main, argv=command[1:])
     assert args.command == "cleanup"
     assert args.containerd_registry_config_path == "/etc/containerd/certs.d"
-    assert cli.split_list(args.mirrored_registries) == [
+    assert flags.split_list(args.mirrored_registries) == [
         "https://docker.io", "ghcr.io", "http://registry.internal:5050"]
     # cleanup writes into certs.d, so the main container must mount it writable.
     mounts = {m["name"]: m for m in main["volumeMounts"]}

@@ -1,6 +1,6 @@
 """mirrorSpoolLimit: the spool volume, its mount and the two MESHMIRROR_* variables.
 
-The value reaches two readers that must agree on it: ``meshmirror.cli.parse_size``
+The value reaches two readers that must agree on it: ``meshmirror.flags.parse_size``
 (through MESHMIRROR_MIRROR_SPOOL_LIMIT) and the API server (the volume's
 sizeLimit, a Kubernetes quantity, which is stricter: "4GiB" is not one and "512m"
 is half a byte). Each form the schema admits is rendered and read both ways.
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from meshmirror import cli
+from meshmirror import flags
 from tests.helm import chart
 from tests.helm.cmdline import parse_container
 
@@ -53,7 +53,7 @@ def test_default_renders_volume_mount_and_env(helm: Path) -> None:
     env = chart.literal_env(main)
     assert env["MESHMIRROR_MIRROR_SPOOL_LIMIT"] == "4Gi"
     assert env["MESHMIRROR_MIRROR_SPOOL_DIR"] == SPOOL_DIR
-    assert cli.parse_size(env["MESHMIRROR_MIRROR_SPOOL_LIMIT"]) == 4 * 2**30
+    assert flags.parse_size(env["MESHMIRROR_MIRROR_SPOOL_LIMIT"]) == 4 * 2**30
     args = parse_container(main)
     assert args.mirror_spool_limit == 4 * 2**30
     assert args.mirror_spool_dir == SPOOL_DIR
@@ -84,7 +84,7 @@ def test_limit_zero_renders_no_volume_and_no_mount(
     main = chart.container(manifests, "meshmirror")
     env = chart.literal_env(main)
     # 0 must still be passed: the process's own default would spool 4Gi into /tmp.
-    assert cli.parse_size(env["MESHMIRROR_MIRROR_SPOOL_LIMIT"]) == 0
+    assert flags.parse_size(env["MESHMIRROR_MIRROR_SPOOL_LIMIT"]) == 0
     assert "MESHMIRROR_MIRROR_SPOOL_DIR" not in env
     args = parse_container(main)
     assert args.mirror_spool_limit == 0
@@ -114,8 +114,8 @@ def test_every_admitted_form_reaches_both_readers_alike(helm: Path, form: str) -
     manifests = chart.render(sets=[f"mirrorSpoolLimit={form}"])
     main = chart.container(manifests, "meshmirror")
     rendered = chart.literal_env(main)["MESHMIRROR_MIRROR_SPOOL_LIMIT"]
-    limit = cli.parse_size(form)
-    assert cli.parse_size(rendered) == limit
+    limit = flags.parse_size(form)
+    assert flags.parse_size(rendered) == limit
     assert parse_container(main).mirror_spool_limit == limit
     volume = spool_volume(manifests)
     assert volume is not None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from meshmirror.mesh.router import Peer
+from meshmirror.routing.router import Peer
 from tests.support.ports import free_port, loopback_host
 
 

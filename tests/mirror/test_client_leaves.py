@@ -16,13 +16,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp
 
-from meshmirror.mesh.router import InMemoryRouter
+from meshmirror.mirror.metrics import MirrorMetrics
+from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.oci.digest import Digest
 from meshmirror.registry.app import create_app
 from meshmirror.registry.fallback import FallbackContent
-from meshmirror.registry.mirror import MirrorMetrics, MirrorOptions, PeerMirror
 from meshmirror.registry.ranges import RangeSpec
 from meshmirror.registry.server import ServerOptions, bind_listener, serve
+from meshmirror.routing.router import InMemoryRouter
 from meshmirror.store.memory import MemoryStore
 from tests.mirror.peers import Behaviour, FakePeer
 from tests.registry.asgi import call

@@ -15,17 +15,15 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meshmirror.mesh.router import InMemoryRouter
+from meshmirror.mirror.errors import VerificationError
+from meshmirror.mirror.metrics import MirrorMetrics
+from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.peer_mirror import PeerMirror
+from meshmirror.mirror.spool import SpoolFile
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.mediatypes import OCI_MANIFEST
-from meshmirror.registry.mirror import (
-    MirrorMetrics,
-    MirrorOptions,
-    PeerMirror,
-    VerificationError,
-)
 from meshmirror.registry.ranges import RangeSpec
-from meshmirror.registry.spool import SpoolFile
+from meshmirror.routing.router import InMemoryRouter
 from tests.mirror.peers import Behaviour, FakePeer
 
 SMALL = os.urandom(300_000)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from meshmirror.cli import UsageError, build_parser, main, parse_size
+from meshmirror.cli import build_parser, main
+from meshmirror.flags import UsageError, parse_size
 from meshmirror.peering import PeeringConfig, mesh_addresses
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from meshmirror.registry.spool import SpoolBudget, check_spool_directory
+from meshmirror.mirror.spool import SpoolBudget, check_spool_directory
 
 
 async def read_all(chunks: AsyncIterator[bytes]) -> bytes:

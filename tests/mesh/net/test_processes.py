@@ -1,6 +1,6 @@
 """Real processes: 20 mesh nodes as separate OS processes, each on its own 127.0.x.y.
 
-Each node is ``python -m meshmirror.mesh.transport`` printing membership events
+Each node is ``python -m meshmirror.mesh`` printing membership events
 as JSON lines; the test reconstructs every node's view from its events. LAN
 defaults throughout, so the detection bound is the one memberlist's defaults
 give (see ``detection_bound``), not a tuned number.
@@ -78,7 +78,7 @@ class Mesh:
         self.procs: list[Proc] = []
 
     def spawn(self, p: Proc, join: list[Proc]) -> None:
-        cmd = [sys.executable, "-m", "meshmirror.mesh.transport", "--bind", f"{p.host}:{p.port}",
+        cmd = [sys.executable, "-m", "meshmirror.mesh", "--bind", f"{p.host}:{p.port}",
                "--name", p.name, "--tag", f"http={p.host}:5000"]
         for seed in join:
             cmd += ["--join", f"{seed.host}:{seed.port}"]

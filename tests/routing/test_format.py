@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshmirror.mesh.summary import HEADER_SIZE, BloomFilter, Summary, SummaryFormatError
-from tests.summary.fakes import digest_key
+from meshmirror.routing.bloom import BloomFilter
+from meshmirror.routing.summary import HEADER_SIZE, Summary, SummaryFormatError
+from tests.routing.fakes import digest_key
 
 
 def _summary(keys: int = 100) -> Summary:

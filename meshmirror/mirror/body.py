@@ -20,23 +20,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-
-class PeerFailure(Exception):
-    """One peer could not serve; ``reason`` labels the metric."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-class SinkFailure(Exception):
-    """We could not keep a chunk (e.g. the spool's disk is full): no peer is to blame,
-    so no other peer is tried either."""
-
-    @classmethod
-    def of(cls, err: Exception) -> SinkFailure:
-        """``err`` from keeping or hashing a chunk, as a SinkFailure."""
-        return err if isinstance(err, SinkFailure) else cls(repr(err))
+from meshmirror.mirror.errors import PeerFailure, SinkFailure
 
 
 def take_over(response: aiohttp.ClientResponse) -> tuple[bytes, socket.socket] | None:

@@ -8,14 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshmirror.mesh.summary import (
-    BloomFilter,
-    bits_for,
-    key_hashes,
-    optimal_k,
-    positions,
-)
-from tests.summary.fakes import digest_key
+from meshmirror.routing.bloom import BloomFilter, bits_for, key_hashes, optimal_k, positions
+from tests.routing.fakes import digest_key
 
 
 def test_false_positive_rate_on_100k_keys_is_within_tolerance() -> None:
@@ -72,7 +66,7 @@ def test_uppercase_hex_is_not_a_digest_key_so_it_is_hashed() -> None:
 def test_hashing_is_identical_in_another_process() -> None:
     """Python's hash() is salted per process; ours must not be."""
     keys = ["docker.io/library/nginx:1.25", digest_key(1)]
-    code = ("from meshmirror.mesh.summary import key_hashes; "
+    code = ("from meshmirror.routing.bloom import key_hashes; "
             f"print([key_hashes(k) for k in {keys!r}])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60, env={"PYTHONHASHSEED": "12345"})

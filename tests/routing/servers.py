@@ -12,8 +12,8 @@ from hypercorn.config import Config
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from meshmirror.mesh.summary import BloomFilter, Summary
-from meshmirror.registry.summary_endpoint import summary_route
+from meshmirror.routing.bloom import BloomFilter
+from meshmirror.routing.summary import Summary, summary_route
 from tests.support.ports import free_port, loopback_host
 
 

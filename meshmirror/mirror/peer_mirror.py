@@ -27,8 +27,8 @@ which peers probably hold the key, and then:
   prefix is read from the peer and discarded), because a digest can only be
   checked over the whole blob.
 
-Requests to peers carry `PEER_HEADER`; a node answers those from its own store
-only (see `peer_dispatch`), so a false positive can never bounce between mirrors.
+Requests to peers carry `marker.PEER_HEADER`; a node answers those from its own store
+only (see `marker.peer_dispatch`), so a false positive can never bounce between mirrors.
 """
 
 from __future__ import annotations
@@ -40,128 +40,28 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.types import ASGIApp, Receive, Scope, Send
+from prometheus_client import CollectorRegistry
 
-from meshmirror.mesh.router import Peer, Router
+from meshmirror.mirror.body import BodyPump, take_over
+from meshmirror.mirror.errors import PeerFailure, SinkFailure, VerificationError
+from meshmirror.mirror.marker import PEER_HEADER
+from meshmirror.mirror.metrics import MirrorMetrics
+from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.spool import SpoolBudget
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
+from meshmirror.oci.reference import tag_key
 from meshmirror.registry.fallback import FallbackContent
-from meshmirror.registry.peer_body import BodyPump, PeerFailure, SinkFailure, take_over
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
-from meshmirror.registry.spool import SpoolBudget
-from meshmirror.store.base import tag_key
+from meshmirror.routing.router import Peer, Router
 
-PEER_HEADER = "X-Meshmirror-Peer"
-_PEER_HEADER_BYTES = PEER_HEADER.lower().encode()
 _MANIFEST_LIMIT = 4 * 1024 * 1024
-_FIRST_BYTE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 logger = logging.getLogger("meshmirror.mirror")
-
-
-class VerificationError(Exception):
-    """Every byte was sent but the digest did not match: the stream must be aborted."""
-
-
-@dataclass(frozen=True, slots=True)
-class MirrorOptions:
-    """Knobs of mirror mode; defaults follow Spegel where it has one."""
-
-    # TCP connect to one peer (Spegel bounds the whole request at 20 ms in Go).
-    connect_timeout: float = 0.1
-    # Response headers from a peer that accepted the connection. Measured: a Python
-    # peer on a loaded 2-core node needs 22-43 ms to start four concurrent
-    # responses, so 20-50 ms sent a third of the bytes upstream (benchmarks/RESULTS.md).
-    first_byte_timeout: float = 0.5
-    # Start the hedged request to the next candidate after this long.
-    hedge_delay: float = 0.05
-    # Peers tried for one request (Spegel: 3).
-    max_attempts: int = 3
-    # Blobs up to this size are verified whole in memory before the first byte is sent.
-    verify_before_send_limit: int = 8 * 1024 * 1024
-    # Larger ones are verified whole in a spool file in this directory (None: the
-    # system's temporary directory) ...
-    spool_dir: Path | None = None
-    # ... while the spool files of concurrent requests total at most this many
-    # bytes; a blob that does not fit is streamed (0: always stream).
-    spool_limit: int = 4 * 1024 * 1024 * 1024
-    chunk_size: int = 4 * 1024 * 1024
-    # A stalled peer mid-stream is abandoned after this long without a byte.
-    read_timeout: float = 5.0
-    # Streamed bodies are read and hashed on two threads each (see `peer_body.BodyPump`); at
-    # most this many threads, later streams read on the event loop instead of waiting.
-    body_threads: int = 64
-    # Chunks a body thread may read ahead of the client: memory per stream stays
-    # at a few chunks however fast the peer and however slow the client.
-    read_ahead: int = 2
-    resolve_tags: bool = True
-    # Regexes on ``registry/repo:tag``; a match answers 404 at once.
-    registry_filters: tuple[re.Pattern[str], ...] = ()
-    # Hosts to mirror; empty means every registry.
-    mirrored_registries: frozenset[str] = field(default_factory=frozenset)
-
-    def mirrors(self, registry: str) -> bool:
-        return not self.mirrored_registries or registry in self.mirrored_registries
-
-    def filtered(self, key: str) -> bool:
-        return any(pattern.search(key) for pattern in self.registry_filters)
-
-
-def registry_host(text: str) -> str:
-    """``https://docker.io/`` and ``docker.io`` both name the registry ``docker.io``."""
-    text = text.strip()
-    text = re.sub(r"^[a-z]+://", "", text)
-    return text.rstrip("/")
-
-
-class MirrorMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "meshmirror_mirror_requests",
-            "Requests the local store missed, by outcome",
-            ["registry", "kind", "result"],
-            registry=registry,
-        )
-        self.peer_bytes = Counter(
-            "meshmirror_mirror_peer_bytes",
-            "Bytes received from peers (verified or not)",
-            registry=registry,
-        )
-        self.first_byte = Histogram(
-            "meshmirror_mirror_first_byte_seconds",
-            "From a miss to the first peer's response headers (the lookup cost a pull sees)",
-            buckets=_FIRST_BYTE_BUCKETS,
-            registry=registry,
-        )
-        self.false_positives = Counter(
-            "meshmirror_mirror_peer_false_positives",
-            "Peers whose summary matched but that answered 404",
-            registry=registry,
-        )
-        self.peer_failures = Counter(
-            "meshmirror_mirror_peer_failures",
-            "Peer requests that failed, by reason",
-            ["reason"],
-            registry=registry,
-        )
-        self.blob_bodies = Counter(
-            "meshmirror_mirror_blob_bodies",
-            "Blob bodies sent from peers, by how they were verified: whole in memory or in "
-            "a spool file before the first byte, or streamed and checked at the end",
-            ["mode"],
-            registry=registry,
-        )
-        self.spool_bytes = Gauge(
-            "meshmirror_mirror_spool_bytes",
-            "Bytes of spool files held by requests in progress",
-            registry=registry,
-        )
 
 
 @dataclass(slots=True)
@@ -771,21 +671,3 @@ def _keep_then(
         consume(chunk)
 
     return both
-
-
-def peer_dispatch(for_clients: ASGIApp, for_peers: ASGIApp) -> ASGIApp:
-    """Route requests carrying `PEER_HEADER` to an app without a fallback.
-
-    A peer asks us only for what our summary claims we hold; answering from the
-    local store alone keeps a false positive from turning into a chain of mirrors.
-    """
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and any(
-            name == _PEER_HEADER_BYTES for name, _ in scope.get("headers", ())
-        ):
-            await for_peers(scope, receive, send)
-        else:
-            await for_clients(scope, receive, send)
-
-    return app

@@ -8,8 +8,9 @@ from typing import TypedDict
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meshmirror.mesh.summary import EpochClock, Summary, SummaryPublisher
-from tests.summary.fakes import KeyStore, digest_key
+from meshmirror.routing.publisher import EpochClock, SummaryPublisher
+from meshmirror.routing.summary import Summary
+from tests.routing.fakes import KeyStore, digest_key
 
 
 class Recorder:

@@ -48,7 +48,8 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Histogram
 
-from meshmirror.mesh.summary import Summary, key_hashes, positions
+from meshmirror.routing.bloom import key_hashes, positions
+from meshmirror.routing.summary import Summary
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]

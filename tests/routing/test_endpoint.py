@@ -6,9 +6,9 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from meshmirror.mesh.summary import MEDIA_TYPE, Summary, SummaryPublisher
-from meshmirror.registry.summary_endpoint import summary_route
-from tests.summary.fakes import KeyStore, digest_key
+from meshmirror.routing.publisher import SummaryPublisher
+from meshmirror.routing.summary import MEDIA_TYPE, Summary, summary_route
+from tests.routing.fakes import KeyStore, digest_key
 
 Client = tuple[httpx.AsyncClient, SummaryPublisher]
 

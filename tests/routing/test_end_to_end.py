@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from meshmirror.mesh.directory import PeerDirectory
-from meshmirror.mesh.router import BloomRouter, Peer
-from meshmirror.mesh.summary import Summary, SummaryPublisher
-from tests.summary.fakes import KeyStore, digest_key, until
-from tests.summary.servers import PeerSource, peer_server
+from meshmirror.routing.directory import PeerDirectory
+from meshmirror.routing.publisher import SummaryPublisher
+from meshmirror.routing.router import BloomRouter, Peer
+from meshmirror.routing.summary import Summary
+from tests.routing.fakes import KeyStore, digest_key, until
+from tests.routing.servers import PeerSource, peer_server
 
 
 @dataclass

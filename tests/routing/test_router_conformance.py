@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meshmirror.mesh.router import BloomRouter, InMemoryRouter, Peer
-from meshmirror.mesh.summary import BloomFilter, Summary
+from meshmirror.routing.bloom import BloomFilter
+from meshmirror.routing.router import BloomRouter, InMemoryRouter, Peer
+from meshmirror.routing.summary import Summary
 from tests.conformance.router_suite import FakeClock, RouterConformance, RouterHarness, key, peer
 
 

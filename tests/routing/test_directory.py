@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meshmirror.mesh.directory import HeldSummary, PeerDirectory, check_http_base
-from meshmirror.mesh.router import BloomRouter, Peer
-from meshmirror.mesh.summary import Summary
-from tests.summary.fakes import digest_key, until
-from tests.summary.servers import PeerSource, make_summary, peer_server
+from meshmirror.routing.directory import HeldSummary, PeerDirectory, check_http_base
+from meshmirror.routing.router import BloomRouter, Peer
+from meshmirror.routing.summary import Summary
+from tests.routing.fakes import digest_key, until
+from tests.routing.servers import PeerSource, make_summary, peer_server
 
 
 class RecordingSink:

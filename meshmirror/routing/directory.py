@@ -44,8 +44,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from meshmirror.mesh.router import Peer
-from meshmirror.mesh.summary import MEDIA_TYPE, SUMMARY_PATH, Summary, SummaryFormatError
+from meshmirror.routing.router import Peer
+from meshmirror.routing.summary import FetchError, Summary, SummaryFormatError, fetch_summary
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,6 @@ class HeldSummary:
     born_at_ms: int
     m: int
     k: int
-
-
-class FetchError(Exception):
-    """A peer's summary response that cannot be used (status, type, size)."""
 
 
 def check_http_base(http_base: str) -> str:
@@ -238,25 +234,8 @@ class PeerDirectory:
         """The peer's summary, or None when it answers 304 for the one held."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        headers = {"Accept": MEDIA_TYPE}
-        if state.held is not None:
-            headers["If-None-Match"] = f'"{state.held.epoch}"'
-        url = state.peer.http_base + SUMMARY_PATH
-        async with self._session.get(url, headers=headers) as resp:
-            if resp.status == 304:
-                return None
-            if resp.status != 200:
-                raise FetchError(f"{url} answered HTTP {resp.status}")
-            if resp.content_type != MEDIA_TYPE:
-                raise FetchError(f"{url} answered {resp.content_type!r}, want {MEDIA_TYPE}")
-            if resp.content_length is not None and resp.content_length > self._max_bytes:
-                raise FetchError(f"{url} summary of {resp.content_length} bytes exceeds the limit")
-            body = bytearray()
-            async for chunk in resp.content.iter_chunked(64 * 1024):
-                body += chunk
-                if len(body) > self._max_bytes:
-                    raise FetchError(f"{url} summary exceeds {self._max_bytes} bytes")
-        return Summary.decode(bytes(body))
+        held = state.held.epoch if state.held is not None else None
+        return await fetch_summary(self._session, state.peer.http_base, held, self._max_bytes)
 
     def _install(self, state: _PeerState, summary: Summary) -> None:
         previous = state.held

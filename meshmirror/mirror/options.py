@@ -1,0 +1,58 @@
+"""Mirror mode's knobs, each default written once."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorOptions:
+    """Knobs of mirror mode; defaults follow Spegel where it has one."""
+
+    # TCP connect to one peer (Spegel bounds the whole request at 20 ms in Go).
+    connect_timeout: float = 0.1
+    # Response headers from a peer that accepted the connection. Measured: a Python
+    # peer on a loaded 2-core node needs 22-43 ms to start four concurrent
+    # responses, so 20-50 ms sent a third of the bytes upstream (benchmarks/RESULTS.md).
+    first_byte_timeout: float = 0.5
+    # Start the hedged request to the next candidate after this long.
+    hedge_delay: float = 0.05
+    # Peers tried for one request (Spegel: 3).
+    max_attempts: int = 3
+    # Blobs up to this size are verified whole in memory before the first byte is sent.
+    verify_before_send_limit: int = 8 * 1024 * 1024
+    # Larger ones are verified whole in a spool file in this directory (None: the
+    # system's temporary directory) ...
+    spool_dir: Path | None = None
+    # ... while the spool files of concurrent requests total at most this many
+    # bytes; a blob that does not fit is streamed (0: always stream).
+    spool_limit: int = 4 * 1024 * 1024 * 1024
+    chunk_size: int = 4 * 1024 * 1024
+    # A stalled peer mid-stream is abandoned after this long without a byte.
+    read_timeout: float = 5.0
+    # Streamed bodies are read and hashed on two threads each (see `peer_body.BodyPump`); at
+    # most this many threads, later streams read on the event loop instead of waiting.
+    body_threads: int = 64
+    # Chunks a body thread may read ahead of the client: memory per stream stays
+    # at a few chunks however fast the peer and however slow the client.
+    read_ahead: int = 2
+    resolve_tags: bool = True
+    # Regexes on ``registry/repo:tag``; a match answers 404 at once.
+    registry_filters: tuple[re.Pattern[str], ...] = ()
+    # Hosts to mirror; empty means every registry.
+    mirrored_registries: frozenset[str] = field(default_factory=frozenset)
+
+    def mirrors(self, registry: str) -> bool:
+        return not self.mirrored_registries or registry in self.mirrored_registries
+
+    def filtered(self, key: str) -> bool:
+        return any(pattern.search(key) for pattern in self.registry_filters)
+
+
+def registry_host(text: str) -> str:
+    """``https://docker.io/`` and ``docker.io`` both name the registry ``docker.io``."""
+    text = text.strip()
+    text = re.sub(r"^[a-z]+://", "", text)
+    return text.rstrip("/")

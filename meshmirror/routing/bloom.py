@@ -1,0 +1,165 @@
+"""Bloom filters whose positions any peer computes the same way.
+
+Hashing is deterministic across processes and machines (Python's ``hash()`` is
+salted per process and must never be used): a digest key is already a uniform
+hash, so its own bytes are used; any other key is hashed with sha256. The first
+16 bytes give two 64-bit values ``h1``, ``h2`` (``h2`` forced odd), and bit
+``i`` of ``k`` is ``(h1 + i*h2) mod m`` (Kirsch-Mitzenmacher double hashing).
+Filter sizes are powers of two, so ``mod m`` is a mask of the same 64-bit sum:
+a key's positions in *any* filter size come from one hash, which lets the
+router test a key against many peers' filters at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+
+_MASK64 = (1 << 64) - 1
+
+MIN_BITS = 1 << 10
+# 2^32 bits = 512 MiB: far beyond any real node (50,000 keys need 2^19 bits) but
+# a hard ceiling so a hostile header cannot make a peer allocate without bound.
+MAX_BITS = 1 << 32
+MAX_K = 32
+# Sized for at least this many keys so an empty or tiny store does not rebuild
+# on every few additions.
+MIN_CAPACITY = 256
+
+U8Array = npt.NDArray[np.uint8]
+
+
+# Exactly the digests Digest.parse accepts; matched here without building a
+# Digest because hashing every key of a 50,000-key store is the build's hot loop.
+_DIGEST_KEY = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
+
+
+def key_seed(key: str) -> bytes:
+    """16 uniformly distributed bytes for ``key``: a digest's own, else sha256's."""
+    if _DIGEST_KEY.fullmatch(key):
+        return bytes.fromhex(key[7:39])
+    return hashlib.sha256(key.encode("utf-8")).digest()[:16]
+
+
+def key_hashes(key: str) -> tuple[int, int]:
+    """The two 64-bit hashes every filter position of ``key`` derives from."""
+    raw = key_seed(key)
+    return int.from_bytes(raw[0:8], "little"), int.from_bytes(raw[8:16], "little") | 1
+
+
+def positions(h1: int, h2: int, k: int, m: int) -> list[int]:
+    """Bit positions of a key in a filter of ``m`` bits (a power of two)."""
+    mask = m - 1
+    return [((h1 + i * h2) & _MASK64) & mask for i in range(k)]
+
+
+def optimal_k(fp_rate: float) -> int:
+    """Hash count for a target false-positive rate: ceil(log2(1/p)), 7 for 1%."""
+    check_fp_rate(fp_rate)
+    return max(1, min(MAX_K, math.ceil(-math.log2(fp_rate))))
+
+
+def bits_for(capacity: int, fp_rate: float) -> int:
+    """Power-of-two bit count holding ``capacity`` keys at ``fp_rate`` or better.
+
+    The optimum is n*ln(1/p)/ln(2)^2 (9.6 bits per key at 1%); rounding up to a
+    power of two costs up to 2x memory but lets every filter share one hash.
+    """
+    check_fp_rate(fp_rate)
+    n = max(capacity, MIN_CAPACITY)
+    ideal = n * math.log(1 / fp_rate) / (math.log(2) ** 2)
+    m = 1 << max(0, math.ceil(math.log2(ideal)))
+    return max(MIN_BITS, min(MAX_BITS, m))
+
+
+def check_fp_rate(fp_rate: float) -> None:
+    if not 0 < fp_rate < 1:
+        raise ValueError(f"false-positive rate must be between 0 and 1 exclusive, got {fp_rate}")
+
+
+def check_geometry(m: int, k: int) -> None:
+    if m < 8 or m > MAX_BITS or m & (m - 1):
+        raise ValueError(f"filter size m={m} is not a power of two from 8 to {MAX_BITS}")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"hash count k={k} out of range 1-{MAX_K}")
+
+
+class BloomFilter:
+    """A mutable Bloom filter of ``m`` bits (a power of two) and ``k`` hashes."""
+
+    __slots__ = ("_bits", "k", "m")
+
+    def __init__(self, m: int, k: int, bits: U8Array | None = None) -> None:
+        check_geometry(m, k)
+        self.m = m
+        self.k = k
+        if bits is None:
+            self._bits: U8Array = np.zeros(m // 8, dtype=np.uint8)
+        else:
+            if bits.shape != (m // 8,) or bits.dtype != np.uint8:
+                raise ValueError(f"bit array must be {m // 8} uint8 values")
+            self._bits = bits
+
+    @classmethod
+    def for_capacity(cls, capacity: int, fp_rate: float = 0.01) -> BloomFilter:
+        return cls(bits_for(capacity, fp_rate), optimal_k(fp_rate))
+
+    @classmethod
+    def build(cls, keys: Iterable[str], fp_rate: float = 0.01,
+              capacity: int | None = None) -> BloomFilter:
+        """A filter holding ``keys``, sized for ``capacity`` (default: their count)."""
+        key_list = list(keys)
+        bloom = cls.for_capacity(len(key_list) if capacity is None else capacity, fp_rate)
+        bloom.add_many(key_list)
+        return bloom
+
+    @property
+    def bits(self) -> U8Array:
+        """The live bit array (not a copy); bit i at byte i>>3, bit i&7."""
+        return self._bits
+
+    def add(self, key: str) -> None:
+        h1, h2 = key_hashes(key)
+        for pos in positions(h1, h2, self.k, self.m):
+            self._bits[pos >> 3] |= np.uint8(1 << (pos & 7))
+
+    def add_many(self, keys: Iterable[str]) -> None:
+        """Add keys in one vectorised pass; hashing is the only per-key Python work."""
+        seeds = b"".join([key_seed(key) for key in keys])
+        if not seeds:
+            return
+        hashes = np.frombuffer(seeds, dtype="<u8").astype(np.uint64).reshape(-1, 2)
+        hashes[:, 1] |= np.uint64(1)
+        steps = np.arange(self.k, dtype=np.uint64)
+        # uint64 arithmetic wraps modulo 2^64, exactly as ``positions`` masks it.
+        pos = (hashes[:, :1] + steps[None, :] * hashes[:, 1:2]) & np.uint64(self.m - 1)
+        flags = np.zeros(self.m, dtype=np.bool_)
+        flags[pos.ravel()] = True
+        self._bits |= np.packbits(flags, bitorder="little")
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        h1, h2 = key_hashes(key)
+        bits = self._bits
+        return all(bits[pos >> 3] >> (pos & 7) & 1 for pos in positions(h1, h2, self.k, self.m))
+
+    def bits_set(self) -> int:
+        return int(np.bitwise_count(self._bits).sum())
+
+    def fill_ratio(self) -> float:
+        return self.bits_set() / self.m
+
+    def estimated_fp_rate(self) -> float:
+        """The false-positive rate implied by the share of bits set: fill^k."""
+        return float(self.fill_ratio() ** self.k)
+
+    def copy(self) -> BloomFilter:
+        return BloomFilter(self.m, self.k, self._bits.copy())
+
+
