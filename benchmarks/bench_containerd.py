@@ -25,10 +25,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.results import (
+    RESULTS,
+    Section,
+    Table,
+    Target,
+    load_average,
+    load_since,
+    utc_now,
+    write_section,
+)
 from meshmirror.containerd.client import ContainerdClient
 from meshmirror.containerd.store import ContainerdStore
 from meshmirror.oci.digest import Digest
@@ -154,7 +165,10 @@ def main() -> int:
                         help="containerd root and layouts on /dev/shm: containerd fsyncs "
                              "every blob commit (~25 ms each on this disk), which would "
                              "make importing 20,000 blobs take many minutes")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
     args = parser.parse_args()
+    load_before = load_average()
     if min(args.images, args.layers, args.events, args.big_mib, args.rounds) < 1:
         parser.error("every count must be at least 1")
 
@@ -167,13 +181,71 @@ def main() -> int:
                 (work / "ctrd-root").mkdir()
                 ctrd.root.symlink_to(work / "ctrd-root")
             ctrd.start()
-            run(args, work, ctrd)
+            figures = run(args, work, ctrd)
         finally:
             ctrd.close()
+    result = section(args, figures, load_before)
+    print(result.render())
+    if not args.no_write:
+        write_section(result, args.results)
     return 0
 
 
-def run(args: argparse.Namespace, work: Path, ctrd: Containerd) -> None:
+@dataclass(frozen=True)
+class Figures:
+    """What one run measured; seconds and bytes per second unless named otherwise."""
+
+    images: int
+    keys: int
+    build_layout: float
+    ctr_import: float
+    index_build: float
+    index_build_grpc: float
+    info_per_blob: float
+    after_event: list[float]
+    after_start: list[float]
+    read_mib: int
+    read_direct: float
+    read_grpc: float
+
+
+def section(args: argparse.Namespace, f: Figures, load_before: str) -> Section:
+    """The benchmark's block in RESULTS.md."""
+    def ms(seconds: float) -> str:
+        return f"{seconds * 1000:.1f} ms"
+
+    rows = [
+        (f"building the {f.images:,}-image layout / `ctr images import --no-unpack`",
+         f"{f.build_layout:.1f} s / {f.ctr_import:.1f} s"),
+        (f"initial index build (images List, content List, {f.images:,} manifest reads from "
+         "files)", f"{f.index_build:.2f} s for {f.keys:,} keys"),
+        ("same, manifests read over gRPC `Read`", f"{f.index_build_grpc:.2f} s"),
+        (f"baseline: one content `Info` RPC per blob ({f.keys - f.images:,} RPCs)",
+         f"{f.info_per_blob:.2f} s, {f.info_per_blob / f.index_build:.1f}x the index build"),
+        ("containerd `/images/create` event -> store's KeyEvent",
+         f"p50 {ms(statistics.median(f.after_event))}, p90 {ms(pct(f.after_event, 0.9))}, "
+         f"max {ms(max(f.after_event))}"),
+        ("`ctr images import` start -> KeyEvent",
+         f"p50 {ms(statistics.median(f.after_start))}, max {ms(max(f.after_start))}"),
+        (f"{f.read_mib} MiB blob read, direct file / gRPC `Read`",
+         f"{f.read_direct / 1e9:.2f} GB/s / {f.read_grpc / 1e9:.2f} GB/s, ratio "
+         f"{f.read_direct / f.read_grpc:.1f}x"),
+    ]
+    return Section(
+        name="bench_containerd", title="containerd store: index build, events, reads",
+        command=f"python benchmarks/bench_containerd.py --images {args.images} --layers "
+                f"{args.layers} --events {args.events} --big-mib {args.big_mib} --rounds "
+                f"{args.rounds}" + ("" if args.tmpfs else " --tmpfs false"),
+        date=utc_now(), load=load_since(load_before),
+        setup=f"{args.images:,} images x {args.layers} tiny layers, {args.events} timed "
+              f"imports, {args.big_mib} MiB read blob, best of {args.rounds}. containerd 1.6 "
+              f"with its root {'on /dev/shm' if args.tmpfs else 'on disk'}.",
+        tables=[Table(("measure", "figure"), rows)],
+        targets=[Target("image event -> KeyEvent, slowest of the imports", "<=", 1,
+                        max(f.after_event), " s")])
+
+
+def run(args: argparse.Namespace, work: Path, ctrd: Containerd) -> Figures:
     t = time.perf_counter()
     many = build_many(work / "many", args.images, args.layers)
     built_s = time.perf_counter() - t
@@ -214,6 +286,8 @@ def run(args: argparse.Namespace, work: Path, ctrd: Containerd) -> None:
     print(f"read {layer.size / MIB:.0f} MiB: direct file {direct / 1e9:.2f} GB/s, gRPC Read "
           f"{grpc_rate / 1e9:.2f} GB/s; ratio direct/gRPC = {direct / grpc_rate:.1f}x")
 
+    return Figures(args.images, keys, built_s, import_s, build_direct, build_grpc, naive,
+                   after_event, after_start, args.big_mib, direct, grpc_rate)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,8 @@ writes, in four cases:
   rule on a loopback address, removed afterwards; this is what ``dial_timeout``
   is meant to bound, and containerd 1.6 ignores that key.
 
-Prints median seconds and the ratio to the baseline measured in the same run.
+Writes median seconds and the ratio to the baseline measured in the same run to
+its section of RESULTS.md.
 Usage: ``python -m benchmarks.bench_hosts_fallback [--rounds N] [--blackhole]``
 """
 
@@ -24,6 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.results import (
+    RESULTS,
+    Section,
+    Table,
+    load_average,
+    load_since,
+    utc_now,
+    write_section,
+)
 from meshmirror.cli import main as meshmirror
 from meshmirror.oci.imagebuilder import build_image
 from tests.support.containerd import Containerd
@@ -31,6 +41,7 @@ from tests.support.distribution import DistributionRegistry
 from tests.support.ports import free_port, loopback_host
 
 REPO, TAG = "bench/app", "1"
+BASELINE = "baseline (server only)"
 
 
 def _push(layout: Path, registry: DistributionRegistry) -> None:
@@ -72,7 +83,7 @@ def run(rounds: int, blackhole: bool) -> dict[str, float]:
         dead_host = loopback_host()
         dead = f"http://{dead_host}:{free_port(dead_host)}"
         cases: list[tuple[str, str | None, int]] = [
-            ("baseline (server only)", None, rounds),
+            (BASELINE, None, rounds),
             ("live mirror", mirror.url, rounds),
             ("refused mirror", dead, rounds),
         ]
@@ -92,16 +103,37 @@ def run(rounds: int, blackhole: bool) -> dict[str, float]:
     return results
 
 
-def cli() -> None:
+def section(rounds: int, blackhole: bool, results: dict[str, float], load_before: str
+            ) -> Section:
+    """The benchmark's block in RESULTS.md: median seconds per hosts.toml case."""
+    base = results[BASELINE]
+    return Section(
+        name="bench_hosts_fallback", title="hosts.toml fallback cost",
+        command=f"python -m benchmarks.bench_hosts_fallback --rounds {rounds}"
+                + (" --blackhole" if blackhole else ""),
+        date=utc_now(), load=load_since(load_before),
+        setup="`ctr images pull --hosts-dir` (containerd 1.6) of a 3-layer image (8 MiB + 1 MiB "
+              "+ 4 KiB) from a docker-registry upstream on loopback, with the hosts.toml "
+              f"`meshmirror configure` writes; median of {rounds} pulls"
+              + (" (blackholed: 1 pull)." if blackhole else "."),
+        tables=[Table(("hosts.toml", "seconds", "x baseline"),
+                      [(name, f"{seconds:.3f}", f"{seconds / base:.2f}")
+                       for name, seconds in results.items()])])
+
+
+def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--blackhole", action="store_true",
                         help="also measure a mirror whose SYNs are dropped (root; ~90 s)")
-    args = parser.parse_args()
-    results = run(args.rounds, args.blackhole)
-    base = results["baseline (server only)"]
-    for name, seconds in results.items():
-        print(f"{name:26s} {seconds:8.3f} s   x{seconds / base:7.2f} of baseline")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
+    args = parser.parse_args(argv)
+    load_before = load_average()
+    result = section(args.rounds, args.blackhole, run(args.rounds, args.blackhole), load_before)
+    print(result.render())
+    if not args.no_write:
+        write_section(result, args.results)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ rate is bounded by the CPU that the hop, the serving peer and curl need in all.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import os
@@ -35,10 +34,23 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchmarks.results import (
+    RESULTS,
+    Section,
+    Table,
+    Target,
+    load_average,
+    load_since,
+    utc_now,
+    write_section,
+)
 from meshmirror.oci.imagebuilder import build_image
 from tests.support.distribution import DistributionRegistry
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
+
+DISTRIBUTION = "distribution"
+VERIFIED, STREAMED = HOPS = ("peer hop (verified, then sent)", "peer hop (streamed)")
 
 
 def start_node(workdir: Path, name: str, layout: Path, join: str | None, *extra: str
@@ -78,12 +90,35 @@ def serves(url: str) -> bool:
     return curl_rate(url) > 0
 
 
+def section(size_mib: int, rounds: int, medians: dict[str, float],
+            cpu: dict[str, list[float]], load_before: str) -> Section:
+    """The benchmark's block in RESULTS.md: ``medians`` in bytes/s per server, ``cpu`` the
+    median CPU seconds per GB of each process that served that server's downloads."""
+    base = medians[DISTRIBUTION]
+    rows = [(name, f"{rate / 1e9:.2f}", f"{rate / base:.2f}",
+             " + ".join(f"{x:.2f}" for x in cpu.get(name, [])) or "-")
+            for name, rate in medians.items()]
+    return Section(
+        name="bench_peer_hop", title="Peer-hop streaming throughput",
+        command=f"python -m benchmarks.bench_peer_hop --size-mib {size_mib} --rounds {rounds}",
+        date=utc_now(), load=load_since(load_before),
+        setup=f"A {size_mib} MiB blob, curl to /dev/null from each server in turn on loopback, "
+              f"median of {rounds} rounds. CPU is user + system seconds per GB of the serving "
+              "meshmirror and of the hopping one, from /proc.",
+        tables=[Table(("server", "GB/s", "x Distribution", "CPU s/GB (serving peer + hop)"),
+                      rows)],
+        targets=[Target(f"{name} / Distribution", ">=", 0.5, medians[name] / base)
+                 for name in HOPS])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
     args = parser.parse_args()
+    load_before = load_average()
 
     with tempfile.TemporaryDirectory(prefix="bench-hop-") as tmp:
         workdir = Path(tmp)
@@ -107,17 +142,16 @@ def main() -> int:
                                         "--mirror-spool-limit", "0")
             procs.append(node3)
             path = f"/v2/library/bench/blobs/{layer.digest}"
-            urls = {"distribution": f"{upstream.url}{path}",
+            urls = {DISTRIBUTION: f"{upstream.url}{path}",
                     "local": f"http://{reg1}{path}?ns=docker.io",
-                    "peer hop (verified, then sent)": f"http://{reg2}{path}?ns=docker.io",
-                    "peer hop (streamed)": f"http://{reg3}{path}?ns=docker.io"}
+                    VERIFIED: f"http://{reg2}{path}?ns=docker.io",
+                    STREAMED: f"http://{reg3}{path}?ns=docker.io"}
             # The empty nodes learn node1's summary through gossip; wait until they serve.
-            for name in ("peer hop (verified, then sent)", "peer hop (streamed)"):
+            for name in HOPS:
                 wait_until(functools.partial(serves, urls[name]), 30, f"{name} to find the blob")
             # Processes whose CPU each download costs (Distribution's is not ours to count).
-            serving = {"distribution": [], "local": [node1.pid],
-                       "peer hop (verified, then sent)": [node1.pid, node2.pid],
-                       "peer hop (streamed)": [node1.pid, node3.pid]}
+            serving = {DISTRIBUTION: [], "local": [node1.pid],
+                       VERIFIED: [node1.pid, node2.pid], STREAMED: [node1.pid, node3.pid]}
             rates: dict[str, list[float]] = {name: [] for name in urls}
             cpu: dict[str, list[list[float]]] = {name: [] for name in urls}
             gigabytes = layer.size / 1e9
@@ -133,31 +167,13 @@ def main() -> int:
             upstream.stop()
 
     medians = {name: statistics.median(values) for name, values in rates.items()}
-    base = medians["distribution"]
-    date = datetime.date.today().isoformat()
-    def cpu_text(name: str) -> str:
-        per_process = [statistics.median(run[i] for run in cpu[name])
-                       for i in range(len(cpu[name][0]))]
-        return " + ".join(f"{x:.2f}" for x in per_process) or "-"
-
-    rows = [f"| {name} | {medians[name] / 1e9:.2f} | {medians[name] / base:.2f} | "
-            f"{cpu_text(name)} |" for name in urls]
-    section = "\n".join([
-        f"\n## Peer-hop streaming throughput ({args.size_mib} MiB blob)\n",
-        f"`python -m benchmarks.bench_peer_hop --size-mib {args.size_mib} --rounds {args.rounds}`"
-        f" — {date}, 2-core shared machine, loopback, curl to /dev/null, median of "
-        f"{args.rounds} rounds.\n",
-        "| server | GB/s | x Distribution | CPU s/GB (serving peer + hop) |",
-        "|---|---:|---:|---:|",
-        *rows,
-        "",
-        "Target: peer hop >= 0.5x Distribution.",
-        f"Load average at the end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}.",
-    ])
-    print(section)
+    cpu_medians = {name: [statistics.median(run[i] for run in runs)
+                          for i in range(len(runs[0]))] for name, runs in cpu.items()}
+    result = section(args.size_mib, args.rounds, medians, cpu_medians, load_before)
+    print(result.render())
     print(json.dumps({"medians_bytes_per_s": medians, "at": time.time()}))
-    with args.results.open("a") as out:
-        out.write(section + "\n")
+    if not args.no_write:
+        write_section(result, args.results)
     return 0
 
 

@@ -31,11 +31,23 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.results import (
+    RESULTS,
+    Section,
+    Table,
+    Target,
+    load_average,
+    load_since,
+    utc_now,
+    write_section,
+)
 from meshmirror.oci.imagebuilder import build_image
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
 from tests.support.distribution import DistributionRegistry
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
+
+MESHMIRROR, DISTRIBUTION = SERVERS = ("meshmirror", "distribution")
 
 
 def curl_throughput(url: str) -> float:
@@ -71,12 +83,42 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def section(args: argparse.Namespace, blob: dict[str, float],
+            head: dict[str, tuple[float, float]], load_before: str) -> Section:
+    """The benchmark's block in RESULTS.md: median blob bytes/s and HEAD (p50, p99) seconds
+    per server."""
+    rows = [(name, f"{blob[name] / 1e9:.2f}", f"{head[name][0] * 1000:.0f}",
+             f"{head[name][1] * 1000:.0f}") for name in SERVERS]
+    return Section(
+        name="bench_registry", title="Registry against Distribution",
+        command=f"python benchmarks/bench_registry.py --rounds {args.rounds} "
+                f"--size-mib {args.size_mib} --heads {args.heads}",
+        date=utc_now(), load=load_since(load_before),
+        setup="meshmirror: `meshmirror run --store oci:DIR`. Distribution: Debian "
+              "`docker-registry`, filesystem storage, the same image pushed with `skopeo copy "
+              f"--preserve-digests`. Blob: one {args.size_mib} MiB layer, `curl -o /dev/null`, "
+              "median GB/s; rounds alternate between the two servers so the load hits both. "
+              f"HEAD: {args.heads} concurrent `HEAD /v2/library/big/manifests/1` with "
+              "containerd's Accept header, one connection each; percentiles over all requests "
+              "of all rounds.",
+        tables=[Table(("server", "blob GB/s", "HEAD p50 ms", "HEAD p99 ms"), rows)],
+        targets=[
+            Target("blob GB/s, meshmirror / Distribution", ">=", 0.9,
+                   blob[MESHMIRROR] / blob[DISTRIBUTION]),
+            Target("manifest HEAD p99, meshmirror / Distribution", "<=", 2,
+                   head[MESHMIRROR][1] / head[DISTRIBUTION][1]),
+        ])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--heads", type=int, default=200)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
     args = parser.parse_args()
+    load_before = load_average()
 
     with tempfile.TemporaryDirectory(prefix="bench-registry-") as tmp:
         layout = Path(tmp) / "layout"
@@ -103,7 +145,7 @@ def main() -> int:
                 wait_until(lambda: subprocess.run(
                     ["curl", "-sf", f"http://{address}/healthz"], capture_output=True,
                     timeout=5).returncode == 0, 30, "meshmirror run")
-                servers = {"meshmirror": f"http://{address}", "distribution": dist.url}
+                servers = {MESHMIRROR: f"http://{address}", DISTRIBUTION: dist.url}
                 blob_path = f"/v2/library/big/blobs/{layer.digest}"
                 head_path = "/v2/library/big/manifests/1"
 
@@ -124,23 +166,17 @@ def main() -> int:
                 stop(proc)
 
     print(f"\nblob GET, {args.size_mib} MiB, curl -> /dev/null, {args.rounds} rounds")
-    medians = {name: statistics.median(values) for name, values in speeds.items()}
     for name, values in speeds.items():
-        print(f"  {name:13s} median {medians[name] / 1e9:.2f} GB/s  "
-              f"(rounds: {', '.join(f'{v / 1e9:.2f}' for v in values)})")
-    print(f"  ratio meshmirror/distribution: {medians['meshmirror'] / medians['distribution']:.2f}"
-          " (target >= 0.9)")
-
-    print(f"\nmanifest HEAD by tag, {args.heads} concurrent, {args.rounds} rounds "
-          f"({args.heads * args.rounds} requests each)")
-    p99 = {}
+        print(f"  {name:13s} rounds: {', '.join(f'{v / 1e9:.2f}' for v in values)} GB/s")
+    print(f"manifest HEAD by tag, {args.heads} concurrent, {args.rounds} rounds")
     for name, values in latencies.items():
-        p50 = percentile(values, 0.5) * 1000
-        p99[name] = percentile(values, 0.99) * 1000
-        print(f"  {name:13s} p50 {p50:7.1f} ms  p99 {p99[name]:7.1f} ms  "
-              f"max {max(values) * 1000:7.1f} ms")
-    print(f"  p99 ratio meshmirror/distribution: {p99['meshmirror'] / p99['distribution']:.2f}"
-          " (target <= 2)")
+        print(f"  {name:13s} max {max(values) * 1000:7.1f} ms")
+    result = section(args, {name: statistics.median(v) for name, v in speeds.items()},
+                     {name: (percentile(v, 0.5), percentile(v, 0.99))
+                      for name, v in latencies.items()}, load_before)
+    print(result.render())
+    if not args.no_write:
+        write_section(result, args.results)
     return 0
 
 

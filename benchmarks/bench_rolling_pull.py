@@ -30,9 +30,7 @@ about the network path rather than about someone else's disk writes.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import os
 import re
 import shutil
 import statistics
@@ -48,6 +46,16 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.results import (
+    RESULTS,
+    Section,
+    Table,
+    Target,
+    load_average,
+    load_since,
+    utc_now,
+    write_section,
+)
 from meshmirror.oci import mediatypes as mt
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from tests.support.containerd import Containerd
@@ -276,32 +284,28 @@ def mirror_results(metrics: dict[str, float]) -> str:
     return text
 
 
-def load_average() -> str:
-    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def median_per_node(runs: list[PullFigures], pick: Callable[[PullFigures], list[float]]
                     ) -> list[float]:
     return [statistics.median(pick(run)[i] for run in runs) for i in range(len(pick(runs[0])))]
 
 
 def report(args: argparse.Namespace, image_bytes: int, base: list[PullFigures],
-           mesh: list[PullFigures], load_before: str, load_after: str) -> str:
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%MZ")
+           mesh: list[PullFigures], load_before: str) -> Section:
+    """The benchmark's block in RESULTS.md, from the rounds of each mode."""
     base_s = median_per_node(base, lambda f: f.seconds)
     mesh_s = median_per_node(mesh, lambda f: f.seconds)
     base_f = median_per_node(base, lambda f: f.fetch_seconds)
     mesh_f = median_per_node(mesh, lambda f: f.fetch_seconds)
     rows = []
     for i in range(args.nodes):
-        up_base = "/".join(f"{run.upstream_bytes[i] / 1e6:.0f}" for run in base)
-        up_mesh = "/".join(f"{run.upstream_bytes[i] / 1e6:.0f}" for run in mesh)
-        waits = "-" if i == 0 else "/".join(f"{run.waits[i]:.2f}" for run in mesh)
-        results = " / ".join(mirror_results(run.metrics[i]) for run in mesh)
-        rows.append(f"| node{i} | {base_s[i]:.2f} ({base_f[i]:.2f}) | {up_base} | "
-                    f"{mesh_s[i]:.2f} ({mesh_f[i]:.2f}) | {up_mesh} | "
-                    f"{mesh_s[i] / base_s[i]:.2f} ({mesh_f[i] / base_f[i]:.2f}) | {waits} | "
-                    f"{results} |")
+        rows.append((
+            f"node{i}", f"{base_s[i]:.2f} ({base_f[i]:.2f})",
+            "/".join(f"{run.upstream_bytes[i] / 1e6:.0f}" for run in base),
+            f"{mesh_s[i]:.2f} ({mesh_f[i]:.2f})",
+            "/".join(f"{run.upstream_bytes[i] / 1e6:.0f}" for run in mesh),
+            f"{mesh_s[i] / base_s[i]:.2f} ({mesh_f[i] / base_f[i]:.2f})",
+            "-" if i == 0 else "/".join(f"{run.waits[i]:.2f}" for run in mesh),
+            " / ".join(mirror_results(run.metrics[i]) for run in mesh)))
     later = slice(1, None)
     ratio_total = statistics.mean(mesh_s[later]) / statistics.mean(base_s[later])
     ratio_fetch = statistics.mean(mesh_f[later]) / statistics.mean(base_f[later])
@@ -310,36 +314,29 @@ def report(args: argparse.Namespace, image_bytes: int, base: list[PullFigures],
     command = (f"python -m benchmarks.bench_rolling_pull --nodes {args.nodes} --layers "
                f"{args.layers} --layer-mib {args.layer_mib} --rate-mb {args.rate_mb:g} "
                f"--rounds {args.rounds}" + "".join(f" {flag}" for flag in run_flags(args)))
-    return "\n".join([
-        f"\n## Rolling pull across {args.nodes} containerd nodes, upstream at "
-        f"{args.rate_mb:g} MB/s\n",
-        f"`{command}` — {date}, 2-core machine shared with other engineers' runs; load "
-        f"average (1/5/15 min) {load_before} before, {load_after} after. Image: "
-        f"{args.layers} x {args.layer_mib} MiB layers, {image_bytes / 1e6:.1f} MB in all, in "
-        f"docker-registry behind a counting proxy limited to {args.rate_mb:g} MB/s. Each node "
-        "runs `ctr images pull --hosts-dir` in turn (containerd 1.6.20, root on /dev/shm, the "
-        "pull includes unpacking). Baseline: hosts.toml with only the upstream `server`. "
-        "meshmirror: `meshmirror configure` pointing at the node's own `meshmirror run --store "
-        f"containerd`, all nodes in one mesh. {args.rounds} rounds, meshmirror and baseline "
-        "alternating on fresh containerds; times are medians, per-round figures are "
-        "separated by `/`.\n",
-        "| node | baseline s (fetch) | baseline MB from upstream | meshmirror s (fetch) "
-        "| meshmirror MB from upstream | meshmirror/baseline (fetch) | wait for summary s "
-        "| meshmirror mirror results |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
-        *rows,
-        "",
-        "- Bytes from upstream per rolling pull, as a multiple of the image: baseline "
-        + ", ".join(f"{r:.2f}x" for r in upstream_base) + "; meshmirror "
-        + ", ".join(f"**{r:.2f}x**" for r in upstream_mesh) + " (target 1.0x).",
-        f"- Nodes after the first, mean of medians: whole pull {ratio_total:.2f}x the baseline, "
-        f"fetch part {ratio_fetch:.2f}x. \"fetch\" is the pull minus the unpack time ctr "
-        "prints; unpacking (gunzip + writing 200 MB into overlay snapshots) costs the same "
-        "either way and is CPU-bound on this machine.",
-        "- \"wait for summary\": from the previous pull's end until this node's mirror "
-        "resolved the tag through a peer (polled every 20 ms; polls made before the summary "
-        "arrived count as manifest misses in the last column).",
-    ])
+    return Section(
+        name="bench_rolling_pull", title="Rolling pull across containerd nodes",
+        command=command, date=utc_now(), load=load_since(load_before),
+        setup=f"Image: {args.layers} x {args.layer_mib} MiB layers, {image_bytes / 1e6:.1f} MB "
+              "in all, in docker-registry behind a counting proxy limited to "
+              f"{args.rate_mb:g} MB/s. Each of {args.nodes} nodes runs `ctr images pull "
+              "--hosts-dir` in turn (containerd 1.6.20, root on /dev/shm, the pull includes "
+              "unpacking). Baseline: hosts.toml with only the upstream `server`. meshmirror: "
+              "`meshmirror configure` pointing at the node's own `meshmirror run --store "
+              f"containerd`, all nodes in one mesh. {args.rounds} rounds, meshmirror and "
+              "baseline alternating on fresh containerds; times are medians, per-round figures "
+              "are separated by `/`.",
+        tables=[Table(("node", "baseline s (fetch)", "baseline MB from upstream",
+                       "meshmirror s (fetch)", "meshmirror MB from upstream",
+                       "meshmirror/baseline (fetch)", "wait for summary s",
+                       "meshmirror mirror results"), rows)],
+        notes=["Bytes from upstream per rolling pull, as a multiple of the image: baseline "
+               + ", ".join(f"{r:.2f}x" for r in upstream_base) + "; meshmirror "
+               + ", ".join(f"**{r:.2f}x**" for r in upstream_mesh) + ".",
+               f"Nodes after the first, mean of medians: whole pull {ratio_total:.2f}x the "
+               f"baseline, fetch part {ratio_fetch:.2f}x."],
+        targets=[Target("upstream bytes per rolling pull / image (HTTP headers aside), "
+                        "worst round", "<=", 1.01, max(upstream_mesh))])
 
 
 def main() -> int:
@@ -356,7 +353,7 @@ def main() -> int:
     parser.add_argument("--mirror-spool-limit", default=None, metavar="SIZE",
                         help="passed to every `meshmirror run`; 0 streams blobs from peers "
                              "instead of holding them until verified")
-    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     args = parser.parse_args()
     if args.nodes < 2:
@@ -389,11 +386,10 @@ def main() -> int:
                     run_dir.mkdir(exist_ok=True)
                     figures = rolling_run(args, run_dir, proxy, image, mesh=with_mesh)
                     (mesh if with_mesh else base).append(figures)
-    section = report(args, image_bytes, base, mesh, load_before, load_average())
-    print(section)
+    section = report(args, image_bytes, base, mesh, load_before)
+    print(section.render())
     if not args.no_write:
-        with args.results.open("a") as out:
-            out.write(section + "\n")
+        write_section(section, args.results)
     return 0
 
 

@@ -28,7 +28,6 @@ Usage: python benchmarks/mesh_sim.py [--sizes 50,100,200,1000] [--seed 1]
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import statistics
@@ -40,12 +39,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run as a script: `benchmarks` is then importable
 
-from benchmarks.results import replace_marked_section  # noqa: E402
+from benchmarks.results import (  # noqa: E402
+    RESULTS,
+    Section,
+    Table,
+    load_average,
+    load_since,
+    utc_now,
+    write_section,
+)
 from meshmirror.mesh.config import MeshConfig  # noqa: E402
 from meshmirror.mesh.events import Effect, MemberJoined, MemberLeft, MemberUpdated  # noqa: E402
 from meshmirror.mesh.simulator import NetworkModel, Simulator  # noqa: E402
 
-RESULTS = HERE / "RESULTS.md"
 PLOT = HERE / "mesh_convergence.png"
 
 MEMBERLIST_P50, MEMBERLIST_P99, MEMBERLIST_TRAIL = 9.86, 11.98, 0.38
@@ -172,29 +178,27 @@ def _fmt(x: float, digits: int = 2) -> str:
     return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
 
 
-def table(results: list[SizeResult]) -> str:
-    lines = [
-        "| N | join 99.9% (s) | meta 99.9% (s) | crash: first (s, median) | crash: every node "
-        "(s, median) | per-observer p50 / p99 (s) | false deaths LAN | false deaths @10% loss "
-        "(victims) | suspicions / refutations @10% | UDP msgs/node/s | UDP B/node/s | "
-        "TCP B/node/s | CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+def table(results: list[SizeResult]) -> Table:
+    header = ("N", "join 99.9% (s)", "meta 99.9% (s)", "crash: first (s, median)",
+              "crash: every node (s, median)", "per-observer p50 / p99 (s)", "false deaths LAN",
+              "false deaths @10% loss (victims)", "suspicions / refutations @10%",
+              "UDP msgs/node/s", "UDP B/node/s", "TCP B/node/s", "CPU s")
+    rows = []
     for r in results:
         first = statistics.median(r.crash_first) if r.crash_first else math.nan
         every = statistics.median(r.crash_all) if r.crash_all else math.nan
-        lines.append(
-            f"| {r.n} | {_fmt(r.join_999)} | {_fmt(r.meta_999)} | {_fmt(first)} | {_fmt(every)} "
-            f"| {_fmt(_quantile(r.crash_observer, 0.5))} / "
-            f"{_fmt(_quantile(r.crash_observer, 0.99))} | {r.false_deaths_lan} "
-            f"| {r.false_deaths_loss} ({r.false_victims_loss}) "
-            f"| {r.suspicions_loss} / {r.refutations_loss} | {r.udp_msgs_per_node_s:.1f} "
-            f"| {r.udp_bytes_per_node_s:.0f} | {r.tcp_bytes_per_node_s:.0f} "
-            f"| {r.cpu_seconds:.0f} |")
-    return "\n".join(lines)
+        rows.append((
+            str(r.n), _fmt(r.join_999), _fmt(r.meta_999), _fmt(first), _fmt(every),
+            f"{_fmt(_quantile(r.crash_observer, 0.5))} / "
+            f"{_fmt(_quantile(r.crash_observer, 0.99))}", str(r.false_deaths_lan),
+            f"{r.false_deaths_loss} ({r.false_victims_loss})",
+            f"{r.suspicions_loss} / {r.refutations_loss}", f"{r.udp_msgs_per_node_s:.1f}",
+            f"{r.udp_bytes_per_node_s:.0f}", f"{r.tcp_bytes_per_node_s:.0f}",
+            f"{r.cpu_seconds:.0f}"))
+    return Table(header, rows)
 
 
-def comparison(results: list[SizeResult]) -> str:
+def comparison(results: list[SizeResult]) -> list[str]:
     out: list[str] = []
     by_n = {r.n: r for r in results}
     if 100 in by_n and by_n[100].crash_observer:
@@ -203,23 +207,23 @@ def comparison(results: list[SizeResult]) -> str:
         p99 = _quantile(r.crash_observer, 0.99)
         trail = statistics.median(a - f for a, f in zip(r.crash_all, r.crash_first, strict=False))
         out.append(
-            f"- kill -9 at 100 nodes: per-observer detection p50 {p50:.2f} s "
+            f"kill -9 at 100 nodes: per-observer detection p50 {p50:.2f} s "
             f"({p50 / MEMBERLIST_P50:.2f}x memberlist's 9.86 s), p99 {p99:.2f} s "
             f"({p99 / MEMBERLIST_P99:.2f}x its 11.98 s); slowest node trails the first by "
             f"{trail:.2f} s at the median (memberlist: 0.38 s).")
     for n, ref in SERF_999.items():
         if n in by_n:
             r = by_n[n]
-            out.append(f"- 99.9% of {n} nodes know of a join in {_fmt(r.join_999)} s, of a "
+            out.append(f"99.9% of {n} nodes know of a join in {_fmt(r.join_999)} s, of a "
                        f"metadata change in {_fmt(r.meta_999)} s (Serf's model: ~{ref} s; "
                        f"ratio {r.join_999 / ref:.2f} / {r.meta_999 / ref:.2f}).")
     for r in results:
         kbits = r.udp_bytes_per_node_s * 8 / 1000
-        out.append(f"- N={r.n}: {kbits:.1f} kbit/s UDP + "
+        out.append(f"N={r.n}: {kbits:.1f} kbit/s UDP + "
                    f"{r.tcp_bytes_per_node_s * 8 / 1000:.1f} kbit/s TCP per node in steady "
                    f"state (Serf's worst-case budget ~{SERF_KBITS:.0f} kbit/s: "
                    f"{kbits / SERF_KBITS:.3f}x).")
-    return "\n".join(out)
+    return out
 
 
 def plot(results: list[SizeResult], path: Path) -> bool:
@@ -260,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--compress", action="store_true")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    load_before = load_average()
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -279,24 +285,19 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     command = "python benchmarks/mesh_sim.py " + " ".join(argv if argv is not None
                                                           else sys.argv[1:])
-    section = "\n".join([
-        "## Mesh membership, simulated (benchmarks/mesh_sim.py)",
-        "",
-        f"`{command.strip()}` — {dt.date.today().isoformat()}, seed {args.seed}, memberlist "
-        f"LAN defaults, LAN model 0.5-1 ms one way, packets "
-        f"{'LZW-compressed' if args.compress else 'uncompressed'}; crash rows over "
-        f"{'2 crashes at N=1000, 5 below' }; false deaths over 60 virtual s at 10% loss.",
-        "",
-        table(results),
-        "",
-        comparison(results),
-        "",
-        f"Plot: `benchmarks/{PLOT.name}`.",
-    ])
-    print(section)
+    section = Section(
+        name="mesh_sim", title="Mesh membership, simulated",
+        command=command.strip(), date=utc_now(), load=load_since(load_before),
+        setup=f"Seed {args.seed}, memberlist LAN defaults, LAN model 0.5-1 ms one way, packets "
+              f"{'LZW-compressed' if args.compress else 'uncompressed'}; crash rows over 2 "
+              "crashes at N=1000, 5 below; false deaths over 60 virtual s at 10% loss. Times "
+              "are virtual, so the load changes only the CPU column.",
+        tables=[table(results)],
+        notes=[*comparison(results), f"Plot: `benchmarks/{PLOT.name}`."])
+    print(section.render())
     if not args.no_write:
-        replace_marked_section(RESULTS, "mesh_sim", section)
-        plot(results, PLOT)
+        write_section(section, args.results)
+        plot(results, args.results.with_name(PLOT.name))  # beside the results it illustrates
     return 0
 
 

@@ -23,7 +23,6 @@ Usage: python benchmarks/mesh_vs_kinship.py [--nodes 20] [--kills 3] [--no-write
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import signal
@@ -42,11 +41,16 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import replace_marked_section  # noqa: E402
+from benchmarks.results import (  # noqa: E402
+    RESULTS,
+    Section,
+    Table,
+    load_average,
+    load_since,
+    utc_now,
+    write_section,
+)
 from tests.support.ports import free_port, loopback_host  # noqa: E402
-
-RESULTS = HERE / "RESULTS.md"
-
 
 # ---------------------------------------------------------------- the kinship node process
 
@@ -277,34 +281,29 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def report(mesh: ImplResult, kin: ImplResult, command: str) -> str:
+def report(mesh: ImplResult, kin: ImplResult, command: str, load_before: str) -> Section:
+    """The benchmark's block in RESULTS.md."""
     def ratio(a: float, b: float) -> str:
         return "n/a" if not (a == a and b == b) or b == 0 else f"{a / b:.2f}"
 
-    rows = [
+    figures = [
         ("join convergence (s)", mesh.join, kin.join),
         ("kill -9: first node (s, median)", _median(mesh.kill_first), _median(kin.kill_first)),
         ("kill -9: every node (s, median)", _median(mesh.kill_all), _median(kin.kill_all)),
     ]
-    lines = [
-        "## Mesh side by side with kinship (benchmarks/mesh_vs_kinship.py)",
-        "",
-        f"`{command}` — {dt.date.today().isoformat()}, {mesh.n} real processes each, "
-        f"loopback, both LAN presets (memberlist LAN defaults), {len(mesh.kill_first)} / "
-        f"{len(kin.kill_first)} kills. Join is timed from the joiner's \"ready\" line to the "
-        "last other node's join event (kinship joins right after it; meshmirror's transport "
-        "is already joining by then, so its figure is if anything flattered by a few ms).",
-        "",
-        "| metric | meshmirror | kinship | ratio meshmirror/kinship |",
-        "|---|---|---|---|",
-    ]
-    for label, a, b in rows:
-        lines.append(f"| {label} | {a:.2f} | {b:.2f} | {ratio(a, b)} |")
-    lines.append(f"| false deaths | {mesh.false_deaths} | {kin.false_deaths} | |")
-    for res in (mesh, kin):
-        if res.notes:
-            lines.append(f"\n{res.impl} notes: " + "; ".join(res.notes))
-    return "\n".join(lines)
+    rows = [(label, f"{a:.2f}", f"{b:.2f}", ratio(a, b)) for label, a, b in figures]
+    rows.append(("false deaths", str(mesh.false_deaths), str(kin.false_deaths), ""))
+    return Section(
+        name="mesh_vs_kinship", title="Mesh side by side with kinship",
+        command=command, date=utc_now(), load=load_since(load_before),
+        setup=f"{mesh.n} real processes each, loopback, both LAN presets (memberlist LAN "
+              f"defaults), {len(mesh.kill_first)} / {len(kin.kill_first)} kills. Join is timed "
+              "from the joiner's \"ready\" line to the last other node's join event (kinship "
+              "joins right after it; meshmirror's transport is already joining by then, so its "
+              "figure is if anything flattered by a few ms).",
+        tables=[Table(("metric", "meshmirror", "kinship", "ratio meshmirror/kinship"), rows)],
+        notes=[f"{res.impl} notes: " + "; ".join(res.notes) for res in (mesh, kin)
+               if res.notes])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=20)
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    load_before = load_average()
     if not 3 <= args.nodes <= 50:
         parser.error("--nodes must be 3-50")
     if not 1 <= args.kills <= args.nodes - 3:
@@ -329,10 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(mesh.__dict__), flush=True)
     kin = measure("kinship", args.nodes, args.kills)
     print(json.dumps(kin.__dict__), flush=True)
-    section = report(mesh, kin, "python benchmarks/mesh_vs_kinship.py " + " ".join(argv))
-    print(section)
+    section = report(mesh, kin, "python benchmarks/mesh_vs_kinship.py " + " ".join(argv),
+                     load_before)
+    print(section.render())
     if not args.no_write:
-        replace_marked_section(RESULTS, "mesh_vs_kinship", section)
+        write_section(section, args.results)
     return 0
 
 

@@ -44,14 +44,12 @@ def test_side_by_side_rejects_bad_node_counts() -> None:
         assert exc.value.code == 2
 
 
-def test_marked_section_is_replaced_not_appended(tmp_path: Path) -> None:
+def test_marked_section_is_replaced_not_appended() -> None:
     from benchmarks.results import replace_marked_section
 
-    results = tmp_path / "RESULTS.md"
-    results.write_text("# Benchmark results\n\n## Other\nkept\n")
-    replace_marked_section(results, "sim", "## Sim\nrun 1")
-    replace_marked_section(results, "sim", "## Sim\nrun 2")
-    text = results.read_text()
+    text = "# Benchmark results\n\n## Other\nkept\n"
+    text = replace_marked_section(text, "sim", "run 1", "Sim")
+    text = replace_marked_section(text, "sim", "run 2", "Sim")
     assert "run 1" not in text and text.count("run 2") == 1
-    assert text.startswith("# Benchmark results\n\n## Other\nkept\n")
-    assert text.count("<!-- sim:begin -->") == 1 and text.count("<!-- sim:end -->") == 1
+    assert text.startswith("# Benchmark results\n\n## Other\nkept\n\n## Sim\n")
+    assert text.count("<!-- BEGIN sim -->") == 1 and text.count("<!-- END sim -->") == 1
