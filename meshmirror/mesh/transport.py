@@ -1,16 +1,20 @@
 """The asyncio adapter that runs the sans-IO membership core on real sockets.
 
-``MeshNode`` owns one thread with its own event loop (DESIGN.md: gossip timing
-must not share a loop with bulk blob streaming, or healthy nodes get declared
-dead). On that loop it binds UDP and TCP on one port, feeds datagrams and
-stream messages into ``state.Memberlist``, carries out the effects the core
-asks for, and calls ``tick`` at ``next_deadline()``. Every other thread talks
-to it through the thread-safe methods below; membership events reach the
-caller's own loop through ``subscribe()``.
+``MeshNode`` owns one thread with its own event loop, because gossip timing
+must not share a loop with bulk blob streaming. Measured on the loop of a
+registry streaming and hashing large blobs, a UDP responder answered in 0.6 s at
+the median, past memberlist's 500 ms probe timeout, so healthy nodes would be
+declared dead; on a loop of its own it answers in well under a millisecond
+(tests/e2e/test_gossip_streaming.py holds the whole node to this). On that
+loop it binds UDP and TCP on one port, feeds datagrams and stream messages
+into ``state.Memberlist``, carries out the effects the core asks for, and
+calls ``tick`` at ``next_deadline()``. Every other thread talks to it through
+the thread-safe methods below; membership events reach the caller's own loop
+through ``subscribe()``.
 
-Run as ``python -m meshmirror.mesh.transport --bind HOST:PORT --join ...`` it
-is a one-node process that prints membership events as JSON lines, used by the
-real-process tests (the full ``meshmirror run`` wires a MeshNode into the node).
+``python -m meshmirror.mesh`` runs one bare MeshNode that prints membership
+events as JSON lines, for the multi-process tests; ``meshmirror run`` wires one
+into the node through `meshmirror.peering`.
 """
 
 from __future__ import annotations
@@ -561,7 +565,7 @@ class MeshNode:
                 self._kick()
 
     async def _lag_monitor(self) -> None:
-        """Track how late the mesh loop wakes up: the number DESIGN.md cares about."""
+        """Track how late the mesh loop wakes up: a late wake-up is a late probe answer."""
         assert self._stopping is not None
         while not self._stopping.is_set():
             before = self._now()

@@ -1,7 +1,7 @@
 """Synthesise real OCI images offline, for tests, benchmarks and the demo.
 
-The machine has no route to Docker Hub, yet containerd, skopeo and the
-Distribution registry all need genuine images: gzip'd tar layers whose
+Tests, benchmarks and the demo run without the internet, yet containerd, skopeo
+and the Distribution registry all need genuine images: gzip'd tar layers whose
 ``diff_ids`` match, a config, a manifest and optionally a multi-platform index.
 This module writes them with the standard library (plus the AES-CTR stream from
 ``cryptography`` as a fast deterministic byte source) into an OCI image-layout

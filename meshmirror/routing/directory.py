@@ -18,15 +18,10 @@ Fetching rules, per peer:
     newer one, or a load balancer answering from elsewhere);
   * a dead or left peer is dropped at once, with its in-flight fetch.
 
-Wiring (the node; mesh callbacks run on the mesh thread, so hop loops)::
-
-    directory = PeerDirectory(router, registry=metrics_registry)
-    # on join/update of a peer other than this node:
-    loop.call_soon_threadsafe(directory.update_peer, name, http_base, epoch)
-    # on dead/left:
-    loop.call_soon_threadsafe(directory.remove_peer, name)
-    ...
-    await directory.close()
+`meshmirror.peering` feeds it from membership events, which reach the node's
+event loop through a queue (the mesh itself runs on its own thread): it calls
+``update_peer`` when a peer joins or changes its metadata and ``remove_peer``
+when it dies or leaves. Every method runs on that one loop.
 """
 
 from __future__ import annotations
@@ -35,7 +30,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -45,7 +39,13 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from meshmirror.routing.router import Peer
-from meshmirror.routing.summary import FetchError, Summary, SummaryFormatError, fetch_summary
+from meshmirror.routing.summary import (
+    FetchError,
+    Summary,
+    SummaryFormatError,
+    fetch_summary,
+    wall_clock_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class PeerDirectory:
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._max_bytes = max_summary_bytes
-        self._wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
+        self._wall_ms = wall_ms or wall_clock_ms
         self.metrics = DirectoryMetrics(registry if registry is not None else CollectorRegistry())
         self._peers: dict[str, _PeerState] = {}
         self._session: aiohttp.ClientSession | None = None

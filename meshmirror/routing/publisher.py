@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meshmirror.routing.bloom import BloomFilter, check_fp_rate
-from meshmirror.routing.summary import Summary
+from meshmirror.routing.summary import Summary, wall_clock_ms
 from meshmirror.store.base import KeyEvent, Store
 
 log = logging.getLogger(__name__)
@@ -34,16 +33,12 @@ class EpochClock:
     """
 
     def __init__(self, now_ms: Callable[[], int] | None = None) -> None:
-        self._now_ms = now_ms or _wall_ms
+        self._now_ms = now_ms or wall_clock_ms
         self._last = 0
 
     def next(self) -> int:
         self._last = max(self._last + 1, self._now_ms())
         return self._last
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class SummaryMetrics:
@@ -67,17 +62,11 @@ class SummaryMetrics:
 class SummaryPublisher:
     """Keeps a Bloom summary of a Store's keys current and publishes each version.
 
-    Wiring (the node)::
-
-        publisher = SummaryPublisher(store, fp_rate=0.01,
-                                     registry=metrics_registry, on_publish=set_tags)
-        await publisher.start()          # first version is published before this returns
-        registry_routes.append(summary_route(publisher))
-        ...
-        await publisher.close()
-
-    ``on_publish(summary)`` runs on the publisher's event loop after every new
-    version; the node sets its metadata tags ``epoch`` and ``keys`` from it.
+    ``start`` returns once the first version is published; the publisher is
+    the `SummarySource` that `summary_route` serves. ``on_publish(summary)``
+    runs on the publisher's event loop after every new version: it is how the
+    node (`meshmirror.peering`) puts the ``epoch`` and ``keys`` tags into its
+    gossip metadata, so peers learn that there is something new to fetch.
 
     Rebuild policy. A Bloom filter cannot delete, so an added key is OR-ed into
     the current filter at once (cheap: k bit sets) while a removed key stays in
@@ -123,7 +112,7 @@ class SummaryPublisher:
         self._max_fp_factor = max_fp_factor
         self._reconcile_interval_s = reconcile_interval_s
         self._epochs = epochs or EpochClock()
-        self._wall_ms = wall_ms or _wall_ms
+        self._wall_ms = wall_ms or wall_clock_ms
         self.metrics = SummaryMetrics(registry if registry is not None else CollectorRegistry())
 
         self._keys: set[str] = set()

@@ -22,14 +22,10 @@ Ranking (``_Health``): alive peers whose filter matches, ordered by
   4. ties broken at random, so equal peers share load.
 A peer with no history yet ranks as fast, so new peers get tried.
 
-Wiring (the node)::
-
-    router = BloomRouter(registry=metrics_registry)
-    directory = PeerDirectory(router, registry=metrics_registry)   # feeds it
-    ...
-    for peer in router.candidates(str(digest), limit=3):
-        with router.request(peer.name):           # in-flight accounting
-            ... stream, then router.report(peer.name, ok=..., latency_s=...)
+The `PeerDirectory` installs peers' summaries; the mirror asks ``candidates``,
+brackets each peer request with ``begin``/``end`` (in-flight accounting, which
+ranking step 2 reads), reports every outcome with ``report`` and calls
+``penalise`` on a peer whose bytes failed verification.
 
 All methods are synchronous and not thread-safe: call them from the registry's
 event loop.

@@ -27,6 +27,7 @@ The server sends the publisher's pre-encoded payload: serving never re-encodes.
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,6 +46,11 @@ VERSION = 1
 _HEADER = struct.Struct(">4sBBHQQQQ")
 HEADER_SIZE = _HEADER.size
 _MASK64 = (1 << 64) - 1
+
+
+def wall_clock_ms() -> int:
+    """Wall-clock milliseconds since the Unix epoch: the unit of ``born_at_ms`` and epochs."""
+    return time.time_ns() // 1_000_000
 
 
 class SummaryFormatError(ValueError):

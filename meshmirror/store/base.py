@@ -1,6 +1,6 @@
 """The Store interface every content source implements.
 
-A Store answers four questions the registry and the mesh ask: which tag points
+A Store answers four questions the registry and the summary publisher ask: which tag points
 where, how big a blob is, what its bytes are (at any range), and which keys the
 node holds. Keys are plain strings so they can go straight into a Bloom filter:
 digests (``sha256:...``) and tags (``registry/repository:tag``).

@@ -1,7 +1,7 @@
 """A private, real containerd 1.6 for a test: its own root, state and socket.
 
 CRI is off unless asked for, because with CRI on containerd re-labels and
-re-creates image records in k8s.io, which makes event tests noisy (RECIPES.md).
+re-creates image records in k8s.io, which makes event tests noisy.
 The directory lives under /tmp with a short name because a unix socket path
 must fit in 108 bytes and pytest's tmp_path often does not.
 """
