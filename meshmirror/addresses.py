@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+ANY_HOST = "0.0.0.0"
+"""What a listener binds when its flag names no host (``:5000``)."""
+
+_WILDCARDS = frozenset({"", ANY_HOST, "::", "[::]"})
+
 
 class AddressError(ValueError):
     """An address flag that is not HOST:PORT."""
 
 
+def is_wildcard(host: str) -> bool:
+    """Whether ``host`` binds every address: fine to listen on, impossible to dial."""
+    return host in _WILDCARDS
+
+
 def parse_host_port(
-    text: str, default_host: str = "0.0.0.0", default_port: int | None = None
+    text: str, default_host: str = ANY_HOST, default_port: int | None = None
 ) -> tuple[str, int]:
     """Split ``HOST:PORT``, ``:PORT``, ``[v6]:PORT`` or (with a default port) ``HOST``."""
     text = text.strip()
@@ -39,3 +49,10 @@ def parse_host_port(
         if not 0 <= port <= 65535:
             raise AddressError(f"invalid address {text!r}: port must be 0-65535")
     return (host or default_host, port)
+
+
+def format_host_port(host: str, port: int) -> str:
+    """The inverse of `parse_host_port`: ``:5000`` for the wildcard, ``[::1]:5000`` for IPv6."""
+    if host == ANY_HOST:
+        return f":{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

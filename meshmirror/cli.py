@@ -1,59 +1,229 @@
-"""The ``meshmirror`` command line.
+"""The ``meshmirror`` command line: the one place where flags exist.
 
 Every flag can also be set from the environment as ``MESHMIRROR_<FLAG>``
 (``--registry-addr`` is ``MESHMIRROR_REGISTRY_ADDR``), because a DaemonSet sets
 environment variables more naturally than arguments. A flag given on the command
-line wins over the environment. Each subcommand's work lives in the module that
-owns the concern; this file only declares flags and dispatches.
+line wins over the environment.
+
+Each flag's default is read from the config dataclass field it sets
+(`_flag`), so a default is written once, beside the field. Flags are parsed
+and checked here into those frozen dataclasses; the module that owns each
+command's work takes the dataclass and never sees a flag. A bad value is one
+line naming the flag and a good value, with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
+import re
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
 from meshmirror import __version__
-from meshmirror.flags import UsageError, parse_bool, parse_size
+from meshmirror.addresses import (
+    AddressError,
+    format_host_port,
+    is_wildcard,
+    parse_host_port,
+)
+from meshmirror.containerd.hostsconfig import (
+    EVERY_REGISTRY,
+    HostsConfig,
+    parse_registries,
+    parse_targets,
+)
+from meshmirror.demo import DemoConfig
+from meshmirror.flags import (
+    UsageError,
+    field_default,
+    format_duration,
+    format_size,
+    parse_bool,
+    parse_duration,
+    parse_size,
+    split_list,
+)
+from meshmirror.logging import LEVELS, parse_level
+from meshmirror.mirror.options import MirrorOptions
+from meshmirror.runconfig import (
+    MEMBERLIST_PORT,
+    ContainerdConfig,
+    NodeConfig,
+    PeeringConfig,
+)
 
-# subcommand -> "module:function"; imported lazily so `meshmirror configure`
-# does not pay for grpc, starlette and the mesh at start-up.
-_HANDLERS = {
-    "run": "meshmirror.node:run_command",
-    "import": "meshmirror.store.ocilayout:import_command",
-    "configure": "meshmirror.containerd.hostsconfig:configure_command",
-    "cleanup": "meshmirror.containerd.hostsconfig:cleanup_command",
-    "doctor": "meshmirror.containerd.doctor:doctor_command",
-    "demo": "meshmirror.demo:demo_command",
-}
+T = TypeVar("T")
+
+LOG_LEVEL = "info"
+"""``--log-level``'s default, for every command."""
+
+
+def _typed(flag: str, parse: Callable[[str], T]) -> Callable[[str], T]:
+    """``parse`` with its ValueError turned into a one-line UsageError naming ``flag``.
+
+    argparse would print its usage block and a generic message instead; a
+    UsageError passes through ``parse_args`` untouched.
+    """
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise UsageError(f"{flag} {text!r}: {err}") from err
+
+    convert.__name__ = getattr(parse, "__name__", flag)
+    return convert
+
+
+def _flag(parser: argparse.ArgumentParser, flag: str, owner: type, field: str, *,
+          parse: Callable[[str], Any] | None = None, show: Callable[[Any], str] = str,
+          metavar: str | None = None, help: str = "") -> None:
+    """Declare ``flag`` with the default of ``owner.field``, shown in its help."""
+    default = field_default(owner, field)
+    if default is not None:
+        help = f"{help} (default: {show(default)})" if help else f"default: {show(default)}"
+    action = parser.add_argument(flag, default=default, metavar=metavar, help=help or None)
+    if parse is not None:
+        action.type = _typed(flag, parse)
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("expected a whole number such as 3") from None
+
+
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("expected a number such as 0.01") from None
+
+
+def _parse_log_level(text: str) -> str:
+    parse_level(text)
+    return text.strip().lower()
+
+
+def _parse_store(text: str) -> str:
+    if text != "containerd":
+        if not text.startswith("oci:") or not text[4:]:
+            raise ValueError("want 'containerd' or 'oci:DIR'")
+        directory = Path(text[4:])
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"{directory} is not a directory")
+    return text
+
+
+def _parse_listen_addr(text: str) -> tuple[str, int]:
+    return parse_host_port(text)
+
+
+def _parse_mesh_addr(text: str) -> tuple[str, int] | None:
+    if text.strip().lower() in {"off", "none", ""}:
+        return None
+    return parse_host_port(text, default_port=MEMBERLIST_PORT)
+
+
+def _show_mesh_addr(addr: tuple[str, int] | None) -> str:
+    return "off" if addr is None else format_host_port(*addr)
+
+
+def _show_addr(addr: tuple[str, int]) -> str:
+    return format_host_port(*addr)
+
+
+def _add_log_level(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--log-level", default=default, metavar="{" + ",".join(LEVELS) + "}",
+                        type=_typed("--log-level", _parse_log_level),
+                        help=f"any case (default: {LOG_LEVEL})")
+
+
+def _add_resolve_tags(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "--resolve-tags", MirrorOptions, "resolve_tags", parse=parse_bool,
+          show=lambda value: str(value).lower(), metavar="BOOL",
+          help="let the mirror resolve tags (capability 'resolve' in hosts.toml)")
+
+
+def _add_mirrored_registries(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mirrored-registries", action="append", default=None, metavar="URL",
+                        help="registries to mirror, host[:port] or http(s)://host[:port] "
+                             "(repeatable or comma-separated); none means every registry")
 
 
 def _add_containerd_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--containerd-sock", default="/run/containerd/containerd.sock",
-                        help="containerd's gRPC socket")
-    parser.add_argument("--containerd-namespace", default="k8s.io",
-                        help="containerd namespace whose images are shared")
-    parser.add_argument("--containerd-content-path",
-                        default="/var/lib/containerd/io.containerd.content.v1.content",
-                        help="content store directory, read directly when readable")
-    parser.add_argument("--containerd-config", default="/etc/containerd/config.toml",
-                        help="containerd's config file, checked for config_path and "
-                             "discard_unpacked_layers")
+    _flag(parser, "--containerd-sock", ContainerdConfig, "sock", metavar="PATH",
+          help="containerd's gRPC socket")
+    _flag(parser, "--containerd-namespace", ContainerdConfig, "namespace", metavar="NAME",
+          help="containerd namespace whose images are shared")
+    _flag(parser, "--containerd-content-path", ContainerdConfig, "content_path", metavar="DIR",
+          help="content store directory, read directly when readable")
+    _flag(parser, "--containerd-config", ContainerdConfig, "config", metavar="FILE",
+          help="containerd's config file, checked for config_path and discard_unpacked_layers")
 
 
 def _add_hosts_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--containerd-registry-config-path", default="/etc/containerd/certs.d",
-                        help="directory holding <registry>/hosts.toml")
-    parser.add_argument("--mirrored-registries", action="append", default=None,
-                        metavar="URL", help="registries to mirror (repeatable or comma-separated); "
-                                            "none means every registry (_default)")
+    _flag(parser, "--containerd-registry-config-path", HostsConfig, "config_path", parse=Path,
+          metavar="DIR", help="directory holding <registry>/hosts.toml")
+    _add_mirrored_registries(parser)
     parser.add_argument("--mirror-targets", action="append", default=None, metavar="URL",
                         help="mirror URLs written into hosts.toml, in order")
-    parser.add_argument("--resolve-tags", type=parse_bool, default=True, metavar="BOOL",
-                        help="let the mirror resolve tags (capability 'resolve')")
+    _add_resolve_tags(parser)
+
+
+def _add_registry_addr(parser: argparse.ArgumentParser, help: str) -> None:
+    _flag(parser, "--registry-addr", NodeConfig, "registry_addr", parse=_parse_listen_addr,
+          show=_show_addr, metavar="HOST:PORT", help=help)
+
+
+def _add_run_flags(run: argparse.ArgumentParser) -> None:
+    _flag(run, "--store", NodeConfig, "store", parse=_parse_store, metavar="containerd|oci:DIR",
+          help="where this node's image content lives")
+    _add_registry_addr(run, "the registry's listen address")
+    _flag(run, "--mesh-addr", PeeringConfig, "mesh_addr", parse=_parse_mesh_addr,
+          show=_show_mesh_addr, metavar="HOST:PORT|off",
+          help="gossip bind address (UDP and TCP); 'off' serves the local store only")
+    _flag(run, "--metrics-addr", NodeConfig, "metrics_addr", parse=_parse_listen_addr,
+          show=_show_addr, metavar="HOST:PORT", help="metrics and status page listen address")
+    _flag(run, "--advertise-addr", PeeringConfig, "advertise_addr", metavar="HOST[:PORT]",
+          help="address peers use to reach this node (default: the bind address)")
+    _flag(run, "--node-name", PeeringConfig, "node_name", metavar="NAME",
+          help="this node's name in the mesh")
+    run.add_argument("--join", action="append", default=None, metavar="HOST:PORT",
+                     help="a mesh member to join (repeatable or comma-separated)")
+    _flag(run, "--join-dns", PeeringConfig, "join_dns", metavar="NAME",
+          help="join every address NAME resolves to (a headless Service)")
+    _flag(run, "--gossip-key-file", PeeringConfig, "gossip_key_file", metavar="FILE",
+          help="file holding a base64 16/24/32-byte key, as `serf agent -encrypt`")
+    _add_mirrored_registries(run)
+    run.add_argument("--registry-filters", action="append", default=None, metavar="REGEX",
+                     help="keys registry/repo:tag matching any of these answer 404 at once")
+    _add_resolve_tags(run)
+    _flag(run, "--mirror-resolve-timeout", MirrorOptions, "resolve_timeout",
+          parse=parse_duration, show=format_duration, metavar="DURATION",
+          help="bound on connecting to a peer, e.g. 100ms or 0.1; a hedged request to the "
+               "next peer starts at half of it")
+    _flag(run, "--mirror-first-byte-timeout", MirrorOptions, "first_byte_timeout",
+          parse=parse_duration, show=format_duration, metavar="DURATION",
+          help="bound on a connected peer's response headers")
+    _flag(run, "--mirror-resolve-retries", MirrorOptions, "resolve_retries", parse=_parse_int,
+          metavar="N", help="how many peers to try before answering 404")
+    _flag(run, "--mirror-spool-dir", MirrorOptions, "spool_dir", parse=Path, metavar="DIR",
+          help="where blobs from peers are held until verified (default: the system's "
+               "temporary directory)")
+    _flag(run, "--mirror-spool-limit", MirrorOptions, "spool_limit", parse=parse_size,
+          show=format_size, metavar="SIZE",
+          help="bytes of blobs held at once (e.g. 4Gi); a blob beyond it is streamed and "
+               "checked only at its end; 0 streams every large blob")
+    _flag(run, "--summary-fp-rate", PeeringConfig, "summary_fp_rate", parse=_parse_float,
+          metavar="RATE", help="target false-positive rate of the Bloom summary")
+    _add_containerd_flags(run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,47 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="A cluster-local OCI registry mirror: nodes share image content over a "
                     "gossip mesh.")
     parser.add_argument("--version", action="version", version=f"meshmirror {__version__}")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+    _add_log_level(parser, LOG_LEVEL)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the node: registry, mirror and mesh")
-    run.add_argument("--store", default="containerd", metavar="containerd|oci:DIR",
-                     help="where this node's image content lives")
-    run.add_argument("--registry-addr", default=":5000", metavar="HOST:PORT")
-    run.add_argument("--mesh-addr", default=":7946", metavar="HOST:PORT|off",
-                     help="gossip bind address (UDP and TCP); 'off' serves the local store only")
-    run.add_argument("--metrics-addr", default=":9090", metavar="HOST:PORT")
-    run.add_argument("--advertise-addr", default=None, metavar="HOST[:PORT]",
-                     help="address peers use to reach this node (default: the bind address)")
-    run.add_argument("--node-name", default=socket.gethostname())
-    run.add_argument("--join", action="append", default=None, metavar="HOST:PORT",
-                     help="a mesh member to join (repeatable or comma-separated)")
-    run.add_argument("--join-dns", default=None, metavar="NAME",
-                     help="join every address NAME resolves to (a headless Service)")
-    run.add_argument("--gossip-key-file", default=None, metavar="FILE",
-                     help="file holding a base64 16/24/32-byte key, as `serf agent -encrypt`")
-    run.add_argument("--mirrored-registries", action="append", default=None, metavar="URL",
-                     help="only mirror these registries (repeatable or comma-separated)")
-    run.add_argument("--registry-filters", action="append", default=None, metavar="REGEX",
-                     help="keys registry/repo:tag matching any of these answer 404 at once")
-    run.add_argument("--resolve-tags", type=parse_bool, default=True, metavar="BOOL")
-    run.add_argument("--mirror-resolve-timeout", type=float, default=0.1, metavar="SECONDS",
-                     help="bound on connecting to a peer; a hedged request to the next peer "
-                          "starts at half of it")
-    run.add_argument("--mirror-first-byte-timeout", type=float, default=0.5, metavar="SECONDS",
-                     help="bound on a connected peer's response headers")
-    run.add_argument("--mirror-resolve-retries", type=int, default=3, metavar="N",
-                     help="how many peers to try before answering 404")
-    run.add_argument("--mirror-spool-dir", default=None, metavar="DIR",
-                     help="where blobs from peers are held until verified (default: the "
-                          "system's temporary directory)")
-    run.add_argument("--mirror-spool-limit", type=parse_size, default=4 << 30, metavar="SIZE",
-                     help="bytes of blobs held at once (e.g. 4Gi); a blob beyond it is streamed "
-                          "and checked only at its end; 0 streams every large blob")
-    run.add_argument("--summary-fp-rate", type=float, default=0.01, metavar="RATE",
-                     help="target false-positive rate of the Bloom summary")
-    _add_containerd_flags(run)
+    _add_run_flags(sub.add_parser("run", help="run the node: registry, mirror and mesh"))
 
     imp = sub.add_parser("import", help="add an OCI archive (tar) to an OCI-layout store")
     imp.add_argument("archive", metavar="ARCHIVE.tar")
@@ -110,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     configure = sub.add_parser("configure", help="write containerd hosts.toml mirror entries")
     _add_hosts_flags(configure)
-    configure.add_argument("--prepend-existing", type=parse_bool, default=False, metavar="BOOL",
-                           help="keep existing host entries after ours")
+    _flag(configure, "--prepend-existing", HostsConfig, "prepend_existing", parse=parse_bool,
+          show=lambda value: str(value).lower(), metavar="BOOL",
+          help="keep existing host entries after ours")
 
     cleanup = sub.add_parser("cleanup", help="restore the hosts.toml backup")
     _add_hosts_flags(cleanup)
@@ -119,24 +253,24 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check this node's setup and say how to fix it")
     _add_hosts_flags(doctor)
     _add_containerd_flags(doctor)
-    doctor.add_argument("--registry-addr", default=":5000", metavar="HOST:PORT")
+    _add_registry_addr(doctor, "where this node's `meshmirror run` listens")
 
     demo = sub.add_parser("demo", help="a local three-node mesh on loopback")
-    demo.add_argument("--nodes", type=int, default=3)
-    demo.add_argument("--workdir", default=None, metavar="DIR")
-    demo.add_argument("--image-size-mib", type=int, default=64,
-                      help="total size of the demo image's layers")
+    _flag(demo, "--nodes", DemoConfig, "nodes", parse=_parse_int, metavar="N")
+    _flag(demo, "--workdir", DemoConfig, "workdir", parse=Path, metavar="DIR",
+          help="kept afterwards (default: a temporary directory, removed)")
+    _flag(demo, "--image-size-mib", DemoConfig, "image_size_mib", parse=_parse_int,
+          metavar="MIB", help="total size of the demo image's layers")
     demo.add_argument("--no-wait", action="store_true",
                       help="exit after the pull instead of keeping the mesh up")
     # Accept --log-level after the subcommand too (`meshmirror run --log-level debug`).
     for choice in sub.choices.values():
-        choice.add_argument("--log-level", default=argparse.SUPPRESS,
-                            choices=["debug", "info", "warning", "error"])
+        _add_log_level(choice, argparse.SUPPRESS)
     return parser
 
 
 def _apply_environment(parser: argparse.ArgumentParser) -> None:
-    """Turn MESHMIRROR_<FLAG> variables into defaults of the chosen subcommand."""
+    """Turn MESHMIRROR_<FLAG> variables into defaults of every parser, parsed as the flag is."""
     parsers: list[argparse.ArgumentParser] = [parser]
     for group in parser._actions:
         if isinstance(group, argparse._SubParsersAction):
@@ -150,32 +284,186 @@ def _apply_environment(parser: argparse.ArgumentParser) -> None:
             raw = os.environ.get(env_name)
             if raw is None:
                 continue
-            if isinstance(action, argparse._AppendAction):
-                p.set_defaults(**{action.dest: [raw]})
-            elif action.type is not None and callable(action.type):
-                try:
-                    p.set_defaults(**{action.dest: action.type(raw)})
-                except (ValueError, argparse.ArgumentTypeError) as err:
-                    raise UsageError(f"{env_name}: {err}") from err
-            else:
-                p.set_defaults(**{action.dest: raw})
+            try:
+                if isinstance(action, argparse._AppendAction):
+                    value: object = [raw]
+                elif isinstance(action, argparse._StoreTrueAction):
+                    value = _typed(flags[0], parse_bool)(raw)
+                elif callable(action.type):
+                    value = action.type(raw)
+                else:
+                    value = raw
+            except UsageError as err:
+                raise UsageError(f"{env_name}: {err}") from err
+            p.set_defaults(**{action.dest: value})
 
 
-def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
-    module_name, _, function = target.partition(":")
-    handler: Callable[[argparse.Namespace], int] = getattr(
-        importlib.import_module(module_name), function
+def _advertised_host(*candidates: str) -> str:
+    """The first concrete host among the flags, else this machine's primary address.
+
+    A wildcard binds everywhere but cannot be dialled, so peers need something
+    else; in Kubernetes the chart passes the pod IP explicitly.
+    """
+    for host in candidates:
+        if not is_wildcard(host):
+            return host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError as err:
+        raise UsageError(f"cannot tell which address peers should use ({err}); "
+                         "pass --advertise-addr") from err
+
+
+def mesh_addresses(bind: tuple[str, int], advertise_addr: str | None,
+                   registry_addr: tuple[str, int]) -> tuple[tuple[str, int] | None, str]:
+    """The gossip address to advertise (None: the bind address), and the registry URL
+    peers should use."""
+    advertise: tuple[str, int] | None = None
+    if advertise_addr:
+        try:
+            advertise = parse_host_port(advertise_addr, default_host="", default_port=bind[1])
+        except AddressError as err:
+            raise UsageError(f"--advertise-addr: {err}") from err
+    public = _advertised_host(advertise[0] if advertise is not None else "", bind[0],
+                              registry_addr[0])
+    if advertise is None and is_wildcard(bind[0]):
+        advertise = (public, bind[1])
+    url_host = f"[{public}]" if ":" in public else public
+    return advertise, f"http://{url_host}:{registry_addr[1]}"
+
+
+def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
+    from meshmirror.mirror.spool import check_spool_directory
+
+    filters: list[re.Pattern[str]] = []
+    for text in split_list(args.registry_filters):
+        try:
+            filters.append(re.compile(text))
+        except re.error as err:
+            raise UsageError(f"--registry-filters {text!r}: not a regex: {err}") from err
+    if (args.mirror_resolve_timeout <= 0 or args.mirror_first_byte_timeout <= 0
+            or args.mirror_resolve_retries < 1):
+        raise UsageError("--mirror-resolve-timeout and --mirror-first-byte-timeout must be "
+                         "> 0 and --mirror-resolve-retries >= 1")
+    spool_dir: Path | None = args.mirror_spool_dir
+    if args.mirror_spool_limit > 0:
+        try:
+            check_spool_directory(spool_dir or Path(tempfile.gettempdir()))
+        except OSError as err:
+            flag = "--mirror-spool-dir" if spool_dir else "the temporary directory"
+            raise UsageError(f"{flag}: {err}; point --mirror-spool-dir at a writable "
+                             "directory or set --mirror-spool-limit 0") from err
+    registries = parse_registries(args.mirrored_registries)
+    return MirrorOptions(
+        resolve_timeout=args.mirror_resolve_timeout,
+        first_byte_timeout=args.mirror_first_byte_timeout,
+        resolve_retries=args.mirror_resolve_retries,
+        spool_dir=spool_dir,
+        spool_limit=args.mirror_spool_limit,
+        resolve_tags=args.resolve_tags,
+        registry_filters=tuple(filters),
+        # `_default` among them means every registry, as in hosts.toml.
+        mirrored_registries=(frozenset() if EVERY_REGISTRY in registries
+                             else frozenset(r.directory for r in registries)),
     )
-    return handler
+
+
+def peering_config(args: argparse.Namespace) -> PeeringConfig | None:
+    """The peering half of ``run``'s flags; None for ``--mesh-addr off``."""
+    if args.mesh_addr is None:
+        return None
+    advertise, http_base = mesh_addresses(args.mesh_addr, args.advertise_addr,
+                                          args.registry_addr)
+    try:
+        join = tuple(parse_host_port(j, default_port=MEMBERLIST_PORT)
+                     for j in split_list(args.join))
+    except AddressError as err:
+        raise UsageError(f"--join: {err}") from err
+    if args.gossip_key_file and not Path(args.gossip_key_file).is_file():
+        raise UsageError(f"--gossip-key-file {args.gossip_key_file}: no such file")
+    if not 0 < args.summary_fp_rate < 1:
+        raise UsageError("--summary-fp-rate must be between 0 and 1, e.g. 0.01")
+    return PeeringConfig(http_base=http_base, node_name=args.node_name, mesh_addr=args.mesh_addr,
+                         advertise_addr=advertise, join=join, join_dns=args.join_dns,
+                         gossip_key_file=args.gossip_key_file,
+                         summary_fp_rate=args.summary_fp_rate, mirror=_mirror_options(args))
+
+
+def _containerd_config(args: argparse.Namespace) -> ContainerdConfig:
+    return ContainerdConfig(sock=args.containerd_sock, namespace=args.containerd_namespace,
+                            content_path=args.containerd_content_path,
+                            config=args.containerd_config)
+
+
+def node_config(args: argparse.Namespace) -> NodeConfig:
+    """``run``'s flags, checked: every bad one is a UsageError before anything starts."""
+    return NodeConfig(store=args.store, registry_addr=args.registry_addr,
+                      metrics_addr=args.metrics_addr, containerd=_containerd_config(args),
+                      peering=peering_config(args))
+
+
+def hosts_config(args: argparse.Namespace, *, targets_required: bool) -> HostsConfig:
+    """``configure``/``cleanup``/``doctor``'s hosts.toml flags."""
+    return HostsConfig(
+        resolve_tags=args.resolve_tags,
+        config_path=args.containerd_registry_config_path,
+        registries=tuple(parse_registries(args.mirrored_registries)),
+        targets=tuple(parse_targets(args.mirror_targets, required=targets_required)),
+        prepend_existing=getattr(args, "prepend_existing", False),
+    )
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Build the command's config, then import and run the module that does the work.
+
+    Imported only here, so ``meshmirror configure`` does not pay for grpc,
+    starlette and the mesh at start-up.
+    """
+    command: str = args.command
+    if command == "run":
+        config = node_config(args)
+        from meshmirror.logging import configure_logging
+        from meshmirror.node import run_command
+
+        configure_logging(args.log_level)
+        return run_command(config)
+    if command == "configure":
+        from meshmirror.containerd.hostsconfig import configure_command
+
+        return configure_command(hosts_config(args, targets_required=True))
+    if command == "cleanup":
+        from meshmirror.containerd.hostsconfig import cleanup_command
+
+        return cleanup_command(hosts_config(args, targets_required=False))
+    if command == "doctor":
+        from meshmirror.containerd.doctor import DoctorConfig, doctor_command
+
+        return doctor_command(DoctorConfig(hosts=hosts_config(args, targets_required=False),
+                                           registry_addr=args.registry_addr,
+                                           containerd=_containerd_config(args)))
+    if command == "demo":
+        from meshmirror.demo import demo_command
+
+        return demo_command(DemoConfig(nodes=args.nodes, workdir=args.workdir,
+                                       image_size_mib=args.image_size_mib,
+                                       no_wait=args.no_wait))
+    if command == "import":
+        from meshmirror.store.ocilayout import import_command
+
+        return import_command(args)
+    raise AssertionError(f"no handler for {command!r}")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """``argv`` with MESHMIRROR_* variables applied; UsageError for a bad value."""
+    parser = build_parser()
+    _apply_environment(parser)
+    return parser.parse_args(list(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     try:
-        _apply_environment(parser)
-        args = parser.parse_args(args_list)
-        return _resolve(_HANDLERS[args.command])(args)
+        return _dispatch(parse_args(sys.argv[1:] if argv is None else argv))
     except UsageError as err:
         print(f"meshmirror: {err}", file=sys.stderr)
         return 2

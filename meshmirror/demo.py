@@ -12,7 +12,6 @@ summaries took to reach the puller, then keeps the mesh up until Ctrl-C.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -27,18 +26,33 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
+from typing import TYPE_CHECKING
 
 from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from meshmirror.oci.manifest import parse_manifest
 
+if TYPE_CHECKING:
+    import aiohttp
+
 DEMO_IMAGE = "docker.io/library/meshmirror-demo:1"
 _START_TIMEOUT = 30.0
 _CONVERGE_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class DemoConfig:
+    """``meshmirror demo``'s settings. The module imports aiohttp only when the demo runs,
+    so the command line can read these defaults cheaply."""
+
+    nodes: int = 3
+    # None: a temporary directory, removed afterwards.
+    workdir: Path | None = None
+    # Total size of the demo image's layers.
+    image_size_mib: int = 64
+    # Exit after the pull instead of keeping the mesh up.
+    no_wait: bool = False
 
 
 def free_port(host: str) -> int:
@@ -109,6 +123,8 @@ async def _poll(check: Callable[[], Awaitable[bool]], within: float, what: str) 
 
 async def local_bytes(session: aiohttp.ClientSession, node: DemoNode) -> float:
     """Body bytes ``node`` has served from its own store, from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     async with session.get(node.metrics_url) as response:
         text = await response.text()
     return sum(sample.value
@@ -198,12 +214,14 @@ def _size(size: float) -> str:
     return f"{size:.1f} GiB"
 
 
-async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
+async def run_demo(config: DemoConfig, workdir: Path) -> int:
+    import aiohttp
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    count = max(2, args.nodes)
+    count = max(2, config.nodes)
     nodes = []
     for i in range(count):
         host = f"127.0.0.{11 + i}"
@@ -237,7 +255,7 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
             for node in nodes:
                 print(f"  {node.name}  registry {node.registry_url}  metrics {node.metrics_url}")
 
-            sizes = [max(1, args.image_size_mib) * (1 << 20) * share // 8 for share in (4, 3, 1)]
+            sizes = [max(1, config.image_size_mib) * (1 << 20) * share // 8 for share in (4, 3, 1)]
             image = await asyncio.to_thread(build_image, DEMO_IMAGE, seed.layout, sizes, seed=7)
             total = sum(b.size for b in image.blobs())
             print(f"seeded {image.name} on {seed.name}: {len(image.blobs())} objects, "
@@ -262,7 +280,7 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
         print(json.dumps({"converged_ms": round(converge_s * 1000, 1), "pull_bytes": got,
                           "pull_seconds": round(pull_s, 3),
                           "sources": sorted({b.source for b in pulled})}))
-        if not args.no_wait:
+        if not config.no_wait:
             print("the mesh stays up; press Ctrl-C to stop")
             await stop.wait()
         return 0
@@ -275,13 +293,13 @@ async def run_demo(args: argparse.Namespace, workdir: Path) -> int:
         print("stopped")
 
 
-def demo_command(args: argparse.Namespace) -> int:
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="meshmirror-demo-"))
+def demo_command(config: DemoConfig) -> int:
+    workdir = config.workdir or Path(tempfile.mkdtemp(prefix="meshmirror-demo-"))
     try:
-        return asyncio.run(run_demo(args, workdir))
+        return asyncio.run(run_demo(config, workdir))
     except (RuntimeError, TimeoutError) as err:
         print(f"meshmirror demo: {err}", file=sys.stderr)
         return 1
     finally:
-        if not args.workdir:
+        if config.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

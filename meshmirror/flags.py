@@ -1,15 +1,17 @@
 """Parsing of flag values, shared by every command that takes them.
 
-A leaf module: it imports nothing of meshmirror, so the command line, the
-node builder and the containerd commands can all use it without importing
-each other.
+A leaf module: it imports nothing of meshmirror, so the command line and the
+config dataclasses of every command can use it without importing each other.
+Parsers raise ``ValueError`` with a message that shows a good value; the
+command line adds the flag's name and turns it into a `UsageError`.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import re
 from collections.abc import Sequence
+from typing import Any
 
 
 class UsageError(Exception):
@@ -30,7 +32,7 @@ def parse_bool(text: str) -> bool:
         return True
     if lowered in {"0", "false", "no", "off"}:
         return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    raise ValueError("expected true or false")
 
 
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -42,5 +44,67 @@ def parse_size(text: str) -> int:
     person would write (Ki/Mi/Gi are powers of 1024, K/M/G of 1000)."""
     match = re.fullmatch(r"\s*(\d+)\s*([kmgt]i?)?b?\s*", text.lower())
     if match is None:
-        raise argparse.ArgumentTypeError(f"expected a size such as 4Gi or 512MiB, got {text!r}")
+        raise ValueError("expected a size such as 4Gi or 512MiB")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]
+
+
+def format_size(size: int) -> str:
+    """The shortest exact binary form of ``size`` that `parse_size` reads back (4Gi, 512Mi)."""
+    for unit in ("Ti", "Gi", "Mi", "Ki"):
+        if size and size % _SIZE_UNITS[unit.lower()] == 0:
+            return f"{size // _SIZE_UNITS[unit.lower()]}{unit}"
+    return str(size)
+
+
+# Go's time.ParseDuration units, so a value written for Spegel or a Go tool reads the same.
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3,
+                   "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from a Go duration (``20ms``, ``1.5s``, ``1m30s``, ``500us``) or plain
+    seconds (``0.1``), the two forms a person or a Helm value would write."""
+    stripped = text.strip()
+    example = "expected a duration such as 100ms, 1.5s or 0.1 (seconds)"
+    try:
+        seconds = float(stripped)
+    except ValueError:
+        pass
+    else:
+        if not seconds >= 0 or seconds == float("inf"):
+            raise ValueError(example)
+        return seconds
+    if not stripped:
+        raise ValueError(example)
+    total, pos = 0.0, 0
+    while pos < len(stripped):
+        match = _DURATION_PART.match(stripped, pos)
+        if match is None:
+            raise ValueError(example)
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """``0.1`` as ``100ms``, ``5.0`` as ``5s``: how help text shows a default."""
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+def field_default(owner: type, name: str) -> Any:
+    """The default of dataclass ``owner``'s field ``name``, written there once.
+
+    Read through `dataclasses.fields` because a slots dataclass keeps no class
+    attribute holding the default; a ``default_factory`` is called.
+    """
+    for item in dataclasses.fields(owner):
+        if item.name == name:
+            if item.default is not dataclasses.MISSING:
+                return item.default
+            if item.default_factory is not dataclasses.MISSING:
+                return item.default_factory()
+            raise TypeError(f"{owner.__name__}.{name} has no default")
+    raise AttributeError(f"{owner.__name__} has no field {name!r}")

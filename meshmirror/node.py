@@ -25,8 +25,6 @@ import importlib
 import logging
 import signal
 import sys
-from argparse import Namespace
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Protocol
@@ -44,16 +42,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
-from meshmirror.addresses import AddressError, parse_host_port
-from meshmirror.flags import UsageError
-from meshmirror.logging import configure_logging
 from meshmirror.mirror.marker import peer_dispatch
-from meshmirror.oci.reference import DOCKER_HUB
-from meshmirror.peering import Peering, PeeringConfig
+from meshmirror.peering import Peering
 from meshmirror.registry.app import RegistryOptions, create_app
 from meshmirror.registry.fallback import Fallback
 from meshmirror.registry.metrics import RegistryMetrics
 from meshmirror.registry.server import ServerOptions, bind_listener, listener_address, serve
+from meshmirror.runconfig import NodeConfig
 from meshmirror.status import status_routes
 from meshmirror.store.base import Store
 
@@ -76,50 +71,6 @@ class Component(Protocol):
     async def stop(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class NodeConfig:
-    """What ``run`` needs, validated; built from the CLI flags by `from_args`."""
-
-    store: str
-    registry_host: str
-    registry_port: int
-    metrics_host: str
-    metrics_port: int
-    containerd_sock: str = "/run/containerd/containerd.sock"
-    containerd_namespace: str = "k8s.io"
-    containerd_content_path: str | None = None
-    default_registry: str = DOCKER_HUB
-    server: ServerOptions = field(default_factory=ServerOptions)
-    # None serves the local store only (``--mesh-addr off``).
-    peering: PeeringConfig | None = None
-
-    @classmethod
-    def from_args(cls, args: Namespace) -> NodeConfig:
-        store = str(args.store)
-        if store != "containerd":
-            if not store.startswith("oci:") or not store[4:]:
-                raise UsageError(f"--store {store!r}: want 'containerd' or 'oci:DIR'")
-            directory = Path(store[4:])
-            if directory.exists() and not directory.is_dir():
-                raise UsageError(f"--store {store!r}: {directory} is not a directory")
-        try:
-            registry_host, registry_port = parse_host_port(args.registry_addr)
-            metrics_host, metrics_port = parse_host_port(args.metrics_addr)
-        except AddressError as err:
-            raise UsageError(str(err)) from err
-        return cls(
-            store=store,
-            registry_host=registry_host,
-            registry_port=registry_port,
-            metrics_host=metrics_host,
-            metrics_port=metrics_port,
-            containerd_sock=args.containerd_sock,
-            containerd_namespace=args.containerd_namespace,
-            containerd_content_path=args.containerd_content_path,
-            peering=PeeringConfig.from_args(args, registry_host, registry_port),
-        )
-
-
 def build_store(config: NodeConfig) -> Store:
     """The store ``--store`` names; StartError when its implementation is unavailable."""
     if config.store.startswith("oci:"):
@@ -127,8 +78,8 @@ def build_store(config: NodeConfig) -> Store:
         positional: tuple[object, ...] = (Path(config.store[4:]),)
     else:
         module_name, class_name = "meshmirror.containerd.store", "ContainerdStore"
-        positional = (config.containerd_sock, config.containerd_namespace,
-                      config.containerd_content_path)
+        positional = (config.containerd.sock, config.containerd.namespace,
+                      config.containerd.content_path)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -245,12 +196,12 @@ class Node:
             local_only = create_app(self.store, options=options, metrics=registry_metrics,
                                     extra_routes=self.registry_routes)
             registry_app = peer_dispatch(registry_app, local_only)
+        server = self.config.server or ServerOptions()
         self.metrics_server = HttpServer(
             "metrics", metrics_app(self.metrics_registry, self.metrics_routes),
-            self.config.metrics_host, self.config.metrics_port, self.config.server)
-        self.registry_server = HttpServer(
-            "registry", registry_app, self.config.registry_host, self.config.registry_port,
-            self.config.server)
+            *self.config.metrics_addr, server)
+        self.registry_server = HttpServer("registry", registry_app, *self.config.registry_addr,
+                                          server)
         return [StoreComponent(self.store), self.metrics_server, *self._extra,
                 self.registry_server]
 
@@ -310,15 +261,13 @@ async def run_node(config: NodeConfig) -> int:
     return 0
 
 
-def run_command(args: Namespace) -> int:
-    """``meshmirror run``: flags are checked before anything starts (exit 2 on bad ones)."""
-    config = NodeConfig.from_args(args)
-    configure_logging(args.log_level)
+def run_command(config: NodeConfig) -> int:
+    """``meshmirror run`` with flags already checked: 1 when containerd is not fit to serve."""
     if config.store == "containerd":
         # Fail at once with what to fix rather than serve 404s from a store that
         # can never fill (no socket, wrong namespace, layers discarded...).
         from meshmirror.containerd.checks import startup_gate
 
-        if (code := startup_gate(args)) != 0:
+        if (code := startup_gate(config.containerd)) != 0:
             return code
     return asyncio.run(run_node(config))

@@ -13,7 +13,6 @@ generated stubs and stay synchronous: they run before any event loop exists.
 
 from __future__ import annotations
 
-import argparse
 import os
 import stat
 import sys
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import grpc
+
+from meshmirror.runconfig import ContainerdConfig
 
 NAMESPACE_METADATA = "containerd-namespace"
 _VERSION_METHOD = "/containerd.services.version.v1.Version/Version"
@@ -267,28 +268,26 @@ def check_containerd_config(config_file: str,
     return results
 
 
-def run_startup_checks(args: argparse.Namespace,
+def run_startup_checks(containerd: ContainerdConfig,
                        registry_config_path: str | None = None) -> list[CheckResult]:
     """Every check ``run --store containerd`` needs: socket, namespace, config.
 
-    Reads ``args.containerd_sock``, ``args.containerd_namespace`` and
-    ``args.containerd_config`` (all declared by the CLI for ``run`` and
-    ``doctor``). The namespace check is skipped when the socket check failed,
-    so one root cause prints one line.
+    The namespace check is skipped when the socket check failed, so one root
+    cause prints one line.
     """
-    results = [check_socket(args.containerd_sock)]
+    results = [check_socket(containerd.sock)]
     if results[0].ok:
-        results.append(check_namespace(args.containerd_sock, args.containerd_namespace))
+        results.append(check_namespace(containerd.sock, containerd.namespace))
     else:
         results.append(_skipped("containerd namespace", "containerd not reachable; skipped"))
-    results.extend(check_containerd_config(args.containerd_config, registry_config_path))
+    results.extend(check_containerd_config(containerd.config, registry_config_path))
     return results
 
 
-def startup_gate(args: argparse.Namespace, out: TextIO | None = None) -> int:
+def startup_gate(containerd: ContainerdConfig, out: TextIO | None = None) -> int:
     """Run the startup checks; print one line per failure and return 1, else return 0."""
     stream = out if out is not None else sys.stderr
-    failures = [r for r in run_startup_checks(args) if not r.ok]
+    failures = [r for r in run_startup_checks(containerd) if not r.ok]
     for result in failures:
         print(f"meshmirror: {result.problem}; fix: {result.fix}", file=stream)
     return 1 if failures else 0

@@ -10,38 +10,39 @@ fail, because doctor cannot know whether they matter.
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import ipaddress
 import socket
 import sys
 import tomllib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from meshmirror.addresses import AddressError, parse_host_port
+from meshmirror.addresses import format_host_port, is_wildcard
 from meshmirror.containerd.checks import CheckResult, run_startup_checks
-from meshmirror.containerd.hostsconfig import (
-    HOSTS_FILE,
-    MirroredRegistry,
-    parse_mirror_target,
-    parse_registries,
-)
-from meshmirror.flags import UsageError, split_list
+from meshmirror.containerd.hostsconfig import HOSTS_FILE, HostsConfig, MirroredRegistry
+from meshmirror.runconfig import ContainerdConfig
 
-_WILDCARDS = {"", "0.0.0.0", "::"}
 DEFAULT_TIMEOUT = 2.0
 
 
-def registry_endpoint(registry_addr: str) -> tuple[str, int]:
-    """``--registry-addr`` as (host, port); host '' when it listens on every address."""
-    try:
-        host, port = parse_host_port(registry_addr, default_host="")
-    except AddressError as err:
-        raise UsageError(f"--registry-addr: {err}") from err
-    return ("" if host in _WILDCARDS else host), port
+@dataclass(frozen=True, slots=True)
+class DoctorConfig:
+    """What doctor checks: the hosts.toml configure wrote, containerd, and the registry."""
+
+    hosts: HostsConfig
+    # Where this node's ``meshmirror run`` listens (its --registry-addr).
+    registry_addr: tuple[str, int]
+    containerd: ContainerdConfig
+
+
+def registry_endpoint(registry_addr: tuple[str, int]) -> tuple[str, int]:
+    """(host, port) with host '' when the registry listens on every address."""
+    host, port = registry_addr
+    return ("" if is_wildcard(host) else host), port
 
 
 def _is_local_address(host: str) -> bool:
@@ -81,7 +82,7 @@ def points_at_this_node(target: str, registry_host: str, registry_port: int) -> 
 def check_hosts_file(
     config_path: Path,
     registry: MirroredRegistry,
-    registry_addr: str,
+    registry_addr: tuple[str, int],
     expected_targets: Sequence[str] = (),
 ) -> CheckResult:
     """``<config_path>/<registry>/hosts.toml`` exists and tries this node's mirror."""
@@ -115,12 +116,13 @@ def check_hosts_file(
         listed = ", ".join(hosts) or "no [host] entries"
         return CheckResult(name, False,
                            problem=f"{path} does not send pulls to this node's registry "
-                                   f"({registry_addr}); it lists {listed}",
+                                   f"({format_host_port(*registry_addr)}); it lists {listed}",
                            fix=configure_fix)
     return CheckResult(name, True, detail=f"{path} tries {ours[0]}")
 
 
-def check_registry(registry_addr: str, timeout: float = DEFAULT_TIMEOUT) -> CheckResult:
+def check_registry(registry_addr: tuple[str, int],
+                   timeout: float = DEFAULT_TIMEOUT) -> CheckResult:
     """This node's registry accepts a TCP connection and answers ``GET /v2/`` with 200."""
     name = "registry"
     host, port = registry_endpoint(registry_addr)
@@ -151,22 +153,19 @@ def check_registry(registry_addr: str, timeout: float = DEFAULT_TIMEOUT) -> Chec
     return CheckResult(name, True, detail=f"GET http://{where}/v2/ answered 200")
 
 
-def run_doctor(args: argparse.Namespace) -> list[CheckResult]:
+def run_doctor(config: DoctorConfig) -> list[CheckResult]:
     """Every check, in the order a person fixing the node would want them."""
-    config_path = Path(args.containerd_registry_config_path)
-    registries = parse_registries(args.mirrored_registries)
-    targets = [parse_mirror_target(t) for t in split_list(args.mirror_targets)]
-    registry_endpoint(args.registry_addr)  # a bad flag is a usage error, not a failed check
-    results = run_startup_checks(args, registry_config_path=str(config_path))
-    results.extend(check_hosts_file(config_path, r, args.registry_addr, targets)
-                   for r in registries)
-    results.append(check_registry(args.registry_addr))
+    config_path = config.hosts.config_path
+    results = run_startup_checks(config.containerd, registry_config_path=str(config_path))
+    results.extend(check_hosts_file(config_path, r, config.registry_addr, config.hosts.targets)
+                   for r in config.hosts.registries)
+    results.append(check_registry(config.registry_addr))
     return results
 
 
-def doctor_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+def doctor_command(config: DoctorConfig, out: TextIO | None = None) -> int:
     stream = out if out is not None else sys.stdout
-    results = run_doctor(args)
+    results = run_doctor(config)
     for result in results:
         print(result.line(), file=stream)
     failed = sum(not r.ok for r in results)

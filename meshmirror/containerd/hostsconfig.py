@@ -29,7 +29,6 @@ interrupted run never mistakes half-restored files for meshmirror's own.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ipaddress
 import os
@@ -80,6 +79,24 @@ class MirroredRegistry:
     server: str | None  # None for _default: containerd then uses the pulled host
 
 
+EVERY_REGISTRY = MirroredRegistry(DEFAULT_HOST_DIR, None)
+"""containerd's fallback entry, used for a registry without a directory of its own."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostsConfig:
+    """What ``configure`` writes; ``cleanup`` reads only ``config_path``."""
+
+    # Whether the mirror may resolve tags (capability "resolve"): the node's --resolve-tags.
+    resolve_tags: bool
+    config_path: Path = Path("/etc/containerd/certs.d")
+    registries: tuple[MirroredRegistry, ...] = (EVERY_REGISTRY,)
+    # Mirror URLs written into hosts.toml, in order; configure needs at least one.
+    targets: tuple[str, ...] = ()
+    # Keep the backed-up [host.*] entries after ours.
+    prepend_existing: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class PlannedFile:
     relative: str
@@ -107,10 +124,15 @@ def _valid_host(netloc: str) -> bool:
 
 
 def parse_registry(text: str) -> MirroredRegistry:
-    """A ``--mirrored-registries`` value: ``host[:port]``, ``http(s)://host[:port]`` or _default."""
+    """A ``--mirrored-registries`` value: ``host[:port]``, ``http(s)://host[:port]`` or _default.
+
+    The one normaliser of a registry's name: ``https://docker.io/`` and ``docker.io``
+    both become the directory ``docker.io``, which is also the name containerd
+    passes in ``?ns=`` and so what ``run`` matches mirrored requests against.
+    """
     what = f"--mirrored-registries {text!r}"
     if text == DEFAULT_HOST_DIR:
-        return MirroredRegistry(DEFAULT_HOST_DIR, None)
+        return EVERY_REGISTRY
     if "://" in text:
         parts = urlsplit(text)
         if parts.scheme not in ("http", "https"):
@@ -147,8 +169,10 @@ def parse_mirror_target(text: str) -> str:
 
 
 def parse_registries(values: Sequence[str] | None) -> list[MirroredRegistry]:
+    """Every ``--mirrored-registries`` value, for ``run``, ``configure``, ``cleanup`` and
+    ``doctor`` alike; none means every registry (``_default``)."""
     texts = split_list(values)
-    registries = [parse_registry(t) for t in texts] or [MirroredRegistry(DEFAULT_HOST_DIR, None)]
+    registries = [parse_registry(t) for t in texts] or [EVERY_REGISTRY]
     seen: set[str] = set()
     for registry in registries:
         if registry.directory in seen:
@@ -158,9 +182,10 @@ def parse_registries(values: Sequence[str] | None) -> list[MirroredRegistry]:
     return registries
 
 
-def parse_targets(values: Sequence[str] | None) -> list[str]:
+def parse_targets(values: Sequence[str] | None, *, required: bool = True) -> list[str]:
+    """``--mirror-targets``, without repeats; configure needs one, doctor checks any given."""
     targets = [parse_mirror_target(t) for t in split_list(values)]
-    if not targets:
+    if required and not targets:
         raise UsageError("--mirror-targets is required: the URL of this node's meshmirror, "
                          "e.g. http://127.0.0.1:5000")
     return list(dict.fromkeys(targets))
@@ -414,24 +439,21 @@ def cleanup(config_path: Path) -> list[str]:
     return done
 
 
-def configure_command(args: argparse.Namespace) -> int:
-    registries = parse_registries(args.mirrored_registries)
-    targets = parse_targets(args.mirror_targets)
-    config_path = Path(args.containerd_registry_config_path)
+def configure_command(config: HostsConfig) -> int:
     try:
-        changed = configure(config_path, registries, targets, args.resolve_tags,
-                            args.prepend_existing)
+        changed = configure(config.config_path, config.registries, config.targets,
+                            config.resolve_tags, config.prepend_existing)
     except (HostsConfigError, OSError) as err:
         print(f"meshmirror configure: {err}", file=sys.stderr)
         return 1
-    for line in changed or [f"{config_path} already configured; nothing changed"]:
+    for line in changed or [f"{config.config_path} already configured; nothing changed"]:
         print(line)
     return 0
 
 
-def cleanup_command(args: argparse.Namespace) -> int:
+def cleanup_command(config: HostsConfig) -> int:
     try:
-        done = cleanup(Path(args.containerd_registry_config_path))
+        done = cleanup(config.config_path)
     except OSError as err:
         print(f"meshmirror cleanup: {err}", file=sys.stderr)
         return 1

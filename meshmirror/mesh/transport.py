@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshmirror.addresses import parse_host_port
+from meshmirror.addresses import ANY_HOST, is_wildcard, parse_host_port
 from meshmirror.mesh import wire
 from meshmirror.mesh.config import MeshConfig
 from meshmirror.mesh.events import (
@@ -263,7 +263,7 @@ class MeshNode:
     async def _bind_sockets(self) -> None:
         loop = asyncio.get_running_loop()
         host, port = self._bind
-        host = host or "0.0.0.0"
+        host = host or ANY_HOST
         last: OSError | None = None
         for _ in range(20 if port == 0 else 1):
             tcp = await asyncio.start_server(self._on_connection, host, port,
@@ -286,7 +286,7 @@ class MeshNode:
         host, port = self._advertise or self.address
         if self._advertise is not None and port == 0:
             port = self.address[1]
-        if host in ("", "0.0.0.0", "::"):
+        if is_wildcard(host):
             try:
                 host = socket.gethostbyname(socket.gethostname())
             except OSError as err:
@@ -466,7 +466,7 @@ class MeshNode:
             # Dial from the bound address when there is one, so peers (and
             # firewalls) see the same source address for our TCP as for our UDP.
             host = self.address[0]
-            local = (host, 0) if host not in ("", "0.0.0.0", "::") else None
+            local = None if is_wildcard(host) else (host, 0)
             reader, conn = await asyncio.wait_for(
                 asyncio.open_connection(effect.addr[0], effect.addr[1], local_addr=local),
                 effect.timeout)

@@ -1,4 +1,9 @@
-"""Mirror mode's knobs, each default written once."""
+"""Mirror mode's knobs, each default written once.
+
+Fields set by ``meshmirror run`` flags are named for the flag without its
+``--mirror-`` prefix (``resolve_timeout`` is ``--mirror-resolve-timeout``); the
+command line reads its defaults from here.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +17,13 @@ class MirrorOptions:
     """Knobs of mirror mode; defaults follow Spegel where it has one."""
 
     # TCP connect to one peer (Spegel bounds the whole request at 20 ms in Go).
-    connect_timeout: float = 0.1
+    resolve_timeout: float = 0.1
     # Response headers from a peer that accepted the connection. Measured: a Python
     # peer on a loaded 2-core node needs 22-43 ms to start four concurrent
     # responses, so 20-50 ms sent a third of the bytes upstream (benchmarks/RESULTS.md).
     first_byte_timeout: float = 0.5
-    # Start the hedged request to the next candidate after this long.
-    hedge_delay: float = 0.05
     # Peers tried for one request (Spegel: 3).
-    max_attempts: int = 3
+    resolve_retries: int = 3
     # Blobs up to this size are verified whole in memory before the first byte is sent.
     verify_before_send_limit: int = 8 * 1024 * 1024
     # Larger ones are verified whole in a spool file in this directory (None: the
@@ -44,15 +47,15 @@ class MirrorOptions:
     # Hosts to mirror; empty means every registry.
     mirrored_registries: frozenset[str] = field(default_factory=frozenset)
 
+    @property
+    def hedge_delay(self) -> float:
+        """When the hedged request to the next candidate starts: half the connect bound,
+        so a dead first peer costs no more than a live second one needs to connect."""
+        return self.resolve_timeout / 2
+
     def mirrors(self, registry: str) -> bool:
         return not self.mirrored_registries or registry in self.mirrored_registries
 
     def filtered(self, key: str) -> bool:
         return any(pattern.search(key) for pattern in self.registry_filters)
 
-
-def registry_host(text: str) -> str:
-    """``https://docker.io/`` and ``docker.io`` both name the registry ``docker.io``."""
-    text = text.strip()
-    text = re.sub(r"^[a-z]+://", "", text)
-    return text.rstrip("/")

@@ -4,7 +4,7 @@
 which peers probably hold the key, and then:
 
 - **bounds the wait.** A peer must accept the connection within
-  ``connect_timeout`` (a dead or unreachable peer costs no more than that) and
+  ``resolve_timeout`` (a dead or unreachable peer costs no more than that) and
   answer with headers within ``first_byte_timeout``; a second (hedged) request
   to the next candidate starts after ``hedge_delay`` if the first is silent, and
   the first good answer wins. With nobody left the answer is None, which the app
@@ -179,7 +179,7 @@ class PeerMirror:
         path = f"/v2/{repository}/manifests/{reference}"
         # HEAD is answered from a verified GET too: manifests are small and a tag's
         # digest is only as good as the body it came with.
-        candidates = self._router.candidates(key, limit=opts.max_attempts)
+        candidates = self._router.candidates(key, limit=opts.resolve_retries)
         opener = _hedged_open(
             self, candidates, path, registry, {"Accept": CONTAINERD_ACCEPT}, offset=0
         )
@@ -300,7 +300,7 @@ class PeerMirror:
                     headers=request_headers,
                     allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(
-                        sock_connect=self._options.connect_timeout,
+                        sock_connect=self._options.resolve_timeout,
                         sock_read=self._options.read_timeout,
                     ),
                 ),
@@ -429,7 +429,7 @@ class _BlobFetch:
         self._path = path
         self._digest = digest
         key = str(digest)
-        self._candidates = mirror._router.candidates(key, limit=mirror._options.max_attempts)
+        self._candidates = mirror._router.candidates(key, limit=mirror._options.resolve_retries)
         self._tried: set[str] = set()
         self._current: _Opened | None = None
         self._size = 0
@@ -487,7 +487,7 @@ class _BlobFetch:
             self._mirror._done(self._current)
             self._current = None
         more = self._mirror._router.candidates(
-            str(self._digest), limit=self._mirror._options.max_attempts + len(self._tried)
+            str(self._digest), limit=self._mirror._options.resolve_retries + len(self._tried)
         )
         self._current = await self._open_from(offset, more)
         return self._current is not None

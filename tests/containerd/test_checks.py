@@ -3,7 +3,6 @@ real containerd 1.6."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import socket
@@ -16,6 +15,7 @@ import pytest
 
 from meshmirror.containerd import checks
 from meshmirror.containerd.checks import CheckResult, check_containerd_config
+from meshmirror.runconfig import ContainerdConfig
 from tests.support.containerd import Containerd
 
 V2_GOOD = """version = 2
@@ -144,18 +144,18 @@ def containerd() -> Iterator[Containerd]:
         yield c
 
 
-def args_for(sock: str, config: str, namespace: str = "k8s.io") -> argparse.Namespace:
-    return argparse.Namespace(containerd_sock=sock, containerd_namespace=namespace,
-                              containerd_config=config)
+def containerd_for(sock: str, config: str, namespace: str = "k8s.io") -> ContainerdConfig:
+    return ContainerdConfig(sock=sock, namespace=namespace, config=config)
 
 
 @pytest.mark.real
 def test_all_startup_checks_pass_on_a_good_containerd(containerd: Containerd) -> None:
-    results = checks.run_startup_checks(args_for(str(containerd.socket), str(containerd.config)))
+    good = containerd_for(str(containerd.socket), str(containerd.config))
+    results = checks.run_startup_checks(good)
     assert [r.ok and not r.skipped for r in results] == [True] * 4, [r.line() for r in results]
     assert "containerd 1.6" in results[0].detail
     out = io.StringIO()
-    assert checks.startup_gate(args_for(str(containerd.socket), str(containerd.config)), out) == 0
+    assert checks.startup_gate(good, out) == 0
     assert out.getvalue() == ""
 
 
@@ -202,7 +202,7 @@ def test_startup_gate_prints_one_line_per_problem(tmp_path: Path) -> None:
     config = write(tmp_path, 'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n'
                              "discard_unpacked_layers = true\n")
     out = io.StringIO()
-    code = checks.startup_gate(args_for(str(tmp_path / "nope.sock"), config), out)
+    code = checks.startup_gate(containerd_for(str(tmp_path / "nope.sock"), config), out)
     lines = out.getvalue().splitlines()
     assert code == 1
     assert len(lines) == 3  # socket, config_path, discard; namespace is not a second symptom
@@ -215,7 +215,7 @@ def test_startup_gate_prints_one_line_per_problem(tmp_path: Path) -> None:
 def test_startup_gate_namespace_line_against_real_containerd(containerd: Containerd) -> None:
     out = io.StringIO()
     code = checks.startup_gate(
-        args_for(str(containerd.socket), str(containerd.config), "missing"), out)
+        containerd_for(str(containerd.socket), str(containerd.config), "missing"), out)
     assert code == 1
     (line,) = out.getvalue().splitlines()
     assert "namespace 'missing' does not exist" in line and "--containerd-namespace" in line

@@ -13,6 +13,7 @@ import argparse
 from typing import Any
 
 from meshmirror import cli
+from meshmirror.flags import UsageError
 from tests.helm import chart
 
 # What the downward API would fill in on a node; only ever parsed, never dialled.
@@ -87,5 +88,5 @@ def parse_container(
     check_env_names(env, cont["args"][0])
     try:
         return parser.parse_args(with_env_as_flags(argv, env))
-    except SystemExit as err:
+    except (SystemExit, UsageError) as err:
         raise AssertionError(f"`meshmirror` refuses {cont['name']}'s command line") from err

@@ -34,14 +34,15 @@ def test_run_command_line_defaults(helm: Path) -> None:
     assert args.join is None
     assert args.node_name == "node-a"
     assert args.advertise_addr == "198.51.100.7"
-    assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (":5000", ":7946", ":9090")
+    assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (
+        ("0.0.0.0", 5000), ("0.0.0.0", 7946), ("0.0.0.0", 9090))
     assert args.log_level == "info"
     assert args.resolve_tags is True
     assert args.mirror_resolve_timeout == pytest.approx(0.1)
     assert args.mirror_first_byte_timeout == pytest.approx(0.5)
     assert args.mirror_resolve_retries == 3
     assert args.mirror_spool_limit == 4 << 30
-    assert args.mirror_spool_dir == "/var/spool/meshmirror"
+    assert args.mirror_spool_dir == Path("/var/spool/meshmirror")
     assert args.summary_fp_rate == pytest.approx(0.01)
     assert args.mirrored_registries is None
     assert args.registry_filters is None
@@ -65,7 +66,8 @@ def test_run_command_line_custom_values(helm: Path) -> None:
     assert args.mirror_resolve_retries == 5
     assert args.mirror_spool_limit == 6 << 30
     assert args.summary_fp_rate == pytest.approx(0.001)
-    assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (":5001", ":7947", ":9191")
+    assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (
+        ("0.0.0.0", 5001), ("0.0.0.0", 7947), ("0.0.0.0", 9191))
     assert args.join == ["seed.example.internal:7947"]
 
 
@@ -112,7 +114,7 @@ def test_configure_init_container(helm: Path) -> None:
     init = chart.container(chart.render(), "configure", init=True)
     args = parse_container(init)
     assert args.command == "configure"
-    assert args.containerd_registry_config_path == "/etc/containerd/certs.d"
+    assert args.containerd_registry_config_path == Path("/etc/containerd/certs.d")
     # hostPort of this node first, then the NodePort Service reaching any node.
     assert args.mirror_targets == ["http://192.0.2.10:30020", "http://192.0.2.10:30021"]
     assert args.mirrored_registries is None
@@ -141,7 +143,7 @@ def test_no_node_port_means_one_target(helm: Path) -> None:
     manifests = chart.render(("k3s-minimal.yaml",))
     args = parse_container(chart.container(manifests, "configure", init=True))
     assert args.mirror_targets == ["http://192.0.2.10:30020"]
-    assert args.containerd_registry_config_path == (
+    assert args.containerd_registry_config_path == Path(
         "/var/lib/rancher/k3s/agent/etc/containerd/certs.d")
     service = chart.one(manifests, "Service", f"{FULLNAME}-registry")
     assert service["spec"]["type"] == "ClusterIP"
@@ -154,7 +156,7 @@ def test_prestop_cleanup(helm: Path) -> None:
     assert command[0] == "meshmirror"
     args = parse_container(main, argv=command[1:])
     assert args.command == "cleanup"
-    assert args.containerd_registry_config_path == "/etc/containerd/certs.d"
+    assert args.containerd_registry_config_path == Path("/etc/containerd/certs.d")
     assert flags.split_list(args.mirrored_registries) == [
         "https://docker.io", "ghcr.io", "http://registry.internal:5050"]
     # cleanup writes into certs.d, so the main container must mount it writable.

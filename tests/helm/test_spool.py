@@ -56,7 +56,7 @@ def test_default_renders_volume_mount_and_env(helm: Path) -> None:
     assert flags.parse_size(env["MESHMIRROR_MIRROR_SPOOL_LIMIT"]) == 4 * 2**30
     args = parse_container(main)
     assert args.mirror_spool_limit == 4 * 2**30
-    assert args.mirror_spool_dir == SPOOL_DIR
+    assert args.mirror_spool_dir == Path(SPOOL_DIR)
     # The kubelet may count more than the budget (blocks, preallocation): never less room.
     assert chart.quantity_value(volume["emptyDir"]["sizeLimit"]) >= args.mirror_spool_limit
 
@@ -145,7 +145,7 @@ def test_custom_value_set_uses_a_non_quantity_form(helm: Path) -> None:
     assert volume["emptyDir"]["sizeLimit"] == "6912Mi"
     args = parse_container(chart.container(manifests, "meshmirror"))
     assert args.mirror_spool_limit == 6 * 2**30
-    assert args.mirror_spool_dir == SPOOL_DIR
+    assert args.mirror_spool_dir == Path(SPOOL_DIR)
 
 
 @pytest.mark.parametrize(("args", "message"), [

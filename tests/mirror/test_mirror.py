@@ -76,10 +76,9 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 class Settings(TypedDict, total=False):
     """Keyword arguments of ``MirrorOptions``, as ``mirror_for`` passes them on."""
 
-    connect_timeout: float
+    resolve_timeout: float
     first_byte_timeout: float
-    hedge_delay: float
-    max_attempts: int
+    resolve_retries: int
     verify_before_send_limit: int
     spool_dir: Path | None
     spool_limit: int
@@ -101,7 +100,7 @@ def mirror_for(
         router.set_keys(peer.peer, [SMALL_D, LARGE_D, MANIFEST_D, "docker.io/library/x:1.0"])
     settings: Settings = {
         "first_byte_timeout": 0.5,
-        "hedge_delay": 0.2,
+        "resolve_timeout": 0.4,  # hedges after 0.2 s
         "verify_before_send_limit": 1 << 20,
         "chunk_size": 64 * 1024,
     }
@@ -229,7 +228,8 @@ async def test_client_range_is_served_after_hashing_the_prefix(
 async def test_slow_peer_is_hedged(make_peer: MakePeer, session: aiohttp.ClientSession) -> None:
     slow = await make_peer("slow", header_delay=2.0)
     fast = await make_peer("fast")
-    mirror, router, _ = mirror_for(session, [slow, fast], first_byte_timeout=3.0, hedge_delay=0.05)
+    mirror, router, _ = mirror_for(session, [slow, fast], first_byte_timeout=3.0,
+                                   resolve_timeout=0.1)
     router.report("fast", ok=True, latency_s=5.0)
     started = time.monotonic()
     content = await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True)
@@ -241,7 +241,7 @@ async def test_unresponsive_peers_are_bounded(
     make_peer: MakePeer, session: aiohttp.ClientSession
 ) -> None:
     slow = [await make_peer(f"s{i}", header_delay=5.0) for i in range(3)]
-    mirror, _, _ = mirror_for(session, slow, first_byte_timeout=0.1, hedge_delay=0.03)
+    mirror, _, _ = mirror_for(session, slow, first_byte_timeout=0.1, resolve_timeout=0.06)
     started = time.monotonic()
     assert await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True) is None
     assert time.monotonic() - started < 1.0

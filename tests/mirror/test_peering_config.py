@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from meshmirror.cli import build_parser, main
+from meshmirror.cli import build_parser, main, mesh_addresses, peering_config
 from meshmirror.flags import UsageError, parse_size
-from meshmirror.peering import PeeringConfig, mesh_addresses
+from meshmirror.runconfig import PeeringConfig
 
 
 def config(*flags: str) -> PeeringConfig | None:
-    args = build_parser().parse_args(["run", "--store", "oci:/tmp", *flags])
-    return PeeringConfig.from_args(args, "127.0.0.5", 5000)
+    args = build_parser().parse_args(
+        ["run", "--store", "oci:/tmp", "--registry-addr", "127.0.0.5:5000", *flags])
+    return peering_config(args)
 
 
 def test_flags_become_mesh_and_mirror_settings(tmp_path: Path) -> None:
@@ -26,13 +27,13 @@ def test_flags_become_mesh_and_mirror_settings(tmp_path: Path) -> None:
                  "--mirror-resolve-timeout", "0.2", "--mirror-first-byte-timeout", "1.5",
                  "--resolve-tags", "false", "--gossip-key-file", str(key), "--node-name", "n5")
     assert got is not None
-    assert got.mesh_bind == ("127.0.0.5", 7000)
+    assert got.mesh_addr == ("127.0.0.5", 7000)
     assert got.join == (("127.0.0.6", 7000), ("127.0.0.7", 7946), ("127.0.0.8", 7001))
     assert got.http_base == "http://127.0.0.5:5000"
     assert got.node_name == "n5"
     assert got.mirror.mirrored_registries == frozenset({"docker.io", "ghcr.io"})
     assert got.mirror.registry_filters == (re.compile(":latest$"),)
-    assert (got.mirror.connect_timeout, got.mirror.first_byte_timeout) == (0.2, 1.5)
+    assert (got.mirror.resolve_timeout, got.mirror.first_byte_timeout) == (0.2, 1.5)
     assert got.mirror.hedge_delay == pytest.approx(0.1)
     assert got.mirror.resolve_tags is False
 
@@ -61,14 +62,14 @@ def test_mesh_off_serves_the_local_store_only() -> None:
 
 
 def test_wildcard_bind_advertises_a_concrete_address() -> None:
-    bind, advertise, http_base = mesh_addresses(":7946", None, "0.0.0.0", 5000)
-    assert bind == ("0.0.0.0", 7946)
+    advertise, http_base = mesh_addresses(("0.0.0.0", 7946), None, ("0.0.0.0", 5000))
     assert advertise is not None and advertise[0] not in {"0.0.0.0", ""}
+    assert advertise[1] == 7946
     assert http_base == f"http://{advertise[0]}:5000"
-    _, advertise, http_base = mesh_addresses(":7946", "10.1.2.3", "0.0.0.0", 5000)
+    advertise, http_base = mesh_addresses(("0.0.0.0", 7946), "10.1.2.3", ("0.0.0.0", 5000))
     assert advertise == ("10.1.2.3", 7946)
     assert http_base == "http://10.1.2.3:5000"
-    _, _, http_base = mesh_addresses("[::1]:7946", None, "::", 5000)
+    _, http_base = mesh_addresses(("::1", 7946), None, ("::", 5000))
     assert http_base == "http://[::1]:5000"
 
 
@@ -93,7 +94,7 @@ def test_bad_flag_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_bad_size_exits_2_saying_what_to_write(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(["run", "--store", "oci:/tmp", "--mirror-spool-limit", "lots"])
-    assert exited.value.code == 2
-    assert "expected a size such as 4Gi" in capsys.readouterr().err
+    assert main(["run", "--store", "oci:/tmp", "--mirror-spool-limit", "lots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["meshmirror: --mirror-spool-limit 'lots': expected a size such as 4Gi or "
+                   "512MiB"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from meshmirror.node import Node, NodeConfig
+from meshmirror.node import Node
 from meshmirror.oci.imagebuilder import build_image
-from meshmirror.peering import PeeringConfig
+from meshmirror.runconfig import NodeConfig, PeeringConfig
 from meshmirror.store.ocilayout import OciLayoutStore
 from tests.support.ports import free_port, loopback_host
 
@@ -22,9 +22,8 @@ def _node(layout: Path, name: str, join: tuple[tuple[str, int], ...]) -> tuple[N
     host = loopback_host()
     registry, metrics, mesh = free_port(host), free_port(host), free_port(host)
     config = NodeConfig(
-        store=f"oci:{layout}", registry_host=host, registry_port=registry, metrics_host=host,
-        metrics_port=metrics,
-        peering=PeeringConfig(node_name=name, mesh_bind=(host, mesh),
+        store=f"oci:{layout}", registry_addr=(host, registry), metrics_addr=(host, metrics),
+        peering=PeeringConfig(node_name=name, mesh_addr=(host, mesh),
                               http_base=f"http://{host}:{registry}", join=join))
     return Node(config, store=OciLayoutStore(layout, poll_interval=0.1)), host, mesh
 
@@ -36,7 +35,7 @@ async def test_status_shows_members_and_held_summaries(tmp_path: Path) -> None:
     a, a_host, a_mesh = _node(tmp_path / "a", "a", ())
     b, _, _ = _node(tmp_path / "b", "b", ((a_host, a_mesh),))
     async with a, b, aiohttp.ClientSession() as session:
-        url = f"http://{b.config.metrics_host}:{b.config.metrics_port}"
+        url = "http://{}:{}".format(*b.config.metrics_addr)
         deadline = time.monotonic() + 20
         while True:
             async with session.get(f"{url}/status") as response:
@@ -49,7 +48,7 @@ async def test_status_shows_members_and_held_summaries(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, status
             await asyncio.sleep(0.05)
         assert peer["state"] == "alive"
-        assert peer["registry"] == f"http://{a.config.registry_host}:{a.config.registry_port}"
+        assert peer["registry"] == "http://{}:{}".format(*a.config.registry_addr)
         assert peer["held_keys"] == 4  # manifest, config, layer and the tag
         assert status["mesh"]["node"] == "b" and status["store"]["keys"] == 0
         async with session.get(f"{url}/") as response:

@@ -17,9 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshmirror.cli import build_parser, main
-from meshmirror.node import Node, NodeConfig, StartError, build_store
+from meshmirror.cli import build_parser, main, node_config
+from meshmirror.node import Node, StartError, build_store
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
+from meshmirror.runconfig import NodeConfig
 from meshmirror.store.ocilayout import OciLayoutStore
 from tests.support.node import RunningNode, start_node
 from tests.support.ports import free_port, loopback_host
@@ -31,7 +32,7 @@ def run_args(*extra: str) -> Namespace:
 
 
 def config_for(layout: Path, host: str) -> NodeConfig:
-    return NodeConfig.from_args(run_args(
+    return node_config(run_args(
         "--store", f"oci:{layout}",
         "--registry-addr", f"{host}:{free_port(host)}",
         "--metrics-addr", f"{host}:{free_port(host)}",
@@ -100,7 +101,7 @@ async def test_node_serves_registry_and_metrics(layout: Path, image: BuiltImage)
             in m.text
         assert "process_resident_memory_bytes" in m.text
     # Both listeners are closed once the node has stopped.
-    for address in (config.registry_port, config.metrics_port):
+    for address in (config.registry_addr[1], config.metrics_addr[1]):
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.connect((host, address))
 
@@ -111,7 +112,7 @@ async def test_node_start_failure_stops_what_started(layout: Path) -> None:
         busy.bind((host, 0))
         busy.listen()
         port = busy.getsockname()[1]
-        config = NodeConfig.from_args(run_args(
+        config = node_config(run_args(
             "--store", f"oci:{layout}", "--registry-addr", f"{host}:{port}",
             "--metrics-addr", f"{host}:{free_port(host)}",
         "--mesh-addr", f"{host}:{free_port(host)}"))
@@ -120,7 +121,7 @@ async def test_node_start_failure_stops_what_started(layout: Path) -> None:
             await node.start()
         # The metrics server had started first; it must be closed again.
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
-            s.connect((host, config.metrics_port))
+            s.connect((host, config.metrics_addr[1]))
 
 
 # -- the real command ---------------------------------------------------------------------

@@ -1,0 +1,74 @@
+"""What ``meshmirror run`` is configured with: frozen dataclasses, each default written once.
+
+The command line (``meshmirror.cli``) reads its flag defaults from these fields
+and builds the values from flags; components take the values and never see a
+flag. Fields are named for the flag that sets them, without the prefix their
+dataclass already says (``ContainerdConfig.sock`` is ``--containerd-sock``).
+This module imports only other config dataclasses, so ``meshmirror configure``
+can declare every command's flags without loading the node.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from meshmirror.addresses import ANY_HOST
+from meshmirror.mesh.config import MeshConfig
+from meshmirror.mirror.options import MirrorOptions
+from meshmirror.oci.reference import DOCKER_HUB
+
+if TYPE_CHECKING:
+    from meshmirror.registry.server import ServerOptions
+
+MEMBERLIST_PORT = 7946
+"""memberlist's and Serf's gossip port: where we listen, and where a --join without a port
+is dialled."""
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerdConfig:
+    """How to reach this node's containerd; shared by ``run`` and ``doctor``."""
+
+    sock: str = "/run/containerd/containerd.sock"
+    # The namespace whose images are shared; the kubelet's is k8s.io.
+    namespace: str = "k8s.io"
+    # Read directly when readable, which is faster than streaming through the socket.
+    content_path: str | None = "/var/lib/containerd/io.containerd.content.v1.content"
+    # Checked for config_path and discard_unpacked_layers before starting.
+    config: str = "/etc/containerd/config.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class PeeringConfig:
+    """Gossip, summaries and the mirror; absent when the node serves its own store only."""
+
+    # The registry's URL as peers must use it, e.g. http://10.0.0.7:5000.
+    http_base: str
+    node_name: str = field(default_factory=socket.gethostname)
+    mesh_addr: tuple[str, int] = (ANY_HOST, MEMBERLIST_PORT)
+    # None: the bind address, which must then be concrete.
+    advertise_addr: tuple[str, int] | None = None
+    join: tuple[tuple[str, int], ...] = ()
+    join_dns: str | None = None
+    gossip_key_file: str | None = None
+    summary_fp_rate: float = 0.01
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    mirror: MirrorOptions = field(default_factory=MirrorOptions)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything ``run`` needs, validated by the command line before anything starts."""
+
+    # "containerd" or "oci:DIR".
+    store: str = "containerd"
+    registry_addr: tuple[str, int] = (ANY_HOST, 5000)
+    metrics_addr: tuple[str, int] = (ANY_HOST, 9090)
+    containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
+    default_registry: str = DOCKER_HUB
+    # None: ServerOptions' defaults; not built here, so configuring needs no Hypercorn.
+    server: ServerOptions | None = None
+    # None serves the local store only (``--mesh-addr off``).
+    peering: PeeringConfig | None = None

@@ -1,0 +1,238 @@
+"""The command line's edge: defaults come from the config dataclasses, values parse as
+a person writes them, and a bad one is one line naming the flag."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from meshmirror import cli
+from meshmirror.addresses import is_wildcard
+from meshmirror.containerd.hostsconfig import HostsConfig, parse_registries
+from meshmirror.flags import field_default, parse_bool, parse_duration, parse_size
+from meshmirror.mirror.options import MirrorOptions
+from meshmirror.runconfig import ContainerdConfig, NodeConfig, PeeringConfig
+
+CHART_VALUES = Path(__file__).resolve().parent.parent / "helm" / "meshmirror" / "values.yaml"
+
+# `run`'s scalar flags (by argparse dest) and the dataclass field each one sets.
+RUN_FLAGS: dict[str, tuple[type, str]] = {
+    "store": (NodeConfig, "store"),
+    "registry_addr": (NodeConfig, "registry_addr"),
+    "metrics_addr": (NodeConfig, "metrics_addr"),
+    "mesh_addr": (PeeringConfig, "mesh_addr"),
+    "advertise_addr": (PeeringConfig, "advertise_addr"),
+    "node_name": (PeeringConfig, "node_name"),
+    "join_dns": (PeeringConfig, "join_dns"),
+    "gossip_key_file": (PeeringConfig, "gossip_key_file"),
+    "summary_fp_rate": (PeeringConfig, "summary_fp_rate"),
+    "resolve_tags": (MirrorOptions, "resolve_tags"),
+    "mirror_resolve_timeout": (MirrorOptions, "resolve_timeout"),
+    "mirror_first_byte_timeout": (MirrorOptions, "first_byte_timeout"),
+    "mirror_resolve_retries": (MirrorOptions, "resolve_retries"),
+    "mirror_spool_dir": (MirrorOptions, "spool_dir"),
+    "mirror_spool_limit": (MirrorOptions, "spool_limit"),
+    "containerd_sock": (ContainerdConfig, "sock"),
+    "containerd_namespace": (ContainerdConfig, "namespace"),
+    "containerd_content_path": (ContainerdConfig, "content_path"),
+    "containerd_config": (ContainerdConfig, "config"),
+}
+# Repeatable flags: absent on the command line, they leave these fields at their default.
+RUN_LIST_FLAGS = {"join", "mirrored_registries", "registry_filters"}
+
+
+def run_parser() -> argparse.ArgumentParser:
+    parser = cli.build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            run: argparse.ArgumentParser = action.choices["run"]
+            return run
+    raise AssertionError("no run subcommand")
+
+
+def test_every_run_flag_defaults_to_its_dataclass_default() -> None:
+    dests = {a.dest for a in run_parser()._actions} - {"help", "log_level"}
+    assert dests == set(RUN_FLAGS) | RUN_LIST_FLAGS, "map each new run flag to its field"
+    args = cli.build_parser().parse_args(["run"])
+    for dest, (owner, name) in RUN_FLAGS.items():
+        assert getattr(args, dest) == field_default(owner, name), dest
+    assert args.node_name == socket.gethostname()
+
+
+def test_run_without_flags_builds_the_dataclass_defaults() -> None:
+    config = cli.node_config(cli.build_parser().parse_args(["run", "--store", "oci:/tmp"]))
+    assert config.containerd == ContainerdConfig()
+    assert config.peering is not None
+    assert config.peering.mirror == MirrorOptions()
+    assert config.peering.join == field_default(PeeringConfig, "join")
+    assert config.peering.mesh_addr == field_default(PeeringConfig, "mesh_addr")
+
+
+def test_help_shows_the_defaults_in_the_form_a_flag_takes() -> None:
+    text = " ".join(run_parser().format_help().split())
+    assert "(default: 100ms)" in text and "(default: 500ms)" in text
+    assert "(default: 4Gi)" in text and "(default: :5000)" in text
+    assert "(default: :7946)" in text and "(default: true)" in text
+
+
+def _values() -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load(CHART_VALUES.read_text())
+    return values
+
+
+# values.yaml key -> (the CLI's parser for the value as the chart passes it, its default).
+CHART_DEFAULTS: dict[str, tuple[Any, Any]] = {
+    "logLevel": (str, cli.LOG_LEVEL),
+    "resolveTags": (parse_bool, field_default(MirrorOptions, "resolve_tags")),
+    "mirrorResolveTimeout": (parse_duration, field_default(MirrorOptions, "resolve_timeout")),
+    "mirrorFirstByteTimeout": (parse_duration,
+                               field_default(MirrorOptions, "first_byte_timeout")),
+    "mirrorResolveRetries": (int, field_default(MirrorOptions, "resolve_retries")),
+    "mirrorSpoolLimit": (parse_size, field_default(MirrorOptions, "spool_limit")),
+    "summaryFpRate": (float, field_default(PeeringConfig, "summary_fp_rate")),
+    "prependExisting": (parse_bool, field_default(HostsConfig, "prepend_existing")),
+    "containerd.sock": (str, field_default(ContainerdConfig, "sock")),
+    "containerd.namespace": (str, field_default(ContainerdConfig, "namespace")),
+    "containerd.contentPath": (str, field_default(ContainerdConfig, "content_path")),
+    "containerd.configPath": (str, field_default(ContainerdConfig, "config")),
+    "containerd.registryConfigPath": (Path, field_default(HostsConfig, "config_path")),
+    "registry.port": (int, field_default(NodeConfig, "registry_addr")[1]),
+    "mesh.port": (int, field_default(PeeringConfig, "mesh_addr")[1]),
+    "metrics.port": (int, field_default(NodeConfig, "metrics_addr")[1]),
+}
+
+
+@pytest.mark.parametrize("key", sorted(CHART_DEFAULTS))
+def test_chart_values_default_to_the_dataclass_defaults(key: str) -> None:
+    value: Any = _values()
+    for part in key.split("."):
+        value = value[part]
+    parse, default = CHART_DEFAULTS[key]
+    # Scalars reach the CLI as MESHMIRROR_* strings: YAML's true arrives as "true".
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    assert parse(text) == default
+
+
+def test_chart_lists_default_to_every_registry_and_no_filter() -> None:
+    values = _values()
+    assert tuple(parse_registries(values["mirroredRegistries"])) == field_default(
+        HostsConfig, "registries")
+    assert values["mirroredRegistries"] == [] and not field_default(
+        MirrorOptions, "mirrored_registries")
+    assert values["registryFilters"] == [] and field_default(
+        MirrorOptions, "registry_filters") == ()
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("20ms", 0.02), ("1.5s", 1.5), ("1m", 60.0), ("500us", 0.0005), ("500µs", 0.0005),
+    ("0.1", 0.1), ("2", 2.0), ("1m30s", 90.0), ("2h", 7200.0), (".5s", 0.5), ("100ns", 1e-7),
+    (" 250ms ", 0.25), ("0", 0.0),
+])
+def test_durations_read_as_go_writes_them_or_as_seconds(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "soon", "1x", "-1s", "ms", "1.5.5s", "nan", "inf", "1 s",
+                                  "-0.1"])
+def test_bad_durations_say_what_to_write(text: str) -> None:
+    with pytest.raises(ValueError, match=re.escape("such as 100ms, 1.5s or 0.1")):
+        parse_duration(text)
+
+
+def test_every_duration_flag_takes_go_durations() -> None:
+    args = cli.parse_args(["run", "--mirror-resolve-timeout", "20ms",
+                           "--mirror-first-byte-timeout", "1.5s"])
+    assert args.mirror_resolve_timeout == pytest.approx(0.02)
+    assert args.mirror_first_byte_timeout == pytest.approx(1.5)
+
+
+def test_duration_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHMIRROR_MIRROR_RESOLVE_TIMEOUT", "20ms")
+    monkeypatch.setenv("MESHMIRROR_MIRROR_FIRST_BYTE_TIMEOUT", "0.75")
+    args = cli.parse_args(["run"])
+    assert args.mirror_resolve_timeout == pytest.approx(0.02)
+    assert args.mirror_first_byte_timeout == pytest.approx(0.75)
+    assert cli.parse_args(["run", "--mirror-resolve-timeout", "1s"]).mirror_resolve_timeout == 1
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag", ["--mirror-resolve-timeout", "--mirror-first-byte-timeout"])
+def test_bad_duration_flag_is_one_line_naming_it(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["run", "--store", "oci:/tmp", flag, "soon"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"meshmirror: {flag} 'soon': ") and "100ms" in line
+
+
+def test_bad_environment_value_names_variable_and_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MESHMIRROR_MIRROR_RESOLVE_TIMEOUT", "1x")
+    assert cli.main(["run", "--store", "oci:/tmp"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("meshmirror: MESHMIRROR_MIRROR_RESOLVE_TIMEOUT: "
+                           "--mirror-resolve-timeout '1x': ") and "100ms" in line
+
+
+@pytest.mark.parametrize(("argv", "level"), [
+    (["--log-level", "INFO", "run"], "info"),
+    (["run", "--log-level", "Debug"], "debug"),
+    (["--log-level", "Warning", "doctor"], "warning"),
+    (["run"], cli.LOG_LEVEL),
+])
+def test_log_level_ignores_case(argv: list[str], level: str) -> None:
+    assert cli.parse_args(argv).log_level == level
+
+
+def test_bad_log_level_is_one_line_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--log-level", "loud", "run"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("meshmirror: --log-level 'loud': ") and "debug" in line
+
+
+@pytest.mark.parametrize(("flag", "value", "example"), [
+    ("--mirror-resolve-retries", "many", "such as 3"),
+    ("--summary-fp-rate", "low", "such as 0.01"),
+    ("--resolve-tags", "maybe", "true or false"),
+    ("--registry-addr", "h:port", "not a number"),
+    ("--mirrored-registries", "docker.io/library", "e.g. ghcr.io"),
+])
+def test_bad_values_are_one_line_naming_the_flag(
+    flag: str, value: str, example: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["run", "--store", "oci:/tmp", flag, value]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"meshmirror: {flag} {value!r}") and example in line
+
+
+def test_mirrored_registries_parse_alike_for_run_and_configure() -> None:
+    flags = ["--mirrored-registries", "https://docker.io/,ghcr.io",
+             "--mirrored-registries", "http://127.0.0.1:5050"]
+    run = cli.node_config(cli.parse_args(["run", "--store", "oci:/tmp", *flags]))
+    hosts = cli.hosts_config(cli.parse_args(["configure", *flags]), targets_required=False)
+    assert run.peering is not None
+    assert run.peering.mirror.mirrored_registries == {r.directory for r in hosts.registries}
+    assert run.peering.mirror.mirrored_registries == {"docker.io", "ghcr.io", "127.0.0.1:5050"}
+    every = cli.node_config(cli.parse_args(
+        ["run", "--store", "oci:/tmp", "--mirrored-registries", "_default"]))
+    assert every.peering is not None and every.peering.mirror.mirrored_registries == frozenset()
+
+
+@pytest.mark.parametrize(("host", "wildcard"), [
+    ("", True), ("0.0.0.0", True), ("::", True), ("[::]", True),
+    ("127.0.0.1", False), ("::1", False), ("node-a", False),
+])
+def test_is_wildcard(host: str, wildcard: bool) -> None:
+    assert is_wildcard(host) is wildcard
