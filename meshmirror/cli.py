@@ -31,6 +31,7 @@ from meshmirror.addresses import (
     is_wildcard,
     parse_host_port,
 )
+from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.containerd.hostsconfig import (
     EVERY_REGISTRY,
     HostsConfig,
@@ -50,12 +51,7 @@ from meshmirror.flags import (
 )
 from meshmirror.logging import LEVELS, parse_level
 from meshmirror.mirror.options import MirrorOptions
-from meshmirror.runconfig import (
-    MEMBERLIST_PORT,
-    ContainerdConfig,
-    NodeConfig,
-    PeeringConfig,
-)
+from meshmirror.runconfig import MEMBERLIST_PORT, NodeConfig, PeeringConfig
 
 T = TypeVar("T")
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from meshmirror.addresses import ANY_HOST
+from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.mesh.config import MeshConfig
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.oci.reference import DOCKER_HUB
@@ -25,19 +26,6 @@ if TYPE_CHECKING:
 MEMBERLIST_PORT = 7946
 """memberlist's and Serf's gossip port: where we listen, and where a --join without a port
 is dialled."""
-
-
-@dataclass(frozen=True, slots=True)
-class ContainerdConfig:
-    """How to reach this node's containerd; shared by ``run`` and ``doctor``."""
-
-    sock: str = "/run/containerd/containerd.sock"
-    # The namespace whose images are shared; the kubelet's is k8s.io.
-    namespace: str = "k8s.io"
-    # Read directly when readable, which is faster than streaming through the socket.
-    content_path: str | None = "/var/lib/containerd/io.containerd.content.v1.content"
-    # Checked for config_path and discard_unpacked_layers before starting.
-    config: str = "/etc/containerd/config.toml"
 
 
 @dataclass(frozen=True, slots=True)

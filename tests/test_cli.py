@@ -14,10 +14,11 @@ import yaml
 
 from meshmirror import cli
 from meshmirror.addresses import is_wildcard
+from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.containerd.hostsconfig import HostsConfig, parse_registries
 from meshmirror.flags import field_default, parse_bool, parse_duration, parse_size
 from meshmirror.mirror.options import MirrorOptions
-from meshmirror.runconfig import ContainerdConfig, NodeConfig, PeeringConfig
+from meshmirror.runconfig import NodeConfig, PeeringConfig
 
 CHART_VALUES = Path(__file__).resolve().parent.parent / "helm" / "meshmirror" / "values.yaml"
 

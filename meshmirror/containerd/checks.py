@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 import grpc
 
-from meshmirror.runconfig import ContainerdConfig
+from meshmirror.containerd.config import ContainerdConfig
 
 NAMESPACE_METADATA = "containerd-namespace"
 _VERSION_METHOD = "/containerd.services.version.v1.Version/Version"

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 
 from meshmirror.addresses import format_host_port, is_wildcard
 from meshmirror.containerd.checks import CheckResult, run_startup_checks
+from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.containerd.hostsconfig import HOSTS_FILE, HostsConfig, MirroredRegistry
-from meshmirror.runconfig import ContainerdConfig
 
 DEFAULT_TIMEOUT = 2.0
 

@@ -15,7 +15,7 @@ import pytest
 
 from meshmirror.containerd import checks
 from meshmirror.containerd.checks import CheckResult, check_containerd_config
-from meshmirror.runconfig import ContainerdConfig
+from meshmirror.containerd.config import ContainerdConfig
 from tests.support.containerd import Containerd
 
 V2_GOOD = """version = 2
