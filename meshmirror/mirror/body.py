@@ -77,7 +77,7 @@ class BodyPump:
     - Cancellation: `stop` shuts the socket down, which wakes a blocked ``recv``,
       and frees a slot, which wakes a reader waiting for one; the reader always
       ends by queueing a final item, which ends the hashing thread. The socket is
-      closed on the loop once the reader has returned (`PeerMirror._start_pump`).
+      closed on the loop once the reader has returned (`PeerClient.pump`).
     - Items on ``items``: consumed chunks in order, then ``None`` at the end of the
       body, or a `PeerFailure` after the last good chunk, or a `SinkFailure` when
       ``keep`` or ``consume`` raised (nothing after it is consumed).
