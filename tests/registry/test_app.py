@@ -13,6 +13,7 @@ from starlette.types import ASGIApp
 
 from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
+from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 from meshmirror.registry.app import RegistryOptions, create_app
 from meshmirror.registry.metrics import RegistryMetrics
 from tests.registry.asgi import call
@@ -146,9 +147,8 @@ async def test_layer_is_never_served_as_a_manifest(client: httpx.AsyncClient, im
 
 
 async def test_oversized_manifest_is_unknown(store: FakeStore) -> None:
-    big = store.add(b"{" + b" " * 2048 + b"}", mediatypes.OCI_MANIFEST)
-    app = create_app(store, options=RegistryOptions(manifest_limit=1024))
-    async with client_for(app) as c:
+    big = store.add(b"{" + b" " * MAX_MANIFEST_SIZE + b"}", mediatypes.OCI_MANIFEST)
+    async with client_for(create_app(store)) as c:
         r = await c.get(f"/v2/a/manifests/{big}")
         assert r.status_code == 404 and error_code(r) == "MANIFEST_UNKNOWN"
 
@@ -398,6 +398,15 @@ async def test_fallback_serves_local_misses(store: FakeStore, image: Image) -> N
         miss = await c.get("/v2/team/app/manifests/none?ns=quay.io")
         assert miss.status_code == 404 and error_code(miss) == "MANIFEST_UNKNOWN"
     assert fallback.closed == 3  # every body handed out was closed
+
+
+async def test_fallback_layer_is_never_served_as_a_manifest(store: FakeStore) -> None:
+    fallback = FakeFallback()
+    remote = add_image(fallback.store, "quay.io", "team/app", "v2")
+    async with client_for(create_app(store, fallback=fallback)) as c:
+        r = await c.get(f"/v2/team/app/manifests/{remote.layer}?ns=quay.io")
+        assert r.status_code == 404 and error_code(r) == "MANIFEST_UNKNOWN"
+        assert last_call(fallback)[0] == "manifest"
 
 
 async def test_failing_fallback_is_a_404(store: FakeStore) -> None:
