@@ -44,6 +44,27 @@ class MemorySink:
         self.data.clear()
 
 
+class StreamBody:
+    """A streamed blob body whose `aclose` releases its peer even if the body was
+    never iterated: an async generator that never started skips its own cleanup."""
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None], release: Callable[[], None]) -> None:
+        self._chunks = chunks
+        self._release = release
+
+    def __aiter__(self) -> StreamBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._chunks)
+
+    async def aclose(self) -> None:
+        try:
+            await self._chunks.aclose()
+        finally:
+            self._release()
+
+
 class BlobFetch:
     """Fetches one blob from the peers the router names, verified against its digest.
 
@@ -100,13 +121,18 @@ class BlobFetch:
                 return False
         return False
 
-    async def stream(self, start: int, end: int) -> AsyncIterator[bytes]:
+    def stream(self, start: int, end: int) -> StreamBody:
         """Bytes [start, end) of the blob, hashed from byte 0; the last chunk is held
-        back until the whole digest verifies.
+        back until the whole digest verifies. The stream owns this fetch from here on.
+        """
+        return StreamBody(self._stream(start, end), self.close)
 
-        Reading and hashing run on a body thread (socket reads and hashlib release
+    async def _stream(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
+        """`stream`'s bytes.
+
+        Reading and hashing run on body threads (socket reads and hashlib release
         the GIL) while the event loop forwards the previous chunk to the client, so
-        the loop, which was the bottleneck, does nothing but write.
+        the loop, the bottleneck of a fast transfer, does nothing but write.
         """
         hasher = self._digest.hasher()
         held: bytes | None = None

@@ -91,15 +91,28 @@ def _common_headers(digest: Digest, length: int, content_type: str) -> dict[str,
     }
 
 
-async def _closing(first: bytes | None, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Yield a pre-read first chunk then the rest, closing ``body`` however streaming ends."""
-    try:
-        if first:
-            yield first
-        async for chunk in body:
-            yield chunk
-    finally:
-        await _aclose(body)
+class _BodyResponse(StreamingResponse):
+    """Streams a pre-read first chunk, then ``body``; closes ``body`` however the
+    response ends, even before its first chunk was asked for (the client left while
+    the headers were sent), since a fallback's body may hold a peer's connection."""
+
+    def __init__(self, first: bytes | None, body: AsyncIterator[bytes], *, status_code: int,
+                 headers: dict[str, str]) -> None:
+        super().__init__(_prefixed(first, body), status_code=status_code, headers=headers)
+        self._body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await _aclose(self._body)
+
+
+async def _prefixed(first: bytes | None, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in body:
+        yield chunk
 
 
 async def _aclose(body: AsyncIterator[bytes] | None) -> None:
@@ -293,8 +306,7 @@ class RegistryApp:
             if not head:
                 raise unknown
             return Response(b"", headers=headers)
-        return StreamingResponse(_closing(None, content.body), status_code=status,
-                                 headers=headers)
+        return _BodyResponse(None, content.body, status_code=status, headers=headers)
 
     def _blob_range(self, request: Request, digest: Digest, head: bool) -> RangeSpec | None:
         """The client's range, or None when Range does not apply (HEAD, If-Range mismatch)."""
@@ -355,7 +367,7 @@ class RegistryApp:
                                                malformed)
         request.scope[SCOPE_SOURCE] = "local"
         status = 200 if selected is None else 206
-        return StreamingResponse(_closing(first, body), status_code=status, headers=headers)
+        return _BodyResponse(first, body, status_code=status, headers=headers)
 
     @staticmethod
     def _resolve(spec: RangeSpec | None, size: int) -> ByteRange | None:

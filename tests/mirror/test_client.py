@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from meshmirror.mirror.client import PeerClient
 from meshmirror.mirror.errors import PeerFailure
+from meshmirror.mirror.fetch import StreamBody
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.peer_mirror import PeerMirror
@@ -104,4 +105,20 @@ async def test_the_loser_of_a_hedge_is_not_left_busy(
     assert b"".join([chunk async for chunk in content.body]) == BLOB
     assert slow.behaviour.requests and fast.behaviour.requests, "the race was hedged"
     assert (router.in_flight("slow"), router.in_flight("fast")) == (0, 0)
+    mirror.close()
+
+
+async def test_a_streamed_body_closed_unread_releases_its_peer(
+    session: aiohttp.ClientSession, peers: list[FakePeer]
+) -> None:
+    """The client left before the first byte: the body is closed without being iterated."""
+    peer = await start_peer(peers, "a")
+    router = router_for(peer)
+    mirror = PeerMirror(router, session, options=MirrorOptions(
+        verify_before_send_limit=1000, spool_limit=0))  # streamed
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(BLOB_D), None, True)
+    assert content is not None and isinstance(content.body, StreamBody)
+    assert router.in_flight("a") == 1
+    await content.body.aclose()
+    assert router.in_flight("a") == 0
     mirror.close()

@@ -8,7 +8,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol, TypedDict, Unpack
 
@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meshmirror.mirror.errors import VerificationError
+from meshmirror.mirror.fetch import StreamBody
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.peer_mirror import PeerMirror
@@ -345,7 +346,7 @@ async def test_client_going_away_stops_the_body_thread_and_closes_the_peer(
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
     assert content is not None and content.body is not None
     body = content.body
-    assert isinstance(body, AsyncGenerator), "a streamed body can be closed early"
+    assert isinstance(body, StreamBody), "a streamed body can be closed early"
     assert len(await anext(body)) > 0
     await wait_for(lambda: mirror.client.pumps_running > 0, 1.0)
     started = time.monotonic()
