@@ -5,4 +5,10 @@ fetches from them with bounded waits and hedging, verifies every byte against
 its digest (holding large blobs in a spool file until they verify), resumes a
 broken transfer on the next peer with ``Range``, and answers a miss at once so
 containerd goes upstream.
+
+- `peer_mirror`: `PeerMirror`, what to fetch and how to hold it until verified;
+- `fetch`: `BlobFetch`, one blob across peers (verify, resume with Range, stream);
+- `client`: `PeerClient`, every request to a peer (bounds, in-flight, blame, body threads);
+- `hedging`: the generic race behind hedged requests;
+- `body`, `spool`: reading bodies on threads, holding large blobs on disk.
 """

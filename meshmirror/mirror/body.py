@@ -59,15 +59,12 @@ BodyItem = bytes | PeerFailure | SinkFailure | None
 class BodyPump:
     """Reads and consumes (hashes, maybe spools) one peer response's body on two threads.
 
-    Why: with aiohttp the event loop read the peer (transport reads, feed_data,
-    joining buffers into chunks) as well as writing to the client, and sat at 100%
-    of a core while the hashing threads idled. Here a reader thread fills each
-    chunk with one blocking ``recv(MSG_WAITALL)``, GIL released, straight into the
-    ``bytes`` object that is later written to the client (no joins) and hands it
-    to ``keep`` (the spool, when the blob is held until verified); a hashing
-    thread passes it to ``consume`` and queues it for the loop, which only
-    forwards or counts. Reading (and keeping) overlaps hashing: sha256 is the
-    slowest step, so it gets a thread to itself.
+    A reader thread fills each chunk with one blocking ``recv(MSG_WAITALL)``, GIL
+    released, straight into the ``bytes`` object that is later written to the
+    client (no joins) and hands it to ``keep`` (the spool, when the blob is held
+    until verified); a hashing thread passes it to ``consume`` and queues it for
+    the loop, which only forwards or counts. Reading (and keeping) overlaps
+    hashing: sha256 is the slowest step, so it gets a thread to itself.
 
     - Back-pressure: the reader reads a chunk only when it holds one of
       ``read_ahead`` slots; the loop gives a slot back once the chunk it yielded
@@ -77,7 +74,7 @@ class BodyPump:
     - Cancellation: `stop` shuts the socket down, which wakes a blocked ``recv``,
       and frees a slot, which wakes a reader waiting for one; the reader always
       ends by queueing a final item, which ends the hashing thread. The socket is
-      closed on the loop once the reader has returned (`PeerMirror._start_pump`).
+      closed on the loop once the reader has returned (`PeerClient.pump`).
     - Items on ``items``: consumed chunks in order, then ``None`` at the end of the
       body, or a `PeerFailure` after the last good chunk, or a `SinkFailure` when
       ``keep`` or ``consume`` raised (nothing after it is consumed).

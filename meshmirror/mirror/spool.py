@@ -4,8 +4,8 @@ Why spool at all: containerd 1.6 writes every byte it receives into its ingest
 and checks the digest only at commit. If the mirror streamed a lying peer's
 bytes and aborted at the end, containerd would resume with ``Range`` from the
 byte it reached, the corrupt prefix would stay in its ingest, the commit would
-fail and so would the pull (measured in tests/e2e/test_faults.py before this
-existed). OCI has no per-chunk digests, so the only way to never pass on an
+fail and so would the pull (measured with containerd 1.6, see
+tests/e2e/test_faults.py). OCI has no per-chunk digests, so the only way to never pass on an
 unverified byte is to hold the whole blob until it verifies. Memory cannot hold
 multi-GiB layers; a file can, and the page cache usually keeps it in RAM anyway.
 

@@ -17,7 +17,7 @@ Blobs are content-addressed and the store does not record which repositories
 reference them, so a blob is served under any valid repository name; the
 repository only matters for tags (and is passed on to the fallback).
 
-Manifests are at most ``options.manifest_limit`` bytes (4 MiB, Distribution's
+Manifests are at most ``MAX_MANIFEST_SIZE`` bytes (4 MiB, Distribution's
 limit); anything larger, or anything that is not a manifest or index, is
 MANIFEST_UNKNOWN on the manifests endpoint, so a layer can never be served as
 a manifest. ``Accept`` is not negotiated: a manifest is served as stored, which
@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
-from meshmirror.oci.manifest import ManifestError, parse_manifest
+from meshmirror.oci.manifest import MAX_MANIFEST_SIZE, ManifestError, parse_manifest
 from meshmirror.oci.reference import DOCKER_HUB, InvalidRegistryError, validate_registry
 from meshmirror.registry.accesslog import SCOPE_HANDLER, SCOPE_SOURCE, AccessLogMiddleware
 from meshmirror.registry.errors import RegistryError
@@ -75,7 +75,6 @@ _BLOB_CACHE_CONTROL: Final = "max-age=31536000"
 @dataclass(frozen=True, slots=True)
 class RegistryOptions:
     default_registry: str = DOCKER_HUB
-    manifest_limit: int = 4 * 1024 * 1024
 
 
 class _Miss(Exception):
@@ -92,15 +91,28 @@ def _common_headers(digest: Digest, length: int, content_type: str) -> dict[str,
     }
 
 
-async def _closing(first: bytes | None, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Yield a pre-read first chunk then the rest, closing ``body`` however streaming ends."""
-    try:
-        if first:
-            yield first
-        async for chunk in body:
-            yield chunk
-    finally:
-        await _aclose(body)
+class _BodyResponse(StreamingResponse):
+    """Streams a pre-read first chunk, then ``body``; closes ``body`` however the
+    response ends, even before its first chunk was asked for (the client left while
+    the headers were sent), since a fallback's body may hold a peer's connection."""
+
+    def __init__(self, first: bytes | None, body: AsyncIterator[bytes], *, status_code: int,
+                 headers: dict[str, str]) -> None:
+        super().__init__(_prefixed(first, body), status_code=status_code, headers=headers)
+        self._body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await _aclose(self._body)
+
+
+async def _prefixed(first: bytes | None, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in body:
+        yield chunk
 
 
 async def _aclose(body: AsyncIterator[bytes] | None) -> None:
@@ -210,18 +222,18 @@ class RegistryApp:
                 assert path.tag is not None
                 digest = await self.store.resolve(registry, path.repository, path.tag)
             info = await self.store.stat(digest)
-            if info.size > self.options.manifest_limit:
+            if info.size > MAX_MANIFEST_SIZE:
                 raise _Miss(f"{digest} is {info.size} bytes, too large for a manifest")
             media_type = info.media_type
             if media_type is not None and not mediatypes.is_manifest_like(media_type):
                 raise _Miss(f"{digest} is a {media_type}, not a manifest")
             data: bytes | None = None
             if want_body or media_type is None:
-                data = await self.store.read_all(digest, self.options.manifest_limit)
+                data = await self.store.read_all(digest, MAX_MANIFEST_SIZE)
                 if len(data) != info.size:
                     raise _Miss(f"{digest}: store returned {len(data)} of {info.size} bytes")
                 # Only ever serve a document that really is a manifest or index.
-                parsed = parse_manifest(data, media_type, max_size=self.options.manifest_limit)
+                parsed = parse_manifest(data, media_type, max_size=MAX_MANIFEST_SIZE)
                 media_type = media_type or parsed.media_type
             return info, media_type, data
         except ManifestError as err:
@@ -249,33 +261,52 @@ class RegistryApp:
                                  head: bool) -> Response:
         unknown = RegistryError("MANIFEST_UNKNOWN", detail={
             "name": path.repository, "reference": path.reference, "registry": registry})
+
+        def describe(content: FallbackContent) -> tuple[int, dict[str, str]]:
+            if content.media_type is None or not mediatypes.is_manifest_like(content.media_type):
+                self.logger.warning("fallback returned a manifest without a manifest media type",
+                                    extra={"fields": {"media_type": content.media_type}})
+                raise unknown
+            return 200, _common_headers(content.digest, content.size, content.media_type)
+
+        return await self._from_fallback(
+            request, head, "manifest", unknown, describe,
+            lambda fallback: fallback.open_manifest(
+                registry, path.repository, path.reference, not head))
+
+    async def _from_fallback(
+            self, request: Request, head: bool, kind: str, unknown: RegistryError,
+            describe: Callable[[FallbackContent], tuple[int, dict[str, str]]],
+            ask: Callable[[Fallback], Awaitable[FallbackContent | None]]) -> Response:
+        """Serve a local miss from the fallback, or raise ``unknown`` (a 404).
+
+        ``ask`` asks the fallback; ``describe`` gives the status and headers for
+        what it found, or raises to refuse it (its body is closed then).
+        """
         if self.fallback is None:
             raise unknown
         try:
-            content = await _unless_client_leaves(request.receive, self.fallback.open_manifest(
-                registry, path.repository, path.reference, not head))
+            content = await _unless_client_leaves(request.receive, ask(self.fallback))
         except _ClientLeft:
-            self.logger.info("client left while the fallback looked for a manifest")
+            self.logger.info("client left while the fallback looked for a %s", kind)
             raise unknown from None
         except Exception:
-            self.logger.warning("fallback failed on a manifest; answering 404", exc_info=True)
+            self.logger.warning("fallback failed on a %s; answering 404", kind, exc_info=True)
             raise unknown from None
         if content is None:
             raise unknown
-        if not mediatypes.is_manifest_like(content.media_type):
-            self.logger.warning("fallback returned a manifest without a manifest media type",
-                                extra={"fields": {"media_type": content.media_type}})
+        try:
+            status, headers = describe(content)
+        except BaseException:
             await _aclose(content.body)
-            raise unknown
-        assert content.media_type is not None
+            raise
         request.scope[SCOPE_SOURCE] = "fallback"
-        headers = _common_headers(content.digest, content.size, content.media_type)
         if head or content.body is None:
             await _aclose(content.body)
             if not head:
                 raise unknown
             return Response(b"", headers=headers)
-        return StreamingResponse(_closing(None, content.body), headers=headers)
+        return _BodyResponse(None, content.body, status_code=status, headers=headers)
 
     def _blob_range(self, request: Request, digest: Digest, head: bool) -> RangeSpec | None:
         """The client's range, or None when Range does not apply (HEAD, If-Range mismatch)."""
@@ -336,7 +367,7 @@ class RegistryApp:
                                                malformed)
         request.scope[SCOPE_SOURCE] = "local"
         status = 200 if selected is None else 206
-        return StreamingResponse(_closing(first, body), status_code=status, headers=headers)
+        return _BodyResponse(first, body, status_code=status, headers=headers)
 
     @staticmethod
     def _resolve(spec: RangeSpec | None, size: int) -> ByteRange | None:
@@ -361,38 +392,18 @@ class RegistryApp:
     async def _fallback_blob(self, request: Request, registry: str, path: V2Path,
                              digest: Digest, spec: RangeSpec | None, head: bool,
                              malformed: RegistryError | None = None) -> Response:
-        unknown = RegistryError("BLOB_UNKNOWN", detail={"digest": str(digest)})
         if malformed is not None:
             raise malformed
-        if self.fallback is None:
-            raise unknown
-        content: FallbackContent | None
-        try:
-            content = await _unless_client_leaves(request.receive, self.fallback.open_blob(
-                registry, path.repository, digest, spec, not head))
-        except _ClientLeft:
-            self.logger.info("client left while the fallback fetched a blob")
-            raise unknown from None
-        except Exception:
-            self.logger.warning("fallback failed on a blob; answering 404", exc_info=True)
-            raise unknown from None
-        if content is None:
-            raise unknown
-        try:
+
+        def describe(content: FallbackContent) -> tuple[int, dict[str, str]]:
             selected = self._resolve(spec, content.size)
-        except RegistryError:
-            await _aclose(content.body)
-            raise
-        request.scope[SCOPE_SOURCE] = "fallback"
-        headers = self._blob_headers(digest, content.size, selected)
-        if head or content.body is None:
-            await _aclose(content.body)
-            if not head:
-                raise unknown
-            return Response(b"", headers=headers)
-        status = 200 if selected is None else 206
-        return StreamingResponse(_closing(None, content.body), status_code=status,
-                                 headers=headers)
+            return (200 if selected is None else 206,
+                    self._blob_headers(digest, content.size, selected))
+
+        return await self._from_fallback(
+            request, head, "blob", RegistryError("BLOB_UNKNOWN", detail={"digest": str(digest)}),
+            describe,
+            lambda fallback: fallback.open_blob(registry, path.repository, digest, spec, not head))
 
 
 class _AnyMethod:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from meshmirror.oci.digest import Digest
+from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 
 
 class NotFoundError(LookupError):
@@ -159,7 +160,7 @@ class Store(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release connections and end every subscription."""
 
-    async def read_all(self, digest: Digest, limit: int = 4 * 1024 * 1024) -> bytes:
+    async def read_all(self, digest: Digest, limit: int = MAX_MANIFEST_SIZE) -> bytes:
         """Read a small blob (a manifest, an index) whole; refuses anything over ``limit``."""
         info = await self.stat(digest)
         if info.size > limit:

@@ -106,10 +106,11 @@ async def test_client_leaving_mid_spool_frees_the_peer_threads_and_spool(
         assert time.monotonic() - started < 3.0
         assert registry.get_sample_value("meshmirror_mirror_spool_bytes") == 0
         for _ in range(200):  # up to 2 s
-            if not mirror._pumps:
+            if mirror.client.pumps_running == 0:
                 break
             await asyncio.sleep(0.01)
-        assert not mirror._pumps, "body threads must return"
+        assert mirror.client.pumps_running == 0, "body threads must return"
+        assert router.in_flight(stalled_peer.name) == 0, "the peer is no longer busy"
         await asyncio.wait_for(stalled_peer.behaviour.client_gone.wait(), 2.0)
         mirror.close()
 

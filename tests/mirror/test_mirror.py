@@ -6,8 +6,9 @@ import asyncio
 import gc
 import os
 import re
+import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol, TypedDict, Unpack
 
@@ -16,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meshmirror.mirror.errors import VerificationError
+from meshmirror.mirror.fetch import StreamBody
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.peer_mirror import PeerMirror
@@ -282,6 +284,11 @@ async def test_unmirrored_registry_is_a_miss(
     assert not peer.behaviour.requests
 
 
+def idle(mirror: PeerMirror) -> Callable[[], bool]:
+    """Whether no body of ``mirror``'s is being read on body threads."""
+    return lambda: mirror.client.pumps_running == 0
+
+
 async def wait_for(condition: Callable[[], bool], within: float) -> bool:
     deadline = time.monotonic() + within
     while not condition():
@@ -306,8 +313,8 @@ async def test_large_blob_resumes_with_or_without_body_threads(
         content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
         assert content is not None
         assert await read(content.body) == LARGE
-    assert bool(mirror._body_executor._threads) == bool(threads), "read on body threads"
-    assert await wait_for(lambda: not mirror._pumps, 2.0), "every body thread has finished"
+    assert bool(mirror.client.pumps_started) == bool(threads), "read on body threads"
+    assert await wait_for(idle(mirror), 2.0), "every body thread has finished"
     mirror.close()
 
 
@@ -331,6 +338,7 @@ async def test_stalled_peer_is_abandoned_and_the_next_resumes(
 async def test_client_going_away_stops_the_body_thread_and_closes_the_peer(
     make_peer: MakePeer, session: aiohttp.ClientSession
 ) -> None:
+    threads_before = set(threading.enumerate())
     stalled = await make_peer("stalled", stall_after=1024 * 1024 + 3)
     # A long stall bound: only the cancellation may end the blocked read. Streamed
     # (no spool), so the client has a body to walk away from mid-stream.
@@ -338,16 +346,17 @@ async def test_client_going_away_stops_the_body_thread_and_closes_the_peer(
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
     assert content is not None and content.body is not None
     body = content.body
-    assert isinstance(body, AsyncGenerator), "a streamed body can be closed early"
+    assert isinstance(body, StreamBody), "a streamed body can be closed early"
     assert len(await anext(body)) > 0
-    await wait_for(lambda: bool(mirror._pumps), 1.0)
+    await wait_for(lambda: mirror.client.pumps_running > 0, 1.0)
     started = time.monotonic()
     await body.aclose()
-    assert await wait_for(lambda: not mirror._pumps, 2.0), "body threads must return"
+    assert await wait_for(idle(mirror), 2.0), "body threads must return"
     assert await wait_for(stalled.behaviour.client_gone.is_set, 2.0), "peer socket closed"
     assert time.monotonic() - started < 2.0
-    threads = list(mirror._body_executor._threads)
-    assert threads and all(t.name.startswith("meshmirror-peer-body") for t in threads)
+    threads = [t for t in threading.enumerate()
+               if t not in threads_before and t.name.startswith("meshmirror-peer-body")]
+    assert threads, "the body was read on the mirror's named body threads"
     mirror.close()
     assert await wait_for(lambda: not any(t.is_alive() for t in threads), 2.0)
 
@@ -429,7 +438,7 @@ async def test_unsent_spool_is_released_when_dropped(
     assert content is not None
     assert metric(registry, "meshmirror_mirror_spool_bytes") == len(LARGE)
     del content
-    assert await wait_for(lambda: not mirror._pumps, 2.0), "body threads must return"
+    assert await wait_for(idle(mirror), 2.0), "body threads must return"
     gc.collect()
     assert metric(registry, "meshmirror_mirror_spool_bytes") == 0
     mirror.close()
@@ -450,7 +459,7 @@ async def test_spool_write_failure_is_a_miss_not_a_peer_fault(
     assert await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True) is None
     assert len(peer.behaviour.requests) + len(other.behaviour.requests) == 1, "no peer blamed"
     assert metric(registry, "meshmirror_mirror_spool_bytes") == 0
-    assert await wait_for(lambda: not mirror._pumps, 2.0), "body threads must return"
+    assert await wait_for(idle(mirror), 2.0), "body threads must return"
     mirror.close()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -9,12 +11,15 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message
 
 from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
+from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 from meshmirror.registry.app import RegistryOptions, create_app
+from meshmirror.registry.fallback import FallbackContent
 from meshmirror.registry.metrics import RegistryMetrics
+from meshmirror.registry.ranges import RangeSpec
 from tests.registry.asgi import call
 from tests.registry.fakes import FakeFallback, FakeStore, Image, add_image
 
@@ -146,9 +151,8 @@ async def test_layer_is_never_served_as_a_manifest(client: httpx.AsyncClient, im
 
 
 async def test_oversized_manifest_is_unknown(store: FakeStore) -> None:
-    big = store.add(b"{" + b" " * 2048 + b"}", mediatypes.OCI_MANIFEST)
-    app = create_app(store, options=RegistryOptions(manifest_limit=1024))
-    async with client_for(app) as c:
+    big = store.add(b"{" + b" " * MAX_MANIFEST_SIZE + b"}", mediatypes.OCI_MANIFEST)
+    async with client_for(create_app(store)) as c:
         r = await c.get(f"/v2/a/manifests/{big}")
         assert r.status_code == 404 and error_code(r) == "MANIFEST_UNKNOWN"
 
@@ -398,6 +402,58 @@ async def test_fallback_serves_local_misses(store: FakeStore, image: Image) -> N
         miss = await c.get("/v2/team/app/manifests/none?ns=quay.io")
         assert miss.status_code == 404 and error_code(miss) == "MANIFEST_UNKNOWN"
     assert fallback.closed == 3  # every body handed out was closed
+
+
+async def test_fallback_layer_is_never_served_as_a_manifest(store: FakeStore) -> None:
+    fallback = FakeFallback()
+    remote = add_image(fallback.store, "quay.io", "team/app", "v2")
+    async with client_for(create_app(store, fallback=fallback)) as c:
+        r = await c.get(f"/v2/team/app/manifests/{remote.layer}?ns=quay.io")
+        assert r.status_code == 404 and error_code(r) == "MANIFEST_UNKNOWN"
+        assert last_call(fallback)[0] == "manifest"
+
+
+async def test_fallback_body_is_closed_when_the_response_never_starts(store: FakeStore) -> None:
+    """The client is gone by the time the headers go out: the body was never iterated,
+    and must still be closed (a mirror's body holds a peer's connection)."""
+
+    class Body:
+        closed = False
+
+        def __aiter__(self) -> Body:
+            return self
+
+        async def __anext__(self) -> bytes:
+            return b"x"
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    body = Body()
+
+    class Found(FakeFallback):
+        async def open_blob(self, registry: str, repository: str, digest: Digest,
+                            byte_range: RangeSpec | None, want_body: bool
+                            ) -> FallbackContent | None:
+            return FallbackContent(digest, 1, None, body)
+
+    app = create_app(store, fallback=Found())
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+             "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": f"/v2/a/blobs/{Digest.of(b'x')}", "raw_path": b"", "query_string": b"",
+             "root_path": "", "headers": [], "client": ("127.0.0.9", 4242),
+             "server": ("127.0.0.1", 5000)}
+
+    async def receive() -> Message:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        raise OSError("the client is gone")
+
+    with contextlib.suppress(Exception):
+        await app(scope, receive, send)
+    assert body.closed
 
 
 async def test_failing_fallback_is_a_404(store: FakeStore) -> None:

@@ -1,0 +1,294 @@
+"""One blob request's journey across peers: opening, verifying, resuming, streaming.
+
+A blob is fetched from the best responsive candidate (hedged, see
+`PeerClient.open_hedged`). A peer that breaks mid-body is replaced by the next
+candidate, asked with ``Range: bytes=<reached>-``, and the hash carries on from
+there; a peer whose bytes do not verify is charged and the blob is read again
+from byte 0 on the next one. A client's own Range is served by hashing the blob
+from byte 0 (the skipped prefix is read and discarded), because a digest can
+only be checked over the whole blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import Protocol
+
+from meshmirror.mirror.client import PeerClient, PeerResponse
+from meshmirror.mirror.errors import PeerFailure, SinkFailure, VerificationError
+from meshmirror.mirror.options import MirrorOptions
+from meshmirror.oci.digest import Digest
+from meshmirror.routing.router import Peer, Router
+
+
+class Sink(Protocol):
+    """Where a blob is held until verified: a `MemorySink` or a `spool.SpoolFile`."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+class MemorySink:
+    """A small blob held whole in memory."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, chunk: bytes) -> None:
+        self.data += chunk
+
+    def reset(self) -> None:
+        self.data.clear()
+
+
+class StreamBody:
+    """A streamed blob body whose `aclose` releases its peer even if the body was
+    never iterated: an async generator that never started skips its own cleanup."""
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None], release: Callable[[], None]) -> None:
+        self._chunks = chunks
+        self._release = release
+
+    def __aiter__(self) -> StreamBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._chunks)
+
+    async def aclose(self) -> None:
+        try:
+            await self._chunks.aclose()
+        finally:
+            self._release()
+
+
+class BlobFetch:
+    """Fetches one blob from the peers the router names, verified against its digest.
+
+    It holds at most one open response at a time; `close` releases it and is
+    safe to call on any path, any number of times.
+    """
+
+    def __init__(
+        self,
+        client: PeerClient,
+        router: Router,
+        options: MirrorOptions,
+        registry: str,
+        path: str,
+        digest: Digest,
+    ) -> None:
+        self._client = client
+        self._router = router
+        self._options = options
+        self._registry = registry
+        self._path = path
+        self._digest = digest
+        self._tried: set[str] = set()
+        self._current: PeerResponse | None = None
+        self._size = 0
+
+    async def open(self) -> int | None:
+        """Open a response from the best responsive peer; the blob's size, or None for none."""
+        candidates = self._router.candidates(str(self._digest), limit=self._options.resolve_retries)
+        self._current = await self._open_from(0, candidates)
+        return None if self._current is None else self._size
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.release()
+            self._current = None
+
+    async def read_verified(self, sink: Sink, *, threads: bool) -> bool:
+        """Fill ``sink`` with the whole blob and verify it; on a mismatch, start again
+        from byte 0 on the next peer. False when no peer had good bytes."""
+        while self._current is not None:
+            hasher = self._digest.hasher()
+            sink.reset()
+            try:
+                async for _ in self._chunks(0, hasher.update, sink.write, threads=threads):
+                    pass
+            except PeerFailure:
+                self.close()
+                return False
+            if hasher.hexdigest() == self._digest.hex:
+                self._succeeded()
+                return True
+            if not await self._next_source(0, PeerFailure("digest_mismatch", str(self._digest))):
+                return False
+        return False
+
+    def stream(self, start: int, end: int) -> StreamBody:
+        """Bytes [start, end) of the blob, hashed from byte 0; the last chunk is held
+        back until the whole digest verifies. The stream owns this fetch from here on.
+        """
+        return StreamBody(self._stream(start, end), self.close)
+
+    async def _stream(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
+        """`stream`'s bytes.
+
+        Reading and hashing run on body threads (socket reads and hashlib release
+        the GIL) while the event loop forwards the previous chunk to the client, so
+        the loop, the bottleneck of a fast transfer, does nothing but write.
+        """
+        hasher = self._digest.hasher()
+        held: bytes | None = None
+        try:
+            async for position, chunk in self._chunks(0, hasher.update, threads=True):
+                lo, hi = max(start, position), min(end, position + len(chunk))
+                if lo >= hi:
+                    continue
+                whole = lo == position and hi == position + len(chunk)
+                piece = chunk if whole else chunk[lo - position : hi - position]
+                if held is not None:
+                    yield held
+                held = piece
+            if hasher.hexdigest() != self._digest.hex:
+                if self._current is not None:
+                    self._client.failed(
+                        self._current.peer, PeerFailure("digest_mismatch", str(self._digest))
+                    )
+                raise VerificationError(f"{self._digest} did not verify; aborting the response")
+            self._succeeded()
+            if held is not None:
+                yield held
+        finally:
+            self.close()
+
+    # -- sources -----------------------------------------------------------------
+
+    async def _open_from(self, offset: int, candidates: Sequence[Peer]) -> PeerResponse | None:
+        fresh = [peer for peer in candidates if peer.name not in self._tried]
+        opener = self._client.open_hedged(
+            fresh,
+            self._path,
+            self._registry,
+            offset=offset,
+            on_start=lambda peer: self._tried.add(peer.name),
+        )
+        try:
+            async for opened in opener:
+                try:
+                    self._check_headers(opened, offset)
+                except PeerFailure as failure:
+                    opened.release()
+                    self._client.failed(opened.peer, failure)
+                    continue
+                return opened
+        finally:
+            await opener.aclose()
+        return None
+
+    def _check_headers(self, opened: PeerResponse, offset: int) -> None:
+        headers = opened.response.headers
+        announced = headers.get("Docker-Content-Digest")
+        if announced is not None and announced != str(self._digest):
+            raise PeerFailure("digest_mismatch", f"announced {announced[:80]}")
+        if offset == 0:
+            length = opened.response.content_length
+            if length is None:
+                raise PeerFailure("bad_headers", "no Content-Length")
+            self._size = length
+            return
+        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers.get("Content-Range", ""))
+        if match is None or int(match.group(1)) != offset or int(match.group(3)) != self._size:
+            raise PeerFailure("bad_headers", f"Content-Range {headers.get('Content-Range')!r}")
+
+    async def _next_source(self, offset: int, failure: PeerFailure) -> bool:
+        """Replace the current peer after ``failure``; False when none is left."""
+        if self._current is not None:
+            self._client.failed(self._current.peer, failure)
+            self.close()
+        more = self._router.candidates(
+            str(self._digest), limit=self._options.resolve_retries + len(self._tried)
+        )
+        self._current = await self._open_from(offset, more)
+        return self._current is not None
+
+    def _succeeded(self) -> None:
+        if self._current is not None:
+            self._client.succeeded(self._current)
+            self.close()
+
+    # -- bytes -------------------------------------------------------------------
+
+    async def _chunks(
+        self,
+        offset: int,
+        consume: Callable[[bytes], None],
+        keep: Callable[[bytes], None] | None = None,
+        *,
+        threads: bool,
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """(position, chunk) pairs from ``offset`` to the end, failing over on breaks.
+
+        Every chunk is passed, in order, to ``keep`` (where the blob is held until
+        verified, if it is) and ``consume`` (hashing), and the generator ends only
+        once all are. With ``threads`` the body is read and consumed on body
+        threads (`PeerClient.pump`), so the event loop only forwards chunks;
+        otherwise, or without a free body thread, it is read here and consumed on
+        the default executor, overlapped with the next read.
+        """
+        off_loop = _keep_then(keep, consume)
+        position = offset
+        loop = asyncio.get_running_loop()
+        hashing: asyncio.Future[None] | None = None
+        pumped_from: PeerResponse | None = None
+        while position < self._size:
+            current = self._current
+            if current is None:
+                raise PeerFailure("exhausted", f"no peer left at byte {position}")
+            pumped: AsyncGenerator[bytes, None] | None = None
+            if threads and pumped_from is not current:
+                pumped_from = current  # once per source: a refusal means read it here
+                if hashing is not None:
+                    await hashing  # the thread must carry on from a complete hash
+                    hashing = None
+                pumped = self._client.pump(current, self._size - position, consume, keep)
+            try:
+                if pumped is not None:
+                    try:
+                        async for chunk in pumped:
+                            yield position, chunk
+                            position += len(chunk)
+                    finally:
+                        await pumped.aclose()
+                    continue
+                size = min(self._options.chunk_size, self._size - position)
+                chunk = await self._client.read_chunk(current, size)
+                if not chunk:
+                    raise PeerFailure("broken", "body ended")
+            except PeerFailure as err:
+                failure = PeerFailure(err.reason, f"at byte {position}: {err}")
+            else:
+                # Hashed overlapped with forwarding this chunk and reading the
+                # next; kept in order by awaiting the previous one first.
+                if hashing is not None:
+                    await hashing
+                hashing = loop.run_in_executor(None, off_loop, chunk)
+                yield position, chunk
+                position += len(chunk)
+                continue
+            if not await self._next_source(position, failure):
+                raise PeerFailure("exhausted", f"no peer left at byte {position}")
+        if hashing is not None:
+            await hashing
+
+
+def _keep_then(
+    keep: Callable[[bytes], None] | None, consume: Callable[[bytes], None]
+) -> Callable[[bytes], None]:
+    """One chunk's work off the loop: keep it, then hash it; a failure to keep it is ours."""
+
+    def both(chunk: bytes) -> None:
+        if keep is not None:
+            try:
+                keep(chunk)
+            except Exception as err:
+                raise SinkFailure.of(err) from err
+        consume(chunk)
+
+    return both
