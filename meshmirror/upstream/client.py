@@ -84,6 +84,8 @@ def _transport_failure(err: aiohttp.ClientError, what: str) -> Unreachable:
         return Unreachable(FailureKind.TLS, f"{what}: TLS: {err}")
     if isinstance(err, TimeoutError):  # aiohttp's connect and read timeouts are both
         return Unreachable(FailureKind.TIMEOUT, f"{what}: timed out ({err or 'connect'})")
+    if isinstance(err, aiohttp.ClientResponseError):  # not HTTP, or a redirect loop
+        return Unreachable(FailureKind.PROTOCOL, f"{what}: {type(err).__name__}: {err.message}")
     return Unreachable(FailureKind.CONNECTION, f"{what}: {type(err).__name__}: {err}")
 
 

@@ -152,6 +152,52 @@ class Blackhole:
         self.close()
 
 
+class RawReplyServer:
+    """Answers every connection with fixed bytes, then closes it: a server that is not HTTP."""
+
+    def __init__(self, data: bytes, host: str | None = None) -> None:
+        self.data = data
+        self.host = host or loopback_host()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind((self.host, 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.05)
+        self.port = int(self._sock.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            with conn:
+                conn.settimeout(1.0)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(self.data)
+                except OSError:
+                    pass
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def __enter__(self) -> RawReplyServer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
 def refused_url(host: str | None = None) -> str:
     """An http URL on which nothing listens: connecting is refused at once."""
     host = host or loopback_host()
