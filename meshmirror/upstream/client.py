@@ -30,7 +30,7 @@ from yarl import URL
 from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.reference import is_digest_reference, validate_repository, validate_tag
-from meshmirror.upstream.breaker import BreakerHealth, CircuitBreaker
+from meshmirror.upstream.breaker import BreakerHealth, BreakerState, CircuitBreaker
 from meshmirror.upstream.challenge import BearerChallenge, ChallengeError, parse_all
 from meshmirror.upstream.endpoints import EndpointError, UpstreamEndpoints
 from meshmirror.upstream.results import (
@@ -205,7 +205,10 @@ class UpstreamClient:
 
     def health(self, registry: str) -> BreakerHealth:
         """The breaker's view of one registry (closed for one never asked)."""
-        return self._breaker(registry).health()
+        breaker = self._breakers.get(registry)
+        if breaker is None:
+            return BreakerHealth(BreakerState.CLOSED, 0, None, None)
+        return breaker.health()
 
     def health_all(self) -> Mapping[str, BreakerHealth]:
         return {registry: b.health() for registry, b in self._breakers.items()}

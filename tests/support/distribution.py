@@ -13,6 +13,7 @@ and :class:`HtpasswdAuth` (answers ``401 Basic``: a private registry).
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import tempfile
 import urllib.error
@@ -26,6 +27,7 @@ import bcrypt
 
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
+from tests.support.tls import make_server_cert
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class DistributionRegistry:
     """``with DistributionRegistry() as reg:`` serves on ``reg.address`` until the block ends."""
 
     def __init__(self, host: str | None = None, port: int | None = None,
-                 auth: TokenAuth | HtpasswdAuth | None = None) -> None:
+                 auth: TokenAuth | HtpasswdAuth | None = None, tls: bool = False) -> None:
+        """``tls``: serve HTTPS with a fresh self-signed cert (``self.tls_cert``)."""
         self.host = host or loopback_host()
         self.port = port or free_port(self.host)
         self.dir = Path(tempfile.mkdtemp(prefix="distribution-"))
@@ -75,6 +78,7 @@ class DistributionRegistry:
         self.log = self.dir / "registry.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self.storage.mkdir()
+        self.tls_cert = make_server_cert(self.dir, self.host) if tls else None
         self.config.write_text(
             "version: 0.1\n"
             "log:\n  level: error\n  accesslog:\n    disabled: true\n"
@@ -83,6 +87,8 @@ class DistributionRegistry:
             "  delete:\n    enabled: true\n"
             "  maintenance:\n    uploadpurging:\n      enabled: false\n"
             f"http:\n  addr: {self.host}:{self.port}\n"
+            + (f"  tls:\n    certificate: {self.tls_cert.cert}\n"
+               f"    key: {self.tls_cert.key}\n" if self.tls_cert is not None else "")
             + (auth.config() if auth is not None else "")
         )
         self.auth = auth
@@ -93,12 +99,15 @@ class DistributionRegistry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{'https' if self.tls_cert is not None else 'http'}://{self.address}"
 
     def _answers(self) -> bool:
         """Up when /v2/ answers 200, or 401 when the registry has auth."""
+        context = (ssl.create_default_context(cafile=str(self.tls_cert.cert))
+                   if self.tls_cert is not None else None)
         try:
-            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as response:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1,
+                                        context=context) as response:
                 return bool(response.status == 200)
         except urllib.error.HTTPError as err:
             return self.auth is not None and err.code == 401

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from meshmirror.oci import mediatypes
 from meshmirror.oci.imagebuilder import BuiltImage
 from meshmirror.upstream import (
     AuthRequired,
+    BreakerState,
     FailureKind,
     NotFound,
     Private,
@@ -20,6 +22,7 @@ from meshmirror.upstream import (
     UpstreamClient,
     UpstreamEndpoints,
 )
+from tests.support.distribution import DistributionRegistry
 from tests.support.token_server import TokenServer
 from tests.upstream.conftest import (
     PRIVATE_REPO,
@@ -120,3 +123,19 @@ async def test_token_server_refusing_anonymous_means_auth_required(
     async with client_for(token_upstream) as client:
         result = await client.resolve_tag(token_upstream.name, PUBLIC_REPO, TAG)
     assert isinstance(result, AuthRequired) and "refused anonymous" in result.reason
+
+
+async def test_https_verifies_against_the_trust_store_it_is_given() -> None:
+    """By default the system store, which does not hold a self-signed cert: a TLS failure."""
+    with DistributionRegistry(tls=True) as registry:
+        assert registry.tls_cert is not None and registry.url.startswith("https://")
+        name = registry.address
+        async with UpstreamClient(UpstreamEndpoints(overrides={name: registry.url}),
+                                  failure_threshold=1) as client:
+            result = await client.resolve_tag(name, PUBLIC_REPO, TAG)
+            assert isinstance(result, Unreachable) and result.kind is FailureKind.TLS
+            assert client.health(name).state is BreakerState.OPEN
+        trusting = ssl.create_default_context(cafile=str(registry.tls_cert.cert))
+        async with UpstreamClient(UpstreamEndpoints(overrides={name: registry.url}),
+                                  ssl_context=trusting) as client:
+            assert await client.resolve_tag(name, PUBLIC_REPO, TAG) == NotFound()
