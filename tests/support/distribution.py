@@ -4,25 +4,72 @@ Used as the upstream that containerd falls back to, as the baseline in the
 registry benchmark, and as a push target for skopeo. Storage lives in a fresh
 temporary directory; the process runs in its own process group and is always
 stopped, with every wait bounded.
+
+Three kinds, by ``auth``: None (public, no auth), :class:`TokenAuth` (answers
+``401 Bearer`` as Docker Hub does; pair it with ``tests.support.token_server``)
+and :class:`HtpasswdAuth` (answers ``401 Basic``: a private registry).
 """
 
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import tempfile
+import urllib.error
 import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import bcrypt
+
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
+from tests.support.tls import make_server_cert
+
+
+@dataclass(frozen=True)
+class TokenAuth:
+    """``auth: token``: JWTs from ``realm``, signed by a key whose cert is in ``rootcertbundle``."""
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: Path
+
+    def config(self) -> str:
+        return ("auth:\n  token:\n"
+                f"    realm: {self.realm}\n    service: {self.service}\n"
+                f"    issuer: {self.issuer}\n    rootcertbundle: {self.rootcertbundle}\n")
+
+
+@dataclass(frozen=True)
+class HtpasswdAuth:
+    """``auth: htpasswd``: Basic credentials checked against bcrypt hashes in ``path``."""
+
+    path: Path
+    realm: str = "meshmirror-test"
+
+    @classmethod
+    def write(cls, path: Path, users: Mapping[str, str]) -> HtpasswdAuth:
+        """An htpasswd file for ``users`` (cost 4, the least bcrypt allows: tests, not secrets)."""
+        lines = (f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()}\n"
+                 for user, password in users.items())
+        path.write_text("".join(lines))
+        return cls(path)
+
+    def config(self) -> str:
+        return f"auth:\n  htpasswd:\n    realm: {self.realm}\n    path: {self.path}\n"
 
 
 class DistributionRegistry:
     """``with DistributionRegistry() as reg:`` serves on ``reg.address`` until the block ends."""
 
-    def __init__(self, host: str | None = None, port: int | None = None) -> None:
+    def __init__(self, host: str | None = None, port: int | None = None,
+                 auth: TokenAuth | HtpasswdAuth | None = None, tls: bool = False) -> None:
+        """``tls``: serve HTTPS with a fresh self-signed cert (``self.tls_cert``)."""
         self.host = host or loopback_host()
         self.port = port or free_port(self.host)
         self.dir = Path(tempfile.mkdtemp(prefix="distribution-"))
@@ -31,6 +78,7 @@ class DistributionRegistry:
         self.log = self.dir / "registry.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self.storage.mkdir()
+        self.tls_cert = make_server_cert(self.dir, self.host) if tls else None
         self.config.write_text(
             "version: 0.1\n"
             "log:\n  level: error\n  accesslog:\n    disabled: true\n"
@@ -39,7 +87,11 @@ class DistributionRegistry:
             "  delete:\n    enabled: true\n"
             "  maintenance:\n    uploadpurging:\n      enabled: false\n"
             f"http:\n  addr: {self.host}:{self.port}\n"
+            + (f"  tls:\n    certificate: {self.tls_cert.cert}\n"
+               f"    key: {self.tls_cert.key}\n" if self.tls_cert is not None else "")
+            + (auth.config() if auth is not None else "")
         )
+        self.auth = auth
 
     @property
     def address(self) -> str:
@@ -47,11 +99,18 @@ class DistributionRegistry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{'https' if self.tls_cert is not None else 'http'}://{self.address}"
 
     def _answers(self) -> bool:
-        with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as response:
-            return bool(response.status == 200)
+        """Up when /v2/ answers 200, or 401 when the registry has auth."""
+        context = (ssl.create_default_context(cafile=str(self.tls_cert.cert))
+                   if self.tls_cert is not None else None)
+        try:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1,
+                                        context=context) as response:
+                return bool(response.status == 200)
+        except urllib.error.HTTPError as err:
+            return self.auth is not None and err.code == 401
 
     def start(self, timeout: float = 15.0) -> DistributionRegistry:
         self._proc = spawn(["docker-registry", "serve", str(self.config)], self.log)

@@ -1,0 +1,208 @@
+"""Tiny HTTP servers that misbehave on purpose, for the upstream client's failure tests.
+
+:class:`ScriptedHTTPServer` answers each request with whatever a function returns
+(a 500, a garbage challenge, a token server's JSON) and records every request,
+so a test can assert that a call never reached the server. :class:`Blackhole`
+accepts TCP connections into its backlog and never answers: the client's
+connect succeeds and only its answer timeout can end the wait. Both run on a
+thread, so the test's event loop and a synchronous benchmark can share them.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from urllib.parse import parse_qs, urlsplit
+
+from tests.support.ports import free_port, loopback_host
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: Mapping[str, list[str]]
+    headers: Mapping[str, str]  # lower-case names
+
+    def param(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    # Content-Length to announce when it should differ from len(body) (a HEAD of a manifest).
+    length: int | None = None
+
+
+Responder = Callable[[Request], Reply]
+
+
+@dataclass
+class _Log:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    requests: list[Request] = field(default_factory=list)
+
+
+def _handler(respond: Responder, log: _Log) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as a registry's clients expect
+        # Headers and body leave in one segment: written apart, Nagle and the peer's
+        # delayed ACK add ~40 ms to every answer on loopback.
+        disable_nagle_algorithm = True
+        wbufsize = 64 * 1024
+
+        def _serve(self) -> None:
+            parts = urlsplit(self.path)
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            request = Request(self.command, parts.path, parse_qs(parts.query),
+                              {k.lower(): v for k, v in self.headers.items()})
+            with log.lock:
+                log.requests.append(request)
+            try:
+                reply = respond(request)
+            except Exception as err:  # a broken script answers 599 rather than hanging
+                reply = Reply(599, body=repr(err).encode())
+            self.send_response(reply.status)
+            for name, value in reply.headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length",
+                             str(reply.length if reply.length is not None else len(reply.body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(reply.body)
+
+        do_GET = do_HEAD = do_POST = _serve
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+class ScriptedHTTPServer:
+    """``with ScriptedHTTPServer(respond) as server:`` answers on ``server.url`` meanwhile."""
+
+    def __init__(self, respond: Responder, host: str | None = None,
+                 port: int | None = None) -> None:
+        self.host = host or loopback_host()
+        self.port = port or free_port(self.host)
+        self._log = _Log()
+        self._server = ThreadingHTTPServer((self.host, self.port), _handler(respond, self._log))
+        self._server.daemon_threads = True
+        # Keep-alive handler threads wait for the client's next request; don't join them.
+        self._server.block_on_close = False
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def requests(self) -> list[Request]:
+        with self._log.lock:
+            return list(self._log.requests)
+
+    def start(self) -> ScriptedHTTPServer:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(5)
+        self._server.server_close()
+
+    def __enter__(self) -> ScriptedHTTPServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Blackhole:
+    """A listening socket that never accepts: connects succeed, no byte ever comes back."""
+
+    def __init__(self, host: str | None = None) -> None:
+        self.host = host or loopback_host()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind((self.host, 0))
+        self._sock.listen(64)
+        self.port = int(self._sock.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Blackhole:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class RawReplyServer:
+    """Answers every connection with fixed bytes, then closes it: a server that is not HTTP."""
+
+    def __init__(self, data: bytes, host: str | None = None) -> None:
+        self.data = data
+        self.host = host or loopback_host()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind((self.host, 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.05)
+        self.port = int(self._sock.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            with conn:
+                conn.settimeout(1.0)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(self.data)
+                except OSError:
+                    pass
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def __enter__(self) -> RawReplyServer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def refused_url(host: str | None = None) -> str:
+    """An http URL on which nothing listens: connecting is refused at once."""
+    host = host or loopback_host()
+    return f"http://{host}:{free_port(host)}"
