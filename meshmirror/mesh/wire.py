@@ -36,7 +36,7 @@ import msgpack
 from meshmirror.mesh.compress import Decompressor, LZWError
 from meshmirror.mesh.compress import compress as lzw_compress
 from meshmirror.mesh.compress import decompress as lzw_decompress
-from meshmirror.mesh.config import META_MAX_SIZE
+from meshmirror.mesh.config import META_MAX_SIZE, NAME_MAX_SIZE
 from meshmirror.mesh.keyring import DecryptError, Keyring, encrypted_length
 from meshmirror.mesh.messages import (
     AckResp,
@@ -98,9 +98,6 @@ MAX_PACKET_DECOMPRESSED: Final = 1024 * 1024
 MAX_STREAM_OBJECT: Final = 64 * 1024
 """One msgpack value in a stream (a header, a node state, a ping): a node
 state is under 1.2 KiB even with the longest name and meta allowed."""
-MAX_NAME_BYTES: Final = 512
-"""A node name, in UTF-8. memberlist has no bound (Serf's optional check allows
-128 characters); names reach logs, events and the status page, so ours has one."""
 LABEL_MAX_SIZE: Final = 255
 # Compound and compress wrappers may nest; memberlist recurses without bound,
 # we stop at a depth no honest sender reaches.
@@ -208,8 +205,8 @@ def _node_name(m: dict[bytes, Any], key: bytes, *, required: bool = True) -> str
     a name into the member list that no JSON encoder accepts.
     """
     raw = _bytes(m, key)
-    if len(raw) > MAX_NAME_BYTES:
-        raise WireError("bad_name", f"{key.decode()} is {len(raw)} bytes, over {MAX_NAME_BYTES}")
+    if len(raw) > NAME_MAX_SIZE:
+        raise WireError("bad_name", f"{key.decode()} is {len(raw)} bytes, over {NAME_MAX_SIZE}")
     if required and not raw:
         raise WireError("bad_name", f"{key.decode()} is empty")
     try:
