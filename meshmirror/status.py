@@ -9,10 +9,11 @@ a node is in the mesh and which peers it could pull from.
 from __future__ import annotations
 
 import html
+import json
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from meshmirror import __version__
@@ -82,12 +83,17 @@ def _html(status: dict[str, Any]) -> str:
 
 
 def status_routes(store: Store, peering: Peering | None) -> list[BaseRoute]:
+    # Encoded with "replace": text that is not valid Unicode (a name taken from a
+    # command line or a peer) shows as "?" instead of failing the whole page.
     async def as_json(request: Request) -> Response:
-        return JSONResponse(await node_status(store, peering))
+        text = json.dumps(await node_status(store, peering), ensure_ascii=False,
+                          separators=(",", ":"))
+        return Response(text.encode("utf-8", "replace"), media_type="application/json")
 
     async def as_html(request: Request) -> Response:
         page = _html(await node_status(store, peering))
-        return HTMLResponse(f"<!doctype html><title>meshmirror</title>{page}")
+        return HTMLResponse(f"<!doctype html><title>meshmirror</title>{page}"
+                            .encode("utf-8", "replace"))
 
     return [Route("/status", as_json, methods=["GET", "HEAD"]),
             Route("/", as_html, methods=["GET", "HEAD"])]

@@ -90,58 +90,94 @@ def decompress(data: bytes, *, max_size: int) -> bytes:
     (Go reports ``io.ErrUnexpectedEOF``), or output beyond ``max_size`` bytes,
     which bounds decompression bombs.
     """
-    out = bytearray()
-    # Each table entry stores the full byte string it expands to; simpler and
-    # faster in Python than walking prefix chains.
-    entries: list[bytes | None] = [bytes((i,)) for i in range(256)] + [None, None]
-    width = _LIT_WIDTH + 1
-    hi = _EOF
-    overflow = 1 << width
-    last: bytes | None = None
-    bits = 0
-    nbits = 0
-    pos = 0
-    n = len(data)
-    while True:
-        while nbits < width:
-            if pos >= n:
-                raise LZWError("truncated LZW stream: no end code")
-            bits |= data[pos] << nbits
-            pos += 1
-            nbits += 8
-        code = bits & ((1 << width) - 1)
-        bits >>= width
-        nbits -= width
-        if code == _CLEAR:
-            width = _LIT_WIDTH + 1
-            hi = _EOF
-            overflow = 1 << width
-            last = None
-            del entries[_EOF + 1 :]
-            continue
-        if code == _EOF:
-            return bytes(out)
-        chunk: bytes | None
-        if code == hi and last is not None:
-            chunk = last + last[:1]  # the KwKwK case: code defined by this very use
-        elif code <= hi and code < len(entries):
-            chunk = entries[code]
-        else:
-            chunk = None
-        if chunk is None:
-            raise LZWError(f"invalid LZW code {code}")
-        if last is not None:
-            entries.append(last + chunk[:1])
-        out += chunk
-        if len(out) > max_size:
-            raise LZWError(f"decompressed size exceeds {max_size} bytes")
-        last = chunk
-        hi += 1
-        if hi >= overflow:
-            if width == _MAX_WIDTH:
-                # Table full: Go keeps decoding at 12 bits without new entries.
-                last = None
-                hi -= 1
-            else:
-                width += 1
+    decoder = Decompressor(max_size=max_size)
+    out = decoder.feed(data)
+    decoder.close()
+    return out
+
+
+class Decompressor:
+    """:func:`decompress` one piece at a time, for input that arrives over a stream.
+
+    Each :meth:`feed` costs time in proportion to the bytes it is given and
+    returns the output they complete, so a slow or huge compressed stream never
+    makes one call expensive. Bytes after the EOF code are ignored, as Go does.
+    """
+
+    def __init__(self, *, max_size: int) -> None:
+        self._max_size = max_size
+        self._produced = 0
+        # Each table entry stores the full byte string it expands to; simpler and
+        # faster in Python than walking prefix chains.
+        self._entries: list[bytes | None] = [bytes((i,)) for i in range(256)] + [None, None]
+        self._width = _LIT_WIDTH + 1
+        self._hi = _EOF
+        self._overflow = 1 << self._width
+        self._last: bytes | None = None
+        self._bits = 0
+        self._nbits = 0
+        self.finished = False
+        """The EOF code has been read: the compressed stream is complete."""
+
+    def feed(self, data: bytes) -> bytes:
+        if self.finished:
+            return b""
+        out = bytearray()
+        entries, width, hi, overflow = self._entries, self._width, self._hi, self._overflow
+        last, bits, nbits = self._last, self._bits, self._nbits
+        budget = self._max_size - self._produced
+        pos = 0
+        n = len(data)
+        while True:
+            while nbits < width and pos < n:
+                bits |= data[pos] << nbits
+                pos += 1
+                nbits += 8
+            if nbits < width:
+                break
+            code = bits & ((1 << width) - 1)
+            bits >>= width
+            nbits -= width
+            if code == _CLEAR:
+                width = _LIT_WIDTH + 1
+                hi = _EOF
                 overflow = 1 << width
+                last = None
+                del entries[_EOF + 1 :]
+                continue
+            if code == _EOF:
+                self.finished = True
+                break
+            chunk: bytes | None
+            if code == hi and last is not None:
+                chunk = last + last[:1]  # the KwKwK case: code defined by this very use
+            elif code <= hi and code < len(entries):
+                chunk = entries[code]
+            else:
+                chunk = None
+            if chunk is None:
+                raise LZWError(f"invalid LZW code {code}")
+            if last is not None:
+                entries.append(last + chunk[:1])
+            out += chunk
+            if len(out) > budget:
+                raise LZWError(f"decompressed size exceeds {self._max_size} bytes")
+            last = chunk
+            hi += 1
+            if hi >= overflow:
+                if width == _MAX_WIDTH:
+                    # Table full: Go keeps decoding at 12 bits without new entries.
+                    last = None
+                    hi -= 1
+                else:
+                    width += 1
+                    overflow = 1 << width
+        self._width, self._hi, self._overflow = width, hi, overflow
+        self._last, self._bits, self._nbits = last, bits, nbits
+        self._produced += len(out)
+        return bytes(out)
+
+    def close(self) -> None:
+        """No more input: raise unless the EOF code was read."""
+        if not self.finished:
+            raise LZWError("truncated LZW stream: no end code")

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 META_MAX_SIZE = 512
 """memberlist's MetaMaxSize: node metadata has to fit in one alive message in a UDP packet."""
 
+NAME_MAX_SIZE = 512
+"""Longest node name, in UTF-8 bytes. memberlist has no bound (Serf's optional
+check allows 128 characters); names reach logs, events and the status page, so
+ours has one, and peers' names longer than this are dropped at the wire."""
+
 
 @dataclass(frozen=True, slots=True)
 class MeshConfig:

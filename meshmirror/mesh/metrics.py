@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
     SummaryMetricFamily,
 )
@@ -25,7 +26,7 @@ from prometheus_client.samples import Sample
 
 from meshmirror.mesh.messages import NodeState
 from meshmirror.mesh.state import MeshStats
-from meshmirror.mesh.transport import MeshNode, TransportStats
+from meshmirror.mesh.transport import LOOP_LAG_BUCKETS, MeshNode, TransportStats
 
 _QUANTILES = (0.5, 0.9, 0.99)
 
@@ -73,8 +74,10 @@ def _families(stats: MeshStats | None, transport: TransportStats | None) -> Iter
                                   labels=["direction"])
     dropped = CounterMetricFamily(
         "meshmirror_mesh_dropped_packets",
-        "Input dropped instead of processed (malformed, truncated, unknown, replayed, "
-        "unauthenticated, ...), by reason", labels=["reason"])
+        "Packets, stream messages and push-pull node states dropped instead of processed, by "
+        "reason: malformed, truncated, unknown_type, replayed, decrypt_failed, bad_name, "
+        "bad_meta, bad_addr, too_large, too_many_nodes, timeout (a stream not complete "
+        "within tcp_timeout), tcp_rejected, ...", labels=["reason"])
     rtt = SummaryMetricFamily("meshmirror_mesh_probe_rtt_seconds",
                               "Round-trip time of successful probes (quantiles over recent "
                               "samples)")
@@ -92,6 +95,10 @@ def _families(stats: MeshStats | None, transport: TransportStats | None) -> Iter
                                      "Full-state push-pull exchanges")
     loop_lag = GaugeMetricFamily("meshmirror_mesh_loop_lag_max_seconds",
                                  "Worst lateness of the mesh event loop since start")
+    lag_histogram = HistogramMetricFamily(
+        "meshmirror_mesh_loop_lag_seconds",
+        "Lateness of the mesh event loop, sampled every 100 ms: what a probe waits before "
+        "this node can answer it")
 
     if stats is not None:
         for state in NodeState:
@@ -128,6 +135,13 @@ def _families(stats: MeshStats | None, transport: TransportStats | None) -> Iter
         streams.add_metric(["out"], transport.tcp_streams_opened)
         streams.add_metric(["in"], transport.tcp_streams_accepted)
         loop_lag.add_metric([], transport.loop_lag_max)
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip((*LOOP_LAG_BUCKETS, float("inf")), transport.loop_lag_counts,
+                                strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+        lag_histogram.add_metric([], buckets, transport.loop_lag_sum)
     reasons: dict[str, int] = {}
     for source in (stats.dropped if stats else {}, transport.dropped if transport else {}):
         for reason, value in source.items():
@@ -138,4 +152,5 @@ def _families(stats: MeshStats | None, transport: TransportStats | None) -> Iter
         dropped.add_metric([reason], value)
 
     yield from (members, messages, message_bytes, wire_bytes, packets, streams, dropped, rtt,
-                awareness, probes, suspicions, refutations, deaths, push_pulls, loop_lag)
+                awareness, probes, suspicions, refutations, deaths, push_pulls, loop_lag,
+                lag_histogram)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, cast
 
 from meshmirror.mesh.awareness import Awareness
-from meshmirror.mesh.config import META_MAX_SIZE, MeshConfig
+from meshmirror.mesh.config import META_MAX_SIZE, NAME_MAX_SIZE, MeshConfig
 from meshmirror.mesh.events import (
     Address,
     Delegate,
@@ -268,6 +268,13 @@ class Memberlist:
                  delegate: Delegate | None = None, codec: Codec | None = None) -> None:
         if not name:
             raise ValueError("mesh: node name must not be empty")
+        try:
+            name_size = len(name.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ValueError(f"mesh: node name {name!r} is not valid Unicode") from None
+        if name_size > NAME_MAX_SIZE:
+            raise ValueError(f"mesh: node name is {name_size} bytes in UTF-8, "
+                             f"the limit is {NAME_MAX_SIZE}")
         if not 0 < port <= 65535:
             raise ValueError(f"mesh: port must be 1-65535, got {port}")
         _check_meta(meta)

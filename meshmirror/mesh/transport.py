@@ -20,6 +20,7 @@ into the node through `meshmirror.peering`.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import random
@@ -55,7 +56,10 @@ MembershipEvent = MemberJoined | MemberUpdated | MemberLeft | UserMessage | Join
 
 # Bounds on inbound TCP so one slow or hostile peer cannot pin memory or tasks.
 MAX_INBOUND_STREAMS = 128
-STREAM_READ_CHUNK = 64 * 1024
+STREAM_READ_CHUNK = 8 * 1024
+"""Bytes parsed per step of a stream before the loop turns to other work: the
+costliest step (inflating LZW) takes about 3 ms for this much input."""
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class MeshError(RuntimeError):
@@ -80,9 +84,17 @@ class TransportStats:
     dropped: dict[str, int] = field(default_factory=dict)
     join_attempts: int = 0
     loop_lag_max: float = 0.0
+    loop_lag_counts: list[int] = field(default_factory=lambda: [0] * (len(LOOP_LAG_BUCKETS) + 1))
+    """Lag samples per bucket of ``LOOP_LAG_BUCKETS`` (last: above them all), not cumulative."""
+    loop_lag_sum: float = 0.0
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def observe_lag(self, lag: float) -> None:
+        self.loop_lag_max = max(self.loop_lag_max, lag)
+        self.loop_lag_sum += lag
+        self.loop_lag_counts[bisect.bisect_left(LOOP_LAG_BUCKETS, lag)] += 1
 
 
 class _UDP(asyncio.DatagramProtocol):
@@ -401,9 +413,15 @@ class MeshNode:
     def _label(self) -> bytes:
         return self.config.label.encode()
 
-    async def _read_message(self, reader: asyncio.StreamReader, deadline: float
-                            ) -> Message:
-        decoder = wire.StreamDecoder(self._keyring, self._label())
+    async def _read_message(self, reader: asyncio.StreamReader, deadline: float,
+                            decoder: wire.StreamDecoder) -> Message:
+        """One stream message, read and parsed a few kilobytes per loop step.
+
+        A hostile peer can send fast or slow, but each step parses at most
+        ``STREAM_READ_CHUNK`` bytes and then yields, even when more is already
+        buffered, so probes and gossip never wait behind a stream; the whole
+        read is bounded by ``deadline``.
+        """
         while True:
             remaining = deadline - self._now()
             if remaining <= 0:
@@ -415,6 +433,7 @@ class MeshNode:
             msg = decoder.feed(chunk)
             if msg is not None:
                 return msg
+            await asyncio.sleep(0)
 
     async def _on_connection(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
@@ -427,16 +446,23 @@ class MeshNode:
         stats.tcp_streams_accepted += 1
         peer = writer.get_extra_info("peername") or ("", 0)
         source: Address = (str(peer[0]), int(peer[1]))
+        decoder = wire.StreamDecoder(self._keyring, self._label())
         try:
             deadline = self._now() + self.config.tcp_timeout
             try:
-                msg = await self._read_message(reader, deadline)
+                msg = await self._read_message(reader, deadline, decoder)
+            except TimeoutError:
+                stats.drop("timeout")
+                return
             except wire.WireError as err:
                 stats.drop(err.reason)
                 if err.reason not in ("truncated",):
                     await self._write(writer, wire.encode_stream(
                         ErrResp(str(err)), keyring=self._keyring, label=self._label()))
                 return
+            finally:
+                for rejected in decoder.rejected:
+                    stats.drop(rejected.reason)
             core = self._core
             with self._core_lock:
                 reply = core.stream_received(msg, source, self._now())
@@ -472,7 +498,12 @@ class MeshNode:
                 effect.timeout)
             writer = conn
             await self._write(conn, effect.data)
-            reply = await self._read_message(reader, deadline)
+            decoder = wire.StreamDecoder(self._keyring, self._label())
+            try:
+                reply = await self._read_message(reader, deadline, decoder)
+            finally:
+                for rejected in decoder.rejected:
+                    stats.drop(rejected.reason)
         except wire.WireError as err:
             stats.drop(err.reason)
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
@@ -570,8 +601,7 @@ class MeshNode:
         while not self._stopping.is_set():
             before = self._now()
             await asyncio.sleep(0.1)
-            lag = self._now() - before - 0.1
-            self.transport_stats.loop_lag_max = max(self.transport_stats.loop_lag_max, lag)
+            self.transport_stats.observe_lag(max(0.0, self._now() - before - 0.1))
 
     def _begin_stop(self, leave: bool) -> None:
         self._spawn(self._shutdown(leave))

@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable, Generator
 from typing import Any, Final
 
 import msgpack
 
-from meshmirror.mesh.compress import LZWError
+from meshmirror.mesh.compress import Decompressor, LZWError
 from meshmirror.mesh.compress import compress as lzw_compress
 from meshmirror.mesh.compress import decompress as lzw_decompress
+from meshmirror.mesh.config import META_MAX_SIZE, NAME_MAX_SIZE
 from meshmirror.mesh.keyring import DecryptError, Keyring, encrypted_length
 from meshmirror.mesh.messages import (
     AckResp,
@@ -65,18 +67,37 @@ REASONS: Final = frozenset(
         "too_large",
         "malformed",
         "decompress_failed",
+        "too_many_nodes",
+        "bad_name",
+        "bad_meta",
+        "bad_addr",
     }
 )
 
-# memberlist's limits (net.go): anything beyond is refused before it is buffered.
+# Limits on what one stream may make us hold or parse; anything beyond is
+# refused as soon as it is declared or crosses the bound, before it is buffered.
 MAX_PUSH_STATE_BYTES: Final = 20 * 1024 * 1024
-MAX_PUSH_STATE_NODES: Final = 1024 * 1024
-MAX_USER_MSG_BYTES: Final = 20 * 1024 * 1024
+"""memberlist's maxPushStateBytes: the most a stream (sealed or plain) may carry."""
+MAX_STREAM_BYTES: Final = MAX_PUSH_STATE_BYTES
+MAX_PUSH_STATE_NODES: Final = 8192
+"""Node states one push-pull may declare. memberlist allows 1024*1024; a
+meshmirror mesh is one member per Kubernetes node, and Kubernetes supports
+5,000 nodes per cluster, so 8192 leaves room while bounding what one stream can
+make us parse and merge (a million would hold the mesh loop for seconds)."""
+MAX_USER_STATE_BYTES: Final = 4 * 1024 * 1024
+"""Push-pull user state (Serf's event and query clocks, recent events: kilobytes
+in practice). memberlist allows 20 MiB; with 128 inbound streams that would let
+one peer pin 2.5 GiB."""
+MAX_USER_MSG_BYTES: Final = 4 * 1024 * 1024
+"""A reliable user message over TCP, bounded like the user state."""
 MAX_DECOMPRESSED_BYTES: Final = 2 * MAX_PUSH_STATE_BYTES
+"""memberlist's maxDecompressedBytes: bounds LZW bombs in streams."""
 # A UDP datagram can never exceed 64 KiB, so neither can what it inflates to
 # in any legitimate sender; this bounds LZW bombs in packets.
 MAX_PACKET_DECOMPRESSED: Final = 1024 * 1024
-MAX_STREAM_BYTES: Final = MAX_PUSH_STATE_BYTES + MAX_DECOMPRESSED_BYTES
+MAX_STREAM_OBJECT: Final = 64 * 1024
+"""One msgpack value in a stream (a header, a node state, a ping): a node
+state is under 1.2 KiB even with the longest name and meta allowed."""
 LABEL_MAX_SIZE: Final = 255
 # Compound and compress wrappers may nest; memberlist recurses without bound,
 # we stop at a depth no honest sender reaches.
@@ -123,20 +144,14 @@ def _unpacker(limit: int) -> msgpack.Unpacker:
     )
 
 
-class _NeedMore(Exception):
-    """A stream message is not complete yet (internal to the stream parser)."""
-
-
-def _unpack_one(buf: bytes, offset: int, *, complete: bool) -> tuple[Any, int]:
-    """One msgpack object from ``buf[offset:]`` and the offset after it."""
+def _unpack_one(buf: bytes, offset: int) -> tuple[Any, int]:
+    """One msgpack object from ``buf[offset:]`` (a whole packet) and the offset after it."""
     unpacker = _unpacker(max(len(buf) - offset, 1))
     unpacker.feed(buf[offset:])
     try:
         obj = unpacker.unpack()
     except msgpack.OutOfData:
-        if complete:
-            raise WireError("truncated", "msgpack value cut short") from None
-        raise _NeedMore() from None
+        raise WireError("truncated", "msgpack value cut short") from None
     # msgpack reports bad input with a variety of exception types (FormatError,
     # StackError, ValueError for limits, TypeError for odd keys); all of them
     # mean the same thing here.
@@ -178,8 +193,41 @@ def _bytes(m: dict[bytes, Any], key: bytes) -> bytes:
     return v
 
 
-def _str(m: dict[bytes, Any], key: bytes) -> str:
-    return _bytes(m, key).decode("utf-8", "surrogateescape")
+def _text(m: dict[bytes, Any], key: bytes) -> str:
+    """Free text (an error message): shown to people, never an identity, so lossy is fine."""
+    return _bytes(m, key).decode("utf-8", "replace")
+
+
+def _node_name(m: dict[bytes, Any], key: bytes, *, required: bool = True) -> str:
+    """A node name: strict UTF-8 of bounded length, since names end up in JSON and logs.
+
+    Decoding leniently (``surrogateescape``) would let one spoofed packet put
+    a name into the member list that no JSON encoder accepts.
+    """
+    raw = _bytes(m, key)
+    if len(raw) > NAME_MAX_SIZE:
+        raise WireError("bad_name", f"{key.decode()} is {len(raw)} bytes, over {NAME_MAX_SIZE}")
+    if required and not raw:
+        raise WireError("bad_name", f"{key.decode()} is empty")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError("bad_name", f"{key.decode()} is not valid UTF-8") from None
+
+
+def _ip(m: dict[bytes, Any], key: bytes, *, required: bool = True) -> bytes:
+    """An IP address as Go's net.IP travels: 4 or 16 bytes (absent where optional)."""
+    raw = _bytes(m, key)
+    if len(raw) in (4, 16) or (not raw and not required):
+        return raw
+    raise WireError("bad_addr", f"{key.decode()} is {len(raw)} bytes, not an IPv4/IPv6 address")
+
+
+def _meta(m: dict[bytes, Any]) -> bytes:
+    raw = _bytes(m, b"Meta")
+    if len(raw) > META_MAX_SIZE:
+        raise WireError("bad_meta", f"Meta is {len(raw)} bytes, over {META_MAX_SIZE}")
+    return raw
 
 
 def _bool(m: dict[bytes, Any], key: bytes) -> bool:
@@ -309,50 +357,62 @@ def _decode_map(mtype: int, m: dict[bytes, Any]) -> Message:
     if mtype == MessageType.PING:
         return Ping(
             seq_no=_uint(m, b"SeqNo", 32),
-            node=_str(m, b"Node"),
-            source_addr=_bytes(m, b"SourceAddr"),
+            node=_node_name(m, b"Node", required=False),
+            source_addr=_ip(m, b"SourceAddr", required=False),
             source_port=_uint(m, b"SourcePort", 16),
-            source_node=_str(m, b"SourceNode"),
+            source_node=_node_name(m, b"SourceNode", required=False),
         )
     if mtype == MessageType.INDIRECT_PING:
         return IndirectPing(
             seq_no=_uint(m, b"SeqNo", 32),
-            target=_bytes(m, b"Target"),
+            target=_ip(m, b"Target"),
             port=_uint(m, b"Port", 16),
-            node=_str(m, b"Node"),
+            node=_node_name(m, b"Node", required=False),
             nack=_bool(m, b"Nack"),
-            source_addr=_bytes(m, b"SourceAddr"),
+            source_addr=_ip(m, b"SourceAddr", required=False),
             source_port=_uint(m, b"SourcePort", 16),
-            source_node=_str(m, b"SourceNode"),
+            source_node=_node_name(m, b"SourceNode", required=False),
         )
     if mtype == MessageType.ACK_RESP:
         return AckResp(seq_no=_uint(m, b"SeqNo", 32), payload=_bytes(m, b"Payload"))
     if mtype == MessageType.NACK_RESP:
         return NackResp(seq_no=_uint(m, b"SeqNo", 32))
     if mtype == MessageType.ERR:
-        return ErrResp(error=_str(m, b"Error"))
+        return ErrResp(error=_text(m, b"Error"))
     if mtype == MessageType.SUSPECT:
         return Suspect(
             incarnation=_uint(m, b"Incarnation", 32),
-            node=_str(m, b"Node"),
-            from_node=_str(m, b"From"),
+            node=_node_name(m, b"Node"),
+            from_node=_node_name(m, b"From", required=False),
         )
     if mtype == MessageType.ALIVE:
         return Alive(
             incarnation=_uint(m, b"Incarnation", 32),
-            node=_str(m, b"Node"),
-            addr=_bytes(m, b"Addr"),
+            node=_node_name(m, b"Node"),
+            addr=_ip(m, b"Addr"),
             port=_uint(m, b"Port", 16),
-            meta=_bytes(m, b"Meta"),
+            meta=_meta(m),
             vsn=_vsn(m),
         )
     if mtype == MessageType.DEAD:
         return Dead(
             incarnation=_uint(m, b"Incarnation", 32),
-            node=_str(m, b"Node"),
-            from_node=_str(m, b"From"),
+            node=_node_name(m, b"Node"),
+            from_node=_node_name(m, b"From", required=False),
         )
     raise WireError("unknown_type", f"message type {mtype}")
+
+
+def _push_node(m: dict[bytes, Any]) -> PushNodeState:
+    return PushNodeState(
+        name=_node_name(m, b"Name"),
+        addr=_ip(m, b"Addr"),
+        port=_uint(m, b"Port", 16),
+        meta=_meta(m),
+        incarnation=_uint(m, b"Incarnation", 32),
+        state=_state(m),
+        vsn=_vsn(m),
+    )
 
 
 _MAP_TYPES: Final = frozenset(
@@ -377,11 +437,10 @@ def decode(data: bytes) -> Message:
     if mtype == MessageType.USER:
         return User(payload=bytes(data[1:]))
     if mtype == MessageType.PUSH_PULL:
-        msg, _ = _parse_plain_stream(bytes(data), 0, complete=True)
-        return msg
+        return _parse_all(lambda inp: _plain(inp, []), bytes(data))
     if mtype not in _MAP_TYPES:
         raise WireError("unknown_type", f"message type {mtype}")
-    obj, _ = _unpack_one(bytes(data), 1, complete=True)
+    obj, _ = _unpack_one(bytes(data), 1)
     return _decode_map(mtype, _map(obj))
 
 
@@ -407,8 +466,8 @@ def compress_message(payload: bytes) -> bytes:
     return bytes((MessageType.COMPRESS,)) + _pack({"Algo": 0, "Buf": lzw_compress(payload)})
 
 
-def _decompress_body(data: bytes, offset: int, limit: int, *, complete: bool) -> tuple[bytes, int]:
-    obj, end = _unpack_one(data, offset, complete=complete)
+def _decompress_body(data: bytes, offset: int, limit: int) -> tuple[bytes, int]:
+    obj, end = _unpack_one(data, offset)
     m = _map(obj)
     algo = _int(m, b"Algo")
     if algo != 0:
@@ -534,7 +593,7 @@ def _unwrap(data: bytes, depth: int, out: list[Message], errors: list[WireError]
             errors.extend(failed)
         return
     if mtype == MessageType.COMPRESS:
-        plain, _ = _decompress_body(data, 1, MAX_PACKET_DECOMPRESSED, complete=True)
+        plain, _ = _decompress_body(data, 1, MAX_PACKET_DECOMPRESSED)
         _unwrap(plain, depth + 1, out, errors)
         return
     if mtype == MessageType.PUSH_PULL:
@@ -582,61 +641,289 @@ def encode_stream(
     return label_header(label) + body
 
 
-def _parse_plain_stream(data: bytes, offset: int, *, complete: bool) -> tuple[Message, int]:
-    """A stream message starting at ``data[offset]`` (its type byte)."""
-    if offset >= len(data):
-        if complete:
-            raise WireError("truncated", "missing message type byte")
-        raise _NeedMore()
-    mtype = data[offset]
-    pos = offset + 1
+# A stream is parsed by generators that ``yield`` whenever they need more
+# bytes: each reads its part of the message as straight-line code, and every
+# byte is looked at once, however the stream is split into reads.
+_Steps = Generator[None, None, Message]
+
+_FEED_SLICE: Final = 16 * 1024
+"""Input is handed to msgpack this much at a time, which bounds its buffer."""
+
+
+class _Input:
+    """Bytes arriving in pieces, read back as msgpack values or runs of raw bytes.
+
+    One ``msgpack.Unpacker`` holds what is not consumed yet, which never
+    exceeds :data:`MAX_STREAM_OBJECT` plus one slice: a value still incomplete
+    past that size is refused rather than waited for.
+    """
+
+    def __init__(self) -> None:
+        self._unpacker = msgpack.Unpacker(
+            raw=True,
+            strict_map_key=False,
+            use_list=True,
+            max_buffer_size=MAX_STREAM_OBJECT + _FEED_SLICE,
+            max_str_len=MAX_STREAM_OBJECT,
+            max_bin_len=MAX_STREAM_OBJECT,
+            max_array_len=MAX_STREAM_OBJECT,
+            max_map_len=1024,
+            max_ext_len=0,
+        )
+        self._fed = 0
+        self._consumed = 0
+        self.closed = False
+        """No more bytes will come: a read that runs short is a truncated message."""
+
+    def push(self, data: bytes | memoryview) -> None:
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull:
+            raise WireError("too_large", "stream value beyond its size limit") from None
+        self._fed += len(data)
+
+    def _starve(self, what: str) -> None:
+        if self.closed:
+            raise WireError("truncated", f"{what} cut short")
+
+    def value(self) -> Generator[None, None, Any]:
+        """The next msgpack value, once all of it has arrived."""
+        while True:
+            try:
+                obj = self._unpacker.unpack()
+            except msgpack.OutOfData:
+                if self._fed - self._consumed > MAX_STREAM_OBJECT:
+                    raise WireError("too_large",
+                                    f"msgpack value beyond {MAX_STREAM_OBJECT} bytes") from None
+                self._starve("msgpack value")
+                yield
+                continue
+            # msgpack reports bad input with a variety of exception types
+            # (FormatError, StackError, ValueError for limits, TypeError for odd
+            # keys); all of them mean the same thing here.
+            except Exception as err:
+                raise WireError("malformed", f"msgpack: {err}") from None
+            self._consumed = self._unpacker.tell()
+            return obj
+
+    def map_header(self) -> Generator[None, None, int]:
+        """The entry count of a msgpack map whose entries are read one by one after it."""
+        while True:
+            try:
+                count: int = self._unpacker.read_map_header()
+            except msgpack.OutOfData:
+                self._starve("msgpack map header")
+                yield
+                continue
+            except Exception as err:
+                raise WireError("malformed", f"msgpack: {err}") from None
+            self._consumed = self._unpacker.tell()
+            return count
+
+    def some(self, limit: int) -> Generator[None, None, bytes]:
+        """Between 1 and ``limit`` raw bytes: whatever has arrived, waiting for at least one."""
+        while True:
+            data: bytes = self._unpacker.read_bytes(limit)
+            if data:
+                self._consumed += len(data)
+                return data
+            self._starve("raw bytes")
+            yield
+
+    def exactly(self, size: int) -> Generator[None, None, bytes]:
+        """``size`` raw bytes; the caller has bounded ``size``."""
+        out = bytearray()
+        while len(out) < size:
+            out += yield from self.some(size - len(out))
+        return bytes(out)
+
+    def byte(self) -> Generator[None, None, int]:
+        return (yield from self.some(1))[0]
+
+
+class _Parser:
+    """Drives one parsing generator over input handed in pieces of any size."""
+
+    def __init__(self, steps: Callable[[_Input], _Steps]) -> None:
+        self._input = _Input()
+        self._steps = steps(self._input)
+        self._started = False
+        self.result: Message | None = None
+
+    def feed(self, data: bytes) -> Message | None:
+        """Parse ``data``; the message once complete (bytes after it are ignored)."""
+        if self.result is not None:
+            return None
+        if not self._started:
+            self._started = True
+            if self._advance():
+                return self.result
+        view = memoryview(data)
+        for start in range(0, len(view), _FEED_SLICE):
+            self._input.push(view[start : start + _FEED_SLICE])
+            if self._advance():
+                return self.result
+        return None
+
+    def close(self) -> Message:
+        """No more input: the message, or :class:`WireError` ``truncated``."""
+        if self.result is None:
+            self._input.closed = True
+            if not self._started:
+                self._started = True
+            if not self._advance():
+                raise WireError("truncated", "stream ended inside a message")
+        assert self.result is not None
+        return self.result
+
+    def _advance(self) -> bool:
+        try:
+            next(self._steps)
+        except StopIteration as done:
+            self.result = done.value
+            return True
+        return False
+
+
+def _parse_all(steps: Callable[[_Input], _Steps], data: bytes) -> Message:
+    """Run ``steps`` over a complete buffer (decrypted or decompressed plaintext)."""
+    parser = _Parser(steps)
+    msg = parser.feed(data)
+    return msg if msg is not None else parser.close()
+
+
+def _stream(inp: _Input, keyring: Keyring | None, label: bytes,
+            rejected: list[WireError]) -> _Steps:
+    """A whole stream as memberlist's readStream reads it: label, encryption, body."""
+    mtype = yield from inp.byte()
+    got = b""
+    if mtype == MessageType.HAS_LABEL:
+        size = yield from inp.byte()
+        if size < 1:
+            raise WireError("bad_label", "label header present but empty")
+        got = yield from inp.exactly(size)
+        mtype = yield from inp.byte()
+    if got != label:
+        raise WireError("bad_label", f"label {got!r} where {label!r} is expected")
+    if mtype == MessageType.ENCRYPT:
+        if keyring is None:
+            raise WireError("decrypt_failed", "stream is encrypted, encryption is off")
+        size_bytes = yield from inp.exactly(4)
+        (size,) = _U32.unpack(size_bytes)
+        if size > MAX_PUSH_STATE_BYTES:
+            raise WireError("too_large", f"encrypted stream of {size} bytes")
+        sealed = yield from inp.exactly(size)
+        plain = _decrypt(keyring, sealed, bytes((MessageType.ENCRYPT,)) + size_bytes + label)
+        return _parse_all(lambda inner: _body(inner, rejected), plain)
+    if keyring is not None:
+        raise WireError("not_encrypted", "encryption is on but the stream is plain")
+    return (yield from _body(inp, rejected, mtype))
+
+
+def _body(inp: _Input, rejected: list[WireError], mtype: int | None = None) -> _Steps:
+    """One message, possibly inside a compress wrapper."""
+    if mtype is None:
+        mtype = yield from inp.byte()
+    if mtype == MessageType.COMPRESS:
+        return (yield from _compressed(inp, rejected))
+    return (yield from _plain(inp, rejected, mtype))
+
+
+_RAW_HEADERS: Final = {0xD9: 1, 0xDA: 2, 0xDB: 4, 0xC4: 1, 0xC5: 2, 0xC6: 4}
+"""msgpack str/bin type bytes and the width of the length that follows."""
+
+
+def _compressed(inp: _Input, rejected: list[WireError]) -> _Steps:
+    """memberlist's ``compress{Algo, Buf}``, inflated as ``Buf`` arrives, never buffered whole.
+
+    Decompressing a buffered ``Buf`` in one go would cost the loop a
+    second per few megabytes; inflating each piece as it comes keeps every
+    step proportional to the bytes just read.
+    """
+    entries = yield from inp.map_header()
+    if entries > 16:
+        raise WireError("malformed", f"compress wrapper with {entries} fields")
+    algo = 0
+    inflater = Decompressor(max_size=MAX_DECOMPRESSED_BYTES)
+    inner = _Parser(lambda plain: _plain(plain, rejected))
+    produced = 0
+    for _ in range(entries):
+        key = yield from inp.value()
+        if key != b"Buf":
+            value = yield from inp.value()
+            if key == b"Algo":
+                algo = _int({key: value}, key)
+                if algo != 0:
+                    raise WireError("decompress_failed", f"unknown compression algorithm {algo}")
+            continue
+        remaining = yield from _raw_length(inp)
+        if remaining > MAX_PUSH_STATE_BYTES:
+            raise WireError("too_large", f"compressed body of {remaining} bytes")
+        while remaining:
+            piece = yield from inp.some(min(remaining, _FEED_SLICE))
+            remaining -= len(piece)
+            try:
+                plain = inflater.feed(piece)
+            except LZWError as err:
+                reason = "too_large" if "exceeds" in str(err) else "decompress_failed"
+                raise WireError(reason, str(err)) from None
+            produced += len(plain)
+            inner.feed(plain)
+    try:
+        inflater.close()
+    except LZWError as err:
+        raise WireError("decompress_failed", str(err)) from None
+    if not produced:
+        raise WireError("decompress_failed", "decompressed message is empty")
+    return inner.close()
+
+
+def _raw_length(inp: _Input) -> Generator[None, None, int]:
+    """The length in a msgpack str/bin header; the bytes themselves are left to read."""
+    tag = yield from inp.byte()
+    if 0xA0 <= tag <= 0xBF:
+        return tag & 0x1F
+    width = _RAW_HEADERS.get(tag)
+    if width is None:
+        raise WireError("malformed", f"compress Buf is not a byte string (type 0x{tag:02x})")
+    return int.from_bytes((yield from inp.exactly(width)), "big")
+
+
+def _plain(inp: _Input, rejected: list[WireError], mtype: int | None = None) -> _Steps:
+    """A plain stream message: push-pull, user message, or one of the packet messages.
+
+    A node state whose fields are invalid (a name that is not UTF-8, an address
+    of the wrong length, oversized meta) is left out and appended to
+    ``rejected``; the rest of the push-pull still counts.
+    """
+    if mtype is None:
+        mtype = yield from inp.byte()
     if mtype == MessageType.PUSH_PULL:
-        obj, pos = _unpack_one(data, pos, complete=complete)
-        header = _map(obj)
+        header = _map((yield from inp.value()))
         count = _int(header, b"Nodes")
         user_len = _int(header, b"UserStateLen")
         if not 0 <= count <= MAX_PUSH_STATE_NODES:
-            raise WireError("too_large", f"push-pull claims {count} nodes")
-        if not 0 <= user_len <= MAX_PUSH_STATE_BYTES:
+            raise WireError("too_many_nodes",
+                            f"push-pull claims {count} nodes, the limit is {MAX_PUSH_STATE_NODES}")
+        if not 0 <= user_len <= MAX_USER_STATE_BYTES:
             raise WireError("too_large", f"push-pull user state of {user_len} bytes")
         nodes: list[PushNodeState] = []
         for _ in range(count):
-            obj, pos = _unpack_one(data, pos, complete=complete)
-            m = _map(obj)
-            vsn = _vsn(m)
-            nodes.append(
-                PushNodeState(
-                    name=_str(m, b"Name"),
-                    addr=_bytes(m, b"Addr"),
-                    port=_uint(m, b"Port", 16),
-                    meta=_bytes(m, b"Meta"),
-                    incarnation=_uint(m, b"Incarnation", 32),
-                    state=_state(m),
-                    vsn=vsn,
-                )
-            )
-        user_state = _take(data, pos, user_len, complete=complete)
-        return PushPull(join=_bool(header, b"Join"), nodes=tuple(nodes), user_state=user_state), (
-            pos + user_len
-        )
+            entry = _map((yield from inp.value()))
+            try:
+                nodes.append(_push_node(entry))
+            except WireError as err:
+                rejected.append(err)
+        user_state = yield from inp.exactly(user_len)
+        return PushPull(join=_bool(header, b"Join"), nodes=tuple(nodes), user_state=user_state)
     if mtype == MessageType.USER:
-        obj, pos = _unpack_one(data, pos, complete=complete)
-        size = _int(_map(obj), b"UserMsgLen")
+        size = _int(_map((yield from inp.value())), b"UserMsgLen")
         if not 0 <= size <= MAX_USER_MSG_BYTES:
             raise WireError("too_large", f"user message of {size} bytes")
-        return User(payload=_take(data, pos, size, complete=complete)), pos + size
+        return User(payload=(yield from inp.exactly(size)))
     if mtype in _MAP_TYPES:
-        obj, pos = _unpack_one(data, pos, complete=complete)
-        return _decode_map(mtype, _map(obj)), pos
+        return _decode_map(mtype, _map((yield from inp.value())))
     raise WireError("unknown_type", f"stream message type {mtype}")
-
-
-def _take(data: bytes, pos: int, size: int, *, complete: bool) -> bytes:
-    if len(data) < pos + size:
-        if complete:
-            raise WireError("truncated", f"want {size} bytes, have {len(data) - pos}")
-        raise _NeedMore()
-    return data[pos : pos + size]
 
 
 class StreamDecoder:
@@ -644,85 +931,43 @@ class StreamDecoder:
 
     ``feed`` returns ``None`` until the message is complete, then the message
     (and ``None`` again for anything fed afterwards: memberlist sends one
-    message per direction). It raises only :class:`WireError`, as soon as the
-    bytes so far cannot be a valid message or exceed ``max_size``.
+    message per direction). Every byte is parsed once, whatever the reads'
+    sizes, so the work of a call is proportional to the bytes it is given. It
+    raises only :class:`WireError`, as soon as the bytes so far cannot be a
+    valid message or break a limit: ``max_size`` bytes in all,
+    :data:`MAX_PUSH_STATE_NODES` node states, :data:`MAX_USER_STATE_BYTES`
+    of user state, :data:`MAX_STREAM_OBJECT` per msgpack value.
+
+    Push-pull node states that fail validation are left out of the message
+    and listed in ``rejected``, so the caller can count them.
     """
 
     def __init__(
         self, keyring: Keyring | None, label: bytes = b"", *, max_size: int = MAX_STREAM_BYTES
     ) -> None:
-        self._keyring = keyring
-        self._label = label
         self._max_size = max_size
-        self._buf = bytearray()
-        self._done = False
+        self._received = 0
+        self.rejected: list[WireError] = []
+        self._parser = _Parser(lambda inp: _stream(inp, keyring, label, self.rejected))
 
     @property
     def done(self) -> bool:
-        return self._done
+        return self._parser.result is not None
 
     @property
-    def buffered(self) -> int:
-        return len(self._buf)
+    def received(self) -> int:
+        """Bytes fed so far."""
+        return self._received
 
     def feed(self, data: bytes) -> Message | None:
-        if self._done:
+        if self.done:
             return None
-        self._buf += data
-        if len(self._buf) > self._max_size:
+        self._received += len(data)
+        if self._received > self._max_size:
             raise WireError("too_large", f"stream message beyond {self._max_size} bytes")
-        buf = bytes(self._buf)
-        try:
-            msg = self._parse(buf)
-        except _NeedMore:
-            return None
-        self._done = True
-        self._buf.clear()
-        return msg
+        return self._parser.feed(data)
 
     def eof(self) -> None:
         """The peer closed its side: raise unless a whole message was read."""
-        if not self._done:
-            raise WireError("truncated", f"stream closed after {len(self._buf)} bytes")
-
-    def _parse(self, buf: bytes) -> Message:
-        pos = self._parse_label(buf)
-        if pos >= len(buf):
-            raise _NeedMore()
-        if buf[pos] == MessageType.ENCRYPT:
-            if self._keyring is None:
-                raise WireError("decrypt_failed", "stream is encrypted, encryption is off")
-            if len(buf) < pos + 5:
-                raise _NeedMore()
-            (size,) = _U32.unpack_from(buf, pos + 1)
-            if size > MAX_PUSH_STATE_BYTES:
-                raise WireError("too_large", f"encrypted stream of {size} bytes")
-            if len(buf) < pos + 5 + size:
-                raise _NeedMore()
-            aad = buf[pos : pos + 5] + self._label
-            plain = _decrypt(self._keyring, buf[pos + 5 : pos + 5 + size], aad)
-            return self._parse_inner(plain, complete=True)
-        if self._keyring is not None:
-            raise WireError("not_encrypted", "encryption is on but the stream is plain")
-        return self._parse_inner(buf[pos:], complete=False)
-
-    def _parse_label(self, buf: bytes) -> int:
-        if not buf:
-            raise _NeedMore()
-        if buf[0] != MessageType.HAS_LABEL:
-            if self._label:
-                raise WireError("bad_label", "stream has no label, one is required")
-            return 0
-        if len(buf) < 2 or len(buf) < 2 + buf[1]:
-            raise _NeedMore()
-        _strip_label(buf[: 2 + buf[1]], self._label)
-        return 2 + buf[1]
-
-    def _parse_inner(self, data: bytes, *, complete: bool) -> Message:
-        if data and data[0] == MessageType.COMPRESS:
-            plain, _ = _decompress_body(data, 1, MAX_DECOMPRESSED_BYTES, complete=complete)
-            msg, _ = _parse_plain_stream(plain, 0, complete=True)
-            return msg
-        msg, _ = _parse_plain_stream(data, 0, complete=complete)
-        return msg
-
+        if not self.done:
+            raise WireError("truncated", f"stream closed after {self._received} bytes")

@@ -102,7 +102,7 @@ def test_decodes_go_encodings() -> None:
         (b"\x00\x81\xa5SeqNo\xa1x", "malformed"),  # SeqNo is a string
         (b"\x00\x81\xa5SeqNo\xcf\x00\x00\x00\x01\x00\x00\x00\x00", "malformed"),  # > uint32
         (b"\x0b\x81\xa5SeqNo\xff", "malformed"),  # negative
-        (b"\x01\x81\xa4Nack\x01", "malformed"),  # bool expected
+        (b"\x01\x82\xa6Target\xa4\x7f\0\0\1\xa4Nack\x01", "malformed"),  # bool expected
         (b"\x00\xc1", "malformed"),  # never-used msgpack byte
     ],
 )
@@ -315,7 +315,7 @@ def test_encrypted_stream_layout() -> None:
         (b"\x0a\x00\x00\x00\x05abcde", None, b"", "decrypt_failed"),
         (wire.encode_stream(PUSH, keyring=None), Keyring([KEY]), b"", "not_encrypted"),
         (b"\x0a\x7f\xff\xff\xff", Keyring([KEY]), b"", "too_large"),
-        (b"\x06\x81\xa5Nodes\xce\x7f\x00\x00\x00", None, b"", "too_large"),
+        (b"\x06\x81\xa5Nodes\xce\x7f\x00\x00\x00", None, b"", "too_many_nodes"),
         (b"\x08\x81\xaaUserMsgLen\xce\x7f\x00\x00\x00", None, b"", "too_large"),
         (wire.encode_stream(PUSH, keyring=None), None, b"x", "bad_label"),
         (wire.encode_stream(PUSH, keyring=None, label=b"y"), None, b"x", "bad_label"),
