@@ -21,6 +21,7 @@ import logging
 import random
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,10 @@ class TransportStats:
     dropped: dict[str, int] = field(default_factory=dict)
     join_attempts: int = 0
     loop_lag_max: float = 0.0
+    # Every lateness measured, for the loop-lag histogram (the collector takes the new ones).
+    loop_lag_count: int = 0
+    loop_lag_sum: float = 0.0
+    loop_lag_samples: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -567,7 +572,11 @@ class MeshNode:
             before = self._now()
             await asyncio.sleep(0.1)
             lag = self._now() - before - 0.1
-            self.transport_stats.loop_lag_max = max(self.transport_stats.loop_lag_max, lag)
+            stats = self.transport_stats
+            stats.loop_lag_max = max(stats.loop_lag_max, lag)
+            stats.loop_lag_samples.append(lag)
+            stats.loop_lag_sum += lag
+            stats.loop_lag_count += 1
 
     def _begin_stop(self, leave: bool) -> None:
         self._spawn(self._shutdown(leave))

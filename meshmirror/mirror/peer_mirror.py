@@ -49,7 +49,7 @@ from prometheus_client import CollectorRegistry
 from meshmirror.mirror.body import BodyPump, take_over
 from meshmirror.mirror.errors import PeerFailure, SinkFailure, VerificationError
 from meshmirror.mirror.marker import PEER_HEADER
-from meshmirror.mirror.metrics import MirrorMetrics
+from meshmirror.mirror.metrics import MirrorMetrics, finished
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.spool import SpoolBudget
 from meshmirror.oci.digest import Digest, DigestError
@@ -99,6 +99,13 @@ class PeerMirror:
         self._pumps: set[BodyPump] = set()
         self._spools = SpoolBudget(self._options.spool_dir, self._options.spool_limit)
         self._metrics.spool_bytes.set_function(lambda: self._spools.used)
+        for name in sorted(self._options.mirrored_registries):
+            self._metrics.init_registry(name)
+
+    @property
+    def metrics(self) -> MirrorMetrics:
+        """Its metrics; ``metrics.observers`` hear of every finished request."""
+        return self._metrics
 
     def close(self) -> None:
         """Stop every body thread (their sockets are shut so blocked reads return)."""
@@ -161,6 +168,8 @@ class PeerMirror:
         self, registry: str, repository: str, reference: str, want_body: bool
     ) -> FallbackContent | None:
         opts = self._options
+        started = self._clock()
+        path = f"/v2/{repository}/manifests/{reference}"
         expected: Digest | None = None
         if ":" in reference:
             try:
@@ -171,12 +180,11 @@ class PeerMirror:
         else:
             key = tag_key(registry, repository, reference)
             if not opts.resolve_tags or opts.filtered(key):
-                self._count(registry, "manifest", "filtered")
+                self._count(registry, "manifest", "filtered", path, started)
                 return None
         if not opts.mirrors(registry):
-            self._count(registry, "manifest", "not_mirrored")
+            self._count(registry, "manifest", "not_mirrored", path, started)
             return None
-        path = f"/v2/{repository}/manifests/{reference}"
         # HEAD is answered from a verified GET too: manifests are small and a tag's
         # digest is only as good as the body it came with.
         candidates = self._router.candidates(key, limit=opts.max_attempts)
@@ -193,11 +201,12 @@ class PeerMirror:
                 self._router.report(
                     opened.peer.name, ok=True, latency_s=self._clock() - opened.started
                 )
-                self._count(registry, "manifest", "hit")
+                self._count(registry, "manifest", "hit", path, started, opened.peer.name,
+                            content.size)
                 return content
         finally:
             await opener.aclose()
-        self._count(registry, "manifest", "miss")
+        self._count(registry, "manifest", "miss", path, started)
         return None
 
     async def open_blob(
@@ -208,19 +217,19 @@ class PeerMirror:
         byte_range: RangeSpec | None,
         want_body: bool,
     ) -> FallbackContent | None:
-        if not self._options.mirrors(registry):
-            self._count(registry, "blob", "not_mirrored")
-            return None
         path = f"/v2/{repository}/blobs/{digest}"
+        if not self._options.mirrors(registry):
+            self._count(registry, "blob", "not_mirrored", path, self._clock())
+            return None
         fetch = _BlobFetch(self, registry, path, digest)
         opened = await fetch.open_first()
         if opened is None:
-            self._count(registry, "blob", "miss")
+            self._count_blob(fetch, "miss")
             return None
         size = opened
         if not want_body:
             await fetch.close()
-            self._count(registry, "blob", "hit")
+            self._count_blob(fetch, "hit")
             return FallbackContent(digest, size, None, None)
         try:
             selected = byte_range.resolve(size) if byte_range is not None else None
@@ -249,7 +258,7 @@ class PeerMirror:
             self._metrics.blob_bodies.labels("spool").inc()
             return FallbackContent(
                 digest, size, None, spool.read(start, end, self._options.chunk_size))
-        self._count(registry, "blob", "hit")
+        self._count_blob(fetch, "hit")
         self._metrics.blob_bodies.labels("stream").inc()
         return FallbackContent(digest, size, None, fetch.stream(start, end))
 
@@ -263,13 +272,19 @@ class PeerMirror:
             await fetch.close()
             logger.warning("could not hold a blob until verified (%s); answering 404", err)
             verified = False
-        self._count(registry, "blob", "hit" if verified else "error")
+        self._count_blob(fetch, "hit" if verified else "error")
         return verified
 
     # -- shared plumbing ---------------------------------------------------------
 
-    def _count(self, registry: str, kind: str, result: str) -> None:
-        self._metrics.requests.labels(registry, kind, result).inc()
+    def _count(self, registry: str, kind: str, result: str, path: str, started: float,
+               peer: str | None = None, size: int | None = None) -> None:
+        self._metrics.record(finished(registry, kind, path, result, started=started,
+                                      clock=self._clock, peer=peer, size_bytes=size))
+
+    def _count_blob(self, fetch: _BlobFetch, result: str) -> None:
+        self._count(fetch._registry, "blob", result, fetch._path, fetch.started,
+                    fetch.last_peer, fetch._size if result == "hit" else None)
 
     def _fail(self, peer: Peer, failure: PeerFailure) -> None:
         self._metrics.peer_failures.labels(failure.reason).inc()
@@ -428,6 +443,9 @@ class _BlobFetch:
         self._registry = registry
         self._path = path
         self._digest = digest
+        # What the request's record says: when it began and who last answered.
+        self.started = mirror._clock()
+        self.last_peer: str | None = None
         key = str(digest)
         self._candidates = mirror._router.candidates(key, limit=mirror._options.max_attempts)
         self._tried: set[str] = set()
@@ -455,6 +473,7 @@ class _BlobFetch:
                     self._mirror._done(opened)
                     self._mirror._fail(opened.peer, failure)
                     continue
+                self.last_peer = opened.peer.name
                 return opened
         finally:
             await opener.aclose()
