@@ -28,6 +28,7 @@ _HANDLERS = {
     "cleanup": "meshmirror.containerd.hostsconfig:cleanup_command",
     "doctor": "meshmirror.containerd.doctor:doctor_command",
     "demo": "meshmirror.demo:demo_command",
+    "members": "meshmirror.members:members_command",
 }
 
 
@@ -128,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="total size of the demo image's layers")
     demo.add_argument("--no-wait", action="store_true",
                       help="exit after the pull instead of keeping the mesh up")
+    members = sub.add_parser("members", help="list the mesh members one node sees")
+    members.add_argument("--addr", default="127.0.0.1:9090", metavar="HOST:PORT",
+                         help="the node's metrics address (it serves /status)")
+    members.add_argument("--format", choices=["table", "json"], default="table")
+
     # Accept --log-level after the subcommand too (`meshmirror run --log-level debug`).
     for choice in sub.choices.values():
         choice.add_argument("--log-level", default=argparse.SUPPRESS,

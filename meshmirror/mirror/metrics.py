@@ -108,6 +108,8 @@ class MirrorMetrics:
             registry=registry,
         )
         self.observers: list[MirrorObserver] = []
+        # Where these live, so the node's other views can register beside them.
+        self.registry = registry
         for reason in FAILURE_REASONS:
             self.peer_failures.labels(reason)
         for mode in BODY_MODES:
