@@ -275,7 +275,7 @@ def _label_totals(metrics: dict[str, float], prefix: str, label: str) -> dict[st
 
 def mirror_results(metrics: dict[str, float]) -> str:
     """``hit 5, miss 6; peer failures: timeout 3``: what a node's mirror did with misses."""
-    results = _label_totals(metrics, "meshmirror_mirror_requests_total", "result")
+    results = _label_totals(metrics, "meshmirror_mirror_outcomes_total", "result")
     failures = _label_totals(metrics, "meshmirror_mirror_peer_failures_total", "reason")
     text = ", ".join(f"{k} {int(v)}" for k, v in sorted(results.items())) or "none"
     if failures:

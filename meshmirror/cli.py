@@ -259,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
           metavar="MIB", help="total size of the demo image's layers")
     demo.add_argument("--no-wait", action="store_true",
                       help="exit after the pull instead of keeping the mesh up")
+    members = sub.add_parser("members", help="list the mesh members one node sees")
+    members.add_argument("--addr", default="127.0.0.1:9090", metavar="HOST:PORT",
+                         help="the node's metrics address (it serves /status)")
+    members.add_argument("--format", choices=["table", "json"], default="table")
+
     # Accept --log-level after the subcommand too (`meshmirror run --log-level debug`).
     for choice in sub.choices.values():
         _add_log_level(choice, argparse.SUPPRESS)
@@ -443,6 +448,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return demo_command(DemoConfig(nodes=args.nodes, workdir=args.workdir,
                                        image_size_mib=args.image_size_mib,
                                        no_wait=args.no_wait))
+    if command == "members":
+        from meshmirror.members import members_command
+
+        return members_command(args.addr, args.format)
     if command == "import":
         from meshmirror.store.ocilayout import import_command
 

@@ -6,12 +6,17 @@ prometheus_client on the hot path. This collector turns both into metric
 families when Prometheus scrapes, from whatever thread serves ``/metrics``.
 The values are read without locks: they are ints and small dicts mutated in
 place by the mesh thread, so a scrape sees a slightly stale, never torn, value.
+
+Probe RTT and event-loop lag are histograms (aggregatable across nodes, alertable
+with ``histogram_quantile``), built here rather than in the core: the core keeps a
+count and a bounded deque of recent samples, and each scrape files the samples that
+arrived since the last one into cumulative buckets.
 """
 
 from __future__ import annotations
 
-import statistics
-from collections.abc import Iterable, Iterator
+import bisect
+from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -19,16 +24,53 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
-    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 
 from meshmirror.mesh.messages import NodeState
 from meshmirror.mesh.state import MeshStats
 from meshmirror.mesh.transport import LOOP_LAG_BUCKETS, MeshNode, TransportStats
 
-_QUANTILES = (0.5, 0.9, 0.99)
+_RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class SampleBuckets:
+    """A cumulative histogram fed from a producer's running count and recent samples.
+
+    The producer only appends to a bounded deque and bumps a count; ``update`` takes
+    the samples added since the previous call. If more arrived than the deque holds,
+    the missing ones are filed like the ones that are still there.
+    """
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self._counts = [0] * (len(self.bounds) + 1)
+        self._seen = 0
+
+    def update(self, count: int, recent: Sequence[float]) -> None:
+        if count < self._seen:  # a new producer (the core restarted): start over
+            self._counts = [0] * len(self._counts)
+            self._seen = 0
+        new = count - self._seen
+        self._seen = count
+        if new <= 0:
+            return
+        taken = list(recent)[-new:]
+        if not taken:
+            self._counts[-1] += new
+            return
+        for i in range(new):
+            self._counts[bisect.bisect_left(self.bounds, taken[i % len(taken)])] += 1
+
+    def family(self, name: str, documentation: str, total: float) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, documentation)
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, value in zip((*map(str, self.bounds), "+Inf"), self._counts, strict=True):
+            cumulative += value
+            buckets.append((bound, cumulative))
+        family.add_metric([], buckets, total)
+        return family
 
 
 class MeshCollector(Collector):
@@ -36,16 +78,40 @@ class MeshCollector(Collector):
 
     def __init__(self, node: MeshNode) -> None:
         self._node = node
+        self._rtt = SampleBuckets(_RTT_BUCKETS)
 
     def describe(self) -> Iterable[Metric]:
         # Families without samples: lets registration check for name clashes
         # without reading the live counters.
-        return list(_families(None, None))
+        return [*_families(None, None), *self._histograms(None, None)]
 
     def collect(self) -> Iterable[Metric]:
         core = self._node._core
-        return list(_families(core.stats if core is not None else None,
-                              self._node.transport_stats))
+        stats = core.stats if core is not None else None
+        transport = self._node.transport_stats
+        return [*_families(stats, transport), *self._histograms(stats, transport)]
+
+    def _histograms(self, stats: MeshStats | None, transport: TransportStats | None
+                    ) -> Iterator[Metric]:
+        rtt_doc = "Round-trip time of successful probes"
+        lag_doc = ("How late the mesh event loop woke from a 100 ms sleep: "
+                   "gossip timing needs this near 0")
+        if stats is None:
+            yield HistogramMetricFamily("meshmirror_mesh_probe_rtt_seconds", rtt_doc)
+        else:
+            self._rtt.update(stats.probe_rtt_count, stats.probe_rtt_samples)
+            yield self._rtt.family("meshmirror_mesh_probe_rtt_seconds", rtt_doc,
+                                   stats.probe_rtt_sum)
+        lag = HistogramMetricFamily("meshmirror_mesh_loop_lag_seconds", lag_doc)
+        if transport is not None:
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, count in zip((*map(str, LOOP_LAG_BUCKETS), "+Inf"),
+                                    transport.loop_lag_counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            lag.add_metric([], buckets, transport.loop_lag_sum)
+        yield lag
 
 
 def register_mesh_metrics(registry: CollectorRegistry, node: MeshNode) -> MeshCollector:
@@ -78,9 +144,6 @@ def _families(stats: MeshStats | None, transport: TransportStats | None) -> Iter
         "reason: malformed, truncated, unknown_type, replayed, decrypt_failed, bad_name, "
         "bad_meta, bad_addr, too_large, too_many_nodes, timeout (a stream not complete "
         "within tcp_timeout), tcp_rejected, ...", labels=["reason"])
-    rtt = SummaryMetricFamily("meshmirror_mesh_probe_rtt_seconds",
-                              "Round-trip time of successful probes (quantiles over recent "
-                              "samples)")
     awareness = GaugeMetricFamily(
         "meshmirror_mesh_awareness_score",
         "Lifeguard local health: 0 is healthy; each step stretches probe interval and timeout")
@@ -93,12 +156,6 @@ def _families(stats: MeshStats | None, transport: TransportStats | None) -> Iter
     deaths = CounterMetricFamily("meshmirror_mesh_deaths", "Members declared dead")
     push_pulls = CounterMetricFamily("meshmirror_mesh_push_pulls",
                                      "Full-state push-pull exchanges")
-    loop_lag = GaugeMetricFamily("meshmirror_mesh_loop_lag_max_seconds",
-                                 "Worst lateness of the mesh event loop since start")
-    lag_histogram = HistogramMetricFamily(
-        "meshmirror_mesh_loop_lag_seconds",
-        "Lateness of the mesh event loop, sampled every 100 ms: what a probe waits before "
-        "this node can answer it")
 
     if stats is not None:
         for state in NodeState:
@@ -108,13 +165,6 @@ def _families(stats: MeshStats | None, transport: TransportStats | None) -> Iter
                 messages.add_metric([kind, direction], value)
         for kind, value in sorted(stats.bytes_sent.items()):
             message_bytes.add_metric([kind, "out"], value)
-        samples = list(stats.probe_rtt_samples)
-        rtt.add_metric([], stats.probe_rtt_count, stats.probe_rtt_sum)
-        if len(samples) >= 2:
-            cuts = statistics.quantiles(samples, n=100, method="inclusive")
-            for q in _QUANTILES:
-                rtt.samples.append(Sample(rtt.name, {"quantile": str(q)},
-                                          cuts[round(q * 100) - 1]))
         awareness.add_metric([], stats.awareness)
         ok = stats.probes - stats.probe_failures
         probes.add_metric(["ok"], max(ok, 0))
@@ -134,14 +184,6 @@ def _families(stats: MeshStats | None, transport: TransportStats | None) -> Iter
         packets.add_metric(["in"], transport.udp_packets_received)
         streams.add_metric(["out"], transport.tcp_streams_opened)
         streams.add_metric(["in"], transport.tcp_streams_accepted)
-        loop_lag.add_metric([], transport.loop_lag_max)
-        cumulative = 0
-        buckets: list[tuple[str, float]] = []
-        for bound, count in zip((*LOOP_LAG_BUCKETS, float("inf")), transport.loop_lag_counts,
-                                strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-        lag_histogram.add_metric([], buckets, transport.loop_lag_sum)
     reasons: dict[str, int] = {}
     for source in (stats.dropped if stats else {}, transport.dropped if transport else {}):
         for reason, value in source.items():
@@ -151,6 +193,5 @@ def _families(stats: MeshStats | None, transport: TransportStats | None) -> Iter
     for reason, value in sorted(reasons.items()):
         dropped.add_metric([reason], value)
 
-    yield from (members, messages, message_bytes, wire_bytes, packets, streams, dropped, rtt,
-                awareness, probes, suspicions, refutations, deaths, push_pulls, loop_lag,
-                lag_histogram)
+    yield from (members, messages, message_bytes, wire_bytes, packets, streams, dropped,
+                awareness, probes, suspicions, refutations, deaths, push_pulls)

@@ -83,7 +83,6 @@ class TransportStats:
     tcp_errors: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     join_attempts: int = 0
-    loop_lag_max: float = 0.0
     loop_lag_counts: list[int] = field(default_factory=lambda: [0] * (len(LOOP_LAG_BUCKETS) + 1))
     """Lag samples per bucket of ``LOOP_LAG_BUCKETS`` (last: above them all), not cumulative."""
     loop_lag_sum: float = 0.0
@@ -92,7 +91,6 @@ class TransportStats:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
     def observe_lag(self, lag: float) -> None:
-        self.loop_lag_max = max(self.loop_lag_max, lag)
         self.loop_lag_sum += lag
         self.loop_lag_counts[bisect.bisect_left(LOOP_LAG_BUCKETS, lag)] += 1
 

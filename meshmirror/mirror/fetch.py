@@ -90,6 +90,8 @@ class BlobFetch:
         self._tried: set[str] = set()
         self._current: PeerResponse | None = None
         self._size = 0
+        # For the request's record: the last peer whose headers were good.
+        self.last_peer: str | None = None
 
     async def open(self) -> int | None:
         """Open a response from the best responsive peer; the blob's size, or None for none."""
@@ -177,6 +179,7 @@ class BlobFetch:
                     opened.release()
                     self._client.failed(opened.peer, failure)
                     continue
+                self.last_peer = opened.peer.name
                 return opened
         finally:
             await opener.aclose()

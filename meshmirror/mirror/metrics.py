@@ -1,18 +1,76 @@
-"""What the mirror counts, for operators: outcomes, peer failures, bytes and waits."""
+"""What the mirror counts, for operators: requests, outcomes, peer failures, bytes and waits.
+
+Two request counters on purpose: ``meshmirror_mirror_requests_total{registry,cache}``
+means what ``spegel_mirror_requests_total`` means (a dashboard written for Spegel
+reads it unchanged), while ``meshmirror_mirror_outcomes_total`` keeps the detail
+(manifest or blob; filtered, not mirrored, error) that says *why* a miss happened.
+
+Every finished request is also handed to ``observers`` as a `MirrorRequest`, so the
+status page can show the recent ones without the mirror knowing about it.
+"""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _FIRST_BYTE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
+# Outcome results that mean "the mirror tried its peers": Spegel's hit/miss.
+# ``filtered`` and ``not_mirrored`` never reached a peer, so they are no mirror request.
+_CACHE_OF_RESULT: Final = {"hit": "hit", "miss": "miss", "error": "miss"}
+
+KINDS: Final = ("manifest", "blob")
+RESULTS: Final = ("hit", "miss", "error", "filtered", "not_mirrored")
+# Every reason a PeerFailure is raised with (meshmirror/mirror/), so a failure panel
+# shows 0 for each rather than no series at all.
+FAILURE_REASONS: Final = (
+    "connect", "connect_timeout", "timeout", "not_found", "bad_status", "bad_headers",
+    "bad_digest_header", "digest_mismatch", "too_large", "broken", "stalled", "exhausted",
+)
+BODY_MODES: Final = ("memory", "spool", "stream")
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorRequest:
+    """One request the mirror answered (or gave up on), as the status page lists it."""
+
+    registry: str
+    kind: str
+    path: str
+    result: str
+    peer: str | None
+    size_bytes: int | None
+    # From the local miss to the mirror's answer (for a streamed blob: its first byte).
+    duration_seconds: float
+    finished_unix_seconds: float
+
+
+MirrorObserver = Callable[[MirrorRequest], None]
+
 
 class MirrorMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    """The mirror's metric families on a registry the node owns, plus request observers."""
+
+    def __init__(self, registry: CollectorRegistry, *, registries: tuple[str, ...] = ()) -> None:
         self.requests = Counter(
             "meshmirror_mirror_requests",
-            "Requests the local store missed, by outcome",
-            ["registry", "kind", "result"],
+            "Requests the mirror tried its peers for, by whether a peer served them "
+            "(as spegel_mirror_requests_total)",
+            ["registry", "cache"], registry=registry,
+        )
+        self.outcomes = Counter(
+            "meshmirror_mirror_outcomes",
+            "Requests the local store missed, by object kind and outcome",
+            ["registry", "kind", "result"], registry=registry,
+        )
+        self.last_success = Gauge(
+            "meshmirror_mirror_last_success_timestamp_seconds",
+            "Unix time a peer last served a mirror request (0: never since start)",
             registry=registry,
         )
         self.peer_bytes = Counter(
@@ -49,3 +107,39 @@ class MirrorMetrics:
             "Bytes of spool files held by requests in progress",
             registry=registry,
         )
+        self.observers: list[MirrorObserver] = []
+        # Where these live, so the node's other views can register beside them.
+        self.registry = registry
+        for reason in FAILURE_REASONS:
+            self.peer_failures.labels(reason)
+        for mode in BODY_MODES:
+            self.blob_bodies.labels(mode)
+        for name in registries:
+            self.init_registry(name)
+
+    def init_registry(self, registry: str) -> None:
+        """Create ``registry``'s request series at 0, so rates exist before the first miss."""
+        for cache in ("hit", "miss"):
+            self.requests.labels(registry, cache)
+        for kind in KINDS:
+            for result in RESULTS:
+                self.outcomes.labels(registry, kind, result)
+
+    def record(self, request: MirrorRequest) -> None:
+        """Count one finished request and tell the observers about it."""
+        self.outcomes.labels(request.registry, request.kind, request.result).inc()
+        cache = _CACHE_OF_RESULT.get(request.result)
+        if cache is not None:
+            self.requests.labels(request.registry, cache).inc()
+        if request.result == "hit":
+            self.last_success.set(request.finished_unix_seconds)
+        for observer in self.observers:
+            observer(request)
+
+
+def finished(registry: str, kind: str, path: str, result: str, *, started: float,
+             clock: Callable[[], float], peer: str | None = None,
+             size_bytes: int | None = None) -> MirrorRequest:
+    """A `MirrorRequest` ending now; ``started`` is a reading of ``clock``."""
+    return MirrorRequest(registry, kind, path, result, peer, size_bytes,
+                         max(0.0, clock() - started), time.time())

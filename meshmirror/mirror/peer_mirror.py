@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -30,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
 from meshmirror.mirror.fetch import BlobFetch, MemorySink, Sink
-from meshmirror.mirror.metrics import MirrorMetrics
+from meshmirror.mirror.metrics import MirrorMetrics, finished
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.spool import SpoolBudget
 from meshmirror.oci.digest import Digest, DigestError
@@ -59,9 +60,17 @@ class PeerMirror:
         self._router = router
         self._options = options or MirrorOptions()
         self._metrics = metrics or MirrorMetrics(CollectorRegistry())
+        self._clock = clock
         self.client = PeerClient(router, session, self._options, self._metrics, clock)
         self._spools = SpoolBudget(self._options.spool_dir, self._options.spool_limit)
         self._metrics.spool_bytes.set_function(lambda: self._spools.used)
+        for name in sorted(self._options.mirrored_registries):
+            self._metrics.init_registry(name)
+
+    @property
+    def metrics(self) -> MirrorMetrics:
+        """Its metrics; ``metrics.observers`` hear of every finished request."""
+        return self._metrics
 
     def close(self) -> None:
         self.client.close()
@@ -70,6 +79,8 @@ class PeerMirror:
         self, registry: str, repository: str, reference: str, want_body: bool
     ) -> FallbackContent | None:
         opts = self._options
+        started = self._clock()
+        path = f"/v2/{repository}/manifests/{reference}"
         expected: Digest | None = None
         if ":" in reference:
             try:
@@ -80,12 +91,11 @@ class PeerMirror:
         else:
             key = tag_key(registry, repository, reference)
             if not opts.resolve_tags or opts.filtered(key):
-                self._count(registry, "manifest", "filtered")
+                self._count(registry, "manifest", "filtered", path, started)
                 return None
         if not opts.mirrors(registry):
-            self._count(registry, "manifest", "not_mirrored")
+            self._count(registry, "manifest", "not_mirrored", path, started)
             return None
-        path = f"/v2/{repository}/manifests/{reference}"
         # HEAD is answered from a verified GET too: manifests are small and a tag's
         # digest is only as good as the body it came with.
         candidates = self._router.candidates(key, limit=opts.resolve_retries)
@@ -100,11 +110,12 @@ class PeerMirror:
                     self.client.failed(opened.peer, failure)
                     continue
                 self.client.succeeded(opened)
-                self._count(registry, "manifest", "hit")
+                self._count(registry, "manifest", "hit", path, started, opened.peer.name,
+                            content.size)
                 return content
         finally:
             await opener.aclose()
-        self._count(registry, "manifest", "miss")
+        self._count(registry, "manifest", "miss", path, started)
         return None
 
     async def _read_manifest(
@@ -133,17 +144,19 @@ class PeerMirror:
         byte_range: RangeSpec | None,
         want_body: bool,
     ) -> FallbackContent | None:
-        if not self._options.mirrors(registry):
-            self._count(registry, "blob", "not_mirrored")
-            return None
+        started = self._clock()
         path = f"/v2/{repository}/blobs/{digest}"
+        if not self._options.mirrors(registry):
+            self._count(registry, "blob", "not_mirrored", path, started)
+            return None
         fetch = BlobFetch(self.client, self._router, self._options, registry, path, digest)
         size = await fetch.open()
+        record = _BlobRecord(registry, path, started, size or 0, fetch)
         if size is None:
-            self._count(registry, "blob", "miss")
+            self._count_blob(record, "miss")
             return None
         try:
-            return await self._blob_body(fetch, registry, digest, size, byte_range, want_body)
+            return await self._blob_body(fetch, record, digest, size, byte_range, want_body)
         except BaseException:
             # Cancelled (the client left) or failed: the peer's response goes back.
             fetch.close()
@@ -152,7 +165,7 @@ class PeerMirror:
     async def _blob_body(
         self,
         fetch: BlobFetch,
-        registry: str,
+        record: _BlobRecord,
         digest: Digest,
         size: int,
         byte_range: RangeSpec | None,
@@ -161,7 +174,7 @@ class PeerMirror:
         """The blob's content, its body held or streamed by size; ``fetch`` is open."""
         if not want_body:
             fetch.close()
-            self._count(registry, "blob", "hit")
+            self._count_blob(record, "hit")
             return FallbackContent(digest, size, None, None)
         try:
             selected = byte_range.resolve(size) if byte_range is not None else None
@@ -172,7 +185,7 @@ class PeerMirror:
         end = size if selected is None else selected.offset + selected.length
         if size <= self._options.verify_before_send_limit:
             memory = MemorySink()
-            if not await self._verify(fetch, memory, registry, threads=False):
+            if not await self._verify(fetch, memory, record, threads=False):
                 return None
             self._metrics.blob_bodies.labels("memory").inc()
             body = bytes(memoryview(memory.data)[start:end])  # one copy, not two
@@ -180,7 +193,7 @@ class PeerMirror:
         spool = self._spools.reserve(size)
         if spool is not None:
             try:
-                verified = await self._verify(fetch, spool, registry, threads=True)
+                verified = await self._verify(fetch, spool, record, threads=True)
             except BaseException:
                 spool.release()
                 raise
@@ -191,11 +204,12 @@ class PeerMirror:
             return FallbackContent(
                 digest, size, None, spool.read(start, end, self._options.chunk_size)
             )
-        self._count(registry, "blob", "hit")
+        self._count_blob(record, "hit")
         self._metrics.blob_bodies.labels("stream").inc()
         return FallbackContent(digest, size, None, fetch.stream(start, end))
 
-    async def _verify(self, fetch: BlobFetch, sink: Sink, registry: str, *, threads: bool) -> bool:
+    async def _verify(self, fetch: BlobFetch, sink: Sink, record: _BlobRecord, *,
+                      threads: bool) -> bool:
         """Fill ``sink`` with the verified blob and count the request's outcome."""
         try:
             verified = await fetch.read_verified(sink, threads=threads)
@@ -203,11 +217,28 @@ class PeerMirror:
             fetch.close()
             logger.warning("could not hold a blob until verified (%s); answering 404", err)
             verified = False
-        self._count(registry, "blob", "hit" if verified else "error")
+        self._count_blob(record, "hit" if verified else "error")
         return verified
 
-    def _count(self, registry: str, kind: str, result: str) -> None:
-        self._metrics.requests.labels(registry, kind, result).inc()
+    def _count(self, registry: str, kind: str, result: str, path: str, started: float,
+               peer: str | None = None, size: int | None = None) -> None:
+        self._metrics.record(finished(registry, kind, path, result, started=started,
+                                      clock=self._clock, peer=peer, size_bytes=size))
+
+    def _count_blob(self, record: _BlobRecord, result: str) -> None:
+        self._count(record.registry, "blob", result, record.path, record.started,
+                    record.fetch.last_peer, record.size if result == "hit" else None)
+
+
+@dataclass(frozen=True, slots=True)
+class _BlobRecord:
+    """What a blob request's record says when it finishes: where, since when, from whom."""
+
+    registry: str
+    path: str
+    started: float
+    size: int
+    fetch: BlobFetch
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

@@ -5,7 +5,8 @@ when Starlette's error handler produced it, and counts body bytes as they are
 actually handed to the server (a client that disconnects mid-blob is logged
 with what it really got). Handlers annotate the scope with ``SCOPE_HANDLER``
 and ``SCOPE_SOURCE`` so the line says which endpoint answered and whether the
-bytes came from the local store or the fallback.
+bytes came from the local store or the fallback. The fallback is the mirror, whose
+bytes come from a peer, so metrics and log lines call that source ``peer``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from meshmirror.registry.metrics import RegistryMetrics
 SCOPE_HANDLER: Final = "meshmirror.handler"
 SCOPE_SOURCE: Final = "meshmirror.source"
 _QUERY_LOG_MAX = 200
+# What the app puts on the scope -> what operators read: "fallback" bytes came from a peer.
+_SOURCE_NAMES: Final = {"fallback": "peer"}
 
 
 class AccessLogMiddleware:
@@ -58,13 +61,12 @@ class AccessLogMiddleware:
     def _record(self, scope: Scope, status: int, sent: int, completed: bool,
                 elapsed: float) -> None:
         handler = str(scope.get(SCOPE_HANDLER, "other"))
-        source = str(scope.get(SCOPE_SOURCE, "none"))
+        raw_source = str(scope.get(SCOPE_SOURCE, "none"))
+        source = _SOURCE_NAMES.get(raw_source, raw_source)
         method = str(scope.get("method", ""))
         if self.metrics is not None:
             self.metrics.in_flight.dec()
-            self.metrics.requests.labels(handler, method, str(status)).inc()
-            self.metrics.response_bytes.labels(handler, source).inc(sent)
-            self.metrics.duration.labels(handler).observe(elapsed)
+            self.metrics.observe(handler, method, status, source, sent, elapsed)
         if not self.logger.isEnabledFor(logging.INFO):
             return
         client = scope.get("client")

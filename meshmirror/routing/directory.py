@@ -102,6 +102,8 @@ class DirectoryMetrics:
                                registry=registry)
         self.peers = Gauge("meshmirror_peer_directory_peers",
                            "Alive peers known to the directory", registry=registry)
+        for result in ("ok", "not_modified", "error"):
+            self.fetches.labels(result)
 
 
 @dataclass(slots=True)

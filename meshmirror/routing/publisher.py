@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -57,6 +57,32 @@ class SummaryMetrics:
         self.fp_rate = Gauge("meshmirror_summary_estimated_fp_rate",
                              "False-positive rate implied by the published filter's fill",
                              registry=registry)
+        # Spegel's names for what a node advertises; a digest key carries no registry
+        # (one blob serves every registry that has it), so those are labelled registry="".
+        self.tags = Gauge("meshmirror_advertised_image_tags",
+                          "Image tags in the published summary, by registry",
+                          ["registry"], registry=registry)
+        self.content_digests = Gauge("meshmirror_advertised_content_digests",
+                                     "Content digests (manifests, configs, layers) in the "
+                                     "published summary", ["registry"], registry=registry)
+        self.content_digests.labels("").set(0)
+        self._tag_registries: set[str] = set()
+
+    def advertise(self, keys: Iterable[str]) -> None:
+        """Set the advertised gauges from the published keys (tags: ``registry/repo:tag``)."""
+        tags: dict[str, int] = {}
+        digests = 0
+        for key in keys:
+            if key.startswith("sha256:"):
+                digests += 1
+            else:
+                registry = key.split("/", 1)[0]
+                tags[registry] = tags.get(registry, 0) + 1
+        # A registry whose last tag went stays at 0 rather than vanishing mid-graph.
+        self._tag_registries.update(tags)
+        for registry in self._tag_registries:
+            self.tags.labels(registry).set(tags.get(registry, 0))
+        self.content_digests.labels("").set(digests)
 
 
 class SummaryPublisher:
@@ -246,6 +272,7 @@ class SummaryPublisher:
         self._current = summary
         self._payload = summary.encode()
         self.metrics.keys.set(summary.count)
+        self.metrics.advertise(self._keys)
         self.metrics.epoch.set(summary.epoch)
         self.metrics.bytes.set(len(self._payload))
         self.metrics.fp_rate.set(bloom.estimated_fp_rate())

@@ -187,10 +187,13 @@ class _Health:
 
 
 class RouterMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.lookup = Histogram("meshmirror_router_lookup_seconds",
-                                "Time to find and rank the candidate peers for a key",
-                                buckets=_LOOKUP_BUCKETS, registry=registry)
+    """Lookup time under Spegel's name and label (``spegel_resolve_duration_seconds{router}``)."""
+
+    def __init__(self, registry: CollectorRegistry, router: str = "bloom") -> None:
+        family = Histogram("meshmirror_resolve_duration_seconds",
+                           "Time to find and rank the candidate peers for a key",
+                           ["router"], buckets=_LOOKUP_BUCKETS, registry=registry)
+        self.lookup = family.labels(router)
 
 
 class Router(abc.ABC):

@@ -33,10 +33,10 @@ def test_go_duration_rejects_what_ctr_never_prints(text: str) -> None:
 
 def test_mirror_results_totals_over_kinds_and_lists_failure_reasons() -> None:
     metrics = {
-        "meshmirror_mirror_requests_total{kind=blob,registry=r:1,result=hit}": 4.0,
-        "meshmirror_mirror_requests_total{kind=manifest,registry=r:1,result=hit}": 2.0,
-        "meshmirror_mirror_requests_total{kind=blob,registry=r:1,result=miss}": 3.0,
-        "meshmirror_mirror_requests_created{kind=blob,registry=r:1,result=miss}": 1e9,
+        "meshmirror_mirror_outcomes_total{kind=blob,registry=r:1,result=hit}": 4.0,
+        "meshmirror_mirror_outcomes_total{kind=manifest,registry=r:1,result=hit}": 2.0,
+        "meshmirror_mirror_outcomes_total{kind=blob,registry=r:1,result=miss}": 3.0,
+        "meshmirror_mirror_outcomes_created{kind=blob,registry=r:1,result=miss}": 1e9,
         "meshmirror_mirror_peer_failures_total{reason=timeout}": 3.0,
         "meshmirror_mirror_peer_bytes_total{}": 10.0,
     }

@@ -227,4 +227,4 @@ class RouterConformance:
         for _ in range(5):
             harness.router.candidates(key("s"), 3)
         assert harness.registry.get_sample_value(
-            "meshmirror_router_lookup_seconds_count") == 5
+            "meshmirror_resolve_duration_seconds_count", {"router": "bloom"}) == 5

@@ -67,8 +67,8 @@ def _run_scenario(nodes: list[E2ENode], image: BuiltImage, upstream: Distributio
     m1 = first.metrics()
     # Node 1's mirror was asked and missed (nobody held the image), so containerd
     # went upstream; it never served content from a peer.
-    assert metric(m1, "meshmirror_mirror_requests_total", result="miss") >= 1
-    assert metric(m1, "meshmirror_mirror_requests_total", result="hit") == 0
+    assert metric(m1, "meshmirror_mirror_outcomes_total", result="miss") >= 1
+    assert metric(m1, "meshmirror_mirror_outcomes_total", result="hit") == 0
 
     upstream.stop()
     connections_before = proxy.connections
@@ -116,8 +116,8 @@ def _run_scenario(nodes: list[E2ENode], image: BuiltImage, upstream: Distributio
         count = metric(m, "meshmirror_summary_propagation_seconds_count")
         total_s = metric(m, "meshmirror_summary_propagation_seconds_sum")
         propagation[node.name] = round(total_s / count, 3) if count else None
-        assert metric(m, "meshmirror_mirror_requests_total", result="hit") >= len(image.blobs())
-        assert metric(m, "meshmirror_registry_response_bytes_total", source="fallback") >= \
+        assert metric(m, "meshmirror_mirror_outcomes_total", result="hit") >= len(image.blobs())
+        assert metric(m, "meshmirror_registry_response_bytes_total", source="peer") >= \
             total - image.root.size
     _record("cluster", {
         "image_bytes": total, "proxy_bytes_to_clients": served,

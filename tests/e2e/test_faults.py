@@ -226,7 +226,7 @@ def _pull_and_kill_the_server(c: Cluster, kill_after: int
         wait_until(lambda: _delta(c.n2.metrics(), before, "meshmirror_mirror_peer_bytes_total")
                    >= kill_after, 60, f"node 2 to fetch {kill_after} bytes from a peer", 0.005)
         serving = [n for n in (c.n1, c.n3)
-                   if metric(n.metrics(), "meshmirror_registry_requests_in_flight") >= 1]
+                   if metric(n.metrics(), "meshmirror_http_requests_inflight") >= 1]
         at_kill = _delta(c.n2.metrics(), before, "meshmirror_mirror_peer_bytes_total")
         if serving and at_kill < c.big.platforms[0].layers[0].size:
             victim = serving[0]
@@ -272,7 +272,7 @@ def test_serving_peer_killed_mid_transfer(cluster: Cluster, mode: str) -> None:
     assert victim is not None, f"the transfer always ended before the kill ({attempts} tries)"
     broken = _delta(after, before, "meshmirror_mirror_peer_failures_total", reason="broken")
     assert broken >= 1, "the break was not seen as a peer failure"
-    assert _delta(after, before, "meshmirror_mirror_requests_total", kind="blob",
+    assert _delta(after, before, "meshmirror_mirror_outcomes_total", kind="blob",
                   result="hit") >= 1
     # The rest came from the other holder, asked with Range from the byte reached.
     survivor = c.n3 if victim is c.n1 else c.n1

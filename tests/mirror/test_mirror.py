@@ -136,7 +136,7 @@ async def test_small_blob_from_a_peer_is_verified_and_marked(
     assert (
         metric(
             registry,
-            "meshmirror_mirror_requests_total",
+            "meshmirror_mirror_outcomes_total",
             registry="docker.io",
             kind="blob",
             result="hit",
@@ -153,7 +153,7 @@ async def test_no_candidate_is_a_fast_miss(session: aiohttp.ClientSession) -> No
     assert (
         metric(
             registry,
-            "meshmirror_mirror_requests_total",
+            "meshmirror_mirror_outcomes_total",
             registry="docker.io",
             kind="blob",
             result="miss",
@@ -389,7 +389,7 @@ async def test_large_blob_only_a_liar_has_is_a_miss_with_nothing_sent(
     bad = await make_peer("bad", corrupt=True)
     mirror, _, registry = mirror_for(session, [bad])
     assert await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True) is None
-    assert metric(registry, "meshmirror_mirror_requests_total",
+    assert metric(registry, "meshmirror_mirror_outcomes_total",
                   registry="docker.io", kind="blob", result="error") == 1
     assert metric(registry, "meshmirror_mirror_spool_bytes") == 0
     mirror.close()

@@ -43,7 +43,7 @@ async def test_status_shows_members_and_held_summaries(tmp_path: Path) -> None:
             members = {m["name"]: m for m in status["mesh"]["members"]}
             peer = members.get("a")
             if peer and peer["held_epoch"] is not None and \
-                    str(peer["held_epoch"]) == peer["advertised_epoch"]:
+                    peer["held_epoch"] == peer["advertised_epoch"]:
                 break
             assert time.monotonic() < deadline, status
             await asyncio.sleep(0.05)
@@ -53,4 +53,5 @@ async def test_status_shows_members_and_held_summaries(tmp_path: Path) -> None:
         assert status["mesh"]["node"] == "b" and status["store"]["keys"] == 0
         async with session.get(f"{url}/") as response:
             page = await response.text()
-        assert response.status == 200 and "<td>a</td>" in page and "alive" in page
+        # The page renders members from /status in the browser (tests/observe checks it).
+        assert response.status == 200 and "/status" in page

@@ -496,9 +496,12 @@ async def test_metrics_count_requests(store: FakeStore, image: Image) -> None:
     async with client_for(app) as c:
         await c.get(f"/v2/a/blobs/{image.layer}")
         await c.head(f"/v2/a/blobs/{image.layer}")
-    labels = {"handler": "blob", "method": "GET", "status": "200"}
-    assert registry.get_sample_value("meshmirror_registry_requests_total", labels) == 1
+    labels = {"handler": "blob", "method": "GET", "code": "200"}
+    assert registry.get_sample_value("meshmirror_http_request_duration_seconds_count",
+                                     labels) == 1
+    assert registry.get_sample_value("meshmirror_http_response_size_bytes_sum",
+                                     labels) == len(image.layer_bytes)
     assert registry.get_sample_value("meshmirror_registry_response_bytes_total",
                                      {"handler": "blob", "source": "local"}) == len(
                                          image.layer_bytes)
-    assert registry.get_sample_value("meshmirror_registry_requests_in_flight") == 0
+    assert registry.get_sample_value("meshmirror_http_requests_inflight") == 0

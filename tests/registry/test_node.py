@@ -97,8 +97,8 @@ async def test_node_serves_registry_and_metrics(layout: Path, image: BuiltImage)
         assert (await client.get(f"{base}/readyz")).status_code == 200
         m = await client.get(f"http://{node.metrics_server.address}/metrics")
         assert m.status_code == 200
-        assert 'meshmirror_registry_requests_total{handler="blob",method="GET",status="200"} 1.0' \
-            in m.text
+        assert ('meshmirror_http_request_duration_seconds_count'
+                '{code="200",handler="blob",method="GET"} 1.0') in m.text
         assert "process_resident_memory_bytes" in m.text
     # Both listeners are closed once the node has stopped.
     for address in (config.registry_addr[1], config.metrics_addr[1]):
@@ -225,8 +225,8 @@ def test_metrics_endpoint(running: RunningNode, image: BuiltImage) -> None:
         assert r.status == 200
     with urllib.request.urlopen(f"http://{running.metrics}/metrics", timeout=5) as r:
         text = r.read().decode()
-    assert 'meshmirror_registry_requests_total{handler="manifest",method="GET",status="200"}' \
-        in text
+    assert ('meshmirror_http_request_duration_seconds_count'
+            '{code="200",handler="manifest",method="GET"}') in text
 
 
 @pytest.mark.real

@@ -51,7 +51,8 @@ def test_three_nodes_converge_and_metrics(nodes: list[MeshNode]) -> None:
     text = generate_latest(registry).decode()
     assert 'meshmirror_mesh_members{state="alive"} 3.0' in text
     assert 'meshmirror_mesh_probe_rtt_seconds_count' in text
-    assert 'meshmirror_mesh_probe_rtt_seconds{quantile="0.5"}' in text
+    assert 'meshmirror_mesh_probe_rtt_seconds_bucket{le="+Inf"}' in text
+    assert 'meshmirror_mesh_loop_lag_seconds_bucket{le="0.1"}' in text
     assert 'meshmirror_mesh_messages_total{direction="out",type="Ping"}' in text
     assert 'meshmirror_mesh_transport_bytes_total{direction="in",protocol="udp"}' in text
     assert "meshmirror_mesh_awareness_score 0.0" in text

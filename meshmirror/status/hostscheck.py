@@ -1,0 +1,72 @@
+"""``meshmirror_hosts_config_points_here{registry}``: does containerd still send pulls here?
+
+A node serves nothing if containerd's ``<config_path>/<registry>/hosts.toml`` lost
+its mirror entry (a node image upgrade, another tool rewriting it). The check reads
+the files when Prometheus scrapes: a few small reads, no task to schedule. The node
+knows the directory when ``MESHMIRROR_CONTAINERD_REGISTRY_CONFIG_PATH`` is set (the
+chart mounts it read-only and sets it); without it the metric is not exported and
+can be fed from outside (docs/metrics.md).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONFIG_PATH_ENV = "MESHMIRROR_CONTAINERD_REGISTRY_CONFIG_PATH"
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def points_here(hosts_toml: Path, own_url: str) -> bool:
+    """Whether a ``[host."URL"]`` entry of ``hosts_toml`` reaches this node's registry."""
+    try:
+        config = tomllib.loads(hosts_toml.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    own = urlsplit(own_url)
+    hosts = config.get("host")
+    if not isinstance(hosts, dict):
+        return False
+    for url in hosts:
+        entry = urlsplit(url if "://" in url else f"http://{url}")
+        try:
+            same_port = entry.port == own.port
+        except ValueError:
+            continue
+        if same_port and entry.hostname in _LOOPBACK | {own.hostname}:
+            return True
+    return False
+
+
+class HostsConfigCollector(Collector):
+    """One gauge per ``<config_path>/<registry>/hosts.toml``: 1 if it points here, else 0."""
+
+    def __init__(self, config_path: Path, own_url: str) -> None:
+        self.config_path = config_path
+        self.own_url = own_url
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        try:
+            registries = sorted(p for p in self.config_path.iterdir() if p.is_dir())
+        except OSError:
+            registries = []
+        for directory in registries:
+            family.add_metric([directory.name],
+                              float(points_here(directory / "hosts.toml", self.own_url)))
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "meshmirror_hosts_config_points_here",
+            "1 if containerd's hosts.toml for the registry has a mirror entry for this node",
+            labels=["registry"])
