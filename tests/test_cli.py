@@ -89,23 +89,23 @@ def _values() -> dict[str, Any]:
 
 # values.yaml key -> (the CLI's parser for the value as the chart passes it, its default).
 CHART_DEFAULTS: dict[str, tuple[Any, Any]] = {
-    "logLevel": (str, cli.LOG_LEVEL),
-    "resolveTags": (parse_bool, field_default(MirrorOptions, "resolve_tags")),
-    "mirrorResolveTimeout": (parse_duration, field_default(MirrorOptions, "resolve_timeout")),
-    "mirrorFirstByteTimeout": (parse_duration,
+    "meshmirror.logLevel": (str, cli.LOG_LEVEL),
+    "meshmirror.resolveTags": (parse_bool, field_default(MirrorOptions, "resolve_tags")),
+    "meshmirror.mirrorResolveTimeout": (parse_duration, field_default(MirrorOptions, "resolve_timeout")),
+    "meshmirror.mirrorFirstByteTimeout": (parse_duration,
                                field_default(MirrorOptions, "first_byte_timeout")),
-    "mirrorResolveRetries": (int, field_default(MirrorOptions, "resolve_retries")),
-    "mirrorSpoolLimit": (parse_size, field_default(MirrorOptions, "spool_limit")),
-    "summaryFpRate": (float, field_default(PeeringConfig, "summary_fp_rate")),
-    "prependExisting": (parse_bool, field_default(HostsConfig, "prepend_existing")),
-    "containerd.sock": (str, field_default(ContainerdConfig, "sock")),
-    "containerd.namespace": (str, field_default(ContainerdConfig, "namespace")),
-    "containerd.contentPath": (str, field_default(ContainerdConfig, "content_path")),
-    "containerd.configPath": (str, field_default(ContainerdConfig, "config")),
-    "containerd.registryConfigPath": (Path, field_default(HostsConfig, "config_path")),
-    "registry.port": (int, field_default(NodeConfig, "registry_addr")[1]),
-    "mesh.port": (int, field_default(PeeringConfig, "mesh_addr")[1]),
-    "metrics.port": (int, field_default(NodeConfig, "metrics_addr")[1]),
+    "meshmirror.mirrorResolveRetries": (int, field_default(MirrorOptions, "resolve_retries")),
+    "meshmirror.mirrorSpoolLimit": (parse_size, field_default(MirrorOptions, "spool_limit")),
+    "meshmirror.summaryFpRate": (float, field_default(PeeringConfig, "summary_fp_rate")),
+    "meshmirror.prependExisting": (parse_bool, field_default(HostsConfig, "prepend_existing")),
+    "meshmirror.containerdSock": (str, field_default(ContainerdConfig, "sock")),
+    "meshmirror.containerdNamespace": (str, field_default(ContainerdConfig, "namespace")),
+    "meshmirror.containerdContentPath": (str, field_default(ContainerdConfig, "content_path")),
+    "meshmirror.containerdConfigPath": (str, field_default(ContainerdConfig, "config")),
+    "meshmirror.containerdRegistryConfigPath": (Path, field_default(HostsConfig, "config_path")),
+    "service.registry.port": (int, field_default(NodeConfig, "registry_addr")[1]),
+    "service.mesh.port": (int, field_default(PeeringConfig, "mesh_addr")[1]),
+    "service.metrics.port": (int, field_default(NodeConfig, "metrics_addr")[1]),
 }
 
 
@@ -121,7 +121,7 @@ def test_chart_values_default_to_the_dataclass_defaults(key: str) -> None:
 
 
 def test_chart_lists_default_to_every_registry_and_no_filter() -> None:
-    values = _values()
+    values = _values()["meshmirror"]
     assert tuple(parse_registries(values["mirroredRegistries"])) == field_default(
         HostsConfig, "registries")
     assert values["mirroredRegistries"] == [] and not field_default(

@@ -46,7 +46,8 @@ def test_run_command_line_defaults(helm: Path) -> None:
     assert args.summary_fp_rate == pytest.approx(0.01)
     assert args.mirrored_registries is None
     assert args.registry_filters is None
-    assert args.gossip_key_file is None
+    # Gossip is encrypted by default, with the key the chart generates.
+    assert args.gossip_key_file == "/etc/meshmirror/gossip/gossip-key"
     assert args.containerd_sock == "/run/containerd/containerd.sock"
     assert args.containerd_namespace == "k8s.io"
     assert args.containerd_content_path == "/var/lib/containerd/io.containerd.content.v1.content"
@@ -88,7 +89,7 @@ def test_exact_name_checks_catch_what_argparse_abbreviation_hides(helm: Path) ->
 
 
 @pytest.mark.parametrize("value_files", [(), ("custom-registries.yaml",),
-                                         ("encryption-generated.yaml",), ("spool-off.yaml",)])
+                                         ("encryption-off.yaml",), ("spool-off.yaml",)])
 def test_env_names_are_unique(helm: Path, value_files: tuple[str, ...]) -> None:
     """A repeated name is accepted by the API server with only a warning, last one wins."""
     spec = chart.pod_spec(chart.render(value_files))
@@ -116,7 +117,7 @@ def test_configure_init_container(helm: Path) -> None:
     assert args.command == "configure"
     assert args.containerd_registry_config_path == Path("/etc/containerd/certs.d")
     # hostPort of this node first, then the NodePort Service reaching any node.
-    assert args.mirror_targets == ["http://192.0.2.10:30020", "http://192.0.2.10:30021"]
+    assert args.mirror_targets == ["http://192.0.2.10:30022", "http://192.0.2.10:30023"]
     assert args.mirrored_registries is None
     assert args.resolve_tags is True
     assert args.prepend_existing is False
@@ -142,7 +143,7 @@ def test_configure_init_container_custom(helm: Path) -> None:
 def test_no_node_port_means_one_target(helm: Path) -> None:
     manifests = chart.render(("k3s-minimal.yaml",))
     args = parse_container(chart.container(manifests, "configure", init=True))
-    assert args.mirror_targets == ["http://192.0.2.10:30020"]
+    assert args.mirror_targets == ["http://192.0.2.10:30022"]
     assert args.containerd_registry_config_path == Path(
         "/var/lib/rancher/k3s/agent/etc/containerd/certs.d")
     service = chart.one(manifests, "Service", f"{FULLNAME}-registry")
@@ -187,17 +188,17 @@ def test_init_then_prestop_round_trip_on_a_real_directory(helm: Path, tmp_path: 
     (certs / "docker.io").mkdir(parents=True)
     original = b'server = "https://registry-1.docker.io"\n'
     (certs / "docker.io" / "hosts.toml").write_bytes(original)
-    manifests = chart.render(sets=[f"containerd.registryConfigPath={certs}",
-                                   "mirroredRegistries={https://docker.io}"])
+    manifests = chart.render(sets=[f"meshmirror.containerdRegistryConfigPath={certs}",
+                                   "meshmirror.mirroredRegistries={https://docker.io}"])
     init = chart.container(manifests, "configure", init=True)
     env = node_env(init)
     argv = ["meshmirror", *(chart.expand_var_refs(a, env) for a in init["args"])]
     done = _run_in_pod_like_env(argv, env)
     assert done.returncode == 0, done.stderr
     written = (certs / "docker.io" / "hosts.toml").read_text()
-    assert 'host."http://192.0.2.10:30020"' in written
-    assert 'host."http://192.0.2.10:30021"' in written
-    assert written.index(":30020") < written.index(":30021")
+    assert 'host."http://192.0.2.10:30022"' in written
+    assert 'host."http://192.0.2.10:30023"' in written
+    assert written.index(":30022") < written.index(":30023")
 
     main = chart.container(manifests, "meshmirror")
     done = _run_in_pod_like_env(main["lifecycle"]["preStop"]["exec"]["command"], node_env(main))
@@ -249,7 +250,7 @@ def test_ports(helm: Path) -> None:
     main = chart.container(chart.render(), "meshmirror")
     ports = {(p["name"], p["protocol"]): p for p in main["ports"]}
     assert ports[("registry", "TCP")] == {"name": "registry", "containerPort": 5000,
-                                          "hostPort": 30020, "protocol": "TCP"}
+                                          "hostPort": 30022, "protocol": "TCP"}
     assert ports[("mesh-tcp", "TCP")]["containerPort"] == 7946
     assert ports[("mesh-udp", "UDP")]["containerPort"] == 7946
     assert ports[("metrics", "TCP")]["containerPort"] == 9090
@@ -275,7 +276,7 @@ def test_services(helm: Path) -> None:
     registry = chart.one(manifests, "Service", f"{FULLNAME}-registry")["spec"]
     assert registry["type"] == "NodePort"
     assert registry["ports"] == [{"name": "registry", "port": 5000, "targetPort": "registry",
-                                  "protocol": "TCP", "nodePort": 30021}]
+                                  "protocol": "TCP", "nodePort": 30023}]
     mesh = chart.one(manifests, "Service", f"{FULLNAME}-mesh")["spec"]
     assert mesh["clusterIP"] == "None"
     assert mesh["publishNotReadyAddresses"] is True
@@ -325,8 +326,8 @@ def test_image_tag_and_digest(helm: Path) -> None:
 
 
 def test_ipv6_nodes_bracket_the_mirror_host(helm: Path) -> None:
-    manifests = chart.render(sets=["registry.mirrorHost=[$(NODE_IP)]"])
+    manifests = chart.render(sets=["service.registry.mirrorHost=[$(NODE_IP)]"])
     init = chart.container(manifests, "configure", init=True)
     args = parse_container(init, node={"status.hostIP": "2001:db8::10"})
-    assert args.mirror_targets == ["http://[2001:db8::10]:30020", "http://[2001:db8::10]:30021"]
+    assert args.mirror_targets == ["http://[2001:db8::10]:30022", "http://[2001:db8::10]:30023"]
     assert hostsconfig.parse_targets(args.mirror_targets) == args.mirror_targets

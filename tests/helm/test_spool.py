@@ -1,4 +1,4 @@
-"""mirrorSpoolLimit: the spool volume, its mount and the two MESHMIRROR_* variables.
+"""meshmirror.mirrorSpoolLimit: the spool volume, its mount and the two MESHMIRROR_* variables.
 
 The value reaches two readers that must agree on it: ``meshmirror.flags.parse_size``
 (through MESHMIRROR_MIRROR_SPOOL_LIMIT) and the API server (the volume's
@@ -72,8 +72,8 @@ def test_spool_dir_is_not_under_the_small_tmp_volume(helm: Path) -> None:
 
 @pytest.mark.parametrize(("value_files", "sets"), [
     (("spool-off.yaml",), ()),
-    ((), ("mirrorSpoolLimit=0",)),
-    ((), ("mirrorSpoolLimit=0Gi",)),
+    ((), ("meshmirror.mirrorSpoolLimit=0",)),
+    ((), ("meshmirror.mirrorSpoolLimit=0Gi",)),
 ], ids=["values-file-0", "set-0", "set-0Gi"])
 def test_limit_zero_renders_no_volume_and_no_mount(
     helm: Path, value_files: tuple[str, ...], sets: tuple[str, ...]
@@ -93,7 +93,7 @@ def test_limit_zero_renders_no_volume_and_no_mount(
 
 def test_set_string_zero_is_zero(helm: Path) -> None:
     result = chart.run_helm(["template", chart.RELEASE, str(chart.CHART),
-                             "--set-string", "mirrorSpoolLimit=0"])
+                             "--set-string", "meshmirror.mirrorSpoolLimit=0"])
     assert result.returncode == 0, result.stderr
     manifests = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     assert spool_volume(manifests) is None
@@ -111,7 +111,7 @@ ADMITTED_FORMS = ["4Gi", "4GiB", "512Mi", "512MiB", "500M", "500MB", "1G", "2T",
 
 @pytest.mark.parametrize("form", ADMITTED_FORMS)
 def test_every_admitted_form_reaches_both_readers_alike(helm: Path, form: str) -> None:
-    manifests = chart.render(sets=[f"mirrorSpoolLimit={form}"])
+    manifests = chart.render(sets=[f"meshmirror.mirrorSpoolLimit={form}"])
     main = chart.container(manifests, "meshmirror")
     rendered = chart.literal_env(main)["MESHMIRROR_MIRROR_SPOOL_LIMIT"]
     limit = flags.parse_size(form)
@@ -128,7 +128,7 @@ def test_plain_bytes_from_a_values_file_stay_digits(helm: Path, tmp_path: Path) 
     """A large number in a values file is a float to Helm; toString would print
     4.294967296e+09, which parse_size refuses."""
     values = tmp_path / "bytes.yaml"
-    values.write_text("mirrorSpoolLimit: 6442450944\n")
+    values.write_text("meshmirror:\n  mirrorSpoolLimit: 6442450944\n")
     manifests = chart.render((str(values),))
     env = chart.literal_env(chart.container(manifests, "meshmirror"))
     assert env["MESHMIRROR_MIRROR_SPOOL_LIMIT"] == "6442450944"
@@ -149,16 +149,18 @@ def test_custom_value_set_uses_a_non_quantity_form(helm: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--set", "mirrorSpoolLimit=lots"],
-     'mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got "lots"'),
-    (["--set", "mirrorSpoolLimit=512m"],
-     'mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got "512m"'),
-    (["--set-json", "mirrorSpoolLimit=1.5"],
-     "mirrorSpoolLimit: expected a whole number of bytes from 0 to 999999999999999, got 1.5"),
-    (["--set", "mirrorSpoolLimit=-1"],
-     "mirrorSpoolLimit: expected a whole number of bytes from 0 to 999999999999999, got -1"),
-    (["--set", "mirrorSpoolLimit=true"],
-     "mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got true"),
+    (["--set", "meshmirror.mirrorSpoolLimit=lots"],
+     'meshmirror.mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got "lots"'),
+    (["--set", "meshmirror.mirrorSpoolLimit=512m"],
+     'meshmirror.mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got "512m"'),
+    (["--set-json", "meshmirror.mirrorSpoolLimit=1.5"],
+     "meshmirror.mirrorSpoolLimit: expected a whole number of bytes from 0 to 999999999999999, "
+     "got 1.5"),
+    (["--set", "meshmirror.mirrorSpoolLimit=-1"],
+     "meshmirror.mirrorSpoolLimit: expected a whole number of bytes from 0 to 999999999999999, "
+     "got -1"),
+    (["--set", "meshmirror.mirrorSpoolLimit=true"],
+     "meshmirror.mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got true"),
 ])
 def test_template_refuses_what_the_schema_would_when_it_is_skipped(
     helm: Path, args: list[str], message: str

@@ -17,47 +17,68 @@ FULLNAME = f"{chart.RELEASE}-meshmirror"
 
 # (--set or --set-string arguments, JSON pointer helm must name, words of the reason)
 INVALID = [
-    (["--set", "registry.port=abc"], "/registry/port", "got string, want integer"),
-    (["--set-string", "registry.hostPort=30020"], "/registry/hostPort", "want integer"),
-    (["--set", "mesh.port=70000"], "/mesh/port", "maximum: got 70,000, want 65,535"),
-    (["--set", "metrics.port=0"], "/metrics/port", "minimum: got 0, want 1"),
-    (["--set", "registry.nodePort=-1"], "/registry/nodePort", "minimum: got -1, want 0"),
-    (["--set", "logLevel=verbose"], "/logLevel", "value must be one of 'debug', 'info'"),
-    (["--set", "resolveTags=maybe"], "/resolveTags", "want boolean"),
-    (["--set", "mirrorResolveTimeout=0"], "/mirrorResolveTimeout", "exclusiveMinimum"),
-    (["--set-string", "mirrorResolveTimeout=0.0"], "/mirrorResolveTimeout",
+    (["--set", "service.registry.port=abc"], "/service/registry/port", "got string, want integer"),
+    (["--set-string", "service.registry.hostPort=30020"], "/service/registry/hostPort",
+     "want integer"),
+    (["--set", "service.mesh.port=70000"], "/service/mesh/port",
+     "maximum: got 70,000, want 65,535"),
+    (["--set", "service.metrics.port=0"], "/service/metrics/port", "minimum: got 0, want 1"),
+    (["--set", "service.registry.nodePort=-1"], "/service/registry/nodePort",
+     "minimum: got -1, want 0"),
+    (["--set", "meshmirror.logLevel=verbose"], "/meshmirror/logLevel",
+     "'verbose' does not match pattern"),
+    (["--set", "meshmirror.resolveTags=maybe"], "/meshmirror/resolveTags", "want boolean"),
+    (["--set", "meshmirror.mirrorResolveTimeout=0"], "/meshmirror/mirrorResolveTimeout",
+     "exclusiveMinimum"),
+    (["--set-string", "meshmirror.mirrorResolveTimeout=0.0"], "/meshmirror/mirrorResolveTimeout",
      "'0.0' does not match pattern"),
-    (["--set", "mirrorResolveTimeout=soon"], "/mirrorResolveTimeout",
+    (["--set", "meshmirror.mirrorResolveTimeout=soon"], "/meshmirror/mirrorResolveTimeout",
      "'soon' does not match pattern"),
-    (["--set-json", "summaryFpRate=1.5"], "/summaryFpRate", "exclusiveMaximum"),
-    (["--set", "mirrorSpoolLimit=lots"], "/mirrorSpoolLimit", "'lots' does not match pattern"),
+    (["--set-json", "meshmirror.summaryFpRate=1.5"], "/meshmirror/summaryFpRate",
+     "exclusiveMaximum"),
+    (["--set", "meshmirror.mirrorSpoolLimit=lots"], "/meshmirror/mirrorSpoolLimit",
+     "'lots' does not match pattern"),
     # Mega to parse_size, milli to Kubernetes: refused rather than guessed.
-    (["--set", "mirrorSpoolLimit=512m"], "/mirrorSpoolLimit", "'512m' does not match pattern"),
-    (["--set", "mirrorSpoolLimit=4 GiB"], "/mirrorSpoolLimit", "'4 GiB' does not match pattern"),
-    (["--set", "mirrorSpoolLimit=1000000Ti"], "/mirrorSpoolLimit",
+    (["--set", "meshmirror.mirrorSpoolLimit=512m"], "/meshmirror/mirrorSpoolLimit",
+     "'512m' does not match pattern"),
+    (["--set", "meshmirror.mirrorSpoolLimit=4 GiB"], "/meshmirror/mirrorSpoolLimit",
+     "'4 GiB' does not match pattern"),
+    (["--set", "meshmirror.mirrorSpoolLimit=1000000Ti"], "/meshmirror/mirrorSpoolLimit",
      "'1000000Ti' does not match pattern"),
-    (["--set", "mirrorSpoolLimit=-1"], "/mirrorSpoolLimit", "minimum: got -1, want 0"),
-    (["--set-json", "mirrorSpoolLimit=1.5"], "/mirrorSpoolLimit",
+    (["--set", "meshmirror.mirrorSpoolLimit=-1"], "/meshmirror/mirrorSpoolLimit",
+     "minimum: got -1, want 0"),
+    (["--set-json", "meshmirror.mirrorSpoolLimit=1.5"], "/meshmirror/mirrorSpoolLimit",
      "got number, want integer or string"),
-    (["--set", "mirrorSpoolLimit=true"], "/mirrorSpoolLimit",
+    (["--set", "meshmirror.mirrorSpoolLimit=true"], "/meshmirror/mirrorSpoolLimit",
      "got boolean, want integer or string"),
-    (["--set", "summaryFpRate=1.5"], "/summaryFpRate", "'1.5' does not match pattern"),
-    (["--set", "mirroredRegistries={docker.io/library}"], "/mirroredRegistries/0",
+    (["--set", "meshmirror.summaryFpRate=1.5"], "/meshmirror/summaryFpRate",
+     "'1.5' does not match pattern"),
+    (["--set", "meshmirror.mirroredRegistries={docker.io/library}"],
+     "/meshmirror/mirroredRegistries/0",
      "does not match pattern"),
-    (["--set", "mirroredRegistries={ghcr.io,ghcr.io}"], "/mirroredRegistries",
+    (["--set", "meshmirror.mirroredRegistries={ghcr.io,ghcr.io}"], "/meshmirror/mirroredRegistries",
      "items at 0 and 1 are equal"),
-    (["--set", "additionalMirrorTargets={10.0.0.1:5000}"], "/additionalMirrorTargets/0",
+    (["--set", "meshmirror.additionalMirrorTargets={10.0.0.1:5000}"],
+     "/meshmirror/additionalMirrorTargets/0",
      "does not match pattern"),
-    (["--set", "containerd.sock=run/containerd.sock"], "/containerd/sock",
+    (["--set", "meshmirror.containerdSock=run/containerd.sock"], "/meshmirror/containerdSock",
      "does not match pattern"),
-    (["--set", "registry.prot=5000"], "/registry", "'prot' not allowed"),
+    (["--set", "service.registry.prot=5000"], "/service/registry", "'prot' not allowed"),
     (["--set", "mirrorRegistries={ghcr.io}"], "", "'mirrorRegistries' not allowed"),
     (["--set", "updateStrategy.rollingUpdate.maxSurge=1"], "/updateStrategy/rollingUpdate/maxSurge",
      "value must be one of"),
+    (["--set", "meshmirror.logLevel=WARNINGS"], "/meshmirror/logLevel",
+     "'WARNINGS' does not match pattern"),
+    (["--set", "meshmirror.mirrorResolveTimeout=20 ms"], "/meshmirror/mirrorResolveTimeout",
+     "'20 ms' does not match pattern"),
+    (["--set", "meshmirror.mirrorFirstByteTimeout=0s"], "/meshmirror/mirrorFirstByteTimeout",
+     "'0s' does not match pattern"),
+    (["--set", "gossip.enabled=maybe"], "/gossip/enabled", "want boolean"),
+    (["--set", "livenessProbe.enabled=yes"], "/livenessProbe/enabled", "want boolean"),
     (["--set", "image.digest=latest"], "/image/digest", "does not match pattern"),
-    (["--set", "mesh.encryption.secretKey=a/b"], "/mesh/encryption/secretKey",
+    (["--set", "gossip.secretKey=a/b"], "/gossip/secretKey",
      "does not match pattern"),
-    (["--set", "metrics.serviceMonitor.interval=often"], "/metrics/serviceMonitor/interval",
+    (["--set", "serviceMonitor.interval=often"], "/serviceMonitor/interval",
      "does not match pattern"),
 ]
 
@@ -76,7 +97,8 @@ def test_schema_rejects_invalid_values(
 
 def test_decimals_given_with_set_reach_the_cli(helm: Path) -> None:
     """`helm --set x=0.05` passes a string, not a number; the schema takes both."""
-    manifests = chart.render(sets=["mirrorResolveTimeout=0.05", "summaryFpRate=.001"])
+    manifests = chart.render(sets=["meshmirror.mirrorResolveTimeout=0.05",
+                                   "meshmirror.summaryFpRate=.001"])
     args = parse_container(chart.container(manifests, "meshmirror"))
     assert args.mirror_resolve_timeout == pytest.approx(0.05)
     assert args.summary_fp_rate == pytest.approx(0.001)
@@ -88,7 +110,7 @@ def test_schema_accepts_every_registry_form_configure_accepts(helm: Path) -> Non
              "_default"]
     for form in forms:
         hostsconfig.parse_registry(form)
-    chart.render(sets=["mirroredRegistries={" + ",".join(forms) + "}"])
+    chart.render(sets=["meshmirror.mirroredRegistries={" + ",".join(forms) + "}"])
 
 
 def test_schema_covers_every_default_value() -> None:
@@ -125,8 +147,8 @@ def test_encryption_with_existing_secret(helm: Path) -> None:
     assert key_file == f"{mount['mountPath']}/primary"
 
 
-def test_encryption_generates_a_usable_key(helm: Path) -> None:
-    manifests = chart.render(("encryption-generated.yaml",))
+def test_encryption_generates_a_usable_key_by_default(helm: Path) -> None:
+    manifests = chart.render()
     secret = chart.one(manifests, "Secret", f"{FULLNAME}-gossip")
     file_content = base64.b64decode(secret["data"]["gossip-key"])
     # The mounted file holds base64 of a 32-byte key, as `serf keygen` prints it.
@@ -138,12 +160,12 @@ def test_encryption_generates_a_usable_key(helm: Path) -> None:
         "/etc/meshmirror/gossip/gossip-key")
     # Offline rendering cannot look the Secret up, so each render draws a new key:
     # the caveat values.yaml documents.
-    again = chart.one(chart.render(("encryption-generated.yaml",)), "Secret")
+    again = chart.one(chart.render(), "Secret")
     assert again["data"] != secret["data"]
 
 
-def test_encryption_off_by_default(helm: Path) -> None:
-    manifests = chart.render()
+def test_encryption_can_be_turned_off(helm: Path) -> None:
+    manifests = chart.render(("encryption-off.yaml",))
     assert not chart.of_kind(manifests, "Secret")
     main = chart.container(manifests, "meshmirror")
     assert "MESHMIRROR_GOSSIP_KEY_FILE" not in chart.literal_env(main)
@@ -168,7 +190,7 @@ def test_service_monitor(helm: Path) -> None:
 
 
 def test_notes_render_for_every_mode(helm: Path) -> None:
-    for value_files in [(), ("k3s-minimal.yaml", "encryption-generated.yaml")]:
+    for value_files in [(), ("k3s-minimal.yaml",)]:
         result = chart.run_helm(["install", chart.RELEASE, str(chart.CHART), "--dry-run=client",
                                  "--namespace", chart.NAMESPACE,
                                  *chart.value_args(value_files)])
@@ -180,7 +202,7 @@ def test_notes_render_for_every_mode(helm: Path) -> None:
             assert "existingSecret" in notes
         else:
             assert "preStop hook runs `meshmirror cleanup`" in notes
-            assert ":30021" in notes
+            assert ":30023" in notes
 
 
 def test_missing_helm_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch,
@@ -188,3 +210,52 @@ def test_missing_helm_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(chart, "HELM", tmp_path / "no-helm")
     with pytest.raises(chart.HelmMissing, match="run `bash scripts/bootstrap`"):
         chart.helm_binary()
+
+
+@pytest.mark.parametrize("duration", ["20ms", "1.5s", "1m30s", "500us", "0.25", "2"])
+def test_go_durations_reach_the_flags_as_written(helm: Path, duration: str) -> None:
+    """Spegel writes mirrorResolveTimeout as a Go duration; the schema takes it and
+    the chart passes it on unchanged (the CLI reads both forms)."""
+    manifests = chart.render(sets=[f"meshmirror.mirrorResolveTimeout={duration}",
+                                   f"meshmirror.mirrorFirstByteTimeout={duration}"])
+    env = chart.literal_env(chart.container(manifests, "meshmirror"))
+    assert env["MESHMIRROR_MIRROR_RESOLVE_TIMEOUT"] == duration
+    assert env["MESHMIRROR_MIRROR_FIRST_BYTE_TIMEOUT"] == duration
+
+
+@pytest.mark.parametrize(("given", "passed"), [
+    ("INFO", "info"), ("Debug", "debug"), ("WARN", "warning"), ("warning", "warning"),
+    ("ERROR", "error"),
+])
+def test_log_level_in_any_case(helm: Path, given: str, passed: str) -> None:
+    manifests = chart.render(sets=[f"meshmirror.logLevel={given}"])
+    for cont in (chart.container(manifests, "meshmirror"),
+                 chart.container(manifests, "configure", init=True)):
+        assert chart.literal_env(cont)["MESHMIRROR_LOG_LEVEL"] == passed
+        assert parse_container(cont).log_level == passed
+
+
+def test_spegel_style_values_render(helm: Path) -> None:
+    manifests = chart.render(("spegel-style.yaml",))
+    env = chart.literal_env(chart.container(manifests, "meshmirror"))
+    assert env["MESHMIRROR_LOG_LEVEL"] == "warning"
+    assert env["MESHMIRROR_MIRROR_RESOLVE_TIMEOUT"] == "20ms"
+
+
+def test_liveness_probe_is_optional(helm: Path) -> None:
+    assert "livenessProbe" in chart.container(chart.render(), "meshmirror")
+    main = chart.container(chart.render(("custom-registries.yaml",)), "meshmirror")
+    assert "livenessProbe" not in main
+    assert {"startupProbe", "readinessProbe"} <= set(main)
+
+
+def test_default_ports_leave_spegels_free(helm: Path) -> None:
+    """Spegel's chart uses 30020 (hostPort, later its NodePort) and 30021 (NodePort)."""
+    manifests = chart.render()
+    host_ports = {p["hostPort"] for p in chart.container(manifests, "meshmirror")["ports"]
+                  if "hostPort" in p}
+    node_ports = {p["nodePort"] for s in chart.of_kind(manifests, "Service")
+                  for p in s["spec"]["ports"] if "nodePort" in p}
+    assert host_ports == {30022}
+    assert node_ports == {30023}
+    assert not (host_ports | node_ports) & {30020, 30021}

@@ -58,7 +58,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "meshmirror.gossipSecretName" -}}
-{{- default (printf "%s-gossip" (include "meshmirror.fullname" .)) .Values.mesh.encryption.existingSecret -}}
+{{- default (printf "%s-gossip" (include "meshmirror.fullname" .)) .Values.gossip.existingSecret -}}
 {{- end -}}
 
 {{- define "meshmirror.gossipKeyDir" -}}/etc/meshmirror/gossip{{- end -}}
@@ -69,7 +69,7 @@ so the three always agree on which registries are ours.
 */}}
 {{- define "meshmirror.mirroredRegistryArgs" -}}
 {{- $args := list -}}
-{{- range .Values.mirroredRegistries -}}
+{{- range .Values.meshmirror.mirroredRegistries -}}
 {{- $args = append $args (printf "--mirrored-registries=%s" .) -}}
 {{- end -}}
 {{- toJson $args -}}
@@ -78,24 +78,24 @@ so the three always agree on which registries are ours.
 {{/* Arguments of `meshmirror configure` (the init container). */}}
 {{- define "meshmirror.configureArgs" -}}
 {{- $v := .Values -}}
-{{- $args := list "configure" (printf "--containerd-registry-config-path=%s" $v.containerd.registryConfigPath) -}}
+{{- $args := list "configure" (printf "--containerd-registry-config-path=%s" $v.meshmirror.containerdRegistryConfigPath) -}}
 {{- $args = concat $args (include "meshmirror.mirroredRegistryArgs" . | fromJsonArray) -}}
 {{- /* The node's own mirror first, then the Service, then anything extra. */ -}}
-{{- $args = append $args (printf "--mirror-targets=http://%s:%d" $v.registry.mirrorHost (int $v.registry.hostPort)) -}}
-{{- if gt (int $v.registry.nodePort) 0 -}}
-{{- $args = append $args (printf "--mirror-targets=http://%s:%d" $v.registry.mirrorHost (int $v.registry.nodePort)) -}}
+{{- $args = append $args (printf "--mirror-targets=http://%s:%d" $v.service.registry.mirrorHost (int $v.service.registry.hostPort)) -}}
+{{- if gt (int $v.service.registry.nodePort) 0 -}}
+{{- $args = append $args (printf "--mirror-targets=http://%s:%d" $v.service.registry.mirrorHost (int $v.service.registry.nodePort)) -}}
 {{- end -}}
-{{- range $v.additionalMirrorTargets -}}
+{{- range $v.meshmirror.additionalMirrorTargets -}}
 {{- $args = append $args (printf "--mirror-targets=%s" .) -}}
 {{- end -}}
-{{- $args = append $args (printf "--resolve-tags=%t" $v.resolveTags) -}}
-{{- $args = append $args (printf "--prepend-existing=%t" $v.prependExisting) -}}
+{{- $args = append $args (printf "--resolve-tags=%t" $v.meshmirror.resolveTags) -}}
+{{- $args = append $args (printf "--prepend-existing=%t" $v.meshmirror.prependExisting) -}}
 {{- toYaml $args -}}
 {{- end -}}
 
 {{/* Command of the preStop hook: `meshmirror cleanup` for the same registries. */}}
 {{- define "meshmirror.cleanupCommand" -}}
-{{- $args := list "meshmirror" "cleanup" (printf "--containerd-registry-config-path=%s" .Values.containerd.registryConfigPath) -}}
+{{- $args := list "meshmirror" "cleanup" (printf "--containerd-registry-config-path=%s" .Values.meshmirror.containerdRegistryConfigPath) -}}
 {{- $args = concat $args (include "meshmirror.mirroredRegistryArgs" . | fromJsonArray) -}}
 {{- toYaml $args -}}
 {{- end -}}
@@ -107,7 +107,7 @@ settings travel as MESHMIRROR_* variables instead (see the container's env).
 {{- define "meshmirror.runArgs" -}}
 {{- $args := list "run" "--store=containerd" (printf "--join-dns=%s" (include "meshmirror.joinDNS" .)) -}}
 {{- $args = concat $args (include "meshmirror.mirroredRegistryArgs" . | fromJsonArray) -}}
-{{- range .Values.registryFilters -}}
+{{- range .Values.meshmirror.registryFilters -}}
 {{- $args = append $args (printf "--registry-filters=%s" .) -}}
 {{- end -}}
 {{- $args = concat $args .Values.extraArgs -}}
@@ -125,10 +125,10 @@ the arithmetic stays within 64 bits; the checks here hold the same line when the
 schema is skipped (--skip-schema-validation).
 */}}
 {{- define "meshmirror.spoolLimitBytes" -}}
-{{- $v := .Values.mirrorSpoolLimit -}}
+{{- $v := .Values.meshmirror.mirrorSpoolLimit -}}
 {{- if kindIs "string" $v -}}
 {{- if not (regexMatch "^([0-9]{1,15}B?|[0-9]{1,6}(Ki|Mi|Gi|Ti|k|K|M|G|T)B?)$" $v) -}}
-{{- fail (printf "mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got %q" $v) -}}
+{{- fail (printf "meshmirror.mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got %q" $v) -}}
 {{- end -}}
 {{- $units := dict "" 1 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000
       "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 -}}
@@ -136,11 +136,11 @@ schema is skipped (--skip-schema-validation).
 {{- mul (regexFind "^[0-9]+" $v | atoi) (get $units $unit) -}}
 {{- else if or (kindIs "int" $v) (kindIs "int64" $v) (kindIs "float64" $v) -}}
 {{- if or (lt (float64 $v) 0.0) (gt (float64 $v) 999999999999999.0) (ne (float64 $v) (float64 (int64 $v))) -}}
-{{- fail (printf "mirrorSpoolLimit: expected a whole number of bytes from 0 to 999999999999999, got %v" $v) -}}
+{{- fail (printf "meshmirror.mirrorSpoolLimit: expected a whole number of bytes from 0 to 999999999999999, got %v" $v) -}}
 {{- end -}}
 {{- int64 $v -}}
 {{- else -}}
-{{- fail (printf "mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got %v" $v) -}}
+{{- fail (printf "meshmirror.mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got %v" $v) -}}
 {{- end -}}
 {{- end -}}
 
@@ -150,8 +150,8 @@ is one parse_size reads), a number in plain digits (toString would print a large
 float from a values file as 4.294967296e+09, which no parser takes).
 */}}
 {{- define "meshmirror.spoolLimitEnv" -}}
-{{- if kindIs "string" .Values.mirrorSpoolLimit -}}
-{{- .Values.mirrorSpoolLimit -}}
+{{- if kindIs "string" .Values.meshmirror.mirrorSpoolLimit -}}
+{{- .Values.meshmirror.mirrorSpoolLimit -}}
 {{- else -}}
 {{- include "meshmirror.spoolLimitBytes" . -}}
 {{- end -}}
@@ -174,4 +174,13 @@ to Kubernetes and mega to parse_size, so neither reading can be assumed.
 {{- define "meshmirror.spoolSizeLimit" -}}
 {{- $mi := div (add (include "meshmirror.spoolLimitBytes" . | atoi) 1048575) 1048576 -}}
 {{- printf "%dMi" (add $mi (max 64 (div $mi 8))) -}}
+{{- end -}}
+
+{{/*
+meshmirror.logLevel as the CLI spells it: the schema admits any case and Spegel's
+"warn", the CLI takes debug, info, warning and error.
+*/}}
+{{- define "meshmirror.logLevel" -}}
+{{- $level := lower .Values.meshmirror.logLevel -}}
+{{- ternary "warning" $level (eq $level "warn") -}}
 {{- end -}}
