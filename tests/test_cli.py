@@ -91,7 +91,8 @@ def _values() -> dict[str, Any]:
 CHART_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "meshmirror.logLevel": (str, cli.LOG_LEVEL),
     "meshmirror.resolveTags": (parse_bool, field_default(MirrorOptions, "resolve_tags")),
-    "meshmirror.mirrorResolveTimeout": (parse_duration, field_default(MirrorOptions, "resolve_timeout")),
+    "meshmirror.mirrorResolveTimeout": (parse_duration,
+                                        field_default(MirrorOptions, "resolve_timeout")),
     "meshmirror.mirrorFirstByteTimeout": (parse_duration,
                                field_default(MirrorOptions, "first_byte_timeout")),
     "meshmirror.mirrorResolveRetries": (int, field_default(MirrorOptions, "resolve_retries")),
