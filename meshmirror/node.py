@@ -1,8 +1,8 @@
 """The node: ``meshmirror run`` composes a store, the registry and metrics.
 
 A `Node` is a list of components, each with ``start()`` and ``stop()``, started
-in order and stopped in reverse. It is built so the mesh, the summary
-publisher and the mirror join without rewriting anything here:
+in order and stopped in reverse, so the registry accepts requests only once
+everything it depends on runs, and stops accepting first. What plugs in:
 
 - ``node.add_component(c)`` inserts a component after the store and metrics
   and before the registry listener, so the registry only accepts requests

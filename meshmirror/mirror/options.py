@@ -1,4 +1,4 @@
-"""Mirror mode's knobs, each default written once.
+"""The mirror's knobs, each default written once.
 
 Fields set by ``meshmirror run`` flags are named for the flag without its
 ``--mirror-`` prefix (``resolve_timeout`` is ``--mirror-resolve-timeout``); the
@@ -35,7 +35,7 @@ class MirrorOptions:
     chunk_size: int = 4 * 1024 * 1024
     # A stalled peer mid-stream is abandoned after this long without a byte.
     read_timeout: float = 5.0
-    # Streamed bodies are read and hashed on two threads each (see `peer_body.BodyPump`); at
+    # Streamed bodies are read and hashed on two threads each (see `body.BodyPump`); at
     # most this many threads, later streams read on the event loop instead of waiting.
     body_threads: int = 64
     # Chunks a body thread may read ahead of the client: memory per stream stays

@@ -1,4 +1,4 @@
-"""Mirror mode: serve what the local store lacks by streaming it from peers.
+"""The mirror: serve what the local store lacks by streaming it from peers.
 
 `PeerMirror` is the registry's `Fallback`. For every miss it asks the router
 which peers probably hold the key and fetches from them through a `PeerClient`
