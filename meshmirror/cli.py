@@ -455,7 +455,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "import":
         from meshmirror.store.ocilayout import import_command
 
-        return import_command(args)
+        return import_command(Path(args.archive), args.store)
     raise AssertionError(f"no handler for {command!r}")
 
 

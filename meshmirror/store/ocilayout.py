@@ -30,7 +30,6 @@ make the store open a path outside ``DIR/blobs``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import fcntl
@@ -459,18 +458,17 @@ def import_archive(root: Path, archive: Path) -> list[Descriptor]:
     return list(index.manifests)
 
 
-def import_command(args: argparse.Namespace) -> int:
+def import_command(archive: Path, spec: str) -> int:
     """``meshmirror import ARCHIVE.tar --store oci:DIR``."""
-    spec: str = args.store
     if not spec.startswith("oci:") or not spec[4:]:
         print(f"meshmirror import: --store {spec!r}: want oci:DIR", file=sys.stderr)
         return 2
     root = Path(spec[4:])
     try:
-        added = import_archive(root, Path(args.archive))
+        added = import_archive(root, archive)
     except (ValueError, OSError) as err:  # ArchiveError, or a corrupt index.json in DIR
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"meshmirror import: {args.archive}: {message}", file=sys.stderr)
+        print(f"meshmirror import: {archive}: {message}", file=sys.stderr)
         return 1
     for entry in added:
         name = entry.annotations.get(ANNOTATION_CONTAINERD_NAME) or entry.annotations.get(
