@@ -56,7 +56,7 @@ def test_rolling_pull(tmp_path: Path) -> None:
     image = 200_000_000
     base = bench_rolling_pull.PullFigures("baseline", [5.0, 5.2], [4.0, 4.1], [0.0, 0.0],
                                           [image, image], [{}, {}])
-    hit = {"meshmirror_mirror_requests_total{kind=blob,result=hit}": 8.0}
+    hit = {"meshmirror_mirror_outcomes_total{kind=blob,result=hit}": 8.0}
     mesh = bench_rolling_pull.PullFigures("meshmirror", [5.1, 3.0], [4.0, 2.0], [0.0, 0.02],
                                           [image, 1000], [{}, hit])
     text = _write(tmp_path, bench_rolling_pull.report(args, image, [base], [mesh], LOAD))
