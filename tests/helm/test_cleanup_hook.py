@@ -59,10 +59,14 @@ def test_cleanup_runs_where_the_mirror_ran(helm: Path) -> None:
     assert container["command"][3] == SCRIPT.read_text()
 
 
+def _accepts(host: str, port: int) -> bool:
+    with socket.create_connection((host, port), timeout=1):
+        return True
+
+
 def _serve(host: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     proc = spawn([sys.executable, "-B", str(SCRIPT), "serve", host, str(port)], log)
-    wait_until(lambda: socket.create_connection((host, port), timeout=1).close() is None, 10,
-               f"cleanup relay on {host}:{port}")
+    wait_until(lambda: _accepts(host, port), 10, f"cleanup relay on {host}:{port}")
     return proc
 
 
