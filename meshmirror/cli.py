@@ -164,12 +164,23 @@ def _add_containerd_flags(parser: argparse.ArgumentParser) -> None:
           help="containerd's config file, checked for config_path and discard_unpacked_layers")
 
 
-def _add_hosts_flags(parser: argparse.ArgumentParser) -> None:
+def _add_hosts_location_flags(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "--containerd-registry-config-path", HostsConfig, "config_path", parse=Path,
           metavar="DIR", help="directory holding <registry>/hosts.toml")
-    _add_mirrored_registries(parser)
     parser.add_argument("--mirror-targets", action="append", default=None, metavar="URL",
-                        help="mirror URLs written into hosts.toml, in order")
+                        help="mirror URLs written into hosts.toml, in order; a bare IPv6 "
+                             "host is bracketed (http://fd00::5:30022)")
+
+
+def _add_prepend_existing(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "--prepend-existing", HostsConfig, "prepend_existing", parse=parse_bool,
+          show=lambda value: str(value).lower(), metavar="BOOL",
+          help="keep existing host entries after ours")
+
+
+def _add_hosts_flags(parser: argparse.ArgumentParser) -> None:
+    _add_hosts_location_flags(parser)
+    _add_mirrored_registries(parser)
     _add_resolve_tags(parser)
 
 
@@ -220,6 +231,12 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     _flag(run, "--summary-fp-rate", PeeringConfig, "summary_fp_rate", parse=_parse_float,
           metavar="RATE", help="target false-positive rate of the Bloom summary")
     _add_containerd_flags(run)
+    _flag(run, "--write-hosts-config", NodeConfig, "write_hosts_config", parse=parse_bool,
+          show=lambda value: str(value).lower(), metavar="BOOL",
+          help="write hosts.toml at every start, as `configure` does with the same flags, "
+               "so a restarted container puts back a lost entry")
+    _add_hosts_location_flags(run)
+    _add_prepend_existing(run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,9 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     configure = sub.add_parser("configure", help="write containerd hosts.toml mirror entries")
     _add_hosts_flags(configure)
-    _flag(configure, "--prepend-existing", HostsConfig, "prepend_existing", parse=parse_bool,
-          show=lambda value: str(value).lower(), metavar="BOOL",
-          help="keep existing host entries after ours")
+    _add_prepend_existing(configure)
 
     cleanup = sub.add_parser("cleanup", help="restore the hosts.toml backup")
     _add_hosts_flags(cleanup)
@@ -400,7 +415,9 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
     """``run``'s flags, checked: every bad one is a UsageError before anything starts."""
     return NodeConfig(store=args.store, registry_addr=args.registry_addr,
                       metrics_addr=args.metrics_addr, containerd=_containerd_config(args),
-                      peering=peering_config(args))
+                      peering=peering_config(args),
+                      write_hosts_config=args.write_hosts_config,
+                      hosts=hosts_config(args, targets_required=args.write_hosts_config))
 
 
 def hosts_config(args: argparse.Namespace, *, targets_required: bool) -> HostsConfig:

@@ -270,4 +270,30 @@ def run_command(config: NodeConfig) -> int:
 
         if (code := startup_gate(config.containerd)) != 0:
             return code
+    if config.write_hosts_config and (code := write_hosts_config(config)) != 0:
+        return code
     return asyncio.run(run_node(config))
+
+
+def write_hosts_config(config: NodeConfig) -> int:
+    """Point containerd at the mirror targets before serving, exactly as ``configure`` does.
+
+    Done at every start, not only by the pod's init container: a container that
+    Kubernetes restarts in place runs no init container, and an entry lost while it
+    was down (removed by hand, by another tool, by a cleanup) would otherwise send
+    every pull on the node upstream while the node still looks healthy. The step is
+    idempotent, so an entry already in place is left byte for byte as it is.
+    """
+    from meshmirror.containerd.hostsconfig import HostsConfigError, configure
+
+    hosts = config.hosts
+    try:
+        changed = configure(hosts.config_path, hosts.registries, hosts.targets,
+                            hosts.resolve_tags, hosts.prepend_existing)
+    except (HostsConfigError, OSError) as err:
+        print(f"meshmirror: cannot write hosts.toml under {hosts.config_path}: {err}",
+              file=sys.stderr)
+        return 1
+    log.info("hosts.toml", extra={"fields": {"path": str(hosts.config_path),
+                                             "changed": changed or "nothing"}})
+    return 0

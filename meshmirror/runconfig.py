@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from meshmirror.addresses import ANY_HOST
 from meshmirror.containerd.config import ContainerdConfig
+from meshmirror.containerd.hostsconfig import HostsConfig
 from meshmirror.mesh.config import MeshConfig
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.oci.reference import DOCKER_HUB
@@ -60,3 +61,9 @@ class NodeConfig:
     server: ServerOptions | None = None
     # None serves the local store only (``--mesh-addr off``).
     peering: PeeringConfig | None = None
+    # Write ``hosts`` into containerd's configuration at every start, as ``meshmirror
+    # configure`` would. A container restarted in the same pod (a failed liveness probe)
+    # runs no init container, so only ``run`` itself can put back an entry that was lost.
+    write_hosts_config: bool = False
+    hosts: HostsConfig = field(
+        default_factory=lambda: HostsConfig(resolve_tags=MirrorOptions().resolve_tags))

@@ -43,9 +43,12 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "containerd_namespace": (ContainerdConfig, "namespace"),
     "containerd_content_path": (ContainerdConfig, "content_path"),
     "containerd_config": (ContainerdConfig, "config"),
+    "write_hosts_config": (NodeConfig, "write_hosts_config"),
+    "containerd_registry_config_path": (HostsConfig, "config_path"),
+    "prepend_existing": (HostsConfig, "prepend_existing"),
 }
 # Repeatable flags: absent on the command line, they leave these fields at their default.
-RUN_LIST_FLAGS = {"join", "mirrored_registries", "registry_filters"}
+RUN_LIST_FLAGS = {"join", "mirrored_registries", "registry_filters", "mirror_targets"}
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -73,6 +76,29 @@ def test_run_without_flags_builds_the_dataclass_defaults() -> None:
     assert config.peering.mirror == MirrorOptions()
     assert config.peering.join == field_default(PeeringConfig, "join")
     assert config.peering.mesh_addr == field_default(PeeringConfig, "mesh_addr")
+    assert config.write_hosts_config is False
+    assert config.hosts == NodeConfig().hosts
+
+
+def test_run_hosts_config_reads_as_configure_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart passes the same MESHMIRROR_* variables to `configure` and to `run`."""
+    env = {"MESHMIRROR_WRITE_HOSTS_CONFIG": "true",
+           "MESHMIRROR_CONTAINERD_REGISTRY_CONFIG_PATH": "/srv/certs.d",
+           "MESHMIRROR_MIRRORED_REGISTRIES": "https://docker.io,ghcr.io",
+           "MESHMIRROR_MIRROR_TARGETS": "http://fd00::5:30022,http://fd00::5:30023",
+           "MESHMIRROR_RESOLVE_TAGS": "false", "MESHMIRROR_PREPEND_EXISTING": "true"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    run = cli.node_config(cli.parse_args(["run", "--store", "oci:/tmp"]))
+    configure = cli.hosts_config(cli.parse_args(["configure"]), targets_required=True)
+    assert run.write_hosts_config is True
+    assert run.hosts == configure
+    assert run.hosts.targets == ("http://[fd00::5]:30022", "http://[fd00::5]:30023")
+
+
+def test_run_writing_hosts_config_needs_a_target(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "--store", "oci:/tmp", "--write-hosts-config", "true"]) == 2
+    assert "--mirror-targets is required" in capsys.readouterr().err
 
 
 def test_help_shows_the_defaults_in_the_form_a_flag_takes() -> None:

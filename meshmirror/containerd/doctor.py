@@ -104,14 +104,12 @@ def check_hosts_file(
                            fix=configure_fix)
     hosts = data.get("host", {})
     hosts = hosts if isinstance(hosts, dict) else {}
-    missing = [t for t in expected_targets if t not in hosts]
-    if missing:
-        return CheckResult(name, False, problem=f"{path} lacks the mirror targets "
-                                                f"{', '.join(missing)}", fix=configure_fix)
+    pulls = [url for url, entry in hosts.items()
+             if isinstance(entry, dict) and "pull" in entry.get("capabilities", ["pull"])]
+    if expected_targets:
+        return _check_expected_targets(name, path, pulls, expected_targets, configure_fix)
     registry_host, registry_port = registry_endpoint(registry_addr)
-    ours = [url for url, entry in hosts.items()
-            if isinstance(entry, dict) and "pull" in entry.get("capabilities", ["pull"])
-            and points_at_this_node(url, registry_host, registry_port)]
+    ours = [url for url in pulls if points_at_this_node(url, registry_host, registry_port)]
     if not ours:
         listed = ", ".join(hosts) or "no [host] entries"
         return CheckResult(name, False,
@@ -119,6 +117,28 @@ def check_hosts_file(
                                    f"({format_host_port(*registry_addr)}); it lists {listed}",
                            fix=configure_fix)
     return CheckResult(name, True, detail=f"{path} tries {ours[0]}")
+
+
+def _check_expected_targets(name: str, path: Path, pulls: Sequence[str],
+                            expected: Sequence[str], fix: str) -> CheckResult:
+    """hosts.toml tries the given targets first, in their order.
+
+    The targets given to doctor are the ones this node's ``configure``/``run`` was
+    told to write (in a pod: the same MESHMIRROR_MIRROR_TARGETS), so they stand for
+    this node's registry even when their port is not the registry's own: the chart's
+    hostPort and NodePort both lead to it, a mapping only Kubernetes knows. Any other
+    entry ahead of them would make containerd try it first.
+    """
+    head = list(pulls[: len(expected)])
+    if head == list(expected):
+        return CheckResult(name, True, detail=f"{path} tries {', '.join(expected)} first")
+    missing = [t for t in expected if t not in pulls]
+    if missing:
+        problem = f"{path} lacks the mirror targets {', '.join(missing)}"
+    else:
+        problem = (f"{path} tries {', '.join(head)} before this node's mirror targets "
+                   f"{', '.join(expected)}")
+    return CheckResult(name, False, problem=problem, fix=fix)
 
 
 def check_registry(registry_addr: tuple[str, int],

@@ -155,10 +155,37 @@ def parse_registry(text: str) -> MirroredRegistry:
     return MirroredRegistry(netloc, server)
 
 
+def bracket_ipv6_host(url: str) -> str:
+    """``url`` with a bare IPv6 host put in brackets: ``http://fd00::5:30022`` becomes
+    ``http://[fd00::5]:30022``.
+
+    A node's IP reaches a mirror target through one template, ``http://$(NODE_IP):PORT``,
+    which cannot know the address family; on an IPv6 node the URL is unusable until
+    bracketed. A host with several colons is read as an IPv6 address followed by a
+    port when that reading is valid (the chart always appends a port), else as an
+    address alone. Anything else is returned unchanged.
+    """
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    if not sep or netloc.startswith("[") or netloc.count(":") < 2 or "@" in netloc:
+        return url
+    host, _, port = netloc.rpartition(":")
+    for candidate, suffix in ((host, f":{port}"), (netloc, "")):
+        if suffix and not port.isdigit():
+            continue
+        try:
+            ipaddress.IPv6Address(candidate)
+        except ValueError:
+            continue
+        return f"{scheme}://[{candidate}]{suffix}{slash}{tail}"
+    return url
+
+
 def parse_mirror_target(text: str) -> str:
-    """A ``--mirror-targets`` value: an http(s) URL to a meshmirror, normalised without '/'."""
+    """A ``--mirror-targets`` value: an http(s) URL to a meshmirror, normalised without '/'
+    and with a bare IPv6 host bracketed."""
     what = f"--mirror-targets {text!r}"
-    parts = urlsplit(text)
+    parts = urlsplit(bracket_ipv6_host(text))
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise UsageError(f"{what}: want an http(s) URL such as http://127.0.0.1:5000")
     if parts.path not in ("", "/") or parts.query or parts.fragment:

@@ -104,6 +104,32 @@ def test_mirror_targets_flag_must_all_be_present(node: Node) -> None:
 
 
 @pytest.mark.real
+def test_node_port_targets_given_to_doctor_count_as_this_node(node: Node) -> None:
+    """In a pod, hosts.toml names the hostPort and NodePort, never the registry's own
+    port; doctor reads those targets from the same MESHMIRROR_MIRROR_TARGETS."""
+    targets = "http://192.0.2.10:30022,http://192.0.2.10:30023"
+    assert main(["configure", "--containerd-registry-config-path", str(node.certs),
+                 "--mirrored-registries", "docker.io,quay.io", "--mirror-targets", targets]) == 0
+    code, lines = node.doctor()  # without the targets: not this node's port
+    assert len(failures(lines)) == 2
+    code, lines = node.doctor(mirror_targets=targets)
+    assert code == 0, lines
+    assert "tries http://192.0.2.10:30022, http://192.0.2.10:30023 first" in lines[4]
+
+
+@pytest.mark.real
+def test_an_entry_ahead_of_this_nodes_targets_fails(node: Node) -> None:
+    assert main(["configure", "--containerd-registry-config-path", str(node.certs),
+                 "--mirrored-registries", "docker.io,quay.io",
+                 "--mirror-targets", f"http://192.0.2.99:5000,{node.registry.url}"]) == 0
+    code, lines = node.doctor(mirror_targets=node.registry.url)
+    assert code == 1
+    line = failures(lines)[0]
+    assert f"tries http://192.0.2.99:5000 before this node's mirror targets {node.registry.url}" \
+        in line and "meshmirror configure" in line
+
+
+@pytest.mark.real
 def test_missing_socket(node: Node, tmp_path: Path) -> None:
     code, lines = node.doctor(containerd_sock=str(tmp_path / "containerd.sock"))
     assert code == 1

@@ -401,3 +401,44 @@ def test_rendered_toml_round_trips_any_existing_entries(
         expected.setdefault(url, entry)
     assert parsed["host"] == expected
     assert list(parsed["host"]) == list(expected)
+
+
+@pytest.mark.parametrize(("given", "written"), [
+    ("http://fd00::5:30022", "http://[fd00::5]:30022"),
+    ("https://2001:db8::10:30023/", "https://[2001:db8::10]:30023"),
+    ("http://::1:5000", "http://[::1]:5000"),
+    ("http://fd00::5", "http://[fd00::5]"),  # no valid address before the last colon
+    ("http://[fd00::5]:30022", "http://[fd00::5]:30022"),
+    ("http://192.0.2.10:30022", "http://192.0.2.10:30022"),
+])
+def test_bare_ipv6_target_hosts_are_bracketed(given: str, written: str) -> None:
+    assert hostsconfig.parse_mirror_target(given) == written
+
+
+def test_ipv6_node_ip_reaches_hosts_toml_bracketed(tmp_path: Path) -> None:
+    """What the chart's init container does on an IPv6 node: $(NODE_IP) expanded bare."""
+    assert configure(tmp_path, "--mirror-targets", "http://fd00::5:30022,http://fd00::5:30023") == 0
+    hosts = host_entries(hosts_of(tmp_path / "_default" / "hosts.toml"))
+    assert list(hosts) == ["http://[fd00::5]:30022", "http://[fd00::5]:30023"]
+
+
+def test_run_start_up_step_puts_a_lost_entry_back(existing: Path) -> None:
+    """`run --write-hosts-config` at a container restart: configure's step, idempotent."""
+    from meshmirror.cli import node_config, parse_args
+    from meshmirror.node import write_hosts_config
+
+    flags = ["--containerd-registry-config-path", str(existing),
+             "--mirrored-registries", "docker.io", "--mirror-targets", "http://127.0.0.2:30022",
+             "--prepend-existing", "true"]
+    before = snapshot(existing)
+    assert configure(existing, *flags) == 0
+    configured = snapshot(existing)
+    config = node_config(parse_args(["run", "--store", "oci:/tmp", "--mesh-addr", "off",
+                                     "--write-hosts-config", "true", *flags]))
+    assert write_hosts_config(config) == 0
+    assert snapshot(existing) == configured  # nothing changed on a healthy node
+    (existing / "docker.io" / "hosts.toml").unlink()  # lost while the container was down
+    assert write_hosts_config(config) == 0
+    assert snapshot(existing) == configured
+    assert run("cleanup", "--containerd-registry-config-path", str(existing)) == 0
+    assert snapshot(existing) == before

@@ -93,8 +93,23 @@ def of_kind(manifests: Sequence[Manifest], kind: str) -> list[Manifest]:
     return [m for m in manifests if m["kind"] == kind]
 
 
+def is_hook(doc: Manifest) -> bool:
+    return "helm.sh/hook" in (doc["metadata"].get("annotations") or {})
+
+
+def hooks(manifests: Sequence[Manifest]) -> list[Manifest]:
+    """The objects Helm creates only at a hook (the post-delete cleanup), not on install."""
+    return [m for m in manifests if is_hook(m)]
+
+
+def installed(manifests: Sequence[Manifest]) -> list[Manifest]:
+    """The objects an install creates and keeps: everything but hooks."""
+    return [m for m in manifests if not is_hook(m)]
+
+
 def pod_spec(manifests: Sequence[Manifest]) -> dict[str, Any]:
-    spec: dict[str, Any] = one(manifests, "DaemonSet")["spec"]["template"]["spec"]
+    """The meshmirror DaemonSet's pod spec (not the cleanup hook's)."""
+    spec: dict[str, Any] = one(installed(manifests), "DaemonSet")["spec"]["template"]["spec"]
     return spec
 
 
@@ -109,9 +124,12 @@ def container(manifests: Sequence[Manifest], name: str, init: bool = False) -> d
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
-def expand_var_refs(text: str, values: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion in command and args, with the values a node would give."""
-    return _VAR_REF.sub(lambda m: values[m.group(1)], text)
+def expand_var_refs(text: str, values: dict[str, str], keep_unknown: bool = False) -> str:
+    """Kubernetes' $(VAR) expansion in command, args and env values, with the values a
+    node would give; the kubelet leaves a reference to an unknown variable as written."""
+    return _VAR_REF.sub(
+        lambda m: values.get(m.group(1), m.group(0)) if keep_unknown else values[m.group(1)],
+        text)
 
 
 def var_refs(texts: Iterable[str]) -> set[str]:

@@ -41,11 +41,17 @@ def check_env_names(env: dict[str, str], command: str) -> None:
 
 
 def node_env(cont: dict[str, Any], node: dict[str, str] | None = None) -> dict[str, str]:
-    """The container's env as a node would fill it; ``node`` overrides downward-API fields."""
+    """The container's env as a node would fill it; ``node`` overrides downward-API fields.
+
+    As the kubelet does, a value's $(VAR) is replaced by a variable defined above it.
+    """
     fields = {**NODE, **(node or {})}
-    env = chart.literal_env(cont)
-    for name, field in chart.field_env(cont).items():
-        env[name] = fields[field]
+    env: dict[str, str] = {}
+    for item in cont.get("env", []):
+        if "value" in item:
+            env[item["name"]] = chart.expand_var_refs(item["value"], env, keep_unknown=True)
+        elif "fieldRef" in item.get("valueFrom", {}):
+            env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
     return env
 
 

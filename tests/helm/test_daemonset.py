@@ -45,6 +45,10 @@ def test_run_command_line_defaults(helm: Path) -> None:
     assert args.mirror_spool_dir == Path("/var/spool/meshmirror")
     assert args.summary_fp_rate == pytest.approx(0.01)
     assert args.mirrored_registries is None
+    # run rewrites the node's hosts.toml entry at every start, as configure did.
+    assert args.write_hosts_config is True
+    assert args.mirror_targets == ["http://192.0.2.10:30022,http://192.0.2.10:30023"]
+    assert args.containerd_registry_config_path == Path("/etc/containerd/certs.d")
     assert args.registry_filters is None
     # Gossip is encrypted by default, with the key the chart generates.
     assert args.gossip_key_file == "/etc/meshmirror/gossip/gossip-key"
@@ -106,7 +110,8 @@ def test_extra_env_is_appended(helm: Path) -> None:
 def test_downward_api_fields(helm: Path) -> None:
     main = chart.container(chart.render(), "meshmirror")
     init = chart.container(chart.render(), "configure", init=True)
-    assert chart.field_env(main) == {"MESHMIRROR_NODE_NAME": "spec.nodeName",
+    assert chart.field_env(main) == {"NODE_IP": "status.hostIP",
+                                     "MESHMIRROR_NODE_NAME": "spec.nodeName",
                                      "MESHMIRROR_ADVERTISE_ADDR": "status.podIP"}
     assert chart.field_env(init) == {"NODE_IP": "status.hostIP"}
 
@@ -117,11 +122,11 @@ def test_configure_init_container(helm: Path) -> None:
     assert args.command == "configure"
     assert args.containerd_registry_config_path == Path("/etc/containerd/certs.d")
     # hostPort of this node first, then the NodePort Service reaching any node.
-    assert args.mirror_targets == ["http://192.0.2.10:30022", "http://192.0.2.10:30023"]
+    assert hostsconfig.parse_targets(args.mirror_targets) == [
+        "http://192.0.2.10:30022", "http://192.0.2.10:30023"]
     assert args.mirrored_registries is None
     assert args.resolve_tags is True
     assert args.prepend_existing is False
-    assert hostsconfig.parse_targets(args.mirror_targets) == args.mirror_targets
     assert [r.directory for r in hostsconfig.parse_registries(args.mirrored_registries)] == [
         "_default"]
     assert {"name": "containerd-certs", "mountPath": "/etc/containerd/certs.d"} in init[
@@ -132,8 +137,8 @@ def test_configure_init_container_custom(helm: Path) -> None:
     init = chart.container(chart.render(("custom-registries.yaml",)), "configure", init=True)
     args = parse_container(init)
     assert args.log_level == "debug"
-    assert args.mirror_targets == ["http://192.0.2.10:31020", "http://192.0.2.10:31021",
-                                   "http://mirror.example.internal:5000"]
+    assert hostsconfig.parse_targets(args.mirror_targets) == [
+        "http://192.0.2.10:31020", "http://192.0.2.10:31021", "http://mirror.example.internal:5000"]
     assert args.resolve_tags is False
     assert args.prepend_existing is True
     registries = hostsconfig.parse_registries(args.mirrored_registries)
@@ -143,7 +148,7 @@ def test_configure_init_container_custom(helm: Path) -> None:
 def test_no_node_port_means_one_target(helm: Path) -> None:
     manifests = chart.render(("k3s-minimal.yaml",))
     args = parse_container(chart.container(manifests, "configure", init=True))
-    assert args.mirror_targets == ["http://192.0.2.10:30022"]
+    assert hostsconfig.parse_targets(args.mirror_targets) == ["http://192.0.2.10:30022"]
     assert args.containerd_registry_config_path == Path(
         "/var/lib/rancher/k3s/agent/etc/containerd/certs.d")
     service = chart.one(manifests, "Service", f"{FULLNAME}-registry")
@@ -151,25 +156,46 @@ def test_no_node_port_means_one_target(helm: Path) -> None:
     assert "nodePort" not in service["spec"]["ports"][0]
 
 
-def test_prestop_cleanup(helm: Path) -> None:
-    main = chart.container(chart.render(("custom-registries.yaml",)), "meshmirror")
-    command = main["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[0] == "meshmirror"
-    args = parse_container(main, argv=command[1:])
-    assert args.command == "cleanup"
-    assert args.containerd_registry_config_path == Path("/etc/containerd/certs.d")
-    assert flags.split_list(args.mirrored_registries) == [
-        "https://docker.io", "ghcr.io", "http://registry.internal:5050"]
-    # cleanup writes into certs.d, so the main container must mount it writable.
-    mounts = {m["name"]: m for m in main["volumeMounts"]}
-    assert mounts["containerd-certs"]["mountPath"] == "/etc/containerd/certs.d"
-    assert not mounts["containerd-certs"].get("readOnly", False)
+def test_init_and_main_container_write_the_same_hosts_config(helm: Path) -> None:
+    """configure (once per pod) and run (at every start) agree on every hosts.toml setting."""
+    for value_files in [(), ("custom-registries.yaml",), ("k3s-minimal.yaml",)]:
+        manifests = chart.render(value_files)
+        init = parse_container(chart.container(manifests, "configure", init=True))
+        run = parse_container(chart.container(manifests, "meshmirror"))
+        for name in ("containerd_registry_config_path", "mirrored_registries", "resolve_tags",
+                     "prepend_existing"):
+            assert getattr(init, name) == getattr(run, name), (value_files, name)
+        assert hostsconfig.parse_targets(init.mirror_targets) == hostsconfig.parse_targets(
+            run.mirror_targets)
+        for cont in chart.pod_spec(manifests)["containers"]:
+            assert "lifecycle" not in cont, "no cleanup when a container stops"
+            assert all("$(" not in v for v in node_env(cont).values()), node_env(cont)
 
 
-def test_prestop_off_drops_hook_and_certs_mount(helm: Path) -> None:
-    main = chart.container(chart.render(("k3s-minimal.yaml",)), "meshmirror")
-    assert "lifecycle" not in main
-    assert "containerd-certs" not in {m["name"] for m in main["volumeMounts"]}
+def test_doctor_in_the_pod_sees_what_the_chart_configured(
+    helm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kubectl exec ... -- meshmirror doctor` runs with the main container's env."""
+    manifests = chart.render(("custom-registries.yaml",))
+    main = chart.container(manifests, "meshmirror")
+    for name in [n for n in os.environ if n.startswith("MESHMIRROR_")]:
+        monkeypatch.delenv(name)
+    for name, value in node_env(main).items():
+        monkeypatch.setenv(name, value)
+    args = cli.parse_args(["doctor"])
+    hosts = cli.hosts_config(args, targets_required=False)
+    assert [r.directory for r in hosts.registries] == [
+        "docker.io", "ghcr.io", "registry.internal:5050"]
+    assert hosts.targets == ("http://192.0.2.10:31020", "http://192.0.2.10:31021",
+                             "http://mirror.example.internal:5000")
+    assert args.registry_addr == ("0.0.0.0", 5001)
+
+
+def test_certs_are_mounted_writable_in_the_main_container(helm: Path) -> None:
+    for value_files in [(), ("k3s-minimal.yaml",)]:
+        main = chart.container(chart.render(value_files), "meshmirror")
+        mounts = {m["name"]: m for m in main["volumeMounts"]}
+        assert not mounts["containerd-certs"].get("readOnly", False)
 
 
 def _run_in_pod_like_env(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -180,10 +206,12 @@ def _run_in_pod_like_env(argv: list[str], env: dict[str, str]) -> subprocess.Com
                           text=True, timeout=60, check=False)
 
 
-def test_init_then_prestop_round_trip_on_a_real_directory(helm: Path, tmp_path: Path) -> None:
-    """Run the rendered init container and preStop commands for real, against a certs.d
-    that already holds an operator's hosts.toml: configure adds both mirrors, cleanup
-    puts the original back byte for byte."""
+def test_init_then_uninstall_hook_round_trip_on_a_real_directory(
+    helm: Path, tmp_path: Path
+) -> None:
+    """Run the rendered init container, then the post-delete hook's cleanup, for real,
+    against a certs.d that already holds an operator's hosts.toml: configure adds both
+    mirrors, run's start-up step keeps them, cleanup puts the original back byte for byte."""
     certs = tmp_path / "certs.d"
     (certs / "docker.io").mkdir(parents=True)
     original = b'server = "https://registry-1.docker.io"\n'
@@ -191,17 +219,16 @@ def test_init_then_prestop_round_trip_on_a_real_directory(helm: Path, tmp_path: 
     manifests = chart.render(sets=[f"meshmirror.containerdRegistryConfigPath={certs}",
                                    "meshmirror.mirroredRegistries={https://docker.io}"])
     init = chart.container(manifests, "configure", init=True)
-    env = node_env(init)
-    argv = ["meshmirror", *(chart.expand_var_refs(a, env) for a in init["args"])]
-    done = _run_in_pod_like_env(argv, env)
+    done = _run_in_pod_like_env(["meshmirror", *init["args"]], node_env(init))
     assert done.returncode == 0, done.stderr
     written = (certs / "docker.io" / "hosts.toml").read_text()
     assert 'host."http://192.0.2.10:30022"' in written
     assert 'host."http://192.0.2.10:30023"' in written
     assert written.index(":30022") < written.index(":30023")
 
-    main = chart.container(manifests, "meshmirror")
-    done = _run_in_pod_like_env(main["lifecycle"]["preStop"]["exec"]["command"], node_env(main))
+    hook = chart.one(chart.hooks(manifests), "DaemonSet")["spec"]["template"]["spec"]
+    (cleanup,) = hook["initContainers"]
+    done = _run_in_pod_like_env([*cleanup["command"], *cleanup["args"]], node_env(cleanup))
     assert done.returncode == 0, done.stderr
     assert (certs / "docker.io" / "hosts.toml").read_bytes() == original
 
@@ -291,7 +318,7 @@ def test_services(helm: Path) -> None:
 
 
 def one_pod_labels(manifests: list[chart.Manifest]) -> dict[str, str]:
-    daemonset = chart.one(manifests, "DaemonSet")
+    daemonset = chart.one(chart.installed(manifests), "DaemonSet")
     labels: dict[str, str] = daemonset["spec"]["template"]["metadata"]["labels"]
     assert daemonset["spec"]["selector"]["matchLabels"].items() <= labels.items()
     return labels
@@ -309,7 +336,7 @@ def test_scheduling_and_security_defaults(helm: Path) -> None:
         assert ctx["readOnlyRootFilesystem"] is True
         assert ctx["allowPrivilegeEscalation"] is False
         assert ctx["capabilities"] == {"drop": ["ALL"]}
-    strategy = chart.one(manifests, "DaemonSet")["spec"]["updateStrategy"]
+    strategy = chart.one(chart.installed(manifests), "DaemonSet")["spec"]["updateStrategy"]
     assert strategy["rollingUpdate"]["maxSurge"] == 0
 
 
@@ -325,9 +352,21 @@ def test_image_tag_and_digest(helm: Path) -> None:
                                  "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
 
 
-def test_ipv6_nodes_bracket_the_mirror_host(helm: Path) -> None:
-    manifests = chart.render(sets=["service.registry.mirrorHost=[$(NODE_IP)]"])
-    init = chart.container(manifests, "configure", init=True)
-    args = parse_container(init, node={"status.hostIP": "2001:db8::10"})
-    assert args.mirror_targets == ["http://[2001:db8::10]:30022", "http://[2001:db8::10]:30023"]
-    assert hostsconfig.parse_targets(args.mirror_targets) == args.mirror_targets
+def test_ipv6_nodes_need_no_setting(helm: Path) -> None:
+    """The default mirrorHost, $(NODE_IP), expands to a bare IPv6 address on an IPv6
+    node; meshmirror brackets it."""
+    manifests = chart.render()
+    for cont in (chart.container(manifests, "configure", init=True),
+                 chart.container(manifests, "meshmirror")):
+        args = parse_container(cont, node={"status.hostIP": "2001:db8::10"})
+        assert hostsconfig.parse_targets(args.mirror_targets) == [
+            "http://[2001:db8::10]:30022", "http://[2001:db8::10]:30023"]
+
+
+def test_listen_on_pod_ip(helm: Path) -> None:
+    manifests = chart.render(sets=["meshmirror.listenOnPodIP=true"])
+    for pod_ip in ("198.51.100.7", "2001:db8::7"):
+        args = parse_container(chart.container(manifests, "meshmirror"),
+                               node={"status.podIP": pod_ip})
+        assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (
+            (pod_ip, 5000), (pod_ip, 7946), (pod_ip, 9090))

@@ -28,6 +28,7 @@ VALUE_SETS = [
     ("k3s-minimal.yaml",),
     ("spool-off.yaml",),
     ("spegel-style.yaml",),
+    ("two-nodes.yaml",),
     ("custom-registries.yaml", "encryption-existing-secret.yaml", "servicemonitor.yaml"),
 ]
 IDS = ["+".join(v) or "defaults" for v in VALUE_SETS]

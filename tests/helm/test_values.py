@@ -75,6 +75,10 @@ INVALID = [
      "'0s' does not match pattern"),
     (["--set", "gossip.enabled=maybe"], "/gossip/enabled", "want boolean"),
     (["--set", "livenessProbe.enabled=yes"], "/livenessProbe/enabled", "want boolean"),
+    (["--set", "cleanup.onStop=true"], "/cleanup", "'onStop' not allowed"),
+    (["--set", "cleanup.onUninstall=sometimes"], "/cleanup/onUninstall", "want boolean"),
+    (["--set", "cleanup.timeoutSeconds=1"], "/cleanup/timeoutSeconds", "minimum: got 1, want 10"),
+    (["--set", "meshmirror.listenOnPodIP=1"], "/meshmirror/listenOnPodIP", "want boolean"),
     (["--set", "image.digest=latest"], "/image/digest", "does not match pattern"),
     (["--set", "gossip.secretKey=a/b"], "/gossip/secretKey",
      "does not match pattern"),
@@ -198,10 +202,10 @@ def test_notes_render_for_every_mode(helm: Path) -> None:
         notes = result.stdout.split("NOTES:", 1)[1]
         assert "meshmirror doctor" in notes
         if value_files:
-            assert "cleanup.onStop is false" in notes
+            assert "cleanup.onUninstall is false" in notes
             assert "existingSecret" in notes
         else:
-            assert "preStop hook runs `meshmirror cleanup`" in notes
+            assert "post-delete hook runs `meshmirror cleanup` on every node" in notes
             assert ":30023" in notes
 
 

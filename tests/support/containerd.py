@@ -1,7 +1,8 @@
 """A private, real containerd 1.6 for a test: its own root, state and socket.
 
 CRI is off unless asked for, because with CRI on containerd re-labels and
-re-creates image records in k8s.io, which makes event tests noisy.
+re-creates image records in k8s.io, which makes event tests noisy. With CRI on,
+``cri_pull`` pulls as the kubelet does.
 The directory lives under /tmp with a short name because a unix socket path
 must fit in 108 bytes and pytest's tmp_path often does not.
 """
@@ -14,9 +15,26 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
+import grpc
+
 from tests.support.processes import spawn, stop, wait_until
 
 NAMESPACE = "k8s.io"
+_CRI_PULL_IMAGE = "/runtime.v1.ImageService/PullImage"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _proto_string(field: int, value: bytes) -> bytes:
+    """One length-delimited protobuf field: enough to build CRI's small requests."""
+    return _varint(field << 3 | 2) + _varint(len(value)) + value
 
 
 class Containerd:
@@ -92,9 +110,24 @@ class Containerd:
             )
         return result
 
+    def cri_pull(self, reference: str, timeout: float = 60.0) -> str:
+        """Pull as the kubelet does: CRI ``ImageService.PullImage`` (needs ``cri=True``).
+
+        The pull runs inside containerd, through the hosts.toml under
+        ``registry_config_path``. Returns the image's reference as CRI reports it
+        (its config digest); a failed pull raises ``grpc.RpcError``.
+        """
+        # PullImageRequest{image: ImageSpec{image: reference}}; PullImageResponse{image_ref}.
+        request = _proto_string(1, _proto_string(1, reference.encode()))
+        with grpc.insecure_channel(f"unix://{self.socket}") as channel:
+            call = channel.unary_unary(_CRI_PULL_IMAGE, request_serializer=None,
+                                       response_deserializer=None)
+            reply: bytes = call(request, timeout=timeout)
+        return reply[2:].decode() if reply else ""
+
     def close(self) -> None:
         self.stop()
-        # Snapshots may hold overlay mounts only when containers ran; we never run any.
+        # A test that ran containers removes them first, so no overlay mount is left.
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Containerd:

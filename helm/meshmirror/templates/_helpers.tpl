@@ -64,54 +64,75 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "meshmirror.gossipKeyDir" -}}/etc/meshmirror/gossip{{- end -}}
 
 {{/*
-Repeated --mirrored-registries flags (a list), shared by run, configure and cleanup
-so the three always agree on which registries are ours.
+Mirror targets written into hosts.toml, as a JSON list: the node's own mirror
+(hostPort) first, then the NodePort Service reaching any node, then anything extra.
+$(NODE_IP) is expanded by the kubelet; a bare IPv6 address is bracketed by
+meshmirror itself.
 */}}
-{{- define "meshmirror.mirroredRegistryArgs" -}}
-{{- $args := list -}}
-{{- range .Values.meshmirror.mirroredRegistries -}}
-{{- $args = append $args (printf "--mirrored-registries=%s" .) -}}
+{{- define "meshmirror.mirrorTargets" -}}
+{{- $registry := .Values.service.registry -}}
+{{- $targets := list (printf "http://%s:%d" $registry.mirrorHost (int $registry.hostPort)) -}}
+{{- if gt (int $registry.nodePort) 0 -}}
+{{- $targets = append $targets (printf "http://%s:%d" $registry.mirrorHost (int $registry.nodePort)) -}}
 {{- end -}}
-{{- toJson $args -}}
-{{- end -}}
-
-{{/* Arguments of `meshmirror configure` (the init container). */}}
-{{- define "meshmirror.configureArgs" -}}
-{{- $v := .Values -}}
-{{- $args := list "configure" (printf "--containerd-registry-config-path=%s" $v.meshmirror.containerdRegistryConfigPath) -}}
-{{- $args = concat $args (include "meshmirror.mirroredRegistryArgs" . | fromJsonArray) -}}
-{{- /* The node's own mirror first, then the Service, then anything extra. */ -}}
-{{- $args = append $args (printf "--mirror-targets=http://%s:%d" $v.service.registry.mirrorHost (int $v.service.registry.hostPort)) -}}
-{{- if gt (int $v.service.registry.nodePort) 0 -}}
-{{- $args = append $args (printf "--mirror-targets=http://%s:%d" $v.service.registry.mirrorHost (int $v.service.registry.nodePort)) -}}
-{{- end -}}
-{{- range $v.meshmirror.additionalMirrorTargets -}}
-{{- $args = append $args (printf "--mirror-targets=%s" .) -}}
-{{- end -}}
-{{- $args = append $args (printf "--resolve-tags=%t" $v.meshmirror.resolveTags) -}}
-{{- $args = append $args (printf "--prepend-existing=%t" $v.meshmirror.prependExisting) -}}
-{{- toYaml $args -}}
-{{- end -}}
-
-{{/* Command of the preStop hook: `meshmirror cleanup` for the same registries. */}}
-{{- define "meshmirror.cleanupCommand" -}}
-{{- $args := list "meshmirror" "cleanup" (printf "--containerd-registry-config-path=%s" .Values.meshmirror.containerdRegistryConfigPath) -}}
-{{- $args = concat $args (include "meshmirror.mirroredRegistryArgs" . | fromJsonArray) -}}
-{{- toYaml $args -}}
+{{- toJson (concat $targets .Values.meshmirror.additionalMirrorTargets) -}}
 {{- end -}}
 
 {{/*
-Arguments of `meshmirror run`: what the chart fixes, plus the lists. Scalar
-settings travel as MESHMIRROR_* variables instead (see the container's env).
+The hosts.toml settings as MESHMIRROR_* variables, shared by the `configure` init
+container and the meshmirror container (whose `run --write-hosts-config` repeats
+the step at every start, and whose `meshmirror doctor` checks against the same
+values). Registries and targets never contain a comma, so a list travels as one
+comma-separated variable.
+*/}}
+{{- define "meshmirror.hostsEnv" -}}
+# The host's address: containerd runs in the host's network namespace.
+- name: NODE_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.hostIP
+- name: MESHMIRROR_CONTAINERD_REGISTRY_CONFIG_PATH
+  value: {{ .Values.meshmirror.containerdRegistryConfigPath | quote }}
+{{- with .Values.meshmirror.mirroredRegistries }}
+- name: MESHMIRROR_MIRRORED_REGISTRIES
+  value: {{ join "," . | quote }}
+{{- end }}
+- name: MESHMIRROR_MIRROR_TARGETS
+  value: {{ include "meshmirror.mirrorTargets" . | fromJsonArray | join "," | quote }}
+- name: MESHMIRROR_RESOLVE_TAGS
+  value: {{ printf "%t" .Values.meshmirror.resolveTags | quote }}
+- name: MESHMIRROR_PREPEND_EXISTING
+  value: {{ printf "%t" .Values.meshmirror.prependExisting | quote }}
+{{- end -}}
+
+{{/*
+A listen address for `port`: every address, or with meshmirror.listenOnPodIP the
+pod's own (bracketed, which meshmirror reads for IPv4 and IPv6 alike).
+*/}}
+{{- define "meshmirror.listenAddr" -}}
+{{- $host := ternary "[$(MESHMIRROR_ADVERTISE_ADDR)]" "" .root.Values.meshmirror.listenOnPodIP -}}
+{{- printf "%s:%d" $host (int .port) -}}
+{{- end -}}
+
+{{/*
+Arguments of `meshmirror run`: what the chart fixes, plus the filters. Scalar
+settings and the hosts.toml lists travel as MESHMIRROR_* variables instead (see
+the container's env); a filter is a regular expression, which may hold a comma.
 */}}
 {{- define "meshmirror.runArgs" -}}
 {{- $args := list "run" "--store=containerd" (printf "--join-dns=%s" (include "meshmirror.joinDNS" .)) -}}
-{{- $args = concat $args (include "meshmirror.mirroredRegistryArgs" . | fromJsonArray) -}}
 {{- range .Values.meshmirror.registryFilters -}}
 {{- $args = append $args (printf "--registry-filters=%s" .) -}}
 {{- end -}}
 {{- $args = concat $args .Values.extraArgs -}}
 {{- toYaml $args -}}
+{{- end -}}
+
+{{/* The post-delete cleanup's readiness port, inside its pods' own network namespace. */}}
+{{- define "meshmirror.cleanupPort" -}}8080{{- end -}}
+
+{{- define "meshmirror.cleanupName" -}}
+{{- printf "%s-cleanup" (include "meshmirror.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{/* Where blobs from peers wait until verified: the `spool` emptyDir volume. */}}
