@@ -42,7 +42,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
-from meshmirror.mirror.marker import peer_dispatch
+from meshmirror.mirror.marker import peer_dispatch, refuse_private
 from meshmirror.peering import Peering
 from meshmirror.registry.app import RegistryOptions, create_app
 from meshmirror.registry.fallback import Fallback
@@ -195,6 +195,11 @@ class Node:
             # Peers get the local store only, so a false positive cannot chain mirrors.
             local_only = create_app(self.store, options=options, metrics=registry_metrics,
                                     extra_routes=self.registry_routes)
+            if self.peering is not None:
+                # ... and nothing of a repository this node knows to be private.
+                local_only = refuse_private(
+                    local_only, self.peering.mirror.access.refuses_peers,
+                    self.config.default_registry)
             registry_app = peer_dispatch(registry_app, local_only)
         server = self.config.server or ServerOptions()
         self.metrics_server = HttpServer(

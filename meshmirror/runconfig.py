@@ -19,6 +19,7 @@ from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.mesh.config import MeshConfig
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.oci.reference import DOCKER_HUB
+from meshmirror.upstream.options import UpstreamOptions
 
 if TYPE_CHECKING:
     from meshmirror.registry.server import ServerOptions
@@ -44,6 +45,7 @@ class PeeringConfig:
     summary_fp_rate: float = 0.01
     mesh: MeshConfig = field(default_factory=MeshConfig)
     mirror: MirrorOptions = field(default_factory=MirrorOptions)
+    upstream: UpstreamOptions = field(default_factory=UpstreamOptions)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ import pytest
 
 from meshmirror import cli, flags
 from meshmirror.containerd import hostsconfig
+from meshmirror.mirror.options import TagResolution
 from tests.helm import chart
 from tests.helm.cmdline import check_env_names, check_exact_flags, node_env, parse_container
 
@@ -37,7 +38,7 @@ def test_run_command_line_defaults(helm: Path) -> None:
     assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (
         ("0.0.0.0", 5000), ("0.0.0.0", 7946), ("0.0.0.0", 9090))
     assert args.log_level == "info"
-    assert args.resolve_tags is True
+    assert args.resolve_tags is TagResolution.UPSTREAM_FIRST
     assert args.mirror_resolve_timeout == pytest.approx(0.1)
     assert args.mirror_first_byte_timeout == pytest.approx(0.5)
     assert args.mirror_resolve_retries == 3
@@ -62,7 +63,7 @@ def test_run_command_line_custom_values(helm: Path) -> None:
         "https://docker.io", "ghcr.io", "http://registry.internal:5050"]
     # Each regex arrives whole, commas included: lists are flags, not one env value.
     assert args.registry_filters == ["^docker\\.io/library/.{1,3}:", ":latest$"]
-    assert args.resolve_tags is False
+    assert args.resolve_tags is TagResolution.OFF
     assert args.mirror_resolve_timeout == pytest.approx(0.05)
     assert args.mirror_resolve_retries == 5
     assert args.mirror_spool_limit == 6 << 30
