@@ -61,6 +61,12 @@ class TagPolicy:
         self._mesh_encrypted = mesh_encrypted
 
     @property
+    def upstream_first(self) -> bool:
+        """Whether the upstream decides tags (there is one, and the mode says so)."""
+        return (self._upstream is not None
+                and self._options.resolve_tags is TagResolution.UPSTREAM_FIRST)
+
+    @property
     def peers_may_resolve_in_outage(self) -> bool:
         """Whether a tag lookup answered by a peer is accepted while the upstream is down."""
         rule = self._options.outage_peer_tags
@@ -71,8 +77,9 @@ class TagPolicy:
         mode = self._options.resolve_tags
         if mode is TagResolution.OFF:
             return Refuse("tags not resolved")
-        if mode is TagResolution.PEERS or self._upstream is None:
+        if not self.upstream_first:
             return AskPeers(outage=False)
+        assert self._upstream is not None
         answer = await self._upstream.resolve_tag(registry, repository, tag)
         if isinstance(answer, TagDigest):
             # Answered anonymously, so anyone may pull the repository.
