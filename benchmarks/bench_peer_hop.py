@@ -46,6 +46,7 @@ from benchmarks.results import (
 )
 from meshmirror.oci.imagebuilder import build_image
 from tests.support.distribution import DistributionRegistry
+from tests.support.node import NO_UPSTREAM
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
 
@@ -61,7 +62,7 @@ def start_node(workdir: Path, name: str, layout: Path, join: str | None, *extra:
     argv = [sys.executable, "-m", "meshmirror", "--log-level", "warning", "run",
             "--store", f"oci:{layout}", "--registry-addr", registry,
             "--metrics-addr", f"{host}:{free_port(host)}", "--mesh-addr", mesh,
-            "--node-name", name, *extra]
+            "--node-name", name, *NO_UPSTREAM, *extra]
     if join:
         argv += ["--join", join]
     proc = spawn(argv, workdir / f"{name}.log")

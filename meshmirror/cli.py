@@ -15,6 +15,7 @@ line naming the flag and a good value, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import enum
 import os
 import re
 import socket
@@ -50,10 +51,18 @@ from meshmirror.flags import (
     split_list,
 )
 from meshmirror.logging import LEVELS, parse_level
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import (
+    MirrorOptions,
+    OutagePeerTags,
+    PrivateImages,
+    TagResolution,
+    UnknownVisibility,
+)
 from meshmirror.runconfig import MEMBERLIST_PORT, NodeConfig, PeeringConfig
+from meshmirror.upstream.options import UpstreamOptions
 
 T = TypeVar("T")
+E = TypeVar("E", bound=enum.Enum)
 
 LOG_LEVEL = "info"
 """``--log-level``'s default, for every command."""
@@ -102,6 +111,22 @@ def _parse_float(text: str) -> float:
         raise ValueError("expected a number such as 0.01") from None
 
 
+def _enum_parser(cls: type[E]) -> Callable[[str], E]:
+    """A parser accepting the values of ``cls`` in any case."""
+
+    def parse(text: str) -> E:
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise ValueError("want " + "|".join(str(m.value) for m in cls)) from None
+
+    return parse
+
+
+def _show_enum(value: enum.Enum) -> str:
+    return str(value.value)
+
+
 def _parse_log_level(text: str) -> str:
     parse_level(text)
     return text.strip().lower()
@@ -141,10 +166,17 @@ def _add_log_level(parser: argparse.ArgumentParser, default: object) -> None:
                         help=f"any case (default: {LOG_LEVEL})")
 
 
+def _hosts_resolve_tags(text: str) -> bool:
+    """hosts.toml's "resolve" capability: on for every mode of ``run --resolve-tags`` but off,
+    so one MESHMIRROR_RESOLVE_TAGS serves ``run`` and ``cleanup`` alike."""
+    return TagResolution.parse(text) is not TagResolution.OFF
+
+
 def _add_resolve_tags(parser: argparse.ArgumentParser) -> None:
-    _flag(parser, "--resolve-tags", MirrorOptions, "resolve_tags", parse=parse_bool,
-          show=lambda value: str(value).lower(), metavar="BOOL",
-          help="let the mirror resolve tags (capability 'resolve' in hosts.toml)")
+    parser.add_argument("--resolve-tags", default=True, metavar="BOOL|MODE",
+                        type=_typed("--resolve-tags", _hosts_resolve_tags),
+                        help="let the mirror resolve tags (capability 'resolve' in hosts.toml); "
+                             "run's modes are accepted, off meaning false (default: true)")
 
 
 def _add_mirrored_registries(parser: argparse.ArgumentParser) -> None:
@@ -211,7 +243,7 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     _add_mirrored_registries(run)
     run.add_argument("--registry-filters", action="append", default=None, metavar="REGEX",
                      help="keys registry/repo:tag matching any of these answer 404 at once")
-    _add_resolve_tags(run)
+    _add_upstream_flags(run)
     _flag(run, "--mirror-resolve-timeout", MirrorOptions, "resolve_timeout",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="bound on connecting to a peer, e.g. 100ms or 0.1; a hedged request to the "
@@ -237,6 +269,44 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
                "so a restarted container puts back a lost entry")
     _add_hosts_location_flags(run)
     _add_prepend_existing(run)
+
+
+def _add_upstream_flags(run: argparse.ArgumentParser) -> None:
+    """Who says what a tag means and who may see what: the upstream's word, asked anonymously."""
+    _flag(run, "--resolve-tags", MirrorOptions, "resolve_tags",
+          parse=TagResolution.parse, show=_show_enum, metavar="upstream-first|peers|off",
+          help="who resolves a tag: the upstream, with peers only in an outage; peers "
+               "(a reused tag may resolve stale); or nobody (true/false mean peers/off)")
+    _flag(run, "--outage-peer-tags", MirrorOptions, "outage_peer_tags",
+          parse=_enum_parser(OutagePeerTags), show=_show_enum,
+          metavar="encrypted|always|never",
+          help="whether tags resolved by peers are accepted while the upstream is "
+               "unreachable: only in a mesh with a gossip key, always, or never")
+    _flag(run, "--private-images", MirrorOptions, "private_images",
+          parse=_enum_parser(PrivateImages), show=_show_enum, metavar="upstream-only|share",
+          help="upstream-only: a repository the upstream serves only with credentials "
+               "is never served from peers; share: peers serve whatever they hold")
+    _flag(run, "--private-images-unknown", MirrorOptions, "private_images_unknown",
+          parse=_enum_parser(UnknownVisibility), show=_show_enum, metavar="deny|share",
+          help="a repository never checked while the upstream is unreachable: go upstream "
+               "(deny) or serve it from peers (share)")
+    _flag(run, "--state-dir", MirrorOptions, "state_dir", parse=Path, metavar="DIR",
+          help="where the mirror keeps what must outlive a restart (the repositories "
+               "known public, for an upstream outage); unset: memory only")
+    _flag(run, "--upstream-connect-timeout", UpstreamOptions, "connect_timeout",
+          parse=parse_duration, show=format_duration, metavar="DURATION",
+          help="bound on connecting to an upstream registry or its token realm")
+    _flag(run, "--upstream-timeout", UpstreamOptions, "timeout",
+          parse=parse_duration, show=format_duration, metavar="DURATION",
+          help="bound on an upstream's whole answer (challenge, token, HEAD): the most an "
+               "outage adds to one tag resolution before the breaker opens")
+    _flag(run, "--upstream-failure-threshold", UpstreamOptions, "failure_threshold",
+          parse=_parse_int, metavar="N",
+          help="consecutive failures after which an upstream is not asked until the "
+               "cool-down ends")
+    _flag(run, "--upstream-cooldown", UpstreamOptions, "cooldown",
+          parse=parse_duration, show=format_duration, metavar="DURATION",
+          help="how long an upstream that keeps failing is not asked (then one probe)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,11 +447,27 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
         spool_dir=spool_dir,
         spool_limit=args.mirror_spool_limit,
         resolve_tags=args.resolve_tags,
+        outage_peer_tags=args.outage_peer_tags,
+        private_images=args.private_images,
+        private_images_unknown=args.private_images_unknown,
+        state_dir=args.state_dir,
         registry_filters=tuple(filters),
         # `_default` among them means every registry, as in hosts.toml.
         mirrored_registries=(frozenset() if EVERY_REGISTRY in registries
                              else frozenset(r.directory for r in registries)),
     )
+
+
+def _upstream_options(args: argparse.Namespace) -> UpstreamOptions:
+    if (args.upstream_connect_timeout <= 0 or args.upstream_timeout <= 0
+            or args.upstream_cooldown < 0 or args.upstream_failure_threshold < 1):
+        raise UsageError("--upstream-connect-timeout and --upstream-timeout must be > 0, "
+                         "--upstream-cooldown >= 0 and --upstream-failure-threshold >= 1")
+    return UpstreamOptions(connect_timeout=args.upstream_connect_timeout,
+                           timeout=args.upstream_timeout,
+                           failure_threshold=args.upstream_failure_threshold,
+                           cooldown=args.upstream_cooldown,
+                           registry_config_path=args.containerd_registry_config_path)
 
 
 def peering_config(args: argparse.Namespace) -> PeeringConfig | None:
@@ -402,7 +488,8 @@ def peering_config(args: argparse.Namespace) -> PeeringConfig | None:
     return PeeringConfig(http_base=http_base, node_name=args.node_name, mesh_addr=args.mesh_addr,
                          advertise_addr=advertise, join=join, join_dns=args.join_dns,
                          gossip_key_file=args.gossip_key_file,
-                         summary_fp_rate=args.summary_fp_rate, mirror=_mirror_options(args))
+                         summary_fp_rate=args.summary_fp_rate, mirror=_mirror_options(args),
+                         upstream=_upstream_options(args))
 
 
 def _containerd_config(args: argparse.Namespace) -> ContainerdConfig:
@@ -422,8 +509,11 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
 
 def hosts_config(args: argparse.Namespace, *, targets_required: bool) -> HostsConfig:
     """``configure``/``cleanup``/``doctor``'s hosts.toml flags."""
+    resolve_tags = args.resolve_tags
+    if isinstance(resolve_tags, TagResolution):  # run's mode; hosts.toml has on or off
+        resolve_tags = resolve_tags is not TagResolution.OFF
     return HostsConfig(
-        resolve_tags=args.resolve_tags,
+        resolve_tags=resolve_tags,
         config_path=args.containerd_registry_config_path,
         registries=tuple(parse_registries(args.mirrored_registries)),
         targets=tuple(parse_targets(args.mirror_targets, required=targets_required)),

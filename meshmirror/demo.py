@@ -90,7 +90,9 @@ class DemoNode:
                 "--store", f"oci:{self.layout}", "--node-name", self.name,
                 "--registry-addr", f"{self.host}:{self.registry_port}",
                 "--metrics-addr", f"{self.host}:{self.metrics_port}",
-                "--mesh-addr", f"{self.host}:{self.mesh_port}"]
+                "--mesh-addr", f"{self.host}:{self.mesh_port}",
+                # The demo's image has no upstream registry to ask.
+                "--resolve-tags", "peers", "--private-images", "share"]
         if join:
             argv += ["--join", join]
         with log.open("ab") as out:

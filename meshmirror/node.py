@@ -25,6 +25,7 @@ import importlib
 import logging
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Protocol
@@ -42,7 +43,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
-from meshmirror.mirror.marker import peer_dispatch
+from meshmirror.mirror.marker import peer_dispatch, refuse_private
 from meshmirror.peering import Peering
 from meshmirror.registry.app import RegistryOptions, create_app
 from meshmirror.registry.fallback import Fallback
@@ -189,12 +190,21 @@ class Node:
     def _assemble(self) -> list[Component]:
         options = RegistryOptions(default_registry=self.config.default_registry)
         registry_metrics = RegistryMetrics(self.metrics_registry)
-        registry_app = create_app(self.store, options=options, fallback=self.fallback,
+        # containerd's own tag lookups go to the upstream-first mirror, never to this
+        # store's record of what the tag meant when it was pulled.
+        client_options = replace(options, tags_from_store=not (
+            self.peering is not None and self.peering.mirror.tags.upstream_first))
+        registry_app = create_app(self.store, options=client_options, fallback=self.fallback,
                                   metrics=registry_metrics, extra_routes=self.registry_routes)
         if self.fallback is not None:
             # Peers get the local store only, so a false positive cannot chain mirrors.
             local_only = create_app(self.store, options=options, metrics=registry_metrics,
                                     extra_routes=self.registry_routes)
+            if self.peering is not None:
+                # ... and nothing of a repository this node knows to be private.
+                local_only = refuse_private(
+                    local_only, self.peering.mirror.access.refuses_peers,
+                    self.config.default_registry)
             registry_app = peer_dispatch(registry_app, local_only)
         server = self.config.server or ServerOptions()
         self.metrics_server = HttpServer(

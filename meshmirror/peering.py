@@ -9,6 +9,8 @@ One component ties together what each module does on its own:
         peers fetch it --+            PeerDirectory --filters--> BloomRouter
                                                                   |
                          registry miss --> PeerMirror <--candidates
+                                               |
+                        UpstreamClient <-- tags' digests, repositories' visibility
 
 A node advertises itself in its memberlist metadata as Serf tags: ``http``
 (its registry's base URL), ``epoch`` and ``keys`` (its current summary). A
@@ -72,10 +74,17 @@ class Peering:
             read_bufsize=4 * 1024 * 1024,
             connector=aiohttp.TCPConnector(limit=256, limit_per_host=32, ssl=False),
         )
-        self.mirror = PeerMirror(self.router, self._session, options=config.mirror,
-                                 metrics=MirrorMetrics(metrics_registry))
         keyring = (Keyring.from_base64_file(config.gossip_key_file)
                    if config.gossip_key_file else None)
+        # Anonymous questions to upstreams: its own session (system trust store, no
+        # cookies), apart from the peers' plain-HTTP one.
+        self.upstream = config.upstream.client()
+        mirror_metrics = MirrorMetrics(metrics_registry)
+        mirror_metrics.watch_upstream(self.upstream.health_all,
+                                      sorted(config.mirror.mirrored_registries))
+        self.mirror = PeerMirror(self.router, self._session, options=config.mirror,
+                                 metrics=mirror_metrics, upstream=self.upstream,
+                                 mesh_encrypted=keyring is not None)
         self.mesh = MeshNode(
             config.mesh, name=config.node_name, bind=config.mesh_addr,
             advertise=config.advertise_addr, meta=self._meta(None), keyring=keyring,
@@ -120,6 +129,7 @@ class Peering:
         await self.publisher.close()
         self.mirror.close()
         await self._session.close()
+        await self.upstream.close()
 
     async def _follow(self, events: asyncio.Queue[MembershipEvent]) -> None:
         while True:

@@ -18,8 +18,9 @@ from meshmirror.addresses import ANY_HOST
 from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.containerd.hostsconfig import HostsConfig
 from meshmirror.mesh.config import MeshConfig
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorOptions, TagResolution
 from meshmirror.oci.reference import DOCKER_HUB
+from meshmirror.upstream.options import UpstreamOptions
 
 if TYPE_CHECKING:
     from meshmirror.registry.server import ServerOptions
@@ -45,6 +46,7 @@ class PeeringConfig:
     summary_fp_rate: float = 0.01
     mesh: MeshConfig = field(default_factory=MeshConfig)
     mirror: MirrorOptions = field(default_factory=MirrorOptions)
+    upstream: UpstreamOptions = field(default_factory=UpstreamOptions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,5 +67,5 @@ class NodeConfig:
     # configure`` would. A container restarted in the same pod (a failed liveness probe)
     # runs no init container, so only ``run`` itself can put back an entry that was lost.
     write_hosts_config: bool = False
-    hosts: HostsConfig = field(
-        default_factory=lambda: HostsConfig(resolve_tags=MirrorOptions().resolve_tags))
+    hosts: HostsConfig = field(default_factory=lambda: HostsConfig(
+        resolve_tags=MirrorOptions().resolve_tags is not TagResolution.OFF))

@@ -19,6 +19,7 @@ from meshmirror.containerd.hostsconfig import HostsConfig, parse_registries
 from meshmirror.flags import field_default, parse_bool, parse_duration, parse_size
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.runconfig import NodeConfig, PeeringConfig
+from meshmirror.upstream.options import UpstreamOptions
 
 CHART_VALUES = Path(__file__).resolve().parent.parent / "helm" / "meshmirror" / "values.yaml"
 
@@ -34,6 +35,14 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "gossip_key_file": (PeeringConfig, "gossip_key_file"),
     "summary_fp_rate": (PeeringConfig, "summary_fp_rate"),
     "resolve_tags": (MirrorOptions, "resolve_tags"),
+    "outage_peer_tags": (MirrorOptions, "outage_peer_tags"),
+    "private_images": (MirrorOptions, "private_images"),
+    "private_images_unknown": (MirrorOptions, "private_images_unknown"),
+    "state_dir": (MirrorOptions, "state_dir"),
+    "upstream_connect_timeout": (UpstreamOptions, "connect_timeout"),
+    "upstream_timeout": (UpstreamOptions, "timeout"),
+    "upstream_failure_threshold": (UpstreamOptions, "failure_threshold"),
+    "upstream_cooldown": (UpstreamOptions, "cooldown"),
     "mirror_resolve_timeout": (MirrorOptions, "resolve_timeout"),
     "mirror_first_byte_timeout": (MirrorOptions, "first_byte_timeout"),
     "mirror_resolve_retries": (MirrorOptions, "resolve_retries"),
@@ -105,7 +114,7 @@ def test_help_shows_the_defaults_in_the_form_a_flag_takes() -> None:
     text = " ".join(run_parser().format_help().split())
     assert "(default: 100ms)" in text and "(default: 500ms)" in text
     assert "(default: 4Gi)" in text and "(default: :5000)" in text
-    assert "(default: :7946)" in text and "(default: true)" in text
+    assert "(default: :7946)" in text and "(default: encrypted)" in text
 
 
 def _values() -> dict[str, Any]:
@@ -116,7 +125,8 @@ def _values() -> dict[str, Any]:
 # values.yaml key -> (the CLI's parser for the value as the chart passes it, its default).
 CHART_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "meshmirror.logLevel": (str, cli.LOG_LEVEL),
-    "meshmirror.resolveTags": (parse_bool, field_default(MirrorOptions, "resolve_tags")),
+    # On: hosts.toml's "resolve" capability, and `run --resolve-tags` upstream-first.
+    "meshmirror.resolveTags": (parse_bool, True),
     "meshmirror.mirrorResolveTimeout": (parse_duration,
                                         field_default(MirrorOptions, "resolve_timeout")),
     "meshmirror.mirrorFirstByteTimeout": (parse_duration,

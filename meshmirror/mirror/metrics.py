@@ -12,11 +12,15 @@ status page can show the recent ones without the mirror knowing about it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from meshmirror.upstream import BreakerHealth, BreakerState, FailureKind
 
 _FIRST_BYTE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -25,7 +29,15 @@ _FIRST_BYTE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25,
 _CACHE_OF_RESULT: Final = {"hit": "hit", "miss": "miss", "error": "miss"}
 
 KINDS: Final = ("manifest", "blob")
-RESULTS: Final = ("hit", "miss", "error", "filtered", "not_mirrored")
+# ``refused``: the upstream's word (tag absent, repository private, outage policy)
+# ruled peers out before any was asked.
+RESULTS: Final = ("hit", "miss", "error", "filtered", "not_mirrored", "refused")
+# Who decided what a tag means: the upstream, a peer (outage or --resolve-tags=peers),
+# or nobody (404: absent upstream, private, refused in an outage, no peer held it).
+TAG_SOURCES: Final = ("upstream", "peer", "none")
+# What an anonymous upstream question came back with.
+UPSTREAM_RESULTS: Final = ("answered", "not_found", "auth_required",
+                           *(kind.value for kind in FailureKind))
 # Every reason a PeerFailure is raised with (meshmirror/mirror/), so a failure panel
 # shows 0 for each rather than no series at all.
 FAILURE_REASONS: Final = (
@@ -107,6 +119,18 @@ class MirrorMetrics:
             "Bytes of spool files held by requests in progress",
             registry=registry,
         )
+        self.tag_resolutions = Counter(
+            "meshmirror_tag_resolutions",
+            "Tag lookups the mirror answered, by who decided the digest: upstream, peer, "
+            "or none (answered 404)",
+            ["registry", "source"], registry=registry,
+        )
+        self.upstream_answers = Counter(
+            "meshmirror_upstream_answers",
+            "Anonymous questions to upstream registries (tag digest, repository "
+            "visibility), by result; circuit_open ones were never sent",
+            ["registry", "result"], registry=registry,
+        )
         self.observers: list[MirrorObserver] = []
         # Where these live, so the node's other views can register beside them.
         self.registry = registry
@@ -124,6 +148,15 @@ class MirrorMetrics:
         for kind in KINDS:
             for result in RESULTS:
                 self.outcomes.labels(registry, kind, result)
+        for source in TAG_SOURCES:
+            self.tag_resolutions.labels(registry, source)
+        for result in UPSTREAM_RESULTS:
+            self.upstream_answers.labels(registry, result)
+
+    def watch_upstream(self, health: Callable[[], Mapping[str, BreakerHealth]],
+                       known: Iterable[str] = ()) -> None:
+        """Export each upstream's health, read from its breaker at every scrape."""
+        self.registry.register(UpstreamHealthCollector(health, tuple(known)))
 
     def record(self, request: MirrorRequest) -> None:
         """Count one finished request and tell the observers about it."""
@@ -143,3 +176,43 @@ def finished(registry: str, kind: str, path: str, result: str, *, started: float
     """A `MirrorRequest` ending now; ``started`` is a reading of ``clock``."""
     return MirrorRequest(registry, kind, path, result, peer, size_bytes,
                          max(0.0, clock() - started), time.time())
+
+
+class UpstreamHealthCollector(Collector):
+    """``meshmirror_upstream_up`` and ``meshmirror_upstream_breaker_state`` per registry.
+
+    Read from the breakers when scraped, so the gauges can never disagree with
+    what the client decides. Registries in ``known`` (the mirrored ones) are
+    exported before they are first asked, as up with a closed breaker.
+    """
+
+    def __init__(self, health: Callable[[], Mapping[str, BreakerHealth]],
+                 known: tuple[str, ...]) -> None:
+        self._health = health
+        self._known = known
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "meshmirror_upstream_up",
+            "1 while the registry answers anonymous questions (or has not been asked), "
+            "0 while the last one failed or its breaker is not closed",
+            labels=["registry"])
+        state = GaugeMetricFamily(
+            "meshmirror_upstream_breaker_state",
+            "The registry's circuit breaker: 1 for its current state (closed: asked; "
+            "open: not asked, peers resolve tags; half_open: one probe decides)",
+            labels=["registry", "state"])
+        closed = BreakerHealth(BreakerState.CLOSED, 0, None, None)
+        healths = {name: closed for name in self._known}
+        healths.update(self._health())
+        for registry, health in sorted(healths.items()):
+            healthy = health.state is BreakerState.CLOSED and health.consecutive_failures == 0
+            up.add_metric([registry], 1.0 if healthy else 0.0)
+            for candidate in BreakerState:
+                state.add_metric([registry, candidate.value],
+                                 1.0 if candidate is health.state else 0.0)
+        yield up
+        yield state
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())

@@ -7,9 +7,58 @@ command line reads its defaults from here.
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from meshmirror.flags import parse_bool
+
+
+class TagResolution(enum.Enum):
+    """Who says what a tag means (``--resolve-tags``)."""
+
+    # The upstream, asked anonymously each time; peers only while it cannot answer.
+    UPSTREAM_FIRST = "upstream-first"
+    # Peers holding the tag (Spegel's behaviour): a reused tag may resolve stale.
+    PEERS = "peers"
+    # Nobody: tags are answered 404 and containerd asks the upstream.
+    OFF = "off"
+
+    @classmethod
+    def parse(cls, text: str) -> TagResolution:
+        """A mode name; ``true``/``false`` are the older boolean spelling of peers/off."""
+        value = text.strip().lower()
+        if value in {mode.value for mode in cls}:
+            return cls(value)
+        try:
+            return cls.PEERS if parse_bool(value) else cls.OFF
+        except ValueError:
+            raise ValueError("want upstream-first, peers or off (true or false mean peers "
+                             "or off)") from None
+
+
+class PrivateImages(enum.Enum):
+    """Whether content the upstream serves only with credentials may come from peers."""
+
+    UPSTREAM_ONLY = "upstream-only"
+    SHARE = "share"
+
+
+class UnknownVisibility(enum.Enum):
+    """What to do with a repository of unknown visibility while the upstream is unreachable."""
+
+    DENY = "deny"
+    SHARE = "share"
+
+
+class OutagePeerTags(enum.Enum):
+    """When tags resolved by peers are accepted during an upstream outage."""
+
+    # Only inside an encrypted mesh: a member must hold the gossip key to answer.
+    ENCRYPTED = "encrypted"
+    ALWAYS = "always"
+    NEVER = "never"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +90,22 @@ class MirrorOptions:
     # Chunks a body thread may read ahead of the client: memory per stream stays
     # at a few chunks however fast the peer and however slow the client.
     read_ahead: int = 2
-    resolve_tags: bool = True
+    resolve_tags: TagResolution = TagResolution.UPSTREAM_FIRST
+    # With OutagePeerTags.ENCRYPTED, peer-resolved tags need a gossip key (see docs: Trust).
+    outage_peer_tags: OutagePeerTags = OutagePeerTags.ENCRYPTED
+    private_images: PrivateImages = PrivateImages.UPSTREAM_ONLY
+    private_images_unknown: UnknownVisibility = UnknownVisibility.DENY
+    # How long an anonymous visibility answer is trusted. A public repository made
+    # private stays shared this long, so keep it minutes; a private verdict is
+    # asked again sooner, since asking costs one HEAD and denying costs bandwidth.
+    public_ttl: float = 600.0
+    private_ttl: float = 60.0
+    # Repositories whose visibility is remembered, least recently used dropped first.
+    visibility_cache_size: int = 4096
+    # Where verdicts are kept across restarts of the process (None: memory only). A
+    # container restarted during an upstream outage still knows which repositories
+    # it may share; the chart points it at an emptyDir, which outlives the container.
+    state_dir: Path | None = None
     # Regexes on ``registry/repo:tag``; a match answers 404 at once.
     registry_filters: tuple[re.Pattern[str], ...] = ()
     # Hosts to mirror; empty means every registry.

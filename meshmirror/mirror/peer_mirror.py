@@ -11,6 +11,10 @@ before the client sees any of it; a larger blob is held the same way in a spool
 file (see `spool`), so a lying peer costs a retry on the next candidate and
 nothing else. Why not stream and check at the end: containerd keeps every byte
 it was sent, so one corrupt byte fails its pull even when the mirror aborts.
+Before any of that, the upstream has its word (see `tags` and `visibility`): a
+tag means the digest the upstream names while it answers, and nothing of a
+repository the upstream serves only with credentials comes from peers.
+
 Only when the spool budget is spent is a blob streamed (`fetch.BlobFetch`),
 with its last chunk held back until the digest checks out; on a mismatch the
 stream raises, the server aborts the connection short of Content-Length, and
@@ -34,6 +38,9 @@ from meshmirror.mirror.fetch import BlobFetch, MemorySink, Sink
 from meshmirror.mirror.metrics import MirrorMetrics, finished
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.spool import SpoolBudget
+from meshmirror.mirror.tags import AskPeers, Refuse, TagPolicy, UseDigest
+from meshmirror.mirror.upstream_questions import CountedUpstream, UpstreamQuestions
+from meshmirror.mirror.visibility import Access, RepositoryAccess
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
@@ -46,7 +53,13 @@ logger = logging.getLogger("meshmirror.mirror")
 
 
 class PeerMirror:
-    """The registry's fallback: fetch from peers chosen by the router, verified."""
+    """The registry's fallback: fetch from peers chosen by the router, verified.
+
+    ``upstream``: asked for tags' digests and repositories' visibility. Without
+    one (tests, the demo) peers resolve tags and every repository is shared.
+    ``mesh_encrypted``: whether members need the gossip key, which decides
+    whether peer-resolved tags are accepted during an outage.
+    """
 
     def __init__(
         self,
@@ -55,12 +68,17 @@ class PeerMirror:
         *,
         options: MirrorOptions | None = None,
         metrics: MirrorMetrics | None = None,
+        upstream: UpstreamQuestions | None = None,
+        mesh_encrypted: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._router = router
         self._options = options or MirrorOptions()
         self._metrics = metrics or MirrorMetrics(CollectorRegistry())
         self._clock = clock
+        asked = CountedUpstream(upstream, self._metrics) if upstream is not None else None
+        self.access = RepositoryAccess(asked, self._options, clock)
+        self.tags = TagPolicy(asked, self._options, self.access, mesh_encrypted=mesh_encrypted)
         self.client = PeerClient(router, session, self._options, self._metrics, clock)
         self._spools = SpoolBudget(self._options.spool_dir, self._options.spool_limit)
         self._metrics.spool_bytes.set_function(lambda: self._spools.used)
@@ -81,26 +99,65 @@ class PeerMirror:
         opts = self._options
         started = self._clock()
         path = f"/v2/{repository}/manifests/{reference}"
-        expected: Digest | None = None
-        if ":" in reference:
-            try:
-                expected = Digest.parse(reference)
-            except DigestError:
-                return None
-            key = str(expected)
-        else:
-            key = tag_key(registry, repository, reference)
-            if not opts.resolve_tags or opts.filtered(key):
-                self._count(registry, "manifest", "filtered", path, started)
-                return None
         if not opts.mirrors(registry):
             self._count(registry, "manifest", "not_mirrored", path, started)
             return None
-        # HEAD is answered from a verified GET too: manifests are small and a tag's
-        # digest is only as good as the body it came with.
-        candidates = self._router.candidates(key, limit=opts.resolve_retries)
+        if ":" in reference:
+            try:
+                digest = Digest.parse(reference)
+            except DigestError:
+                return None
+            return await self._manifest_by_digest(registry, repository, digest, path, started)
+        key = tag_key(registry, repository, reference)
+        if opts.filtered(key):
+            self._count(registry, "manifest", "filtered", path, started)
+            self._metrics.tag_resolutions.labels(registry, "none").inc()
+            return None
+        decision = await self.tags.decide(registry, repository, reference)
+        if isinstance(decision, Refuse):
+            logger.debug("tag %s not resolved: %s", key, decision.reason)
+            self._count(registry, "manifest", "refused", path, started)
+            self._metrics.tag_resolutions.labels(registry, "none").inc()
+            return None
+        if isinstance(decision, UseDigest):
+            content = await self._manifest_by_digest(registry, repository, decision.digest,
+                                                     path, started)
+            source = "upstream" if content is not None else "none"
+        else:
+            assert isinstance(decision, AskPeers)
+            content = await self._manifest_by_tag(registry, repository, reference, path,
+                                                  started)
+            source = "peer" if content is not None else "none"
+        self._metrics.tag_resolutions.labels(registry, source).inc()
+        return content
+
+    async def _manifest_by_digest(self, registry: str, repository: str, digest: Digest,
+                                  path: str, started: float) -> FallbackContent | None:
+        """A manifest whose digest is known, from peers, if the repository may be shared."""
+        if await self.access.check(registry, repository, str(digest)) is Access.DENY:
+            self._count(registry, "manifest", "refused", path, started)
+            return None
+        return await self._fetch_manifest(registry, f"/v2/{repository}/manifests/{digest}",
+                                          str(digest), digest, path, started)
+
+    async def _manifest_by_tag(self, registry: str, repository: str, tag: str, path: str,
+                               started: float) -> FallbackContent | None:
+        """A tag as peers resolve it: whatever manifest they hold under it, checked only
+        against the digest they announce (a tag has none of its own to check)."""
+        if await self.access.check(registry, repository, tag) is Access.DENY:
+            self._count(registry, "manifest", "refused", path, started)
+            return None
+        return await self._fetch_manifest(registry, path, tag_key(registry, repository, tag),
+                                          None, path, started)
+
+    async def _fetch_manifest(self, registry: str, peer_path: str, key: str,
+                              expected: Digest | None, path: str,
+                              started: float) -> FallbackContent | None:
+        """The first verified manifest from peers holding ``key``; HEAD is answered from a
+        verified GET too: manifests are small, and a digest is only as good as its body."""
+        candidates = self._router.candidates(key, limit=self._options.resolve_retries)
         opener = self.client.open_hedged(
-            candidates, path, registry, headers={"Accept": CONTAINERD_ACCEPT}
+            candidates, peer_path, registry, headers={"Accept": CONTAINERD_ACCEPT}
         )
         try:
             async for opened in opener:
@@ -148,6 +205,9 @@ class PeerMirror:
         path = f"/v2/{repository}/blobs/{digest}"
         if not self._options.mirrors(registry):
             self._count(registry, "blob", "not_mirrored", path, started)
+            return None
+        if await self.access.check(registry, repository, str(digest)) is Access.DENY:
+            self._count(registry, "blob", "refused", path, started)
             return None
         fetch = BlobFetch(self.client, self._router, self._options, registry, path, digest)
         size = await fetch.open()

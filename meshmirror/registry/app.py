@@ -75,6 +75,9 @@ _BLOB_CACHE_CONTROL: Final = "max-age=31536000"
 @dataclass(frozen=True, slots=True)
 class RegistryOptions:
     default_registry: str = DOCKER_HUB
+    # False: a tag is never answered from the store, whose record may be stale, but
+    # by the fallback (which asks the upstream what the tag means now).
+    tags_from_store: bool = True
 
 
 class _Miss(Exception):
@@ -220,6 +223,8 @@ class RegistryApp:
             digest = path.digest
             if digest is None:
                 assert path.tag is not None
+                if not self.options.tags_from_store:
+                    raise _Miss("tags are resolved by the fallback")
                 digest = await self.store.resolve(registry, path.repository, path.tag)
             info = await self.store.stat(digest)
             if info.size > MAX_MANIFEST_SIZE:

@@ -13,6 +13,7 @@ from meshmirror.upstream.challenge import (
 )
 from meshmirror.upstream.client import UpstreamClient
 from meshmirror.upstream.endpoints import EndpointError, UpstreamEndpoints, default_server
+from meshmirror.upstream.options import UpstreamOptions
 from meshmirror.upstream.results import (
     AuthRequired,
     FailureKind,
@@ -49,6 +50,7 @@ __all__ = [
     "Unreachable",
     "UpstreamClient",
     "UpstreamEndpoints",
+    "UpstreamOptions",
     "Visibility",
     "default_server",
     "parse_challenges",

@@ -10,6 +10,7 @@ mapping wins over both, for tests and for operators who need it.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,8 +38,25 @@ def _normalise_server(server: str, source: str) -> str:
 
 
 def default_server(registry: str) -> str:
-    """The URL with no configuration: HTTPS on the registry's own name."""
-    return DOCKER_HUB_API if registry == DOCKER_HUB else f"https://{registry}"
+    """The URL with no configuration: HTTPS on the registry's own name.
+
+    A registry on this machine's loopback is spoken to in plain HTTP, as containerd
+    does for localhost registries without a hosts.toml ``server``.
+    """
+    if registry == DOCKER_HUB:
+        return DOCKER_HUB_API
+    return f"http://{registry}" if _is_loopback(registry) else f"https://{registry}"
+
+
+def _is_loopback(registry: str) -> bool:
+    host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Absent:

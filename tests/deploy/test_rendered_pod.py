@@ -110,6 +110,8 @@ def ctr_run(node: Node, cont: dict[str, Any], cid: str, *,
                        f"options=rbind:{mode}")
     options += [f"--env={k}={v}" for k, v in env.items()]
     node.containers.append(cid)
+    if detach:  # its output, for the failure message of whatever goes wrong later
+        options.append(f"--log-uri=file://{node.root / (cid + '.log')}")
     return node.ctr("run", *(["-d"] if detach else ["--rm"]), *options, IMAGE, cid,
                     *run_args(cont, env), check=False, timeout=120)
 
@@ -188,6 +190,15 @@ def upstream(tmp_path: Path) -> Iterator[tuple[DistributionRegistry, BuiltImage,
 
 
 @pytest.mark.timeout(900)
+def seen_public(ip: str, port: int, image: BuiltImage) -> bool:
+    """A manifest HEAD through the node's mirror answered 200 (so it asked the upstream)."""
+    url = (f"http://{ip}:{port}/v2/{image.repository}/manifests/{image.digest}"
+           f"?ns={image.registry}")
+    request = urllib.request.Request(url, method="HEAD")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return bool(response.status == 200)
+
+
 @pytest.mark.parametrize("value_files", [(), ("two-nodes.yaml",)], ids=["defaults", "two-nodes"])
 def test_rendered_pod_on_two_nodes(
     archive: Path,  # noqa: F811 - the fixture imported above
@@ -239,6 +250,11 @@ def test_rendered_pod_on_two_nodes(
         # Node 1 pulls both images while the upstream is up; node 2 then has only peers.
         for image in (first, second):
             node1.containerd.cri_pull(image.name)
+            # Node 2's mirror shares a repository from peers only once the upstream has
+            # said it is public (--private-images-unknown deny, the default): here a
+            # manifest HEAD while the upstream is up, as any earlier pull would.
+            wait_until(partial(seen_public, ips[1], registry_port, image), 20,
+                       f"node 2 learning {image.repository} is public")
         registry.stop()
 
         def pull_on_node2(image: BuiltImage) -> None:

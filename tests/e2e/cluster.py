@@ -37,6 +37,9 @@ from tests.support.processes import spawn, stop, wait_until
 # Python on a shared, loaded 2-core machine needs more than Spegel's 20 ms to
 # connect and answer headers; the bound still applies, just with headroom.
 MIRROR_RESOLVE_TIMEOUT = 0.5
+# Every node gets this gossip key unless told otherwise, as the chart does: an
+# encrypted mesh is also what lets peers resolve tags during an upstream outage.
+GOSSIP_KEY = "bWVzaG1pcnJvci1lMmUxNg=="  # base64 of 16 bytes
 
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -70,7 +73,7 @@ class E2ENode:
 
     def __init__(self, name: str, *, join: str | None = None,
                  resolve_timeout: float = MIRROR_RESOLVE_TIMEOUT,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), gossip_key: str | None = GOSSIP_KEY) -> None:
         self.name = name
         self.host = loopback_host()
         self.registry_port = free_port(self.host)
@@ -82,6 +85,10 @@ class E2ENode:
         self.dir = Path(tempfile.mkdtemp(prefix=f"e2e-{name}-", dir="/tmp"))
         self.hosts_dir = self.dir / "hosts"
         self.log = self.dir / "meshmirror.log"
+        self.key_file: Path | None = None
+        if gossip_key is not None:
+            self.key_file = self.dir / "gossip-key"
+            self.key_file.write_text(gossip_key)
         self.containerd = Containerd()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -126,6 +133,9 @@ class E2ENode:
             "--mesh-addr", self.mesh_address,
             "--node-name", self.name,
             "--mirror-resolve-timeout", str(self.resolve_timeout),
+            # The upstream is asked where containerd would ask it: hosts.toml's server.
+            "--containerd-registry-config-path", str(self.hosts_dir),
+            *(("--gossip-key-file", str(self.key_file)) if self.key_file else ()),
             *self.extra_args,
         ]
         if self.join:
@@ -216,19 +226,23 @@ class E2ENode:
         if done.returncode != 0:
             raise RuntimeError(f"meshmirror configure failed: {done.stderr.strip()}")
 
-    def _pull_argv(self, ref: str, hosts_dir: Path | None) -> list[str]:
+    def _pull_argv(self, ref: str, hosts_dir: Path | None,
+                   user: str | None = None) -> list[str]:
         argv = ["ctr", "--address", str(self.containerd.socket), "-n", NAMESPACE, "images",
                 "pull", "--plain-http"]
+        if user is not None:
+            argv += ["--user", user]
         if hosts_dir is not None:
             argv += ["--hosts-dir", str(hosts_dir)]
         return [*argv, ref]
 
     def pull(self, ref: str, timeout: float = 120.0, hosts_dir: Path | None = None,
-             direct: bool = False) -> PullResult:
-        """``ctr images pull`` through this node's hosts dir (``direct``: none at all)."""
+             direct: bool = False, user: str | None = None) -> PullResult:
+        """``ctr images pull`` through this node's hosts dir (``direct``: none at all);
+        ``user`` is ``NAME:PASSWORD``, the pull secret."""
         started = time.monotonic()
         done = subprocess.run(
-            self._pull_argv(ref, None if direct else hosts_dir or self.hosts_dir),
+            self._pull_argv(ref, None if direct else hosts_dir or self.hosts_dir, user),
             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         finished = time.monotonic()
         return PullResult(done.returncode == 0, finished - started, started, finished,

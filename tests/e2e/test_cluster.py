@@ -48,7 +48,10 @@ def test_cluster_shares_one_upstream_copy(tmp_path: Path) -> None:
             first = E2ENode("node-1").start()
             nodes.append(first)
             for i in (2, 3):
-                nodes.append(E2ENode(f"node-{i}", join=first.mesh_address).start())
+                # They first see the repository during the outage: shared only if
+                # unknown repositories are (the default keeps them upstream-only).
+                nodes.append(E2ENode(f"node-{i}", join=first.mesh_address,
+                                     extra_args=("--private-images-unknown", "share")).start())
             for node in nodes:
                 node.configure(proxy.url, [node.registry_url])
             wait_mesh(nodes)

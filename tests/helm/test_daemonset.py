@@ -18,6 +18,7 @@ import pytest
 
 from meshmirror import cli, flags
 from meshmirror.containerd import hostsconfig
+from meshmirror.mirror.options import TagResolution
 from tests.helm import chart
 from tests.helm.cmdline import check_env_names, check_exact_flags, node_env, parse_container
 
@@ -37,7 +38,7 @@ def test_run_command_line_defaults(helm: Path) -> None:
     assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (
         ("0.0.0.0", 5000), ("0.0.0.0", 7946), ("0.0.0.0", 9090))
     assert args.log_level == "info"
-    assert args.resolve_tags is True
+    assert args.resolve_tags is TagResolution.UPSTREAM_FIRST
     assert args.mirror_resolve_timeout == pytest.approx(0.1)
     assert args.mirror_first_byte_timeout == pytest.approx(0.5)
     assert args.mirror_resolve_retries == 3
@@ -66,7 +67,7 @@ def test_run_command_line_custom_values(helm: Path) -> None:
         "https://docker.io", "ghcr.io", "http://registry.internal:5050"]
     # Each regex arrives whole, commas included: lists are flags, not one env value.
     assert args.registry_filters == ["^docker\\.io/library/.{1,3}:", ":latest$"]
-    assert args.resolve_tags is False
+    assert args.resolve_tags is TagResolution.OFF
     assert args.mirror_resolve_timeout == pytest.approx(0.05)
     assert args.mirror_resolve_retries == 5
     assert args.mirror_spool_limit == 6 << 30
@@ -162,11 +163,9 @@ def test_init_and_main_container_write_the_same_hosts_config(helm: Path) -> None
         manifests = chart.render(value_files)
         init = parse_container(chart.container(manifests, "configure", init=True))
         run = parse_container(chart.container(manifests, "meshmirror"))
-        for name in ("containerd_registry_config_path", "mirrored_registries", "resolve_tags",
-                     "prepend_existing"):
-            assert getattr(init, name) == getattr(run, name), (value_files, name)
-        assert hostsconfig.parse_targets(init.mirror_targets) == hostsconfig.parse_targets(
-            run.mirror_targets)
+        # The configs each command builds from its flags, as `configure` and `run` write them.
+        assert cli.hosts_config(init, targets_required=True) == cli.hosts_config(
+            run, targets_required=True), value_files
         for cont in chart.pod_spec(manifests)["containers"]:
             assert "lifecycle" not in cont, "no cleanup when a container stops"
             assert all("$(" not in v for v in node_env(cont).values()), node_env(cont)

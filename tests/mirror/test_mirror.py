@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from meshmirror.mirror.errors import VerificationError
 from meshmirror.mirror.fetch import StreamBody
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorOptions, TagResolution
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.mirror.spool import SpoolFile
 from meshmirror.oci.digest import Digest
@@ -88,7 +88,7 @@ class Settings(TypedDict, total=False):
     read_timeout: float
     body_threads: int
     read_ahead: int
-    resolve_tags: bool
+    resolve_tags: TagResolution
     registry_filters: tuple[re.Pattern[str], ...]
     mirrored_registries: frozenset[str]
 
@@ -266,7 +266,7 @@ async def test_tags_not_resolved_when_disabled_or_filtered(
     make_peer: MakePeer, session: aiohttp.ClientSession
 ) -> None:
     peer = await make_peer("a")
-    mirror, _, _ = mirror_for(session, [peer], resolve_tags=False)
+    mirror, _, _ = mirror_for(session, [peer], resolve_tags=TagResolution.OFF)
     assert await mirror.open_manifest("docker.io", "library/x", "1.0", True) is None
     mirror, _, _ = mirror_for(session, [peer], registry_filters=(re.compile(r":1\.0$"),))
     assert await mirror.open_manifest("docker.io", "library/x", "1.0", True) is None

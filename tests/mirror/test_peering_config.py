@@ -9,6 +9,7 @@ import pytest
 
 from meshmirror.cli import build_parser, main, mesh_addresses, peering_config
 from meshmirror.flags import UsageError, parse_size
+from meshmirror.mirror.options import TagResolution
 from meshmirror.runconfig import PeeringConfig
 
 
@@ -35,7 +36,7 @@ def test_flags_become_mesh_and_mirror_settings(tmp_path: Path) -> None:
     assert got.mirror.registry_filters == (re.compile(":latest$"),)
     assert (got.mirror.resolve_timeout, got.mirror.first_byte_timeout) == (0.2, 1.5)
     assert got.mirror.hedge_delay == pytest.approx(0.1)
-    assert got.mirror.resolve_tags is False
+    assert got.mirror.resolve_tags is TagResolution.OFF
 
 
 def test_spool_flags(tmp_path: Path) -> None:

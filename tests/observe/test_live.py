@@ -34,6 +34,7 @@ import yaml
 
 from meshmirror.demo import DEMO_IMAGE, DemoNode, can_serve, pull
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
+from tests.support.node import NO_UPSTREAM
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
 
@@ -80,7 +81,7 @@ def _start(node: DemoNode, join: str | None, log: Path, hosts_dir: Path | None
             "--registry-addr", f"{node.host}:{node.registry_port}",
             "--metrics-addr", f"{node.host}:{node.metrics_port}",
             "--mesh-addr", f"{node.host}:{node.mesh_port}",
-            "--mirror-resolve-timeout", "0.5"]
+            "--mirror-resolve-timeout", "0.5", *NO_UPSTREAM]
     if join:
         argv += ["--join", join]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -22,7 +22,7 @@ from meshmirror.node import Node, StartError, build_store
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from meshmirror.runconfig import NodeConfig
 from meshmirror.store.ocilayout import OciLayoutStore
-from tests.support.node import RunningNode, start_node
+from tests.support.node import NO_UPSTREAM, RunningNode, start_node
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import stop
 
@@ -36,7 +36,7 @@ def config_for(layout: Path, host: str) -> NodeConfig:
         "--store", f"oci:{layout}",
         "--registry-addr", f"{host}:{free_port(host)}",
         "--metrics-addr", f"{host}:{free_port(host)}",
-        "--mesh-addr", f"{host}:{free_port(host)}"))
+        "--mesh-addr", f"{host}:{free_port(host)}", *NO_UPSTREAM))
 
 
 @pytest.fixture

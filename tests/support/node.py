@@ -12,6 +12,10 @@ from pathlib import Path
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
 
+# Nodes here serve images no upstream registry holds: peers resolve tags and share
+# every repository, as with no upstream to ask (a test's ``extra`` flags win).
+NO_UPSTREAM = ("--resolve-tags", "peers", "--private-images", "share")
+
 
 class RunningNode:
     def __init__(self, proc: subprocess.Popen[bytes], address: str, metrics: str,
@@ -35,7 +39,7 @@ def start_node(store: str, log: Path, extra: tuple[str, ...] = ()) -> RunningNod
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = spawn([sys.executable, "-m", "meshmirror", "run", "--store", store,
                   "--registry-addr", address, "--metrics-addr", metrics,
-                  "--mesh-addr", mesh, *extra], log, env)
+                  "--mesh-addr", mesh, *NO_UPSTREAM, *extra], log, env)
     node = RunningNode(proc, address, metrics, log, mesh)
 
     def healthy() -> bool:

@@ -19,7 +19,11 @@ def test_defaults() -> None:
     endpoints = UpstreamEndpoints()
     assert endpoints.url_for("docker.io") == "https://registry-1.docker.io"
     assert endpoints.url_for("ghcr.io") == "https://ghcr.io"
-    assert endpoints.url_for("127.0.0.1:5050") == "https://127.0.0.1:5050"
+    assert endpoints.url_for("10.1.2.3:5050") == "https://10.1.2.3:5050"
+    # Loopback registries speak plain HTTP, as containerd assumes for localhost.
+    assert endpoints.url_for("127.0.0.1:5050") == "http://127.0.0.1:5050"
+    assert endpoints.url_for("localhost:5050") == "http://localhost:5050"
+    assert endpoints.url_for("[::1]:5050") == "http://[::1]:5050"
 
 
 def test_hosts_toml_server_wins_over_default(tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ comma-separated variable.
 - name: MESHMIRROR_MIRROR_TARGETS
   value: {{ include "meshmirror.mirrorTargets" . | fromJsonArray | join "," | quote }}
 - name: MESHMIRROR_RESOLVE_TAGS
-  value: {{ printf "%t" .Values.meshmirror.resolveTags | quote }}
+  value: {{ ternary "upstream-first" "off" .Values.meshmirror.resolveTags | quote }}
 - name: MESHMIRROR_PREPEND_EXISTING
   value: {{ printf "%t" .Values.meshmirror.prependExisting | quote }}
 {{- end -}}

@@ -1,0 +1,101 @@
+"""What a tag means right now, and who may say so.
+
+Peers can only tell what a tag meant when they pulled it: a reused tag
+(``latest``) resolves stale through them, and since a tag carries no digest to
+verify, any member could answer with a manifest of its own. So with
+``--resolve-tags=upstream-first`` the upstream is asked anonymously for the
+tag's current digest every time, and peers serve only the manifest of that
+digest, verified against it. Peers resolve a tag themselves only while the
+upstream cannot answer (refused, timed out, 5xx, breaker open), and then only
+when the mesh is encrypted, unless ``--outage-peer-tags`` says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshmirror.mirror.options import (
+    MirrorOptions,
+    OutagePeerTags,
+    PrivateImages,
+    TagResolution,
+)
+from meshmirror.mirror.upstream_questions import UpstreamQuestions
+from meshmirror.mirror.visibility import RepositoryAccess
+from meshmirror.oci.digest import Digest
+from meshmirror.upstream import AuthRequired, NotFound, TagDigest
+
+
+@dataclass(frozen=True, slots=True)
+class UseDigest:
+    """The upstream says the tag is this digest: serve that manifest from a peer."""
+
+    digest: Digest
+
+
+@dataclass(frozen=True, slots=True)
+class AskPeers:
+    """Resolve the tag through peers (``--resolve-tags=peers``, or an upstream outage)."""
+
+    outage: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """404 at once; ``reason`` is for the log and the outcome metric."""
+
+    reason: str
+
+
+TagDecision = UseDigest | AskPeers | Refuse
+
+
+class TagPolicy:
+    """Turns ``--resolve-tags`` and the upstream's answer into a `TagDecision`."""
+
+    def __init__(self, upstream: UpstreamQuestions | None, options: MirrorOptions,
+                 access: RepositoryAccess, *, mesh_encrypted: bool) -> None:
+        self._upstream = upstream
+        self._options = options
+        self._access = access
+        self._mesh_encrypted = mesh_encrypted
+
+    @property
+    def upstream_first(self) -> bool:
+        """Whether the upstream decides tags (there is one, and the mode says so)."""
+        return (self._upstream is not None
+                and self._options.resolve_tags is TagResolution.UPSTREAM_FIRST)
+
+    @property
+    def peers_may_resolve_in_outage(self) -> bool:
+        """Whether a tag lookup answered by a peer is accepted while the upstream is down."""
+        rule = self._options.outage_peer_tags
+        return rule is OutagePeerTags.ALWAYS or (
+            rule is OutagePeerTags.ENCRYPTED and self._mesh_encrypted)
+
+    async def decide(self, registry: str, repository: str, tag: str) -> TagDecision:
+        mode = self._options.resolve_tags
+        if mode is TagResolution.OFF:
+            return Refuse("tags not resolved")
+        if not self.upstream_first:
+            return AskPeers(outage=False)
+        assert self._upstream is not None
+        answer = await self._upstream.resolve_tag(registry, repository, tag)
+        if isinstance(answer, TagDigest):
+            # Answered anonymously, so anyone may pull the repository.
+            self._access.learned(registry, repository, public=True)
+            return UseDigest(answer.digest)
+        if isinstance(answer, NotFound):
+            return Refuse("the upstream has no such tag")
+        if isinstance(answer, AuthRequired):
+            self._access.learned(registry, repository, public=False)
+            if self._options.private_images is PrivateImages.UPSTREAM_ONLY:
+                return Refuse("private repository")
+            # Shared private images: their tags can only be resolved by peers.
+            return self._outage()
+        return self._outage()  # Unreachable: refused, timed out, 5xx, breaker open...
+
+    def _outage(self) -> TagDecision:
+        if self.peers_may_resolve_in_outage:
+            return AskPeers(outage=True)
+        return Refuse("upstream unreachable and peer tags not trusted")
