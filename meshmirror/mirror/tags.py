@@ -93,7 +93,12 @@ class TagPolicy:
                 return Refuse("private repository")
             # Shared private images: their tags can only be resolved by peers.
             return self._outage()
-        return self._outage()  # Unreachable: refused, timed out, 5xx, breaker open...
+        # Unreachable: refused, timed out, 5xx, breaker open... The visibility check that
+        # follows must not ask the same upstream again and add a second timeout.
+        decision = self._outage()
+        if isinstance(decision, AskPeers):
+            self._access.unanswered(registry, repository)
+        return decision
 
     def _outage(self) -> TagDecision:
         if self.peers_may_resolve_in_outage:

@@ -30,6 +30,11 @@ from meshmirror.mirror.upstream_questions import UpstreamQuestions
 from meshmirror.upstream import Private, Public, Unknown, Visibility
 
 VISIBILITY_FILE = "visibility.json"
+# How long a tag question the upstream could not answer stands in for the visibility
+# question that follows it in the same request. Seconds, not minutes: it only has to
+# outlive the step from the tag decision to the access check.
+UNANSWERED_TTL = 5.0
+_MAX_UNANSWERED = 1024
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +149,9 @@ class RepositoryAccess:
         self._options = options
         path = options.state_dir / VISIBILITY_FILE if options.state_dir is not None else None
         self.cache = VisibilityCache(options, clock, path)
+        self._clock = clock
         self._asking: dict[tuple[str, str], asyncio.Task[Visibility]] = {}
+        self._unanswered: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     def refuses_peers(self, registry: str, repository: str) -> bool:
         """Whether this node keeps the repository from peers: known private, unless shared."""
@@ -155,6 +162,25 @@ class RepositoryAccess:
         """A verdict learned elsewhere (a tag resolved anonymously means public)."""
         self.cache.remember(registry, repository, public)
 
+    def unanswered(self, registry: str, repository: str) -> None:
+        """The upstream was just asked about the repository (a tag) and could not answer.
+
+        A tag lookup in an outage goes on to ask whether peers may serve the
+        repository; asking the same unreachable upstream again would double what
+        the outage costs that lookup (two timeouts instead of one) before the
+        breaker opens. So the next check of this repository decides from what is
+        known, as if it had asked and heard nothing.
+        """
+        key = (registry, repository)
+        self._unanswered[key] = self._clock()
+        self._unanswered.move_to_end(key)
+        while len(self._unanswered) > _MAX_UNANSWERED:
+            self._unanswered.popitem(last=False)
+
+    def _just_unanswered(self, registry: str, repository: str) -> bool:
+        noted = self._unanswered.pop((registry, repository), None)
+        return noted is not None and self._clock() - noted < UNANSWERED_TTL
+
     async def check(self, registry: str, repository: str, reference: str) -> Access:
         """``reference``: a tag or digest in the repository; any digest will do, since
         a registry that wants credentials asks for them before looking the reference up."""
@@ -163,6 +189,8 @@ class RepositoryAccess:
         known = self.cache.fresh(registry, repository)
         if known is not None:
             return Access.SHARE if known else Access.DENY
+        if self._just_unanswered(registry, repository):
+            return self._unknown(registry, repository)
         visibility = await self._ask(registry, repository, reference)
         if isinstance(visibility, Public):
             return Access.SHARE

@@ -4,8 +4,11 @@
 (a 500, a garbage challenge, a token server's JSON) and records every request,
 so a test can assert that a call never reached the server. :class:`Blackhole`
 accepts TCP connections into its backlog and never answers: the client's
-connect succeeds and only its answer timeout can end the wait. Both run on a
-thread, so the test's event loop and a synchronous benchmark can share them.
+connect succeeds and only its answer timeout can end the wait;
+:class:`CountingBlackhole` accepts them too, holds them open without a byte
+in reply, and counts them, so a test can tell when a client stopped trying.
+They run on a thread, so the test's event loop and a synchronous benchmark can
+share them.
 """
 
 from __future__ import annotations
@@ -149,6 +152,89 @@ class Blackhole:
         self._sock.close()
 
     def __enter__(self) -> Blackhole:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class CountingBlackhole:
+    """Accepts every connection, reads and discards what arrives, never answers; counts them.
+
+    Unlike :class:`Blackhole` (whose backlog fills) it keeps accepting, so the
+    count is every connection a client opened, however many there were.
+    """
+
+    def __init__(self, host: str | None = None) -> None:
+        self.host = host or loopback_host()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind((self.host, 0))
+        self._sock.listen(64)
+        self._sock.settimeout(0.05)
+        self.port = int(self._sock.getsockname()[1])
+        self._lock = threading.Lock()
+        self._accepted = 0
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                self._drain()
+                continue
+            conn.setblocking(False)
+            with self._lock:
+                self._accepted += 1
+                self._held.append(conn)
+            self._drain()
+
+    def _drain(self) -> None:
+        """Read what clients sent (a full receive buffer would stall their writes) and
+        drop the connections they closed."""
+        with self._lock:
+            open_: list[socket.socket] = []
+            for conn in self._held:
+                try:
+                    closed = conn.recv(65536) == b""
+                except BlockingIOError:
+                    closed = False
+                except OSError:
+                    closed = True
+                if closed:
+                    conn.close()
+                else:
+                    open_.append(conn)
+            self._held = open_
+
+    @property
+    def accepted(self) -> int:
+        """Connections accepted so far."""
+        with self._lock:
+            return self._accepted
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        with self._lock:
+            for conn in self._held:
+                conn.close()
+            self._held = []
+        self._sock.close()
+
+    def __enter__(self) -> CountingBlackhole:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
