@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -319,6 +320,42 @@ class E2ENode:
 
     def alive_members(self) -> float:
         return metric(self.metrics(), "meshmirror_mesh_members", state="alive")
+
+    def status(self) -> dict[str, Any]:
+        """The ``/status`` JSON of the metrics port."""
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/status",
+                                    timeout=5) as r:
+            document = json.loads(r.read())
+        assert isinstance(document, dict)
+        return document
+
+    def requests_logged(self, since: int = 0) -> list[dict[str, object]]:
+        """Access-log lines of the registry port, from the ``since``-th log record on."""
+        return [r for r in self.log_records()[since:] if r.get("msg") == "request"]
+
+
+def wait_summary_known(holder: E2ENode, others: Sequence[E2ENode],
+                       timeout: float = 30.0) -> None:
+    """Every node in ``others`` holds ``holder``'s summary as it is now, store caught up.
+
+    After a pull, the holder's publisher takes a moment to fold the new keys into a
+    new epoch, and gossip another to tell the others; a test asserting on where
+    bytes came from must wait for both, or it measures the race.
+    """
+
+    def caught_up() -> bool:
+        status = holder.status()
+        summary = status["mesh"]["summary"]
+        if summary is None or summary["keys"] < status["store"]["keys"]:
+            return False
+        for other in others:
+            member = next((m for m in other.status()["mesh"]["members"]
+                           if m["name"] == holder.name), None)
+            if member is None or member["held_epoch"] != summary["epoch"]:
+                return False
+        return True
+
+    wait_until(caught_up, timeout, f"{holder.name}'s summary to reach its peers", 0.1)
 
 
 def wait_mesh(nodes: Sequence[E2ENode], timeout: float = 30.0) -> None:

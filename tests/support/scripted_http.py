@@ -30,6 +30,7 @@ class Request:
     path: str
     query: Mapping[str, list[str]]
     headers: Mapping[str, str]  # lower-case names
+    body: bytes = b""
 
     def param(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -65,10 +66,9 @@ def _handler(respond: Responder, log: _Log) -> type[BaseHTTPRequestHandler]:
         def _serve(self) -> None:
             parts = urlsplit(self.path)
             length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
+            body = self.rfile.read(length) if length else b""
             request = Request(self.command, parts.path, parse_qs(parts.query),
-                              {k.lower(): v for k, v in self.headers.items()})
+                              {k.lower(): v for k, v in self.headers.items()}, body)
             with log.lock:
                 log.requests.append(request)
             try:

@@ -5,8 +5,10 @@ as Docker Hub does; the client then asks the realm for a JWT whose ``access``
 claim lists what it may do. This server grants anonymous ``pull`` on the
 repositories in ``public`` and, for the rest, an empty grant (Docker Hub's
 answer for a private repository: a valid token the registry then refuses).
-A client with the pusher's Basic credentials gets every action it asks for,
-so skopeo can push images in.
+A client with the pusher's credentials gets every action it asks for, so
+skopeo can push images in and ``ctr pull --user`` can pull private ones: as
+Basic credentials on the GET (skopeo, Docker) or as an OAuth2 password grant
+POSTed to the realm (containerd, whenever it holds a secret).
 
 Tokens are ES256 JWTs carrying a self-signed certificate in their ``x5c``
 header; that certificate is the registry's ``rootcertbundle``. Faults for
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import parse_qs
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -128,9 +131,9 @@ class TokenServer:
             return False
         return (user, password) == self.pusher
 
-    def _granted(self, request: Request, pusher: bool) -> list[dict[str, Any]]:
+    def _granted(self, scopes: Iterable[str], pusher: bool) -> list[dict[str, Any]]:
         access = []
-        for scope in request.query.get("scope", []):
+        for scope in scopes:
             grant = parse_scope(scope)
             if grant is None or grant.type != "repository":
                 continue
@@ -144,18 +147,36 @@ class TokenServer:
     def _respond(self, request: Request) -> Reply:
         if request.path != "/token":
             return Reply(404)
+        if request.method == "POST":
+            return self._oauth(request)
         pusher = self._is_pusher(request)
         if "authorization" in request.headers and not pusher:
             return Reply(401, body=b'{"details":"bad credentials"}')
         if not pusher and self.refuse_anonymous:
             return Reply(401, body=b'{"details":"anonymous access refused"}')
+        return self._token(request.query.get("scope", []), request.param("service"), pusher)
+
+    def _oauth(self, request: Request) -> Reply:
+        """containerd's OAuth2 POST: a password grant with the pusher's credentials, or 401."""
+        form = parse_qs(request.body.decode("latin-1"))
+
+        def field(name: str) -> str:
+            return (form.get(name) or [""])[0]
+
+        if field("grant_type") != "password" or (
+                field("username"), field("password")) != self.pusher:
+            return Reply(401, body=b'{"details":"bad credentials"}')
+        scopes = [s for value in form.get("scope", []) for s in value.split(" ") if s]
+        return self._token(scopes, field("service") or None, pusher=True)
+
+    def _token(self, scopes: Iterable[str], service: str | None, pusher: bool) -> Reply:
         if self.garbage:
             return Reply(200, (("Content-Type", "application/json"),), b"<html>not json")
         now = int(time.time())
         claims = {"iss": ISSUER, "sub": self.pusher[0] if pusher else "",
-                  "aud": request.param("service") or SERVICE, "exp": now + 600,
+                  "aud": service or SERVICE, "exp": now + 600,
                   "nbf": now - 10, "iat": now, "jti": secrets.token_hex(8),
-                  "access": self._granted(request, pusher)}
+                  "access": self._granted(scopes, pusher)}
         token = self.key.jwt(claims)
         doc: dict[str, Any] = {"token": token, "access_token": token,
                                "issued_at": datetime.datetime.now(datetime.UTC).isoformat()}
