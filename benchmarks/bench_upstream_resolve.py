@@ -11,8 +11,9 @@ hits them alike:
 * cold: a client with an empty token cache (401, token GET, HEAD), same session;
 * open breaker: a registry held unreachable, answered without any request.
 
-Prints median and p90 milliseconds and each median's ratio to the baseline.
-Usage: ``python -m benchmarks.bench_upstream_resolve [--rounds N]``
+Prints median and p90 milliseconds and each median's ratio to the baseline,
+and writes them into RESULTS.md (``--no-write`` only prints).
+Usage: ``python -m benchmarks.bench_upstream_resolve [--rounds N] [--no-write]``
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ from pathlib import Path
 
 import aiohttp
 
+from benchmarks.results import (
+    RESULTS,
+    Section,
+    Table,
+    Target,
+    load_average,
+    load_since,
+    utc_now,
+    write_section,
+)
 from meshmirror.oci import mediatypes
 from meshmirror.oci.imagebuilder import build_image
 from meshmirror.upstream import TagDigest, Unreachable, UpstreamClient, UpstreamEndpoints
@@ -37,6 +48,8 @@ from tests.support.token_server import ISSUER, SERVICE, TokenServer
 
 REPO, TAG = "bench/app", "1"
 DOWN = "down.test"
+BASELINE = "baseline (HEAD, token in hand)"
+WARM = "warm (resolve_tag, token cached)"
 
 Case = Callable[[], Awaitable[None]]
 
@@ -90,17 +103,44 @@ async def _run(token_reg: DistributionRegistry, public_reg: DistributionRegistry
         async def breaker_open() -> None:
             assert isinstance(await warm.resolve_tag(DOWN, REPO, TAG), Unreachable)
 
-        return await _measure({"baseline (HEAD, token in hand)": baseline,
+        return await _measure({BASELINE: baseline,
                                "baseline-noauth (HEAD, public registry)": baseline_noauth,
-                               "warm (resolve_tag, token cached)": resolve_warm,
+                               WARM: resolve_warm,
                                "cold (resolve_tag, 401+token+HEAD)": resolve_cold,
                                "open breaker (resolve_tag, no request)": breaker_open}, rounds)
 
 
-def main() -> None:
+def section(rounds: int, times: dict[str, list[float]], load: str) -> Section:
+    """The RESULTS.md block: each case's median and p90, and its ratio to the baseline."""
+    base = statistics.median(times[BASELINE])
+    rows = []
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        p90 = statistics.quantiles(samples, n=10)[-1]
+        rows.append([name, f"{median * 1e3:.3f}", f"{p90 * 1e3:.3f}", f"{median / base:.2f}"])
+    warm = statistics.median(times[WARM]) / base
+    return Section(
+        name="bench_upstream_resolve",
+        title="Upstream tag resolution: the anonymous client against a plain HEAD",
+        command=f"python -m benchmarks.bench_upstream_resolve --rounds {rounds}",
+        date=utc_now(), load=load,
+        setup="Real Distribution with `auth: token` and the test token server on loopback, "
+              "one aiohttp session; cases interleaved round by round.",
+        tables=[Table(["case", "median ms", "p90 ms", "x baseline"], rows)],
+        notes=["warm is what every upstream-first tag lookup pays: one HEAD, the token "
+               "cached and the connection kept alive; cold adds the 401 and the token GET "
+               "once per token lifetime; an open breaker costs no request at all"],
+        targets=[Target("warm upstream tag resolution / plain HEAD with a token", "<=", 1.5,
+                        warm)])
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=500)
-    args = parser.parse_args()
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="bench-upstream-") as tmp:
         directory = Path(tmp)
         image = build_image(f"example.com/{REPO}:{TAG}", directory / "layout")
@@ -111,13 +151,12 @@ def main() -> None:
             push_layout(image.layout, TAG, token_reg.address, REPO, tokens.pusher)
             push_layout(image.layout, TAG, public_reg.address, REPO)
             times = asyncio.run(_run(token_reg, public_reg, tokens.realm, args.rounds))
-    base = statistics.median(next(iter(times.values())))
-    print(f"{'case':44} {'median ms':>10} {'p90 ms':>8} {'ratio':>7}   ({args.rounds} rounds)")
-    for name, samples in times.items():
-        median = statistics.median(samples)
-        p90 = statistics.quantiles(samples, n=10)[-1]
-        print(f"{name:44} {median * 1e3:10.3f} {p90 * 1e3:8.3f} {median / base:6.2f}x")
+    result = section(args.rounds, times, load_since(load_before))
+    print(result.render())
+    if not args.no_write:
+        write_section(result, args.results)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

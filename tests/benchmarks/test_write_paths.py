@@ -19,6 +19,7 @@ from benchmarks import (
     bench_rolling_pull,
     bench_router,
     bench_store_read,
+    bench_upstream_resolve,
     mesh_sim,
     mesh_vs_kinship,
 )
@@ -89,6 +90,18 @@ def test_hosts_fallback(tmp_path: Path) -> None:
     figures = {bench_hosts_fallback.BASELINE: 0.5, "refused mirror": 0.6}
     text = _write(tmp_path, bench_hosts_fallback.section(3, False, figures, LOAD))
     assert "--rounds 3`" in text and "| refused mirror | 0.600 | 1.20 |" in text
+
+
+def test_upstream_resolve(tmp_path: Path) -> None:
+    times = {bench_upstream_resolve.BASELINE: [0.0010, 0.0012, 0.0014],
+             bench_upstream_resolve.WARM: [0.0011, 0.0013, 0.0020],
+             "open breaker (resolve_tag, no request)": [2e-5, 3e-5, 4e-5]}
+    text = _write(tmp_path, bench_upstream_resolve.section(7, times, LOAD))
+    assert "--rounds 7`" in text and LOAD in text
+    assert "| baseline (HEAD, token in hand) | 1.200 |" in text
+    assert "| open breaker (resolve_tag, no request) | 0.030 |" in text
+    assert "| warm upstream tag resolution / plain HEAD with a token | <= 1.5x | 1.08x | yes |" \
+        in text
 
 
 def test_mesh_vs_kinship(tmp_path: Path) -> None:
