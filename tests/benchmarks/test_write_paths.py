@@ -19,6 +19,7 @@ from benchmarks import (
     bench_rolling_pull,
     bench_router,
     bench_store_read,
+    bench_tag_resolution,
     bench_upstream_resolve,
     mesh_sim,
     mesh_vs_kinship,
@@ -90,6 +91,20 @@ def test_hosts_fallback(tmp_path: Path) -> None:
     figures = {bench_hosts_fallback.BASELINE: 0.5, "refused mirror": 0.6}
     text = _write(tmp_path, bench_hosts_fallback.section(3, False, figures, LOAD))
     assert "--rounds 3`" in text and "| refused mirror | 0.600 | 1.20 |" in text
+
+
+def test_tag_resolution(tmp_path: Path) -> None:
+    times = {bench_tag_resolution.PEERS: [0.0005, 0.0005, 0.0005],
+             bench_tag_resolution.UPSTREAM_FIRST: [0.002, 0.002, 0.002],
+             bench_tag_resolution.PLAIN_HEAD: [0.0015, 0.0015, 0.0015]}
+    figures = bench_tag_resolution.Figures(times, 0, 3)
+    text = _write(tmp_path, bench_tag_resolution.section(3, figures, LOAD))
+    assert "| upstream-first | 2.00 |" in text and "| plain HEAD to the upstream | 1.50 |" in text
+    assert "upstream requests per upstream-first lookup: 1.00; connections opened" in text
+    assert "why the 3x target is missed" in text
+    assert "| upstream-first tag lookup / peers-only | <= 3x | 4.00x | **no** |" in text
+    assert "| upstream-first added time / one plain HEAD to the upstream | <= 1.2x | 1.00x |" \
+        in text
 
 
 def test_upstream_resolve(tmp_path: Path) -> None:
