@@ -40,7 +40,7 @@ from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.spool import SpoolBudget
 from meshmirror.mirror.tags import AskPeers, Refuse, TagPolicy, UseDigest
 from meshmirror.mirror.upstream_questions import CountedUpstream, UpstreamQuestions
-from meshmirror.mirror.visibility import Access, RepositoryAccess
+from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, Access, RepositoryAccess
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
@@ -206,7 +206,7 @@ class PeerMirror:
         if not self._options.mirrors(registry):
             self._count(registry, "blob", "not_mirrored", path, started)
             return None
-        if await self.access.check(registry, repository, str(digest)) is Access.DENY:
+        if await self.access.check(registry, repository, BLOB_PROBE_REFERENCE) is Access.DENY:
             self._count(registry, "blob", "refused", path, started)
             return None
         fetch = BlobFetch(self.client, self._router, self._options, registry, path, digest)

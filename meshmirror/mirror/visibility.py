@@ -30,6 +30,13 @@ from meshmirror.mirror.upstream_questions import UpstreamQuestions
 from meshmirror.upstream import Private, Public, Unknown, Visibility
 
 VISIBILITY_FILE = "visibility.json"
+
+# What a blob request asks about: a manifest digest that names nothing. A registry
+# that wants credentials asks for them before it looks a reference up, and a public
+# one answers 404; asking with the blob's own digest instead makes some registries
+# (Distribution among them) try to read the blob as a manifest and fail with a 5xx,
+# which would look like an outage.
+BLOB_PROBE_REFERENCE = "sha256:" + "0" * 64
 # How long a tag question the upstream could not answer stands in for the visibility
 # question that follows it in the same request. Seconds, not minutes: it only has to
 # outlive the step from the tag decision to the access check.

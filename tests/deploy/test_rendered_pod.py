@@ -84,8 +84,11 @@ def pod_view_config(node: Node, mounts: dict[str, str]) -> Path:
 
 
 def run_args(cont: dict[str, Any], env: dict[str, str]) -> list[str]:
+    """The container's argv, less ``--join-dns``: the cluster's DNS name exists only in
+    a cluster, and asking this machine's resolver for it would send a query off the
+    machine. The peers are named with ``--join`` instead (extraArgs)."""
     argv = [*cont.get("command", []), *cont.get("args", [])]
-    return [chart.expand_var_refs(a, env) for a in argv]
+    return [chart.expand_var_refs(a, env) for a in argv if not a.startswith("--join-dns=")]
 
 
 def container_env(cont: dict[str, Any], node: Node) -> dict[str, str]:

@@ -134,8 +134,11 @@ def _head_ok(node: E2ENode, image: BuiltImage, digest: str) -> bool:
 def _wait_routes(node: E2ENode, images: tuple[BuiltImage, ...]) -> None:
     """``node``'s mirror finds a peer for each image's first layer."""
     for image in images:
-        wait_until(functools.partial(_head_ok, node, image, _layer(image)), 15,
-                   f"{node.name} to route {image.name}")
+        try:
+            wait_until(functools.partial(_head_ok, node, image, _layer(image)), 15,
+                       f"{node.name} to route {image.name}")
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}; its log ends:\n{node.log_tail()}") from None
 
 
 @contextlib.contextmanager
