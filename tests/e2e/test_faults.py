@@ -100,7 +100,7 @@ class Cluster:
     def restart_puller(self, *extra_args: str) -> None:
         """Restart node 2's meshmirror with these extra flags (joining a running peer)."""
         self.n2.stop_meshmirror()
-        self.n2.extra_args = extra_args
+        self.n2.extra_args = (*PEER_TAGS, *extra_args)
         alive = next(n for n in (self.n1, self.n3) if n.meshmirror_running)
         self.n2.start_meshmirror(join=alive.mesh_address)
         wait_mesh(self.nodes)
@@ -164,6 +164,11 @@ def _busy(node: E2ENode, image: BuiltImage, streams: int = 3) -> Iterator[None]:
             conn.close()
 
 
+# The images live on the peers only (the upstream never holds most of them), so tags
+# resolve through peers: these tests are about faults in transfers, not tag freshness.
+PEER_TAGS = ("--resolve-tags", "peers")
+
+
 def _delta(after: Metrics, before: Metrics, name: str, **labels: str) -> float:
     return metric(after, name, **labels) - metric(before, name, **labels)
 
@@ -184,12 +189,13 @@ def cluster(upstream: Upstream, big_image: BuiltImage,
     nodes: list[E2ENode] = []
     slow_proxy: CountingProxy | None = None
     try:
-        n1 = E2ENode("fault-1").start()
+        peers = PEER_TAGS
+        n1 = E2ENode("fault-1", extra_args=peers).start()
         nodes.append(n1)
         n2 = E2ENode("fault-2", join=n1.mesh_address,
-                     extra_args=("--mirror-spool-limit", str(PULLER_SPOOL_LIMIT))).start()
+                     extra_args=(*peers, "--mirror-spool-limit", str(PULLER_SPOOL_LIMIT))).start()
         nodes.append(n2)
-        n3 = E2ENode("fault-3", join=n1.mesh_address).start()
+        n3 = E2ENode("fault-3", join=n1.mesh_address, extra_args=peers).start()
         nodes.append(n3)
         for node in nodes:
             node.configure(upstream.proxy.url, [node.registry_url])
