@@ -3,17 +3,25 @@
 Every request the mirror sends a peer goes through one `PeerClient`, so the
 rules that keep a bad peer from hurting a pull live in one place:
 
+- at most ``peer_connections`` requests go to one peer at once; more wait in a
+  first-come queue. The bounds below start only once a request leaves the
+  queue, so they measure the peer and never our own burst;
 - a peer must accept the connection within ``resolve_timeout`` (a dead or
   unreachable peer costs no more than that) and answer with headers within
   ``first_byte_timeout``. The two bounds differ on purpose: a live peer starting
   several responses at once on a busy node needs tens of milliseconds, and
   giving up on it sends the bytes upstream;
+- a body must bring a byte within ``stall_timeout`` and keep up ``min_rate``
+  (`body.Progress`), so a hanging or dripping peer is left within two
+  ``stall_timeout``s;
 - a request counts as in flight at its peer (the router ranks busy peers lower)
   from the moment it is sent until its `PeerResponse` is released, and on every
   path that never produces one, cancellation included: a leaked count would
   rank a healthy peer last for good;
-- an outcome is charged to the peer that caused it: a 404 is a false positive
-  of its summary, bad bytes earn a penalty, anything else an error;
+- an outcome is charged to the peer that caused it, with the time it took: a
+  404 is a false positive of its summary; a stall, a timeout or bad bytes open
+  the peer's circuit (the router stops naming it for a while); anything else
+  is an error that ranks it lower;
 - requests carry `marker.PEER_HEADER`; a node answers those from its own store
   only (see `marker.peer_dispatch`), so a false positive can never bounce
   between mirrors.
@@ -29,7 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
-from meshmirror.mirror.body import BodyPump, take_over
+from meshmirror.mirror.body import BodyPump, Progress, take_over
+from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
 from meshmirror.mirror.hedging import hedged
 from meshmirror.mirror.marker import PEER_HEADER
@@ -39,30 +48,46 @@ from meshmirror.routing.router import Peer, Router
 
 logger = logging.getLogger("meshmirror.mirror")
 
+# Failures that say the peer is unfit to ask for a while, not just unlucky once:
+# they open its circuit in the router.
+_CIRCUIT_REASONS = frozenset(
+    {"stalled", "slow", "timeout", "connect_timeout", "digest_mismatch", "bad_digest_header"}
+)
+
 
 class PeerResponse:
     """A peer's response whose headers have arrived.
 
-    It holds the request's in-flight count at its peer; `release` gives that
-    back and frees the connection, once, however often it is called.
+    It holds the request's in-flight count and its connection slot at its peer;
+    `release` frees the connection (one whose body was not read to its end is
+    closed, never pooled) and gives both back, once, however often it is called.
     """
 
-    __slots__ = ("_released", "_router", "peer", "response", "started")
+    __slots__ = ("_released", "_router", "_slot", "peer", "progress", "response", "started")
 
     def __init__(
-        self, peer: Peer, response: aiohttp.ClientResponse, started: float, router: Router
+        self,
+        peer: Peer,
+        response: aiohttp.ClientResponse,
+        started: float,
+        router: Router,
+        slot: asyncio.Semaphore,
+        progress: Progress,
     ) -> None:
         self.peer = peer
         self.response = response
         self.started = started
+        self.progress = progress
         self._router = router
+        self._slot = slot
         self._released = False
 
     def release(self) -> None:
         if self._released:
             return
         self._released = True
-        self.response.release()
+        self.response.release()  # aiohttp closes a connection whose body was not read through
+        self._slot.release()
         self._router.end(self.peer.name)
 
 
@@ -90,6 +115,8 @@ class PeerClient:
         )
         self._pumps: set[BodyPump] = set()
         self._pumps_started = 0
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self.budget = MemoryBudget(options.memory_limit)
 
     @property
     def pumps_running(self) -> int:
@@ -124,19 +151,36 @@ class PeerClient:
         if offset:
             request_headers["Range"] = f"bytes={offset}-"
         url = f"{peer.http_base}{path}"
-        started = self._clock()
+        slot = self._slots.get(peer.name)
+        if slot is None:
+            slot = self._slots[peer.name] = asyncio.Semaphore(self._options.peer_connections)
+        # Queued requests count as in flight: the router ranks a peer with a queue lower.
         self._router.begin(peer.name)
         try:
-            response = await self._get(url, registry, request_headers)
+            await slot.acquire()
         except BaseException:
             self._router.end(peer.name)
             raise
-        opened = PeerResponse(peer, response, started, self._router)
+        started = self._clock()
+        try:
+            response = await self._get(url, registry, request_headers)
+        except PeerFailure as failure:
+            failure.elapsed = self._clock() - started
+            slot.release()
+            self._router.end(peer.name)
+            raise
+        except BaseException:
+            slot.release()
+            self._router.end(peer.name)
+            raise
+        opened = PeerResponse(peer, response, started, self._router, slot,
+                              Progress(self._options.min_rate, self._options.stall_timeout))
         expected_status = 206 if offset else 200
         if response.status != expected_status:
             opened.release()
             reason = "not_found" if response.status == 404 else "bad_status"
-            raise PeerFailure(reason, f"{url} answered {response.status}")
+            raise PeerFailure(reason, f"{url} answered {response.status}",
+                              elapsed=self._clock() - started)
         self._metrics.first_byte.observe(self._clock() - started)
         return opened
 
@@ -152,7 +196,7 @@ class PeerClient:
                     allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(
                         sock_connect=self._options.resolve_timeout,
-                        sock_read=self._options.read_timeout,
+                        sock_read=self._options.stall_timeout,
                     ),
                 ),
                 self._options.first_byte_timeout,
@@ -205,48 +249,54 @@ class PeerClient:
         )
 
     def failed(self, peer: Peer, failure: PeerFailure) -> None:
-        """Charge ``failure`` to ``peer``, by how much it says about the peer."""
+        """Charge ``failure`` to ``peer``, by how much it says about the peer.
+
+        The time the failure took counts like a success's: a peer that answers a
+        quick 404 must not look like the fastest one.
+        """
         self._metrics.peer_failures.labels(failure.reason).inc()
+        latency = max(0.0, failure.elapsed or 0.0)
         if failure.reason == "not_found":
             self._metrics.false_positives.inc()
-            self._router.report(peer.name, ok=False, latency_s=0.0, false_positive=True)
-        elif failure.reason == "digest_mismatch":
-            self._router.penalise(peer.name)
+            self._router.report(peer.name, ok=False, latency_s=latency, false_positive=True)
+        elif failure.reason in _CIRCUIT_REASONS:
+            self._router.trip(peer.name)
         else:
-            self._router.report(peer.name, ok=False, latency_s=0.0)
+            self._router.report(peer.name, ok=False, latency_s=latency)
         logger.info("peer %s failed: %s", peer.name, failure)
 
     # -- bodies ------------------------------------------------------------------
 
     async def read_chunk(self, opened: PeerResponse, size: int) -> bytes:
-        """Up to ``size`` more bytes of the body on the event loop; b"" at its end."""
+        """Up to ``size`` more bytes of the body on the event loop; b"" at its end.
+
+        Raises `PeerFailure` when no byte comes within ``stall_timeout`` or the
+        body falls below ``min_rate`` (`body.Progress`).
+        """
+        started = self._clock()
         try:
-            # The request's sock_read timeout bounds a stalled peer per read.
-            chunk = await opened.response.content.read(size)
+            async with asyncio.timeout(self._options.stall_timeout):
+                chunk = await opened.response.content.read(size)
         except (TimeoutError, aiohttp.ServerTimeoutError) as err:
-            raise PeerFailure("stalled", "no bytes within the read timeout") from err
+            raise PeerFailure(
+                "stalled", f"no byte within {self._options.stall_timeout:g} s") from err
         except (aiohttp.ClientError, OSError) as err:
             raise PeerFailure("broken", str(err)) from err
+        if (slow := opened.progress.check(len(chunk), self._clock() - started)) is not None:
+            raise slow
         self._metrics.peer_bytes.inc(len(chunk))
         return chunk
 
     async def read_whole(self, opened: PeerResponse, limit: int) -> bytes:
-        """The whole body, at most ``limit`` bytes, within ``read_timeout``."""
+        """The whole body, at most ``limit`` bytes, under the same stall and rate bounds."""
         length = opened.response.content_length
         if length is not None and length > limit:
             raise PeerFailure("too_large", f"{length} bytes")
         buffer = bytearray()
-        try:
-            async with asyncio.timeout(self._options.read_timeout):
-                async for chunk in opened.response.content.iter_any():
-                    buffer += chunk
-                    if len(buffer) > limit:
-                        raise PeerFailure("too_large", f"over {limit} bytes")
-        except TimeoutError as err:
-            raise PeerFailure("stalled", "no bytes within the read timeout") from err
-        except (aiohttp.ClientError, OSError) as err:
-            raise PeerFailure("broken", str(err)) from err
-        self._metrics.peer_bytes.inc(len(buffer))
+        while chunk := await self.read_chunk(opened, 1024 * 1024):
+            buffer += chunk
+            if len(buffer) > limit:
+                raise PeerFailure("too_large", f"over {limit} bytes")
         return bytes(buffer)
 
     def pump(
@@ -277,7 +327,9 @@ class PeerClient:
             prefix[:length],
             length,
             chunk_size=self._options.chunk_size,
-            read_timeout=self._options.read_timeout,
+            stall_timeout=self._options.stall_timeout,
+            min_rate=self._options.min_rate,
+            budget=self.budget,
             consume=consume,
             keep=keep,
             read_ahead=self._options.read_ahead,
@@ -315,3 +367,4 @@ class PeerClient:
                 pump.consumed()
         finally:
             pump.stop()
+            pump.ended("loop")

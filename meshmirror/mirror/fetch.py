@@ -1,12 +1,26 @@
 """One blob request's journey across peers: opening, verifying, resuming, streaming.
 
 A blob is fetched from the best responsive candidate (hedged, see
-`PeerClient.open_hedged`). A peer that breaks mid-body is replaced by the next
-candidate, asked with ``Range: bytes=<reached>-``, and the hash carries on from
-there; a peer whose bytes do not verify is charged and the blob is read again
-from byte 0 on the next one. A client's own Range is served by hashing the blob
+`PeerClient.open_hedged`). A peer that breaks, stalls or drips mid-body is
+replaced by the next candidate, asked with ``Range: bytes=<reached>-``, and the
+hash carries on from there. A client's own Range is served by hashing the blob
 from byte 0 (the skipped prefix is read and discarded), because a digest can
 only be checked over the whole blob.
+
+Blame follows the bytes. Which peer sent which range of the current attempt is
+recorded; when the digest does not match:
+
+- one peer sent it all: that peer is charged and the blob is read again from
+  byte 0 on the next candidate;
+- several did (a resume): a sha256 over the whole cannot tell whose range was
+  wrong, so nobody is charged yet and the blob is read again from byte 0 from
+  the last of them alone. If that verifies, the earlier ones sent the bad
+  bytes and are charged; if not, the last one is, and the next candidate
+  follows. A streamed body cannot be read again, so there every contributor
+  is charged.
+
+Every request has a deadline (`MirrorOptions.deadline_for`): past it the
+fetch gives up and the answer is a 404 while containerd can still go upstream.
 """
 
 from __future__ import annotations
@@ -29,6 +43,16 @@ class Sink(Protocol):
     def write(self, chunk: bytes) -> None: ...
 
     def reset(self) -> None: ...
+
+
+class DiscardSink:
+    """Keeps nothing: for a HEAD, which needs the blob verified but not its bytes."""
+
+    def write(self, chunk: bytes) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
 
 
 class MemorySink:
@@ -90,14 +114,27 @@ class BlobFetch:
         self._tried: set[str] = set()
         self._current: PeerResponse | None = None
         self._size = 0
+        # The peers whose bytes make up the current attempt from byte 0, in order.
+        self._sources: list[Peer] = []
+        # On the loop's clock; moved on by the blob's size once it is known.
+        self._deadline = asyncio.get_running_loop().time() + options.deadline
         # For the request's record: the last peer whose headers were good.
         self.last_peer: str | None = None
 
     async def open(self) -> int | None:
-        """Open a response from the best responsive peer; the blob's size, or None for none."""
+        """Open a response from the best responsive peer; the blob's size, or None for none
+        (also when the deadline passes first)."""
         candidates = self._router.candidates(str(self._digest), limit=self._options.resolve_retries)
-        self._current = await self._open_from(0, candidates)
-        return None if self._current is None else self._size
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                self._current = await self._open_from(0, candidates)
+        except TimeoutError:
+            self.close()
+            return None
+        if self._current is None:
+            return None
+        self._deadline += self._size / max(1, self._options.min_rate)
+        return self._size
 
     def close(self) -> None:
         if self._current is not None:
@@ -105,11 +142,22 @@ class BlobFetch:
             self._current = None
 
     async def read_verified(self, sink: Sink, *, threads: bool) -> bool:
-        """Fill ``sink`` with the whole blob and verify it; on a mismatch, start again
-        from byte 0 on the next peer. False when no peer had good bytes."""
+        """Fill ``sink`` with the whole blob and verify it, retrying from byte 0 after a
+        mismatch (see the module's note on blame). False when no peer had good bytes
+        before the deadline."""
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                return await self._read_verified(sink, threads=threads)
+        except TimeoutError:
+            self.close()
+            return False
+
+    async def _read_verified(self, sink: Sink, *, threads: bool) -> bool:
+        suspects: list[Peer] = []  # contributors to a mismatch, cleared by a verified retry
         while self._current is not None:
             hasher = self._digest.hasher()
             sink.reset()
+            self._sources = [self._current.peer]
             try:
                 async for _ in self._chunks(0, hasher.update, sink.write, threads=threads):
                     pass
@@ -117,11 +165,42 @@ class BlobFetch:
                 self.close()
                 return False
             if hasher.hexdigest() == self._digest.hex:
+                for peer in suspects:
+                    self._client.failed(peer, _mismatch(self._digest, "before a resume"))
                 self._succeeded()
                 return True
-            if not await self._next_source(0, PeerFailure("digest_mismatch", str(self._digest))):
+            last = self._sources[-1]
+            earlier = [peer for peer in self._sources[:-1] if peer.name != last.name]
+            if earlier and not suspects:
+                # Whose range was wrong cannot be told: the last source alone decides.
+                suspects = earlier
+                if await self._reopen_from_start():
+                    continue
+            suspects = []
+            if not await self._next_source(0, _mismatch(self._digest)):
                 return False
         return False
+
+    async def _reopen_from_start(self) -> bool:
+        """Ask the current peer for the whole blob again; False (it is charged) if it cannot."""
+        current = self._current
+        if current is None:
+            return False
+        peer = current.peer
+        self.close()
+        try:
+            opened = await self._client.open(peer, self._path, self._registry)
+        except PeerFailure as failure:
+            self._client.failed(peer, failure)
+            return False
+        try:
+            self._check_headers(opened, 0)
+        except PeerFailure as failure:
+            opened.release()
+            self._client.failed(peer, failure)
+            return False
+        self._current = opened
+        return True
 
     def stream(self, start: int, end: int) -> StreamBody:
         """Bytes [start, end) of the blob, hashed from byte 0; the last chunk is held
@@ -138,6 +217,8 @@ class BlobFetch:
         """
         hasher = self._digest.hasher()
         held: bytes | None = None
+        if self._current is not None:
+            self._sources = [self._current.peer]
         try:
             async for position, chunk in self._chunks(0, hasher.update, threads=True):
                 lo, hi = max(start, position), min(end, position + len(chunk))
@@ -149,10 +230,9 @@ class BlobFetch:
                     yield held
                 held = piece
             if hasher.hexdigest() != self._digest.hex:
-                if self._current is not None:
-                    self._client.failed(
-                        self._current.peer, PeerFailure("digest_mismatch", str(self._digest))
-                    )
+                # No second reading: every peer that sent part of it shares the blame.
+                for peer in {peer.name: peer for peer in self._sources}.values():
+                    self._client.failed(peer, _mismatch(self._digest))
                 raise VerificationError(f"{self._digest} did not verify; aborting the response")
             self._succeeded()
             if held is not None:
@@ -209,7 +289,13 @@ class BlobFetch:
             str(self._digest), limit=self._options.resolve_retries + len(self._tried)
         )
         self._current = await self._open_from(offset, more)
-        return self._current is not None
+        if self._current is None:
+            return False
+        if offset == 0:
+            self._sources = [self._current.peer]
+        else:
+            self._sources.append(self._current.peer)
+        return True
 
     def _succeeded(self) -> None:
         if self._current is not None:
@@ -279,6 +365,10 @@ class BlobFetch:
                 raise PeerFailure("exhausted", f"no peer left at byte {position}")
         if hashing is not None:
             await hashing
+
+
+def _mismatch(digest: Digest, detail: str = "") -> PeerFailure:
+    return PeerFailure("digest_mismatch", f"{digest} {detail}".strip())
 
 
 def _keep_then(

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
-from meshmirror.mirror.fetch import BlobFetch, MemorySink, Sink
+from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink
 from meshmirror.mirror.metrics import MirrorMetrics, finished
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.spool import SpoolBudget
@@ -173,8 +173,9 @@ class PeerMirror:
     ) -> FallbackContent | None:
         """The blob's content, its body held or streamed by size; ``fetch`` is open."""
         if not want_body:
-            fetch.close()
-            self._count_blob(record, "hit")
+            # A peer's headers are only its word: HEAD stands behind a verified blob.
+            if not await self._verify(fetch, DiscardSink(), record, threads=True):
+                return None
             return FallbackContent(digest, size, None, None)
         try:
             selected = byte_range.resolve(size) if byte_range is not None else None
@@ -202,7 +203,8 @@ class PeerMirror:
                 return None
             self._metrics.blob_bodies.labels("spool").inc()
             return FallbackContent(
-                digest, size, None, spool.read(start, end, self._options.chunk_size)
+                digest, size, None,
+                spool.read(start, end, self._options.chunk_size, self.client.budget)
             )
         self._count_blob(record, "hit")
         self._metrics.blob_bodies.labels("stream").inc()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from meshmirror.fileio import pread_chunks
+from meshmirror.mirror.budget import MemoryBudget
 
 
 class SpoolBudget:
@@ -108,12 +109,31 @@ class SpoolFile:
         self._file.truncate()
         self.written = 0
 
-    async def read(self, start: int, end: int, chunk_size: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of what was written; the spool is released at the end."""
+    async def read(self, start: int, end: int, chunk_size: int,
+                   budget: MemoryBudget | None = None) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of what was written; the spool is released at the end.
+
+        With a ``budget``, each chunk is taken from it before it is read and given
+        back when the next one is asked for: by then the server has written it out.
+        """
+        chunks = pread_chunks(self._file.fileno(), start, end, chunk_size)
+        taken = 0
         try:
-            async for chunk in pread_chunks(self._file.fileno(), start, end, chunk_size):
+            while True:
+                if budget is not None:
+                    await budget.take(chunk_size)
+                    taken = chunk_size
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
                 yield chunk
+                if budget is not None:
+                    budget.give(taken)
+                    taken = 0
         finally:
+            if budget is not None and taken:
+                budget.give(taken)
             self.release()
 
     def release(self) -> None:
