@@ -19,6 +19,11 @@ recorded; when the digest does not match:
   follows. A streamed body cannot be read again, so there every contributor
   is charged.
 
+The size is the first source's word too. A peer resumed from that disagrees
+about it means one of them lies, and only the bytes can tell which: the
+attempt starts over from byte 0 on the peer resumed to, with its size (held
+bodies only; a streamed one has announced its length and is aborted).
+
 Every request has a deadline (`MirrorOptions.deadline_for`): past it the
 fetch gives up and the answer is a 404 while containerd can still go upstream.
 """
@@ -44,6 +49,10 @@ class Sink(Protocol):
 
     def reset(self) -> None: ...
 
+    def resize(self, size: int) -> bool:
+        """Make room for a blob of ``size`` bytes instead; False when it cannot."""
+        ...
+
 
 class DiscardSink:
     """Keeps nothing: for a HEAD, which needs the blob verified but not its bytes."""
@@ -54,18 +63,33 @@ class DiscardSink:
     def reset(self) -> None:
         pass
 
+    def resize(self, size: int) -> bool:
+        return True
+
 
 class MemorySink:
-    """A small blob held whole in memory."""
+    """A small blob held whole in memory, never more than ``limit`` bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self.data = bytearray()
+        self._limit = limit
 
     def write(self, chunk: bytes) -> None:
         self.data += chunk
 
     def reset(self) -> None:
         self.data.clear()
+
+    def resize(self, size: int) -> bool:
+        return size <= self._limit
+
+
+class _SizeChanged(Exception):
+    """A peer resumed from announced another size than the first source."""
+
+    def __init__(self, peer: Peer) -> None:
+        super().__init__(peer.name)
+        self.peer = peer
 
 
 class StreamBody:
@@ -121,6 +145,11 @@ class BlobFetch:
         # For the request's record: the last peer whose headers were good.
         self.last_peer: str | None = None
 
+    @property
+    def size(self) -> int:
+        """The blob's size as its current source has it (final once it verified)."""
+        return self._size
+
     async def open(self) -> int | None:
         """Open a response from the best responsive peer; the blob's size, or None for none
         (also when the deadline passes first)."""
@@ -164,6 +193,13 @@ class BlobFetch:
             except PeerFailure:
                 self.close()
                 return False
+            except _SizeChanged as changed:
+                # Nobody is charged for the disagreement: the bytes will tell.
+                suspects = []
+                if not await self._reopen(changed.peer) or not sink.resize(self._size):
+                    self.close()
+                    return False
+                continue
             if hasher.hexdigest() == self._digest.hex:
                 for peer in suspects:
                     self._client.failed(peer, _mismatch(self._digest, "before a resume"))
@@ -174,19 +210,16 @@ class BlobFetch:
             if earlier and not suspects:
                 # Whose range was wrong cannot be told: the last source alone decides.
                 suspects = earlier
-                if await self._reopen_from_start():
+                if self._current is not None and await self._reopen(self._current.peer):
                     continue
             suspects = []
             if not await self._next_source(0, _mismatch(self._digest)):
                 return False
         return False
 
-    async def _reopen_from_start(self) -> bool:
-        """Ask the current peer for the whole blob again; False (it is charged) if it cannot."""
-        current = self._current
-        if current is None:
-            return False
-        peer = current.peer
+    async def _reopen(self, peer: Peer) -> bool:
+        """Make ``peer`` the source of the whole blob from byte 0, its size the blob's;
+        False (it is charged) if it cannot."""
         self.close()
         try:
             opened = await self._client.open(peer, self._path, self._registry)
@@ -220,7 +253,7 @@ class BlobFetch:
         if self._current is not None:
             self._sources = [self._current.peer]
         try:
-            async for position, chunk in self._chunks(0, hasher.update, threads=True):
+            async for position, chunk in self._resumable(hasher.update):
                 lo, hi = max(start, position), min(end, position + len(chunk))
                 if lo >= hi:
                     continue
@@ -240,6 +273,16 @@ class BlobFetch:
         finally:
             self.close()
 
+    async def _resumable(self, consume: Callable[[bytes], None]
+                         ) -> AsyncIterator[tuple[int, bytes]]:
+        """`_chunks` for a stream, whose length is announced: a size change aborts it."""
+        try:
+            async for item in self._chunks(0, consume, threads=True):
+                yield item
+        except _SizeChanged as changed:
+            raise VerificationError(
+                f"{changed.peer.name} disagrees about the size of {self._digest}") from None
+
     # -- sources -----------------------------------------------------------------
 
     async def _open_from(self, offset: int, candidates: Sequence[Peer]) -> PeerResponse | None:
@@ -255,6 +298,9 @@ class BlobFetch:
             async for opened in opener:
                 try:
                     self._check_headers(opened, offset)
+                except _SizeChanged:
+                    opened.release()
+                    raise
                 except PeerFailure as failure:
                     opened.release()
                     self._client.failed(opened.peer, failure)
@@ -277,8 +323,10 @@ class BlobFetch:
             self._size = length
             return
         match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers.get("Content-Range", ""))
-        if match is None or int(match.group(1)) != offset or int(match.group(3)) != self._size:
+        if match is None or int(match.group(1)) != offset:
             raise PeerFailure("bad_headers", f"Content-Range {headers.get('Content-Range')!r}")
+        if int(match.group(3)) != self._size:
+            raise _SizeChanged(opened.peer)
 
     async def _next_source(self, offset: int, failure: PeerFailure) -> bool:
         """Replace the current peer after ``failure``; False when none is left."""

@@ -176,7 +176,7 @@ class PeerMirror:
             # A peer's headers are only its word: HEAD stands behind a verified blob.
             if not await self._verify(fetch, DiscardSink(), record, threads=True):
                 return None
-            return FallbackContent(digest, size, None, None)
+            return FallbackContent(digest, fetch.size, None, None)
         try:
             selected = byte_range.resolve(size) if byte_range is not None else None
         except UnsatisfiableRangeError:
@@ -185,10 +185,11 @@ class PeerMirror:
         start = 0 if selected is None else selected.offset
         end = size if selected is None else selected.offset + selected.length
         if size <= self._options.verify_before_send_limit:
-            memory = MemorySink()
+            memory = MemorySink(self._options.verify_before_send_limit)
             if not await self._verify(fetch, memory, record, threads=False):
                 return None
             self._metrics.blob_bodies.labels("memory").inc()
+            size, end = fetch.size, fetch.size if selected is None else end  # the verified size
             body = bytes(memoryview(memory.data)[start:end])  # one copy, not two
             return FallbackContent(digest, size, None, _once(body))
         spool = self._spools.reserve(size)
@@ -202,6 +203,7 @@ class PeerMirror:
                 spool.release()
                 return None
             self._metrics.blob_bodies.labels("spool").inc()
+            size, end = fetch.size, fetch.size if selected is None else end
             return FallbackContent(
                 digest, size, None,
                 spool.read(start, end, self._options.chunk_size, self.client.budget)
