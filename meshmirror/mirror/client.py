@@ -3,9 +3,11 @@
 Every request the mirror sends a peer goes through one `PeerClient`, so the
 rules that keep a bad peer from hurting a pull live in one place:
 
-- at most ``peer_connections`` requests go to one peer at once; more wait in a
-  first-come queue. The bounds below start only once a request leaves the
-  queue, so they measure the peer and never our own burst;
+- requests to one peer pass its `PeerQueue`: at most ``peer_connections`` at
+  once (fewer while the peer is busy), the rest waiting their turn. The bounds
+  below start only once a request leaves the queue, so they measure the peer
+  and never our own burst; a timeout while other requests to the peer run
+  sends the request back into the queue once instead of failing it;
 - a peer must accept the connection within ``resolve_timeout`` (a dead or
   unreachable peer costs no more than that) and answer with headers within
   ``first_byte_timeout``. The two bounds differ on purpose: a live peer starting
@@ -19,7 +21,7 @@ rules that keep a bad peer from hurting a pull live in one place:
   path that never produces one, cancellation included: a leaked count would
   rank a healthy peer last for good;
 - an outcome is charged to the peer that caused it, with the time it took: a
-  404 is a false positive of its summary; a stall, a timeout or bad bytes open
+  404 is a false positive of its summary; a stall, bad bytes or a second timeout in a row open
   the peer's circuit (the router stops naming it for a while); anything else
   is an error that ranks it lower;
 - requests carry `marker.PEER_HEADER`; a node answers those from its own store
@@ -44,15 +46,19 @@ from meshmirror.mirror.hedging import hedged
 from meshmirror.mirror.marker import PEER_HEADER
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.peerqueue import PeerQueue
 from meshmirror.routing.router import Peer, Router
 
 logger = logging.getLogger("meshmirror.mirror")
 
 # Failures that say the peer is unfit to ask for a while, not just unlucky once:
 # they open its circuit in the router.
-_CIRCUIT_REASONS = frozenset(
-    {"stalled", "slow", "timeout", "connect_timeout", "digest_mismatch", "bad_digest_header"}
-)
+_CIRCUIT_REASONS = frozenset({"stalled", "slow", "digest_mismatch", "bad_digest_header"})
+# Failures that may be our own busy moment as much as the peer's: they open its
+# circuit only when they come twice in a row without a success between.
+_TIMEOUT_REASONS = frozenset({"timeout", "connect_timeout"})
+# aiohttp reads ahead up to twice this before pausing the socket.
+_READ_BUFSIZE = 256 * 1024
 
 
 class PeerResponse:
@@ -63,23 +69,21 @@ class PeerResponse:
     closed, never pooled) and gives both back, once, however often it is called.
     """
 
-    __slots__ = ("_released", "_router", "_slot", "peer", "progress", "response", "started")
+    __slots__ = ("_give_back", "_released", "peer", "progress", "response", "started")
 
     def __init__(
         self,
         peer: Peer,
         response: aiohttp.ClientResponse,
         started: float,
-        router: Router,
-        slot: asyncio.Semaphore,
+        give_back: Callable[[], None],
         progress: Progress,
     ) -> None:
         self.peer = peer
         self.response = response
         self.started = started
         self.progress = progress
-        self._router = router
-        self._slot = slot
+        self._give_back = give_back
         self._released = False
 
     def release(self) -> None:
@@ -87,8 +91,7 @@ class PeerResponse:
             return
         self._released = True
         self.response.release()  # aiohttp closes a connection whose body was not read through
-        self._slot.release()
-        self._router.end(self.peer.name)
+        self._give_back()
 
 
 class PeerClient:
@@ -115,7 +118,7 @@ class PeerClient:
         )
         self._pumps: set[BodyPump] = set()
         self._pumps_started = 0
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._queues: dict[str, PeerQueue] = {}
         self.budget = MemoryBudget(options.memory_limit)
 
     @property
@@ -151,29 +154,41 @@ class PeerClient:
         if offset:
             request_headers["Range"] = f"bytes={offset}-"
         url = f"{peer.http_base}{path}"
-        slot = self._slots.get(peer.name)
-        if slot is None:
-            slot = self._slots[peer.name] = asyncio.Semaphore(self._options.peer_connections)
+        queue = self._queues.get(peer.name)
+        if queue is None:
+            queue = self._queues[peer.name] = PeerQueue(
+                peer.name, self._options.peer_connections, self._options.deadline, self._clock)
         # Queued requests count as in flight: the router ranks a peer with a queue lower.
         self._router.begin(peer.name)
-        try:
-            await slot.acquire()
-        except BaseException:
+
+        def give_back() -> None:
+            queue.leave()
             self._router.end(peer.name)
-            raise
-        started = self._clock()
-        try:
-            response = await self._get(url, registry, request_headers)
-        except PeerFailure as failure:
-            failure.elapsed = self._clock() - started
-            slot.release()
-            self._router.end(peer.name)
-            raise
-        except BaseException:
-            slot.release()
-            self._router.end(peer.name)
-            raise
-        opened = PeerResponse(peer, response, started, self._router, slot,
+
+        for attempt in range(2):
+            try:
+                await queue.enter()
+            except BaseException:
+                self._router.end(peer.name)
+                raise
+            started = self._clock()
+            try:
+                response = await self._get(url, registry, request_headers)
+            except PeerFailure as failure:
+                if attempt == 0 and failure.reason in _TIMEOUT_REASONS and queue.running > 1:
+                    # Busy with our other requests, not failing: fewer at once, wait again.
+                    queue.overloaded()
+                    queue.leave()
+                    continue
+                failure.elapsed = self._clock() - started
+                give_back()
+                raise
+            except BaseException:
+                give_back()
+                raise
+            queue.answered()
+            break
+        opened = PeerResponse(peer, response, started, give_back,
                               Progress(self._options.min_rate, self._options.stall_timeout))
         expected_status = 206 if offset else 200
         if response.status != expected_status:
@@ -194,6 +209,9 @@ class PeerClient:
                     params={"ns": registry},
                     headers=headers,
                     allow_redirects=False,
+                    # What aiohttp buffers before a body thread takes the socket over
+                    # (`body.take_over`): per response, outside the memory budget.
+                    read_bufsize=_READ_BUFSIZE,
                     timeout=aiohttp.ClientTimeout(
                         sock_connect=self._options.resolve_timeout,
                         sock_read=self._options.stall_timeout,
@@ -256,10 +274,13 @@ class PeerClient:
         """
         self._metrics.peer_failures.labels(failure.reason).inc()
         latency = max(0.0, failure.elapsed or 0.0)
-        if failure.reason == "not_found":
+        if failure.reason == "queue_stalled":
+            pass  # our own load: the peer is busy serving us, not failing
+        elif failure.reason == "not_found":
             self._metrics.false_positives.inc()
             self._router.report(peer.name, ok=False, latency_s=latency, false_positive=True)
-        elif failure.reason in _CIRCUIT_REASONS:
+        elif failure.reason in _CIRCUIT_REASONS or (
+                failure.reason in _TIMEOUT_REASONS and self._router.failures_in_a_row(peer.name)):
             self._router.trip(peer.name)
         else:
             self._router.report(peer.name, ok=False, latency_s=latency)

@@ -24,15 +24,16 @@ about it means one of them lies, and only the bytes can tell which: the
 attempt starts over from byte 0 on the peer resumed to, with its size (held
 bodies only; a streamed one has announced its length and is aborted).
 
-Every request has a deadline (`MirrorOptions.deadline_for`): past it the
-fetch gives up and the answer is a 404 while containerd can still go upstream.
+Once a peer has answered, the request has a deadline
+(`MirrorOptions.deadline_for`): past it the fetch gives up and the answer is a
+404 while containerd can still go upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Protocol
 
 from meshmirror.mirror.client import PeerClient, PeerResponse
@@ -140,8 +141,8 @@ class BlobFetch:
         self._size = 0
         # The peers whose bytes make up the current attempt from byte 0, in order.
         self._sources: list[Peer] = []
-        # On the loop's clock; moved on by the blob's size once it is known.
-        self._deadline = asyncio.get_running_loop().time() + options.deadline
+        # On the loop's clock, set once a peer has answered (see `MirrorOptions.deadline`).
+        self._deadline = 0.0
         # For the request's record: the last peer whose headers were good.
         self.last_peer: str | None = None
 
@@ -151,18 +152,17 @@ class BlobFetch:
         return self._size
 
     async def open(self) -> int | None:
-        """Open a response from the best responsive peer; the blob's size, or None for none
-        (also when the deadline passes first)."""
+        """Open a response from the best responsive peer; the blob's size, or None for none.
+
+        Each candidate's wait is bounded on its own (queue progress, connect and
+        first-byte bounds); the request's deadline starts from the answer.
+        """
         candidates = self._router.candidates(str(self._digest), limit=self._options.resolve_retries)
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                self._current = await self._open_from(0, candidates)
-        except TimeoutError:
-            self.close()
-            return None
+        self._current = await self._open_from(0, candidates)
         if self._current is None:
             return None
-        self._deadline += self._size / max(1, self._options.min_rate)
+        self._deadline = (asyncio.get_running_loop().time()
+                          + self._options.deadline_for(self._size))
         return self._size
 
     def close(self) -> None:
@@ -260,7 +260,8 @@ class BlobFetch:
                 whole = lo == position and hi == position + len(chunk)
                 piece = chunk if whole else chunk[lo - position : hi - position]
                 if held is not None:
-                    yield held
+                    for part in in_pieces(held, self._options.send_size):
+                        yield part
                 held = piece
             if hasher.hexdigest() != self._digest.hex:
                 # No second reading: every peer that sent part of it shares the blame.
@@ -269,7 +270,8 @@ class BlobFetch:
                 raise VerificationError(f"{self._digest} did not verify; aborting the response")
             self._succeeded()
             if held is not None:
-                yield held
+                for part in in_pieces(held, self._options.send_size):
+                    yield part
         finally:
             self.close()
 
@@ -413,6 +415,15 @@ class BlobFetch:
                 raise PeerFailure("exhausted", f"no peer left at byte {position}")
         if hashing is not None:
             await hashing
+
+
+def in_pieces(data: bytes, size: int) -> Iterator[bytes]:
+    """``data`` in pieces of at most ``size`` bytes, for the server (`MirrorOptions.send_size`)."""
+    if len(data) <= size:
+        yield data
+        return
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
 
 
 def _mismatch(digest: Digest, detail: str = "") -> PeerFailure:

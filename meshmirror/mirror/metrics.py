@@ -30,7 +30,8 @@ RESULTS: Final = ("hit", "miss", "error", "filtered", "not_mirrored")
 # shows 0 for each rather than no series at all.
 FAILURE_REASONS: Final = (
     "connect", "connect_timeout", "timeout", "not_found", "bad_status", "bad_headers",
-    "bad_digest_header", "digest_mismatch", "too_large", "broken", "stalled", "slow", "exhausted",
+    "bad_digest_header", "digest_mismatch", "too_large", "broken", "stalled", "slow",
+    "queue_stalled", "exhausted",
 )
 BODY_MODES: Final = ("memory", "spool", "stream")
 

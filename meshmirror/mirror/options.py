@@ -33,15 +33,21 @@ class MirrorOptions:
     # bytes; a blob that does not fit is streamed (0: always stream).
     spool_limit: int = 4 * 1024 * 1024 * 1024
     chunk_size: int = 4 * 1024 * 1024
+    # Pieces a body is handed to the server in. The server copies each piece two or
+    # three times on its way to the socket (ASGI message, HTTP framing, transport
+    # buffer) and holds them until a slow client has read it, so per response the
+    # memory is a few pieces: small pieces keep a burst of responses small.
+    send_size: int = 256 * 1024
     # A peer body that brings no byte for this long is abandoned; it is also the
     # window over which `min_rate` is measured, so a dripping peer goes within two.
     stall_timeout: float = 1.0
     # Bytes per second a peer body must average over each `stall_timeout` of waiting
     # on it (time spent waiting for our own client or memory does not count).
     min_rate: int = 1024 * 1024
-    # The whole request, from the miss to a verified answer and the last byte of a
-    # streamed body, may take this long plus its size at `min_rate`; waiting in a
-    # peer's queue counts. Past it the answer is a 404 (or an aborted stream).
+    # Once a peer has answered, the rest of the request (failing over, verifying a
+    # held body) may take this long plus its size at `min_rate`; past it the answer
+    # is a 404. A wait in a peer's queue is bounded apart: the queue must move, and
+    # a request that sees no request to that peer finish for this long gives up.
     deadline: float = 10.0
     # Requests at once to one peer; more wait in a first-come queue, so the connect
     # and first-byte bounds measure the peer, not our own burst.

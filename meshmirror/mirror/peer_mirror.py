@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
-from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink
+from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink, in_pieces
 from meshmirror.mirror.metrics import MirrorMetrics, finished
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.spool import SpoolBudget
@@ -134,7 +134,8 @@ class PeerMirror:
                 raise PeerFailure("bad_digest_header", announced[:80]) from err
         if Digest.of(data, expected.algorithm) != expected:
             raise PeerFailure("digest_mismatch", f"manifest {expected}")
-        return FallbackContent(expected, len(data), media_type or None, _once(data))
+        return FallbackContent(expected, len(data), media_type or None,
+                               _held(data, self._options.send_size))
 
     async def open_blob(
         self,
@@ -191,7 +192,7 @@ class PeerMirror:
             self._metrics.blob_bodies.labels("memory").inc()
             size, end = fetch.size, fetch.size if selected is None else end  # the verified size
             body = bytes(memoryview(memory.data)[start:end])  # one copy, not two
-            return FallbackContent(digest, size, None, _once(body))
+            return FallbackContent(digest, size, None, _held(body, self._options.send_size))
         spool = self._spools.reserve(size)
         if spool is not None:
             try:
@@ -206,7 +207,7 @@ class PeerMirror:
             size, end = fetch.size, fetch.size if selected is None else end
             return FallbackContent(
                 digest, size, None,
-                spool.read(start, end, self._options.chunk_size, self.client.budget)
+                spool.read(start, end, self._options.send_size, self.client.budget)
             )
         self._count_blob(record, "hit")
         self._metrics.blob_bodies.labels("stream").inc()
@@ -245,5 +246,7 @@ class _BlobRecord:
     fetch: BlobFetch
 
 
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+async def _held(data: bytes, piece: int) -> AsyncIterator[bytes]:
+    """A verified body held in memory, handed on in pieces of at most ``piece`` bytes."""
+    for part in in_pieces(data, piece):
+        yield part

@@ -242,6 +242,7 @@ class _Health:
         if slot is None:
             return
         self.trips[slot] += 1
+        self.strikes[slot] += 1
         cooldown = min(self.CIRCUIT_MAX_S,
                        self.CIRCUIT_BASE_S * 2.0 ** (int(self.trips[slot]) - 1))
         now = self._clock()
@@ -309,10 +310,15 @@ class Router(abc.ABC):
         self._health.penalise(peer_name, cooldown_s)
 
     def trip(self, peer_name: str) -> None:
-        """Open the peer's circuit: it stalled, timed out or sent bytes that failed
+        """Open the peer's circuit: it stalled, kept timing out or sent bytes that failed
         verification. It is no candidate for a cooling period that doubles with each
         consecutive trip, then ranks last until a success closes the circuit for good."""
         self._health.trip(peer_name)
+
+    def failures_in_a_row(self, peer_name: str) -> int:
+        """Failures (errors and trips) reported for the peer since its last success."""
+        slot = self._health.slot_of.get(peer_name)
+        return 0 if slot is None else int(self._health.strikes[slot])
 
     def circuit_open(self, peer_name: str) -> bool:
         """Whether the peer is left out of candidates right now."""
