@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import queue
 import socket
@@ -56,6 +57,28 @@ class Progress:
         if rate < self._min_rate:
             return PeerFailure("slow", f"{rate:.0f} B/s, below {self._min_rate:.0f} B/s")
         return None
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_chunks(threshold: int = 1024 * 1024) -> bool:
+    """Have glibc map every allocation of ``threshold`` bytes or more on its own.
+
+    Body chunks are megabytes, allocated on body threads (each with its own
+    malloc arena) and freed on the loop. By default glibc raises its mmap
+    threshold to the size of the first such chunk freed and serves later ones
+    from the arenas, which then keep the freed megabytes: a burst measured
+    +250 MiB of RSS while the chunks alive stayed within the memory budget.
+    A fixed threshold returns each chunk to the system when it is freed.
+    False where the C library is not glibc (nothing changes there).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 def take_over(response: aiohttp.ClientResponse) -> tuple[bytes, socket.socket] | None:

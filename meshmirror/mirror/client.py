@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
-from meshmirror.mirror.body import BodyPump, Progress, take_over
+from meshmirror.mirror.body import BodyPump, Progress, map_large_chunks, take_over
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
 from meshmirror.mirror.hedging import hedged
@@ -119,6 +119,7 @@ class PeerClient:
         self._pumps: set[BodyPump] = set()
         self._pumps_started = 0
         self._queues: dict[str, PeerQueue] = {}
+        map_large_chunks()
         self.budget = MemoryBudget(options.memory_limit)
 
     @property
@@ -178,6 +179,11 @@ class PeerClient:
                 if attempt == 0 and failure.reason in _TIMEOUT_REASONS and queue.running > 1:
                     # Busy with our other requests, not failing: fewer at once, wait again.
                     queue.overloaded()
+                    queue.leave()
+                    continue
+                if attempt == 0 and failure.reason == "connect_timeout":
+                    # A loopback or LAN connect takes microseconds: a connect timer that
+                    # fires is as likely our own busy loop, late to see it. Once more.
                     queue.leave()
                     continue
                 failure.elapsed = self._clock() - started

@@ -236,7 +236,7 @@ class BlobFetch:
         return True
 
     def stream(self, start: int, end: int) -> StreamBody:
-        """Bytes [start, end) of the blob, hashed from byte 0; the last chunk is held
+        """Bytes [start, end) of the blob, hashed from byte 0; the last piece is held
         back until the whole digest verifies. The stream owns this fetch from here on.
         """
         return StreamBody(self._stream(start, end), self.close)
@@ -259,10 +259,12 @@ class BlobFetch:
                     continue
                 whole = lo == position and hi == position + len(chunk)
                 piece = chunk if whole else chunk[lo - position : hi - position]
-                if held is not None:
-                    for part in in_pieces(held, self._options.send_size):
-                        yield part
-                held = piece
+                # Only the last piece is held back: withholding any byte is enough
+                # to keep an unverified body from looking complete.
+                for part in in_pieces(piece, self._options.send_size):
+                    if held is not None:
+                        yield held
+                    held = part
             if hasher.hexdigest() != self._digest.hex:
                 # No second reading: every peer that sent part of it shares the blame.
                 for peer in {peer.name: peer for peer in self._sources}.values():
@@ -270,8 +272,7 @@ class BlobFetch:
                 raise VerificationError(f"{self._digest} did not verify; aborting the response")
             self._succeeded()
             if held is not None:
-                for part in in_pieces(held, self._options.send_size):
-                    yield part
+                yield held
         finally:
             self.close()
 

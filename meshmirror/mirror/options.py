@@ -32,12 +32,15 @@ class MirrorOptions:
     # ... while the spool files of concurrent requests total at most this many
     # bytes; a blob that does not fit is streamed (0: always stream).
     spool_limit: int = 4 * 1024 * 1024 * 1024
-    chunk_size: int = 4 * 1024 * 1024
+    # What a body thread reads (and hashes, and spools) at once. Bursts set it: with
+    # the memory budget below, 200 concurrent 64 MiB pulls stayed within +64 MiB of
+    # RSS at 1 MiB chunks (tests/reliability/test_burst.py).
+    chunk_size: int = 1024 * 1024
     # Pieces a body is handed to the server in. The server copies each piece two or
     # three times on its way to the socket (ASGI message, HTTP framing, transport
     # buffer) and holds them until a slow client has read it, so per response the
     # memory is a few pieces: small pieces keep a burst of responses small.
-    send_size: int = 256 * 1024
+    send_size: int = 128 * 1024
     # A peer body that brings no byte for this long is abandoned; it is also the
     # window over which `min_rate` is measured, so a dripping peer goes within two.
     stall_timeout: float = 1.0
@@ -54,7 +57,7 @@ class MirrorOptions:
     peer_connections: int = 16
     # Bytes of peer chunks held in memory at once across all requests (being read,
     # hashed or sent on); a reader waits for room rather than allocating.
-    memory_limit: int = 32 * 1024 * 1024
+    memory_limit: int = 16 * 1024 * 1024
     # Streamed bodies are read and hashed on two threads each (see `peer_body.BodyPump`); at
     # most this many threads, later streams read on the event loop instead of waiting.
     body_threads: int = 64
