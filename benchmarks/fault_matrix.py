@@ -9,7 +9,7 @@ content store, once per trial, while one fault is in place:
 - ``peer_killed``: kill -9 of the peer serving node 2, as soon as peer bytes flow;
 - ``corrupt_peer``: node 1's copy of every layer has one byte flipped;
 - ``hanging_peer``: a rogue mesh member claims the image, sends a few bytes, hangs;
-- ``all_peers_gone``: nodes 1 and 3 stop their meshmirror;
+- ``all_peers_gone``: nodes 1 and 3's meshmirror are killed (kill -9);
 - ``partition``: iptables drops everything between node 2 and nodes 1 and 3
   (rules on the loopback addresses, removed after each trial);
 - ``containerd_restarted``: node 2's and node 1's containerd restart just before the pull;
@@ -185,8 +185,10 @@ def hanging_peer(m: Matrix) -> Iterator[None]:
 
 @contextlib.contextmanager
 def all_peers_gone(m: Matrix) -> Iterator[None]:
+    # kill -9: no leave message, so node 2's router still names them until the
+    # mesh declares them dead, and every attempt meets a refused connection.
     for node in (m.n1, m.n3):
-        node.stop_meshmirror()
+        node.kill_meshmirror()
     yield
 
 
