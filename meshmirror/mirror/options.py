@@ -54,7 +54,7 @@ class MirrorOptions:
     deadline: float = 10.0
     # Requests at once to one peer; more wait in a first-come queue, so the connect
     # and first-byte bounds measure the peer, not our own burst.
-    peer_connections: int = 16
+    peer_connections: int = 8
     # Bytes of peer chunks held in memory at once across all requests (being read,
     # hashed or sent on); a reader waits for room rather than allocating.
     memory_limit: int = 16 * 1024 * 1024
