@@ -260,6 +260,23 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
           show=format_size, metavar="SIZE",
           help="bytes of blobs held at once (e.g. 4Gi); a blob beyond it is streamed and "
                "checked only at its end; 0 streams every large blob")
+    _flag(run, "--mirror-stall-timeout", MirrorOptions, "stall_timeout",
+          parse=parse_duration, show=format_duration, metavar="DURATION",
+          help="a peer body with no byte for this long is left for the next peer; also the "
+               "window --mirror-min-rate is measured over")
+    _flag(run, "--mirror-min-rate", MirrorOptions, "min_rate", parse=parse_size,
+          show=format_size, metavar="SIZE",
+          help="bytes per second a peer body must average, e.g. 1Mi; a slower one is left")
+    _flag(run, "--mirror-deadline", MirrorOptions, "deadline",
+          parse=parse_duration, show=format_duration, metavar="DURATION",
+          help="a request to peers answers within this plus its size at --mirror-min-rate, "
+               "or with a 404")
+    _flag(run, "--mirror-peer-connections", MirrorOptions, "peer_connections",
+          parse=_parse_int, metavar="N",
+          help="requests at once to one peer; more wait in a queue that no timeout counts")
+    _flag(run, "--mirror-memory-limit", MirrorOptions, "memory_limit", parse=parse_size,
+          show=format_size, metavar="SIZE",
+          help="bytes of peer chunks held in memory at once across all requests")
     _flag(run, "--summary-fp-rate", PeeringConfig, "summary_fp_rate", parse=_parse_float,
           metavar="RATE", help="target false-positive rate of the Bloom summary")
     _add_containerd_flags(run)
@@ -431,6 +448,12 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
             or args.mirror_resolve_retries < 1):
         raise UsageError("--mirror-resolve-timeout and --mirror-first-byte-timeout must be "
                          "> 0 and --mirror-resolve-retries >= 1")
+    if (args.mirror_stall_timeout <= 0 or args.mirror_deadline <= 0
+            or args.mirror_min_rate < 1 or args.mirror_peer_connections < 1
+            or args.mirror_memory_limit < 1):
+        raise UsageError("--mirror-stall-timeout and --mirror-deadline must be > 0; "
+                         "--mirror-min-rate, --mirror-peer-connections and "
+                         "--mirror-memory-limit >= 1")
     spool_dir: Path | None = args.mirror_spool_dir
     if args.mirror_spool_limit > 0:
         try:
@@ -446,6 +469,11 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
         resolve_retries=args.mirror_resolve_retries,
         spool_dir=spool_dir,
         spool_limit=args.mirror_spool_limit,
+        stall_timeout=args.mirror_stall_timeout,
+        min_rate=args.mirror_min_rate,
+        deadline=args.mirror_deadline,
+        peer_connections=args.mirror_peer_connections,
+        memory_limit=args.mirror_memory_limit,
         resolve_tags=args.resolve_tags,
         outage_peer_tags=args.outage_peer_tags,
         private_images=args.private_images,

@@ -11,16 +11,74 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import queue
 import socket
 import struct
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 
 import aiohttp
 
+from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
+
+
+class Progress:
+    """Whether a peer body keeps up a minimum rate, judged on the time spent waiting for it.
+
+    A per-read timeout alone lets a peer that drips a byte just inside it hold a
+    request for ever. Instead every ``window`` seconds of waiting on the peer
+    (time spent waiting for our own client or for memory is not counted) must
+    have brought ``min_rate * window`` bytes; reads are bounded by ``window``
+    too, so a stalled or dripping peer is found out within two windows.
+    """
+
+    __slots__ = ("_bytes", "_min_rate", "_waited", "_window")
+
+    def __init__(self, min_rate: float, window: float) -> None:
+        self._min_rate = min_rate
+        self._window = window
+        self._bytes = 0
+        self._waited = 0.0
+
+    def check(self, received: int, waited: float) -> PeerFailure | None:
+        """Account one read of ``received`` bytes that waited ``waited`` seconds; a
+        failure when the window that just closed fell short of the rate."""
+        self._bytes += received
+        self._waited += waited
+        if self._waited < self._window:
+            return None
+        rate = self._bytes / self._waited
+        self._bytes, self._waited = 0, 0.0
+        if rate < self._min_rate:
+            return PeerFailure("slow", f"{rate:.0f} B/s, below {self._min_rate:.0f} B/s")
+        return None
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_chunks(threshold: int = 1024 * 1024) -> bool:
+    """Have glibc map every allocation of ``threshold`` bytes or more on its own.
+
+    Body chunks are megabytes, allocated on body threads (each with its own
+    malloc arena) and freed on the loop. By default glibc raises its mmap
+    threshold to the size of the first such chunk freed and serves later ones
+    from the arenas, which then keep the freed megabytes: a burst measured
+    +250 MiB of RSS while the chunks alive stayed within the memory budget.
+    A fixed threshold returns each chunk to the system when it is freed.
+    False where the C library is not glibc (nothing changes there).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 def take_over(response: aiohttp.ClientResponse) -> tuple[bytes, socket.socket] | None:
@@ -69,8 +127,11 @@ class BodyPump:
     - Back-pressure: the reader reads a chunk only when it holds one of
       ``read_ahead`` slots; the loop gives a slot back once the chunk it yielded
       has been consumed, so memory stays at a few chunks per stream.
-    - Stall bound: ``SO_RCVTIMEO`` makes a read with no byte for ``read_timeout``
-      fail (a read that got some bytes returns them), like aiohttp's ``sock_read``.
+    - Stall bound: ``SO_RCVTIMEO`` makes a read wait at most ``stall_timeout``
+      (with no byte it fails; with some it returns them), and a `Progress` fails
+      the body when a window of waiting brought less than ``min_rate``.
+    - Memory: each chunk is taken from the node's `MemoryBudget` before it is
+      read and given back when the loop is done with it (or the pump ends).
     - Cancellation: `stop` shuts the socket down, which wakes a blocked ``recv``,
       and frees a slot, which wakes a reader waiting for one; the reader always
       ends by queueing a final item, which ends the hashing thread. The socket is
@@ -88,7 +149,9 @@ class BodyPump:
         length: int,
         *,
         chunk_size: int,
-        read_timeout: float,
+        stall_timeout: float,
+        min_rate: float,
+        budget: MemoryBudget,
         consume: Callable[[bytes], None],
         keep: Callable[[bytes], None] | None = None,
         read_ahead: int,
@@ -98,7 +161,14 @@ class BodyPump:
         self._prefix = prefix
         self._length = length
         self._chunk_size = chunk_size
-        self._read_timeout = read_timeout
+        self._stall_timeout = stall_timeout
+        self._progress = Progress(min_rate, stall_timeout)
+        self._budget = budget
+        # Budget taken per chunk not yet consumed by the loop, oldest first; given
+        # back by `consumed`, the rest by whichever of reader and loop ends last.
+        self._held: deque[int] = deque()
+        self._held_lock = threading.Lock()
+        self._ended: set[str] = set()
         self._consume = consume
         self._keep = keep
         self._slots = threading.Semaphore(max(1, read_ahead))
@@ -107,8 +177,30 @@ class BodyPump:
         self.items: asyncio.Queue[BodyItem] = asyncio.Queue()
 
     def consumed(self) -> None:
-        """The loop is done with one chunk: the reader may read another."""
+        """The loop is done with one chunk: its memory goes back, the reader may read another."""
+        with self._held_lock:
+            size = self._held.popleft() if self._held else 0
+        self._budget.give(size)
         self._slots.release()
+
+    def ended(self, side: str) -> None:
+        """``side`` ("reader" or "loop") is done with this body; once both are, the
+        memory of chunks never consumed goes back to the budget."""
+        with self._held_lock:
+            self._ended.add(side)
+            if len(self._ended) < 2:
+                return
+            rest = sum(self._held)
+            self._held.clear()
+        self._budget.give(rest)
+
+    def _take(self, size: int) -> bool:
+        """Room in the budget for a chunk of ``size`` bytes; False once stopping."""
+        if not self._budget.take_blocking(size, lambda: self._stopping):
+            return False
+        with self._held_lock:
+            self._held.append(self._budget.clamp(size))
+        return True
 
     def stop(self) -> None:
         """Make both threads return soon, whatever they are blocked on."""
@@ -121,6 +213,7 @@ class BodyPump:
 
     def abandon(self) -> None:
         """No reader will run (the executor is shut down): end with a failure."""
+        self.ended("reader")
         self._to_hash.put(PeerFailure("broken", "mirror closed"))
 
     def _post(self, item: BodyItem) -> None:
@@ -153,12 +246,13 @@ class BodyPump:
         except Exception as err:  # reported to the loop, which fails over
             end = PeerFailure("broken", f"body thread: {err!r}")
         finally:
+            self.ended("reader")
             self._to_hash.put(end)
 
     def _read(self) -> BodyItem:
         sock = self._sock
         sock.settimeout(None)  # blocking; SO_RCVTIMEO below bounds each wait
-        seconds = max(self._read_timeout, 0.001)
+        seconds = max(self._stall_timeout, 0.001)
         sock.setsockopt(
             socket.SOL_SOCKET,
             socket.SO_RCVTIMEO,
@@ -167,22 +261,29 @@ class BodyPump:
         remaining = self._length
         if self._prefix:
             self._slots.acquire()
+            if not self._take(len(self._prefix)):
+                return None
             remaining -= len(self._prefix)
             if (failure := self._kept(self._prefix)) is not None:
                 return failure
             self._to_hash.put(self._prefix)
         while remaining > 0:
             self._slots.acquire()
-            if self._stopping:
+            size = min(self._chunk_size, remaining)
+            if self._stopping or not self._take(size):
                 return None
+            started = time.monotonic()
             try:
-                chunk = sock.recv(min(self._chunk_size, remaining), socket.MSG_WAITALL)
+                # With MSG_WAITALL a read that times out returns what it got so far.
+                chunk = sock.recv(size, socket.MSG_WAITALL)
             except (BlockingIOError, TimeoutError):
-                return PeerFailure("stalled", "no bytes within the read timeout")
+                return PeerFailure("stalled", f"no byte within {self._stall_timeout:g} s")
             except OSError as err:
                 return PeerFailure("broken", str(err))
             if not chunk:
                 return PeerFailure("broken", "body ended")
+            if (slow := self._progress.check(len(chunk), time.monotonic() - started)) is not None:
+                return slow
             remaining -= len(chunk)
             if (failure := self._kept(chunk)) is not None:
                 return failure

@@ -3,17 +3,27 @@
 Every request the mirror sends a peer goes through one `PeerClient`, so the
 rules that keep a bad peer from hurting a pull live in one place:
 
+- requests to one peer pass its `PeerQueue`: at most ``peer_connections`` at
+  once (fewer while the peer is busy), the rest waiting their turn. The bounds
+  below start only once a request leaves the queue, so they measure the peer
+  and never our own burst; a timeout while other requests to the peer run
+  sends the request back into the queue once instead of failing it;
 - a peer must accept the connection within ``resolve_timeout`` (a dead or
   unreachable peer costs no more than that) and answer with headers within
   ``first_byte_timeout``. The two bounds differ on purpose: a live peer starting
   several responses at once on a busy node needs tens of milliseconds, and
   giving up on it sends the bytes upstream;
+- a body must bring a byte within ``stall_timeout`` and keep up ``min_rate``
+  (`body.Progress`), so a hanging or dripping peer is left within two
+  ``stall_timeout``s;
 - a request counts as in flight at its peer (the router ranks busy peers lower)
   from the moment it is sent until its `PeerResponse` is released, and on every
   path that never produces one, cancellation included: a leaked count would
   rank a healthy peer last for good;
-- an outcome is charged to the peer that caused it: a 404 is a false positive
-  of its summary, bad bytes earn a penalty, anything else an error;
+- an outcome is charged to the peer that caused it, with the time it took: a
+  404 is a false positive of its summary; a stall, bad bytes or a second timeout in a row open
+  the peer's circuit (the router stops naming it for a while); anything else
+  is an error that ranks it lower;
 - requests carry `marker.PEER_HEADER`; a node answers those from its own store
   only (see `marker.peer_dispatch`), so a false positive can never bounce
   between mirrors.
@@ -29,41 +39,59 @@ from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
-from meshmirror.mirror.body import BodyPump, take_over
+from meshmirror.mirror.body import BodyPump, Progress, map_large_chunks, take_over
+from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
 from meshmirror.mirror.hedging import hedged
 from meshmirror.mirror.marker import PEER_HEADER
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.peerqueue import PeerQueue
 from meshmirror.routing.router import Peer, Router
 
 logger = logging.getLogger("meshmirror.mirror")
+
+# Failures that say the peer is unfit to ask for a while, not just unlucky once:
+# they open its circuit in the router.
+_CIRCUIT_REASONS = frozenset({"stalled", "slow", "digest_mismatch", "bad_digest_header"})
+# Failures that may be our own busy moment as much as the peer's: they open its
+# circuit only when they come twice in a row without a success between.
+_TIMEOUT_REASONS = frozenset({"timeout", "connect_timeout"})
+# aiohttp reads ahead up to twice this before pausing the socket.
+_READ_BUFSIZE = 256 * 1024
 
 
 class PeerResponse:
     """A peer's response whose headers have arrived.
 
-    It holds the request's in-flight count at its peer; `release` gives that
-    back and frees the connection, once, however often it is called.
+    It holds the request's in-flight count and its connection slot at its peer;
+    `release` frees the connection (one whose body was not read to its end is
+    closed, never pooled) and gives both back, once, however often it is called.
     """
 
-    __slots__ = ("_released", "_router", "peer", "response", "started")
+    __slots__ = ("_give_back", "_released", "peer", "progress", "response", "started")
 
     def __init__(
-        self, peer: Peer, response: aiohttp.ClientResponse, started: float, router: Router
+        self,
+        peer: Peer,
+        response: aiohttp.ClientResponse,
+        started: float,
+        give_back: Callable[[], None],
+        progress: Progress,
     ) -> None:
         self.peer = peer
         self.response = response
         self.started = started
-        self._router = router
+        self.progress = progress
+        self._give_back = give_back
         self._released = False
 
     def release(self) -> None:
         if self._released:
             return
         self._released = True
-        self.response.release()
-        self._router.end(self.peer.name)
+        self.response.release()  # aiohttp closes a connection whose body was not read through
+        self._give_back()
 
 
 class PeerClient:
@@ -90,6 +118,9 @@ class PeerClient:
         )
         self._pumps: set[BodyPump] = set()
         self._pumps_started = 0
+        self._queues: dict[str, PeerQueue] = {}
+        map_large_chunks()
+        self.budget = MemoryBudget(options.memory_limit)
 
     @property
     def pumps_running(self) -> int:
@@ -124,19 +155,53 @@ class PeerClient:
         if offset:
             request_headers["Range"] = f"bytes={offset}-"
         url = f"{peer.http_base}{path}"
-        started = self._clock()
+        queue = self._queues.get(peer.name)
+        if queue is None:
+            queue = self._queues[peer.name] = PeerQueue(
+                peer.name, self._options.peer_connections, self._options.deadline, self._clock)
+        # Queued requests count as in flight: the router ranks a peer with a queue lower.
         self._router.begin(peer.name)
-        try:
-            response = await self._get(url, registry, request_headers)
-        except BaseException:
+
+        def give_back() -> None:
+            queue.leave()
             self._router.end(peer.name)
-            raise
-        opened = PeerResponse(peer, response, started, self._router)
+
+        for attempt in range(2):
+            try:
+                await queue.enter()
+            except BaseException:
+                self._router.end(peer.name)
+                raise
+            started = self._clock()
+            try:
+                response = await self._get(url, registry, request_headers)
+            except PeerFailure as failure:
+                if attempt == 0 and failure.reason in _TIMEOUT_REASONS and queue.running > 1:
+                    # Busy with our other requests, not failing: fewer at once, wait again.
+                    queue.overloaded()
+                    queue.leave()
+                    continue
+                if attempt == 0 and failure.reason == "connect_timeout":
+                    # A loopback or LAN connect takes microseconds: a connect timer that
+                    # fires is as likely our own busy loop, late to see it. Once more.
+                    queue.leave()
+                    continue
+                failure.elapsed = self._clock() - started
+                give_back()
+                raise
+            except BaseException:
+                give_back()
+                raise
+            queue.answered()
+            break
+        opened = PeerResponse(peer, response, started, give_back,
+                              Progress(self._options.min_rate, self._options.stall_timeout))
         expected_status = 206 if offset else 200
         if response.status != expected_status:
             opened.release()
             reason = "not_found" if response.status == 404 else "bad_status"
-            raise PeerFailure(reason, f"{url} answered {response.status}")
+            raise PeerFailure(reason, f"{url} answered {response.status}",
+                              elapsed=self._clock() - started)
         self._metrics.first_byte.observe(self._clock() - started)
         return opened
 
@@ -150,9 +215,12 @@ class PeerClient:
                     params={"ns": registry},
                     headers=headers,
                     allow_redirects=False,
+                    # What aiohttp buffers before a body thread takes the socket over
+                    # (`body.take_over`): per response, outside the memory budget.
+                    read_bufsize=_READ_BUFSIZE,
                     timeout=aiohttp.ClientTimeout(
                         sock_connect=self._options.resolve_timeout,
-                        sock_read=self._options.read_timeout,
+                        sock_read=self._options.stall_timeout,
                     ),
                 ),
                 self._options.first_byte_timeout,
@@ -205,48 +273,57 @@ class PeerClient:
         )
 
     def failed(self, peer: Peer, failure: PeerFailure) -> None:
-        """Charge ``failure`` to ``peer``, by how much it says about the peer."""
+        """Charge ``failure`` to ``peer``, by how much it says about the peer.
+
+        The time the failure took counts like a success's: a peer that answers a
+        quick 404 must not look like the fastest one.
+        """
         self._metrics.peer_failures.labels(failure.reason).inc()
-        if failure.reason == "not_found":
+        latency = max(0.0, failure.elapsed or 0.0)
+        if failure.reason == "queue_stalled":
+            pass  # our own load: the peer is busy serving us, not failing
+        elif failure.reason == "not_found":
             self._metrics.false_positives.inc()
-            self._router.report(peer.name, ok=False, latency_s=0.0, false_positive=True)
-        elif failure.reason == "digest_mismatch":
-            self._router.penalise(peer.name)
+            self._router.report(peer.name, ok=False, latency_s=latency, false_positive=True)
+        elif failure.reason in _CIRCUIT_REASONS or (
+                failure.reason in _TIMEOUT_REASONS and self._router.failures_in_a_row(peer.name)):
+            self._router.trip(peer.name)
         else:
-            self._router.report(peer.name, ok=False, latency_s=0.0)
+            self._router.report(peer.name, ok=False, latency_s=latency)
         logger.info("peer %s failed: %s", peer.name, failure)
 
     # -- bodies ------------------------------------------------------------------
 
     async def read_chunk(self, opened: PeerResponse, size: int) -> bytes:
-        """Up to ``size`` more bytes of the body on the event loop; b"" at its end."""
+        """Up to ``size`` more bytes of the body on the event loop; b"" at its end.
+
+        Raises `PeerFailure` when no byte comes within ``stall_timeout`` or the
+        body falls below ``min_rate`` (`body.Progress`).
+        """
+        started = self._clock()
         try:
-            # The request's sock_read timeout bounds a stalled peer per read.
-            chunk = await opened.response.content.read(size)
+            async with asyncio.timeout(self._options.stall_timeout):
+                chunk = await opened.response.content.read(size)
         except (TimeoutError, aiohttp.ServerTimeoutError) as err:
-            raise PeerFailure("stalled", "no bytes within the read timeout") from err
+            raise PeerFailure(
+                "stalled", f"no byte within {self._options.stall_timeout:g} s") from err
         except (aiohttp.ClientError, OSError) as err:
             raise PeerFailure("broken", str(err)) from err
+        if (slow := opened.progress.check(len(chunk), self._clock() - started)) is not None:
+            raise slow
         self._metrics.peer_bytes.inc(len(chunk))
         return chunk
 
     async def read_whole(self, opened: PeerResponse, limit: int) -> bytes:
-        """The whole body, at most ``limit`` bytes, within ``read_timeout``."""
+        """The whole body, at most ``limit`` bytes, under the same stall and rate bounds."""
         length = opened.response.content_length
         if length is not None and length > limit:
             raise PeerFailure("too_large", f"{length} bytes")
         buffer = bytearray()
-        try:
-            async with asyncio.timeout(self._options.read_timeout):
-                async for chunk in opened.response.content.iter_any():
-                    buffer += chunk
-                    if len(buffer) > limit:
-                        raise PeerFailure("too_large", f"over {limit} bytes")
-        except TimeoutError as err:
-            raise PeerFailure("stalled", "no bytes within the read timeout") from err
-        except (aiohttp.ClientError, OSError) as err:
-            raise PeerFailure("broken", str(err)) from err
-        self._metrics.peer_bytes.inc(len(buffer))
+        while chunk := await self.read_chunk(opened, 1024 * 1024):
+            buffer += chunk
+            if len(buffer) > limit:
+                raise PeerFailure("too_large", f"over {limit} bytes")
         return bytes(buffer)
 
     def pump(
@@ -277,7 +354,9 @@ class PeerClient:
             prefix[:length],
             length,
             chunk_size=self._options.chunk_size,
-            read_timeout=self._options.read_timeout,
+            stall_timeout=self._options.stall_timeout,
+            min_rate=self._options.min_rate,
+            budget=self.budget,
             consume=consume,
             keep=keep,
             read_ahead=self._options.read_ahead,
@@ -315,3 +394,4 @@ class PeerClient:
                 pump.consumed()
         finally:
             pump.stop()
+            pump.ended("loop")

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 
 class PeerFailure(Exception):
-    """One peer could not serve; ``reason`` labels the metric."""
+    """One peer could not serve; ``reason`` labels the metric, ``elapsed`` (when
+    known) is how long the peer took to fail, which ranks it like a success's time."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, elapsed: float | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.elapsed = elapsed
 
 
 class SinkFailure(Exception):

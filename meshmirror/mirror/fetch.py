@@ -1,19 +1,39 @@
 """One blob request's journey across peers: opening, verifying, resuming, streaming.
 
 A blob is fetched from the best responsive candidate (hedged, see
-`PeerClient.open_hedged`). A peer that breaks mid-body is replaced by the next
-candidate, asked with ``Range: bytes=<reached>-``, and the hash carries on from
-there; a peer whose bytes do not verify is charged and the blob is read again
-from byte 0 on the next one. A client's own Range is served by hashing the blob
+`PeerClient.open_hedged`). A peer that breaks, stalls or drips mid-body is
+replaced by the next candidate, asked with ``Range: bytes=<reached>-``, and the
+hash carries on from there. A client's own Range is served by hashing the blob
 from byte 0 (the skipped prefix is read and discarded), because a digest can
 only be checked over the whole blob.
+
+Blame follows the bytes. Which peer sent which range of the current attempt is
+recorded; when the digest does not match:
+
+- one peer sent it all: that peer is charged and the blob is read again from
+  byte 0 on the next candidate;
+- several did (a resume): a sha256 over the whole cannot tell whose range was
+  wrong, so nobody is charged yet and the blob is read again from byte 0 from
+  the last of them alone. If that verifies, the earlier ones sent the bad
+  bytes and are charged; if not, the last one is, and the next candidate
+  follows. A streamed body cannot be read again, so there every contributor
+  is charged.
+
+The size is the first source's word too. A peer resumed from that disagrees
+about it means one of them lies, and only the bytes can tell which: the
+attempt starts over from byte 0 on the peer resumed to, with its size (held
+bodies only; a streamed one has announced its length and is aborted).
+
+Once a peer has answered, the request has a deadline
+(`MirrorOptions.deadline_for`): past it the fetch gives up and the answer is a
+404 while containerd can still go upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Protocol
 
 from meshmirror.mirror.client import PeerClient, PeerResponse
@@ -30,18 +50,47 @@ class Sink(Protocol):
 
     def reset(self) -> None: ...
 
+    def resize(self, size: int) -> bool:
+        """Make room for a blob of ``size`` bytes instead; False when it cannot."""
+        ...
+
+
+class DiscardSink:
+    """Keeps nothing: for a HEAD, which needs the blob verified but not its bytes."""
+
+    def write(self, chunk: bytes) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def resize(self, size: int) -> bool:
+        return True
+
 
 class MemorySink:
-    """A small blob held whole in memory."""
+    """A small blob held whole in memory, never more than ``limit`` bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self.data = bytearray()
+        self._limit = limit
 
     def write(self, chunk: bytes) -> None:
         self.data += chunk
 
     def reset(self) -> None:
         self.data.clear()
+
+    def resize(self, size: int) -> bool:
+        return size <= self._limit
+
+
+class _SizeChanged(Exception):
+    """A peer resumed from announced another size than the first source."""
+
+    def __init__(self, peer: Peer) -> None:
+        super().__init__(peer.name)
+        self.peer = peer
 
 
 class StreamBody:
@@ -90,14 +139,31 @@ class BlobFetch:
         self._tried: set[str] = set()
         self._current: PeerResponse | None = None
         self._size = 0
+        # The peers whose bytes make up the current attempt from byte 0, in order.
+        self._sources: list[Peer] = []
+        # On the loop's clock, set once a peer has answered (see `MirrorOptions.deadline`).
+        self._deadline = 0.0
         # For the request's record: the last peer whose headers were good.
         self.last_peer: str | None = None
 
+    @property
+    def size(self) -> int:
+        """The blob's size as its current source has it (final once it verified)."""
+        return self._size
+
     async def open(self) -> int | None:
-        """Open a response from the best responsive peer; the blob's size, or None for none."""
+        """Open a response from the best responsive peer; the blob's size, or None for none.
+
+        Each candidate's wait is bounded on its own (queue progress, connect and
+        first-byte bounds); the request's deadline starts from the answer.
+        """
         candidates = self._router.candidates(str(self._digest), limit=self._options.resolve_retries)
         self._current = await self._open_from(0, candidates)
-        return None if self._current is None else self._size
+        if self._current is None:
+            return None
+        self._deadline = (asyncio.get_running_loop().time()
+                          + self._options.deadline_for(self._size))
+        return self._size
 
     def close(self) -> None:
         if self._current is not None:
@@ -105,26 +171,72 @@ class BlobFetch:
             self._current = None
 
     async def read_verified(self, sink: Sink, *, threads: bool) -> bool:
-        """Fill ``sink`` with the whole blob and verify it; on a mismatch, start again
-        from byte 0 on the next peer. False when no peer had good bytes."""
+        """Fill ``sink`` with the whole blob and verify it, retrying from byte 0 after a
+        mismatch (see the module's note on blame). False when no peer had good bytes
+        before the deadline."""
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                return await self._read_verified(sink, threads=threads)
+        except TimeoutError:
+            self.close()
+            return False
+
+    async def _read_verified(self, sink: Sink, *, threads: bool) -> bool:
+        suspects: list[Peer] = []  # contributors to a mismatch, cleared by a verified retry
         while self._current is not None:
             hasher = self._digest.hasher()
             sink.reset()
+            self._sources = [self._current.peer]
             try:
                 async for _ in self._chunks(0, hasher.update, sink.write, threads=threads):
                     pass
             except PeerFailure:
                 self.close()
                 return False
+            except _SizeChanged as changed:
+                # Nobody is charged for the disagreement: the bytes will tell.
+                suspects = []
+                if not await self._reopen(changed.peer) or not sink.resize(self._size):
+                    self.close()
+                    return False
+                continue
             if hasher.hexdigest() == self._digest.hex:
+                for peer in suspects:
+                    self._client.failed(peer, _mismatch(self._digest, "before a resume"))
                 self._succeeded()
                 return True
-            if not await self._next_source(0, PeerFailure("digest_mismatch", str(self._digest))):
+            last = self._sources[-1]
+            earlier = [peer for peer in self._sources[:-1] if peer.name != last.name]
+            if earlier and not suspects:
+                # Whose range was wrong cannot be told: the last source alone decides.
+                suspects = earlier
+                if self._current is not None and await self._reopen(self._current.peer):
+                    continue
+            suspects = []
+            if not await self._next_source(0, _mismatch(self._digest)):
                 return False
         return False
 
+    async def _reopen(self, peer: Peer) -> bool:
+        """Make ``peer`` the source of the whole blob from byte 0, its size the blob's;
+        False (it is charged) if it cannot."""
+        self.close()
+        try:
+            opened = await self._client.open(peer, self._path, self._registry)
+        except PeerFailure as failure:
+            self._client.failed(peer, failure)
+            return False
+        try:
+            self._check_headers(opened, 0)
+        except PeerFailure as failure:
+            opened.release()
+            self._client.failed(peer, failure)
+            return False
+        self._current = opened
+        return True
+
     def stream(self, start: int, end: int) -> StreamBody:
-        """Bytes [start, end) of the blob, hashed from byte 0; the last chunk is held
+        """Bytes [start, end) of the blob, hashed from byte 0; the last piece is held
         back until the whole digest verifies. The stream owns this fetch from here on.
         """
         return StreamBody(self._stream(start, end), self.close)
@@ -138,27 +250,41 @@ class BlobFetch:
         """
         hasher = self._digest.hasher()
         held: bytes | None = None
+        if self._current is not None:
+            self._sources = [self._current.peer]
         try:
-            async for position, chunk in self._chunks(0, hasher.update, threads=True):
+            async for position, chunk in self._resumable(hasher.update):
                 lo, hi = max(start, position), min(end, position + len(chunk))
                 if lo >= hi:
                     continue
                 whole = lo == position and hi == position + len(chunk)
                 piece = chunk if whole else chunk[lo - position : hi - position]
-                if held is not None:
-                    yield held
-                held = piece
+                # Only the last piece is held back: withholding any byte is enough
+                # to keep an unverified body from looking complete.
+                for part in in_pieces(piece, self._options.send_size):
+                    if held is not None:
+                        yield held
+                    held = part
             if hasher.hexdigest() != self._digest.hex:
-                if self._current is not None:
-                    self._client.failed(
-                        self._current.peer, PeerFailure("digest_mismatch", str(self._digest))
-                    )
+                # No second reading: every peer that sent part of it shares the blame.
+                for peer in {peer.name: peer for peer in self._sources}.values():
+                    self._client.failed(peer, _mismatch(self._digest))
                 raise VerificationError(f"{self._digest} did not verify; aborting the response")
             self._succeeded()
             if held is not None:
                 yield held
         finally:
             self.close()
+
+    async def _resumable(self, consume: Callable[[bytes], None]
+                         ) -> AsyncIterator[tuple[int, bytes]]:
+        """`_chunks` for a stream, whose length is announced: a size change aborts it."""
+        try:
+            async for item in self._chunks(0, consume, threads=True):
+                yield item
+        except _SizeChanged as changed:
+            raise VerificationError(
+                f"{changed.peer.name} disagrees about the size of {self._digest}") from None
 
     # -- sources -----------------------------------------------------------------
 
@@ -175,6 +301,9 @@ class BlobFetch:
             async for opened in opener:
                 try:
                     self._check_headers(opened, offset)
+                except _SizeChanged:
+                    opened.release()
+                    raise
                 except PeerFailure as failure:
                     opened.release()
                     self._client.failed(opened.peer, failure)
@@ -197,8 +326,10 @@ class BlobFetch:
             self._size = length
             return
         match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers.get("Content-Range", ""))
-        if match is None or int(match.group(1)) != offset or int(match.group(3)) != self._size:
+        if match is None or int(match.group(1)) != offset:
             raise PeerFailure("bad_headers", f"Content-Range {headers.get('Content-Range')!r}")
+        if int(match.group(3)) != self._size:
+            raise _SizeChanged(opened.peer)
 
     async def _next_source(self, offset: int, failure: PeerFailure) -> bool:
         """Replace the current peer after ``failure``; False when none is left."""
@@ -209,7 +340,13 @@ class BlobFetch:
             str(self._digest), limit=self._options.resolve_retries + len(self._tried)
         )
         self._current = await self._open_from(offset, more)
-        return self._current is not None
+        if self._current is None:
+            return False
+        if offset == 0:
+            self._sources = [self._current.peer]
+        else:
+            self._sources.append(self._current.peer)
+        return True
 
     def _succeeded(self) -> None:
         if self._current is not None:
@@ -279,6 +416,19 @@ class BlobFetch:
                 raise PeerFailure("exhausted", f"no peer left at byte {position}")
         if hashing is not None:
             await hashing
+
+
+def in_pieces(data: bytes, size: int) -> Iterator[bytes]:
+    """``data`` in pieces of at most ``size`` bytes, for the server (`MirrorOptions.send_size`)."""
+    if len(data) <= size:
+        yield data
+        return
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def _mismatch(digest: Digest, detail: str = "") -> PeerFailure:
+    return PeerFailure("digest_mismatch", f"{digest} {detail}".strip())
 
 
 def _keep_then(

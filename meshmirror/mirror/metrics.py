@@ -42,7 +42,8 @@ UPSTREAM_RESULTS: Final = ("answered", "not_found", "auth_required",
 # shows 0 for each rather than no series at all.
 FAILURE_REASONS: Final = (
     "connect", "connect_timeout", "timeout", "not_found", "bad_status", "bad_headers",
-    "bad_digest_header", "digest_mismatch", "too_large", "broken", "stalled", "exhausted",
+    "bad_digest_header", "digest_mismatch", "too_large", "broken", "stalled", "slow",
+    "queue_stalled", "exhausted",
 )
 BODY_MODES: Final = ("memory", "spool", "stream")
 

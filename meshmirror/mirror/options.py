@@ -81,9 +81,32 @@ class MirrorOptions:
     # ... while the spool files of concurrent requests total at most this many
     # bytes; a blob that does not fit is streamed (0: always stream).
     spool_limit: int = 4 * 1024 * 1024 * 1024
-    chunk_size: int = 4 * 1024 * 1024
-    # A stalled peer mid-stream is abandoned after this long without a byte.
-    read_timeout: float = 5.0
+    # What a body thread reads (and hashes, and spools) at once. Bursts set it: with
+    # the memory budget below, 200 concurrent 64 MiB pulls stayed within +64 MiB of
+    # RSS at 1 MiB chunks (tests/reliability/test_burst.py).
+    chunk_size: int = 1024 * 1024
+    # Pieces a body is handed to the server in. The server copies each piece two or
+    # three times on its way to the socket (ASGI message, HTTP framing, transport
+    # buffer) and holds them until a slow client has read it, so per response the
+    # memory is a few pieces: small pieces keep a burst of responses small.
+    send_size: int = 128 * 1024
+    # A peer body that brings no byte for this long is abandoned; it is also the
+    # window over which `min_rate` is measured, so a dripping peer goes within two.
+    stall_timeout: float = 1.0
+    # Bytes per second a peer body must average over each `stall_timeout` of waiting
+    # on it (time spent waiting for our own client or memory does not count).
+    min_rate: int = 1024 * 1024
+    # Once a peer has answered, the rest of the request (failing over, verifying a
+    # held body) may take this long plus its size at `min_rate`; past it the answer
+    # is a 404. A wait in a peer's queue is bounded apart: the queue must move, and
+    # a request that sees no request to that peer finish for this long gives up.
+    deadline: float = 10.0
+    # Requests at once to one peer; more wait in a first-come queue, so the connect
+    # and first-byte bounds measure the peer, not our own burst.
+    peer_connections: int = 8
+    # Bytes of peer chunks held in memory at once across all requests (being read,
+    # hashed or sent on); a reader waits for room rather than allocating.
+    memory_limit: int = 16 * 1024 * 1024
     # Streamed bodies are read and hashed on two threads each (see `body.BodyPump`); at
     # most this many threads, later streams read on the event loop instead of waiting.
     body_threads: int = 64
@@ -116,6 +139,10 @@ class MirrorOptions:
         """When the hedged request to the next candidate starts: half the connect bound,
         so a dead first peer costs no more than a live second one needs to connect."""
         return self.resolve_timeout / 2
+
+    def deadline_for(self, size: int) -> float:
+        """Seconds one request for ``size`` bytes may take in all (see `deadline`)."""
+        return self.deadline + size / max(1, self.min_rate)
 
     def mirrors(self, registry: str) -> bool:
         return not self.mirrored_registries or registry in self.mirrored_registries

@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry
 
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
-from meshmirror.mirror.fetch import BlobFetch, MemorySink, Sink
+from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink, in_pieces
 from meshmirror.mirror.metrics import MirrorMetrics, finished
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.spool import SpoolBudget
@@ -191,7 +191,8 @@ class PeerMirror:
                 raise PeerFailure("bad_digest_header", announced[:80]) from err
         if Digest.of(data, expected.algorithm) != expected:
             raise PeerFailure("digest_mismatch", f"manifest {expected}")
-        return FallbackContent(expected, len(data), media_type or None, _once(data))
+        return FallbackContent(expected, len(data), media_type or None,
+                               _held(data, self._options.send_size))
 
     async def open_blob(
         self,
@@ -233,9 +234,10 @@ class PeerMirror:
     ) -> FallbackContent | None:
         """The blob's content, its body held or streamed by size; ``fetch`` is open."""
         if not want_body:
-            fetch.close()
-            self._count_blob(record, "hit")
-            return FallbackContent(digest, size, None, None)
+            # A peer's headers are only its word: HEAD stands behind a verified blob.
+            if not await self._verify(fetch, DiscardSink(), record, threads=True):
+                return None
+            return FallbackContent(digest, fetch.size, None, None)
         try:
             selected = byte_range.resolve(size) if byte_range is not None else None
         except UnsatisfiableRangeError:
@@ -244,12 +246,13 @@ class PeerMirror:
         start = 0 if selected is None else selected.offset
         end = size if selected is None else selected.offset + selected.length
         if size <= self._options.verify_before_send_limit:
-            memory = MemorySink()
+            memory = MemorySink(self._options.verify_before_send_limit)
             if not await self._verify(fetch, memory, record, threads=False):
                 return None
             self._metrics.blob_bodies.labels("memory").inc()
+            size, end = fetch.size, fetch.size if selected is None else end  # the verified size
             body = bytes(memoryview(memory.data)[start:end])  # one copy, not two
-            return FallbackContent(digest, size, None, _once(body))
+            return FallbackContent(digest, size, None, _held(body, self._options.send_size))
         spool = self._spools.reserve(size)
         if spool is not None:
             try:
@@ -261,8 +264,10 @@ class PeerMirror:
                 spool.release()
                 return None
             self._metrics.blob_bodies.labels("spool").inc()
+            size, end = fetch.size, fetch.size if selected is None else end
             return FallbackContent(
-                digest, size, None, spool.read(start, end, self._options.chunk_size)
+                digest, size, None,
+                spool.read(start, end, self._options.send_size, self.client.budget)
             )
         self._count_blob(record, "hit")
         self._metrics.blob_bodies.labels("stream").inc()
@@ -301,5 +306,7 @@ class _BlobRecord:
     fetch: BlobFetch
 
 
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+async def _held(data: bytes, piece: int) -> AsyncIterator[bytes]:
+    """A verified body held in memory, handed on in pieces of at most ``piece`` bytes."""
+    for part in in_pieces(data, piece):
+        yield part

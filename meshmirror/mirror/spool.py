@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from meshmirror.fileio import pread_chunks
+from meshmirror.mirror.budget import MemoryBudget
 
 
 class SpoolBudget:
@@ -53,10 +54,8 @@ class SpoolBudget:
     def reserve(self, size: int) -> SpoolFile | None:
         """A spool file for ``size`` bytes, or None when they do not fit (or no file can
         be made: the caller then streams, which is always possible)."""
-        with self._lock:
-            if size > self.limit - self._settle():
-                return None
-            self._used += size
+        if not self.take(size):
+            return None
         try:
             # Owned by the SpoolFile from here on; its release (or finalizer) closes it.
             file = tempfile.TemporaryFile(dir=self.directory, buffering=0)  # noqa: SIM115
@@ -64,6 +63,14 @@ class SpoolBudget:
             self.give_back(size)
             return None
         return SpoolFile(file, size, self)
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` more bytes if they fit."""
+        with self._lock:
+            if size > self.limit - self._settle():
+                return False
+            self._used += size
+            return True
 
     def give_back(self, size: int) -> None:
         """Return ``size`` bytes to the budget; safe anywhere, finalizers included."""
@@ -90,7 +97,21 @@ class SpoolFile:
         self._file = file
         self.size = size
         self.written = 0
-        self._release = weakref.finalize(self, _release, file, size, budget)
+        self._budget = budget
+        # Mutable, so a `resize` changes what the release (or finalizer) gives back.
+        self._reserved = [size]
+        self._release = weakref.finalize(self, _release, file, self._reserved, budget)
+
+    def resize(self, size: int) -> bool:
+        """Hold ``size`` bytes instead (the blob turned out another size); a larger
+        size must fit in the budget. Call before writing."""
+        extra = size - self._reserved[0]
+        if extra > 0:
+            if not self._budget.take(extra):
+                return False
+            self._reserved[0] = size
+        self.size = size
+        return True
 
     def write(self, chunk: bytes) -> None:
         """Append ``chunk``; safe to call from any one thread at a time."""
@@ -108,22 +129,41 @@ class SpoolFile:
         self._file.truncate()
         self.written = 0
 
-    async def read(self, start: int, end: int, chunk_size: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of what was written; the spool is released at the end."""
+    async def read(self, start: int, end: int, chunk_size: int,
+                   budget: MemoryBudget | None = None) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of what was written; the spool is released at the end.
+
+        With a ``budget``, each chunk is taken from it before it is read and given
+        back when the next one is asked for: by then the server has written it out.
+        """
+        chunks = pread_chunks(self._file.fileno(), start, end, chunk_size)
+        taken = 0
         try:
-            async for chunk in pread_chunks(self._file.fileno(), start, end, chunk_size):
+            while True:
+                if budget is not None:
+                    await budget.take(chunk_size)
+                    taken = chunk_size
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
                 yield chunk
+                if budget is not None:
+                    budget.give(taken)
+                    taken = 0
         finally:
+            if budget is not None and taken:
+                budget.give(taken)
             self.release()
 
     def release(self) -> None:
         self._release()
 
 
-def _release(file: IO[bytes], size: int, budget: SpoolBudget) -> None:
+def _release(file: IO[bytes], reserved: list[int], budget: SpoolBudget) -> None:
     with contextlib.suppress(OSError):
         file.close()
-    budget.give_back(size)
+    budget.give_back(reserved[0])
 
 
 def check_spool_directory(directory: Path) -> None:

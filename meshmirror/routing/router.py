@@ -12,20 +12,31 @@ implementations share one ranking:
 * ``InMemoryRouter`` holds an explicit key -> peers map: exact answers for
   tests and for callers that know the truth.
 
-Ranking (``_Health``): alive peers whose filter matches, ordered by
-  1. not penalised: a peer that errored or served bad bytes is pushed below
-     every healthy one for a cooling period that doubles with each consecutive
-     failure (1 s up to 60 s) and ends on the first success;
-  2. fewest requests in flight (spreads a burst of pulls across holders);
-  3. recent history: an EWMA of latency inflated by EWMAs of the error and
+Who is left out: a peer whose circuit is open (``trip``: it stalled, timed
+out or sent bad bytes) for a cooling period that doubles with each consecutive
+trip (5 s up to 5 min) and ends early on a success; and a peer whose filter
+would match more than half of all keys (every bit set, or nearly): such a
+filter says nothing, so the peer is no candidate for any key until it
+publishes a useful one.
+
+Ranking (``_Health``): the rest whose filter matches, ordered by
+  1. not penalised: a peer that errored, or whose circuit has just closed
+     again, is pushed below every healthy one for a cooling period that doubles
+     with each consecutive failure (1 s up to 60 s) and ends on the first success;
+  2. not demoted: a peer whose learned false-positive rate (404s for keys its
+     filter claimed, time-decayed) is far above what its filter's fill ratio
+     makes likely is asked after the peers whose filters tell the truth;
+  3. fewest requests in flight (spreads a burst of pulls across holders);
+  4. recent history: an EWMA of latency inflated by EWMAs of the error and
      false-positive rates, in half-octave buckets so peers of similar speed tie;
-  4. ties broken at random, so equal peers share load.
+  5. ties broken at random, so equal peers share load.
 A peer with no history yet ranks as fast, so new peers get tried.
 
 The `PeerDirectory` installs peers' summaries; the mirror asks ``candidates``,
 brackets each peer request with ``begin``/``end`` (in-flight accounting, which
-ranking step 2 reads), reports every outcome with ``report`` and calls
-``penalise`` on a peer whose bytes failed verification.
+ranking step 3 reads), reports every outcome with ``report`` (a 404's time
+counts like a success's) and calls ``trip`` on a peer that stalled, timed out
+or sent bytes that failed verification.
 
 All methods are synchronous and not thread-safe: call them from the registry's
 event loop.
@@ -72,6 +83,19 @@ class _Health:
     ALPHA = 0.3
     PENALTY_BASE_S = 1.0
     PENALTY_MAX_S = 60.0
+    CIRCUIT_BASE_S = 5.0
+    CIRCUIT_MAX_S = 300.0
+    # False-positive learning: outcomes fade with this time constant; the rate is
+    # taken over at least FP_PRIOR outcomes, so one unlucky 404 demotes nobody.
+    FP_DECAY_S = 60.0
+    FP_PRIOR = 5.0
+    # Demoted when the learned rate exceeds both of these: a floor, and a multiple
+    # of the rate the peer's own filter makes likely.
+    FP_DEMOTE_FLOOR = 0.2
+    FP_DEMOTE_FACTOR = 10.0
+    _ARRAYS = ("in_flight", "latency", "errors", "false_pos", "penalty_until", "strikes",
+               "bucket", "static_score", "circuit_until", "trips", "fp_seen", "fp_count",
+               "fp_at", "expected_fp")
 
     def __init__(self, clock: Callable[[], float], rng: np.random.Generator) -> None:
         self._clock = clock
@@ -89,11 +113,18 @@ class _Health:
         self.bucket: FloatArray = np.zeros(0)
         # in_flight * 1e6 + bucket, kept current so a lookup gathers one array.
         self.static_score: FloatArray = np.zeros(0)
+        self.circuit_until: FloatArray = np.zeros(0)
+        self.trips: IntArray = _EMPTY.copy()
+        # Time-decayed counts of answers to keys the filter claimed, and of 404s
+        # among them, as of fp_at; expected_fp is what the filter makes likely.
+        self.fp_seen: FloatArray = np.zeros(0)
+        self.fp_count: FloatArray = np.zeros(0)
+        self.fp_at: FloatArray = np.zeros(0)
+        self.expected_fp: FloatArray = np.zeros(0)
 
     def _grow(self) -> None:
         new = max(16, self._size * 2)
-        for name in ("in_flight", "latency", "errors", "false_pos", "penalty_until", "strikes",
-                     "bucket", "static_score"):
+        for name in self._ARRAYS:
             old = getattr(self, name)
             arr = np.zeros(new, dtype=old.dtype)
             arr[: self._size] = old
@@ -110,9 +141,8 @@ class _Health:
                 self._grow()
             slot = self._free.pop()
             self.slot_of[peer.name] = slot
-            for arr in (self.in_flight, self.latency, self.errors, self.false_pos,
-                        self.penalty_until, self.strikes, self.bucket, self.static_score):
-                arr[slot] = 0
+            for name in self._ARRAYS:
+                getattr(self, name)[slot] = 0
         self.peer_at[slot] = peer
         return slot
 
@@ -127,8 +157,12 @@ class _Health:
         if limit <= 0 or len(slots) == 0:
             return []
         now = self._clock()
+        slots = slots[self.circuit_until[slots] <= now]
+        if len(slots) == 0:
+            return []
         score = self.static_score[slots] + self._rng.random(len(slots))
         score[self.penalty_until[slots] > now] += 1e12
+        score[self._demoted(slots, now)] += 1e9
         if len(slots) > limit:
             best = np.argpartition(score, limit - 1)[:limit]
             slots, score = slots[best], score[best]
@@ -147,12 +181,37 @@ class _Health:
             self.in_flight[slot] -= 1
             self._rescore(slot)
 
+    def _demoted(self, slots: IntArray, now: float) -> npt.NDArray[np.bool_]:
+        """Which of ``slots`` answer 404 far more often than their filters make likely."""
+        fade = np.exp(-(now - self.fp_at[slots]) / self.FP_DECAY_S)
+        rate = self.fp_count[slots] * fade / np.maximum(self.fp_seen[slots] * fade,
+                                                        self.FP_PRIOR)
+        bound = np.maximum(self.FP_DEMOTE_FLOOR, self.FP_DEMOTE_FACTOR * self.expected_fp[slots])
+        result: npt.NDArray[np.bool_] = rate > bound
+        return result
+
+    def false_positive_rate(self, name: str) -> float:
+        """The learned rate of 404s for keys the peer's filter claimed (0 for unknown peers)."""
+        slot = self.slot_of.get(name)
+        if slot is None:
+            return 0.0
+        return float(self.fp_count[slot] / max(float(self.fp_seen[slot]), self.FP_PRIOR))
+
+    def _learn(self, slot: int, false_positive: bool) -> None:
+        now = self._clock()
+        fade = math.exp(-max(0.0, now - self.fp_at[slot]) / self.FP_DECAY_S)
+        self.fp_seen[slot] = self.fp_seen[slot] * fade + 1
+        self.fp_count[slot] = self.fp_count[slot] * fade + float(false_positive)
+        self.fp_at[slot] = now
+
     def report(self, name: str, ok: bool, latency_s: float, false_positive: bool) -> None:
         slot = self.slot_of.get(name)
         if slot is None:
             return
         if not math.isfinite(latency_s) or latency_s < 0:
             raise ValueError(f"latency must be a finite number of seconds >= 0, got {latency_s}")
+        if ok or false_positive:
+            self._learn(slot, false_positive)
         a = self.ALPHA
         self.latency[slot] = latency_s if self.latency[slot] == 0 else (
             (1 - a) * self.latency[slot] + a * latency_s)
@@ -168,6 +227,8 @@ class _Health:
         elif ok:
             self.strikes[slot] = 0
             self.penalty_until[slot] = 0.0
+            self.trips[slot] = 0
+            self.circuit_until[slot] = 0.0
         self._rebucket(slot)
 
     def penalise(self, name: str, cooldown_s: float) -> None:
@@ -175,6 +236,25 @@ class _Health:
         if slot is not None:
             self.strikes[slot] += 1
             self.penalty_until[slot] = max(self.penalty_until[slot], self._clock() + cooldown_s)
+
+    def trip(self, name: str) -> None:
+        slot = self.slot_of.get(name)
+        if slot is None:
+            return
+        self.trips[slot] += 1
+        self.strikes[slot] += 1
+        cooldown = min(self.CIRCUIT_MAX_S,
+                       self.CIRCUIT_BASE_S * 2.0 ** (int(self.trips[slot]) - 1))
+        now = self._clock()
+        self.circuit_until[slot] = max(self.circuit_until[slot], now + cooldown)
+        # Once the circuit closes the peer is asked again, but last, until it succeeds.
+        self.penalty_until[slot] = max(self.penalty_until[slot], now + 2 * cooldown)
+        self.errors[slot] = (1 - self.ALPHA) * self.errors[slot] + self.ALPHA
+        self._rebucket(slot)
+
+    def circuit_open(self, name: str) -> bool:
+        slot = self.slot_of.get(name)
+        return slot is not None and bool(self.circuit_until[slot] > self._clock())
 
     def _rebucket(self, slot: int) -> None:
         effective_ms = (self.latency[slot] * 1000 * (1 + 4 * self.errors[slot])
@@ -226,8 +306,27 @@ class Router(abc.ABC):
         self._health.report(peer_name, ok, latency_s, false_positive)
 
     def penalise(self, peer_name: str, cooldown_s: float = 30.0) -> None:
-        """Push a peer down for ``cooldown_s``, e.g. after it served corrupt bytes."""
+        """Push a peer down for ``cooldown_s``, below every healthy one."""
         self._health.penalise(peer_name, cooldown_s)
+
+    def trip(self, peer_name: str) -> None:
+        """Open the peer's circuit: it stalled, kept timing out or sent bytes that failed
+        verification. It is no candidate for a cooling period that doubles with each
+        consecutive trip, then ranks last until a success closes the circuit for good."""
+        self._health.trip(peer_name)
+
+    def failures_in_a_row(self, peer_name: str) -> int:
+        """Failures (errors and trips) reported for the peer since its last success."""
+        slot = self._health.slot_of.get(peer_name)
+        return 0 if slot is None else int(self._health.strikes[slot])
+
+    def circuit_open(self, peer_name: str) -> bool:
+        """Whether the peer is left out of candidates right now."""
+        return self._health.circuit_open(peer_name)
+
+    def false_positive_rate(self, peer_name: str) -> float:
+        """The peer's learned share of 404s for keys its filter claimed."""
+        return self._health.false_positive_rate(peer_name)
 
     def begin(self, peer_name: str) -> None:
         self._health.begin(peer_name)
@@ -335,13 +434,28 @@ class _FilterGroup:
         return self.col_slot[np.flatnonzero(hit)]
 
 
+def filter_fp_rate(summary: Summary) -> float:
+    """The share of random keys ``summary``'s filter matches: its fill ratio to the k.
+
+    Taken from the bits themselves rather than from the key count the summary
+    states, which a peer could understate."""
+    if summary.m == 0:
+        return 1.0
+    fill = int.from_bytes(summary.bits, "big").bit_count() / summary.m
+    return float(fill**summary.k)
+
+
 class BloomRouter(Router):
     """Candidates from peers' Bloom summaries; fed by a PeerDirectory.
 
     ``set_summary(peer, summary)`` installs or replaces a peer's filter,
     ``set_address(peer)`` follows a peer whose registry moved and
-    ``drop_peer(name)`` removes it; the directory calls all three.
+    ``drop_peer(name)`` removes it; the directory calls all three. A filter
+    that would match more than ``USELESS_FP`` of all keys is not installed (the
+    peer stays known, with no keys), so it cannot draw every request.
     """
+
+    USELESS_FP = 0.5
 
     def __init__(self, *, registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
@@ -351,6 +465,11 @@ class BloomRouter(Router):
 
     def set_summary(self, peer: Peer, summary: Summary) -> None:
         slot = self._health.add(peer)
+        expected = filter_fp_rate(summary)
+        self._health.expected_fp[slot] = expected
+        if expected > self.USELESS_FP:
+            self._unplace(slot)
+            return
         placed = self._where.get(slot)
         if placed is not None:
             group, col = placed

@@ -22,7 +22,10 @@ is always among the candidates when ``limit`` allows (no false negatives; a
 probabilistic router may add false positives, so the tests use key sets small
 enough that one is vanishingly unlikely); a penalised peer ranks below every
 healthy one until its cooling period ends; in-flight accounting never goes
-below zero; feedback about unknown peers is ignored; ties are broken at random.
+below zero; feedback about unknown peers is ignored; ties are broken at random;
+a tripped peer is no candidate at all until its circuit closes, then ranks last
+until a success; a peer whose 404s far outnumber what its filter makes likely
+ranks after the others, and what was learned fades with time.
 """
 
 from __future__ import annotations
@@ -228,3 +231,59 @@ class RouterConformance:
             harness.router.candidates(key("s"), 3)
         assert harness.registry.get_sample_value(
             "meshmirror_resolve_duration_seconds_count", {"router": "bloom"}) == 5
+
+    def test_a_tripped_peer_is_no_candidate_until_its_circuit_closes(
+            self, harness: RouterHarness) -> None:
+        h = harness
+        bad, good = self._many(h, 2, key("s"))
+        h.router.trip(bad.name)
+        assert h.router.circuit_open(bad.name)
+        for _ in range(20):
+            assert h.router.candidates(key("s"), 3) == [good]
+        assert h.router.candidates(key(f"own-{bad.name}"), 3) == []  # even as the only holder
+        h.clock.advance(5.5)  # the first trip cools in about five seconds
+        assert not h.router.circuit_open(bad.name)
+        h.router.begin(good.name)  # half-open: asked again, but after a busy healthy peer
+        assert h.router.candidates(key("s"), 3) == [good, bad]
+        h.router.end(good.name)
+        # Consecutive trips stay open for longer.
+        h.router.trip(bad.name)
+        h.clock.advance(5.5)
+        assert h.router.candidates(key("s"), 3) == [good]
+        h.clock.advance(5)
+        assert set(h.router.candidates(key("s"), 3)) == {good, bad}
+
+    def test_a_success_closes_a_circuit_for_good(self, harness: RouterHarness) -> None:
+        h = harness
+        peer_a, peer_b = self._many(h, 2, key("s"))
+        h.router.trip(peer_a.name)
+        h.clock.advance(5.5)
+        h.router.report(peer_a.name, ok=True, latency_s=0.001)
+        h.router.report(peer_b.name, ok=True, latency_s=0.2)
+        assert h.router.candidates(key("s"), 2) == [peer_a, peer_b]
+        h.router.trip(peer_a.name)  # counting starts again from the shortest period
+        h.clock.advance(5.5)
+        assert not h.router.circuit_open(peer_a.name)
+
+    def test_a_peer_that_404s_far_above_its_filters_rate_is_demoted(
+            self, harness: RouterHarness) -> None:
+        h = harness
+        liar, honest = self._many(h, 2, key("s"))
+        # The liar answers fastest, but with 404s: after a couple it goes last.
+        h.router.report(honest.name, ok=True, latency_s=0.050)
+        h.router.report(liar.name, ok=False, latency_s=0.001, false_positive=True)
+        h.router.report(liar.name, ok=False, latency_s=0.001, false_positive=True)
+        assert h.router.false_positive_rate(liar.name) > 0.2
+        h.router.begin(honest.name)  # demotion outranks load
+        for _ in range(20):
+            assert h.router.candidates(key("s"), 2) == [honest, liar]
+        # One 404 among many good answers is the filter's ordinary error: no demotion.
+        for _ in range(10):
+            h.router.report(honest.name, ok=True, latency_s=0.050)
+        h.router.report(honest.name, ok=False, latency_s=0.001, false_positive=True)
+        h.router.end(honest.name)
+        assert h.router.candidates(key("s"), 2)[0] == honest
+        # What is learned fades: minutes later the liar is asked again on its merits.
+        h.clock.advance(600)
+        h.router.begin(honest.name)
+        assert h.router.candidates(key("s"), 2) == [liar, honest]

@@ -24,6 +24,10 @@ class Behaviour:
     stall_after: int | None = None
     # Set once a stalled response's connection has been closed by the client.
     client_gone: asyncio.Event = field(default_factory=asyncio.Event)
+    # Send a byte every this many seconds, for as long as the client listens.
+    drip_interval: float | None = None
+    # Send random bytes instead of the blob (the right length, the wrong content).
+    lie: bool = False
     header_delay: float = 0.0
     not_found: bool = False
     requests: list[tuple[str, str | None, str | None]] = field(default_factory=list)
@@ -66,6 +70,8 @@ class FakePeer:
             return web.Response(status=404)
         if b.corrupt:
             data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        if b.lie:
+            data = bytes(len(data))
         start = 0
         match = re.fullmatch(r"bytes=(\d+)-", request.headers.get("Range", ""))
         status = 200
@@ -82,6 +88,14 @@ class FakePeer:
             await response.write(body[: b.break_after])
             assert request.transport is not None
             request.transport.close()
+            return response
+        if b.drip_interval is not None:
+            try:
+                for i in range(len(body)):
+                    await response.write(body[i : i + 1])
+                    await asyncio.sleep(b.drip_interval)
+            except (ConnectionError, RuntimeError, asyncio.CancelledError):
+                b.client_gone.set()
             return response
         if b.stall_after is not None:
             await response.write(body[: b.stall_after])

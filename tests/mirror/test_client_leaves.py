@@ -96,7 +96,7 @@ async def test_client_leaving_mid_spool_frees_the_peer_threads_and_spool(
     router = InMemoryRouter(registry=registry, seed=1)
     router.set_keys(stalled_peer.peer, [str(BLOB_D)])
     options = MirrorOptions(verify_before_send_limit=1 << 20, chunk_size=64 * 1024,
-                            read_timeout=30.0)  # only the client leaving may end the fetch
+                            stall_timeout=30.0)  # only the client leaving may end the fetch
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         mirror = PeerMirror(router, session, options=options, metrics=MirrorMetrics(registry))
         app = create_app(MemoryStore(), fallback=mirror)

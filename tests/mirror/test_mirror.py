@@ -85,7 +85,7 @@ class Settings(TypedDict, total=False):
     spool_dir: Path | None
     spool_limit: int
     chunk_size: int
-    read_timeout: float
+    stall_timeout: float
     body_threads: int
     read_ahead: int
     resolve_tags: TagResolution
@@ -323,7 +323,7 @@ async def test_stalled_peer_is_abandoned_and_the_next_resumes(
 ) -> None:
     stalled = await make_peer("stalled", stall_after=1024 * 1024 + 3)
     good = await make_peer("good")
-    mirror, router, registry = mirror_for(session, [stalled, good], read_timeout=0.3)
+    mirror, router, registry = mirror_for(session, [stalled, good], stall_timeout=0.3)
     router.report("good", ok=True, latency_s=5.0)
     started = time.monotonic()
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
@@ -342,7 +342,7 @@ async def test_client_going_away_stops_the_body_thread_and_closes_the_peer(
     stalled = await make_peer("stalled", stall_after=1024 * 1024 + 3)
     # A long stall bound: only the cancellation may end the blocked read. Streamed
     # (no spool), so the client has a body to walk away from mid-stream.
-    mirror, _, _ = mirror_for(session, [stalled], read_timeout=30.0, spool_limit=0)
+    mirror, _, _ = mirror_for(session, [stalled], stall_timeout=30.0, spool_limit=0)
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
     assert content is not None and content.body is not None
     body = content.body

@@ -5,7 +5,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meshmirror.routing.bloom import BloomFilter
-from meshmirror.routing.router import BloomRouter, InMemoryRouter, Peer
+from meshmirror.routing.router import BloomRouter, InMemoryRouter, Peer, filter_fp_rate
 from meshmirror.routing.summary import Summary
 from tests.conformance.router_suite import FakeClock, RouterConformance, RouterHarness, key, peer
 
@@ -84,3 +84,23 @@ def test_bloom_router_agrees_with_single_filter_membership() -> None:
     for probe in probes:
         expected = {p for p, s in summaries.items() if probe in s}
         assert set(router.candidates(probe, 100)) == expected
+
+
+def test_bloom_router_ignores_a_filter_that_matches_everything() -> None:
+    router = BloomRouter(seed=3)
+    honest = summary_of({key("real")})
+    everything = Summary(epoch=1, k=honest.k, m=honest.m, count=1, born_at_ms=0,
+                         bits=b"\xff" * (honest.m // 8))
+    router.set_summary(peer(1), everything)
+    router.set_summary(peer(2), honest)
+    assert router.candidates(key("real"), 3) == [peer(2)]
+    assert router.candidates(key("anything"), 3) == []
+    assert peer(1) in router.peers()  # known, with no keys
+    # A useful filter later puts it back.
+    router.set_summary(peer(1), summary_of({key("real")}))
+    assert set(router.candidates(key("real"), 3)) == {peer(1), peer(2)}
+    # An over-full but still telling filter stays (its expected rate is just higher).
+    crowded = summary_of({key(n) for n in range(3000)}, capacity=1000)
+    assert 0.01 < filter_fp_rate(crowded) < BloomRouter.USELESS_FP
+    router.set_summary(peer(3), crowded)
+    assert peer(3) in router.candidates(key(5), 3)

@@ -1,0 +1,200 @@
+"""One bad peer must not hurt a pull: stalls, drips, lies after a resume, 404s, bursts.
+
+Real HTTP peers on loopback (`peers.FakePeer`) with scripted faults, against a
+`PeerMirror` in this process. The same faults against whole nodes joined to a
+mesh are in tests/reliability/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from meshmirror.mirror.metrics import MirrorMetrics
+from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.peer_mirror import PeerMirror
+from meshmirror.oci.digest import Digest
+from meshmirror.routing.router import InMemoryRouter
+from tests.mirror.peers import Behaviour, FakePeer
+
+BLOB = os.urandom(3 * 1024 * 1024 + 5)
+DIGEST = Digest.of(BLOB)
+SMALL = os.urandom(200_000)
+SMALL_DIGEST = Digest.of(SMALL)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        yield s
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[list[FakePeer]]:
+    peers: list[FakePeer] = []
+    yield peers
+    for peer in peers:
+        await peer.stop()
+
+
+async def peer(started: list[FakePeer], name: str, **faults: object) -> FakePeer:
+    behaviour = Behaviour(blobs={str(DIGEST): BLOB, str(SMALL_DIGEST): SMALL})
+    for field, value in faults.items():
+        setattr(behaviour, field, value)
+    fake = await FakePeer(name, behaviour).start()
+    started.append(fake)
+    return fake
+
+
+def mirror_of(session: aiohttp.ClientSession, first: FakePeer, *rest: FakePeer,
+              **options: float | int) -> tuple[PeerMirror, InMemoryRouter, CollectorRegistry]:
+    """A mirror whose router ranks ``first`` first (it answered fastest before)."""
+    registry = CollectorRegistry()
+    router = InMemoryRouter(registry=registry, seed=1)
+    for fake in (first, *rest):
+        router.set_keys(fake.peer, [str(DIGEST), str(SMALL_DIGEST)])
+    router.report(first.name, ok=True, latency_s=0.0001)
+    for fake in rest:
+        router.report(fake.name, ok=True, latency_s=0.2)
+    settings: dict[str, float | int] = {"verify_before_send_limit": 1 << 20,
+                                        "chunk_size": 256 * 1024, "stall_timeout": 0.3}
+    settings.update(options)
+    opts = MirrorOptions(**settings)  # type: ignore[arg-type]
+    return PeerMirror(router, session, options=opts, metrics=MirrorMetrics(registry)), \
+        router, registry
+
+
+async def fetch(mirror: PeerMirror, digest: Digest = DIGEST) -> bytes | None:
+    content = await mirror.open_blob("docker.io", "library/x", digest, None, True)
+    if content is None:
+        return None
+    assert content.body is not None
+    return b"".join([chunk async for chunk in content.body])
+
+
+def failures(registry: CollectorRegistry, reason: str) -> float:
+    return registry.get_sample_value("meshmirror_mirror_peer_failures_total",
+                                     {"reason": reason}) or 0.0
+
+
+async def test_lying_prefix_then_stall_blames_the_liar_not_the_peer_resumed_from(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    liar = await peer(started, "liar", lie=True, stall_after=100_000)
+    honest = await peer(started, "honest")
+    mirror, router, registry = mirror_of(session, liar, honest)
+    began = time.monotonic()
+    assert await fetch(mirror) == BLOB
+    assert time.monotonic() - began < 2.0
+    # The honest peer was asked with Range, the mismatch re-read it from byte 0 alone.
+    assert [r[1] for r in honest.behaviour.requests] == ["bytes=100000-", None]
+    assert router.circuit_open(liar.name)
+    assert not router.circuit_open(honest.name)
+    assert failures(registry, "digest_mismatch") == 1  # the liar's, after the verified re-read
+    # The next pull goes straight to the honest peer.
+    assert await fetch(mirror) == BLOB
+    assert len(liar.behaviour.requests) == 1
+
+
+async def test_a_dripping_peer_is_left_within_two_stall_windows(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    drip = await peer(started, "drip", drip_interval=0.05)
+    honest = await peer(started, "honest")
+    mirror, router, registry = mirror_of(session, drip, honest)
+    for digest, body in ((SMALL_DIGEST, SMALL), (DIGEST, BLOB)):  # memory and spool paths
+        router.report(drip.name, ok=True, latency_s=0.0001)  # close the circuit, rank it first
+        began = time.monotonic()
+        assert await fetch(mirror, digest) == body
+        assert time.monotonic() - began < 2 * 0.3 + 0.5
+    assert failures(registry, "slow") == 2
+    assert not router.circuit_open(honest.name)
+    await asyncio.wait_for(drip.behaviour.client_gone.wait(), 3)
+
+
+async def test_a_hanging_peer_alone_is_a_miss_within_the_stall_bound(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    hang = await peer(started, "hang", stall_after=10)
+    mirror, router, _ = mirror_of(session, hang)
+    began = time.monotonic()
+    assert await fetch(mirror) is None
+    assert time.monotonic() - began < 0.3 + 0.5
+    assert router.circuit_open(hang.name)
+
+
+async def test_a_moving_queue_is_waited_for_and_a_stuck_one_is_not(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    # One request at a time, 0.2 s each: the queue moves, so all four are served
+    # though the last waits 0.6 s, past the 0.35 s deadline.
+    busy = await peer(started, "busy", header_delay=0.2)
+    mirror, router, registry = mirror_of(session, busy, peer_connections=1, deadline=0.35)
+    bodies = await asyncio.gather(*(fetch(mirror, SMALL_DIGEST) for _ in range(4)))
+    assert bodies == [SMALL] * 4
+    # A streamed body whose client does not read holds the only connection: the
+    # next request gives up after the deadline with the queue stuck, blaming nobody.
+    mirror, router, registry = mirror_of(session, busy, peer_connections=1, deadline=0.35,
+                                         spool_limit=0)
+    held = await mirror.open_blob("docker.io", "library/x", DIGEST, None, True)
+    assert held is not None and held.body is not None
+    began = time.monotonic()
+    assert await fetch(mirror, SMALL_DIGEST) is None
+    assert 0.35 <= time.monotonic() - began < 0.35 + 0.2
+    assert failures(registry, "queue_stalled") == 1
+    assert not router.circuit_open(busy.name)
+    await held.body.aclose()  # type: ignore[attr-defined]
+    assert router.in_flight(busy.name) == 0
+
+
+async def test_a_404_is_ranked_with_the_time_it_took(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    liar = await peer(started, "liar", not_found=True, header_delay=0.045)
+    honest = await peer(started, "honest")
+    mirror, router, _ = mirror_of(session, liar, honest, resolve_timeout=0.2)
+    durations = []
+    for _ in range(10):
+        began = time.monotonic()
+        assert await fetch(mirror, SMALL_DIGEST) == SMALL
+        durations.append(time.monotonic() - began)
+    assert len(liar.behaviour.requests) <= 2, "demoted after a couple of false positives"
+    assert sum(took > 0.045 for took in durations) <= 2
+    assert router.false_positive_rate(liar.name) > 0.2
+
+
+async def test_head_is_answered_only_for_a_verified_blob(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    liar = await peer(started, "liar", lie=True)
+    mirror, _, _ = mirror_of(session, liar)
+    assert await mirror.open_blob("docker.io", "library/x", DIGEST, None, False) is None
+    honest = await peer(started, "honest")
+    mirror, _, _ = mirror_of(session, honest)
+    head = await mirror.open_blob("docker.io", "library/x", DIGEST, None, False)
+    assert head is not None and head.size == len(BLOB) and head.body is None
+
+
+async def test_a_burst_waits_in_the_peer_queue_instead_of_timing_out(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    # Each answer takes 0.15 s and only two run at once: 12 requests queue for
+    # up to 0.9 s, far past the first-byte bound, which must not count the queue.
+    busy = await peer(started, "busy", header_delay=0.15)
+    mirror, router, registry = mirror_of(session, busy, peer_connections=2,
+                                         first_byte_timeout=0.3, resolve_timeout=0.2)
+    bodies = await asyncio.gather(*(fetch(mirror, SMALL_DIGEST) for _ in range(12)))
+    assert bodies == [SMALL] * 12
+    assert failures(registry, "timeout") == 0
+    assert router.in_flight(busy.name) == 0
+
+
+async def test_the_memory_budget_bounds_chunks_across_concurrent_fetches(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    honest = await peer(started, "honest")
+    mirror, _, _ = mirror_of(session, honest, memory_limit=1024 * 1024,
+                             chunk_size=256 * 1024)
+    bodies = await asyncio.gather(*(fetch(mirror) for _ in range(8)))
+    assert bodies == [BLOB] * 8
+    budget = mirror.client.budget
+    assert budget.peak <= budget.limit
+    assert budget.used == 0

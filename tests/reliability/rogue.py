@@ -1,0 +1,168 @@
+"""A rogue mesh member: a real `python -m meshmirror.mesh` process advertising an
+HTTP server of the test's own that serves a lying summary and misbehaves on blobs.
+
+The HTTP side runs on threads in the test process, so the test can count what
+the rogue was asked and how many of its connections are still open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from meshmirror.routing.bloom import BloomFilter
+from meshmirror.routing.summary import MEDIA_TYPE, Summary
+from tests.support.ports import free_port, loopback_host
+from tests.support.processes import spawn, stop
+
+KINDS = ("hang", "drip", "slow404", "instant404")
+
+
+def all_ones_summary(epoch: int) -> Summary:
+    """A summary whose filter claims every key there is."""
+    shape = BloomFilter.build(["x"], capacity=10_000)
+    return Summary(epoch=epoch, k=shape.k, m=shape.m, count=10_000, born_at_ms=0,
+                   bits=b"\xff" * (shape.m // 8))
+
+
+def claiming_summary(keys: list[str], epoch: int) -> Summary:
+    """A plausible summary that claims exactly ``keys``: the router will ask for them."""
+    bloom = BloomFilter.build(keys)
+    return Summary(epoch=epoch, k=bloom.k, m=bloom.m, count=len(keys), born_at_ms=0,
+                   bits=bloom.bits.tobytes())
+
+
+@dataclass
+class RogueState:
+    kind: str
+    summary: Summary
+    size: int  # the Content-Length it announces for any blob
+    blob_requests: int = 0
+    open_connections: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
+def _client_gone(conn: socket.socket, wait: float) -> bool:
+    """True once the client closed its end (readable with nothing to read)."""
+    readable, _, _ = select.select([conn], [], [], wait)
+    if not readable:
+        return False
+    try:
+        return conn.recv(65536, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+def _handler(state: RogueState) -> type[socketserver.BaseRequestHandler]:
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            conn: socket.socket = self.request
+            with state.lock:
+                state.open_connections += 1
+            try:
+                self._serve(conn)
+            except OSError:
+                pass
+            finally:
+                with state.lock:
+                    state.open_connections -= 1
+
+        def _serve(self, conn: socket.socket) -> None:
+            conn.settimeout(5)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+            if target.startswith("/_mesh/v1/summary"):
+                body = state.summary.encode()
+                conn.sendall(
+                    f"HTTP/1.1 200 OK\r\nContent-Type: {MEDIA_TYPE}\r\n"
+                    f'ETag: "{state.summary.epoch}"\r\nContent-Length: {len(body)}\r\n'
+                    "Connection: close\r\n\r\n".encode() + body)
+                return
+            with state.lock:
+                state.blob_requests += 1
+            if state.kind in ("slow404", "instant404"):
+                if state.kind == "slow404":
+                    time.sleep(0.045)
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+                return
+            digest = target.split("/blobs/", 1)[-1].split("?", 1)[0]
+            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {state.size}\r\n"
+                         f"Docker-Content-Digest: {digest}\r\n"
+                         "Content-Type: application/octet-stream\r\n\r\n".encode())
+            if method == "HEAD":
+                return
+            if state.kind == "hang":
+                conn.sendall(bytes(64))  # a few wrong bytes, then nothing
+                while not state.stopping.is_set() and not _client_gone(conn, 0.1):
+                    pass
+                return
+            # drip: one wrong byte every two seconds, for as long as anyone listens
+            sent = 0
+            while sent < state.size and not state.stopping.is_set():
+                conn.sendall(b"\0")
+                sent += 1
+                deadline = time.monotonic() + 2.0
+                while time.monotonic() < deadline:
+                    if _client_gone(conn, 0.1) or state.stopping.is_set():
+                        return
+
+    return Handler
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+
+class Rogue:
+    """``with Rogue(kind, summary, size, join=mesh_addr, log=path) as rogue:``"""
+
+    def __init__(self, kind: str, summary: Summary, size: int, *, join: str, log: Path,
+                 name: str) -> None:
+        self.state = RogueState(kind, summary, size)
+        self.host = loopback_host()
+        self.name = name
+        self._server = _Server((self.host, free_port(self.host)), _handler(self.state))
+        self.url = f"http://{self.host}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._join = join
+        self._log = log
+        self._mesh: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Rogue:
+        self._thread.start()
+        mesh = f"{self.host}:{free_port(self.host)}"
+        self._mesh = spawn([sys.executable, "-m", "meshmirror.mesh", "--bind", mesh,
+                            "--name", self.name, "--join", self._join,
+                            "--tag", f"http={self.url}",
+                            "--tag", f"epoch={self.state.summary.epoch}",
+                            "--tag", f"keys={self.state.summary.count}"], self._log)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.state.stopping.set()
+        if self._mesh is not None:
+            stop(self._mesh)
+        self._server.shutdown()
+        self._thread.join(5)
+        with contextlib.suppress(OSError):
+            self._server.server_close()

@@ -1,0 +1,130 @@
+"""A burst of 200 concurrent 64 MiB pulls through one node is served from its peer.
+
+Real processes on loopback: a holder node with one 64 MiB layer and the node
+under test, empty, joined to it. 200 clients GET the layer at once through the
+node under test; every one must get the whole blob with the right digest (no
+404 from timeouts that fire under our own load), the node's peak RSS during the
+burst (VmHWM from /proc, reset before it) must stay within its idle RSS plus
+64 MiB, and its spool within its limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from meshmirror.oci.imagebuilder import build_image
+from tests.support.node import RunningNode, start_node
+from tests.support.processes import stop, wait_until
+
+pytestmark = [pytest.mark.real]
+
+MiB = 1024 * 1024
+LAYER = 64 * MiB
+CLIENTS = 200
+SPOOL_LIMIT = 1024 * MiB
+BURST_TIMEOUT_S = 150
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM and friends from /proc/<pid>/status, in bytes."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        match = re.fullmatch(r"(Vm\w+):\s+(\d+) kB", line)
+        if match:
+            fields[match.group(1)] = int(match.group(2)) * 1024
+    return fields
+
+
+def metric(node: RunningNode, name: str) -> float:
+    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+async def pull_all(url: str, clients: int, spool_peak: list[float],
+                   node: RunningNode) -> list[tuple[int, str | None]]:
+    """(status, sha256) of ``clients`` concurrent GETs, while sampling the spool gauge."""
+    timeout = aiohttp.ClientTimeout(total=BURST_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector,
+                                     auto_decompress=False) as session:
+
+        async def one() -> tuple[int, str | None]:
+            async with session.get(url) as response:
+                if response.status != 200:
+                    return response.status, None
+                digest = hashlib.sha256()
+                async for chunk in response.content.iter_chunked(MiB):
+                    digest.update(chunk)
+                return 200, f"sha256:{digest.hexdigest()}"
+
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            while not done.is_set():
+                value = await asyncio.to_thread(metric, node, "meshmirror_mirror_spool_bytes")
+                spool_peak[0] = max(spool_peak[0], value)
+                await asyncio.sleep(0.5)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            return await asyncio.gather(*(one() for _ in range(clients)))
+        finally:
+            done.set()
+            await sampler
+
+
+def test_200_concurrent_64mib_pulls_are_served_from_the_peer(tmp_path: Path) -> None:
+    seeded, empty = tmp_path / "seeded", tmp_path / "empty"
+    seeded.mkdir()
+    empty.mkdir()
+    image = build_image("docker.io/library/big:1", seeded, [LAYER], seed=3)
+    layer = image.platforms[0].layers[0]
+    holder = start_node(f"oci:{seeded}", tmp_path / "holder.log", ("--node-name", "holder"))
+    node = None
+    try:
+        node = start_node(f"oci:{empty}", tmp_path / "node.log",
+                          ("--node-name", "node", "--join", holder.mesh,
+                           "--mirror-spool-dir", str(tmp_path),
+                           "--mirror-spool-limit", str(SPOOL_LIMIT)))
+        url = f"http://{node.address}/v2/library/big/blobs/{layer.digest}?ns=docker.io"
+
+        def routed() -> bool:
+            # A HEAD through peers is a verified fetch: it warms every code path once.
+            request = urllib.request.Request(url, method="HEAD")
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return bool(r.status == 200)
+
+        wait_until(routed, 30, "the node to find the blob through the holder's summary")
+        time.sleep(1)
+        idle = proc_status(node.proc.pid)["VmRSS"]
+        Path(f"/proc/{node.proc.pid}/clear_refs").write_text("5")  # resets VmHWM to VmRSS
+        spool_peak = [0.0]
+        began = time.monotonic()
+        results = asyncio.run(pull_all(url, CLIENTS, spool_peak, node))
+        took = time.monotonic() - began
+        peak = proc_status(node.proc.pid)["VmHWM"]
+        served = sum(1 for status, digest in results
+                     if status == 200 and digest == str(layer.digest))
+        spooled = metric(node, 'meshmirror_mirror_blob_bodies_total{mode="spool"}')
+        streamed = metric(node, 'meshmirror_mirror_blob_bodies_total{mode="stream"}')
+        print(f"\nburst: {served}/{CLIENTS} served in {took:.1f} s; RSS idle "
+              f"{idle / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB (+{(peak - idle) / MiB:.0f}); "
+              f"spool peak {spool_peak[0] / MiB:.0f} MiB of {SPOOL_LIMIT / MiB:.0f}; "
+              f"bodies {spooled:.0f} spooled, {streamed:.0f} streamed")
+        assert served == CLIENTS, sorted({status for status, _ in results})
+        assert peak - idle <= 64 * MiB
+        assert spool_peak[0] <= SPOOL_LIMIT
+    finally:
+        for running in (node, holder):
+            if running is not None:
+                stop(running.proc)

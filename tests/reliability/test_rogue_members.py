@@ -1,0 +1,139 @@
+"""One rogue mesh member must not hurt a pull.
+
+Real processes on loopback: an honest `meshmirror run` holding an image, the
+node under test (`puller`, empty, joined to it), and for each case a rogue: a
+real mesh member whose HTTP server (`rogue.Rogue`) serves a lying summary and
+then hangs, drips, answers 404 after 45 ms or answers 404 at once. Its summary
+either claims every key (all bits set: the router must ignore it) or claims
+exactly the blob (a believable filter: the mirror must survive asking it).
+
+For each case, 20 sequential GETs of the blob through the puller must all be
+served with the right digest, each within ``BOUND_S`` and nine in ten within
+``P90_S``, and the honest holder must never be blamed (the puller logs every
+peer failure with the peer's name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from meshmirror.mirror.options import MirrorOptions
+from meshmirror.oci.imagebuilder import build_image
+from tests.reliability.rogue import KINDS, Rogue, all_ones_summary, claiming_summary
+from tests.support.node import RunningNode, start_node
+from tests.support.processes import stop, wait_until
+
+pytestmark = [pytest.mark.real]
+
+BLOB_SIZE = 2 * 1024 * 1024
+GETS = 20
+STALL_S = MirrorOptions().stall_timeout
+# A hanging or dripping rogue asked first costs at most two stall windows, then
+# the blob is read again whole from the honest peer.
+BOUND_S = 2 * STALL_S + 1.0
+P90_S = 1.0
+# Figures by case, printed at the end of the module (pytest -s) for docs/reliability.md.
+FIGURES: dict[str, str] = {}
+
+
+@dataclass
+class Cluster:
+    holder: RunningNode
+    puller: RunningNode
+    url: str
+    digest: str
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    workdir = tmp_path_factory.mktemp("rogues")
+    seeded, empty = workdir / "seeded", workdir / "empty"
+    seeded.mkdir()
+    empty.mkdir()
+    image = build_image("docker.io/library/app:1", seeded, [BLOB_SIZE], seed=5)
+    layer = image.platforms[0].layers[0]
+    holder = start_node(f"oci:{seeded}", workdir / "holder.log", ("--node-name", "holder"))
+    puller = None
+    try:
+        puller = start_node(f"oci:{empty}", workdir / "puller.log",
+                            ("--node-name", "puller", "--join", holder.mesh,
+                             "--mirror-spool-dir", str(workdir)))
+        url = f"http://{puller.address}/v2/library/app/blobs/{layer.digest}?ns=docker.io"
+        wait_until(lambda: get(url)[0] == str(layer.digest), 30,
+                   "the puller to find the blob through the holder's summary")
+        yield Cluster(holder, puller, url, str(layer.digest), workdir)
+    finally:
+        for node in (puller, holder):
+            if node is not None:
+                stop(node.proc)
+        if FIGURES:
+            print("\nrogue member figures (20 sequential GETs each):")
+            for case, line in FIGURES.items():
+                print(f"  {case}: {line}")
+
+
+def get(url: str) -> tuple[str | None, float]:
+    """The sha256 of the body (None for a non-200) and how long the GET took."""
+    began = time.monotonic()
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None, time.monotonic() - began
+    return f"sha256:{digest.hexdigest()}", time.monotonic() - began
+
+
+def held_epoch(node: RunningNode, member: str) -> int | None:
+    with urllib.request.urlopen(f"http://{node.metrics}/status", timeout=5) as r:
+        status = json.load(r)
+    for entry in status["mesh"]["members"]:
+        if entry["name"] == member:
+            held = entry["held_epoch"]
+            return int(held) if held is not None else None
+    return None
+
+
+def blamed(node: RunningNode, peer: str) -> list[str]:
+    return [line for line in node.log.read_text().splitlines()
+            if f"peer {peer} failed" in line]
+
+
+@pytest.mark.parametrize("claims", ["everything", "the_blob"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_rogue_member_never_hurts_a_pull(cluster: Cluster, kind: str, claims: str) -> None:
+    name = f"rogue-{kind}-{claims}"
+    summary = (all_ones_summary(epoch=7) if claims == "everything"
+               else claiming_summary([cluster.digest], epoch=7))
+    blamed_before = len(blamed(cluster.puller, "holder"))
+    with Rogue(kind, summary, BLOB_SIZE, join=cluster.puller.mesh,
+               log=cluster.workdir / f"{name}.log", name=name) as rogue:
+        wait_until(lambda: held_epoch(cluster.puller, name) == 7, 30,
+                   f"the puller to hold {name}'s summary")
+        results = [get(cluster.url) for _ in range(GETS)]
+        durations = sorted(took for _, took in results)
+        p90 = durations[int(0.9 * GETS) - 1]
+        FIGURES[name] = (f"p50 {durations[GETS // 2 - 1] * 1000:.0f} ms, "
+                         f"p90 {p90 * 1000:.0f} ms, max {durations[-1] * 1000:.0f} ms, "
+                         f"rogue asked {rogue.state.blob_requests}x")
+        assert [digest for digest, _ in results] == [cluster.digest] * GETS
+        assert durations[-1] <= BOUND_S, FIGURES[name]
+        assert p90 <= P90_S, FIGURES[name]
+        if claims == "everything":
+            assert rogue.state.blob_requests == 0, "a filter that claims every key is ignored"
+        else:
+            assert rogue.state.blob_requests >= 1, "the case must exercise the rogue"
+        # Whatever the rogue held open is closed within the stall bound.
+        wait_until(lambda: rogue.state.open_connections == 0, BOUND_S,
+                   "the rogue's connections to be closed")
+    assert blamed(cluster.puller, "holder")[blamed_before:] == []
