@@ -36,12 +36,12 @@ U8Array = npt.NDArray[np.uint8]
 
 # Exactly the digests Digest.parse accepts; matched here without building a
 # Digest because hashing every key of a 50,000-key store is the build's hot loop.
-_DIGEST_KEY = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
+DIGEST_KEY = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 
 def key_seed(key: str) -> bytes:
     """16 uniformly distributed bytes for ``key``: a digest's own, else sha256's."""
-    if _DIGEST_KEY.fullmatch(key):
+    if DIGEST_KEY.fullmatch(key):
         return bytes.fromhex(key[7:39])
     return hashlib.sha256(key.encode("utf-8")).digest()[:16]
 

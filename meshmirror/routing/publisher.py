@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from meshmirror.routing.bloom import BloomFilter, check_fp_rate
+from meshmirror.routing.bloom import DIGEST_KEY, BloomFilter, check_fp_rate
 from meshmirror.routing.summary import Summary, wall_clock_ms
 from meshmirror.store.base import KeyEvent, Store
 
@@ -66,14 +66,18 @@ class SummaryMetrics:
                                      "Content digests (manifests, configs, layers) in the "
                                      "published summary", ["registry"], registry=registry)
         self.content_digests.labels("").set(0)
+        self.image_digests = Gauge("meshmirror_advertised_image_digests",
+                                   "Distinct image manifests the published tags point to, by "
+                                   "registry", ["registry"], registry=registry)
         self._tag_registries: set[str] = set()
+        self._image_registries: set[str] = set()
 
     def advertise(self, keys: Iterable[str]) -> None:
         """Set the advertised gauges from the published keys (tags: ``registry/repo:tag``)."""
         tags: dict[str, int] = {}
         digests = 0
         for key in keys:
-            if key.startswith("sha256:"):
+            if DIGEST_KEY.fullmatch(key):
                 digests += 1
             else:
                 registry = key.split("/", 1)[0]
@@ -83,6 +87,12 @@ class SummaryMetrics:
         for registry in self._tag_registries:
             self.tags.labels(registry).set(tags.get(registry, 0))
         self.content_digests.labels("").set(digests)
+
+    def advertise_images(self, images: dict[str, set[str]]) -> None:
+        """Set the image-digest gauge from what each registry's tags resolve to."""
+        self._image_registries.update(images)
+        for registry in self._image_registries:
+            self.image_digests.labels(registry).set(len(images.get(registry, ())))
 
 
 class SummaryPublisher:
@@ -157,6 +167,7 @@ class SummaryPublisher:
         # Set and replaced on every version, so waiters wake exactly once per version.
         self._version_event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._image_count: asyncio.Task[None] | None = None
         self.rebuilds = 0
 
     @property
@@ -188,6 +199,9 @@ class SummaryPublisher:
                 asyncio.create_task(self._reconcile_loop(), name="summary-reconcile"))
 
     async def close(self) -> None:
+        if self._image_count is not None:
+            self._tasks.append(self._image_count)
+            self._image_count = None
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -273,6 +287,7 @@ class SummaryPublisher:
         self._payload = summary.encode()
         self.metrics.keys.set(summary.count)
         self.metrics.advertise(self._keys)
+        self._count_images_soon()
         self.metrics.epoch.set(summary.epoch)
         self.metrics.bytes.set(len(self._payload))
         self.metrics.fp_rate.set(bloom.estimated_fp_rate())
@@ -283,6 +298,33 @@ class SummaryPublisher:
                 log.exception("summary publish callback failed")
         event, self._version_event = self._version_event, asyncio.Event()
         event.set()
+
+    def _count_images_soon(self) -> None:
+        """Resolve the published tags in the background, for the image-digest gauge.
+
+        Only a tag's resolution says which digest is an image: a digest key alone
+        could be a layer. A newer version cancels the count of an older one.
+        """
+        if self._image_count is not None:
+            self._image_count.cancel()
+        self._image_count = asyncio.create_task(self._count_images(frozenset(self._keys)),
+                                                name="summary-images")
+
+    async def _count_images(self, keys: frozenset[str]) -> None:
+        images: dict[str, set[str]] = {}
+        for key in keys:
+            if DIGEST_KEY.fullmatch(key):
+                continue
+            registry, _, name = key.partition("/")
+            repository, _, tag = name.rpartition(":")
+            try:
+                digest = await self._store.resolve(registry, repository, tag)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # gone since, or unreadable: not advertised as an image
+                continue
+            images.setdefault(registry, set()).add(str(digest))
+        self.metrics.advertise_images(images)
 
     async def _publish_loop(self) -> None:
         while True:

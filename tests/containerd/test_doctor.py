@@ -19,6 +19,7 @@ from meshmirror.containerd.doctor import points_at_this_node
 from tests.support.containerd import Containerd
 from tests.support.distribution import DistributionRegistry
 from tests.support.ports import free_port, loopback_host
+from tests.support.scripted_http import LocalHTTPServer
 
 
 @dataclass
@@ -221,7 +222,7 @@ class _NotARegistry(http.server.BaseHTTPRequestHandler):
 @pytest.mark.real
 def test_something_else_on_the_registry_port(node: Node) -> None:
     host = loopback_host()
-    server = http.server.HTTPServer((host, free_port(host)), _NotARegistry)
+    server = LocalHTTPServer((host, free_port(host)), _NotARegistry)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -214,7 +214,7 @@ def test_status_page_prometheus_and_members(cluster: Cluster, prometheus: Promet
                                     args=["--no-sandbox", "--disable-background-networking",
                                           "--disable-component-update", "--no-first-run",
                                           "--host-resolver-rules=MAP * ~NOTFOUND, "
-                                          "EXCLUDE localhost"])
+                                          f"EXCLUDE {puller.host}"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

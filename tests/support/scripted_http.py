@@ -14,6 +14,7 @@ share them.
 from __future__ import annotations
 
 import socket
+import socketserver
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -92,6 +93,21 @@ def _handler(respond: Responder, log: _Log) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class LocalHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server that never asks DNS for its own name.
+
+    The standard ``server_bind`` calls ``socket.getfqdn`` on the bound address,
+    a reverse lookup that goes to the machine's resolver: off the machine, for
+    an answer nothing here uses.
+    """
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+
 class ScriptedHTTPServer:
     """``with ScriptedHTTPServer(respond) as server:`` answers on ``server.url`` meanwhile."""
 
@@ -100,7 +116,7 @@ class ScriptedHTTPServer:
         self.host = host or loopback_host()
         self.port = port or free_port(self.host)
         self._log = _Log()
-        self._server = ThreadingHTTPServer((self.host, self.port), _handler(respond, self._log))
+        self._server = LocalHTTPServer((self.host, self.port), _handler(respond, self._log))
         self._server.daemon_threads = True
         # Keep-alive handler threads wait for the client's next request; don't join them.
         self._server.block_on_close = False
