@@ -3,14 +3,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TypedDict
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from meshmirror.oci.imagebuilder import build_image
 from meshmirror.routing.publisher import EpochClock, SummaryPublisher
 from meshmirror.routing.summary import Summary
-from tests.routing.fakes import KeyStore, digest_key
+from meshmirror.store.memory import MemoryStore
+from tests.routing.fakes import KeyStore, digest_key, until
 
 
 class Recorder:
@@ -248,3 +251,25 @@ async def test_with_the_real_memory_store() -> None:
     finally:
         await publisher.close()
         await store.close()
+
+
+async def test_image_digests_are_counted_per_registry_from_the_tags(tmp_path: Path) -> None:
+    store = MemoryStore()
+    one = build_image("docker.io/library/one:1", tmp_path / "one", (100,), seed=1)
+    two = build_image("ghcr.io/acme/two:1", tmp_path / "two", (100,), seed=2)
+    store.add_image(one)
+    store.add_image(two)
+    store.tag("docker.io", "library/one", "latest", one.digest)  # a second tag, same image
+    registry = CollectorRegistry()
+    publisher = SummaryPublisher(store, registry=registry, debounce_s=0.01)
+    await publisher.start()
+    try:
+        def gauge(name: str, reg: str) -> float | None:
+            return registry.get_sample_value(name, {"registry": reg})
+
+        await until(lambda: gauge("meshmirror_advertised_image_digests", "ghcr.io") == 1)
+        assert gauge("meshmirror_advertised_image_digests", "docker.io") == 1
+        assert gauge("meshmirror_advertised_image_tags", "docker.io") == 2
+        assert gauge("meshmirror_advertised_image_tags", "ghcr.io") == 1
+    finally:
+        await publisher.close()
