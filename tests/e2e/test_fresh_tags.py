@@ -25,6 +25,7 @@ from tests.e2e.cluster import (
     metric,
     push_image,
     wait_mesh,
+    wait_summary_known,
 )
 from tests.support.distribution import DistributionRegistry
 from tests.support.node import RunningNode, start_node
@@ -108,7 +109,8 @@ def _scenario(nodes: list[E2ENode], rogues: list[RunningNode], v1: BuiltImage,
     assert node1.image_digest(v1.name) == str(v1.digest)
 
     push_image(v2.layout, "latest", upstream.address, "fresh/app")
-    wait_mesh(nodes)  # node 1's summary (v1's layers) has reached node 2
+    wait_mesh(nodes)
+    wait_summary_known(node1, [node2])  # node 2's router names node 1 for v1's layers
     before = proxy.bytes_to_clients
     pulled = node2.pull(v2.name)
     assert pulled.ok, pulled.output
