@@ -176,7 +176,7 @@ def hanging_peer(m: Matrix) -> Iterator[None]:
     summary = claiming_summary(sorted(m.image.keys()), epoch=3)
     name = f"rogue-{time.monotonic_ns()}"
     with Rogue("hang", summary, LAYERS[-1], join=m.n2.mesh_address,
-               log=m.workdir / f"{name}.log", name=name):
+               log=m.workdir / f"{name}.log", name=name, key_file=m.n2.key_file):
         wait_until(lambda: metric(m.n2.metrics(), "meshmirror_peer_summaries_share") >= 1.0
                    and metric(m.n2.metrics(), "meshmirror_mesh_members", state="alive") >= 4,
                    30, "node 2 to hold the rogue's summary")

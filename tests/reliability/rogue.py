@@ -135,7 +135,7 @@ class Rogue:
     """``with Rogue(kind, summary, size, join=mesh_addr, log=path) as rogue:``"""
 
     def __init__(self, kind: str, summary: Summary, size: int, *, join: str, log: Path,
-                 name: str) -> None:
+                 name: str, key_file: Path | None = None) -> None:
         self.state = RogueState(kind, summary, size)
         self.host = loopback_host()
         self.name = name
@@ -145,6 +145,8 @@ class Rogue:
                                         kwargs={"poll_interval": 0.05}, daemon=True)
         self._join = join
         self._log = log
+        # A sick member of an encrypted mesh holds its key like any other member.
+        self._key_args = ("--gossip-key-file", str(key_file)) if key_file else ()
         self._mesh: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Rogue:
@@ -154,7 +156,8 @@ class Rogue:
                             "--name", self.name, "--join", self._join,
                             "--tag", f"http={self.url}",
                             "--tag", f"epoch={self.state.summary.epoch}",
-                            "--tag", f"keys={self.state.summary.count}"], self._log)
+                            "--tag", f"keys={self.state.summary.count}",
+                            *self._key_args], self._log)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
