@@ -17,6 +17,7 @@ Kubernetes objects; ``meshmirror cleanup`` itself does the restoring.
 
 import http.server
 import socket
+import socketserver
 import sys
 import time
 import urllib.request
@@ -35,9 +36,17 @@ class Ready(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class Server(http.server.HTTPServer):
+    def server_bind(self) -> None:
+        # HTTPServer's own asks reverse DNS for the bound address, which nothing uses.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+
+
 def serve(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("Server", (http.server.HTTPServer,), {"address_family": family})
+    server_class = type("FamilyServer", (Server,), {"address_family": family})
     server_class((host, port), Ready).serve_forever()
 
 
