@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from meshmirror.addresses import parse_host_port
 from meshmirror.oci.reference import DOCKER_HUB, validate_registry
 
 DOCKER_HUB_API = "https://registry-1.docker.io"
@@ -49,8 +50,7 @@ def default_server(registry: str) -> str:
 
 
 def _is_loopback(registry: str) -> bool:
-    host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
-    host = host.strip("[]")
+    host, _ = parse_host_port(registry, default_port=443)
     if host == "localhost":
         return True
     try:
@@ -100,6 +100,9 @@ class UpstreamEndpoints:
                  overrides: Mapping[str, str] | None = None) -> None:
         """``config_path``: containerd's registry ``config_path`` (``/etc/containerd/certs.d``)."""
         self._config_path = config_path
+        # A parsed hosts.toml per path, kept while the file's size and mtime stay the
+        # same: a lookup costs a stat, not a read and a TOML parse, per request.
+        self._parsed: dict[Path, tuple[tuple[int, int], str | None]] = {}
         self._overrides = {registry: _normalise_server(url, f"mapping for {registry}")
                            for registry, url in (overrides or {}).items()}
 
@@ -115,7 +118,25 @@ class UpstreamEndpoints:
             return self._overrides[registry]
         if self._config_path is not None:
             for directory in (registry, DEFAULT_HOST_DIR):
-                server = server_from_hosts_toml(self._config_path / directory / HOSTS_FILE)
+                server = self._server_of(self._config_path / directory / HOSTS_FILE)
                 if server is not ABSENT:
                     return server if isinstance(server, str) else default_server(registry)
         return default_server(registry)
+
+    def _server_of(self, path: Path) -> str | _Absent | None:
+        """`server_from_hosts_toml`, read again only when the file changed."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            self._parsed.pop(path, None)
+            return ABSENT
+        except OSError as err:
+            raise EndpointError(f"{path}: {err}") from err
+        version = (stat.st_mtime_ns, stat.st_size)
+        cached = self._parsed.get(path)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        server = server_from_hosts_toml(path)
+        if not isinstance(server, _Absent):
+            self._parsed[path] = (version, server)
+        return server

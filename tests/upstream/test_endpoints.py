@@ -65,3 +65,13 @@ def test_bad_mapping_and_bad_registry() -> None:
         UpstreamEndpoints(overrides={"docker.io": "registry-1.docker.io"})
     with pytest.raises(InvalidRegistryError):
         UpstreamEndpoints().url_for("../etc")
+
+
+def test_a_changed_hosts_toml_is_read_again(tmp_path: Path) -> None:
+    endpoints = UpstreamEndpoints(tmp_path)
+    write_hosts(tmp_path, "quay.io", 'server = "http://127.0.0.1:5050"\n')
+    assert endpoints.url_for("quay.io") == "http://127.0.0.1:5050"
+    (tmp_path / "quay.io" / "hosts.toml").write_text('server = "http://127.0.0.1:6060"\n')
+    assert endpoints.url_for("quay.io") == "http://127.0.0.1:6060"
+    (tmp_path / "quay.io" / "hosts.toml").unlink()
+    assert endpoints.url_for("quay.io") == "https://quay.io"
