@@ -166,17 +166,14 @@ def _add_log_level(parser: argparse.ArgumentParser, default: object) -> None:
                         help=f"any case (default: {LOG_LEVEL})")
 
 
-def _hosts_resolve_tags(text: str) -> bool:
-    """hosts.toml's "resolve" capability: on for every mode of ``run --resolve-tags`` but off,
-    so one MESHMIRROR_RESOLVE_TAGS serves ``run`` and ``cleanup`` alike."""
-    return TagResolution.parse(text) is not TagResolution.OFF
-
-
 def _add_resolve_tags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resolve-tags", default=True, metavar="BOOL|MODE",
-                        type=_typed("--resolve-tags", _hosts_resolve_tags),
-                        help="let the mirror resolve tags (capability 'resolve' in hosts.toml); "
-                             "run's modes are accepted, off meaning false (default: true)")
+    """One ``--resolve-tags`` for every command, so one MESHMIRROR_RESOLVE_TAGS serves
+    ``run`` and ``configure``; hosts.toml's "resolve" capability is on for any mode
+    but off (see `hosts_config`)."""
+    _flag(parser, "--resolve-tags", MirrorOptions, "resolve_tags", parse=TagResolution.parse,
+          show=_show_enum, metavar="upstream-first|peers|off",
+          help="who resolves a tag: the upstream, with peers only in an outage; peers "
+               "(a reused tag may resolve stale); or nobody (true/false mean peers/off)")
 
 
 def _add_mirrored_registries(parser: argparse.ArgumentParser) -> None:
@@ -290,10 +287,7 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
 
 def _add_upstream_flags(run: argparse.ArgumentParser) -> None:
     """Who says what a tag means and who may see what: the upstream's word, asked anonymously."""
-    _flag(run, "--resolve-tags", MirrorOptions, "resolve_tags",
-          parse=TagResolution.parse, show=_show_enum, metavar="upstream-first|peers|off",
-          help="who resolves a tag: the upstream, with peers only in an outage; peers "
-               "(a reused tag may resolve stale); or nobody (true/false mean peers/off)")
+    _add_resolve_tags(run)
     _flag(run, "--outage-peer-tags", MirrorOptions, "outage_peer_tags",
           parse=_enum_parser(OutagePeerTags), show=_show_enum,
           metavar="encrypted|always|never",
@@ -537,11 +531,8 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
 
 def hosts_config(args: argparse.Namespace, *, targets_required: bool) -> HostsConfig:
     """``configure``/``cleanup``/``doctor``'s hosts.toml flags."""
-    resolve_tags = args.resolve_tags
-    if isinstance(resolve_tags, TagResolution):  # run's mode; hosts.toml has on or off
-        resolve_tags = resolve_tags is not TagResolution.OFF
     return HostsConfig(
-        resolve_tags=resolve_tags,
+        resolve_tags=args.resolve_tags is not TagResolution.OFF,
         config_path=args.containerd_registry_config_path,
         registries=tuple(parse_registries(args.mirrored_registries)),
         targets=tuple(parse_targets(args.mirror_targets, required=targets_required)),

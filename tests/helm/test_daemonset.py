@@ -126,7 +126,7 @@ def test_configure_init_container(helm: Path) -> None:
     assert hostsconfig.parse_targets(args.mirror_targets) == [
         "http://192.0.2.10:30022", "http://192.0.2.10:30023"]
     assert args.mirrored_registries is None
-    assert args.resolve_tags is True
+    assert args.resolve_tags is TagResolution.UPSTREAM_FIRST
     assert args.prepend_existing is False
     assert [r.directory for r in hostsconfig.parse_registries(args.mirrored_registries)] == [
         "_default"]
@@ -140,7 +140,7 @@ def test_configure_init_container_custom(helm: Path) -> None:
     assert args.log_level == "debug"
     assert hostsconfig.parse_targets(args.mirror_targets) == [
         "http://192.0.2.10:31020", "http://192.0.2.10:31021", "http://mirror.example.internal:5000"]
-    assert args.resolve_tags is False
+    assert args.resolve_tags is TagResolution.OFF
     assert args.prepend_existing is True
     registries = hostsconfig.parse_registries(args.mirrored_registries)
     assert [r.directory for r in registries] == ["docker.io", "ghcr.io", "registry.internal:5050"]
