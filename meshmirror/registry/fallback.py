@@ -26,6 +26,7 @@ optional `Fallback` (the mirror, which streams from peers) before answering
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,6 +43,37 @@ class FallbackContent:
     size: int
     media_type: str | None
     body: AsyncIterator[bytes] | None
+
+
+class MissReason(enum.Enum):
+    """Why a request was not served: a closed set, so log lines and metric labels
+    stay bounded whatever a client sends, and each value has one documented
+    remedy for operators (docs list them)."""
+
+    NOT_MIRRORED = "not_mirrored"  # the registry is not one this node mirrors
+    FILTERED = "filtered"  # --registry-filters excludes the reference
+    BAD_REFERENCE = "bad_reference"  # not a digest or tag this mirror can look up
+    NO_PEER = "no_peer"  # no alive peer's summary matches the key
+    PEERS_FAILED = "peers_failed"  # every candidate peer failed, stalled or lied
+    DEADLINE = "deadline"  # the request's deadline passed before verified bytes
+    PRIVATE_REPOSITORY = "private_repository"  # the upstream wants credentials
+    UNKNOWN_REPOSITORY_OUTAGE = "unknown_repository_outage"  # no verdict, no trusted vouch
+    VOUCH_NOT_TRUSTED = "vouch_not_trusted"  # only vouches, and the mesh is unencrypted
+    TAG_NOT_FOUND = "tag_not_found"  # the upstream has no such tag
+    TAGS_OFF = "tags_off"  # --resolve-tags off
+    TAG_OUTAGE_UNTRUSTED = "tag_outage_untrusted"  # upstream down, peer tags not trusted
+    UPSTREAM_FAILED = "upstream_failed"  # the designated fetch from the upstream failed
+    BUSY = "busy"  # memory, spool, cache or rate bounds refused the request
+    CLIENT_LEFT = "client_left"  # the client went away before an answer
+    ERROR = "error"  # an unexpected failure (logged with its traceback)
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    """A fallback's miss with its reason; the app answers 404 and logs the reason."""
+
+    reason: MissReason
+    detail: str = ""
 
 
 class Fallback(Protocol):
