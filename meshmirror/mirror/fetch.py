@@ -147,6 +147,11 @@ class BlobFetch:
         self.last_peer: str | None = None
 
     @property
+    def asked_any(self) -> bool:
+        """Whether any peer was asked: a miss is then ``peers_failed``, not ``no_peer``."""
+        return bool(self._tried)
+
+    @property
     def size(self) -> int:
         """The blob's size as its current source has it (final once it verified)."""
         return self._size

@@ -17,7 +17,7 @@ from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 from meshmirror.registry.app import RegistryOptions, create_app
-from meshmirror.registry.fallback import FallbackContent
+from meshmirror.registry.fallback import FallbackContent, Miss
 from meshmirror.registry.metrics import RegistryMetrics
 from meshmirror.registry.ranges import RangeSpec
 from tests.registry.asgi import call
@@ -434,7 +434,7 @@ async def test_fallback_body_is_closed_when_the_response_never_starts(store: Fak
     class Found(FakeFallback):
         async def open_blob(self, registry: str, repository: str, digest: Digest,
                             byte_range: RangeSpec | None, want_body: bool
-                            ) -> FallbackContent | None:
+                            ) -> FallbackContent | Miss:
             return FallbackContent(digest, 1, None, body)
 
     app = create_app(store, fallback=Found())
