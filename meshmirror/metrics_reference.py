@@ -15,7 +15,6 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from meshmirror.node import Node
-from meshmirror.registry.metrics import RegistryMetrics
 from meshmirror.runconfig import NodeConfig, PeeringConfig
 from meshmirror.status.hostscheck import HostsConfigCollector
 from meshmirror.store.memory import MemoryStore
@@ -55,7 +54,6 @@ async def _registry() -> CollectorRegistry:
                               http_base="http://127.0.0.1:5000"))
     node = Node(config, store=MemoryStore())
     registry = node.metrics_registry
-    RegistryMetrics(registry)
     registry.register(HostsConfigCollector(Path("/nonexistent"), "http://127.0.0.1:5000"))
     if node.peering is not None:
         await node.peering.stop()

@@ -83,8 +83,7 @@ class PeerMirror:
         self.client = PeerClient(router, session, self._options, self._metrics, clock)
         self._spools = SpoolBudget(self._options.spool_dir, self._options.spool_limit)
         self._metrics.spool_bytes.set_function(lambda: self._spools.used)
-        for name in sorted(self._options.mirrored_registries):
-            self._metrics.init_registry(name)
+        self._metrics.label_registries(self._options.mirrored_registries)
 
     @property
     def metrics(self) -> MirrorMetrics:
@@ -112,13 +111,13 @@ class PeerMirror:
         key = tag_key(registry, repository, reference)
         if opts.filtered(key):
             self._count(registry, "manifest", "filtered", path, started)
-            self._metrics.tag_resolutions.labels(registry, "none").inc()
+            self._resolved(registry, "none")
             return Miss(MissReason.FILTERED)
         decision = await self.tags.decide(registry, repository, reference)
         if isinstance(decision, Refuse):
             logger.debug("tag %s not resolved: %s", key, decision.reason.value)
             self._count(registry, "manifest", "refused", path, started)
-            self._metrics.tag_resolutions.labels(registry, "none").inc()
+            self._resolved(registry, "none")
             return Miss(decision.reason)
         if isinstance(decision, UseDigest):
             content = await self._manifest_by_digest(registry, repository, decision.digest,
@@ -129,7 +128,7 @@ class PeerMirror:
             content = await self._manifest_by_tag(registry, repository, reference, path,
                                                   started)
             source = "peer" if not isinstance(content, Miss) else "none"
-        self._metrics.tag_resolutions.labels(registry, source).inc()
+        self._resolved(registry, source)
         return content
 
     async def _manifest_by_digest(self, registry: str, repository: str, digest: Digest,
@@ -302,6 +301,10 @@ class PeerMirror:
                peer: str | None = None, size: int | None = None) -> None:
         self._metrics.record(finished(registry, kind, path, result, started=started,
                                       clock=self._clock, peer=peer, size_bytes=size))
+
+    def _resolved(self, registry: str, source: str) -> None:
+        self._metrics.tag_resolutions.labels(self._metrics.registry_label(registry),
+                                             source).inc()
 
     def _count_blob(self, record: _BlobRecord, result: str) -> None:
         self._count(record.registry, "blob", result, record.path, record.started,
