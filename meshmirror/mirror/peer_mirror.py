@@ -212,7 +212,7 @@ class PeerMirror:
             return self._denied(registry, repository)
         fetch = BlobFetch(self.client, self._router, self._options, registry, path, digest)
         size = await fetch.open()
-        record = _BlobRecord(registry, path, started, size or 0, fetch, self._clock())
+        record = _BlobRecord(registry, path, started, size or 0, fetch)
         if size is None:
             self._count_blob(record, "miss")
             return Miss(MissReason.PEERS_FAILED if fetch.asked_any else MissReason.NO_PEER)
@@ -281,8 +281,8 @@ class PeerMirror:
         try:
             if not await fetch.read_verified(sink, threads=threads):
                 # read_verified gives up on its deadline or with no good peer left.
-                late = self._clock() - record.opened >= self._options.deadline_for(record.size)
-                miss = Miss(MissReason.DEADLINE if late else MissReason.PEERS_FAILED)
+                miss = Miss(MissReason.DEADLINE if fetch.deadline_passed
+                            else MissReason.PEERS_FAILED)
         except SinkFailure as err:
             fetch.close()
             logger.warning("could not hold a blob until verified (%s); answering 404", err)
@@ -320,7 +320,6 @@ class _BlobRecord:
     started: float
     size: int
     fetch: BlobFetch
-    opened: float  # when a peer answered: the deadline runs from here
 
 
 async def _held(data: bytes, piece: int) -> AsyncIterator[bytes]:

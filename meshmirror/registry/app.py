@@ -73,6 +73,8 @@ API_VERSION_HEADER: Final = "Docker-Distribution-API-Version"
 API_VERSION: Final = "registry/2.0"
 BLOB_CONTENT_TYPE: Final = "application/octet-stream"
 _ALLOWED: Final = "GET, HEAD"
+# A reference that is neither a tag nor a digest this registry can look up.
+_BAD_REFERENCE_CODES: Final = frozenset({"TAG_INVALID", "DIGEST_INVALID"})
 # Blobs never change under a digest; let caches keep them.
 _BLOB_CACHE_CONTROL: Final = "max-age=31536000"
 
@@ -209,6 +211,8 @@ class RegistryApp:
                 return await self._manifest(request, registry, path, head)
             return await self._blob(request, registry, path, head)
         except RegistryError as err:
+            if err.code in _BAD_REFERENCE_CODES:
+                request.scope.setdefault(SCOPE_REASON, MissReason.BAD_REFERENCE)
             return err.response(head=head)
 
     # -- helpers --------------------------------------------------------------

@@ -52,7 +52,7 @@ class MissReason(enum.Enum):
 
     NOT_MIRRORED = "not_mirrored"  # the registry is not one this node mirrors
     FILTERED = "filtered"  # --registry-filters excludes the reference
-    BAD_REFERENCE = "bad_reference"  # not a digest or tag this mirror can look up
+    BAD_REFERENCE = "bad_reference"  # not a digest or tag this mirror can look up (400)
     NO_PEER = "no_peer"  # no alive peer's summary matches the key
     PEERS_FAILED = "peers_failed"  # every candidate peer failed, stalled or lied
     DEADLINE = "deadline"  # the request's deadline passed before verified bytes

@@ -456,11 +456,15 @@ async def test_fallback_body_is_closed_when_the_response_never_starts(store: Fak
     assert body.closed
 
 
-async def test_failing_fallback_is_a_404(store: FakeStore) -> None:
+async def test_failing_fallback_is_a_404(store: FakeStore,
+                                         caplog: pytest.LogCaptureFixture) -> None:
     fallback = FakeFallback(raise_error=True)
-    async with client_for(create_app(store, fallback=fallback)) as c:
-        assert (await c.get("/v2/a/manifests/t")).status_code == 404
-        assert (await c.get(f"/v2/a/blobs/{Digest.of(b'z')}")).status_code == 404
+    with caplog.at_level(logging.INFO, logger="meshmirror.access"):
+        async with client_for(create_app(store, fallback=fallback)) as c:
+            assert (await c.get("/v2/a/manifests/t")).status_code == 404
+            assert (await c.get(f"/v2/a/blobs/{Digest.of(b'z')}")).status_code == 404
+    records = [r for r in caplog.records if r.name == "meshmirror.access"]
+    assert [access_fields(r)["reason"] for r in records] == ["error", "error"]
 
 
 # -- observability -------------------------------------------------------------------
