@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import socket
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +37,7 @@ from meshmirror.oci.digest import Digest
 from meshmirror.registry.fallback import MissReason
 from tests.e2e.cluster import metric, parse_metrics
 from tests.reliability.rogue import Rogue, claiming_summary
+from tests.support.browser import launch_chromium
 from tests.support.distribution import DistributionRegistry, HtpasswdAuth
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
@@ -229,4 +232,29 @@ def test_each_miss_logs_its_reason_counts_it_and_shows_it(setup: Setup) -> None:
         misses = _status(node)["misses"]
         assert {m["reason"] for m in misses["recent"]} == {r.value for r in expected}
         assert {k for k, v in misses["by_reason"].items() if v} == {r.value for r in expected}
+    _page_lists(setup.upstream, sorted(c.reason.value for c in cases if c.node == "upstream"))
+
+
+def _page_lists(node: RunningNode, reasons: list[str]) -> None:
+    """The status page, rendered by a real browser, has a recent-miss row per reason."""
+    from playwright.sync_api import sync_playwright
+
+    host = node.metrics.rsplit(":", 1)[0]
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = launch_chromium(p, host)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"http://{node.metrics}/", timeout=15_000)
+            page.wait_for_function(
+                "reasons => reasons.every(r => document.querySelector("
+                "`#misses tr[data-reason=\"${r}\"]`))", arg=reasons, timeout=15_000)
+            totals = page.locator("#miss-totals").inner_text()
+            page.screenshot(path=str(Path(tempfile.gettempdir()) / "meshmirror-misses.png"),
+                            full_page=True)
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert all(f"{reason} 1" in totals for reason in reasons), totals
 
