@@ -23,7 +23,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from meshmirror.registry.fallback import MissReason
+from meshmirror.registry.fallback import BodyAborted, MissReason
 from meshmirror.registry.metrics import MissedRequest, RegistryMetrics
 
 SCOPE_HANDLER: Final = "meshmirror.handler"
@@ -66,6 +66,9 @@ class AccessLogMiddleware:
         ending: MissReason | None = None
         try:
             await self.app(scope, receive, counting_send)
+        except BodyAborted as err:
+            ending = err.miss_reason
+            raise
         except Exception:
             ending = MissReason.ERROR
             raise

@@ -21,6 +21,7 @@ optional `Fallback` (the mirror, which streams from peers) before answering
   answers 416 itself from ``size``.
 - The app iterates ``body`` to the end or, if the client goes away, calls its
   ``aclose()`` when it has one, so an async generator's cleanup runs promptly.
+  A body that cannot finish raises `BodyAborted`.
 - Exceptions other than cancellation are logged and treated as a miss (``error``).
 """
 
@@ -79,6 +80,14 @@ class Miss:
 
     reason: MissReason
     detail: str = ""
+
+
+class BodyAborted(Exception):
+    """Raised by a fallback's body that cannot finish (the bytes did not verify, every
+    peer failed mid-stream): the server aborts the response short of its length, and
+    the access log gives ``miss_reason``."""
+
+    miss_reason = MissReason.PEERS_FAILED
 
 
 class Fallback(Protocol):

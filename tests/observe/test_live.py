@@ -264,6 +264,7 @@ def test_status_page_prometheus_and_members(cluster: Cluster, prometheus: Promet
                 blob_lines.append(record)
     assert sorted(str(r["path"]) for r in blob_lines) == sorted(blob_paths)
     assert {r["source"] for r in blob_lines} == {"peer"}
+    assert not [r for r in blob_lines if "reason" in r], "served requests have no reason"
 
 
 def _members(cluster: Cluster, fmt: str) -> subprocess.CompletedProcess[str]:
