@@ -299,7 +299,7 @@ class RegistryApp:
         its `MissReason` on the scope for the access log.
         """
         if self.fallback is None:
-            # Only peers are served without a fallback: this store does not hold it.
+            # Peers' requests (and every request with the mesh off): the store is all.
             request.scope[SCOPE_REASON] = MissReason.NOT_HELD
             raise unknown
         try:

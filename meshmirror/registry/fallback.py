@@ -65,8 +65,9 @@ class MissReason(enum.Enum):
     TAG_OUTAGE_UNTRUSTED = "tag_outage_untrusted"  # upstream down, peer tags not trusted
     UPSTREAM_FAILED = "upstream_failed"  # the designated fetch from the upstream failed
     BUSY = "busy"  # memory, spool, cache or rate bounds refused the request
-    # Not from the mirror: a request peers made (served from the local store only)
-    # for what this node's store does not hold, e.g. a Bloom false positive.
+    # Not from the mirror: this node's store does not hold it and nothing else is
+    # asked: a peer's request (peers get the local store only; e.g. a Bloom false
+    # positive), or any request with the mesh off.
     NOT_HELD = "not_held"
     # Not from the mirror: the request itself is invalid (405 method, 400 name, 416 range).
     BAD_REQUEST = "bad_request"
