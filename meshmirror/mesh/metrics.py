@@ -156,6 +156,12 @@ def _families(stats: MeshStats | None, transport: TransportStats | None) -> Iter
     deaths = CounterMetricFamily("meshmirror_mesh_deaths", "Members declared dead")
     push_pulls = CounterMetricFamily("meshmirror_mesh_push_pulls",
                                      "Full-state push-pull exchanges")
+    undecryptable = CounterMetricFamily(
+        "meshmirror_mesh_undecryptable",
+        "Gossip packets and streams this node could not decrypt (reason decrypt_failed or "
+        "not_encrypted): the sender holds another gossip key, or none. By source IP "
+        "address; after 16 distinct addresses the rest count as source=\"other\"",
+        labels=["source"])
 
     if stats is not None:
         for state in NodeState:
@@ -175,6 +181,8 @@ def _families(stats: MeshStats | None, transport: TransportStats | None) -> Iter
         refutations.add_metric([], stats.refutations)
         deaths.add_metric([], stats.deaths)
         push_pulls.add_metric([], stats.push_pulls)
+        for address, value in sorted(stats.undecryptable.by_source.items()):
+            undecryptable.add_metric([address], value)
     if transport is not None:
         wire_bytes.add_metric(["udp", "out"], transport.udp_bytes_sent)
         wire_bytes.add_metric(["udp", "in"], transport.udp_bytes_received)
@@ -194,4 +202,5 @@ def _families(stats: MeshStats | None, transport: TransportStats | None) -> Iter
         dropped.add_metric([reason], value)
 
     yield from (members, messages, message_bytes, wire_bytes, packets, streams, dropped,
-                awareness, probes, suspicions, refutations, deaths, push_pulls)
+                awareness, probes, suspicions, refutations, deaths, push_pulls,
+                undecryptable)

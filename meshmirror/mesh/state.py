@@ -82,6 +82,7 @@ __all__ = [
     "Delegate",
     "Memberlist",
     "MeshStats",
+    "Undecryptable",
     "push_pull_scale",
     "suspicion_timeout",
 ]
@@ -94,6 +95,10 @@ MAX_COMPOUND_PARTS = 255
 PUSH_PULL_SCALE_THRESHOLD = 32
 _SEQ_MASK = 0xFFFFFFFF
 _RTT_SAMPLES = 1024
+UNDECRYPTABLE_SOURCES = 16
+"""Source addresses counted one by one; gossip from any further address counts as "other"."""
+KEY_MISMATCH_REASONS = frozenset({"decrypt_failed", "not_encrypted"})
+"""Drop reasons that mean the sender's gossip key (or lack of one) differs from ours."""
 
 
 class Codec(Protocol):
@@ -151,6 +156,31 @@ def ip_from_bytes(raw: bytes) -> str | None:
     return None
 
 
+class Undecryptable:
+    """Gossip this node could not decrypt, by source address.
+
+    A node whose gossip key differs from the others' (a Secret redrawn by a GitOps
+    render, say) is cut off from the mesh without failing: it just never hears
+    anyone. Counting by source tells which side holds the odd key. Addresses come
+    from the network, and UDP sources can be forged, so only the first
+    ``UNDECRYPTABLE_SOURCES`` addresses get their own count; later ones share
+    "other", which keeps the metric's label set bounded.
+    """
+
+    def __init__(self, limit: int = UNDECRYPTABLE_SOURCES) -> None:
+        self.limit = limit
+        self.by_source: dict[str, int] = {}
+        self.total = 0
+        self.last: float | None = None
+        """``now`` (the caller's monotonic clock) of the latest one, or None."""
+
+    def record(self, host: str, now: float) -> None:
+        source = host if host in self.by_source or len(self.by_source) < self.limit else "other"
+        self.by_source[source] = self.by_source.get(source, 0) + 1
+        self.total += 1
+        self.last = now
+
+
 @dataclass
 class MeshStats:
     """Plain counters the transport's Prometheus collector reads at scrape time.
@@ -185,6 +215,7 @@ class MeshStats:
     awareness: int = 0
     members_by_state: dict[NodeState, int] = field(
         default_factory=lambda: dict.fromkeys(NodeState, 0))
+    undecryptable: Undecryptable = field(default_factory=Undecryptable)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -388,7 +419,10 @@ class Memberlist:
             msgs = self._codec.open_packet(data, keyring=self._keyring, label=self._label,
                                            errors=bad_parts)
         except ValueError as err:
-            stats.drop(getattr(err, "reason", "malformed"))
+            reason = getattr(err, "reason", "malformed")
+            stats.drop(reason)
+            if reason in KEY_MISMATCH_REASONS:
+                stats.undecryptable.record(source[0], now)
             return
         for bad in bad_parts:  # a compound's bad parts, dropped without spoiling the rest
             stats.drop(bad.reason)

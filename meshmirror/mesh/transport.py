@@ -26,6 +26,7 @@ import logging
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +49,7 @@ from meshmirror.mesh.events import (
 )
 from meshmirror.mesh.keyring import Keyring
 from meshmirror.mesh.messages import ErrResp, Message, NodeState
-from meshmirror.mesh.state import Memberlist
+from meshmirror.mesh.state import KEY_MISMATCH_REASONS, Memberlist
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +315,26 @@ class MeshNode:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _count_undecryptable(self, err: wire.WireError, host: str) -> None:
+        core = self._core
+        if core is not None and err.reason in KEY_MISMATCH_REASONS:
+            with self._core_lock:
+                core.stats.undecryptable.record(host, self._now())
+
+    def undecryptable(self) -> tuple[dict[str, int], float | None]:
+        """Undecryptable gossip by source, and seconds since the latest (None: never).
+
+        For the status page, read from another thread: the loop's clock is
+        ``time.monotonic``, so the age is taken against that.
+        """
+        core = self._core
+        if core is None:
+            return {}, None
+        with self._core_lock:
+            seen = core.stats.undecryptable
+            last = seen.last
+            return dict(seen.by_source), None if last is None else time.monotonic() - last
+
     def _now(self) -> float:
         assert self._loop is not None
         return self._loop.time()
@@ -454,6 +475,7 @@ class MeshNode:
                 return
             except wire.WireError as err:
                 stats.drop(err.reason)
+                self._count_undecryptable(err, source[0])
                 if err.reason not in ("truncated",):
                     await self._write(writer, wire.encode_stream(
                         ErrResp(str(err)), keyring=self._keyring, label=self._label()))
@@ -504,6 +526,7 @@ class MeshNode:
                     stats.drop(rejected.reason)
         except wire.WireError as err:
             stats.drop(err.reason)
+            self._count_undecryptable(err, effect.addr[0])
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             stats.tcp_errors += 1
         finally:

@@ -21,6 +21,9 @@ from meshmirror.status.activity import MirrorActivity, RecentMisses
 from meshmirror.store.base import Store
 
 STATES = ("alive", "suspect", "dead", "left")
+KEY_MISMATCH_WINDOW_SECONDS = 300.0
+"""Undecryptable gossip this recent warns: a mismatched key keeps sending, a stray
+packet from a node since rekeyed stops."""
 
 
 def printable(text: str) -> str:
@@ -121,5 +124,17 @@ async def node_status(store: Store, peering: Peering | None,
         "peer_summaries_share": float(peering.directory.share()),
         "members_by_state": {s: sum(1 for m in members if m["state"] == s) for s in STATES},
         "members": members,
+        "undecryptable": _undecryptable(peering),
     }
     return status
+
+
+def _undecryptable(peering: Peering) -> dict[str, Any]:
+    by_source, age = peering.mesh.undecryptable()
+    warning = None
+    if age is not None and age <= KEY_MISMATCH_WINDOW_SECONDS:
+        warning = (f"gossip key mismatch: {sum(by_source.values())} packets or streams from "
+                   f"{', '.join(sorted(by_source))} could not be decrypted, the latest "
+                   f"{age:.0f} s ago; those nodes hold another gossip key (or none), so "
+                   "the mesh is split (docs/faq.md#gossip-key)")
+    return {"by_source": by_source, "seconds_since_last": age, "warning": warning}

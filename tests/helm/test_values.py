@@ -168,6 +168,26 @@ def test_encryption_generates_a_usable_key_by_default(helm: Path) -> None:
     assert again["data"] != secret["data"]
 
 
+def test_gitops_key_renders_byte_identical_secrets(helm: Path) -> None:
+    # The documented GitOps values (docs/faq.md): two offline renders, as Argo CD
+    # makes on every sync, give the same Secret to the byte.
+    first, second = (chart.template_text(("gossip-key-gitops.yaml",)) for _ in range(2))
+    secrets = [[doc for doc in text.split("\n---\n") if "kind: Secret" in doc]
+               for text in (first, second)]
+    assert len(secrets[0]) == 1 and secrets[0] == secrets[1]
+    secret = chart.one(chart.render(("gossip-key-gitops.yaml",)), "Secret")
+    assert base64.b64decode(secret["data"]["gossip-key"]).decode() == (
+        "bWVzaG1pcnJvci1naXRvcHMta2V5LWZvci10ZXN0cyE=")
+    # existingSecret: the chart renders no Secret at all, so nothing can change.
+    assert not chart.of_kind(chart.render(("encryption-existing-secret.yaml",)), "Secret")
+
+
+def test_a_gossip_key_of_the_wrong_size_is_refused(helm: Path) -> None:
+    result = chart.run_helm(["template", chart.RELEASE, str(chart.CHART),
+                             "--set", "gossip.key=c2hvcnQ="])
+    assert result.returncode != 0 and "/gossip/key" in result.stderr
+
+
 def test_encryption_can_be_turned_off(helm: Path) -> None:
     manifests = chart.render(("encryption-off.yaml",))
     assert not chart.of_kind(manifests, "Secret")
