@@ -355,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
           metavar="MIB", help="total size of the demo image's layers")
     demo.add_argument("--no-wait", action="store_true",
                       help="exit after the pull instead of keeping the mesh up")
+    migrate = sub.add_parser("migrate-values",
+                             help="turn a Spegel chart values file into meshmirror's")
+    migrate.add_argument("values", metavar="SPEGEL_VALUES.yaml|-",
+                         help="prints meshmirror values; stderr says what became of each key")
     members = sub.add_parser("members", help="list the mesh members one node sees")
     members.add_argument("--addr", default="127.0.0.1:9090", metavar="HOST:PORT",
                          help="the node's metrics address (it serves /status)")
@@ -578,6 +582,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from meshmirror.members import members_command
 
         return members_command(args.addr, args.format)
+    if command == "migrate-values":
+        from meshmirror.migrate import migrate_command
+
+        return migrate_command(args.values)
     if command == "import":
         from meshmirror.store.ocilayout import import_command
 

@@ -1,0 +1,3 @@
+from tests.helm.conftest import helm
+
+__all__ = ["helm"]
