@@ -61,6 +61,13 @@ RULES: dict[str, Rule] = {
         "service.registry.nodePort",
         "meshmirror's default (30023) differs so both charts can run side by side",
         spegel_default=30020),
+    "service.registry.hostPort": Rule(
+        "service.registry.hostPort",
+        "meshmirror's default (30022) differs so both charts can run side by side",
+        spegel_default=30021),
+    "service.registry.usePreferSameNodeTrafficDistribution": Rule(
+        None, "set service.registry.trafficDistribution: PreferSameNode",
+        spegel_default=False),
     "service.registry.annotations": Rule("service.registry.annotations"),
     "service.router.port": Rule(None, "Spegel's libp2p router; meshmirror's mesh is "
                                 "memberlist gossip on service.mesh.port (7946, UDP and TCP)"),
@@ -119,6 +126,8 @@ RULES: dict[str, Rule] = {
     "spegel.resolveTags": Rule("meshmirror.resolveTags"),
     "spegel.registryFilters": Rule("meshmirror.registryFilters"),
     "spegel.prependExisting": Rule("meshmirror.prependExisting"),
+    "spegel.otel": Rule(None, "no OpenTelemetry traces; the access log and metrics say "
+                        "where each request went"),
     "spegel.debugWebEnabled": Rule(None, "the status page is always served at / on the "
                                    "metrics port"),
     "verticalPodAutoscaler": Rule(None, "no VerticalPodAutoscaler object; set resources"),
