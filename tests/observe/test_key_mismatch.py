@@ -3,7 +3,7 @@
 Node b joins node a, but each holds its own key, so neither can read the other's
 gossip. The mesh does not form, and both say why: the undecryptable counter rises
 by source address, and `/status` carries a warning the status page shows as a
-banner. The alert rule on that counter is tested in rules_test.yaml.
+banner (checked in headless Chromium). The alert rule on that counter is tested in rules_test.yaml.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshmirror.mesh.state import Undecryptable
+from tests.support.browser import launch_chromium
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 
@@ -37,6 +38,25 @@ def _status(node: RunningNode) -> dict[str, object]:
     with urllib.request.urlopen(f"http://{node.metrics}/status", timeout=2) as r:
         status: dict[str, object] = json.load(r)
     return status
+
+
+def _banner(node: RunningNode) -> str:
+    """The warning banner's text as headless Chromium renders the status page."""
+    from playwright.sync_api import sync_playwright
+
+    host = node.metrics.rsplit(":", 1)[0]
+    with sync_playwright() as p:
+        browser = launch_chromium(p, host)
+        try:
+            page = browser.new_page()
+            page.goto(f"http://{node.metrics}/", timeout=15_000)
+            banner = page.locator("#warning")
+            banner.wait_for(state="visible", timeout=15_000)
+            text: str = banner.inner_text()
+            assert "gossip key mismatch" in text
+            return text
+        finally:
+            browser.close()
 
 
 def _key(tmp: Path, name: str) -> Path:
@@ -72,6 +92,7 @@ def test_nodes_with_different_keys_count_and_warn(tmp_path: Path) -> None:
         assert seen["warning"] is not None and b_host in seen["warning"]
         assert "gossip key mismatch" in seen["warning"]
         assert mesh["members_by_state"]["alive"] == 1  # the mesh did not form
+        assert b_host in _banner(a)
         # b's replies from a, if any, are a's: b counts a only from a's address.
         assert set(_undecryptable(b)) <= {a_host}
     finally:
