@@ -329,7 +329,9 @@ def _add_upstream_flags(run: argparse.ArgumentParser) -> None:
     _flag(run, "--upstream-client-burst", UpstreamOptions, "client_burst", parse=_parse_int,
           metavar="N", help="new upstream questions a client address may ask at once")
     _flag(run, "--upstream-max-registries", UpstreamOptions, "max_registries",
-          parse=_parse_int, metavar="N", help="distinct upstream registries asked at most")
+          parse=_parse_int, metavar="N",
+          help="upstream registries whose state (breaker) is kept; the least recently "
+               "asked is forgotten first")
     run.add_argument("--upstream-allow-hosts", action="append", default=None, metavar="HOST",
                      help="private or loopback hosts, addresses or CIDRs a token realm or "
                           "redirect may lead to besides the registry's own host (repeatable "

@@ -77,7 +77,7 @@ DEFAULT_TAG_TTL = 3.0
 # once: containerd is one client, and a node starting 50 pods asks about as many.
 DEFAULT_CLIENT_RATE = 5.0
 DEFAULT_CLIENT_BURST = 100
-# Registries asked at most (each has a breaker, tokens, metrics); with a _default
+# Registries whose breakers are kept (the least recently asked forgotten); with a _default
 # hosts.toml every ?ns= is mirrored, so a client could otherwise invent registries.
 DEFAULT_MAX_REGISTRIES = 64
 _MAX_CACHED_TAGS = 4096
@@ -320,23 +320,25 @@ class UpstreamClient:
 
     # -- the flow ------------------------------------------------------------------
 
-    def _breaker(self, registry: str) -> CircuitBreaker | None:
-        """The registry's breaker; None when ``max_registries`` others hold the room.
+    def _breaker(self, registry: str) -> CircuitBreaker:
+        """The registry's breaker; past ``max_registries`` one of the others is forgotten.
 
-        A registry whose breaker is closed and clean is forgotten first (it costs
-        nothing to start again); one in trouble is kept, so no flood of new names
-        can reset an outage's breaker.
+        A breaker closed and clean goes first (it costs nothing to start again),
+        then the least recently asked one that is not open, then the least
+        recently asked: a flood of invented names can neither grow the table
+        nor keep a new honest registry from being asked.
         """
         breaker = self._breakers.get(registry)
         if breaker is not None:
             self._breakers.move_to_end(registry)
             return breaker
         if self._max_registries is not None and len(self._breakers) >= self._max_registries:
-            idle = next((name for name, b in self._breakers.items()
-                         if b.health().consecutive_failures == 0), None)
-            if idle is None:
-                return None
-            del self._breakers[idle]
+            states = [(name, b.health()) for name, b in self._breakers.items()]
+            victim = next((name for name, h in states if h.consecutive_failures == 0), None)
+            if victim is None:
+                victim = next((name for name, h in states if h.state is not BreakerState.OPEN),
+                              states[0][0])
+            del self._breakers[victim]
         breaker = CircuitBreaker(self._failure_threshold, self._cooldown, self._clock)
         self._breakers[registry] = breaker
         return breaker
@@ -350,9 +352,6 @@ class UpstreamClient:
         except EndpointError as err:
             return Unreachable(FailureKind.CONFIG, str(err))
         breaker = self._breaker(registry)
-        if breaker is None:
-            return Unreachable(FailureKind.THROTTLED,
-                               f"{self._max_registries} registries asked already")
         if self._limiter is not None and not self._limiter.allow(client):
             return Unreachable(FailureKind.THROTTLED,
                                f"client {client} asks too many new questions")

@@ -27,7 +27,7 @@ class FailureKind(enum.Enum):
     CIRCUIT_OPEN = "circuit_open"  # not asked at all: the breaker holds it unreachable
     # Not asked: a realm or redirect led to an address this node never asks (guard).
     FORBIDDEN = "forbidden"
-    # Not asked: the client's rate of new questions, or the number of registries.
+    # Not asked: the client asked new questions faster than its pace.
     THROTTLED = "throttled"
 
 

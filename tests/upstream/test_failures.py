@@ -274,3 +274,18 @@ async def test_unreadable_hosts_toml_is_a_config_failure(tmp_path: Path) -> None
     async with UpstreamClient(UpstreamEndpoints(tmp_path)) as client:
         result = await client.resolve_tag(NAME, "a/b", "1")
     assert isinstance(result, Unreachable) and result.kind is FailureKind.CONFIG
+
+
+async def test_the_registries_kept_are_bounded_and_a_new_one_is_always_asked() -> None:
+    with ScriptedHTTPServer(always(Reply(500))) as server:
+        names = [f"r{n}.test" for n in range(6)]
+        async with client_for(*((n, server.url) for n in names), max_registries=3,
+                              failure_threshold=1) as client:
+            for name in names[:3]:  # three registries, each with its breaker open
+                await client.resolve_tag(name, "a/b", "1")
+                assert client.health(name).state is BreakerState.OPEN
+            for name in names[3:]:
+                result = await client.resolve_tag(name, "a/b", "1")
+                assert isinstance(result, Unreachable)
+                assert result.kind is FailureKind.SERVER_ERROR  # asked, not refused
+            assert len(client.health_all()) == 3
