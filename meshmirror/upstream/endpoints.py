@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from meshmirror.addresses import parse_host_port
+from meshmirror.containerd.hostsconfig import HEADER as CONFIGURE_HEADER
 from meshmirror.oci.reference import DOCKER_HUB, validate_registry
 
 DOCKER_HUB_API = "https://registry-1.docker.io"
@@ -85,6 +86,9 @@ class HostsFile:
 
     server: str | None
     hosts: tuple[str, ...]
+    # Written by `meshmirror configure`: its entries are the mesh's mirrors, whatever
+    # address this node's own registry goes by.
+    by_meshmirror: bool = False
 
 
 class _Absent:
@@ -115,12 +119,13 @@ def read_hosts_toml(path: Path) -> HostsFile | _Absent:
         raise EndpointError(f"{path}: {err}") from err
     hosts = document.get("host")
     entries = tuple(hosts) if isinstance(hosts, dict) else ()
+    ours = raw.startswith(CONFIGURE_HEADER.encode())
     server = document.get("server")
     if server is None:
-        return HostsFile(None, entries)
+        return HostsFile(None, entries, ours)
     if not isinstance(server, str):
         raise EndpointError(f"{path}: server is not a string")
-    return HostsFile(_normalise_server(server, str(path)), entries)
+    return HostsFile(_normalise_server(server, str(path)), entries, ours)
 
 
 class UpstreamEndpoints:
@@ -155,7 +160,8 @@ class UpstreamEndpoints:
         return default_server(registry)
 
     def sends_here(self, registry: str) -> bool:
-        """Whether containerd's hosts.toml for ``registry`` has an entry reaching this node.
+        """Whether containerd's hosts.toml for ``registry`` has an entry reaching this node
+        (or was written by ``meshmirror configure``).
 
         True for a registry mapped explicitly, and when this node's URL or the
         configuration directory is not known (a client built without them).
@@ -164,8 +170,8 @@ class UpstreamEndpoints:
         if registry in self._overrides or not self._mirror_urls or self._config_path is None:
             return True
         hosts = self._hosts_file(registry)
-        return hosts is not None and any(entry_reaches(entry, own) for entry in hosts.hosts
-                                         for own in self._mirror_urls)
+        return hosts is not None and (hosts.by_meshmirror or any(
+            entry_reaches(entry, own) for entry in hosts.hosts for own in self._mirror_urls))
 
     def _hosts_file(self, registry: str) -> HostsFile | None:
         """The hosts.toml containerd uses for ``registry``: its own, else ``_default``'s."""
