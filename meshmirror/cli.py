@@ -59,7 +59,9 @@ from meshmirror.mirror.options import (
     UnknownVisibility,
 )
 from meshmirror.runconfig import MEMBERLIST_PORT, NodeConfig, PeeringConfig
+from meshmirror.upstream.guard import AddressGuard
 from meshmirror.upstream.options import UpstreamOptions
+from meshmirror.upstream.proxy import ProxyConfigError, ProxySettings
 
 T = TypeVar("T")
 E = TypeVar("E", bound=enum.Enum)
@@ -318,6 +320,22 @@ def _add_upstream_flags(run: argparse.ArgumentParser) -> None:
     _flag(run, "--upstream-cooldown", UpstreamOptions, "cooldown",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="how long an upstream that keeps failing is not asked (then one probe)")
+    _flag(run, "--upstream-tag-ttl", UpstreamOptions, "tag_ttl",
+          parse=parse_duration, show=format_duration, metavar="DURATION",
+          help="how long a tag's upstream answer (digest, absent, private) is reused; 0: "
+               "ask every time")
+    _flag(run, "--upstream-client-rate", UpstreamOptions, "client_rate", parse=_parse_float,
+          metavar="N", help="new upstream questions per second per client address")
+    _flag(run, "--upstream-client-burst", UpstreamOptions, "client_burst", parse=_parse_int,
+          metavar="N", help="new upstream questions a client address may ask at once")
+    _flag(run, "--upstream-max-registries", UpstreamOptions, "max_registries",
+          parse=_parse_int, metavar="N",
+          help="upstream registries whose state (breaker) is kept; the least recently "
+               "asked is forgotten first")
+    run.add_argument("--upstream-allow-hosts", action="append", default=None, metavar="HOST",
+                     help="private or loopback hosts, addresses or CIDRs a token realm or "
+                          "redirect may lead to besides the registry's own host (repeatable "
+                          "or comma-separated); link-local and metadata addresses never")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,16 +498,37 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
     )
 
 
-def _upstream_options(args: argparse.Namespace) -> UpstreamOptions:
+def _upstream_options(args: argparse.Namespace, http_base: str) -> UpstreamOptions:
     if (args.upstream_connect_timeout <= 0 or args.upstream_timeout <= 0
             or args.upstream_cooldown < 0 or args.upstream_failure_threshold < 1):
         raise UsageError("--upstream-connect-timeout and --upstream-timeout must be > 0, "
                          "--upstream-cooldown >= 0 and --upstream-failure-threshold >= 1")
+    if (args.upstream_tag_ttl < 0 or args.upstream_client_rate <= 0
+            or args.upstream_client_burst < 1 or args.upstream_max_registries < 1):
+        raise UsageError("--upstream-tag-ttl must be >= 0, --upstream-client-rate > 0, "
+                         "--upstream-client-burst and --upstream-max-registries >= 1")
+    allow_hosts = tuple(split_list(args.upstream_allow_hosts))
+    try:
+        AddressGuard.parse(allow_hosts)
+    except ValueError as err:
+        raise UsageError(f"--upstream-allow-hosts {err}") from err
+    try:
+        proxies = ProxySettings.from_environment()
+    except ProxyConfigError as err:
+        raise UsageError(str(err)) from err
     return UpstreamOptions(connect_timeout=args.upstream_connect_timeout,
                            timeout=args.upstream_timeout,
                            failure_threshold=args.upstream_failure_threshold,
                            cooldown=args.upstream_cooldown,
-                           registry_config_path=args.containerd_registry_config_path)
+                           registry_config_path=args.containerd_registry_config_path,
+                           tag_ttl=args.upstream_tag_ttl,
+                           client_rate=args.upstream_client_rate,
+                           client_burst=args.upstream_client_burst,
+                           max_registries=args.upstream_max_registries,
+                           allow_hosts=allow_hosts,
+                           mirror_urls=(http_base,
+                                        *parse_targets(args.mirror_targets, required=False)),
+                           proxies=proxies)
 
 
 def peering_config(args: argparse.Namespace) -> PeeringConfig | None:
@@ -511,7 +550,7 @@ def peering_config(args: argparse.Namespace) -> PeeringConfig | None:
                          advertise_addr=advertise, join=join, join_dns=args.join_dns,
                          gossip_key_file=args.gossip_key_file,
                          summary_fp_rate=args.summary_fp_rate, mirror=_mirror_options(args),
-                         upstream=_upstream_options(args))
+                         upstream=_upstream_options(args, http_base))
 
 
 def _containerd_config(args: argparse.Namespace) -> ContainerdConfig:

@@ -43,6 +43,10 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "upstream_timeout": (UpstreamOptions, "timeout"),
     "upstream_failure_threshold": (UpstreamOptions, "failure_threshold"),
     "upstream_cooldown": (UpstreamOptions, "cooldown"),
+    "upstream_tag_ttl": (UpstreamOptions, "tag_ttl"),
+    "upstream_client_rate": (UpstreamOptions, "client_rate"),
+    "upstream_client_burst": (UpstreamOptions, "client_burst"),
+    "upstream_max_registries": (UpstreamOptions, "max_registries"),
     "mirror_resolve_timeout": (MirrorOptions, "resolve_timeout"),
     "mirror_first_byte_timeout": (MirrorOptions, "first_byte_timeout"),
     "mirror_resolve_retries": (MirrorOptions, "resolve_retries"),
@@ -62,7 +66,8 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "prepend_existing": (HostsConfig, "prepend_existing"),
 }
 # Repeatable flags: absent on the command line, they leave these fields at their default.
-RUN_LIST_FLAGS = {"join", "mirrored_registries", "registry_filters", "mirror_targets"}
+RUN_LIST_FLAGS = {"join", "mirrored_registries", "registry_filters", "mirror_targets",
+                  "upstream_allow_hosts"}
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -251,6 +256,8 @@ def test_bad_log_level_is_one_line_with_the_choices(capsys: pytest.CaptureFixtur
     ("--resolve-tags", "maybe", "true or false"),
     ("--registry-addr", "h:port", "not a number"),
     ("--mirrored-registries", "docker.io/library", "e.g. ghcr.io"),
+    ("--upstream-client-burst", "lots", "such as 3"),
+    ("--upstream-client-rate", "fast", "such as 0.01"),
 ])
 def test_bad_values_are_one_line_naming_the_flag(
     flag: str, value: str, example: str, capsys: pytest.CaptureFixture[str]
@@ -258,6 +265,45 @@ def test_bad_values_are_one_line_naming_the_flag(
     assert cli.main(["run", "--store", "oci:/tmp", flag, value]) == 2
     line = one_error_line(capsys)
     assert line.startswith(f"meshmirror: {flag} {value!r}") and example in line
+
+
+def test_upstream_bounds_and_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY",
+                 "no_proxy", "REQUEST_METHOD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "10.0.0.0/8")
+    config = cli.node_config(cli.parse_args([
+        "run", "--store", "oci:/tmp", "--registry-addr", "10.0.0.7:5000",
+        "--upstream-tag-ttl", "1500ms", "--upstream-client-rate", "2.5",
+        "--upstream-client-burst", "7", "--upstream-max-registries", "4",
+        "--upstream-allow-hosts", "auth.internal,10.1.0.0/16",
+        "--upstream-allow-hosts", "192.168.5.5", "--mirror-targets", "http://127.0.0.1:5000"]))
+    assert config.peering is not None
+    upstream = config.peering.upstream
+    assert (upstream.tag_ttl, upstream.client_rate, upstream.client_burst,
+            upstream.max_registries) == (1.5, 2.5, 7, 4)
+    assert upstream.allow_hosts == ("auth.internal", "10.1.0.0/16", "192.168.5.5")
+    assert upstream.mirror_urls == ("http://10.0.0.7:5000", "http://127.0.0.1:5000")
+    assert upstream.proxies.proxy_for("https://ghcr.io/v2/") == "http://proxy.internal:3128"
+    assert upstream.proxies.proxy_for("https://10.2.3.4/v2/") is None
+
+
+@pytest.mark.parametrize(("argv", "env", "words"), [
+    (["--upstream-allow-hosts", "169.254.169.254"], {}, "--upstream-allow-hosts"),
+    (["--upstream-client-rate", "0"], {}, "--upstream-client-rate"),
+    (["--upstream-tag-ttl", "-1"], {}, "--upstream-tag-ttl"),
+    ([], {"HTTPS_PROXY": "socks5://10.0.0.1:1080"}, "HTTPS_PROXY"),
+])
+def test_bad_upstream_settings_are_one_line(
+    argv: list[str], env: dict[str, str], words: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["run", "--store", "oci:/tmp", *argv]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("meshmirror: ") and words in line
 
 
 def test_mirrored_registries_parse_alike_for_run_and_configure() -> None:

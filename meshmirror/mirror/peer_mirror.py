@@ -37,7 +37,7 @@ from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
 from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink, in_pieces
 from meshmirror.mirror.metrics import MirrorMetrics, finished
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorOptions, PrivateImages
 from meshmirror.mirror.spool import SpoolBudget
 from meshmirror.mirror.tags import AskPeers, Refuse, TagPolicy, UseDigest
 from meshmirror.mirror.upstream_questions import CountedUpstream, UpstreamQuestions
@@ -78,6 +78,7 @@ class PeerMirror:
         self._metrics = metrics or MirrorMetrics(CollectorRegistry())
         self._clock = clock
         asked = CountedUpstream(upstream, self._metrics) if upstream is not None else None
+        self._upstream = asked
         self.access = RepositoryAccess(asked, self._options, clock)
         self.tags = TagPolicy(asked, self._options, self.access, mesh_encrypted=mesh_encrypted)
         self.client = PeerClient(router, session, self._options, self._metrics, clock)
@@ -93,13 +94,24 @@ class PeerMirror:
     def close(self) -> None:
         self.client.close()
 
+    def _mirrors(self, registry: str) -> bool:
+        """``--mirrored-registries`` when set; otherwise, while the upstream is asked
+        anything, only registries whose hosts.toml sends pulls here: a client's ``?ns=``
+        must not choose whom this node asks."""
+        opts = self._options
+        asks = self._upstream is not None and (
+            self.tags.upstream_first or opts.private_images is PrivateImages.UPSTREAM_ONLY)
+        if opts.mirrored_registries or not asks or self._upstream is None:
+            return opts.mirrors(registry)
+        return self._upstream.mirrors(registry)
+
     async def open_manifest(
         self, registry: str, repository: str, reference: str, want_body: bool
     ) -> FallbackContent | Miss:
         opts = self._options
         started = self._clock()
         path = f"/v2/{repository}/manifests/{reference}"
-        if not opts.mirrors(registry):
+        if not self._mirrors(registry):
             self._count(registry, "manifest", "not_mirrored", path, started)
             return Miss(MissReason.NOT_MIRRORED)
         if ":" in reference:
@@ -133,8 +145,11 @@ class PeerMirror:
 
     async def _manifest_by_digest(self, registry: str, repository: str, digest: Digest,
                                   path: str, started: float) -> FallbackContent | Miss:
-        """A manifest whose digest is known, from peers, if the repository may be shared."""
-        if await self.access.check(registry, repository, str(digest)) is Access.DENY:
+        """A manifest whose digest is known, from peers, if the repository may be shared.
+
+        Visibility is asked with the probe digest, never the client's: a registry may
+        answer a layer's digest on the manifests endpoint with a 5xx."""
+        if await self.access.check(registry, repository, BLOB_PROBE_REFERENCE) is Access.DENY:
             self._count(registry, "manifest", "refused", path, started)
             return self._denied(registry, repository)
         return await self._fetch_manifest(registry, f"/v2/{repository}/manifests/{digest}",
@@ -204,7 +219,7 @@ class PeerMirror:
     ) -> FallbackContent | Miss:
         started = self._clock()
         path = f"/v2/{repository}/blobs/{digest}"
-        if not self._options.mirrors(registry):
+        if not self._mirrors(registry):
             self._count(registry, "blob", "not_mirrored", path, started)
             return Miss(MissReason.NOT_MIRRORED)
         if await self.access.check(registry, repository, BLOB_PROBE_REFERENCE) is Access.DENY:

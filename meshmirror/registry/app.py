@@ -67,6 +67,7 @@ from meshmirror.registry.ranges import (
     UnsatisfiableRangeError,
     parse_range,
 )
+from meshmirror.registry.requester import set_requester
 from meshmirror.store.base import BlobInfo, NotFoundError, Store
 
 API_VERSION_HEADER: Final = "Docker-Distribution-API-Version"
@@ -194,6 +195,7 @@ class RegistryApp:
 
     async def v2(self, request: Request) -> Response:
         request.scope[SCOPE_HANDLER] = "v2"
+        set_requester(request.client.host if request.client is not None else None)
         head = request.method == "HEAD"
         try:
             if request.method not in ("GET", "HEAD"):

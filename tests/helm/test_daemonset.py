@@ -108,6 +108,18 @@ def test_extra_env_is_appended(helm: Path) -> None:
     assert main["env"][-1] == {"name": "TZ", "value": "UTC"}
 
 
+def test_proxy_values_set_the_variables_containerd_reads(helm: Path) -> None:
+    def proxy_env(sets: tuple[str, ...]) -> dict[str, str]:
+        main = chart.container(chart.render(sets=sets), "meshmirror")
+        return {e["name"]: e["value"] for e in main["env"] if "PROXY" in e["name"]}
+
+    assert proxy_env(()) == {}
+    assert proxy_env(("proxy.httpsProxy=http://10.0.0.9:3128",
+                      "proxy.noProxy=.svc\\,10.0.0.0/8")) == {
+        "HTTPS_PROXY": "http://10.0.0.9:3128", "NO_PROXY": ".svc,10.0.0.0/8"}
+    assert proxy_env(("proxy.httpProxy=proxy:3128",)) == {"HTTP_PROXY": "proxy:3128"}
+
+
 def test_downward_api_fields(helm: Path) -> None:
     main = chart.container(chart.render(), "meshmirror")
     init = chart.container(chart.render(), "configure", init=True)

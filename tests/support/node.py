@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from tests.support.ports import free_port, loopback_host
@@ -31,15 +32,17 @@ class RunningNode:
                 if line.startswith("{")]
 
 
-def start_node(store: str, log: Path, extra: tuple[str, ...] = ()) -> RunningNode:
+def start_node(store: str, log: Path, extra: tuple[str, ...] = (),
+               env: Mapping[str, str] | None = None) -> RunningNode:
+    """``env``: the process's environment instead of this one's (proxy variables)."""
     host = loopback_host()
     address = f"{host}:{free_port(host)}"
     metrics = f"{host}:{free_port(host)}"
     mesh = f"{host}:{free_port(host)}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    environment = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     proc = spawn([sys.executable, "-m", "meshmirror", "run", "--store", store,
                   "--registry-addr", address, "--metrics-addr", metrics,
-                  "--mesh-addr", mesh, *NO_UPSTREAM, *extra], log, env)
+                  "--mesh-addr", mesh, *NO_UPSTREAM, *extra], log, environment)
     node = RunningNode(proc, address, metrics, log, mesh)
 
     def healthy() -> bool:
