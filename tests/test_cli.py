@@ -36,6 +36,7 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "summary_fp_rate": (PeeringConfig, "summary_fp_rate"),
     "resolve_tags": (MirrorOptions, "resolve_tags"),
     "outage_peer_tags": (MirrorOptions, "outage_peer_tags"),
+    "outage_vouches": (MirrorOptions, "outage_vouches"),
     "private_images": (MirrorOptions, "private_images"),
     "private_images_unknown": (MirrorOptions, "private_images_unknown"),
     "state_dir": (MirrorOptions, "state_dir"),

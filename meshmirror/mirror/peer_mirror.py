@@ -38,16 +38,19 @@ from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink, in
 from meshmirror.mirror.metrics import MirrorMetrics, finished
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.spool import SpoolBudget
-from meshmirror.mirror.tags import AskPeers, Refuse, TagPolicy, UseDigest
+from meshmirror.mirror.tags import AskPeers, Refuse, TagPolicy, UseDigest, UseOwn
 from meshmirror.mirror.upstream_questions import CountedUpstream, UpstreamQuestions
-from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, Access, RepositoryAccess
+from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, RepositoryAccess
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
 from meshmirror.oci.reference import tag_key
+from meshmirror.registry.app import NotServableError, stored_manifest
 from meshmirror.registry.fallback import FallbackContent
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
 from meshmirror.routing.router import Router
+from meshmirror.routing.vouches import VouchBook
+from meshmirror.store.base import NotFoundError, Store
 
 logger = logging.getLogger("meshmirror.mirror")
 
@@ -58,7 +61,9 @@ class PeerMirror:
     ``upstream``: asked for tags' digests and repositories' visibility. Without
     one (tests, the demo) peers resolve tags and every repository is shared.
     ``mesh_encrypted``: whether members need the gossip key, which decides
-    whether peer-resolved tags are accepted during an outage.
+    whether peer-resolved tags and members' vouches are accepted during an outage.
+    ``vouches``: members' vouches (the peer directory's). ``store``: the node's
+    own, whose tags are served when the upstream cannot answer.
     """
 
     def __init__(
@@ -71,14 +76,22 @@ class PeerMirror:
         upstream: UpstreamQuestions | None = None,
         mesh_encrypted: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        vouches: VouchBook | None = None,
+        store: Store | None = None,
     ) -> None:
         self._router = router
         self._options = options or MirrorOptions()
         self._metrics = metrics or MirrorMetrics(CollectorRegistry())
         self._clock = clock
         asked = CountedUpstream(upstream, self._metrics) if upstream is not None else None
-        self.access = RepositoryAccess(asked, self._options, clock)
-        self.tags = TagPolicy(asked, self._options, self.access, mesh_encrypted=mesh_encrypted)
+        self.access = RepositoryAccess(
+            asked, self._options, clock, vouches=vouches,
+            trust_vouches=RepositoryAccess.trusts_vouches(self._options.outage_vouches,
+                                                          mesh_encrypted),
+            on_outage=lambda decision: self._metrics.outage_visibility.labels(decision).inc())
+        self._store = store
+        self.tags = TagPolicy(asked, self._options, self.access, mesh_encrypted=mesh_encrypted,
+                              own_tags=self._own_tag if store is not None else None)
         self.client = PeerClient(router, session, self._options, self._metrics, clock)
         self._spools = SpoolBudget(self._options.spool_dir, self._options.spool_limit)
         self._metrics.spool_bytes.set_function(lambda: self._spools.used)
@@ -92,6 +105,7 @@ class PeerMirror:
 
     def close(self) -> None:
         self.client.close()
+        self.access.close()
 
     async def open_manifest(
         self, registry: str, repository: str, reference: str, want_body: bool
@@ -115,11 +129,14 @@ class PeerMirror:
             return None
         decision = await self.tags.decide(registry, repository, reference)
         if isinstance(decision, Refuse):
-            logger.debug("tag %s not resolved: %s", key, decision.reason)
+            logger.debug("tag %s not resolved: %s", key, decision.reason.value)
             self._count(registry, "manifest", "refused", path, started)
             self._metrics.tag_resolutions.labels(registry, "none").inc()
             return None
-        if isinstance(decision, UseDigest):
+        if isinstance(decision, UseOwn):
+            content = await self._own_manifest(decision.digest, want_body)
+            source = "local" if content is not None else "none"
+        elif isinstance(decision, UseDigest):
             content = await self._manifest_by_digest(registry, repository, decision.digest,
                                                      path, started)
             source = "upstream" if content is not None else "none"
@@ -134,7 +151,7 @@ class PeerMirror:
     async def _manifest_by_digest(self, registry: str, repository: str, digest: Digest,
                                   path: str, started: float) -> FallbackContent | None:
         """A manifest whose digest is known, from peers, if the repository may be shared."""
-        if await self.access.check(registry, repository, str(digest)) is Access.DENY:
+        if (await self.access.check(registry, repository, str(digest))).denied:
             self._count(registry, "manifest", "refused", path, started)
             return None
         return await self._fetch_manifest(registry, f"/v2/{repository}/manifests/{digest}",
@@ -144,11 +161,29 @@ class PeerMirror:
                                started: float) -> FallbackContent | None:
         """A tag as peers resolve it: whatever manifest they hold under it, checked only
         against the digest they announce (a tag has none of its own to check)."""
-        if await self.access.check(registry, repository, tag) is Access.DENY:
+        if (await self.access.check(registry, repository, tag)).denied:
             self._count(registry, "manifest", "refused", path, started)
             return None
         return await self._fetch_manifest(registry, path, tag_key(registry, repository, tag),
                                           None, path, started)
+
+    async def _own_tag(self, registry: str, repository: str, tag: str) -> Digest | None:
+        assert self._store is not None
+        try:
+            return await self._store.resolve(registry, repository, tag)
+        except NotFoundError:
+            return None
+
+    async def _own_manifest(self, digest: Digest, want_body: bool) -> FallbackContent | None:
+        """A manifest from this node's store (its own tag, in an outage)."""
+        assert self._store is not None
+        try:
+            info, media_type, data = await stored_manifest(self._store, digest, want_body)
+        except (NotServableError, NotFoundError) as err:
+            logger.info("own tag's manifest %s not servable: %s", digest, err)
+            return None
+        body = _held(data, self._options.send_size) if data is not None else None
+        return FallbackContent(info.digest, info.size, media_type, body)
 
     async def _fetch_manifest(self, registry: str, peer_path: str, key: str,
                               expected: Digest | None, path: str,
@@ -207,7 +242,7 @@ class PeerMirror:
         if not self._options.mirrors(registry):
             self._count(registry, "blob", "not_mirrored", path, started)
             return None
-        if await self.access.check(registry, repository, BLOB_PROBE_REFERENCE) is Access.DENY:
+        if (await self.access.check(registry, repository, BLOB_PROBE_REFERENCE)).denied:
             self._count(registry, "blob", "refused", path, started)
             return None
         fetch = BlobFetch(self.client, self._router, self._options, registry, path, digest)
