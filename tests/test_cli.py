@@ -17,7 +17,7 @@ from meshmirror.addresses import is_wildcard
 from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.containerd.hostsconfig import HostsConfig, parse_registries
 from meshmirror.flags import field_default, parse_bool, parse_duration, parse_size
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorOptions, OutagePeerTags
 from meshmirror.runconfig import NodeConfig, PeeringConfig
 from meshmirror.upstream.options import UpstreamOptions
 
@@ -133,6 +133,7 @@ CHART_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "meshmirror.logLevel": (str, cli.LOG_LEVEL),
     # On: hosts.toml's "resolve" capability, and `run --resolve-tags` upstream-first.
     "meshmirror.resolveTags": (parse_bool, True),
+    "meshmirror.outageVouches": (OutagePeerTags, field_default(MirrorOptions, "outage_vouches")),
     "meshmirror.mirrorResolveTimeout": (parse_duration,
                                         field_default(MirrorOptions, "resolve_timeout")),
     "meshmirror.mirrorFirstByteTimeout": (parse_duration,

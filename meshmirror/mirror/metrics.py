@@ -136,7 +136,7 @@ class MirrorMetrics:
         self.tag_resolutions = Counter(
             "meshmirror_tag_resolutions",
             "Tag lookups the mirror answered, by who decided the digest: upstream, peer, "
-            "or none (answered 404)",
+            "local (this node's store, in an outage) or none (answered 404)",
             ["registry", "source"], registry=registry,
         )
         self.upstream_answers = Counter(
