@@ -19,6 +19,7 @@ import enum
 import json
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -104,7 +105,9 @@ class VisibilityCache:
     for) are never flushed by it. Probation may use whatever room protected
     leaves; protected holds at most `size` minus probation's share, and its
     least recently used verdict steps back into probation when a newer one is
-    promoted. Least recently used goes first within each.
+    promoted. Least recently used goes first within each. (A client that names
+    each new repository twice does get it admitted: admission keeps out the
+    one-off, and the upstream rate limits bound the rest.)
 
     With a ``path`` the verdicts outlive the process: a container restarted during
     an outage (a failed liveness probe) would otherwise know no repository at all
@@ -136,6 +139,8 @@ class VisibilityCache:
         self._vouches_announced = -float("inf")
         self._batch: asyncio.Task[None] | None = None
         self.writes = 0  # times the file was written, for tests and the bound above
+        # A write on the worker thread may still run when shutdown writes the last batch.
+        self._write_lock = threading.Lock()
         if path is not None:
             self._load(path)
 
@@ -162,6 +167,7 @@ class VisibilityCache:
         self._schedule()
 
     def _promote(self, key: tuple[str, str], verdict: _Verdict) -> None:
+        self._dirty = True  # the file keeps the segment, for the next process
         self._protected[key] = verdict
         self._protected.move_to_end(key)
         while len(self._protected) > self._size - self._probation_share:
@@ -224,9 +230,13 @@ class VisibilityCache:
                 self._evict()
         self._vouches_dirty = True
 
+    def _pending(self) -> bool:
+        return ((self._dirty and self._path is not None)
+                or (self._vouches_dirty and self.on_vouches_changed is not None))
+
     def _schedule(self) -> None:
         """Write the file and announce vouches soon: one batch per ``save_interval``."""
-        if not self._dirty and not (self._vouches_dirty and self.on_vouches_changed):
+        if not self._pending():
             return
         try:
             loop = asyncio.get_running_loop()
@@ -234,15 +244,18 @@ class VisibilityCache:
             self.flush()
             return
         if self._batch is None or self._batch.done():
-            self._batch = loop.create_task(self._later(), name="visibility-batch")
+            self._batch = loop.create_task(self._batches(), name="visibility-batch")
 
-    async def _later(self) -> None:
-        await asyncio.sleep(self._save_interval)
-        while self._dirty:
-            self._dirty = False
-            rows = self._rows()
-            await asyncio.to_thread(self._write, rows)
-        self._announce()
+    async def _batches(self) -> None:
+        """Every ``save_interval`` while there is something new: what changed meanwhile
+        goes into the next batch, never into a write of its own."""
+        while self._pending():
+            await asyncio.sleep(self._save_interval)
+            if self._dirty:
+                self._dirty = False
+                rows = self._rows()
+                await asyncio.to_thread(self._write, rows)
+            self._announce()
 
     def flush(self) -> None:
         """Write what is pending now (outside a loop, and at shutdown)."""
@@ -264,7 +277,8 @@ class VisibilityCache:
                 log.exception("announcing changed vouches failed")
 
     def _rows(self) -> list[tuple[tuple[str, str], _Verdict, bool, float]]:
-        """The entries as they are now (a C-speed copy; the encoding runs off the loop)."""
+        """The entries as they are now: a shallow copy, once per batch; the encoding and
+        the write run off the loop."""
         offset = self._wall_clock() - self._clock()
         return ([(key, v, False, offset) for key, v in self._probation.items()]
                 + [(key, v, True, offset) for key, v in self._protected.items()])
@@ -277,9 +291,10 @@ class VisibilityCache:
                     for (registry, repository), v, protected, offset in rows]
         temporary = self._path.with_name(self._path.name + ".tmp")
         try:
-            temporary.write_text(json.dumps({"verdicts": verdicts}))
-            os.replace(temporary, self._path)
-            self.writes += 1
+            with self._write_lock:
+                temporary.write_text(json.dumps({"verdicts": verdicts}))
+                os.replace(temporary, self._path)
+                self.writes += 1
         except OSError as err:
             log.warning("cannot keep visibility verdicts in %s: %s", self._path, err)
 
