@@ -448,9 +448,10 @@ class RepositoryAccess:
         if vouched is not None:
             self._count("vouch_not_trusted")
             self._say(registry, repository,
-                      "refused: members vouch it public, but vouches are not trusted "
-                      f"({MissReason.VOUCH_NOT_TRUSTED.value}: the mesh has no gossip key; "
-                      "--outage-vouches always trusts them)", vouched, logging.WARNING)
+                      "refused: members vouch it public, but this node does not trust "
+                      f"vouches ({MissReason.VOUCH_NOT_TRUSTED.value}; --outage-vouches "
+                      "trusts them only in a mesh with a gossip key by default)", vouched,
+                      logging.WARNING)
             return Access.VOUCH_NOT_TRUSTED
         self._count("policy")
         return Access.UNKNOWN_OUTAGE
