@@ -295,6 +295,12 @@ def _add_upstream_flags(run: argparse.ArgumentParser) -> None:
           metavar="encrypted|always|never",
           help="whether tags resolved by peers are accepted while the upstream is "
                "unreachable: only in a mesh with a gossip key, always, or never")
+    _flag(run, "--outage-vouches", MirrorOptions, "outage_vouches",
+          parse=_enum_parser(OutagePeerTags), show=_show_enum,
+          metavar="encrypted|always|never",
+          help="whether members' vouches that a repository is public are accepted, for "
+               "one this node has no verdict on, while the upstream is unreachable: only "
+               "in a mesh with a gossip key, always, or never")
     _flag(run, "--private-images", MirrorOptions, "private_images",
           parse=_enum_parser(PrivateImages), show=_show_enum, metavar="upstream-only|share",
           help="upstream-only: a repository the upstream serves only with credentials "
@@ -488,6 +494,7 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
         memory_limit=args.mirror_memory_limit,
         resolve_tags=args.resolve_tags,
         outage_peer_tags=args.outage_peer_tags,
+        outage_vouches=args.outage_vouches,
         private_images=args.private_images,
         private_images_unknown=args.private_images_unknown,
         state_dir=args.state_dir,

@@ -17,7 +17,7 @@ from meshmirror.addresses import is_wildcard
 from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.containerd.hostsconfig import HostsConfig, parse_registries
 from meshmirror.flags import field_default, parse_bool, parse_duration, parse_size
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorOptions, OutagePeerTags
 from meshmirror.runconfig import NodeConfig, PeeringConfig
 from meshmirror.upstream.options import UpstreamOptions
 
@@ -36,6 +36,7 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "summary_fp_rate": (PeeringConfig, "summary_fp_rate"),
     "resolve_tags": (MirrorOptions, "resolve_tags"),
     "outage_peer_tags": (MirrorOptions, "outage_peer_tags"),
+    "outage_vouches": (MirrorOptions, "outage_vouches"),
     "private_images": (MirrorOptions, "private_images"),
     "private_images_unknown": (MirrorOptions, "private_images_unknown"),
     "state_dir": (MirrorOptions, "state_dir"),
@@ -137,6 +138,7 @@ CHART_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "meshmirror.logLevel": (str, cli.LOG_LEVEL),
     # On: hosts.toml's "resolve" capability, and `run --resolve-tags` upstream-first.
     "meshmirror.resolveTags": (parse_bool, True),
+    "meshmirror.outageVouches": (OutagePeerTags, field_default(MirrorOptions, "outage_vouches")),
     "meshmirror.mirrorResolveTimeout": (parse_duration,
                                         field_default(MirrorOptions, "resolve_timeout")),
     "meshmirror.mirrorFirstByteTimeout": (parse_duration,

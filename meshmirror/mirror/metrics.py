@@ -39,8 +39,12 @@ KINDS: Final = ("manifest", "blob")
 # ruled peers out before any was asked.
 RESULTS: Final = ("hit", "miss", "error", "filtered", "not_mirrored", "refused")
 # Who decided what a tag means: the upstream, a peer (outage or --resolve-tags=peers),
-# or nobody (404: absent upstream, private, refused in an outage, no peer held it).
-TAG_SOURCES: Final = ("upstream", "peer", "none")
+# this node's own store (an outage), or nobody (404: absent upstream, private,
+# refused in an outage, no peer held it).
+TAG_SOURCES: Final = ("upstream", "peer", "local", "none")
+# What decided a repository's visibility while the upstream could not: this node's
+# last verdict, a member's vouch, a vouch not trusted, or --private-images-unknown.
+OUTAGE_DECISIONS: Final = ("own_verdict", "vouch", "vouch_not_trusted", "policy")
 # What an anonymous upstream question came back with.
 UPSTREAM_RESULTS: Final = ("answered", "not_found", "auth_required",
                            *(kind.value for kind in FailureKind))
@@ -125,6 +129,15 @@ class MirrorMetrics:
             ["mode"],
             registry=registry,
         )
+        self.outage_visibility = Counter(
+            "meshmirror_outage_visibility_decisions",
+            "Visibility checks the upstream could not answer, by what decided: own_verdict, "
+            "vouch (a member's, trusted), vouch_not_trusted (refused) or policy "
+            "(--private-images-unknown)",
+            ["decision"], registry=registry,
+        )
+        for decision in OUTAGE_DECISIONS:
+            self.outage_visibility.labels(decision)
         self.spool_bytes = Gauge(
             "meshmirror_mirror_spool_bytes",
             "Bytes of spool files held by requests in progress",
@@ -133,7 +146,7 @@ class MirrorMetrics:
         self.tag_resolutions = Counter(
             "meshmirror_tag_resolutions",
             "Tag lookups the mirror answered, by who decided the digest: upstream, peer, "
-            "or none (answered 404)",
+            "local (this node's store, in an outage) or none (answered 404)",
             ["registry", "source"], registry=registry,
         )
         self.upstream_answers = Counter(

@@ -53,7 +53,9 @@ class UnknownVisibility(enum.Enum):
 
 
 class OutagePeerTags(enum.Enum):
-    """When tags resolved by peers are accepted during an upstream outage."""
+    """When peers' word is accepted during an upstream outage: the tags they resolve
+    (``--outage-peer-tags``), and the repositories they vouch public for
+    (``--outage-vouches``)."""
 
     # Only inside an encrypted mesh: a member must hold the gossip key to answer.
     ENCRYPTED = "encrypted"
@@ -116,6 +118,9 @@ class MirrorOptions:
     resolve_tags: TagResolution = TagResolution.UPSTREAM_FIRST
     # With OutagePeerTags.ENCRYPTED, peer-resolved tags need a gossip key (see docs: Trust).
     outage_peer_tags: OutagePeerTags = OutagePeerTags.ENCRYPTED
+    # Members' vouches that a repository is public, for a node with no verdict of its
+    # own while the upstream cannot answer; same rule (see docs: Trust).
+    outage_vouches: OutagePeerTags = OutagePeerTags.ENCRYPTED
     private_images: PrivateImages = PrivateImages.UPSTREAM_ONLY
     private_images_unknown: UnknownVisibility = UnknownVisibility.DENY
     # How long an anonymous visibility answer is trusted. A public repository made

@@ -39,16 +39,19 @@ from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink, in
 from meshmirror.mirror.metrics import MirrorMetrics, finished
 from meshmirror.mirror.options import MirrorOptions, PrivateImages
 from meshmirror.mirror.spool import SpoolBudget
-from meshmirror.mirror.tags import AskPeers, Refuse, TagPolicy, UseDigest
+from meshmirror.mirror.tags import AskPeers, Refuse, TagPolicy, UseDigest, UseOwn
 from meshmirror.mirror.upstream_questions import CountedUpstream, UpstreamQuestions
 from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, Access, RepositoryAccess
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
 from meshmirror.oci.reference import tag_key
+from meshmirror.registry.app import NotServableError, stored_manifest
 from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
 from meshmirror.routing.router import Router
+from meshmirror.routing.vouches import VouchBook
+from meshmirror.store.base import NotFoundError, Store
 
 logger = logging.getLogger("meshmirror.mirror")
 
@@ -59,7 +62,9 @@ class PeerMirror:
     ``upstream``: asked for tags' digests and repositories' visibility. Without
     one (tests, the demo) peers resolve tags and every repository is shared.
     ``mesh_encrypted``: whether members need the gossip key, which decides
-    whether peer-resolved tags are accepted during an outage.
+    whether peer-resolved tags and members' vouches are accepted during an outage.
+    ``vouches``: members' vouches (the peer directory's). ``store``: the node's
+    own, whose tags are served when the upstream cannot answer.
     """
 
     def __init__(
@@ -72,6 +77,8 @@ class PeerMirror:
         upstream: UpstreamQuestions | None = None,
         mesh_encrypted: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        vouches: VouchBook | None = None,
+        store: Store | None = None,
     ) -> None:
         self._router = router
         self._options = options or MirrorOptions()
@@ -79,8 +86,14 @@ class PeerMirror:
         self._clock = clock
         asked = CountedUpstream(upstream, self._metrics) if upstream is not None else None
         self._upstream = asked
-        self.access = RepositoryAccess(asked, self._options, clock)
-        self.tags = TagPolicy(asked, self._options, self.access, mesh_encrypted=mesh_encrypted)
+        self.access = RepositoryAccess(
+            asked, self._options, clock, vouches=vouches,
+            trust_vouches=RepositoryAccess.trusts_vouches(self._options.outage_vouches,
+                                                          mesh_encrypted),
+            on_outage=lambda decision: self._metrics.outage_visibility.labels(decision).inc())
+        self._store = store
+        self.tags = TagPolicy(asked, self._options, self.access, mesh_encrypted=mesh_encrypted,
+                              own_tags=self._own_tag if store is not None else None)
         self.client = PeerClient(router, session, self._options, self._metrics, clock)
         self._spools = SpoolBudget(self._options.spool_dir, self._options.spool_limit)
         self._metrics.spool_bytes.set_function(lambda: self._spools.used)
@@ -93,6 +106,7 @@ class PeerMirror:
 
     def close(self) -> None:
         self.client.close()
+        self.access.close()
 
     def _mirrors(self, registry: str) -> bool:
         """``--mirrored-registries`` when set; otherwise, while the upstream is asked
@@ -131,7 +145,10 @@ class PeerMirror:
             self._count(registry, "manifest", "refused", path, started)
             self._resolved(registry, "none")
             return Miss(decision.reason)
-        if isinstance(decision, UseDigest):
+        if isinstance(decision, UseOwn):
+            content = await self._own_manifest(decision.digest, want_body)
+            source = "local" if not isinstance(content, Miss) else "none"
+        elif isinstance(decision, UseDigest):
             content = await self._manifest_by_digest(registry, repository, decision.digest,
                                                      path, started)
             source = "upstream" if not isinstance(content, Miss) else "none"
@@ -149,9 +166,10 @@ class PeerMirror:
 
         Visibility is asked with the probe digest, never the client's: a registry may
         answer a layer's digest on the manifests endpoint with a 5xx."""
-        if await self.access.check(registry, repository, BLOB_PROBE_REFERENCE) is Access.DENY:
+        access = await self.access.check(registry, repository, BLOB_PROBE_REFERENCE)
+        if access.denied:
             self._count(registry, "manifest", "refused", path, started)
-            return self._denied(registry, repository)
+            return _denied(access)
         return await self._fetch_manifest(registry, f"/v2/{repository}/manifests/{digest}",
                                           str(digest), digest, path, started)
 
@@ -159,11 +177,30 @@ class PeerMirror:
                                started: float) -> FallbackContent | Miss:
         """A tag as peers resolve it: whatever manifest they hold under it, checked only
         against the digest they announce (a tag has none of its own to check)."""
-        if await self.access.check(registry, repository, tag) is Access.DENY:
+        access = await self.access.check(registry, repository, tag)
+        if access.denied:
             self._count(registry, "manifest", "refused", path, started)
-            return self._denied(registry, repository)
+            return _denied(access)
         return await self._fetch_manifest(registry, path, tag_key(registry, repository, tag),
                                           None, path, started)
+
+    async def _own_tag(self, registry: str, repository: str, tag: str) -> Digest | None:
+        assert self._store is not None
+        try:
+            return await self._store.resolve(registry, repository, tag)
+        except NotFoundError:
+            return None
+
+    async def _own_manifest(self, digest: Digest, want_body: bool) -> FallbackContent | Miss:
+        """A manifest from this node's store (its own tag, in an outage)."""
+        assert self._store is not None
+        try:
+            info, media_type, data = await stored_manifest(self._store, digest, want_body)
+        except (NotServableError, NotFoundError) as err:
+            logger.info("own tag's manifest %s not servable: %s", digest, err)
+            return Miss(MissReason.NO_PEER, "own tag's manifest not servable")
+        body = _held(data, self._options.send_size) if data is not None else None
+        return FallbackContent(info.digest, info.size, media_type, body)
 
     async def _fetch_manifest(self, registry: str, peer_path: str, key: str,
                               expected: Digest | None, path: str,
@@ -222,9 +259,10 @@ class PeerMirror:
         if not self._mirrors(registry):
             self._count(registry, "blob", "not_mirrored", path, started)
             return Miss(MissReason.NOT_MIRRORED)
-        if await self.access.check(registry, repository, BLOB_PROBE_REFERENCE) is Access.DENY:
+        access = await self.access.check(registry, repository, BLOB_PROBE_REFERENCE)
+        if access.denied:
             self._count(registry, "blob", "refused", path, started)
-            return self._denied(registry, repository)
+            return _denied(access)
         fetch = BlobFetch(self.client, self._router, self._options, registry, path, digest)
         size = await fetch.open()
         record = _BlobRecord(registry, path, started, size or 0, fetch)
@@ -305,13 +343,6 @@ class PeerMirror:
         self._count_blob(record, "error" if miss else "hit")
         return miss
 
-    def _denied(self, registry: str, repository: str) -> Miss:
-        """Why `RepositoryAccess` denied peers: a private verdict, or none in an outage."""
-        last = self.access.cache.last(registry, repository)
-        if last is not None and not last.public:
-            return Miss(MissReason.PRIVATE_REPOSITORY)
-        return Miss(MissReason.UNKNOWN_REPOSITORY_OUTAGE)
-
     def _count(self, registry: str, kind: str, result: str, path: str, started: float,
                peer: str | None = None, size: int | None = None) -> None:
         self._metrics.record(finished(registry, kind, path, result, started=started,
@@ -335,6 +366,11 @@ class _BlobRecord:
     started: float
     size: int
     fetch: BlobFetch
+
+
+def _denied(access: Access) -> Miss:
+    """The miss for a repository peers may not serve, with `RepositoryAccess`'s reason."""
+    return Miss(access.reason or MissReason.UNKNOWN_REPOSITORY_OUTAGE)
 
 
 async def _held(data: bytes, piece: int) -> AsyncIterator[bytes]:

@@ -74,7 +74,8 @@ class E2ENode:
 
     def __init__(self, name: str, *, join: str | None = None,
                  resolve_timeout: float = MIRROR_RESOLVE_TIMEOUT,
-                 extra_args: Sequence[str] = (), gossip_key: str | None = GOSSIP_KEY) -> None:
+                 extra_args: Sequence[str] = (), gossip_key: str | None = GOSSIP_KEY,
+                 cri: bool = False) -> None:
         self.name = name
         self.host = loopback_host()
         self.registry_port = free_port(self.host)
@@ -90,7 +91,9 @@ class E2ENode:
         if gossip_key is not None:
             self.key_file = self.dir / "gossip-key"
             self.key_file.write_text(gossip_key)
-        self.containerd = Containerd()
+        # ``cri``: containerd's CRI plugin pulls through the hosts dir, as for the kubelet.
+        self.containerd = (Containerd(cri=True, registry_config_path=str(self.hosts_dir))
+                           if cri else Containerd())
         self.proc: subprocess.Popen[bytes] | None = None
 
     # -- addresses ---------------------------------------------------------------

@@ -28,6 +28,8 @@ INVALID = [
     (["--set", "meshmirror.logLevel=verbose"], "/meshmirror/logLevel",
      "'verbose' does not match pattern"),
     (["--set", "meshmirror.resolveTags=maybe"], "/meshmirror/resolveTags", "want boolean"),
+    (["--set", "meshmirror.outageVouches=sometimes"], "/meshmirror/outageVouches",
+     "value must be one of"),
     (["--set", "meshmirror.mirrorResolveTimeout=0"], "/meshmirror/mirrorResolveTimeout",
      "exclusiveMinimum"),
     (["--set-string", "meshmirror.mirrorResolveTimeout=0.0"], "/meshmirror/mirrorResolveTimeout",
