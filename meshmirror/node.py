@@ -58,6 +58,10 @@ log = logging.getLogger("meshmirror.node")
 # A component that does not stop within this long is abandoned so that
 # SIGTERM always ends the process; Kubernetes would SIGKILL us anyway.
 _STOP_TIMEOUT: Final = 10.0
+# Scrapes, probes and the status page need few connections; a cap of its own keeps
+# the metrics port answering while the registry port is at its cap, and the two
+# caps together within the open-file limit.
+_METRICS_MAX_CONNECTIONS: Final = 256
 
 
 class StartError(Exception):
@@ -137,8 +141,9 @@ class HttpServer:
             raise StartError(f"{self.name}: cannot listen on {self.host}:{self.port}: "
                              f"{err.strerror or err}") from err
         self.address = listener_address(sock)
-        self._task = asyncio.create_task(serve(self.app, sock, self._shutdown, self.options),
-                                         name=f"http-{self.name}")
+        self._task = asyncio.create_task(
+            serve(self.app, sock, self._shutdown, self.options, name=self.name),
+            name=f"http-{self.name}")
         log.info("listening", extra={"fields": {"server": self.name, "address": self.address}})
 
     async def stop(self) -> None:
@@ -206,10 +211,11 @@ class Node:
                     local_only, self.peering.mirror.access.refuses_peers,
                     self.config.default_registry)
             registry_app = peer_dispatch(registry_app, local_only)
-        server = self.config.server or ServerOptions()
+        server = self.config.server
         self.metrics_server = HttpServer(
             "metrics", metrics_app(self.metrics_registry, self.metrics_routes),
-            *self.config.metrics_addr, server)
+            *self.config.metrics_addr, replace(server, max_connections=min(
+                server.max_connections, _METRICS_MAX_CONNECTIONS)))
         self.registry_server = HttpServer("registry", registry_app, *self.config.registry_addr,
                                           server)
         return [StoreComponent(self.store), self.metrics_server, *self._extra,
