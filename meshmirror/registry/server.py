@@ -38,9 +38,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import resource
 import socket
+import struct
+import termios
 from collections import Counter
 from typing import Any, Final
 
@@ -160,6 +163,22 @@ class _SendTimedOut(Exception):
     pass
 
 
+def _unacknowledged(transport: asyncio.WriteTransport) -> int:
+    """Bytes written that the client has not acknowledged: our buffer plus the kernel's.
+
+    The kernel's share matters: with a large send buffer it wakes a writer only once
+    a third of it is free, so a slow reader's progress may not show in our own
+    buffer for many seconds.
+    """
+    pending = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            pending += struct.unpack("i", queued)[0]
+    return pending
+
+
 class _Connection(TCPServer):
     """Hypercorn's connection with bounded sends and no keep-alive wait after the client
     has gone; see the module docstring."""
@@ -197,8 +216,8 @@ class _Connection(TCPServer):
     async def _drain(self) -> None:
         """``drain()``, failing once the client has taken no byte for ``send_timeout``.
 
-        Progress is the write buffer shrinking, so a slow reader that keeps reading
-        keeps its connection. Drain is waited on in steps only when it would block:
+        Progress is the client acknowledging bytes, so a slow reader that keeps
+        reading keeps its connection. Drain is waited on in steps only when it would block:
         a client that reads as fast as we write costs no timer.
         """
         transport = self.writer.transport
@@ -207,7 +226,7 @@ class _Connection(TCPServer):
             return
         loop = asyncio.get_running_loop()
         limit = self._options.send_timeout
-        pending = transport.get_write_buffer_size()
+        pending = _unacknowledged(transport)
         last_progress = loop.time()
         while True:
             try:
@@ -215,7 +234,7 @@ class _Connection(TCPServer):
                     await self.writer.drain()
                 return
             except TimeoutError:
-                size = transport.get_write_buffer_size()
+                size = _unacknowledged(transport)
                 now = loop.time()
                 if size < pending:
                     pending, last_progress = size, now
