@@ -22,8 +22,8 @@ node (issue 23, docs/security.md):
   capped: at the cap the accept loop waits for a slot, so new connections wait in
   the kernel's backlog instead of being accepted and closed, and idle connections
   go after a short grace so that the slots turn over.
-- Failed accepts, timed-out sends and connection errors are counted and logged as
-  one summary line per interval, never one traceback each.
+- Failed accepts, timed-out sends and connection errors are counted (metrics) and
+  logged as one summary line per interval, never one traceback each.
 
 Hypercorn's config has no send timeout or connection cap (``backlog``,
 ``keep_alive_timeout``, ``read_timeout`` and ``h11_max_incomplete_size`` it has, and
@@ -36,6 +36,7 @@ accept loop and the socket writes (`_Connection`), a small surface on its
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
@@ -44,7 +45,6 @@ import resource
 import socket
 import struct
 import termios
-from collections import Counter
 from typing import Any, Final
 
 from hypercorn.asyncio.tcp_server import TCPServer
@@ -52,11 +52,13 @@ from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.utils import wrap_app
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp
 
 from meshmirror.registry.serveroptions import BACKLOG, ServerOptions
 
-__all__ = ["ServerOptions", "bind_listener", "connection_cap", "listener_address", "serve"]
+__all__ = ["ServerMetrics", "ServerOptions", "bind_listener", "connection_cap",
+           "listener_address", "serve"]
 
 log = logging.getLogger("meshmirror.server")
 
@@ -104,17 +106,51 @@ def connection_cap(configured: int, open_file_limit: int | None = None) -> int:
     return max(1, min(configured, open_file_limit // 2))
 
 
-class _Summary:
-    """Counts of client events, logged as one line per interval instead of one each."""
+SERVERS: Final = ("registry", "metrics")
+"""The listeners a node runs: the ``server`` label's values."""
+EVENTS: Final = ("send_timeout", "accept_failed", "connection_error", "at_cap")
+"""What can happen to a client connection: the ``event`` label's values."""
 
-    def __init__(self, server: str, interval: float = _SUMMARY_INTERVAL) -> None:
+
+class ServerMetrics:
+    """Client connections of the node's listeners, for a dashboard and an alert: a port
+    at its cap or dropping unread responses is being misused or is too small."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connections = Gauge(
+            "meshmirror_http_connections", "Open client connections, by listener.",
+            ["server"], registry=registry)
+        self.events = Counter(
+            "meshmirror_http_connection_events",
+            "Client connection events, by listener: send_timeout (a response dropped "
+            "because its client took no byte for --client-send-timeout), accept_failed, "
+            "connection_error (set-up failed or a bug), at_cap (the listener stopped "
+            "accepting at --client-max-connections until a connection closed).",
+            ["server", "event"], registry=registry)
+        for server in SERVERS:
+            self.connections.labels(server)
+            for event in EVENTS:
+                self.events.labels(server, event)
+
+
+class _Summary:
+    """Counts of client events, logged as one line per interval instead of one each, and
+    counted in the metrics as they happen."""
+
+    def __init__(self, server: str, metrics: ServerMetrics | None = None,
+                 interval: float = _SUMMARY_INTERVAL) -> None:
         self._server = server
+        self._metrics = metrics
         self._interval = interval
-        self._counts: Counter[str] = Counter()
+        self._counts: collections.Counter[str] = collections.Counter()
         self._flush: asyncio.TimerHandle | None = None
 
-    def count(self, event: str) -> None:
-        self._counts[event] += 1
+    def count(self, event: str, detail: str | None = None) -> None:
+        """``event`` is one of `EVENTS`; the log line counts ``detail`` (an errno, an
+        exception's type) when given, so the metric's labels stay a closed set."""
+        if self._metrics is not None:
+            self._metrics.events.labels(self._server, event).inc()
+        self._counts[f"{event}_{detail}" if detail else event] += 1
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(self._interval, self.flush)
 
@@ -131,24 +167,33 @@ class _Summary:
 class _Limiter:
     """The connection cap, and the pressure that makes idle connections go early."""
 
-    def __init__(self, cap: int, idle_grace: float) -> None:
+    def __init__(self, cap: int, idle_grace: float, summary: _Summary,
+                 gauge: Gauge | None) -> None:
         self.cap = cap
         self.open = 0
         self.idle_grace = idle_grace
         self.pressure = asyncio.Event()
+        self._summary = summary
+        self._gauge = gauge
         self._slot = asyncio.Event()
         self._slot.set()
 
     async def acquire(self) -> None:
+        if self.open >= self.cap:
+            self._summary.count("at_cap")
         while self.open >= self.cap:
             self._slot.clear()
             await self._slot.wait()
         self.open += 1
+        if self._gauge is not None:
+            self._gauge.inc()
         if self.open >= self.cap * _PRESSURE_ON:
             self.pressure.set()
 
     def release(self) -> None:
         self.open -= 1
+        if self._gauge is not None:
+            self._gauge.dec()
         self._slot.set()
         if self.open < self.cap * _PRESSURE_OFF and self.idle_grace > 0:
             self.pressure.clear()
@@ -207,7 +252,7 @@ class _Connection(TCPServer):
             except (ConnectionError, RuntimeError):
                 pass
             except _SendTimedOut:
-                self._summary.count("send_timeouts")
+                self._summary.count("send_timeout")
                 self.abort()
             else:
                 return
@@ -286,7 +331,8 @@ def _config(options: ServerOptions) -> Config:
 
 
 async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
-                options: ServerOptions | None = None, *, name: str = "registry") -> None:
+                options: ServerOptions | None = None, *, name: str = "registry",
+                metrics: ServerMetrics | None = None) -> None:
     """Serve until ``shutdown`` is set, then drain for at most ``graceful_timeout``.
 
     Takes ownership of ``sock``: it is closed when this returns, and must not
@@ -302,8 +348,9 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
     if cap < options.max_connections:
         log.info("connection cap held to half the open-file limit",
                  extra={"fields": {"server": name, "max_connections": cap}})
-    limiter = _Limiter(cap, options.idle_timeout_under_pressure)
-    summary = _Summary(name)
+    summary = _Summary(name, metrics)
+    limiter = _Limiter(cap, options.idle_timeout_under_pressure, summary,
+                       metrics.connections.labels(name) if metrics is not None else None)
     connections: dict[asyncio.Task[None], _Connection] = {}
 
     async def handle(conn: socket.socket) -> None:
@@ -319,10 +366,10 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
             connections[task] = connection
             await connection.run()
         except OSError:
-            summary.count("connection_errors")
+            summary.count("connection_error")
             conn.close()
         except Exception as err:  # a bug, not a client: counted, named, never a flood
-            summary.count(f"connection_failures_{type(err).__name__}")
+            summary.count("connection_error", type(err).__name__)
             conn.close()
 
     def finished(task: asyncio.Task[None]) -> None:
@@ -336,8 +383,8 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
                 conn, _ = await loop.sock_accept(sock)
             except OSError as err:
                 limiter.release()
-                summary.count("accept_failed_" + (errno.errorcode.get(err.errno or 0)
-                                                  or type(err).__name__))
+                summary.count("accept_failed", errno.errorcode.get(err.errno or 0)
+                              or type(err).__name__)
                 if err.errno in _ACCEPT_RESOURCE_ERRORS:
                     await asyncio.sleep(_ACCEPT_RETRY_DELAY)
                 continue

@@ -12,13 +12,20 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from meshmirror.registry import server as server_module
-from meshmirror.registry.server import ServerOptions, bind_listener, connection_cap, serve
+from meshmirror.registry.server import (
+    ServerMetrics,
+    ServerOptions,
+    bind_listener,
+    connection_cap,
+    serve,
+)
 from tests.hostile.clients import closed_by_server, open_fds, timed_get, unread_get
 from tests.support.ports import loopback_host
 
@@ -158,11 +165,13 @@ def test_the_cap_is_held_to_half_the_open_file_limit() -> None:
 
 async def test_client_events_are_one_line_per_interval(
         caplog: pytest.LogCaptureFixture) -> None:
-    summary = server_module._Summary("registry", interval=0.2)
+    metrics = ServerMetrics(CollectorRegistry())
+    summary = server_module._Summary("registry", metrics, interval=0.2)
     with caplog.at_level(logging.INFO, logger="meshmirror.server"):
         for _ in range(10_000):
-            summary.count("accept_failed_EMFILE")
+            summary.count("accept_failed", "EMFILE")
         await asyncio.sleep(0.5)
     records = [r for r in caplog.records if r.name == "meshmirror.server"]
     assert len(records) == 1 and not records[0].exc_info
     assert records[0].fields["accept_failed_EMFILE"] == 10_000  # type: ignore[attr-defined]
+    assert metrics.events.labels("registry", "accept_failed")._value.get() == 10_000

@@ -113,6 +113,9 @@ def test_clients_that_never_read_are_dropped_and_release_what_they_held(
         peak = proc_status(node.proc.pid)["VmHWM"]
         print(f"\nunread clients: RSS idle {idle / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB "
               f"(+{(peak - idle) / MiB:.0f}); spool peak {spool_peak[0] / MiB:.0f} MiB")
+        timeouts = metric(node, 'meshmirror_http_connection_events_total'
+                              '{server="registry",event="send_timeout"}')
+        assert timeouts >= 1, "the drops are counted"
         if bait == "spooled":
             assert spool_peak[0] > 0, "the large blobs went through the spool"
         if bait == "in-memory" and peak - idle > RSS_GROWTH:
