@@ -25,7 +25,7 @@ from tests.hostile.clients import open_fds, timed_get
 from tests.support.node import start_node
 from tests.support.processes import stop, wait_until
 
-pytestmark = [pytest.mark.real]
+pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 CYCLES = 20_000
 ATTACKERS = 4

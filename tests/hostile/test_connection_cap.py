@@ -16,7 +16,7 @@ from tests.reliability.test_burst import metric
 from tests.support.node import start_node
 from tests.support.processes import stop, wait_until
 
-pytestmark = [pytest.mark.real]
+pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 CAP = 64
 HOSTILE = 300

@@ -26,7 +26,7 @@ from tests.reliability.test_burst import metric, proc_status
 from tests.support.node import start_node
 from tests.support.processes import stop, wait_until
 
-pytestmark = [pytest.mark.real]
+pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 MiB = 1024 * 1024
 IN_MEMORY_BOUND = MirrorOptions().verify_before_send_limit
