@@ -286,6 +286,21 @@ class _Connection(TCPServer):
                 elif now - last_progress >= limit:
                     raise _SendTimedOut from None
 
+    async def _close(self) -> None:
+        self._abort_unless_flushed()
+        await super()._close()
+
+    async def _initiate_server_close(self) -> None:
+        self._abort_unless_flushed()
+        await super()._initiate_server_close()
+
+    def _abort_unless_flushed(self) -> None:
+        """A graceful close waits until our buffer is sent: for a client that reads no
+        more, for ever, holding the descriptor and a slot of the cap. So a close with
+        bytes still pending becomes an abort once the send timeout has passed."""
+        if self.writer.transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(self._options.send_timeout, self.abort)
+
     async def _read_data(self) -> None:
         await super()._read_data()
         # The client's side has ended and the request, if any, was told so; without

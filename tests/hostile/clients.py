@@ -15,13 +15,15 @@ import urllib.request
 SMALL_RCVBUF = 4096
 
 
-def unread_get(host: str, port: int, path: str) -> socket.socket:
+def unread_get(host: str, port: int, path: str, connection: str = "keep-alive"
+               ) -> socket.socket:
     """A connection that sent ``GET path`` and will never read the answer."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
     sock.settimeout(10)
     sock.connect((host, port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: {connection}"
+                 "\r\n\r\n".encode())
     return sock
 
 

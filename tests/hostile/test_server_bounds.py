@@ -30,6 +30,7 @@ from tests.hostile.clients import closed_by_server, open_fds, timed_get, unread_
 from tests.support.ports import loopback_host
 
 PIECE = 128 * 1024
+SNDBUF = 16 * 1024
 
 
 class BodyApp:
@@ -44,7 +45,11 @@ class BodyApp:
         async def base(request: Request) -> Response:
             return PlainTextResponse("{}")
 
-        self.app = Starlette(routes=[Route("/blob", blob), Route("/v2/", base)])
+        async def sized(request: Request) -> Response:
+            return Response(b"x" * int(request.query_params["size"]))
+
+        self.app = Starlette(routes=[Route("/blob", blob), Route("/v2/", base),
+                                     Route("/sized", sized)])
 
     async def _body(self) -> AsyncIterator[bytes]:
         try:
@@ -52,6 +57,15 @@ class BodyApp:
                 yield b"x" * PIECE
         finally:
             self.closed.set()
+
+
+def answered(sock: socket.socket) -> bool:
+    """Whether bytes of the answer wait in ``sock``, without taking them."""
+    sock.setblocking(False)
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
 
 
 async def until(check: Callable[[], bool], seconds: float, what: str) -> None:
@@ -63,10 +77,13 @@ async def until(check: Callable[[], bool], seconds: float, what: str) -> None:
 
 
 async def serving(options: ServerOptions,
-                  body: Callable[[str, int, BodyApp], Awaitable[None]]) -> None:
+                  body: Callable[[str, int, BodyApp], Awaitable[None]],
+                  sndbuf: int | None = None) -> None:
     app = BodyApp()
     host = loopback_host()
     sock = bind_listener(host, 0)
+    if sndbuf is not None:  # accepted sockets inherit it, and the kernel stops tuning it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     port = sock.getsockname()[1]
     shutdown = asyncio.Event()
     task = asyncio.create_task(serve(app.app, sock, shutdown, options))
@@ -90,6 +107,34 @@ async def test_a_response_nobody_reads_is_dropped_and_its_body_closed() -> None:
             stalled.close()
 
     await serving(ServerOptions(send_timeout=0.5), check)
+
+
+async def test_a_closed_connection_with_unsent_bytes_does_not_linger() -> None:
+    """A response that fits in the buffers ends the request, and the close that follows
+    (``Connection: close``, or an idle keep-alive connection) waits for the client to
+    read what is left. One that never reads must not keep the descriptor."""
+    async def check(host: str, port: int, app: BodyApp) -> None:
+        await asyncio.sleep(0.1)
+        baseline = open_fds(os.getpid())
+        clients = []
+        # The server's send buffer is fixed small (below), so these responses leave a
+        # rest of up to 64 KiB, the transport's high-water mark, in our own buffer:
+        # the response ends without waiting, and only the close would wait.
+        for i, size in enumerate(range(SNDBUF * 3, SNDBUF * 3 + 100 * 1024, 4 * 1024)):
+            mode = ("close", "keep-alive")[i % 2]
+            clients.append(unread_get(host, port, f"/sized?size={size}", mode))
+        try:
+            await until(lambda: all(answered(sock) for sock in clients), 30,
+                        "every client to be answered")
+            # Each side of each connection is a descriptor here; the server's go.
+            await until(lambda: open_fds(os.getpid()) <= baseline + len(clients) + 2, 30,
+                        "the server to close every connection its client left unread")
+        finally:
+            for sock in clients:
+                sock.close()
+
+    await serving(ServerOptions(send_timeout=1.0, keep_alive_timeout=1.0), check,
+                  sndbuf=SNDBUF)
 
 
 async def test_a_slow_reader_that_keeps_reading_is_not_cut_off() -> None:
