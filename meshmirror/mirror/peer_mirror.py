@@ -2,8 +2,9 @@
 
 `PeerMirror` is the registry's `Fallback`. For every miss it asks the router
 which peers probably hold the key and fetches from them through a `PeerClient`
-(bounded waits, hedging, blame). With nobody left the answer is None, which the
-app turns into a fast 404 so containerd goes upstream.
+(bounded waits, hedging, blame). With nobody left the answer is a `Miss` with its
+reason, which the app turns into a fast 404 (and a log line saying why) so
+containerd goes upstream.
 
 It passes on no unverified byte. A manifest, or a blob of at most
 ``verify_before_send_limit`` bytes, is read whole into memory and verified
@@ -45,7 +46,7 @@ from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
 from meshmirror.oci.reference import tag_key
-from meshmirror.registry.fallback import FallbackContent
+from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
 from meshmirror.routing.router import Router
 
@@ -82,8 +83,7 @@ class PeerMirror:
         self.client = PeerClient(router, session, self._options, self._metrics, clock)
         self._spools = SpoolBudget(self._options.spool_dir, self._options.spool_limit)
         self._metrics.spool_bytes.set_function(lambda: self._spools.used)
-        for name in sorted(self._options.mirrored_registries):
-            self._metrics.init_registry(name)
+        self._metrics.label_registries(self._options.mirrored_registries)
 
     @property
     def metrics(self) -> MirrorMetrics:
@@ -95,64 +95,64 @@ class PeerMirror:
 
     async def open_manifest(
         self, registry: str, repository: str, reference: str, want_body: bool
-    ) -> FallbackContent | None:
+    ) -> FallbackContent | Miss:
         opts = self._options
         started = self._clock()
         path = f"/v2/{repository}/manifests/{reference}"
         if not opts.mirrors(registry):
             self._count(registry, "manifest", "not_mirrored", path, started)
-            return None
+            return Miss(MissReason.NOT_MIRRORED)
         if ":" in reference:
             try:
                 digest = Digest.parse(reference)
             except DigestError:
-                return None
+                return Miss(MissReason.BAD_REFERENCE)
             return await self._manifest_by_digest(registry, repository, digest, path, started)
         key = tag_key(registry, repository, reference)
         if opts.filtered(key):
             self._count(registry, "manifest", "filtered", path, started)
-            self._metrics.tag_resolutions.labels(registry, "none").inc()
-            return None
+            self._resolved(registry, "none")
+            return Miss(MissReason.FILTERED)
         decision = await self.tags.decide(registry, repository, reference)
         if isinstance(decision, Refuse):
-            logger.debug("tag %s not resolved: %s", key, decision.reason)
+            logger.debug("tag %s not resolved: %s", key, decision.reason.value)
             self._count(registry, "manifest", "refused", path, started)
-            self._metrics.tag_resolutions.labels(registry, "none").inc()
-            return None
+            self._resolved(registry, "none")
+            return Miss(decision.reason)
         if isinstance(decision, UseDigest):
             content = await self._manifest_by_digest(registry, repository, decision.digest,
                                                      path, started)
-            source = "upstream" if content is not None else "none"
+            source = "upstream" if not isinstance(content, Miss) else "none"
         else:
             assert isinstance(decision, AskPeers)
             content = await self._manifest_by_tag(registry, repository, reference, path,
                                                   started)
-            source = "peer" if content is not None else "none"
-        self._metrics.tag_resolutions.labels(registry, source).inc()
+            source = "peer" if not isinstance(content, Miss) else "none"
+        self._resolved(registry, source)
         return content
 
     async def _manifest_by_digest(self, registry: str, repository: str, digest: Digest,
-                                  path: str, started: float) -> FallbackContent | None:
+                                  path: str, started: float) -> FallbackContent | Miss:
         """A manifest whose digest is known, from peers, if the repository may be shared."""
         if await self.access.check(registry, repository, str(digest)) is Access.DENY:
             self._count(registry, "manifest", "refused", path, started)
-            return None
+            return self._denied(registry, repository)
         return await self._fetch_manifest(registry, f"/v2/{repository}/manifests/{digest}",
                                           str(digest), digest, path, started)
 
     async def _manifest_by_tag(self, registry: str, repository: str, tag: str, path: str,
-                               started: float) -> FallbackContent | None:
+                               started: float) -> FallbackContent | Miss:
         """A tag as peers resolve it: whatever manifest they hold under it, checked only
         against the digest they announce (a tag has none of its own to check)."""
         if await self.access.check(registry, repository, tag) is Access.DENY:
             self._count(registry, "manifest", "refused", path, started)
-            return None
+            return self._denied(registry, repository)
         return await self._fetch_manifest(registry, path, tag_key(registry, repository, tag),
                                           None, path, started)
 
     async def _fetch_manifest(self, registry: str, peer_path: str, key: str,
                               expected: Digest | None, path: str,
-                              started: float) -> FallbackContent | None:
+                              started: float) -> FallbackContent | Miss:
         """The first verified manifest from peers holding ``key``; HEAD is answered from a
         verified GET too: manifests are small, and a digest is only as good as its body."""
         candidates = self._router.candidates(key, limit=self._options.resolve_retries)
@@ -173,7 +173,7 @@ class PeerMirror:
         finally:
             await opener.aclose()
         self._count(registry, "manifest", "miss", path, started)
-        return None
+        return Miss(MissReason.PEERS_FAILED if candidates else MissReason.NO_PEER)
 
     async def _read_manifest(
         self, opened: PeerResponse, expected: Digest | None
@@ -201,21 +201,21 @@ class PeerMirror:
         digest: Digest,
         byte_range: RangeSpec | None,
         want_body: bool,
-    ) -> FallbackContent | None:
+    ) -> FallbackContent | Miss:
         started = self._clock()
         path = f"/v2/{repository}/blobs/{digest}"
         if not self._options.mirrors(registry):
             self._count(registry, "blob", "not_mirrored", path, started)
-            return None
+            return Miss(MissReason.NOT_MIRRORED)
         if await self.access.check(registry, repository, BLOB_PROBE_REFERENCE) is Access.DENY:
             self._count(registry, "blob", "refused", path, started)
-            return None
+            return self._denied(registry, repository)
         fetch = BlobFetch(self.client, self._router, self._options, registry, path, digest)
         size = await fetch.open()
         record = _BlobRecord(registry, path, started, size or 0, fetch)
         if size is None:
             self._count_blob(record, "miss")
-            return None
+            return Miss(MissReason.PEERS_FAILED if fetch.asked_any else MissReason.NO_PEER)
         try:
             return await self._blob_body(fetch, record, digest, size, byte_range, want_body)
         except BaseException:
@@ -231,12 +231,12 @@ class PeerMirror:
         size: int,
         byte_range: RangeSpec | None,
         want_body: bool,
-    ) -> FallbackContent | None:
+    ) -> FallbackContent | Miss:
         """The blob's content, its body held or streamed by size; ``fetch`` is open."""
         if not want_body:
             # A peer's headers are only its word: HEAD stands behind a verified blob.
-            if not await self._verify(fetch, DiscardSink(), record, threads=True):
-                return None
+            if (miss := await self._verify(fetch, DiscardSink(), record, threads=True)):
+                return miss
             return FallbackContent(digest, fetch.size, None, None)
         try:
             selected = byte_range.resolve(size) if byte_range is not None else None
@@ -247,8 +247,8 @@ class PeerMirror:
         end = size if selected is None else selected.offset + selected.length
         if size <= self._options.verify_before_send_limit:
             memory = MemorySink(self._options.verify_before_send_limit)
-            if not await self._verify(fetch, memory, record, threads=False):
-                return None
+            if (miss := await self._verify(fetch, memory, record, threads=False)):
+                return miss
             self._metrics.blob_bodies.labels("memory").inc()
             size, end = fetch.size, fetch.size if selected is None else end  # the verified size
             body = bytes(memoryview(memory.data)[start:end])  # one copy, not two
@@ -256,13 +256,13 @@ class PeerMirror:
         spool = self._spools.reserve(size)
         if spool is not None:
             try:
-                verified = await self._verify(fetch, spool, record, threads=True)
+                miss = await self._verify(fetch, spool, record, threads=True)
             except BaseException:
                 spool.release()
                 raise
-            if not verified:
+            if miss:
                 spool.release()
-                return None
+                return miss
             self._metrics.blob_bodies.labels("spool").inc()
             size, end = fetch.size, fetch.size if selected is None else end
             return FallbackContent(
@@ -274,21 +274,37 @@ class PeerMirror:
         return FallbackContent(digest, size, None, fetch.stream(start, end))
 
     async def _verify(self, fetch: BlobFetch, sink: Sink, record: _BlobRecord, *,
-                      threads: bool) -> bool:
-        """Fill ``sink`` with the verified blob and count the request's outcome."""
+                      threads: bool) -> Miss | None:
+        """Fill ``sink`` with the verified blob and count the request's outcome; the
+        miss when it could not be verified."""
+        miss: Miss | None = None
         try:
-            verified = await fetch.read_verified(sink, threads=threads)
+            if not await fetch.read_verified(sink, threads=threads):
+                # read_verified gives up on its deadline or with no good peer left.
+                miss = Miss(MissReason.DEADLINE if fetch.deadline_passed
+                            else MissReason.PEERS_FAILED)
         except SinkFailure as err:
             fetch.close()
             logger.warning("could not hold a blob until verified (%s); answering 404", err)
-            verified = False
-        self._count_blob(record, "hit" if verified else "error")
-        return verified
+            miss = Miss(MissReason.BUSY, str(err))
+        self._count_blob(record, "error" if miss else "hit")
+        return miss
+
+    def _denied(self, registry: str, repository: str) -> Miss:
+        """Why `RepositoryAccess` denied peers: a private verdict, or none in an outage."""
+        last = self.access.cache.last(registry, repository)
+        if last is not None and not last.public:
+            return Miss(MissReason.PRIVATE_REPOSITORY)
+        return Miss(MissReason.UNKNOWN_REPOSITORY_OUTAGE)
 
     def _count(self, registry: str, kind: str, result: str, path: str, started: float,
                peer: str | None = None, size: int | None = None) -> None:
         self._metrics.record(finished(registry, kind, path, result, started=started,
                                       clock=self._clock, peer=peer, size_bytes=size))
+
+    def _resolved(self, registry: str, source: str) -> None:
+        self._metrics.tag_resolutions.labels(self._metrics.registry_label(registry),
+                                             source).inc()
 
     def _count_blob(self, record: _BlobRecord, result: str) -> None:
         self._count(record.registry, "blob", result, record.path, record.started,
