@@ -58,6 +58,7 @@ from meshmirror.mirror.options import (
     TagResolution,
     UnknownVisibility,
 )
+from meshmirror.registry.serveroptions import ServerOptions
 from meshmirror.runconfig import MEMBERLIST_PORT, NodeConfig, PeeringConfig
 from meshmirror.upstream.guard import AddressGuard
 from meshmirror.upstream.options import UpstreamOptions
@@ -278,6 +279,7 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
           help="bytes of peer chunks held in memory at once across all requests")
     _flag(run, "--summary-fp-rate", PeeringConfig, "summary_fp_rate", parse=_parse_float,
           metavar="RATE", help="target false-positive rate of the Bloom summary")
+    _add_client_flags(run)
     _add_containerd_flags(run)
     _flag(run, "--write-hosts-config", NodeConfig, "write_hosts_config", parse=parse_bool,
           show=lambda value: str(value).lower(), metavar="BOOL",
@@ -285,6 +287,18 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
                "so a restarted container puts back a lost entry")
     _add_hosts_location_flags(run)
     _add_prepend_existing(run)
+
+
+def _add_client_flags(run: argparse.ArgumentParser) -> None:
+    """Bounds on what one client of the registry port can hold (docs/security.md)."""
+    _flag(run, "--client-send-timeout", ServerOptions, "send_timeout",
+          parse=parse_duration, show=format_duration, metavar="DURATION",
+          help="a response the client takes no byte of for this long is dropped, freeing "
+               "its spool, memory and peer connection")
+    _flag(run, "--client-max-connections", ServerOptions, "max_connections",
+          parse=_parse_int, metavar="N",
+          help="open registry connections at most (and at most half the open-file limit); "
+               "more wait in the listen backlog")
 
 
 def _add_upstream_flags(run: argparse.ArgumentParser) -> None:
@@ -566,11 +580,18 @@ def _containerd_config(args: argparse.Namespace) -> ContainerdConfig:
                             config=args.containerd_config)
 
 
+def _server_options(args: argparse.Namespace) -> ServerOptions:
+    if args.client_send_timeout <= 0 or args.client_max_connections < 1:
+        raise UsageError("--client-send-timeout must be > 0 and --client-max-connections >= 1")
+    return ServerOptions(send_timeout=args.client_send_timeout,
+                         max_connections=args.client_max_connections)
+
+
 def node_config(args: argparse.Namespace) -> NodeConfig:
     """``run``'s flags, checked: every bad one is a UsageError before anything starts."""
     return NodeConfig(store=args.store, registry_addr=args.registry_addr,
                       metrics_addr=args.metrics_addr, containerd=_containerd_config(args),
-                      peering=peering_config(args),
+                      server=_server_options(args), peering=peering_config(args),
                       write_hosts_config=args.write_hosts_config,
                       hosts=hosts_config(args, targets_required=args.write_hosts_config))
 

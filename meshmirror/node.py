@@ -48,7 +48,13 @@ from meshmirror.peering import Peering
 from meshmirror.registry.app import RegistryOptions, create_app
 from meshmirror.registry.fallback import Fallback
 from meshmirror.registry.metrics import RegistryMetrics
-from meshmirror.registry.server import ServerOptions, bind_listener, listener_address, serve
+from meshmirror.registry.server import (
+    ServerMetrics,
+    ServerOptions,
+    bind_listener,
+    listener_address,
+    serve,
+)
 from meshmirror.runconfig import NodeConfig
 from meshmirror.status import status_routes
 from meshmirror.store.base import Store
@@ -58,6 +64,10 @@ log = logging.getLogger("meshmirror.node")
 # A component that does not stop within this long is abandoned so that
 # SIGTERM always ends the process; Kubernetes would SIGKILL us anyway.
 _STOP_TIMEOUT: Final = 10.0
+# Scrapes, probes and the status page need few connections; a cap of its own keeps
+# the metrics port answering while the registry port is at its cap, and the two
+# caps together within the open-file limit.
+_METRICS_MAX_CONNECTIONS: Final = 256
 
 
 class StartError(Exception):
@@ -120,12 +130,13 @@ class HttpServer:
     """One Hypercorn listener; binds in ``start()`` so a busy port fails the start."""
 
     def __init__(self, name: str, app: ASGIApp, host: str, port: int,
-                 options: ServerOptions) -> None:
+                 options: ServerOptions, metrics: ServerMetrics | None = None) -> None:
         self.name = name
         self.app = app
         self.host = host
         self.port = port
         self.options = options
+        self.metrics = metrics
         self.address: str | None = None
         self._shutdown = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -137,8 +148,10 @@ class HttpServer:
             raise StartError(f"{self.name}: cannot listen on {self.host}:{self.port}: "
                              f"{err.strerror or err}") from err
         self.address = listener_address(sock)
-        self._task = asyncio.create_task(serve(self.app, sock, self._shutdown, self.options),
-                                         name=f"http-{self.name}")
+        self._task = asyncio.create_task(
+            serve(self.app, sock, self._shutdown, self.options, name=self.name,
+                  metrics=self.metrics),
+            name=f"http-{self.name}")
         log.info("listening", extra={"fields": {"server": self.name, "address": self.address}})
 
     async def stop(self) -> None:
@@ -167,6 +180,7 @@ class Node:
         self.metrics_registry = CollectorRegistry()
         ProcessCollector(registry=self.metrics_registry)
         PlatformCollector(registry=self.metrics_registry)
+        self.server_metrics = ServerMetrics(self.metrics_registry)
         self.store = store if store is not None else build_store(config)
         self.fallback: Fallback | None = None
         self.registry_routes: list[BaseRoute] = []
@@ -208,12 +222,13 @@ class Node:
                     local_only, self.peering.mirror.access.refuses_peers,
                     self.config.default_registry)
             registry_app = peer_dispatch(registry_app, local_only)
-        server = self.config.server or ServerOptions()
+        server = self.config.server
         self.metrics_server = HttpServer(
             "metrics", metrics_app(self.metrics_registry, self.metrics_routes),
-            *self.config.metrics_addr, server)
+            *self.config.metrics_addr, replace(server, max_connections=min(
+                server.max_connections, _METRICS_MAX_CONNECTIONS)), self.server_metrics)
         self.registry_server = HttpServer("registry", registry_app, *self.config.registry_addr,
-                                          server)
+                                          server, self.server_metrics)
         return [StoreComponent(self.store), self.metrics_server, *self._extra,
                 self.registry_server]
 

@@ -18,6 +18,7 @@ from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.containerd.hostsconfig import HostsConfig, parse_registries
 from meshmirror.flags import field_default, parse_bool, parse_duration, parse_size
 from meshmirror.mirror.options import MirrorOptions, OutagePeerTags
+from meshmirror.registry.serveroptions import ServerOptions
 from meshmirror.runconfig import NodeConfig, PeeringConfig
 from meshmirror.upstream.options import UpstreamOptions
 
@@ -63,6 +64,8 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "containerd_content_path": (ContainerdConfig, "content_path"),
     "containerd_config": (ContainerdConfig, "config"),
     "write_hosts_config": (NodeConfig, "write_hosts_config"),
+    "client_send_timeout": (ServerOptions, "send_timeout"),
+    "client_max_connections": (ServerOptions, "max_connections"),
     "containerd_registry_config_path": (HostsConfig, "config_path"),
     "prepend_existing": (HostsConfig, "prepend_existing"),
 }
@@ -98,6 +101,22 @@ def test_run_without_flags_builds_the_dataclass_defaults() -> None:
     assert config.peering.mesh_addr == field_default(PeeringConfig, "mesh_addr")
     assert config.write_hosts_config is False
     assert config.hosts == NodeConfig().hosts
+    assert config.server == ServerOptions()
+
+
+def test_client_bounds_reach_the_server_options() -> None:
+    config = cli.node_config(cli.parse_args(["run", "--store", "oci:/tmp",
+                                             "--client-send-timeout", "1.5s",
+                                             "--client-max-connections", "64"]))
+    assert config.server == ServerOptions(send_timeout=1.5, max_connections=64)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--client-send-timeout", "0"),
+                                             ("--client-max-connections", "0")])
+def test_client_bounds_must_bound(flag: str, value: str,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "--store", "oci:/tmp", flag, value]) == 2
+    assert flag in one_error_line(capsys)
 
 
 def test_run_hosts_config_reads_as_configure_does(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,6 +165,8 @@ CHART_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "meshmirror.mirrorResolveRetries": (int, field_default(MirrorOptions, "resolve_retries")),
     "meshmirror.mirrorSpoolLimit": (parse_size, field_default(MirrorOptions, "spool_limit")),
     "meshmirror.summaryFpRate": (float, field_default(PeeringConfig, "summary_fp_rate")),
+    "meshmirror.clientSendTimeout": (parse_duration, field_default(ServerOptions, "send_timeout")),
+    "meshmirror.clientMaxConnections": (int, field_default(ServerOptions, "max_connections")),
     "meshmirror.prependExisting": (parse_bool, field_default(HostsConfig, "prepend_existing")),
     "meshmirror.containerdSock": (str, field_default(ContainerdConfig, "sock")),
     "meshmirror.containerdNamespace": (str, field_default(ContainerdConfig, "namespace")),

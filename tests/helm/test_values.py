@@ -75,6 +75,10 @@ INVALID = [
      "'20 ms' does not match pattern"),
     (["--set", "meshmirror.mirrorFirstByteTimeout=0s"], "/meshmirror/mirrorFirstByteTimeout",
      "'0s' does not match pattern"),
+    (["--set", "meshmirror.clientSendTimeout=0"], "/meshmirror/clientSendTimeout",
+     "exclusiveMinimum"),
+    (["--set", "meshmirror.clientMaxConnections=0"], "/meshmirror/clientMaxConnections",
+     "minimum: got 0, want 1"),
     (["--set", "gossip.enabled=maybe"], "/gossip/enabled", "want boolean"),
     (["--set", "livenessProbe.enabled=yes"], "/livenessProbe/enabled", "want boolean"),
     (["--set", "cleanup.onStop=true"], "/cleanup", "'onStop' not allowed"),
@@ -227,6 +231,14 @@ def test_go_durations_reach_the_flags_as_written(helm: Path, duration: str) -> N
     env = chart.literal_env(chart.container(manifests, "meshmirror"))
     assert env["MESHMIRROR_MIRROR_RESOLVE_TIMEOUT"] == duration
     assert env["MESHMIRROR_MIRROR_FIRST_BYTE_TIMEOUT"] == duration
+
+
+def test_client_bounds_reach_the_flags(helm: Path) -> None:
+    manifests = chart.render(sets=["meshmirror.clientSendTimeout=1m",
+                                   "meshmirror.clientMaxConnections=512"])
+    env = chart.literal_env(chart.container(manifests, "meshmirror"))
+    assert env["MESHMIRROR_CLIENT_SEND_TIMEOUT"] == "1m"
+    assert env["MESHMIRROR_CLIENT_MAX_CONNECTIONS"] == "512"
 
 
 @pytest.mark.parametrize(("given", "passed"), [
