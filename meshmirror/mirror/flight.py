@@ -366,11 +366,17 @@ class Reader:
             entry = self._entry
             assert entry is not None
             upto = min(end, flight.written if flight.state is not State.VERIFIED else end)
-            async for piece in entry.read(position, upto, flights.piece, flights.budget):
-                if flight.attempt != attempt:
-                    raise VerificationError(f"{flight.key}: fetch started over")
-                position += len(piece)
-                yield piece
+            pieces = entry.read(position, upto, flights.piece, flights.budget)
+            try:
+                async for piece in pieces:
+                    if flight.attempt != attempt:
+                        raise VerificationError(f"{flight.key}: fetch started over")
+                    position += len(piece)
+                    yield piece
+            except OSError as err:  # the file was truncated under the read: a restart
+                raise VerificationError(f"{flight.key}: {err}") from err
+            finally:
+                await pieces.aclose()  # type: ignore[attr-defined]  # an async generator
 
     def close(self) -> None:
         if self._closed:

@@ -84,7 +84,7 @@ class PeerMirror:
         self.tags = TagPolicy(asked, self._options, self.access, mesh_encrypted=mesh_encrypted)
         self.client = PeerClient(router, session, self._options, self._metrics, clock)
         opts = self._options
-        cache = BlobCache(opts.upstream_cache_dir or opts.spool_dir, opts.upstream_cache_limit,
+        cache = BlobCache(opts.upstream_cache_dir or opts.spool_dir, opts.cache_limit,
                           opts.spool_limit, on_evict=self._metrics.cache_evictions.inc)
         self.flights = Flights(cache, self._metrics, budget=self.client.budget,
                                piece=opts.send_size, stall=opts.deadline)
