@@ -74,6 +74,8 @@ class CacheEntry:
         self.size = size
         self.written = 0
         self.complete = False
+        # Where the verified bytes came from (`flight.BlobSource.origin`).
+        self.origin: str | None = None
         self.pins = 0
         self._cache = cache
         self._recent: OrderedDict[tuple[int, int], asyncio.Future[bytes]] = OrderedDict()
