@@ -54,6 +54,8 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "mirror_resolve_retries": (MirrorOptions, "resolve_retries"),
     "mirror_spool_dir": (MirrorOptions, "spool_dir"),
     "mirror_spool_limit": (MirrorOptions, "spool_limit"),
+    "upstream_cache_dir": (MirrorOptions, "upstream_cache_dir"),
+    "upstream_cache_limit": (MirrorOptions, "upstream_cache_limit"),
     "mirror_stall_timeout": (MirrorOptions, "stall_timeout"),
     "mirror_min_rate": (MirrorOptions, "min_rate"),
     "mirror_deadline": (MirrorOptions, "deadline"),
@@ -164,6 +166,9 @@ CHART_DEFAULTS: dict[str, tuple[Any, Any]] = {
                                field_default(MirrorOptions, "first_byte_timeout")),
     "meshmirror.mirrorResolveRetries": (int, field_default(MirrorOptions, "resolve_retries")),
     "meshmirror.mirrorSpoolLimit": (parse_size, field_default(MirrorOptions, "spool_limit")),
+    # Empty: as mirrorSpoolLimit, which the CLI's None means too.
+    "meshmirror.upstreamCacheLimit": (lambda text: parse_size(text) if text else None,
+                                      field_default(MirrorOptions, "upstream_cache_limit")),
     "meshmirror.summaryFpRate": (float, field_default(PeeringConfig, "summary_fp_rate")),
     "meshmirror.clientSendTimeout": (parse_duration, field_default(ServerOptions, "send_timeout")),
     "meshmirror.clientMaxConnections": (int, field_default(ServerOptions, "max_connections")),
