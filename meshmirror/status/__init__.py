@@ -7,6 +7,7 @@ everything it shows comes from the JSON, so a script sees exactly what a human s
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from meshmirror.store.base import Store
 __all__ = ["node_status", "status_routes"]
 
 
-def status_routes(store: Store, peering: Peering | None) -> list[BaseRoute]:
+def status_routes(store: Store, peering: Peering | None,
+                  conditions: Sequence[Mapping[str, str]] = ()) -> list[BaseRoute]:
     """Routes for the metrics server; hooks the mirror's activity and the hosts.toml check."""
     activity: MirrorActivity | None = None
     if peering is not None:
@@ -37,7 +39,7 @@ def status_routes(store: Store, peering: Peering | None) -> list[BaseRoute]:
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
 
     async def as_json(request: Request) -> Response:
-        return JSONResponse(await node_status(store, peering, activity),
+        return JSONResponse(await node_status(store, peering, activity, conditions),
                             headers={"Cache-Control": "no-store"})
 
     async def as_html(request: Request) -> Response:

@@ -10,6 +10,7 @@ page can turn them into ages. Member names arrive from the network as arbitrary 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshmirror import __version__
@@ -82,7 +83,8 @@ def _activity(activity: MirrorActivity | None) -> dict[str, Any] | None:
 
 
 async def node_status(store: Store, peering: Peering | None,
-                      activity: MirrorActivity | None = None) -> dict[str, Any]:
+                      activity: MirrorActivity | None = None,
+                      conditions: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
     keys = await store.keys()
     status: dict[str, Any] = {
         "version": __version__,
@@ -92,6 +94,8 @@ async def node_status(store: Store, peering: Peering | None,
                   "tags": sorted(printable(k) for k in keys if not k.startswith("sha256:"))},
         "mesh": None,
         "mirror": _activity(activity),
+        # Startup warnings that keep pulls from the mirror (containerd's config), with fixes.
+        "conditions": [dict(c) for c in conditions],
     }
     if peering is None:
         return status

@@ -50,7 +50,7 @@ def test_promtool_checks_the_rules() -> None:
     done = subprocess.run([_promtool(), "check", "rules", str(RULES)], capture_output=True,
                           text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 4 rules found" in done.stdout
+    assert "SUCCESS: 5 rules found" in done.stdout
 
 
 def test_promtool_unit_tests_of_the_rules() -> None:
@@ -77,4 +77,5 @@ def test_chart_ships_dashboard_and_rules_when_enabled() -> None:
     rule = chart.one(manifests, "PrometheusRule")
     alerts = [r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]]
     assert alerts == ["MeshmirrorNoAlivePeers", "MeshmirrorSummariesNotConverging",
-                      "MeshmirrorMirrorErrorsRising", "MeshmirrorHostsConfigNotPointingHere"]
+                      "MeshmirrorMirrorErrorsRising", "MeshmirrorHostsConfigNotPointingHere",
+                      "MeshmirrorContainerdConfigBypassesMirror"]
