@@ -76,9 +76,10 @@ class E2ENode:
                  resolve_timeout: float = MIRROR_RESOLVE_TIMEOUT,
                  extra_args: Sequence[str] = (), gossip_key: str | None = GOSSIP_KEY,
                  containerd_version: str = SYSTEM_VERSION, cri: bool = False,
-                 images_config: str = "") -> None:
-        """``cri``: containerd's CRI plugin reads hosts.toml from this node's hosts dir,
-        so ``containerd.cri_pull`` pulls as the kubelet does."""
+                 images_config: str = "", extra_config_paths: Sequence[str] = ()) -> None:
+        """``cri``: containerd's CRI plugin reads hosts.toml from this node's hosts dir
+        (then ``extra_config_paths``: a config_path list), so ``containerd.cri_pull``
+        pulls as the kubelet does."""
         self.name = name
         self.host = loopback_host()
         self.registry_port = free_port(self.host)
@@ -96,7 +97,8 @@ class E2ENode:
             self.key_file.write_text(gossip_key)
         self.containerd = Containerd(
             version=containerd_version, cri=cri, images_config=images_config,
-            registry_config_path=str(self.hosts_dir) if cri else None)
+            registry_config_path=":".join([str(self.hosts_dir), *extra_config_paths])
+            if cri else None)
         self.proc: subprocess.Popen[bytes] | None = None
 
     # -- addresses ---------------------------------------------------------------
