@@ -17,6 +17,8 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 from starlette.types import ASGIApp
 
+from meshmirror.addresses import bind_socket
+
 # Go's net/http takes the kernel's somaxconn; Hypercorn's default of 100 would
 # make a burst of 200 pulls wait a full SYN retransmit (1 s) for some of them.
 _BACKLOG = 4096
@@ -30,14 +32,11 @@ class ServerOptions:
 
 
 def bind_listener(host: str, port: int, backlog: int = _BACKLOG) -> socket.socket:
-    """A listening TCP socket on host:port; OSError (e.g. address in use) if it cannot be."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    """A listening TCP socket on host:port; OSError (e.g. address in use) if it cannot be.
+
+    Port-only listens on IPv6 and IPv4 alike (`meshmirror.addresses.bind_socket`)."""
+    sock = bind_socket(host, port)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6 and host in ("::", ""):
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
