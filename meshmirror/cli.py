@@ -32,7 +32,7 @@ from meshmirror.addresses import (
     is_wildcard,
     parse_host_port,
 )
-from meshmirror.containerd.config import ContainerdConfig
+from meshmirror.containerd.config import ContainerdConfig, DoctorConfig
 from meshmirror.containerd.hostsconfig import (
     EVERY_REGISTRY,
     HostsConfig,
@@ -346,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hosts_flags(doctor)
     _add_containerd_flags(doctor)
     _add_registry_addr(doctor, "where this node's `meshmirror run` listens")
+    _flag(doctor, "--containerd-mirror-add", DoctorConfig, "containerd_mirror_add",
+          parse=parse_bool, show=lambda value: str(value).lower(), metavar="BOOL",
+          help="whether meshmirror writes hosts.toml on this node; false (the node's owner "
+               "does) reports the hosts.toml checks as information")
 
     demo = sub.add_parser("demo", help="a local three-node mesh on loopback")
     _flag(demo, "--nodes", DemoConfig, "nodes", parse=_parse_int, metavar="N")
@@ -563,11 +567,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return cleanup_command(hosts_config(args, targets_required=False))
     if command == "doctor":
-        from meshmirror.containerd.doctor import DoctorConfig, doctor_command
+        from meshmirror.containerd.doctor import doctor_command
 
         return doctor_command(DoctorConfig(hosts=hosts_config(args, targets_required=False),
                                            registry_addr=args.registry_addr,
-                                           containerd=_containerd_config(args)))
+                                           containerd=_containerd_config(args),
+                                           containerd_mirror_add=args.containerd_mirror_add))
     if command == "demo":
         from meshmirror.demo import demo_command
 

@@ -112,9 +112,13 @@ class CheckResult:
     # A failure ``run`` warns about and serves anyway (peers can still use this node),
     # while ``doctor`` fails on it.
     warning: bool = False
+    # Reported for information only: the node's owner, not meshmirror, manages it.
+    info: bool = False
 
     def line(self) -> str:
         """The one-line form printed by ``run`` and ``doctor``."""
+        if self.info:
+            return f"info  {self.name}: {self.detail}"
         if self.skipped:
             return f"skip  {self.name}: {self.detail}"
         if self.ok:
