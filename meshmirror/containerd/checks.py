@@ -298,8 +298,10 @@ def _edit_hint(config_file: str, distribution: str | None) -> str:
     """Where a fix must be written for it to last."""
     if distribution is None:
         return ""
+    template = os.path.join(os.path.dirname(config_file), "config-v3.toml.tmpl")
     return (f" ({distribution} rewrites {config_file} at every start: put the change in "
-            f"{config_file}.tmpl, based on the generated file)")
+            f"{config_file}.tmpl, or {template} with containerd 2, based on the generated "
+            "file)")
 
 
 def check_containerd_config(config_file: str,
