@@ -65,6 +65,15 @@ def parse_host_port(
     return (host or default_host, port)
 
 
+def bracket_bare_ipv6(text: str) -> str:
+    """``[fd00::1]`` for a bare IPv6 address (a pod IP from the downward API), else ``text``."""
+    try:
+        ipaddress.IPv6Address(text.strip())
+    except ValueError:
+        return text
+    return f"[{text.strip()}]"
+
+
 def format_host_port(host: str, port: int) -> str:
     """The inverse of `parse_host_port`: ``:5000`` for the wildcard, ``[::1]:5000`` for IPv6."""
     if host == ANY_HOST:

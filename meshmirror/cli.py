@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from meshmirror import __version__
 from meshmirror.addresses import (
     AddressError,
+    bracket_bare_ipv6,
     format_host_port,
     is_wildcard,
     parse_host_port,
@@ -422,7 +423,9 @@ def mesh_addresses(bind: tuple[str, int], advertise_addr: str | None,
     advertise: tuple[str, int] | None = None
     if advertise_addr:
         try:
-            advertise = parse_host_port(advertise_addr, default_host="", default_port=bind[1])
+            # The chart passes the pod IP as it is: bare on an IPv6 cluster.
+            advertise = parse_host_port(bracket_bare_ipv6(advertise_addr), default_host="",
+                                        default_port=bind[1])
         except AddressError as err:
             raise UsageError(f"--advertise-addr: {err}") from err
     public = _advertised_host(advertise[0] if advertise is not None else "", bind[0],

@@ -89,3 +89,13 @@ def test_mapped_addresses() -> None:
     assert sendable(socket.AF_INET6, "127.0.0.3") == "::ffff:127.0.0.3"
     assert sendable(socket.AF_INET6, "::1") == "::1"
     assert sendable(socket.AF_INET, "127.0.0.3") == "127.0.0.3"
+
+
+def test_a_bare_ipv6_pod_ip_is_an_advertise_address() -> None:
+    """The chart sets MESHMIRROR_ADVERTISE_ADDR to status.podIP, bare on IPv6 clusters."""
+    from meshmirror.cli import mesh_addresses
+
+    advertise, http_base = mesh_addresses(("", 7946), "fd00::1", ("", 5000))
+    assert advertise == ("fd00::1", 7946) and http_base == "http://[fd00::1]:5000"
+    assert mesh_addresses(("", 7946), "[fd00::1]:7000", ("", 5000))[0] == ("fd00::1", 7000)
+    assert mesh_addresses(("", 7946), "10.0.0.3", ("", 5000))[0] == ("10.0.0.3", 7946)
