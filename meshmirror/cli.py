@@ -28,11 +28,12 @@ from typing import Any, TypeVar
 from meshmirror import __version__
 from meshmirror.addresses import (
     AddressError,
+    bracket_bare_ipv6,
     format_host_port,
     is_wildcard,
     parse_host_port,
 )
-from meshmirror.containerd.config import ContainerdConfig
+from meshmirror.containerd.config import ContainerdConfig, DoctorConfig
 from meshmirror.containerd.hostsconfig import (
     EVERY_REGISTRY,
     HostsConfig,
@@ -394,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hosts_flags(doctor)
     _add_containerd_flags(doctor)
     _add_registry_addr(doctor, "where this node's `meshmirror run` listens")
+    _flag(doctor, "--containerd-mirror-add", DoctorConfig, "containerd_mirror_add",
+          parse=parse_bool, show=lambda value: str(value).lower(), metavar="BOOL",
+          help="whether meshmirror writes hosts.toml on this node; false (the node's owner "
+               "does) reports the hosts.toml checks as information")
 
     demo = sub.add_parser("demo", help="a local three-node mesh on loopback")
     _flag(demo, "--nodes", DemoConfig, "nodes", parse=_parse_int, metavar="N")
@@ -466,7 +471,9 @@ def mesh_addresses(bind: tuple[str, int], advertise_addr: str | None,
     advertise: tuple[str, int] | None = None
     if advertise_addr:
         try:
-            advertise = parse_host_port(advertise_addr, default_host="", default_port=bind[1])
+            # The chart passes the pod IP as it is: bare on an IPv6 cluster.
+            advertise = parse_host_port(bracket_bare_ipv6(advertise_addr), default_host="",
+                                        default_port=bind[1])
         except AddressError as err:
             raise UsageError(f"--advertise-addr: {err}") from err
     public = _advertised_host(advertise[0] if advertise is not None else "", bind[0],
@@ -644,11 +651,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return cleanup_command(hosts_config(args, targets_required=False))
     if command == "doctor":
-        from meshmirror.containerd.doctor import DoctorConfig, doctor_command
+        from meshmirror.containerd.doctor import doctor_command
 
         return doctor_command(DoctorConfig(hosts=hosts_config(args, targets_required=False),
                                            registry_addr=args.registry_addr,
-                                           containerd=_containerd_config(args)))
+                                           containerd=_containerd_config(args),
+                                           containerd_mirror_add=args.containerd_mirror_add))
     if command == "demo":
         from meshmirror.demo import demo_command
 

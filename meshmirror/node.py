@@ -25,10 +25,11 @@ import importlib
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -58,6 +59,9 @@ from meshmirror.registry.server import (
 from meshmirror.runconfig import NodeConfig
 from meshmirror.status import status_routes
 from meshmirror.store.base import Store
+
+if TYPE_CHECKING:
+    from meshmirror.containerd.checks import CheckResult
 
 log = logging.getLogger("meshmirror.node")
 
@@ -175,7 +179,10 @@ def metrics_app(registry: CollectorRegistry, routes: list[BaseRoute]) -> ASGIApp
 class Node:
     """The running node; an async context manager over its components."""
 
-    def __init__(self, config: NodeConfig, *, store: Store | None = None) -> None:
+    def __init__(self, config: NodeConfig, *, store: Store | None = None,
+                 containerd_checks: Sequence[CheckResult] = ()) -> None:
+        """``containerd_checks``: the startup checks that passed or only warned; each
+        warning is logged, shown on the status page and exported as a metric."""
         self.config = config
         self.metrics_registry = CollectorRegistry()
         ProcessCollector(registry=self.metrics_registry)
@@ -195,8 +202,16 @@ class Node:
             self.registry_routes.extend(self.peering.routes)
             self.add_component(self.peering)
         self.registry_metrics = RegistryMetrics(self.metrics_registry)
+        problems: list[dict[str, str]] = []
+        if containerd_checks:
+            from meshmirror.containerd.checks import ConfigProblemCollector, conditions
+
+            problems = conditions(containerd_checks)
+            for problem in problems:
+                log.warning("containerd config problem", extra={"fields": problem})
+            self.metrics_registry.register(ConfigProblemCollector(containerd_checks))
         self.metrics_routes.extend(status_routes(self.store, self.peering,
-                                                 self.registry_metrics))
+                                                 self.registry_metrics, problems))
         self.registry_server: HttpServer | None = None
         self.metrics_server: HttpServer | None = None
 
@@ -262,14 +277,14 @@ class Node:
         await self.stop()
 
 
-async def run_node(config: NodeConfig) -> int:
+async def run_node(config: NodeConfig, checks: Sequence[CheckResult] = ()) -> int:
     """Run until SIGTERM or SIGINT; 0 on a clean stop, 1 when the node cannot start."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     try:
-        node = Node(config)
+        node = Node(config, containerd_checks=checks)
         async with node:
             log.info("node started", extra={"fields": {
                 "registry": node.registry_server.address if node.registry_server else None,
@@ -290,16 +305,18 @@ async def run_node(config: NodeConfig) -> int:
 
 def run_command(config: NodeConfig) -> int:
     """``meshmirror run`` with flags already checked: 1 when containerd is not fit to serve."""
+    checks: Sequence[CheckResult] = ()
     if config.store == "containerd":
         # Fail at once with what to fix rather than serve 404s from a store that
         # can never fill (no socket, wrong namespace, layers discarded...).
-        from meshmirror.containerd.checks import startup_gate
+        from meshmirror.containerd.checks import startup_checks
 
-        if (code := startup_gate(config.containerd)) != 0:
+        code, checks = startup_checks(config.containerd)
+        if code != 0:
             return code
     if config.write_hosts_config and (code := write_hosts_config(config)) != 0:
         return code
-    return asyncio.run(run_node(config))
+    return asyncio.run(run_node(config, checks))
 
 
 def write_hosts_config(config: NodeConfig) -> int:

@@ -55,6 +55,7 @@ from hypercorn.utils import wrap_app
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp
 
+from meshmirror.addresses import bind_socket
 from meshmirror.registry.serveroptions import BACKLOG, ServerOptions
 
 __all__ = ["ServerMetrics", "ServerOptions", "bind_listener", "connection_cap",
@@ -75,14 +76,11 @@ _ABORT_GRACE: Final = 1.0
 
 
 def bind_listener(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
-    """A listening TCP socket on host:port; OSError (e.g. address in use) if it cannot be."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    """A listening TCP socket on host:port; OSError (e.g. address in use) if it cannot be.
+
+    Port-only listens on IPv6 and IPv4 alike (`meshmirror.addresses.bind_socket`)."""
+    sock = bind_socket(host, port)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6 and host in ("::", ""):
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:

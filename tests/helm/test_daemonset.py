@@ -36,7 +36,7 @@ def test_run_command_line_defaults(helm: Path) -> None:
     assert args.node_name == "node-a"
     assert args.advertise_addr == "198.51.100.7"
     assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (
-        ("0.0.0.0", 5000), ("0.0.0.0", 7946), ("0.0.0.0", 9090))
+        ("", 5000), ("", 7946), ("", 9090))  # port-only: both families
     assert args.log_level == "info"
     assert args.resolve_tags is TagResolution.UPSTREAM_FIRST
     assert args.mirror_resolve_timeout == pytest.approx(0.1)
@@ -73,7 +73,7 @@ def test_run_command_line_custom_values(helm: Path) -> None:
     assert args.mirror_spool_limit == 6 << 30
     assert args.summary_fp_rate == pytest.approx(0.001)
     assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (
-        ("0.0.0.0", 5001), ("0.0.0.0", 7947), ("0.0.0.0", 9191))
+        ("", 5001), ("", 7947), ("", 9191))
     assert args.join == ["seed.example.internal:7947"]
 
 
@@ -199,7 +199,7 @@ def test_doctor_in_the_pod_sees_what_the_chart_configured(
         "docker.io", "ghcr.io", "registry.internal:5050"]
     assert hosts.targets == ("http://192.0.2.10:31020", "http://192.0.2.10:31021",
                              "http://mirror.example.internal:5000")
-    assert args.registry_addr == ("0.0.0.0", 5001)
+    assert args.registry_addr == ("", 5001)
 
 
 def test_certs_are_mounted_writable_in_the_main_container(helm: Path) -> None:

@@ -90,6 +90,16 @@ INVALID = [
      "does not match pattern"),
     (["--set", "serviceMonitor.interval=often"], "/serviceMonitor/interval",
      "does not match pattern"),
+    (["--set", "meshmirror.containerdMirrorAdd=no"], "/meshmirror/containerdMirrorAdd",
+     "want boolean"),
+    (["--set", "networkPolicy.nodeCIDRs={10.0.0.0}"], "/networkPolicy/nodeCIDRs/0",
+     "does not match pattern"),
+    (["--set", "networkPolicy.metricsFrom={prometheus}"], "/networkPolicy/metricsFrom/0",
+     "want object"),
+    (["--set", "networkPolicy.enable=true"], "/networkPolicy", "'enable' not allowed"),
+    (["--set", "commonLabels.bad key=x"], "", "'bad key' does not match pattern"),
+    (["--set", "grafanaDashboard.label=-x"], "/grafanaDashboard/label",
+     "does not match pattern"),
 ]
 
 
