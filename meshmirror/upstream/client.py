@@ -213,6 +213,31 @@ class UpstreamClient:
     def health_all(self) -> Mapping[str, BreakerHealth]:
         return {registry: b.health() for registry, b in self._breakers.items()}
 
+    # -- for upstream.blobs: content fetches share this session, tokens and breakers --
+
+    def session(self) -> aiohttp.ClientSession:
+        return self._client_session()
+
+    def base_url(self, registry: str) -> str:
+        """The registry's URL as containerd would use it; raises EndpointError."""
+        return self._endpoints.url_for(registry)
+
+    def breaker(self, registry: str) -> CircuitBreaker:
+        return self._breaker(registry)
+
+    @property
+    def connect_timeout(self) -> float:
+        return self._connect_timeout
+
+    @property
+    def tokens(self) -> TokenCache:
+        return self._tokens
+
+    async def anonymous_token(self, registry: str, scope: str, status: int,
+                              headers: CIMultiDictProxy[str]) -> Token | AuthRequired | Unreachable:
+        """Answer a 401 the way manifest questions do: an anonymous token, or why not."""
+        return await self._token_for(registry, scope, _Reply(status, headers))
+
     # -- the flow ------------------------------------------------------------------
 
     def _breaker(self, registry: str) -> CircuitBreaker:
