@@ -36,6 +36,20 @@ the tree itself (a request to it makes it join), so a pull never fails for it;
 at worst a member serves a few readers more than F for the moment views differ.
 A member whose position shifts by one keeps its owner and only changes parent.
 
+Stripes: every member uploads about what it downloads
+-----------------------------------------------------
+In one tree a member at an inner position uploads F copies and a leaf none, so
+a large blob moves at 1/F of a NIC through the inner members. A blob of at
+least F * `MIN_STRIPE` bytes is therefore cut into up to F stripes (byte ranges,
+read with ``Range``), and stripe s uses the same order rotated by s * ceil(N/F)
+positions. The inner positions of the rotated trees barely overlap, so each
+member serves at most 2F stripe readers over all stripes (F when N is a
+multiple of F): it uploads F copies of 1/F of the blob, the blob once (at most
+twice), while it downloads the F stripes in parallel from F
+different parents (SplitStream's idea, without its overlay). Each stripe's root
+fetches only that range from the upstream, so the upstream still serves each
+byte once, and the load of the upstream fetch is spread over F members.
+
 Only members that advertise a registry (an HTTP base) take part: the caller
 passes their names, including its own.
 """
@@ -47,6 +61,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 DEFAULT_FANOUT = 8
+# Below F stripes of this size a blob is one stripe: per-request costs would dominate.
+MIN_STRIPE = 16 * 1024 * 1024
 
 
 def weight(digest: str, member: str) -> int:
@@ -108,19 +124,40 @@ def tree_depth(members: int, fanout: int = DEFAULT_FANOUT) -> int:
     return 0 if members <= 1 else depth_of(members - 1, fanout)
 
 
-class FanoutTree:
-    """A digest's fan-out tree over one membership view (see the module's note).
+def stripe_count(size: int, fanout: int = DEFAULT_FANOUT, min_stripe: int = MIN_STRIPE) -> int:
+    """How many stripes a blob of ``size`` bytes is cut into (1 to ``fanout``)."""
+    return max(1, min(fanout, size // max(1, min_stripe)))
 
-    Built once per cold digest per membership view; lookups are O(depth).
+
+def stripe_range(size: int, stripes: int, index: int) -> tuple[int, int]:
+    """Bytes [start, end) of stripe ``index`` of ``stripes``: equal cuts, the rest in the last."""
+    if not 0 <= index < stripes:
+        raise ValueError(f"stripe {index} of {stripes}")
+    step = size // stripes
+    return index * step, size if index == stripes - 1 else (index + 1) * step
+
+
+class FanoutTree:
+    """A digest's (or one stripe's) fan-out tree over one membership view.
+
+    See the module's note. Built once per cold digest per membership view;
+    lookups are O(depth). ``stripe`` rotates the order so the inner members of
+    stripes 0..F-1 are disjoint.
     """
 
     def __init__(self, digest: str, members: Iterable[str],
-                 fanout: int = DEFAULT_FANOUT) -> None:
+                 fanout: int = DEFAULT_FANOUT, stripe: int = 0) -> None:
         if fanout < 1:
             raise ValueError("fan-out must be at least 1")
+        if stripe < 0:
+            raise ValueError("stripe must not be negative")
         self.digest = digest
         self.fanout = fanout
-        self.order: Sequence[str] = rendezvous_order(digest, members)
+        order = rendezvous_order(digest, members)
+        if order and stripe:
+            shift = (stripe * -(-len(order) // fanout)) % len(order)
+            order = order[shift:] + order[:shift]
+        self.order: Sequence[str] = order
         self._position = {member: i for i, member in enumerate(self.order)}
 
     def __len__(self) -> int:

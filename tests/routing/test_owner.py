@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import Counter
 
 import pytest
 
 from meshmirror.routing.owner import (
+    MIN_STRIPE,
     FanoutTree,
     owner_of,
     rendezvous_order,
+    stripe_count,
+    stripe_range,
     tree_depth,
 )
 
@@ -103,3 +107,29 @@ def test_sources_fail_over_up_the_tree_then_the_order() -> None:
 def test_fanout_must_be_positive() -> None:
     with pytest.raises(ValueError):
         FanoutTree(DIGESTS[0], MEMBERS, 0)
+
+
+@pytest.mark.parametrize("members", [3, 9, 20, 100, 1000, 5000])
+def test_stripes_spread_the_upload(members: int) -> None:
+    """Over all 8 stripes a member serves at most 2F stripe readers: it uploads at
+    most twice the blob however large the cluster, and once when N divides evenly."""
+    names = [f"n{i}" for i in range(members)]
+    served: Counter[str] = Counter()
+    for stripe in range(8):
+        tree = FanoutTree(DIGESTS[4], names, 8, stripe)
+        served.update({m: len(tree.placement(m).children) for m in names})
+    assert max(served.values()) <= 16
+    if members in (1000, 5000):
+        assert max(served.values()) == 8
+
+
+def test_stripe_ranges_cover_the_blob() -> None:
+    assert stripe_count(10 * MIN_STRIPE) == 8
+    assert stripe_count(3 * MIN_STRIPE) == 3
+    assert stripe_count(100) == 1
+    size = 8 * MIN_STRIPE + 5
+    ranges = [stripe_range(size, 8, i) for i in range(8)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    with pytest.raises(ValueError):
+        stripe_range(size, 8, 8)
