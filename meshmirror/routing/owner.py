@@ -40,15 +40,17 @@ Stripes: every member uploads about what it downloads
 -----------------------------------------------------
 In one tree a member at an inner position uploads F copies and a leaf none, so
 a large blob moves at 1/F of a NIC through the inner members. A blob of at
-least F * `MIN_STRIPE` bytes is therefore cut into up to F stripes (byte ranges,
-read with ``Range``), and stripe s uses the same order rotated by s * ceil(N/F)
-positions. The inner positions of the rotated trees barely overlap, so each
-member serves at most 2F stripe readers over all stripes (F when N is a
-multiple of F): it uploads F copies of 1/F of the blob, the blob once (at most
-twice), while it downloads the F stripes in parallel from F
-different parents (SplitStream's idea, without its overlay). Each stripe's root
-fetches only that range from the upstream, so the upstream still serves each
-byte once, and the load of the upstream fetch is spread over F members.
+least F * `MIN_STRIPE` bytes is therefore cut into up to F stripes (byte
+ranges, read with ``Range``). Stripe s takes the digest's order rotated by
+about s * N/F positions, with its root chosen by rendezvous of ``digest#s``
+(so stripe roots are as stable as owners). The inner positions of the rotated
+trees do not overlap but for a member or two at their edges, so a member is
+inner in one stripe (a stripe root or an edge member in two): it serves F
+stripe readers, uploading F copies of 1/F of the blob, about the blob once,
+while it downloads the F stripes in parallel from F different parents
+(SplitStream's idea, without its overlay). Each stripe's root fetches only
+that range from the upstream, so the upstream still serves each byte once, and
+the upstream fetch is spread over F members.
 
 Only members that advertise a registry (an HTTP base) take part: the caller
 passes their names, including its own.
@@ -155,8 +157,14 @@ class FanoutTree:
         self.fanout = fanout
         order = rendezvous_order(digest, members)
         if order and stripe:
-            shift = (stripe * -(-len(order) // fanout)) % len(order)
-            order = order[shift:] + order[:shift]
+            # The root by rendezvous of the stripe's own key, so a member joining or
+            # leaving moves only its share of stripe roots (upstream fetches); the
+            # rest rotated, so inner members differ from stripe to stripe.
+            root = owner_of(f"{digest}#{stripe}", order)
+            inner = -(-(len(order) - 1) // fanout)  # positions that have readers
+            shift = (1 + stripe * max(1, inner - 1)) % len(order)
+            rotated = order[shift:] + order[:shift]
+            order = [root, *(m for m in rotated if m != root)]
         self.order: Sequence[str] = order
         self._position = {member: i for i, member in enumerate(self.order)}
 

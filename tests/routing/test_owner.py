@@ -111,16 +111,31 @@ def test_fanout_must_be_positive() -> None:
 
 @pytest.mark.parametrize("members", [3, 9, 20, 100, 1000, 5000])
 def test_stripes_spread_the_upload(members: int) -> None:
-    """Over all 8 stripes a member serves at most 2F stripe readers: it uploads at
-    most twice the blob however large the cluster, and once when N divides evenly."""
+    """Over all 8 stripes a member serves F stripe readers, a stripe root 2F: it uploads
+    the blob about once however large the cluster."""
     names = [f"n{i}" for i in range(members)]
     served: Counter[str] = Counter()
     for stripe in range(8):
         tree = FanoutTree(DIGESTS[4], names, 8, stripe)
         served.update({m: len(tree.placement(m).children) for m in names})
-    assert max(served.values()) <= 16
-    if members in (1000, 5000):
-        assert max(served.values()) == 8
+    if members >= 100:
+        assert len([m for m in names if served[m] > 8]) <= 2 * 8
+        assert max(served.values()) <= 16
+    else:
+        assert max(served.values()) <= 32
+
+
+def test_stripe_roots_are_as_stable_as_owners() -> None:
+    """A member joining takes only the stripe roots it wins: disagreement costs little."""
+    names = [f"n{i}" for i in range(100)]
+    moved = 0
+    for digest in DIGESTS[:100]:
+        for stripe in range(1, 8):
+            before = FanoutTree(digest, names, 8, stripe).owner
+            after = FanoutTree(digest, [*names, "late"], 8, stripe).owner
+            moved += before != after
+            assert after in (before, "late")
+    assert moved < 3 * 700 / 100
 
 
 def test_stripe_ranges_cover_the_blob() -> None:
