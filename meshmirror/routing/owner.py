@@ -164,7 +164,7 @@ class FanoutTree:
             inner = -(-(len(order) - 1) // fanout)  # positions that have readers
             shift = (1 + stripe * max(1, inner - 1)) % len(order)
             rotated = order[shift:] + order[:shift]
-            order = [root, *(m for m in rotated if m != root)]
+            order = [m for m in rotated if m == root] + [m for m in rotated if m != root]
         self.order: Sequence[str] = order
         self._position = {member: i for i, member in enumerate(self.order)}
 
