@@ -257,6 +257,16 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
           show=format_size, metavar="SIZE",
           help="bytes of blobs held at once (e.g. 4Gi); a blob beyond it is streamed and "
                "checked only at its end; 0 streams every large blob")
+    _flag(run, "--upstream-cache-dir", MirrorOptions, "upstream_cache_dir", parse=Path,
+          metavar="DIR",
+          help="where fetched blobs are held while they download and kept once verified, "
+               "one fetch per blob however many requests want it (default: "
+               "--mirror-spool-dir, else the system's temporary directory)")
+    _flag(run, "--upstream-cache-limit", MirrorOptions, "upstream_cache_limit",
+          parse=parse_size, show=format_size, metavar="SIZE",
+          help="bytes of cache files at once, downloading or kept (e.g. 4Gi); verified "
+               "blobs nobody reads are evicted least recently used first; a blob that "
+               "does not fit is streamed")
     _flag(run, "--mirror-stall-timeout", MirrorOptions, "stall_timeout",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="a peer body with no byte for this long is left for the next peer; also the "
@@ -430,7 +440,7 @@ def mesh_addresses(bind: tuple[str, int], advertise_addr: str | None,
 
 
 def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
-    from meshmirror.mirror.spool import check_spool_directory
+    from meshmirror.mirror.cache import check_cache_directory
 
     filters: list[re.Pattern[str]] = []
     for text in split_list(args.registry_filters):
@@ -449,12 +459,14 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
                          "--mirror-min-rate, --mirror-peer-connections and "
                          "--mirror-memory-limit >= 1")
     spool_dir: Path | None = args.mirror_spool_dir
-    if args.mirror_spool_limit > 0:
+    cache_dir: Path | None = args.upstream_cache_dir
+    if args.mirror_spool_limit > 0 and args.upstream_cache_limit > 0:
         try:
-            check_spool_directory(spool_dir or Path(tempfile.gettempdir()))
+            check_cache_directory(cache_dir or spool_dir or Path(tempfile.gettempdir()))
         except OSError as err:
-            flag = "--mirror-spool-dir" if spool_dir else "the temporary directory"
-            raise UsageError(f"{flag}: {err}; point --mirror-spool-dir at a writable "
+            flag = ("--upstream-cache-dir" if cache_dir else "--mirror-spool-dir" if spool_dir
+                    else "the temporary directory")
+            raise UsageError(f"{flag}: {err}; point --upstream-cache-dir at a writable "
                              "directory or set --mirror-spool-limit 0") from err
     registries = parse_registries(args.mirrored_registries)
     return MirrorOptions(
@@ -463,6 +475,8 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
         resolve_retries=args.mirror_resolve_retries,
         spool_dir=spool_dir,
         spool_limit=args.mirror_spool_limit,
+        upstream_cache_dir=cache_dir,
+        upstream_cache_limit=args.upstream_cache_limit,
         stall_timeout=args.mirror_stall_timeout,
         min_rate=args.mirror_min_rate,
         deadline=args.mirror_deadline,

@@ -48,6 +48,8 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "mirror_resolve_retries": (MirrorOptions, "resolve_retries"),
     "mirror_spool_dir": (MirrorOptions, "spool_dir"),
     "mirror_spool_limit": (MirrorOptions, "spool_limit"),
+    "upstream_cache_dir": (MirrorOptions, "upstream_cache_dir"),
+    "upstream_cache_limit": (MirrorOptions, "upstream_cache_limit"),
     "mirror_stall_timeout": (MirrorOptions, "stall_timeout"),
     "mirror_min_rate": (MirrorOptions, "min_rate"),
     "mirror_deadline": (MirrorOptions, "deadline"),

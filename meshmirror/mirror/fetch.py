@@ -44,7 +44,7 @@ from meshmirror.routing.router import Peer, Router
 
 
 class Sink(Protocol):
-    """Where a blob is held until verified: a `MemorySink` or a `spool.SpoolFile`."""
+    """Where a blob is held until verified: a `MemorySink` or a `cache.CacheEntry`."""
 
     def write(self, chunk: bytes) -> None: ...
 
@@ -180,6 +180,10 @@ class BlobFetch:
         except TimeoutError:
             self.close()
             return False
+
+    async def fill(self, sink: Sink) -> bool:
+        """`flight.BlobSource.fill`: the whole blob into ``sink``, verified, on body threads."""
+        return await self.read_verified(sink, threads=True)
 
     async def _read_verified(self, sink: Sink, *, threads: bool) -> bool:
         suspects: list[Peer] = []  # contributors to a mismatch, cleared by a verified retry

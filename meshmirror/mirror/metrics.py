@@ -46,6 +46,7 @@ FAILURE_REASONS: Final = (
     "queue_stalled", "exhausted",
 )
 BODY_MODES: Final = ("memory", "spool", "stream")
+FLIGHT_RESULTS: Final = ("verified", "failed", "missing", "refused")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +121,39 @@ class MirrorMetrics:
             "Bytes of spool files held by requests in progress",
             registry=registry,
         )
+        self.flight_readers = Gauge(
+            "meshmirror_mirror_flight_readers",
+            "Requests attached to blob fetches still in flight (one fetch per blob per node)",
+            registry=registry,
+        )
+        self.flight_joins = Counter(
+            "meshmirror_mirror_flight_joins",
+            "Requests that joined a fetch of their blob already in flight instead of "
+            "starting one",
+            registry=registry,
+        )
+        self.flight_restarts = Counter(
+            "meshmirror_mirror_flight_restarts",
+            "Fetches in flight that started over from byte 0 (a digest mismatch or a size "
+            "disagreement); readers following unverified bytes were aborted",
+            registry=registry,
+        )
+        self.flights = Counter(
+            "meshmirror_mirror_flights",
+            "Blob fetches that landed, by result: verified, failed (the sources gave up or "
+            "nobody wanted it any more), missing, refused (the cache could not hold it)",
+            ["result"], registry=registry,
+        )
+        self.cache_bytes = Gauge(
+            "meshmirror_mirror_cache_bytes",
+            "Bytes of blob cache files (being fetched or verified and kept)",
+            registry=registry,
+        )
+        self.cache_evictions = Counter(
+            "meshmirror_mirror_cache_evictions",
+            "Verified blobs evicted from the cache to make room, least recently used first",
+            registry=registry,
+        )
         self.tag_resolutions = Counter(
             "meshmirror_tag_resolutions",
             "Tag lookups the mirror answered, by who decided the digest: upstream, peer, "
@@ -139,6 +173,8 @@ class MirrorMetrics:
             self.peer_failures.labels(reason)
         for mode in BODY_MODES:
             self.blob_bodies.labels(mode)
+        for result in FLIGHT_RESULTS:
+            self.flights.labels(result)
         for name in registries:
             self.init_registry(name)
 
@@ -153,6 +189,16 @@ class MirrorMetrics:
             self.tag_resolutions.labels(registry, source)
         for result in UPSTREAM_RESULTS:
             self.upstream_answers.labels(registry, result)
+
+    # `flight.FlightEvents`
+    def flight_joined(self) -> None:
+        self.flight_joins.inc()
+
+    def flight_restarted(self) -> None:
+        self.flight_restarts.inc()
+
+    def flight_ended(self, result: str) -> None:
+        self.flights.labels(result if result in FLIGHT_RESULTS else "failed").inc()
 
     def watch_upstream(self, health: Callable[[], Mapping[str, BreakerHealth]],
                        known: Iterable[str] = ()) -> None:

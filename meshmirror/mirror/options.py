@@ -73,14 +73,23 @@ class MirrorOptions:
     first_byte_timeout: float = 0.5
     # Peers tried for one request (Spegel: 3).
     resolve_retries: int = 3
-    # Blobs up to this size are verified whole in memory before the first byte is sent.
+    # Blobs up to this size that the cache cannot hold are verified whole in memory
+    # (counted against `memory_limit`) before the first byte is sent.
     verify_before_send_limit: int = 8 * 1024 * 1024
-    # Larger ones are verified whole in a spool file in this directory (None: the
-    # system's temporary directory) ...
+    # Larger ones are verified whole in a cache file (see `upstream_cache_dir`; this
+    # directory is its default, None the system's temporary directory) ...
     spool_dir: Path | None = None
-    # ... while the spool files of concurrent requests total at most this many
-    # bytes; a blob that does not fit is streamed (0: always stream).
+    # ... while the files pinned by requests in progress (being fetched, verified or
+    # sent) total at most this many bytes; a blob that does not fit is streamed (0:
+    # always stream).
     spool_limit: int = 4 * 1024 * 1024 * 1024
+    # Where every blob a node fetches is held: a file per blob that readers follow
+    # while it downloads, kept once verified for later readers (see `cache`). None:
+    # ``spool_dir``, or the system's temporary directory.
+    upstream_cache_dir: Path | None = None
+    # Bytes of those files at once, complete or not (least recently used verified
+    # ones are evicted; ones in use never are); a blob that does not fit is streamed.
+    upstream_cache_limit: int = 4 * 1024 * 1024 * 1024
     # What a body thread reads (and hashes, and spools) at once. Bursts set it: with
     # the memory budget below, 200 concurrent 64 MiB pulls stayed within +64 MiB of
     # RSS at 1 MiB chunks (tests/reliability/test_burst.py).

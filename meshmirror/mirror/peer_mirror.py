@@ -24,6 +24,7 @@ succeeds).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,12 +33,14 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client import CollectorRegistry
 
+from meshmirror.mirror.budget import MemoryBudget
+from meshmirror.mirror.cache import BlobCache
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
 from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink, in_pieces
+from meshmirror.mirror.flight import Flight, Flights, Reader, State
 from meshmirror.mirror.metrics import MirrorMetrics, finished
 from meshmirror.mirror.options import MirrorOptions
-from meshmirror.mirror.spool import SpoolBudget
 from meshmirror.mirror.tags import AskPeers, Refuse, TagPolicy, UseDigest
 from meshmirror.mirror.upstream_questions import CountedUpstream, UpstreamQuestions
 from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, Access, RepositoryAccess
@@ -80,8 +83,14 @@ class PeerMirror:
         self.access = RepositoryAccess(asked, self._options, clock)
         self.tags = TagPolicy(asked, self._options, self.access, mesh_encrypted=mesh_encrypted)
         self.client = PeerClient(router, session, self._options, self._metrics, clock)
-        self._spools = SpoolBudget(self._options.spool_dir, self._options.spool_limit)
-        self._metrics.spool_bytes.set_function(lambda: self._spools.used)
+        opts = self._options
+        cache = BlobCache(opts.upstream_cache_dir or opts.spool_dir, opts.upstream_cache_limit,
+                          opts.spool_limit, on_evict=self._metrics.cache_evictions.inc)
+        self.flights = Flights(cache, self._metrics, budget=self.client.budget,
+                               piece=opts.send_size, stall=opts.deadline)
+        self._metrics.spool_bytes.set_function(lambda: cache.held)
+        self._metrics.cache_bytes.set_function(lambda: cache.total)
+        self._metrics.flight_readers.set_function(lambda: self.flights.readers)
         for name in sorted(self._options.mirrored_registries):
             self._metrics.init_registry(name)
 
@@ -91,6 +100,8 @@ class PeerMirror:
         return self._metrics
 
     def close(self) -> None:
+        self.flights.close()
+        self.flights.cache.close()
         self.client.close()
 
     async def open_manifest(
@@ -210,16 +221,79 @@ class PeerMirror:
         if await self.access.check(registry, repository, BLOB_PROBE_REFERENCE) is Access.DENY:
             self._count(registry, "blob", "refused", path, started)
             return None
-        fetch = BlobFetch(self.client, self._router, self._options, registry, path, digest)
+        reader = self.flights.attach(digest, lambda: self._peer_fetch(registry, path, digest))
+        record = _BlobRecord(registry, path, started, reader.flight)
+        try:
+            content = await self._shared_blob(reader, record, digest, byte_range, want_body)
+        except BaseException:
+            # Cancelled (the client left) or failed: the flight goes on only for others.
+            reader.close()
+            raise
+        if not isinstance(content, _Unshared):
+            return content
+        reader.close()
+        return await self._unshared_blob(registry, path, digest, byte_range, want_body, started)
+
+    def _peer_fetch(self, registry: str, path: str, digest: Digest) -> BlobFetch:
+        return BlobFetch(self.client, self._router, self._options, registry, path, digest)
+
+    async def _shared_blob(
+        self,
+        reader: Reader,
+        record: _BlobRecord,
+        digest: Digest,
+        byte_range: RangeSpec | None,
+        want_body: bool,
+    ) -> FallbackContent | _Unshared | None:
+        """The blob through its one flight (see `flight`): every request for it, HEAD and
+        Range included, waits on the same fetch and is served from its cache file once it
+        verified. `_UNSHARED` when the cache cannot hold it."""
+        size = await reader.opened()
+        if size is None:
+            if reader.refused:
+                return _UNSHARED
+            reader.close()
+            self._count_blob(record, "miss" if reader.flight.state is State.MISSING else "error")
+            return None
+        if not await reader.wait_verified():
+            reader.close()
+            self._count_blob(record, "error")
+            return None
+        size = reader.flight.size  # the verified size
+        self._count_blob(record, "hit")
+        if not want_body:
+            reader.close()
+            return FallbackContent(digest, size, None, None)
+        try:
+            selected = byte_range.resolve(size) if byte_range is not None else None
+        except UnsatisfiableRangeError:
+            reader.close()
+            return FallbackContent(digest, size, None, None)
+        start = 0 if selected is None else selected.offset
+        end = size if selected is None else selected.offset + selected.length
+        self._metrics.blob_bodies.labels("spool").inc()
+        return FallbackContent(digest, size, None, reader.body(start, end))
+
+    async def _unshared_blob(
+        self,
+        registry: str,
+        path: str,
+        digest: Digest,
+        byte_range: RangeSpec | None,
+        want_body: bool,
+        started: float,
+    ) -> FallbackContent | None:
+        """A blob the cache cannot hold, fetched for this request alone: held in memory
+        (within the node's memory budget) when small, else streamed and checked at its end."""
+        fetch = self._peer_fetch(registry, path, digest)
         size = await fetch.open()
-        record = _BlobRecord(registry, path, started, size or 0, fetch)
+        record = _BlobRecord(registry, path, started, fetch)
         if size is None:
             self._count_blob(record, "miss")
             return None
         try:
             return await self._blob_body(fetch, record, digest, size, byte_range, want_body)
         except BaseException:
-            # Cancelled (the client left) or failed: the peer's response goes back.
             fetch.close()
             raise
 
@@ -246,29 +320,31 @@ class PeerMirror:
         start = 0 if selected is None else selected.offset
         end = size if selected is None else selected.offset + selected.length
         if size <= self._options.verify_before_send_limit:
-            memory = MemorySink(self._options.verify_before_send_limit)
-            if not await self._verify(fetch, memory, record, threads=False):
+            budget = self.client.budget
+            try:
+                async with asyncio.timeout(self._options.deadline):
+                    await budget.take(size)
+            except TimeoutError:
+                fetch.close()
+                logger.warning("no memory to hold a %d-byte blob within %g s; answering 404",
+                               size, self._options.deadline)
+                self._count_blob(record, "error")
+                return None
+            try:
+                memory = MemorySink(self._options.verify_before_send_limit)
+                verified = await self._verify(fetch, memory, record, threads=False)
+            except BaseException:
+                budget.give(size)
+                raise
+            if not verified:
+                budget.give(size)
                 return None
             self._metrics.blob_bodies.labels("memory").inc()
             size, end = fetch.size, fetch.size if selected is None else end  # the verified size
             body = bytes(memoryview(memory.data)[start:end])  # one copy, not two
-            return FallbackContent(digest, size, None, _held(body, self._options.send_size))
-        spool = self._spools.reserve(size)
-        if spool is not None:
-            try:
-                verified = await self._verify(fetch, spool, record, threads=True)
-            except BaseException:
-                spool.release()
-                raise
-            if not verified:
-                spool.release()
-                return None
-            self._metrics.blob_bodies.labels("spool").inc()
-            size, end = fetch.size, fetch.size if selected is None else end
-            return FallbackContent(
-                digest, size, None,
-                spool.read(start, end, self._options.send_size, self.client.budget)
-            )
+            del memory
+            return FallbackContent(digest, size, None,
+                                   _held(body, self._options.send_size, budget, size))
         self._count_blob(record, "hit")
         self._metrics.blob_bodies.labels("stream").inc()
         return FallbackContent(digest, size, None, fetch.stream(start, end))
@@ -292,7 +368,7 @@ class PeerMirror:
 
     def _count_blob(self, record: _BlobRecord, result: str) -> None:
         self._count(record.registry, "blob", result, record.path, record.started,
-                    record.fetch.last_peer, record.size if result == "hit" else None)
+                    record.peer, record.size if result == "hit" else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,11 +378,33 @@ class _BlobRecord:
     registry: str
     path: str
     started: float
-    size: int
-    fetch: BlobFetch
+    source: BlobFetch | Flight
+
+    @property
+    def peer(self) -> str | None:
+        """The peer the bytes came from (None: from the cache, or unknown)."""
+        fetch = self.source.source if isinstance(self.source, Flight) else self.source
+        return fetch.last_peer if isinstance(fetch, BlobFetch) else None
+
+    @property
+    def size(self) -> int:
+        return self.source.size
 
 
-async def _held(data: bytes, piece: int) -> AsyncIterator[bytes]:
-    """A verified body held in memory, handed on in pieces of at most ``piece`` bytes."""
-    for part in in_pieces(data, piece):
-        yield part
+class _Unshared:
+    """`PeerMirror._shared_blob`'s answer when the cache cannot hold the blob."""
+
+
+_UNSHARED = _Unshared()
+
+
+async def _held(data: bytes, piece: int, budget: MemoryBudget | None = None,
+                taken: int = 0) -> AsyncIterator[bytes]:
+    """A verified body held in memory, handed on in pieces of at most ``piece`` bytes;
+    ``taken`` bytes of ``budget`` go back once it is sent or dropped."""
+    try:
+        for part in in_pieces(data, piece):
+            yield part
+    finally:
+        if budget is not None:
+            budget.give(taken)
