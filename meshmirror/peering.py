@@ -36,12 +36,14 @@ from meshmirror.mesh.transport import MembershipEvent, MeshNode
 from meshmirror.mesh.wire import WireError
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.peer_mirror import PeerMirror
+from meshmirror.mirror.rollout import Rollout, RolloutMetrics
 from meshmirror.routing.directory import PeerDirectory
 from meshmirror.routing.publisher import SummaryPublisher
 from meshmirror.routing.router import BloomRouter
 from meshmirror.routing.summary import Summary, summary_route
 from meshmirror.runconfig import PeeringConfig
 from meshmirror.store.base import Store
+from meshmirror.upstream.blobs import UpstreamContent
 
 log = logging.getLogger("meshmirror.peering")
 
@@ -82,9 +84,14 @@ class Peering:
         mirror_metrics = MirrorMetrics(metrics_registry)
         mirror_metrics.watch_upstream(self.upstream.health_all,
                                       sorted(config.mirror.mirrored_registries))
+        # The designated upstream fetch of cold public blobs (see `mirror.rollout`).
+        self.rollout = (Rollout(config.node_name, self.router, self._session,
+                                UpstreamContent(self.upstream), config.mirror,
+                                RolloutMetrics(metrics_registry), mirror_metrics)
+                        if config.mirror.rollout_fanout > 0 else None)
         self.mirror = PeerMirror(self.router, self._session, options=config.mirror,
                                  metrics=mirror_metrics, upstream=self.upstream,
-                                 mesh_encrypted=keyring is not None)
+                                 mesh_encrypted=keyring is not None, rollout=self.rollout)
         self.mesh = MeshNode(
             config.mesh, name=config.node_name, bind=config.mesh_addr,
             advertise=config.advertise_addr, meta=self._meta(None), keyring=keyring,
@@ -128,6 +135,8 @@ class Peering:
         await self.directory.close()
         await self.publisher.close()
         self.mirror.close()
+        if self.rollout is not None:
+            self.rollout.close()
         await self._session.close()
         await self.upstream.close()
 

@@ -38,9 +38,10 @@ from meshmirror.mirror.cache import BlobCache
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
 from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink, in_pieces
-from meshmirror.mirror.flight import Flight, Flights, Reader, State
+from meshmirror.mirror.flight import BlobSource, Flight, Flights, Reader, State, StreamSource
 from meshmirror.mirror.metrics import MirrorMetrics, finished
 from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.rollout import FirstFound, PeersFallback, Rollout
 from meshmirror.mirror.tags import AskPeers, Refuse, TagPolicy, UseDigest
 from meshmirror.mirror.upstream_questions import CountedUpstream, UpstreamQuestions
 from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, Access, RepositoryAccess
@@ -74,8 +75,10 @@ class PeerMirror:
         upstream: UpstreamQuestions | None = None,
         mesh_encrypted: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        rollout: Rollout | None = None,
     ) -> None:
         self._router = router
+        self._rollout = rollout
         self._options = options or MirrorOptions()
         self._metrics = metrics or MirrorMetrics(CollectorRegistry())
         self._clock = clock
@@ -93,6 +96,10 @@ class PeerMirror:
         self._metrics.flight_readers.set_function(lambda: self.flights.readers)
         for name in sorted(self._options.mirrored_registries):
             self._metrics.init_registry(name)
+        # What the app that serves peers falls back to (see `rollout`).
+        self.peers_fallback = (PeersFallback(self.flights, rollout, self.access, opts,
+                                             self._source)
+                               if rollout is not None else None)
 
     @property
     def metrics(self) -> MirrorMetrics:
@@ -148,8 +155,15 @@ class PeerMirror:
         if await self.access.check(registry, repository, str(digest)) is Access.DENY:
             self._count(registry, "manifest", "refused", path, started)
             return None
-        return await self._fetch_manifest(registry, f"/v2/{repository}/manifests/{digest}",
-                                          str(digest), digest, path, started)
+        content = await self._fetch_manifest(registry, f"/v2/{repository}/manifests/{digest}",
+                                             str(digest), digest, path, started)
+        if content is None and self._rollout is not None:
+            # No peer holds it: its owner fetches it from the upstream (see `rollout`).
+            fetched = await self._rollout.manifest(registry, repository, digest)
+            if fetched is not None:
+                return FallbackContent(digest, len(fetched.data), fetched.media_type,
+                                       _held(fetched.data, self._options.send_size))
+        return content
 
     async def _manifest_by_tag(self, registry: str, repository: str, tag: str, path: str,
                                started: float) -> FallbackContent | None:
@@ -221,7 +235,12 @@ class PeerMirror:
         if await self.access.check(registry, repository, BLOB_PROBE_REFERENCE) is Access.DENY:
             self._count(registry, "blob", "refused", path, started)
             return None
-        reader = self.flights.attach(digest, lambda: self._peer_fetch(registry, path, digest))
+        # A blob no peer holds comes through its tree; the owner's containerd may
+        # follow the upstream's bytes as they arrive (see `rollout`).
+        follow = (self._rollout is not None and not self._router.candidates(str(digest), 1)
+                  and self._rollout.is_owner(digest))
+        reader = self.flights.attach(digest, lambda: self._source(registry, repository, digest),
+                                     verified=not follow)
         record = _BlobRecord(registry, path, started, reader.flight)
         try:
             content = await self._shared_blob(reader, record, digest, byte_range, want_body)
@@ -236,6 +255,15 @@ class PeerMirror:
 
     def _peer_fetch(self, registry: str, path: str, digest: Digest) -> BlobFetch:
         return BlobFetch(self.client, self._router, self._options, registry, path, digest)
+
+    def _source(self, registry: str, repository: str, digest: Digest) -> BlobSource:
+        """Peers whose summary holds the blob; failing that, its tree (see `rollout`)."""
+        fetch = self._peer_fetch(registry, f"/v2/{repository}/blobs/{digest}", digest)
+        rollout = self._rollout
+        if rollout is None:
+            return fetch
+        return FirstFound(fetch, lambda: StreamSource(
+            rollout.stream(registry, repository, digest), digest, resumes=16))
 
     async def _shared_blob(
         self,
@@ -255,7 +283,7 @@ class PeerMirror:
             reader.close()
             self._count_blob(record, "miss" if reader.flight.state is State.MISSING else "error")
             return None
-        if not await reader.wait_verified():
+        if reader.verified and not await reader.wait_verified():
             reader.close()
             self._count_blob(record, "error")
             return None

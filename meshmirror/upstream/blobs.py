@@ -78,7 +78,7 @@ class UpstreamBody:
         self.size = size
         self.offset = offset
         self._skip = skip  # a 200 to a Range request: the prefix to discard
-        self._stall = stall_timeout
+        self.stall_timeout = stall_timeout
         self._chunk = chunk
         self._on_failure = on_failure
 
@@ -88,10 +88,10 @@ class UpstreamBody:
         try:
             while position < self.size:
                 try:
-                    async with asyncio.timeout(self._stall):
+                    async with asyncio.timeout(self.stall_timeout):
                         chunk = await content.read(self._chunk)
                 except TimeoutError:
-                    self._fail(position, f"no byte for {self._stall:g}s")
+                    self._fail(position, f"no byte for {self.stall_timeout:g}s")
                 except aiohttp.ClientError as err:
                     self._fail(position, f"{type(err).__name__}: {err}")
                 if not chunk:
@@ -127,8 +127,8 @@ class UpstreamContent:
         if first_byte_timeout <= 0 or stall_timeout <= 0:
             raise ValueError("timeouts must be positive")
         self._client = client
-        self._first_byte = first_byte_timeout
-        self._stall = stall_timeout
+        self.first_byte_timeout = first_byte_timeout
+        self.stall_timeout = stall_timeout
         self._chunk = chunk
 
     async def open_blob(self, registry: str, repository: str, digest: Digest,
@@ -146,7 +146,7 @@ class UpstreamContent:
         except ValueError as err:
             response.release()
             return Unreachable(FailureKind.PROTOCOL, f"{path}: {err}")
-        return UpstreamBody(response, size, offset, skip, self._stall, self._chunk,
+        return UpstreamBody(response, size, offset, skip, self.stall_timeout, self._chunk,
                             lambda reason: breaker.record_failure(f"body: {reason}"))
 
     async def fetch_manifest(self, registry: str, repository: str, digest: Digest
@@ -161,7 +161,7 @@ class UpstreamContent:
             if (opened.content_length or 0) > MAX_MANIFEST_SIZE:
                 return Unreachable(FailureKind.PROTOCOL, f"{path}: larger than the manifest bound")
             data = bytearray()
-            async with asyncio.timeout(self._stall * 2):
+            async with asyncio.timeout(self.stall_timeout * 2):
                 async for piece in opened.content.iter_chunked(64 * 1024):
                     data += piece
                     if len(data) > MAX_MANIFEST_SIZE:
@@ -190,11 +190,11 @@ class UpstreamContent:
             return Unreachable(FailureKind.CIRCUIT_OPEN,
                                f"{registry} held unreachable after: {breaker.health().last_error}")
         try:
-            async with asyncio.timeout(self._first_byte):
+            async with asyncio.timeout(self.first_byte_timeout):
                 result = await self._get_with_token(registry, repository, url, headers)
         except TimeoutError:
             result = Unreachable(FailureKind.TIMEOUT,
-                                 f"{url}: no answer within {self._first_byte:g}s")
+                                 f"{url}: no answer within {self.first_byte_timeout:g}s")
         except BaseException:
             breaker.abandon()
             raise
@@ -247,7 +247,7 @@ class UpstreamContent:
                 url, headers=sent, allow_redirects=True, max_redirects=_MAX_REDIRECTS,
                 auto_decompress=False,
                 timeout=aiohttp.ClientTimeout(total=None, connect=self._client.connect_timeout,
-                                              sock_read=self._stall),
+                                              sock_read=self.stall_timeout),
             )
         except aiohttp.ClientError as err:
             return _transport_failure(err, url)
