@@ -23,7 +23,7 @@ with nothing else going on; "trees" is one tree per blob (what the mirror's
 peer path does today), "striped" cuts blobs of at least F * 16 MiB into F
 stripes with rotated trees (see `routing.owner`). Upstream bytes count every
 byte the roots fetched, plus, in the "disagreement" column, what a second
-owner fetches when 10% of the nodes have not yet seen one member join.
+owner fetches while some nodes have not yet seen one member join.
 Equal sharing does not hand one edge's unused share to another, so the model
 errs on the slow side.
 """
@@ -277,8 +277,13 @@ def main(argv: list[str] | None = None) -> int:
                "upload F copies, so the largest layer moves at 1/F of a NIC below the root.",
                "'striped': blobs of at least F x 16 MiB in F stripes on rotated trees; every "
                "node uploads about what it downloads.",
-               "'with disagreement': upstream bytes when 10% of nodes have not yet seen the "
-               "newest member, so two roots fetch the blobs or stripes whose root differs."],
+               "'with disagreement': upstream bytes while some nodes have not yet seen the "
+               "newest member: the blobs or stripes whose root differs between the two views "
+               "are fetched by both roots.",
+               "'readers at once' counts every blob's and stripe's readers of a node together: "
+               "the model caps readers per tree (F), not per node, and shares a node's NIC "
+               "among all of them; the real nodes cap readers per node (--rollout-fanout) "
+               "and send the excess to another member."],
         targets=targets(alone, outcomes))
     print(section.render())
     if not args.no_write:
