@@ -266,7 +266,7 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
           parse=parse_size, show=format_size, metavar="SIZE",
           help="bytes of cache files at once, downloading or kept (e.g. 4Gi); verified "
                "blobs nobody reads are evicted least recently used first; a blob that "
-               "does not fit is streamed")
+               "does not fit is streamed (default: --mirror-spool-limit)")
     _flag(run, "--mirror-stall-timeout", MirrorOptions, "stall_timeout",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="a peer body with no byte for this long is left for the next peer; also the "
@@ -465,7 +465,7 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
                          "--mirror-memory-limit >= 1; --rollout-fanout >= 0")
     spool_dir: Path | None = args.mirror_spool_dir
     cache_dir: Path | None = args.upstream_cache_dir
-    if args.mirror_spool_limit > 0 and args.upstream_cache_limit > 0:
+    if args.mirror_spool_limit > 0 and args.upstream_cache_limit != 0:
         try:
             check_cache_directory(cache_dir or spool_dir or Path(tempfile.gettempdir()))
         except OSError as err:

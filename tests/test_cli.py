@@ -141,6 +141,9 @@ CHART_DEFAULTS: dict[str, tuple[Any, Any]] = {
                                field_default(MirrorOptions, "first_byte_timeout")),
     "meshmirror.mirrorResolveRetries": (int, field_default(MirrorOptions, "resolve_retries")),
     "meshmirror.mirrorSpoolLimit": (parse_size, field_default(MirrorOptions, "spool_limit")),
+    # Empty: as mirrorSpoolLimit, which the CLI's None means too.
+    "meshmirror.upstreamCacheLimit": (lambda text: parse_size(text) if text else None,
+                                      field_default(MirrorOptions, "upstream_cache_limit")),
     "meshmirror.summaryFpRate": (float, field_default(PeeringConfig, "summary_fp_rate")),
     "meshmirror.prependExisting": (parse_bool, field_default(HostsConfig, "prepend_existing")),
     "meshmirror.containerdSock": (str, field_default(ContainerdConfig, "sock")),

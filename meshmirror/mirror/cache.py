@@ -38,6 +38,7 @@ for long (the chart's emptyDir outlives container restarts).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import itertools
@@ -50,11 +51,14 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import IO
 
-from meshmirror.fileio import pread_chunks
+from meshmirror.fileio import ShortFileError, pread_chunks
 from meshmirror.mirror.budget import MemoryBudget
 
 _PREFIX = "meshmirror-cache-"
 _LOCK = ".lock"
+# Pieces of a complete entry kept for readers in step (see `CacheEntry._shared`):
+# 16 send-sized pieces are 2 MiB per entry being read.
+_SHARED_PIECES = 16
 
 
 class CacheEntry:
@@ -70,8 +74,11 @@ class CacheEntry:
         self.size = size
         self.written = 0
         self.complete = False
+        # Where the verified bytes came from (`flight.BlobSource.origin`).
+        self.origin: str | None = None
         self.pins = 0
         self._cache = cache
+        self._recent: OrderedDict[tuple[int, int], asyncio.Future[bytes]] = OrderedDict()
         # Owned here; `BlobCache._drop` closes it.
         self._file: IO[bytes] = open(path, "w+b", buffering=0)  # noqa: SIM115
 
@@ -107,7 +114,8 @@ class CacheEntry:
         With a ``budget``, each piece is taken from it before it is read and given
         back when the next one is asked for: by then the server has written it out.
         """
-        chunks = pread_chunks(self.fileno(), start, end, piece)
+        chunks = (self._shared(start, end, piece) if self.complete
+                  else pread_chunks(self.fileno(), start, end, piece))
         taken = 0
         try:
             while True:
@@ -126,6 +134,37 @@ class CacheEntry:
             if budget is not None and taken:
                 budget.give(taken)
             await chunks.aclose()  # type: ignore[attr-defined]  # an async generator
+
+    async def _shared(self, start: int, end: int, piece: int) -> AsyncIterator[bytes]:
+        """`read` of a complete entry, in pieces aligned to ``piece`` and shared by
+        readers in step: a burst of readers reads each piece from the file once and
+        holds one copy of it, not one per reader."""
+        position = start
+        while position < end:
+            low = position - position % piece
+            high = min(low + piece, self.size)
+            data = await self._piece(low, high)
+            if len(data) < high - low:
+                raise ShortFileError(f"cache file ended at byte {low + len(data)}")
+            if position == low and high <= end:
+                yield data
+            else:
+                yield data[position - low:min(end, high) - low]
+            position = min(end, high)
+
+    def _piece(self, low: int, high: int) -> asyncio.Future[bytes]:
+        """Bytes [low, high) of the file, from a read in progress or just done if any."""
+        key = (low, high)
+        read = self._recent.get(key)
+        if read is None or (read.done() and (read.cancelled() or read.exception())):
+            read = asyncio.get_running_loop().run_in_executor(
+                None, os.pread, self.fileno(), high - low, low)
+            self._recent[key] = read
+            while len(self._recent) > _SHARED_PIECES:
+                self._recent.popitem(last=False)
+        else:
+            self._recent.move_to_end(key)
+        return asyncio.shield(read)  # one reader leaving must not cancel the others' read
 
     def close_file(self) -> None:
         with contextlib.suppress(OSError):

@@ -147,6 +147,11 @@ class BlobFetch:
         self.last_peer: str | None = None
 
     @property
+    def origin(self) -> str | None:
+        """`flight.BlobSource.origin`: the last peer whose headers were good."""
+        return self.last_peer
+
+    @property
     def size(self) -> int:
         """The blob's size as its current source has it (final once it verified)."""
         return self._size

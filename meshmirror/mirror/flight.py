@@ -60,6 +60,12 @@ class BlobSource(Protocol):
     """Where a flight's bytes come from (a peer fetch, the upstream, a mirror that is
     itself downloading). A flight calls `open` once, then `fill` once, then `close`."""
 
+    @property
+    def origin(self) -> str | None:
+        """Where the bytes came from, for request records (a peer's name, "upstream");
+        read once `fill` verified."""
+        ...
+
     async def open(self) -> int | None:
         """Find the blob; its size, or None when this source cannot serve it (a miss)."""
         ...
@@ -79,6 +85,11 @@ class BlobSource(Protocol):
 
 class ChunkStream(Protocol):
     """The simplest source: a stream of the blob's bytes that can start at any offset."""
+
+    @property
+    def origin(self) -> str | None:
+        """As `BlobSource.origin`."""
+        ...
 
     async def open(self) -> int | None:
         """The blob's size, or None when it is not there."""
@@ -101,6 +112,10 @@ class StreamSource:
         self._digest = digest
         self._resumes = resumes
         self._size = 0
+
+    @property
+    def origin(self) -> str | None:
+        return self._stream.origin
 
     async def open(self) -> int | None:
         size = await self._stream.open()
@@ -186,6 +201,13 @@ class Flight:
         return self._source
 
     @property
+    def origin(self) -> str | None:
+        """Where the verified bytes came from (see `BlobSource.origin`)."""
+        if self.entry is not None and self.entry.origin is not None:
+            return self.entry.origin
+        return self._source.origin if self._source is not None else None
+
+    @property
     def written(self) -> int:
         """Bytes of the current attempt in the entry (all of them once verified)."""
         return self.entry.written if self.entry is not None else 0
@@ -248,6 +270,7 @@ class Flight:
             self._wake()
             if await source.fill(_FlightSink(self, entry)):
                 self.size = entry.size
+                entry.origin = source.origin
                 self._flights.cache.complete(entry)
                 state = State.VERIFIED
         except SinkFailure as err:
@@ -366,11 +389,17 @@ class Reader:
             entry = self._entry
             assert entry is not None
             upto = min(end, flight.written if flight.state is not State.VERIFIED else end)
-            async for piece in entry.read(position, upto, flights.piece, flights.budget):
-                if flight.attempt != attempt:
-                    raise VerificationError(f"{flight.key}: fetch started over")
-                position += len(piece)
-                yield piece
+            pieces = entry.read(position, upto, flights.piece, flights.budget)
+            try:
+                async for piece in pieces:
+                    if flight.attempt != attempt:
+                        raise VerificationError(f"{flight.key}: fetch started over")
+                    position += len(piece)
+                    yield piece
+            except OSError as err:  # the file was truncated under the read: a restart
+                raise VerificationError(f"{flight.key}: {err}") from err
+            finally:
+                await pieces.aclose()  # type: ignore[attr-defined]  # an async generator
 
     def close(self) -> None:
         if self._closed:

@@ -112,13 +112,14 @@ class MirrorMetrics:
         self.blob_bodies = Counter(
             "meshmirror_mirror_blob_bodies",
             "Blob bodies sent from peers, by how they were verified: whole in memory or in "
-            "a spool file before the first byte, or streamed and checked at the end",
+            "a cache file (spool) before the first byte, or streamed and checked at the end",
             ["mode"],
             registry=registry,
         )
         self.spool_bytes = Gauge(
             "meshmirror_mirror_spool_bytes",
-            "Bytes of spool files held by requests in progress",
+            "Bytes of blob cache files pinned by requests in progress (being fetched, "
+            "verified or sent; bounded by --mirror-spool-limit)",
             registry=registry,
         )
         self.flight_readers = Gauge(

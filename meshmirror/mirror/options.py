@@ -89,7 +89,8 @@ class MirrorOptions:
     upstream_cache_dir: Path | None = None
     # Bytes of those files at once, complete or not (least recently used verified
     # ones are evicted; ones in use never are); a blob that does not fit is streamed.
-    upstream_cache_limit: int = 4 * 1024 * 1024 * 1024
+    # None: ``spool_limit``, so the disk a node uses is what it was before the cache.
+    upstream_cache_limit: int | None = None
     # What a body thread reads (and hashes, and spools) at once. Bursts set it: with
     # the memory budget below, 200 concurrent 64 MiB pulls stayed within +64 MiB of
     # RSS at 1 MiB chunks (tests/reliability/test_burst.py).
@@ -152,6 +153,11 @@ class MirrorOptions:
         """When the hedged request to the next candidate starts: half the connect bound,
         so a dead first peer costs no more than a live second one needs to connect."""
         return self.resolve_timeout / 2
+
+    @property
+    def cache_limit(self) -> int:
+        """Bytes of blob cache files at once (see `upstream_cache_limit`)."""
+        return self.spool_limit if self.upstream_cache_limit is None else self.upstream_cache_limit
 
     def deadline_for(self, size: int) -> float:
         """Seconds one request for ``size`` bytes may take in all (see `deadline`)."""

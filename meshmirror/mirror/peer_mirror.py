@@ -5,17 +5,19 @@ which peers probably hold the key and fetches from them through a `PeerClient`
 (bounded waits, hedging, blame). With nobody left the answer is None, which the
 app turns into a fast 404 so containerd goes upstream.
 
-It passes on no unverified byte. A manifest, or a blob of at most
-``verify_before_send_limit`` bytes, is read whole into memory and verified
-before the client sees any of it; a larger blob is held the same way in a spool
-file (see `spool`), so a lying peer costs a retry on the next candidate and
-nothing else. Why not stream and check at the end: containerd keeps every byte
+It passes on no unverified byte. A manifest is read whole into memory and
+verified before the client sees any of it; a blob is fetched once per node
+however many requests want it (see `flight`) into a cache file (see `cache`)
+and served from there once verified, so a lying peer costs a retry on the next
+candidate and nothing else. A blob the cache cannot hold is fetched for its
+request alone: in memory (within the memory budget) when at most
+``verify_before_send_limit`` bytes. Why not stream and check at the end: containerd keeps every byte
 it was sent, so one corrupt byte fails its pull even when the mirror aborts.
 Before any of that, the upstream has its word (see `tags` and `visibility`): a
 tag means the digest the upstream names while it answers, and nothing of a
 repository the upstream serves only with credentials comes from peers.
 
-Only when the spool budget is spent is a blob streamed (`fetch.BlobFetch`),
+Only when the cache cannot hold a larger blob is it streamed (`fetch.BlobFetch`),
 with its last chunk held back until the digest checks out; on a mismatch the
 stream raises, the server aborts the connection short of Content-Length, and
 the client cannot take it as complete (but that pull fails, and its retry
@@ -87,7 +89,7 @@ class PeerMirror:
         self.tags = TagPolicy(asked, self._options, self.access, mesh_encrypted=mesh_encrypted)
         self.client = PeerClient(router, session, self._options, self._metrics, clock)
         opts = self._options
-        cache = BlobCache(opts.upstream_cache_dir or opts.spool_dir, opts.upstream_cache_limit,
+        cache = BlobCache(opts.upstream_cache_dir or opts.spool_dir, opts.cache_limit,
                           opts.spool_limit, on_evict=self._metrics.cache_evictions.inc)
         self.flights = Flights(cache, self._metrics, budget=self.client.budget,
                                piece=opts.send_size, stall=opts.deadline)
@@ -410,9 +412,8 @@ class _BlobRecord:
 
     @property
     def peer(self) -> str | None:
-        """The peer the bytes came from (None: from the cache, or unknown)."""
-        fetch = self.source.source if isinstance(self.source, Flight) else self.source
-        return fetch.last_peer if isinstance(fetch, BlobFetch) else None
+        """The peer the bytes came from (for a cached blob: the one it came from then)."""
+        return self.source.origin
 
     @property
     def size(self) -> int:

@@ -51,6 +51,7 @@ class FakeSource:
         self.opened = 0
         self.closed = False
         self.go: asyncio.Queue[int] = asyncio.Queue()
+        self.origin = "fake"
 
     def feed(self, size: int) -> None:
         self.go.put_nowait(size)
@@ -112,6 +113,7 @@ async def test_concurrent_readers_share_one_fetch(tmp_path: Path) -> None:
     # Later readers come from the cache, with no source at all.
     later = flights.attach(DIGEST, lambda: pytest.fail("no new fetch"))
     assert await later.opened() == len(BLOB) and await later.wait_verified()
+    assert later.flight.origin == "fake", "a cached blob remembers where it came from"
     assert await drain(later, 10, 20) == BLOB[10:20]
     flights.cache.close()
 
@@ -285,6 +287,7 @@ class Broken:
         self.breaks = breaks
         self.offsets: list[int] = []
         self.closed = False
+        self.origin = "broken"
 
     async def open(self) -> int | None:
         return len(self.body)
