@@ -307,7 +307,12 @@ class TreeStream:
         self._position = 0
         self._peer: PeerResponse | None = None
         self._upstream: UpstreamBody | None = None
-        self.source: str | None = None  # the member, or "upstream", now sending
+        self._origin: str | None = None  # the member, or "upstream", now sending
+
+    @property
+    def origin(self) -> str | None:
+        """`flight.ChunkStream.origin`: the member (or "upstream") sending now."""
+        return self._origin
 
     async def open(self) -> int | None:
         return await self._connect(0)
@@ -381,7 +386,7 @@ class TreeStream:
                     body.close()
                     return None
                 self._upstream, self._size, self._position = body, body.size, offset
-                self.source = "upstream"
+                self._origin = "upstream"
                 return body.size
             peer = peers[placement.parent]
             try:
@@ -398,7 +403,7 @@ class TreeStream:
                 self._failed.add(peer.name)
                 continue
             self._peer, self._size, self._position = opened, size, offset
-            self.source = peer.name
+            self._origin = peer.name
             return size
 
 
@@ -429,6 +434,10 @@ class FirstFound:
         self._then = then
         self._active: BlobSource | None = None
 
+    @property
+    def origin(self) -> str | None:
+        return self._active.origin if self._active is not None else None
+
     async def open(self) -> int | None:
         size = await self._first.open()
         if size is not None:
@@ -450,6 +459,10 @@ class FirstFound:
 class NoSource:
     """A `flight.BlobSource` that never has the blob: a plain peer request is served
     from a flight or the cache, but never starts a fetch."""
+
+    @property
+    def origin(self) -> str | None:
+        return None
 
     async def open(self) -> int | None:
         return None
@@ -517,7 +530,7 @@ class PeersFallback:
         if not self._rollout.admit():
             return None
         source: Callable[[], BlobSource] = (
-            (lambda: self._source(registry, repository, digest)) if tree else NoSource)
+            (lambda: self._source(registry, repository, digest)) if tree else lambda: NoSource())
         reader = self._flights.attach(digest, source, verified=False)
         try:
             size = await reader.opened()
