@@ -157,15 +157,20 @@ class PeerMirror:
         if await self.access.check(registry, repository, str(digest)) is Access.DENY:
             self._count(registry, "manifest", "refused", path, started)
             return None
+        rollout = self._rollout
         content = await self._fetch_manifest(registry, f"/v2/{repository}/manifests/{digest}",
-                                             str(digest), digest, path, started)
-        if content is None and self._rollout is not None:
-            # No peer holds it: its owner fetches it from the upstream (see `rollout`).
-            fetched = await self._rollout.manifest(registry, repository, digest)
-            if fetched is not None:
-                return FallbackContent(digest, len(fetched.data), fetched.media_type,
-                                       _held(fetched.data, self._options.send_size))
-        return content
+                                             str(digest), digest, path, started,
+                                             count_miss=rollout is None)
+        if content is not None or rollout is None:
+            return content
+        # No peer holds it: its owner fetches it from the upstream (see `rollout`).
+        fetched = await rollout.manifest(registry, repository, digest)
+        if fetched is None:
+            self._count(registry, "manifest", "miss", path, started)
+            return None
+        self._count(registry, "manifest", "hit", path, started, None, len(fetched.data))
+        return FallbackContent(digest, len(fetched.data), fetched.media_type,
+                               _held(fetched.data, self._options.send_size))
 
     async def _manifest_by_tag(self, registry: str, repository: str, tag: str, path: str,
                                started: float) -> FallbackContent | None:
@@ -178,8 +183,8 @@ class PeerMirror:
                                           None, path, started)
 
     async def _fetch_manifest(self, registry: str, peer_path: str, key: str,
-                              expected: Digest | None, path: str,
-                              started: float) -> FallbackContent | None:
+                              expected: Digest | None, path: str, started: float, *,
+                              count_miss: bool = True) -> FallbackContent | None:
         """The first verified manifest from peers holding ``key``; HEAD is answered from a
         verified GET too: manifests are small, and a digest is only as good as its body."""
         candidates = self._router.candidates(key, limit=self._options.resolve_retries)
@@ -199,7 +204,8 @@ class PeerMirror:
                 return content
         finally:
             await opener.aclose()
-        self._count(registry, "manifest", "miss", path, started)
+        if count_miss:
+            self._count(registry, "manifest", "miss", path, started)
         return None
 
     async def _read_manifest(

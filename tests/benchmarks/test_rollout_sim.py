@@ -48,3 +48,10 @@ def test_bench_rollout_report_writes_its_block(tmp_path: Path) -> None:
     assert "| rollout: upstream bytes per batched pull / image, worst round | <= 1.05x | 1.01x " \
            "| yes |" in text
     assert "(of which the mirrors' own fetches: 1.00x)" in text
+
+
+def test_mirror_results_leave_out_what_never_happened() -> None:
+    metrics = {"meshmirror_mirror_outcomes_total{kind=blob,result=hit}": 5.0,
+               "meshmirror_mirror_outcomes_total{kind=blob,result=error}": 0.0,
+               "meshmirror_mirror_peer_failures_total{reason=broken}": 0.0}
+    assert bench_rollout.mirror_results(metrics) == "hit 5"
