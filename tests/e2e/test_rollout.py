@@ -162,6 +162,7 @@ def test_the_owner_killed_mid_download_every_pull_completes(rollout: Rollout) ->
                > big // 4, 30, f"{owner.name} to fetch a quarter of the layer")
     fetched_before_kill = metric(owner.metrics(), "meshmirror_rollout_upstream_bytes_total")
     owner.kill_meshmirror()
+    assert fetched_before_kill < big, "the owner finished before the kill"
     codes = _wait(procs)
     # The other nodes' pulls complete on their first attempt.
     for node in others:
