@@ -42,6 +42,7 @@ from meshmirror.mirror.options import MirrorOptions, TagResolution
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.oci.imagebuilder import build_image
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT, OCI_MANIFEST
+from meshmirror.registry.fallback import FallbackContent
 from meshmirror.routing.router import InMemoryRouter
 from meshmirror.upstream import UpstreamClient, UpstreamEndpoints
 from tests.mirror.peers import Behaviour, FakePeer
@@ -125,7 +126,7 @@ async def _rounds(mirrors: dict[str, PeerMirror], plain_session: aiohttp.ClientS
 
     for _ in range(5):  # warm connections, the token and visibility caches
         for mirror in mirrors.values():
-            assert await mirror.open_manifest(name, REPO, TAG, False) is not None
+            assert isinstance(await mirror.open_manifest(name, REPO, TAG, False), FallbackContent)
         await plain_head()
     times: dict[str, list[float]] = {PEERS: [], UPSTREAM_FIRST: [], PLAIN_HEAD: []}
     connections = requests = 0
@@ -135,7 +136,7 @@ async def _rounds(mirrors: dict[str, PeerMirror], plain_session: aiohttp.ClientS
             start = time.perf_counter()
             content = await mirror.open_manifest(name, REPO, TAG, False)
             times[mode].append(time.perf_counter() - start)
-            assert content is not None and str(content.digest) == digest
+            assert isinstance(content, FallbackContent) and str(content.digest) == digest
             if mode == UPSTREAM_FIRST:
                 connections += traffic.connections - before[0]
                 requests += traffic.requests - before[1]

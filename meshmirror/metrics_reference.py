@@ -15,7 +15,6 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from meshmirror.node import Node
-from meshmirror.registry.metrics import RegistryMetrics
 from meshmirror.runconfig import NodeConfig, PeeringConfig
 from meshmirror.status.hostscheck import HostsConfigCollector
 from meshmirror.store.memory import MemoryStore
@@ -36,6 +35,11 @@ Labelled series with a known set of values (`cache`, `kind`, `result`, `reason`,
 `mode`, `source`, `state`, summary fetch `result`) exist at 0 from start, so a
 failure panel shows 0 rather than no data.
 
+No label value comes from what a client sends: `method` is `GET`, `HEAD` or `other`;
+the mirror's `registry` is one of `--mirrored-registries` or `other` (with every
+registry mirrored, the first 16 seen get their own); `reason` of
+`mirror_misses_total` is one of the reasons in docs/misses.md.
+
 `meshmirror_hosts_config_points_here{registry}` is exported when the node knows
 containerd's registry config directory: set `MESHMIRROR_CONTAINERD_REGISTRY_CONFIG_PATH`
 (the chart mounts `certs.d` and sets it). A node that cannot read the directory can have
@@ -55,7 +59,6 @@ async def _registry() -> CollectorRegistry:
                               http_base="http://127.0.0.1:5000"))
     node = Node(config, store=MemoryStore())
     registry = node.metrics_registry
-    RegistryMetrics(registry)
     registry.register(HostsConfigCollector(Path("/nonexistent"), "http://127.0.0.1:5000"))
     if node.peering is not None:
         await node.peering.stop()

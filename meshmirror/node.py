@@ -181,7 +181,9 @@ class Node:
             self.fallback = self.peering.mirror
             self.registry_routes.extend(self.peering.routes)
             self.add_component(self.peering)
-        self.metrics_routes.extend(status_routes(self.store, self.peering))
+        self.registry_metrics = RegistryMetrics(self.metrics_registry)
+        self.metrics_routes.extend(status_routes(self.store, self.peering,
+                                                 self.registry_metrics))
         self.registry_server: HttpServer | None = None
         self.metrics_server: HttpServer | None = None
 
@@ -190,7 +192,7 @@ class Node:
 
     def _assemble(self) -> list[Component]:
         options = RegistryOptions(default_registry=self.config.default_registry)
-        registry_metrics = RegistryMetrics(self.metrics_registry)
+        registry_metrics = self.registry_metrics
         # containerd's own tag lookups go to the upstream-first mirror, never to this
         # store's record of what the tag meant when it was pulled.
         client_options = replace(options, tags_from_store=not (

@@ -57,7 +57,7 @@ from meshmirror.mirror.budget import MemoryBudget
 _PREFIX = "meshmirror-cache-"
 _LOCK = ".lock"
 # Pieces of a complete entry kept for readers in step (see `CacheEntry._shared`):
-# 16 send-sized pieces are 2 MiB per entry being read.
+# 16 send-sized pieces are 2 MiB per entry that two or more requests read at once.
 _SHARED_PIECES = 16
 
 
@@ -159,12 +159,18 @@ class CacheEntry:
         if read is None or (read.done() and (read.cancelled() or read.exception())):
             read = asyncio.get_running_loop().run_in_executor(
                 None, os.pread, self.fileno(), high - low, low)
+            if self.pins < 2:
+                return read  # a lone reader: nobody to share with, nothing kept
             self._recent[key] = read
             while len(self._recent) > _SHARED_PIECES:
                 self._recent.popitem(last=False)
         else:
             self._recent.move_to_end(key)
         return asyncio.shield(read)  # one reader leaving must not cancel the others' read
+
+    def forget_pieces(self) -> None:
+        """Drop the shared pieces: fewer than two readers are left to share them."""
+        self._recent.clear()
 
     def close_file(self) -> None:
         with contextlib.suppress(OSError):
@@ -265,6 +271,8 @@ class BlobCache:
         """One pin fewer; an entry that never completed goes once nobody holds it."""
         with self._lock:
             entry.pins -= 1
+            if entry.pins < 2:
+                entry.forget_pieces()
             if entry.pins:
                 return
             self._held -= entry.size

@@ -8,8 +8,10 @@ a `SinkFailure` is this node's own problem and charges nobody, and a
 
 from __future__ import annotations
 
+from meshmirror.registry.fallback import BodyAborted
 
-class PeerFailure(Exception):
+
+class PeerFailure(BodyAborted):
     """One peer could not serve; ``reason`` labels the metric, ``elapsed`` (when
     known) is how long the peer took to fail, which ranks it like a success's time."""
 
@@ -29,5 +31,5 @@ class SinkFailure(Exception):
         return err if isinstance(err, SinkFailure) else cls(repr(err))
 
 
-class VerificationError(Exception):
+class VerificationError(BodyAborted):
     """Every byte was sent but the digest did not match: the stream must be aborted."""

@@ -152,6 +152,16 @@ class BlobFetch:
         return self.last_peer
 
     @property
+    def asked_any(self) -> bool:
+        """Whether any peer was asked: a miss is then ``peers_failed``, not ``no_peer``."""
+        return bool(self._tried)
+
+    @property
+    def deadline_passed(self) -> bool:
+        """Whether the request's deadline has passed: a miss is then ``deadline``."""
+        return bool(self._deadline) and asyncio.get_running_loop().time() >= self._deadline
+
+    @property
     def size(self) -> int:
         """The blob's size as its current source has it (final once it verified)."""
         return self._size

@@ -187,6 +187,8 @@ class Flight:
         self.state = State.VERIFIED if entry is not None else State.OPENING
         # Which attempt from byte 0 the entry holds; a following reader aborts on a change.
         self.attempt = 0
+        # Set when the node could not keep the bytes (a full disk): nobody else's fault.
+        self.sink_failure: str | None = None
         self.readers: set[Reader] = set()
         self._flights = flights
         self._source = source
@@ -275,6 +277,7 @@ class Flight:
                 state = State.VERIFIED
         except SinkFailure as err:
             logger.warning("could not hold %s in the cache: %s", self.key, err)
+            self.sink_failure = str(err)
         except asyncio.CancelledError:
             state = State.FAILED
             raise

@@ -7,6 +7,12 @@ reads it unchanged), while ``meshmirror_mirror_outcomes_total`` keeps the detail
 
 Every finished request is also handed to ``observers`` as a `MirrorRequest`, so the
 status page can show the recent ones without the mirror knowing about it.
+
+The ``registry`` label comes from a closed set (`MirrorMetrics.registry_label`): a
+client names any registry it likes in ``?ns=``, and a series per name would grow
+the node and its scrape without bound. With ``--mirrored-registries`` set, those
+registries are labelled and every other is ``other``; with every registry mirrored,
+the first `MAX_REGISTRY_LABELS` seen are, and later ones share ``other``.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ FAILURE_REASONS: Final = (
 )
 BODY_MODES: Final = ("memory", "spool", "stream")
 FLIGHT_RESULTS: Final = ("verified", "failed", "missing", "refused")
+# The registry label of a registry outside the labelled set.
+OTHER_REGISTRY: Final = "other"
+# With every registry mirrored, how many get series of their own (first come).
+MAX_REGISTRY_LABELS: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,17 +180,41 @@ class MirrorMetrics:
         self.observers: list[MirrorObserver] = []
         # Where these live, so the node's other views can register beside them.
         self.registry = registry
+        self._labelled: set[str] = set()
+        # True once the mirrored registries are named: nobody else gets a label.
+        self._closed = False
         for reason in FAILURE_REASONS:
             self.peer_failures.labels(reason)
         for mode in BODY_MODES:
             self.blob_bodies.labels(mode)
         for result in FLIGHT_RESULTS:
             self.flights.labels(result)
-        for name in registries:
-            self.init_registry(name)
+        self.init_registry(OTHER_REGISTRY)
+        self.label_registries(registries)
+
+    def label_registries(self, registries: Iterable[str]) -> None:
+        """Label exactly these registries (the mirrored ones); none: the first few seen."""
+        names = set(registries)
+        self._closed = bool(names)
+        for name in sorted(names):
+            self._label(name)
+
+    def registry_label(self, registry: str) -> str:
+        """``registry`` as a label value: itself if labelled (or still admitted), else other."""
+        if registry in self._labelled:
+            return registry
+        if self._closed or len(self._labelled) >= MAX_REGISTRY_LABELS:
+            return OTHER_REGISTRY
+        self._label(registry)
+        return registry
+
+    def _label(self, registry: str) -> None:
+        self._labelled.add(registry)
+        self.init_registry(registry)
 
     def init_registry(self, registry: str) -> None:
-        """Create ``registry``'s request series at 0, so rates exist before the first miss."""
+        """Create ``registry``'s request series at 0, so rates exist before the first miss.
+        Only for label values `registry_label` gives."""
         for cache in ("hit", "miss"):
             self.requests.labels(registry, cache)
         for kind in KINDS:
@@ -203,15 +237,19 @@ class MirrorMetrics:
 
     def watch_upstream(self, health: Callable[[], Mapping[str, BreakerHealth]],
                        known: Iterable[str] = ()) -> None:
-        """Export each upstream's health, read from its breaker at every scrape."""
-        self.registry.register(UpstreamHealthCollector(health, tuple(known)))
+        """Export each labelled upstream's health, read from its breaker at every scrape."""
+        self.registry.register(UpstreamHealthCollector(
+            lambda: {name: state for name, state in health().items()
+                     if name in self._labelled},
+            tuple(known)))
 
     def record(self, request: MirrorRequest) -> None:
         """Count one finished request and tell the observers about it."""
-        self.outcomes.labels(request.registry, request.kind, request.result).inc()
+        registry = self.registry_label(request.registry)
+        self.outcomes.labels(registry, request.kind, request.result).inc()
         cache = _CACHE_OF_RESULT.get(request.result)
         if cache is not None:
-            self.requests.labels(request.registry, cache).inc()
+            self.requests.labels(registry, cache).inc()
         if request.result == "hit":
             self.last_success.set(request.finished_unix_seconds)
         for observer in self.observers:

@@ -2,8 +2,9 @@
 
 `PeerMirror` is the registry's `Fallback`. For every miss it asks the router
 which peers probably hold the key and fetches from them through a `PeerClient`
-(bounded waits, hedging, blame). With nobody left the answer is None, which the
-app turns into a fast 404 so containerd goes upstream.
+(bounded waits, hedging, blame). With nobody left the answer is a `Miss` with its
+reason, which the app turns into a fast 404 (and a log line saying why) so
+containerd goes upstream.
 
 It passes on no unverified byte. A manifest is read whole into memory and
 verified before the client sees any of it; a blob is fetched once per node
@@ -51,7 +52,7 @@ from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
 from meshmirror.oci.reference import tag_key
-from meshmirror.registry.fallback import FallbackContent
+from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
 from meshmirror.routing.router import Router
 
@@ -96,8 +97,7 @@ class PeerMirror:
         self._metrics.spool_bytes.set_function(lambda: cache.held)
         self._metrics.cache_bytes.set_function(lambda: cache.total)
         self._metrics.flight_readers.set_function(lambda: self.flights.readers)
-        for name in sorted(self._options.mirrored_registries):
-            self._metrics.init_registry(name)
+        self._metrics.label_registries(self._options.mirrored_registries)
         # What the app that serves peers falls back to (see `rollout`).
         self.peers_fallback = (PeersFallback(self.flights, rollout, self.access, opts,
                                              self._source)
@@ -115,76 +115,76 @@ class PeerMirror:
 
     async def open_manifest(
         self, registry: str, repository: str, reference: str, want_body: bool
-    ) -> FallbackContent | None:
+    ) -> FallbackContent | Miss:
         opts = self._options
         started = self._clock()
         path = f"/v2/{repository}/manifests/{reference}"
         if not opts.mirrors(registry):
             self._count(registry, "manifest", "not_mirrored", path, started)
-            return None
+            return Miss(MissReason.NOT_MIRRORED)
         if ":" in reference:
             try:
                 digest = Digest.parse(reference)
             except DigestError:
-                return None
+                return Miss(MissReason.BAD_REFERENCE)
             return await self._manifest_by_digest(registry, repository, digest, path, started)
         key = tag_key(registry, repository, reference)
         if opts.filtered(key):
             self._count(registry, "manifest", "filtered", path, started)
-            self._metrics.tag_resolutions.labels(registry, "none").inc()
-            return None
+            self._resolved(registry, "none")
+            return Miss(MissReason.FILTERED)
         decision = await self.tags.decide(registry, repository, reference)
         if isinstance(decision, Refuse):
-            logger.debug("tag %s not resolved: %s", key, decision.reason)
+            logger.debug("tag %s not resolved: %s", key, decision.reason.value)
             self._count(registry, "manifest", "refused", path, started)
-            self._metrics.tag_resolutions.labels(registry, "none").inc()
-            return None
+            self._resolved(registry, "none")
+            return Miss(decision.reason)
         if isinstance(decision, UseDigest):
             content = await self._manifest_by_digest(registry, repository, decision.digest,
                                                      path, started)
-            source = "upstream" if content is not None else "none"
+            source = "upstream" if not isinstance(content, Miss) else "none"
         else:
             assert isinstance(decision, AskPeers)
             content = await self._manifest_by_tag(registry, repository, reference, path,
                                                   started)
-            source = "peer" if content is not None else "none"
-        self._metrics.tag_resolutions.labels(registry, source).inc()
+            source = "peer" if not isinstance(content, Miss) else "none"
+        self._resolved(registry, source)
         return content
 
     async def _manifest_by_digest(self, registry: str, repository: str, digest: Digest,
-                                  path: str, started: float) -> FallbackContent | None:
+                                  path: str, started: float) -> FallbackContent | Miss:
         """A manifest whose digest is known, from peers, if the repository may be shared."""
         if await self.access.check(registry, repository, str(digest)) is Access.DENY:
             self._count(registry, "manifest", "refused", path, started)
-            return None
+            return self._denied(registry, repository)
         rollout = self._rollout
         content = await self._fetch_manifest(registry, f"/v2/{repository}/manifests/{digest}",
                                              str(digest), digest, path, started,
                                              count_miss=rollout is None)
-        if content is not None or rollout is None:
+        if not isinstance(content, Miss) or rollout is None:
             return content
         # No peer holds it: its owner fetches it from the upstream (see `rollout`).
         fetched = await rollout.manifest(registry, repository, digest)
         if fetched is None:
             self._count(registry, "manifest", "miss", path, started)
-            return None
+            return Miss(MissReason.UPSTREAM_FAILED)
         self._count(registry, "manifest", "hit", path, started, None, len(fetched.data))
         return FallbackContent(digest, len(fetched.data), fetched.media_type,
                                _held(fetched.data, self._options.send_size))
 
     async def _manifest_by_tag(self, registry: str, repository: str, tag: str, path: str,
-                               started: float) -> FallbackContent | None:
+                               started: float) -> FallbackContent | Miss:
         """A tag as peers resolve it: whatever manifest they hold under it, checked only
         against the digest they announce (a tag has none of its own to check)."""
         if await self.access.check(registry, repository, tag) is Access.DENY:
             self._count(registry, "manifest", "refused", path, started)
-            return None
+            return self._denied(registry, repository)
         return await self._fetch_manifest(registry, path, tag_key(registry, repository, tag),
                                           None, path, started)
 
     async def _fetch_manifest(self, registry: str, peer_path: str, key: str,
                               expected: Digest | None, path: str, started: float, *,
-                              count_miss: bool = True) -> FallbackContent | None:
+                              count_miss: bool = True) -> FallbackContent | Miss:
         """The first verified manifest from peers holding ``key``; HEAD is answered from a
         verified GET too: manifests are small, and a digest is only as good as its body."""
         candidates = self._router.candidates(key, limit=self._options.resolve_retries)
@@ -206,7 +206,7 @@ class PeerMirror:
             await opener.aclose()
         if count_miss:
             self._count(registry, "manifest", "miss", path, started)
-        return None
+        return Miss(MissReason.PEERS_FAILED if candidates else MissReason.NO_PEER)
 
     async def _read_manifest(
         self, opened: PeerResponse, expected: Digest | None
@@ -234,15 +234,15 @@ class PeerMirror:
         digest: Digest,
         byte_range: RangeSpec | None,
         want_body: bool,
-    ) -> FallbackContent | None:
+    ) -> FallbackContent | Miss:
         started = self._clock()
         path = f"/v2/{repository}/blobs/{digest}"
         if not self._options.mirrors(registry):
             self._count(registry, "blob", "not_mirrored", path, started)
-            return None
+            return Miss(MissReason.NOT_MIRRORED)
         if await self.access.check(registry, repository, BLOB_PROBE_REFERENCE) is Access.DENY:
             self._count(registry, "blob", "refused", path, started)
-            return None
+            return self._denied(registry, repository)
         # A blob no peer holds comes through its tree; the owner's containerd may
         # follow the upstream's bytes as they arrive (see `rollout`).
         follow = (self._rollout is not None and not self._router.candidates(str(digest), 1)
@@ -280,7 +280,7 @@ class PeerMirror:
         digest: Digest,
         byte_range: RangeSpec | None,
         want_body: bool,
-    ) -> FallbackContent | _Unshared | None:
+    ) -> FallbackContent | Miss | _Unshared:
         """The blob through its one flight (see `flight`): every request for it, HEAD and
         Range included, waits on the same fetch and is served from its cache file once it
         verified. `_UNSHARED` when the cache cannot hold it."""
@@ -289,12 +289,13 @@ class PeerMirror:
             if reader.refused:
                 return _UNSHARED
             reader.close()
-            self._count_blob(record, "miss" if reader.flight.state is State.MISSING else "error")
-            return None
+            missing = reader.flight.state is State.MISSING
+            self._count_blob(record, "miss" if missing else "error")
+            return _flight_miss(reader.flight)
         if reader.verified and not await reader.wait_verified():
             reader.close()
             self._count_blob(record, "error")
-            return None
+            return _flight_miss(reader.flight)
         size = reader.flight.size  # the verified size
         self._count_blob(record, "hit")
         if not want_body:
@@ -318,7 +319,7 @@ class PeerMirror:
         byte_range: RangeSpec | None,
         want_body: bool,
         started: float,
-    ) -> FallbackContent | None:
+    ) -> FallbackContent | Miss:
         """A blob the cache cannot hold, fetched for this request alone: held in memory
         (within the node's memory budget) when small, else streamed and checked at its end."""
         fetch = self._peer_fetch(registry, path, digest)
@@ -326,7 +327,7 @@ class PeerMirror:
         record = _BlobRecord(registry, path, started, fetch)
         if size is None:
             self._count_blob(record, "miss")
-            return None
+            return Miss(MissReason.PEERS_FAILED if fetch.asked_any else MissReason.NO_PEER)
         try:
             return await self._blob_body(fetch, record, digest, size, byte_range, want_body)
         except BaseException:
@@ -341,12 +342,12 @@ class PeerMirror:
         size: int,
         byte_range: RangeSpec | None,
         want_body: bool,
-    ) -> FallbackContent | None:
+    ) -> FallbackContent | Miss:
         """The blob's content, its body held or streamed by size; ``fetch`` is open."""
         if not want_body:
             # A peer's headers are only its word: HEAD stands behind a verified blob.
-            if not await self._verify(fetch, DiscardSink(), record, threads=True):
-                return None
+            if (miss := await self._verify(fetch, DiscardSink(), record, threads=True)):
+                return miss
             return FallbackContent(digest, fetch.size, None, None)
         try:
             selected = byte_range.resolve(size) if byte_range is not None else None
@@ -365,16 +366,16 @@ class PeerMirror:
                 logger.warning("no memory to hold a %d-byte blob within %g s; answering 404",
                                size, self._options.deadline)
                 self._count_blob(record, "error")
-                return None
+                return Miss(MissReason.BUSY, "memory budget")
             try:
                 memory = MemorySink(self._options.verify_before_send_limit)
-                verified = await self._verify(fetch, memory, record, threads=False)
+                miss = await self._verify(fetch, memory, record, threads=False)
             except BaseException:
                 budget.give(size)
                 raise
-            if not verified:
+            if miss:
                 budget.give(size)
-                return None
+                return miss
             self._metrics.blob_bodies.labels("memory").inc()
             size, end = fetch.size, fetch.size if selected is None else end  # the verified size
             body = bytes(memoryview(memory.data)[start:end])  # one copy, not two
@@ -386,21 +387,37 @@ class PeerMirror:
         return FallbackContent(digest, size, None, fetch.stream(start, end))
 
     async def _verify(self, fetch: BlobFetch, sink: Sink, record: _BlobRecord, *,
-                      threads: bool) -> bool:
-        """Fill ``sink`` with the verified blob and count the request's outcome."""
+                      threads: bool) -> Miss | None:
+        """Fill ``sink`` with the verified blob and count the request's outcome; the
+        miss when it could not be verified."""
+        miss: Miss | None = None
         try:
-            verified = await fetch.read_verified(sink, threads=threads)
+            if not await fetch.read_verified(sink, threads=threads):
+                # read_verified gives up on its deadline or with no good peer left.
+                miss = Miss(MissReason.DEADLINE if fetch.deadline_passed
+                            else MissReason.PEERS_FAILED)
         except SinkFailure as err:
             fetch.close()
             logger.warning("could not hold a blob until verified (%s); answering 404", err)
-            verified = False
-        self._count_blob(record, "hit" if verified else "error")
-        return verified
+            miss = Miss(MissReason.BUSY, str(err))
+        self._count_blob(record, "error" if miss else "hit")
+        return miss
+
+    def _denied(self, registry: str, repository: str) -> Miss:
+        """Why `RepositoryAccess` denied peers: a private verdict, or none in an outage."""
+        last = self.access.cache.last(registry, repository)
+        if last is not None and not last.public:
+            return Miss(MissReason.PRIVATE_REPOSITORY)
+        return Miss(MissReason.UNKNOWN_REPOSITORY_OUTAGE)
 
     def _count(self, registry: str, kind: str, result: str, path: str, started: float,
                peer: str | None = None, size: int | None = None) -> None:
         self._metrics.record(finished(registry, kind, path, result, started=started,
                                       clock=self._clock, peer=peer, size_bytes=size))
+
+    def _resolved(self, registry: str, source: str) -> None:
+        self._metrics.tag_resolutions.labels(self._metrics.registry_label(registry),
+                                             source).inc()
 
     def _count_blob(self, record: _BlobRecord, result: str) -> None:
         self._count(record.registry, "blob", result, record.path, record.started,
@@ -424,6 +441,22 @@ class _BlobRecord:
     @property
     def size(self) -> int:
         return self.source.size
+
+
+def _flight_miss(flight: Flight) -> Miss:
+    """Why a flight served nobody, as a request's miss reason."""
+    if flight.sink_failure is not None:
+        return Miss(MissReason.BUSY, flight.sink_failure)
+    source = flight.source
+    if isinstance(source, FirstFound):
+        if source.through_tree:  # no peer held it, and its tree or upstream failed
+            return Miss(MissReason.UPSTREAM_FAILED)
+        source = source.first
+    if not isinstance(source, BlobFetch):
+        return Miss(MissReason.PEERS_FAILED)
+    if flight.state is State.MISSING:
+        return Miss(MissReason.PEERS_FAILED if source.asked_any else MissReason.NO_PEER)
+    return Miss(MissReason.DEADLINE if source.deadline_passed else MissReason.PEERS_FAILED)
 
 
 class _Unshared:

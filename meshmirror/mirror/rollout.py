@@ -57,7 +57,7 @@ from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, Access, RepositoryAccess
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
-from meshmirror.registry.fallback import FallbackContent
+from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
 from meshmirror.routing.owner import FanoutTree
 from meshmirror.routing.router import Peer, Router
@@ -430,28 +430,30 @@ class FirstFound:
     the blob, else the source ``then()`` makes (the tree)."""
 
     def __init__(self, first: BlobSource, then: Callable[[], BlobSource]) -> None:
-        self._first = first
+        self.first = first
         self._then = then
         self._active: BlobSource | None = None
+        self.through_tree = False  # no peer held it: the tree (or the upstream) was asked
 
     @property
     def origin(self) -> str | None:
         return self._active.origin if self._active is not None else None
 
     async def open(self) -> int | None:
-        size = await self._first.open()
+        size = await self.first.open()
         if size is not None:
-            self._active = self._first
+            self._active = self.first
             return size
-        self._first.close()
+        self.first.close()
         self._active = self._then()
+        self.through_tree = True
         return await self._active.open()
 
     async def fill(self, sink: Sink) -> bool:
         return self._active is not None and await self._active.fill(sink)
 
     def close(self) -> None:
-        self._first.close()
+        self.first.close()
         if self._active is not None:
             self._active.close()
 
@@ -520,15 +522,15 @@ class PeersFallback:
         self._source = source
 
     async def open_blob(self, registry: str, repository: str, digest: Digest,
-                        byte_range: RangeSpec | None, want_body: bool) -> FallbackContent | None:
+                        byte_range: RangeSpec | None, want_body: bool) -> FallbackContent | Miss:
         if not self._options.mirrors(registry):
-            return None
+            return Miss(MissReason.NOT_MIRRORED)
         tree = Rollout.requester() is not None
         if tree and await self._access.check(
                 registry, repository, BLOB_PROBE_REFERENCE) is Access.DENY:
-            return None
+            return Miss(MissReason.PRIVATE_REPOSITORY)
         if not self._rollout.admit():
-            return None
+            return Miss(MissReason.BUSY, "rollout reader limit")
         source: Callable[[], BlobSource] = (
             (lambda: self._source(registry, repository, digest)) if tree else lambda: NoSource())
         reader = self._flights.attach(digest, source, verified=False)
@@ -541,7 +543,9 @@ class PeersFallback:
         if size is None or not want_body:
             reader.close()
             self._rollout.release()
-            return None if size is None else FallbackContent(digest, size, None, None)
+            if size is None:
+                return Miss(MissReason.UPSTREAM_FAILED if tree else MissReason.NOT_HELD)
+            return FallbackContent(digest, size, None, None)
         try:
             selected = byte_range.resolve(size) if byte_range is not None else None
         except UnsatisfiableRangeError:
@@ -554,18 +558,18 @@ class PeersFallback:
                                _Counted(reader.body(start, end), self._rollout))
 
     async def open_manifest(self, registry: str, repository: str, reference: str,
-                            want_body: bool) -> FallbackContent | None:
+                            want_body: bool) -> FallbackContent | Miss:
         if Rollout.requester() is None or not self._options.mirrors(registry):
-            return None
+            return Miss(MissReason.NOT_HELD)
         try:
             digest = Digest.parse(reference)
         except DigestError:
-            return None
+            return Miss(MissReason.NOT_HELD)
         if await self._access.check(registry, repository, reference) is Access.DENY:
-            return None
+            return Miss(MissReason.PRIVATE_REPOSITORY)
         fetched = await self._rollout.manifest(registry, repository, digest)
         if fetched is None:
-            return None
+            return Miss(MissReason.UPSTREAM_FAILED)
         return FallbackContent(digest, len(fetched.data), fetched.media_type,
                                _once(fetched.data) if want_body else None)
 

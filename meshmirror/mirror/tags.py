@@ -23,6 +23,7 @@ from meshmirror.mirror.options import (
 from meshmirror.mirror.upstream_questions import UpstreamQuestions
 from meshmirror.mirror.visibility import RepositoryAccess
 from meshmirror.oci.digest import Digest
+from meshmirror.registry.fallback import MissReason
 from meshmirror.upstream import AuthRequired, NotFound, TagDigest
 
 
@@ -42,9 +43,9 @@ class AskPeers:
 
 @dataclass(frozen=True, slots=True)
 class Refuse:
-    """404 at once; ``reason`` is for the log and the outcome metric."""
+    """404 at once; ``reason`` is for the log and the misses metric."""
 
-    reason: str
+    reason: MissReason
 
 
 TagDecision = UseDigest | AskPeers | Refuse
@@ -76,7 +77,7 @@ class TagPolicy:
     async def decide(self, registry: str, repository: str, tag: str) -> TagDecision:
         mode = self._options.resolve_tags
         if mode is TagResolution.OFF:
-            return Refuse("tags not resolved")
+            return Refuse(MissReason.TAGS_OFF)
         if not self.upstream_first:
             return AskPeers(outage=False)
         assert self._upstream is not None
@@ -86,11 +87,11 @@ class TagPolicy:
             self._access.learned(registry, repository, public=True)
             return UseDigest(answer.digest)
         if isinstance(answer, NotFound):
-            return Refuse("the upstream has no such tag")
+            return Refuse(MissReason.TAG_NOT_FOUND)
         if isinstance(answer, AuthRequired):
             self._access.learned(registry, repository, public=False)
             if self._options.private_images is PrivateImages.UPSTREAM_ONLY:
-                return Refuse("private repository")
+                return Refuse(MissReason.PRIVATE_REPOSITORY)
             # Shared private images: their tags can only be resolved by peers.
             return self._outage()
         # Unreachable: refused, timed out, 5xx, breaker open... The visibility check that
@@ -103,4 +104,4 @@ class TagPolicy:
     def _outage(self) -> TagDecision:
         if self.peers_may_resolve_in_outage:
             return AskPeers(outage=True)
-        return Refuse("upstream unreachable and peer tags not trusted")
+        return Refuse(MissReason.TAG_OUTAGE_UNTRUSTED)

@@ -53,12 +53,14 @@ class CountedUpstream:
 
     async def resolve_tag(self, registry: str, repository: str, tag: str) -> TagResult:
         answer = await self._upstream.resolve_tag(registry, repository, tag)
-        self._metrics.upstream_answers.labels(registry, _result(answer)).inc()
+        self._metrics.upstream_answers.labels(self._metrics.registry_label(registry),
+                                              _result(answer)).inc()
         return answer
 
     async def check_public(self, registry: str, repository: str, reference: str) -> Visibility:
         answer = await self._upstream.check_public(registry, repository, reference)
-        self._metrics.upstream_answers.labels(registry, _result(answer)).inc()
+        self._metrics.upstream_answers.labels(self._metrics.registry_label(registry),
+                                              _result(answer)).inc()
         return answer
 
     def health(self, registry: str) -> BreakerHealth:

@@ -50,9 +50,14 @@ from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE, ManifestError, parse_manifest
 from meshmirror.oci.reference import DOCKER_HUB, InvalidRegistryError, validate_registry
-from meshmirror.registry.accesslog import SCOPE_HANDLER, SCOPE_SOURCE, AccessLogMiddleware
+from meshmirror.registry.accesslog import (
+    SCOPE_HANDLER,
+    SCOPE_REASON,
+    SCOPE_SOURCE,
+    AccessLogMiddleware,
+)
 from meshmirror.registry.errors import RegistryError
-from meshmirror.registry.fallback import Fallback, FallbackContent
+from meshmirror.registry.fallback import Fallback, FallbackContent, Miss, MissReason
 from meshmirror.registry.metrics import RegistryMetrics
 from meshmirror.registry.paths import Kind, V2Path, parse_v2_path
 from meshmirror.registry.ranges import (
@@ -68,6 +73,8 @@ API_VERSION_HEADER: Final = "Docker-Distribution-API-Version"
 API_VERSION: Final = "registry/2.0"
 BLOB_CONTENT_TYPE: Final = "application/octet-stream"
 _ALLOWED: Final = "GET, HEAD"
+# A reference that is neither a tag nor a digest this registry can look up.
+_BAD_REFERENCE_CODES: Final = frozenset({"TAG_INVALID", "DIGEST_INVALID"})
 # Blobs never change under a digest; let caches keep them.
 _BLOB_CACHE_CONTROL: Final = "max-age=31536000"
 
@@ -204,6 +211,8 @@ class RegistryApp:
                 return await self._manifest(request, registry, path, head)
             return await self._blob(request, registry, path, head)
         except RegistryError as err:
+            if err.code in _BAD_REFERENCE_CODES:
+                request.scope.setdefault(SCOPE_REASON, MissReason.BAD_REFERENCE)
             return err.response(head=head)
 
     # -- helpers --------------------------------------------------------------
@@ -282,33 +291,42 @@ class RegistryApp:
     async def _from_fallback(
             self, request: Request, head: bool, kind: str, unknown: RegistryError,
             describe: Callable[[FallbackContent], tuple[int, dict[str, str]]],
-            ask: Callable[[Fallback], Awaitable[FallbackContent | None]]) -> Response:
+            ask: Callable[[Fallback], Awaitable[FallbackContent | Miss]]) -> Response:
         """Serve a local miss from the fallback, or raise ``unknown`` (a 404).
 
         ``ask`` asks the fallback; ``describe`` gives the status and headers for
-        what it found, or raises to refuse it (its body is closed then).
+        what it found, or raises to refuse it (its body is closed then). Every 404 puts
+        its `MissReason` on the scope for the access log.
         """
         if self.fallback is None:
+            # Peers' requests (and every request with the mesh off): the store is all.
+            request.scope[SCOPE_REASON] = MissReason.NOT_HELD
             raise unknown
         try:
             content = await _unless_client_leaves(request.receive, ask(self.fallback))
         except _ClientLeft:
             self.logger.info("client left while the fallback looked for a %s", kind)
+            request.scope[SCOPE_REASON] = MissReason.CLIENT_LEFT
             raise unknown from None
         except Exception:
             self.logger.warning("fallback failed on a %s; answering 404", kind, exc_info=True)
+            request.scope[SCOPE_REASON] = MissReason.ERROR
             raise unknown from None
-        if content is None:
+        if isinstance(content, Miss):
+            request.scope[SCOPE_REASON] = content.reason
             raise unknown
         try:
             status, headers = describe(content)
-        except BaseException:
+        except BaseException as err:
+            if err is unknown:  # what the peer sent was refused (not a manifest)
+                request.scope[SCOPE_REASON] = MissReason.PEERS_FAILED
             await _aclose(content.body)
             raise
         request.scope[SCOPE_SOURCE] = "fallback"
         if head or content.body is None:
             await _aclose(content.body)
             if not head:
+                request.scope[SCOPE_REASON] = MissReason.ERROR
                 raise unknown
             return Response(b"", headers=headers)
         return _BodyResponse(None, content.body, status_code=status, headers=headers)

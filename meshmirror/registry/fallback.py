@@ -6,12 +6,12 @@ optional `Fallback` (the mirror, which streams from peers) before answering
 
 - ``open_manifest(registry, repository, reference, want_body)`` and
   ``open_blob(registry, repository, digest, byte_range, want_body)`` return a
-  `FallbackContent`, or None for a miss (the app then answers 404 so containerd
-  falls back upstream). A miss must be quick; a slow peer is the fallback's
-  problem to bound, not the app's. A hit may take as long as verifying the
-  content needs (the mirror holds a large blob until its digest checks out);
-  if the client disconnects meanwhile, the app cancels the call, so the
-  fallback must clean up on cancellation.
+  `FallbackContent`, or a `Miss` saying why not (the app then answers 404 so
+  containerd falls back upstream, and logs the reason). A miss must be quick; a
+  slow peer is the fallback's problem to bound, not the app's. A hit may take
+  as long as verifying the content needs (the mirror holds a large blob until
+  its digest checks out); if the client disconnects meanwhile, the app cancels
+  the call, so the fallback must clean up on cancellation.
 - ``want_body`` is False for HEAD: return the metadata and ``body=None``.
 - ``byte_range`` is the client's parsed Range (see `ranges.RangeSpec`), or
   None for the whole blob. The fallback learns the blob's size, then its body
@@ -21,7 +21,8 @@ optional `Fallback` (the mirror, which streams from peers) before answering
   answers 416 itself from ``size``.
 - The app iterates ``body`` to the end or, if the client goes away, calls its
   ``aclose()`` when it has one, so an async generator's cleanup runs promptly.
-- Exceptions other than cancellation are logged and treated as a miss.
+  A body that cannot finish raises `BodyAborted`.
+- Exceptions other than cancellation are logged and treated as a miss (``error``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class MissReason(enum.Enum):
 
     NOT_MIRRORED = "not_mirrored"  # the registry is not one this node mirrors
     FILTERED = "filtered"  # --registry-filters excludes the reference
-    BAD_REFERENCE = "bad_reference"  # not a digest or tag this mirror can look up
+    BAD_REFERENCE = "bad_reference"  # not a digest or tag this mirror can look up (400)
     NO_PEER = "no_peer"  # no alive peer's summary matches the key
     PEERS_FAILED = "peers_failed"  # every candidate peer failed, stalled or lied
     DEADLINE = "deadline"  # the request's deadline passed before verified bytes
@@ -64,6 +65,12 @@ class MissReason(enum.Enum):
     TAG_OUTAGE_UNTRUSTED = "tag_outage_untrusted"  # upstream down, peer tags not trusted
     UPSTREAM_FAILED = "upstream_failed"  # the designated fetch from the upstream failed
     BUSY = "busy"  # memory, spool, cache or rate bounds refused the request
+    # Not from the mirror: this node's store does not hold it and nothing else is
+    # asked: a peer's request (peers get the local store only; e.g. a Bloom false
+    # positive), or any request with the mesh off.
+    NOT_HELD = "not_held"
+    # Not from the mirror: the request itself is invalid (405 method, 400 name, 416 range).
+    BAD_REQUEST = "bad_request"
     CLIENT_LEFT = "client_left"  # the client went away before an answer
     ERROR = "error"  # an unexpected failure (logged with its traceback)
 
@@ -76,13 +83,22 @@ class Miss:
     detail: str = ""
 
 
+class BodyAborted(Exception):
+    """Raised by a fallback's body that cannot finish (the bytes did not verify, every
+    peer failed mid-stream): the server aborts the response short of its length, and
+    the access log gives ``miss_reason``."""
+
+    miss_reason = MissReason.PEERS_FAILED
+
+
 class Fallback(Protocol):
     async def open_manifest(self, registry: str, repository: str, reference: str,
-                            want_body: bool) -> FallbackContent | None:
+                            want_body: bool) -> FallbackContent | Miss:
         """A manifest by tag or digest (``reference`` as in the request path)."""
         ...
 
     async def open_blob(self, registry: str, repository: str, digest: Digest,
-                        byte_range: RangeSpec | None, want_body: bool) -> FallbackContent | None:
+                        byte_range: RangeSpec | None, want_body: bool
+                        ) -> FallbackContent | Miss:
         """A blob, or part of it."""
         ...

@@ -15,7 +15,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from meshmirror.peering import Peering
-from meshmirror.status.activity import MirrorActivity
+from meshmirror.registry.metrics import RegistryMetrics
+from meshmirror.status.activity import MirrorActivity, RecentMisses
 from meshmirror.status.hostscheck import CONFIG_PATH_ENV, HostsConfigCollector
 from meshmirror.status.model import node_status
 from meshmirror.store.base import Store
@@ -23,8 +24,14 @@ from meshmirror.store.base import Store
 __all__ = ["node_status", "status_routes"]
 
 
-def status_routes(store: Store, peering: Peering | None) -> list[BaseRoute]:
-    """Routes for the metrics server; hooks the mirror's activity and the hosts.toml check."""
+def status_routes(store: Store, peering: Peering | None,
+                  registry_metrics: RegistryMetrics | None = None) -> list[BaseRoute]:
+    """Routes for the metrics server; hooks the mirror's activity, the registry's misses
+    and the hosts.toml check."""
+    misses: RecentMisses | None = None
+    if registry_metrics is not None:
+        misses = RecentMisses()
+        registry_metrics.miss_observers.append(misses.observe)
     activity: MirrorActivity | None = None
     if peering is not None:
         activity = MirrorActivity()
@@ -37,7 +44,7 @@ def status_routes(store: Store, peering: Peering | None) -> list[BaseRoute]:
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
 
     async def as_json(request: Request) -> Response:
-        return JSONResponse(await node_status(store, peering, activity),
+        return JSONResponse(await node_status(store, peering, activity, misses),
                             headers={"Cache-Control": "no-store"})
 
     async def as_html(request: Request) -> Response:

@@ -5,6 +5,12 @@ it keeps the last few in a ring and running totals, and files a sample of the to
 into a second ring at most every ``interval`` seconds. The totals only move when a
 request finishes, so sampling at those moments (and whenever the page asks) draws the
 same curves a timer would, with no background task whose lifetime the node must own.
+
+`RecentMisses` observes every request the registry did not serve
+(``RegistryMetrics.miss_observers``), with its reason, in a ring of its own: the
+misses that matter (a private repository, an outage) are easy to lose among hits.
+Both rings are bounded, and totals by reason are keyed by the closed `MissReason`
+set, so nothing here grows with what clients send.
 """
 
 from __future__ import annotations
@@ -15,8 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshmirror.mirror.metrics import MirrorRequest
+from meshmirror.registry.fallback import MissReason
+from meshmirror.registry.metrics import MissedRequest
 
 RECENT_REQUESTS = 50
+RECENT_MISSES = 50
 HISTORY_SECONDS = 15 * 60
 SAMPLE_INTERVAL_SECONDS = 5.0
 
@@ -75,3 +84,16 @@ class MirrorActivity:
     def hit_ratio(self) -> float | None:
         total = self.hits + self.misses
         return self.hits / total if total else None
+
+
+class RecentMisses:
+    """The last `RECENT_MISSES` requests not served and totals by reason since start."""
+
+    def __init__(self) -> None:
+        self.recent: deque[MissedRequest] = deque(maxlen=RECENT_MISSES)
+        self.by_reason: dict[MissReason, int] = dict.fromkeys(MissReason, 0)
+
+    def observe(self, request: MissedRequest) -> None:
+        """A `MissObserver`."""
+        self.recent.append(request)
+        self.by_reason[request.reason] += 1

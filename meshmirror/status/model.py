@@ -1,10 +1,11 @@
 """``/status``: what this node knows, as JSON with one type per field (docs/status.md).
 
 Built from live state at request time: store keys, this node's summary, every mesh
-member with the summary epoch it advertises against the one this node holds, and the
-mirror's recent activity. Epochs are the summary publisher's millisecond clock, so a
-page can turn them into ages. Member names arrive from the network as arbitrary bytes
-(decoded with surrogateescape); `printable` makes them valid Unicode for JSON and HTML.
+member with the summary epoch it advertises against the one this node holds, the
+mirror's recent activity and the registry's recent misses. Epochs are the summary
+publisher's millisecond clock, so a page can turn them into ages. Member names arrive
+from the network as arbitrary bytes (decoded with surrogateescape); `printable` makes
+them valid Unicode for JSON and HTML.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from meshmirror import __version__
 from meshmirror.mesh.tags import decode_tags
 from meshmirror.mesh.wire import WireError
 from meshmirror.peering import TAG_EPOCH, TAG_HTTP, Peering
-from meshmirror.status.activity import MirrorActivity
+from meshmirror.status.activity import MirrorActivity, RecentMisses
 from meshmirror.store.base import Store
 
 STATES = ("alive", "suspect", "dead", "left")
@@ -81,8 +82,22 @@ def _activity(activity: MirrorActivity | None) -> dict[str, Any] | None:
     }
 
 
+def _misses(misses: RecentMisses | None) -> dict[str, Any] | None:
+    if misses is None:
+        return None
+    return {
+        "by_reason": {reason.value: count for reason, count in misses.by_reason.items()},
+        "recent": [{
+            "unix_seconds": m.unix_seconds, "reason": m.reason.value, "status": m.status,
+            "handler": m.handler, "method": printable(m.method), "path": printable(m.path),
+            "registry": printable(m.registry) if m.registry is not None else None,
+        } for m in reversed(misses.recent)],
+    }
+
+
 async def node_status(store: Store, peering: Peering | None,
-                      activity: MirrorActivity | None = None) -> dict[str, Any]:
+                      activity: MirrorActivity | None = None,
+                      misses: RecentMisses | None = None) -> dict[str, Any]:
     keys = await store.keys()
     status: dict[str, Any] = {
         "version": __version__,
@@ -92,6 +107,7 @@ async def node_status(store: Store, peering: Peering | None,
                   "tags": sorted(printable(k) for k in keys if not k.startswith("sha256:"))},
         "mesh": None,
         "mirror": _activity(activity),
+        "misses": _misses(misses),
     }
     if peering is None:
         return status

@@ -20,6 +20,7 @@ from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.oci.digest import Digest
+from meshmirror.registry.fallback import FallbackContent, Miss
 from meshmirror.routing.router import InMemoryRouter
 from tests.mirror.peers import Behaviour, FakePeer
 
@@ -72,7 +73,7 @@ def mirror_of(session: aiohttp.ClientSession, first: FakePeer, *rest: FakePeer,
 
 async def fetch(mirror: PeerMirror, digest: Digest = DIGEST) -> bytes | None:
     content = await mirror.open_blob("docker.io", "library/x", digest, None, True)
-    if content is None:
+    if isinstance(content, Miss):
         return None
     assert content.body is not None
     return b"".join([chunk async for chunk in content.body])
@@ -139,7 +140,7 @@ async def test_a_moving_queue_is_waited_for_and_a_stuck_one_is_not(
     mirror, router, registry = mirror_of(session, busy, peer_connections=1, deadline=0.35,
                                          spool_limit=0)
     held = await mirror.open_blob("docker.io", "library/x", DIGEST, None, True)
-    assert held is not None and held.body is not None
+    assert isinstance(held, FallbackContent) and held.body is not None
     began = time.monotonic()
     assert await fetch(mirror, SMALL_DIGEST) is None
     assert 0.35 <= time.monotonic() - began < 0.35 + 0.2
@@ -170,11 +171,11 @@ async def test_head_is_answered_only_for_a_verified_blob(
         session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
     liar = await peer(started, "liar", lie=True)
     mirror, _, _ = mirror_of(session, liar)
-    assert await mirror.open_blob("docker.io", "library/x", DIGEST, None, False) is None
+    assert isinstance(await mirror.open_blob("docker.io", "library/x", DIGEST, None, False), Miss)
     honest = await peer(started, "honest")
     mirror, _, _ = mirror_of(session, honest)
     head = await mirror.open_blob("docker.io", "library/x", DIGEST, None, False)
-    assert head is not None and head.size == len(BLOB) and head.body is None
+    assert isinstance(head, FallbackContent) and head.size == len(BLOB) and head.body is None
 
 
 async def test_a_burst_waits_in_the_peer_queue_instead_of_timing_out(

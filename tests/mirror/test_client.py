@@ -18,6 +18,7 @@ from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.oci.digest import Digest
+from meshmirror.registry.fallback import FallbackContent
 from meshmirror.routing.router import InMemoryRouter
 from tests.mirror.peers import Behaviour, FakePeer
 
@@ -101,7 +102,7 @@ async def test_the_loser_of_a_hedge_is_not_left_busy(
     options = MirrorOptions(first_byte_timeout=3.0, resolve_timeout=0.1)
     mirror = PeerMirror(router, session, options=options)
     content = await mirror.open_blob("docker.io", "r", Digest.parse(BLOB_D), None, True)
-    assert content is not None and content.body is not None
+    assert isinstance(content, FallbackContent) and content.body is not None
     assert b"".join([chunk async for chunk in content.body]) == BLOB
     assert slow.behaviour.requests and fast.behaviour.requests, "the race was hedged"
     assert (router.in_flight("slow"), router.in_flight("fast")) == (0, 0)
@@ -117,7 +118,7 @@ async def test_a_streamed_body_closed_unread_releases_its_peer(
     mirror = PeerMirror(router, session, options=MirrorOptions(
         verify_before_send_limit=1000, spool_limit=0))  # streamed
     content = await mirror.open_blob("docker.io", "r", Digest.parse(BLOB_D), None, True)
-    assert content is not None and isinstance(content.body, StreamBody)
+    assert isinstance(content, FallbackContent) and isinstance(content.body, StreamBody)
     assert router.in_flight("a") == 1
     await content.body.aclose()
     assert router.in_flight("a") == 0

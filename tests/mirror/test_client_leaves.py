@@ -21,7 +21,7 @@ from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.oci.digest import Digest
 from meshmirror.registry.app import create_app
-from meshmirror.registry.fallback import FallbackContent
+from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec
 from meshmirror.registry.server import ServerOptions, bind_listener, serve
 from meshmirror.routing.router import InMemoryRouter
@@ -49,11 +49,11 @@ class SlowFallback:
         self.cancelled = False
 
     async def open_manifest(self, registry: str, repository: str, reference: str,
-                            want_body: bool) -> FallbackContent | None:
-        return None
+                            want_body: bool) -> FallbackContent | Miss:
+        return Miss(MissReason.NO_PEER)
 
     async def open_blob(self, registry: str, repository: str, digest: Digest,
-                        byte_range: RangeSpec | None, want_body: bool) -> FallbackContent | None:
+                        byte_range: RangeSpec | None, want_body: bool) -> FallbackContent | Miss:
         try:
             await asyncio.sleep(self.delay)
         except asyncio.CancelledError:

@@ -325,3 +325,32 @@ async def test_a_stream_source_that_lies_fails_the_flight(tmp_path: Path) -> Non
     assert events.ended == ["failed"]
     reader.close()
     flights.cache.close()
+
+
+async def test_readers_in_step_share_each_piece_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flights, _ = flights_for(tmp_path)
+    source = FakeSource([BLOB])
+    first = flights.attach(DIGEST, lambda: source)
+    await first.opened()
+    source.feed(len(BLOB))
+    assert await first.wait_verified()
+    readers = [first, *(flights.attach(DIGEST, lambda: source) for _ in range(9))]
+    reads: list[int] = []
+    pread = os.pread
+
+    def counted(fd: int, length: int, offset: int) -> bytes:
+        reads.append(offset)
+        return pread(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", counted)
+    bodies = await asyncio.gather(*(drain(reader) for reader in readers))
+    assert all(body == BLOB for body in bodies)
+    pieces = -(-len(BLOB) // flights.piece)
+    assert len(reads) < 10 * pieces, "ten readers in step do not read ten copies"
+    assert flights.cache.held == 0
+    entry = flights.cache.open(str(DIGEST))
+    assert entry is not None and not entry._recent, "nothing kept once the readers left"
+    flights.cache.unpin(entry)
+    flights.cache.close()

@@ -24,6 +24,7 @@ from meshmirror.mirror.options import MirrorOptions, TagResolution
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.mediatypes import OCI_MANIFEST
+from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec
 from meshmirror.routing.router import InMemoryRouter
 from tests.mirror.peers import Behaviour, FakePeer
@@ -131,7 +132,7 @@ async def test_small_blob_from_a_peer_is_verified_and_marked(
     peer = await make_peer("a")
     mirror, _, registry = mirror_for(session, [peer])
     content = await mirror.open_blob("docker.io", "library/x", Digest.parse(SMALL_D), None, True)
-    assert content is not None and content.size == len(SMALL)
+    assert isinstance(content, FallbackContent) and content.size == len(SMALL)
     assert await read(content.body) == SMALL
     assert peer.behaviour.requests[0][2] == "1", "peer requests must carry the peer marker"
     assert (
@@ -149,7 +150,8 @@ async def test_small_blob_from_a_peer_is_verified_and_marked(
 async def test_no_candidate_is_a_fast_miss(session: aiohttp.ClientSession) -> None:
     mirror, _, registry = mirror_for(session, [])
     started = time.monotonic()
-    assert await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True) is None
+    miss = await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True)
+    assert miss == Miss(MissReason.NO_PEER)
     assert time.monotonic() - started < 0.5
     assert (
         metric(
@@ -171,7 +173,7 @@ async def test_false_positive_moves_on_and_is_counted(
     mirror, router, registry = mirror_for(session, [liar, good])
     router.report("good", ok=True, latency_s=5.0)  # rank the 404 peer first
     content = await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True)
-    assert content is not None and await read(content.body) == SMALL
+    assert isinstance(content, FallbackContent) and await read(content.body) == SMALL
     assert metric(registry, "meshmirror_mirror_peer_false_positives_total") == 1
 
 
@@ -183,7 +185,7 @@ async def test_corrupt_small_blob_is_never_passed_on(
     mirror, router, _ = mirror_for(session, [bad, good])
     router.report("good", ok=True, latency_s=5.0)
     content = await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True)
-    assert content is not None and await read(content.body) == SMALL
+    assert isinstance(content, FallbackContent) and await read(content.body) == SMALL
     assert next(p.name for p in router.candidates(SMALL_D, 2)) == "good", "liar is penalised"
 
 
@@ -195,7 +197,7 @@ async def test_large_blob_resumes_on_next_peer_after_a_break(
     mirror, router, _ = mirror_for(session, [broken, good])
     router.report("good", ok=True, latency_s=5.0)
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
-    assert content is not None and content.size == len(LARGE)
+    assert isinstance(content, FallbackContent) and content.size == len(LARGE)
     assert await read(content.body) == LARGE
     resumed = [r for r in good.behaviour.requests if r[1] is not None]
     assert resumed and re.fullmatch(r"bytes=\d+-", resumed[0][1] or "")
@@ -208,7 +210,7 @@ async def test_streamed_corrupt_blob_aborts_before_the_last_chunk(
     bad = await make_peer("bad", corrupt=True)
     mirror, _, registry = mirror_for(session, [bad], spool_limit=0)  # no spool: streamed
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
-    assert content is not None and content.body is not None
+    assert isinstance(content, FallbackContent) and content.body is not None
     received = bytearray()
     with pytest.raises(VerificationError):
         async for chunk in content.body:
@@ -224,7 +226,7 @@ async def test_client_range_is_served_after_hashing_the_prefix(
     mirror, _, _ = mirror_for(session, [peer])
     spec = RangeSpec(first=1_000_000)
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), spec, True)
-    assert content is not None
+    assert isinstance(content, FallbackContent)
     assert await read(content.body) == LARGE[1_000_000:]
 
 
@@ -236,7 +238,7 @@ async def test_slow_peer_is_hedged(make_peer: MakePeer, session: aiohttp.ClientS
     router.report("fast", ok=True, latency_s=5.0)
     started = time.monotonic()
     content = await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True)
-    assert content is not None and await read(content.body) == SMALL
+    assert isinstance(content, FallbackContent) and await read(content.body) == SMALL
     assert time.monotonic() - started < 1.5, "the hedged request must win over the slow peer"
 
 
@@ -246,7 +248,8 @@ async def test_unresponsive_peers_are_bounded(
     slow = [await make_peer(f"s{i}", header_delay=5.0) for i in range(3)]
     mirror, _, _ = mirror_for(session, slow, first_byte_timeout=0.1, resolve_timeout=0.06)
     started = time.monotonic()
-    assert await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True) is None
+    miss = await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True)
+    assert miss == Miss(MissReason.PEERS_FAILED)
     assert time.monotonic() - started < 1.0
 
 
@@ -258,7 +261,7 @@ async def test_manifest_by_tag_is_checked_against_its_digest(
     mirror, router, _ = mirror_for(session, [bad, good])
     router.report("good", ok=True, latency_s=5.0)
     content = await mirror.open_manifest("docker.io", "library/x", "1.0", True)
-    assert content is not None and str(content.digest) == MANIFEST_D
+    assert isinstance(content, FallbackContent) and str(content.digest) == MANIFEST_D
     assert content.media_type == OCI_MANIFEST
     assert await read(content.body) == MANIFEST
 
@@ -268,12 +271,12 @@ async def test_tags_not_resolved_when_disabled_or_filtered(
 ) -> None:
     peer = await make_peer("a")
     mirror, _, _ = mirror_for(session, [peer], resolve_tags=TagResolution.OFF)
-    assert await mirror.open_manifest("docker.io", "library/x", "1.0", True) is None
+    assert isinstance(await mirror.open_manifest("docker.io", "library/x", "1.0", True), Miss)
     mirror, _, _ = mirror_for(session, [peer], registry_filters=(re.compile(r":1\.0$"),))
-    assert await mirror.open_manifest("docker.io", "library/x", "1.0", True) is None
+    assert isinstance(await mirror.open_manifest("docker.io", "library/x", "1.0", True), Miss)
     assert not peer.behaviour.requests, "filtered requests must not reach a peer"
     by_digest = await mirror.open_manifest("docker.io", "library/x", MANIFEST_D, True)
-    assert by_digest is not None
+    assert isinstance(by_digest, FallbackContent)
 
 
 async def test_unmirrored_registry_is_a_miss(
@@ -281,7 +284,8 @@ async def test_unmirrored_registry_is_a_miss(
 ) -> None:
     peer = await make_peer("a")
     mirror, _, _ = mirror_for(session, [peer], mirrored_registries=frozenset({"ghcr.io"}))
-    assert await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True) is None
+    miss = await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True)
+    assert miss == Miss(MissReason.NOT_MIRRORED)
     assert not peer.behaviour.requests
 
 
@@ -312,7 +316,7 @@ async def test_large_blob_resumes_with_or_without_body_threads(
     router.report("good", ok=True, latency_s=5.0)
     for _ in range(2):  # the second one starts on the good peer and never breaks
         content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
-        assert content is not None
+        assert isinstance(content, FallbackContent)
         assert await read(content.body) == LARGE
     assert bool(mirror.client.pumps_started) == bool(threads), "read on body threads"
     assert await wait_for(idle(mirror), 2.0), "every body thread has finished"
@@ -328,7 +332,7 @@ async def test_stalled_peer_is_abandoned_and_the_next_resumes(
     router.report("good", ok=True, latency_s=5.0)
     started = time.monotonic()
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
-    assert content is not None and await read(content.body) == LARGE
+    assert isinstance(content, FallbackContent) and await read(content.body) == LARGE
     assert time.monotonic() - started < 3.0
     assert metric(registry, "meshmirror_mirror_peer_failures_total", reason="stalled") == 1
     resumed = [r for r in good.behaviour.requests if r[1] is not None]
@@ -345,7 +349,7 @@ async def test_client_going_away_stops_the_body_thread_and_closes_the_peer(
     # (no spool), so the client has a body to walk away from mid-stream.
     mirror, _, _ = mirror_for(session, [stalled], stall_timeout=30.0, spool_limit=0)
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
-    assert content is not None and content.body is not None
+    assert isinstance(content, FallbackContent) and content.body is not None
     body = content.body
     assert isinstance(body, StreamBody), "a streamed body can be closed early"
     assert len(await anext(body)) > 0
@@ -374,7 +378,7 @@ async def test_large_corrupt_blob_is_never_passed_on(
     mirror, router, registry = mirror_for(session, [bad, good])
     router.report("good", ok=True, latency_s=5.0)  # rank the liar first
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
-    assert content is not None
+    assert isinstance(content, FallbackContent)
     assert await read(content.body) == LARGE
     assert [r[1] for r in bad.behaviour.requests] == [None], "the liar was asked once"
     assert next(p.name for p in router.candidates(LARGE_D, 2)) == "good", "liar is penalised"
@@ -389,7 +393,8 @@ async def test_large_blob_only_a_liar_has_is_a_miss_with_nothing_sent(
 ) -> None:
     bad = await make_peer("bad", corrupt=True)
     mirror, _, registry = mirror_for(session, [bad])
-    assert await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True) is None
+    miss = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+    assert miss == Miss(MissReason.PEERS_FAILED)
     assert metric(registry, "meshmirror_mirror_outcomes_total",
                   registry="docker.io", kind="blob", result="error") == 1
     assert metric(registry, "meshmirror_mirror_spool_bytes") == 0
@@ -403,7 +408,7 @@ async def test_client_range_is_served_from_the_spool(
     mirror, _, registry = mirror_for(session, [peer])
     spec = RangeSpec(first=1_000_000, last=2_000_000)
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), spec, True)
-    assert content is not None and content.size == len(LARGE)
+    assert isinstance(content, FallbackContent) and content.size == len(LARGE)
     assert metric(registry, "meshmirror_mirror_spool_bytes") == len(LARGE), "held while unsent"
     assert await read(content.body) == LARGE[1_000_000:2_000_001]
     assert metric(registry, "meshmirror_mirror_spool_bytes") == 0
@@ -416,7 +421,7 @@ async def test_a_blob_beyond_the_spool_limit_is_streamed(
     peer = await make_peer("a")
     mirror, _, registry = mirror_for(session, [peer], spool_limit=len(LARGE) - 1)
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
-    assert content is not None and await read(content.body) == LARGE
+    assert isinstance(content, FallbackContent) and await read(content.body) == LARGE
     assert metric(registry, "meshmirror_mirror_blob_bodies_total", mode="stream") == 1
     assert metric(registry, "meshmirror_mirror_flights_total", result="refused") == 1
     assert metric(registry, "meshmirror_mirror_cache_bytes") == 0
@@ -430,7 +435,7 @@ async def test_a_verified_blob_is_served_again_from_the_cache(
     mirror, _, registry = mirror_for(session, [peer])
     for _ in range(3):
         content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
-        assert content is not None and await read(content.body) == LARGE
+        assert isinstance(content, FallbackContent) and await read(content.body) == LARGE
     assert len(peer.behaviour.requests) == 1, "the peer was asked once"
     assert metric(registry, "meshmirror_mirror_blob_bodies_total", mode="spool") == 3
     assert metric(registry, "meshmirror_mirror_cache_bytes") == len(LARGE)
@@ -445,7 +450,7 @@ async def test_cache_limit_evicts_the_least_recently_used_blob(
     mirror, _, registry = mirror_for(session, [peer], upstream_cache_limit=len(LARGE) + 10)
     for digest in (LARGE_D, SMALL_D, LARGE_D):
         content = await mirror.open_blob("docker.io", "r", Digest.parse(digest), None, True)
-        assert content is not None
+        assert isinstance(content, FallbackContent)
         await read(content.body)
         assert metric(registry, "meshmirror_mirror_cache_bytes") <= len(LARGE) + 10
     assert metric(registry, "meshmirror_mirror_cache_evictions_total") == 2
@@ -460,7 +465,7 @@ async def test_unsent_spool_is_released_when_dropped(
     peer = await make_peer("a")
     mirror, _, registry = mirror_for(session, [peer])
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
-    assert content is not None
+    assert isinstance(content, FallbackContent)
     assert metric(registry, "meshmirror_mirror_spool_bytes") == len(LARGE)
     del content
     assert await wait_for(idle(mirror), 2.0), "body threads must return"
@@ -481,7 +486,8 @@ async def test_spool_write_failure_is_a_miss_not_a_peer_fault(
     peer = await make_peer("a")
     other = await make_peer("b")
     mirror, _, registry = mirror_for(session, [peer, other], body_threads=threads)
-    assert await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True) is None
+    miss = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+    assert isinstance(miss, Miss) and miss.reason is MissReason.BUSY
     assert len(peer.behaviour.requests) + len(other.behaviour.requests) == 1, "no peer blamed"
     assert metric(registry, "meshmirror_mirror_spool_bytes") == 0
     assert await wait_for(idle(mirror), 2.0), "body threads must return"
@@ -494,6 +500,6 @@ async def test_unwritable_spool_directory_falls_back_to_streaming(
     peer = await make_peer("a")
     mirror, _, registry = mirror_for(session, [peer], spool_dir=tmp_path / "missing")
     content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
-    assert content is not None and await read(content.body) == LARGE
+    assert isinstance(content, FallbackContent) and await read(content.body) == LARGE
     assert metric(registry, "meshmirror_mirror_blob_bodies_total", mode="stream") == 1
     mirror.close()

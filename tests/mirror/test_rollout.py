@@ -21,6 +21,7 @@ from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.mirror.rollout import Rollout, RolloutMetrics
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
+from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import parse_range
 from meshmirror.routing.router import InMemoryRouter
 from meshmirror.upstream import UpstreamClient, UpstreamEndpoints
@@ -91,10 +92,10 @@ async def owner(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             rollout.close()
 
 
-async def read(mirror: PeerMirror, registry: str, digest: Digest) -> bytes | None:
+async def read(mirror: PeerMirror, registry: str, digest: Digest) -> bytes | Miss:
     content = await mirror.open_blob(registry, REPO, digest, None, True)
-    if content is None:
-        return None
+    if isinstance(content, Miss):
+        return content
     assert content.body is not None
     return b"".join([chunk async for chunk in content.body])
 
@@ -112,7 +113,7 @@ async def test_many_requests_one_upstream_fetch(owner: Owner, upstream: Upstream
     assert fallback is not None
     part = await fallback.open_blob(upstream.name, REPO, layer.digest,
                                     parse_range("bytes=100-199"), True)
-    assert part is not None and part.body is not None
+    assert isinstance(part, FallbackContent) and part.body is not None
     assert b"".join([c async for c in part.body]) == data[100:200]
     assert owner.fetched("opened") == 1 and owner.rollout.serving == 0
 
@@ -121,20 +122,22 @@ async def test_a_manifest_no_peer_holds_comes_from_the_upstream(owner: Owner,
                                                                 upstream: Upstream) -> None:
     content = await owner.mirror.open_manifest(upstream.name, REPO, str(upstream.image.digest),
                                                True)
-    assert content is not None and content.body is not None
+    assert isinstance(content, FallbackContent) and content.body is not None
     body = b"".join([c async for c in content.body])
     assert Digest.of(body) == upstream.image.digest
     assert owner.fetched("manifest") == 1
 
 
 async def test_an_absent_blob_is_a_miss(owner: Owner, upstream: Upstream) -> None:
-    assert await read(owner.mirror, upstream.name, Digest.of(b"absent")) is None
+    missed = await read(owner.mirror, upstream.name, Digest.of(b"absent"))
+    assert missed == Miss(MissReason.UPSTREAM_FAILED)
     assert owner.fetched("not_found") >= 1
 
 
 @pytest.mark.parametrize("owner", [("down.test", refused_url())], indirect=True)
 async def test_an_upstream_that_is_down_is_a_quick_miss(owner: Owner) -> None:
     async with asyncio.timeout(10):
-        assert await read(owner.mirror, "down.test", Digest.of(b"x")) is None
+        missed = await read(owner.mirror, "down.test", Digest.of(b"x"))
+    assert missed == Miss(MissReason.UPSTREAM_FAILED)
     assert owner.fetched("failed") >= 1
     assert owner.upstream_bytes == 0

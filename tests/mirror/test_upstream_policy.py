@@ -27,6 +27,7 @@ from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.mediatypes import OCI_MANIFEST
+from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.routing.router import InMemoryRouter
 from meshmirror.upstream import (
     AuthRequired,
@@ -117,7 +118,7 @@ async def test_a_tag_means_the_upstreams_digest_served_by_a_peer(
         session: aiohttp.ClientSession, peer: FakePeer) -> None:
     mirror, metrics = build(session, peer, ScriptedUpstream())
     content = await mirror.open_manifest(REGISTRY, REPO, "latest", want_body=False)
-    assert content is not None and content.digest == HONEST_D
+    assert isinstance(content, FallbackContent) and content.digest == HONEST_D
     # The peer was asked for the digest, never for its own idea of the tag.
     assert peer_paths(peer) == [f"/v2/{REPO}/manifests/{HONEST_D}"]
     assert resolutions(metrics, "upstream") == 1
@@ -127,7 +128,8 @@ async def test_a_tag_means_the_upstreams_digest_served_by_a_peer(
 async def test_an_absent_tag_is_a_404_never_a_stale_copy(
         session: aiohttp.ClientSession, peer: FakePeer) -> None:
     mirror, metrics = build(session, peer, ScriptedUpstream(tag=NotFound()))
-    assert await mirror.open_manifest(REGISTRY, REPO, "latest", want_body=True) is None
+    miss = await mirror.open_manifest(REGISTRY, REPO, "latest", want_body=True)
+    assert miss == Miss(MissReason.TAG_NOT_FOUND)
     assert peer_paths(peer) == []
     assert resolutions(metrics, "none") == 1
     mirror.close()
@@ -147,10 +149,10 @@ async def test_in_an_outage_peers_resolve_tags_only_where_trusted(
                             outage_peer_tags=rule, private_images_unknown=UnknownVisibility.SHARE)
     content = await mirror.open_manifest(REGISTRY, REPO, "latest", want_body=True)
     if from_peers:
-        assert content is not None and content.digest == Digest.of(STALE)
+        assert isinstance(content, FallbackContent) and content.digest == Digest.of(STALE)
         assert resolutions(metrics, "peer") == 1
     else:
-        assert content is None and peer_paths(peer) == []
+        assert isinstance(content, Miss) and peer_paths(peer) == []
         assert resolutions(metrics, "none") == 1
     mirror.close()
 
@@ -160,7 +162,7 @@ async def test_peers_mode_resolves_through_peers_without_asking_for_the_digest(
     upstream = ScriptedUpstream()
     mirror, metrics = build(session, peer, upstream, resolve_tags=TagResolution.PEERS)
     content = await mirror.open_manifest(REGISTRY, REPO, "latest", want_body=True)
-    assert content is not None and content.digest == Digest.of(STALE)
+    assert isinstance(content, FallbackContent) and content.digest == Digest.of(STALE)
     assert [kind for kind, _ in upstream.asked] == ["visibility"]
     assert resolutions(metrics, "peer") == 1
     mirror.close()
@@ -170,9 +172,10 @@ async def test_private_repository_is_refused_at_once_and_remembered(
         session: aiohttp.ClientSession, peer: FakePeer) -> None:
     upstream = ScriptedUpstream(tag=AuthRequired("401 Basic"), visibility=Private("401 Basic"))
     mirror, _ = build(session, peer, upstream)
-    assert await mirror.open_manifest(REGISTRY, REPO, "latest", want_body=False) is None
-    assert await mirror.open_manifest(REGISTRY, REPO, str(HONEST_D), want_body=True) is None
-    assert await mirror.open_blob(REGISTRY, REPO, BLOB_D, None, want_body=True) is None
+    private = Miss(MissReason.PRIVATE_REPOSITORY)
+    assert await mirror.open_manifest(REGISTRY, REPO, "latest", want_body=False) == private
+    assert await mirror.open_manifest(REGISTRY, REPO, str(HONEST_D), want_body=True) == private
+    assert await mirror.open_blob(REGISTRY, REPO, BLOB_D, None, want_body=True) == private
     assert peer_paths(peer) == []
     # The tag's 401 said "private": nothing after it needed another question.
     assert upstream.asked == [("tag", f"{REPO}:latest")]
@@ -186,7 +189,7 @@ async def test_public_repository_blob_is_shared_after_one_question(
     mirror, _ = build(session, peer, upstream)
     for _ in range(3):
         content = await mirror.open_blob(REGISTRY, REPO, BLOB_D, None, want_body=False)
-        assert content is not None and content.size == len(BLOB)
+        assert isinstance(content, FallbackContent) and content.size == len(BLOB)
     # Asked once, with a digest naming nothing rather than the blob's (see visibility).
     assert upstream.asked == [("visibility", f"{REPO}@{BLOB_PROBE_REFERENCE}")]
     mirror.close()
@@ -202,13 +205,16 @@ async def test_in_an_outage_known_public_stays_shared_and_unknown_follows_the_po
     mirror = PeerMirror(router, session, options=MirrorOptions(public_ttl=10),
                         metrics=MirrorMetrics(registry), upstream=upstream,
                         clock=lambda: clock[0])
-    assert await mirror.open_blob(REGISTRY, REPO, BLOB_D, None, want_body=False) is not None
+    content = await mirror.open_blob(REGISTRY, REPO, BLOB_D, None, want_body=False)
+    assert isinstance(content, FallbackContent)
     upstream.visibility = Unknown(FailureKind.TIMEOUT, "blackholed")
     clock[0] = 1000.0  # long past the TTL: asked again, no answer, last verdict holds
-    assert await mirror.open_blob(REGISTRY, REPO, BLOB_D, None, want_body=False) is not None
+    content = await mirror.open_blob(REGISTRY, REPO, BLOB_D, None, want_body=False)
+    assert isinstance(content, FallbackContent)
     assert len(upstream.asked) == 2
     # A repository never seen is denied by default while the upstream cannot say.
-    assert await mirror.open_blob(REGISTRY, "other/app", BLOB_D, None, want_body=False) is None
+    miss = await mirror.open_blob(REGISTRY, "other/app", BLOB_D, None, want_body=False)
+    assert miss == Miss(MissReason.UNKNOWN_REPOSITORY_OUTAGE)
     mirror.close()
 
 
@@ -216,7 +222,8 @@ async def test_share_mode_asks_nothing_about_visibility(
         session: aiohttp.ClientSession, peer: FakePeer) -> None:
     upstream = ScriptedUpstream(visibility=Private("401"))
     mirror, _ = build(session, peer, upstream, private_images=PrivateImages.SHARE)
-    assert await mirror.open_blob(REGISTRY, REPO, BLOB_D, None, want_body=False) is not None
+    content = await mirror.open_blob(REGISTRY, REPO, BLOB_D, None, want_body=False)
+    assert isinstance(content, FallbackContent)
     assert upstream.asked == []
     mirror.close()
 

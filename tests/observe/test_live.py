@@ -34,6 +34,7 @@ import yaml
 
 from meshmirror.demo import DEMO_IMAGE, DemoNode, can_serve, pull
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
+from tests.support.browser import launch_chromium
 from tests.support.node import NO_UPSTREAM
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
@@ -208,13 +209,7 @@ def test_status_page_prometheus_and_members(cluster: Cluster, prometheus: Promet
                   for b in cluster.image.blobs() if "manifest" not in b.media_type]
     errors: list[str] = []
     with sync_playwright() as p:
-        # Resolver rules keep Chromium's own traffic (sign-in, component updates)
-        # from leaving the machine: every name but the loopback ones maps to nothing.
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
-                                    args=["--no-sandbox", "--disable-background-networking",
-                                          "--disable-component-update", "--no-first-run",
-                                          "--host-resolver-rules=MAP * ~NOTFOUND, "
-                                          f"EXCLUDE {puller.host}"])
+        browser = launch_chromium(p, puller.host)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -269,6 +264,7 @@ def test_status_page_prometheus_and_members(cluster: Cluster, prometheus: Promet
                 blob_lines.append(record)
     assert sorted(str(r["path"]) for r in blob_lines) == sorted(blob_paths)
     assert {r["source"] for r in blob_lines} == {"peer"}
+    assert not [r for r in blob_lines if "reason" in r], "served requests have no reason"
 
 
 def _members(cluster: Cluster, fmt: str) -> subprocess.CompletedProcess[str]:

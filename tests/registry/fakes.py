@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
-from meshmirror.registry.fallback import FallbackContent
+from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec
 from meshmirror.store.base import BlobInfo, NotFoundError
 from meshmirror.store.memory import MemoryStore
@@ -87,7 +87,7 @@ class FakeFallback:
             self.closed += 1
 
     async def open_manifest(self, registry: str, repository: str, reference: str,
-                            want_body: bool) -> FallbackContent | None:
+                            want_body: bool) -> FallbackContent | Miss:
         self.calls.append(("manifest", registry, repository, reference, str(want_body)))
         if self.raise_error:
             raise RuntimeError("peer exploded")
@@ -98,18 +98,18 @@ class FakeFallback:
                 digest = await self.store.resolve(registry, repository, reference)
             info = await self.store.stat(digest)
         except NotFoundError:
-            return None
+            return Miss(MissReason.NO_PEER)
         data = await self.store.read_all(digest)
         return FallbackContent(digest, info.size, info.media_type,
                                self._body(data) if want_body else None)
 
     async def open_blob(self, registry: str, repository: str, digest: Digest,
-                        byte_range: RangeSpec | None, want_body: bool) -> FallbackContent | None:
+                        byte_range: RangeSpec | None, want_body: bool) -> FallbackContent | Miss:
         self.calls.append(("blob", registry, repository, str(digest), str(byte_range)))
         if self.raise_error:
             raise RuntimeError("peer exploded")
         if digest not in self.store.held:
-            return None
+            return Miss(MissReason.NO_PEER)
         data = await self.store.read_all(digest)
         selected = None
         if byte_range is not None:

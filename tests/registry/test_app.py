@@ -17,7 +17,7 @@ from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 from meshmirror.registry.app import RegistryOptions, create_app
-from meshmirror.registry.fallback import FallbackContent
+from meshmirror.registry.fallback import BodyAborted, FallbackContent, Miss
 from meshmirror.registry.metrics import RegistryMetrics
 from meshmirror.registry.ranges import RangeSpec
 from tests.registry.asgi import call
@@ -434,7 +434,7 @@ async def test_fallback_body_is_closed_when_the_response_never_starts(store: Fak
     class Found(FakeFallback):
         async def open_blob(self, registry: str, repository: str, digest: Digest,
                             byte_range: RangeSpec | None, want_body: bool
-                            ) -> FallbackContent | None:
+                            ) -> FallbackContent | Miss:
             return FallbackContent(digest, 1, None, body)
 
     app = create_app(store, fallback=Found())
@@ -456,11 +456,15 @@ async def test_fallback_body_is_closed_when_the_response_never_starts(store: Fak
     assert body.closed
 
 
-async def test_failing_fallback_is_a_404(store: FakeStore) -> None:
+async def test_failing_fallback_is_a_404(store: FakeStore,
+                                         caplog: pytest.LogCaptureFixture) -> None:
     fallback = FakeFallback(raise_error=True)
-    async with client_for(create_app(store, fallback=fallback)) as c:
-        assert (await c.get("/v2/a/manifests/t")).status_code == 404
-        assert (await c.get(f"/v2/a/blobs/{Digest.of(b'z')}")).status_code == 404
+    with caplog.at_level(logging.INFO, logger="meshmirror.access"):
+        async with client_for(create_app(store, fallback=fallback)) as c:
+            assert (await c.get("/v2/a/manifests/t")).status_code == 404
+            assert (await c.get(f"/v2/a/blobs/{Digest.of(b'z')}")).status_code == 404
+    records = [r for r in caplog.records if r.name == "meshmirror.access"]
+    assert [access_fields(r)["reason"] for r in records] == ["error", "error"]
 
 
 # -- observability -------------------------------------------------------------------
@@ -486,8 +490,34 @@ async def test_access_log_line_per_request(client: httpx.AsyncClient, image: Ima
     assert blob["query"] == "ns=docker.io"
     assert blob["status"] == 206 and blob["bytes"] == 10 and blob["source"] == "local"
     assert isinstance(blob["latency_ms"], float) and blob["client"]
+    assert "reason" not in blob, "a request served has no reason"
     missing = access_fields(records[1])
     assert missing["handler"] == "manifest" and missing["status"] == 404
+    assert missing["reason"] == "not_held", "no fallback: the store is all there is"
+
+
+async def test_an_aborted_fallback_body_logs_its_reason(
+        store: FakeStore, caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(FakeFallback):
+        async def open_blob(self, registry: str, repository: str, digest: Digest,
+                            byte_range: RangeSpec | None, want_body: bool
+                            ) -> FallbackContent | Miss:
+            async def body() -> AsyncIterator[bytes]:
+                yield b"x"
+                raise BodyAborted("did not verify")
+
+            return FallbackContent(digest, 2, None, body())
+
+    registry = CollectorRegistry()
+    app = create_app(store, fallback=Broken(), metrics=RegistryMetrics(registry))
+    with caplog.at_level(logging.INFO, logger="meshmirror.access"), \
+            pytest.raises(BodyAborted):
+        await call(app, "GET", f"/v2/a/blobs/{Digest.of(b'zz')}")
+    [record] = [r for r in caplog.records if r.name == "meshmirror.access"]
+    assert access_fields(record)["reason"] == "peers_failed"
+    assert access_fields(record)["aborted"] is True
+    assert registry.get_sample_value("meshmirror_mirror_misses_total",
+                                     {"reason": "peers_failed"}) == 1
 
 
 async def test_metrics_count_requests(store: FakeStore, image: Image) -> None:

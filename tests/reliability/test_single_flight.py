@@ -8,6 +8,7 @@ what the holder uploaded is read from its access log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 import time
@@ -163,3 +164,37 @@ def test_a_lying_peer_gets_no_reader_unverified_bytes(tmp_path: Path) -> None:
         assert metric(node, "meshmirror_mirror_cache_bytes") == cached, "nothing kept"
         asked = len(blob_requests(holder, layer))
         assert asked <= 2, "ten requests shared the failing fetch"
+
+
+def test_a_request_that_leaves_stops_its_fetch(tmp_path: Path) -> None:
+    """The client leaves while the node is still fetching: nobody else wants the blob,
+    so the peer transfer stops short and nothing is kept."""
+    size = 128 * MiB
+    with nodes(tmp_path, [size, 1024]) as (holder, node, (layer, small)):
+        wait_routed(node, small)
+        cached = metric(node, "meshmirror_mirror_cache_bytes")
+
+        async def leave_early() -> None:
+            timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                request = asyncio.create_task(session.get(url(node, layer)))
+
+                def attached() -> bool:
+                    return metric(node, "meshmirror_mirror_flight_readers") >= 1
+
+                await asyncio.to_thread(wait_until, attached, 30, "the request to attach")
+                request.cancel()  # the client goes: its connection closes
+                with contextlib.suppress(asyncio.CancelledError):
+                    await request
+
+        asyncio.run(leave_early())
+        wait_until(lambda: len(blob_requests(holder, layer)) == 1, 30,
+                   "the holder to log the abandoned transfer")
+        (line,) = blob_requests(holder, layer)
+        print(f"\nabandoned fetch: holder sent {int(str(line['bytes'])) / MiB:.1f} MiB of "
+              f"{size / MiB:.0f}")
+        assert line.get("aborted") is True and int(str(line["bytes"])) < size
+        wait_until(lambda: metric(node, "meshmirror_mirror_flight_readers") == 0, 10,
+                   "the flight to land")
+        assert metric(node, 'meshmirror_mirror_flights_total{result="failed"}') == 1
+        assert metric(node, "meshmirror_mirror_cache_bytes") == cached, "nothing kept"
