@@ -243,12 +243,8 @@ class UpstreamContent:
         if token is not None:
             sent["Authorization"] = f"Bearer {token}"
         try:
-            return await self._client.session().get(
-                url, headers=sent, allow_redirects=True, max_redirects=_MAX_REDIRECTS,
-                auto_decompress=False,
-                timeout=aiohttp.ClientTimeout(total=None, connect=self._client.connect_timeout,
-                                              sock_read=self.stall_timeout),
-            )
+            return await self._client.open_content(url, sent, stall_timeout=self.stall_timeout,
+                                                   max_redirects=_MAX_REDIRECTS)
         except aiohttp.ClientError as err:
             return _transport_failure(err, url)
 

@@ -215,9 +215,6 @@ class UpstreamClient:
 
     # -- for upstream.blobs: content fetches share this session, tokens and breakers --
 
-    def session(self) -> aiohttp.ClientSession:
-        return self._client_session()
-
     def base_url(self, registry: str) -> str:
         """The registry's URL as containerd would use it; raises EndpointError."""
         return self._endpoints.url_for(registry)
@@ -226,12 +223,19 @@ class UpstreamClient:
         return self._breaker(registry)
 
     @property
-    def connect_timeout(self) -> float:
-        return self._connect_timeout
-
-    @property
     def tokens(self) -> TokenCache:
         return self._tokens
+
+    async def open_content(self, url: str, headers: Mapping[str, str], *,
+                           stall_timeout: float, max_redirects: int) -> aiohttp.ClientResponse:
+        """A GET of content (a blob, a manifest) whose response the caller reads and
+        releases. The one place `upstream.blobs` reaches the network: whatever rules
+        apply to this client's requests (proxies, address checks) belong here too."""
+        return await self._client_session().get(
+            url, headers=headers, allow_redirects=True, max_redirects=max_redirects,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout,
+                                          sock_read=stall_timeout))
 
     async def anonymous_token(self, registry: str, scope: str, status: int,
                               headers: CIMultiDictProxy[str]) -> Token | AuthRequired | Unreachable:
