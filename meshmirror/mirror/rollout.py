@@ -151,7 +151,8 @@ class Rollout:
         # Tree requests wait on a parent that is itself opening the blob upstream, and
         # follow it at the upstream's pace: the upstream's bounds apply, not a peer's.
         patient = replace(options, first_byte_timeout=content.first_byte_timeout + 1.0,
-                          stall_timeout=content.stall_timeout + 1.0, min_rate=1)
+                          stall_timeout=content.stall_timeout + 1.0)
+        self.options = options
         self.client = PeerClient(router, session, patient, mirror_metrics)
         self._chunk = options.chunk_size
         self.serving = 0  # tree and peer readers this node serves now
@@ -308,6 +309,7 @@ class TreeStream:
         self._peer: PeerResponse | None = None
         self._upstream: UpstreamBody | None = None
         self._origin: str | None = None  # the member, or "upstream", now sending
+        self._deadline = float("inf")
 
     @property
     def origin(self) -> str | None:
@@ -315,7 +317,15 @@ class TreeStream:
         return self._origin
 
     async def open(self) -> int | None:
-        return await self._connect(0)
+        size = await self._connect(0)
+        if size is not None:
+            # The whole fetch, resumes included, is bounded like a peer request.
+            self._deadline = (asyncio.get_running_loop().time()
+                              + self._rollout.options.deadline_for(size))
+        return size
+
+    def _late(self) -> bool:
+        return asyncio.get_running_loop().time() > self._deadline
 
     def close(self) -> None:
         if self._peer is not None:
@@ -328,7 +338,7 @@ class TreeStream:
     async def chunks(self, offset: int) -> AsyncIterator[bytes]:
         if (self._peer is None and self._upstream is None) or self._position != offset:
             self.close()
-            if await self._connect(offset) is None:
+            if self._late() or await self._connect(offset) is None:
                 raise PeerFailure("exhausted", f"no source left at byte {offset}")
         if self._upstream is not None:
             async for chunk in self._from_upstream(self._upstream):
@@ -339,6 +349,8 @@ class TreeStream:
         client = self._rollout.client
         while self._position < self._size:
             try:
+                if self._late():
+                    raise PeerFailure("deadline", f"past the deadline at byte {self._position}")
                 chunk = await client.read_chunk(opened, min(self._rollout._chunk,
                                                             self._size - self._position))
                 if not chunk:
@@ -354,6 +366,10 @@ class TreeStream:
     async def _from_upstream(self, body: UpstreamBody) -> AsyncIterator[bytes]:
         try:
             async for chunk in body.chunks():
+                if self._late():
+                    self.close()
+                    raise PeerFailure("deadline", f"upstream past the deadline at "
+                                                  f"byte {self._position}")
                 self._position += len(chunk)
                 self._rollout.upstream_bytes(len(chunk))
                 yield chunk
