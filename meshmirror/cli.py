@@ -288,6 +288,11 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     _flag(run, "--mirror-memory-limit", MirrorOptions, "memory_limit", parse=parse_size,
           show=format_size, metavar="SIZE",
           help="bytes of peer chunks held in memory at once across all requests")
+    _flag(run, "--rollout-fanout", MirrorOptions, "rollout_fanout", parse=_parse_int,
+          metavar="F",
+          help="a cold public blob no peer holds is fetched from the upstream once, by its "
+               "owner, and read through a tree where a node serves at most F peers' "
+               "readers at once; 0 turns the designated fetch off (a cold blob is a 404)")
     _flag(run, "--summary-fp-rate", PeeringConfig, "summary_fp_rate", parse=_parse_float,
           metavar="RATE", help="target false-positive rate of the Bloom summary")
     _add_client_flags(run)
@@ -499,10 +504,10 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
                          "> 0 and --mirror-resolve-retries >= 1")
     if (args.mirror_stall_timeout <= 0 or args.mirror_deadline <= 0
             or args.mirror_min_rate < 1 or args.mirror_peer_connections < 1
-            or args.mirror_memory_limit < 1):
+            or args.mirror_memory_limit < 1 or args.rollout_fanout < 0):
         raise UsageError("--mirror-stall-timeout and --mirror-deadline must be > 0; "
                          "--mirror-min-rate, --mirror-peer-connections and "
-                         "--mirror-memory-limit >= 1")
+                         "--mirror-memory-limit >= 1; --rollout-fanout >= 0")
     spool_dir: Path | None = args.mirror_spool_dir
     cache_dir: Path | None = args.upstream_cache_dir
     if args.mirror_spool_limit > 0 and args.upstream_cache_limit != 0:
@@ -527,6 +532,7 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
         deadline=args.mirror_deadline,
         peer_connections=args.mirror_peer_connections,
         memory_limit=args.mirror_memory_limit,
+        rollout_fanout=args.rollout_fanout,
         resolve_tags=args.resolve_tags,
         outage_peer_tags=args.outage_peer_tags,
         outage_vouches=args.outage_vouches,

@@ -45,6 +45,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from meshmirror.mirror.marker import peer_dispatch, refuse_private
+from meshmirror.mirror.rollout import tree_requests
 from meshmirror.peering import Peering
 from meshmirror.registry.app import RegistryOptions, create_app
 from meshmirror.registry.fallback import Fallback
@@ -229,8 +230,11 @@ class Node:
                                   metrics=registry_metrics, extra_routes=self.registry_routes)
         if self.fallback is not None:
             # Peers get the local store only, so a false positive cannot chain mirrors.
-            local_only = create_app(self.store, options=options, metrics=registry_metrics,
-                                    extra_routes=self.registry_routes)
+            # ... and, in a rollout, the blobs in flight here (see `mirror.rollout`).
+            serve_flights = self.peering.mirror.peers_fallback if self.peering else None
+            local_only = tree_requests(create_app(
+                self.store, options=options, metrics=registry_metrics,
+                extra_routes=self.registry_routes, fallback=serve_flights))
             if self.peering is not None:
                 # ... and nothing of a repository this node knows to be private.
                 local_only = refuse_private(

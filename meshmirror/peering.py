@@ -36,6 +36,7 @@ from meshmirror.mesh.transport import MembershipEvent, MeshNode
 from meshmirror.mesh.wire import WireError
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.peer_mirror import PeerMirror
+from meshmirror.mirror.rollout import Rollout, RolloutMetrics
 from meshmirror.routing.directory import PeerDirectory
 from meshmirror.routing.publisher import SummaryPublisher
 from meshmirror.routing.router import BloomRouter
@@ -43,6 +44,7 @@ from meshmirror.routing.summary import Summary, summary_route
 from meshmirror.routing.vouches import Vouches
 from meshmirror.runconfig import PeeringConfig
 from meshmirror.store.base import Store
+from meshmirror.upstream.blobs import UpstreamContent
 
 log = logging.getLogger("meshmirror.peering")
 
@@ -84,10 +86,16 @@ class Peering:
         mirror_metrics = MirrorMetrics(metrics_registry)
         mirror_metrics.watch_upstream(self.upstream.health_all,
                                       sorted(config.mirror.mirrored_registries))
+        # The designated upstream fetch of cold public blobs (see `mirror.rollout`).
+        self.rollout = (Rollout(config.node_name, self.router, self._session,
+                                UpstreamContent(self.upstream), config.mirror,
+                                RolloutMetrics(metrics_registry), mirror_metrics)
+                        if config.mirror.rollout_fanout > 0 else None)
         self.mirror = PeerMirror(self.router, self._session, options=config.mirror,
                                  metrics=mirror_metrics, upstream=self.upstream,
                                  mesh_encrypted=keyring is not None,
-                                 vouches=self.directory.vouches, store=store)
+                                 vouches=self.directory.vouches, store=store,
+                                 rollout=self.rollout)
         # What this node heard the upstream call public rides in its summary.
         self.mirror.access.cache.on_vouches_changed = self.publisher.vouches_changed
         self.mesh = MeshNode(
@@ -136,6 +144,8 @@ class Peering:
         await self.directory.close()
         await self.publisher.close()
         self.mirror.close()
+        if self.rollout is not None:
+            self.rollout.close()
         await self._session.close()
         await self.upstream.close()
 

@@ -61,6 +61,7 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "mirror_deadline": (MirrorOptions, "deadline"),
     "mirror_peer_connections": (MirrorOptions, "peer_connections"),
     "mirror_memory_limit": (MirrorOptions, "memory_limit"),
+    "rollout_fanout": (MirrorOptions, "rollout_fanout"),
     "containerd_sock": (ContainerdConfig, "sock"),
     "containerd_namespace": (ContainerdConfig, "namespace"),
     "containerd_content_path": (ContainerdConfig, "content_path"),

@@ -126,6 +126,10 @@ class MirrorOptions:
     # at a few chunks however fast the peer and however slow the client.
     read_ahead: int = 2
     resolve_tags: TagResolution = TagResolution.UPSTREAM_FIRST
+    # A cold public blob (no peer holds it) is fetched from the upstream once, by its
+    # owner, and read through a tree in which a node serves at most this many peers'
+    # readers at once (see `rollout`); 0: no designated fetch, a cold blob is a 404.
+    rollout_fanout: int = 8
     # With OutagePeerTags.ENCRYPTED, peer-resolved tags need a gossip key (see docs: Trust).
     outage_peer_tags: OutagePeerTags = OutagePeerTags.ENCRYPTED
     # Members' vouches that a repository is public, for a node with no verdict of its

@@ -41,9 +41,10 @@ from meshmirror.mirror.cache import BlobCache
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
 from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink, in_pieces
-from meshmirror.mirror.flight import Flight, Flights, Reader, State
+from meshmirror.mirror.flight import BlobSource, Flight, Flights, Reader, State, StreamSource
 from meshmirror.mirror.metrics import MirrorMetrics, finished
 from meshmirror.mirror.options import MirrorOptions, PrivateImages
+from meshmirror.mirror.rollout import FirstFound, PeersFallback, Rollout
 from meshmirror.mirror.tags import AskPeers, Refuse, TagPolicy, UseDigest, UseOwn
 from meshmirror.mirror.upstream_questions import CountedUpstream, UpstreamQuestions
 from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, Access, RepositoryAccess
@@ -84,8 +85,10 @@ class PeerMirror:
         clock: Callable[[], float] = time.monotonic,
         vouches: VouchBook | None = None,
         store: Store | None = None,
+        rollout: Rollout | None = None,
     ) -> None:
         self._router = router
+        self._rollout = rollout
         self._options = options or MirrorOptions()
         self._metrics = metrics or MirrorMetrics(CollectorRegistry())
         self._clock = clock
@@ -109,6 +112,10 @@ class PeerMirror:
         self._metrics.cache_bytes.set_function(lambda: cache.total)
         self._metrics.flight_readers.set_function(lambda: self.flights.readers)
         self._metrics.label_registries(self._options.mirrored_registries)
+        # What the app that serves peers falls back to (see `rollout`).
+        self.peers_fallback = (PeersFallback(self.flights, rollout, self.access, opts,
+                                             self._source, self._mirrors)
+                               if rollout is not None else None)
 
     @property
     def metrics(self) -> MirrorMetrics:
@@ -183,8 +190,20 @@ class PeerMirror:
         if access.denied:
             self._count(registry, "manifest", "refused", path, started)
             return _denied(access)
-        return await self._fetch_manifest(registry, f"/v2/{repository}/manifests/{digest}",
-                                          str(digest), digest, path, started)
+        rollout = self._rollout
+        content = await self._fetch_manifest(registry, f"/v2/{repository}/manifests/{digest}",
+                                             str(digest), digest, path, started,
+                                             count_miss=rollout is None)
+        if not isinstance(content, Miss) or rollout is None:
+            return content
+        # No peer holds it: its owner fetches it from the upstream (see `rollout`).
+        fetched = await rollout.manifest(registry, repository, digest)
+        if fetched is None:
+            self._count(registry, "manifest", "miss", path, started)
+            return Miss(MissReason.UPSTREAM_FAILED)
+        self._count(registry, "manifest", "hit", path, started, None, len(fetched.data))
+        return FallbackContent(digest, len(fetched.data), fetched.media_type,
+                               _held(fetched.data, self._options.send_size))
 
     async def _manifest_by_tag(self, registry: str, repository: str, tag: str, path: str,
                                started: float) -> FallbackContent | Miss:
@@ -216,8 +235,8 @@ class PeerMirror:
         return FallbackContent(info.digest, info.size, media_type, body)
 
     async def _fetch_manifest(self, registry: str, peer_path: str, key: str,
-                              expected: Digest | None, path: str,
-                              started: float) -> FallbackContent | Miss:
+                              expected: Digest | None, path: str, started: float, *,
+                              count_miss: bool = True) -> FallbackContent | Miss:
         """The first verified manifest from peers holding ``key``; HEAD is answered from a
         verified GET too: manifests are small, and a digest is only as good as its body."""
         candidates = self._router.candidates(key, limit=self._options.resolve_retries)
@@ -237,7 +256,8 @@ class PeerMirror:
                 return content
         finally:
             await opener.aclose()
-        self._count(registry, "manifest", "miss", path, started)
+        if count_miss:
+            self._count(registry, "manifest", "miss", path, started)
         return Miss(MissReason.PEERS_FAILED if candidates else MissReason.NO_PEER)
 
     async def _read_manifest(
@@ -276,7 +296,12 @@ class PeerMirror:
         if access.denied:
             self._count(registry, "blob", "refused", path, started)
             return _denied(access)
-        reader = self.flights.attach(digest, lambda: self._peer_fetch(registry, path, digest))
+        # A blob no peer holds comes through its tree; the owner's containerd may
+        # follow the upstream's bytes as they arrive (see `rollout`).
+        follow = (self._rollout is not None and not self._router.candidates(str(digest), 1)
+                  and self._rollout.is_owner(digest))
+        reader = self.flights.attach(digest, lambda: self._source(registry, repository, digest),
+                                     verified=not follow)
         record = _BlobRecord(registry, path, started, reader.flight)
         try:
             content = await self._shared_blob(reader, record, digest, byte_range, want_body)
@@ -291,6 +316,15 @@ class PeerMirror:
 
     def _peer_fetch(self, registry: str, path: str, digest: Digest) -> BlobFetch:
         return BlobFetch(self.client, self._router, self._options, registry, path, digest)
+
+    def _source(self, registry: str, repository: str, digest: Digest) -> BlobSource:
+        """Peers whose summary holds the blob; failing that, its tree (see `rollout`)."""
+        fetch = self._peer_fetch(registry, f"/v2/{repository}/blobs/{digest}", digest)
+        rollout = self._rollout
+        if rollout is None:
+            return fetch
+        return FirstFound(fetch, lambda: StreamSource(
+            rollout.stream(registry, repository, digest), digest, resumes=16))
 
     async def _shared_blob(
         self,
@@ -311,7 +345,7 @@ class PeerMirror:
             missing = reader.flight.state is State.MISSING
             self._count_blob(record, "miss" if missing else "error")
             return _flight_miss(reader.flight)
-        if not await reader.wait_verified():
+        if reader.verified and not await reader.wait_verified():
             reader.close()
             self._count_blob(record, "error")
             return _flight_miss(reader.flight)
@@ -465,6 +499,10 @@ def _flight_miss(flight: Flight) -> Miss:
     if flight.sink_failure is not None:
         return Miss(MissReason.BUSY, flight.sink_failure)
     source = flight.source
+    if isinstance(source, FirstFound):
+        if source.through_tree:  # no peer held it, and its tree or upstream failed
+            return Miss(MissReason.UPSTREAM_FAILED)
+        source = source.first
     if not isinstance(source, BlobFetch):
         return Miss(MissReason.PEERS_FAILED)
     if flight.state is State.MISSING:

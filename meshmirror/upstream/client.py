@@ -318,6 +318,75 @@ class UpstreamClient:
     def health_all(self) -> Mapping[str, BreakerHealth]:
         return {registry: b.health() for registry, b in self._breakers.items()}
 
+    # -- for upstream.blobs: content fetches share this session, tokens and breakers --
+
+    def base_url(self, registry: str) -> str:
+        """The registry's URL as containerd would use it; raises EndpointError."""
+        return self._endpoints.url_for(registry)
+
+    def breaker(self, registry: str) -> CircuitBreaker:
+        return self._breaker(registry)
+
+    @property
+    def tokens(self) -> TokenCache:
+        return self._tokens
+
+    async def open_content(self, url: str, headers: Mapping[str, str], *,
+                           stall_timeout: float, max_redirects: int) -> aiohttp.ClientResponse:
+        """A GET of content (a blob, a manifest) whose response the caller reads and
+        releases. The one place `upstream.blobs` reaches the network, so it keeps this
+        client's rules: the proxy Go's rules pick, and every hop's address checked by
+        the guard (the registry's own host and the proxies are permitted), with
+        redirects followed here and credentials dropped when one changes host. A
+        refused hop raises `aiohttp.ClientError`, as any transport failure does."""
+        target = URL(url)
+        sent = dict(headers)
+        permission = permit([target.host, *self._proxies.hosts])
+        try:
+            for hop in range(max_redirects + 1):
+                proxy = self._proxies.proxy_for(str(target))
+                await self._guard.check_url(str(target), guard_permitted(),
+                                            proxied=proxy is not None)
+                response = await self._client_session().get(
+                    target, headers=sent, allow_redirects=False, proxy=proxy,
+                    auto_decompress=False,
+                    timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout,
+                                                  sock_read=stall_timeout))
+                location = response.headers.get("Location")
+                if response.status not in _REDIRECTS or location is None:
+                    return response
+                response.release()
+                if hop == max_redirects:
+                    raise _RedirectError(f"more than {max_redirects} redirects")
+                try:
+                    following = target.join(URL(location))
+                except ValueError as err:
+                    raise _RedirectError(f"redirect to an unusable Location: {err}") from None
+                if following.scheme not in ("http", "https") or not following.host:
+                    raise _RedirectError(f"redirect to {location[:200]!r}")
+                if following.host != target.host:
+                    sent.pop("Authorization", None)
+                target = following
+        except (ForbiddenAddress, _RedirectError) as err:
+            raise aiohttp.ClientError(f"{url}: {err}") from err
+        finally:
+            reset(permission)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def anonymous_token(self, registry: str, scope: str, status: int,
+                              headers: CIMultiDictProxy[str]) -> Token | AuthRequired | Unreachable:
+        """Answer a 401 the way manifest questions do: an anonymous token, or why not
+        (the realm passes the same guard, the registry's own host permitted)."""
+        try:
+            base = self._endpoints.url_for(registry)
+        except EndpointError as err:
+            return Unreachable(FailureKind.CONFIG, str(err))
+        permission = permit([URL(base).host, *self._proxies.hosts])
+        try:
+            return await self._token_for(registry, scope, _Reply(status, headers))
+        finally:
+            reset(permission)
+
     # -- the flow ------------------------------------------------------------------
 
     def _breaker(self, registry: str) -> CircuitBreaker:
