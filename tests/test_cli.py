@@ -161,6 +161,7 @@ CHART_DEFAULTS: dict[str, tuple[Any, Any]] = {
     # On: hosts.toml's "resolve" capability, and `run --resolve-tags` upstream-first.
     "meshmirror.resolveTags": (parse_bool, True),
     "meshmirror.outageVouches": (OutagePeerTags, field_default(MirrorOptions, "outage_vouches")),
+    "meshmirror.rolloutFanout": (int, field_default(MirrorOptions, "rollout_fanout")),
     "meshmirror.mirrorResolveTimeout": (parse_duration,
                                         field_default(MirrorOptions, "resolve_timeout")),
     "meshmirror.mirrorFirstByteTimeout": (parse_duration,

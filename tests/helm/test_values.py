@@ -28,6 +28,7 @@ INVALID = [
     (["--set", "meshmirror.logLevel=verbose"], "/meshmirror/logLevel",
      "'verbose' does not match pattern"),
     (["--set", "meshmirror.resolveTags=maybe"], "/meshmirror/resolveTags", "want boolean"),
+    (["--set", "meshmirror.rolloutFanout=-1"], "/meshmirror/rolloutFanout", "minimum"),
     (["--set", "meshmirror.outageVouches=sometimes"], "/meshmirror/outageVouches",
      "value must be one of"),
     (["--set", "meshmirror.mirrorResolveTimeout=0"], "/meshmirror/mirrorResolveTimeout",
