@@ -230,8 +230,10 @@ def rolling_run(args: argparse.Namespace, scratch: Path, proxy: CountingProxy,
         nodes: list[MeshNode] = []
         if mesh:
             for i, ctrd in enumerate(ctrds):
+                # Its hosts.toml (written below) says which registry it mirrors.
+                hosts = ["--containerd-registry-config-path", str(run_dir / f"hosts{i}")]
                 node = start_meshmirror(run_dir, f"node{i}", ctrd,
-                                        nodes[0].mesh if nodes else None, run_flags(args))
+                                        nodes[0].mesh if nodes else None, run_flags(args) + hosts)
                 stack.callback(stop, node.proc)
                 nodes.append(node)
             wait_until(lambda: all(n.alive_members() == args.nodes for n in nodes), 60,

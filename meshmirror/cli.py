@@ -28,11 +28,12 @@ from typing import Any, TypeVar
 from meshmirror import __version__
 from meshmirror.addresses import (
     AddressError,
+    bracket_bare_ipv6,
     format_host_port,
     is_wildcard,
     parse_host_port,
 )
-from meshmirror.containerd.config import ContainerdConfig
+from meshmirror.containerd.config import ContainerdConfig, DoctorConfig
 from meshmirror.containerd.hostsconfig import (
     EVERY_REGISTRY,
     HostsConfig,
@@ -58,8 +59,11 @@ from meshmirror.mirror.options import (
     TagResolution,
     UnknownVisibility,
 )
+from meshmirror.registry.serveroptions import ServerOptions
 from meshmirror.runconfig import MEMBERLIST_PORT, NodeConfig, PeeringConfig
+from meshmirror.upstream.guard import AddressGuard
 from meshmirror.upstream.options import UpstreamOptions
+from meshmirror.upstream.proxy import ProxyConfigError, ProxySettings
 
 T = TypeVar("T")
 E = TypeVar("E", bound=enum.Enum)
@@ -257,6 +261,16 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
           show=format_size, metavar="SIZE",
           help="bytes of blobs held at once (e.g. 4Gi); a blob beyond it is streamed and "
                "checked only at its end; 0 streams every large blob")
+    _flag(run, "--upstream-cache-dir", MirrorOptions, "upstream_cache_dir", parse=Path,
+          metavar="DIR",
+          help="where fetched blobs are held while they download and kept once verified, "
+               "one fetch per blob however many requests want it (default: "
+               "--mirror-spool-dir, else the system's temporary directory)")
+    _flag(run, "--upstream-cache-limit", MirrorOptions, "upstream_cache_limit",
+          parse=parse_size, show=format_size, metavar="SIZE",
+          help="bytes of cache files at once, downloading or kept (e.g. 4Gi); verified "
+               "blobs nobody reads are evicted least recently used first; a blob that "
+               "does not fit is streamed (default: --mirror-spool-limit)")
     _flag(run, "--mirror-stall-timeout", MirrorOptions, "stall_timeout",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="a peer body with no byte for this long is left for the next peer; also the "
@@ -274,8 +288,14 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     _flag(run, "--mirror-memory-limit", MirrorOptions, "memory_limit", parse=parse_size,
           show=format_size, metavar="SIZE",
           help="bytes of peer chunks held in memory at once across all requests")
+    _flag(run, "--rollout-fanout", MirrorOptions, "rollout_fanout", parse=_parse_int,
+          metavar="F",
+          help="a cold public blob no peer holds is fetched from the upstream once, by its "
+               "owner, and read through a tree where a node serves at most F peers' "
+               "readers at once; 0 turns the designated fetch off (a cold blob is a 404)")
     _flag(run, "--summary-fp-rate", PeeringConfig, "summary_fp_rate", parse=_parse_float,
           metavar="RATE", help="target false-positive rate of the Bloom summary")
+    _add_client_flags(run)
     _add_containerd_flags(run)
     _flag(run, "--write-hosts-config", NodeConfig, "write_hosts_config", parse=parse_bool,
           show=lambda value: str(value).lower(), metavar="BOOL",
@@ -283,6 +303,18 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
                "so a restarted container puts back a lost entry")
     _add_hosts_location_flags(run)
     _add_prepend_existing(run)
+
+
+def _add_client_flags(run: argparse.ArgumentParser) -> None:
+    """Bounds on what one client of the registry port can hold (docs/security.md)."""
+    _flag(run, "--client-send-timeout", ServerOptions, "send_timeout",
+          parse=parse_duration, show=format_duration, metavar="DURATION",
+          help="a response the client takes no byte of for this long is dropped, freeing "
+               "its spool, memory and peer connection")
+    _flag(run, "--client-max-connections", ServerOptions, "max_connections",
+          parse=_parse_int, metavar="N",
+          help="open registry connections at most (and at most half the open-file limit); "
+               "more wait in the listen backlog")
 
 
 def _add_upstream_flags(run: argparse.ArgumentParser) -> None:
@@ -293,6 +325,12 @@ def _add_upstream_flags(run: argparse.ArgumentParser) -> None:
           metavar="encrypted|always|never",
           help="whether tags resolved by peers are accepted while the upstream is "
                "unreachable: only in a mesh with a gossip key, always, or never")
+    _flag(run, "--outage-vouches", MirrorOptions, "outage_vouches",
+          parse=_enum_parser(OutagePeerTags), show=_show_enum,
+          metavar="encrypted|always|never",
+          help="whether members' vouches that a repository is public are accepted, for "
+               "one this node has no verdict on, while the upstream is unreachable: only "
+               "in a mesh with a gossip key, always, or never")
     _flag(run, "--private-images", MirrorOptions, "private_images",
           parse=_enum_parser(PrivateImages), show=_show_enum, metavar="upstream-only|share",
           help="upstream-only: a repository the upstream serves only with credentials "
@@ -318,6 +356,22 @@ def _add_upstream_flags(run: argparse.ArgumentParser) -> None:
     _flag(run, "--upstream-cooldown", UpstreamOptions, "cooldown",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="how long an upstream that keeps failing is not asked (then one probe)")
+    _flag(run, "--upstream-tag-ttl", UpstreamOptions, "tag_ttl",
+          parse=parse_duration, show=format_duration, metavar="DURATION",
+          help="how long a tag's upstream answer (digest, absent, private) is reused; 0: "
+               "ask every time")
+    _flag(run, "--upstream-client-rate", UpstreamOptions, "client_rate", parse=_parse_float,
+          metavar="N", help="new upstream questions per second per client address")
+    _flag(run, "--upstream-client-burst", UpstreamOptions, "client_burst", parse=_parse_int,
+          metavar="N", help="new upstream questions a client address may ask at once")
+    _flag(run, "--upstream-max-registries", UpstreamOptions, "max_registries",
+          parse=_parse_int, metavar="N",
+          help="upstream registries whose state (breaker) is kept; the least recently "
+               "asked is forgotten first")
+    run.add_argument("--upstream-allow-hosts", action="append", default=None, metavar="HOST",
+                     help="private or loopback hosts, addresses or CIDRs a token realm or "
+                          "redirect may lead to besides the registry's own host (repeatable "
+                          "or comma-separated); link-local and metadata addresses never")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hosts_flags(doctor)
     _add_containerd_flags(doctor)
     _add_registry_addr(doctor, "where this node's `meshmirror run` listens")
+    _flag(doctor, "--containerd-mirror-add", DoctorConfig, "containerd_mirror_add",
+          parse=parse_bool, show=lambda value: str(value).lower(), metavar="BOOL",
+          help="whether meshmirror writes hosts.toml on this node; false (the node's owner "
+               "does) reports the hosts.toml checks as information")
 
     demo = sub.add_parser("demo", help="a local three-node mesh on loopback")
     _flag(demo, "--nodes", DemoConfig, "nodes", parse=_parse_int, metavar="N")
@@ -422,7 +480,9 @@ def mesh_addresses(bind: tuple[str, int], advertise_addr: str | None,
     advertise: tuple[str, int] | None = None
     if advertise_addr:
         try:
-            advertise = parse_host_port(advertise_addr, default_host="", default_port=bind[1])
+            # The chart passes the pod IP as it is: bare on an IPv6 cluster.
+            advertise = parse_host_port(bracket_bare_ipv6(advertise_addr), default_host="",
+                                        default_port=bind[1])
         except AddressError as err:
             raise UsageError(f"--advertise-addr: {err}") from err
     public = _advertised_host(advertise[0] if advertise is not None else "", bind[0],
@@ -434,7 +494,7 @@ def mesh_addresses(bind: tuple[str, int], advertise_addr: str | None,
 
 
 def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
-    from meshmirror.mirror.spool import check_spool_directory
+    from meshmirror.mirror.cache import check_cache_directory
 
     filters: list[re.Pattern[str]] = []
     for text in split_list(args.registry_filters):
@@ -448,17 +508,19 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
                          "> 0 and --mirror-resolve-retries >= 1")
     if (args.mirror_stall_timeout <= 0 or args.mirror_deadline <= 0
             or args.mirror_min_rate < 1 or args.mirror_peer_connections < 1
-            or args.mirror_memory_limit < 1):
+            or args.mirror_memory_limit < 1 or args.rollout_fanout < 0):
         raise UsageError("--mirror-stall-timeout and --mirror-deadline must be > 0; "
                          "--mirror-min-rate, --mirror-peer-connections and "
-                         "--mirror-memory-limit >= 1")
+                         "--mirror-memory-limit >= 1; --rollout-fanout >= 0")
     spool_dir: Path | None = args.mirror_spool_dir
-    if args.mirror_spool_limit > 0:
+    cache_dir: Path | None = args.upstream_cache_dir
+    if args.mirror_spool_limit > 0 and args.upstream_cache_limit != 0:
         try:
-            check_spool_directory(spool_dir or Path(tempfile.gettempdir()))
+            check_cache_directory(cache_dir or spool_dir or Path(tempfile.gettempdir()))
         except OSError as err:
-            flag = "--mirror-spool-dir" if spool_dir else "the temporary directory"
-            raise UsageError(f"{flag}: {err}; point --mirror-spool-dir at a writable "
+            flag = ("--upstream-cache-dir" if cache_dir else "--mirror-spool-dir" if spool_dir
+                    else "the temporary directory")
+            raise UsageError(f"{flag}: {err}; point --upstream-cache-dir at a writable "
                              "directory or set --mirror-spool-limit 0") from err
     registries = parse_registries(args.mirrored_registries)
     return MirrorOptions(
@@ -467,13 +529,17 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
         resolve_retries=args.mirror_resolve_retries,
         spool_dir=spool_dir,
         spool_limit=args.mirror_spool_limit,
+        upstream_cache_dir=cache_dir,
+        upstream_cache_limit=args.upstream_cache_limit,
         stall_timeout=args.mirror_stall_timeout,
         min_rate=args.mirror_min_rate,
         deadline=args.mirror_deadline,
         peer_connections=args.mirror_peer_connections,
         memory_limit=args.mirror_memory_limit,
+        rollout_fanout=args.rollout_fanout,
         resolve_tags=args.resolve_tags,
         outage_peer_tags=args.outage_peer_tags,
+        outage_vouches=args.outage_vouches,
         private_images=args.private_images,
         private_images_unknown=args.private_images_unknown,
         state_dir=args.state_dir,
@@ -484,16 +550,37 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
     )
 
 
-def _upstream_options(args: argparse.Namespace) -> UpstreamOptions:
+def _upstream_options(args: argparse.Namespace, http_base: str) -> UpstreamOptions:
     if (args.upstream_connect_timeout <= 0 or args.upstream_timeout <= 0
             or args.upstream_cooldown < 0 or args.upstream_failure_threshold < 1):
         raise UsageError("--upstream-connect-timeout and --upstream-timeout must be > 0, "
                          "--upstream-cooldown >= 0 and --upstream-failure-threshold >= 1")
+    if (args.upstream_tag_ttl < 0 or args.upstream_client_rate <= 0
+            or args.upstream_client_burst < 1 or args.upstream_max_registries < 1):
+        raise UsageError("--upstream-tag-ttl must be >= 0, --upstream-client-rate > 0, "
+                         "--upstream-client-burst and --upstream-max-registries >= 1")
+    allow_hosts = tuple(split_list(args.upstream_allow_hosts))
+    try:
+        AddressGuard.parse(allow_hosts)
+    except ValueError as err:
+        raise UsageError(f"--upstream-allow-hosts {err}") from err
+    try:
+        proxies = ProxySettings.from_environment()
+    except ProxyConfigError as err:
+        raise UsageError(str(err)) from err
     return UpstreamOptions(connect_timeout=args.upstream_connect_timeout,
                            timeout=args.upstream_timeout,
                            failure_threshold=args.upstream_failure_threshold,
                            cooldown=args.upstream_cooldown,
-                           registry_config_path=args.containerd_registry_config_path)
+                           registry_config_path=args.containerd_registry_config_path,
+                           tag_ttl=args.upstream_tag_ttl,
+                           client_rate=args.upstream_client_rate,
+                           client_burst=args.upstream_client_burst,
+                           max_registries=args.upstream_max_registries,
+                           allow_hosts=allow_hosts,
+                           mirror_urls=(http_base,
+                                        *parse_targets(args.mirror_targets, required=False)),
+                           proxies=proxies)
 
 
 def peering_config(args: argparse.Namespace) -> PeeringConfig | None:
@@ -515,7 +602,7 @@ def peering_config(args: argparse.Namespace) -> PeeringConfig | None:
                          advertise_addr=advertise, join=join, join_dns=args.join_dns,
                          gossip_key_file=args.gossip_key_file,
                          summary_fp_rate=args.summary_fp_rate, mirror=_mirror_options(args),
-                         upstream=_upstream_options(args))
+                         upstream=_upstream_options(args, http_base))
 
 
 def _containerd_config(args: argparse.Namespace) -> ContainerdConfig:
@@ -524,11 +611,18 @@ def _containerd_config(args: argparse.Namespace) -> ContainerdConfig:
                             config=args.containerd_config)
 
 
+def _server_options(args: argparse.Namespace) -> ServerOptions:
+    if args.client_send_timeout <= 0 or args.client_max_connections < 1:
+        raise UsageError("--client-send-timeout must be > 0 and --client-max-connections >= 1")
+    return ServerOptions(send_timeout=args.client_send_timeout,
+                         max_connections=args.client_max_connections)
+
+
 def node_config(args: argparse.Namespace) -> NodeConfig:
     """``run``'s flags, checked: every bad one is a UsageError before anything starts."""
     return NodeConfig(store=args.store, registry_addr=args.registry_addr,
                       metrics_addr=args.metrics_addr, containerd=_containerd_config(args),
-                      peering=peering_config(args),
+                      server=_server_options(args), peering=peering_config(args),
                       write_hosts_config=args.write_hosts_config,
                       hosts=hosts_config(args, targets_required=args.write_hosts_config))
 
@@ -567,11 +661,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return cleanup_command(hosts_config(args, targets_required=False))
     if command == "doctor":
-        from meshmirror.containerd.doctor import DoctorConfig, doctor_command
+        from meshmirror.containerd.doctor import doctor_command
 
         return doctor_command(DoctorConfig(hosts=hosts_config(args, targets_required=False),
                                            registry_addr=args.registry_addr,
-                                           containerd=_containerd_config(args)))
+                                           containerd=_containerd_config(args),
+                                           containerd_mirror_add=args.containerd_mirror_add))
     if command == "demo":
         from meshmirror.demo import demo_command
 

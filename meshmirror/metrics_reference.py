@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from meshmirror.containerd.checks import TRANSFER_CHECK, CheckResult, ConfigProblemCollector
 from meshmirror.node import Node
 from meshmirror.runconfig import NodeConfig, PeeringConfig
 from meshmirror.status.hostscheck import HostsConfigCollector
@@ -46,6 +47,10 @@ containerd's registry config directory: set `MESHMIRROR_CONTAINERD_REGISTRY_CONF
 the same gauge fed from outside, e.g. a node-exporter textfile written by
 `meshmirror doctor`-style checks: `meshmirror_hosts_config_points_here{registry="docker.io"} 1`.
 
+`meshmirror_containerd_config_problem{check}` is exported with `--store containerd`: one
+series per startup check that warns rather than stops the node (`transfer_service`,
+`config_v3_keys`; docs/compatibility.md), 1 while the problem stands.
+
 | Name | Type | Labels | Help |
 |---|---|---|---|
 """
@@ -60,6 +65,8 @@ async def _registry() -> CollectorRegistry:
     node = Node(config, store=MemoryStore())
     registry = node.metrics_registry
     registry.register(HostsConfigCollector(Path("/nonexistent"), "http://127.0.0.1:5000"))
+    # Registered by `run --store containerd` with its startup checks' results.
+    registry.register(ConfigProblemCollector([CheckResult(TRANSFER_CHECK, True)]))
     if node.peering is not None:
         await node.peering.stop()
     return registry

@@ -121,8 +121,7 @@ RULES: dict[str, Rule] = {
     "spegel.containerdNamespace": Rule("meshmirror.containerdNamespace"),
     "spegel.containerdRegistryConfigPath": Rule("meshmirror.containerdRegistryConfigPath"),
     "spegel.containerdContentPath": Rule("meshmirror.containerdContentPath"),
-    "spegel.containerdMirrorAdd": Rule(None, "the init container always writes hosts.toml "
-                                       "(meshmirror configure)", spegel_default=True),
+    "spegel.containerdMirrorAdd": Rule("meshmirror.containerdMirrorAdd"),
     "spegel.resolveTags": Rule("meshmirror.resolveTags"),
     "spegel.registryFilters": Rule("meshmirror.registryFilters"),
     "spegel.prependExisting": Rule("meshmirror.prependExisting"),

@@ -25,10 +25,11 @@ import importlib
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -44,20 +45,34 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from meshmirror.mirror.marker import peer_dispatch, refuse_private
+from meshmirror.mirror.rollout import tree_requests
 from meshmirror.peering import Peering
 from meshmirror.registry.app import RegistryOptions, create_app
 from meshmirror.registry.fallback import Fallback
 from meshmirror.registry.metrics import RegistryMetrics
-from meshmirror.registry.server import ServerOptions, bind_listener, listener_address, serve
+from meshmirror.registry.server import (
+    ServerMetrics,
+    ServerOptions,
+    bind_listener,
+    listener_address,
+    serve,
+)
 from meshmirror.runconfig import NodeConfig
 from meshmirror.status import status_routes
 from meshmirror.store.base import Store
+
+if TYPE_CHECKING:
+    from meshmirror.containerd.checks import CheckResult
 
 log = logging.getLogger("meshmirror.node")
 
 # A component that does not stop within this long is abandoned so that
 # SIGTERM always ends the process; Kubernetes would SIGKILL us anyway.
 _STOP_TIMEOUT: Final = 10.0
+# Scrapes, probes and the status page need few connections; a cap of its own keeps
+# the metrics port answering while the registry port is at its cap, and the two
+# caps together within the open-file limit.
+_METRICS_MAX_CONNECTIONS: Final = 256
 
 
 class StartError(Exception):
@@ -120,12 +135,13 @@ class HttpServer:
     """One Hypercorn listener; binds in ``start()`` so a busy port fails the start."""
 
     def __init__(self, name: str, app: ASGIApp, host: str, port: int,
-                 options: ServerOptions) -> None:
+                 options: ServerOptions, metrics: ServerMetrics | None = None) -> None:
         self.name = name
         self.app = app
         self.host = host
         self.port = port
         self.options = options
+        self.metrics = metrics
         self.address: str | None = None
         self._shutdown = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -137,8 +153,10 @@ class HttpServer:
             raise StartError(f"{self.name}: cannot listen on {self.host}:{self.port}: "
                              f"{err.strerror or err}") from err
         self.address = listener_address(sock)
-        self._task = asyncio.create_task(serve(self.app, sock, self._shutdown, self.options),
-                                         name=f"http-{self.name}")
+        self._task = asyncio.create_task(
+            serve(self.app, sock, self._shutdown, self.options, name=self.name,
+                  metrics=self.metrics),
+            name=f"http-{self.name}")
         log.info("listening", extra={"fields": {"server": self.name, "address": self.address}})
 
     async def stop(self) -> None:
@@ -162,11 +180,15 @@ def metrics_app(registry: CollectorRegistry, routes: list[BaseRoute]) -> ASGIApp
 class Node:
     """The running node; an async context manager over its components."""
 
-    def __init__(self, config: NodeConfig, *, store: Store | None = None) -> None:
+    def __init__(self, config: NodeConfig, *, store: Store | None = None,
+                 containerd_checks: Sequence[CheckResult] = ()) -> None:
+        """``containerd_checks``: the startup checks that passed or only warned; each
+        warning is logged, shown on the status page and exported as a metric."""
         self.config = config
         self.metrics_registry = CollectorRegistry()
         ProcessCollector(registry=self.metrics_registry)
         PlatformCollector(registry=self.metrics_registry)
+        self.server_metrics = ServerMetrics(self.metrics_registry)
         self.store = store if store is not None else build_store(config)
         self.fallback: Fallback | None = None
         self.registry_routes: list[BaseRoute] = []
@@ -181,8 +203,16 @@ class Node:
             self.registry_routes.extend(self.peering.routes)
             self.add_component(self.peering)
         self.registry_metrics = RegistryMetrics(self.metrics_registry)
+        problems: list[dict[str, str]] = []
+        if containerd_checks:
+            from meshmirror.containerd.checks import ConfigProblemCollector, conditions
+
+            problems = conditions(containerd_checks)
+            for problem in problems:
+                log.warning("containerd config problem", extra={"fields": problem})
+            self.metrics_registry.register(ConfigProblemCollector(containerd_checks))
         self.metrics_routes.extend(status_routes(self.store, self.peering,
-                                                 self.registry_metrics))
+                                                 self.registry_metrics, problems))
         self.registry_server: HttpServer | None = None
         self.metrics_server: HttpServer | None = None
 
@@ -200,20 +230,24 @@ class Node:
                                   metrics=registry_metrics, extra_routes=self.registry_routes)
         if self.fallback is not None:
             # Peers get the local store only, so a false positive cannot chain mirrors.
-            local_only = create_app(self.store, options=options, metrics=registry_metrics,
-                                    extra_routes=self.registry_routes)
+            # ... and, in a rollout, the blobs in flight here (see `mirror.rollout`).
+            serve_flights = self.peering.mirror.peers_fallback if self.peering else None
+            local_only = tree_requests(create_app(
+                self.store, options=options, metrics=registry_metrics,
+                extra_routes=self.registry_routes, fallback=serve_flights))
             if self.peering is not None:
                 # ... and nothing of a repository this node knows to be private.
                 local_only = refuse_private(
                     local_only, self.peering.mirror.access.refuses_peers,
                     self.config.default_registry)
             registry_app = peer_dispatch(registry_app, local_only)
-        server = self.config.server or ServerOptions()
+        server = self.config.server
         self.metrics_server = HttpServer(
             "metrics", metrics_app(self.metrics_registry, self.metrics_routes),
-            *self.config.metrics_addr, server)
+            *self.config.metrics_addr, replace(server, max_connections=min(
+                server.max_connections, _METRICS_MAX_CONNECTIONS)), self.server_metrics)
         self.registry_server = HttpServer("registry", registry_app, *self.config.registry_addr,
-                                          server)
+                                          server, self.server_metrics)
         return [StoreComponent(self.store), self.metrics_server, *self._extra,
                 self.registry_server]
 
@@ -247,14 +281,14 @@ class Node:
         await self.stop()
 
 
-async def run_node(config: NodeConfig) -> int:
+async def run_node(config: NodeConfig, checks: Sequence[CheckResult] = ()) -> int:
     """Run until SIGTERM or SIGINT; 0 on a clean stop, 1 when the node cannot start."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     try:
-        node = Node(config)
+        node = Node(config, containerd_checks=checks)
         async with node:
             log.info("node started", extra={"fields": {
                 "registry": node.registry_server.address if node.registry_server else None,
@@ -275,16 +309,18 @@ async def run_node(config: NodeConfig) -> int:
 
 def run_command(config: NodeConfig) -> int:
     """``meshmirror run`` with flags already checked: 1 when containerd is not fit to serve."""
+    checks: Sequence[CheckResult] = ()
     if config.store == "containerd":
         # Fail at once with what to fix rather than serve 404s from a store that
         # can never fill (no socket, wrong namespace, layers discarded...).
-        from meshmirror.containerd.checks import startup_gate
+        from meshmirror.containerd.checks import startup_checks
 
-        if (code := startup_gate(config.containerd)) != 0:
+        code, checks = startup_checks(config.containerd)
+        if code != 0:
             return code
     if config.write_hosts_config and (code := write_hosts_config(config)) != 0:
         return code
-    return asyncio.run(run_node(config))
+    return asyncio.run(run_node(config, checks))
 
 
 def write_hosts_config(config: NodeConfig) -> int:

@@ -36,12 +36,15 @@ from meshmirror.mesh.transport import MembershipEvent, MeshNode
 from meshmirror.mesh.wire import WireError
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.peer_mirror import PeerMirror
+from meshmirror.mirror.rollout import Rollout, RolloutMetrics
 from meshmirror.routing.directory import PeerDirectory
 from meshmirror.routing.publisher import SummaryPublisher
 from meshmirror.routing.router import BloomRouter
 from meshmirror.routing.summary import Summary, summary_route
+from meshmirror.routing.vouches import Vouches
 from meshmirror.runconfig import PeeringConfig
 from meshmirror.store.base import Store
+from meshmirror.upstream.blobs import UpstreamContent
 
 log = logging.getLogger("meshmirror.peering")
 
@@ -65,7 +68,8 @@ class Peering:
         self.directory = PeerDirectory(self.router, registry=metrics_registry)
         self.publisher = SummaryPublisher(store, config.summary_fp_rate,
                                           registry=metrics_registry,
-                                          on_publish=self._on_publish)
+                                          on_publish=self._on_publish,
+                                          vouches=self._vouches)
         # Built here, inside the running loop, because the registry app that
         # takes the mirror is assembled before any component starts.
         self._session = aiohttp.ClientSession(
@@ -82,9 +86,18 @@ class Peering:
         mirror_metrics = MirrorMetrics(metrics_registry)
         mirror_metrics.watch_upstream(self.upstream.health_all,
                                       sorted(config.mirror.mirrored_registries))
+        # The designated upstream fetch of cold public blobs (see `mirror.rollout`).
+        self.rollout = (Rollout(config.node_name, self.router, self._session,
+                                UpstreamContent(self.upstream), config.mirror,
+                                RolloutMetrics(metrics_registry), mirror_metrics)
+                        if config.mirror.rollout_fanout > 0 else None)
         self.mirror = PeerMirror(self.router, self._session, options=config.mirror,
                                  metrics=mirror_metrics, upstream=self.upstream,
-                                 mesh_encrypted=keyring is not None)
+                                 mesh_encrypted=keyring is not None,
+                                 vouches=self.directory.vouches, store=store,
+                                 rollout=self.rollout)
+        # What this node heard the upstream call public rides in its summary.
+        self.mirror.access.cache.on_vouches_changed = self.publisher.vouches_changed
         self.mesh = MeshNode(
             config.mesh, name=config.node_name, bind=config.mesh_addr,
             advertise=config.advertise_addr, meta=self._meta(None), keyring=keyring,
@@ -98,6 +111,9 @@ class Peering:
     def routes(self) -> list[BaseRoute]:
         """Routes the registry must serve: peers fetch our summary there."""
         return [summary_route(self.publisher)]
+
+    def _vouches(self) -> Vouches:
+        return self.mirror.access.cache.vouches()
 
     def _meta(self, summary: Summary | None) -> bytes:
         tags = {TAG_HTTP: self.config.http_base}
@@ -128,6 +144,8 @@ class Peering:
         await self.directory.close()
         await self.publisher.close()
         self.mirror.close()
+        if self.rollout is not None:
+            self.rollout.close()
         await self._session.close()
         await self.upstream.close()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from meshmirror.addresses import ANY_HOST
 from meshmirror.containerd.config import ContainerdConfig
@@ -20,10 +19,8 @@ from meshmirror.containerd.hostsconfig import HostsConfig
 from meshmirror.mesh.config import MeshConfig
 from meshmirror.mirror.options import MirrorOptions, TagResolution
 from meshmirror.oci.reference import DOCKER_HUB
+from meshmirror.registry.serveroptions import ServerOptions
 from meshmirror.upstream.options import UpstreamOptions
-
-if TYPE_CHECKING:
-    from meshmirror.registry.server import ServerOptions
 
 MEMBERLIST_PORT = 7946
 """memberlist's and Serf's gossip port: where we listen, and where a --join without a port
@@ -59,8 +56,9 @@ class NodeConfig:
     metrics_addr: tuple[str, int] = (ANY_HOST, 9090)
     containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
     default_registry: str = DOCKER_HUB
-    # None: ServerOptions' defaults; not built here, so configuring needs no Hypercorn.
-    server: ServerOptions | None = None
+    # The registry port's bounds on clients (``--client-*``); the metrics port's too,
+    # with a smaller connection cap.
+    server: ServerOptions = field(default_factory=ServerOptions)
     # None serves the local store only (``--mesh-addr off``).
     peering: PeeringConfig | None = None
     # Write ``hosts`` into containerd's configuration at every start, as ``meshmirror

@@ -17,7 +17,8 @@ from meshmirror.addresses import is_wildcard
 from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.containerd.hostsconfig import HostsConfig, parse_registries
 from meshmirror.flags import field_default, parse_bool, parse_duration, parse_size
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorOptions, OutagePeerTags
+from meshmirror.registry.serveroptions import ServerOptions
 from meshmirror.runconfig import NodeConfig, PeeringConfig
 from meshmirror.upstream.options import UpstreamOptions
 
@@ -36,6 +37,7 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "summary_fp_rate": (PeeringConfig, "summary_fp_rate"),
     "resolve_tags": (MirrorOptions, "resolve_tags"),
     "outage_peer_tags": (MirrorOptions, "outage_peer_tags"),
+    "outage_vouches": (MirrorOptions, "outage_vouches"),
     "private_images": (MirrorOptions, "private_images"),
     "private_images_unknown": (MirrorOptions, "private_images_unknown"),
     "state_dir": (MirrorOptions, "state_dir"),
@@ -43,26 +45,36 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "upstream_timeout": (UpstreamOptions, "timeout"),
     "upstream_failure_threshold": (UpstreamOptions, "failure_threshold"),
     "upstream_cooldown": (UpstreamOptions, "cooldown"),
+    "upstream_tag_ttl": (UpstreamOptions, "tag_ttl"),
+    "upstream_client_rate": (UpstreamOptions, "client_rate"),
+    "upstream_client_burst": (UpstreamOptions, "client_burst"),
+    "upstream_max_registries": (UpstreamOptions, "max_registries"),
     "mirror_resolve_timeout": (MirrorOptions, "resolve_timeout"),
     "mirror_first_byte_timeout": (MirrorOptions, "first_byte_timeout"),
     "mirror_resolve_retries": (MirrorOptions, "resolve_retries"),
     "mirror_spool_dir": (MirrorOptions, "spool_dir"),
     "mirror_spool_limit": (MirrorOptions, "spool_limit"),
+    "upstream_cache_dir": (MirrorOptions, "upstream_cache_dir"),
+    "upstream_cache_limit": (MirrorOptions, "upstream_cache_limit"),
     "mirror_stall_timeout": (MirrorOptions, "stall_timeout"),
     "mirror_min_rate": (MirrorOptions, "min_rate"),
     "mirror_deadline": (MirrorOptions, "deadline"),
     "mirror_peer_connections": (MirrorOptions, "peer_connections"),
     "mirror_memory_limit": (MirrorOptions, "memory_limit"),
+    "rollout_fanout": (MirrorOptions, "rollout_fanout"),
     "containerd_sock": (ContainerdConfig, "sock"),
     "containerd_namespace": (ContainerdConfig, "namespace"),
     "containerd_content_path": (ContainerdConfig, "content_path"),
     "containerd_config": (ContainerdConfig, "config"),
     "write_hosts_config": (NodeConfig, "write_hosts_config"),
+    "client_send_timeout": (ServerOptions, "send_timeout"),
+    "client_max_connections": (ServerOptions, "max_connections"),
     "containerd_registry_config_path": (HostsConfig, "config_path"),
     "prepend_existing": (HostsConfig, "prepend_existing"),
 }
 # Repeatable flags: absent on the command line, they leave these fields at their default.
-RUN_LIST_FLAGS = {"join", "mirrored_registries", "registry_filters", "mirror_targets"}
+RUN_LIST_FLAGS = {"join", "mirrored_registries", "registry_filters", "mirror_targets",
+                  "upstream_allow_hosts"}
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -92,6 +104,22 @@ def test_run_without_flags_builds_the_dataclass_defaults() -> None:
     assert config.peering.mesh_addr == field_default(PeeringConfig, "mesh_addr")
     assert config.write_hosts_config is False
     assert config.hosts == NodeConfig().hosts
+    assert config.server == ServerOptions()
+
+
+def test_client_bounds_reach_the_server_options() -> None:
+    config = cli.node_config(cli.parse_args(["run", "--store", "oci:/tmp",
+                                             "--client-send-timeout", "1.5s",
+                                             "--client-max-connections", "64"]))
+    assert config.server == ServerOptions(send_timeout=1.5, max_connections=64)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--client-send-timeout", "0"),
+                                             ("--client-max-connections", "0")])
+def test_client_bounds_must_bound(flag: str, value: str,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "--store", "oci:/tmp", flag, value]) == 2
+    assert flag in one_error_line(capsys)
 
 
 def test_run_hosts_config_reads_as_configure_does(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,13 +160,20 @@ CHART_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "meshmirror.logLevel": (str, cli.LOG_LEVEL),
     # On: hosts.toml's "resolve" capability, and `run --resolve-tags` upstream-first.
     "meshmirror.resolveTags": (parse_bool, True),
+    "meshmirror.outageVouches": (OutagePeerTags, field_default(MirrorOptions, "outage_vouches")),
+    "meshmirror.rolloutFanout": (int, field_default(MirrorOptions, "rollout_fanout")),
     "meshmirror.mirrorResolveTimeout": (parse_duration,
                                         field_default(MirrorOptions, "resolve_timeout")),
     "meshmirror.mirrorFirstByteTimeout": (parse_duration,
                                field_default(MirrorOptions, "first_byte_timeout")),
     "meshmirror.mirrorResolveRetries": (int, field_default(MirrorOptions, "resolve_retries")),
     "meshmirror.mirrorSpoolLimit": (parse_size, field_default(MirrorOptions, "spool_limit")),
+    # Empty: as mirrorSpoolLimit, which the CLI's None means too.
+    "meshmirror.upstreamCacheLimit": (lambda text: parse_size(text) if text else None,
+                                      field_default(MirrorOptions, "upstream_cache_limit")),
     "meshmirror.summaryFpRate": (float, field_default(PeeringConfig, "summary_fp_rate")),
+    "meshmirror.clientSendTimeout": (parse_duration, field_default(ServerOptions, "send_timeout")),
+    "meshmirror.clientMaxConnections": (int, field_default(ServerOptions, "max_connections")),
     "meshmirror.prependExisting": (parse_bool, field_default(HostsConfig, "prepend_existing")),
     "meshmirror.containerdSock": (str, field_default(ContainerdConfig, "sock")),
     "meshmirror.containerdNamespace": (str, field_default(ContainerdConfig, "namespace")),
@@ -251,6 +286,8 @@ def test_bad_log_level_is_one_line_with_the_choices(capsys: pytest.CaptureFixtur
     ("--resolve-tags", "maybe", "true or false"),
     ("--registry-addr", "h:port", "not a number"),
     ("--mirrored-registries", "docker.io/library", "e.g. ghcr.io"),
+    ("--upstream-client-burst", "lots", "such as 3"),
+    ("--upstream-client-rate", "fast", "such as 0.01"),
 ])
 def test_bad_values_are_one_line_naming_the_flag(
     flag: str, value: str, example: str, capsys: pytest.CaptureFixture[str]
@@ -258,6 +295,45 @@ def test_bad_values_are_one_line_naming_the_flag(
     assert cli.main(["run", "--store", "oci:/tmp", flag, value]) == 2
     line = one_error_line(capsys)
     assert line.startswith(f"meshmirror: {flag} {value!r}") and example in line
+
+
+def test_upstream_bounds_and_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY",
+                 "no_proxy", "REQUEST_METHOD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "10.0.0.0/8")
+    config = cli.node_config(cli.parse_args([
+        "run", "--store", "oci:/tmp", "--registry-addr", "10.0.0.7:5000",
+        "--upstream-tag-ttl", "1500ms", "--upstream-client-rate", "2.5",
+        "--upstream-client-burst", "7", "--upstream-max-registries", "4",
+        "--upstream-allow-hosts", "auth.internal,10.1.0.0/16",
+        "--upstream-allow-hosts", "192.168.5.5", "--mirror-targets", "http://127.0.0.1:5000"]))
+    assert config.peering is not None
+    upstream = config.peering.upstream
+    assert (upstream.tag_ttl, upstream.client_rate, upstream.client_burst,
+            upstream.max_registries) == (1.5, 2.5, 7, 4)
+    assert upstream.allow_hosts == ("auth.internal", "10.1.0.0/16", "192.168.5.5")
+    assert upstream.mirror_urls == ("http://10.0.0.7:5000", "http://127.0.0.1:5000")
+    assert upstream.proxies.proxy_for("https://ghcr.io/v2/") == "http://proxy.internal:3128"
+    assert upstream.proxies.proxy_for("https://10.2.3.4/v2/") is None
+
+
+@pytest.mark.parametrize(("argv", "env", "words"), [
+    (["--upstream-allow-hosts", "169.254.169.254"], {}, "--upstream-allow-hosts"),
+    (["--upstream-client-rate", "0"], {}, "--upstream-client-rate"),
+    (["--upstream-tag-ttl", "-1"], {}, "--upstream-tag-ttl"),
+    ([], {"HTTPS_PROXY": "socks5://10.0.0.1:1080"}, "HTTPS_PROXY"),
+])
+def test_bad_upstream_settings_are_one_line(
+    argv: list[str], env: dict[str, str], words: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["run", "--store", "oci:/tmp", *argv]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("meshmirror: ") and words in line
 
 
 def test_mirrored_registries_parse_alike_for_run_and_configure() -> None:

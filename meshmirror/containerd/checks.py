@@ -14,14 +14,17 @@ generated stubs and stay synchronous: they run before any event loop exists.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 import grpc
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from meshmirror.containerd.config import ContainerdConfig
 
@@ -32,6 +35,68 @@ _CRI_V1 = "cri"
 _CRI_V2 = "io.containerd.grpc.v1.cri"
 _CRI_V3_IMAGES = "io.containerd.cri.v1.images"
 DEFAULT_TIMEOUT = 3.0
+# Where k3s and RKE2 keep the config their embedded containerd runs with. Each rewrites
+# config.toml at every start, from config.toml.tmpl when that exists.
+DISTRIBUTION_CONFIGS = (
+    ("k3s", "/var/lib/rancher/k3s/agent/etc/containerd/config.toml"),
+    ("RKE2", "/var/lib/rancher/rke2/agent/etc/containerd/config.toml"),
+)
+TRANSFER_CHECK = "containerd transfer service"
+V3_KEYS_CHECK = "containerd config version 3 keys"
+
+
+@dataclass(frozen=True, slots=True)
+class KnownBehaviour:
+    """A containerd behaviour a check depends on, and the versions that have it.
+
+    One table, so a new containerd release is one row to review, and
+    docs/compatibility.md can say the same thing the checks do.
+    """
+
+    key: str
+    since: tuple[int, int]
+    until: tuple[int, int] | None  # first version without it; None: still there
+    what: str
+    reference: str
+
+    def applies(self, version: tuple[int, int] | None) -> bool | None:
+        """Whether ``version`` has it; None when the version is unknown."""
+        if version is None:
+            return None
+        return self.since <= version and (self.until is None or version < self.until)
+
+
+KNOWN_BEHAVIOURS = (
+    KnownBehaviour(
+        "config_v3", (2, 0), None,
+        "config version 3: CRI image settings (registry.config_path, "
+        "discard_unpacked_layers, use_local_image_pull) live under "
+        "[plugins.'io.containerd.cri.v1.images']; the v2 places under "
+        "[plugins.\"io.containerd.grpc.v1.cri\"] are ignored in a version 3 file",
+        "containerd docs/PLUGINS.md, RELEASES.md (2.0)"),
+    KnownBehaviour(
+        "transfer_service_ignores_config_path_list", (2, 1), None,
+        "CRI pulls go through the transfer service unless use_local_image_pull = true; "
+        "the transfer service ignores hosts.toml when config_path lists several "
+        "directories, so the mirror is never asked",
+        "containerd#12415, containerd#12636, spegel#1272"),
+    KnownBehaviour(
+        "other_platform_manifests_kept", (2, 0), None,
+        "pulls and imports keep every platform's manifest (pulls also their configs), "
+        "so the node shares them too",
+        "seen with containerd 2.1.9"),
+)
+_BEHAVIOURS = {b.key: b for b in KNOWN_BEHAVIOURS}
+
+
+def parse_version(text: str) -> tuple[int, int] | None:
+    """(major, minor) of a containerd version string ("v2.1.9", "1.6.20~ds1"); None if not one."""
+    match = re.match(r"v?(\d+)\.(\d+)", text.strip())
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def has_behaviour(key: str, version: tuple[int, int] | None) -> bool | None:
+    return _BEHAVIOURS[key].applies(version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +109,16 @@ class CheckResult:
     problem: str = ""
     fix: str = ""
     skipped: bool = False  # could not be checked (e.g. config unreadable); not a failure
+    # A failure ``run`` warns about and serves anyway (peers can still use this node),
+    # while ``doctor`` fails on it.
+    warning: bool = False
+    # Reported for information only: the node's owner, not meshmirror, manages it.
+    info: bool = False
 
     def line(self) -> str:
         """The one-line form printed by ``run`` and ``doctor``."""
+        if self.info:
+            return f"info  {self.name}: {self.detail}"
         if self.skipped:
             return f"skip  {self.name}: {self.detail}"
         if self.ok:
@@ -58,8 +130,8 @@ def _passed(name: str, detail: str) -> CheckResult:
     return CheckResult(name, True, detail=detail)
 
 
-def _failed(name: str, problem: str, fix: str) -> CheckResult:
-    return CheckResult(name, False, problem=problem, fix=fix)
+def _failed(name: str, problem: str, fix: str, warning: bool = False) -> CheckResult:
+    return CheckResult(name, False, problem=problem, fix=fix, warning=warning)
 
 
 def _skipped(name: str, detail: str) -> CheckResult:
@@ -115,6 +187,12 @@ def _unary(socket_path: str, method: str, request: bytes, namespace: str | None,
         call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
         response: bytes = call(request, timeout=timeout, metadata=metadata)
         return response
+
+
+def version_of(result: CheckResult) -> tuple[int, int] | None:
+    """The containerd version a passed socket check found ("... (containerd 2.1.9)")."""
+    match = re.search(r"\(containerd (\S+)\)$", result.detail) if result.ok else None
+    return parse_version(match[1]) if match else None
 
 
 def check_socket(socket_path: str, timeout: float = DEFAULT_TIMEOUT) -> CheckResult:
@@ -198,18 +276,52 @@ def _cri_sections(
     return int(version), plugin_id, _table(cri, "registry"), _table(cri, "containerd")
 
 
+def locate_config(config_file: str,
+                  distributions: Sequence[tuple[str, str]] = DISTRIBUTION_CONFIGS,
+                  default: str = ContainerdConfig().config) -> tuple[str, str | None]:
+    """(the config to read, the distribution it belongs to or None).
+
+    When the default /etc/containerd/config.toml does not exist, k3s's and RKE2's
+    places are tried, so doctor checks the config their containerd really runs with.
+    """
+    for distribution, path in distributions:
+        if os.path.normpath(config_file) == os.path.normpath(path):
+            return config_file, distribution
+    if config_file == default and not os.path.exists(config_file):
+        for distribution, path in distributions:
+            if os.path.exists(path):
+                return path, distribution
+    return config_file, None
+
+
+def _edit_hint(config_file: str, distribution: str | None) -> str:
+    """Where a fix must be written for it to last."""
+    if distribution is None:
+        return ""
+    template = os.path.join(os.path.dirname(config_file), "config-v3.toml.tmpl")
+    return (f" ({distribution} rewrites {config_file} at every start: put the change in "
+            f"{config_file}.tmpl, or {template} with containerd 2, based on the generated "
+            "file)")
+
+
 def check_containerd_config(config_file: str,
-                            registry_config_path: str | None = None) -> list[CheckResult]:
+                            registry_config_path: str | None = None,
+                            containerd_version: tuple[int, int] | None = None,
+                            distributions: Sequence[tuple[str, str]] = DISTRIBUTION_CONFIGS,
+                            ) -> list[CheckResult]:
     """containerd's config uses hosts.toml (config_path) and keeps unpacked layers.
 
     Without ``config_path`` CRI pulls never read hosts.toml, so the mirror is
     never asked; with ``discard_unpacked_layers`` containerd deletes layer blobs
     after unpacking, so this node has nothing to share. Both are read from the
     v1, v2 and v3 (containerd 2) layouts. An unreadable config is skipped, not
-    failed: in a pod it is often simply not mounted.
+    failed: in a pod it is often simply not mounted. ``containerd_version`` (from
+    the socket) selects the known behaviours that apply (KNOWN_BEHAVIOURS).
     """
     path_name = "containerd config_path"
     discard_name = "containerd discard_unpacked_layers"
+    config_file, distribution = locate_config(config_file, distributions)
+    hint = _edit_hint(config_file, distribution)
     try:
         with open(config_file, "rb") as f:
             config = tomllib.load(f)
@@ -243,7 +355,7 @@ def check_containerd_config(config_file: str,
             path_name, f"{config_file} does not set config_path in {section}, so containerd "
                        "never reads hosts.toml",
             f"add config_path = \"{registry_config_path or '/etc/containerd/certs.d'}\" under "
-            f"{section} and restart containerd"))
+            f"{section} and restart containerd{hint}"))
     elif registry_config_path is not None and \
             os.path.normpath(registry_config_path) not in {os.path.normpath(p) for p in paths}:
         results.append(_failed(
@@ -262,10 +374,65 @@ def check_containerd_config(config_file: str,
         results.append(_failed(
             discard_name, f"{config_file} sets discard_unpacked_layers = true: containerd "
                           "deletes layers after unpacking, so this node has nothing to share",
-            "set discard_unpacked_layers = false and restart containerd"))
+            f"set discard_unpacked_layers = false and restart containerd{hint}"))
     else:
         results.append(_passed(discard_name, "layers are kept after unpacking"))
+    if version == 3:
+        results.append(_check_v3_keys(config_file, config, hint))
+    transfer = _check_transfer_service(config_file, containerd_version, discard_table, paths,
+                                       version, hint)
+    if transfer is not None:
+        results.append(transfer)
     return results
+
+
+def _check_v3_keys(config_file: str, config: Mapping[str, Any], hint: str) -> CheckResult:
+    """A version 3 file with image settings in their v2 places: containerd 2 ignores them."""
+    old = _table(config, "plugins", _CRI_V2)
+    misplaced = [f"registry.{k}" for k in ("config_path", "mirrors", "configs")
+                 if k in _table(old, "registry")]
+    misplaced += [k for k in ("discard_unpacked_layers", "snapshotter")
+                  if k in _table(old, "containerd")]
+    if not misplaced:
+        return _passed(V3_KEYS_CHECK, "image settings are in their version 3 places")
+    return _failed(
+        V3_KEYS_CHECK,
+        f"{config_file} is version 3 but sets {', '.join(misplaced)} under "
+        f"[plugins.\"{_CRI_V2}\"], which containerd 2 ignores",
+        f"move them under [plugins.'{_CRI_V3_IMAGES}'] (registry.config_path under "
+        f"[plugins.'{_CRI_V3_IMAGES}'.registry]) and restart containerd{hint}",
+        warning=True)
+
+
+def _check_transfer_service(config_file: str, containerd_version: tuple[int, int] | None,
+                            images: Mapping[str, Any],
+                            paths: Sequence[str], config_version: int,
+                            hint: str) -> CheckResult | None:
+    """containerd >= 2.1 pulls through its transfer service, which ignores a config_path list.
+
+    None when it cannot matter: containerd known to be older, or a 1.x config with
+    the version unknown. A version 3 file with the version unknown (containerd not
+    reachable) is checked as if it were 2.1 or later: the fix is harmless on 2.0.
+    """
+    applies = has_behaviour("transfer_service_ignores_config_path_list", containerd_version)
+    if applies is False or (applies is None and config_version != 3):
+        return None
+    if images.get("use_local_image_pull") is True:
+        return _passed(TRANSFER_CHECK, "use_local_image_pull = true: CRI pulls read hosts.toml")
+    if not paths:
+        return _skipped(TRANSFER_CHECK, "no config_path; see the config_path check")
+    if len(paths) == 1:
+        return _passed(TRANSFER_CHECK, f"the transfer service reads hosts.toml from the single "
+                                       f"config_path {paths[0]}")
+    section = f"[plugins.'{_CRI_V3_IMAGES}']"
+    return _failed(
+        TRANSFER_CHECK,
+        f"{config_file}: config_path lists several directories ({':'.join(paths)}) and "
+        "use_local_image_pull is not true, so containerd's transfer service ignores "
+        "hosts.toml and CRI pulls never ask the mirror",
+        f"set use_local_image_pull = true under {section}, or set config_path to one "
+        f"directory (config_path = \"{paths[0]}\"), and restart containerd{hint}",
+        warning=True)
 
 
 def run_startup_checks(containerd: ContainerdConfig,
@@ -280,15 +447,73 @@ def run_startup_checks(containerd: ContainerdConfig,
         results.append(check_namespace(containerd.sock, containerd.namespace))
     else:
         results.append(_skipped("containerd namespace", "containerd not reachable; skipped"))
-    results.extend(check_containerd_config(containerd.config, registry_config_path))
+    results.extend(check_containerd_config(containerd.config, registry_config_path,
+                                           version_of(results[0])))
     return results
 
 
-def startup_gate(containerd: ContainerdConfig, out: TextIO | None = None) -> int:
-    """Run the startup checks; print one line per failure and return 1, else return 0."""
+def startup_checks(containerd: ContainerdConfig,
+                   out: TextIO | None = None) -> tuple[int, list[CheckResult]]:
+    """Run the startup checks; print one line per problem.
+
+    Returns 1 when a blocking check failed, else 0, with every check that is not
+    blocking (warnings included): ``run`` serves anyway and reports those in its
+    log, its status page and ``meshmirror_containerd_config_problem``.
+    """
     stream = out if out is not None else sys.stderr
-    failures = [r for r in run_startup_checks(containerd) if not r.ok]
+    results = run_startup_checks(containerd)
+    failures = [r for r in results if not r.ok and not r.warning]
     for result in failures:
         print(f"meshmirror: {result.problem}; fix: {result.fix}", file=stream)
-    return 1 if failures else 0
+    for result in results:
+        if not result.ok and result.warning:
+            print(f"meshmirror: warning: {result.problem}; fix: {result.fix}", file=stream)
+    return (1 if failures else 0), [r for r in results if r.ok or r.warning]
+
+
+def startup_gate(containerd: ContainerdConfig, out: TextIO | None = None) -> int:
+    """Run the startup checks; print one line per problem and return 1 if one blocks."""
+    return startup_checks(containerd, out)[0]
+
+
+# The checks that warn rather than block, by their metric label.
+WARNING_CHECKS = {TRANSFER_CHECK: "transfer_service", V3_KEYS_CHECK: "config_v3_keys"}
+
+
+class ConfigProblemCollector(Collector):
+    """``meshmirror_containerd_config_problem{check}``: 1 while a startup warning stands.
+
+    The checks ran once at startup (containerd's config only changes with a
+    restart of containerd, which the operator then follows by restarting the pod);
+    every check that can warn is exported, 0 when it passed, so an alert can tell
+    "fine" from "not checked".
+    """
+
+    def __init__(self, results: Sequence[CheckResult]) -> None:
+        self.results = {r.name: r for r in results if r.name in WARNING_CHECKS}
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        for name, result in sorted(self.results.items()):
+            if not result.skipped:
+                family.add_metric([WARNING_CHECKS[name]], 0.0 if result.ok else 1.0)
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "meshmirror_containerd_config_problem",
+            "1 while a startup check found containerd's config keeps pulls from the mirror "
+            "(e.g. the transfer service ignoring hosts.toml); the fix is in the log and "
+            "on the status page",
+            labels=["check"])
+
+
+def conditions(results: Sequence[CheckResult]) -> list[dict[str, str]]:
+    """The failed warnings, as the status page shows them."""
+    return [{"check": r.name, "problem": r.problem, "fix": r.fix}
+            for r in results if not r.ok and r.warning]
 

@@ -16,27 +16,17 @@ import socket
 import sys
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from meshmirror.addresses import format_host_port, is_wildcard
 from meshmirror.containerd.checks import CheckResult, run_startup_checks
-from meshmirror.containerd.config import ContainerdConfig
-from meshmirror.containerd.hostsconfig import HOSTS_FILE, HostsConfig, MirroredRegistry
+from meshmirror.containerd.config import DoctorConfig
+from meshmirror.containerd.hostsconfig import HOSTS_FILE, MirroredRegistry
 
 DEFAULT_TIMEOUT = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class DoctorConfig:
-    """What doctor checks: the hosts.toml configure wrote, containerd, and the registry."""
-
-    hosts: HostsConfig
-    # Where this node's ``meshmirror run`` listens (its --registry-addr).
-    registry_addr: tuple[str, int]
-    containerd: ContainerdConfig
+__all__ = ["DoctorConfig", "doctor_command", "run_doctor"]
 
 
 def registry_endpoint(registry_addr: tuple[str, int]) -> tuple[str, int]:
@@ -177,10 +167,21 @@ def run_doctor(config: DoctorConfig) -> list[CheckResult]:
     """Every check, in the order a person fixing the node would want them."""
     config_path = config.hosts.config_path
     results = run_startup_checks(config.containerd, registry_config_path=str(config_path))
-    results.extend(check_hosts_file(config_path, r, config.registry_addr, config.hosts.targets)
-                   for r in config.hosts.registries)
+    hosts = [check_hosts_file(config_path, r, config.registry_addr, config.hosts.targets)
+             for r in config.hosts.registries]
+    if not config.containerd_mirror_add:
+        hosts = [as_information(r) for r in hosts]
+    results.extend(hosts)
     results.append(check_registry(config.registry_addr))
     return results
+
+
+def as_information(result: CheckResult) -> CheckResult:
+    """A hosts.toml check for a node whose owner manages hosts.toml: what it found, no verdict."""
+    found = result.detail if result.ok else f"{result.problem} (would be fixed by: {result.fix})"
+    return CheckResult(result.name, True, detail=f"{found}; hosts.toml is managed outside "
+                                                 "meshmirror (--containerd-mirror-add false)",
+                       info=True)
 
 
 def doctor_command(config: DoctorConfig, out: TextIO | None = None) -> int:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshmirror.addresses import ANY_HOST, is_wildcard, parse_host_port
+from meshmirror.addresses import bind_socket, is_wildcard, parse_host_port, sendable, unmapped
 from meshmirror.mesh import wire
 from meshmirror.mesh.config import MeshConfig
 from meshmirror.mesh.events import (
@@ -101,7 +101,7 @@ class _UDP(asyncio.DatagramProtocol):
         self._node = node
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self._node._on_datagram(data, (str(addr[0]), int(addr[1])))
+        self._node._on_datagram(data, (unmapped(str(addr[0])), int(addr[1])))
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a dead peer lands here; SWIM handles it by timeout.
@@ -150,6 +150,7 @@ class MeshNode:
         self._start_error: BaseException | None = None
         self._stopping: asyncio.Event | None = None
         self._udp: asyncio.DatagramTransport | None = None
+        self._udp_family: int = socket.AF_INET
         self._tcp: asyncio.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -272,23 +273,31 @@ class MeshNode:
         await self._stopping.wait()
 
     async def _bind_sockets(self) -> None:
+        """TCP and UDP on the same port; port-only binds both families (addresses.py)."""
         loop = asyncio.get_running_loop()
         host, port = self._bind
-        host = host or ANY_HOST
         last: OSError | None = None
         for _ in range(20 if port == 0 else 1):
-            tcp = await asyncio.start_server(self._on_connection, host, port,
-                                             reuse_address=True, backlog=128)
+            tcp_sock = bind_socket(host, port, socket.SOCK_STREAM)
+            try:
+                tcp_sock.listen(128)
+                tcp_sock.setblocking(False)
+                tcp = await asyncio.start_server(self._on_connection, sock=tcp_sock)
+            except BaseException:
+                tcp_sock.close()
+                raise
             actual = int(tcp.sockets[0].getsockname()[1])
             try:
-                udp, _ = await loop.create_datagram_endpoint(
-                    lambda: _UDP(self), local_addr=(host, actual))
+                udp_sock = bind_socket(host, actual, socket.SOCK_DGRAM)
+                udp_sock.setblocking(False)
+                udp, _ = await loop.create_datagram_endpoint(lambda: _UDP(self), sock=udp_sock)
             except OSError as err:  # UDP half of an ephemeral port taken: try another
                 last = err
                 tcp.close()
                 await tcp.wait_closed()
                 continue
             self._tcp, self._udp = tcp, udp
+            self._udp_family = udp_sock.family
             self.address = (host, actual)
             return
         raise MeshError(f"cannot bind UDP on {host}: {last}")
@@ -397,7 +406,7 @@ class MeshNode:
         if udp is None or udp.is_closing():
             return
         try:
-            udp.sendto(effect.data, effect.addr)
+            udp.sendto(effect.data, (sendable(self._udp_family, effect.addr[0]), effect.addr[1]))
         except OSError:
             self.transport_stats.udp_send_errors += 1
             return
@@ -464,7 +473,7 @@ class MeshNode:
         self._inbound += 1
         stats.tcp_streams_accepted += 1
         peer = writer.get_extra_info("peername") or ("", 0)
-        source: Address = (str(peer[0]), int(peer[1]))
+        source: Address = (unmapped(str(peer[0])), int(peer[1]))
         decoder = wire.StreamDecoder(self._keyring, self._label())
         try:
             deadline = self._now() + self.config.tcp_timeout

@@ -44,7 +44,7 @@ from meshmirror.routing.router import Peer, Router
 
 
 class Sink(Protocol):
-    """Where a blob is held until verified: a `MemorySink` or a `spool.SpoolFile`."""
+    """Where a blob is held until verified: a `MemorySink` or a `cache.CacheEntry`."""
 
     def write(self, chunk: bytes) -> None: ...
 
@@ -147,6 +147,11 @@ class BlobFetch:
         self.last_peer: str | None = None
 
     @property
+    def origin(self) -> str | None:
+        """`flight.BlobSource.origin`: the last peer whose headers were good."""
+        return self.last_peer
+
+    @property
     def asked_any(self) -> bool:
         """Whether any peer was asked: a miss is then ``peers_failed``, not ``no_peer``."""
         return bool(self._tried)
@@ -190,6 +195,10 @@ class BlobFetch:
         except TimeoutError:
             self.close()
             return False
+
+    async def fill(self, sink: Sink) -> bool:
+        """`flight.BlobSource.fill`: the whole blob into ``sink``, verified, on body threads."""
+        return await self.read_verified(sink, threads=True)
 
     async def _read_verified(self, sink: Sink, *, threads: bool) -> bool:
         suspects: list[Peer] = []  # contributors to a mismatch, cleared by a verified retry

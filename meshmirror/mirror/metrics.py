@@ -39,8 +39,12 @@ KINDS: Final = ("manifest", "blob")
 # ruled peers out before any was asked.
 RESULTS: Final = ("hit", "miss", "error", "filtered", "not_mirrored", "refused")
 # Who decided what a tag means: the upstream, a peer (outage or --resolve-tags=peers),
-# or nobody (404: absent upstream, private, refused in an outage, no peer held it).
-TAG_SOURCES: Final = ("upstream", "peer", "none")
+# this node's own store (an outage), or nobody (404: absent upstream, private,
+# refused in an outage, no peer held it).
+TAG_SOURCES: Final = ("upstream", "peer", "local", "none")
+# What decided a repository's visibility while the upstream could not: this node's
+# last verdict, a member's vouch, a vouch not trusted, or --private-images-unknown.
+OUTAGE_DECISIONS: Final = ("own_verdict", "vouch", "vouch_not_trusted", "policy")
 # What an anonymous upstream question came back with.
 UPSTREAM_RESULTS: Final = ("answered", "not_found", "auth_required",
                            *(kind.value for kind in FailureKind))
@@ -52,6 +56,7 @@ FAILURE_REASONS: Final = (
     "queue_stalled", "exhausted",
 )
 BODY_MODES: Final = ("memory", "spool", "stream")
+FLIGHT_RESULTS: Final = ("verified", "failed", "missing", "refused")
 # The registry label of a registry outside the labelled set.
 OTHER_REGISTRY: Final = "other"
 # With every registry mirrored, how many get series of their own (first come).
@@ -121,19 +126,62 @@ class MirrorMetrics:
         self.blob_bodies = Counter(
             "meshmirror_mirror_blob_bodies",
             "Blob bodies sent from peers, by how they were verified: whole in memory or in "
-            "a spool file before the first byte, or streamed and checked at the end",
+            "a cache file (spool) before the first byte, or streamed and checked at the end",
             ["mode"],
             registry=registry,
         )
+        self.outage_visibility = Counter(
+            "meshmirror_outage_visibility_decisions",
+            "Visibility checks the upstream could not answer, by what decided: own_verdict, "
+            "vouch (a member's, trusted), vouch_not_trusted (refused) or policy "
+            "(--private-images-unknown)",
+            ["decision"], registry=registry,
+        )
+        for decision in OUTAGE_DECISIONS:
+            self.outage_visibility.labels(decision)
         self.spool_bytes = Gauge(
             "meshmirror_mirror_spool_bytes",
-            "Bytes of spool files held by requests in progress",
+            "Bytes of blob cache files pinned by requests in progress (being fetched, "
+            "verified or sent; bounded by --mirror-spool-limit)",
+            registry=registry,
+        )
+        self.flight_readers = Gauge(
+            "meshmirror_mirror_flight_readers",
+            "Requests attached to blob fetches still in flight (one fetch per blob per node)",
+            registry=registry,
+        )
+        self.flight_joins = Counter(
+            "meshmirror_mirror_flight_joins",
+            "Requests that joined a fetch of their blob already in flight instead of "
+            "starting one",
+            registry=registry,
+        )
+        self.flight_restarts = Counter(
+            "meshmirror_mirror_flight_restarts",
+            "Fetches in flight that started over from byte 0 (a digest mismatch or a size "
+            "disagreement); readers following unverified bytes were aborted",
+            registry=registry,
+        )
+        self.flights = Counter(
+            "meshmirror_mirror_flights",
+            "Blob fetches that landed, by result: verified, failed (the sources gave up or "
+            "nobody wanted it any more), missing, refused (the cache could not hold it)",
+            ["result"], registry=registry,
+        )
+        self.cache_bytes = Gauge(
+            "meshmirror_mirror_cache_bytes",
+            "Bytes of blob cache files (being fetched or verified and kept)",
+            registry=registry,
+        )
+        self.cache_evictions = Counter(
+            "meshmirror_mirror_cache_evictions",
+            "Verified blobs evicted from the cache to make room, least recently used first",
             registry=registry,
         )
         self.tag_resolutions = Counter(
             "meshmirror_tag_resolutions",
             "Tag lookups the mirror answered, by who decided the digest: upstream, peer, "
-            "or none (answered 404)",
+            "local (this node's store, in an outage) or none (answered 404)",
             ["registry", "source"], registry=registry,
         )
         self.upstream_answers = Counter(
@@ -152,6 +200,8 @@ class MirrorMetrics:
             self.peer_failures.labels(reason)
         for mode in BODY_MODES:
             self.blob_bodies.labels(mode)
+        for result in FLIGHT_RESULTS:
+            self.flights.labels(result)
         self.init_registry(OTHER_REGISTRY)
         self.label_registries(registries)
 
@@ -187,6 +237,16 @@ class MirrorMetrics:
             self.tag_resolutions.labels(registry, source)
         for result in UPSTREAM_RESULTS:
             self.upstream_answers.labels(registry, result)
+
+    # `flight.FlightEvents`
+    def flight_joined(self) -> None:
+        self.flight_joins.inc()
+
+    def flight_restarted(self) -> None:
+        self.flight_restarts.inc()
+
+    def flight_ended(self, result: str) -> None:
+        self.flights.labels(result if result in FLIGHT_RESULTS else "failed").inc()
 
     def watch_upstream(self, health: Callable[[], Mapping[str, BreakerHealth]],
                        known: Iterable[str] = ()) -> None:

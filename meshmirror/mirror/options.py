@@ -53,7 +53,9 @@ class UnknownVisibility(enum.Enum):
 
 
 class OutagePeerTags(enum.Enum):
-    """When tags resolved by peers are accepted during an upstream outage."""
+    """When peers' word is accepted during an upstream outage: the tags they resolve
+    (``--outage-peer-tags``), and the repositories they vouch public for
+    (``--outage-vouches``)."""
 
     # Only inside an encrypted mesh: a member must hold the gossip key to answer.
     ENCRYPTED = "encrypted"
@@ -73,14 +75,24 @@ class MirrorOptions:
     first_byte_timeout: float = 0.5
     # Peers tried for one request (Spegel: 3).
     resolve_retries: int = 3
-    # Blobs up to this size are verified whole in memory before the first byte is sent.
+    # Blobs up to this size that the cache cannot hold are verified whole in memory
+    # (counted against `memory_limit`) before the first byte is sent.
     verify_before_send_limit: int = 8 * 1024 * 1024
-    # Larger ones are verified whole in a spool file in this directory (None: the
-    # system's temporary directory) ...
+    # Larger ones are verified whole in a cache file (see `upstream_cache_dir`; this
+    # directory is its default, None the system's temporary directory) ...
     spool_dir: Path | None = None
-    # ... while the spool files of concurrent requests total at most this many
-    # bytes; a blob that does not fit is streamed (0: always stream).
+    # ... while the files pinned by requests in progress (being fetched, verified or
+    # sent) total at most this many bytes; a blob that does not fit is streamed (0:
+    # always stream).
     spool_limit: int = 4 * 1024 * 1024 * 1024
+    # Where every blob a node fetches is held: a file per blob that readers follow
+    # while it downloads, kept once verified for later readers (see `cache`). None:
+    # ``spool_dir``, or the system's temporary directory.
+    upstream_cache_dir: Path | None = None
+    # Bytes of those files at once, complete or not (least recently used verified
+    # ones are evicted; ones in use never are); a blob that does not fit is streamed.
+    # None: ``spool_limit``, so the disk a node uses is what it was before the cache.
+    upstream_cache_limit: int | None = None
     # What a body thread reads (and hashes, and spools) at once. Bursts set it: with
     # the memory budget below, 200 concurrent 64 MiB pulls stayed within +64 MiB of
     # RSS at 1 MiB chunks (tests/reliability/test_burst.py).
@@ -114,8 +126,15 @@ class MirrorOptions:
     # at a few chunks however fast the peer and however slow the client.
     read_ahead: int = 2
     resolve_tags: TagResolution = TagResolution.UPSTREAM_FIRST
+    # A cold public blob (no peer holds it) is fetched from the upstream once, by its
+    # owner, and read through a tree in which a node serves at most this many peers'
+    # readers at once (see `rollout`); 0: no designated fetch, a cold blob is a 404.
+    rollout_fanout: int = 8
     # With OutagePeerTags.ENCRYPTED, peer-resolved tags need a gossip key (see docs: Trust).
     outage_peer_tags: OutagePeerTags = OutagePeerTags.ENCRYPTED
+    # Members' vouches that a repository is public, for a node with no verdict of its
+    # own while the upstream cannot answer; same rule (see docs: Trust).
+    outage_vouches: OutagePeerTags = OutagePeerTags.ENCRYPTED
     private_images: PrivateImages = PrivateImages.UPSTREAM_ONLY
     private_images_unknown: UnknownVisibility = UnknownVisibility.DENY
     # How long an anonymous visibility answer is trusted. A public repository made
@@ -139,6 +158,11 @@ class MirrorOptions:
         """When the hedged request to the next candidate starts: half the connect bound,
         so a dead first peer costs no more than a live second one needs to connect."""
         return self.resolve_timeout / 2
+
+    @property
+    def cache_limit(self) -> int:
+        """Bytes of blob cache files at once (see `upstream_cache_limit`)."""
+        return self.spool_limit if self.upstream_cache_limit is None else self.upstream_cache_limit
 
     def deadline_for(self, size: int) -> float:
         """Seconds one request for ``size`` bytes may take in all (see `deadline`)."""

@@ -67,6 +67,7 @@ from meshmirror.registry.ranges import (
     UnsatisfiableRangeError,
     parse_range,
 )
+from meshmirror.registry.requester import set_requester
 from meshmirror.store.base import BlobInfo, NotFoundError, Store
 
 API_VERSION_HEADER: Final = "Docker-Distribution-API-Version"
@@ -85,6 +86,37 @@ class RegistryOptions:
     # False: a tag is never answered from the store, whose record may be stale, but
     # by the fallback (which asks the upstream what the tag means now).
     tags_from_store: bool = True
+
+
+class NotServableError(Exception):
+    """What the store holds under a digest is not a manifest this registry serves."""
+
+
+async def stored_manifest(store: Store, digest: Digest, want_body: bool
+                          ) -> tuple[BlobInfo, str, bytes | None]:
+    """A manifest from ``store``: its record, media type and (``want_body``) bytes.
+
+    Only ever a document that really is a manifest or index, of a bounded size.
+    Raises `NotServableError`, or the store's NotFoundError and failures. The
+    mirror serves the node's own tags in an outage through this too.
+    """
+    info = await store.stat(digest)
+    if info.size > MAX_MANIFEST_SIZE:
+        raise NotServableError(f"{digest} is {info.size} bytes, too large for a manifest")
+    media_type = info.media_type
+    if media_type is not None and not mediatypes.is_manifest_like(media_type):
+        raise NotServableError(f"{digest} is a {media_type}, not a manifest")
+    data: bytes | None = None
+    if want_body or media_type is None:
+        data = await store.read_all(digest, MAX_MANIFEST_SIZE)
+        if len(data) != info.size:
+            raise NotServableError(f"{digest}: store returned {len(data)} of {info.size} bytes")
+        try:
+            parsed = parse_manifest(data, media_type, max_size=MAX_MANIFEST_SIZE)
+        except ManifestError as err:
+            raise NotServableError(str(err)) from err
+        media_type = media_type or parsed.media_type
+    return info, media_type, data
 
 
 class _Miss(Exception):
@@ -194,6 +226,7 @@ class RegistryApp:
 
     async def v2(self, request: Request) -> Response:
         request.scope[SCOPE_HANDLER] = "v2"
+        set_requester(request.client.host if request.client is not None else None)
         head = request.method == "HEAD"
         try:
             if request.method not in ("GET", "HEAD"):
@@ -235,22 +268,8 @@ class RegistryApp:
                 if not self.options.tags_from_store:
                     raise _Miss("tags are resolved by the fallback")
                 digest = await self.store.resolve(registry, path.repository, path.tag)
-            info = await self.store.stat(digest)
-            if info.size > MAX_MANIFEST_SIZE:
-                raise _Miss(f"{digest} is {info.size} bytes, too large for a manifest")
-            media_type = info.media_type
-            if media_type is not None and not mediatypes.is_manifest_like(media_type):
-                raise _Miss(f"{digest} is a {media_type}, not a manifest")
-            data: bytes | None = None
-            if want_body or media_type is None:
-                data = await self.store.read_all(digest, MAX_MANIFEST_SIZE)
-                if len(data) != info.size:
-                    raise _Miss(f"{digest}: store returned {len(data)} of {info.size} bytes")
-                # Only ever serve a document that really is a manifest or index.
-                parsed = parse_manifest(data, media_type, max_size=MAX_MANIFEST_SIZE)
-                media_type = media_type or parsed.media_type
-            return info, media_type, data
-        except ManifestError as err:
+            return await stored_manifest(self.store, digest, want_body)
+        except NotServableError as err:
             raise _Miss(f"{path.reference} is not a servable manifest: {err}") from err
         except NotFoundError as err:
             raise _Miss(str(err)) from err

@@ -1,43 +1,86 @@
-"""Running an ASGI app under Hypercorn on a socket we bound ourselves.
+"""Running an ASGI app under Hypercorn's HTTP/1.1 protocol, on a socket we bound ourselves,
+with bounds on what a client can hold.
 
-Binding before Hypercorn starts gives a clear error ("address in use") at
-start-up instead of a traceback from inside the server task, and lets the
-caller know the real port when it asked for port 0. Hypercorn takes over the
-socket's file descriptor (``fd://``), so exactly one object ever closes it.
+Binding before the server starts gives a clear error ("address in use") at start-up
+instead of a traceback from inside the server task, and lets the caller know the real
+port when it asked for port 0.
+
+Hypercorn parses HTTP and drives the app; the connection around it is ours, because
+Hypercorn's own (``hypercorn.asyncio.serve``) lets any pod on the cluster stop the
+node (issue 23, docs/security.md):
+
+- It waits on ``drain()`` for as long as a client does not read: a response nobody
+  reads holds its spool file, memory and peer connection for ever. Here a send that
+  makes no progress for ``send_timeout`` aborts the connection; Hypercorn then tells
+  the app the client left, and the app closes the response's body.
+- A connection whose client closed it before sending a request keeps its descriptor
+  until the keep-alive timer ends (75 s): the connection's task group waits for that
+  timer. 20,000 connect+close cycles then exhaust the open-file limit. Here the timer
+  stops when the client's side ends.
+- It accepts without limit, through asyncio's ``start_server``, which on EMFILE logs a
+  traceback and retries (we saw hundreds of thousands of them). Here connections are
+  capped: at the cap the accept loop waits for a slot, so new connections wait in
+  the kernel's backlog instead of being accepted and closed, and idle connections
+  go after a short grace so that the slots turn over.
+- Failed accepts, timed-out sends and connection errors are counted (metrics) and
+  logged as one summary line per interval, never one traceback each.
+
+Hypercorn's config has no send timeout or connection cap (``backlog``,
+``keep_alive_timeout``, ``read_timeout`` and ``h11_max_incomplete_size`` it has, and
+we set them); uvicorn's ``limit_concurrency`` answers 503 after accepting, and it too
+waits on an unread socket for ever. So we keep Hypercorn's protocol and own the
+accept loop and the socket writes (`_Connection`), a small surface on its
+``TCPServer``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import errno
+import fcntl
 import logging
+import resource
 import socket
-from dataclasses import dataclass
+import struct
+import termios
+from typing import Any, Final
 
-from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.utils import wrap_app
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp
 
-# Go's net/http takes the kernel's somaxconn; Hypercorn's default of 100 would
-# make a burst of 200 pulls wait a full SYN retransmit (1 s) for some of them.
-_BACKLOG = 4096
+from meshmirror.addresses import bind_socket
+from meshmirror.registry.serveroptions import BACKLOG, ServerOptions
+
+__all__ = ["ServerMetrics", "ServerOptions", "bind_listener", "connection_cap",
+           "listener_address", "serve"]
+
+log = logging.getLogger("meshmirror.server")
+
+# One summary line per this many seconds at most, whatever clients do.
+_SUMMARY_INTERVAL: Final = 10.0
+# Out of descriptors or buffers: retrying at once would spin; a slot frees soon.
+_ACCEPT_RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                            errno.ENOMEM})
+_ACCEPT_RETRY_DELAY: Final = 0.1
+# Pressure starts at three quarters of the cap and ends below half of it.
+_PRESSURE_ON, _PRESSURE_OFF = 0.75, 0.5
+# Aborted connections and cancelled tasks get this long to finish at shutdown.
+_ABORT_GRACE: Final = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class ServerOptions:
-    graceful_timeout: float = 5.0
-    keep_alive_timeout: float = 75.0  # longer than containerd's idle timeout, to reuse connections
-    backlog: int = _BACKLOG
+def bind_listener(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
+    """A listening TCP socket on host:port; OSError (e.g. address in use) if it cannot be.
 
-
-def bind_listener(host: str, port: int, backlog: int = _BACKLOG) -> socket.socket:
-    """A listening TCP socket on host:port; OSError (e.g. address in use) if it cannot be."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    Port-only listens on IPv6 and IPv4 alike (`meshmirror.addresses.bind_socket`)."""
+    sock = bind_socket(host, port)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6 and host in ("::", ""):
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
@@ -51,19 +94,350 @@ def listener_address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
-                options: ServerOptions | None = None) -> None:
-    """Serve until ``shutdown`` is set, then drain for at most ``graceful_timeout``.
+def connection_cap(configured: int, open_file_limit: int | None = None) -> int:
+    """``configured``, held to half the open-file limit (the soft RLIMIT_NOFILE when not
+    given), so peers, blob files and the other port always find a descriptor."""
+    if open_file_limit is None:
+        open_file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if open_file_limit == resource.RLIM_INFINITY or open_file_limit <= 0:
+        return configured
+    return max(1, min(configured, open_file_limit // 2))
 
-    Takes ownership of ``sock``: it is closed when this returns, and must not
-    be used by the caller afterwards.
+
+SERVERS: Final = ("registry", "metrics")
+"""The listeners a node runs: the ``server`` label's values."""
+EVENTS: Final = ("send_timeout", "accept_failed", "connection_error", "at_cap")
+"""What can happen to a client connection: the ``event`` label's values."""
+
+
+class ServerMetrics:
+    """Client connections of the node's listeners, for a dashboard and an alert: a port
+    at its cap or dropping unread responses is being misused or is too small."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connections = Gauge(
+            "meshmirror_http_connections", "Open client connections, by listener.",
+            ["server"], registry=registry)
+        self.events = Counter(
+            "meshmirror_http_connection_events",
+            "Client connection events, by listener: send_timeout (a response dropped "
+            "because its client took no byte for --client-send-timeout), accept_failed, "
+            "connection_error (set-up failed or a bug), at_cap (the listener stopped "
+            "accepting at --client-max-connections until a connection closed).",
+            ["server", "event"], registry=registry)
+        for server in SERVERS:
+            self.connections.labels(server)
+            for event in EVENTS:
+                self.events.labels(server, event)
+
+
+class _Summary:
+    """Counts of client events, logged as one line per interval instead of one each, and
+    counted in the metrics as they happen."""
+
+    def __init__(self, server: str, metrics: ServerMetrics | None = None,
+                 interval: float = _SUMMARY_INTERVAL) -> None:
+        self._server = server
+        self._metrics = metrics
+        self._interval = interval
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._flush: asyncio.TimerHandle | None = None
+
+    def count(self, event: str, detail: str | None = None) -> None:
+        """``event`` is one of `EVENTS`; the log line counts ``detail`` (an errno, an
+        exception's type) when given, so the metric's labels stay a closed set."""
+        if self._metrics is not None:
+            self._metrics.events.labels(self._server, event).inc()
+        self._counts[f"{event}_{detail}" if detail else event] += 1
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(self._interval, self.flush)
+
+    def flush(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self._counts:
+            log.warning("client connection events", extra={"fields": {
+                "server": self._server, "interval_s": self._interval, **self._counts}})
+            self._counts.clear()
+
+
+class _Limiter:
+    """The connection cap, and the pressure that makes idle connections go early."""
+
+    def __init__(self, cap: int, idle_grace: float, summary: _Summary,
+                 gauge: Gauge | None) -> None:
+        self.cap = cap
+        self.open = 0
+        self.idle_grace = idle_grace
+        self.pressure = asyncio.Event()
+        self._summary = summary
+        self._gauge = gauge
+        self._slot = asyncio.Event()
+        self._slot.set()
+
+    async def acquire(self) -> None:
+        if self.open >= self.cap:
+            self._summary.count("at_cap")
+        while self.open >= self.cap:
+            self._slot.clear()
+            await self._slot.wait()
+        self.open += 1
+        if self._gauge is not None:
+            self._gauge.inc()
+        if self.open >= self.cap * _PRESSURE_ON:
+            self.pressure.set()
+
+    def release(self) -> None:
+        self.open -= 1
+        if self._gauge is not None:
+            self._gauge.dec()
+        self._slot.set()
+        if self.open < self.cap * _PRESSURE_OFF and self.idle_grace > 0:
+            self.pressure.clear()
+
+    def closing(self) -> None:
+        """At shutdown every idle connection goes at once."""
+        self.idle_grace = 0.0
+        self.pressure.set()
+
+
+class _SendTimedOut(Exception):
+    pass
+
+
+def _unacknowledged(transport: asyncio.WriteTransport) -> int:
+    """Bytes written that the client has not acknowledged: our buffer plus the kernel's.
+
+    The kernel's share matters: with a large send buffer it wakes a writer only once
+    a third of it is free, so a slow reader's progress may not show in our own
+    buffer for many seconds.
     """
-    options = options or ServerOptions()
+    pending = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            pending += struct.unpack("i", queued)[0]
+    return pending
+
+
+class _Connection(TCPServer):
+    """Hypercorn's connection with bounded sends and no keep-alive wait after the client
+    has gone; see the module docstring."""
+
+    def __init__(self, *args: Any, options: ServerOptions, limiter: _Limiter,
+                 summary: _Summary) -> None:
+        super().__init__(*args)
+        self._options = options
+        self._limiter = limiter
+        self._summary = summary
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+    async def protocol_send(self, event: Event) -> None:
+        if not isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        async with self.send_lock:
+            if self.writer.transport.is_closing():
+                # Aborted below: the app learns from the disconnect, not from errors.
+                return
+            try:
+                self.writer.write(event.data)
+                await self._drain()
+            except (ConnectionError, RuntimeError):
+                pass
+            except _SendTimedOut:
+                self._summary.count("send_timeout")
+                self.abort()
+            else:
+                return
+        await self.protocol.handle(Closed())
+
+    async def _drain(self) -> None:
+        """``drain()``, failing once the client has taken no byte for ``send_timeout``.
+
+        Progress is the client acknowledging bytes, so a slow reader that keeps
+        reading keeps its connection. Drain is waited on in steps only when it would block:
+        a client that reads as fast as we write costs no timer.
+        """
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+            await self.writer.drain()
+            return
+        loop = asyncio.get_running_loop()
+        limit = self._options.send_timeout
+        pending = _unacknowledged(transport)
+        last_progress = loop.time()
+        while True:
+            try:
+                async with asyncio.timeout(limit / 4):
+                    await self.writer.drain()
+                return
+            except TimeoutError:
+                size = _unacknowledged(transport)
+                now = loop.time()
+                if size < pending:
+                    pending, last_progress = size, now
+                elif now - last_progress >= limit:
+                    raise _SendTimedOut from None
+
+    async def _close(self) -> None:
+        self._abort_unless_flushed()
+        await super()._close()
+
+    async def _initiate_server_close(self) -> None:
+        self._abort_unless_flushed()
+        await super()._initiate_server_close()
+
+    def _abort_unless_flushed(self) -> None:
+        """A graceful close waits until our buffer is sent: for a client that reads no
+        more, for ever, holding the descriptor and a slot of the cap. So a close with
+        bytes still pending becomes an abort once the send timeout has passed."""
+        if self.writer.transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(self._options.send_timeout, self.abort)
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # The client's side has ended and the request, if any, was told so; without
+        # this the task group would wait out the keep-alive timer, holding the fd.
+        await self.idle_task.stop()
+
+    async def _idle_timeout(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle_since = loop.time()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.keep_alive_timeout):
+                await self._limiter.pressure.wait()
+                await asyncio.sleep(idle_since + self._limiter.idle_grace - loop.time())
+        await asyncio.shield(self._initiate_server_close())
+
+
+def _gone_already(conn: socket.socket) -> bool:
+    """Closes ``conn`` if its client has already closed or reset it without a request.
+
+    One system call instead of a transport, a protocol and a task: a storm of
+    connect-and-close (issue 23 saw 20,000 in seconds) then costs the node little
+    CPU, so the honest connections queued behind it in the backlog wait little.
+    """
+    try:
+        ended = conn.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        ended = True
+    if ended:
+        conn.close()
+    return ended
+
+
+def _config(options: ServerOptions) -> Config:
     config = Config()
-    config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None  # the app logs each request itself, as JSON
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = options.graceful_timeout
     config.keep_alive_timeout = options.keep_alive_timeout
     config.backlog = options.backlog
-    await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait, mode="asgi")  # type: ignore[arg-type]
+    return config
+
+
+async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
+                options: ServerOptions | None = None, *, name: str = "registry",
+                metrics: ServerMetrics | None = None) -> None:
+    """Serve until ``shutdown`` is set, then drain for at most ``graceful_timeout``.
+
+    Takes ownership of ``sock``: it is closed when this returns, and must not
+    be used by the caller afterwards. The app gets no lifespan events: the node
+    starts and stops what the app uses.
+    """
+    options = options or ServerOptions()
+    loop = asyncio.get_running_loop()
+    config = _config(options)
+    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    context = WorkerContext(None)
+    cap = connection_cap(options.max_connections)
+    if cap < options.max_connections:
+        log.info("connection cap held to half the open-file limit",
+                 extra={"fields": {"server": name, "max_connections": cap}})
+    summary = _Summary(name, metrics)
+    limiter = _Limiter(cap, options.idle_timeout_under_pressure, summary,
+                       metrics.connections.labels(name) if metrics is not None else None)
+    connections: dict[asyncio.Task[None], _Connection] = {}
+
+    async def handle(conn: socket.socket) -> None:
+        try:
+            reader = asyncio.StreamReader(limit=2**16, loop=loop)
+            transport, protocol = await loop.connect_accepted_socket(
+                lambda: asyncio.StreamReaderProtocol(reader, loop=loop), conn)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            connection = _Connection(wrapped, loop, config, context, {}, reader, writer,
+                                     options=options, limiter=limiter, summary=summary)
+            task = asyncio.current_task()
+            assert task is not None
+            connections[task] = connection
+            await connection.run()
+        except OSError:
+            summary.count("connection_error")
+            conn.close()
+        except Exception as err:  # a bug, not a client: counted, named, never a flood
+            summary.count("connection_error", type(err).__name__)
+            conn.close()
+
+    def finished(task: asyncio.Task[None]) -> None:
+        connections.pop(task, None)
+        limiter.release()
+
+    async def accept() -> None:
+        while True:
+            await limiter.acquire()
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as err:
+                limiter.release()
+                summary.count("accept_failed", errno.errorcode.get(err.errno or 0)
+                              or type(err).__name__)
+                if err.errno in _ACCEPT_RESOURCE_ERRORS:
+                    await asyncio.sleep(_ACCEPT_RETRY_DELAY)
+                continue
+            except BaseException:
+                limiter.release()
+                raise
+            if _gone_already(conn):
+                limiter.release()
+            else:
+                task = loop.create_task(handle(conn))
+                task.add_done_callback(finished)
+            # An accept that needs no wait does not yield: without this a storm would
+            # be accepted up to the cap before one request or metrics scrape ran.
+            await asyncio.sleep(0)
+
+    acceptor = loop.create_task(accept(), name=f"accept-{name}")
+    try:
+        await shutdown.wait()
+    finally:
+        acceptor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acceptor
+        sock.close()
+        await context.terminated.set()
+        limiter.closing()
+        await _drain_connections(connections, options.graceful_timeout)
+        summary.flush()
+
+
+async def _drain_connections(connections: dict[asyncio.Task[None], _Connection],
+                             graceful_timeout: float) -> None:
+    """Let responses in progress finish; then abort the rest (a client that does not read
+    would make a graceful close wait for ever) and cancel what still runs."""
+    if connections:
+        await asyncio.wait(set(connections), timeout=graceful_timeout)
+    for connection in list(connections.values()):
+        connection.abort()
+    if connections:
+        await asyncio.wait(set(connections), timeout=_ABORT_GRACE)
+    for task in list(connections):
+        task.cancel()
+    if connections:
+        await asyncio.wait(set(connections), timeout=_ABORT_GRACE)

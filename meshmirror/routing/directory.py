@@ -46,6 +46,7 @@ from meshmirror.routing.summary import (
     fetch_summary,
     wall_clock_ms,
 )
+from meshmirror.routing.vouches import VouchBook
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ class PeerDirectory:
     def __init__(self, sink: SummarySink, *, registry: CollectorRegistry | None = None,
                  timeout_s: float = 2.0, backoff_s: float = 0.1, max_backoff_s: float = 10.0,
                  max_summary_bytes: int = 64 * 1024 * 1024,
-                 wall_ms: Callable[[], int] | None = None) -> None:
+                 wall_ms: Callable[[], int] | None = None,
+                 vouches: VouchBook | None = None) -> None:
         if timeout_s <= 0 or backoff_s <= 0 or max_backoff_s < backoff_s:
             raise ValueError("timeout_s > 0 and 0 < backoff_s <= max_backoff_s required")
         self._sink = sink
@@ -137,6 +139,8 @@ class PeerDirectory:
         self._max_backoff_s = max_backoff_s
         self._max_bytes = max_summary_bytes
         self._wall_ms = wall_ms or wall_clock_ms
+        # Each installed summary's vouches go here, and leave with their member.
+        self.vouches = vouches if vouches is not None else VouchBook()
         self.metrics = DirectoryMetrics(registry if registry is not None else CollectorRegistry())
         self._peers: dict[str, _PeerState] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -173,6 +177,7 @@ class PeerDirectory:
         if state.task is not None:
             state.task.cancel()
         self._sink.drop_peer(name)
+        self.vouches.drop(name)
         self._update_share()
 
     def held(self, name: str) -> HeldSummary | None:
@@ -246,6 +251,7 @@ class PeerDirectory:
         state.held = HeldSummary(summary.epoch, summary.count, summary.born_at_ms, summary.m,
                                  summary.k)
         self._sink.set_summary(state.peer, summary)
+        self.vouches.set_vouches(state.peer.name, summary.vouches)
         # Observe only versions carrying keys newer than the last one held: the
         # first summary of a peer measures when we met it, not propagation.
         if previous is not None and summary.born_at_ms > previous.born_at_ms:

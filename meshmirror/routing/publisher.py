@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meshmirror.routing.bloom import DIGEST_KEY, BloomFilter, check_fp_rate
-from meshmirror.routing.summary import Summary, wall_clock_ms
+from meshmirror.routing.summary import VERSION_VOUCHES, Summary, wall_clock_ms
+from meshmirror.routing.vouches import NO_VOUCHES, Vouches
 from meshmirror.store.base import KeyEvent, Store
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class SummaryMetrics:
                           "Keys in the summary this node currently publishes", registry=registry)
         self.epoch = Gauge("meshmirror_summary_epoch",
                            "Epoch of the summary this node currently publishes", registry=registry)
+        self.vouches = Gauge("meshmirror_summary_vouches",
+                             "Repositories this node vouches for as public in its summary",
+                             registry=registry)
         self.rebuilds = Counter("meshmirror_summary_rebuilds",
                                 "Times the summary filter was rebuilt from the store's keys",
                                 registry=registry)
@@ -121,6 +125,10 @@ class SummaryPublisher:
     subscription is repaired; a periodic reconcile (``reconcile_interval_s``)
     catches the rest.
 
+    Vouches. ``vouches()``, when given, says which repositories this node vouches
+    for (see `vouches`); they ride in every version, and ``vouches_changed()``
+    publishes a new one through the same debounce as a store change.
+
     Publication. The first change after a version starts a ``debounce_s``
     window (150 ms); everything arriving in it goes into one new version, so a
     pulled image's dozens of keys cost peers one fetch, and a change is
@@ -136,7 +144,8 @@ class SummaryPublisher:
                  max_fp_factor: float = 2.0,
                  reconcile_interval_s: float = 30.0,
                  epochs: EpochClock | None = None,
-                 wall_ms: Callable[[], int] | None = None) -> None:
+                 wall_ms: Callable[[], int] | None = None,
+                 vouches: Callable[[], Vouches] | None = None) -> None:
         check_fp_rate(fp_rate)
         if debounce_s < 0 or rebuild_fraction <= 0 or max_fp_factor <= 1:
             raise ValueError("debounce_s >= 0, rebuild_fraction > 0 and max_fp_factor > 1 required")
@@ -149,6 +158,7 @@ class SummaryPublisher:
         self._reconcile_interval_s = reconcile_interval_s
         self._epochs = epochs or EpochClock()
         self._wall_ms = wall_ms or wall_clock_ms
+        self._vouches = vouches
         self.metrics = SummaryMetrics(registry if registry is not None else CollectorRegistry())
 
         self._keys: set[str] = set()
@@ -163,6 +173,7 @@ class SummaryPublisher:
 
         self._current: Summary | None = None
         self._payload = b""
+        self._vouched_payload = b""
         self._dirty = asyncio.Event()
         # Set and replaced on every version, so waiters wake exactly once per version.
         self._version_event = asyncio.Event()
@@ -179,6 +190,11 @@ class SummaryPublisher:
     def payload(self) -> bytes:
         """The latest version encoded, as the summary endpoint serves it."""
         return self._payload
+
+    @property
+    def vouched_payload(self) -> bytes:
+        """The latest version with this node's vouches, for peers that read them."""
+        return self._vouched_payload
 
     async def start(self) -> None:
         """Subscribe to the store, publish the first version and keep publishing."""
@@ -214,6 +230,10 @@ class SummaryPublisher:
         while self._current is None or not predicate(self._current):
             await self._version_event.wait()
         return self._current
+
+    def vouches_changed(self) -> None:
+        """The vouches changed: publish a new version (debounced like key changes)."""
+        self._dirty.set()
 
     def _apply(self, event: KeyEvent) -> None:
         if self._replay is not None:
@@ -281,11 +301,20 @@ class SummaryPublisher:
             self._born_at_ms = self._pending_arrival_ms
             self._pending_arrival_ms = None
         bloom = self._filter
+        vouches = NO_VOUCHES
+        if self._vouches is not None:
+            try:
+                vouches = self._vouches()
+            except Exception:
+                log.exception("could not list vouches; publishing none")
         summary = Summary(epoch=self._epochs.next(), k=bloom.k, m=bloom.m, count=len(self._keys),
-                          born_at_ms=self._born_at_ms, bits=bloom.bits.tobytes())
+                          born_at_ms=self._born_at_ms, bits=bloom.bits.tobytes(),
+                          vouches=vouches)
         self._current = summary
         self._payload = summary.encode()
+        self._vouched_payload = summary.encode(VERSION_VOUCHES)
         self.metrics.keys.set(summary.count)
+        self.metrics.vouches.set(len(vouches))
         self.metrics.advertise(self._keys)
         self._count_images_soon()
         self.metrics.epoch.set(summary.epoch)

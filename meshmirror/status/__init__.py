@@ -7,6 +7,7 @@ everything it shows comes from the JSON, so a script sees exactly what a human s
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -25,9 +26,10 @@ __all__ = ["node_status", "status_routes"]
 
 
 def status_routes(store: Store, peering: Peering | None,
-                  registry_metrics: RegistryMetrics | None = None) -> list[BaseRoute]:
+                  registry_metrics: RegistryMetrics | None = None,
+                  conditions: Sequence[Mapping[str, str]] = ()) -> list[BaseRoute]:
     """Routes for the metrics server; hooks the mirror's activity, the registry's misses
-    and the hosts.toml check."""
+    and the hosts.toml check; ``conditions``: containerd config problems found at start."""
     misses: RecentMisses | None = None
     if registry_metrics is not None:
         misses = RecentMisses()
@@ -44,7 +46,7 @@ def status_routes(store: Store, peering: Peering | None,
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
 
     async def as_json(request: Request) -> Response:
-        return JSONResponse(await node_status(store, peering, activity, misses),
+        return JSONResponse(await node_status(store, peering, activity, misses, conditions),
                             headers={"Cache-Control": "no-store"})
 
     async def as_html(request: Request) -> Response:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from meshmirror.upstream.endpoints import entry_reaches
+
 CONFIG_PATH_ENV = "MESHMIRROR_CONTAINERD_REGISTRY_CONFIG_PATH"
-_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def points_here(hosts_toml: Path, own_url: str) -> bool:
@@ -28,19 +28,10 @@ def points_here(hosts_toml: Path, own_url: str) -> bool:
         config = tomllib.loads(hosts_toml.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False
-    own = urlsplit(own_url)
     hosts = config.get("host")
     if not isinstance(hosts, dict):
         return False
-    for url in hosts:
-        entry = urlsplit(url if "://" in url else f"http://{url}")
-        try:
-            same_port = entry.port == own.port
-        except ValueError:
-            continue
-        if same_port and entry.hostname in _LOOPBACK | {own.hostname}:
-            return True
-    return False
+    return any(entry_reaches(url, own_url) for url in hosts)
 
 
 class HostsConfigCollector(Collector):

@@ -11,6 +11,7 @@ them valid Unicode for JSON and HTML.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshmirror import __version__
@@ -100,7 +101,8 @@ def _misses(misses: RecentMisses | None) -> dict[str, Any] | None:
 
 async def node_status(store: Store, peering: Peering | None,
                       activity: MirrorActivity | None = None,
-                      misses: RecentMisses | None = None) -> dict[str, Any]:
+                      misses: RecentMisses | None = None,
+                      conditions: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
     keys = await store.keys()
     status: dict[str, Any] = {
         "version": __version__,
@@ -111,6 +113,8 @@ async def node_status(store: Store, peering: Peering | None,
         "mesh": None,
         "mirror": _activity(activity),
         "misses": _misses(misses),
+        # Startup warnings that keep pulls from the mirror (containerd's config), with fixes.
+        "conditions": [dict(c) for c in conditions],
     }
     if peering is None:
         return status

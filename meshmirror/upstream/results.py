@@ -15,7 +15,7 @@ from meshmirror.oci.digest import Digest
 
 
 class FailureKind(enum.Enum):
-    """Why the upstream gave no usable answer; the breaker counts all but PROTOCOL."""
+    """Why the upstream gave no usable answer; the breaker counts only network, 5xx and 429."""
 
     CONNECTION = "connection"  # refused, reset, DNS or another transport error
     TIMEOUT = "timeout"  # no complete answer within the bound
@@ -25,6 +25,10 @@ class FailureKind(enum.Enum):
     PROTOCOL = "protocol"  # an answer that breaks the distribution or token spec
     CONFIG = "config"  # this node's hosts.toml for the registry cannot be read
     CIRCUIT_OPEN = "circuit_open"  # not asked at all: the breaker holds it unreachable
+    # Not asked: a realm or redirect led to an address this node never asks (guard).
+    FORBIDDEN = "forbidden"
+    # Not asked: the client asked new questions faster than its pace.
+    THROTTLED = "throttled"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,10 @@ import argparse
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from benchmarks import (
+    bench_burst,
     bench_containerd,
     bench_hosts_fallback,
     bench_peer_hop,
@@ -50,6 +53,15 @@ def test_peer_hop(tmp_path: Path) -> None:
     assert "| distribution | 1.60 | 1.00 | - |" in text
     assert "| peer hop (streamed) / Distribution | >= 0.5x | 0.50x | yes |" in text
     assert f"{LOAD} before" in text
+
+
+@pytest.mark.real
+def test_burst_runs_small_and_writes_its_block(tmp_path: Path) -> None:
+    result = bench_burst.run(clients=5, size_mib=2)
+    assert (result.served, result.peer_fetches) == (5, 1)
+    text = _write(tmp_path, bench_burst.section(result, LOAD))
+    assert "| served whole and verified | 5/5 |" in text
+    assert "| burst: peer fetches of one blob | <= 1 | 1.00 | yes |" in text
 
 
 def test_rolling_pull(tmp_path: Path) -> None:

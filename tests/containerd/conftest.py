@@ -13,14 +13,29 @@ import pytest
 from meshmirror.containerd.store import ContainerdStore
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from meshmirror.store.base import Store
-from tests.support.containerd import NAMESPACE, Containerd
+from tests.support.containerd import NAMESPACE, SYSTEM_VERSION, Containerd, versions_or_skip
 
 READY_WITHIN = 10.0
 
 
 @pytest.fixture
-def containerd() -> Iterator[Containerd]:
-    with Containerd() as instance:
+def containerd_version() -> str:
+    """The system's containerd; a module on the version matrix overrides this with
+    ``matrix_version`` (see ``versions_or_skip``)."""
+    return SYSTEM_VERSION
+
+
+@pytest.fixture(params=versions_or_skip())
+def matrix_version(request: pytest.FixtureRequest) -> str:
+    """Every containerd version: for the modules whose behaviour depends on containerd
+    itself (its events, its content store, its hosts.toml resolver)."""
+    version: str = request.param
+    return version
+
+
+@pytest.fixture
+def containerd(containerd_version: str) -> Iterator[Containerd]:
+    with Containerd(version=containerd_version) as instance:
         yield instance
 
 

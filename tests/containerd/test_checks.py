@@ -16,7 +16,7 @@ import pytest
 from meshmirror.containerd import checks
 from meshmirror.containerd.checks import CheckResult, check_containerd_config
 from meshmirror.containerd.config import ContainerdConfig
-from tests.support.containerd import Containerd
+from tests.support.containerd import Containerd, versions_or_skip
 
 V2_GOOD = """version = 2
 [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -229,3 +229,136 @@ def test_real_containerd_config_without_config_path(tmp_path: Path) -> None:
     results = by_name(check_containerd_config(write(tmp_path, default), None))
     assert not results["containerd config_path"].ok
     assert results["containerd discard_unpacked_layers"].ok
+
+
+# --- containerd 2.x: the transfer service, version 3 keys, k3s/RKE2 places -----------
+
+V3_LIST = ("version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\n"
+           "config_path = '/etc/containerd/certs.d:/etc/docker/certs.d'\n")
+
+
+@pytest.mark.parametrize(("text", "version"), [
+    (V3_LIST, (2, 1)),
+    (V3_LIST, (2, 2)),
+    (V3_LIST, None),  # containerd not reachable: a version 3 file is taken as 2.1+
+    # unset on containerd 2 means the default list
+    ("version = 3\n[plugins.'io.containerd.cri.v1.images']\nsnapshotter = 'overlayfs'\n", (2, 2)),
+    # a version 2 file on containerd 2.1 is migrated: the transfer service still pulls
+    ('version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n'
+     'config_path = "/etc/containerd/certs.d:/etc/docker/certs.d"\n', (2, 1)),
+])
+def test_transfer_service_with_a_config_path_list_fails(tmp_path: Path, text: str,
+                                                        version: tuple[int, int] | None) -> None:
+    results = by_name(check_containerd_config(write(tmp_path, text), None, version))
+    result = results[checks.TRANSFER_CHECK]
+    assert not result.ok and result.warning
+    assert "use_local_image_pull" in result.problem and "ignores hosts.toml" in result.problem
+    assert "use_local_image_pull = true" in result.fix
+    assert 'config_path = "/etc/containerd/certs.d"' in result.fix
+    assert result.line().startswith("FAIL  containerd transfer service: ")
+
+
+@pytest.mark.parametrize(("text", "version"), [
+    (V3_LIST.replace(":/etc/docker/certs.d", ""), (2, 1)),  # one directory
+    (V3_LIST + "[plugins.'io.containerd.cri.v1.images']\nuse_local_image_pull = true\n", (2, 2)),
+])
+def test_transfer_service_passes_with_either_fix(tmp_path: Path, text: str,
+                                                 version: tuple[int, int]) -> None:
+    results = by_name(check_containerd_config(write(tmp_path, text), None, version))
+    assert results[checks.TRANSFER_CHECK].ok, results[checks.TRANSFER_CHECK].line()
+
+
+@pytest.mark.parametrize("version", [(1, 6), (1, 7), (2, 0)])
+def test_transfer_service_not_checked_before_2_1(tmp_path: Path,
+                                                 version: tuple[int, int]) -> None:
+    text = V3_LIST if version >= (2, 0) else V2_GOOD.replace(
+        '"/etc/containerd/certs.d"', '"/etc/containerd/certs.d:/etc/docker/certs.d"')
+    names = by_name(check_containerd_config(write(tmp_path, text), None, version))
+    assert checks.TRANSFER_CHECK not in names
+
+
+def test_known_behaviours_table() -> None:
+    assert checks.parse_version("v2.1.9") == (2, 1)
+    assert checks.parse_version("1.6.20~ds1") == (1, 6)
+    assert checks.parse_version("2.1.9+unknown") == (2, 1)
+    assert checks.parse_version("dev") is None
+    key = "transfer_service_ignores_config_path_list"
+    assert checks.has_behaviour(key, (2, 1)) and checks.has_behaviour(key, (3, 0))
+    assert checks.has_behaviour(key, (2, 0)) is False
+    assert checks.has_behaviour(key, None) is None
+    assert checks.has_behaviour("config_v3", (2, 0))
+
+
+def test_v2_places_in_a_version_3_file_fail(tmp_path: Path) -> None:
+    text = ('version = 3\n[plugins."io.containerd.grpc.v1.cri".registry]\n'
+            'config_path = "/etc/containerd/certs.d"\n'
+            '[plugins."io.containerd.grpc.v1.cri".containerd]\ndiscard_unpacked_layers = true\n')
+    result = by_name(check_containerd_config(write(tmp_path, text), None, (2, 1)))[
+        checks.V3_KEYS_CHECK]
+    assert not result.ok and result.warning
+    assert "registry.config_path" in result.problem and "discard_unpacked_layers" in result.problem
+    assert "io.containerd.cri.v1.images" in result.fix
+
+
+def test_v3_keys_in_place_pass(tmp_path: Path) -> None:
+    text = V3_LIST.replace(":/etc/docker/certs.d", "")
+    result = by_name(check_containerd_config(write(tmp_path, text), None, (2, 1)))[
+        checks.V3_KEYS_CHECK]
+    assert result.ok
+
+
+def test_k3s_config_is_found_when_the_default_is_absent(tmp_path: Path) -> None:
+    k3s = tmp_path / "k3s" / "config.toml"
+    k3s.parent.mkdir()
+    k3s.write_text("version = 2\n")  # k3s's generated file, here without config_path
+    default = str(tmp_path / "etc-containerd-config.toml")  # absent
+    distributions = [("RKE2", str(tmp_path / "rke2" / "config.toml")), ("k3s", str(k3s))]
+    assert checks.locate_config(default, distributions, default) == (str(k3s), "k3s")
+    assert checks.locate_config(default, distributions, "/other") == (default, None)
+
+
+def test_k3s_config_named_directly_gets_the_template_hint(tmp_path: Path) -> None:
+    k3s = tmp_path / "config.toml"
+    k3s.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n'
+                   "discard_unpacked_layers = true\n")
+    results = by_name(check_containerd_config(str(k3s), None,
+                                              distributions=[("k3s", str(k3s))]))
+    assert "k3s rewrites" in results["containerd discard_unpacked_layers"].fix
+
+
+def test_locate_config_prefers_the_given_file(tmp_path: Path) -> None:
+    given = write(tmp_path, V2_GOOD)
+    assert checks.locate_config(given, [("k3s", str(tmp_path / "k3s.toml"))]) == (given, None)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("version", versions_or_skip(("2.x",)))
+def test_startup_checks_warn_and_serve(tmp_path: Path, version: str) -> None:
+    """A transfer-service warning does not stop `run`; it is printed and returned."""
+    with Containerd(version=version) as c:
+        c.ctr("namespaces", "create", "k8s.io", namespace="default")
+        config = write(tmp_path, V3_LIST)
+        out = io.StringIO()
+        code, results = checks.startup_checks(containerd_for(str(c.socket), config), out)
+    assert code == 0
+    assert "containerd 2." in results[0].detail
+    (line,) = out.getvalue().splitlines()
+    assert line.startswith("meshmirror: warning: ") and "use_local_image_pull" in line
+    assert checks.conditions(results) == [{
+        "check": checks.TRANSFER_CHECK,
+        "problem": next(r.problem for r in results if r.name == checks.TRANSFER_CHECK),
+        "fix": next(r.fix for r in results if r.name == checks.TRANSFER_CHECK)}]
+
+
+def test_config_problem_metric() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(checks.ConfigProblemCollector([
+        CheckResult(checks.TRANSFER_CHECK, False, problem="p", fix="f", warning=True),
+        CheckResult(checks.V3_KEYS_CHECK, True),
+        CheckResult("containerd socket", True)]))
+    text = generate_latest(registry).decode()
+    assert 'meshmirror_containerd_config_problem{check="transfer_service"} 1.0' in text
+    assert 'meshmirror_containerd_config_problem{check="config_v3_keys"} 0.0' in text
+    assert "socket" not in text

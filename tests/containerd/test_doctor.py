@@ -256,3 +256,27 @@ def test_points_at_this_node() -> None:
     assert points_at_this_node("http://localhost:5000", "", 5000)
     assert points_at_this_node("https://127.0.0.1", "", 443)
     assert not points_at_this_node("http://192.0.2.10:5000", "", 5000)  # TEST-NET, not ours
+
+
+@pytest.mark.real
+def test_hosts_toml_managed_by_the_node_owner_is_information(node: Node) -> None:
+    """containerdMirrorAdd=false: nothing wrote hosts.toml, and that is not doctor's to fail."""
+    assert main(["cleanup", "--containerd-registry-config-path", str(node.certs)]) == 0
+    code, lines = node.doctor()
+    assert code == 1 and len(failures(lines)) == 2  # missing hosts.toml, when meshmirror owns it
+    code, lines = node.doctor(containerd_mirror_add="false")
+    assert code == 0, lines
+    info = [line for line in lines if line.startswith("info  hosts.toml ")]
+    assert len(info) == 2 and all("managed outside meshmirror" in line for line in info), lines
+    assert "does not exist" in info[0]
+    assert lines[-1] == "all checks passed"
+
+
+def test_containerd_mirror_add_reads_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshmirror import cli
+
+    monkeypatch.setenv("MESHMIRROR_CONTAINERD_MIRROR_ADD", "false")
+    assert cli.parse_args(["doctor"]).containerd_mirror_add is False
+    monkeypatch.delenv("MESHMIRROR_CONTAINERD_MIRROR_ADD")
+    assert cli.parse_args(["doctor"]).containerd_mirror_add is True

@@ -1,4 +1,4 @@
-"""containerd 1.6 itself pulling through the hosts.toml that `meshmirror configure` wrote.
+"""containerd (1.6, 1.7 and 2.x) pulling through the hosts.toml `meshmirror configure` wrote.
 
 An upstream docker-registry holds an image built offline; a second docker-registry
 holding the same image stands in for a live mirror. `ctr images pull --hosts-dir`
@@ -22,6 +22,12 @@ from tests.support.distribution import DistributionRegistry
 from tests.support.ports import free_port, loopback_host
 
 pytestmark = pytest.mark.real
+
+
+@pytest.fixture
+def containerd_version(matrix_version: str) -> str:
+    """This module runs on every containerd version (see conftest)."""
+    return matrix_version
 
 REPO = "team/app"
 TAG = "1.0"
@@ -48,9 +54,9 @@ def push(layout: Path, registry: DistributionRegistry) -> None:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[Setup]:
+def setup(tmp_path: Path, containerd_version: str) -> Iterator[Setup]:
     with DistributionRegistry() as upstream, DistributionRegistry() as mirror, \
-            Containerd() as containerd:
+            Containerd(version=containerd_version) as containerd:
         image = build_image(f"{upstream.address}/{REPO}:{TAG}", tmp_path / "layout",
                             (300_000, 70_000, 1_000), seed=7)
         push(image.layout, upstream)
@@ -67,6 +73,12 @@ def pull(s: Setup, reference: str | None = None) -> subprocess.CompletedProcess[
                             reference or s.reference, check=False, timeout=120)
 
 
+def resolver_messages(s: Setup, result: subprocess.CompletedProcess[str]) -> str:
+    """What the hosts.toml resolver said: ctr's stderr, and containerd's log, where
+    containerd 2's ctr pulls (inside the daemon, through its transfer service)."""
+    return result.stderr + s.containerd.log.read_text(errors="replace")
+
+
 def assert_image_complete(s: Setup) -> None:
     """Every blob of the image is in containerd's content store, and the tag points right."""
     content = set(s.containerd.ctr("content", "ls", "--quiet").stdout.split())
@@ -81,7 +93,8 @@ def test_pull_falls_back_to_server_when_the_mirror_is_down(setup: Setup) -> None
               "--mirror-targets", dead)
     result = pull(setup)
     assert result.returncode == 0, result.stderr
-    assert "trying next host" in result.stderr and dead.removeprefix("http://") in result.stderr
+    said = resolver_messages(setup, result)
+    assert "trying next host" in said and dead.removeprefix("http://") in said
     assert_image_complete(setup)
 
 
@@ -101,7 +114,8 @@ def test_mirror_targets_are_tried_in_order(setup: Setup) -> None:
     setup.upstream.stop()
     result = pull(setup)
     assert result.returncode == 0, result.stderr
-    assert dead.removeprefix("http://") in result.stderr  # the first was tried, then the second
+    # The first was tried, then the second.
+    assert dead.removeprefix("http://") in resolver_messages(setup, result)
     assert_image_complete(setup)
 
 

@@ -43,7 +43,7 @@ import pytest
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from tests.deploy.test_image import IMAGE, archive  # noqa: F401 - the image fixture
 from tests.helm import chart
-from tests.support.containerd import Containerd
+from tests.support.containerd import SYSTEM_VERSION, Containerd, versions_or_skip
 from tests.support.distribution import DistributionRegistry
 from tests.support.processes import wait_until
 from tests.support.proxy import CountingProxy
@@ -134,12 +134,14 @@ def ready(node_ip: str, port: int) -> bool:
         return bool(response.status == 200)
 
 
-def make_node(stack: ExitStack, tmp: Path, name: str, ip: str, archive_path: Path) -> Node:
+def make_node(stack: ExitStack, tmp: Path, name: str, ip: str, archive_path: Path,
+              version: str = SYSTEM_VERSION) -> Node:
     root = tmp / name
     certs = root / "certs.d"
     (certs / "registry.example.org").mkdir(parents=True)
     (certs / "registry.example.org" / "hosts.toml").write_bytes(OPERATOR_HOSTS)
-    containerd = stack.enter_context(Containerd(cri=True, registry_config_path=str(certs)))
+    containerd = stack.enter_context(Containerd(cri=True, registry_config_path=str(certs),
+                                                version=version))
     containerd.ctr("images", "import", str(archive_path), timeout=300)
     node = Node(name, ip, root, containerd, certs)
     for sub in ("tmp", "spool", "gossip"):
@@ -202,11 +204,31 @@ def seen_public(ip: str, port: int, image: BuiltImage) -> bool:
         return bool(response.status == 200)
 
 
-@pytest.mark.parametrize("value_files", [(), ("two-nodes.yaml",)], ids=["defaults", "two-nodes"])
+# What runs where: the defaults and two-nodes value sets on the system's containerd
+# 1.6; the switches (hosts.toml left to the node's owner, containerdMirrorAdd=false)
+# on containerd 2.x, whose config version 3 the pod's checks and doctor then read.
+CASES = [
+    pytest.param((), SYSTEM_VERSION, id="defaults"),
+    pytest.param(("two-nodes.yaml",), SYSTEM_VERSION, id="two-nodes"),
+    *(pytest.param(("switches.yaml",), p.values[0], id=f"switches-{p.id}", marks=p.marks)
+      for p in versions_or_skip(("2.x",))),
+]
+
+
+def owner_hosts_toml(node: Node, host_port: int) -> None:
+    """What a node's owner writes with containerdMirrorAdd=false (Talos machine config,
+    user data): every registry through this node's mirror first."""
+    path = node.certs / "_default" / "hosts.toml"
+    path.parent.mkdir(parents=True)
+    path.write_text(f'[host."http://{node.ip}:{host_port}"]\n'
+                    '  capabilities = ["pull", "resolve"]\n')
+
+
+@pytest.mark.parametrize(("value_files", "version"), CASES)
 def test_rendered_pod_on_two_nodes(
     archive: Path,  # noqa: F811 - the fixture imported above
     upstream: tuple[DistributionRegistry, BuiltImage, BuiltImage],
-    tmp_path: Path, value_files: tuple[str, ...],
+    tmp_path: Path, value_files: tuple[str, ...], version: str,
 ) -> None:
     registry, first, second = upstream
     started = time.monotonic()
@@ -227,10 +249,14 @@ def test_rendered_pod_on_two_nodes(
                           f"{chart.RELEASE}-meshmirror-registry")["spec"]["ports"][0]["nodePort"]
     secret = chart.one(manifests, "Secret")
     gossip_key = base64.b64decode(next(iter(secret["data"].values()))).decode()
+    mirror_add = "MESHMIRROR_WRITE_HOSTS_CONFIG" in chart.literal_env(main)
 
     with ExitStack() as stack:
-        nodes = [make_node(stack, tmp_path, f"node-{n + 1}", ip, archive)
+        nodes = [make_node(stack, tmp_path, f"node-{n + 1}", ip, archive, version)
                  for n, ip in enumerate(ips)]
+        if not mirror_add:
+            for node in nodes:
+                owner_hosts_toml(node, ports["registry"]["hostPort"])
         before = {node.name: certs_snapshot(node.certs) for node in nodes}
         for node in nodes:
             bind_pod_volumes(node, pod, gossip_key)
@@ -238,7 +264,7 @@ def test_rendered_pod_on_two_nodes(
             for port in (ports["registry"]["hostPort"], node_port):
                 stack.enter_context(CountingProxy(node.ip, registry_port, host=node.ip,
                                                   port=port))
-            for init in pod["initContainers"]:
+            for init in pod.get("initContainers", []):
                 done = ctr_run(node, init, f"{node.name}-{init['name']}", detach=False)
                 assert done.returncode == 0, done.stderr
             done = ctr_run(node, main, f"{node.name}-meshmirror", detach=True)
@@ -276,7 +302,8 @@ def test_rendered_pod_on_two_nodes(
         node2.ctr("task", "kill", "-s", "SIGKILL", cid)
         wait_until(lambda: "STOPPED" in node2.ctr("task", "ls").stdout, 20, "task stopped")
         assert hosts2.read_bytes() == written, "nothing removes the entry when a container stops"
-        hosts2.unlink()  # lost while the container was down: run writes it again
+        if mirror_add:
+            hosts2.unlink()  # lost while the container was down: run writes it again
         node2.ctr("task", "rm", cid)
         node2.ctr("task", "start", "-d", cid)
         wait_until(partial(ready, node2.ip, registry_port), 60, "node 2's /readyz after restart")
@@ -290,8 +317,16 @@ def test_rendered_pod_on_two_nodes(
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         assert doctor.stdout.strip().endswith("all checks passed"), doctor.stdout
         assert "FAIL" not in doctor.stdout and "skip" not in doctor.stdout, doctor.stdout
+        assert ("info  hosts.toml" in doctor.stdout) is not mirror_add, doctor.stdout
 
         # helm uninstall: the pods go, then the post-delete hook cleans every node.
+        if not mirror_add:  # no hook: the owner's hosts.toml stays as the owner wrote it
+            assert not chart.hooks(manifests)
+            for node in nodes:
+                remove_containers(node)
+                node.containers.clear()
+                assert certs_snapshot(node.certs) == before[node.name], node.name
+            return
         hook = chart.one(chart.hooks(manifests), "DaemonSet")["spec"]["template"]["spec"]
         for node in nodes:
             remove_containers(node)

@@ -1,4 +1,4 @@
-"""Real nodes for end-to-end tests: each a private containerd 1.6 plus `meshmirror run`.
+"""Real nodes for end-to-end tests: each a private containerd plus `meshmirror run`.
 
 A node here is what a Kubernetes node would be: containerd with its content
 store, a `meshmirror run --store containerd` process reading that store, and a
@@ -31,7 +31,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshmirror.oci.imagebuilder import BuiltImage
-from tests.support.containerd import NAMESPACE, Containerd
+from tests.support.containerd import NAMESPACE, SYSTEM_VERSION, Containerd
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
 
@@ -74,7 +74,12 @@ class E2ENode:
 
     def __init__(self, name: str, *, join: str | None = None,
                  resolve_timeout: float = MIRROR_RESOLVE_TIMEOUT,
-                 extra_args: Sequence[str] = (), gossip_key: str | None = GOSSIP_KEY) -> None:
+                 extra_args: Sequence[str] = (), gossip_key: str | None = GOSSIP_KEY,
+                 containerd_version: str = SYSTEM_VERSION, cri: bool = False,
+                 images_config: str = "", extra_config_paths: Sequence[str] = ()) -> None:
+        """``cri``: containerd's CRI plugin reads hosts.toml from this node's hosts dir
+        (then ``extra_config_paths``: a config_path list), so ``containerd.cri_pull``
+        pulls as the kubelet does."""
         self.name = name
         self.host = loopback_host()
         self.registry_port = free_port(self.host)
@@ -90,7 +95,10 @@ class E2ENode:
         if gossip_key is not None:
             self.key_file = self.dir / "gossip-key"
             self.key_file.write_text(gossip_key)
-        self.containerd = Containerd()
+        self.containerd = Containerd(
+            version=containerd_version, cri=cri, images_config=images_config,
+            registry_config_path=":".join([str(self.hosts_dir), *extra_config_paths])
+            if cri else None)
         self.proc: subprocess.Popen[bytes] | None = None
 
     # -- addresses ---------------------------------------------------------------
@@ -229,8 +237,8 @@ class E2ENode:
 
     def _pull_argv(self, ref: str, hosts_dir: Path | None,
                    user: str | None = None) -> list[str]:
-        argv = ["ctr", "--address", str(self.containerd.socket), "-n", NAMESPACE, "images",
-                "pull", "--plain-http"]
+        argv = [self.containerd.ctr_binary, "--address", str(self.containerd.socket),
+                "-n", NAMESPACE, "images", "pull", "--plain-http"]
         if user is not None:
             argv += ["--user", user]
         if hosts_dir is not None:

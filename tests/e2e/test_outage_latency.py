@@ -94,6 +94,8 @@ def test_outage_costs_one_timeout_per_lookup_until_the_breaker_opens(
                                 ("--node-name", "holder", "--gossip-key-file", str(key)))
             nodes.append(holder)
             common = ("--join", holder.mesh, "--gossip-key-file", str(key),
+                      # No hosts.toml sends this registry's pulls here: name it.
+                      "--mirrored-registries", registry,
                       # Neither node has met the repository before the outage.
                       "--private-images-unknown", "share",
                       "--upstream-timeout", str(TIMEOUT), "--upstream-connect-timeout", "0.5",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -49,10 +50,10 @@ def _peer_bytes(metrics: Metrics) -> float:
     return metric(metrics, "meshmirror_registry_response_bytes_total", source="peer")
 
 
-def _two_nodes() -> list[E2ENode]:
+def _two_nodes(extra_args: tuple[str, ...] = ()) -> list[E2ENode]:
     """Two nodes of one encrypted mesh, not started yet (the caller closes them)."""
-    node1 = E2ENode("node-1")
-    return [node1, E2ENode("node-2", join=node1.mesh_address)]
+    node1 = E2ENode("node-1", extra_args=extra_args)
+    return [node1, E2ENode("node-2", join=node1.mesh_address, extra_args=extra_args)]
 
 
 def _start(nodes: list[E2ENode], registry: DistributionRegistry) -> None:
@@ -120,7 +121,9 @@ def test_token_registry_private_repository_never_from_peers(tmp_path: Path) -> N
                              LAYERS, seed=42)
         push_layout(secret.layout, TAG, upstream.address, PRIVATE, USER)
         push_layout(public.layout, TAG, upstream.address, PUBLIC, USER)
-        nodes = _two_nodes()
+        # The token realm is on another loopback address than the registry: a private
+        # host the node reaches only when listed.
+        nodes = _two_nodes(("--upstream-allow-hosts", str(urlsplit(tokens.realm).hostname)))
         try:
             _start(nodes, upstream)
             node1, node2 = nodes

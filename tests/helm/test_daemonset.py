@@ -36,7 +36,7 @@ def test_run_command_line_defaults(helm: Path) -> None:
     assert args.node_name == "node-a"
     assert args.advertise_addr == "198.51.100.7"
     assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (
-        ("0.0.0.0", 5000), ("0.0.0.0", 7946), ("0.0.0.0", 9090))
+        ("", 5000), ("", 7946), ("", 9090))  # port-only: both families
     assert args.log_level == "info"
     assert args.resolve_tags is TagResolution.UPSTREAM_FIRST
     assert args.mirror_resolve_timeout == pytest.approx(0.1)
@@ -73,7 +73,7 @@ def test_run_command_line_custom_values(helm: Path) -> None:
     assert args.mirror_spool_limit == 6 << 30
     assert args.summary_fp_rate == pytest.approx(0.001)
     assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (
-        ("0.0.0.0", 5001), ("0.0.0.0", 7947), ("0.0.0.0", 9191))
+        ("", 5001), ("", 7947), ("", 9191))
     assert args.join == ["seed.example.internal:7947"]
 
 
@@ -106,6 +106,18 @@ def test_env_names_are_unique(helm: Path, value_files: tuple[str, ...]) -> None:
 def test_extra_env_is_appended(helm: Path) -> None:
     main = chart.container(chart.render(("custom-registries.yaml",)), "meshmirror")
     assert main["env"][-1] == {"name": "TZ", "value": "UTC"}
+
+
+def test_proxy_values_set_the_variables_containerd_reads(helm: Path) -> None:
+    def proxy_env(sets: tuple[str, ...]) -> dict[str, str]:
+        main = chart.container(chart.render(sets=sets), "meshmirror")
+        return {e["name"]: e["value"] for e in main["env"] if "PROXY" in e["name"]}
+
+    assert proxy_env(()) == {}
+    assert proxy_env(("proxy.httpsProxy=http://10.0.0.9:3128",
+                      "proxy.noProxy=.svc\\,10.0.0.0/8")) == {
+        "HTTPS_PROXY": "http://10.0.0.9:3128", "NO_PROXY": ".svc,10.0.0.0/8"}
+    assert proxy_env(("proxy.httpProxy=proxy:3128",)) == {"HTTP_PROXY": "proxy:3128"}
 
 
 def test_downward_api_fields(helm: Path) -> None:
@@ -187,7 +199,7 @@ def test_doctor_in_the_pod_sees_what_the_chart_configured(
         "docker.io", "ghcr.io", "registry.internal:5050"]
     assert hosts.targets == ("http://192.0.2.10:31020", "http://192.0.2.10:31021",
                              "http://mirror.example.internal:5000")
-    assert args.registry_addr == ("0.0.0.0", 5001)
+    assert args.registry_addr == ("", 5001)
 
 
 def test_certs_are_mounted_writable_in_the_main_container(helm: Path) -> None:

@@ -29,6 +29,7 @@ VALUE_SETS = [
     ("spool-off.yaml",),
     ("spegel-style.yaml",),
     ("two-nodes.yaml",),
+    ("switches.yaml",),
     ("custom-registries.yaml", "encryption-existing-secret.yaml", "servicemonitor.yaml"),
 ]
 IDS = ["+".join(v) or "defaults" for v in VALUE_SETS]

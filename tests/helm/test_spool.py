@@ -180,3 +180,33 @@ def test_quantity_reader_refuses_what_the_api_server_refuses() -> None:
     assert chart.quantity_value("512m") == Fraction(512, 1000)
     assert chart.quantity_value("1E3") == 1000
     assert chart.quantity_value("1.5G") == 1_500_000_000
+
+
+def test_cache_limit_defaults_to_the_spool_limit_and_sizes_the_volume(helm: Path) -> None:
+    """upstreamCacheLimit: empty passes nothing (the CLI takes the spool limit); a
+    larger value reaches --upstream-cache-limit and grows the shared volume."""
+    main = chart.container(chart.render(), "meshmirror")
+    assert "MESHMIRROR_UPSTREAM_CACHE_LIMIT" not in chart.literal_env(main)
+    assert parse_container(main).upstream_cache_limit is None
+    manifests = chart.render(sets=["meshmirror.upstreamCacheLimit=8Gi"])
+    main = chart.container(manifests, "meshmirror")
+    assert chart.literal_env(main)["MESHMIRROR_UPSTREAM_CACHE_LIMIT"] == "8Gi"
+    args = parse_container(main)
+    assert (args.upstream_cache_limit, args.mirror_spool_limit) == (8 * 2**30, 4 * 2**30)
+    volume = spool_volume(manifests)
+    assert volume is not None
+    assert chart.quantity_value(volume["emptyDir"]["sizeLimit"]) == expected_size_limit(8 * 2**30)
+    smaller = spool_volume(chart.render(sets=["meshmirror.upstreamCacheLimit=1Gi"]))
+    assert smaller == {"name": "spool", "emptyDir": {"sizeLimit": "4608Mi"}}
+
+
+def test_bad_cache_limit_is_refused_by_schema_and_template(helm: Path) -> None:
+    result = chart.run_helm(["template", chart.RELEASE, str(chart.CHART),
+                             "--set", "meshmirror.upstreamCacheLimit=lots"])
+    assert result.returncode != 0 and "/meshmirror/upstreamCacheLimit" in result.stderr
+    result = chart.run_helm(["template", chart.RELEASE, str(chart.CHART),
+                             "--skip-schema-validation",
+                             "--set", "meshmirror.upstreamCacheLimit=lots"])
+    assert result.returncode != 0
+    assert ('meshmirror.upstreamCacheLimit: expected bytes or a size such as 4Gi or 512Mi, '
+            'got "lots"') in result.stderr

@@ -28,6 +28,9 @@ INVALID = [
     (["--set", "meshmirror.logLevel=verbose"], "/meshmirror/logLevel",
      "'verbose' does not match pattern"),
     (["--set", "meshmirror.resolveTags=maybe"], "/meshmirror/resolveTags", "want boolean"),
+    (["--set", "meshmirror.rolloutFanout=-1"], "/meshmirror/rolloutFanout", "minimum"),
+    (["--set", "meshmirror.outageVouches=sometimes"], "/meshmirror/outageVouches",
+     "value must be one of"),
     (["--set", "meshmirror.mirrorResolveTimeout=0"], "/meshmirror/mirrorResolveTimeout",
      "exclusiveMinimum"),
     (["--set-string", "meshmirror.mirrorResolveTimeout=0.0"], "/meshmirror/mirrorResolveTimeout",
@@ -73,6 +76,10 @@ INVALID = [
      "'20 ms' does not match pattern"),
     (["--set", "meshmirror.mirrorFirstByteTimeout=0s"], "/meshmirror/mirrorFirstByteTimeout",
      "'0s' does not match pattern"),
+    (["--set", "meshmirror.clientSendTimeout=0"], "/meshmirror/clientSendTimeout",
+     "exclusiveMinimum"),
+    (["--set", "meshmirror.clientMaxConnections=0"], "/meshmirror/clientMaxConnections",
+     "minimum: got 0, want 1"),
     (["--set", "gossip.enabled=maybe"], "/gossip/enabled", "want boolean"),
     (["--set", "livenessProbe.enabled=yes"], "/livenessProbe/enabled", "want boolean"),
     (["--set", "cleanup.onStop=true"], "/cleanup", "'onStop' not allowed"),
@@ -83,6 +90,16 @@ INVALID = [
     (["--set", "gossip.secretKey=a/b"], "/gossip/secretKey",
      "does not match pattern"),
     (["--set", "serviceMonitor.interval=often"], "/serviceMonitor/interval",
+     "does not match pattern"),
+    (["--set", "meshmirror.containerdMirrorAdd=no"], "/meshmirror/containerdMirrorAdd",
+     "want boolean"),
+    (["--set", "networkPolicy.nodeCIDRs={10.0.0.0}"], "/networkPolicy/nodeCIDRs/0",
+     "does not match pattern"),
+    (["--set", "networkPolicy.metricsFrom={prometheus}"], "/networkPolicy/metricsFrom/0",
+     "want object"),
+    (["--set", "networkPolicy.enable=true"], "/networkPolicy", "'enable' not allowed"),
+    (["--set", "commonLabels.bad key=x"], "", "'bad key' does not match pattern"),
+    (["--set", "grafanaDashboard.label=-x"], "/grafanaDashboard/label",
      "does not match pattern"),
 ]
 
@@ -245,6 +262,14 @@ def test_go_durations_reach_the_flags_as_written(helm: Path, duration: str) -> N
     env = chart.literal_env(chart.container(manifests, "meshmirror"))
     assert env["MESHMIRROR_MIRROR_RESOLVE_TIMEOUT"] == duration
     assert env["MESHMIRROR_MIRROR_FIRST_BYTE_TIMEOUT"] == duration
+
+
+def test_client_bounds_reach_the_flags(helm: Path) -> None:
+    manifests = chart.render(sets=["meshmirror.clientSendTimeout=1m",
+                                   "meshmirror.clientMaxConnections=512"])
+    env = chart.literal_env(chart.container(manifests, "meshmirror"))
+    assert env["MESHMIRROR_CLIENT_SEND_TIMEOUT"] == "1m"
+    assert env["MESHMIRROR_CLIENT_MAX_CONNECTIONS"] == "512"
 
 
 @pytest.mark.parametrize(("given", "passed"), [

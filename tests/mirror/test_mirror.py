@@ -16,12 +16,12 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
+from meshmirror.mirror.cache import CacheEntry
 from meshmirror.mirror.errors import VerificationError
 from meshmirror.mirror.fetch import StreamBody
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorOptions, TagResolution
 from meshmirror.mirror.peer_mirror import PeerMirror
-from meshmirror.mirror.spool import SpoolFile
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.mediatypes import OCI_MANIFEST
 from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
@@ -85,6 +85,7 @@ class Settings(TypedDict, total=False):
     verify_before_send_limit: int
     spool_dir: Path | None
     spool_limit: int
+    upstream_cache_limit: int
     chunk_size: int
     stall_timeout: float
     body_threads: int
@@ -414,22 +415,46 @@ async def test_client_range_is_served_from_the_spool(
     mirror.close()
 
 
-async def test_spool_budget_spent_means_streaming(
+async def test_a_blob_beyond_the_spool_limit_is_streamed(
     make_peer: MakePeer, session: aiohttp.ClientSession
 ) -> None:
     peer = await make_peer("a")
-    mirror, _, registry = mirror_for(session, [peer], spool_limit=len(LARGE) + 10)
-    first = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
-    second = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
-    assert isinstance(first, FallbackContent) and isinstance(second, FallbackContent)
-    assert metric(registry, "meshmirror_mirror_blob_bodies_total", mode="spool") == 1
+    mirror, _, registry = mirror_for(session, [peer], spool_limit=len(LARGE) - 1)
+    content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+    assert isinstance(content, FallbackContent) and await read(content.body) == LARGE
     assert metric(registry, "meshmirror_mirror_blob_bodies_total", mode="stream") == 1
-    assert await read(second.body) == LARGE
-    assert await read(first.body) == LARGE
-    # Budget back: the next one is spooled again.
-    third = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
-    assert isinstance(third, FallbackContent) and await read(third.body) == LARGE
-    assert metric(registry, "meshmirror_mirror_blob_bodies_total", mode="spool") == 2
+    assert metric(registry, "meshmirror_mirror_flights_total", result="refused") == 1
+    assert metric(registry, "meshmirror_mirror_cache_bytes") == 0
+    mirror.close()
+
+
+async def test_a_verified_blob_is_served_again_from_the_cache(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    peer = await make_peer("a")
+    mirror, _, registry = mirror_for(session, [peer])
+    for _ in range(3):
+        content = await mirror.open_blob("docker.io", "r", Digest.parse(LARGE_D), None, True)
+        assert isinstance(content, FallbackContent) and await read(content.body) == LARGE
+    assert len(peer.behaviour.requests) == 1, "the peer was asked once"
+    assert metric(registry, "meshmirror_mirror_blob_bodies_total", mode="spool") == 3
+    assert metric(registry, "meshmirror_mirror_cache_bytes") == len(LARGE)
+    assert metric(registry, "meshmirror_mirror_spool_bytes") == 0, "nothing pinned"
+    mirror.close()
+
+
+async def test_cache_limit_evicts_the_least_recently_used_blob(
+    make_peer: MakePeer, session: aiohttp.ClientSession
+) -> None:
+    peer = await make_peer("a")
+    mirror, _, registry = mirror_for(session, [peer], upstream_cache_limit=len(LARGE) + 10)
+    for digest in (LARGE_D, SMALL_D, LARGE_D):
+        content = await mirror.open_blob("docker.io", "r", Digest.parse(digest), None, True)
+        assert isinstance(content, FallbackContent)
+        await read(content.body)
+        assert metric(registry, "meshmirror_mirror_cache_bytes") <= len(LARGE) + 10
+    assert metric(registry, "meshmirror_mirror_cache_evictions_total") == 2
+    assert len(peer.behaviour.requests) == 3
     mirror.close()
 
 
@@ -454,10 +479,10 @@ async def test_spool_write_failure_is_a_miss_not_a_peer_fault(
     make_peer: MakePeer, session: aiohttp.ClientSession, threads: int,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def disk_full(self: SpoolFile, chunk: bytes) -> None:
+    def disk_full(self: CacheEntry, chunk: bytes) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(SpoolFile, "write", disk_full)
+    monkeypatch.setattr(CacheEntry, "write", disk_full)
     peer = await make_peer("a")
     other = await make_peer("b")
     mirror, _, registry = mirror_for(session, [peer, other], body_threads=threads)

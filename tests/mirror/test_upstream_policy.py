@@ -64,16 +64,23 @@ class ScriptedUpstream:
     visibility: Visibility = field(default_factory=lambda: Public(found=True))
     asked: list[tuple[str, str]] = field(default_factory=list)
 
-    async def resolve_tag(self, registry: str, repository: str, tag: str) -> TagResult:
+    mirrored: bool = True
+
+    async def resolve_tag(self, registry: str, repository: str, tag: str, *,
+                          client: str | None = None) -> TagResult:
         self.asked.append(("tag", f"{repository}:{tag}"))
         return self.tag
 
-    async def check_public(self, registry: str, repository: str, reference: str) -> Visibility:
+    async def check_public(self, registry: str, repository: str, reference: str, *,
+                           client: str | None = None) -> Visibility:
         self.asked.append(("visibility", f"{repository}@{reference}"))
         return self.visibility
 
     def health(self, registry: str) -> BreakerHealth:
         return BreakerHealth(BreakerState.CLOSED, 0, None, None)
+
+    def mirrors(self, registry: str) -> bool:
+        return self.mirrored
 
 
 @pytest.fixture

@@ -1,12 +1,24 @@
-"""Visibility verdicts kept in a file outlive the process that learned them."""
+"""Visibility verdicts kept in a file outlive the process that learned them, and
+verdicts in use survive a flood of new repositories."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 
 from meshmirror.mirror.options import MirrorOptions
-from meshmirror.mirror.visibility import VISIBILITY_FILE, VisibilityCache
+from meshmirror.mirror.visibility import (
+    BLOB_PROBE_REFERENCE,
+    SAVE_INTERVAL,
+    VISIBILITY_FILE,
+    Access,
+    RepositoryAccess,
+    VisibilityCache,
+)
+from meshmirror.upstream import FailureKind, Unknown
+from tests.mirror.test_upstream_policy import ScriptedUpstream
 
 
 class Clocks:
@@ -65,3 +77,48 @@ def test_the_file_keeps_at_most_the_cache_size(tmp_path: Path) -> None:
     for name in ("a", "b", "c"):
         cache.remember("docker.io", name, True)
     assert [v["repository"] for v in json.loads(path.read_text())["verdicts"]] == ["b", "c"]
+
+
+def test_a_file_from_before_segments_loads_as_verdicts_in_use(tmp_path: Path) -> None:
+    path = tmp_path / VISIBILITY_FILE
+    path.write_text(json.dumps({"verdicts": [
+        {"registry": "docker.io", "repository": "library/nginx", "public": True,
+         "checked_unix": 1_800_000_000.0}]}))
+    cache = _cache(path, Clocks())
+    assert cache.protected("docker.io", "library/nginx")
+
+
+async def test_a_flood_of_new_repositories_neither_evicts_verdicts_in_use_nor_rewrites_the_file(
+        tmp_path: Path) -> None:
+    """4,200 repositories seen once each, then an upstream outage: the repository in
+    use still has its verdict, and the file was written a bounded number of times."""
+    clock = [0.0]
+    upstream = ScriptedUpstream()
+    options = MirrorOptions(state_dir=tmp_path)
+    access = RepositoryAccess(upstream, options, lambda: clock[0])
+    announced: list[bool] = []
+    access.cache.on_vouches_changed = lambda: announced.append(True)
+    # The repository in use: a pull checks it for its manifest and each layer.
+    for _ in range(3):
+        assert await access.check("docker.io", "team/app", BLOB_PROBE_REFERENCE) is Access.SHARE
+    started = time.monotonic()
+    for i in range(4200):
+        await access.check("docker.io", f"flood/repo-{i}", BLOB_PROBE_REFERENCE)
+    await asyncio.sleep(SAVE_INTERVAL * 1.5)  # let the last batch land
+    elapsed = time.monotonic() - started
+    # The flood outgrew the cache (4,200 > 4,096), so it evicted: only its own.
+    assert len(access.cache) == options.visibility_cache_size
+    assert access.cache.last("docker.io", "flood/repo-0") is None
+    assert access.cache.protected("docker.io", "team/app")
+    # One batch per SAVE_INTERVAL at most, whatever the number of new verdicts.
+    assert 1 <= access.cache.writes <= elapsed / SAVE_INTERVAL + 2
+    print(f"4200 new verdicts in {elapsed:.2f} s: {access.cache.writes} writes")
+    kept = json.loads((tmp_path / VISIBILITY_FILE).read_text())["verdicts"]
+    assert ("docker.io", "team/app") in {(v["registry"], v["repository"]) for v in kept}
+    # Only the verdict in use is vouched for, not the flood seen once each.
+    assert len(access.cache.vouches()) == 1 and announced
+    # Now the upstream is down and every verdict stale: the one in use still decides.
+    upstream.visibility = Unknown(FailureKind.CONNECTION, "refused")
+    clock[0] = 1e6
+    assert await access.check("docker.io", "team/app", BLOB_PROBE_REFERENCE) is Access.SHARE
+    access.close()

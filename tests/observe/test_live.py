@@ -182,8 +182,10 @@ def prometheus(cluster: Cluster) -> Iterator[Prometheus]:
 
 def _dashboard_queries() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text())
-    # Grafana fills $__rate_interval in; Prometheus needs a literal range.
-    return [target["expr"].replace("$__rate_interval", "1m")
+    # Grafana fills $__rate_interval and the variables in ("All" is .*); Prometheus
+    # needs a literal range and matcher.
+    return [target["expr"].replace("$__rate_interval", "1m").replace("$node", ".*")
+            .replace("$registry", ".*")
             for panel in dashboard["panels"] for target in panel["targets"]]
 
 

@@ -51,7 +51,8 @@ NOT_ON_REAL_NODES = {
     MissReason.BUSY,
     # A bug: tests/registry/test_app.py::test_failing_fallback_is_a_404.
     MissReason.ERROR,
-    # Produced by the vouch and designated-fetcher features, whose tests add their Case.
+    # Produced by the vouch and designated-fetcher features, whose tests add their Case
+    # (upstream_failed: tests/mirror/test_rollout.py, an upstream that is down).
     MissReason.VOUCH_NOT_TRUSTED,
     MissReason.UPSTREAM_FAILED,
 }
@@ -142,7 +143,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                               "--upstream-timeout", "1s", "--upstream-connect-timeout", "500ms",
                               "--mirror-deadline", f"{DEADLINE}s", "--mirror-min-rate", "1000",
                               "--mirror-stall-timeout", "10s",
-                              "--mirror-first-byte-timeout", "2s")),
+                              "--mirror-first-byte-timeout", "2s",
+                              # Cold public blobs are a miss here, not a designated fetch.
+                              "--rollout-fanout", "0")),
                 ("tags-off", ("--resolve-tags", "off"))):
             (workdir / name).mkdir()
             node = start_node(f"oci:{workdir / name}", workdir / f"{name}.log",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -81,3 +82,28 @@ def test_chart_ships_dashboard_and_rules_when_enabled() -> None:
     assert alerts == [r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"]
                       for r in g["rules"]]
     assert "MeshmirrorGossipKeyMismatch" in alerts
+
+
+def test_dashboard_has_node_and_registry_variables() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert {"datasource", "node", "registry"} <= set(variables)
+    for name in ("node", "registry"):
+        assert variables[name]["includeAll"] and variables[name]["multi"]
+        assert variables[name]["allValue"] == ".*"
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    # Every series a panel reads is narrowed to the chosen nodes; per-registry ones also
+    # to the chosen registries.
+    for expr in exprs:
+        for selector in re.findall(r"meshmirror_[a-z_]+\{[^}]*\}|meshmirror_[a-z_]+", expr):
+            assert 'instance=~"$node"' in selector, expr
+            if selector.startswith("meshmirror_mirror_requests_total"):
+                assert 'registry=~"$registry"' in selector, expr
+
+
+def test_dashboard_label_is_configurable() -> None:
+    manifests = chart.render(sets=["grafanaDashboard.enabled=true",
+                                   "grafanaDashboard.label=dashboards",
+                                   "grafanaDashboard.labelValue=meshmirror"])
+    labels = chart.one(manifests, "ConfigMap")["metadata"]["labels"]
+    assert labels["dashboards"] == "meshmirror" and "grafana_dashboard" not in labels

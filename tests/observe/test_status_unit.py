@@ -82,3 +82,13 @@ def test_members_table_is_aligned() -> None:
     assert lines[0].split() == ["Node", "Address", "Status", "Registry", "Summary"]
     assert lines[1].index("127.0.0.11") == lines[2].index("127.0.0.12")
     assert lines[2].split() == ["a-longer-name", "127.0.0.12:7946", "suspect", "-", "stale"]
+
+
+async def test_status_lists_startup_conditions() -> None:
+    from meshmirror.status.model import node_status
+    from meshmirror.store.memory import MemoryStore
+
+    store = MemoryStore()
+    assert (await node_status(store, None))["conditions"] == []
+    problem = {"check": "containerd transfer service", "problem": "p", "fix": "f"}
+    assert (await node_status(store, None, conditions=[problem]))["conditions"] == [problem]

@@ -98,7 +98,9 @@ def test_ctr_pull_falls_back_past_a_mirror_that_misses(
              "--preserve-digests", f"oci:{served}:2", f"docker://{upstream.address}/team/app:2"],
             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         assert push.returncode == 0, push.stderr
-        node = start_node(f"oci:{empty}", tmp_path / "node.log")
+        # Without the designated fetch: alone, this node would own every cold blob and
+        # serve it from the upstream itself (see mirror/rollout.py).
+        node = start_node(f"oci:{empty}", tmp_path / "node.log", ("--rollout-fanout", "0"))
         try:
             hosts_dir = tmp_path / "hosts"
             write_hosts(hosts_dir, upstream.address, upstream.address, node.address)

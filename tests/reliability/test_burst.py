@@ -3,9 +3,10 @@
 Real processes on loopback: a holder node with one 64 MiB layer and the node
 under test, empty, joined to it. 200 clients GET the layer at once through the
 node under test; every one must get the whole blob with the right digest (no
-404 from timeouts that fire under our own load), the node's peak RSS during the
-burst (VmHWM from /proc, reset before it) must stay within its idle RSS plus
-64 MiB, and its spool within its limit.
+404 from timeouts that fire under our own load), the holder must have been asked
+for it once (one fetch per blob per node, see mirror/flight.py), the node's
+peak RSS during the burst (VmHWM from /proc, reset before it) must stay within
+its idle RSS plus 64 MiB, and its spool within its limit.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def proc_status(pid: int) -> dict[str, int]:
         if match:
             fields[match.group(1)] = int(match.group(2)) * 1024
     return fields
+
+
+def blob_requests(node: RunningNode, digest: str, method: str = "GET") -> list[dict[str, object]]:
+    """``node``'s access-log lines for requests of blob ``digest``."""
+    return [line for line in node.log_lines()
+            if line.get("msg") == "request" and line.get("method") == method
+            and str(line.get("path", "")).endswith(f"/blobs/{digest}")]
 
 
 def metric(node: RunningNode, name: str) -> float:
@@ -87,8 +95,8 @@ def test_200_concurrent_64mib_pulls_are_served_from_the_peer(tmp_path: Path) -> 
     seeded, empty = tmp_path / "seeded", tmp_path / "empty"
     seeded.mkdir()
     empty.mkdir()
-    image = build_image("docker.io/library/big:1", seeded, [LAYER], seed=3)
-    layer = image.platforms[0].layers[0]
+    image = build_image("docker.io/library/big:1", seeded, [LAYER, 1024], seed=3)
+    layer, warm_up = image.platforms[0].layers
     holder = start_node(f"oci:{seeded}", tmp_path / "holder.log", ("--node-name", "holder"))
     node = None
     try:
@@ -97,10 +105,12 @@ def test_200_concurrent_64mib_pulls_are_served_from_the_peer(tmp_path: Path) -> 
                            "--mirror-spool-dir", str(tmp_path),
                            "--mirror-spool-limit", str(SPOOL_LIMIT)))
         url = f"http://{node.address}/v2/library/big/blobs/{layer.digest}?ns=docker.io"
+        warm_url = url.replace(str(layer.digest), str(warm_up.digest))
 
         def routed() -> bool:
-            # A HEAD through peers is a verified fetch: it warms every code path once.
-            request = urllib.request.Request(url, method="HEAD")
+            # A HEAD through peers is a verified fetch: it warms every code path once
+            # (on another blob, so the burst's starts from nothing).
+            request = urllib.request.Request(warm_url, method="HEAD")
             with urllib.request.urlopen(request, timeout=30) as r:
                 return bool(r.status == 200)
 
@@ -122,6 +132,7 @@ def test_200_concurrent_64mib_pulls_are_served_from_the_peer(tmp_path: Path) -> 
               f"spool peak {spool_peak[0] / MiB:.0f} MiB of {SPOOL_LIMIT / MiB:.0f}; "
               f"bodies {spooled:.0f} spooled, {streamed:.0f} streamed")
         assert served == CLIENTS, sorted({status for status, _ in results})
+        assert len(blob_requests(holder, str(layer.digest))) == 1, "the peer is asked once"
         assert peak - idle <= 64 * MiB
         assert spool_peak[0] <= SPOOL_LIMIT
     finally:

@@ -64,9 +64,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     holder = start_node(f"oci:{seeded}", workdir / "holder.log", ("--node-name", "holder"))
     puller = None
     try:
+        # No blob cache: each of the 20 GETs must ask peers again, which a cached
+        # blob would not (tests/reliability/test_single_flight.py covers the cache).
         puller = start_node(f"oci:{empty}", workdir / "puller.log",
                             ("--node-name", "puller", "--join", holder.mesh,
-                             "--mirror-spool-dir", str(workdir)))
+                             "--mirror-spool-dir", str(workdir),
+                             "--upstream-cache-limit", "0"))
         url = f"http://{puller.address}/v2/library/app/blobs/{layer.digest}?ns=docker.io"
         wait_until(lambda: get(url)[0] == str(layer.digest), 30,
                    "the puller to find the blob through the holder's summary")

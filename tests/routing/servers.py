@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshmirror.routing.bloom import BloomFilter
-from meshmirror.routing.summary import Summary, summary_route
+from meshmirror.routing.summary import VERSION_VOUCHES, Summary, summary_route
 from tests.support.ports import free_port, loopback_host
 
 
@@ -41,6 +41,10 @@ class PeerSource:
     @property
     def payload(self) -> bytes:
         return b"" if self.summary is None else self.summary.encode()
+
+    @property
+    def vouched_payload(self) -> bytes:
+        return b"" if self.summary is None else self.summary.encode(VERSION_VOUCHES)
 
 
 class _Faults:

@@ -184,6 +184,10 @@ async def test_garbage_and_wrong_content_type_are_not_installed(directory: Direc
         def payload(self) -> bytes:
             return b"MMSF" + b"\x09" * 60
 
+        @property
+        def vouched_payload(self) -> bytes:
+            return self.payload
+
     source = Garbage(make_summary([digest_key(1)], epoch=3))
     async with peer_server(source) as srv:
         d.update_peer("n1", srv.http_base, 3)

@@ -28,6 +28,10 @@ class PublisherSource(PeerSource):
     def payload(self) -> bytes:
         return b"" if self.publisher is None else self.publisher.payload
 
+    @property
+    def vouched_payload(self) -> bytes:
+        return b"" if self.publisher is None else self.publisher.vouched_payload
+
 
 async def test_a_new_key_on_one_node_is_routable_on_another_within_a_second() -> None:
     registry = CollectorRegistry()

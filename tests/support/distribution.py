@@ -68,8 +68,10 @@ class DistributionRegistry:
     """``with DistributionRegistry() as reg:`` serves on ``reg.address`` until the block ends."""
 
     def __init__(self, host: str | None = None, port: int | None = None,
-                 auth: TokenAuth | HtpasswdAuth | None = None, tls: bool = False) -> None:
-        """``tls``: serve HTTPS with a fresh self-signed cert (``self.tls_cert``)."""
+                 auth: TokenAuth | HtpasswdAuth | None = None, tls: bool = False,
+                 access_log: bool = False) -> None:
+        """``tls``: serve HTTPS with a fresh self-signed cert (``self.tls_cert``);
+        ``access_log``: log each request, for `requests_seen`."""
         self.host = host or loopback_host()
         self.port = port or free_port(self.host)
         self.dir = Path(tempfile.mkdtemp(prefix="distribution-"))
@@ -81,7 +83,7 @@ class DistributionRegistry:
         self.tls_cert = make_server_cert(self.dir, self.host) if tls else None
         self.config.write_text(
             "version: 0.1\n"
-            "log:\n  level: error\n  accesslog:\n    disabled: true\n"
+            f"log:\n  level: error\n  accesslog:\n    disabled: {str(not access_log).lower()}\n"
             "storage:\n"
             f"  filesystem:\n    rootdirectory: {self.storage}\n"
             "  delete:\n    enabled: true\n"
@@ -100,6 +102,13 @@ class DistributionRegistry:
     @property
     def url(self) -> str:
         return f"{'https' if self.tls_cert is not None else 'http'}://{self.address}"
+
+    def requests_seen(self, method: str, path_prefix: str) -> int:
+        """Requests whose method and path match, from the access log (``access_log=True``):
+        what really reached the registry, whatever any client of it counted."""
+        needle = f'"{method} {path_prefix}'
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return sum(needle in line for line in text.splitlines())
 
     def _answers(self) -> bool:
         """Up when /v2/ answers 200, or 401 when the registry has auth."""

@@ -7,9 +7,10 @@ import os
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
-from tests.support.ports import free_port, loopback_host
+from tests.support.ports import free_dual_stack_port, free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
 
 # Nodes here serve images no upstream registry holds: peers resolve tags and share
@@ -31,15 +32,26 @@ class RunningNode:
                 if line.startswith("{")]
 
 
-def start_node(store: str, log: Path, extra: tuple[str, ...] = ()) -> RunningNode:
-    host = loopback_host()
-    address = f"{host}:{free_port(host)}"
-    metrics = f"{host}:{free_port(host)}"
-    mesh = f"{host}:{free_port(host)}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start_node(store: str, log: Path, extra: tuple[str, ...] = (),
+               env: Mapping[str, str] | None = None,
+               port_only: bool = False) -> RunningNode:
+    """``env``: the process's environment instead of this one's (proxy variables).
+    ``port_only``: listen on ``:PORT`` (every address, both families); the node's
+    addresses are then given as 127.0.0.1:PORT, and it advertises 127.0.0.1."""
+    if port_only:
+        host = "127.0.0.1"
+        ports = [free_dual_stack_port() for _ in range(3)]
+        listen = [f":{p}" for p in ports]
+        extra = ("--advertise-addr", host, *extra)
+    else:
+        host = loopback_host()
+        ports = [free_port(host) for _ in range(3)]
+        listen = [f"{host}:{p}" for p in ports]
+    address, metrics, mesh = (f"{host}:{p}" for p in ports)
+    environment = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     proc = spawn([sys.executable, "-m", "meshmirror", "run", "--store", store,
-                  "--registry-addr", address, "--metrics-addr", metrics,
-                  "--mesh-addr", mesh, *NO_UPSTREAM, *extra], log, env)
+                  "--registry-addr", listen[0], "--metrics-addr", listen[1],
+                  "--mesh-addr", listen[2], *NO_UPSTREAM, *extra], log, environment)
     node = RunningNode(proc, address, metrics, log, mesh)
 
     def healthy() -> bool:

@@ -34,3 +34,20 @@ def loopback_host() -> str:
     with _lock:
         n = next(_counter) % (250 * 250)
     return f"127.0.{1 + n // 250}.{2 + n % 250}"
+
+
+def free_dual_stack_port() -> int:
+    """A port free for TCP and UDP on every address of both families (a port-only bind)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(("::", 0))
+            port = int(s.getsockname()[1])
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s.bind(("::", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port found")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.ports import free_port, loopback_host
+from tests.support.ports import free_dual_stack_port, free_port, loopback_host
 
 SERF = shutil.which("serf")
 
@@ -31,11 +31,15 @@ class SerfAgent:
 
     @property
     def bind(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self._host}:{self.port}"
 
     @property
     def rpc(self) -> str:
-        return f"{self.host}:{self.rpc_port}"
+        return f"{self._host}:{self.rpc_port}"
+
+    @property
+    def _host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
 
     def members(self) -> list[dict[str, Any]]:
         """``serf members -format json``: name, addr, status, tags per member."""
@@ -72,11 +76,16 @@ class SerfCluster:
         self.agents: list[SerfAgent] = []
 
     def start(self, name: str, *, encrypt: str | None = None, join: list[str] | None = None,
-              extra: list[str] | None = None) -> SerfAgent:
+              extra: list[str] | None = None, host: str | None = None) -> SerfAgent:
+        """``host``: an address to bind instead of a fresh 127.0.x.y (e.g. ``::1``)."""
         if SERF is None:
             raise RuntimeError("serf is not installed (apt-get install serf)")
-        host = loopback_host()
-        agent = SerfAgent(name, host, free_port(host), free_port(host),
+        host = host or loopback_host()
+
+        def port() -> int:
+            return free_dual_stack_port() if ":" in host else free_port(host)
+
+        agent = SerfAgent(name, host, port(), port(),
                           self.workdir / f"serf-{name}.log", extra=list(extra or []))
         cmd = [SERF, "agent", "-node", name, "-bind", agent.bind, "-rpc-addr", agent.rpc,
                "-log-level", "debug", *agent.extra]

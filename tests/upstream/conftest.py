@@ -15,6 +15,7 @@ import pytest
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from meshmirror.upstream import UpstreamClient, UpstreamEndpoints
+from meshmirror.upstream.guard import AddressGuard
 from tests.support.distribution import DistributionRegistry, HtpasswdAuth, TokenAuth
 from tests.support.skopeo import push_layout
 from tests.support.token_server import ISSUER, SERVICE, TokenServer
@@ -46,9 +47,15 @@ class Upstream:
         return self.registry.address
 
 
+# Test token servers listen on other loopback addresses than their registries: the
+# allow-list a node gets from --upstream-allow-hosts 127.0.0.0/8.
+LOOPBACK_ALLOWED = AddressGuard.parse(["127.0.0.0/8"])
+
+
 def client_for(*upstreams: Upstream | tuple[str, str], **options: object) -> UpstreamClient:
     """A client whose mapping sends each upstream's name to its plain-http URL."""
     overrides = dict(u if isinstance(u, tuple) else (u.name, u.registry.url) for u in upstreams)
+    options.setdefault("guard", LOOPBACK_ALLOWED)
     return UpstreamClient(UpstreamEndpoints(overrides=overrides), **options)  # type: ignore[arg-type]
 
 

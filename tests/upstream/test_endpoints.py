@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from meshmirror.containerd.hostsconfig import HEADER
 from meshmirror.oci.reference import InvalidRegistryError
 from meshmirror.upstream.endpoints import EndpointError, UpstreamEndpoints
 
@@ -75,3 +76,25 @@ def test_a_changed_hosts_toml_is_read_again(tmp_path: Path) -> None:
     assert endpoints.url_for("quay.io") == "http://127.0.0.1:6060"
     (tmp_path / "quay.io" / "hosts.toml").unlink()
     assert endpoints.url_for("quay.io") == "https://quay.io"
+
+
+def test_only_registries_whose_hosts_toml_reaches_this_node_are_mirrored(tmp_path: Path) -> None:
+    def write(directory: str, text: str) -> None:
+        (tmp_path / directory).mkdir()
+        (tmp_path / directory / "hosts.toml").write_text(text)
+
+    own = "http://10.0.0.7:5000"
+    write("here.io", 'server = "https://here.io"\n[host."http://10.0.0.7:5000"]\n')
+    write("loop.io", '[host."http://127.0.0.1:5000"]\n')
+    write("there.io", 'server = "https://there.io"\n[host."http://10.0.0.8:5000"]\n')
+    write("written.io", HEADER + '[host."http://192.168.1.1:30022"]\n')
+    endpoints = UpstreamEndpoints(tmp_path, mirror_urls=(own,))
+    assert endpoints.sends_here("here.io") and endpoints.sends_here("loop.io")
+    assert endpoints.sends_here("written.io")  # `meshmirror configure` wrote it
+    assert not endpoints.sends_here("there.io")
+    assert not endpoints.sends_here("nowhere.io")  # no file, no _default
+    write("_default", '[host."http://10.0.0.7:5000"]\n')
+    assert endpoints.sends_here("nowhere.io")
+    assert not endpoints.sends_here("there.io")  # its own file wins over _default
+    # Without this node's URL (a client built bare) nothing can be told apart.
+    assert UpstreamEndpoints(tmp_path).sends_here("there.io")

@@ -77,8 +77,13 @@ async def test_blackhole_is_unreachable_within_the_bound_then_the_breaker_opens(
 
 
 async def test_server_errors_open_the_breaker_and_then_no_request_is_sent() -> None:
+    """A 5xx counts when the registry's /v2/ fails too (a whole-registry outage)."""
     replies = [Reply(500)]
     clock = FakeClock()
+
+    def heads(server: ScriptedHTTPServer) -> int:
+        return sum(r.method == "HEAD" for r in server.requests)
+
     with ScriptedHTTPServer(lambda _r: replies[-1]) as server:
         async with client_for((NAME, server.url), failure_threshold=3, cooldown=30.0,
                               clock=clock) as client:
@@ -87,19 +92,19 @@ async def test_server_errors_open_the_breaker_and_then_no_request_is_sent() -> N
                 result = await client.resolve_tag(NAME, "a/b", "1")
                 assert isinstance(result, Unreachable)
                 assert result.kind is FailureKind.SERVER_ERROR
-                assert len(server.requests) == n + 1
+                assert heads(server) == n + 1
             health = client.health(NAME)
             assert health.state is BreakerState.OPEN and health.consecutive_failures == 3
             assert health.last_error is not None and "500" in health.last_error
             result = await client.resolve_tag(NAME, "a/b", "1")
             assert isinstance(result, Unreachable)
             assert result.kind is FailureKind.CIRCUIT_OPEN
-            assert len(server.requests) == 3  # never reached the server
+            assert heads(server) == 3  # never reached the server
 
             clock.now += 30.0  # cool-down over: one probe, which fails
             assert client.health(NAME).state is BreakerState.HALF_OPEN
             assert isinstance(await client.resolve_tag(NAME, "a/b", "1"), Unreachable)
-            assert len(server.requests) == 4
+            assert heads(server) == 4
             assert client.health(NAME).state is BreakerState.OPEN
 
             replies.append(FOUND)  # the upstream is back
@@ -108,6 +113,24 @@ async def test_server_errors_open_the_breaker_and_then_no_request_is_sent() -> N
                 DIGEST, mediatypes.OCI_MANIFEST, 8)
             assert client.health(NAME).state is BreakerState.CLOSED
             assert dict(client.health_all()).keys() == {NAME}
+
+
+async def test_a_5xx_while_v2_answers_is_the_requests_shape_and_never_opens_the_breaker(
+        ) -> None:
+    """Distribution answers some references (a layer's digest) on the manifests endpoint
+    with a 500; a client asking for such references must not open the breaker."""
+    def reply(request: Request) -> Reply:
+        return Reply(401) if request.path == "/v2/" else Reply(500)
+
+    with ScriptedHTTPServer(reply) as server:
+        async with client_for((NAME, server.url), failure_threshold=1) as client:
+            for _ in range(5):
+                result = await client.resolve_tag(NAME, "a/b", "1")
+                assert isinstance(result, Unreachable) and result.kind is FailureKind.PROTOCOL
+                assert "shape" in result.reason
+            assert client.health(NAME).state is BreakerState.CLOSED
+        # /v2/ was asked once: its answer stands for a few seconds.
+        assert sum(r.path == "/v2/" for r in server.requests) == 1
 
 
 async def test_rate_limited_counts_as_a_failure() -> None:
@@ -251,3 +274,18 @@ async def test_unreadable_hosts_toml_is_a_config_failure(tmp_path: Path) -> None
     async with UpstreamClient(UpstreamEndpoints(tmp_path)) as client:
         result = await client.resolve_tag(NAME, "a/b", "1")
     assert isinstance(result, Unreachable) and result.kind is FailureKind.CONFIG
+
+
+async def test_the_registries_kept_are_bounded_and_a_new_one_is_always_asked() -> None:
+    with ScriptedHTTPServer(always(Reply(500))) as server:
+        names = [f"r{n}.test" for n in range(6)]
+        async with client_for(*((n, server.url) for n in names), max_registries=3,
+                              failure_threshold=1) as client:
+            for name in names[:3]:  # three registries, each with its breaker open
+                await client.resolve_tag(name, "a/b", "1")
+                assert client.health(name).state is BreakerState.OPEN
+            for name in names[3:]:
+                result = await client.resolve_tag(name, "a/b", "1")
+                assert isinstance(result, Unreachable)
+                assert result.kind is FailureKind.SERVER_ERROR  # asked, not refused
+            assert len(client.health_all()) == 3

@@ -25,6 +25,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{ include "meshmirror.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{- define "meshmirror.selectorLabels" -}}
@@ -146,10 +149,34 @@ the arithmetic stays within 64 bits; the checks here hold the same line when the
 schema is skipped (--skip-schema-validation).
 */}}
 {{- define "meshmirror.spoolLimitBytes" -}}
-{{- $v := .Values.meshmirror.mirrorSpoolLimit -}}
+{{- include "meshmirror.sizeBytes" (dict "key" "mirrorSpoolLimit" "value" .Values.meshmirror.mirrorSpoolLimit) -}}
+{{- end -}}
+
+{{/* upstreamCacheLimit in bytes; empty means mirrorSpoolLimit, as for the CLI. */}}
+{{- define "meshmirror.cacheLimitBytes" -}}
+{{- if eq (toString .Values.meshmirror.upstreamCacheLimit) "" -}}
+{{- include "meshmirror.spoolLimitBytes" . -}}
+{{- else -}}
+{{- include "meshmirror.sizeBytes" (dict "key" "upstreamCacheLimit" "value" .Values.meshmirror.upstreamCacheLimit) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* MESHMIRROR_UPSTREAM_CACHE_LIMIT, written as meshmirror.spoolLimitEnv writes its value. */}}
+{{- define "meshmirror.cacheLimitEnv" -}}
+{{- if kindIs "string" .Values.meshmirror.upstreamCacheLimit -}}
+{{- .Values.meshmirror.upstreamCacheLimit -}}
+{{- else -}}
+{{- include "meshmirror.cacheLimitBytes" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A size value ("key", "value") in bytes, read as meshmirror.spoolLimitBytes says. */}}
+{{- define "meshmirror.sizeBytes" -}}
+{{- $key := .key -}}
+{{- $v := .value -}}
 {{- if kindIs "string" $v -}}
 {{- if not (regexMatch "^([0-9]{1,15}B?|[0-9]{1,6}(Ki|Mi|Gi|Ti|k|K|M|G|T)B?)$" $v) -}}
-{{- fail (printf "meshmirror.mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got %q" $v) -}}
+{{- fail (printf "meshmirror.%s: expected bytes or a size such as 4Gi or 512Mi, got %q" $key $v) -}}
 {{- end -}}
 {{- $units := dict "" 1 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000
       "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 -}}
@@ -157,11 +184,11 @@ schema is skipped (--skip-schema-validation).
 {{- mul (regexFind "^[0-9]+" $v | atoi) (get $units $unit) -}}
 {{- else if or (kindIs "int" $v) (kindIs "int64" $v) (kindIs "float64" $v) -}}
 {{- if or (lt (float64 $v) 0.0) (gt (float64 $v) 999999999999999.0) (ne (float64 $v) (float64 (int64 $v))) -}}
-{{- fail (printf "meshmirror.mirrorSpoolLimit: expected a whole number of bytes from 0 to 999999999999999, got %v" $v) -}}
+{{- fail (printf "meshmirror.%s: expected a whole number of bytes from 0 to 999999999999999, got %v" $key $v) -}}
 {{- end -}}
 {{- int64 $v -}}
 {{- else -}}
-{{- fail (printf "meshmirror.mirrorSpoolLimit: expected bytes or a size such as 4Gi or 512Mi, got %v" $v) -}}
+{{- fail (printf "meshmirror.%s: expected bytes or a size such as 4Gi or 512Mi, got %v" $key $v) -}}
 {{- end -}}
 {{- end -}}
 
@@ -179,7 +206,8 @@ float from a values file as 4.294967296e+09, which no parser takes).
 {{- end -}}
 
 {{/*
-sizeLimit of the `spool` volume: the limit rounded up to whole MiB, plus an
+sizeLimit of the `spool` volume (which also holds the blob cache): the larger of
+mirrorSpoolLimit and upstreamCacheLimit rounded up to whole MiB, plus an
 eighth of it and at least 64Mi. The process never reserves more than the limit,
 but the kubelet counts what the filesystem uses, not what the budget counts:
 every file ends on a whole block, and filesystems allocate ahead of a growing
@@ -193,7 +221,8 @@ The schema refuses lower-case units other than k ("512m", "4gi"): "m" is milli
 to Kubernetes and mega to parse_size, so neither reading can be assumed.
 */}}
 {{- define "meshmirror.spoolSizeLimit" -}}
-{{- $mi := div (add (include "meshmirror.spoolLimitBytes" . | atoi) 1048575) 1048576 -}}
+{{- $bytes := max (include "meshmirror.spoolLimitBytes" . | atoi) (include "meshmirror.cacheLimitBytes" . | atoi) -}}
+{{- $mi := div (add $bytes 1048575) 1048576 -}}
 {{- printf "%dMi" (add $mi (max 64 (div $mi 8))) -}}
 {{- end -}}
 

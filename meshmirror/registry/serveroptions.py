@@ -1,0 +1,41 @@
+"""The bounds the registry port puts on its clients, importable without Hypercorn.
+
+The registry port is published on every node and unauthenticated, so any pod is a
+client, and some client may be hostile (docs/security.md). Each field bounds one
+thing a client holds on the node: a connection, the memory and spool of a response
+it does not read, a slot while idle. ``meshmirror run``'s ``--client-*`` flags set
+them (``send_timeout`` is ``--client-send-timeout``); `meshmirror.runconfig` holds
+them, and only `meshmirror.registry.server` needs Hypercorn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Go's net/http takes the kernel's somaxconn; Hypercorn's default of 100 would
+# make a burst of 200 pulls wait a full SYN retransmit (1 s) for some of them.
+BACKLOG = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    graceful_timeout: float = 5.0
+    # Longer than containerd's idle timeout, to reuse connections; under pressure
+    # (see `idle_timeout_under_pressure`) an idle connection goes much sooner.
+    keep_alive_timeout: float = 75.0
+    backlog: int = BACKLOG
+    # A response whose bytes the client has not taken for this long is dropped: its
+    # connection is aborted and the response's body closed, which frees the spool
+    # file, the memory and the peer connection it held. Progress resets the clock,
+    # so a slow honest client on a large blob is not cut off.
+    send_timeout: float = 30.0
+    # Open client connections at most; while at the cap the server stops accepting
+    # (new connections wait in the listen backlog) instead of accepting and closing.
+    # Also held to half the process's open-file limit, so the metrics port, peers
+    # and blob files always find a descriptor.
+    max_connections: int = 4096
+    # Once three quarters of `max_connections` are open, a connection with no
+    # request in progress (idle keep-alive, or connected and silent) is closed after
+    # this long instead of `keep_alive_timeout`. An honest client sends its request
+    # within milliseconds of connecting, and reconnects when an idle one is closed.
+    idle_timeout_under_pressure: float = 2.0

@@ -1,0 +1,222 @@
+"""The registry server's bounds, in-process with a plain Starlette app: a response nobody
+reads is dropped and its body closed, a connect-and-close frees its descriptor at once,
+and the connection cap makes new clients wait instead of failing while idle ones go."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from meshmirror.registry import server as server_module
+from meshmirror.registry.server import (
+    ServerMetrics,
+    ServerOptions,
+    bind_listener,
+    connection_cap,
+    serve,
+)
+from tests.hostile.clients import closed_by_server, open_fds, timed_get, unread_get
+from tests.support.ports import loopback_host
+
+PIECE = 128 * 1024
+SNDBUF = 16 * 1024
+
+
+class BodyApp:
+    """``/blob`` streams 128 MiB in pieces and records when its body iterator is closed."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+
+        async def blob(request: Request) -> Response:
+            return StreamingResponse(self._body())
+
+        async def base(request: Request) -> Response:
+            return PlainTextResponse("{}")
+
+        async def sized(request: Request) -> Response:
+            return Response(b"x" * int(request.query_params["size"]))
+
+        self.app = Starlette(routes=[Route("/blob", blob), Route("/v2/", base),
+                                     Route("/sized", sized)])
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        try:
+            for _ in range(1024):
+                yield b"x" * PIECE
+        finally:
+            self.closed.set()
+
+
+def answered(sock: socket.socket) -> bool:
+    """Whether bytes of the answer wait in ``sock``, without taking them."""
+    sock.setblocking(False)
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
+
+
+async def until(check: Callable[[], bool], seconds: float, what: str) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+async def serving(options: ServerOptions,
+                  body: Callable[[str, int, BodyApp], Awaitable[None]],
+                  sndbuf: int | None = None) -> None:
+    app = BodyApp()
+    host = loopback_host()
+    sock = bind_listener(host, 0)
+    if sndbuf is not None:  # accepted sockets inherit it, and the kernel stops tuning it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    port = sock.getsockname()[1]
+    shutdown = asyncio.Event()
+    task = asyncio.create_task(serve(app.app, sock, shutdown, options))
+    try:
+        await body(host, port, app)
+    finally:
+        shutdown.set()
+        await asyncio.wait_for(task, options.graceful_timeout + 10)
+
+
+async def test_a_response_nobody_reads_is_dropped_and_its_body_closed() -> None:
+    async def check(host: str, port: int, app: BodyApp) -> None:
+        stalled = unread_get(host, port, "/blob")
+        try:
+            # 0.5 s without progress, found within a quarter more: 20 s is generous.
+            await asyncio.wait_for(app.closed.wait(), 20)
+            await until(lambda: closed_by_server(stalled), 20, "the server closes the socket")
+            status, _ = await asyncio.to_thread(timed_get, f"http://{host}:{port}/v2/", 10)
+            assert status == 200
+        finally:
+            stalled.close()
+
+    await serving(ServerOptions(send_timeout=0.5), check)
+
+
+async def test_a_closed_connection_with_unsent_bytes_does_not_linger() -> None:
+    """A response that fits in the buffers ends the request, and the close that follows
+    (``Connection: close``, or an idle keep-alive connection) waits for the client to
+    read what is left. One that never reads must not keep the descriptor."""
+    async def check(host: str, port: int, app: BodyApp) -> None:
+        await asyncio.sleep(0.1)
+        baseline = open_fds(os.getpid())
+        clients = []
+        # The server's send buffer is fixed small (below), so these responses leave a
+        # rest of up to 64 KiB, the transport's high-water mark, in our own buffer:
+        # the response ends without waiting, and only the close would wait.
+        for i, size in enumerate(range(SNDBUF * 3, SNDBUF * 3 + 100 * 1024, 4 * 1024)):
+            mode = ("close", "keep-alive")[i % 2]
+            clients.append(unread_get(host, port, f"/sized?size={size}", mode))
+        try:
+            await until(lambda: all(answered(sock) for sock in clients), 30,
+                        "every client to be answered")
+            # Each side of each connection is a descriptor here; the server's go.
+            await until(lambda: open_fds(os.getpid()) <= baseline + len(clients) + 2, 30,
+                        "the server to close every connection its client left unread")
+        finally:
+            for sock in clients:
+                sock.close()
+
+    await serving(ServerOptions(send_timeout=1.0, keep_alive_timeout=1.0), check,
+                  sndbuf=SNDBUF)
+
+
+async def test_a_slow_reader_that_keeps_reading_is_not_cut_off() -> None:
+    async def check(host: str, port: int, app: BodyApp) -> None:
+        reader = unread_get(host, port, "/blob")
+        try:
+            received = 0
+            # 6 s, four send timeouts, a few KiB at a time: the kernel's send buffer
+            # may not wake the server's writer for seconds, the client's acks do count.
+            for _ in range(60):
+                await asyncio.sleep(0.1)
+                reader.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    received += len(reader.recv(256 * 1024))
+            assert received >= PIECE and not app.closed.is_set()
+            assert not closed_by_server(reader)
+        finally:
+            reader.close()
+
+    await serving(ServerOptions(send_timeout=1.5), check)
+
+
+async def test_connect_and_close_frees_the_descriptor_at_once() -> None:
+    """Hypercorn's own server kept each one for the 75 s keep-alive timer."""
+    async def check(host: str, port: int, app: BodyApp) -> None:
+        await asyncio.sleep(0.1)
+        baseline = open_fds(os.getpid())
+
+        def storm() -> None:
+            for _ in range(500):
+                with socket.create_connection((host, port), timeout=10):
+                    pass
+
+        await asyncio.to_thread(storm)
+        await until(lambda: open_fds(os.getpid()) <= baseline + 2, 20,
+                    "every connection's descriptor to be closed")
+
+    await serving(ServerOptions(), check)
+
+
+async def test_at_the_cap_new_clients_wait_and_idle_ones_go() -> None:
+    cap, hostile = 8, 30
+
+    async def check(host: str, port: int, app: BodyApp) -> None:
+        await asyncio.sleep(0.1)
+        baseline = open_fds(os.getpid())
+        held = [socket.create_connection((host, port), timeout=10) for _ in range(hostile)]
+        try:
+            peak = 0
+            honest = asyncio.ensure_future(
+                asyncio.to_thread(timed_get, f"http://{host}:{port}/v2/", 60))
+            while not honest.done():
+                peak = max(peak, open_fds(os.getpid()) - baseline - hostile)
+                await asyncio.sleep(0.02)
+            status, _ = await honest
+            assert status == 200
+            # Accepted at most the cap (+1: the honest client's own socket).
+            assert peak <= cap + 1, peak
+            await until(lambda: all(closed_by_server(s) for s in held), 60,
+                        "idle connections to be closed under pressure")
+        finally:
+            for s in held:
+                s.close()
+
+    await serving(ServerOptions(max_connections=cap), check)
+
+
+def test_the_cap_is_held_to_half_the_open_file_limit() -> None:
+    assert connection_cap(4096, 1024) == 512
+    assert connection_cap(100, 20_000) == 100
+    assert connection_cap(4096) <= 4096
+
+
+async def test_client_events_are_one_line_per_interval(
+        caplog: pytest.LogCaptureFixture) -> None:
+    metrics = ServerMetrics(CollectorRegistry())
+    summary = server_module._Summary("registry", metrics, interval=0.2)
+    with caplog.at_level(logging.INFO, logger="meshmirror.server"):
+        for _ in range(10_000):
+            summary.count("accept_failed", "EMFILE")
+        await asyncio.sleep(0.5)
+    records = [r for r in caplog.records if r.name == "meshmirror.server"]
+    assert len(records) == 1 and not records[0].exc_info
+    assert records[0].fields["accept_failed_EMFILE"] == 10_000  # type: ignore[attr-defined]
+    assert metrics.events.labels("registry", "accept_failed")._value.get() == 10_000
