@@ -169,8 +169,13 @@ class PeerMirror:
             content = await self._own_manifest(decision.digest, want_body)
             source = "local" if not isinstance(content, Miss) else "none"
         elif isinstance(decision, UseDigest):
-            content = await self._manifest_by_digest(registry, repository, decision.digest,
-                                                     path, started)
+            # The upstream named the digest; this node's own store may hold it already
+            # (tags are asked here, not of the store, under upstream-first).
+            content = (await self._own_manifest(decision.digest, want_body)
+                       if self._store is not None else Miss(MissReason.NO_PEER))
+            if isinstance(content, Miss):
+                content = await self._manifest_by_digest(registry, repository,
+                                                         decision.digest, path, started)
             source = "upstream" if not isinstance(content, Miss) else "none"
         else:
             assert isinstance(decision, AskPeers)
@@ -224,13 +229,16 @@ class PeerMirror:
             return None
 
     async def _own_manifest(self, digest: Digest, want_body: bool) -> FallbackContent | Miss:
-        """A manifest from this node's store (its own tag, in an outage)."""
+        """A manifest from this node's store: its own tag in an outage, or the digest the
+        upstream named for a tag when the store holds it already."""
         assert self._store is not None
         try:
             info, media_type, data = await stored_manifest(self._store, digest, want_body)
-        except (NotServableError, NotFoundError) as err:
-            logger.info("own tag's manifest %s not servable: %s", digest, err)
-            return Miss(MissReason.NO_PEER, "own tag's manifest not servable")
+        except NotFoundError:
+            return Miss(MissReason.NO_PEER, "not in this node's store")
+        except NotServableError as err:
+            logger.info("stored manifest %s not servable: %s", digest, err)
+            return Miss(MissReason.NO_PEER, "stored manifest not servable")
         body = _held(data, self._options.send_size) if data is not None else None
         return FallbackContent(info.digest, info.size, media_type, body)
 

@@ -196,7 +196,10 @@ def test_an_unencrypted_mesh_does_not_trust_vouches_but_a_node_trusts_its_own_ta
         push_layout(image.layout, TAG, upstream.address, PUBLIC, None)
         nodes: list[E2ENode] = []
         try:
-            node_a = E2ENode("node-a", gossip_key=None).start()
+            # No tag cache: the lookups below must meet the outage, not a remembered
+            # answer from the pull before it.
+            node_a = E2ENode("node-a", gossip_key=None,
+                             extra_args=("--upstream-tag-ttl", "0")).start()
             nodes.append(node_a)
             node_a.configure(upstream.url, [node_a.registry_url])
             assert node_a.pull(image.name).ok
