@@ -1,0 +1,87 @@
+"""The peer-facing tree path attacked by a pod: any client of the registry port can
+send the peer marker and ``X-Meshmirror-Tree``, so that path must be no stronger a
+lever on the upstream than a client's own request.
+
+Real ``meshmirror run`` nodes and a real Distribution upstream.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshmirror.mirror.marker import PEER_HEADER
+from meshmirror.mirror.rollout import TREE_HEADER
+from meshmirror.oci.imagebuilder import BuiltImage, build_image
+from tests.e2e.cluster import metric, parse_metrics
+from tests.support.distribution import DistributionRegistry
+from tests.support.node import RunningNode, start_node
+from tests.support.processes import stop
+from tests.support.skopeo import push_layout
+
+pytestmark = pytest.mark.real
+
+REPO, TAG = "honest/app", "1"
+UPSTREAM_FIRST = ("--resolve-tags", "upstream-first", "--private-images", "upstream-only")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    return build_image(f"example.com/{REPO}:{TAG}", tmp_path_factory.mktemp("image"),
+                       (4096,), seed=29)
+
+
+@pytest.fixture(scope="module")
+def upstream(image: BuiltImage) -> Iterator[DistributionRegistry]:
+    with DistributionRegistry(access_log=True) as registry:
+        push_layout(image.layout, TAG, registry.address, REPO)
+        yield registry
+
+
+def _node(tmp: Path, name: str, *flags: str) -> RunningNode:
+    store = tmp / name
+    store.mkdir()
+    return start_node(f"oci:{store}", tmp / f"{name}.log", extra=(*UPSTREAM_FIRST, *flags))
+
+
+def _status(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> int:
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _answers(node: RunningNode, registry: str, result: str) -> float:
+    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as response:
+        metrics = parse_metrics(response.read().decode())
+    return metric(metrics, "meshmirror_upstream_answers_total", registry=registry, result=result)
+
+
+def test_tree_requests_for_a_layer_on_the_manifests_endpoint_never_open_the_breaker(
+        upstream: DistributionRegistry, image: BuiltImage, tmp_path: Path) -> None:
+    """Distribution answers a manifest GET by a layer's digest with a 5xx. A pod that
+    sends that as a tree request must not make the node count it as an outage."""
+    layer = image.platforms[0].layers[0].digest
+    node = _node(tmp_path, "tree", "--mirrored-registries", upstream.address,
+                 "--upstream-tag-ttl", "0")
+    try:
+        base = f"http://{node.address}/v2"
+        hostile = {PEER_HEADER: "1", TREE_HEADER: "a-pod"}
+        for _ in range(5):
+            assert _status(f"{base}/{REPO}/manifests/{layer}?ns={upstream.address}",
+                           hostile) == 404
+        before = _answers(node, upstream.address, "answered")
+        for _ in range(3):
+            _status(f"{base}/{REPO}/manifests/{TAG}?ns={upstream.address}", method="HEAD")
+        # Honest tags are still the upstream's word, not peers'.
+        assert _answers(node, upstream.address, "circuit_open") == 0
+        assert _answers(node, upstream.address, "answered") - before == 3
+    finally:
+        stop(node.proc)
