@@ -149,6 +149,12 @@ class UpstreamContent:
         return UpstreamBody(response, size, offset, skip, self.stall_timeout, self._chunk,
                             lambda reason: breaker.record_failure(f"body: {reason}"))
 
+    def allows(self, client: str | None) -> bool:
+        """Whether ``client`` may make this node fetch content for it now: a manifest
+        nobody holds is an upstream GET each time it is asked for, and a registry may
+        count each against the node's pull quota, so it takes the client's pace."""
+        return self._client.allows(client)
+
     async def fetch_manifest(self, registry: str, repository: str, digest: Digest
                              ) -> FetchedManifest | NotFound | AuthRequired | Unreachable:
         """A manifest by digest, read whole (bounded) and verified."""

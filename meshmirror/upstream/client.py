@@ -327,6 +327,11 @@ class UpstreamClient:
     def breaker(self, registry: str) -> CircuitBreaker:
         return self._breaker(registry)
 
+    def allows(self, client: str | None) -> bool:
+        """Whether ``client`` may set off a new upstream request now (its pace; takes a
+        token if so): for content fetched on a client's behalf (`upstream.blobs`)."""
+        return self._limiter is None or self._limiter.allow(client)
+
     @property
     def tokens(self) -> TokenCache:
         return self._tokens

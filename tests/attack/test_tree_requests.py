@@ -74,14 +74,36 @@ def test_tree_requests_for_a_layer_on_the_manifests_endpoint_never_open_the_brea
     try:
         base = f"http://{node.address}/v2"
         hostile = {PEER_HEADER: "1", TREE_HEADER: "a-pod"}
-        for _ in range(5):
+        for headers in (hostile, {}) * 3:  # a tree request, and a client's own
             assert _status(f"{base}/{REPO}/manifests/{layer}?ns={upstream.address}",
-                           hostile) == 404
+                           headers) == 404
         before = _answers(node, upstream.address, "answered")
         for _ in range(3):
             _status(f"{base}/{REPO}/manifests/{TAG}?ns={upstream.address}", method="HEAD")
         # Honest tags are still the upstream's word, not peers'.
         assert _answers(node, upstream.address, "circuit_open") == 0
         assert _answers(node, upstream.address, "answered") - before == 3
+    finally:
+        stop(node.proc)
+
+
+def test_manifests_by_digest_fetched_for_a_client_are_paced_per_client(
+        upstream: DistributionRegistry, image: BuiltImage, tmp_path: Path) -> None:
+    """A manifest nobody holds is fetched from the upstream for the client that asks;
+    asked again and again (a registry may count every manifest GET against the
+    node's pull quota), that is a new upstream question each time and takes the
+    client's pace, tree request or not."""
+    burst = 5
+    node = _node(tmp_path, "paced", "--mirrored-registries", upstream.address,
+                 "--upstream-client-rate", "0.01", "--upstream-client-burst", str(burst))
+    try:
+        digest = image.root.digest
+        path = f"/v2/{REPO}/manifests/{digest}"
+        url = f"http://{node.address}{path}?ns={upstream.address}"
+        before = upstream.requests_seen("GET", path)
+        statuses = [_status(url, headers) for headers in
+                    ({PEER_HEADER: "1", TREE_HEADER: "a-pod"}, {}) * 10]
+        assert statuses[0] == 200  # the first ones are served
+        assert upstream.requests_seen("GET", path) - before <= burst
     finally:
         stop(node.proc)
