@@ -7,6 +7,8 @@ Real ``meshmirror run`` nodes and a real Distribution upstream.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from tests.e2e.cluster import metric, parse_metrics
 from tests.support.distribution import DistributionRegistry
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop
+from tests.support.scripted_http import Reply, Request, ScriptedHTTPServer
 from tests.support.skopeo import push_layout
 
 pytestmark = pytest.mark.real
@@ -107,3 +110,40 @@ def test_manifests_by_digest_fetched_for_a_client_are_paced_per_client(
         assert upstream.requests_seen("GET", path) - before <= burst
     finally:
         stop(node.proc)
+
+
+def test_a_blob_redirect_to_another_private_host_gets_nothing_through(tmp_path: Path) -> None:
+    """The designated blob fetch follows a registry's redirect (to object storage, say)
+    only through the address guard: a mirrored registry that sends it to another
+    loopback host reaches nobody."""
+    digest = "sha256:" + "ab" * 32
+    with ScriptedHTTPServer(lambda _r: Reply(200, body=b"secret")) as target:
+
+        def registry(request: Request) -> Reply:
+            if request.method == "GET" and "/blobs/" in request.path:
+                return Reply(307, (("Location", f"{target.url}/internal/{digest}"),))
+            return Reply(404 if "/manifests/" in request.path else 200)
+
+        with ScriptedHTTPServer(registry) as evil:
+            address = f"{evil.host}:{evil.port}"
+            node = _node(tmp_path, "redirected", "--mirrored-registries", address)
+            try:
+                for headers in ({}, {PEER_HEADER: "1", TREE_HEADER: "a-pod"}):
+                    assert _status(f"http://{node.address}/v2/pub/app/blobs/{digest}"
+                                   f"?ns={address}", headers) == 404
+            finally:
+                stop(node.proc)
+            assert any("/blobs/" in r.path for r in evil.requests)  # it was asked
+            assert target.requests == []
+
+            # With the target allowed, the same redirect does reach it: the test can see.
+            allowed = _node(tmp_path, "allowed", "--mirrored-registries", address,
+                            "--upstream-allow-hosts", target.host)
+            try:
+                # The owner's containerd follows the upstream's bytes: these fail their
+                # digest, so the response ends short of its length.
+                with contextlib.suppress(http.client.IncompleteRead):
+                    _status(f"http://{allowed.address}/v2/pub/app/blobs/{digest}?ns={address}")
+            finally:
+                stop(allowed.proc)
+            assert [r.path for r in target.requests] == [f"/internal/{digest}"]
