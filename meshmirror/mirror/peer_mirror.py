@@ -203,6 +203,9 @@ class PeerMirror:
             return content
         # No peer holds it: its owner fetches it from the upstream (see `rollout`).
         fetched = await rollout.manifest(registry, repository, digest)
+        if isinstance(fetched, Miss):
+            self._count(registry, "manifest", "miss", path, started)
+            return fetched
         if fetched is None:
             self._count(registry, "manifest", "miss", path, started)
             return Miss(MissReason.UPSTREAM_FAILED)

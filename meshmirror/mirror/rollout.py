@@ -59,6 +59,7 @@ from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
 from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
+from meshmirror.registry.requester import requester as client_address
 from meshmirror.routing.owner import FanoutTree
 from meshmirror.routing.router import Peer, Router
 from meshmirror.upstream.blobs import (
@@ -228,13 +229,16 @@ class Rollout:
         self.metrics.upstream_bytes.inc(n)
 
     async def manifest(self, registry: str, repository: str,
-                       digest: Digest) -> FetchedManifest | None:
+                       digest: Digest) -> FetchedManifest | Miss | None:
         """A manifest no peer holds: from the owner, or from the upstream if this node is
-        the owner (once, however many ask at once), or if the owner fails."""
+        the owner (once, however many ask at once), or if the owner fails. A client
+        past its pace of new upstream questions gets a miss (``busy``) instead."""
         key = f"{registry}/{repository}@{digest}"
         waiting = self._manifests.get(key)
         if waiting is not None:
             return await asyncio.shield(waiting)
+        if not self._content.allows(client_address()):
+            return Miss(MissReason.BUSY, "client rate limit")
         future: asyncio.Future[FetchedManifest | None] = (
             asyncio.get_running_loop().create_future())
         self._manifests[key] = future
@@ -589,6 +593,8 @@ class PeersFallback:
         if access.denied:
             return Miss(access.reason or MissReason.PRIVATE_REPOSITORY)
         fetched = await self._rollout.manifest(registry, repository, digest)
+        if isinstance(fetched, Miss):
+            return fetched
         if fetched is None:
             return Miss(MissReason.UPSTREAM_FAILED)
         return FallbackContent(digest, len(fetched.data), fetched.media_type,

@@ -149,6 +149,12 @@ class UpstreamContent:
         return UpstreamBody(response, size, offset, skip, self.stall_timeout, self._chunk,
                             lambda reason: breaker.record_failure(f"body: {reason}"))
 
+    def allows(self, client: str | None) -> bool:
+        """Whether ``client`` may make this node fetch content for it now: a manifest
+        nobody holds is an upstream GET each time it is asked for, and a registry may
+        count each against the node's pull quota, so it takes the client's pace."""
+        return self._client.allows(client)
+
     async def fetch_manifest(self, registry: str, repository: str, digest: Digest
                              ) -> FetchedManifest | NotFound | AuthRequired | Unreachable:
         """A manifest by digest, read whole (bounded) and verified."""
@@ -182,9 +188,10 @@ class UpstreamContent:
         """A GET with the anonymous token flow, behind the breaker; a 200/206 response."""
         validate_repository(repository)
         try:
-            url = self._client.base_url(registry) + path
+            base = self._client.base_url(registry)
         except EndpointError as err:
             return Unreachable(FailureKind.CONFIG, str(err))
+        url = base + path
         breaker = self._client.breaker(registry)
         if not breaker.allow():
             return Unreachable(FailureKind.CIRCUIT_OPEN,
@@ -198,6 +205,11 @@ class UpstreamContent:
         except BaseException:
             breaker.abandon()
             raise
+        if (isinstance(result, Unreachable) and result.kind is FailureKind.SERVER_ERROR
+                and "/manifests/" in path):
+            # A manifest by a digest a client chose (a layer's, say) gets a 5xx from
+            # some registries: the request's shape, not an outage.
+            result = await self._client.shape_or_outage(registry, base, result)
         if isinstance(result, Unreachable) and result.kind in _BREAKER_FAILURES:
             breaker.record_failure(f"{result.kind.value}: {result.reason}")
         else:

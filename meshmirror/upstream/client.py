@@ -327,6 +327,11 @@ class UpstreamClient:
     def breaker(self, registry: str) -> CircuitBreaker:
         return self._breaker(registry)
 
+    def allows(self, client: str | None) -> bool:
+        """Whether ``client`` may set off a new upstream request now (its pace; takes a
+        token if so): for content fetched on a client's behalf (`upstream.blobs`)."""
+        return self._limiter is None or self._limiter.allow(client)
+
     @property
     def tokens(self) -> TokenCache:
         return self._tokens
@@ -474,12 +479,12 @@ class UpstreamClient:
                 return AuthRequired(f"{url}: {reply.status} with an anonymous token")
         result = self._interpret(reply, url, reference)
         if isinstance(result, Unreachable) and result.kind is FailureKind.SERVER_ERROR:
-            return await self._shape_or_outage(registry, base, result)
+            return await self.shape_or_outage(registry, base, result)
         return result
 
-    async def _shape_or_outage(self, registry: str, base: str,
-                               failure: Unreachable) -> Unreachable:
-        """A manifest HEAD's 5xx is an outage only if the registry's ``/v2/`` fails too.
+    async def shape_or_outage(self, registry: str, base: str,
+                              failure: Unreachable) -> Unreachable:
+        """A manifest request's 5xx is an outage only if the registry's ``/v2/`` fails too.
 
         Some registries answer a reference they cannot serve as a manifest (a
         layer's digest, an odd tag) with a 500. Were that counted, any client
@@ -487,11 +492,17 @@ class UpstreamClient:
         references; so the 5xx is checked against the version endpoint (asked at
         most once per few seconds per registry), and when that answers the 5xx
         is the request's own fault: a protocol failure the breaker ignores.
+        The content fetches (`upstream.blobs`) ask manifests by any digest a
+        client names, tree requests included, so they take the same check.
         """
         now = self._clock()
         answered_until = self._base_answered.get(registry, 0.0)
         if now >= answered_until:
-            reply = await self._request_reply("GET", f"{base}/v2/", {})
+            permission = permit([URL(base).host, *self._proxies.hosts])
+            try:
+                reply = await self._request_reply("GET", f"{base}/v2/", {})
+            finally:
+                reset(permission)
             if isinstance(reply, Unreachable) or reply.status >= 500:
                 return failure
             self._base_answered[registry] = now + _BASE_ANSWERED_TTL
