@@ -102,6 +102,20 @@ class _RedirectError(Exception):
     """Too many redirects, or one without a usable Location."""
 
 
+def _next_hop(target: URL, location: str, headers: dict[str, str]) -> URL:
+    """Where a redirect from ``target`` leads: an http(s) URL with a host, or
+    `_RedirectError`. Credentials in ``headers`` do not follow it to another host."""
+    try:
+        following = target.join(URL(location))
+    except ValueError as err:
+        raise _RedirectError(f"redirect to an unusable Location: {err}") from None
+    if following.scheme not in ("http", "https") or not following.host:
+        raise _RedirectError(f"redirect to {location[:200]!r}")
+    if following.host != target.host:
+        headers.pop("Authorization", None)
+    return following
+
+
 def _status_failure(status: int, what: str) -> Unreachable:
     """A status that is neither an answer nor an auth decision."""
     if status == 429:
@@ -363,15 +377,7 @@ class UpstreamClient:
                 response.release()
                 if hop == max_redirects:
                     raise _RedirectError(f"more than {max_redirects} redirects")
-                try:
-                    following = target.join(URL(location))
-                except ValueError as err:
-                    raise _RedirectError(f"redirect to an unusable Location: {err}") from None
-                if following.scheme not in ("http", "https") or not following.host:
-                    raise _RedirectError(f"redirect to {location[:200]!r}")
-                if following.host != target.host:
-                    sent.pop("Authorization", None)
-                target = following
+                target = _next_hop(target, location, sent)
         except (ForbiddenAddress, _RedirectError) as err:
             raise aiohttp.ClientError(f"{url}: {err}") from err
         finally:
@@ -545,15 +551,7 @@ class UpstreamClient:
                     return
                 if hop == _MAX_REDIRECTS:
                     raise _RedirectError(f"more than {_MAX_REDIRECTS} redirects")
-                try:
-                    following = target.join(URL(location))
-                except ValueError as err:
-                    raise _RedirectError(f"redirect to an unusable Location: {err}") from None
-                if following.scheme not in ("http", "https") or not following.host:
-                    raise _RedirectError(f"redirect to {location[:200]!r}")
-                if following.host != target.host:
-                    sent.pop("Authorization", None)
-                target = following
+                target = _next_hop(target, location, sent)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _request_reply(self, method: str, url: str,
