@@ -63,6 +63,7 @@ from tests.support.distribution import DistributionRegistry
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
 from tests.support.proxy import CountingProxy
+from tests.support.skopeo import push_layout
 
 REPOSITORY = "bench/rolling"
 TAG = "1"
@@ -374,10 +375,7 @@ def main() -> int:
         image = build_image(f"{proxy.address}/{REPOSITORY}:{TAG}", scratch / "layout",
                             [args.layer_mib << 20] * args.layers, seed=17)
         image_bytes = sum(blob.size for blob in image.blobs())
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
-                        "--preserve-digests", f"oci:{image.layout}:{TAG}",
-                        f"docker://{upstream.address}/{REPOSITORY}:{TAG}"],
-                       check=True, timeout=600, stdin=subprocess.DEVNULL)
+        push_layout(image.layout, TAG, upstream.address, REPOSITORY, timeout=600)
         shutil.rmtree(image.layout)
         with proxy:
             for round_no in range(args.rounds):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +56,7 @@ from meshmirror.routing.owner import DEFAULT_FANOUT
 from tests.support.distribution import DistributionRegistry
 from tests.support.processes import stop, wait_until
 from tests.support.proxy import CountingProxy
+from tests.support.skopeo import push_layout
 
 REPOSITORY = "bench/rollout"
 TAG = "1"
@@ -90,9 +90,12 @@ def batch_run(args: argparse.Namespace, scratch: Path, proxy: CountingProxy,
         nodes: list[MeshNode] = []
         if mesh:
             for i, ctrd in enumerate(ctrds):
+                # Its hosts.toml (written below) says which registry it mirrors: without
+                # it the node asks no upstream anything, and fetches nothing either.
+                flags = ["--rollout-fanout", str(args.fanout),
+                         "--containerd-registry-config-path", str(run_dir / f"hosts{i}")]
                 node = start_meshmirror(run_dir, f"node{i}", ctrd,
-                                        nodes[0].mesh if nodes else None,
-                                        ["--rollout-fanout", str(args.fanout)])
+                                        nodes[0].mesh if nodes else None, flags)
                 stack.callback(stop, node.proc)
                 nodes.append(node)
             wait_until(lambda: all(n.alive_members() == args.nodes for n in nodes), 60,
@@ -202,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         image = build_image(f"{proxy.address}/{REPOSITORY}:{TAG}", scratch / "layout",
                             [args.layer_mib << 20] * args.layers, seed=23)
         image_bytes = sum(blob.size for blob in image.blobs())
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
-                        "--preserve-digests", f"oci:{image.layout}:{TAG}",
-                        f"docker://{upstream.address}/{REPOSITORY}:{TAG}"],
-                       check=True, timeout=600, stdin=subprocess.DEVNULL)
+        push_layout(image.layout, TAG, upstream.address, REPOSITORY, timeout=600)
         shutil.rmtree(image.layout)
         with proxy:
             for round_no in range(args.rounds):
