@@ -148,12 +148,13 @@ class PeerClient:
         *,
         headers: dict[str, str] | None = None,
         offset: int = 0,
+        end: int | None = None,
     ) -> PeerResponse:
-        """Ask one peer for ``path`` (from byte ``offset``); raise `PeerFailure` unless
-        it answers 200 (206 for an offset) within the connect and first-byte bounds."""
+        """Ask one peer for ``path`` (bytes ``offset`` to ``end``); raise `PeerFailure`
+        unless it answers 200 (206 for a range) within the connect and first-byte bounds."""
         request_headers = {PEER_HEADER: "1", "Accept-Encoding": "identity", **(headers or {})}
-        if offset:
-            request_headers["Range"] = f"bytes={offset}-"
+        if offset or end is not None:
+            request_headers["Range"] = f"bytes={offset}-{'' if end is None else end - 1}"
         url = f"{peer.http_base}{path}"
         queue = self._queues.get(peer.name)
         if queue is None:
@@ -196,7 +197,7 @@ class PeerClient:
             break
         opened = PeerResponse(peer, response, started, give_back,
                               Progress(self._options.min_rate, self._options.stall_timeout))
-        expected_status = 206 if offset else 200
+        expected_status = 206 if offset or end is not None else 200
         if response.status != expected_status:
             opened.release()
             reason = "not_found" if response.status == 404 else "bad_status"

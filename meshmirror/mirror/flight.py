@@ -45,7 +45,7 @@ import logging
 import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.cache import BlobCache, CacheEntry
@@ -107,11 +107,13 @@ class StreamSource:
     """A `BlobSource` over a `ChunkStream`: hashed in order, resumed after a break
     (at most ``resumes`` times), never started over: a mismatch is a failure."""
 
-    def __init__(self, stream: ChunkStream, digest: Digest, *, resumes: int = 3) -> None:
+    def __init__(self, stream: ChunkStream, digest: Digest, *, resumes: int = 3,
+                 size: int = 0) -> None:
+        """``size``: of a ``stream`` already open (then `open` is not called)."""
         self._stream = stream
         self._digest = digest
         self._resumes = resumes
-        self._size = 0
+        self._size = size
 
     @property
     def origin(self) -> str | None:
@@ -155,6 +157,28 @@ def _keep_and_hash(sink: Sink, consume: Callable[[bytes], None], chunk: bytes) -
     consume(chunk)
 
 
+@runtime_checkable
+class RangeSink(Sink, Protocol):
+    """A `Sink` that also takes a blob as byte ranges written at once (stripes, see
+    `rollout`): what a flight gives its source."""
+
+    def split(self, bounds: list[tuple[int, int]]) -> None:
+        """From here on the blob arrives as the ranges ``bounds`` (after a `reset`)."""
+        ...
+
+    def write_at(self, index: int, chunk: bytes) -> None:
+        """Append ``chunk`` to range ``index`` (one thread per range at a time)."""
+        ...
+
+    def available(self, position: int) -> int:
+        """Where the bytes written from ``position`` on end."""
+        ...
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Written bytes back, to hash them in order."""
+        ...
+
+
 class State(enum.Enum):
     OPENING = "opening"  # the source is looking for the blob
     FETCHING = "fetching"  # bytes are arriving in the cache entry
@@ -189,6 +213,9 @@ class Flight:
         self.attempt = 0
         # Set when the node could not keep the bytes (a full disk): nobody else's fault.
         self.sink_failure: str | None = None
+        # The source takes the blob from several places at once (`rollout` stripes):
+        # not only upstream bytes, whoever follows it.
+        self.striped = False
         self.readers: set[Reader] = set()
         self._flights = flights
         self._source = source
@@ -214,12 +241,16 @@ class Flight:
         """Bytes of the current attempt in the entry (all of them once verified)."""
         return self.entry.written if self.entry is not None else 0
 
+    def available(self, position: int) -> int:
+        """Where the current attempt's bytes from ``position`` on end."""
+        return self.entry.available(position) if self.entry is not None else position
+
     @property
     def landed(self) -> bool:
         return self.state not in (State.OPENING, State.FETCHING)
 
-    def attach(self, *, verified: bool = True) -> Reader:
-        reader = Reader(self, verified=verified)
+    def attach(self, *, verified: bool = True, upstream_only: bool = False) -> Reader:
+        reader = Reader(self, verified=verified, upstream_only=upstream_only)
         self.readers.add(reader)
         if self.entry is not None and self.state in (State.FETCHING, State.VERIFIED):
             reader.pin(self.entry)
@@ -266,6 +297,7 @@ class Flight:
             if entry is None:
                 state = State.REFUSED
                 return
+            self.striped = bool(getattr(source, "striped", False))
             self.entry, self.size, self.state = entry, size, State.FETCHING
             for reader in self.readers:
                 reader.pin(entry)
@@ -313,6 +345,19 @@ class _FlightSink:
         self._started = True
         self._entry.reset()
 
+    def split(self, bounds: list[tuple[int, int]]) -> None:
+        self._entry.split(bounds)
+
+    def write_at(self, index: int, chunk: bytes) -> None:
+        self._entry.write_at(index, chunk)
+        self._flight.progressed()
+
+    def available(self, position: int) -> int:
+        return self._entry.available(position)
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        return self._entry.read_at(offset, size)
+
     def resize(self, size: int) -> bool:
         if not self._entry.resize(size):
             return False
@@ -323,9 +368,10 @@ class _FlightSink:
 class Reader:
     """One request's view of a flight; `close` it (or its body does) when done."""
 
-    def __init__(self, flight: Flight, *, verified: bool) -> None:
+    def __init__(self, flight: Flight, *, verified: bool, upstream_only: bool = False) -> None:
         self.flight = flight
-        self.verified = verified
+        self._verified = verified
+        self._upstream_only = upstream_only
         self._entry: CacheEntry | None = None
         self._closed = False
 
@@ -333,6 +379,13 @@ class Reader:
         if self._entry is None and not self._closed:
             self._entry = entry
             self.flight._flights.cache.pin(entry)
+
+    @property
+    def verified(self) -> bool:
+        """Whether this reader gets the blob only once it verified: asked for, or a
+        reader that may follow upstream bytes only (the owner's containerd) of a flight
+        that turned out to take some bytes from peers (stripes)."""
+        return self._verified or (self._upstream_only and self.flight.striped)
 
     @property
     def refused(self) -> bool:
@@ -378,7 +431,8 @@ class Reader:
         attempt = flight.attempt
         position = start
         while position < end:
-            while flight.written <= position and flight.state is not State.VERIFIED:
+            while (flight.available(position) <= position
+                   and flight.state is not State.VERIFIED):
                 if flight.landed or flight.attempt != attempt:
                     raise VerificationError(f"{flight.key}: fetch failed at byte {position}")
                 try:
@@ -391,7 +445,8 @@ class Reader:
                 raise VerificationError(f"{flight.key}: fetch started over at byte {position}")
             entry = self._entry
             assert entry is not None
-            upto = min(end, flight.written if flight.state is not State.VERIFIED else end)
+            upto = min(end, flight.available(position)
+                       if flight.state is not State.VERIFIED else end)
             pieces = entry.read(position, upto, flights.piece, flights.budget)
             try:
                 async for piece in pieces:
@@ -462,23 +517,23 @@ class Flights:
         self._flying: dict[str, Flight] = {}
 
     def attach(self, digest: Digest, source: Callable[[], BlobSource], *,
-               verified: bool = True) -> Reader:
+               verified: bool = True, upstream_only: bool = False) -> Reader:
         """A reader of ``digest``: from the cache if it is there, else from the flight
         in progress, else from a new flight whose source ``source()`` makes."""
         key = str(digest)
         flight = self._flying.get(key)
         if flight is not None:
             self.events.flight_joined()
-            return flight.attach(verified=verified)
+            return flight.attach(verified=verified, upstream_only=upstream_only)
         entry = self.cache.open(key)
         if entry is not None:
             landed = Flight(self, key, None, entry)
-            reader = landed.attach(verified=verified)
+            reader = landed.attach(verified=verified, upstream_only=upstream_only)
             self.cache.unpin(entry)  # the reader holds its own pin
             return reader
         flight = Flight(self, key, source())
         self._flying[key] = flight
-        return flight.attach(verified=verified)
+        return flight.attach(verified=verified, upstream_only=upstream_only)
 
     def flying(self, digest: Digest) -> Flight | None:
         """The flight of ``digest`` in progress, if any (to advertise it, say)."""

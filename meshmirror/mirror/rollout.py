@@ -49,9 +49,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshmirror.mirror.client import PeerClient, PeerResponse
-from meshmirror.mirror.errors import PeerFailure
-from meshmirror.mirror.fetch import Sink
-from meshmirror.mirror.flight import BlobSource, Flights
+from meshmirror.mirror.errors import PeerFailure, SinkFailure
+from meshmirror.mirror.fetch import Sink, held_body
+from meshmirror.mirror.flight import BlobSource, Flights, RangeSink, StreamSource
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, RepositoryAccess
@@ -60,7 +60,7 @@ from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
 from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
 from meshmirror.registry.requester import requester as client_address
-from meshmirror.routing.owner import FanoutTree
+from meshmirror.routing.owner import MIN_STRIPE, FanoutTree, stripe_count, stripe_range
 from meshmirror.routing.router import Peer, Router
 from meshmirror.upstream.blobs import (
     FetchedManifest,
@@ -159,6 +159,10 @@ class Rollout:
         self.serving = 0  # tree and peer readers this node serves now
         self.serving_peak = 0
         self._manifests: dict[str, asyncio.Future[FetchedManifest | None]] = {}
+        # Registries whose upstream answered a stripe's range with the whole blob.
+        self.no_ranges: set[str] = set()
+        # A blob of at least `fanout` stripes of this many bytes is striped (tests lower it).
+        self.min_stripe = MIN_STRIPE
 
     def close(self) -> None:
         self.client.close()
@@ -168,18 +172,21 @@ class Rollout:
         """The member that sent the request being served, if it is a tree request."""
         return _requester.get()
 
-    def tree(self, digest: Digest, leave_out: set[str]) -> tuple[FanoutTree, dict[str, Peer]]:
+    def tree(self, digest: Digest, leave_out: set[str],
+             stripe: int = 0) -> tuple[FanoutTree, dict[str, Peer]]:
         peers = {p.name: p for p in self._router.peers()
                  if p.name not in leave_out and p.name != self.name}
-        return FanoutTree(str(digest), [self.name, *peers], self.fanout), peers
+        return FanoutTree(str(digest), [self.name, *peers], self.fanout, stripe), peers
 
     def is_owner(self, digest: Digest) -> bool:
         return self.tree(digest, set())[0].owner == self.name
 
-    def stream(self, registry: str, repository: str, digest: Digest) -> TreeStream:
-        """A `flight.ChunkStream` of the blob through the tree (see the module's note)."""
+    def source(self, registry: str, repository: str, digest: Digest) -> TreeSource:
+        """A `flight.BlobSource` of the blob through its tree or its stripes' trees (see
+        the module's note); made while serving a tree request, it never asks back the
+        member that sent it."""
         leave_out = {r} if (r := self.requester()) else set()
-        return TreeStream(self, registry, repository, digest, leave_out)
+        return TreeSource(self, registry, repository, digest, leave_out)
 
     # -- readers this node serves --------------------------------------------------
 
@@ -213,8 +220,11 @@ class Rollout:
     # -- the upstream --------------------------------------------------------------
 
     async def open_upstream(self, registry: str, repository: str, digest: Digest,
-                            offset: int) -> UpstreamBody | None:
-        opened = await self._content.open_blob(registry, repository, digest, offset)
+                            offset: int, end: int | None = None) -> UpstreamBody | None:
+        """Bytes [offset, end) of the blob from the upstream, always asked with a Range:
+        the answer's status says whether the upstream serves stripes."""
+        opened = await self._content.open_blob(registry, repository, digest, offset, end,
+                                               ranged=True)
         if isinstance(opened, UpstreamBody):
             self.metrics.upstream_fetches.labels("opened").inc()
             return opened
@@ -291,16 +301,26 @@ class Rollout:
         return FetchedManifest(digest, media_type or None, data)
 
 
+class NoRanges(PeerFailure):
+    """The upstream answered a range with the whole blob (200): it ignores ``Range``, so
+    stripes cannot be fetched from it (see `TreeSource`)."""
+
+    def __init__(self) -> None:
+        super().__init__("no_ranges", "the upstream ignores Range")
+
+
 class TreeStream:
-    """The blob's bytes from this node's parent in the tree, or from the upstream when
-    this node is the owner; resumed with Range from the next in order after a failure.
+    """The blob's bytes (or one stripe's, ``span``) from this node's parent in the tree
+    of ``stripe``, or from the upstream when this node is that tree's root; resumed with
+    Range from the next in order after a failure.
 
     A `flight.ChunkStream`: `open` finds a source and the size, `chunks` streams
-    from an offset and raises `PeerFailure` on a break (the flight resumes it).
+    from an offset to the span's end and raises `PeerFailure` on a break.
     """
 
     def __init__(self, rollout: Rollout, registry: str, repository: str, digest: Digest,
-                 leave_out: set[str]) -> None:
+                 leave_out: set[str], stripe: int = 0,
+                 span: tuple[int, int] | None = None) -> None:
         self._rollout = rollout
         self._registry = registry
         self._repository = repository
@@ -308,28 +328,42 @@ class TreeStream:
         self._path = f"/v2/{repository}/blobs/{digest}"
         self._left_out = set(leave_out)
         self._failed: set[str] = set()
-        self._size = 0
+        self._stripe = stripe
+        self._span = span
+        self._size = 0  # the whole blob's, once known (``_whole`` when given by the caller)
+        self._whole = 0
         self._position = 0
         self._peer: PeerResponse | None = None
         self._upstream: UpstreamBody | None = None
         self._origin: str | None = None  # the member, or "upstream", now sending
-        self._deadline = float("inf")
+        self.deadline = float("inf")
+        # Whether the source answered with a range: always for a peer; for the upstream,
+        # its status to the first request (asked with a Range, see `TreeSource`).
+        self.ranged = True
 
     @property
     def origin(self) -> str | None:
         """`flight.ChunkStream.origin`: the member (or "upstream") sending now."""
         return self._origin
 
+    @property
+    def end(self) -> int:
+        return self._span[1] if self._span is not None else self._size
+
+    def limit(self, end: int) -> None:
+        """Stream only up to ``end`` from here on (the first stripe of an open stream)."""
+        self._span = (0, end)
+
     async def open(self) -> int | None:
         size = await self._connect(0)
         if size is not None:
             # The whole fetch, resumes included, is bounded like a peer request.
-            self._deadline = (asyncio.get_running_loop().time()
-                              + self._rollout.options.deadline_for(size))
+            self.deadline = (asyncio.get_running_loop().time()
+                             + self._rollout.options.deadline_for(size))
         return size
 
     def _late(self) -> bool:
-        return asyncio.get_running_loop().time() > self._deadline
+        return asyncio.get_running_loop().time() > self.deadline
 
     def close(self) -> None:
         if self._peer is not None:
@@ -351,12 +385,12 @@ class TreeStream:
         opened = self._peer
         assert opened is not None
         client = self._rollout.client
-        while self._position < self._size:
+        while self._position < self.end:
             try:
                 if self._late():
                     raise PeerFailure("deadline", f"past the deadline at byte {self._position}")
                 chunk = await client.read_chunk(opened, min(self._rollout._chunk,
-                                                            self._size - self._position))
+                                                            self.end - self._position))
                 if not chunk:
                     raise PeerFailure("broken", "body ended")
             except PeerFailure as failure:
@@ -368,15 +402,19 @@ class TreeStream:
         self.close()
 
     async def _from_upstream(self, body: UpstreamBody) -> AsyncIterator[bytes]:
+        end = self.end
         try:
             async for chunk in body.chunks():
                 if self._late():
                     self.close()
                     raise PeerFailure("deadline", f"upstream past the deadline at "
                                                   f"byte {self._position}")
+                chunk = chunk[:end - self._position]
                 self._position += len(chunk)
                 self._rollout.upstream_bytes(len(chunk))
                 yield chunk
+                if self._position >= end:
+                    break
         except UpstreamStall as stall:
             self.close()
             raise PeerFailure("broken", f"upstream {stall}") from stall
@@ -391,58 +429,203 @@ class TreeStream:
 
     async def _connect(self, offset: int) -> int | None:
         """Open the blob at ``offset`` from the parent in the tree over the members not
-        yet failed (or left out), or from the upstream when this node is the root."""
+        yet failed (or left out), or from the upstream when this node is the root; the
+        whole blob's size. Raises `NoRanges` when the upstream ignores a stripe's range."""
         rollout = self._rollout
+        # A stripe needs the upstream to honour its range; a whole blob resumed from an
+        # offset takes a 200 too (`upstream.blobs` skips the prefix).
+        ranged = self._span is not None and (offset > 0 or self._span[1] < self._whole)
         while True:
-            tree, peers = rollout.tree(self._digest, self._left_out | self._failed)
+            tree, peers = rollout.tree(self._digest, self._left_out | self._failed,
+                                       self._stripe)
             placement = tree.placement(rollout.name)
             if placement.parent is None:
-                # The owner, in this view: the upstream, from where we are.
-                body = await rollout.open_upstream(self._registry, self._repository,
-                                                   self._digest, offset)
+                # The root, in this view: the upstream, from where we are.
+                body = await rollout.open_upstream(
+                    self._registry, self._repository, self._digest, offset,
+                    self._span[1] if self._span is not None else None)
                 if body is None:
                     return None
-                if offset and body.size != self._size:
+                if ranged and not body.ranged:
+                    body.close()  # the whole blob again: not worth a byte more
+                    raise NoRanges()
+                if offset and body.size != self._whole:
                     body.close()
                     return None
-                self._upstream, self._size, self._position = body, body.size, offset
+                self._upstream, self._position = body, offset
+                self._whole, self.ranged = body.size, body.ranged
+                if self._span is None:
+                    self._size = body.size
                 self._origin = "upstream"
                 return body.size
             peer = peers[placement.parent]
             try:
                 opened = await rollout.client.open(
                     peer, self._path, self._registry, offset=offset,
+                    end=self._span[1] if self._span is not None else None,
                     headers={TREE_HEADER: rollout.name})
             except PeerFailure as failure:
                 logger.info("%s: tree parent %s refused: %s", self._digest, peer.name, failure)
                 self._failed.add(peer.name)
                 continue
-            size = _size_of(opened, offset)
-            if size is None or (offset and size != self._size):
+            size = _size_of(opened)
+            if size is None or ((offset or self._span is not None) and size != self._whole):
                 opened.release()
                 self._failed.add(peer.name)
                 continue
-            self._peer, self._size, self._position = opened, size, offset
+            self._peer, self._position, self._whole = opened, offset, size
+            if self._span is None:
+                self._size = size
             self._origin = peer.name
             return size
 
 
-def _size_of(opened: PeerResponse, offset: int) -> int | None:
-    """The whole blob's size from a 200 (offset 0) or a 206 starting at ``offset``."""
-    headers = opened.response.headers
-    if offset == 0:
-        return opened.response.content_length
-    value = headers.get("Content-Range", "")
+def _size_of(opened: PeerResponse) -> int | None:
+    """The whole blob's size from a 200 or a 206 (its Content-Range)."""
+    response = opened.response
+    if response.status == 200:
+        return response.content_length
+    unit, _, rest = response.headers.get("Content-Range", "").partition(" ")
     try:
-        unit, _, rest = value.partition(" ")
-        span, _, total = rest.partition("/")
-        start = int(span.split("-", 1)[0])
-        if unit != "bytes" or start != offset:
-            return None
-        return int(total)
+        return int(rest.partition("/")[2]) if unit == "bytes" else None
     except ValueError:
         return None
 
+
+class TreeSource:
+    """A `flight.BlobSource` for a blob nobody holds: through its tree, or, for a blob of
+    at least F stripes of `routing.owner.MIN_STRIPE`, as F stripes at once, each from
+    its own tree (see `routing.owner`), assembled into the flight's one cache entry and
+    hashed whole in order as the stripes fill it.
+
+    How a node learns the size, and whether to stripe: it opens the blob through the
+    unrotated tree (stripe 0's) from byte 0, its root asking the upstream with a
+    ``Range`` so that the status says whether the upstream serves ranges. That first
+    answer then carries stripe 0 only. A stripe's root whose upstream ignores
+    ``Range`` (`NoRanges`) turns this node back to the whole blob through the one tree
+    (its followers start over), and the node stripes no blob of that registry again.
+    """
+
+    def __init__(self, rollout: Rollout, registry: str, repository: str, digest: Digest,
+                 leave_out: set[str]) -> None:
+        self._rollout = rollout
+        self._args = (registry, repository, digest)
+        self._leave_out = leave_out
+        self._digest = digest
+        self._first = TreeStream(rollout, registry, repository, digest, leave_out)
+        self._streams: list[TreeStream] = [self._first]
+        self._size = 0
+        self._bounds: list[tuple[int, int]] = []
+
+    @property
+    def striped(self) -> bool:
+        """Bytes from several members at once: see `flight.Reader.verified`."""
+        return len(self._bounds) > 1
+
+    @property
+    def origin(self) -> str | None:
+        return "stripes" if self.striped else self._first.origin
+
+    async def open(self) -> int | None:
+        size = await self._first.open()
+        if size is None:
+            return None
+        self._size = size
+        rollout = self._rollout
+        stripes = stripe_count(size, rollout.fanout, rollout.min_stripe)
+        if stripes > 1 and self._first.ranged and self._args[0] not in rollout.no_ranges:
+            self._bounds = [stripe_range(size, stripes, s) for s in range(stripes)]
+            self._first.limit(self._bounds[0][1])
+        return size
+
+    async def fill(self, sink: Sink) -> bool:
+        if not self.striped or not isinstance(sink, RangeSink):
+            return await StreamSource(self._first, self._digest, resumes=16,
+                                      size=self._size).fill(sink)
+        sink.reset()
+        sink.split(self._bounds)
+        try:
+            return await self._striped(sink)
+        except ExceptionGroup as group:
+            if (failed := group.subgroup(SinkFailure)) is not None:
+                raise failed.exceptions[0] from group
+            if group.subgroup(NoRanges) is None:
+                logger.info("%s: a stripe gave up: %s", self._digest, group.exceptions[0])
+                return False
+            self._rollout.no_ranges.add(self._args[0])
+        logger.info("%s: the upstream ignores Range; the whole blob through one tree",
+                    self._digest)
+        self.close()
+        self._bounds = []
+        whole = TreeStream(self._rollout, *self._args, self._leave_out)
+        self._streams = [whole]
+        if await whole.open() != self._size:
+            return False
+        return await StreamSource(whole, self._digest, resumes=16, size=self._size).fill(sink)
+
+    async def _striped(self, sink: RangeSink) -> bool:
+        for index, span in enumerate(self._bounds[1:], 1):
+            stream = TreeStream(self._rollout, *self._args, self._leave_out, index, span)
+            stream._whole = self._size
+            stream.deadline = self._first.deadline
+            self._streams.append(stream)
+        progress = asyncio.Event()
+        async with asyncio.TaskGroup() as group:
+            for index, stream in enumerate(self._streams):
+                group.create_task(self._stripe(sink, index, stream, progress))
+            hashed = group.create_task(self._hash(sink, progress))
+        return hashed.result()
+
+    async def _stripe(self, sink: RangeSink, index: int, stream: TreeStream,
+                      progress: asyncio.Event) -> None:
+        position, end = self._bounds[index]
+        breaks = 0
+        while position < end:
+            try:
+                async for chunk in stream.chunks(position):
+                    await asyncio.to_thread(_keep, sink, index, chunk)
+                    position += len(chunk)
+                    progress.set()
+                if position < end:
+                    raise PeerFailure("broken", f"stripe {index} ended at byte {position}")
+            except NoRanges:
+                raise
+            except PeerFailure as failure:
+                breaks += 1
+                if breaks > 16:
+                    raise PeerFailure("exhausted", f"stripe {index}: {failure}") from failure
+
+    async def _hash(self, sink: RangeSink, progress: asyncio.Event) -> bool:
+        """Hash the blob in order as its prefix fills: verified soon after the last byte."""
+        hasher = self._digest.hasher()
+        position = 0
+        while position < self._size:
+            upto = sink.available(position)
+            if upto <= position:
+                progress.clear()
+                await progress.wait()
+                continue
+            data = await asyncio.to_thread(sink.read_at, position,
+                                           min(upto - position, _HASH_PIECE))
+            if not data:
+                raise PeerFailure("broken", f"cache file short at byte {position}")
+            hasher.update(data)
+            position += len(data)
+        return hasher.hexdigest() == self._digest.hex
+
+    def close(self) -> None:
+        for stream in self._streams:
+            stream.close()
+
+
+_HASH_PIECE = 1024 * 1024
+
+
+def _keep(sink: RangeSink, index: int, chunk: bytes) -> None:
+    try:
+        sink.write_at(index, chunk)
+    except Exception as err:
+        raise SinkFailure.of(err) from err
 
 
 class FirstFound:
@@ -458,6 +641,10 @@ class FirstFound:
     @property
     def origin(self) -> str | None:
         return self._active.origin if self._active is not None else None
+
+    @property
+    def striped(self) -> bool:
+        return bool(getattr(self._active, "striped", False))
 
     async def open(self) -> int | None:
         size = await self.first.open()
@@ -598,8 +785,5 @@ class PeersFallback:
         if fetched is None:
             return Miss(MissReason.UPSTREAM_FAILED)
         return FallbackContent(digest, len(fetched.data), fetched.media_type,
-                               _once(fetched.data) if want_body else None)
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+                               held_body(fetched.data, self._options.send_size)
+                               if want_body else None)
