@@ -128,6 +128,10 @@ class RolloutMetrics:
             "meshmirror_rollout_readers_peak",
             "The most peers' readers this node served at once since it started",
             registry=registry)
+        self.striped = Counter(
+            "meshmirror_rollout_striped_blobs",
+            "Blobs this node fetched as stripes, each from its own tree (see docs/rollout.md)",
+            registry=registry)
         self.refused = Counter(
             "meshmirror_rollout_readers_refused",
             "Peers' readers sent elsewhere because --rollout-fanout readers were served",
@@ -544,6 +548,7 @@ class TreeSource:
                                       size=self._size).fill(sink)
         sink.reset()
         sink.split(self._bounds)
+        self._rollout.metrics.striped.inc()
         try:
             return await self._striped(sink)
         except ExceptionGroup as group:

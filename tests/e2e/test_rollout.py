@@ -63,7 +63,9 @@ class Rollout:
 
 
 @pytest.fixture
-def rollout(tmp_path: Path) -> Iterator[Rollout]:
+def rollout(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rollout]:
+    """Three nodes; an indirect parameter adds `meshmirror run` flags to each."""
+    extra: tuple[str, ...] = getattr(request, "param", ())
     with TokenServer(tmp_path, public={PUBLIC}, pusher=USER) as tokens, \
             DistributionRegistry(auth=TokenAuth(tokens.realm, SERVICE, ISSUER,
                                                 tokens.rootcertbundle)) as upstream, \
@@ -71,7 +73,7 @@ def rollout(tmp_path: Path) -> Iterator[Rollout]:
         nodes: list[E2ENode] = []
         try:
             # The token server is another loopback host: realms there need allowing.
-            allow = ("--upstream-allow-hosts", str(urlsplit(tokens.realm).hostname))
+            allow = ("--upstream-allow-hosts", str(urlsplit(tokens.realm).hostname), *extra)
             first = E2ENode("node-1", extra_args=allow)
             nodes = [first, *(E2ENode(f"node-{i}", join=first.mesh_address, extra_args=allow)
                               for i in (2, 3))]
@@ -151,9 +153,12 @@ def test_a_batched_rollout_fetches_the_public_image_once(rollout: Rollout) -> No
     assert max(peaks) <= 8
 
 
+# Fan-out 2 and a layer over 2 x 16 MiB: the layer comes as 2 stripes, each with its
+# own root; the killed owner is stripe 0's (the whole blob's rendezvous owner).
+@pytest.mark.parametrize("rollout", [("--rollout-fanout", "2")], indirect=True)
 def test_the_owner_killed_mid_download_every_pull_completes(rollout: Rollout) -> None:
     nodes = rollout.nodes
-    big = 24 * MiB
+    big = 34 * MiB
     public = rollout.image(PUBLIC, (2 * MiB, big), seed=63)
     largest = max(public.platforms[0].layers, key=lambda layer: layer.size)
     owner_name = owner_of(str(largest.digest), [n.name for n in nodes])
@@ -163,7 +168,7 @@ def test_the_owner_killed_mid_download_every_pull_completes(rollout: Rollout) ->
     procs = _pull_all(nodes, public)
     # Kill the owner once it has fetched part (not all) of the largest layer.
     wait_until(lambda: metric(owner.metrics(), "meshmirror_rollout_upstream_bytes_total")
-               > big // 4, 30, f"{owner.name} to fetch a quarter of the layer")
+               > big // 8, 30, f"{owner.name} to fetch a quarter of its stripe")
     fetched_before_kill = metric(owner.metrics(), "meshmirror_rollout_upstream_bytes_total")
     owner.kill_meshmirror()
     assert fetched_before_kill < big, "the owner finished before the kill"
@@ -180,9 +185,13 @@ def test_the_owner_killed_mid_download_every_pull_completes(rollout: Rollout) ->
     owner.verify_image(public)
     total = image_bytes(public)
     upstream = rollout.proxy.bytes_to_clients
+    striped = sum(metric(n.metrics(), "meshmirror_rollout_striped_blobs_total")
+                  for n in others)
     _record({"case": "owner_killed", "owner": owner.name, "image_bytes": total,
+             "striped_blobs_on_survivors": striped,
              "owner_fetched_before_kill": fetched_before_kill, "upstream_bytes": upstream,
              "upstream_ratio": round(upstream / total, 3),
              "owner_pull_retried": codes[owner.name] != 0})
+    assert striped >= 1, "the layer came as stripes"
     # Bounded: at most the image once per node (today's cost without a mirror).
     assert upstream <= len(nodes) * total * 1.05
