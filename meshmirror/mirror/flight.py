@@ -11,8 +11,7 @@ and readers are served from that file at any offset, Range included:
   checked out, then reads the file: every waiting request gets its headers at
   the same moment, none waits for the requests ahead of it;
 - a following reader (``verified=False``) gets bytes as they arrive, for a
-  consumer that verifies on its own (another mirror) or that would have
-  fetched those same bytes itself (the owner's containerd, upstream bytes).
+  consumer that verifies on its own (another mirror).
 
 Failure modes. The source starting over from byte 0 (a digest mismatch, a size
 disagreement: `BlobFetch` does this to find the liar) is counted as a restart
@@ -213,9 +212,6 @@ class Flight:
         self.attempt = 0
         # Set when the node could not keep the bytes (a full disk): nobody else's fault.
         self.sink_failure: str | None = None
-        # The source takes the blob from several places at once (`rollout` stripes):
-        # not only upstream bytes, whoever follows it.
-        self.striped = False
         self.readers: set[Reader] = set()
         self._flights = flights
         self._source = source
@@ -249,8 +245,8 @@ class Flight:
     def landed(self) -> bool:
         return self.state not in (State.OPENING, State.FETCHING)
 
-    def attach(self, *, verified: bool = True, upstream_only: bool = False) -> Reader:
-        reader = Reader(self, verified=verified, upstream_only=upstream_only)
+    def attach(self, *, verified: bool = True) -> Reader:
+        reader = Reader(self, verified=verified)
         self.readers.add(reader)
         if self.entry is not None and self.state in (State.FETCHING, State.VERIFIED):
             reader.pin(self.entry)
@@ -297,7 +293,6 @@ class Flight:
             if entry is None:
                 state = State.REFUSED
                 return
-            self.striped = bool(getattr(source, "striped", False))
             self.entry, self.size, self.state = entry, size, State.FETCHING
             for reader in self.readers:
                 reader.pin(entry)
@@ -368,10 +363,9 @@ class _FlightSink:
 class Reader:
     """One request's view of a flight; `close` it (or its body does) when done."""
 
-    def __init__(self, flight: Flight, *, verified: bool, upstream_only: bool = False) -> None:
+    def __init__(self, flight: Flight, *, verified: bool) -> None:
         self.flight = flight
-        self._verified = verified
-        self._upstream_only = upstream_only
+        self.verified = verified
         self._entry: CacheEntry | None = None
         self._closed = False
 
@@ -379,13 +373,6 @@ class Reader:
         if self._entry is None and not self._closed:
             self._entry = entry
             self.flight._flights.cache.pin(entry)
-
-    @property
-    def verified(self) -> bool:
-        """Whether this reader gets the blob only once it verified: asked for, or a
-        reader that may follow upstream bytes only (the owner's containerd) of a flight
-        that turned out to take some bytes from peers (stripes)."""
-        return self._verified or (self._upstream_only and self.flight.striped)
 
     @property
     def refused(self) -> bool:
@@ -517,23 +504,23 @@ class Flights:
         self._flying: dict[str, Flight] = {}
 
     def attach(self, digest: Digest, source: Callable[[], BlobSource], *,
-               verified: bool = True, upstream_only: bool = False) -> Reader:
+               verified: bool = True) -> Reader:
         """A reader of ``digest``: from the cache if it is there, else from the flight
         in progress, else from a new flight whose source ``source()`` makes."""
         key = str(digest)
         flight = self._flying.get(key)
         if flight is not None:
             self.events.flight_joined()
-            return flight.attach(verified=verified, upstream_only=upstream_only)
+            return flight.attach(verified=verified)
         entry = self.cache.open(key)
         if entry is not None:
             landed = Flight(self, key, None, entry)
-            reader = landed.attach(verified=verified, upstream_only=upstream_only)
+            reader = landed.attach(verified=verified)
             self.cache.unpin(entry)  # the reader holds its own pin
             return reader
         flight = Flight(self, key, source())
         self._flying[key] = flight
-        return flight.attach(verified=verified, upstream_only=upstream_only)
+        return flight.attach(verified=verified)
 
     def flying(self, digest: Digest) -> Flight | None:
         """The flight of ``digest`` in progress, if any (to advertise it, say)."""

@@ -306,12 +306,9 @@ class PeerMirror:
         if access.denied:
             self._count(registry, "blob", "refused", path, started)
             return _denied(access)
-        # A blob no peer holds comes through its tree; the owner's containerd may
-        # follow the upstream's bytes as they arrive (see `rollout`).
-        follow = (self._rollout is not None and not self._router.candidates(str(digest), 1)
-                  and self._rollout.is_owner(digest))
-        reader = self.flights.attach(digest, lambda: self._source(registry, repository, digest),
-                                     verified=not follow, upstream_only=follow)
+        # A blob no peer holds comes through its tree (see `rollout`); containerd gets
+        # it verified, on the owner too (a slow upstream is then a 404, not a cut body).
+        reader = self.flights.attach(digest, lambda: self._source(registry, repository, digest))
         record = _BlobRecord(registry, path, started, reader.flight)
         try:
             content = await self._shared_blob(reader, record, digest, byte_range, want_body)

@@ -20,11 +20,16 @@ requests are served from a flight or the cache too, but never start a fetch.
 Nothing is advertised: the tree is a pure function of (digest, members), so a
 node that needs the blob knows whom to ask before any summary could say so.
 
-What containerd sees. The owner's containerd may follow the upstream's bytes
-as they arrive (it would have fetched the same bytes itself). Every other
-node's containerd gets the blob only once its digest verified, as for any
-peer's bytes; mirrors between them pass bytes on unverified, each verifying
-its own copy.
+What containerd sees. Every node's containerd, the owner's too, gets the blob
+only once its digest verified, as for any peer's bytes; mirrors between them
+pass bytes on unverified, each verifying its own copy. So an upstream too slow
+for the fetch's bound is a 404 for every containerd, which then goes to the
+upstream itself, never a body cut short (containerd 1.6 does not take a cut
+body to its next host).
+
+Stripes. A blob of at least `fanout` x `routing.owner.MIN_STRIPE` bytes is
+read as `fanout` byte ranges at once, each through its own rotated tree, into
+the one cache entry, and hashed whole in order (`TreeSource`).
 
 Failures. A parent that fails (refused, reset, stalled, or 429 because it
 serves `fanout` readers already) is left out and the tree recomputed without
@@ -122,11 +127,13 @@ class RolloutMetrics:
             registry=registry)
         self.readers = Gauge(
             "meshmirror_rollout_readers",
-            "Peers' readers this node serves now (at most --rollout-fanout)",
+            "Peers' readers this node serves now, in whole blobs' worth (a stripe's reader "
+            "counts 1/--rollout-fanout); at most --rollout-fanout",
             registry=registry)
         self.readers_peak = Gauge(
             "meshmirror_rollout_readers_peak",
-            "The most peers' readers this node served at once since it started",
+            "The most peers' readers this node served at once since it started, as "
+            "meshmirror_rollout_readers counts them",
             registry=registry)
         self.striped = Counter(
             "meshmirror_rollout_striped_blobs",
@@ -160,8 +167,9 @@ class Rollout:
         self.options = options
         self.client = PeerClient(router, session, patient, mirror_metrics)
         self._chunk = options.chunk_size
-        self.serving = 0  # tree and peer readers this node serves now
-        self.serving_peak = 0
+        # Tree and peer readers this node serves now, in whole blobs' worth (see `admit`).
+        self.serving = 0.0
+        self.serving_peak = 0.0
         self._manifests: dict[str, asyncio.Future[FetchedManifest | None]] = {}
         # Registries whose upstream answered a stripe's range with the whole blob.
         self.no_ranges: set[str] = set()
@@ -194,20 +202,21 @@ class Rollout:
 
     # -- readers this node serves --------------------------------------------------
 
-    def admit(self) -> bool:
-        """Take a reader slot; False when `fanout` readers are served already."""
-        if self.serving >= self.fanout:
+    def admit(self, share: float = 1.0) -> bool:
+        """Take ``share`` of a reader slot (a stripe's reader takes 1/`fanout`: it moves
+        that share of a blob); False when `fanout` whole readers' worth are served."""
+        if self.serving + share > self.fanout + 1e-9:
             self.metrics.refused.inc()
             return False
-        self.serving += 1
+        self.serving += share
         self.serving_peak = max(self.serving_peak, self.serving)
         self.metrics.readers_served.inc()
         self.metrics.readers.set(self.serving)
         self.metrics.readers_peak.set(self.serving_peak)
         return True
 
-    def release(self) -> None:
-        self.serving -= 1
+    def release(self, share: float = 1.0) -> None:
+        self.serving = max(0.0, self.serving - share)
         self.metrics.readers.set(self.serving)
 
     async def counted(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -523,7 +532,7 @@ class TreeSource:
 
     @property
     def striped(self) -> bool:
-        """Bytes from several members at once: see `flight.Reader.verified`."""
+        """Whether the blob comes as stripes, from several members at once."""
         return len(self._bounds) > 1
 
     @property
@@ -647,10 +656,6 @@ class FirstFound:
     def origin(self) -> str | None:
         return self._active.origin if self._active is not None else None
 
-    @property
-    def striped(self) -> bool:
-        return bool(getattr(self._active, "striped", False))
-
     async def open(self) -> int | None:
         size = await self.first.open()
         if size is not None:
@@ -692,9 +697,10 @@ class _Counted:
     """A body that holds one of the rollout's reader slots until it ends or is closed,
     also when it is never iterated."""
 
-    def __init__(self, body: AsyncIterator[bytes], rollout: Rollout) -> None:
+    def __init__(self, body: AsyncIterator[bytes], rollout: Rollout, share: float) -> None:
         self._body = body
         self._rollout: Rollout | None = rollout
+        self._share = share
 
     def __aiter__(self) -> _Counted:
         return self
@@ -710,7 +716,7 @@ class _Counted:
         rollout, self._rollout = self._rollout, None
         if rollout is None:
             return
-        rollout.release()
+        rollout.release(self._share)
         aclose = getattr(self._body, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -745,7 +751,10 @@ class PeersFallback:
             access = await self._access.check(registry, repository, BLOB_PROBE_REFERENCE)
             if access.denied:
                 return Miss(access.reason or MissReason.PRIVATE_REPOSITORY)
-        if not self._rollout.admit():
+        # A stripe's reader asks for a bounded range and moves 1/F of the blob.
+        share = (1.0 / self._rollout.fanout if tree and byte_range is not None
+                 and byte_range.last is not None else 1.0)
+        if not self._rollout.admit(share):
             return Miss(MissReason.BUSY, "rollout reader limit")
         source: Callable[[], BlobSource] = (
             (lambda: self._source(registry, repository, digest)) if tree else lambda: NoSource())
@@ -754,11 +763,11 @@ class PeersFallback:
             size = await reader.opened()
         except BaseException:
             reader.close()
-            self._rollout.release()
+            self._rollout.release(share)
             raise
         if size is None or not want_body:
             reader.close()
-            self._rollout.release()
+            self._rollout.release(share)
             if size is None:
                 return Miss(MissReason.UPSTREAM_FAILED if tree else MissReason.NOT_HELD)
             return FallbackContent(digest, size, None, None)
@@ -766,12 +775,12 @@ class PeersFallback:
             selected = byte_range.resolve(size) if byte_range is not None else None
         except UnsatisfiableRangeError:
             reader.close()
-            self._rollout.release()
+            self._rollout.release(share)
             return FallbackContent(digest, size, None, None)
         start = 0 if selected is None else selected.offset
         end = size if selected is None else selected.offset + selected.length
         return FallbackContent(digest, size, None,
-                               _Counted(reader.body(start, end), self._rollout))
+                               _Counted(reader.body(start, end), self._rollout, share))
 
     async def open_manifest(self, registry: str, repository: str, reference: str,
                             want_body: bool) -> FallbackContent | Miss:
