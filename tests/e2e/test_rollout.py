@@ -64,12 +64,13 @@ class Rollout:
 
 @pytest.fixture
 def rollout(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rollout]:
-    """Three nodes; an indirect parameter adds `meshmirror run` flags to each."""
-    extra: tuple[str, ...] = getattr(request, "param", ())
+    """Three nodes; an indirect parameter gives `meshmirror run` flags for each and the
+    upstream proxy's rate in bytes/s."""
+    extra, rate = getattr(request, "param", ((), 20e6))
     with TokenServer(tmp_path, public={PUBLIC}, pusher=USER) as tokens, \
             DistributionRegistry(auth=TokenAuth(tokens.realm, SERVICE, ISSUER,
                                                 tokens.rootcertbundle)) as upstream, \
-            CountingProxy(upstream.host, upstream.port, rate=20e6) as proxy:
+            CountingProxy(upstream.host, upstream.port, rate=rate) as proxy:
         nodes: list[E2ENode] = []
         try:
             # The token server is another loopback host: realms there need allowing.
@@ -155,7 +156,7 @@ def test_a_batched_rollout_fetches_the_public_image_once(rollout: Rollout) -> No
 
 # Fan-out 2 and a layer over 2 x 16 MiB: the layer comes as 2 stripes, each with its
 # own root; the killed owner is stripe 0's (the whole blob's rendezvous owner).
-@pytest.mark.parametrize("rollout", [("--rollout-fanout", "2")], indirect=True)
+@pytest.mark.parametrize("rollout", [(("--rollout-fanout", "2"), 20e6)], indirect=True)
 def test_the_owner_killed_mid_download_every_pull_completes(rollout: Rollout) -> None:
     nodes = rollout.nodes
     big = 34 * MiB
@@ -195,3 +196,32 @@ def test_the_owner_killed_mid_download_every_pull_completes(rollout: Rollout) ->
     assert striped >= 1, "the layer came as stripes"
     # Bounded: at most the image once per node (today's cost without a mirror).
     assert upstream <= len(nodes) * total * 1.05
+
+
+# An upstream at 1 MB/s for the whole cluster, and mirrors that give a fetch 1 s plus
+# its size at 4 MiB/s: too slow for the mirrors' bound, not for containerd.
+@pytest.mark.parametrize("rollout", [(("--mirror-deadline", "1s", "--mirror-min-rate", "4Mi"),
+                                      1e6)], indirect=True)
+def test_a_slow_upstream_is_bounded_then_a_miss_and_every_pull_completes(
+        rollout: Rollout) -> None:
+    nodes = rollout.nodes
+    public = rollout.image(PUBLIC, (3 * MiB, 1 * MiB), seed=64)
+    largest = max(public.platforms[0].layers, key=lambda layer: layer.size)
+    rollout.proxy.reset()
+    codes = _wait(_pull_all(nodes, public))
+    for node in nodes:
+        assert codes[node.name] == 0, (node.dir / "pull-pub.log").read_text()[-1500:]
+        node.verify_image(public)
+    # The largest layer's owner gave up within its bound: its readers (every node's
+    # containerd, the owner's too) got a miss, so each containerd fetched it itself.
+    misses = sum(metric(n.metrics(), "meshmirror_mirror_misses_total", reason="upstream_failed")
+                 for n in nodes)
+    fetched = _fetched_by_mirrors(nodes)
+    total = image_bytes(public)
+    upstream = rollout.proxy.bytes_to_clients
+    _record({"case": "slow_upstream", "image_bytes": total, "upstream_bytes": upstream,
+             "fetched_by_mirrors": fetched, "upstream_failed_misses": misses})
+    assert misses >= len(nodes)
+    assert sum(metric(n.metrics(), "meshmirror_rollout_upstream_fetches_total",
+                      result="completed") for n in nodes) < len(public.platforms[0].layers)
+    assert upstream >= len(nodes) * largest.size
