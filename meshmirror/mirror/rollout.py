@@ -170,6 +170,9 @@ class Rollout:
         # Tree and peer readers this node serves now, in whole blobs' worth (see `admit`).
         self.serving = 0.0
         self.serving_peak = 0.0
+        self._freed = asyncio.Event()  # set (and replaced) whenever a slot frees
+        # How long a tree request waits for a slot: well inside the requester's patience.
+        self.slot_wait = content.first_byte_timeout / 2
         self._manifests: dict[str, asyncio.Future[FetchedManifest | None]] = {}
         # Registries whose upstream answered a stripe's range with the whole blob.
         self.no_ranges: set[str] = set()
@@ -208,16 +211,36 @@ class Rollout:
         if self.serving + share > self.fanout + 1e-9:
             self.metrics.refused.inc()
             return False
+        self._take(share)
+        return True
+
+    async def admit_waiting(self, share: float, wait: float) -> bool:
+        """`admit`, waiting up to ``wait`` seconds for a slot to free. For tree requests:
+        in a small cluster with many blobs at once (every member reads every stripe from
+        its root) a node is briefly full; a refused reader would leave it out and could
+        end up fetching from the upstream itself, while a short wait costs nothing."""
+        try:
+            async with asyncio.timeout(wait):
+                while self.serving + share > self.fanout + 1e-9:
+                    await self._freed.wait()
+        except TimeoutError:
+            self.metrics.refused.inc()
+            return False
+        self._take(share)
+        return True
+
+    def _take(self, share: float) -> None:
         self.serving += share
         self.serving_peak = max(self.serving_peak, self.serving)
         self.metrics.readers_served.inc()
         self.metrics.readers.set(self.serving)
         self.metrics.readers_peak.set(self.serving_peak)
-        return True
 
     def release(self, share: float = 1.0) -> None:
         self.serving = max(0.0, self.serving - share)
         self.metrics.readers.set(self.serving)
+        freed, self._freed = self._freed, asyncio.Event()
+        freed.set()
 
     async def counted(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """``body`` holding a reader slot until it ends or is dropped."""
@@ -754,7 +777,9 @@ class PeersFallback:
         # A stripe's reader asks for a bounded range and moves 1/F of the blob.
         share = (1.0 / self._rollout.fanout if tree and byte_range is not None
                  and byte_range.last is not None else 1.0)
-        if not self._rollout.admit(share):
+        admitted = (await self._rollout.admit_waiting(share, self._rollout.slot_wait) if tree
+                    else self._rollout.admit(share))
+        if not admitted:
             return Miss(MissReason.BUSY, "rollout reader limit")
         source: Callable[[], BlobSource] = (
             (lambda: self._source(registry, repository, digest)) if tree else lambda: NoSource())

@@ -215,3 +215,20 @@ async def test_an_upstream_that_ignores_range_gives_the_whole_blob_through_one_t
             assert 3 <= len(ranges) <= 4 and ranges[-1] == "bytes=0-"
         else:
             assert len(ranges) == 1
+
+
+async def test_a_tree_reader_waits_briefly_for_a_slot_and_a_stripe_takes_a_share(
+        owner: Owner) -> None:
+    rollout = owner.rollout
+    assert all(rollout.admit(1.0) for _ in range(rollout.fanout))
+    assert not rollout.admit(1.0 / rollout.fanout)  # full, even for a stripe's share
+    waiting = asyncio.create_task(rollout.admit_waiting(1.0 / rollout.fanout, 5.0))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    rollout.release(1.0)
+    async with asyncio.timeout(5):
+        assert await waiting  # a freed slot goes to the waiting reader...
+    # ... and the rest of it to fanout - 1 more stripes' readers, then nobody.
+    assert all(rollout.admit(1.0 / rollout.fanout) for _ in range(rollout.fanout - 1))
+    assert not await rollout.admit_waiting(1.0 / rollout.fanout, 0.05)
+    assert rollout.serving == pytest.approx(rollout.fanout)
