@@ -83,6 +83,10 @@ _MAX_NAME = 256
 # The node that sent the tree request being served, if the request is one.
 _requester: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "meshmirror_tree_requester", default=None)
+# Where the tree request being served starts (its Range's first byte): which stripe's
+# tree the requester reads from this node, so the node never asks it back in that one.
+_asked_at: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "meshmirror_tree_asked_at", default=0)
 
 
 def tree_requests(app: ASGIApp) -> ASGIApp:
@@ -162,8 +166,13 @@ class Rollout:
         self.metrics = metrics
         # Tree requests wait on a parent that is itself opening the blob upstream, and
         # follow it at the upstream's pace: the upstream's bounds apply, not a peer's.
+        # A node may read every stripe of the blobs containerd fetches at once (3 by
+        # default) from one member, each stripe one request: room for them all, or a
+        # stripe queued behind the others could give up and go to the upstream.
         patient = replace(options, first_byte_timeout=content.first_byte_timeout + 1.0,
-                          stall_timeout=content.stall_timeout + 1.0)
+                          stall_timeout=content.stall_timeout + 1.0,
+                          peer_connections=max(options.peer_connections,
+                                               3 * (options.rollout_fanout + 1)))
         self.options = options
         self.client = PeerClient(router, session, patient, mirror_metrics)
         self._chunk = options.chunk_size
@@ -201,7 +210,7 @@ class Rollout:
         the module's note); made while serving a tree request, it never asks back the
         member that sent it."""
         leave_out = {r} if (r := self.requester()) else set()
-        return TreeSource(self, registry, repository, digest, leave_out)
+        return TreeSource(self, registry, repository, digest, leave_out, _asked_at.get())
 
     # -- readers this node serves --------------------------------------------------
 
@@ -543,12 +552,17 @@ class TreeSource:
     """
 
     def __init__(self, rollout: Rollout, registry: str, repository: str, digest: Digest,
-                 leave_out: set[str]) -> None:
+                 leave_out: set[str], asked_at: int = 0) -> None:
+        """``leave_out``: the member this node serves the blob to, from byte
+        ``asked_at``; it is left out of the tree of the stripe that starts there (in the
+        other stripes' trees it is a member like any other)."""
         self._rollout = rollout
         self._args = (registry, repository, digest)
         self._leave_out = leave_out
+        self._asked_at = asked_at
         self._digest = digest
-        self._first = TreeStream(rollout, registry, repository, digest, leave_out)
+        self._first = TreeStream(rollout, registry, repository, digest,
+                                 leave_out if asked_at == 0 else set())
         self._streams: list[TreeStream] = [self._first]
         self._size = 0
         self._bounds: list[tuple[int, int]] = []
@@ -602,7 +616,8 @@ class TreeSource:
 
     async def _striped(self, sink: RangeSink) -> bool:
         for index, span in enumerate(self._bounds[1:], 1):
-            stream = TreeStream(self._rollout, *self._args, self._leave_out, index, span)
+            leave_out = self._leave_out if span[0] == self._asked_at else set()
+            stream = TreeStream(self._rollout, *self._args, leave_out, index, span)
             stream._whole = self._size
             stream.deadline = self._first.deadline
             self._streams.append(stream)
@@ -783,7 +798,13 @@ class PeersFallback:
             return Miss(MissReason.BUSY, "rollout reader limit")
         source: Callable[[], BlobSource] = (
             (lambda: self._source(registry, repository, digest)) if tree else lambda: NoSource())
-        reader = self._flights.attach(digest, source, verified=False)
+        # A flight started here takes the requester's place in the stripes from the
+        # Range's first byte (the flight's task copies this context).
+        asked = _asked_at.set(byte_range.first or 0 if byte_range is not None else 0)
+        try:
+            reader = self._flights.attach(digest, source, verified=False)
+        finally:
+            _asked_at.reset(asked)
         try:
             size = await reader.opened()
         except BaseException:
