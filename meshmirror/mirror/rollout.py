@@ -31,14 +31,16 @@ Stripes. A blob of at least `fanout` x `routing.owner.MIN_STRIPE` bytes is
 read as `fanout` byte ranges at once, each through its own rotated tree, into
 the one cache entry, and hashed whole in order (`TreeSource`).
 
-Failures. A parent that fails (refused, reset, stalled, or 429 because it
-serves `fanout` readers already) is left out and the tree recomputed without
-it, so the reader resumes with ``Range`` from its new parent, and a reader
-that becomes the owner (the old owner died) resumes from the upstream itself.
-With every member failed, the reader goes to the upstream directly. A node
-asked by a requester never asks that requester back. The upstream down or
-slow: bounded by `upstream.blobs`, then a miss, and containerd goes upstream
-itself. Private repositories never get here: the visibility check comes first.
+Failures. A parent that fails (refused, reset, stalled, or a 404 because it
+serves `fanout` readers' worth already and no slot freed within `slot_wait`)
+is left out and that tree (that stripe's) recomputed without it, so the reader
+resumes with ``Range`` from its new parent, and a reader that becomes the root
+(the old one died) resumes from the upstream itself. With every member
+failed, the reader goes to the upstream directly. A node asked by a requester
+never asks that requester back in the tree the requester reads from it. The
+upstream down or slow: bounded by `upstream.blobs` and the fetch's deadline,
+then a miss, and containerd goes upstream itself. Private repositories never
+get here: the visibility check comes first.
 """
 
 from __future__ import annotations
