@@ -204,9 +204,6 @@ class Rollout:
                  if p.name not in leave_out and p.name != self.name}
         return FanoutTree(str(digest), [self.name, *peers], self.fanout, stripe), peers
 
-    def is_owner(self, digest: Digest) -> bool:
-        return self.tree(digest, set())[0].owner == self.name
-
     def source(self, registry: str, repository: str, digest: Digest) -> TreeSource:
         """A `flight.BlobSource` of the blob through its tree or its stripes' trees (see
         the module's note); made while serving a tree request, it never asks back the
@@ -591,6 +588,9 @@ class TreeSource:
         return size
 
     async def fill(self, sink: Sink) -> bool:
+        if self.striped and not isinstance(sink, RangeSink):  # a sink written in order
+            self._bounds = []
+            self._first.limit(self._size)
         if not self.striped or not isinstance(sink, RangeSink):
             return await StreamSource(self._first, self._digest, resumes=16,
                                       size=self._size).fill(sink)
