@@ -813,6 +813,11 @@ class PeersFallback:
             reader.close()
             self._rollout.release(share)
             raise
+        if (tree and share == 1.0 and size is not None and byte_range is None
+                and stripe_count(size, self._rollout.fanout, self._rollout.min_stripe) > 1):
+            # The requester's first answer of a blob it stripes: it reads stripe 0 only.
+            share = 1.0 / self._rollout.fanout
+            self._rollout.release(1.0 - share)
         if size is None or not want_body:
             reader.close()
             self._rollout.release(share)
