@@ -16,7 +16,11 @@ Fetching rules, per peer:
     advertised epoch cuts the wait short and restarts the backoff;
   * a response older than what is held is ignored (a slow response racing a
     newer one, or a load balancer answering from elsewhere);
-  * a dead or left peer is dropped at once, with its in-flight fetch.
+  * a dead or left peer is dropped at once, with its in-flight fetch;
+  * a peer already held is asked for a delta (see `summary`); a delta that does
+    not fit what is held (another base epoch or geometry, or a filter the sink
+    could not install) counts as an error and the next fetch asks for the whole
+    filter, so a broken or hostile delta costs one extra fetch, never wrong bits.
 
 `meshmirror.peering` feeds it from membership events, which reach the node's
 event loop through a queue (the mesh itself runs on its own thread): it calls
@@ -42,6 +46,7 @@ from meshmirror.routing.router import Peer
 from meshmirror.routing.summary import (
     FetchError,
     Summary,
+    SummaryDelta,
     SummaryFormatError,
     fetch_summary,
     wall_clock_ms,
@@ -58,6 +63,11 @@ class SummarySink(Protocol):
 
     def set_summary(self, peer: Peer, summary: Summary) -> None: ...
 
+    def apply_delta(self, peer: Peer, delta: SummaryDelta) -> bool:
+        """Set the delta's positions in the peer's installed filter; False when no
+        filter of the delta's geometry is installed for it."""
+        ...
+
     def set_address(self, peer: Peer) -> None: ...
 
     def drop_peer(self, name: str) -> None: ...
@@ -73,6 +83,7 @@ class HeldSummary:
     born_at_ms: int
     m: int
     k: int
+    reduction: int = 0
 
 
 def check_http_base(http_base: str) -> str:
@@ -103,8 +114,14 @@ class DirectoryMetrics:
                                registry=registry)
         self.peers = Gauge("meshmirror_peer_directory_peers",
                            "Alive peers known to the directory", registry=registry)
-        for result in ("ok", "not_modified", "error"):
+        for result in ("ok", "delta", "not_modified", "error"):
             self.fetches.labels(result)
+        self.fetched_bytes = Counter(
+            "meshmirror_peer_summary_fetched_bytes",
+            "Bytes of summaries and deltas received from peers, by kind (full, delta)",
+            ["kind"], registry=registry)
+        for kind in ("full", "delta"):
+            self.fetched_bytes.labels(kind)
 
 
 @dataclass(slots=True)
@@ -116,6 +133,8 @@ class _PeerState:
     # Set when the advertised epoch moves: cuts a backoff wait short, so a peer
     # that failed a while ago is fetched as soon as it has something new.
     poke: asyncio.Event = field(default_factory=asyncio.Event)
+    # After a delta that did not fit: ask for the whole filter next time.
+    full_next: bool = False
 
     def is_current(self) -> bool:
         if self.held is None:
@@ -128,7 +147,7 @@ class PeerDirectory:
 
     def __init__(self, sink: SummarySink, *, registry: CollectorRegistry | None = None,
                  timeout_s: float = 2.0, backoff_s: float = 0.1, max_backoff_s: float = 10.0,
-                 max_summary_bytes: int = 64 * 1024 * 1024,
+                 max_summary_bytes: int = 16 * 1024 * 1024,
                  wall_ms: Callable[[], int] | None = None,
                  vouches: VouchBook | None = None) -> None:
         if timeout_s <= 0 or backoff_s <= 0 or max_backoff_s < backoff_s:
@@ -218,11 +237,17 @@ class PeerDirectory:
             except (aiohttp.ClientError, TimeoutError, SummaryFormatError, FetchError) as err:
                 self.metrics.fetches.labels("error").inc()
                 log.info("summary fetch from %s failed: %s", state.peer.name, err)
-                fetched = None
+                # Perhaps a bad delta: the whole filter next time, which a peer
+                # that cannot send deltas properly still serves.
+                state.full_next = True
             else:
-                self.metrics.fetches.labels("not_modified" if fetched is None else "ok").inc()
-            if fetched is not None and self._peers.get(state.peer.name) is state:
-                self._install(state, fetched)
+                result = "not_modified" if fetched is None else "ok"
+                if isinstance(fetched, SummaryDelta):
+                    result = "delta" if self._install_delta(state, fetched) else "error"
+                elif fetched is not None:
+                    state.full_next = False
+                    self._install(state, fetched)
+                self.metrics.fetches.labels(result).inc()
             if state.is_current():
                 return
             # Failed, not modified yet, or the peer answered an older epoch than
@@ -237,24 +262,56 @@ class PeerDirectory:
             except TimeoutError:
                 pass
 
-    async def _fetch(self, state: _PeerState) -> Summary | None:
-        """The peer's summary, or None when it answers 304 for the one held."""
+    async def _fetch(self, state: _PeerState) -> Summary | SummaryDelta | None:
+        """The peer's summary or a delta from the one held, or None when it answers
+        304 for the one held."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         held = state.held.epoch if state.held is not None else None
-        return await fetch_summary(self._session, state.peer.http_base, held, self._max_bytes)
+        return await fetch_summary(self._session, state.peer.http_base, held, self._max_bytes,
+                                   delta=not state.full_next, on_body=self._count_bytes)
+
+    def _count_bytes(self, delta: bool, size: int) -> None:
+        self.metrics.fetched_bytes.labels("delta" if delta else "full").inc(size)
+
+    def _install_delta(self, state: _PeerState, delta: SummaryDelta) -> bool:
+        """Apply a delta to the held summary; False (and the whole filter next) when it
+        does not fit it."""
+        if self._peers.get(state.peer.name) is not state:
+            return True
+        held = state.held
+        if held is not None and delta.epoch <= held.epoch:
+            return True
+        if held is None or delta.base_epoch != held.epoch or (
+                (delta.m, delta.k, delta.reduction) != (held.m, held.k, held.reduction)) or (
+                not self._sink.apply_delta(state.peer, delta)):
+            # Not a delta from what is held: nothing is changed, the whole filter comes next.
+            log.info("summary delta from %s does not fit the summary held; fetching it whole",
+                     state.peer.name)
+            state.full_next = True
+            return False
+        self._held(state, delta.epoch, delta.count, delta.born_at_ms, delta.m, delta.k,
+                   delta.reduction)
+        self.vouches.set_vouches(state.peer.name, delta.vouches)
+        return True
 
     def _install(self, state: _PeerState, summary: Summary) -> None:
-        previous = state.held
-        if previous is not None and summary.epoch <= previous.epoch:
+        if self._peers.get(state.peer.name) is not state:
             return
-        state.held = HeldSummary(summary.epoch, summary.count, summary.born_at_ms, summary.m,
-                                 summary.k)
+        if state.held is not None and summary.epoch <= state.held.epoch:
+            return
         self._sink.set_summary(state.peer, summary)
+        self._held(state, summary.epoch, summary.count, summary.born_at_ms, summary.m,
+                   summary.k, summary.reduction)
         self.vouches.set_vouches(state.peer.name, summary.vouches)
+
+    def _held(self, state: _PeerState, epoch: int, count: int, born_at_ms: int, m: int, k: int,
+              reduction: int) -> None:
+        previous = state.held
+        state.held = HeldSummary(epoch, count, born_at_ms, m, k, reduction)
         # Observe only versions carrying keys newer than the last one held: the
         # first summary of a peer measures when we met it, not propagation.
-        if previous is not None and summary.born_at_ms > previous.born_at_ms:
-            delay_s = max(0, self._wall_ms() - summary.born_at_ms) / 1000
+        if previous is not None and born_at_ms > previous.born_at_ms:
+            delay_s = max(0, self._wall_ms() - born_at_ms) / 1000
             self.metrics.propagation.observe(delay_s)
         self._update_share()

@@ -5,10 +5,10 @@ serve locally, so the answer must cost microseconds with a thousand peers. Two
 implementations share one ranking:
 
 * ``BloomRouter`` matches a key against every peer's Bloom summary. Peers'
-  filters of the same geometry (m bits, k hashes) are stacked column by column
-  into one uint8 matrix of shape (m/8, peers); a key's k bit positions select k
-  contiguous rows, so one lookup is a gather of k*peers bytes and a reduction,
-  not a Python loop over peers.
+  filters (any sizes, both reductions) lie end to end in one uint8 buffer; a
+  key's k hash sums are reduced against every peer's size at once, so one
+  lookup is a few array operations on k*peers values and a gather of k*peers
+  bytes, not a Python loop over peers.
 * ``InMemoryRouter`` holds an explicit key -> peers map: exact answers for
   tests and for callers that know the truth.
 
@@ -55,8 +55,8 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Histogram
 
-from meshmirror.routing.bloom import key_hashes, positions
-from meshmirror.routing.summary import Summary
+from meshmirror.routing.bloom import MASK, MAX_K, key_hashes, reduce_sums
+from meshmirror.routing.summary import Summary, SummaryDelta
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -389,49 +389,120 @@ class InMemoryRouter(Router):
         return np.fromiter(holders, dtype=np.int64, count=len(holders))
 
 
-class _FilterGroup:
-    """Filters of one geometry stacked as columns of a (m/8, capacity) matrix."""
+class _Filters:
+    """Every installed filter end to end in one byte buffer, one segment per slot.
 
-    def __init__(self, m: int, k: int) -> None:
-        self.m = m
-        self.k = k
-        self.matrix: npt.NDArray[np.uint8] = np.zeros((m // 8, 0), dtype=np.uint8)
-        self.col_slot: IntArray = _EMPTY.copy()
-        self._free: list[int] = []
-        self.used = 0
+    A filter replaced by one of the same byte length is overwritten in place
+    (the usual case: a new version, or a delta, of the same filter); any other
+    is appended and its old segment becomes garbage, compacted away once
+    garbage outweighs live bytes. Per-slot geometry lives in flat arrays that a
+    lookup reads whole.
+    """
 
-    def put(self, slot: int, bits: bytes) -> int:
-        if not self._free:
-            old_cap = self.matrix.shape[1]
-            cap = max(8, old_cap * 2)
-            matrix = np.zeros((self.m // 8, cap), dtype=np.uint8)
-            matrix[:, :old_cap] = self.matrix
-            col_slot = np.full(cap, -1, dtype=np.int64)
-            col_slot[:old_cap] = self.col_slot
-            self.matrix, self.col_slot = matrix, col_slot
-            self._free.extend(range(cap - 1, old_cap - 1, -1))
-        col = self._free.pop()
-        self.write(col, slot, bits)
-        self.used += 1
-        return col
+    def __init__(self) -> None:
+        self.buf: npt.NDArray[np.uint8] = np.zeros(0, dtype=np.uint8)
+        self.end = 0
+        self.garbage = 0
+        self.offset: IntArray = _EMPTY.copy()
+        self.length: IntArray = _EMPTY.copy()
+        self.m: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
+        self.k: IntArray = _EMPTY.copy()
+        self.reduction: IntArray = _EMPTY.copy()
+        self.placed: npt.NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)
+        self._active: IntArray | None = None
 
-    def write(self, col: int, slot: int, bits: bytes) -> None:
-        self.matrix[:, col] = np.frombuffer(bits, dtype=np.uint8)
-        self.col_slot[col] = slot
+    @property
+    def live_bytes(self) -> int:
+        return self.end - self.garbage
 
-    def clear(self, col: int) -> None:
-        self.matrix[:, col] = 0
-        self.col_slot[col] = -1
-        self._free.append(col)
-        self.used -= 1
+    def _fit(self, slot: int) -> None:
+        if slot < len(self.placed):
+            return
+        size = max(16, 2 * len(self.placed), slot + 1)
+        for name in ("offset", "length", "m", "k", "reduction", "placed"):
+            old = getattr(self, name)
+            new = np.zeros(size, dtype=old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+
+    def put(self, slot: int, bits: bytes | npt.NDArray[np.uint8], m: int, k: int,
+            reduction: int) -> None:
+        self._fit(slot)
+        size = m // 8
+        if self.placed[slot] and int(self.length[slot]) == size:
+            start = int(self.offset[slot])
+        else:
+            self.remove(slot)
+            if self.end + size > len(self.buf):
+                self._grow(size)
+            start = self.end
+            self.end += size
+        self.buf[start:start + size] = np.frombuffer(bits, dtype=np.uint8) if isinstance(
+            bits, bytes) else bits
+        self.offset[slot], self.length[slot] = start, size
+        self.m[slot], self.k[slot], self.reduction[slot] = m, k, reduction
+        self.placed[slot] = True
+        self._active = None
+
+    def column(self, slot: int) -> npt.NDArray[np.uint8] | None:
+        """The slot's live bits (a view), or None when it has no filter."""
+        if slot >= len(self.placed) or not self.placed[slot]:
+            return None
+        start = int(self.offset[slot])
+        return self.buf[start:start + int(self.length[slot])]
+
+    def remove(self, slot: int) -> None:
+        if slot >= len(self.placed) or not self.placed[slot]:
+            return
+        self.placed[slot] = False
+        self.garbage += int(self.length[slot])
+        self._active = None
+
+    def _grow(self, need: int) -> None:
+        if self.garbage > self.live_bytes:
+            self._compact()
+            if self.end + need <= len(self.buf):
+                return
+        buf = np.zeros(max(2 * len(self.buf), self.end + need, 1 << 16), dtype=np.uint8)
+        buf[: self.end] = self.buf[: self.end]
+        self.buf = buf
+
+    def _compact(self) -> None:
+        slots = np.flatnonzero(self.placed)
+        slots = slots[np.argsort(self.offset[slots])]
+        buf = np.zeros(max(self.live_bytes, 1 << 16), dtype=np.uint8)
+        at = 0
+        for slot in slots.tolist():
+            start, size = int(self.offset[slot]), int(self.length[slot])
+            buf[at:at + size] = self.buf[start:start + size]
+            self.offset[slot] = at
+            at += size
+        self.buf, self.end, self.garbage = buf, at, 0
+
+    def active(self) -> IntArray:
+        if self._active is None:
+            self._active = np.flatnonzero(self.placed).astype(np.int64)
+        return self._active
 
     def match(self, h1: int, h2: int) -> IntArray:
-        pos = np.array(positions(h1, h2, self.k, self.m), dtype=np.int64)
-        rows = self.matrix[pos >> 3]
-        shifted = rows >> (pos & 7).astype(np.uint8)[:, None]
-        hit = np.bitwise_and.reduce(shifted, axis=0) & 1
-        # Cleared columns are all zero, so they can never match.
-        return self.col_slot[np.flatnonzero(hit)]
+        slots = self.active()
+        if len(slots) == 0:
+            return _EMPTY
+        k = self.k[slots]
+        kmax = int(k.max())
+        steps = np.arange(kmax, dtype=np.uint64)
+        sums = np.uint64(h1) + steps * np.uint64(h2)  # wraps modulo 2^64, as it should
+        m = self.m[slots][:, None]
+        reduction = self.reduction[slots]
+        pos = reduce_sums(sums[None, :], m, int(reduction[0]))
+        if bool(np.any(reduction != reduction[0])):
+            other = reduce_sums(sums[None, :], m, MASK if int(reduction[0]) != MASK else 1)
+            pos = np.where((reduction == reduction[0])[:, None], pos, other)
+        index = self.offset[slots][:, None] + (pos >> np.uint64(3)).astype(np.int64)
+        bit = (self.buf[index] >> (pos & np.uint64(7)).astype(np.uint8)) & 1
+        if bool(np.any(k != kmax)):
+            bit |= (steps[None, :] >= k[:, None].astype(np.uint64)).astype(np.uint8)
+        return slots[np.flatnonzero(np.bitwise_and.reduce(bit, axis=1))]
 
 
 def filter_fp_rate(summary: Summary) -> float:
@@ -439,10 +510,14 @@ def filter_fp_rate(summary: Summary) -> float:
 
     Taken from the bits themselves rather than from the key count the summary
     states, which a peer could understate."""
-    if summary.m == 0:
+    return bits_fp_rate(np.frombuffer(summary.bits, dtype=np.uint8), summary.m, summary.k)
+
+
+def bits_fp_rate(bits: npt.NDArray[np.uint8], m: int, k: int) -> float:
+    if m == 0:
         return 1.0
-    fill = int.from_bytes(summary.bits, "big").bit_count() / summary.m
-    return float(fill**summary.k)
+    fill = int(np.bitwise_count(bits).sum()) / m
+    return float(fill**k)
 
 
 class BloomRouter(Router):
@@ -460,27 +535,39 @@ class BloomRouter(Router):
     def __init__(self, *, registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
         super().__init__(registry=registry, clock=clock, seed=seed)
-        self._groups: dict[tuple[int, int], _FilterGroup] = {}
-        self._where: dict[int, tuple[_FilterGroup, int]] = {}
+        self._filters = _Filters()
+
+    def filter_bytes(self) -> int:
+        """Bytes of peers' filters held: the router's memory that grows with peers."""
+        return self._filters.live_bytes
 
     def set_summary(self, peer: Peer, summary: Summary) -> None:
         slot = self._health.add(peer)
         expected = filter_fp_rate(summary)
         self._health.expected_fp[slot] = expected
-        if expected > self.USELESS_FP:
-            self._unplace(slot)
+        if expected > self.USELESS_FP or summary.k > MAX_K:
+            self._filters.remove(slot)
             return
-        placed = self._where.get(slot)
-        if placed is not None:
-            group, col = placed
-            if (group.m, group.k) == (summary.m, summary.k):
-                group.write(col, slot, summary.bits)
-                return
-            self._unplace(slot)
-        target = self._groups.get((summary.m, summary.k))
-        if target is None:
-            target = self._groups[(summary.m, summary.k)] = _FilterGroup(summary.m, summary.k)
-        self._where[slot] = (target, target.put(slot, summary.bits))
+        self._filters.put(slot, summary.bits, summary.m, summary.k, summary.reduction)
+
+    def apply_delta(self, peer: Peer, delta: SummaryDelta) -> bool:
+        """Set a delta's positions in the peer's filter, if one of its geometry is installed."""
+        slot = self._health.slot_of.get(peer.name)
+        if slot is None:
+            return False
+        filters = self._filters
+        bits = filters.column(slot)
+        if bits is None or (int(filters.m[slot]), int(filters.k[slot]),
+                            int(filters.reduction[slot])) != (delta.m, delta.k, delta.reduction):
+            return False
+        pos = delta.positions
+        np.bitwise_or.at(bits, (pos >> np.uint64(3)).astype(np.int64),
+                         np.left_shift(1, pos & np.uint64(7)).astype(np.uint8))
+        expected = bits_fp_rate(bits, delta.m, delta.k)
+        self._health.expected_fp[slot] = expected
+        if expected > self.USELESS_FP:
+            filters.remove(slot)
+        return True
 
     def set_address(self, peer: Peer) -> None:
         """A known peer's registry moved; its filter and history stay."""
@@ -490,20 +577,8 @@ class BloomRouter(Router):
     def drop_peer(self, name: str) -> None:
         slot = self._health.remove(name)
         if slot is not None:
-            self._unplace(slot)
-
-    def _unplace(self, slot: int) -> None:
-        placed = self._where.pop(slot, None)
-        if placed is None:
-            return
-        group, col = placed
-        group.clear(col)
-        if group.used == 0:
-            del self._groups[(group.m, group.k)]
+            self._filters.remove(slot)
 
     def _matching_slots(self, key: str) -> IntArray:
-        if not self._groups:
-            return _EMPTY
         h1, h2 = key_hashes(key)
-        found = [group.match(h1, h2) for group in self._groups.values()]
-        return found[0] if len(found) == 1 else np.concatenate(found)
+        return self._filters.match(h1, h2)

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from meshmirror.routing.directory import HeldSummary, PeerDirectory, check_http_base
 from meshmirror.routing.router import BloomRouter, Peer
-from meshmirror.routing.summary import Summary
+from meshmirror.routing.summary import Summary, SummaryDelta
 from tests.routing.fakes import digest_key, until
 from tests.routing.servers import PeerSource, make_summary, peer_server
 
@@ -21,6 +21,10 @@ class RecordingSink:
 
     def set_summary(self, peer: Peer, summary: Summary) -> None:
         self.installed.append((peer, summary.epoch))
+
+    def apply_delta(self, peer: Peer, delta: SummaryDelta) -> bool:
+        self.installed.append((peer, delta.epoch))
+        return True
 
     def set_address(self, peer: Peer) -> None:
         self.installed.append((peer, -1))
@@ -186,6 +190,10 @@ async def test_garbage_and_wrong_content_type_are_not_installed(directory: Direc
 
         @property
         def vouched_payload(self) -> bytes:
+            return self.payload
+
+        @property
+        def ranged_payload(self) -> bytes:
             return self.payload
 
     source = Garbage(make_summary([digest_key(1)], epoch=3))

@@ -43,27 +43,31 @@ def test_bloom_router_matches_across_filter_geometries() -> None:
     for n, size in enumerate(sizes):
         router.set_summary(peer(n), summary_of({shared, key(f"only-{n}")}, capacity=size))
     router.set_summary(peer(9), summary_of({shared}, fp_rate=0.001))  # another k
-    assert len(router._groups) == 4
+    assert router.filter_bytes() == sum(
+        summary_of(set(), capacity=size).m // 8 for size in sizes) + summary_of(
+        set(), fp_rate=0.001).m // 8
     assert set(router.candidates(shared, 10)) == {peer(0), peer(1), peer(2), peer(9)}
     for n in range(3):
         assert router.candidates(key(f"only-{n}"), 10) == [peer(n)]
-    # A peer whose filter changes size moves group; emptied groups go away.
+    # A peer whose filter changes size moves; its old bits match nothing.
     router.set_summary(peer(0), summary_of({key("moved")}, capacity=20000))
-    assert len(router._groups) == 3
     assert router.candidates(key("moved"), 10) == [peer(0)]
     assert peer(0) not in router.candidates(shared, 10)
 
 
-def test_bloom_router_reuses_columns_of_dropped_peers() -> None:
+def test_bloom_router_compacts_the_space_of_dropped_peers() -> None:
     router = BloomRouter(seed=3)
+    one = summary_of({key(0)}).m // 8
     for n in range(20):
         router.set_summary(peer(n), summary_of({key(n)}))
     for n in range(10):
         router.drop_peer(peer(n).name)
+    assert router.filter_bytes() == 10 * one
     for n in range(20, 30):
         router.set_summary(peer(n), summary_of({key(n)}))
-    (group,) = router._groups.values()
-    assert group.matrix.shape[1] == 32 and group.used == 20
+    assert router.filter_bytes() == 20 * one
+    # Dropped peers' space is reclaimed rather than grown past.
+    assert len(router._filters.buf) <= max(1 << 16, 2 * 30 * one)
     for n in range(10):
         assert router.candidates(key(n), 5) == []
     for n in range(10, 30):
