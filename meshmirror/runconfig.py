@@ -41,6 +41,8 @@ class PeeringConfig:
     join_dns: str | None = None
     gossip_key_file: str | None = None
     summary_fp_rate: float = 0.01
+    # The topology zone peers' routers compare with theirs; "" when unknown.
+    zone: str = ""
     mesh: MeshConfig = field(default_factory=MeshConfig)
     mirror: MirrorOptions = field(default_factory=MirrorOptions)
     upstream: UpstreamOptions = field(default_factory=UpstreamOptions)

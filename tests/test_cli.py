@@ -35,6 +35,7 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "join_dns": (PeeringConfig, "join_dns"),
     "gossip_key_file": (PeeringConfig, "gossip_key_file"),
     "summary_fp_rate": (PeeringConfig, "summary_fp_rate"),
+    "zone": (PeeringConfig, "zone"),
     "resolve_tags": (MirrorOptions, "resolve_tags"),
     "outage_peer_tags": (MirrorOptions, "outage_peer_tags"),
     "outage_vouches": (MirrorOptions, "outage_vouches"),
@@ -283,6 +284,8 @@ def test_bad_log_level_is_one_line_with_the_choices(capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize(("flag", "value", "example"), [
     ("--mirror-resolve-retries", "many", "such as 3"),
     ("--summary-fp-rate", "low", "such as 0.01"),
+    ("--zone", "eu west", "e.g. eu-west-1a"),
+    ("--zone", "a" * 64, "e.g. eu-west-1a"),
     ("--resolve-tags", "maybe", "true or false"),
     ("--registry-addr", "h:port", "not a number"),
     ("--mirrored-registries", "docker.io/library", "e.g. ghcr.io"),

@@ -166,8 +166,9 @@ class PeerDirectory:
         self._closed = False
         self._update_share()
 
-    def update_peer(self, name: str, http_base: str, epoch: int | None) -> None:
-        """A peer is alive at ``http_base`` advertising ``epoch`` (None: not yet known)."""
+    def update_peer(self, name: str, http_base: str, epoch: int | None, zone: str = "") -> None:
+        """A peer is alive at ``http_base`` in ``zone`` advertising ``epoch`` (None: not
+        yet known)."""
         if self._closed:
             return
         base = check_http_base(http_base)
@@ -175,10 +176,10 @@ class PeerDirectory:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         state = self._peers.get(name)
         if state is None:
-            state = self._peers[name] = _PeerState(Peer(name, base), epoch)
+            state = self._peers[name] = _PeerState(Peer(name, base, zone), epoch)
         else:
-            if state.peer.http_base != base:
-                state.peer = Peer(name, base)
+            if (state.peer.http_base, state.peer.zone) != (base, zone):
+                state.peer = Peer(name, base, zone)
                 self._sink.set_address(state.peer)
             if epoch is not None and (state.advertised is None or epoch > state.advertised):
                 state.advertised = epoch

@@ -20,6 +20,11 @@ filter says nothing, so the peer is no candidate for any key until it
 publishes a useful one.
 
 Ranking (``_Health``): the rest whose filter matches, ordered by
+  0. (one level below not penalised and not demoted) in this node's zone: a
+     router given its ``zone`` asks a holder in another zone, or in none
+     advertised, only after every same-zone holder, since cross-zone traffic is
+     billed in every cloud; a same-zone holder is preferred even with up to a
+     hundred requests in flight;
   1. not penalised: a peer that errored, or whose circuit has just closed
      again, is pushed below every healthy one for a cooling period that doubles
      with each consecutive failure (1 s up to 60 s) and ends on the first success;
@@ -67,10 +72,12 @@ _EMPTY: IntArray = np.zeros(0, dtype=np.int64)
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """A peer the mirror can ask: its mesh node name and its registry's base URL."""
+    """A peer the mirror can ask: its mesh node name, its registry's base URL and
+    its zone ("" when it advertises none)."""
 
     name: str
     http_base: str
+    zone: str = ""
 
 
 class _Health:
@@ -95,11 +102,15 @@ class _Health:
     FP_DEMOTE_FACTOR = 10.0
     _ARRAYS = ("in_flight", "latency", "errors", "false_pos", "penalty_until", "strikes",
                "bucket", "static_score", "circuit_until", "trips", "fp_seen", "fp_count",
-               "fp_at", "expected_fp")
+               "fp_at", "expected_fp", "cross_zone")
+    # Above any realistic in-flight count (1e6 each), below demotion and penalties.
+    CROSS_ZONE = 1e8
 
-    def __init__(self, clock: Callable[[], float], rng: np.random.Generator) -> None:
+    def __init__(self, clock: Callable[[], float], rng: np.random.Generator,
+                 zone: str = "") -> None:
         self._clock = clock
         self._rng = rng
+        self.zone = zone
         self.slot_of: dict[str, int] = {}
         self.peer_at: list[Peer | None] = []
         self._free: list[int] = []
@@ -121,6 +132,8 @@ class _Health:
         self.fp_count: FloatArray = np.zeros(0)
         self.fp_at: FloatArray = np.zeros(0)
         self.expected_fp: FloatArray = np.zeros(0)
+        # CROSS_ZONE for a peer outside this node's zone, else 0.
+        self.cross_zone: FloatArray = np.zeros(0)
 
     def _grow(self) -> None:
         new = max(16, self._size * 2)
@@ -144,6 +157,7 @@ class _Health:
             for name in self._ARRAYS:
                 getattr(self, name)[slot] = 0
         self.peer_at[slot] = peer
+        self.cross_zone[slot] = self.CROSS_ZONE if self.zone and peer.zone != self.zone else 0.0
         return slot
 
     def remove(self, name: str) -> int | None:
@@ -160,7 +174,7 @@ class _Health:
         slots = slots[self.circuit_until[slots] <= now]
         if len(slots) == 0:
             return []
-        score = self.static_score[slots] + self._rng.random(len(slots))
+        score = self.static_score[slots] + self.cross_zone[slots] + self._rng.random(len(slots))
         score[self.penalty_until[slots] > now] += 1e12
         score[self._demoted(slots, now)] += 1e9
         if len(slots) > limit:
@@ -280,9 +294,23 @@ class Router(abc.ABC):
     """Candidate peers for a key, plus the feedback that ranks them."""
 
     def __init__(self, *, registry: CollectorRegistry | None = None,
-                 clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
-        self._health = _Health(clock, np.random.default_rng(seed))
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None,
+                 zone: str = "") -> None:
+        self._health = _Health(clock, np.random.default_rng(seed), zone)
         self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
+
+    @property
+    def zone(self) -> str:
+        """This node's zone ("" when unknown: no peer is preferred for its zone)."""
+        return self._health.zone
+
+    def same_zone(self, peer_name: str) -> bool | None:
+        """Whether a known peer is in this node's zone; None when either zone is unknown."""
+        slot = self._health.slot_of.get(peer_name)
+        peer = None if slot is None else self._health.peer_at[slot]
+        if peer is None or not peer.zone or not self._health.zone:
+            return None
+        return peer.zone == self._health.zone
 
     @abc.abstractmethod
     def _matching_slots(self, key: str) -> IntArray:
@@ -355,8 +383,9 @@ class InMemoryRouter(Router):
     """Exact key -> peers map; the reference the Bloom router is held to."""
 
     def __init__(self, *, registry: CollectorRegistry | None = None,
-                 clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
-        super().__init__(registry=registry, clock=clock, seed=seed)
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None,
+                 zone: str = "") -> None:
+        super().__init__(registry=registry, clock=clock, seed=seed, zone=zone)
         self._holders: dict[str, set[int]] = {}
         self._keys_of: dict[int, set[str]] = {}
 
@@ -533,8 +562,9 @@ class BloomRouter(Router):
     USELESS_FP = 0.5
 
     def __init__(self, *, registry: CollectorRegistry | None = None,
-                 clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
-        super().__init__(registry=registry, clock=clock, seed=seed)
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None,
+                 zone: str = "") -> None:
+        super().__init__(registry=registry, clock=clock, seed=seed, zone=zone)
         self._filters = _Filters()
 
     def filter_bytes(self) -> int:
@@ -570,7 +600,7 @@ class BloomRouter(Router):
         return True
 
     def set_address(self, peer: Peer) -> None:
-        """A known peer's registry moved; its filter and history stay."""
+        """A known peer's registry moved or its zone changed; its filter and history stay."""
         if peer.name in self._health.slot_of:
             self._health.add(peer)
 
