@@ -60,7 +60,7 @@ from meshmirror.mirror.options import (
     UnknownVisibility,
 )
 from meshmirror.registry.serveroptions import ServerOptions
-from meshmirror.runconfig import MEMBERLIST_PORT, NodeConfig, PeeringConfig
+from meshmirror.runconfig import MEMBERLIST_PORT, ZONE, NodeConfig, PeeringConfig
 from meshmirror.upstream.guard import AddressGuard
 from meshmirror.upstream.options import UpstreamOptions
 from meshmirror.upstream.proxy import ProxyConfigError, ProxySettings
@@ -69,9 +69,6 @@ T = TypeVar("T")
 E = TypeVar("E", bound=enum.Enum)
 
 LOG_LEVEL = "info"
-# A Kubernetes label value (the zone comes from topology.kubernetes.io/zone); it rides
-# in the gossip metadata, whose 512 bytes this keeps it well inside.
-ZONE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
 """``--log-level``'s default, for every command."""
 
 
@@ -241,6 +238,10 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     _flag(run, "--zone", PeeringConfig, "zone", metavar="ZONE",
           help="this node's topology zone (topology.kubernetes.io/zone); peers in the "
                "same zone are asked first, others only when none of them has a blob")
+    _flag(run, "--zone-from-node-label", PeeringConfig, "zone_label", metavar="LABEL",
+          help="without --zone, read the zone from this label of the node's own Kubernetes "
+               "Node object (named by --node-name), e.g. topology.kubernetes.io/zone; needs "
+               "the pod's service account token and get on nodes")
     run.add_argument("--join", action="append", default=None, metavar="HOST:PORT",
                      help="a mesh member to join (repeatable or comma-separated)")
     _flag(run, "--join-dns", PeeringConfig, "join_dns", metavar="NAME",
@@ -611,6 +612,7 @@ def peering_config(args: argparse.Namespace) -> PeeringConfig | None:
     return PeeringConfig(http_base=http_base, node_name=args.node_name, mesh_addr=args.mesh_addr,
                          advertise_addr=advertise, join=join, join_dns=args.join_dns,
                          gossip_key_file=args.gossip_key_file, zone=args.zone,
+                         zone_label=args.zone_from_node_label,
                          summary_fp_rate=args.summary_fp_rate, mirror=_mirror_options(args),
                          upstream=_upstream_options(args, http_base))
 
