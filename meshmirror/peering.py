@@ -67,7 +67,8 @@ class Peering:
                  metrics_registry: CollectorRegistry) -> None:
         self.config = config
         self.router = BloomRouter(registry=metrics_registry, zone=config.zone)
-        self.directory = PeerDirectory(self.router, registry=metrics_registry)
+        self.directory = PeerDirectory(self.router, registry=metrics_registry, zone=config.zone,
+                                       own_name=config.node_name)
         self.publisher = SummaryPublisher(store, config.summary_fp_rate,
                                           registry=metrics_registry,
                                           on_publish=self._on_publish,
@@ -177,8 +178,11 @@ class Peering:
             return  # a plain Serf agent or another memberlist user: no registry to ask
         epoch_text = tags.get(TAG_EPOCH)
         epoch = int(epoch_text) if epoch_text and epoch_text.isdigit() else None
+        keys_text = tags.get(TAG_KEYS)
+        keys = int(keys_text) if keys_text and keys_text.isdigit() else None
         try:
-            self.directory.update_peer(member.name, http_base, epoch, tags.get(TAG_ZONE, ""))
+            self.directory.update_peer(member.name, http_base, epoch, tags.get(TAG_ZONE, ""),
+                                       keys)
         except ValueError as err:
             log.info("peer %s advertises an unusable registry address: %s", member.name, err)
 

@@ -22,6 +22,21 @@ Fetching rules, per peer:
     could not install) counts as an error and the next fetch asks for the whole
     filter, so a broken or hostile delta costs one extra fetch, never wrong bits.
 
+Bounded memory. A node does not hold every peer's summary: at 5,000 peers of
+21,500 keys that would be 130 MiB of filters. It holds the summaries of the
+peers that fit in ``budget_bytes`` (32 MiB: about 1,200 such peers), chosen
+same zone first, then in an order of its own (a hash of its name and the
+peer's, so every node samples a different subset and each peer is held by
+about the same number of nodes). A peer's filter size is estimated from the
+key count it advertises (10 bits a key) before it is fetched and taken from
+the filter once held; a peer that understates its keys is caught when its
+filter arrives and the worst-ranked holdings are let go until the budget
+holds again, so what is held never exceeds the budget by more than one
+summary. Content held by a few percent of nodes is still found (a 1% holder
+share misses with probability 0.99^1200, about 6e-6); content held by a
+handful of nodes of thousands may not be, and is then fetched upstream.
+Peers outside the subset stay known (membership), their summaries unfetched.
+
 `meshmirror.peering` feeds it from membership events, which reach the node's
 event loop through a queue (the mesh itself runs on its own thread): it calls
 ``update_peer`` when a peer joins or changes its metadata and ``remove_peer``
@@ -32,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 from collections.abc import Callable
@@ -55,6 +71,12 @@ from meshmirror.routing.vouches import VouchBook
 
 log = logging.getLogger(__name__)
 
+# What the held summaries may take in all (see "Bounded memory" above).
+SUMMARY_BUDGET_BYTES = 32 * 1024 * 1024
+# Filter bits a key, as publishers size them (`bloom.bits_for`); for estimates only.
+_BITS_PER_KEY = 10.0
+# A peer that advertises no key count yet is assumed this large until fetched.
+_UNKNOWN_FILTER_BYTES = 32 * 1024
 _PROPAGATION_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
 
 
@@ -71,6 +93,13 @@ class SummarySink(Protocol):
     def set_address(self, peer: Peer) -> None: ...
 
     def drop_peer(self, name: str) -> None: ...
+
+
+def _close(a: int | None, b: int | None) -> bool:
+    """Key counts near enough (within a quarter) that the held subset need not change."""
+    if a is None or b is None:
+        return a == b
+    return abs(a - b) <= max(a, b) // 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +143,11 @@ class DirectoryMetrics:
                                registry=registry)
         self.peers = Gauge("meshmirror_peer_directory_peers",
                            "Alive peers known to the directory", registry=registry)
+        self.selected = Gauge("meshmirror_peer_directory_selected",
+                              "Peers whose summaries this node holds (fits the memory budget)",
+                              registry=registry)
+        self.held_bytes = Gauge("meshmirror_peer_summary_held_bytes",
+                                "Bytes of peers' filters this node holds", registry=registry)
         for result in ("ok", "delta", "not_modified", "error"):
             self.fetches.labels(result)
         self.fetched_bytes = Counter(
@@ -135,6 +169,20 @@ class _PeerState:
     poke: asyncio.Event = field(default_factory=asyncio.Event)
     # After a delta that did not fit: ask for the whole filter next time.
     full_next: bool = False
+    keys: int | None = None  # as advertised
+    selected: bool = False
+    order: bytes = b""  # where this node ranks the peer among those of its zone class
+    # The size of the last filter held: a peer let go for understating its keys is
+    # not chosen again on the same understatement.
+    seen_bytes: int = 0
+
+    def filter_bytes(self) -> int:
+        """The held filter's size, or an estimate from the advertised key count."""
+        if self.held is not None:
+            return self.held.m // 8
+        estimate = (_UNKNOWN_FILTER_BYTES if self.keys is None
+                    else max(128, int(self.keys * _BITS_PER_KEY / 8)))
+        return max(estimate, self.seen_bytes)
 
     def is_current(self) -> bool:
         if self.held is None:
@@ -149,7 +197,8 @@ class PeerDirectory:
                  timeout_s: float = 2.0, backoff_s: float = 0.1, max_backoff_s: float = 10.0,
                  max_summary_bytes: int = 16 * 1024 * 1024,
                  wall_ms: Callable[[], int] | None = None,
-                 vouches: VouchBook | None = None) -> None:
+                 vouches: VouchBook | None = None, zone: str = "", own_name: str = "",
+                 budget_bytes: int = SUMMARY_BUDGET_BYTES) -> None:
         if timeout_s <= 0 or backoff_s <= 0 or max_backoff_s < backoff_s:
             raise ValueError("timeout_s > 0 and 0 < backoff_s <= max_backoff_s required")
         self._sink = sink
@@ -162,13 +211,21 @@ class PeerDirectory:
         self.vouches = vouches if vouches is not None else VouchBook()
         self.metrics = DirectoryMetrics(registry if registry is not None else CollectorRegistry())
         self._peers: dict[str, _PeerState] = {}
+        self._zone = zone
+        self._own_name = own_name
+        self._budget = budget_bytes
+        self._held_bytes = 0
+        # The selected peers' filter sizes as last reckoned (estimates until held).
+        self._committed = 0
+        self._selection_due = False
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._update_share()
 
-    def update_peer(self, name: str, http_base: str, epoch: int | None, zone: str = "") -> None:
+    def update_peer(self, name: str, http_base: str, epoch: int | None, zone: str = "",
+                    keys: int | None = None) -> None:
         """A peer is alive at ``http_base`` in ``zone`` advertising ``epoch`` (None: not
-        yet known)."""
+        yet known) and a summary of ``keys`` keys (None: not said)."""
         if self._closed:
             return
         base = check_http_base(http_base)
@@ -176,18 +233,77 @@ class PeerDirectory:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         state = self._peers.get(name)
         if state is None:
-            state = self._peers[name] = _PeerState(Peer(name, base, zone), epoch)
+            state = self._peers[name] = _PeerState(Peer(name, base, zone), epoch, keys=keys)
+            state.order = hashlib.blake2b(f"{self._own_name}\0{name}".encode(),
+                                          digest_size=8).digest()
+            if self._committed + state.filter_bytes() <= self._budget:
+                # Room for it whatever the ranking: held at once, no reshuffle needed.
+                state.selected = True
+                self._committed += state.filter_bytes()
+            else:
+                self._select_soon()
         else:
             if (state.peer.http_base, state.peer.zone) != (base, zone):
+                if state.peer.zone != zone:
+                    self._select_soon()
                 state.peer = Peer(name, base, zone)
-                self._sink.set_address(state.peer)
+                if state.selected:
+                    self._sink.set_address(state.peer)
             if epoch is not None and (state.advertised is None or epoch > state.advertised):
                 state.advertised = epoch
                 state.poke.set()
+            if keys != state.keys:
+                # Only a change that moves the estimate much can change the selection.
+                if state.held is None and not _close(keys, state.keys):
+                    self._select_soon()
+                state.keys = keys
+        if state.selected:
+            self._start_sync(state)
+        self._update_share()
+
+    def _start_sync(self, state: _PeerState) -> None:
         if not state.is_current() and (state.task is None or state.task.done()):
             state.task = asyncio.get_running_loop().create_task(
-                self._sync(state), name=f"summary-fetch-{name}")
+                self._sync(state), name=f"summary-fetch-{state.peer.name}")
+
+    def _select_soon(self) -> None:
+        """Choose the held subset once this burst of membership events is applied."""
+        if not self._selection_due:
+            self._selection_due = True
+            asyncio.get_running_loop().call_soon(self._select)
+
+    def _select(self) -> None:
+        """Hold the best-ranked peers whose filters fit the budget; let the rest go."""
+        self._selection_due = False
+        if self._closed:
+            return
+        ranked = sorted(self._peers.values(),
+                        key=lambda s: (bool(self._zone) and s.peer.zone != self._zone, s.order))
+        total = 0
+        for state in ranked:
+            size = state.filter_bytes()
+            keep = total + size <= self._budget
+            if keep:
+                total += size
+            if keep and not state.selected:
+                state.selected = True
+                self._start_sync(state)
+            elif not keep and state.selected:
+                self._let_go(state)
+        self._committed = total
         self._update_share()
+
+    def _let_go(self, state: _PeerState) -> None:
+        state.selected = False
+        if state.task is not None:
+            state.task.cancel()
+            state.task = None
+        if state.held is not None:
+            self._held_bytes -= state.held.m // 8
+        state.held = None
+        state.full_next = False
+        self._sink.drop_peer(state.peer.name)
+        self.vouches.drop(state.peer.name)
 
     def remove_peer(self, name: str) -> None:
         """A peer died or left: forget its summary and stop fetching it."""
@@ -196,8 +312,13 @@ class PeerDirectory:
             return
         if state.task is not None:
             state.task.cancel()
+        if state.held is not None:
+            self._held_bytes -= state.held.m // 8
+        if state.selected:
+            self._committed -= state.filter_bytes()
         self._sink.drop_peer(name)
         self.vouches.drop(name)
+        self._select_soon()  # room for another
         self._update_share()
 
     def held(self, name: str) -> HeldSummary | None:
@@ -209,10 +330,22 @@ class PeerDirectory:
         return [state.peer for state in self._peers.values()]
 
     def share(self) -> float:
-        """Share of alive peers whose advertised summary is held (1.0 with no peers)."""
-        if not self._peers:
+        """Share of the peers chosen to be held whose advertised summary is held (1.0 with
+        none)."""
+        chosen = [state for state in self._peers.values() if state.selected]
+        if not chosen:
             return 1.0
-        return sum(state.is_current() for state in self._peers.values()) / len(self._peers)
+        return sum(state.is_current() for state in chosen) / len(chosen)
+
+    def selected(self, name: str) -> bool:
+        """Whether this node holds (or is fetching) the peer's summary."""
+        state = self._peers.get(name)
+        return state is not None and state.selected
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the peers' filters held, which the budget bounds."""
+        return self._held_bytes
 
     async def close(self) -> None:
         self._closed = True
@@ -229,10 +362,13 @@ class PeerDirectory:
     def _update_share(self) -> None:
         self.metrics.share.set(self.share())
         self.metrics.peers.set(len(self._peers))
+        self.metrics.selected.set(sum(state.selected for state in self._peers.values()))
+        self.metrics.held_bytes.set(self._held_bytes)
 
     async def _sync(self, state: _PeerState) -> None:
         failures = 0
-        while self._peers.get(state.peer.name) is state and not state.is_current():
+        while (self._peers.get(state.peer.name) is state and state.selected
+               and not state.is_current()):
             try:
                 fetched = await self._fetch(state)
             except (aiohttp.ClientError, TimeoutError, SummaryFormatError, FetchError) as err:
@@ -278,7 +414,7 @@ class PeerDirectory:
     def _install_delta(self, state: _PeerState, delta: SummaryDelta) -> bool:
         """Apply a delta to the held summary; False (and the whole filter next) when it
         does not fit it."""
-        if self._peers.get(state.peer.name) is not state:
+        if self._peers.get(state.peer.name) is not state or not state.selected:
             return True
         held = state.held
         if held is not None and delta.epoch <= held.epoch:
@@ -297,7 +433,7 @@ class PeerDirectory:
         return True
 
     def _install(self, state: _PeerState, summary: Summary) -> None:
-        if self._peers.get(state.peer.name) is not state:
+        if self._peers.get(state.peer.name) is not state or not state.selected:
             return
         if state.held is not None and summary.epoch <= state.held.epoch:
             return
@@ -309,7 +445,14 @@ class PeerDirectory:
     def _held(self, state: _PeerState, epoch: int, count: int, born_at_ms: int, m: int, k: int,
               reduction: int) -> None:
         previous = state.held
+        reckoned = state.filter_bytes()
         state.held = HeldSummary(epoch, count, born_at_ms, m, k, reduction)
+        state.seen_bytes = m // 8
+        self._committed += m // 8 - reckoned
+        self._held_bytes += m // 8 - (previous.m // 8 if previous is not None else 0)
+        if self._held_bytes > self._budget or self._committed > self._budget:
+            # Larger than its advertised keys said: choose again with the real size.
+            self._select_soon()
         # Observe only versions carrying keys newer than the last one held: the
         # first summary of a peer measures when we met it, not propagation.
         if previous is not None and born_at_ms > previous.born_at_ms:
