@@ -44,6 +44,7 @@ MASK = 0
 RANGE = 1
 REDUCTIONS = (MASK, RANGE)
 RANGE_MARGIN = 1.04
+BUILD_BATCH = 16_384
 
 U8Array = npt.NDArray[np.uint8]
 
@@ -190,12 +191,20 @@ class BloomFilter:
         return reduce_sums(sums, np.uint64(self.m), self.reduction).ravel()
 
     def add_many(self, keys: Iterable[str]) -> None:
-        """Add keys in one vectorised pass; hashing is the only per-key Python work."""
-        pos = self.key_positions(keys)
-        if len(pos) == 0:
-            return
+        """Add keys in vectorised passes; hashing is the only per-key Python work.
+
+        Passes of `BUILD_BATCH` keys: a node's 100,000 keys in one pass would
+        need ~20 MiB of temporaries (hash sums, positions) at start, a large
+        share of a 128 MiB budget; in batches they stay under 2 MiB."""
         flags = np.zeros(self.m, dtype=np.bool_)
-        flags[pos] = True
+        batch: list[str] = []
+        for key in keys:
+            batch.append(key)
+            if len(batch) == BUILD_BATCH:
+                flags[self.key_positions(batch)] = True
+                batch.clear()
+        if batch:
+            flags[self.key_positions(batch)] = True
         self._bits |= np.packbits(flags, bitorder="little")
 
     def add_fresh(self, keys: Iterable[str]) -> U64Array:

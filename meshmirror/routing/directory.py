@@ -6,7 +6,8 @@ peer's ``/_mesh/v1/summary`` whenever that epoch moves past the one it holds,
 and hands each installed summary to a sink (the BloomRouter). Filters never
 ride in gossip: metadata is capped at 512 bytes and a filter is kilobytes.
 
-Fetching rules, per peer:
+Fetching rules: at most 32 fetches in flight across all peers (a node joining
+thousands would otherwise hold a body per peer at once); and per peer:
   * at most one fetch in flight: one task per peer loops until the summary it
     holds is at least the advertised epoch, re-reading the advertised epoch on
     every turn, so a burst of epoch changes costs one fetch, not one each;
@@ -24,7 +25,9 @@ Fetching rules, per peer:
 
 Bounded memory. A node does not hold every peer's summary: at 5,000 peers of
 21,500 keys that would be 130 MiB of filters. It holds the summaries of the
-peers that fit in ``budget_bytes`` (32 MiB: about 1,200 such peers), chosen
+peers that fit in ``budget_bytes`` (24 MiB: about 940 such peers; with the
+directory's own ~8 MiB for 5,000 members, routing state stays within 32 MiB),
+chosen
 same zone first, then in an order of its own (a hash of its name and the
 peer's, so every node samples a different subset and each peer is held by
 about the same number of nodes). A peer's filter size is estimated from the
@@ -33,7 +36,7 @@ the filter once held; a peer that understates its keys is caught when its
 filter arrives and the worst-ranked holdings are let go until the budget
 holds again, so what is held never exceeds the budget by more than one
 summary. Content held by a few percent of nodes is still found (a 1% holder
-share misses with probability 0.99^1200, about 6e-6); content held by a
+share misses with probability 0.99^940, about 8e-5); content held by a
 handful of nodes of thousands may not be, and is then fetched upstream.
 Peers outside the subset stay known (membership), their summaries unfetched.
 
@@ -51,7 +54,7 @@ import hashlib
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -71,8 +74,11 @@ from meshmirror.routing.vouches import VouchBook
 
 log = logging.getLogger(__name__)
 
+# Fetches in flight at once. A node joining 5,000 peers would otherwise open about
+# 1,200 at once, each holding a body being read: tens of MiB at the start alone.
+MAX_CONCURRENT_FETCHES = 32
 # What the held summaries may take in all (see "Bounded memory" above).
-SUMMARY_BUDGET_BYTES = 32 * 1024 * 1024
+SUMMARY_BUDGET_BYTES = 24 * 1024 * 1024
 # Filter bits a key, as publishers size them (`bloom.bits_for`); for estimates only.
 _BITS_PER_KEY = 10.0
 # A peer that advertises no key count yet is assumed this large until fetched.
@@ -166,7 +172,8 @@ class _PeerState:
     task: asyncio.Task[None] | None = None
     # Set when the advertised epoch moves: cuts a backoff wait short, so a peer
     # that failed a while ago is fetched as soon as it has something new.
-    poke: asyncio.Event = field(default_factory=asyncio.Event)
+    # (Made by the fetch task when it first waits: thousands of members, few waiting.)
+    poke: asyncio.Event | None = None
     # After a delta that did not fit: ask for the whole filter next time.
     full_next: bool = False
     keys: int | None = None  # as advertised
@@ -198,7 +205,8 @@ class PeerDirectory:
                  max_summary_bytes: int = 16 * 1024 * 1024,
                  wall_ms: Callable[[], int] | None = None,
                  vouches: VouchBook | None = None, zone: str = "", own_name: str = "",
-                 budget_bytes: int = SUMMARY_BUDGET_BYTES) -> None:
+                 budget_bytes: int = SUMMARY_BUDGET_BYTES,
+                 max_fetches: int = MAX_CONCURRENT_FETCHES) -> None:
         if timeout_s <= 0 or backoff_s <= 0 or max_backoff_s < backoff_s:
             raise ValueError("timeout_s > 0 and 0 < backoff_s <= max_backoff_s required")
         self._sink = sink
@@ -218,6 +226,7 @@ class PeerDirectory:
         # The selected peers' filter sizes as last reckoned (estimates until held).
         self._committed = 0
         self._selection_due = False
+        self._fetch_slots = asyncio.Semaphore(max_fetches)
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._update_share()
@@ -251,7 +260,8 @@ class PeerDirectory:
                     self._sink.set_address(state.peer)
             if epoch is not None and (state.advertised is None or epoch > state.advertised):
                 state.advertised = epoch
-                state.poke.set()
+                if state.poke is not None:
+                    state.poke.set()
             if keys != state.keys:
                 # Only a change that moves the estimate much can change the selection.
                 if state.held is None and not _close(keys, state.keys):
@@ -391,6 +401,8 @@ class PeerDirectory:
             # it advertises (published between the two): wait, then try again.
             failures += 1
             delay = min(self._max_backoff_s, self._backoff_s * 2 ** (failures - 1))
+            if state.poke is None:
+                state.poke = asyncio.Event()
             state.poke.clear()
             try:
                 async with asyncio.timeout(delay * random.uniform(0.5, 1.0)):
@@ -405,8 +417,10 @@ class PeerDirectory:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         held = state.held.epoch if state.held is not None else None
-        return await fetch_summary(self._session, state.peer.http_base, held, self._max_bytes,
-                                   delta=not state.full_next, on_body=self._count_bytes)
+        async with self._fetch_slots:
+            return await fetch_summary(self._session, state.peer.http_base, held,
+                                       self._max_bytes, delta=not state.full_next,
+                                       on_body=self._count_bytes)
 
     def _count_bytes(self, delta: bool, size: int) -> None:
         self.metrics.fetched_bytes.labels("delta" if delta else "full").inc(size)

@@ -147,16 +147,13 @@ class SummaryMetrics:
         self._tag_registries: set[str] = set()
         self._image_registries: set[str] = set()
 
-    def advertise(self, keys: Iterable[str]) -> None:
-        """Set the advertised gauges from the published keys (tags: ``registry/repo:tag``)."""
+    def advertise(self, tag_keys: Iterable[str], digests: int) -> None:
+        """Set the advertised gauges from the published tag keys (``registry/repo:tag``)
+        and the count of digest keys."""
         tags: dict[str, int] = {}
-        digests = 0
-        for key in keys:
-            if DIGEST_KEY.fullmatch(key):
-                digests += 1
-            else:
-                registry = key.split("/", 1)[0]
-                tags[registry] = tags.get(registry, 0) + 1
+        for key in tag_keys:
+            registry = key.split("/", 1)[0]
+            tags[registry] = tags.get(registry, 0) + 1
         # A registry whose last tag went stays at 0 rather than vanishing mid-graph.
         self._tag_registries.update(tags)
         for registry in self._tag_registries:
@@ -243,6 +240,9 @@ class SummaryPublisher:
         self.metrics = SummaryMetrics(registry if registry is not None else CollectorRegistry())
 
         self._keys: set[str] = set()
+        # The keys that are tags, not digests: what the tag gauges and image count read,
+        # kept apart so a publish never walks (or copies) 100,000 digest keys.
+        self._tags: set[str] = set()
         self._filter = BloomFilter.for_capacity(0, fp_rate)
         self._legacy = BloomFilter.for_capacity(0, fp_rate, MASK)
         self._fresh: list[npt.NDArray[np.uint64]] = []
@@ -339,6 +339,7 @@ class SummaryPublisher:
         added = [key for key in event.added if key not in self._keys]
         if added:
             self._keys.update(added)
+            self._tags.update(key for key in added if not DIGEST_KEY.fullmatch(key))
             self._fresh.append(self._filter.add_fresh(added))
             self._legacy.add_many(added)
             changed = True
@@ -347,6 +348,7 @@ class SummaryPublisher:
         for key in event.removed:
             if key in self._keys:
                 self._keys.discard(key)
+                self._tags.discard(key)
                 self._removed_since_rebuild += 1
                 changed = True
         if changed:
@@ -383,6 +385,7 @@ class SummaryPublisher:
         replay, self._replay = self._replay, None
         had = self._keys
         self._keys = set(keys)
+        self._tags = {key for key in self._keys if not DIGEST_KEY.fullmatch(key)}
         self._filter = BloomFilter.build(self._keys, self.fp_rate)
         self._legacy = BloomFilter.build(self._keys, self.fp_rate, reduction=MASK)
         self._fresh.clear()
@@ -428,7 +431,7 @@ class SummaryPublisher:
         self._fresh.clear()
         self.metrics.keys.set(summary.count)
         self.metrics.vouches.set(len(vouches))
-        self.metrics.advertise(self._keys)
+        self.metrics.advertise(self._tags, len(self._keys) - len(self._tags))
         self._count_images_soon()
         self.metrics.epoch.set(summary.epoch)
         self.metrics.bytes.set(len(self._ranged_payload))
@@ -449,14 +452,12 @@ class SummaryPublisher:
         """
         if self._image_count is not None:
             self._image_count.cancel()
-        self._image_count = asyncio.create_task(self._count_images(frozenset(self._keys)),
+        self._image_count = asyncio.create_task(self._count_images(frozenset(self._tags)),
                                                 name="summary-images")
 
     async def _count_images(self, keys: frozenset[str]) -> None:
         images: dict[str, set[str]] = {}
         for key in keys:
-            if DIGEST_KEY.fullmatch(key):
-                continue
             registry, _, name = key.partition("/")
             repository, _, tag = name.rpartition(":")
             try:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import abc
 import math
+import mmap
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -423,12 +424,22 @@ class _Filters:
 
     A filter replaced by one of the same byte length is overwritten in place
     (the usual case: a new version, or a delta, of the same filter); any other
-    is appended and its old segment becomes garbage, compacted away once
-    garbage outweighs live bytes. Per-slot geometry lives in flat arrays that a
-    lookup reads whole.
+    is appended and its old segment becomes garbage, compacted away (in place)
+    once garbage outweighs live bytes. Per-slot geometry lives in flat arrays
+    that a lookup reads whole.
+
+    Memory: the buffer is an anonymous mapping of `RESERVE` bytes, whose pages
+    the kernel backs only once written, so the reservation costs no resident
+    memory and growing never copies (a copy would hold the old and the new
+    buffer at once: twice the filters' size at the peak, past a 128 MiB pod
+    limit at 32 MiB of filters). Compaction hands the freed tail's pages back
+    (``MADV_DONTNEED``), so dropped peers' filters stop counting too.
     """
 
+    RESERVE = 256 * 1024 * 1024
+
     def __init__(self) -> None:
+        self._map: mmap.mmap | None = None  # reserved on first use
         self.buf: npt.NDArray[np.uint8] = np.zeros(0, dtype=np.uint8)
         self.end = 0
         self.garbage = 0
@@ -486,27 +497,38 @@ class _Filters:
         self.placed[slot] = False
         self.garbage += int(self.length[slot])
         self._active = None
-
-    def _grow(self, need: int) -> None:
         if self.garbage > self.live_bytes:
             self._compact()
-            if self.end + need <= len(self.buf):
-                return
-        buf = np.zeros(max(2 * len(self.buf), self.end + need, 1 << 16), dtype=np.uint8)
+
+    def _grow(self, need: int) -> None:
+        size = max(2 * len(self.buf), self.end + need, self.RESERVE)
+        mapped = mmap.mmap(-1, size)
+        buf = np.frombuffer(mapped, dtype=np.uint8)
         buf[: self.end] = self.buf[: self.end]
-        self.buf = buf
+        old, self._map, self.buf = self._map, mapped, buf
+        if old is not None:
+            old.close()
 
     def _compact(self) -> None:
+        """Slide live segments down over the garbage, in offset order (so a move never
+        overwrites a segment not yet moved), then zero the freed tail."""
         slots = np.flatnonzero(self.placed)
         slots = slots[np.argsort(self.offset[slots])]
-        buf = np.zeros(max(self.live_bytes, 1 << 16), dtype=np.uint8)
         at = 0
         for slot in slots.tolist():
             start, size = int(self.offset[slot]), int(self.length[slot])
-            buf[at:at + size] = self.buf[start:start + size]
-            self.offset[slot] = at
+            if start != at:
+                self.buf[at:at + size] = self.buf[start:start + size]
+                self.offset[slot] = at
             at += size
-        self.buf, self.end, self.garbage = buf, at, 0
+        # The freed tail reads as zeros again, and its whole pages leave resident memory.
+        page = mmap.PAGESIZE
+        first_page = -(-at // page) * page
+        self.buf[at:min(first_page, self.end)] = 0
+        if self._map is not None and first_page < self.end:
+            self._map.madvise(mmap.MADV_DONTNEED, first_page,
+                              -(-self.end // page) * page - first_page)
+        self.end, self.garbage = at, 0
 
     def active(self) -> IntArray:
         if self._active is None:

@@ -63,14 +63,14 @@ def test_bloom_router_compacts_the_space_of_dropped_peers() -> None:
     for n in range(10):
         router.drop_peer(peer(n).name)
     assert router.filter_bytes() == 10 * one
+    router.drop_peer(peer(10).name)  # garbage now outweighs live filters: compacted
+    assert router._filters.end == router.filter_bytes() == 9 * one
     for n in range(20, 30):
         router.set_summary(peer(n), summary_of({key(n)}))
-    assert router.filter_bytes() == 20 * one
-    # Dropped peers' space is reclaimed rather than grown past.
-    assert len(router._filters.buf) <= max(1 << 16, 2 * 30 * one)
-    for n in range(10):
+    assert router.filter_bytes() == router._filters.end == 19 * one
+    for n in range(11):
         assert router.candidates(key(n), 5) == []
-    for n in range(10, 30):
+    for n in range(11, 30):
         assert router.candidates(key(n), 5) == [peer(n)]
 
 
