@@ -419,6 +419,19 @@ class InMemoryRouter(Router):
         return np.fromiter(holders, dtype=np.int64, count=len(holders))
 
 
+@dataclass(frozen=True, slots=True)
+class _Active:
+    """What a lookup reads of the placed filters, as columns of (slots, 1) arrays."""
+
+    slots: IntArray
+    m: npt.NDArray[np.uint64]
+    offset: IntArray
+    kmax: int
+    beyond_k: npt.NDArray[np.uint8] | None  # 1 where a filter has fewer than kmax hashes
+    reduction: int  # the first filter's; most share it
+    same_reduction: npt.NDArray[np.bool_] | None  # None when all do
+
+
 class _Filters:
     """Every installed filter end to end in one byte buffer, one segment per slot.
 
@@ -449,7 +462,7 @@ class _Filters:
         self.k: IntArray = _EMPTY.copy()
         self.reduction: IntArray = _EMPTY.copy()
         self.placed: npt.NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)
-        self._active: IntArray | None = None
+        self._active: _Active | None = None
 
     @property
     def live_bytes(self) -> int:
@@ -529,31 +542,37 @@ class _Filters:
             self._map.madvise(mmap.MADV_DONTNEED, first_page,
                               -(-self.end // page) * page - first_page)
         self.end, self.garbage = at, 0
+        self._active = None  # offsets moved
 
-    def active(self) -> IntArray:
+    def active(self) -> _Active:
+        """The placed slots and their geometry, gathered once per change of placement."""
         if self._active is None:
-            self._active = np.flatnonzero(self.placed).astype(np.int64)
+            slots = np.flatnonzero(self.placed).astype(np.int64)
+            k, reduction = self.k[slots], self.reduction[slots]
+            kmax = int(k.max()) if len(slots) else 0
+            first = int(reduction[0]) if len(slots) else MASK
+            self._active = _Active(
+                slots, self.m[slots][:, None], self.offset[slots][:, None], kmax,
+                (np.arange(kmax, dtype=np.uint64)[None, :] >= k[:, None].astype(np.uint64)
+                 ).astype(np.uint8) if bool(np.any(k != kmax)) else None,
+                first, None if bool(np.all(reduction == first)) else (reduction == first))
         return self._active
 
     def match(self, h1: int, h2: int) -> IntArray:
-        slots = self.active()
-        if len(slots) == 0:
+        act = self.active()
+        if len(act.slots) == 0:
             return _EMPTY
-        k = self.k[slots]
-        kmax = int(k.max())
-        steps = np.arange(kmax, dtype=np.uint64)
-        sums = np.uint64(h1) + steps * np.uint64(h2)  # wraps modulo 2^64, as it should
-        m = self.m[slots][:, None]
-        reduction = self.reduction[slots]
-        pos = reduce_sums(sums[None, :], m, int(reduction[0]))
-        if bool(np.any(reduction != reduction[0])):
-            other = reduce_sums(sums[None, :], m, MASK if int(reduction[0]) != MASK else 1)
-            pos = np.where((reduction == reduction[0])[:, None], pos, other)
-        index = self.offset[slots][:, None] + (pos >> np.uint64(3)).astype(np.int64)
+        steps = np.arange(act.kmax, dtype=np.uint64)
+        sums = (np.uint64(h1) + steps * np.uint64(h2))[None, :]  # wraps modulo 2^64
+        pos = reduce_sums(sums, act.m, act.reduction)
+        if act.same_reduction is not None:
+            other = reduce_sums(sums, act.m, MASK if act.reduction != MASK else 1)
+            pos = np.where(act.same_reduction[:, None], pos, other)
+        index = act.offset + (pos >> np.uint64(3)).astype(np.int64)
         bit = (self.buf[index] >> (pos & np.uint64(7)).astype(np.uint8)) & 1
-        if bool(np.any(k != kmax)):
-            bit |= (steps[None, :] >= k[:, None].astype(np.uint64)).astype(np.uint8)
-        return slots[np.flatnonzero(np.bitwise_and.reduce(bit, axis=1))]
+        if act.beyond_k is not None:
+            bit |= act.beyond_k
+        return act.slots[np.flatnonzero(np.bitwise_and.reduce(bit, axis=1))]
 
 
 def filter_fp_rate(summary: Summary) -> float:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meshmirror.routing.bloom import BloomFilter
+from meshmirror.routing.bloom import MASK, BloomFilter
 from meshmirror.routing.router import BloomRouter, InMemoryRouter, Peer, filter_fp_rate
 from meshmirror.routing.summary import Summary
 from tests.conformance.router_suite import FakeClock, RouterConformance, RouterHarness, key, peer
@@ -108,3 +108,17 @@ def test_bloom_router_ignores_a_filter_that_matches_everything() -> None:
     assert 0.01 < filter_fp_rate(crowded) < BloomRouter.USELESS_FP
     router.set_summary(peer(3), crowded)
     assert peer(3) in router.candidates(key(5), 3)
+
+
+def test_bloom_router_matches_old_peers_power_of_two_filters_beside_new_ones() -> None:
+    """A rolling upgrade: peers still serving version 1 (masked positions) and peers
+    serving version 3 (range-reduced) answer the same lookup."""
+    router = BloomRouter(seed=3)
+    shared = key("shared")
+    old = BloomFilter.build([shared, key("old-only")], reduction=MASK)
+    router.set_summary(peer(1), Summary(epoch=1, k=old.k, m=old.m, count=2, born_at_ms=0,
+                                        bits=old.bits.tobytes(), reduction=MASK))
+    router.set_summary(peer(2), summary_of({shared, key("new-only")}))
+    assert set(router.candidates(shared, 5)) == {peer(1), peer(2)}
+    assert router.candidates(key("old-only"), 5) == [peer(1)]
+    assert router.candidates(key("new-only"), 5) == [peer(2)]
