@@ -132,12 +132,12 @@ def memory(peers: int, subset: bool, seed: int) -> dict[str, float]:
     return figures
 
 
-def subset_hit_ratio(held: int, seed: int) -> list[tuple[str, ...]]:
+def subset_hit_ratio(held: int, seed: int, trials: int = 20_000) -> list[tuple[str, ...]]:
     """P(content held by h random nodes is among a node's ``held`` peers of 5,000)."""
     rng = np.random.default_rng(seed)
     rows: list[tuple[str, ...]] = []
     for holders in (1, 3, 10, 50, 250):
-        trials = 20_000
+
         found = 0
         for _ in range(trials):
             who = rng.choice(CLUSTER - 1, size=holders, replace=False)
