@@ -137,7 +137,6 @@ def subset_hit_ratio(held: int, seed: int, trials: int = 20_000) -> list[tuple[s
     rng = np.random.default_rng(seed)
     rows: list[tuple[str, ...]] = []
     for holders in (1, 3, 10, 50, 250):
-
         found = 0
         for _ in range(trials):
             who = rng.choice(CLUSTER - 1, size=holders, replace=False)
