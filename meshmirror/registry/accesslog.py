@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshmirror.registry.fallback import BodyAborted, MissReason
 from meshmirror.registry.metrics import MissedRequest, RegistryMetrics
+from meshmirror.registry.serveroptions import ZERO_COPY_SEND
 
 SCOPE_HANDLER: Final = "meshmirror.handler"
 SCOPE_SOURCE: Final = "meshmirror.source"
@@ -58,6 +59,9 @@ class AccessLogMiddleware:
                 status = int(message["status"])
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
+                completed = not message.get("more_body", False)
+            elif message["type"] == ZERO_COPY_SEND:
+                sent += int(message["count"])
                 completed = not message.get("more_body", False)
             await send(message)
 
