@@ -77,8 +77,10 @@ _ACCEPT_RETRY_DELAY: Final = 0.1
 _PRESSURE_ON, _PRESSURE_OFF = 0.75, 0.5
 # Aborted connections and cancelled tasks get this long to finish at shutdown.
 _ABORT_GRACE: Final = 1.0
-# At most this much per sendfile call, so one large file never holds the loop long.
-_SENDFILE_MAX: Final = 8 << 20
+# At most this much per sendfile call, and the loop runs other work between calls: a
+# burst of responses that become ready at once (a verified blob's waiting readers) all
+# get their headers out promptly, and a fast client never holds the loop.
+_SENDFILE_MAX: Final = 1 << 20
 
 
 def bind_listener(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
@@ -338,6 +340,7 @@ class _Connection(TCPServer):
                     raise ShortFileError(f"file ended at byte {position}, "
                                          f"{end - position} bytes early")
                 position += sent
+                await asyncio.sleep(0)
         finally:
             os.close(out)
 
