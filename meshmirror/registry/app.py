@@ -35,6 +35,7 @@ instead of failing the pull.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ from meshmirror.registry.ranges import (
     parse_range,
 )
 from meshmirror.registry.requester import set_requester
-from meshmirror.registry.serveroptions import ZERO_COPY_SEND
+from meshmirror.registry.serveroptions import ZERO_COPY_SEND, SendAborted
 from meshmirror.store.base import BlobInfo, NotFoundError, Store
 
 API_VERSION_HEADER: Final = "Docker-Distribution-API-Version"
@@ -157,8 +158,10 @@ class _BodyResponse(StreamingResponse):
             if span is not None and ZERO_COPY_SEND in scope.get("extensions", {}):
                 await send({"type": "http.response.start", "status": self.status_code,
                             "headers": self.raw_headers})
-                await send({"type": ZERO_COPY_SEND, "file": span.fd, "offset": span.offset,
-                            "count": span.count, "more_body": False})
+                with contextlib.suppress(SendAborted):  # the client left: logged as such
+                    await send({"type": ZERO_COPY_SEND, "file": span.fd,
+                                "offset": span.offset, "count": span.count,
+                                "more_body": False})
             else:
                 await super().__call__(scope, receive, send)
         finally:

@@ -60,7 +60,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshmirror.addresses import bind_socket
 from meshmirror.fileio import ShortFileError
-from meshmirror.registry.serveroptions import BACKLOG, ZERO_COPY_SEND, ServerOptions
+from meshmirror.registry.serveroptions import (
+    BACKLOG,
+    ZERO_COPY_SEND,
+    SendAborted,
+    ServerOptions,
+)
 
 __all__ = ["ServerMetrics", "ServerOptions", "bind_listener", "connection_cap",
            "listener_address", "serve"]
@@ -241,10 +246,11 @@ class _FileSpan:
     """A file's bytes as h11 body data: h11 frames it by its length and passes it back
     untouched (``send_with_data_passthrough``), so the connection can sendfile it."""
 
-    __slots__ = ("count", "fd", "offset")
+    __slots__ = ("count", "fd", "offset", "sent")
 
     def __init__(self, fd: int, offset: int, count: int) -> None:
         self.fd, self.offset, self.count = fd, offset, count
+        self.sent = 0
 
     def __len__(self) -> int:
         return self.count
@@ -285,22 +291,26 @@ class _Connection(TCPServer):
             file = message["file"]
             fd = file if isinstance(file, int) else file.fileno()
             if not head and message["count"]:
-                await self._send_file(fd, int(message.get("offset", 0)), int(message["count"]))
+                count = int(message["count"])
+                sent = await self._send_file(fd, int(message.get("offset", 0)), count)
+                if sent < count:
+                    raise SendAborted(sent)
             if not message.get("more_body", False):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         await self._inner(scope, receive, send_files)
 
-    async def _send_file(self, fd: int, offset: int, count: int) -> None:
+    async def _send_file(self, fd: int, offset: int, count: int) -> int:
         """``count`` bytes of ``fd`` from ``offset`` as response body, framed by h11, sent
-        by the kernel, bounded by the send timeout like every other write."""
+        by the kernel, bounded by the send timeout like every other write. Returns the
+        bytes sent: fewer than ``count`` when the connection ended first."""
         h11_connection = self.protocol.protocol.connection
         assert isinstance(h11_connection, h11.Connection)  # HTTP/1.1 only: see `_app`
+        span = _FileSpan(fd, offset, count)
         async with self.send_lock:
             if self.writer.transport.is_closing():
-                return
+                return 0
             try:
-                span = _FileSpan(fd, offset, count)
                 for piece in h11_connection.send_with_data_passthrough(
                         h11.Data(data=span)) or ():  # type: ignore[arg-type]  # by its length
                     if isinstance(piece, _FileSpan):
@@ -308,7 +318,7 @@ class _Connection(TCPServer):
                     else:  # chunked framing around it, if any
                         self.writer.write(piece)
                         await self._drain()
-                return
+                return span.sent
             except (ConnectionError, RuntimeError):
                 pass
             except _SendTimedOut:
@@ -319,6 +329,7 @@ class _Connection(TCPServer):
                             extra={"fields": {"error": str(err)}})
                 self.abort()
         await self.protocol.handle(Closed())
+        return span.sent
 
     async def _sendfile(self, span: _FileSpan) -> None:
         transport = self.writer.transport
@@ -340,6 +351,7 @@ class _Connection(TCPServer):
                     raise ShortFileError(f"file ended at byte {position}, "
                                          f"{end - position} bytes early")
                 position += sent
+                span.sent += sent
                 await asyncio.sleep(0)
         finally:
             os.close(out)

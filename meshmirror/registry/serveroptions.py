@@ -23,6 +23,16 @@ BACKLOG = 4096
 ZERO_COPY_SEND: Final = "http.response.zerocopysend"
 
 
+class SendAborted(OSError):
+    """A zero-copy send ended short: the client went (or stopped reading) first. What
+    ASGI asks of a server whose ``send`` is called on a closed connection (an OSError),
+    with the bytes that did go out, for the access log."""
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"connection closed after {sent} bytes of a file")
+        self.sent = sent
+
+
 @dataclass(frozen=True, slots=True)
 class ServerOptions:
     graceful_timeout: float = 5.0
