@@ -340,6 +340,10 @@ class _Connection(TCPServer):
         try:
             position, end = span.offset, span.offset + span.count
             while position < end:
+                # Other work first, before each call: responses that become ready
+                # together (a verified blob's readers) all get their headers out before
+                # any one of them starts copying its body.
+                await asyncio.sleep(0)
                 if transport.is_closing():
                     raise ConnectionResetError("connection closed while sending a file")
                 try:
@@ -352,7 +356,6 @@ class _Connection(TCPServer):
                                          f"{end - position} bytes early")
                 position += sent
                 span.sent += sent
-                await asyncio.sleep(0)
         finally:
             os.close(out)
 
