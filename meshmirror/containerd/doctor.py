@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from meshmirror.addresses import format_host_port, is_wildcard
 from meshmirror.containerd.checks import CheckResult, run_startup_checks
 from meshmirror.containerd.config import DoctorConfig
-from meshmirror.containerd.hostsconfig import HOSTS_FILE, MirroredRegistry
+from meshmirror.containerd.hostsconfig import DEFAULT_HOST_DIR, HOSTS_FILE, MirroredRegistry
 
 DEFAULT_TIMEOUT = 2.0
 __all__ = ["DoctorConfig", "doctor_command", "run_doctor"]
@@ -131,6 +131,52 @@ def _check_expected_targets(name: str, path: Path, pulls: Sequence[str],
     return CheckResult(name, False, problem=problem, fix=fix)
 
 
+def _lookup_dirs(registry: str) -> list[str]:
+    """The directories containerd tries for ``registry``, in order (hostPaths, containerd
+    1.6 to 2.x): ``host_port_`` before ``host:port``, then ``_default``."""
+    host, sep, port = registry.rpartition(":")
+    ahead = [f"{host}_{port}_"] if sep and host and not registry.endswith("]") else []
+    return [*ahead, registry, DEFAULT_HOST_DIR]
+
+
+def check_shadowing(config_path: Path, registries: Sequence[MirroredRegistry],
+                    registry_addr: tuple[str, int],
+                    expected_targets: Sequence[str] = ()) -> list[CheckResult]:
+    """Directories containerd picks ahead of the ones meshmirror wrote, lacking the mirror.
+
+    containerd uses the first of ``host_port_``, ``host:port`` and ``_default`` that
+    exists, so a ``docker.io/hosts.toml`` written later by another tool (k3s's
+    registries.yaml, user data) takes docker.io's pulls away from ``_default``
+    silently, and a ``host_port_`` directory does the same to ``host:port``.
+    """
+    written = {r.directory for r in registries}
+    try:
+        present = sorted(entry.name for entry in config_path.iterdir() if entry.is_dir())
+    except OSError:
+        return []
+    results = []
+    for name in present:
+        if name in written or name.startswith("_"):
+            continue
+        shadowed = [r.directory for r in registries
+                    if name in _lookup_dirs(r.directory)[:-1] or
+                    (r.directory == DEFAULT_HOST_DIR and name not in written)]
+        if not shadowed or not (config_path / name / HOSTS_FILE).exists():
+            continue
+        found = check_hosts_file(config_path, MirroredRegistry(name, None), registry_addr,
+                                 expected_targets)
+        if found.ok:
+            continue
+        path = config_path / name / HOSTS_FILE
+        results.append(CheckResult(
+            f"hosts.toml {name}", False,
+            problem=f"{path} is used for {name} instead of {shadowed[0]}/{HOSTS_FILE} and "
+                    f"{found.problem.removeprefix(f'{path} ')}",
+            fix=f"remove {config_path / name} so containerd falls back to "
+                f"{shadowed[0]}/{HOSTS_FILE}, or list this node's mirror targets first in it"))
+    return results
+
+
 def check_registry(registry_addr: tuple[str, int],
                    timeout: float = DEFAULT_TIMEOUT) -> CheckResult:
     """This node's registry accepts a TCP connection and answers ``GET /v2/`` with 200."""
@@ -169,6 +215,8 @@ def run_doctor(config: DoctorConfig) -> list[CheckResult]:
     results = run_startup_checks(config.containerd, registry_config_path=str(config_path))
     hosts = [check_hosts_file(config_path, r, config.registry_addr, config.hosts.targets)
              for r in config.hosts.registries]
+    hosts += check_shadowing(config_path, config.hosts.registries, config.registry_addr,
+                             config.hosts.targets)
     if not config.containerd_mirror_add:
         hosts = [as_information(r) for r in hosts]
     results.extend(hosts)

@@ -280,3 +280,23 @@ def test_containerd_mirror_add_reads_the_environment(
     assert cli.parse_args(["doctor"]).containerd_mirror_add is False
     monkeypatch.delenv("MESHMIRROR_CONTAINERD_MIRROR_ADD")
     assert cli.parse_args(["doctor"]).containerd_mirror_add is True
+
+
+def test_lookup_dirs_follow_containerds_host_paths(tmp_path: Path) -> None:
+    """host_port_ before host:port before _default (hostPaths in containerd 1.6 to 2.x)."""
+    from meshmirror.containerd.doctor import _lookup_dirs, check_shadowing
+    from meshmirror.containerd.hostsconfig import MirroredRegistry
+
+    assert _lookup_dirs("127.0.0.1:5050") == ["127.0.0.1_5050_", "127.0.0.1:5050", "_default"]
+    assert _lookup_dirs("ghcr.io") == ["ghcr.io", "_default"]
+    mine = MirroredRegistry("127.0.0.1:5050", "http://127.0.0.1:5050")
+    (tmp_path / "127.0.0.1:5050").mkdir()
+    (tmp_path / "127.0.0.1:5050" / "hosts.toml").write_text(
+        '[host."http://127.0.0.1:5000"]\ncapabilities = ["pull"]\n')
+    (tmp_path / "127.0.0.1_5050_").mkdir()
+    (tmp_path / "127.0.0.1_5050_" / "hosts.toml").write_text('server = "http://x:1"\n')
+    (tmp_path / "ghcr.io").mkdir()  # not mirrored, so not this node's business
+    (tmp_path / "ghcr.io" / "hosts.toml").write_text('server = "https://ghcr.io"\n')
+    found = check_shadowing(tmp_path, [mine], ("127.0.0.1", 5000))
+    assert [r.name for r in found] == ["hosts.toml 127.0.0.1_5050_"]
+    assert "\n" not in found[0].line()

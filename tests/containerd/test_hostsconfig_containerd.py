@@ -8,6 +8,7 @@ passes here is what a kubelet pull does on a node.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from meshmirror.cli import main
+from meshmirror.containerd.doctor import check_shadowing
+from meshmirror.containerd.hostsconfig import EVERY_REGISTRY
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from tests.support.containerd import Containerd
 from tests.support.distribution import DistributionRegistry
@@ -123,6 +126,28 @@ def test_default_hosts_file_covers_unnamed_registries(setup: Setup) -> None:
     configure(setup.hosts_dir, "--mirror-targets", setup.mirror.url)
     assert (setup.hosts_dir / "_default" / "hosts.toml").is_file()
     setup.upstream.stop()
+    result = pull(setup)
+    assert result.returncode == 0, result.stderr
+    assert_image_complete(setup)
+
+
+def test_a_registry_directory_shadows_default_and_doctor_says_so(setup: Setup) -> None:
+    """containerd takes <registry>/hosts.toml over _default/hosts.toml: one written by
+    another tool after `configure` takes that registry's pulls off the mirror."""
+    configure(setup.hosts_dir, "--mirror-targets", setup.mirror.url)
+    other = setup.hosts_dir / setup.upstream.address
+    other.mkdir()
+    (other / "hosts.toml").write_text(f'server = "{setup.upstream.url}"\n')
+    setup.upstream.stop()
+    assert pull(setup).returncode != 0  # the mirror, which holds the image, was not asked
+    found = check_shadowing(setup.hosts_dir, [EVERY_REGISTRY], ("127.0.0.1", 5000),
+                            (setup.mirror.url,))
+    assert [r.name for r in found] == [f"hosts.toml {setup.upstream.address}"]
+    assert "instead of _default/hosts.toml" in found[0].problem
+    assert f"remove {other}" in found[0].fix
+    shutil.rmtree(other)  # the fix
+    assert not check_shadowing(setup.hosts_dir, [EVERY_REGISTRY], ("127.0.0.1", 5000),
+                               (setup.mirror.url,))
     result = pull(setup)
     assert result.returncode == 0, result.stderr
     assert_image_complete(setup)
