@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from meshmirror.addresses import format_host_port, is_wildcard
-from meshmirror.containerd.checks import CheckResult, run_startup_checks
+from meshmirror.containerd.checks import CheckResult, run_startup_checks, version_of
 from meshmirror.containerd.config import DoctorConfig
 from meshmirror.containerd.hostsconfig import DEFAULT_HOST_DIR, HOSTS_FILE, MirroredRegistry
 
@@ -177,6 +177,55 @@ def check_shadowing(config_path: Path, registries: Sequence[MirroredRegistry],
     return results
 
 
+def ipv6_host_headers(text: str) -> list[str]:
+    """The ``[host."..."]`` headers whose key holds a bracket (an IPv6 address).
+
+    containerd 1.6 and 1.7 parse hosts.toml with go-toml v1, whose table-header lexer
+    stops at the first ``]`` even inside quotes (escaped as ``\\u005D`` too): the file
+    fails to decode and containerd pulls as if it did not exist. containerd 2 reads it.
+    No other form works on both (an inline ``[host]`` table is ignored by 2.x), so
+    configure writes the standard one and doctor says where it cannot work.
+    """
+    found = []
+    for line in text.splitlines():
+        header = line.strip()
+        if not header.startswith("[host.") or header.startswith("[["):
+            continue
+        key = header[len("[host."):].strip()
+        quote = key[:1]
+        if quote in ("'", '"'):
+            end = key.find(quote, 1)
+            inner = key[1:end] if end > 0 else key[1:]
+            if "]" in inner or "[" in inner or "\\u005" in inner.lower():
+                found.append(header)
+    return found
+
+
+def check_hosts_parse(config_path: Path, registries: Sequence[MirroredRegistry],
+                      containerd_version: tuple[int, int] | None) -> list[CheckResult]:
+    """hosts.toml files containerd 1.x cannot decode because of an IPv6 mirror address."""
+    if containerd_version is None or containerd_version >= (2, 0):
+        return []
+    results = []
+    for registry in registries:
+        path = config_path / registry.directory / HOSTS_FILE
+        try:
+            headers = ipv6_host_headers(path.read_text(errors="replace"))
+        except OSError:
+            continue
+        if headers:
+            version = ".".join(map(str, containerd_version))
+            results.append(CheckResult(
+                f"hosts.toml {registry.directory}", False,
+                problem=f"{path} has {headers[0]}: containerd {version} cannot parse an IPv6 "
+                        "address in a [host] header, so it ignores the file and pulls "
+                        "without the mirror",
+                fix="give the mirror targets a host name instead of an IPv6 address "
+                    "(--mirror-targets; the chart's service.registry.mirrorHost), or upgrade "
+                    "containerd to 2.x"))
+    return results
+
+
 def check_registry(registry_addr: tuple[str, int],
                    timeout: float = DEFAULT_TIMEOUT) -> CheckResult:
     """This node's registry accepts a TCP connection and answers ``GET /v2/`` with 200."""
@@ -217,6 +266,7 @@ def run_doctor(config: DoctorConfig) -> list[CheckResult]:
              for r in config.hosts.registries]
     hosts += check_shadowing(config_path, config.hosts.registries, config.registry_addr,
                              config.hosts.targets)
+    hosts += check_hosts_parse(config_path, config.hosts.registries, version_of(results[0]))
     if not config.containerd_mirror_add:
         hosts = [as_information(r) for r in hosts]
     results.extend(hosts)

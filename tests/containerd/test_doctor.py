@@ -300,3 +300,14 @@ def test_lookup_dirs_follow_containerds_host_paths(tmp_path: Path) -> None:
     found = check_shadowing(tmp_path, [mine], ("127.0.0.1", 5000))
     assert [r.name for r in found] == ["hosts.toml 127.0.0.1_5050_"]
     assert "\n" not in found[0].line()
+
+
+def test_ipv6_host_headers() -> None:
+    from meshmirror.containerd.doctor import ipv6_host_headers
+
+    text = ('server = "https://[fd00::9]:443"\n[host."http://[::1]:5000"]\n'
+            "[host.'http://[fd00::5]:30022']\n[host.\"http://10.0.0.1:30022\"]\n"
+            '[host."http://\\u005B::1\\u005D:5"]\n')
+    assert ipv6_host_headers(text) == ['[host."http://[::1]:5000"]',
+                                       "[host.'http://[fd00::5]:30022']",
+                                       '[host."http://\\u005B::1\\u005D:5"]']
