@@ -17,9 +17,11 @@ from pathlib import Path
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from meshmirror.containerd.hostsconfig import BACKUP_DIR, PARTIAL_BACKUP_DIR, RESTORING_DIR
 from meshmirror.upstream.endpoints import entry_reaches
 
 CONFIG_PATH_ENV = "MESHMIRROR_CONTAINERD_REGISTRY_CONFIG_PATH"
+_NOT_REGISTRIES = frozenset({BACKUP_DIR, PARTIAL_BACKUP_DIR, RESTORING_DIR})
 
 
 def points_here(hosts_toml: Path, own_url: str) -> bool:
@@ -47,7 +49,9 @@ class HostsConfigCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         family = self._family()
         try:
-            registries = sorted(p for p in self.config_path.iterdir() if p.is_dir())
+            # configure's backups are no registry: a 0 for them would fire the alert.
+            registries = sorted(p for p in self.config_path.iterdir() if p.is_dir() and
+                                p.name not in _NOT_REGISTRIES)
         except OSError:
             registries = []
         for directory in registries:
