@@ -161,17 +161,21 @@ def check_shadowing(config_path: Path, registries: Sequence[MirroredRegistry],
         shadowed = [r.directory for r in registries
                     if name in _lookup_dirs(r.directory)[:-1] or
                     (r.directory == DEFAULT_HOST_DIR and name not in written)]
-        if not shadowed or not (config_path / name / HOSTS_FILE).exists():
+        # A directory without hosts.toml (certificates only) shadows as much: containerd
+        # then pulls that registry with its certificates and no mirror.
+        if not shadowed:
             continue
         found = check_hosts_file(config_path, MirroredRegistry(name, None), registry_addr,
                                  expected_targets)
         if found.ok:
             continue
         path = config_path / name / HOSTS_FILE
+        why = (found.problem.removeprefix(f"{path} ") if path.exists() else
+               f"holds no {HOSTS_FILE}, so containerd pulls {name} without the mirror")
         results.append(CheckResult(
             f"hosts.toml {name}", False,
-            problem=f"{path} is used for {name} instead of {shadowed[0]}/{HOSTS_FILE} and "
-                    f"{found.problem.removeprefix(f'{path} ')}",
+            problem=f"{path.parent} is used for {name} instead of {shadowed[0]}/{HOSTS_FILE} "
+                    f"and {why}",
             fix=f"remove {config_path / name} so containerd falls back to "
                 f"{shadowed[0]}/{HOSTS_FILE}, or list this node's mirror targets first in it"))
     return results

@@ -285,7 +285,7 @@ def test_containerd_mirror_add_reads_the_environment(
 def test_lookup_dirs_follow_containerds_host_paths(tmp_path: Path) -> None:
     """host_port_ before host:port before _default (hostPaths in containerd 1.6 to 2.x)."""
     from meshmirror.containerd.doctor import _lookup_dirs, check_shadowing
-    from meshmirror.containerd.hostsconfig import MirroredRegistry
+    from meshmirror.containerd.hostsconfig import EVERY_REGISTRY, MirroredRegistry
 
     assert _lookup_dirs("127.0.0.1:5050") == ["127.0.0.1_5050_", "127.0.0.1:5050", "_default"]
     assert _lookup_dirs("ghcr.io") == ["ghcr.io", "_default"]
@@ -300,6 +300,13 @@ def test_lookup_dirs_follow_containerds_host_paths(tmp_path: Path) -> None:
     found = check_shadowing(tmp_path, [mine], ("127.0.0.1", 5000))
     assert [r.name for r in found] == ["hosts.toml 127.0.0.1_5050_"]
     assert "\n" not in found[0].line()
+    # certificates only: containerd still takes the directory over _default
+    (tmp_path / "quay.io").mkdir()
+    (tmp_path / "quay.io" / "ca.crt").write_text("")
+    found = check_shadowing(tmp_path, [EVERY_REGISTRY, mine], ("127.0.0.1", 5000))
+    assert [r.name for r in found] == ["hosts.toml 127.0.0.1_5050_", "hosts.toml ghcr.io",
+                                       "hosts.toml quay.io"]
+    assert "holds no hosts.toml" in found[2].problem
 
 
 def test_ipv6_host_headers() -> None:
