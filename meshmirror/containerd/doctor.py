@@ -131,7 +131,7 @@ def _check_expected_targets(name: str, path: Path, pulls: Sequence[str],
     return CheckResult(name, False, problem=problem, fix=fix)
 
 
-def _lookup_dirs(registry: str) -> list[str]:
+def lookup_dirs(registry: str) -> list[str]:
     """The directories containerd tries for ``registry``, in order (hostPaths, containerd
     1.6 to 2.x): ``host_port_`` before ``host:port``, then ``_default``."""
     host, sep, port = registry.rpartition(":")
@@ -159,7 +159,7 @@ def check_shadowing(config_path: Path, registries: Sequence[MirroredRegistry],
         if name in written or name.startswith("_"):
             continue
         shadowed = [r.directory for r in registries
-                    if name in _lookup_dirs(r.directory)[:-1] or
+                    if name in lookup_dirs(r.directory)[:-1] or
                     (r.directory == DEFAULT_HOST_DIR and name not in written)]
         # A directory without hosts.toml (certificates only) shadows as much: containerd
         # then pulls that registry with its certificates and no mirror.

@@ -284,11 +284,11 @@ def test_containerd_mirror_add_reads_the_environment(
 
 def test_lookup_dirs_follow_containerds_host_paths(tmp_path: Path) -> None:
     """host_port_ before host:port before _default (hostPaths in containerd 1.6 to 2.x)."""
-    from meshmirror.containerd.doctor import _lookup_dirs, check_shadowing
+    from meshmirror.containerd.doctor import check_shadowing, lookup_dirs
     from meshmirror.containerd.hostsconfig import EVERY_REGISTRY, MirroredRegistry
 
-    assert _lookup_dirs("127.0.0.1:5050") == ["127.0.0.1_5050_", "127.0.0.1:5050", "_default"]
-    assert _lookup_dirs("ghcr.io") == ["ghcr.io", "_default"]
+    assert lookup_dirs("127.0.0.1:5050") == ["127.0.0.1_5050_", "127.0.0.1:5050", "_default"]
+    assert lookup_dirs("ghcr.io") == ["ghcr.io", "_default"]
     mine = MirroredRegistry("127.0.0.1:5050", "http://127.0.0.1:5050")
     (tmp_path / "127.0.0.1:5050").mkdir()
     (tmp_path / "127.0.0.1:5050" / "hosts.toml").write_text(

@@ -83,6 +83,17 @@ def test_hosts_config_gauge_skips_configures_backup(tmp_path: Path) -> None:
     assert {s.labels["registry"]: s.value for s in family.samples} == {"_default": 1.0}
 
 
+
+def test_hosts_config_gauge_reports_only_mirrored_registries(tmp_path: Path) -> None:
+    """With --mirrored-registries docker.io, the owner's ghcr.io/ is not an alert."""
+    for name in ("docker.io", "ghcr.io"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "hosts.toml").write_text('server = "https://x"\n')
+    [family] = HostsConfigCollector(tmp_path, "http://10.0.0.7:5000",
+                                    frozenset({"docker.io"})).collect()
+    assert {s.labels["registry"]: s.value for s in family.samples} == {"docker.io": 0.0}
+
+
 def test_members_table_is_aligned() -> None:
     text = table([
         {"name": "node1", "address": "127.0.0.11:7946", "state": "alive",
