@@ -90,7 +90,7 @@ class DistributionRegistry:
             f"  filesystem:\n    rootdirectory: {self.storage}\n"
             "  delete:\n    enabled: true\n"
             "  maintenance:\n    uploadpurging:\n      enabled: false\n"
-            f"http:\n  addr: {self.host}:{self.port}\n"
+            f"http:\n  addr: \"{self.host}:{self.port}\"\n"  # quoted: [::1]:P is YAML flow
             + (f"  tls:\n    certificate: {self.tls_cert.cert}\n"
                f"    key: {self.tls_cert.key}\n" if self.tls_cert is not None else "")
             + (auth.config() if auth is not None else "")
