@@ -156,6 +156,19 @@ def _parse_mesh_addr(text: str) -> tuple[str, int] | None:
     return parse_host_port(text, default_port=MEMBERLIST_PORT)
 
 
+_METRICS_PORT: int = field_default(NodeConfig, "metrics_addr")[1]
+
+
+def _parse_status_addr(text: str) -> str:
+    """Where to dial a node's metrics port: written like ``--metrics-addr``, so the
+    ``:9090`` or ``[::]:9090`` a node listens on means this machine, and a bare IPv6
+    address (a pod IP) takes the default port."""
+    host, port = parse_host_port(bracket_bare_ipv6(text), default_port=_METRICS_PORT)
+    if is_wildcard(host):
+        host = "::1" if host in {"::", "[::]"} else "127.0.0.1"
+    return format_host_port(host, port)
+
+
 def _show_mesh_addr(addr: tuple[str, int] | None) -> str:
     return "off" if addr is None else format_host_port(*addr)
 
@@ -426,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="prints meshmirror values; stderr says what became of each key")
     members = sub.add_parser("members", help="list the mesh members one node sees")
     members.add_argument("--addr", default="127.0.0.1:9090", metavar="HOST:PORT",
+                         type=_typed("--addr", _parse_status_addr),
                          help="the node's metrics address (it serves /status)")
     members.add_argument("--format", choices=["table", "json"], default="table")
 

@@ -16,7 +16,7 @@ from meshmirror import cli
 from meshmirror.addresses import is_wildcard
 from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.containerd.hostsconfig import HostsConfig, parse_registries
-from meshmirror.flags import field_default, parse_bool, parse_duration, parse_size
+from meshmirror.flags import UsageError, field_default, parse_bool, parse_duration, parse_size
 from meshmirror.mirror.options import MirrorOptions, OutagePeerTags
 from meshmirror.registry.serveroptions import ServerOptions
 from meshmirror.runconfig import NodeConfig, PeeringConfig
@@ -360,3 +360,21 @@ def test_mirrored_registries_parse_alike_for_run_and_configure() -> None:
 ])
 def test_is_wildcard(host: str, wildcard: bool) -> None:
     assert is_wildcard(host) is wildcard
+
+
+@pytest.mark.parametrize(("given", "dialled"), [
+    ("127.0.0.1:9090", "127.0.0.1:9090"),
+    (":9191", "127.0.0.1:9191"),
+    ("0.0.0.0:9191", "127.0.0.1:9191"),
+    ("[::]:9191", "[::1]:9191"),
+    ("::1", "[::1]:9090"),
+    ("fd00::7", "[fd00::7]:9090"),
+    ("[fd00::7]:9191", "[fd00::7]:9191"),
+])
+def test_members_addr_is_written_like_metrics_addr(given: str, dialled: str) -> None:
+    assert cli.parse_args(["members", "--addr", given]).addr == dialled
+
+
+def test_members_addr_that_cannot_be_dialled_is_one_line() -> None:
+    with pytest.raises(UsageError, match="--addr 'host:port:x'"):
+        cli.parse_args(["members", "--addr", "host:port:x"])
