@@ -108,7 +108,7 @@ class Peering:
                                  metrics=mirror_metrics, upstream=self.upstream,
                                  mesh_encrypted=keyring is not None,
                                  vouches=self.directory.vouches, store=store,
-                                 rollout=self.rollout)
+                                 rollout=self.rollout, pace=self.upstream.allows)
         # What this node heard the upstream call public rides in its summary.
         self.mirror.access.cache.on_vouches_changed = self.publisher.vouches_changed
         self.mesh = MeshNode(
