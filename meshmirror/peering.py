@@ -24,6 +24,7 @@ import contextlib
 import ipaddress
 import logging
 import random
+import socket
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -90,7 +91,7 @@ class Peering:
             read_bufsize=4 * 1024 * 1024,
             connector=aiohttp.TCPConnector(
                 limit=256, limit_per_host=32, ssl=False,
-                local_addr=(advertised, 0) if advertised and _is_ip(advertised) else None),
+                local_addr=(advertised, 0) if advertised and _bindable(advertised) else None),
             middlewares=(signing_middleware(self.auth),),
         )
         # Anonymous questions to upstreams: its own session (system trust store, no
@@ -195,9 +196,18 @@ class Peering:
 
 
 
-def _is_ip(host: str) -> bool:
+def _bindable(host: str) -> bool:
+    """Whether peer requests can leave from ``host``: an IP of this machine. An address
+    that is not (advertised through NAT, say) leaves the choice to the kernel."""
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+    except OSError:
+        log.info("advertised address %s is not this machine's: peer requests leave from "
+                 "the kernel's choice, and peers may not believe their marker", host)
         return False
     return True
