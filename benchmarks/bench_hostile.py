@@ -19,8 +19,8 @@ one's interpreter lock with the honest client), for a fixed number of requests:
 
 Baseline: the same honest client for the same time, no attack. Reported per attack:
 the honest p50 and p95 (and worst) on each port, and p50/p95 as ratios of the
-baseline's. Targets: p50 within 3x of the baseline, and the worst honest answer
-within 2 s during the storms.
+baseline's. Targets: p50 within 3x of the baseline, and every honest answer within
+2 s (the issue's bound for the storms, held here for every attack).
 
     python -m benchmarks.bench_hostile
 """
@@ -263,9 +263,8 @@ def section(runs: list[Run], scale: float, load_before: str) -> Section:
             if r.name != "baseline":
                 targets.append(Target(f"hostile {r.name}: honest {port} p50 vs no attack",
                                       "<=", 3, p50 / b50[port]))
-                if r.name.startswith("storm"):
-                    targets.append(Target(f"hostile {r.name}: worst honest {port}", "<=",
-                                          2, max(values), " s"))
+                targets.append(Target(f"hostile {r.name}: worst honest {port}", "<=",
+                                      2, max(values), " s"))
         rows.append(cells)
     return Section(
         name="bench_hostile",
@@ -282,7 +281,12 @@ def section(runs: list[Run], scale: float, load_before: str) -> Section:
                        "registry p50 / p95 / worst (ratio to baseline)",
                        "metrics p50 / p95 / worst (ratio)"], rows)],
         notes=["Ratios compare with the same run's baseline; the machine is shared, so a "
-               "busy neighbour shows up in both the load average and the ratios."],
+               "busy neighbour shows up in both the load average and the ratios. The "
+               "attackers run on the same cores as the node: on a 2-core machine a storm's "
+               "own CPU is part of what the honest client waits for.",
+               "A worst case near the send timeout under `unread` is an honest request "
+               "that waited for the node's memory budget (--mirror-memory-limit): each "
+               "unread response holds one piece of it until the send timeout drops it."],
         targets=targets,
     )
 
