@@ -240,7 +240,8 @@ class Node:
                 local_only = refuse_private(
                     local_only, self.peering.mirror.access.refuses_peers,
                     self.config.default_registry)
-            registry_app = peer_dispatch(registry_app, local_only)
+            registry_app = peer_dispatch(registry_app, local_only,
+                                         self.peering.auth.admit if self.peering else None)
         server = self.config.server
         self.metrics_server = HttpServer(
             "metrics", metrics_app(self.metrics_registry, self.metrics_routes),

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
+import socket
+from urllib.parse import urlsplit
 
 import aiohttp
 from prometheus_client import CollectorRegistry
@@ -35,6 +38,7 @@ from meshmirror.mesh.metrics import register_mesh_metrics
 from meshmirror.mesh.tags import decode_tags, encode_tags
 from meshmirror.mesh.transport import MembershipEvent, MeshNode
 from meshmirror.mesh.wire import WireError
+from meshmirror.mirror.marker import MemberAddresses, PeerAuth, signing_middleware
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.mirror.rollout import Rollout, RolloutMetrics
@@ -73,16 +77,26 @@ class Peering:
                                           registry=metrics_registry,
                                           on_publish=self._on_publish,
                                           vouches=self._vouches)
+        keyring = (Keyring.from_base64_file(config.gossip_key_file)
+                   if config.gossip_key_file else None)
+        # Peers believe our marked requests only from our advertised address, signed
+        # with a key derived from the gossip key (`mirror.marker`); we theirs likewise.
+        self.members = MemberAddresses()
+        self.auth = PeerAuth(config.node_name, self.members,
+                             (lambda: keyring.keys) if keyring is not None else tuple,
+                             registry=metrics_registry)
+        advertised = urlsplit(config.http_base).hostname
         # Built here, inside the running loop, because the registry app that
         # takes the mirror is assembled before any component starts.
         self._session = aiohttp.ClientSession(
             auto_decompress=False,
             # Larger reads mean fewer, bigger chunks through the verifying stream.
             read_bufsize=4 * 1024 * 1024,
-            connector=aiohttp.TCPConnector(limit=256, limit_per_host=32, ssl=False),
+            connector=aiohttp.TCPConnector(
+                limit=256, limit_per_host=32, ssl=False,
+                local_addr=(advertised, 0) if advertised and _bindable(advertised) else None),
+            middlewares=(signing_middleware(self.auth),),
         )
-        keyring = (Keyring.from_base64_file(config.gossip_key_file)
-                   if config.gossip_key_file else None)
         # Anonymous questions to upstreams: its own session (system trust store, no
         # cookies), apart from the peers' plain-HTTP one.
         self.upstream = config.upstream.client()
@@ -98,7 +112,7 @@ class Peering:
                                  metrics=mirror_metrics, upstream=self.upstream,
                                  mesh_encrypted=keyring is not None,
                                  vouches=self.directory.vouches, store=store,
-                                 rollout=self.rollout)
+                                 rollout=self.rollout, pace=self.upstream.allows)
         # What this node heard the upstream call public rides in its summary.
         self.mirror.access.cache.on_vouches_changed = self.publisher.vouches_changed
         self.mesh = MeshNode(
@@ -166,6 +180,7 @@ class Peering:
         if member.name == self.config.node_name:
             return
         if not alive:
+            self.members.remove(member.name)
             self.directory.remove_peer(member.name)
             return
         try:
@@ -178,6 +193,7 @@ class Peering:
             return  # a plain Serf agent or another memberlist user: no registry to ask
         epoch_text = tags.get(TAG_EPOCH)
         epoch = int(epoch_text) if epoch_text and epoch_text.isdigit() else None
+        self.members.set(member.name, (member.addr, urlsplit(http_base).hostname or ""))
         keys_text = tags.get(TAG_KEYS)
         keys = int(keys_text) if keys_text and keys_text.isdigit() else None
         try:
@@ -186,3 +202,20 @@ class Peering:
         except ValueError as err:
             log.info("peer %s advertises an unusable registry address: %s", member.name, err)
 
+
+
+def _bindable(host: str) -> bool:
+    """Whether peer requests can leave from ``host``: an IP of this machine. An address
+    that is not (advertised through NAT, say) leaves the choice to the kernel."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+    except OSError:
+        log.info("advertised address %s is not this machine's: peer requests leave from "
+                 "the kernel's choice, and peers may not believe their marker", host)
+        return False
+    return True

@@ -54,6 +54,7 @@ from meshmirror.oci.reference import tag_key
 from meshmirror.registry.app import NotServableError, stored_manifest
 from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
+from meshmirror.registry.requester import requester as client_address
 from meshmirror.routing.router import Router
 from meshmirror.routing.vouches import VouchBook
 from meshmirror.store.base import NotFoundError, Store
@@ -85,7 +86,10 @@ class PeerMirror:
         vouches: VouchBook | None = None,
         store: Store | None = None,
         rollout: Rollout | None = None,
+        pace: Callable[[str | None], bool] | None = None,
     ) -> None:
+        # Takes one of a client's tokens for each fetch it starts (`_new_fetch_allowed`).
+        self._pace = pace
         self._router = router
         self._rollout = rollout
         self._options = options or MirrorOptions()
@@ -308,6 +312,9 @@ class PeerMirror:
             return _denied(access)
         # A blob no peer holds comes through its tree (see `rollout`); containerd gets
         # it verified, on the owner too (a slow upstream is then a 404, not a cut body).
+        if not self._new_fetch_allowed(digest):
+            self._count(registry, "blob", "miss", path, started)
+            return Miss(MissReason.BUSY, "client rate limit")
         reader = self.flights.attach(digest, lambda: self._source(registry, repository, digest))
         record = _BlobRecord(registry, path, started, reader.flight)
         try:
@@ -320,6 +327,25 @@ class PeerMirror:
             return content
         reader.close()
         return await self._unshared_blob(registry, path, digest, byte_range, want_body, started)
+
+    def _new_fetch_allowed(self, digest: Digest) -> bool:
+        """Whether the client may start a fetch of ``digest`` (one nobody has in flight or
+        cached), at its pace of new upstream questions.
+
+        Any request starts the whole blob's fetch into the cache, a HEAD or a one-byte
+        Range included, so one client could pull gigabytes and churn the cache with
+        requests that cost it nothing. Pacing each new fetch bounds that for GET, HEAD
+        and Range alike; joining a fetch or reading the cache costs no token.
+        (Answering a HEAD from a peer's HEAD instead would still leave GETs and Ranges
+        unpaced, and send containerd a size no digest has checked.)
+        """
+        if self._pace is None or self.flights.flying(digest) is not None:
+            return True
+        entry = self.flights.cache.open(str(digest))
+        if entry is not None:
+            self.flights.cache.unpin(entry)
+            return True
+        return self._pace(client_address())
 
     def _peer_fetch(self, registry: str, path: str, digest: Digest) -> BlobFetch:
         return BlobFetch(self.client, self._router, self._options, registry, path, digest)

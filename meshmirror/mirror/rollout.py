@@ -59,6 +59,7 @@ from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
 from meshmirror.mirror.fetch import Sink, held_body
 from meshmirror.mirror.flight import BlobSource, Flights, RangeSink, StreamSource
+from meshmirror.mirror.marker import TREE_HEADER
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, RepositoryAccess
@@ -79,7 +80,6 @@ from meshmirror.upstream.results import AuthRequired, NotFound, Unreachable
 
 logger = logging.getLogger("meshmirror.mirror.rollout")
 
-TREE_HEADER = "X-Meshmirror-Tree"
 _TREE_HEADER_BYTES = TREE_HEADER.lower().encode()
 _MAX_NAME = 256
 # The node that sent the tree request being served, if the request is one.

@@ -82,6 +82,9 @@ _ACCEPT_RETRY_DELAY: Final = 0.1
 _PRESSURE_ON, _PRESSURE_OFF = 0.75, 0.5
 # Aborted connections and cancelled tasks get this long to finish at shutdown.
 _ABORT_GRACE: Final = 1.0
+# At most this much of what a client sent before its connection was set up is read at
+# accept (`_read_ahead`); the request head is bounded at 16 KiB anyway.
+_READ_AHEAD: Final = 2**16
 # At most this much per sendfile call, and the loop runs other work between calls: a
 # burst of responses that become ready at once (a verified blob's waiting readers) all
 # get their headers out promptly, and a fast client never holds the loop.
@@ -478,22 +481,37 @@ class _Connection(TCPServer):
         await asyncio.shield(self._initiate_server_close())
 
 
-def _gone_already(conn: socket.socket) -> bool:
-    """Closes ``conn`` if its client has already closed or reset it without a request.
+def _read_ahead(conn: socket.socket) -> bytes | None:
+    """What the client has sent already, read without waiting; None, with ``conn``
+    closed, if its client has already closed or reset it without a whole request head.
 
-    One system call instead of a transport, a protocol and a task: a storm of
-    connect-and-close (issue 23 saw 20,000 in seconds) then costs the node little
-    CPU, so the honest connections queued behind it in the backlog wait little.
+    A few system calls instead of a transport, a protocol and a task: a storm of
+    connect-and-close (issue 23 saw 20,000 in seconds), with or without a byte or a
+    partial request before the close, then costs the node little CPU, so the honest
+    connections queued behind it in the listen backlog wait little. (A peek alone
+    sees the end only when nothing was sent: a storm that sends one byte took the
+    full path for each connection, and honest connections waited up to 11 s behind it.)
+    What was read is handed to the connection, which reads on from there.
     """
-    try:
-        ended = conn.recv(1, socket.MSG_PEEK) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        ended = True
-    if ended:
-        conn.close()
-    return ended
+    chunks: list[bytes] = []
+    size = 0
+    while size < _READ_AHEAD:
+        try:
+            data = conn.recv(_READ_AHEAD - size)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            conn.close()
+            return None
+        if not data:
+            head = b"".join(chunks)
+            if b"\r\n\r\n" in head:
+                return head  # a whole request, then half-closed: still answered
+            conn.close()
+            return None
+        chunks.append(data)
+        size += len(data)
+    return b"".join(chunks)
 
 
 def _config(options: ServerOptions) -> Config:
@@ -528,9 +546,11 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
                        metrics.connections.labels(name) if metrics is not None else None)
     connections: dict[asyncio.Task[None], _Connection] = {}
 
-    async def handle(conn: socket.socket) -> None:
+    async def handle(conn: socket.socket, sent: bytes) -> None:
         try:
             reader = asyncio.StreamReader(limit=2**16, loop=loop)
+            if sent:
+                reader.feed_data(sent)
             transport, protocol = await loop.connect_accepted_socket(
                 lambda: asyncio.StreamReaderProtocol(reader, loop=loop), conn)
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
@@ -566,10 +586,11 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
             except BaseException:
                 limiter.release()
                 raise
-            if _gone_already(conn):
+            sent = _read_ahead(conn)
+            if sent is None:
                 limiter.release()
             else:
-                task = loop.create_task(handle(conn))
+                task = loop.create_task(handle(conn, sent))
                 task.add_done_callback(finished)
             # An accept that needs no wait does not yield: without this a storm would
             # be accepted up to the cap before one request or metrics scrape ran.

@@ -15,15 +15,20 @@ import urllib.request
 SMALL_RCVBUF = 4096
 
 
-def unread_get(host: str, port: int, path: str, connection: str = "keep-alive"
+def unread_get(host: str, port: int, path: str, connection: str = "keep-alive", *,
+               headers: dict[str, str] | None = None, source: str | None = None
                ) -> socket.socket:
-    """A connection that sent ``GET path`` and will never read the answer."""
+    """A connection that sent ``GET path`` (with ``headers``, from address ``source``)
+    and will never read the answer."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
     sock.settimeout(10)
+    if source is not None:
+        sock.bind((source, 0))
     sock.connect((host, port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: {connection}"
-                 "\r\n\r\n".encode())
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: {connection}\r\n"
+                 f"{extra}\r\n".encode())
     return sock
 
 

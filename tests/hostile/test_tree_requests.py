@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from meshmirror.mirror.marker import PEER_HEADER
-from meshmirror.mirror.rollout import TREE_HEADER
+from meshmirror.mirror.marker import PEER_HEADER, TREE_HEADER
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from tests.e2e.cluster import metric, parse_metrics
 from tests.support.distribution import DistributionRegistry

@@ -18,6 +18,7 @@ feature; `NOT_ON_REAL_NODES` names the ones only unit tests can provoke, with wh
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import tempfile
@@ -76,6 +77,7 @@ class Setup:
     public: str  # host:port of each upstream
     private: str
     down: str
+    member: str = ""  # a member's address: marked requests from it are believed
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class Case:
     status: int  # what the client gets (0: it left first)
     headers: tuple[tuple[str, str], ...] = ()
     leave_after: float | None = None  # close the connection after this many seconds
+    from_member: bool = False  # sent from `Setup.member`, as a peer's request would be
 
 
 def _cases(s: Setup) -> list[Case]:
@@ -116,7 +119,7 @@ def _cases(s: Setup) -> list[Case]:
         Case(MissReason.UNKNOWN_REPOSITORY_OUTAGE, "upstream", "GET",
              f"/v2/gone/other/blobs/{blob}?ns={s.down}", 404),
         Case(MissReason.NOT_HELD, "upstream", "GET", f"/v2/pub/app/blobs/{blob}?ns={s.public}",
-             404, headers=((PEER_HEADER, "1"),)),
+             404, headers=((PEER_HEADER, "1"),), from_member=True),
         Case(MissReason.TAGS_OFF, "tags_off", "HEAD",
              f"/v2/pub/app/manifests/1?ns={s.public}", 404),
     ]
@@ -152,14 +155,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                               ("--node-name", name, *mirrored, *flags))
             stack.callback(stop, node.proc)
             nodes.append(node)
-        for kind, keys in (("instant404", [PEERS_FAILED_BLOB]),
-                           ("drip", [DEADLINE_BLOB, CLIENT_LEFT_BLOB])):
+        rogues = [
             stack.enter_context(Rogue(kind, claiming_summary(keys, epoch=1), DRIP_SIZE,
                                       join=nodes[0].mesh, log=workdir / f"rogue-{kind}.log",
                                       name=f"rogue-{kind}"))
+            for kind, keys in (("instant404", [PEERS_FAILED_BLOB]),
+                               ("drip", [DEADLINE_BLOB, CLIENT_LEFT_BLOB]))]
         wait_until(lambda: _summaries_held(nodes[0]) == 2, 30,
                    "the node under test to hold both rogues' summaries")
-        yield Setup(nodes[0], nodes[1], public.address, private.address, down.address)
+        yield Setup(nodes[0], nodes[1], public.address, private.address, down.address,
+                    rogues[0].host)
 
 
 def _summaries_held(node: RunningNode) -> int:
@@ -173,7 +178,7 @@ def _status(node: RunningNode) -> Any:
         return json.loads(r.read())
 
 
-def _send(node: RunningNode, case: Case) -> int:
+def _send(node: RunningNode, case: Case, member: str = "") -> int:
     """The status the client got (0 when it left first)."""
     if case.leave_after is not None:
         host, port = node.address.rsplit(":", 1)
@@ -182,6 +187,15 @@ def _send(node: RunningNode, case: Case) -> int:
                          "\r\n".encode())
             time.sleep(case.leave_after)
         return 0
+    if case.from_member:  # a peer's marker is believed only from a member's address
+        host, port = node.address.rsplit(":", 1)
+        peer = http.client.HTTPConnection(host, int(port), timeout=10,
+                                          source_address=(member, 0))
+        try:
+            peer.request(case.method, case.path, headers=dict(case.headers))
+            return int(peer.getresponse().status)
+        finally:
+            peer.close()
     request = urllib.request.Request(f"http://{node.address}{case.path}", method=case.method,
                                      headers=dict(case.headers))
     try:
@@ -209,7 +223,7 @@ def test_each_miss_logs_its_reason_counts_it_and_shows_it(setup: Setup) -> None:
     for case in cases:
         node: RunningNode = getattr(setup, case.node)
         before = len(_reason_lines(node))
-        assert _send(node, case) == case.status, case
+        assert _send(node, case, setup.member) == case.status, case
         path = case.path.split("?", 1)[0]
 
         def logged(node: RunningNode = node, before: int = before, path: str = path) -> bool:
