@@ -61,7 +61,6 @@ from meshmirror.mirror.options import (
 )
 from meshmirror.registry.serveroptions import ServerOptions
 from meshmirror.runconfig import MEMBERLIST_PORT, NodeConfig, PeeringConfig
-from meshmirror.upstream.guard import AddressGuard
 from meshmirror.upstream.options import UpstreamOptions
 from meshmirror.upstream.proxy import ProxyConfigError, ProxySettings
 
@@ -560,6 +559,9 @@ def _upstream_options(args: argparse.Namespace, http_base: str) -> UpstreamOptio
         raise UsageError("--upstream-tag-ttl must be >= 0, --upstream-client-rate > 0, "
                          "--upstream-client-burst and --upstream-max-registries >= 1")
     allow_hosts = tuple(split_list(args.upstream_allow_hosts))
+    # Here, not at the top: the guard's resolver is aiohttp's, which only `run` needs.
+    from meshmirror.upstream.guard import AddressGuard
+
     try:
         AddressGuard.parse(allow_hosts)
     except ValueError as err:

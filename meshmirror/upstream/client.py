@@ -69,17 +69,6 @@ DEFAULT_CONNECT_TIMEOUT = 1.0
 DEFAULT_TOTAL_TIMEOUT = 3.0
 DEFAULT_FAILURE_THRESHOLD = 3
 DEFAULT_COOLDOWN = 30.0
-# How long a tag's answer (a digest, "no such tag", "credentials required") is
-# reused: a burst of pulls of one tag costs one question, and a tag moved upstream
-# is seen within seconds, about as soon as containerd's own resolver would see it.
-DEFAULT_TAG_TTL = 3.0
-# New questions per second per client address, and the burst a client may ask at
-# once: containerd is one client, and a node starting 50 pods asks about as many.
-DEFAULT_CLIENT_RATE = 5.0
-DEFAULT_CLIENT_BURST = 100
-# Registries whose breakers are kept (the least recently asked forgotten); with a _default
-# hosts.toml every ?ns= is mirrored, so a client could otherwise invent registries.
-DEFAULT_MAX_REGISTRIES = 64
 _MAX_CACHED_TAGS = 4096
 # How long a registry whose /v2/ answered is taken to be up, when a manifest HEAD
 # gets a 5xx: that 5xx is the request's shape, not an outage (see `_shape_or_outage`).
