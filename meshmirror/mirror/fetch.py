@@ -37,7 +37,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, S
 from typing import Protocol
 
 from meshmirror.mirror.client import PeerClient, PeerResponse
-from meshmirror.mirror.errors import PeerFailure, SinkFailure, VerificationError
+from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, VerificationError
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.oci.digest import Digest
 from meshmirror.routing.router import Peer, Router
@@ -337,16 +337,17 @@ class BlobFetch:
         headers = opened.response.headers
         announced = headers.get("Docker-Content-Digest")
         if announced is not None and announced != str(self._digest):
-            raise PeerFailure("digest_mismatch", f"announced {announced[:80]}")
+            raise PeerFailure(FailureReason.DIGEST_MISMATCH, f"announced {announced[:80]}")
         if offset == 0:
             length = opened.response.content_length
             if length is None:
-                raise PeerFailure("bad_headers", "no Content-Length")
+                raise PeerFailure(FailureReason.BAD_HEADERS, "no Content-Length")
             self._size = length
             return
         match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers.get("Content-Range", ""))
         if match is None or int(match.group(1)) != offset:
-            raise PeerFailure("bad_headers", f"Content-Range {headers.get('Content-Range')!r}")
+            raise PeerFailure(FailureReason.BAD_HEADERS,
+                              f"Content-Range {headers.get('Content-Range')!r}")
         if int(match.group(3)) != self._size:
             raise _SizeChanged(opened.peer)
 
@@ -399,7 +400,7 @@ class BlobFetch:
         while position < self._size:
             current = self._current
             if current is None:
-                raise PeerFailure("exhausted", f"no peer left at byte {position}")
+                raise PeerFailure(FailureReason.EXHAUSTED, f"no peer left at byte {position}")
             pumped: AsyncGenerator[bytes, None] | None = None
             if threads and pumped_from is not current:
                 pumped_from = current  # once per source: a refusal means read it here
@@ -419,7 +420,7 @@ class BlobFetch:
                 size = min(self._options.chunk_size, self._size - position)
                 chunk = await self._client.read_chunk(current, size)
                 if not chunk:
-                    raise PeerFailure("broken", "body ended")
+                    raise PeerFailure(FailureReason.BROKEN, "body ended")
             except PeerFailure as err:
                 failure = PeerFailure(err.reason, f"at byte {position}: {err}")
             else:
@@ -432,7 +433,7 @@ class BlobFetch:
                 position += len(chunk)
                 continue
             if not await self._next_source(position, failure):
-                raise PeerFailure("exhausted", f"no peer left at byte {position}")
+                raise PeerFailure(FailureReason.EXHAUSTED, f"no peer left at byte {position}")
         if hashing is not None:
             await hashing
 
@@ -447,7 +448,7 @@ def in_pieces(data: bytes, size: int) -> Iterator[bytes]:
 
 
 def _mismatch(digest: Digest, detail: str = "") -> PeerFailure:
-    return PeerFailure("digest_mismatch", f"{digest} {detail}".strip())
+    return PeerFailure(FailureReason.DIGEST_MISMATCH, f"{digest} {detail}".strip())
 
 
 def _keep_then(

@@ -49,7 +49,7 @@ from typing import Protocol
 
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.cache import BlobCache, CacheEntry
-from meshmirror.mirror.errors import PeerFailure, SinkFailure, VerificationError
+from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, VerificationError
 from meshmirror.mirror.fetch import Sink
 from meshmirror.oci.digest import Digest
 
@@ -130,11 +130,11 @@ class StreamSource:
             try:
                 async for chunk in self._stream.chunks(position):
                     if position + len(chunk) > self._size:
-                        raise PeerFailure("bad_body", "more bytes than announced")
+                        raise PeerFailure(FailureReason.BAD_BODY, "more bytes than announced")
                     await asyncio.to_thread(_keep_and_hash, sink, hasher.update, chunk)
                     position += len(chunk)
                 if position < self._size:
-                    raise PeerFailure("broken", f"body ended at byte {position}")
+                    raise PeerFailure(FailureReason.BROKEN, f"body ended at byte {position}")
             except PeerFailure as failure:
                 breaks += 1
                 if breaks > self._resumes:

@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.cache import BlobCache
 from meshmirror.mirror.client import PeerClient, PeerResponse
-from meshmirror.mirror.errors import PeerFailure, SinkFailure
+from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure
 from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink, in_pieces
 from meshmirror.mirror.flight import BlobSource, Flight, Flights, Reader, State, StreamSource
 from meshmirror.mirror.metrics import MirrorMetrics, finished
@@ -284,9 +284,9 @@ class PeerMirror:
             try:
                 expected = Digest.parse(announced)
             except DigestError as err:
-                raise PeerFailure("bad_digest_header", announced[:80]) from err
+                raise PeerFailure(FailureReason.BAD_DIGEST_HEADER, announced[:80]) from err
         if Digest.of(data, expected.algorithm) != expected:
-            raise PeerFailure("digest_mismatch", f"manifest {expected}")
+            raise PeerFailure(FailureReason.DIGEST_MISMATCH, f"manifest {expected}")
         return FallbackContent(expected, len(data), media_type or None,
                                _held(data, self._options.send_size))
 

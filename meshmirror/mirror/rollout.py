@@ -49,7 +49,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshmirror.mirror.client import PeerClient, PeerResponse
-from meshmirror.mirror.errors import PeerFailure
+from meshmirror.mirror.errors import FailureReason, PeerFailure
 from meshmirror.mirror.fetch import Sink
 from meshmirror.mirror.flight import BlobSource, Flights
 from meshmirror.mirror.metrics import MirrorMetrics
@@ -343,7 +343,7 @@ class TreeStream:
         if (self._peer is None and self._upstream is None) or self._position != offset:
             self.close()
             if self._late() or await self._connect(offset) is None:
-                raise PeerFailure("exhausted", f"no source left at byte {offset}")
+                raise PeerFailure(FailureReason.EXHAUSTED, f"no source left at byte {offset}")
         if self._upstream is not None:
             async for chunk in self._from_upstream(self._upstream):
                 yield chunk
@@ -354,11 +354,12 @@ class TreeStream:
         while self._position < self._size:
             try:
                 if self._late():
-                    raise PeerFailure("deadline", f"past the deadline at byte {self._position}")
+                    raise PeerFailure(FailureReason.DEADLINE,
+                                      f"past the deadline at byte {self._position}")
                 chunk = await client.read_chunk(opened, min(self._rollout._chunk,
                                                             self._size - self._position))
                 if not chunk:
-                    raise PeerFailure("broken", "body ended")
+                    raise PeerFailure(FailureReason.BROKEN, "body ended")
             except PeerFailure as failure:
                 self._parent_failed(opened.peer, failure)
                 raise
@@ -372,14 +373,14 @@ class TreeStream:
             async for chunk in body.chunks():
                 if self._late():
                     self.close()
-                    raise PeerFailure("deadline", f"upstream past the deadline at "
+                    raise PeerFailure(FailureReason.DEADLINE, f"upstream past the deadline at "
                                                   f"byte {self._position}")
                 self._position += len(chunk)
                 self._rollout.upstream_bytes(len(chunk))
                 yield chunk
         except UpstreamStall as stall:
             self.close()
-            raise PeerFailure("broken", f"upstream {stall}") from stall
+            raise PeerFailure(FailureReason.BROKEN, f"upstream {stall}") from stall
         self._rollout.metrics.upstream_fetches.labels("completed").inc()
         self.close()
 
