@@ -47,7 +47,8 @@ from meshmirror.mirror.marker import PEER_HEADER
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.peerqueue import PeerQueue
-from meshmirror.routing.router import Peer, Router
+from meshmirror.routing.ranking import Outcome, PeerRanking
+from meshmirror.routing.router import Peer
 
 logger = logging.getLogger("meshmirror.mirror")
 
@@ -55,8 +56,7 @@ logger = logging.getLogger("meshmirror.mirror")
 # they open its circuit in the router.
 _CIRCUIT_REASONS = frozenset({FailureReason.STALLED, FailureReason.SLOW,
                               FailureReason.DIGEST_MISMATCH, FailureReason.BAD_DIGEST_HEADER})
-# Failures that may be our own busy moment as much as the peer's: they open its
-# circuit only when they come twice in a row without a success between.
+# Failures that may be our own busy moment as much as the peer's (`Outcome.TIMEOUT`).
 _TIMEOUT_REASONS = frozenset({FailureReason.TIMEOUT, FailureReason.CONNECT_TIMEOUT})
 # aiohttp reads ahead up to twice this before pausing the socket.
 _READ_BUFSIZE = 256 * 1024
@@ -100,7 +100,7 @@ class PeerClient:
 
     def __init__(
         self,
-        router: Router,
+        router: PeerRanking,
         session: aiohttp.ClientSession,
         options: MirrorOptions,
         metrics: MirrorMetrics,
@@ -270,9 +270,7 @@ class PeerClient:
 
     def succeeded(self, opened: PeerResponse) -> None:
         """The peer served good bytes: its latency counts towards its rank."""
-        self._router.report(
-            opened.peer.name, ok=True, latency_s=self._clock() - opened.started
-        )
+        self._router.outcome(opened.peer.name, Outcome.OK, self._clock() - opened.started)
 
     def failed(self, peer: Peer, failure: PeerFailure) -> None:
         """Charge ``failure`` to ``peer``, by how much it says about the peer.
@@ -286,12 +284,13 @@ class PeerClient:
             pass  # our own load: the peer is busy serving us, not failing
         elif failure.reason is FailureReason.NOT_FOUND:
             self._metrics.false_positives.inc()
-            self._router.report(peer.name, ok=False, latency_s=latency, false_positive=True)
-        elif failure.reason in _CIRCUIT_REASONS or (
-                failure.reason in _TIMEOUT_REASONS and self._router.failures_in_a_row(peer.name)):
-            self._router.trip(peer.name)
+            self._router.outcome(peer.name, Outcome.FALSE_POSITIVE, latency)
+        elif failure.reason in _CIRCUIT_REASONS:
+            self._router.outcome(peer.name, Outcome.UNFIT, latency)
+        elif failure.reason in _TIMEOUT_REASONS:
+            self._router.outcome(peer.name, Outcome.TIMEOUT, latency)
         else:
-            self._router.report(peer.name, ok=False, latency_s=latency)
+            self._router.outcome(peer.name, Outcome.ERROR, latency)
         logger.info("peer %s failed: %s", peer.name, failure)
 
     # -- bodies ------------------------------------------------------------------

@@ -40,7 +40,8 @@ from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, VerificationError
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.oci.digest import Digest
-from meshmirror.routing.router import Peer, Router
+from meshmirror.routing.ranking import PeerRanking
+from meshmirror.routing.router import Peer
 
 
 class Sink(Protocol):
@@ -124,7 +125,7 @@ class BlobFetch:
     def __init__(
         self,
         client: PeerClient,
-        router: Router,
+        router: PeerRanking,
         options: MirrorOptions,
         registry: str,
         path: str,

@@ -55,7 +55,7 @@ from meshmirror.oci.reference import tag_key
 from meshmirror.registry.app import NotServableError, stored_manifest
 from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
-from meshmirror.routing.router import Router
+from meshmirror.routing.ranking import PeerRanking
 from meshmirror.routing.vouches import VouchBook
 from meshmirror.store.base import NotFoundError, Store
 
@@ -75,7 +75,7 @@ class PeerMirror:
 
     def __init__(
         self,
-        router: Router,
+        router: PeerRanking,
         session: aiohttp.ClientSession,
         *,
         options: MirrorOptions | None = None,

@@ -61,7 +61,8 @@ from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
 from meshmirror.registry.requester import requester as client_address
 from meshmirror.routing.owner import FanoutTree
-from meshmirror.routing.router import Peer, Router
+from meshmirror.routing.ranking import PeerRanking
+from meshmirror.routing.router import Peer
 from meshmirror.upstream.blobs import (
     FetchedManifest,
     UpstreamBody,
@@ -141,7 +142,7 @@ class Rollout:
     node takes part as ``name``.
     """
 
-    def __init__(self, name: str, router: Router, session: aiohttp.ClientSession,
+    def __init__(self, name: str, router: PeerRanking, session: aiohttp.ClientSession,
                  content: UpstreamContent, options: MirrorOptions, metrics: RolloutMetrics,
                  mirror_metrics: MirrorMetrics) -> None:
         self.name = name
