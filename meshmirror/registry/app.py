@@ -373,14 +373,21 @@ class RegistryApp:
         except RegistryError as err:
             malformed, spec = err, None
         try:
+            return await self._local_blob(request, digest, spec, head, malformed)
+        except _Miss:
+            return await self._fallback_blob(request, registry, path, digest, spec, head,
+                                               malformed)
+
+    async def _local_blob(self, request: Request, digest: Digest, spec: RangeSpec | None,
+                          head: bool, malformed: RegistryError | None) -> Response:
+        """The blob from the local store, or `_Miss`: absent, or a store that fails."""
+        try:
             info = await self.store.stat(digest)
-        except NotFoundError:
-            return await self._fallback_blob(request, registry, path, digest, spec, head,
-                                               malformed)
-        except Exception:
+        except NotFoundError as err:
+            raise _Miss(str(err)) from err
+        except Exception as err:
             self.logger.warning("store failed a blob stat; treating it as a miss", exc_info=True)
-            return await self._fallback_blob(request, registry, path, digest, spec, head,
-                                               malformed)
+            raise _Miss(str(err)) from err
         if malformed is not None:
             malformed.headers["Content-Range"] = f"bytes */{info.size}"
             raise malformed
@@ -397,16 +404,14 @@ class RegistryApp:
             first: bytes | None = await anext(body) if length else None
         except StopAsyncIteration:
             first = None
-        except NotFoundError:
+        except NotFoundError as err:
             await _aclose(body)
-            return await self._fallback_blob(request, registry, path, digest, spec, head,
-                                               malformed)
-        except Exception:
+            raise _Miss(str(err)) from err
+        except Exception as err:
             await _aclose(body)
             self.logger.warning("store failed reading a blob; treating it as a miss",
                                 exc_info=True)
-            return await self._fallback_blob(request, registry, path, digest, spec, head,
-                                               malformed)
+            raise _Miss(str(err)) from err
         request.scope[SCOPE_SOURCE] = "local"
         status = 200 if selected is None else 206
         return _BodyResponse(first, body, status_code=status, headers=headers)
