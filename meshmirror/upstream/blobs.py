@@ -33,8 +33,8 @@ from meshmirror.oci.reference import validate_repository
 from meshmirror.upstream.client import (
     _BREAKER_FAILURES,
     UpstreamClient,
-    _status_failure,
-    _transport_failure,
+    status_failure,
+    transport_failure,
 )
 from meshmirror.upstream.endpoints import EndpointError
 from meshmirror.upstream.results import AuthRequired, FailureKind, NotFound, Unreachable
@@ -246,7 +246,7 @@ class UpstreamContent:
                 return AuthRequired(f"{url}: {status} to an anonymous client")
             if status == 404:
                 return NotFound()
-            return _status_failure(status, url)
+            return status_failure(status, url)
         return AuthRequired(f"{url}: refused every anonymous token")
 
     async def _get(self, url: str, headers: dict[str, str],
@@ -258,7 +258,7 @@ class UpstreamContent:
             return await self._client.open_content(url, sent, stall_timeout=self.stall_timeout,
                                                    max_redirects=_MAX_REDIRECTS)
         except aiohttp.ClientError as err:
-            return _transport_failure(err, url)
+            return transport_failure(err, url)
 
 
 def _extent(response: aiohttp.ClientResponse, offset: int) -> tuple[int, int]:

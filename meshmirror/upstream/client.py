@@ -105,7 +105,7 @@ def _next_hop(target: URL, location: str, headers: dict[str, str]) -> URL:
     return following
 
 
-def _status_failure(status: int, what: str) -> Unreachable:
+def status_failure(status: int, what: str) -> Unreachable:
     """A status that is neither an answer nor an auth decision."""
     if status == 429:
         return Unreachable(FailureKind.RATE_LIMITED, f"{what} answered 429 Too Many Requests")
@@ -114,7 +114,7 @@ def _status_failure(status: int, what: str) -> Unreachable:
     return Unreachable(FailureKind.PROTOCOL, f"{what} answered unexpected status {status}")
 
 
-def _transport_failure(err: aiohttp.ClientError | ForbiddenAddress | _RedirectError,
+def transport_failure(err: aiohttp.ClientError | ForbiddenAddress | _RedirectError,
                        what: str) -> Unreachable:
     if isinstance(err, ForbiddenAddress):
         return Unreachable(FailureKind.FORBIDDEN, f"{what}: {err}")
@@ -514,7 +514,7 @@ class UpstreamClient:
             return NotFound()
         if reply.status == 403:
             return AuthRequired(f"{url}: 403 to an anonymous client")
-        return _status_failure(reply.status, url)
+        return status_failure(reply.status, url)
 
     @contextlib.asynccontextmanager
     async def _open(self, method: str, url: str,
@@ -549,7 +549,7 @@ class UpstreamClient:
             async with self._open(method, url, headers) as response:
                 return _Reply(response.status, response.headers)
         except (aiohttp.ClientError, ForbiddenAddress, _RedirectError) as err:
-            return _transport_failure(err, url)
+            return transport_failure(err, url)
 
     async def _head(self, url: str, token: str | None) -> _Reply | Unreachable:
         headers = {"Accept": mediatypes.CONTAINERD_ACCEPT}
@@ -589,12 +589,12 @@ class UpstreamClient:
                 if response.status in (401, 403):
                     return AuthRequired(f"{what} refused anonymous access ({response.status})")
                 if response.status != 200:
-                    return _status_failure(response.status, what)
+                    return status_failure(response.status, what)
                 if (response.content_length or 0) > MAX_TOKEN_RESPONSE:
                     raise TokenResponseError(
                         f"token response larger than {MAX_TOKEN_RESPONSE} bytes")
                 return parse_token_response(await _read_bounded(response, MAX_TOKEN_RESPONSE))
         except (aiohttp.ClientError, ForbiddenAddress, _RedirectError) as err:
-            return _transport_failure(err, what)
+            return transport_failure(err, what)
         except TokenResponseError as err:
             return Unreachable(FailureKind.PROTOCOL, f"{what}: {err}")
