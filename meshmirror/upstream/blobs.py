@@ -31,7 +31,7 @@ from meshmirror.oci.digest import Digest
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 from meshmirror.oci.reference import validate_repository
 from meshmirror.upstream.client import (
-    _BREAKER_FAILURES,
+    BREAKER_FAILURES,
     UpstreamClient,
     status_failure,
     transport_failure,
@@ -210,7 +210,7 @@ class UpstreamContent:
             # A manifest by a digest a client chose (a layer's, say) gets a 5xx from
             # some registries: the request's shape, not an outage.
             result = await self._client.shape_or_outage(registry, base, result)
-        if isinstance(result, Unreachable) and result.kind in _BREAKER_FAILURES:
+        if isinstance(result, Unreachable) and result.kind in BREAKER_FAILURES:
             breaker.record_failure(f"{result.kind.value}: {result.reason}")
         else:
             breaker.record_success()

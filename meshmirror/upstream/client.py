@@ -77,7 +77,7 @@ _MAX_REDIRECTS = 3
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_MEDIA_TYPE = 255
 # Outcomes that say the upstream is down or overloaded, as opposed to answering.
-_BREAKER_FAILURES = frozenset({FailureKind.CONNECTION, FailureKind.TIMEOUT, FailureKind.TLS,
+BREAKER_FAILURES = frozenset({FailureKind.CONNECTION, FailureKind.TIMEOUT, FailureKind.TLS,
                                FailureKind.SERVER_ERROR, FailureKind.RATE_LIMITED})
 
 
@@ -441,7 +441,7 @@ class UpstreamClient:
             raise
         finally:
             reset(permission)
-        if isinstance(result, Unreachable) and result.kind in _BREAKER_FAILURES:
+        if isinstance(result, Unreachable) and result.kind in BREAKER_FAILURES:
             breaker.record_failure(f"{result.kind.value}: {result.reason}")
         else:
             breaker.record_success()
