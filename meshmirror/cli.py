@@ -244,14 +244,14 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--registry-filters", action="append", default=None, metavar="REGEX",
                      help="keys registry/repo:tag matching any of these answer 404 at once")
     _add_upstream_flags(run)
-    _flag(run, "--mirror-resolve-timeout", MirrorOptions, "resolve_timeout",
+    _flag(run, "--mirror-resolve-timeout", MirrorOptions, "connect_timeout",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="bound on connecting to a peer, e.g. 100ms or 0.1; a hedged request to the "
                "next peer starts at half of it")
     _flag(run, "--mirror-first-byte-timeout", MirrorOptions, "first_byte_timeout",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="bound on a connected peer's response headers")
-    _flag(run, "--mirror-resolve-retries", MirrorOptions, "resolve_retries", parse=_parse_int,
+    _flag(run, "--mirror-resolve-retries", MirrorOptions, "peers_tried", parse=_parse_int,
           metavar="N", help="how many peers to try before answering 404")
     _flag(run, "--mirror-spool-dir", MirrorOptions, "spool_dir", parse=Path, metavar="DIR",
           help="where blobs from peers are held until verified (default: the system's "
@@ -523,9 +523,9 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
                              "directory or set --mirror-spool-limit 0") from err
     registries = parse_registries(args.mirrored_registries)
     return MirrorOptions(
-        resolve_timeout=args.mirror_resolve_timeout,
+        connect_timeout=args.mirror_resolve_timeout,
         first_byte_timeout=args.mirror_first_byte_timeout,
-        resolve_retries=args.mirror_resolve_retries,
+        peers_tried=args.mirror_resolve_retries,
         spool_dir=spool_dir,
         spool_limit=args.mirror_spool_limit,
         upstream_cache_dir=cache_dir,

@@ -8,7 +8,7 @@ rules that keep a bad peer from hurting a pull live in one place:
   below start only once a request leaves the queue, so they measure the peer
   and never our own burst; a timeout while other requests to the peer run
   sends the request back into the queue once instead of failing it;
-- a peer must accept the connection within ``resolve_timeout`` (a dead or
+- a peer must accept the connection within ``connect_timeout`` (a dead or
   unreachable peer costs no more than that) and answer with headers within
   ``first_byte_timeout``. The two bounds differ on purpose: a live peer starting
   several responses at once on a busy node needs tens of milliseconds, and
@@ -221,7 +221,7 @@ class PeerClient:
                     # (`body.take_over`): per response, outside the memory budget.
                     read_bufsize=_READ_BUFSIZE,
                     timeout=aiohttp.ClientTimeout(
-                        sock_connect=self._options.resolve_timeout,
+                        sock_connect=self._options.connect_timeout,
                         sock_read=self._options.stall_timeout,
                     ),
                 ),

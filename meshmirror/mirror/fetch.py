@@ -173,7 +173,7 @@ class BlobFetch:
         Each candidate's wait is bounded on its own (queue progress, connect and
         first-byte bounds); the request's deadline starts from the answer.
         """
-        candidates = self._router.candidates(str(self._digest), limit=self._options.resolve_retries)
+        candidates = self._router.candidates(str(self._digest), limit=self._options.peers_tried)
         self._current = await self._open_from(0, candidates)
         if self._current is None:
             return None
@@ -358,7 +358,7 @@ class BlobFetch:
             self._client.failed(self._current.peer, failure)
             self.close()
         more = self._router.candidates(
-            str(self._digest), limit=self._options.resolve_retries + len(self._tried)
+            str(self._digest), limit=self._options.peers_tried + len(self._tried)
         )
         self._current = await self._open_from(offset, more)
         if self._current is None:

@@ -250,7 +250,7 @@ class PeerMirror:
                               count_miss: bool = True) -> FallbackContent | Miss:
         """The first verified manifest from peers holding ``key``; HEAD is answered from a
         verified GET too: manifests are small, and a digest is only as good as its body."""
-        candidates = self._router.candidates(key, limit=self._options.resolve_retries)
+        candidates = self._router.candidates(key, limit=self._options.peers_tried)
         opener = self.client.open_hedged(
             candidates, peer_path, registry, headers={"Accept": CONTAINERD_ACCEPT}
         )

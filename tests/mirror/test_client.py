@@ -99,7 +99,7 @@ async def test_the_loser_of_a_hedge_is_not_left_busy(
     fast = await start_peer(peers, "fast")
     router = router_for(slow, fast)
     router.report("fast", ok=True, latency_s=5.0)  # ask the slow one first
-    options = MirrorOptions(first_byte_timeout=3.0, resolve_timeout=0.1)
+    options = MirrorOptions(first_byte_timeout=3.0, connect_timeout=0.1)
     mirror = PeerMirror(router, session, options=options)
     content = await mirror.open_blob("docker.io", "r", Digest.parse(BLOB_D), None, True)
     assert isinstance(content, FallbackContent) and content.body is not None

@@ -106,7 +106,7 @@ def build(session: aiohttp.ClientSession, peer: FakePeer, upstream: ScriptedUpst
     router = InMemoryRouter(registry=registry, seed=1)
     router.set_keys(peer.peer, [str(HONEST_D), str(Digest.of(STALE)), str(BLOB_D), TAG_KEY])
     metrics = MirrorMetrics(registry)
-    opts = MirrorOptions(resolve_timeout=0.4, first_byte_timeout=0.5, **options)  # type: ignore[arg-type]
+    opts = MirrorOptions(connect_timeout=0.4, first_byte_timeout=0.5, **options)  # type: ignore[arg-type]
     return PeerMirror(router, session, options=opts, metrics=metrics, upstream=upstream,
                       mesh_encrypted=encrypted), metrics
 
