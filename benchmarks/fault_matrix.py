@@ -152,23 +152,14 @@ def partition(m: Matrix) -> Iterator[None]:
 
 @contextlib.contextmanager
 def corrupt_peer(m: Matrix) -> Iterator[None]:
-    restore: list[tuple[Path, int, bytes]] = []
+    restore: list[Callable[[], None]] = []
     try:
         for layer in m.image.platforms[0].layers:
-            path = m.n1.blob_path(str(layer.digest))
-            offset = path.stat().st_size // 2
-            with path.open("r+b") as f:
-                f.seek(offset)
-                original = f.read(1)
-                f.seek(offset)
-                f.write(bytes([original[0] ^ 0xFF]))
-            restore.append((path, offset, original))
+            restore.append(m.n1.corrupt_blob(str(layer.digest)))
         yield
     finally:
-        for path, offset, original in restore:
-            with path.open("r+b") as f:
-                f.seek(offset)
-                f.write(original)
+        for undo in restore:
+            undo()
 
 
 @contextlib.contextmanager

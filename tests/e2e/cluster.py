@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,6 +311,24 @@ class E2ENode:
     def blob_path(self, digest: str) -> Path:
         algorithm, _, hex_ = digest.partition(":")
         return self.containerd.content_path / "blobs" / algorithm / hex_
+
+    def corrupt_blob(self, digest: str) -> Callable[[], None]:
+        """Flip one byte in the middle of the blob file meshmirror serves from (a peer
+        whose bytes fail verification); returns what puts the byte back."""
+        path = self.blob_path(digest)
+        offset = path.stat().st_size // 2
+        with path.open("r+b") as f:
+            f.seek(offset)
+            original = f.read(1)
+            f.seek(offset)
+            f.write(bytes([original[0] ^ 0xFF]))
+
+        def restore() -> None:
+            with path.open("r+b") as f:
+                f.seek(offset)
+                f.write(original)
+
+        return restore
 
     def blob_sha256(self, digest: str) -> str:
         """Hash what containerd stored (the file, read as containerd would serve it)."""

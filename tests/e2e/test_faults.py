@@ -24,7 +24,7 @@ import http.client
 import json
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +69,7 @@ class Cluster:
     mid: BuiltImage  # in upstream and on nodes 1 and 3, for the all-peers-gone case
     slow_hosts: Path
     slow_proxy: CountingProxy
-    restore: list[tuple[Path, int, bytes]] = field(default_factory=list)
+    restore: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def nodes(self) -> list[E2ENode]:
@@ -77,10 +77,8 @@ class Cluster:
 
     def heal(self) -> None:
         """Every meshmirror running and in the mesh; corrupted blobs repaired."""
-        for path, offset, original in self.restore:
-            with path.open("r+b") as f:
-                f.seek(offset)
-                f.write(original)
+        for undo in self.restore:
+            undo()
         self.restore.clear()
         for node in self.nodes:
             if not node.meshmirror_running:
@@ -108,14 +106,7 @@ class Cluster:
 
     def corrupt(self, node: E2ENode, digest: str) -> None:
         """Flip one byte in the middle of the blob file meshmirror serves from."""
-        path = node.blob_path(digest)
-        offset = path.stat().st_size // 2
-        with path.open("r+b") as f:
-            f.seek(offset)
-            original = f.read(1)
-            f.seek(offset)
-            f.write(bytes([original[0] ^ 0xFF]))
-        self.restore.append((path, offset, original))
+        self.restore.append(node.corrupt_blob(digest))
 
 
 def _layer(image: BuiltImage, index: int = 0) -> str:
