@@ -400,15 +400,5 @@ def wait_mesh(nodes: Sequence[E2ENode], timeout: float = 30.0) -> None:
     wait_until(converged, timeout, f"{len(running)} nodes to see each other alive", 0.1)
 
 
-def push_image(layout: Path, tag: str, registry_address: str, repository: str) -> None:
-    """skopeo copies the OCI layout to the registry, digests preserved."""
-    done = subprocess.run(
-        ["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", "--preserve-digests",
-         f"oci:{layout}:{tag}", f"docker://{registry_address}/{repository}:{tag}"],
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise RuntimeError(f"skopeo copy failed: {done.stderr.strip()}")
-
-
 def image_bytes(image: BuiltImage) -> int:
     return sum(record.size for record in image.blobs())

@@ -31,10 +31,11 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import E2ENode, Metrics, PullResult, metric, push_image, wait_mesh
+from tests.e2e.cluster import E2ENode, Metrics, PullResult, metric, wait_mesh
 from tests.e2e.conftest import BIG_LAYER, MiB, Upstream
 from tests.support.processes import wait_until
 from tests.support.proxy import CountingProxy
+from tests.support.skopeo import push_layout
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -176,7 +177,7 @@ def cluster(upstream: Upstream, big_image: BuiltImage,
     mid = build_image(f"{upstream.address}/e2e/mid:1", base / "mid",
                       layer_sizes=(4 * MiB, 4 * MiB, 4 * MiB), seed=303,
                       archive=base / "mid.tar")
-    push_image(base / "mid", "1", upstream.registry.address, "e2e/mid")
+    push_layout(base / "mid", "1", upstream.registry.address, "e2e/mid")
     nodes: list[E2ENode] = []
     slow_proxy: CountingProxy | None = None
     try:
