@@ -64,7 +64,7 @@ from meshmirror.store.base import Store
 if TYPE_CHECKING:
     from meshmirror.containerd.checks import CheckResult
 
-log = logging.getLogger("meshmirror.node")
+log = logging.getLogger(__name__)
 
 # A component that does not stop within this long is abandoned so that
 # SIGTERM always ends the process; Kubernetes would SIGKILL us anyway.

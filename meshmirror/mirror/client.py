@@ -50,7 +50,7 @@ from meshmirror.mirror.peerqueue import PeerQueue
 from meshmirror.routing.ranking import Outcome, PeerRanking
 from meshmirror.routing.router import Peer
 
-logger = logging.getLogger("meshmirror.mirror")
+log = logging.getLogger(__name__)
 
 # Failures that say the peer is unfit to ask for a while, not just unlucky once:
 # they open its circuit in the router.
@@ -291,7 +291,7 @@ class PeerClient:
             self._router.outcome(peer.name, Outcome.TIMEOUT, latency)
         else:
             self._router.outcome(peer.name, Outcome.ERROR, latency)
-        logger.info("peer %s failed: %s", peer.name, failure)
+        log.info("peer %s failed: %s", peer.name, failure)
 
     # -- bodies ------------------------------------------------------------------
 

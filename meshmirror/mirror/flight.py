@@ -53,7 +53,7 @@ from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, Ve
 from meshmirror.mirror.fetch import Sink
 from meshmirror.oci.digest import Digest
 
-logger = logging.getLogger("meshmirror.mirror.flight")
+log = logging.getLogger(__name__)
 
 
 class BlobSource(Protocol):
@@ -138,7 +138,7 @@ class StreamSource:
             except PeerFailure as failure:
                 breaks += 1
                 if breaks > self._resumes:
-                    logger.info("%s: giving up after %d breaks: %s", self._digest, breaks,
+                    log.info("%s: giving up after %d breaks: %s", self._digest, breaks,
                                 failure)
                     return False
         return hasher.hexdigest() == self._digest.hex
@@ -276,13 +276,13 @@ class Flight:
                 self._flights.cache.complete(entry)
                 state = State.VERIFIED
         except SinkFailure as err:
-            logger.warning("could not hold %s in the cache: %s", self.key, err)
+            log.warning("could not hold %s in the cache: %s", self.key, err)
             self.sink_failure = str(err)
         except asyncio.CancelledError:
             state = State.FAILED
             raise
         except Exception:
-            logger.exception("fetch of %s failed", self.key)
+            log.exception("fetch of %s failed", self.key)
         finally:
             source.close()
             self.state = state

@@ -59,7 +59,7 @@ from meshmirror.routing.ranking import PeerRanking
 from meshmirror.routing.vouches import VouchBook
 from meshmirror.store.base import NotFoundError, Store
 
-logger = logging.getLogger("meshmirror.mirror")
+log = logging.getLogger(__name__)
 
 
 class PeerMirror:
@@ -161,7 +161,7 @@ class PeerMirror:
             return Miss(MissReason.FILTERED)
         decision = await self.tags.decide(registry, repository, reference)
         if isinstance(decision, Refuse):
-            logger.debug("tag %s not resolved: %s", key, decision.reason.value)
+            log.debug("tag %s not resolved: %s", key, decision.reason.value)
             self._count(registry, "manifest", "refused", path, started)
             self._resolved(registry, "none")
             return Miss(decision.reason)
@@ -240,7 +240,7 @@ class PeerMirror:
         except NotFoundError:
             return Miss(MissReason.NO_PEER, "not in this node's store")
         except NotServableError as err:
-            logger.info("stored manifest %s not servable: %s", digest, err)
+            log.info("stored manifest %s not servable: %s", digest, err)
             return Miss(MissReason.NO_PEER, "stored manifest not servable")
         body = _held(data, self._options.send_size) if data is not None else None
         return FallbackContent(info.digest, info.size, media_type, body)
@@ -427,7 +427,7 @@ class PeerMirror:
                     await budget.take(size)
             except TimeoutError:
                 fetch.close()
-                logger.warning("no memory to hold a %d-byte blob within %g s; answering 404",
+                log.warning("no memory to hold a %d-byte blob within %g s; answering 404",
                                size, self._options.deadline)
                 self._count_blob(record, "error")
                 return Miss(MissReason.BUSY, "memory budget")
@@ -462,7 +462,7 @@ class PeerMirror:
                             else MissReason.PEERS_FAILED)
         except SinkFailure as err:
             fetch.close()
-            logger.warning("could not hold a blob until verified (%s); answering 404", err)
+            log.warning("could not hold a blob until verified (%s); answering 404", err)
             miss = Miss(MissReason.BUSY, str(err))
         self._count_blob(record, "error" if miss else "hit")
         return miss

@@ -71,7 +71,7 @@ from meshmirror.upstream.blobs import (
 )
 from meshmirror.upstream.results import AuthRequired, NotFound, Unreachable
 
-logger = logging.getLogger("meshmirror.mirror.rollout")
+log = logging.getLogger(__name__)
 
 TREE_HEADER = "X-Meshmirror-Tree"
 _TREE_HEADER_BYTES = TREE_HEADER.lower().encode()
@@ -223,7 +223,7 @@ class Rollout:
                   else "auth_required" if isinstance(opened, AuthRequired) else "failed")
         self.metrics.upstream_fetches.labels(result).inc()
         if isinstance(opened, Unreachable | AuthRequired):
-            logger.info("upstream fetch of %s failed: %s", digest, opened)
+            log.info("upstream fetch of %s failed: %s", digest, opened)
         return None
 
     def upstream_bytes(self, n: int) -> None:
@@ -278,7 +278,7 @@ class Rollout:
                 peer, path, registry, headers={TREE_HEADER: self.name,
                                                "Accept": CONTAINERD_ACCEPT})
         except PeerFailure as failure:
-            logger.info("owner %s had no manifest %s: %s", peer.name, digest, failure)
+            log.info("owner %s had no manifest %s: %s", peer.name, digest, failure)
             return None
         try:
             media_type = opened.response.headers.get("Content-Type", "").split(";")[0].strip()
@@ -386,7 +386,7 @@ class TreeStream:
         self.close()
 
     def _parent_failed(self, peer: Peer, failure: PeerFailure) -> None:
-        logger.info("%s: tree parent %s failed at byte %d: %s", self._digest, peer.name,
+        log.info("%s: tree parent %s failed at byte %d: %s", self._digest, peer.name,
                     self._position, failure)
         self._failed.add(peer.name)
         self.close()
@@ -416,7 +416,7 @@ class TreeStream:
                     peer, self._path, self._registry, offset=offset,
                     headers={TREE_HEADER: rollout.name})
             except PeerFailure as failure:
-                logger.info("%s: tree parent %s refused: %s", self._digest, peer.name, failure)
+                log.info("%s: tree parent %s refused: %s", self._digest, peer.name, failure)
                 self._failed.add(peer.name)
                 continue
             size = _size_of(opened, offset)

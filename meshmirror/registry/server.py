@@ -61,7 +61,7 @@ from meshmirror.registry.serveroptions import BACKLOG, ServerOptions
 __all__ = ["ServerMetrics", "ServerOptions", "bind_listener", "connection_cap",
            "listener_address", "serve"]
 
-log = logging.getLogger("meshmirror.server")
+log = logging.getLogger(__name__)
 
 # One summary line per this many seconds at most, whatever clients do.
 _SUMMARY_INTERVAL: Final = 10.0

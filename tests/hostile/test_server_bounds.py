@@ -212,11 +212,11 @@ async def test_client_events_are_one_line_per_interval(
         caplog: pytest.LogCaptureFixture) -> None:
     metrics = ServerMetrics(CollectorRegistry())
     summary = server_module._Summary("registry", metrics, interval=0.2)
-    with caplog.at_level(logging.INFO, logger="meshmirror.server"):
+    with caplog.at_level(logging.INFO, logger="meshmirror.registry.server"):
         for _ in range(10_000):
             summary.count("accept_failed", "EMFILE")
         await asyncio.sleep(0.5)
-    records = [r for r in caplog.records if r.name == "meshmirror.server"]
+    records = [r for r in caplog.records if r.name == "meshmirror.registry.server"]
     assert len(records) == 1 and not records[0].exc_info
     assert records[0].fields["accept_failed_EMFILE"] == 10_000  # type: ignore[attr-defined]
     assert metrics.events.labels("registry", "accept_failed")._value.get() == 10_000
