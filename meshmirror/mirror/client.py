@@ -45,7 +45,7 @@ from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure
 from meshmirror.mirror.hedging import hedged
 from meshmirror.mirror.marker import PEER_HEADER
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.mirror.peerqueue import PeerQueue
 from meshmirror.routing.ranking import Outcome, PeerRanking
 from meshmirror.routing.router import Peer
@@ -102,7 +102,7 @@ class PeerClient:
         self,
         router: PeerRanking,
         session: aiohttp.ClientSession,
-        options: MirrorOptions,
+        options: MirrorConfig,
         metrics: MirrorMetrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -25,7 +25,7 @@ attempt starts over from byte 0 on the peer resumed to, with its size (held
 bodies only; a streamed one has announced its length and is aborted).
 
 Once a peer has answered, the request has a deadline
-(`MirrorOptions.deadline_for`): past it the fetch gives up and the answer is a
+(`MirrorConfig.deadline_for`): past it the fetch gives up and the answer is a
 404 while containerd can still go upstream.
 """
 
@@ -38,7 +38,7 @@ from typing import Protocol
 
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, VerificationError
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.oci.digest import Digest
 from meshmirror.routing.ranking import PeerRanking
 from meshmirror.routing.router import Peer
@@ -126,7 +126,7 @@ class BlobFetch:
         self,
         client: PeerClient,
         router: PeerRanking,
-        options: MirrorOptions,
+        options: MirrorConfig,
         registry: str,
         path: str,
         digest: Digest,
@@ -142,7 +142,7 @@ class BlobFetch:
         self._size = 0
         # The peers whose bytes make up the current attempt from byte 0, in order.
         self._sources: list[Peer] = []
-        # On the loop's clock, set once a peer has answered (see `MirrorOptions.deadline`).
+        # On the loop's clock, set once a peer has answered (see `MirrorConfig.deadline`).
         self._deadline = 0.0
         # For the request's record: the last peer whose headers were good.
         self.last_peer: str | None = None
@@ -440,7 +440,7 @@ class BlobFetch:
 
 
 def in_pieces(data: bytes, size: int) -> Iterator[bytes]:
-    """``data`` in pieces of at most ``size`` bytes, for the server (`MirrorOptions.send_size`)."""
+    """``data`` in pieces of at most ``size`` bytes, for the server (`MirrorConfig.send_size`)."""
     if len(data) <= size:
         yield data
         return

@@ -67,7 +67,7 @@ class OutagePeerTags(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class MirrorOptions:
+class MirrorConfig:
     """Knobs of mirror mode; defaults follow Spegel where it has one."""
 
     # TCP connect to one peer (Spegel bounds the whole request at 20 ms in Go).

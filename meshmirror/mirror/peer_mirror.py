@@ -43,7 +43,7 @@ from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure
 from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink, in_pieces
 from meshmirror.mirror.flight import BlobSource, Flight, Flights, Reader, State, StreamSource
 from meshmirror.mirror.metrics import MirrorMetrics, finished
-from meshmirror.mirror.options import MirrorOptions, PrivateImages
+from meshmirror.mirror.options import MirrorConfig, PrivateImages
 from meshmirror.mirror.rollout import FirstFound, PeersFallback, Rollout
 from meshmirror.mirror.tags import AskPeers, Refuse, TagPolicy, UseDigest, UseOwn
 from meshmirror.mirror.upstream_questions import CountedUpstream, UpstreamQuestions
@@ -78,7 +78,7 @@ class PeerMirror:
         router: PeerRanking,
         session: aiohttp.ClientSession,
         *,
-        options: MirrorOptions | None = None,
+        options: MirrorConfig | None = None,
         metrics: MirrorMetrics | None = None,
         upstream: UpstreamQuestions | None = None,
         mesh_encrypted: bool = False,
@@ -89,7 +89,7 @@ class PeerMirror:
     ) -> None:
         self._router = router
         self._rollout = rollout
-        self._options = options or MirrorOptions()
+        self._options = options or MirrorConfig()
         self._metrics = metrics or MirrorMetrics(CollectorRegistry())
         self._clock = clock
         asked = CountedUpstream(upstream, self._metrics) if upstream is not None else None

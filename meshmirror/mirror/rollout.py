@@ -53,7 +53,7 @@ from meshmirror.mirror.errors import FailureReason, PeerFailure
 from meshmirror.mirror.fetch import Sink
 from meshmirror.mirror.flight import BlobSource, Flights
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, RepositoryAccess
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
@@ -143,7 +143,7 @@ class Rollout:
     """
 
     def __init__(self, name: str, router: PeerRanking, session: aiohttp.ClientSession,
-                 content: UpstreamContent, options: MirrorOptions, metrics: RolloutMetrics,
+                 content: UpstreamContent, options: MirrorConfig, metrics: RolloutMetrics,
                  mirror_metrics: MirrorMetrics) -> None:
         self.name = name
         self.fanout = options.rollout_fanout
@@ -535,7 +535,7 @@ class PeersFallback:
     """
 
     def __init__(self, flights: Flights, rollout: Rollout, access: RepositoryAccess,
-                 options: MirrorOptions,
+                 options: MirrorConfig,
                  source: Callable[[str, str, Digest], BlobSource],
                  mirrors: Callable[[str], bool]) -> None:
         """``mirrors``: whether this node answers for a registry (`PeerMirror`'s rule)."""

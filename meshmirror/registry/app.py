@@ -81,7 +81,7 @@ _BLOB_CACHE_CONTROL: Final = "max-age=31536000"
 
 
 @dataclass(frozen=True, slots=True)
-class RegistryOptions:
+class RegistryConfig:
     default_registry: str = DOCKER_HUB
     # False: a tag is never answered from the store, whose record may be stale, but
     # by the fallback (which asks the upstream what the tag means now).
@@ -202,7 +202,7 @@ async def _disconnected(receive: Receive) -> None:
 class RegistryApp:
     """Request handlers bound to one store, fallback and set of options."""
 
-    def __init__(self, store: Store, options: RegistryOptions, fallback: Fallback | None,
+    def __init__(self, store: Store, options: RegistryConfig, fallback: Fallback | None,
                  logger: logging.Logger) -> None:
         self.store = store
         self.options = options
@@ -462,7 +462,7 @@ class _AnyMethod:
         await response(scope, receive, send)
 
 
-def create_app(store: Store, *, options: RegistryOptions | None = None,
+def create_app(store: Store, *, options: RegistryConfig | None = None,
                fallback: Fallback | None = None, metrics: RegistryMetrics | None = None,
                logger: logging.Logger | None = None,
                extra_routes: Sequence[BaseRoute] = ()) -> ASGIApp:
@@ -471,7 +471,7 @@ def create_app(store: Store, *, options: RegistryOptions | None = None,
     The access log wraps the whole Starlette app so even its own 404s and 500s
     are logged with their final status.
     """
-    handlers = RegistryApp(store, options or RegistryOptions(), fallback,
+    handlers = RegistryApp(store, options or RegistryConfig(), fallback,
                            logger or logging.getLogger("meshmirror.registry"))
     routes: list[BaseRoute] = [
         Route("/healthz", handlers.healthz, methods=["GET", "HEAD"]),

@@ -56,10 +56,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp
 
 from meshmirror.addresses import bind_socket
-from meshmirror.registry.serveroptions import BACKLOG, ServerOptions
+from meshmirror.registry.serveroptions import BACKLOG, ServerConfig
 
-__all__ = ["ServerMetrics", "ServerOptions", "bind_listener", "connection_cap",
-           "listener_address", "serve"]
+__all__ = [
+    "ServerConfig",
+    "ServerMetrics",
+    "bind_listener",
+    "connection_cap",
+    "listener_address",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +232,7 @@ class _Connection(TCPServer):
     """Hypercorn's connection with bounded sends and no keep-alive wait after the client
     has gone; see the module docstring."""
 
-    def __init__(self, *args: Any, options: ServerOptions, limiter: _Limiter,
+    def __init__(self, *args: Any, options: ServerConfig, limiter: _Limiter,
                  summary: _Summary) -> None:
         super().__init__(*args)
         self._options = options
@@ -333,7 +339,7 @@ def _gone_already(conn: socket.socket) -> bool:
     return ended
 
 
-def _config(options: ServerOptions) -> Config:
+def _config(options: ServerConfig) -> Config:
     config = Config()
     config.accesslog = None  # the app logs each request itself, as JSON
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -344,7 +350,7 @@ def _config(options: ServerOptions) -> Config:
 
 
 async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
-                options: ServerOptions | None = None, *, name: str = "registry",
+                options: ServerConfig | None = None, *, name: str = "registry",
                 metrics: ServerMetrics | None = None) -> None:
     """Serve until ``shutdown`` is set, then drain for at most ``graceful_timeout``.
 
@@ -352,7 +358,7 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
     be used by the caller afterwards. The app gets no lifespan events: the node
     starts and stops what the app uses.
     """
-    options = options or ServerOptions()
+    options = options or ServerConfig()
     loop = asyncio.get_running_loop()
     config = _config(options)
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]

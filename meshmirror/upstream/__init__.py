@@ -15,7 +15,7 @@ from meshmirror.upstream.challenge import (
     parse_challenges,
 )
 from meshmirror.upstream.endpoints import EndpointError, UpstreamEndpoints, default_server
-from meshmirror.upstream.options import UpstreamOptions
+from meshmirror.upstream.options import UpstreamConfig
 from meshmirror.upstream.results import (
     AuthRequired,
     FailureKind,
@@ -63,8 +63,8 @@ __all__ = [
     "Unknown",
     "Unreachable",
     "UpstreamClient",
+    "UpstreamConfig",
     "UpstreamEndpoints",
-    "UpstreamOptions",
     "Visibility",
     "default_server",
     "parse_challenges",

@@ -176,7 +176,7 @@ class UpstreamClient:
     environment (``.netrc`` would add credentials; proxies come from ``proxies``,
     read with Go's rules), and a resolver that refuses forbidden addresses
     (``guard``). ``tag_ttl`` 0, no ``limiter`` and no ``max_registries`` turn
-    those bounds off (tests); ``UpstreamOptions`` sets them for a node.
+    those bounds off (tests); ``UpstreamConfig`` sets them for a node.
     """
 
     def __init__(

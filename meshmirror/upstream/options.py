@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, slots=True)
-class UpstreamOptions:
+class UpstreamConfig:
     """Knobs of the anonymous upstream client.
 
     ``timeout`` bounds a whole answer (challenge, token and HEAD together) and is

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.oci.digest import Digest
 from meshmirror.registry.fallback import FallbackContent, Miss
@@ -66,7 +66,7 @@ def mirror_of(session: aiohttp.ClientSession, first: FakePeer, *rest: FakePeer,
     settings: dict[str, float | int] = {"verify_before_send_limit": 1 << 20,
                                         "chunk_size": 256 * 1024, "stall_timeout": 0.3}
     settings.update(options)
-    opts = MirrorOptions(**settings)  # type: ignore[arg-type]
+    opts = MirrorConfig(**settings)  # type: ignore[arg-type]
     return PeerMirror(router, session, options=opts, metrics=MirrorMetrics(registry)), \
         router, registry
 

@@ -20,7 +20,7 @@ from meshmirror.mirror.cache import CacheEntry
 from meshmirror.mirror.errors import VerificationError
 from meshmirror.mirror.fetch import StreamBody
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions, TagResolution
+from meshmirror.mirror.options import MirrorConfig, TagResolution
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.mediatypes import OCI_MANIFEST
@@ -77,7 +77,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 class Settings(TypedDict, total=False):
-    """Keyword arguments of ``MirrorOptions``, as ``mirror_for`` passes them on."""
+    """Keyword arguments of ``MirrorConfig``, as ``mirror_for`` passes them on."""
 
     connect_timeout: float
     first_byte_timeout: float
@@ -109,7 +109,7 @@ def mirror_for(
         "chunk_size": 64 * 1024,
     }
     settings.update(options)
-    opts = MirrorOptions(**settings)
+    opts = MirrorConfig(**settings)
     return (
         PeerMirror(router, session, options=opts, metrics=MirrorMetrics(registry)),
         router,

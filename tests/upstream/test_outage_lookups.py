@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from meshmirror.mirror.options import MirrorOptions, UnknownVisibility
+from meshmirror.mirror.options import MirrorConfig, UnknownVisibility
 from meshmirror.mirror.tags import AskPeers, TagPolicy
 from meshmirror.mirror.visibility import Access, RepositoryAccess
 from meshmirror.upstream import UpstreamClient, UpstreamEndpoints
@@ -36,7 +36,7 @@ def _policy(registry: str, url: str) -> tuple[TagPolicy, RepositoryAccess, Upstr
     upstream = UpstreamClient(UpstreamEndpoints(overrides={registry: url}),
                               connect_timeout=TIMEOUT, total_timeout=TIMEOUT,
                               failure_threshold=THRESHOLD, cooldown=600)
-    options = MirrorOptions(private_images_unknown=UnknownVisibility.SHARE)
+    options = MirrorConfig(private_images_unknown=UnknownVisibility.SHARE)
     access = RepositoryAccess(upstream, options)
     return TagPolicy(upstream, options, access, mesh_encrypted=True), access, upstream
 
