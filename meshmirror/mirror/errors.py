@@ -38,6 +38,7 @@ class FailureReason(enum.StrEnum):
     QUEUE_STALLED = "queue_stalled"  # our own requests to it did not move: charges nobody
     EXHAUSTED = "exhausted"  # no peer (or source) left to resume from
     DEADLINE = "deadline"  # the whole fetch ran past its deadline (--mirror-deadline)
+    NO_RANGES = "no_ranges"  # the upstream ignores Range: stripes cannot come from it
 
 
 class PeerFailure(BodyAborted):

@@ -36,6 +36,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Protocol
 
+from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, VerificationError
 from meshmirror.mirror.options import MirrorConfig
@@ -446,6 +447,18 @@ def in_pieces(data: bytes, size: int) -> Iterator[bytes]:
         return
     for start in range(0, len(data), size):
         yield data[start : start + size]
+
+
+async def held_body(data: bytes, piece: int, budget: MemoryBudget | None = None,
+                    taken: int = 0) -> AsyncIterator[bytes]:
+    """A verified body held in memory, handed on in pieces of at most ``piece`` bytes;
+    ``taken`` bytes of ``budget`` go back once it is sent or dropped."""
+    try:
+        for part in in_pieces(data, piece):
+            yield part
+    finally:
+        if budget is not None:
+            budget.give(taken)
 
 
 def _mismatch(digest: Digest, detail: str = "") -> PeerFailure:

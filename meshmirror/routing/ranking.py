@@ -4,7 +4,7 @@
 learning, in-flight ranking) and more methods than its callers need. The mirror
 sees only this protocol, so it cannot reach into that model (how many failures in
 a row trip a circuit is decided behind it), and a different ranking needs to offer
-only these five methods. Spegel's mirror likewise sees a four-method router.
+only these six methods. Spegel's mirror likewise sees a four-method router.
 """
 
 from __future__ import annotations
@@ -49,4 +49,9 @@ class PeerRanking(Protocol):
 
     def outcome(self, peer_name: str, outcome: Outcome, latency_s: float = 0.0) -> None:
         """How a request ended, and how long the peer took to answer or to fail."""
+        ...
+
+    def same_zone(self, peer_name: str) -> bool | None:
+        """Whether a peer is in this node's zone (bytes are counted by zone); None when
+        either zone is unknown."""
         ...

@@ -335,6 +335,26 @@ def one_pod_labels(manifests: list[chart.Manifest]) -> dict[str, str]:
     return labels
 
 
+def test_the_zone_label_is_read_with_get_on_nodes_only_when_asked_for(helm: Path) -> None:
+    manifests = chart.render()
+    assert not chart.of_kind(manifests, "ClusterRole")
+    assert "MESHMIRROR_ZONE_FROM_NODE_LABEL" not in chart.literal_env(
+        chart.container(manifests, "meshmirror"))
+    label = "topology.kubernetes.io/zone"
+    manifests = chart.render(sets=[f"meshmirror.zoneFromNodeLabel={label}"])
+    args = parse_container(chart.container(manifests, "meshmirror"))
+    assert args.zone_from_node_label == label
+    assert chart.pod_spec(manifests)["automountServiceAccountToken"] is True
+    role = chart.one(manifests, "ClusterRole")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    binding = chart.one(manifests, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    account = chart.one(manifests, "ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount",
+                                    "name": account["metadata"]["name"],
+                                    "namespace": chart.NAMESPACE}]
+
+
 def test_scheduling_and_security_defaults(helm: Path) -> None:
     manifests = chart.render()
     spec = chart.pod_spec(manifests)

@@ -56,6 +56,8 @@ INVALID = [
      "got boolean, want integer or string"),
     (["--set", "meshmirror.summaryFpRate=1.5"], "/meshmirror/summaryFpRate",
      "'1.5' does not match pattern"),
+    (["--set", "meshmirror.zoneFromNodeLabel=my zone"], "/meshmirror/zoneFromNodeLabel",
+     "'my zone' does not match pattern"),
     (["--set", "meshmirror.mirroredRegistries={docker.io/library}"],
      "/meshmirror/mirroredRegistries/0",
      "does not match pattern"),
