@@ -340,10 +340,11 @@ class PeerClient:
         length: int,
         consume: Callable[[bytes], None],
         keep: Callable[[bytes], None] | None,
-    ) -> AsyncGenerator[bytes, None] | None:
+    ) -> AsyncGenerator[bytes | int, None] | None:
         """The rest of ``opened``'s body (``length`` bytes), read on body threads.
 
-        Each chunk comes already passed to ``keep`` and then ``consume``; a break
+        Each chunk comes already passed to ``keep`` and then ``consume`` (with a
+        ``keep``, as its length only: the bytes are where ``keep`` put them); a break
         raises `PeerFailure` after the last good chunk, a failure of ``keep`` or
         ``consume`` raises `SinkFailure`. Closing the generator stops the threads.
         None when half the body threads are taken or the response cannot be
@@ -389,7 +390,7 @@ class PeerClient:
         reading.add_done_callback(lambda _: sock.close())
         return self._chunks(pump, opened.peer)
 
-    async def _chunks(self, pump: BodyPump, peer: Peer) -> AsyncGenerator[bytes, None]:
+    async def _chunks(self, pump: BodyPump, peer: Peer) -> AsyncGenerator[bytes | int, None]:
         try:
             while True:
                 item = await pump.items.get()
@@ -397,6 +398,10 @@ class PeerClient:
                     return
                 if isinstance(item, PeerFailure | SinkFailure):
                     raise item
+                if isinstance(item, int):  # kept and hashed already: only its length
+                    self._count_bytes(peer, item)
+                    yield item
+                    continue
                 self._count_bytes(peer, len(item))
                 yield item
                 pump.consumed()

@@ -389,10 +389,12 @@ class BlobFetch:
 
         Every chunk is passed, in order, to ``keep`` (where the blob is held until
         verified, if it is) and ``consume`` (hashing), and the generator ends only
-        once all are. With ``threads`` the body is read and consumed on body
-        threads (`PeerClient.pump`), so the event loop only forwards chunks;
-        otherwise, or without a free body thread, it is read here and consumed on
-        the default executor, overlapped with the next read.
+        once all are. With a ``keep`` the chunk may come as ``b""`` (its bytes are
+        in the keep already, read on body threads): only the positions count. With
+        ``threads`` the body is read and consumed on body threads
+        (`PeerClient.pump`), so the event loop only forwards chunks; otherwise, or
+        without a free body thread, it is read here and consumed on the default
+        executor, overlapped with the next read.
         """
         off_loop = _keep_then(keep, consume)
         position = offset
@@ -403,7 +405,7 @@ class BlobFetch:
             current = self._current
             if current is None:
                 raise PeerFailure(FailureReason.EXHAUSTED, f"no peer left at byte {position}")
-            pumped: AsyncGenerator[bytes, None] | None = None
+            pumped: AsyncGenerator[bytes | int, None] | None = None
             if threads and pumped_from is not current:
                 pumped_from = current  # once per source: a refusal means read it here
                 if hashing is not None:
@@ -413,9 +415,13 @@ class BlobFetch:
             try:
                 if pumped is not None:
                     try:
-                        async for chunk in pumped:
-                            yield position, chunk
-                            position += len(chunk)
+                        async for item in pumped:
+                            if isinstance(item, int):  # kept and hashed on the threads
+                                yield position, b""
+                                position += item
+                                continue
+                            yield position, item
+                            position += len(item)
                     finally:
                         await pumped.aclose()
                     continue

@@ -46,6 +46,7 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Protocol, runtime_checkable
 
+from meshmirror.fileio import FileSpan
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.cache import BlobCache, CacheEntry
 from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, VerificationError
@@ -399,7 +400,10 @@ class Reader:
         """Bytes [start, end); the body owns this reader and closes it (also when it is
         dropped unread). A verified reader's body must only be asked for once
         `wait_verified` said True."""
-        return Body(self._bytes(start, end), self.close, self.flight._loop)
+        span = None
+        if self.verified and self._entry is not None and self._entry.complete:
+            span = FileSpan(self._entry.fileno(), start, end)
+        return Body(self._bytes(start, end), self.close, self.flight._loop, span)
 
     async def _bytes(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
         flights = self.flight._flights
@@ -456,27 +460,39 @@ class Reader:
 
 
 class Body:
-    """A reader's body whose `aclose` closes the reader even if it was never iterated."""
+    """A reader's body whose `aclose` closes the reader even if it was never iterated.
+
+    A verified reader's body is also its entry's file (`file_span`), which the server
+    sends with sendfile: no piece is read into memory, and the reader's pin keeps the
+    entry until the body is closed."""
 
     def __init__(self, chunks: AsyncGenerator[bytes, None], close: Callable[[], None],
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, span: FileSpan | None = None) -> None:
         self._chunks = chunks
         self._close = close
+        self._span = span
+        self._closed = False
         # A body dropped unread (the client left before its first byte) still lets go
         # of its reader; readers live on the loop, so a finalizer elsewhere defers.
         weakref.finalize(self, _close_on, loop, threading.get_ident(), close)
+
+    def file_span(self) -> FileSpan | None:
+        return None if self._closed else self._span
 
     def __aiter__(self) -> Body:
         return self
 
     async def __anext__(self) -> bytes:
+        self._span = None  # iterated: the bytes are being read, not sent from the file
         try:
             return await anext(self._chunks)
         except StopAsyncIteration:
+            self._closed = True
             self._close()
             raise
 
     async def aclose(self) -> None:
+        self._closed = True
         try:
             await self._chunks.aclose()
         finally:

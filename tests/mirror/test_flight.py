@@ -213,6 +213,28 @@ async def test_a_dropped_body_lets_go_of_its_pin(tmp_path: Path) -> None:
     flights.cache.close()
 
 
+async def test_a_verified_body_is_its_file_for_sendfile_and_keeps_its_pin(
+        tmp_path: Path) -> None:
+    """The server sends a verified body from the entry's file (no piece in memory); the
+    entry stays pinned until the body is closed, and a follower's body is never a file."""
+    flights, _ = flights_for(tmp_path)
+    source = FakeSource([BLOB])
+    follower = flights.attach(DIGEST, lambda: source, verified=False)
+    reader = flights.attach(DIGEST, lambda: source)
+    await reader.opened()
+    assert follower.body(0, 10).file_span() is None
+    source.feed(len(BLOB))
+    assert await reader.wait_verified()
+    body = reader.body(100, 5000)
+    span = body.file_span()
+    assert span is not None and (span.offset, span.end) == (100, 5000)
+    assert os.pread(span.fd, span.count, span.offset) == BLOB[100:5000]
+    assert flights.cache.held == len(BLOB)
+    await body.aclose()
+    assert body.file_span() is None and flights.cache.held == 0
+    flights.cache.close()
+
+
 async def test_a_blob_the_cache_cannot_hold_is_refused(tmp_path: Path) -> None:
     flights, events = flights_for(tmp_path, limit=len(BLOB) - 1)
     reader = flights.attach(DIGEST, lambda: FakeSource([BLOB]))
