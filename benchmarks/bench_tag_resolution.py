@@ -38,7 +38,7 @@ from benchmarks.results import (
     write_section,
 )
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions, TagResolution
+from meshmirror.mirror.options import MirrorConfig, TagResolution
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.oci.imagebuilder import build_image
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT, OCI_MANIFEST
@@ -101,7 +101,7 @@ async def _run(registry: DistributionRegistry, manifest: bytes, digest: str,
                 router = InMemoryRouter(registry=metrics_registry, seed=1)
                 router.set_keys(peer.peer, [digest, f"{name}/{REPO}:{TAG}"])
                 mirrors[mode.value] = PeerMirror(
-                    router, session, options=MirrorOptions(resolve_tags=mode),
+                    router, session, options=MirrorConfig(resolve_tags=mode),
                     metrics=MirrorMetrics(metrics_registry), upstream=upstream,
                     mesh_encrypted=True)
             async with aiohttp.ClientSession() as plain_session:

@@ -52,11 +52,12 @@ from benchmarks.results import (
     write_section,
 )
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import E2ENode, metric, push_image, wait_mesh
+from tests.e2e.cluster import E2ENode, metric, wait_mesh
 from tests.reliability.rogue import Rogue, claiming_summary
 from tests.support.distribution import DistributionRegistry
 from tests.support.processes import wait_until
 from tests.support.proxy import CountingProxy
+from tests.support.skopeo import push_layout
 
 MiB = 1024 * 1024
 FAULTS = ("peer_killed", "corrupt_peer", "hanging_peer", "all_peers_gone", "partition",
@@ -110,7 +111,7 @@ def cluster(workdir: Path) -> Iterator[Matrix]:
             CountingProxy(registry.host, registry.port) as proxy:
         image = build_image(f"{proxy.address}/faults/app:1", workdir / "layout",
                             layer_sizes=LAYERS, seed=77, archive=workdir / "app.tar")
-        push_image(workdir / "layout", "1", registry.address, "faults/app")
+        push_layout(workdir / "layout", "1", registry.address, "faults/app")
         nodes: list[E2ENode] = []
         try:
             n1 = E2ENode("matrix-1").start()
@@ -153,23 +154,14 @@ def partition(m: Matrix) -> Iterator[None]:
 
 @contextlib.contextmanager
 def corrupt_peer(m: Matrix) -> Iterator[None]:
-    restore: list[tuple[Path, int, bytes]] = []
+    restore: list[Callable[[], None]] = []
     try:
         for layer in m.image.platforms[0].layers:
-            path = m.n1.blob_path(str(layer.digest))
-            offset = path.stat().st_size // 2
-            with path.open("r+b") as f:
-                f.seek(offset)
-                original = f.read(1)
-                f.seek(offset)
-                f.write(bytes([original[0] ^ 0xFF]))
-            restore.append((path, offset, original))
+            restore.append(m.n1.corrupt_blob(str(layer.digest)))
         yield
     finally:
-        for path, offset, original in restore:
-            with path.open("r+b") as f:
-                f.seek(offset)
-                f.write(original)
+        for undo in restore:
+            undo()
 
 
 @contextlib.contextmanager

@@ -53,16 +53,15 @@ from meshmirror.flags import (
 )
 from meshmirror.logging import LEVELS, parse_level
 from meshmirror.mirror.options import (
-    MirrorOptions,
+    MirrorConfig,
     OutagePeerTags,
     PrivateImages,
     TagResolution,
     UnknownVisibility,
 )
-from meshmirror.registry.serveroptions import ServerOptions
+from meshmirror.registry.serveroptions import ServerConfig
 from meshmirror.runconfig import MEMBERLIST_PORT, ZONE, NodeConfig, PeeringConfig
-from meshmirror.upstream.guard import AddressGuard
-from meshmirror.upstream.options import UpstreamOptions
+from meshmirror.upstream.options import UpstreamConfig
 from meshmirror.upstream.proxy import ProxyConfigError, ProxySettings
 
 T = TypeVar("T")
@@ -187,7 +186,7 @@ def _add_resolve_tags(parser: argparse.ArgumentParser) -> None:
     """One ``--resolve-tags`` for every command, so one MESHMIRROR_RESOLVE_TAGS serves
     ``run`` and ``configure``; hosts.toml's "resolve" capability is on for any mode
     but off (see `hosts_config`)."""
-    _flag(parser, "--resolve-tags", MirrorOptions, "resolve_tags", parse=TagResolution.parse,
+    _flag(parser, "--resolve-tags", MirrorConfig, "resolve_tags", parse=TagResolution.parse,
           show=_show_enum, metavar="upstream-first|peers|off",
           help="who resolves a tag: the upstream, with peers only in an outage; peers "
                "(a reused tag may resolve stale); or nobody (true/false mean peers/off)")
@@ -265,50 +264,50 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--registry-filters", action="append", default=None, metavar="REGEX",
                      help="keys registry/repo:tag matching any of these answer 404 at once")
     _add_upstream_flags(run)
-    _flag(run, "--mirror-resolve-timeout", MirrorOptions, "resolve_timeout",
+    _flag(run, "--mirror-resolve-timeout", MirrorConfig, "connect_timeout",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="bound on connecting to a peer, e.g. 100ms or 0.1; a hedged request to the "
                "next peer starts at half of it")
-    _flag(run, "--mirror-first-byte-timeout", MirrorOptions, "first_byte_timeout",
+    _flag(run, "--mirror-first-byte-timeout", MirrorConfig, "first_byte_timeout",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="bound on a connected peer's response headers")
-    _flag(run, "--mirror-resolve-retries", MirrorOptions, "resolve_retries", parse=_parse_int,
+    _flag(run, "--mirror-resolve-retries", MirrorConfig, "peers_tried", parse=_parse_int,
           metavar="N", help="how many peers to try before answering 404")
-    _flag(run, "--mirror-spool-dir", MirrorOptions, "spool_dir", parse=Path, metavar="DIR",
+    _flag(run, "--mirror-spool-dir", MirrorConfig, "spool_dir", parse=Path, metavar="DIR",
           help="where blobs from peers are held until verified (default: the system's "
                "temporary directory)")
-    _flag(run, "--mirror-spool-limit", MirrorOptions, "spool_limit", parse=parse_size,
+    _flag(run, "--mirror-spool-limit", MirrorConfig, "spool_limit", parse=parse_size,
           show=format_size, metavar="SIZE",
           help="bytes of blobs held at once (e.g. 4Gi); a blob beyond it is streamed and "
                "checked only at its end; 0 streams every large blob")
-    _flag(run, "--upstream-cache-dir", MirrorOptions, "upstream_cache_dir", parse=Path,
+    _flag(run, "--upstream-cache-dir", MirrorConfig, "upstream_cache_dir", parse=Path,
           metavar="DIR",
           help="where fetched blobs are held while they download and kept once verified, "
                "one fetch per blob however many requests want it (default: "
                "--mirror-spool-dir, else the system's temporary directory)")
-    _flag(run, "--upstream-cache-limit", MirrorOptions, "upstream_cache_limit",
+    _flag(run, "--upstream-cache-limit", MirrorConfig, "upstream_cache_limit",
           parse=parse_size, show=format_size, metavar="SIZE",
           help="bytes of cache files at once, downloading or kept (e.g. 4Gi); verified "
                "blobs nobody reads are evicted least recently used first; a blob that "
                "does not fit is streamed (default: --mirror-spool-limit)")
-    _flag(run, "--mirror-stall-timeout", MirrorOptions, "stall_timeout",
+    _flag(run, "--mirror-stall-timeout", MirrorConfig, "stall_timeout",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="a peer body with no byte for this long is left for the next peer; also the "
                "window --mirror-min-rate is measured over")
-    _flag(run, "--mirror-min-rate", MirrorOptions, "min_rate", parse=parse_size,
+    _flag(run, "--mirror-min-rate", MirrorConfig, "min_rate", parse=parse_size,
           show=format_size, metavar="SIZE",
           help="bytes per second a peer body must average, e.g. 1Mi; a slower one is left")
-    _flag(run, "--mirror-deadline", MirrorOptions, "deadline",
+    _flag(run, "--mirror-deadline", MirrorConfig, "deadline",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="a request to peers answers within this plus its size at --mirror-min-rate, "
                "or with a 404")
-    _flag(run, "--mirror-peer-connections", MirrorOptions, "peer_connections",
+    _flag(run, "--mirror-peer-connections", MirrorConfig, "peer_connections",
           parse=_parse_int, metavar="N",
           help="requests at once to one peer; more wait in a queue that no timeout counts")
-    _flag(run, "--mirror-memory-limit", MirrorOptions, "memory_limit", parse=parse_size,
+    _flag(run, "--mirror-memory-limit", MirrorConfig, "memory_limit", parse=parse_size,
           show=format_size, metavar="SIZE",
           help="bytes of peer chunks held in memory at once across all requests")
-    _flag(run, "--rollout-fanout", MirrorOptions, "rollout_fanout", parse=_parse_int,
+    _flag(run, "--rollout-fanout", MirrorConfig, "rollout_fanout", parse=_parse_int,
           metavar="F",
           help="a cold public blob no peer holds is fetched from the upstream once, by its "
                "owner, and read through a tree where a node serves at most F peers' "
@@ -327,11 +326,11 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
 
 def _add_client_flags(run: argparse.ArgumentParser) -> None:
     """Bounds on what one client of the registry port can hold (docs/security.md)."""
-    _flag(run, "--client-send-timeout", ServerOptions, "send_timeout",
+    _flag(run, "--client-send-timeout", ServerConfig, "send_timeout",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="a response the client takes no byte of for this long is dropped, freeing "
                "its spool, memory and peer connection")
-    _flag(run, "--client-max-connections", ServerOptions, "max_connections",
+    _flag(run, "--client-max-connections", ServerConfig, "max_connections",
           parse=_parse_int, metavar="N",
           help="open registry connections at most (and at most half the open-file limit); "
                "more wait in the listen backlog")
@@ -340,51 +339,51 @@ def _add_client_flags(run: argparse.ArgumentParser) -> None:
 def _add_upstream_flags(run: argparse.ArgumentParser) -> None:
     """Who says what a tag means and who may see what: the upstream's word, asked anonymously."""
     _add_resolve_tags(run)
-    _flag(run, "--outage-peer-tags", MirrorOptions, "outage_peer_tags",
+    _flag(run, "--outage-peer-tags", MirrorConfig, "outage_peer_tags",
           parse=_enum_parser(OutagePeerTags), show=_show_enum,
           metavar="encrypted|always|never",
           help="whether tags resolved by peers are accepted while the upstream is "
                "unreachable: only in a mesh with a gossip key, always, or never")
-    _flag(run, "--outage-vouches", MirrorOptions, "outage_vouches",
+    _flag(run, "--outage-vouches", MirrorConfig, "outage_vouches",
           parse=_enum_parser(OutagePeerTags), show=_show_enum,
           metavar="encrypted|always|never",
           help="whether members' vouches that a repository is public are accepted, for "
                "one this node has no verdict on, while the upstream is unreachable: only "
                "in a mesh with a gossip key, always, or never")
-    _flag(run, "--private-images", MirrorOptions, "private_images",
+    _flag(run, "--private-images", MirrorConfig, "private_images",
           parse=_enum_parser(PrivateImages), show=_show_enum, metavar="upstream-only|share",
           help="upstream-only: a repository the upstream serves only with credentials "
                "is never served from peers; share: peers serve whatever they hold")
-    _flag(run, "--private-images-unknown", MirrorOptions, "private_images_unknown",
+    _flag(run, "--private-images-unknown", MirrorConfig, "private_images_unknown",
           parse=_enum_parser(UnknownVisibility), show=_show_enum, metavar="deny|share",
           help="a repository never checked while the upstream is unreachable: go upstream "
                "(deny) or serve it from peers (share)")
-    _flag(run, "--state-dir", MirrorOptions, "state_dir", parse=Path, metavar="DIR",
+    _flag(run, "--state-dir", MirrorConfig, "state_dir", parse=Path, metavar="DIR",
           help="where the mirror keeps what must outlive a restart (the repositories "
                "known public, for an upstream outage); unset: memory only")
-    _flag(run, "--upstream-connect-timeout", UpstreamOptions, "connect_timeout",
+    _flag(run, "--upstream-connect-timeout", UpstreamConfig, "connect_timeout",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="bound on connecting to an upstream registry or its token realm")
-    _flag(run, "--upstream-timeout", UpstreamOptions, "timeout",
+    _flag(run, "--upstream-timeout", UpstreamConfig, "timeout",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="bound on an upstream's whole answer (challenge, token, HEAD): the most an "
                "outage adds to one tag resolution before the breaker opens")
-    _flag(run, "--upstream-failure-threshold", UpstreamOptions, "failure_threshold",
+    _flag(run, "--upstream-failure-threshold", UpstreamConfig, "failure_threshold",
           parse=_parse_int, metavar="N",
           help="consecutive failures after which an upstream is not asked until the "
                "cool-down ends")
-    _flag(run, "--upstream-cooldown", UpstreamOptions, "cooldown",
+    _flag(run, "--upstream-cooldown", UpstreamConfig, "cooldown",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="how long an upstream that keeps failing is not asked (then one probe)")
-    _flag(run, "--upstream-tag-ttl", UpstreamOptions, "tag_ttl",
+    _flag(run, "--upstream-tag-ttl", UpstreamConfig, "tag_ttl",
           parse=parse_duration, show=format_duration, metavar="DURATION",
           help="how long a tag's upstream answer (digest, absent, private) is reused; 0: "
                "ask every time")
-    _flag(run, "--upstream-client-rate", UpstreamOptions, "client_rate", parse=_parse_float,
+    _flag(run, "--upstream-client-rate", UpstreamConfig, "client_rate", parse=_parse_float,
           metavar="N", help="new upstream questions per second per client address")
-    _flag(run, "--upstream-client-burst", UpstreamOptions, "client_burst", parse=_parse_int,
+    _flag(run, "--upstream-client-burst", UpstreamConfig, "client_burst", parse=_parse_int,
           metavar="N", help="new upstream questions a client address may ask at once")
-    _flag(run, "--upstream-max-registries", UpstreamOptions, "max_registries",
+    _flag(run, "--upstream-max-registries", UpstreamConfig, "max_registries",
           parse=_parse_int, metavar="N",
           help="upstream registries whose state (breaker) is kept; the least recently "
                "asked is forgotten first")
@@ -514,7 +513,7 @@ def mesh_addresses(bind: tuple[str, int], advertise_addr: str | None,
     return advertise, f"http://{url_host}:{registry_addr[1]}"
 
 
-def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
+def _mirror_options(args: argparse.Namespace) -> MirrorConfig:
     from meshmirror.mirror.cache import check_cache_directory
 
     filters: list[re.Pattern[str]] = []
@@ -544,10 +543,10 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
             raise UsageError(f"{flag}: {err}; point --upstream-cache-dir at a writable "
                              "directory or set --mirror-spool-limit 0") from err
     registries = parse_registries(args.mirrored_registries)
-    return MirrorOptions(
-        resolve_timeout=args.mirror_resolve_timeout,
+    return MirrorConfig(
+        connect_timeout=args.mirror_resolve_timeout,
         first_byte_timeout=args.mirror_first_byte_timeout,
-        resolve_retries=args.mirror_resolve_retries,
+        peers_tried=args.mirror_resolve_retries,
         spool_dir=spool_dir,
         spool_limit=args.mirror_spool_limit,
         upstream_cache_dir=cache_dir,
@@ -571,7 +570,7 @@ def _mirror_options(args: argparse.Namespace) -> MirrorOptions:
     )
 
 
-def _upstream_options(args: argparse.Namespace, http_base: str) -> UpstreamOptions:
+def _upstream_options(args: argparse.Namespace, http_base: str) -> UpstreamConfig:
     if (args.upstream_connect_timeout <= 0 or args.upstream_timeout <= 0
             or args.upstream_cooldown < 0 or args.upstream_failure_threshold < 1):
         raise UsageError("--upstream-connect-timeout and --upstream-timeout must be > 0, "
@@ -581,6 +580,9 @@ def _upstream_options(args: argparse.Namespace, http_base: str) -> UpstreamOptio
         raise UsageError("--upstream-tag-ttl must be >= 0, --upstream-client-rate > 0, "
                          "--upstream-client-burst and --upstream-max-registries >= 1")
     allow_hosts = tuple(split_list(args.upstream_allow_hosts))
+    # Here, not at the top: the guard's resolver is aiohttp's, which only `run` needs.
+    from meshmirror.upstream.guard import AddressGuard
+
     try:
         AddressGuard.parse(allow_hosts)
     except ValueError as err:
@@ -589,7 +591,7 @@ def _upstream_options(args: argparse.Namespace, http_base: str) -> UpstreamOptio
         proxies = ProxySettings.from_environment()
     except ProxyConfigError as err:
         raise UsageError(str(err)) from err
-    return UpstreamOptions(connect_timeout=args.upstream_connect_timeout,
+    return UpstreamConfig(connect_timeout=args.upstream_connect_timeout,
                            timeout=args.upstream_timeout,
                            failure_threshold=args.upstream_failure_threshold,
                            cooldown=args.upstream_cooldown,
@@ -637,10 +639,10 @@ def _containerd_config(args: argparse.Namespace) -> ContainerdConfig:
                             config=args.containerd_config)
 
 
-def _server_options(args: argparse.Namespace) -> ServerOptions:
+def _server_options(args: argparse.Namespace) -> ServerConfig:
     if args.client_send_timeout <= 0 or args.client_max_connections < 1:
         raise UsageError("--client-send-timeout must be > 0 and --client-max-connections >= 1")
-    return ServerOptions(send_timeout=args.client_send_timeout,
+    return ServerConfig(send_timeout=args.client_send_timeout,
                          max_connections=args.client_max_connections)
 
 

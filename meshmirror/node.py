@@ -47,12 +47,12 @@ from starlette.types import ASGIApp
 from meshmirror.mirror.marker import peer_dispatch, refuse_private
 from meshmirror.mirror.rollout import tree_requests
 from meshmirror.peering import Peering
-from meshmirror.registry.app import RegistryOptions, create_app
+from meshmirror.registry.app import RegistryConfig, create_app
 from meshmirror.registry.fallback import Fallback
 from meshmirror.registry.metrics import RegistryMetrics
 from meshmirror.registry.server import (
+    ServerConfig,
     ServerMetrics,
-    ServerOptions,
     bind_listener,
     listener_address,
     serve,
@@ -64,7 +64,7 @@ from meshmirror.store.base import Store
 if TYPE_CHECKING:
     from meshmirror.containerd.checks import CheckResult
 
-log = logging.getLogger("meshmirror.node")
+log = logging.getLogger(__name__)
 
 # A component that does not stop within this long is abandoned so that
 # SIGTERM always ends the process; Kubernetes would SIGKILL us anyway.
@@ -135,7 +135,7 @@ class HttpServer:
     """One Hypercorn listener; binds in ``start()`` so a busy port fails the start."""
 
     def __init__(self, name: str, app: ASGIApp, host: str, port: int,
-                 options: ServerOptions, metrics: ServerMetrics | None = None) -> None:
+                 options: ServerConfig, metrics: ServerMetrics | None = None) -> None:
         self.name = name
         self.app = app
         self.host = host
@@ -220,7 +220,7 @@ class Node:
         self._extra.append(component)
 
     def _assemble(self) -> list[Component]:
-        options = RegistryOptions(default_registry=self.config.default_registry)
+        options = RegistryConfig(default_registry=self.config.default_registry)
         registry_metrics = self.registry_metrics
         # containerd's own tag lookups go to the upstream-first mirror, never to this
         # store's record of what the tag meant when it was pulled.

@@ -51,7 +51,7 @@ from meshmirror.runconfig import PeeringConfig
 from meshmirror.store.base import Store
 from meshmirror.upstream.blobs import UpstreamContent
 
-log = logging.getLogger("meshmirror.peering")
+log = logging.getLogger(__name__)
 
 TAG_HTTP = "http"
 TAG_EPOCH = "epoch"

@@ -18,10 +18,10 @@ from meshmirror.addresses import ANY_HOST
 from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.containerd.hostsconfig import HostsConfig
 from meshmirror.mesh.config import MeshConfig
-from meshmirror.mirror.options import MirrorOptions, TagResolution
+from meshmirror.mirror.options import MirrorConfig, TagResolution
 from meshmirror.oci.reference import DOCKER_HUB
-from meshmirror.registry.serveroptions import ServerOptions
-from meshmirror.upstream.options import UpstreamOptions
+from meshmirror.registry.serveroptions import ServerConfig
+from meshmirror.upstream.options import UpstreamConfig
 
 # A Kubernetes label value (the zone comes from topology.kubernetes.io/zone); it rides
 # in the gossip metadata, whose 512 bytes this keeps it well inside.
@@ -51,8 +51,8 @@ class PeeringConfig:
     # Without a zone: the label of this node's Kubernetes Node to read it from at start.
     zone_label: str = ""
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    mirror: MirrorOptions = field(default_factory=MirrorOptions)
-    upstream: UpstreamOptions = field(default_factory=UpstreamOptions)
+    mirror: MirrorConfig = field(default_factory=MirrorConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,7 @@ class NodeConfig:
     default_registry: str = DOCKER_HUB
     # The registry port's bounds on clients (``--client-*``); the metrics port's too,
     # with a smaller connection cap.
-    server: ServerOptions = field(default_factory=ServerOptions)
+    server: ServerConfig = field(default_factory=ServerConfig)
     # None serves the local store only (``--mesh-addr off``).
     peering: PeeringConfig | None = None
     # Write ``hosts`` into containerd's configuration at every start, as ``meshmirror
@@ -75,4 +75,4 @@ class NodeConfig:
     # runs no init container, so only ``run`` itself can put back an entry that was lost.
     write_hosts_config: bool = False
     hosts: HostsConfig = field(default_factory=lambda: HostsConfig(
-        resolve_tags=MirrorOptions().resolve_tags is not TagResolution.OFF))
+        resolve_tags=MirrorConfig().resolve_tags is not TagResolution.OFF))

@@ -17,10 +17,10 @@ from meshmirror.addresses import is_wildcard
 from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.containerd.hostsconfig import HostsConfig, parse_registries
 from meshmirror.flags import UsageError, field_default, parse_bool, parse_duration, parse_size
-from meshmirror.mirror.options import MirrorOptions, OutagePeerTags
-from meshmirror.registry.serveroptions import ServerOptions
+from meshmirror.mirror.options import MirrorConfig, OutagePeerTags
+from meshmirror.registry.serveroptions import ServerConfig
 from meshmirror.runconfig import NodeConfig, PeeringConfig
-from meshmirror.upstream.options import UpstreamOptions
+from meshmirror.upstream.options import UpstreamConfig
 
 CHART_VALUES = Path(__file__).resolve().parent.parent / "helm" / "meshmirror" / "values.yaml"
 
@@ -37,40 +37,40 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "summary_fp_rate": (PeeringConfig, "summary_fp_rate"),
     "zone": (PeeringConfig, "zone"),
     "zone_from_node_label": (PeeringConfig, "zone_label"),
-    "resolve_tags": (MirrorOptions, "resolve_tags"),
-    "outage_peer_tags": (MirrorOptions, "outage_peer_tags"),
-    "outage_vouches": (MirrorOptions, "outage_vouches"),
-    "private_images": (MirrorOptions, "private_images"),
-    "private_images_unknown": (MirrorOptions, "private_images_unknown"),
-    "state_dir": (MirrorOptions, "state_dir"),
-    "upstream_connect_timeout": (UpstreamOptions, "connect_timeout"),
-    "upstream_timeout": (UpstreamOptions, "timeout"),
-    "upstream_failure_threshold": (UpstreamOptions, "failure_threshold"),
-    "upstream_cooldown": (UpstreamOptions, "cooldown"),
-    "upstream_tag_ttl": (UpstreamOptions, "tag_ttl"),
-    "upstream_client_rate": (UpstreamOptions, "client_rate"),
-    "upstream_client_burst": (UpstreamOptions, "client_burst"),
-    "upstream_max_registries": (UpstreamOptions, "max_registries"),
-    "mirror_resolve_timeout": (MirrorOptions, "resolve_timeout"),
-    "mirror_first_byte_timeout": (MirrorOptions, "first_byte_timeout"),
-    "mirror_resolve_retries": (MirrorOptions, "resolve_retries"),
-    "mirror_spool_dir": (MirrorOptions, "spool_dir"),
-    "mirror_spool_limit": (MirrorOptions, "spool_limit"),
-    "upstream_cache_dir": (MirrorOptions, "upstream_cache_dir"),
-    "upstream_cache_limit": (MirrorOptions, "upstream_cache_limit"),
-    "mirror_stall_timeout": (MirrorOptions, "stall_timeout"),
-    "mirror_min_rate": (MirrorOptions, "min_rate"),
-    "mirror_deadline": (MirrorOptions, "deadline"),
-    "mirror_peer_connections": (MirrorOptions, "peer_connections"),
-    "mirror_memory_limit": (MirrorOptions, "memory_limit"),
-    "rollout_fanout": (MirrorOptions, "rollout_fanout"),
+    "resolve_tags": (MirrorConfig, "resolve_tags"),
+    "outage_peer_tags": (MirrorConfig, "outage_peer_tags"),
+    "outage_vouches": (MirrorConfig, "outage_vouches"),
+    "private_images": (MirrorConfig, "private_images"),
+    "private_images_unknown": (MirrorConfig, "private_images_unknown"),
+    "state_dir": (MirrorConfig, "state_dir"),
+    "upstream_connect_timeout": (UpstreamConfig, "connect_timeout"),
+    "upstream_timeout": (UpstreamConfig, "timeout"),
+    "upstream_failure_threshold": (UpstreamConfig, "failure_threshold"),
+    "upstream_cooldown": (UpstreamConfig, "cooldown"),
+    "upstream_tag_ttl": (UpstreamConfig, "tag_ttl"),
+    "upstream_client_rate": (UpstreamConfig, "client_rate"),
+    "upstream_client_burst": (UpstreamConfig, "client_burst"),
+    "upstream_max_registries": (UpstreamConfig, "max_registries"),
+    "mirror_resolve_timeout": (MirrorConfig, "connect_timeout"),
+    "mirror_first_byte_timeout": (MirrorConfig, "first_byte_timeout"),
+    "mirror_resolve_retries": (MirrorConfig, "peers_tried"),
+    "mirror_spool_dir": (MirrorConfig, "spool_dir"),
+    "mirror_spool_limit": (MirrorConfig, "spool_limit"),
+    "upstream_cache_dir": (MirrorConfig, "upstream_cache_dir"),
+    "upstream_cache_limit": (MirrorConfig, "upstream_cache_limit"),
+    "mirror_stall_timeout": (MirrorConfig, "stall_timeout"),
+    "mirror_min_rate": (MirrorConfig, "min_rate"),
+    "mirror_deadline": (MirrorConfig, "deadline"),
+    "mirror_peer_connections": (MirrorConfig, "peer_connections"),
+    "mirror_memory_limit": (MirrorConfig, "memory_limit"),
+    "rollout_fanout": (MirrorConfig, "rollout_fanout"),
     "containerd_sock": (ContainerdConfig, "sock"),
     "containerd_namespace": (ContainerdConfig, "namespace"),
     "containerd_content_path": (ContainerdConfig, "content_path"),
     "containerd_config": (ContainerdConfig, "config"),
     "write_hosts_config": (NodeConfig, "write_hosts_config"),
-    "client_send_timeout": (ServerOptions, "send_timeout"),
-    "client_max_connections": (ServerOptions, "max_connections"),
+    "client_send_timeout": (ServerConfig, "send_timeout"),
+    "client_max_connections": (ServerConfig, "max_connections"),
     "containerd_registry_config_path": (HostsConfig, "config_path"),
     "prepend_existing": (HostsConfig, "prepend_existing"),
 }
@@ -101,19 +101,19 @@ def test_run_without_flags_builds_the_dataclass_defaults() -> None:
     config = cli.node_config(cli.build_parser().parse_args(["run", "--store", "oci:/tmp"]))
     assert config.containerd == ContainerdConfig()
     assert config.peering is not None
-    assert config.peering.mirror == MirrorOptions()
+    assert config.peering.mirror == MirrorConfig()
     assert config.peering.join == field_default(PeeringConfig, "join")
     assert config.peering.mesh_addr == field_default(PeeringConfig, "mesh_addr")
     assert config.write_hosts_config is False
     assert config.hosts == NodeConfig().hosts
-    assert config.server == ServerOptions()
+    assert config.server == ServerConfig()
 
 
 def test_client_bounds_reach_the_server_options() -> None:
     config = cli.node_config(cli.parse_args(["run", "--store", "oci:/tmp",
                                              "--client-send-timeout", "1.5s",
                                              "--client-max-connections", "64"]))
-    assert config.server == ServerOptions(send_timeout=1.5, max_connections=64)
+    assert config.server == ServerConfig(send_timeout=1.5, max_connections=64)
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--client-send-timeout", "0"),
@@ -162,21 +162,21 @@ CHART_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "meshmirror.logLevel": (str, cli.LOG_LEVEL),
     # On: hosts.toml's "resolve" capability, and `run --resolve-tags` upstream-first.
     "meshmirror.resolveTags": (parse_bool, True),
-    "meshmirror.outageVouches": (OutagePeerTags, field_default(MirrorOptions, "outage_vouches")),
-    "meshmirror.rolloutFanout": (int, field_default(MirrorOptions, "rollout_fanout")),
+    "meshmirror.outageVouches": (OutagePeerTags, field_default(MirrorConfig, "outage_vouches")),
+    "meshmirror.rolloutFanout": (int, field_default(MirrorConfig, "rollout_fanout")),
     "meshmirror.mirrorResolveTimeout": (parse_duration,
-                                        field_default(MirrorOptions, "resolve_timeout")),
+                                        field_default(MirrorConfig, "connect_timeout")),
     "meshmirror.mirrorFirstByteTimeout": (parse_duration,
-                               field_default(MirrorOptions, "first_byte_timeout")),
-    "meshmirror.mirrorResolveRetries": (int, field_default(MirrorOptions, "resolve_retries")),
-    "meshmirror.mirrorSpoolLimit": (parse_size, field_default(MirrorOptions, "spool_limit")),
+                               field_default(MirrorConfig, "first_byte_timeout")),
+    "meshmirror.mirrorResolveRetries": (int, field_default(MirrorConfig, "peers_tried")),
+    "meshmirror.mirrorSpoolLimit": (parse_size, field_default(MirrorConfig, "spool_limit")),
     # Empty: as mirrorSpoolLimit, which the CLI's None means too.
     "meshmirror.upstreamCacheLimit": (lambda text: parse_size(text) if text else None,
-                                      field_default(MirrorOptions, "upstream_cache_limit")),
+                                      field_default(MirrorConfig, "upstream_cache_limit")),
     "meshmirror.summaryFpRate": (float, field_default(PeeringConfig, "summary_fp_rate")),
     "meshmirror.zoneFromNodeLabel": (str, field_default(PeeringConfig, "zone_label")),
-    "meshmirror.clientSendTimeout": (parse_duration, field_default(ServerOptions, "send_timeout")),
-    "meshmirror.clientMaxConnections": (int, field_default(ServerOptions, "max_connections")),
+    "meshmirror.clientSendTimeout": (parse_duration, field_default(ServerConfig, "send_timeout")),
+    "meshmirror.clientMaxConnections": (int, field_default(ServerConfig, "max_connections")),
     "meshmirror.prependExisting": (parse_bool, field_default(HostsConfig, "prepend_existing")),
     "meshmirror.containerdSock": (str, field_default(ContainerdConfig, "sock")),
     "meshmirror.containerdNamespace": (str, field_default(ContainerdConfig, "namespace")),
@@ -205,9 +205,9 @@ def test_chart_lists_default_to_every_registry_and_no_filter() -> None:
     assert tuple(parse_registries(values["mirroredRegistries"])) == field_default(
         HostsConfig, "registries")
     assert values["mirroredRegistries"] == [] and not field_default(
-        MirrorOptions, "mirrored_registries")
+        MirrorConfig, "mirrored_registries")
     assert values["registryFilters"] == [] and field_default(
-        MirrorOptions, "registry_filters") == ()
+        MirrorConfig, "registry_filters") == ()
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

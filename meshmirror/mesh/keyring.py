@@ -57,11 +57,6 @@ def encrypted_length(version: int, plain_len: int) -> int:
     return VERSION_SIZE + NONCE_SIZE + plain_len + padding + TAG_SIZE
 
 
-def encrypt_overhead(version: int) -> int:
-    """Worst-case bytes that sealing adds, for packing broadcasts into a packet."""
-    return 45 if version == 0 else 29
-
-
 class Keyring:
     """An ordered set of AES keys; the first is the primary. Thread-safe."""
 
@@ -131,6 +126,13 @@ class Keyring:
                 raise KeyringError("removing the primary key is not allowed")
             self._keys = tuple(k for k in self._keys if k != key)
             self._ciphers.pop(key, None)
+
+    @staticmethod
+    def encrypt_overhead(version: int = 1) -> int:
+        """Worst-case bytes that sealing adds, for packing broadcasts into a packet:
+        29 for version 1 (what `encrypt` and wire.py seal with); version 0 pads a whole
+        block when the plaintext fills its last one."""
+        return encrypted_length(version, 0)
 
     def encrypt(self, plain: bytes, aad: bytes, *, version: int = 1) -> bytes:
         """Seal with the primary key: ``[version][nonce][ciphertext+tag]``."""

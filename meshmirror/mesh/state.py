@@ -90,7 +90,6 @@ __all__ = [
 # memberlist's framing overheads (net.go), used to pack broadcasts into one datagram.
 COMPOUND_HEADER_OVERHEAD = 2  # type byte + part count
 COMPOUND_OVERHEAD = 2  # per part: its uint16 length
-ENCRYPT_OVERHEAD = 29  # version 1: version byte + 12-byte nonce + 16-byte tag
 MAX_COMPOUND_PARTS = 255
 PUSH_PULL_SCALE_THRESHOLD = 32
 _SEQ_MASK = 0xFFFFFFFF
@@ -1004,7 +1003,7 @@ class Memberlist:
         if self._label:
             overhead += 2 + len(self._label)
         if self._keyring is not None:
-            overhead += ENCRYPT_OVERHEAD
+            overhead += self._keyring.encrypt_overhead()
         return overhead
 
     def _gossip(self, now: float) -> None:

@@ -14,7 +14,7 @@ from typing import Final
 
 import msgpack
 
-from meshmirror.mesh.wire import WireError
+from meshmirror.mesh.wire import WireError, unpacked
 
 TAG_MAGIC: Final = 0xFF
 META_MAX_SIZE: Final = 512
@@ -38,14 +38,8 @@ def decode_tags(meta: bytes) -> dict[str, str]:
     """Read another node's metadata as Serf does; raises :class:`WireError` if garbled."""
     if not meta or meta[0] != TAG_MAGIC:
         return {"role": meta.decode("utf-8", "replace")}
-    try:
-        obj = msgpack.unpackb(
-            meta[1:], raw=True, strict_map_key=False, max_map_len=META_MAX_SIZE
-        )
-    # msgpack signals bad bytes with several exception types (ExtraData,
-    # FormatError, ValueError, TypeError); each one means "not tags".
-    except Exception as err:
-        raise WireError("malformed", f"node tags: {err}") from None
+    obj = unpacked(lambda: msgpack.unpackb(
+        meta[1:], raw=True, strict_map_key=False, max_map_len=META_MAX_SIZE), "node tags")
     if not isinstance(obj, dict):
         raise WireError("malformed", "node tags are not a map")
     tags: dict[str, str] = {}

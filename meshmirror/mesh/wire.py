@@ -29,7 +29,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Callable, Generator
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgpack
 
@@ -144,19 +144,33 @@ def _unpacker(limit: int) -> msgpack.Unpacker:
     )
 
 
+_T = TypeVar("_T")
+
+
+def unpacked(read: Callable[[], _T], what: str = "msgpack") -> _T:
+    """What ``read`` (an msgpack unpack call) returns, or `WireError` "malformed".
+
+    msgpack reports bad input with a variety of exception types (FormatError,
+    StackError, ExtraData, ValueError for limits, TypeError for odd keys); all of
+    them mean the same thing to us. Only `msgpack.OutOfData` passes through: a
+    stream reader waits for more bytes, a packet reader calls it truncated.
+    """
+    try:
+        return read()
+    except msgpack.OutOfData:
+        raise
+    except Exception as err:
+        raise WireError("malformed", f"{what}: {err}") from None
+
+
 def _unpack_one(buf: bytes, offset: int) -> tuple[Any, int]:
     """One msgpack object from ``buf[offset:]`` (a whole packet) and the offset after it."""
     unpacker = _unpacker(max(len(buf) - offset, 1))
     unpacker.feed(buf[offset:])
     try:
-        obj = unpacker.unpack()
+        obj = unpacked(unpacker.unpack)
     except msgpack.OutOfData:
         raise WireError("truncated", "msgpack value cut short") from None
-    # msgpack reports bad input with a variety of exception types (FormatError,
-    # StackError, ValueError for limits, TypeError for odd keys); all of them
-    # mean the same thing here.
-    except Exception as err:
-        raise WireError("malformed", f"msgpack: {err}") from None
     return obj, offset + unpacker.tell()
 
 
@@ -690,7 +704,7 @@ class _Input:
         """The next msgpack value, once all of it has arrived."""
         while True:
             try:
-                obj = self._unpacker.unpack()
+                obj = unpacked(self._unpacker.unpack)
             except msgpack.OutOfData:
                 if self._fed - self._consumed > MAX_STREAM_OBJECT:
                     raise WireError("too_large",
@@ -698,11 +712,6 @@ class _Input:
                 self._starve("msgpack value")
                 yield
                 continue
-            # msgpack reports bad input with a variety of exception types
-            # (FormatError, StackError, ValueError for limits, TypeError for odd
-            # keys); all of them mean the same thing here.
-            except Exception as err:
-                raise WireError("malformed", f"msgpack: {err}") from None
             self._consumed = self._unpacker.tell()
             return obj
 
@@ -710,13 +719,11 @@ class _Input:
         """The entry count of a msgpack map whose entries are read one by one after it."""
         while True:
             try:
-                count: int = self._unpacker.read_map_header()
+                count: int = unpacked(self._unpacker.read_map_header)
             except msgpack.OutOfData:
                 self._starve("msgpack map header")
                 yield
                 continue
-            except Exception as err:
-                raise WireError("malformed", f"msgpack: {err}") from None
             self._consumed = self._unpacker.tell()
             return count
 

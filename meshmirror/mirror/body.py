@@ -24,7 +24,7 @@ from collections.abc import Callable
 import aiohttp
 
 from meshmirror.mirror.budget import MemoryBudget
-from meshmirror.mirror.errors import PeerFailure, SinkFailure
+from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure
 
 
 class Progress:
@@ -55,7 +55,8 @@ class Progress:
         rate = self._bytes / self._waited
         self._bytes, self._waited = 0, 0.0
         if rate < self._min_rate:
-            return PeerFailure("slow", f"{rate:.0f} B/s, below {self._min_rate:.0f} B/s")
+            return PeerFailure(FailureReason.SLOW,
+                               f"{rate:.0f} B/s, below {self._min_rate:.0f} B/s")
         return None
 
 
@@ -219,7 +220,7 @@ class BodyPump:
     def abandon(self) -> None:
         """No reader will run (the executor is shut down): end with a failure."""
         self.ended("reader")
-        self._to_hash.put(PeerFailure("broken", "mirror closed"))
+        self._to_hash.put(PeerFailure(FailureReason.BROKEN, "mirror closed"))
 
     def _post(self, item: BodyItem) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
@@ -251,11 +252,11 @@ class BodyPump:
 
     def read(self) -> None:
         """The reader thread; it always ends by queueing one final item."""
-        end: BodyItem = PeerFailure("broken", "stopped")
+        end: BodyItem = PeerFailure(FailureReason.BROKEN, "stopped")
         try:
             end = self._read()
         except Exception as err:  # reported to the loop, which fails over
-            end = PeerFailure("broken", f"body thread: {err!r}")
+            end = PeerFailure(FailureReason.BROKEN, f"body thread: {err!r}")
         finally:
             self.ended("reader")
             self._to_hash.put(end)
@@ -288,11 +289,12 @@ class BodyPump:
                 # With MSG_WAITALL a read that times out returns what it got so far.
                 chunk = sock.recv(size, socket.MSG_WAITALL)
             except (BlockingIOError, TimeoutError):
-                return PeerFailure("stalled", f"no byte within {self._stall_timeout:g} s")
+                return PeerFailure(FailureReason.STALLED,
+                                   f"no byte within {self._stall_timeout:g} s")
             except OSError as err:
-                return PeerFailure("broken", str(err))
+                return PeerFailure(FailureReason.BROKEN, str(err))
             if not chunk:
-                return PeerFailure("broken", "body ended")
+                return PeerFailure(FailureReason.BROKEN, "body ended")
             if (slow := self._progress.check(len(chunk), time.monotonic() - started)) is not None:
                 return slow
             remaining -= len(chunk)

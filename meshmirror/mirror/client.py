@@ -8,7 +8,7 @@ rules that keep a bad peer from hurting a pull live in one place:
   below start only once a request leaves the queue, so they measure the peer
   and never our own burst; a timeout while other requests to the peer run
   sends the request back into the queue once instead of failing it;
-- a peer must accept the connection within ``resolve_timeout`` (a dead or
+- a peer must accept the connection within ``connect_timeout`` (a dead or
   unreachable peer costs no more than that) and answer with headers within
   ``first_byte_timeout``. The two bounds differ on purpose: a live peer starting
   several responses at once on a busy node needs tens of milliseconds, and
@@ -41,22 +41,23 @@ import aiohttp
 
 from meshmirror.mirror.body import BodyPump, Progress, map_large_chunks, take_over
 from meshmirror.mirror.budget import MemoryBudget
-from meshmirror.mirror.errors import PeerFailure, SinkFailure
+from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure
 from meshmirror.mirror.hedging import hedged
 from meshmirror.mirror.marker import PEER_HEADER
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.mirror.peerqueue import PeerQueue
-from meshmirror.routing.router import Peer, Router
+from meshmirror.routing.ranking import Outcome, PeerRanking
+from meshmirror.routing.router import Peer
 
-logger = logging.getLogger("meshmirror.mirror")
+log = logging.getLogger(__name__)
 
 # Failures that say the peer is unfit to ask for a while, not just unlucky once:
 # they open its circuit in the router.
-_CIRCUIT_REASONS = frozenset({"stalled", "slow", "digest_mismatch", "bad_digest_header"})
-# Failures that may be our own busy moment as much as the peer's: they open its
-# circuit only when they come twice in a row without a success between.
-_TIMEOUT_REASONS = frozenset({"timeout", "connect_timeout"})
+_CIRCUIT_REASONS = frozenset({FailureReason.STALLED, FailureReason.SLOW,
+                              FailureReason.DIGEST_MISMATCH, FailureReason.BAD_DIGEST_HEADER})
+# Failures that may be our own busy moment as much as the peer's (`Outcome.TIMEOUT`).
+_TIMEOUT_REASONS = frozenset({FailureReason.TIMEOUT, FailureReason.CONNECT_TIMEOUT})
 # aiohttp reads ahead up to twice this before pausing the socket.
 _READ_BUFSIZE = 256 * 1024
 
@@ -99,9 +100,9 @@ class PeerClient:
 
     def __init__(
         self,
-        router: Router,
+        router: PeerRanking,
         session: aiohttp.ClientSession,
-        options: MirrorOptions,
+        options: MirrorConfig,
         metrics: MirrorMetrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -182,7 +183,7 @@ class PeerClient:
                     queue.overloaded()
                     queue.leave()
                     continue
-                if attempt == 0 and failure.reason == "connect_timeout":
+                if attempt == 0 and failure.reason is FailureReason.CONNECT_TIMEOUT:
                     # A loopback or LAN connect takes microseconds: a connect timer that
                     # fires is as likely our own busy loop, late to see it. Once more.
                     queue.leave()
@@ -200,7 +201,8 @@ class PeerClient:
         expected_status = 206 if offset or end is not None else 200
         if response.status != expected_status:
             opened.release()
-            reason = "not_found" if response.status == 404 else "bad_status"
+            reason = (FailureReason.NOT_FOUND if response.status == 404
+                      else FailureReason.BAD_STATUS)
             raise PeerFailure(reason, f"{url} answered {response.status}",
                               elapsed=self._clock() - started)
         self._metrics.first_byte.observe(self._clock() - started)
@@ -220,18 +222,18 @@ class PeerClient:
                     # (`body.take_over`): per response, outside the memory budget.
                     read_bufsize=_READ_BUFSIZE,
                     timeout=aiohttp.ClientTimeout(
-                        sock_connect=self._options.resolve_timeout,
+                        sock_connect=self._options.connect_timeout,
                         sock_read=self._options.stall_timeout,
                     ),
                 ),
                 self._options.first_byte_timeout,
             )
         except aiohttp.ServerTimeoutError as err:  # before TimeoutError: it is one
-            raise PeerFailure("connect_timeout", url) from err
+            raise PeerFailure(FailureReason.CONNECT_TIMEOUT, url) from err
         except TimeoutError as err:
-            raise PeerFailure("timeout", url) from err
+            raise PeerFailure(FailureReason.TIMEOUT, url) from err
         except (aiohttp.ClientError, OSError) as err:
-            raise PeerFailure("connect", f"{url}: {err}") from err
+            raise PeerFailure(FailureReason.CONNECT, f"{url}: {err}") from err
 
     def open_hedged(
         self,
@@ -269,9 +271,7 @@ class PeerClient:
 
     def succeeded(self, opened: PeerResponse) -> None:
         """The peer served good bytes: its latency counts towards its rank."""
-        self._router.report(
-            opened.peer.name, ok=True, latency_s=self._clock() - opened.started
-        )
+        self._router.outcome(opened.peer.name, Outcome.OK, self._clock() - opened.started)
 
     def failed(self, peer: Peer, failure: PeerFailure) -> None:
         """Charge ``failure`` to ``peer``, by how much it says about the peer.
@@ -281,17 +281,18 @@ class PeerClient:
         """
         self._metrics.peer_failures.labels(failure.reason).inc()
         latency = max(0.0, failure.elapsed or 0.0)
-        if failure.reason == "queue_stalled":
+        if failure.reason is FailureReason.QUEUE_STALLED:
             pass  # our own load: the peer is busy serving us, not failing
-        elif failure.reason == "not_found":
+        elif failure.reason is FailureReason.NOT_FOUND:
             self._metrics.false_positives.inc()
-            self._router.report(peer.name, ok=False, latency_s=latency, false_positive=True)
-        elif failure.reason in _CIRCUIT_REASONS or (
-                failure.reason in _TIMEOUT_REASONS and self._router.failures_in_a_row(peer.name)):
-            self._router.trip(peer.name)
+            self._router.outcome(peer.name, Outcome.FALSE_POSITIVE, latency)
+        elif failure.reason in _CIRCUIT_REASONS:
+            self._router.outcome(peer.name, Outcome.UNFIT, latency)
+        elif failure.reason in _TIMEOUT_REASONS:
+            self._router.outcome(peer.name, Outcome.TIMEOUT, latency)
         else:
-            self._router.report(peer.name, ok=False, latency_s=latency)
-        logger.info("peer %s failed: %s", peer.name, failure)
+            self._router.outcome(peer.name, Outcome.ERROR, latency)
+        log.info("peer %s failed: %s", peer.name, failure)
 
     # -- bodies ------------------------------------------------------------------
 
@@ -307,9 +308,9 @@ class PeerClient:
                 chunk = await opened.response.content.read(size)
         except (TimeoutError, aiohttp.ServerTimeoutError) as err:
             raise PeerFailure(
-                "stalled", f"no byte within {self._options.stall_timeout:g} s") from err
+                FailureReason.STALLED, f"no byte within {self._options.stall_timeout:g} s") from err
         except (aiohttp.ClientError, OSError) as err:
-            raise PeerFailure("broken", str(err)) from err
+            raise PeerFailure(FailureReason.BROKEN, str(err)) from err
         if (slow := opened.progress.check(len(chunk), self._clock() - started)) is not None:
             raise slow
         self._count_bytes(opened.peer, len(chunk))
@@ -325,12 +326,12 @@ class PeerClient:
         """The whole body, at most ``limit`` bytes, under the same stall and rate bounds."""
         length = opened.response.content_length
         if length is not None and length > limit:
-            raise PeerFailure("too_large", f"{length} bytes")
+            raise PeerFailure(FailureReason.TOO_LARGE, f"{length} bytes")
         buffer = bytearray()
         while chunk := await self.read_chunk(opened, 1024 * 1024):
             buffer += chunk
             if len(buffer) > limit:
-                raise PeerFailure("too_large", f"over {limit} bytes")
+                raise PeerFailure(FailureReason.TOO_LARGE, f"over {limit} bytes")
         return bytes(buffer)
 
     def pump(
@@ -373,7 +374,7 @@ class PeerClient:
             hashing = loop.run_in_executor(self._body_executor, pump.hash)
         except RuntimeError:  # executor shut down: the node is stopping
             sock.close()
-            pump.items.put_nowait(PeerFailure("broken", "mirror closed"))
+            pump.items.put_nowait(PeerFailure(FailureReason.BROKEN, "mirror closed"))
             return self._chunks(pump, opened.peer)
         self._pumps.add(pump)
         self._pumps_started += 1

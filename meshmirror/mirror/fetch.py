@@ -25,7 +25,7 @@ attempt starts over from byte 0 on the peer resumed to, with its size (held
 bodies only; a streamed one has announced its length and is aborted).
 
 Once a peer has answered, the request has a deadline
-(`MirrorOptions.deadline_for`): past it the fetch gives up and the answer is a
+(`MirrorConfig.deadline_for`): past it the fetch gives up and the answer is a
 404 while containerd can still go upstream.
 """
 
@@ -38,10 +38,11 @@ from typing import Protocol
 
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.client import PeerClient, PeerResponse
-from meshmirror.mirror.errors import PeerFailure, SinkFailure, VerificationError
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, VerificationError
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.oci.digest import Digest
-from meshmirror.routing.router import Peer, Router
+from meshmirror.routing.ranking import PeerRanking
+from meshmirror.routing.router import Peer
 
 
 class Sink(Protocol):
@@ -125,8 +126,8 @@ class BlobFetch:
     def __init__(
         self,
         client: PeerClient,
-        router: Router,
-        options: MirrorOptions,
+        router: PeerRanking,
+        options: MirrorConfig,
         registry: str,
         path: str,
         digest: Digest,
@@ -142,7 +143,7 @@ class BlobFetch:
         self._size = 0
         # The peers whose bytes make up the current attempt from byte 0, in order.
         self._sources: list[Peer] = []
-        # On the loop's clock, set once a peer has answered (see `MirrorOptions.deadline`).
+        # On the loop's clock, set once a peer has answered (see `MirrorConfig.deadline`).
         self._deadline = 0.0
         # For the request's record: the last peer whose headers were good.
         self.last_peer: str | None = None
@@ -173,7 +174,7 @@ class BlobFetch:
         Each candidate's wait is bounded on its own (queue progress, connect and
         first-byte bounds); the request's deadline starts from the answer.
         """
-        candidates = self._router.candidates(str(self._digest), limit=self._options.resolve_retries)
+        candidates = self._router.candidates(str(self._digest), limit=self._options.peers_tried)
         self._current = await self._open_from(0, candidates)
         if self._current is None:
             return None
@@ -338,16 +339,17 @@ class BlobFetch:
         headers = opened.response.headers
         announced = headers.get("Docker-Content-Digest")
         if announced is not None and announced != str(self._digest):
-            raise PeerFailure("digest_mismatch", f"announced {announced[:80]}")
+            raise PeerFailure(FailureReason.DIGEST_MISMATCH, f"announced {announced[:80]}")
         if offset == 0:
             length = opened.response.content_length
             if length is None:
-                raise PeerFailure("bad_headers", "no Content-Length")
+                raise PeerFailure(FailureReason.BAD_HEADERS, "no Content-Length")
             self._size = length
             return
         match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers.get("Content-Range", ""))
         if match is None or int(match.group(1)) != offset:
-            raise PeerFailure("bad_headers", f"Content-Range {headers.get('Content-Range')!r}")
+            raise PeerFailure(FailureReason.BAD_HEADERS,
+                              f"Content-Range {headers.get('Content-Range')!r}")
         if int(match.group(3)) != self._size:
             raise _SizeChanged(opened.peer)
 
@@ -357,7 +359,7 @@ class BlobFetch:
             self._client.failed(self._current.peer, failure)
             self.close()
         more = self._router.candidates(
-            str(self._digest), limit=self._options.resolve_retries + len(self._tried)
+            str(self._digest), limit=self._options.peers_tried + len(self._tried)
         )
         self._current = await self._open_from(offset, more)
         if self._current is None:
@@ -402,7 +404,7 @@ class BlobFetch:
         while position < self._size:
             current = self._current
             if current is None:
-                raise PeerFailure("exhausted", f"no peer left at byte {position}")
+                raise PeerFailure(FailureReason.EXHAUSTED, f"no peer left at byte {position}")
             pumped: AsyncGenerator[bytes | int, None] | None = None
             if threads and pumped_from is not current:
                 pumped_from = current  # once per source: a refusal means read it here
@@ -426,7 +428,7 @@ class BlobFetch:
                 size = min(self._options.chunk_size, self._size - position)
                 chunk = await self._client.read_chunk(current, size)
                 if not chunk:
-                    raise PeerFailure("broken", "body ended")
+                    raise PeerFailure(FailureReason.BROKEN, "body ended")
             except PeerFailure as err:
                 failure = PeerFailure(err.reason, f"at byte {position}: {err}")
             else:
@@ -439,13 +441,13 @@ class BlobFetch:
                 position += len(chunk)
                 continue
             if not await self._next_source(position, failure):
-                raise PeerFailure("exhausted", f"no peer left at byte {position}")
+                raise PeerFailure(FailureReason.EXHAUSTED, f"no peer left at byte {position}")
         if hashing is not None:
             await hashing
 
 
 def in_pieces(data: bytes, size: int) -> Iterator[bytes]:
-    """``data`` in pieces of at most ``size`` bytes, for the server (`MirrorOptions.send_size`)."""
+    """``data`` in pieces of at most ``size`` bytes, for the server (`MirrorConfig.send_size`)."""
     if len(data) <= size:
         yield data
         return
@@ -466,7 +468,7 @@ async def held_body(data: bytes, piece: int, budget: MemoryBudget | None = None,
 
 
 def _mismatch(digest: Digest, detail: str = "") -> PeerFailure:
-    return PeerFailure("digest_mismatch", f"{digest} {detail}".strip())
+    return PeerFailure(FailureReason.DIGEST_MISMATCH, f"{digest} {detail}".strip())
 
 
 def _keep_then(

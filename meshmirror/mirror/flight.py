@@ -49,11 +49,11 @@ from typing import Protocol, runtime_checkable
 from meshmirror.fileio import FileSpan
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.cache import BlobCache, CacheEntry
-from meshmirror.mirror.errors import PeerFailure, SinkFailure, VerificationError
+from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, VerificationError
 from meshmirror.mirror.fetch import Sink
 from meshmirror.oci.digest import Digest
 
-logger = logging.getLogger("meshmirror.mirror.flight")
+log = logging.getLogger(__name__)
 
 
 class BlobSource(Protocol):
@@ -132,15 +132,15 @@ class StreamSource:
             try:
                 async for chunk in self._stream.chunks(position):
                     if position + len(chunk) > self._size:
-                        raise PeerFailure("bad_body", "more bytes than announced")
+                        raise PeerFailure(FailureReason.BAD_BODY, "more bytes than announced")
                     await asyncio.to_thread(_keep_and_hash, sink, hasher.update, chunk)
                     position += len(chunk)
                 if position < self._size:
-                    raise PeerFailure("broken", f"body ended at byte {position}")
+                    raise PeerFailure(FailureReason.BROKEN, f"body ended at byte {position}")
             except PeerFailure as failure:
                 breaks += 1
                 if breaks > self._resumes:
-                    logger.info("%s: giving up after %d breaks: %s", self._digest, breaks,
+                    log.info("%s: giving up after %d breaks: %s", self._digest, breaks,
                                 failure)
                     return False
         return hasher.hexdigest() == self._digest.hex
@@ -304,13 +304,13 @@ class Flight:
                 self._flights.cache.complete(entry)
                 state = State.VERIFIED
         except SinkFailure as err:
-            logger.warning("could not hold %s in the cache: %s", self.key, err)
+            log.warning("could not hold %s in the cache: %s", self.key, err)
             self.sink_failure = str(err)
         except asyncio.CancelledError:
             state = State.FAILED
             raise
         except Exception:
-            logger.exception("fetch of %s failed", self.key)
+            log.exception("fetch of %s failed", self.key)
         finally:
             source.close()
             self.state = state

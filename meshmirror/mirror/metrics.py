@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from meshmirror.mirror.errors import FailureReason
 from meshmirror.upstream import BreakerHealth, BreakerState, FailureKind
 
 _FIRST_BYTE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -48,13 +49,6 @@ OUTAGE_DECISIONS: Final = ("own_verdict", "vouch", "vouch_not_trusted", "policy"
 # What an anonymous upstream question came back with.
 UPSTREAM_RESULTS: Final = ("answered", "not_found", "auth_required",
                            *(kind.value for kind in FailureKind))
-# Every reason a PeerFailure is raised with (meshmirror/mirror/), so a failure panel
-# shows 0 for each rather than no series at all.
-FAILURE_REASONS: Final = (
-    "connect", "connect_timeout", "timeout", "not_found", "bad_status", "bad_headers",
-    "bad_digest_header", "digest_mismatch", "too_large", "broken", "stalled", "slow",
-    "queue_stalled", "exhausted",
-)
 BODY_MODES: Final = ("memory", "spool", "stream")
 FLIGHT_RESULTS: Final = ("verified", "failed", "missing", "refused")
 # The registry label of a registry outside the labelled set.
@@ -205,7 +199,9 @@ class MirrorMetrics:
         self._labelled: set[str] = set()
         # True once the mirrored registries are named: nobody else gets a label.
         self._closed = False
-        for reason in FAILURE_REASONS:
+        # Every reason a PeerFailure can carry, so a failure panel shows 0 for each
+        # rather than no series at all.
+        for reason in FailureReason:
             self.peer_failures.labels(reason)
         for mode in BODY_MODES:
             self.blob_bodies.labels(mode)

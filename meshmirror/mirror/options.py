@@ -1,8 +1,11 @@
 """The mirror's knobs, each default written once.
 
 Fields set by ``meshmirror run`` flags are named for the flag without its
-``--mirror-`` prefix (``resolve_timeout`` is ``--mirror-resolve-timeout``); the
-command line reads its defaults from here.
+``--mirror-`` prefix (``first_byte_timeout`` is ``--mirror-first-byte-timeout``),
+except two flags that keep Spegel's names for what they are not:
+``--mirror-resolve-timeout`` sets ``connect_timeout`` and
+``--mirror-resolve-retries`` sets ``peers_tried``. The command line reads its
+defaults from here.
 """
 
 from __future__ import annotations
@@ -64,17 +67,17 @@ class OutagePeerTags(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class MirrorOptions:
+class MirrorConfig:
     """Knobs of mirror mode; defaults follow Spegel where it has one."""
 
     # TCP connect to one peer (Spegel bounds the whole request at 20 ms in Go).
-    resolve_timeout: float = 0.1
+    connect_timeout: float = 0.1
     # Response headers from a peer that accepted the connection. Measured: a Python
     # peer on a loaded 2-core node needs 22-43 ms to start four concurrent
     # responses, so 20-50 ms sent a third of the bytes upstream (benchmarks/RESULTS.md).
     first_byte_timeout: float = 0.5
     # Peers tried for one request (Spegel: 3).
-    resolve_retries: int = 3
+    peers_tried: int = 3
     # Blobs up to this size that the cache cannot hold are verified whole in memory
     # (counted against `memory_limit`) before the first byte is sent.
     verify_before_send_limit: int = 8 * 1024 * 1024
@@ -157,7 +160,7 @@ class MirrorOptions:
     def hedge_delay(self) -> float:
         """When the hedged request to the next candidate starts: half the connect bound,
         so a dead first peer costs no more than a live second one needs to connect."""
-        return self.resolve_timeout / 2
+        return self.connect_timeout / 2
 
     @property
     def cache_limit(self) -> int:

@@ -38,11 +38,11 @@ from prometheus_client import CollectorRegistry
 
 from meshmirror.mirror.cache import BlobCache
 from meshmirror.mirror.client import PeerClient, PeerResponse
-from meshmirror.mirror.errors import PeerFailure, SinkFailure
+from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure
 from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink, held_body
 from meshmirror.mirror.flight import BlobSource, Flight, Flights, Reader, State
 from meshmirror.mirror.metrics import MirrorMetrics, finished
-from meshmirror.mirror.options import MirrorOptions, PrivateImages
+from meshmirror.mirror.options import MirrorConfig, PrivateImages
 from meshmirror.mirror.rollout import FirstFound, PeersFallback, Rollout
 from meshmirror.mirror.tags import AskPeers, Refuse, TagPolicy, UseDigest, UseOwn
 from meshmirror.mirror.upstream_questions import CountedUpstream, UpstreamQuestions
@@ -55,11 +55,11 @@ from meshmirror.registry.app import NotServableError, stored_manifest
 from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
 from meshmirror.registry.requester import requester as client_address
-from meshmirror.routing.router import Router
+from meshmirror.routing.ranking import PeerRanking
 from meshmirror.routing.vouches import VouchBook
 from meshmirror.store.base import NotFoundError, Store
 
-logger = logging.getLogger("meshmirror.mirror")
+log = logging.getLogger(__name__)
 
 
 class PeerMirror:
@@ -75,10 +75,10 @@ class PeerMirror:
 
     def __init__(
         self,
-        router: Router,
+        router: PeerRanking,
         session: aiohttp.ClientSession,
         *,
-        options: MirrorOptions | None = None,
+        options: MirrorConfig | None = None,
         metrics: MirrorMetrics | None = None,
         upstream: UpstreamQuestions | None = None,
         mesh_encrypted: bool = False,
@@ -92,7 +92,7 @@ class PeerMirror:
         self._pace = pace
         self._router = router
         self._rollout = rollout
-        self._options = options or MirrorOptions()
+        self._options = options or MirrorConfig()
         self._metrics = metrics or MirrorMetrics(CollectorRegistry())
         self._clock = clock
         asked = CountedUpstream(upstream, self._metrics) if upstream is not None else None
@@ -164,7 +164,7 @@ class PeerMirror:
             return Miss(MissReason.FILTERED)
         decision = await self.tags.decide(registry, repository, reference)
         if isinstance(decision, Refuse):
-            logger.debug("tag %s not resolved: %s", key, decision.reason.value)
+            log.debug("tag %s not resolved: %s", key, decision.reason.value)
             self._count(registry, "manifest", "refused", path, started)
             self._resolved(registry, "none")
             return Miss(decision.reason)
@@ -243,7 +243,7 @@ class PeerMirror:
         except NotFoundError:
             return Miss(MissReason.NO_PEER, "not in this node's store")
         except NotServableError as err:
-            logger.info("stored manifest %s not servable: %s", digest, err)
+            log.info("stored manifest %s not servable: %s", digest, err)
             return Miss(MissReason.NO_PEER, "stored manifest not servable")
         body = held_body(data, self._options.send_size) if data is not None else None
         return FallbackContent(info.digest, info.size, media_type, body)
@@ -253,7 +253,7 @@ class PeerMirror:
                               count_miss: bool = True) -> FallbackContent | Miss:
         """The first verified manifest from peers holding ``key``; HEAD is answered from a
         verified GET too: manifests are small, and a digest is only as good as its body."""
-        candidates = self._router.candidates(key, limit=self._options.resolve_retries)
+        candidates = self._router.candidates(key, limit=self._options.peers_tried)
         opener = self.client.open_hedged(
             candidates, peer_path, registry, headers={"Accept": CONTAINERD_ACCEPT}
         )
@@ -287,9 +287,9 @@ class PeerMirror:
             try:
                 expected = Digest.parse(announced)
             except DigestError as err:
-                raise PeerFailure("bad_digest_header", announced[:80]) from err
+                raise PeerFailure(FailureReason.BAD_DIGEST_HEADER, announced[:80]) from err
         if Digest.of(data, expected.algorithm) != expected:
-            raise PeerFailure("digest_mismatch", f"manifest {expected}")
+            raise PeerFailure(FailureReason.DIGEST_MISMATCH, f"manifest {expected}")
         return FallbackContent(expected, len(data), media_type or None,
                                held_body(data, self._options.send_size))
 
@@ -448,7 +448,7 @@ class PeerMirror:
                     await budget.take(size)
             except TimeoutError:
                 fetch.close()
-                logger.warning("no memory to hold a %d-byte blob within %g s; answering 404",
+                log.warning("no memory to hold a %d-byte blob within %g s; answering 404",
                                size, self._options.deadline)
                 self._count_blob(record, "error")
                 return Miss(MissReason.BUSY, "memory budget")
@@ -483,7 +483,7 @@ class PeerMirror:
                             else MissReason.PEERS_FAILED)
         except SinkFailure as err:
             fetch.close()
-            logger.warning("could not hold a blob until verified (%s); answering 404", err)
+            log.warning("could not hold a blob until verified (%s); answering 404", err)
             miss = Miss(MissReason.BUSY, str(err))
         self._count_blob(record, "error" if miss else "hit")
         return miss

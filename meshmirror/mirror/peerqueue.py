@@ -22,7 +22,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-from meshmirror.mirror.errors import PeerFailure
+from meshmirror.mirror.errors import FailureReason, PeerFailure
 
 
 class PeerQueue:
@@ -56,7 +56,8 @@ class PeerQueue:
                 if done:
                     return
                 if self._clock() - self._freed_at >= self._stalled_after:
-                    raise PeerFailure("queue_stalled", f"no request to {self.name} finished "
+                    raise PeerFailure(FailureReason.QUEUE_STALLED,
+                                      f"no request to {self.name} finished "
                                       f"for {self._stalled_after:g} s")
         except BaseException:
             if waiter.done() and not waiter.cancelled():

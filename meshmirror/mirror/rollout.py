@@ -56,12 +56,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshmirror.mirror.client import PeerClient, PeerResponse
-from meshmirror.mirror.errors import PeerFailure, SinkFailure
+from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure
 from meshmirror.mirror.fetch import Sink, held_body
 from meshmirror.mirror.flight import BlobSource, Flights, RangeSink, StreamSource
 from meshmirror.mirror.marker import TREE_HEADER
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, RepositoryAccess
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
@@ -69,7 +69,8 @@ from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
 from meshmirror.registry.requester import requester as client_address
 from meshmirror.routing.owner import MIN_STRIPE, FanoutTree, stripe_count, stripe_range
-from meshmirror.routing.router import Peer, Router
+from meshmirror.routing.ranking import PeerRanking
+from meshmirror.routing.router import Peer
 from meshmirror.upstream.blobs import (
     FetchedManifest,
     UpstreamBody,
@@ -78,7 +79,7 @@ from meshmirror.upstream.blobs import (
 )
 from meshmirror.upstream.results import AuthRequired, NotFound, Unreachable
 
-logger = logging.getLogger("meshmirror.mirror.rollout")
+log = logging.getLogger(__name__)
 
 _TREE_HEADER_BYTES = TREE_HEADER.lower().encode()
 _MAX_NAME = 256
@@ -158,8 +159,8 @@ class Rollout:
     node takes part as ``name``.
     """
 
-    def __init__(self, name: str, router: Router, session: aiohttp.ClientSession,
-                 content: UpstreamContent, options: MirrorOptions, metrics: RolloutMetrics,
+    def __init__(self, name: str, router: PeerRanking, session: aiohttp.ClientSession,
+                 content: UpstreamContent, options: MirrorConfig, metrics: RolloutMetrics,
                  mirror_metrics: MirrorMetrics) -> None:
         self.name = name
         self.fanout = options.rollout_fanout
@@ -276,7 +277,7 @@ class Rollout:
                   else "auth_required" if isinstance(opened, AuthRequired) else "failed")
         self.metrics.upstream_fetches.labels(result).inc()
         if isinstance(opened, Unreachable | AuthRequired):
-            logger.info("upstream fetch of %s failed: %s", digest, opened)
+            log.info("upstream fetch of %s failed: %s", digest, opened)
         return None
 
     def upstream_bytes(self, n: int) -> None:
@@ -331,7 +332,7 @@ class Rollout:
                 peer, path, registry, headers={TREE_HEADER: self.name,
                                                "Accept": CONTAINERD_ACCEPT})
         except PeerFailure as failure:
-            logger.info("owner %s had no manifest %s: %s", peer.name, digest, failure)
+            log.info("owner %s had no manifest %s: %s", peer.name, digest, failure)
             return None
         try:
             media_type = opened.response.headers.get("Content-Type", "").split(";")[0].strip()
@@ -350,7 +351,7 @@ class NoRanges(PeerFailure):
     stripes cannot be fetched from it (see `TreeSource`)."""
 
     def __init__(self) -> None:
-        super().__init__("no_ranges", "the upstream ignores Range")
+        super().__init__(FailureReason.NO_RANGES, "the upstream ignores Range")
 
 
 class TreeStream:
@@ -421,7 +422,7 @@ class TreeStream:
         if (self._peer is None and self._upstream is None) or self._position != offset:
             self.close()
             if self._late() or await self._connect(offset) is None:
-                raise PeerFailure("exhausted", f"no source left at byte {offset}")
+                raise PeerFailure(FailureReason.EXHAUSTED, f"no source left at byte {offset}")
         if self._upstream is not None:
             async for chunk in self._from_upstream(self._upstream):
                 yield chunk
@@ -432,11 +433,12 @@ class TreeStream:
         while self._position < self.end:
             try:
                 if self._late():
-                    raise PeerFailure("deadline", f"past the deadline at byte {self._position}")
+                    raise PeerFailure(FailureReason.DEADLINE,
+                                      f"past the deadline at byte {self._position}")
                 chunk = await client.read_chunk(opened, min(self._rollout._chunk,
                                                             self.end - self._position))
                 if not chunk:
-                    raise PeerFailure("broken", "body ended")
+                    raise PeerFailure(FailureReason.BROKEN, "body ended")
             except PeerFailure as failure:
                 self._parent_failed(opened.peer, failure)
                 raise
@@ -451,7 +453,7 @@ class TreeStream:
             async for chunk in body.chunks():
                 if self._late():
                     self.close()
-                    raise PeerFailure("deadline", f"upstream past the deadline at "
+                    raise PeerFailure(FailureReason.DEADLINE, f"upstream past the deadline at "
                                                   f"byte {self._position}")
                 chunk = chunk[:end - self._position]
                 self._position += len(chunk)
@@ -461,12 +463,12 @@ class TreeStream:
                     break
         except UpstreamStall as stall:
             self.close()
-            raise PeerFailure("broken", f"upstream {stall}") from stall
+            raise PeerFailure(FailureReason.BROKEN, f"upstream {stall}") from stall
         self._rollout.metrics.upstream_fetches.labels("completed").inc()
         self.close()
 
     def _parent_failed(self, peer: Peer, failure: PeerFailure) -> None:
-        logger.info("%s: tree parent %s failed at byte %d: %s", self._digest, peer.name,
+        log.info("%s: tree parent %s failed at byte %d: %s", self._digest, peer.name,
                     self._position, failure)
         self._failed.add(peer.name)
         self.close()
@@ -509,7 +511,7 @@ class TreeStream:
                     end=self._span[1] if self._span is not None else None,
                     headers={TREE_HEADER: rollout.name})
             except PeerFailure as failure:
-                logger.info("%s: tree parent %s refused: %s", self._digest, peer.name, failure)
+                log.info("%s: tree parent %s refused: %s", self._digest, peer.name, failure)
                 self._failed.add(peer.name)
                 continue
             size = _size_of(opened)
@@ -603,10 +605,10 @@ class TreeSource:
             if (failed := group.subgroup(SinkFailure)) is not None:
                 raise failed.exceptions[0] from group
             if group.subgroup(NoRanges) is None:
-                logger.info("%s: a stripe gave up: %s", self._digest, group.exceptions[0])
+                log.info("%s: a stripe gave up: %s", self._digest, group.exceptions[0])
                 return False
             self._rollout.no_ranges.add(self._args[0])
-        logger.info("%s: the upstream ignores Range; the whole blob through one tree",
+        log.info("%s: the upstream ignores Range; the whole blob through one tree",
                     self._digest)
         self.close()
         self._bounds = []
@@ -641,13 +643,15 @@ class TreeSource:
                     position += len(chunk)
                     progress.set()
                 if position < end:
-                    raise PeerFailure("broken", f"stripe {index} ended at byte {position}")
+                    raise PeerFailure(FailureReason.BROKEN,
+                                      f"stripe {index} ended at byte {position}")
             except NoRanges:
                 raise
             except PeerFailure as failure:
                 breaks += 1
                 if breaks > 16:
-                    raise PeerFailure("exhausted", f"stripe {index}: {failure}") from failure
+                    raise PeerFailure(FailureReason.EXHAUSTED,
+                                      f"stripe {index}: {failure}") from failure
 
     async def _hash(self, sink: RangeSink, progress: asyncio.Event) -> bool:
         """Hash the blob in order as its prefix fills: verified soon after the last byte."""
@@ -662,7 +666,7 @@ class TreeSource:
             data = await asyncio.to_thread(sink.read_at, position,
                                            min(upto - position, _HASH_PIECE))
             if not data:
-                raise PeerFailure("broken", f"cache file short at byte {position}")
+                raise PeerFailure(FailureReason.BROKEN, f"cache file short at byte {position}")
             hasher.update(data)
             position += len(data)
         return hasher.hexdigest() == self._digest.hex
@@ -771,7 +775,7 @@ class PeersFallback:
     """
 
     def __init__(self, flights: Flights, rollout: Rollout, access: RepositoryAccess,
-                 options: MirrorOptions,
+                 options: MirrorConfig,
                  source: Callable[[str, str, Digest], BlobSource],
                  mirrors: Callable[[str], bool]) -> None:
         """``mirrors``: whether this node answers for a registry (`PeerMirror`'s rule)."""

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from meshmirror.mirror.options import (
-    MirrorOptions,
+    MirrorConfig,
     OutagePeerTags,
     PrivateImages,
     TagResolution,
@@ -72,7 +72,7 @@ TagDecision = UseDigest | UseOwn | AskPeers | Refuse
 class TagPolicy:
     """Turns ``--resolve-tags`` and the upstream's answer into a `TagDecision`."""
 
-    def __init__(self, upstream: UpstreamQuestions | None, options: MirrorOptions,
+    def __init__(self, upstream: UpstreamQuestions | None, options: MirrorConfig,
                  access: RepositoryAccess, *, mesh_encrypted: bool,
                  own_tags: OwnTags | None = None) -> None:
         self._upstream = upstream

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshmirror.mirror.options import (
-    MirrorOptions,
+    MirrorConfig,
     OutagePeerTags,
     PrivateImages,
     UnknownVisibility,
@@ -119,7 +119,7 @@ class VisibilityCache:
     failure.
     """
 
-    def __init__(self, options: MirrorOptions, clock: Callable[[], float],
+    def __init__(self, options: MirrorConfig, clock: Callable[[], float],
                  path: Path | None = None,
                  wall_clock: Callable[[], float] = time.time, *,
                  save_interval: float = SAVE_INTERVAL,
@@ -356,7 +356,7 @@ class RepositoryAccess:
     counts each such decision: own_verdict, vouch, vouch_not_trusted or policy.
     """
 
-    def __init__(self, upstream: UpstreamQuestions | None, options: MirrorOptions,
+    def __init__(self, upstream: UpstreamQuestions | None, options: MirrorConfig,
                  clock: Callable[[], float] = time.monotonic, *,
                  vouches: VouchBook | None = None, trust_vouches: bool = False,
                  on_outage: Callable[[str], None] | None = None,

@@ -84,7 +84,7 @@ _BLOB_CACHE_CONTROL: Final = "max-age=31536000"
 
 
 @dataclass(frozen=True, slots=True)
-class RegistryOptions:
+class RegistryConfig:
     default_registry: str = DOCKER_HUB
     # False: a tag is never answered from the store, whose record may be stale, but
     # by the fallback (which asks the upstream what the tag means now).
@@ -220,7 +220,7 @@ async def _disconnected(receive: Receive) -> None:
 class RegistryApp:
     """Request handlers bound to one store, fallback and set of options."""
 
-    def __init__(self, store: Store, options: RegistryOptions, fallback: Fallback | None,
+    def __init__(self, store: Store, options: RegistryConfig, fallback: Fallback | None,
                  logger: logging.Logger) -> None:
         self.store = store
         self.options = options
@@ -391,14 +391,21 @@ class RegistryApp:
         except RegistryError as err:
             malformed, spec = err, None
         try:
+            return await self._local_blob(request, digest, spec, head, malformed)
+        except _Miss:
+            return await self._fallback_blob(request, registry, path, digest, spec, head,
+                                               malformed)
+
+    async def _local_blob(self, request: Request, digest: Digest, spec: RangeSpec | None,
+                          head: bool, malformed: RegistryError | None) -> Response:
+        """The blob from the local store, or `_Miss`: absent, or a store that fails."""
+        try:
             info = await self.store.stat(digest)
-        except NotFoundError:
-            return await self._fallback_blob(request, registry, path, digest, spec, head,
-                                               malformed)
-        except Exception:
+        except NotFoundError as err:
+            raise _Miss(str(err)) from err
+        except Exception as err:
             self.logger.warning("store failed a blob stat; treating it as a miss", exc_info=True)
-            return await self._fallback_blob(request, registry, path, digest, spec, head,
-                                               malformed)
+            raise _Miss(str(err)) from err
         if malformed is not None:
             malformed.headers["Content-Range"] = f"bytes */{info.size}"
             raise malformed
@@ -408,11 +415,7 @@ class RegistryApp:
             request.scope[SCOPE_SOURCE] = "local"
             return Response(b"", headers=headers)
         offset, length = (0, info.size) if selected is None else (selected.offset, selected.length)
-        try:
-            first, body = await self._open_local(digest, offset, length)
-        except _Miss:
-            return await self._fallback_blob(request, registry, path, digest, spec, head,
-                                               malformed)
+        first, body = await self._open_local(digest, offset, length)
         request.scope[SCOPE_SOURCE] = "local"
         status = 200 if selected is None else 206
         return _BodyResponse(first, body, status_code=status, headers=headers)
@@ -489,7 +492,7 @@ class _AnyMethod:
         await response(scope, receive, send)
 
 
-def create_app(store: Store, *, options: RegistryOptions | None = None,
+def create_app(store: Store, *, options: RegistryConfig | None = None,
                fallback: Fallback | None = None, metrics: RegistryMetrics | None = None,
                logger: logging.Logger | None = None,
                extra_routes: Sequence[BaseRoute] = ()) -> ASGIApp:
@@ -498,7 +501,7 @@ def create_app(store: Store, *, options: RegistryOptions | None = None,
     The access log wraps the whole Starlette app so even its own 404s and 500s
     are logged with their final status.
     """
-    handlers = RegistryApp(store, options or RegistryOptions(), fallback,
+    handlers = RegistryApp(store, options or RegistryConfig(), fallback,
                            logger or logging.getLogger("meshmirror.registry"))
     routes: list[BaseRoute] = [
         Route("/healthz", handlers.healthz, methods=["GET", "HEAD"]),

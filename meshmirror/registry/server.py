@@ -64,13 +64,19 @@ from meshmirror.registry.serveroptions import (
     BACKLOG,
     ZERO_COPY_SEND,
     SendAborted,
-    ServerOptions,
+    ServerConfig,
 )
 
-__all__ = ["ServerMetrics", "ServerOptions", "bind_listener", "connection_cap",
-           "listener_address", "serve"]
+__all__ = [
+    "ServerConfig",
+    "ServerMetrics",
+    "bind_listener",
+    "connection_cap",
+    "listener_address",
+    "serve",
+]
 
-log = logging.getLogger("meshmirror.server")
+log = logging.getLogger(__name__)
 
 # One summary line per this many seconds at most, whatever clients do.
 _SUMMARY_INTERVAL: Final = 10.0
@@ -268,7 +274,7 @@ class _Connection(TCPServer):
     """Hypercorn's connection with bounded sends and no keep-alive wait after the client
     has gone; see the module docstring."""
 
-    def __init__(self, app: ASGIApp, config: Config, *args: Any, options: ServerOptions,
+    def __init__(self, app: ASGIApp, config: Config, *args: Any, options: ServerConfig,
                  limiter: _Limiter, summary: _Summary) -> None:
         super().__init__(wrap_app(self._app, config.wsgi_max_body_size,  # type: ignore[arg-type]
                                   "asgi"),
@@ -514,7 +520,7 @@ def _read_ahead(conn: socket.socket) -> bytes | None:
     return b"".join(chunks)
 
 
-def _config(options: ServerOptions) -> Config:
+def _config(options: ServerConfig) -> Config:
     config = Config()
     config.accesslog = None  # the app logs each request itself, as JSON
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -525,7 +531,7 @@ def _config(options: ServerOptions) -> Config:
 
 
 async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
-                options: ServerOptions | None = None, *, name: str = "registry",
+                options: ServerConfig | None = None, *, name: str = "registry",
                 metrics: ServerMetrics | None = None) -> None:
     """Serve until ``shutdown`` is set, then drain for at most ``graceful_timeout``.
 
@@ -533,7 +539,7 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
     be used by the caller afterwards. The app gets no lifespan events: the node
     starts and stops what the app uses.
     """
-    options = options or ServerOptions()
+    options = options or ServerConfig()
     loop = asyncio.get_running_loop()
     config = _config(options)
     context = WorkerContext(None)

@@ -34,7 +34,7 @@ class SendAborted(OSError):
 
 
 @dataclass(frozen=True, slots=True)
-class ServerOptions:
+class ServerConfig:
     graceful_timeout: float = 5.0
     # Longer than containerd's idle timeout, to reuse connections; under pressure
     # (see `idle_timeout_under_pressure`) an idle connection goes much sooner.

@@ -37,11 +37,11 @@ Ranking (``_Health``): the rest whose filter matches, ordered by
   5. ties broken at random, so equal peers share load.
 A peer with no history yet ranks as fast, so new peers get tried.
 
-The `PeerDirectory` installs peers' summaries; the mirror asks ``candidates``,
-brackets each peer request with ``begin``/``end`` (in-flight accounting, which
-ranking step 3 reads), reports every outcome with ``report`` (a 404's time
-counts like a success's) and calls ``trip`` on a peer that stalled, timed out
-or sent bytes that failed verification.
+The `PeerDirectory` installs peers' summaries; the mirror sees a router only as
+a `PeerRanking` (routing/ranking.py): it asks ``candidates``, brackets each peer
+request with ``begin``/``end`` (in-flight accounting, which ranking step 3
+reads) and tells every request's ``outcome`` (a 404's time counts like a
+success's), which becomes a ``report`` or a ``trip`` here.
 
 All methods are synchronous and not thread-safe: call them from the registry's
 event loop.
@@ -62,6 +62,7 @@ import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Histogram
 
 from meshmirror.routing.bloom import MASK, MAX_K, key_hashes, reduce_sums
+from meshmirror.routing.ranking import Outcome
 from meshmirror.routing.summary import Summary, SummaryDelta
 
 IntArray = npt.NDArray[np.int64]
@@ -333,6 +334,15 @@ class Router(abc.ABC):
         """Outcome of one request: ``ok`` False for errors and bad bytes (penalised),
         ``false_positive`` for a 404 on a key the filter matched (not an error)."""
         self._health.report(peer_name, ok, latency_s, false_positive)
+
+    def outcome(self, peer_name: str, outcome: Outcome, latency_s: float = 0.0) -> None:
+        """`PeerRanking.outcome`: what one request's end means for the peer's rank."""
+        if outcome is Outcome.UNFIT or (
+                outcome is Outcome.TIMEOUT and self.failures_in_a_row(peer_name)):
+            self.trip(peer_name)
+        else:
+            self.report(peer_name, ok=outcome is Outcome.OK, latency_s=latency_s,
+                        false_positive=outcome is Outcome.FALSE_POSITIVE)
 
     def penalise(self, peer_name: str, cooldown_s: float = 30.0) -> None:
         """Push a peer down for ``cooldown_s``, below every healthy one."""

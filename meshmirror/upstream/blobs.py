@@ -31,10 +31,10 @@ from meshmirror.oci.digest import Digest
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 from meshmirror.oci.reference import validate_repository
 from meshmirror.upstream.client import (
-    _BREAKER_FAILURES,
+    BREAKER_FAILURES,
     UpstreamClient,
-    _status_failure,
-    _transport_failure,
+    status_failure,
+    transport_failure,
 )
 from meshmirror.upstream.endpoints import EndpointError
 from meshmirror.upstream.results import AuthRequired, FailureKind, NotFound, Unreachable
@@ -218,7 +218,7 @@ class UpstreamContent:
             # A manifest by a digest a client chose (a layer's, say) gets a 5xx from
             # some registries: the request's shape, not an outage.
             result = await self._client.shape_or_outage(registry, base, result)
-        if isinstance(result, Unreachable) and result.kind in _BREAKER_FAILURES:
+        if isinstance(result, Unreachable) and result.kind in BREAKER_FAILURES:
             breaker.record_failure(f"{result.kind.value}: {result.reason}")
         else:
             breaker.record_success()
@@ -254,7 +254,7 @@ class UpstreamContent:
                 return AuthRequired(f"{url}: {status} to an anonymous client")
             if status == 404:
                 return NotFound()
-            return _status_failure(status, url)
+            return status_failure(status, url)
         return AuthRequired(f"{url}: refused every anonymous token")
 
     async def _get(self, url: str, headers: dict[str, str],
@@ -266,7 +266,7 @@ class UpstreamContent:
             return await self._client.open_content(url, sent, stall_timeout=self.stall_timeout,
                                                    max_redirects=_MAX_REDIRECTS)
         except aiohttp.ClientError as err:
-            return _transport_failure(err, url)
+            return transport_failure(err, url)
 
 
 def _extent(response: aiohttp.ClientResponse, offset: int) -> tuple[int, int]:

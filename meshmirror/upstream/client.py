@@ -69,17 +69,6 @@ DEFAULT_CONNECT_TIMEOUT = 1.0
 DEFAULT_TOTAL_TIMEOUT = 3.0
 DEFAULT_FAILURE_THRESHOLD = 3
 DEFAULT_COOLDOWN = 30.0
-# How long a tag's answer (a digest, "no such tag", "credentials required") is
-# reused: a burst of pulls of one tag costs one question, and a tag moved upstream
-# is seen within seconds, about as soon as containerd's own resolver would see it.
-DEFAULT_TAG_TTL = 3.0
-# New questions per second per client address, and the burst a client may ask at
-# once: containerd is one client, and a node starting 50 pods asks about as many.
-DEFAULT_CLIENT_RATE = 5.0
-DEFAULT_CLIENT_BURST = 100
-# Registries whose breakers are kept (the least recently asked forgotten); with a _default
-# hosts.toml every ?ns= is mirrored, so a client could otherwise invent registries.
-DEFAULT_MAX_REGISTRIES = 64
 _MAX_CACHED_TAGS = 4096
 # How long a registry whose /v2/ answered is taken to be up, when a manifest HEAD
 # gets a 5xx: that 5xx is the request's shape, not an outage (see `_shape_or_outage`).
@@ -88,7 +77,7 @@ _MAX_REDIRECTS = 3
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_MEDIA_TYPE = 255
 # Outcomes that say the upstream is down or overloaded, as opposed to answering.
-_BREAKER_FAILURES = frozenset({FailureKind.CONNECTION, FailureKind.TIMEOUT, FailureKind.TLS,
+BREAKER_FAILURES = frozenset({FailureKind.CONNECTION, FailureKind.TIMEOUT, FailureKind.TLS,
                                FailureKind.SERVER_ERROR, FailureKind.RATE_LIMITED})
 
 
@@ -116,7 +105,7 @@ def _next_hop(target: URL, location: str, headers: dict[str, str]) -> URL:
     return following
 
 
-def _status_failure(status: int, what: str) -> Unreachable:
+def status_failure(status: int, what: str) -> Unreachable:
     """A status that is neither an answer nor an auth decision."""
     if status == 429:
         return Unreachable(FailureKind.RATE_LIMITED, f"{what} answered 429 Too Many Requests")
@@ -125,7 +114,7 @@ def _status_failure(status: int, what: str) -> Unreachable:
     return Unreachable(FailureKind.PROTOCOL, f"{what} answered unexpected status {status}")
 
 
-def _transport_failure(err: aiohttp.ClientError | ForbiddenAddress | _RedirectError,
+def transport_failure(err: aiohttp.ClientError | ForbiddenAddress | _RedirectError,
                        what: str) -> Unreachable:
     if isinstance(err, ForbiddenAddress):
         return Unreachable(FailureKind.FORBIDDEN, f"{what}: {err}")
@@ -187,7 +176,7 @@ class UpstreamClient:
     environment (``.netrc`` would add credentials; proxies come from ``proxies``,
     read with Go's rules), and a resolver that refuses forbidden addresses
     (``guard``). ``tag_ttl`` 0, no ``limiter`` and no ``max_registries`` turn
-    those bounds off (tests); ``UpstreamOptions`` sets them for a node.
+    those bounds off (tests); ``UpstreamConfig`` sets them for a node.
     """
 
     def __init__(
@@ -452,7 +441,7 @@ class UpstreamClient:
             raise
         finally:
             reset(permission)
-        if isinstance(result, Unreachable) and result.kind in _BREAKER_FAILURES:
+        if isinstance(result, Unreachable) and result.kind in BREAKER_FAILURES:
             breaker.record_failure(f"{result.kind.value}: {result.reason}")
         else:
             breaker.record_success()
@@ -525,7 +514,7 @@ class UpstreamClient:
             return NotFound()
         if reply.status == 403:
             return AuthRequired(f"{url}: 403 to an anonymous client")
-        return _status_failure(reply.status, url)
+        return status_failure(reply.status, url)
 
     @contextlib.asynccontextmanager
     async def _open(self, method: str, url: str,
@@ -560,7 +549,7 @@ class UpstreamClient:
             async with self._open(method, url, headers) as response:
                 return _Reply(response.status, response.headers)
         except (aiohttp.ClientError, ForbiddenAddress, _RedirectError) as err:
-            return _transport_failure(err, url)
+            return transport_failure(err, url)
 
     async def _head(self, url: str, token: str | None) -> _Reply | Unreachable:
         headers = {"Accept": mediatypes.CONTAINERD_ACCEPT}
@@ -600,12 +589,12 @@ class UpstreamClient:
                 if response.status in (401, 403):
                     return AuthRequired(f"{what} refused anonymous access ({response.status})")
                 if response.status != 200:
-                    return _status_failure(response.status, what)
+                    return status_failure(response.status, what)
                 if (response.content_length or 0) > MAX_TOKEN_RESPONSE:
                     raise TokenResponseError(
                         f"token response larger than {MAX_TOKEN_RESPONSE} bytes")
                 return parse_token_response(await _read_bounded(response, MAX_TOKEN_RESPONSE))
         except (aiohttp.ClientError, ForbiddenAddress, _RedirectError) as err:
-            return _transport_failure(err, what)
+            return transport_failure(err, what)
         except TokenResponseError as err:
             return Unreachable(FailureKind.PROTOCOL, f"{what}: {err}")

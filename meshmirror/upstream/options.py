@@ -2,28 +2,26 @@
 
 Set by ``meshmirror run``'s ``--upstream-*`` flags and
 ``--containerd-registry-config-path``; the command line reads its defaults here.
+Every CLI command imports this module, so it imports no I/O library: the client
+(aiohttp) is imported only when one is made.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from meshmirror.upstream.client import (
-    DEFAULT_CLIENT_BURST,
-    DEFAULT_CLIENT_RATE,
-    DEFAULT_MAX_REGISTRIES,
-    DEFAULT_TAG_TTL,
-    UpstreamClient,
-)
 from meshmirror.upstream.endpoints import UpstreamEndpoints
-from meshmirror.upstream.guard import AddressGuard
 from meshmirror.upstream.limits import ClientRateLimiter
 from meshmirror.upstream.proxy import ProxySettings
 
+if TYPE_CHECKING:
+    from meshmirror.upstream.client import UpstreamClient
+
 
 @dataclass(frozen=True, slots=True)
-class UpstreamOptions:
+class UpstreamConfig:
     """Knobs of the anonymous upstream client.
 
     ``timeout`` bounds a whole answer (challenge, token and HEAD together) and is
@@ -40,13 +38,18 @@ class UpstreamOptions:
     # a registry's hosts.toml ``server`` is asked instead of the registry's own name,
     # exactly as containerd would. None: every registry is asked at its own name.
     registry_config_path: Path | None = None
-    # Seconds a tag's upstream answer (found, absent or private) is reused.
-    tag_ttl: float = DEFAULT_TAG_TTL
-    # New upstream questions per second per client address, and the burst allowed.
-    client_rate: float = DEFAULT_CLIENT_RATE
-    client_burst: int = DEFAULT_CLIENT_BURST
-    # Distinct registries asked at most.
-    max_registries: int = DEFAULT_MAX_REGISTRIES
+    # Seconds a tag's upstream answer (found, absent or private) is reused: a burst of
+    # pulls of one tag costs one question, and a tag moved upstream is seen within
+    # seconds, about as soon as containerd's own resolver would see it.
+    tag_ttl: float = 3.0
+    # New upstream questions per second per client address, and the burst allowed:
+    # containerd is one client, and a node starting 50 pods asks about as many.
+    client_rate: float = 5.0
+    client_burst: int = 100
+    # Distinct registries asked at most (their breakers kept, the least recently asked
+    # forgotten): with a _default hosts.toml every ?ns= is mirrored, so a client could
+    # otherwise invent registries.
+    max_registries: int = 64
     # Private or loopback hosts (names, addresses, CIDRs) a token realm or redirect
     # may lead to besides the registry's own host.
     allow_hosts: tuple[str, ...] = ()
@@ -59,6 +62,9 @@ class UpstreamOptions:
 
     def client(self) -> UpstreamClient:
         """A client with these settings; the caller closes it."""
+        from meshmirror.upstream.client import UpstreamClient
+        from meshmirror.upstream.guard import AddressGuard
+
         return UpstreamClient(
             UpstreamEndpoints(self.registry_config_path, mirror_urls=self.mirror_urls),
             connect_timeout=self.connect_timeout, total_timeout=self.timeout,

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client import CollectorRegistry
 
+from meshmirror.routing.ranking import Outcome, PeerRanking
 from meshmirror.routing.router import Peer, Router
 
 
@@ -287,3 +288,24 @@ class RouterConformance:
         h.clock.advance(600)
         h.router.begin(honest.name)
         assert h.router.candidates(key("s"), 2) == [liar, honest]
+
+    def test_outcomes_decide_rank_and_circuit_behind_the_interface(
+            self, harness: RouterHarness) -> None:
+        h = harness
+        ranking: PeerRanking = h.router  # what the mirror sees
+        a, b, c = self._many(h, 3, key("s"))
+        ranking.outcome(a.name, Outcome.FALSE_POSITIVE, 0.001)
+        assert not h.router.circuit_open(a.name) and h.router.failures_in_a_row(a.name) == 0
+        ranking.outcome(b.name, Outcome.TIMEOUT, 0.5)  # once: an error, not a trip
+        assert not h.router.circuit_open(b.name)
+        assert ranking.candidates(key("s"), 3)[-1] == b  # pushed below the healthy ones
+        ranking.outcome(b.name, Outcome.TIMEOUT, 0.5)  # again with no success between
+        assert h.router.circuit_open(b.name)
+        ranking.outcome(c.name, Outcome.UNFIT, 0.1)
+        assert h.router.circuit_open(c.name)
+        assert ranking.candidates(key("s"), 3) == [a]
+        h.clock.advance(5.5)
+        ranking.outcome(c.name, Outcome.OK, 0.001)
+        assert not h.router.circuit_open(c.name)
+        ranking.outcome(c.name, Outcome.ERROR, 0.001)
+        assert not h.router.circuit_open(c.name) and h.router.failures_in_a_row(c.name) == 1

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,6 +312,24 @@ class E2ENode:
         algorithm, _, hex_ = digest.partition(":")
         return self.containerd.content_path / "blobs" / algorithm / hex_
 
+    def corrupt_blob(self, digest: str) -> Callable[[], None]:
+        """Flip one byte in the middle of the blob file meshmirror serves from (a peer
+        whose bytes fail verification); returns what puts the byte back."""
+        path = self.blob_path(digest)
+        offset = path.stat().st_size // 2
+        with path.open("r+b") as f:
+            f.seek(offset)
+            original = f.read(1)
+            f.seek(offset)
+            f.write(bytes([original[0] ^ 0xFF]))
+
+        def restore() -> None:
+            with path.open("r+b") as f:
+                f.seek(offset)
+                f.write(original)
+
+        return restore
+
     def blob_sha256(self, digest: str) -> str:
         """Hash what containerd stored (the file, read as containerd would serve it)."""
         h = hashlib.sha256()
@@ -380,16 +398,6 @@ def wait_mesh(nodes: Sequence[E2ENode], timeout: float = 30.0) -> None:
         return True
 
     wait_until(converged, timeout, f"{len(running)} nodes to see each other alive", 0.1)
-
-
-def push_image(layout: Path, tag: str, registry_address: str, repository: str) -> None:
-    """skopeo copies the OCI layout to the registry, digests preserved."""
-    done = subprocess.run(
-        ["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", "--preserve-digests",
-         f"oci:{layout}:{tag}", f"docker://{registry_address}/{repository}:{tag}"],
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise RuntimeError(f"skopeo copy failed: {done.stderr.strip()}")
 
 
 def image_bytes(image: BuiltImage) -> int:

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import E2ENode, image_bytes, metric, push_image, wait_mesh
+from tests.e2e.cluster import E2ENode, image_bytes, metric, wait_mesh
 from tests.support.distribution import DistributionRegistry
 from tests.support.proxy import CountingProxy
+from tests.support.skopeo import push_layout
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -42,7 +43,7 @@ def test_cluster_shares_one_upstream_copy(tmp_path: Path) -> None:
             CountingProxy(upstream.host, upstream.port) as proxy:
         layout = tmp_path / "layout"
         image = build_image(f"{proxy.address}/e2e/app:1", layout, layer_sizes=LAYERS, seed=51)
-        push_image(layout, "1", upstream.address, "e2e/app")
+        push_layout(layout, "1", upstream.address, "e2e/app")
         proxy.reset()
 
         nodes: list[E2ENode] = []

@@ -22,10 +22,11 @@ import grpc
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.e2e.cluster import E2ENode, metric, push_image, wait_mesh, wait_summary_known
+from tests.e2e.cluster import E2ENode, metric, wait_mesh, wait_summary_known
 from tests.support.containerd import versions_or_skip
 from tests.support.distribution import DistributionRegistry
 from tests.support.proxy import CountingProxy
+from tests.support.skopeo import push_layout
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -54,7 +55,7 @@ def test_cri_pull_through_a_peer_with_upstream_stopped(version: str, tmp_path: P
         layout = tmp_path / "layout"
         image = build_image(f"{proxy.address}/matrix/app:1", layout, layer_sizes=LAYERS,
                             seed=20)
-        push_image(layout, "1", upstream.address, "matrix/app")
+        push_layout(layout, "1", upstream.address, "matrix/app")
         nodes: list[E2ENode] = []
         try:
             first = E2ENode("node-1", containerd_version=version, cri=True).start()

@@ -24,17 +24,18 @@ import http.client
 import json
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import E2ENode, Metrics, PullResult, metric, push_image, wait_mesh
+from tests.e2e.cluster import E2ENode, Metrics, PullResult, metric, wait_mesh
 from tests.e2e.conftest import BIG_LAYER, MiB, Upstream
 from tests.support.processes import wait_until
 from tests.support.proxy import CountingProxy
+from tests.support.skopeo import push_layout
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -69,7 +70,7 @@ class Cluster:
     mid: BuiltImage  # in upstream and on nodes 1 and 3, for the all-peers-gone case
     slow_hosts: Path
     slow_proxy: CountingProxy
-    restore: list[tuple[Path, int, bytes]] = field(default_factory=list)
+    restore: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def nodes(self) -> list[E2ENode]:
@@ -77,10 +78,8 @@ class Cluster:
 
     def heal(self) -> None:
         """Every meshmirror running and in the mesh; corrupted blobs repaired."""
-        for path, offset, original in self.restore:
-            with path.open("r+b") as f:
-                f.seek(offset)
-                f.write(original)
+        for undo in self.restore:
+            undo()
         self.restore.clear()
         for node in self.nodes:
             if not node.meshmirror_running:
@@ -108,14 +107,7 @@ class Cluster:
 
     def corrupt(self, node: E2ENode, digest: str) -> None:
         """Flip one byte in the middle of the blob file meshmirror serves from."""
-        path = node.blob_path(digest)
-        offset = path.stat().st_size // 2
-        with path.open("r+b") as f:
-            f.seek(offset)
-            original = f.read(1)
-            f.seek(offset)
-            f.write(bytes([original[0] ^ 0xFF]))
-        self.restore.append((path, offset, original))
+        self.restore.append(node.corrupt_blob(digest))
 
 
 def _layer(image: BuiltImage, index: int = 0) -> str:
@@ -185,7 +177,7 @@ def cluster(upstream: Upstream, big_image: BuiltImage,
     mid = build_image(f"{upstream.address}/e2e/mid:1", base / "mid",
                       layer_sizes=(4 * MiB, 4 * MiB, 4 * MiB), seed=303,
                       archive=base / "mid.tar")
-    push_image(base / "mid", "1", upstream.registry.address, "e2e/mid")
+    push_layout(base / "mid", "1", upstream.registry.address, "e2e/mid")
     nodes: list[E2ENode] = []
     slow_proxy: CountingProxy | None = None
     try:

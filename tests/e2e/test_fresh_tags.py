@@ -19,18 +19,12 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import (
-    GOSSIP_KEY,
-    E2ENode,
-    metric,
-    push_image,
-    wait_mesh,
-    wait_summary_known,
-)
+from tests.e2e.cluster import GOSSIP_KEY, E2ENode, metric, wait_mesh, wait_summary_known
 from tests.support.distribution import DistributionRegistry
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop
 from tests.support.proxy import CountingProxy
+from tests.support.skopeo import push_layout
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -78,7 +72,7 @@ def test_fresh_tag_outage_and_forged_tag(tmp_path: Path) -> None:
         v2 = build_image(f"{registry}/fresh/app:latest", tmp_path / "v2", V2_LAYERS, seed=7)
         shared = {str(layer.digest) for layer in v1.platforms[0].layers}
         assert shared <= {str(layer.digest) for layer in v2.platforms[0].layers}
-        push_image(v1.layout, "latest", upstream.address, "fresh/app")
+        push_layout(v1.layout, "latest", upstream.address, "fresh/app")
 
         nodes: list[E2ENode] = []
         rogues: list[RunningNode] = []
@@ -108,7 +102,7 @@ def _scenario(nodes: list[E2ENode], rogues: list[RunningNode], v1: BuiltImage,
     assert node1.pull(v1.name).ok
     assert node1.image_digest(v1.name) == str(v1.digest)
 
-    push_image(v2.layout, "latest", upstream.address, "fresh/app")
+    push_layout(v2.layout, "latest", upstream.address, "fresh/app")
     wait_mesh(nodes)
     wait_summary_known(node1, [node2])  # node 2's router names node 1 for v1's layers
     before = proxy.bytes_to_clients

@@ -34,7 +34,7 @@ from meshmirror.oci.imagebuilder import build_image
 from tests.e2e.cluster import GOSSIP_KEY, metric, parse_metrics
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
-from tests.support.scripted_http import CountingBlackhole, refused_url
+from tests.support.scripted_http import Blackhole, refused_url
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -56,7 +56,7 @@ def _upstream(kind: str) -> Iterator[tuple[str, Callable[[], int | None]]]:
     """The down registry's ``host:port`` and a count of connections it accepted
     (None where the port is closed and nothing can be accepted)."""
     if kind == "blackhole":
-        with CountingBlackhole() as hole:
+        with Blackhole() as hole:
             yield hole.address, lambda: hole.accepted
     else:
         yield refused_url().removeprefix("http://"), lambda: None

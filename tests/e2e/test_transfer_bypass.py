@@ -25,10 +25,11 @@ import grpc
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.e2e.cluster import E2ENode, metric, push_image
+from tests.e2e.cluster import E2ENode, metric
 from tests.support.containerd import versions_or_skip
 from tests.support.distribution import DistributionRegistry
 from tests.support.proxy import CountingProxy
+from tests.support.skopeo import push_layout
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -63,7 +64,7 @@ def test_transfer_service_and_config_path(version: str, case: str, tmp_path: Pat
         layout = tmp_path / "layout"
         image = build_image(f"{proxy.address}/bypass/app:1", layout,
                             layer_sizes=(200_000,), seed=21)
-        push_image(layout, "1", upstream.address, "bypass/app")
+        push_layout(layout, "1", upstream.address, "bypass/app")
         node = E2ENode("node-1", containerd_version=version, cri=True,
                        extra_config_paths=() if case == SINGLE else (other,),
                        images_config=IMAGES_CONFIG.get(case, ""))

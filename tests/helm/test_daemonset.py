@@ -18,7 +18,7 @@ import pytest
 
 from meshmirror import cli, flags
 from meshmirror.containerd import hostsconfig
-from meshmirror.mirror.options import MirrorOptions, TagResolution
+from meshmirror.mirror.options import MirrorConfig, TagResolution
 from tests.helm import chart
 from tests.helm.cmdline import check_env_names, check_exact_flags, node_env, parse_container
 
@@ -409,5 +409,5 @@ def test_memory_limit_is_spegels_and_holds_the_mirrors_bounds(helm: Path) -> Non
     cont = chart.container(chart.render(), "meshmirror")
     limit = chart.quantity_value(cont["resources"]["limits"]["memory"])
     assert limit == 128 * 2**20
-    budget = MirrorOptions().memory_limit
+    budget = MirrorConfig().memory_limit
     assert limit >= budget + 96 * 2**20, "the process itself takes about 70 MiB at rest"

@@ -20,8 +20,8 @@ from starlette.routing import Route
 
 from meshmirror.registry import server as server_module
 from meshmirror.registry.server import (
+    ServerConfig,
     ServerMetrics,
-    ServerOptions,
     bind_listener,
     connection_cap,
     serve,
@@ -76,7 +76,7 @@ async def until(check: Callable[[], bool], seconds: float, what: str) -> None:
     raise AssertionError(f"not within {seconds} s: {what}")
 
 
-async def serving(options: ServerOptions,
+async def serving(options: ServerConfig,
                   body: Callable[[str, int, BodyApp], Awaitable[None]],
                   sndbuf: int | None = None) -> None:
     app = BodyApp()
@@ -106,7 +106,7 @@ async def test_a_response_nobody_reads_is_dropped_and_its_body_closed() -> None:
         finally:
             stalled.close()
 
-    await serving(ServerOptions(send_timeout=0.5), check)
+    await serving(ServerConfig(send_timeout=0.5), check)
 
 
 async def test_a_closed_connection_with_unsent_bytes_does_not_linger() -> None:
@@ -133,7 +133,7 @@ async def test_a_closed_connection_with_unsent_bytes_does_not_linger() -> None:
             for sock in clients:
                 sock.close()
 
-    await serving(ServerOptions(send_timeout=1.0, keep_alive_timeout=1.0), check,
+    await serving(ServerConfig(send_timeout=1.0, keep_alive_timeout=1.0), check,
                   sndbuf=SNDBUF)
 
 
@@ -154,7 +154,7 @@ async def test_a_slow_reader_that_keeps_reading_is_not_cut_off() -> None:
         finally:
             reader.close()
 
-    await serving(ServerOptions(send_timeout=1.5), check)
+    await serving(ServerConfig(send_timeout=1.5), check)
 
 
 async def test_connect_and_close_frees_the_descriptor_at_once() -> None:
@@ -172,7 +172,7 @@ async def test_connect_and_close_frees_the_descriptor_at_once() -> None:
         await until(lambda: open_fds(os.getpid()) <= baseline + 2, 20,
                     "every connection's descriptor to be closed")
 
-    await serving(ServerOptions(), check)
+    await serving(ServerConfig(), check)
 
 
 async def test_at_the_cap_new_clients_wait_and_idle_ones_go() -> None:
@@ -199,7 +199,7 @@ async def test_at_the_cap_new_clients_wait_and_idle_ones_go() -> None:
             for s in held:
                 s.close()
 
-    await serving(ServerOptions(max_connections=cap), check)
+    await serving(ServerConfig(max_connections=cap), check)
 
 
 def test_the_cap_is_held_to_half_the_open_file_limit() -> None:
@@ -212,11 +212,11 @@ async def test_client_events_are_one_line_per_interval(
         caplog: pytest.LogCaptureFixture) -> None:
     metrics = ServerMetrics(CollectorRegistry())
     summary = server_module._Summary("registry", metrics, interval=0.2)
-    with caplog.at_level(logging.INFO, logger="meshmirror.server"):
+    with caplog.at_level(logging.INFO, logger="meshmirror.registry.server"):
         for _ in range(10_000):
             summary.count("accept_failed", "EMFILE")
         await asyncio.sleep(0.5)
-    records = [r for r in caplog.records if r.name == "meshmirror.server"]
+    records = [r for r in caplog.records if r.name == "meshmirror.registry.server"]
     assert len(records) == 1 and not records[0].exc_info
     assert records[0].fields["accept_failed_EMFILE"] == 10_000  # type: ignore[attr-defined]
     assert metrics.events.labels("registry", "accept_failed")._value.get() == 10_000

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.oci.imagebuilder import build_image
 from tests.hostile.clients import closed_by_server, timed_get, unread_get
 from tests.reliability.test_burst import metric, proc_status
@@ -29,7 +29,7 @@ from tests.support.processes import stop, wait_until
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 MiB = 1024 * 1024
-IN_MEMORY_BOUND = MirrorOptions().verify_before_send_limit
+IN_MEMORY_BOUND = MirrorConfig().verify_before_send_limit
 SMALL, LARGE, HONEST = IN_MEMORY_BOUND - 2 * MiB, IN_MEMORY_BOUND + MiB, 64 * MiB
 HOSTILE = 200
 # Short, to keep the test short, but not so short that the honest client, descheduled

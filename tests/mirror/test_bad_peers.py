@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.oci.digest import Digest
 from meshmirror.registry.fallback import FallbackContent, Miss
@@ -66,7 +66,7 @@ def mirror_of(session: aiohttp.ClientSession, first: FakePeer, *rest: FakePeer,
     settings: dict[str, float | int] = {"verify_before_send_limit": 1 << 20,
                                         "chunk_size": 256 * 1024, "stall_timeout": 0.3}
     settings.update(options)
-    opts = MirrorOptions(**settings)  # type: ignore[arg-type]
+    opts = MirrorConfig(**settings)  # type: ignore[arg-type]
     return PeerMirror(router, session, options=opts, metrics=MirrorMetrics(registry)), \
         router, registry
 
@@ -155,7 +155,7 @@ async def test_a_404_is_ranked_with_the_time_it_took(
     liar = await peer(started, "liar", not_found=True, header_delay=0.045)
     honest = await peer(started, "honest")
     # No cache: each fetch must go to the peers for the ranking to show.
-    mirror, router, _ = mirror_of(session, liar, honest, resolve_timeout=0.2,
+    mirror, router, _ = mirror_of(session, liar, honest, connect_timeout=0.2,
                                   upstream_cache_limit=0)
     durations = []
     for _ in range(10):
@@ -184,7 +184,7 @@ async def test_a_burst_waits_in_the_peer_queue_instead_of_timing_out(
     # up to 0.9 s, far past the first-byte bound, which must not count the queue.
     busy = await peer(started, "busy", header_delay=0.15)
     mirror, router, registry = mirror_of(session, busy, peer_connections=2,
-                                         first_byte_timeout=0.3, resolve_timeout=0.2)
+                                         first_byte_timeout=0.3, connect_timeout=0.2)
     bodies = await asyncio.gather(*(fetch(mirror, SMALL_DIGEST) for _ in range(12)))
     assert bodies == [SMALL] * 12
     assert failures(registry, "timeout") == 0

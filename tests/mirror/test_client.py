@@ -15,7 +15,7 @@ from meshmirror.mirror.client import PeerClient
 from meshmirror.mirror.errors import PeerFailure
 from meshmirror.mirror.fetch import StreamBody
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.oci.digest import Digest
 from meshmirror.registry.fallback import FallbackContent
@@ -59,7 +59,7 @@ async def test_cancelling_an_open_mid_flight_releases_the_peer(
 ) -> None:
     peer = await start_peer(peers, "slow", header_delay=5.0)
     router = router_for(peer)
-    options = MirrorOptions(first_byte_timeout=10.0)
+    options = MirrorConfig(first_byte_timeout=10.0)
     client = PeerClient(router, session, options, MirrorMetrics(CollectorRegistry()))
     opening = asyncio.ensure_future(client.open(peer.peer, PATH, "docker.io"))
     for _ in range(200):  # up to 2 s for the request to reach the peer
@@ -80,7 +80,7 @@ async def test_a_response_is_in_flight_until_released_once(
 ) -> None:
     peer = await start_peer(peers, "a")
     router = router_for(peer)
-    client = PeerClient(router, session, MirrorOptions(), MirrorMetrics(CollectorRegistry()))
+    client = PeerClient(router, session, MirrorConfig(), MirrorMetrics(CollectorRegistry()))
     opened = await client.open(peer.peer, PATH, "docker.io")
     assert router.in_flight("a") == 1
     opened.release()
@@ -99,7 +99,7 @@ async def test_the_loser_of_a_hedge_is_not_left_busy(
     fast = await start_peer(peers, "fast")
     router = router_for(slow, fast)
     router.report("fast", ok=True, latency_s=5.0)  # ask the slow one first
-    options = MirrorOptions(first_byte_timeout=3.0, resolve_timeout=0.1)
+    options = MirrorConfig(first_byte_timeout=3.0, connect_timeout=0.1)
     mirror = PeerMirror(router, session, options=options)
     content = await mirror.open_blob("docker.io", "r", Digest.parse(BLOB_D), None, True)
     assert isinstance(content, FallbackContent) and content.body is not None
@@ -115,7 +115,7 @@ async def test_a_streamed_body_closed_unread_releases_its_peer(
     """The client left before the first byte: the body is closed without being iterated."""
     peer = await start_peer(peers, "a")
     router = router_for(peer)
-    mirror = PeerMirror(router, session, options=MirrorOptions(
+    mirror = PeerMirror(router, session, options=MirrorConfig(
         verify_before_send_limit=1000, spool_limit=0))  # streamed
     content = await mirror.open_blob("docker.io", "r", Digest.parse(BLOB_D), None, True)
     assert isinstance(content, FallbackContent) and isinstance(content.body, StreamBody)

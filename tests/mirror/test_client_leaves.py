@@ -17,13 +17,13 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp
 
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.oci.digest import Digest
 from meshmirror.registry.app import create_app
 from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec
-from meshmirror.registry.server import ServerOptions, bind_listener, serve
+from meshmirror.registry.server import ServerConfig, bind_listener, serve
 from meshmirror.routing.router import InMemoryRouter
 from meshmirror.store.memory import MemoryStore
 from tests.mirror.peers import Behaviour, FakePeer
@@ -95,7 +95,7 @@ async def test_client_leaving_mid_spool_frees_the_peer_threads_and_spool(
     registry = CollectorRegistry()
     router = InMemoryRouter(registry=registry, seed=1)
     router.set_keys(stalled_peer.peer, [str(BLOB_D)])
-    options = MirrorOptions(verify_before_send_limit=1 << 20, chunk_size=64 * 1024,
+    options = MirrorConfig(verify_before_send_limit=1 << 20, chunk_size=64 * 1024,
                             stall_timeout=30.0)  # only the client leaving may end the fetch
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         mirror = PeerMirror(router, session, options=options, metrics=MirrorMetrics(registry))
@@ -123,7 +123,7 @@ async def test_hypercorn_tells_the_app_when_a_real_client_leaves() -> None:
     port = listener.getsockname()[1]
     shutdown = asyncio.Event()
     server = asyncio.create_task(serve(create_app(MemoryStore(), fallback=fallback), listener,
-                                       shutdown, ServerOptions(graceful_timeout=1.0)))
+                                       shutdown, ServerConfig(graceful_timeout=1.0)))
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5.0)
         writer.write(f"GET {PATH}?ns=docker.io HTTP/1.1\r\nHost: x\r\n\r\n".encode())

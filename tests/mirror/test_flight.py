@@ -16,7 +16,7 @@ import pytest
 
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.cache import BlobCache
-from meshmirror.mirror.errors import PeerFailure, VerificationError
+from meshmirror.mirror.errors import FailureReason, PeerFailure, VerificationError
 from meshmirror.mirror.fetch import Sink
 from meshmirror.mirror.flight import Flights, RangeSink, Reader, State, StreamSource
 from meshmirror.oci.digest import Digest
@@ -321,7 +321,7 @@ class Broken:
         for position in range(offset, end, 50_000):
             yield self.body[position:min(end, position + 50_000)]
         if stop is not None:
-            raise PeerFailure("broken", f"at {stop}")
+            raise PeerFailure(FailureReason.BROKEN, f"at {stop}")
 
     def close(self) -> None:
         self.closed = True

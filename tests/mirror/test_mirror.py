@@ -20,7 +20,7 @@ from meshmirror.mirror.cache import CacheEntry
 from meshmirror.mirror.errors import VerificationError
 from meshmirror.mirror.fetch import StreamBody
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions, TagResolution
+from meshmirror.mirror.options import MirrorConfig, TagResolution
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.mediatypes import OCI_MANIFEST
@@ -77,11 +77,11 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 class Settings(TypedDict, total=False):
-    """Keyword arguments of ``MirrorOptions``, as ``mirror_for`` passes them on."""
+    """Keyword arguments of ``MirrorConfig``, as ``mirror_for`` passes them on."""
 
-    resolve_timeout: float
+    connect_timeout: float
     first_byte_timeout: float
-    resolve_retries: int
+    peers_tried: int
     verify_before_send_limit: int
     spool_dir: Path | None
     spool_limit: int
@@ -104,12 +104,12 @@ def mirror_for(
         router.set_keys(peer.peer, [SMALL_D, LARGE_D, MANIFEST_D, "docker.io/library/x:1.0"])
     settings: Settings = {
         "first_byte_timeout": 0.5,
-        "resolve_timeout": 0.4,  # hedges after 0.2 s
+        "connect_timeout": 0.4,  # hedges after 0.2 s
         "verify_before_send_limit": 1 << 20,
         "chunk_size": 64 * 1024,
     }
     settings.update(options)
-    opts = MirrorOptions(**settings)
+    opts = MirrorConfig(**settings)
     return (
         PeerMirror(router, session, options=opts, metrics=MirrorMetrics(registry)),
         router,
@@ -234,7 +234,7 @@ async def test_slow_peer_is_hedged(make_peer: MakePeer, session: aiohttp.ClientS
     slow = await make_peer("slow", header_delay=2.0)
     fast = await make_peer("fast")
     mirror, router, _ = mirror_for(session, [slow, fast], first_byte_timeout=3.0,
-                                   resolve_timeout=0.1)
+                                   connect_timeout=0.1)
     router.report("fast", ok=True, latency_s=5.0)
     started = time.monotonic()
     content = await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True)
@@ -246,7 +246,7 @@ async def test_unresponsive_peers_are_bounded(
     make_peer: MakePeer, session: aiohttp.ClientSession
 ) -> None:
     slow = [await make_peer(f"s{i}", header_delay=5.0) for i in range(3)]
-    mirror, _, _ = mirror_for(session, slow, first_byte_timeout=0.1, resolve_timeout=0.06)
+    mirror, _, _ = mirror_for(session, slow, first_byte_timeout=0.1, connect_timeout=0.06)
     started = time.monotonic()
     miss = await mirror.open_blob("docker.io", "r", Digest.parse(SMALL_D), None, True)
     assert miss == Miss(MissReason.PEERS_FAILED)

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions, OutagePeerTags, UnknownVisibility
+from meshmirror.mirror.options import MirrorConfig, OutagePeerTags, UnknownVisibility
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, Access, RepositoryAccess
 from meshmirror.oci.imagebuilder import canonical_json
@@ -55,7 +55,7 @@ def access(*, vouches: VouchBook | None, trusted: bool,
     now = clock if clock is not None else [0.0]
     checker = RepositoryAccess(
         ScriptedUpstream(tag=DOWN, visibility=DOWN_VISIBILITY),
-        MirrorOptions(private_images_unknown=unknown), lambda: now[0],
+        MirrorConfig(private_images_unknown=unknown), lambda: now[0],
         vouches=vouches, trust_vouches=trusted,
         on_outage=decisions.append, wall_clock=lambda: NOW)
     return checker, decisions
@@ -121,7 +121,7 @@ async def test_a_peer_serves_a_vouched_blob_in_an_encrypted_mesh(
     router.set_keys(peer.peer, [str(BLOB_D)])
     metrics = MirrorMetrics(registry)
     upstream = ScriptedUpstream(tag=DOWN, visibility=DOWN_VISIBILITY)
-    mirror = PeerMirror(router, session, options=MirrorOptions(resolve_timeout=0.4),
+    mirror = PeerMirror(router, session, options=MirrorConfig(connect_timeout=0.4),
                         metrics=metrics, upstream=upstream, mesh_encrypted=True,
                         vouches=vouched_by_a_member())
     content = await mirror.open_blob(REGISTRY, REPO, BLOB_D, None, want_body=True)
@@ -131,7 +131,7 @@ async def test_a_peer_serves_a_vouched_blob_in_an_encrypted_mesh(
                                      {"decision": "vouch"}) == 1
     mirror.close()
     # The same in a mesh with no gossip key: nothing asked of peers.
-    plain = PeerMirror(router, session, options=MirrorOptions(resolve_timeout=0.4),
+    plain = PeerMirror(router, session, options=MirrorConfig(connect_timeout=0.4),
                        upstream=upstream, mesh_encrypted=False,
                        vouches=vouched_by_a_member())
     before = len(peer.behaviour.requests)
@@ -156,7 +156,7 @@ async def test_the_nodes_own_tag_is_served_from_its_store_in_an_outage(
     # No peer holds anything and peers' tags are not trusted (no gossip key): only the
     # node's own store can answer.
     mirror = PeerMirror(InMemoryRouter(registry=registry, seed=1), session,
-                        options=MirrorOptions(resolve_timeout=0.4), metrics=metrics,
+                        options=MirrorConfig(connect_timeout=0.4), metrics=metrics,
                         upstream=ScriptedUpstream(tag=DOWN, visibility=DOWN_VISIBILITY),
                         mesh_encrypted=False, store=store)
     with caplog.at_level(logging.INFO, logger="meshmirror.mirror.tags"):

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meshmirror.mirror.metrics import MirrorMetrics
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.mirror.peer_mirror import PeerMirror
 from meshmirror.mirror.rollout import Rollout, RolloutMetrics
 from meshmirror.oci.digest import Digest
@@ -76,7 +76,7 @@ async def owner(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         overrides = {upstream.name: upstream.url}
     registry = CollectorRegistry()
     router = InMemoryRouter(registry=registry, seed=1)  # no peer: this node owns everything
-    options = MirrorOptions(upstream_cache_dir=tmp_path)
+    options = MirrorConfig(upstream_cache_dir=tmp_path)
     async with aiohttp.ClientSession() as session, \
             UpstreamClient(UpstreamEndpoints(overrides=overrides)) as client:
         content = UpstreamContent(client, first_byte_timeout=2.0, stall_timeout=2.0)
@@ -190,7 +190,7 @@ async def test_an_upstream_that_ignores_range_gives_the_whole_blob_through_one_t
         name = server.url.removeprefix("http://")
         registry = CollectorRegistry()
         router = InMemoryRouter(registry=registry, seed=1)
-        options = MirrorOptions(upstream_cache_dir=tmp_path)
+        options = MirrorConfig(upstream_cache_dir=tmp_path)
         async with aiohttp.ClientSession() as session, \
                 UpstreamClient(UpstreamEndpoints(overrides={name: server.url})) as client:
             content = UpstreamContent(client, first_byte_timeout=2.0, stall_timeout=2.0)

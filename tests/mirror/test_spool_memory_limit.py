@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from meshmirror.oci.imagebuilder import build_image
-from tests.support.node import start_node
-from tests.support.processes import stop, wait_until
+from tests.support.node import holder_and_puller
+from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.real]
 
@@ -91,17 +90,10 @@ def cgroup() -> Iterator[MemoryCgroup]:
 
 def test_blob_larger_than_the_memory_limit_is_spooled_and_served(
         tmp_path: Path, cgroup: MemoryCgroup) -> None:
-    seeded, empty = tmp_path / "seeded", tmp_path / "empty"
-    seeded.mkdir()
-    empty.mkdir()
-    image = build_image("docker.io/library/big:1", seeded, [BLOB], seed=11)
-    layer = image.platforms[0].layers[0]
-    holder = start_node(f"oci:{seeded}", tmp_path / "holder.log", ("--node-name", "holder"))
-    hop = None
-    try:
-        hop = start_node(f"oci:{empty}", tmp_path / "hop.log",
-                         ("--node-name", "hop", "--join", holder.mesh,
-                          "--mirror-spool-dir", str(tmp_path)))
+    with holder_and_puller(tmp_path, "docker.io/library/big:1", [BLOB],
+                           "--mirror-spool-dir", str(tmp_path), seed=11,
+                           puller="hop") as (_holder, hop, image):
+        layer = image.platforms[0].layers[0]
         cgroup.add(hop.proc.pid)
         url = f"http://{hop.address}/v2/library/big/blobs/{layer.digest}?ns=docker.io"
 
@@ -126,7 +118,3 @@ def test_blob_larger_than_the_memory_limit_is_spooled_and_served(
         with urllib.request.urlopen(f"http://{hop.metrics}/metrics", timeout=5) as r:
             metrics = r.read().decode()
         assert 'meshmirror_mirror_blob_bodies_total{mode="spool"} 1.0' in metrics
-    finally:
-        for node in (hop, holder):
-            if node is not None:
-                stop(node.proc)

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from meshmirror.mirror.marker import refuse_private
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import (
-    MirrorOptions,
+    MirrorConfig,
     OutagePeerTags,
     PrivateImages,
     TagResolution,
@@ -106,7 +106,7 @@ def build(session: aiohttp.ClientSession, peer: FakePeer, upstream: ScriptedUpst
     router = InMemoryRouter(registry=registry, seed=1)
     router.set_keys(peer.peer, [str(HONEST_D), str(Digest.of(STALE)), str(BLOB_D), TAG_KEY])
     metrics = MirrorMetrics(registry)
-    opts = MirrorOptions(resolve_timeout=0.4, first_byte_timeout=0.5, **options)  # type: ignore[arg-type]
+    opts = MirrorConfig(connect_timeout=0.4, first_byte_timeout=0.5, **options)  # type: ignore[arg-type]
     return PeerMirror(router, session, options=opts, metrics=metrics, upstream=upstream,
                       mesh_encrypted=encrypted), metrics
 
@@ -209,7 +209,7 @@ async def test_in_an_outage_known_public_stays_shared_and_unknown_follows_the_po
     registry = CollectorRegistry()
     router = InMemoryRouter(registry=registry, seed=1)
     router.set_keys(peer.peer, [str(BLOB_D)])
-    mirror = PeerMirror(router, session, options=MirrorOptions(public_ttl=10),
+    mirror = PeerMirror(router, session, options=MirrorConfig(public_ttl=10),
                         metrics=MirrorMetrics(registry), upstream=upstream,
                         clock=lambda: clock[0])
     content = await mirror.open_blob(REGISTRY, REPO, BLOB_D, None, want_body=False)

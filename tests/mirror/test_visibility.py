@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.mirror.visibility import (
     BLOB_PROBE_REFERENCE,
     SAVE_INTERVAL,
@@ -30,7 +30,7 @@ class Clocks:
 
 
 def _cache(path: Path, clocks: Clocks, size: int = 4096) -> VisibilityCache:
-    options = MirrorOptions(state_dir=path.parent, visibility_cache_size=size)
+    options = MirrorConfig(state_dir=path.parent, visibility_cache_size=size)
     return VisibilityCache(options, lambda: clocks.monotonic, path, lambda: clocks.wall)
 
 
@@ -94,7 +94,7 @@ async def test_a_flood_of_new_repositories_neither_evicts_verdicts_in_use_nor_re
     use still has its verdict, and the file was written a bounded number of times."""
     clock = [0.0]
     upstream = ScriptedUpstream()
-    options = MirrorOptions(state_dir=tmp_path)
+    options = MirrorConfig(state_dir=tmp_path)
     access = RepositoryAccess(upstream, options, lambda: clock[0])
     announced: list[bool] = []
     access.cache.on_vouches_changed = lambda: announced.append(True)

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message
 from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
-from meshmirror.registry.app import RegistryOptions, create_app
+from meshmirror.registry.app import RegistryConfig, create_app
 from meshmirror.registry.fallback import BodyAborted, FallbackContent, Miss
 from meshmirror.registry.metrics import RegistryMetrics
 from meshmirror.registry.ranges import RangeSpec
@@ -104,7 +104,7 @@ async def test_docker_hub_alias_ns_is_normalised(client: httpx.AsyncClient) -> N
 
 async def test_configured_default_registry(store: FakeStore) -> None:
     image = add_image(store, "127.0.0.1:5050", "team/app", "v1")
-    app = create_app(store, options=RegistryOptions(default_registry="127.0.0.1:5050"))
+    app = create_app(store, options=RegistryConfig(default_registry="127.0.0.1:5050"))
     async with client_for(app) as c:
         r = await c.get("/v2/team/app/manifests/v1")
         assert r.status_code == 200 and r.content == image.manifest_bytes

@@ -16,7 +16,7 @@ import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, blob_path, build_image
 from meshmirror.registry.app import create_app
-from meshmirror.registry.server import ServerOptions, bind_listener, serve
+from meshmirror.registry.server import ServerConfig, bind_listener, serve
 from meshmirror.store.ocilayout import OciLayoutStore
 from tests.hostile.clients import closed_by_server, unread_get
 from tests.support.ports import loopback_host
@@ -45,7 +45,7 @@ def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-async def serving(image: BuiltImage, options: ServerOptions,
+async def serving(image: BuiltImage, options: ServerConfig,
                   body: Callable[[str, int, str], Awaitable[None]]) -> None:
     store = OciLayoutStore(image.layout)
     host = loopback_host()
@@ -89,7 +89,7 @@ async def test_whole_ranges_and_head_are_sent_by_the_kernel(
             # The connection is still in step after all of these: one more on it.
             assert (await client.get("/v2/")).status_code == 200
 
-    await serving(image, ServerOptions(), check)
+    await serving(image, ServerConfig(), check)
 
 
 async def test_a_client_that_stops_reading_a_file_is_dropped(image: BuiltImage) -> None:
@@ -105,7 +105,7 @@ async def test_a_client_that_stops_reading_a_file_is_dropped(image: BuiltImage) 
         finally:
             stalled.close()
 
-    await serving(image, ServerOptions(send_timeout=0.5), check)
+    await serving(image, ServerConfig(send_timeout=0.5), check)
 
 
 async def test_a_file_shorter_than_promised_cuts_the_response(image: BuiltImage) -> None:
@@ -121,4 +121,4 @@ async def test_a_file_shorter_than_promised_cuts_the_response(image: BuiltImage)
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get(f"http://{host}:{port}{path}")
 
-    await serving(image, ServerOptions(), check)
+    await serving(image, ServerConfig(), check)

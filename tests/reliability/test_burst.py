@@ -21,9 +21,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from meshmirror.oci.imagebuilder import build_image
-from tests.support.node import RunningNode, start_node
-from tests.support.processes import stop, wait_until
+from tests.support.node import RunningNode, holder_and_puller
+from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.real]
 
@@ -92,18 +91,11 @@ async def pull_all(url: str, clients: int, spool_peak: list[float],
 
 
 def test_200_concurrent_64mib_pulls_are_served_from_the_peer(tmp_path: Path) -> None:
-    seeded, empty = tmp_path / "seeded", tmp_path / "empty"
-    seeded.mkdir()
-    empty.mkdir()
-    image = build_image("docker.io/library/big:1", seeded, [LAYER, 1024], seed=3)
-    layer, warm_up = image.platforms[0].layers
-    holder = start_node(f"oci:{seeded}", tmp_path / "holder.log", ("--node-name", "holder"))
-    node = None
-    try:
-        node = start_node(f"oci:{empty}", tmp_path / "node.log",
-                          ("--node-name", "node", "--join", holder.mesh,
+    with holder_and_puller(tmp_path, "docker.io/library/big:1", [LAYER, 1024],
                            "--mirror-spool-dir", str(tmp_path),
-                           "--mirror-spool-limit", str(SPOOL_LIMIT)))
+                           "--mirror-spool-limit", str(SPOOL_LIMIT),
+                           seed=3) as (holder, node, image):
+        layer, warm_up = image.platforms[0].layers
         url = f"http://{node.address}/v2/library/big/blobs/{layer.digest}?ns=docker.io"
         warm_url = url.replace(str(layer.digest), str(warm_up.digest))
 
@@ -135,7 +127,3 @@ def test_200_concurrent_64mib_pulls_are_served_from_the_peer(tmp_path: Path) -> 
         assert len(blob_requests(holder, str(layer.digest))) == 1, "the peer is asked once"
         assert peak - idle <= 64 * MiB
         assert spool_peak[0] <= SPOOL_LIMIT
-    finally:
-        for running in (node, holder):
-            if running is not None:
-                stop(running.proc)

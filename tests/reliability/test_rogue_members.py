@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.oci.imagebuilder import build_image
 from tests.reliability.rogue import KINDS, Rogue, all_ones_summary, claiming_summary
 from tests.support.node import RunningNode, start_node
@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.real]
 
 BLOB_SIZE = 2 * 1024 * 1024
 GETS = 20
-STALL_S = MirrorOptions().stall_timeout
+STALL_S = MirrorConfig().stall_timeout
 # A hanging or dripping rogue asked first costs at most two stall windows, then
 # the blob is read again whole from the honest peer.
 BOUND_S = 2 * STALL_S + 1.0

@@ -19,10 +19,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from meshmirror.oci.imagebuilder import build_image
 from tests.reliability.test_burst import blob_requests, metric
-from tests.support.node import RunningNode, start_node
-from tests.support.processes import stop, wait_until
+from tests.support.node import RunningNode, holder_and_puller
+from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.real]
 
@@ -34,21 +33,9 @@ TIMEOUT_S = 90
 def nodes(tmp_path: Path, layers: list[int], *extra: str,
           seed: int = 5) -> Iterator[tuple[RunningNode, RunningNode, list[str]]]:
     """A holder of an image with ``layers`` and an empty node joined to it."""
-    seeded, empty = tmp_path / "seeded", tmp_path / "empty"
-    seeded.mkdir()
-    empty.mkdir()
-    image = build_image("docker.io/library/flight:1", seeded, layers, seed=seed)
-    digests = [str(layer.digest) for layer in image.platforms[0].layers]
-    holder = start_node(f"oci:{seeded}", tmp_path / "holder.log", ("--node-name", "holder"))
-    node = None
-    try:
-        node = start_node(f"oci:{empty}", tmp_path / "node.log",
-                          ("--node-name", "node", "--join", holder.mesh, *extra))
-        yield holder, node, digests
-    finally:
-        for running in (node, holder):
-            if running is not None:
-                stop(running.proc)
+    with holder_and_puller(tmp_path, "docker.io/library/flight:1", layers, *extra,
+                           seed=seed) as (holder, node, image):
+        yield holder, node, [str(layer.digest) for layer in image.platforms[0].layers]
 
 
 def url(node: RunningNode, digest: str) -> str:

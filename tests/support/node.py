@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
+from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from tests.support.ports import free_dual_stack_port, free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
 
@@ -72,3 +74,25 @@ def start_node(store: str, log: Path, extra: tuple[str, ...] = (),
         stop(proc)
         raise
     return node
+
+
+@contextmanager
+def holder_and_puller(tmp_path: Path, reference: str, layers: list[int], *extra: str,
+                      seed: int, puller: str = "node"
+                      ) -> Iterator[tuple[RunningNode, RunningNode, BuiltImage]]:
+    """Two nodes with ``oci:`` stores: ``holder`` holds an image of ``layers`` bytes,
+    ``puller`` (given ``extra`` flags) holds nothing and joins it; both stopped after."""
+    seeded, empty = tmp_path / "seeded", tmp_path / "empty"
+    seeded.mkdir()
+    empty.mkdir()
+    image = build_image(reference, seeded, layers, seed=seed)
+    holder = start_node(f"oci:{seeded}", tmp_path / "holder.log", ("--node-name", "holder"))
+    node = None
+    try:
+        node = start_node(f"oci:{empty}", tmp_path / f"{puller}.log",
+                          ("--node-name", puller, "--join", holder.mesh, *extra))
+        yield holder, node, image
+    finally:
+        for running in (node, holder):
+            if running is not None:
+                stop(running.proc)

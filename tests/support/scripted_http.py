@@ -5,7 +5,7 @@
 so a test can assert that a call never reached the server. :class:`Blackhole`
 accepts TCP connections into its backlog and never answers: the client's
 connect succeeds and only its answer timeout can end the wait;
-:class:`CountingBlackhole` accepts them too, holds them open without a byte
+:class:`Blackhole` accepts them too, holds them open without a byte
 in reply, and counts them, so a test can tell when a client stopped trying.
 They run on a thread, so the test's event loop and a synchronous benchmark can
 share them.
@@ -157,35 +157,11 @@ class ScriptedHTTPServer:
 
 
 class Blackhole:
-    """A listening socket that never accepts: connects succeed, no byte ever comes back."""
-
-    def __init__(self, host: str | None = None) -> None:
-        self.host = host or loopback_host()
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind((self.host, 0))
-        self._sock.listen(64)
-        self.port = int(self._sock.getsockname()[1])
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> Blackhole:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-
-class CountingBlackhole:
     """Accepts every connection, reads and discards what arrives, never answers; counts them.
 
-    Unlike :class:`Blackhole` (whose backlog fills) it keeps accepting, so the
-    count is every connection a client opened, however many there were.
+    Connects succeed and no byte ever comes back. It keeps accepting (a socket
+    that never accepts has a backlog that fills), so ``accepted`` is every
+    connection a client opened, however many there were.
     """
 
     def __init__(self, host: str | None = None) -> None:
@@ -256,7 +232,7 @@ class CountingBlackhole:
             self._held = []
         self._sock.close()
 
-    def __enter__(self) -> CountingBlackhole:
+    def __enter__(self) -> Blackhole:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from meshmirror.mirror.options import MirrorOptions, UnknownVisibility
+from meshmirror.mirror.options import MirrorConfig, UnknownVisibility
 from meshmirror.mirror.tags import AskPeers, TagPolicy
 from meshmirror.mirror.visibility import Access, RepositoryAccess
 from meshmirror.upstream import UpstreamClient, UpstreamEndpoints
-from tests.support.scripted_http import CountingBlackhole, refused_url
+from tests.support.scripted_http import Blackhole, refused_url
 
 REPO, TAG = "team/app", "latest"
 TIMEOUT = 0.3
@@ -27,8 +27,8 @@ THRESHOLD = 3
 
 
 @pytest.fixture
-async def blackhole() -> AsyncIterator[CountingBlackhole]:
-    with CountingBlackhole() as hole:
+async def blackhole() -> AsyncIterator[Blackhole]:
+    with Blackhole() as hole:
         yield hole
 
 
@@ -36,7 +36,7 @@ def _policy(registry: str, url: str) -> tuple[TagPolicy, RepositoryAccess, Upstr
     upstream = UpstreamClient(UpstreamEndpoints(overrides={registry: url}),
                               connect_timeout=TIMEOUT, total_timeout=TIMEOUT,
                               failure_threshold=THRESHOLD, cooldown=600)
-    options = MirrorOptions(private_images_unknown=UnknownVisibility.SHARE)
+    options = MirrorConfig(private_images_unknown=UnknownVisibility.SHARE)
     access = RepositoryAccess(upstream, options)
     return TagPolicy(upstream, options, access, mesh_encrypted=True), access, upstream
 
@@ -51,7 +51,7 @@ async def _lookup(policy: TagPolicy, access: RepositoryAccess, registry: str) ->
 
 
 async def test_a_silent_upstream_costs_one_timeout_per_lookup_then_none(
-        blackhole: CountingBlackhole) -> None:
+        blackhole: Blackhole) -> None:
     policy, access, upstream = _policy(blackhole.address, blackhole.url)
     async with upstream:
         for asked in range(1, THRESHOLD + 1):
@@ -77,7 +77,7 @@ async def test_a_refusing_upstream_is_asked_once_per_lookup_until_the_breaker_op
 
 
 async def test_an_unanswered_tag_does_not_stand_in_for_a_later_check(
-        blackhole: CountingBlackhole) -> None:
+        blackhole: Blackhole) -> None:
     """The note lasts for the lookup's own check only: the next request asks again."""
     policy, access, upstream = _policy(blackhole.address, blackhole.url)
     async with upstream:

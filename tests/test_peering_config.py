@@ -34,7 +34,7 @@ def test_flags_become_mesh_and_mirror_settings(tmp_path: Path) -> None:
     assert got.node_name == "n5"
     assert got.mirror.mirrored_registries == frozenset({"docker.io", "ghcr.io"})
     assert got.mirror.registry_filters == (re.compile(":latest$"),)
-    assert (got.mirror.resolve_timeout, got.mirror.first_byte_timeout) == (0.2, 1.5)
+    assert (got.mirror.connect_timeout, got.mirror.first_byte_timeout) == (0.2, 1.5)
     assert got.mirror.hedge_delay == pytest.approx(0.1)
     assert got.mirror.resolve_tags is TagResolution.OFF
 
