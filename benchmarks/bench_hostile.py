@@ -50,7 +50,7 @@ from benchmarks.results import (
     write_section,
 )
 from meshmirror.mirror.marker import PEER_HEADER, TREE_HEADER
-from meshmirror.mirror.options import MirrorOptions
+from meshmirror.mirror.options import MirrorConfig
 from meshmirror.oci.imagebuilder import build_image
 from tests.hostile.clients import SMALL_RCVBUF, timed_get, unread_get
 from tests.support.node import RunningNode, start_node
@@ -189,7 +189,7 @@ def _measure(node: RunningNode, blob: str, name: str, what: str,
 
 
 def run(scale: float) -> list[Run]:
-    in_memory = MirrorOptions().verify_before_send_limit
+    in_memory = MirrorConfig().verify_before_send_limit
     with tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp_name:
         tmp = Path(tmp_name)
         seeded, empty, spool = tmp / "seeded", tmp / "empty", tmp / "spool"
