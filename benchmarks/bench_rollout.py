@@ -6,16 +6,19 @@ limited to ~50 MB/s (one shared uplink). Each node is a private containerd 1.6
 and, in the meshmirror run, a ``meshmirror run --store containerd`` in one
 mesh. All nodes start ``ctr images pull`` at once. Nobody holds the image, so
 with meshmirror each blob's owner fetches it from the upstream once and the
-others read it from the owner while it downloads (`meshmirror.mirror.rollout`).
+others read it from the owner while it downloads (`meshmirror.mirror.rollout`);
+a layer of at least F x 16 MiB comes as F stripes, each from its own root.
 
 The baseline is the same batch on fresh containerds whose hosts dir holds only
 the upstream ``server``: every node fetches the whole image over the shared,
 rate-limited link. Rounds alternate the modes. Figures: bytes the upstream
 served per batch as a multiple of the image (target <= 1.05x with meshmirror,
 about N x without), each node's pull time in both modes, and the most peers'
-readers a node served at once (<= --rollout-fanout, 8).
+readers a node served at once, a stripe's reader counting 1/F (<= --rollout-fanout).
 
     python -m benchmarks.bench_rollout --nodes 3 --layers 4 --layer-mib 50 --rate-mb 50
+    python -m benchmarks.bench_rollout --nodes 3 --layers 2 --layer-mib 130 --rate-mb 50 \
+        --rounds 2    # 8 stripes a layer
 
 Helpers (containerd on tmpfs, starting meshmirror, ``ctr`` pulls, metrics) are
 `bench_rolling_pull`'s.

@@ -41,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_burst import vm
 from benchmarks.results import (
     Section,
     Table,
@@ -291,12 +292,17 @@ def report(results: dict[str, list[Trial]]) -> Table:
                   "pull max s", "direct p50 s", "p50 vs direct"], rows)
 
 
-def run(trials: int, faults: list[str], workdir: Path) -> dict[str, list[Trial]]:
+def run(trials: int, faults: list[str], workdir: Path,
+        peak_rss: list[int] | None = None) -> dict[str, list[Trial]]:
+    """The trials by fault; ``peak_rss`` gets the pulling node's peak RSS over the whole
+    run (VmHWM: node 2's meshmirror is never the one killed), for the memory limit."""
     with cluster(workdir) as m:
         for fault in faults:
             m.results[fault] = [run_trial(m, fault) for _ in range(trials)]
             table = report({fault: m.results[fault]})
             print(table.rows[0], flush=True)
+        if peak_rss is not None and m.n2.proc is not None:
+            peak_rss.append(vm(m.n2.proc.pid, "VmHWM"))
         return m.results
 
 
@@ -311,10 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown faults: {', '.join(sorted(unknown))}")
     before = load_average()
+    peak: list[int] = []
     with tempfile.TemporaryDirectory(prefix="fault-matrix-") as tmp:
-        results = run(args.trials, faults, Path(tmp))
+        results = run(args.trials, faults, Path(tmp), peak)
     table = report(results)
     print(table.render())
+    peak_mib = peak[0] / MiB if peak else float("nan")
+    print(f"pulling node's peak RSS: {peak_mib:.0f} MiB")
     failures = sum(mirror_caused_failures(t) for t in results.values())
     if not args.no_write:
         write_section(Section(
@@ -329,9 +338,13 @@ def main(argv: list[str] | None = None) -> int:
                    "--hosts-dir`, then pulls directly (no mirror) for comparison."),
             tables=[table],
             notes=["mirror-caused failure: the pull through the mirror failed while the "
-                   "direct one worked (upstream_down: any failure, peers hold everything)."],
+                   "direct one worked (upstream_down: any failure, peers hold everything).",
+                   f"The pulling node's meshmirror peaked at {peak_mib:.0f} MiB RSS over the "
+                   "whole run (VmHWM), against the chart's 128Mi memory limit."],
             targets=[Target("mirror-caused pull failures, all faults", "<=", 0,
-                            float(failures), unit="")],
+                            float(failures), unit=""),
+                     Target("fault matrix: pulling node's peak RSS", "<=", 128, peak_mib,
+                            unit=" MiB")],
         ))
     return 0 if failures == 0 else 1
 

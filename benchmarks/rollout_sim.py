@@ -19,9 +19,12 @@ those trees give, under a fluid model of the network:
   concurrently), and a node has the image when it has every blob.
 
 "alone" is one node of nominal bandwidth pulling the image from the upstream
-with nothing else going on; "trees" is one tree per blob (what the mirror's
-peer path does today), "striped" cuts blobs of at least F * 16 MiB into F
-stripes with rotated trees (see `routing.owner`). Upstream bytes count every
+with nothing else going on; "per-blob" is one tree per blob (what the wire does
+for smaller blobs, or from an upstream that ignores ``Range``), "striped" what
+it does for blobs of at least F * 16 MiB: F stripes with rotated trees (see
+`routing.owner`, `mirror.rollout.TreeSource`), asked for once the node has
+learnt the blob's size from its first answer through stripe 0's tree. Upstream
+bytes count every
 byte the roots fetched, plus, in the "disagreement" column, what a second
 owner fetches while some nodes have not yet seen one member join.
 Equal sharing does not hand one edge's unused share to another, so the model
@@ -116,6 +119,9 @@ def build_edges(sizes: list[int], members: list[str], fanout: int, striped: bool
     max_tree_readers = 0
     for b, blob_size in enumerate(sizes):
         stripes = stripe_count(blob_size, fanout, min_stripe) if striped else 1
+        # When each node learns the blob's size: its first answer through stripe 0's tree.
+        # As on the wire, it asks for the other stripes only then.
+        sized: dict[int, float] = {}
         for s in range(stripes):
             lo, hi = stripe_range(blob_size, stripes, s)
             tree = FanoutTree(_digest(b), members, fanout, s)
@@ -127,12 +133,16 @@ def build_edges(sizes: list[int], members: list[str], fanout: int, striped: bool
                 parent.append(UPSTREAM if up is None else up)
                 child.append(node)
                 size.append(float(hi - lo))
+                asked = sized.get(node, 0.0)
                 if up is None:
                     feed.append(-1)
-                    opens.append(UPSTREAM_RTT + latency[node])
+                    opens.append(asked + UPSTREAM_RTT + latency[node])
                 else:
                     feed.append(edge_of[up])
-                    opens.append(opens[edge_of[up]] + 2 * (latency[up] + latency[node]))
+                    opens.append(max(opens[edge_of[up]], asked)
+                                 + 2 * (latency[up] + latency[node]))
+                if s == 0:
+                    sized[node] = opens[-1]
             max_tree_readers = max(max_tree_readers, min(fanout, len(members) - 1))
     edges = Edges(np.array(parent, dtype=np.int64), np.array(child, dtype=np.int64),
                   np.array(size), np.array(feed, dtype=np.int64), np.array(opens))
@@ -234,7 +244,7 @@ def targets(alone: Outcome, outcomes: list[Outcome]) -> list[Target]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,1000,5000")
-    parser.add_argument("--modes", default="trees,striped")
+    parser.add_argument("--modes", default="per-blob,striped")
     parser.add_argument("--image-mb", type=float, default=1000.0)
     parser.add_argument("--fanout", type=int, default=DEFAULT_FANOUT)
     parser.add_argument("--dt", type=float, default=0.02, help="virtual seconds per step")
@@ -247,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not sizes or min(sizes) < 2 or not set(modes) <= {"trees", "striped"}:
-        parser.error("--sizes needs clusters of at least 2; --modes is trees and/or striped")
+    if not sizes or min(sizes) < 2 or not set(modes) <= {"per-blob", "striped"}:
+        parser.error("--sizes needs clusters of at least 2; --modes is per-blob and/or "
+                     "striped")
     load_before = load_average()
     started = time.process_time()
     image = args.image_mb * MB
@@ -273,17 +284,19 @@ def main(argv: list[str] | None = None) -> int:
                "virtual, so the load does not change them."),
         tables=[table(alone, outcomes)],
         notes=["Without a mirror every node pulls the whole image: upstream / image = N.",
-               "'trees': one tree per blob, what the mirror's peer path does; inner nodes "
-               "upload F copies, so the largest layer moves at 1/F of a NIC below the root.",
-               "'striped': blobs of at least F x 16 MiB in F stripes on rotated trees; every "
+               "'per-blob': one tree per blob (the wire's way below F x 16 MiB, or when the "
+               "upstream ignores Range); inner nodes upload F copies, so the largest layer "
+               "moves at 1/F of a NIC below the root.",
+               "'striped': the wire's way for blobs of at least F x 16 MiB: F stripes on "
+               "rotated trees, asked for once stripe 0's first answer gave the size; every "
                "node uploads about what it downloads.",
                "'with disagreement': upstream bytes while some nodes have not yet seen the "
                "newest member: the blobs or stripes whose root differs between the two views "
                "are fetched by both roots.",
                "'readers at once' counts every blob's and stripe's readers of a node together: "
                "the model caps readers per tree (F), not per node, and shares a node's NIC "
-               "among all of them; the real nodes cap readers per node (--rollout-fanout) "
-               "and send the excess to another member."],
+               "among all of them; the real nodes cap readers per node (--rollout-fanout, a "
+               "stripe's reader counting 1/F) and send the excess to another member."],
         targets=targets(alone, outcomes))
     print(section.render())
     if not args.no_write:

@@ -60,7 +60,7 @@ from meshmirror.mirror.options import (
     UnknownVisibility,
 )
 from meshmirror.registry.serveroptions import ServerOptions
-from meshmirror.runconfig import MEMBERLIST_PORT, NodeConfig, PeeringConfig
+from meshmirror.runconfig import MEMBERLIST_PORT, ZONE, NodeConfig, PeeringConfig
 from meshmirror.upstream.guard import AddressGuard
 from meshmirror.upstream.options import UpstreamOptions
 from meshmirror.upstream.proxy import ProxyConfigError, ProxySettings
@@ -156,6 +156,19 @@ def _parse_mesh_addr(text: str) -> tuple[str, int] | None:
     return parse_host_port(text, default_port=MEMBERLIST_PORT)
 
 
+_METRICS_PORT: int = field_default(NodeConfig, "metrics_addr")[1]
+
+
+def _parse_status_addr(text: str) -> str:
+    """Where to dial a node's metrics port: written like ``--metrics-addr``, so the
+    ``:9090`` or ``[::]:9090`` a node listens on means this machine, and a bare IPv6
+    address (a pod IP) takes the default port."""
+    host, port = parse_host_port(bracket_bare_ipv6(text), default_port=_METRICS_PORT)
+    if is_wildcard(host):
+        host = "::1" if host in {"::", "[::]"} else "127.0.0.1"
+    return format_host_port(host, port)
+
+
 def _show_mesh_addr(addr: tuple[str, int] | None) -> str:
     return "off" if addr is None else format_host_port(*addr)
 
@@ -235,6 +248,13 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
           help="address peers use to reach this node (default: the bind address)")
     _flag(run, "--node-name", PeeringConfig, "node_name", metavar="NAME",
           help="this node's name in the mesh")
+    _flag(run, "--zone", PeeringConfig, "zone", metavar="ZONE",
+          help="this node's topology zone (topology.kubernetes.io/zone); peers in the "
+               "same zone are asked first, others only when none of them has a blob")
+    _flag(run, "--zone-from-node-label", PeeringConfig, "zone_label", metavar="LABEL",
+          help="without --zone, read the zone from this label of the node's own Kubernetes "
+               "Node object (named by --node-name), e.g. topology.kubernetes.io/zone; needs "
+               "the pod's service account token and get on nodes")
     run.add_argument("--join", action="append", default=None, metavar="HOST:PORT",
                      help="a mesh member to join (repeatable or comma-separated)")
     _flag(run, "--join-dns", PeeringConfig, "join_dns", metavar="NAME",
@@ -419,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="prints meshmirror values; stderr says what became of each key")
     members = sub.add_parser("members", help="list the mesh members one node sees")
     members.add_argument("--addr", default="127.0.0.1:9090", metavar="HOST:PORT",
+                         type=_typed("--addr", _parse_status_addr),
                          help="the node's metrics address (it serves /status)")
     members.add_argument("--format", choices=["table", "json"], default="table")
 
@@ -598,9 +619,14 @@ def peering_config(args: argparse.Namespace) -> PeeringConfig | None:
         raise UsageError(f"--gossip-key-file {args.gossip_key_file}: no such file")
     if not 0 < args.summary_fp_rate < 1:
         raise UsageError("--summary-fp-rate must be between 0 and 1, e.g. 0.01")
+    if args.zone and not ZONE.fullmatch(args.zone):
+        raise UsageError(f"--zone {args.zone!r}: a label value is up to 63 letters, digits, "
+                         "'-', '_' or '.', starting and ending with a letter or digit, "
+                         "e.g. eu-west-1a")
     return PeeringConfig(http_base=http_base, node_name=args.node_name, mesh_addr=args.mesh_addr,
                          advertise_addr=advertise, join=join, join_dns=args.join_dns,
-                         gossip_key_file=args.gossip_key_file,
+                         gossip_key_file=args.gossip_key_file, zone=args.zone,
+                         zone_label=args.zone_from_node_label,
                          summary_fp_rate=args.summary_fp_rate, mirror=_mirror_options(args),
                          upstream=_upstream_options(args, http_base))
 

@@ -25,7 +25,7 @@ import importlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -57,7 +57,7 @@ from meshmirror.registry.server import (
     listener_address,
     serve,
 )
-from meshmirror.runconfig import NodeConfig
+from meshmirror.runconfig import ZONE, NodeConfig
 from meshmirror.status import status_routes
 from meshmirror.store.base import Store
 
@@ -320,7 +320,35 @@ def run_command(config: NodeConfig) -> int:
             return code
     if config.write_hosts_config and (code := write_hosts_config(config)) != 0:
         return code
-    return asyncio.run(run_node(config, checks))
+    return asyncio.run(run_node(with_node_zone(config), checks))
+
+
+def with_node_zone(config: NodeConfig,
+                   lookup: Callable[[str, str], str] | None = None) -> NodeConfig:
+    """``config`` with the zone read from the node's Kubernetes Node when asked to
+    (``lookup(node, label)``: `kubenode.node_label` unless a test gives its own).
+
+    A zone only ranks peers, so a node that cannot learn it runs without one and
+    says why, rather than not serving at all."""
+    peering = config.peering
+    if peering is None or peering.zone or not peering.zone_label:
+        return config
+    from meshmirror.kubenode import NodeLookupError, node_label
+
+    try:
+        zone = (lookup or node_label)(peering.node_name, peering.zone_label)
+    except NodeLookupError as err:
+        log.warning("no zone: %s", err)
+        return config
+    if zone and not ZONE.fullmatch(zone):
+        log.warning("no zone: Node %s label %s is %r, not a zone name", peering.node_name,
+                    peering.zone_label, zone)
+        return config
+    if not zone:
+        log.warning("no zone: Node %s has no label %s", peering.node_name, peering.zone_label)
+        return config
+    log.info("zone from the Node's label", extra={"zone": zone, "label": peering.zone_label})
+    return replace(config, peering=replace(peering, zone=zone))
 
 
 def write_hosts_config(config: NodeConfig) -> int:

@@ -13,7 +13,8 @@ One component ties together what each module does on its own:
                         UpstreamClient <-- tags' digests, repositories' visibility
 
 A node advertises itself in its memberlist metadata as Serf tags: ``http``
-(its registry's base URL), ``epoch`` and ``keys`` (its current summary). A
+(its registry's base URL), ``epoch`` and ``keys`` (its current summary) and,
+when it knows it, ``zone`` (its topology zone, which peers' routers prefer). A
 peer whose epoch moves is fetched again; a peer that dies or leaves is dropped.
 """
 
@@ -51,6 +52,7 @@ log = logging.getLogger("meshmirror.peering")
 TAG_HTTP = "http"
 TAG_EPOCH = "epoch"
 TAG_KEYS = "keys"
+TAG_ZONE = "zone"
 
 
 class Peering:
@@ -64,8 +66,9 @@ class Peering:
     def __init__(self, store: Store, config: PeeringConfig, *,
                  metrics_registry: CollectorRegistry) -> None:
         self.config = config
-        self.router = BloomRouter(registry=metrics_registry)
-        self.directory = PeerDirectory(self.router, registry=metrics_registry)
+        self.router = BloomRouter(registry=metrics_registry, zone=config.zone)
+        self.directory = PeerDirectory(self.router, registry=metrics_registry, zone=config.zone,
+                                       own_name=config.node_name)
         self.publisher = SummaryPublisher(store, config.summary_fp_rate,
                                           registry=metrics_registry,
                                           on_publish=self._on_publish,
@@ -117,6 +120,8 @@ class Peering:
 
     def _meta(self, summary: Summary | None) -> bytes:
         tags = {TAG_HTTP: self.config.http_base}
+        if self.config.zone:
+            tags[TAG_ZONE] = self.config.zone
         if summary is not None:
             tags[TAG_EPOCH] = str(summary.epoch)
             tags[TAG_KEYS] = str(summary.count)
@@ -173,8 +178,11 @@ class Peering:
             return  # a plain Serf agent or another memberlist user: no registry to ask
         epoch_text = tags.get(TAG_EPOCH)
         epoch = int(epoch_text) if epoch_text and epoch_text.isdigit() else None
+        keys_text = tags.get(TAG_KEYS)
+        keys = int(keys_text) if keys_text and keys_text.isdigit() else None
         try:
-            self.directory.update_peer(member.name, http_base, epoch)
+            self.directory.update_peer(member.name, http_base, epoch, tags.get(TAG_ZONE, ""),
+                                       keys)
         except ValueError as err:
             log.info("peer %s advertises an unusable registry address: %s", member.name, err)
 

@@ -10,6 +10,7 @@ can declare every command's flags without loading the node.
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -21,6 +22,10 @@ from meshmirror.mirror.options import MirrorOptions, TagResolution
 from meshmirror.oci.reference import DOCKER_HUB
 from meshmirror.registry.serveroptions import ServerOptions
 from meshmirror.upstream.options import UpstreamOptions
+
+# A Kubernetes label value (the zone comes from topology.kubernetes.io/zone); it rides
+# in the gossip metadata, whose 512 bytes this keeps it well inside.
+ZONE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
 
 MEMBERLIST_PORT = 7946
 """memberlist's and Serf's gossip port: where we listen, and where a --join without a port
@@ -41,6 +46,10 @@ class PeeringConfig:
     join_dns: str | None = None
     gossip_key_file: str | None = None
     summary_fp_rate: float = 0.01
+    # The topology zone peers' routers compare with theirs; "" when unknown.
+    zone: str = ""
+    # Without a zone: the label of this node's Kubernetes Node to read it from at start.
+    zone_label: str = ""
     mesh: MeshConfig = field(default_factory=MeshConfig)
     mirror: MirrorOptions = field(default_factory=MirrorOptions)
     upstream: UpstreamOptions = field(default_factory=UpstreamOptions)

@@ -16,7 +16,7 @@ from meshmirror import cli
 from meshmirror.addresses import is_wildcard
 from meshmirror.containerd.config import ContainerdConfig
 from meshmirror.containerd.hostsconfig import HostsConfig, parse_registries
-from meshmirror.flags import field_default, parse_bool, parse_duration, parse_size
+from meshmirror.flags import UsageError, field_default, parse_bool, parse_duration, parse_size
 from meshmirror.mirror.options import MirrorOptions, OutagePeerTags
 from meshmirror.registry.serveroptions import ServerOptions
 from meshmirror.runconfig import NodeConfig, PeeringConfig
@@ -35,6 +35,8 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "join_dns": (PeeringConfig, "join_dns"),
     "gossip_key_file": (PeeringConfig, "gossip_key_file"),
     "summary_fp_rate": (PeeringConfig, "summary_fp_rate"),
+    "zone": (PeeringConfig, "zone"),
+    "zone_from_node_label": (PeeringConfig, "zone_label"),
     "resolve_tags": (MirrorOptions, "resolve_tags"),
     "outage_peer_tags": (MirrorOptions, "outage_peer_tags"),
     "outage_vouches": (MirrorOptions, "outage_vouches"),
@@ -172,6 +174,7 @@ CHART_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "meshmirror.upstreamCacheLimit": (lambda text: parse_size(text) if text else None,
                                       field_default(MirrorOptions, "upstream_cache_limit")),
     "meshmirror.summaryFpRate": (float, field_default(PeeringConfig, "summary_fp_rate")),
+    "meshmirror.zoneFromNodeLabel": (str, field_default(PeeringConfig, "zone_label")),
     "meshmirror.clientSendTimeout": (parse_duration, field_default(ServerOptions, "send_timeout")),
     "meshmirror.clientMaxConnections": (int, field_default(ServerOptions, "max_connections")),
     "meshmirror.prependExisting": (parse_bool, field_default(HostsConfig, "prepend_existing")),
@@ -283,6 +286,8 @@ def test_bad_log_level_is_one_line_with_the_choices(capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize(("flag", "value", "example"), [
     ("--mirror-resolve-retries", "many", "such as 3"),
     ("--summary-fp-rate", "low", "such as 0.01"),
+    ("--zone", "eu west", "e.g. eu-west-1a"),
+    ("--zone", "a" * 64, "e.g. eu-west-1a"),
     ("--resolve-tags", "maybe", "true or false"),
     ("--registry-addr", "h:port", "not a number"),
     ("--mirrored-registries", "docker.io/library", "e.g. ghcr.io"),
@@ -355,3 +360,21 @@ def test_mirrored_registries_parse_alike_for_run_and_configure() -> None:
 ])
 def test_is_wildcard(host: str, wildcard: bool) -> None:
     assert is_wildcard(host) is wildcard
+
+
+@pytest.mark.parametrize(("given", "dialled"), [
+    ("127.0.0.1:9090", "127.0.0.1:9090"),
+    (":9191", "127.0.0.1:9191"),
+    ("0.0.0.0:9191", "127.0.0.1:9191"),
+    ("[::]:9191", "[::1]:9191"),
+    ("::1", "[::1]:9090"),
+    ("fd00::7", "[fd00::7]:9090"),
+    ("[fd00::7]:9191", "[fd00::7]:9191"),
+])
+def test_members_addr_is_written_like_metrics_addr(given: str, dialled: str) -> None:
+    assert cli.parse_args(["members", "--addr", given]).addr == dialled
+
+
+def test_members_addr_that_cannot_be_dialled_is_one_line() -> None:
+    with pytest.raises(UsageError, match="--addr 'host:port:x'"):
+        cli.parse_args(["members", "--addr", "host:port:x"])

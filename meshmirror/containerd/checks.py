@@ -17,7 +17,6 @@ import os
 import re
 import stat
 import sys
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -27,13 +26,19 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meshmirror.containerd.config import ContainerdConfig
+from meshmirror.containerd.loadconfig import (
+    CRI_V1,
+    CRI_V2,
+    CRI_V3_IMAGES,
+    ConfigLoadError,
+    ImageSettings,
+    load_image_settings,
+    table,
+)
 
 NAMESPACE_METADATA = "containerd-namespace"
 _VERSION_METHOD = "/containerd.services.version.v1.Version/Version"
 _NAMESPACE_LIST_METHOD = "/containerd.services.namespaces.v1.Namespaces/List"
-_CRI_V1 = "cri"
-_CRI_V2 = "io.containerd.grpc.v1.cri"
-_CRI_V3_IMAGES = "io.containerd.cri.v1.images"
 DEFAULT_TIMEOUT = 3.0
 # Where k3s and RKE2 keep the config their embedded containerd runs with. Each rewrites
 # config.toml at every start, from config.toml.tmpl when that exists.
@@ -42,6 +47,9 @@ DISTRIBUTION_CONFIGS = (
     ("RKE2", "/var/lib/rancher/rke2/agent/etc/containerd/config.toml"),
 )
 TRANSFER_CHECK = "containerd transfer service"
+IMPORTS_CHECK = "containerd imports"
+# containerd 2.2's config_path when the config leaves it empty (and sets no mirrors).
+DEFAULT_CONFIG_PATH_LIST = "/etc/containerd/certs.d:/etc/docker/certs.d"
 V3_KEYS_CHECK = "containerd config version 3 keys"
 
 
@@ -80,6 +88,26 @@ KNOWN_BEHAVIOURS = (
         "the transfer service ignores hosts.toml when config_path lists several "
         "directories, so the mirror is never asked",
         "containerd#12415, containerd#12636, spegel#1272"),
+    KnownBehaviour(
+        "transfer_service_local_pull_fallback", (2, 1), None,
+        "CRI pulls without the transfer service (and so reads a config_path list) when the "
+        "config sets something it cannot honour: disable_snapshot_annotations = false, "
+        "discard_unpacked_layers = true, registry mirrors/configs/auths, "
+        "max_concurrent_downloads other than 3, image_pull_with_sync_fs = true",
+        "containerd internal/cri/config CheckLocalImagePullConfigs (2.1)"),
+    KnownBehaviour(
+        "default_config_path_list", (2, 2), None,
+        "an empty or unset config_path (with no registry.mirrors) means "
+        "/etc/containerd/certs.d:/etc/docker/certs.d; before 2.2 it means no hosts.toml",
+        "containerd internal/cri/config/config_unix.go (2.2), plugins/cri/images (2.3)"),
+    KnownBehaviour(
+        "config_loading_v2", (2, 0), None,
+        "a file without a version line (or version 1) is read as version 3, so v2 places "
+        "are ignored; imports are merged key by key, the last file's value winning (1.x "
+        "replaces a plugin's whole table); a version 2 file's CRI settings are moved into "
+        "the images plugin, its containerd-table ones only when runtimes are also set",
+        "containerd cmd/containerd/server/config, plugins/cri/images configMigration; "
+        "containerd config dump of 1.6.20, 1.7.24, 2.1.9"),
     KnownBehaviour(
         "other_platform_manifests_kept", (2, 0), None,
         "pulls and imports keep every platform's manifest (pulls also their configs), "
@@ -255,27 +283,6 @@ def check_namespace(socket_path: str, namespace: str,
     return _passed(name, f"{namespace!r} exists")
 
 
-def _table(data: Mapping[str, Any], *keys: str) -> Mapping[str, Any]:
-    node: Any = data
-    for key in keys:
-        node = node.get(key, {}) if isinstance(node, Mapping) else {}
-    return node if isinstance(node, Mapping) else {}
-
-
-def _cri_sections(
-    config: Mapping[str, Any],
-) -> tuple[int, str, Mapping[str, Any], Mapping[str, Any]]:
-    """(version, plugin id, registry table, table holding discard_unpacked_layers)."""
-    version = config.get("version", 1)
-    plugins = _table(config, "plugins")
-    if version == 3:
-        images = _table(plugins, _CRI_V3_IMAGES)
-        return 3, _CRI_V3_IMAGES, _table(images, "registry"), images
-    plugin_id = _CRI_V1 if version == 1 else _CRI_V2
-    cri = _table(plugins, plugin_id)
-    return int(version), plugin_id, _table(cri, "registry"), _table(cri, "containerd")
-
-
 def locate_config(config_file: str,
                   distributions: Sequence[tuple[str, str]] = DISTRIBUTION_CONFIGS,
                   default: str = ContainerdConfig().config) -> tuple[str, str | None]:
@@ -313,49 +320,53 @@ def check_containerd_config(config_file: str,
 
     Without ``config_path`` CRI pulls never read hosts.toml, so the mirror is
     never asked; with ``discard_unpacked_layers`` containerd deletes layer blobs
-    after unpacking, so this node has nothing to share. Both are read from the
-    v1, v2 and v3 (containerd 2) layouts. An unreadable config is skipped, not
-    failed: in a pod it is often simply not mounted. ``containerd_version`` (from
-    the socket) selects the known behaviours that apply (KNOWN_BEHAVIOURS).
+    after unpacking, so this node has nothing to share. The settings are the ones
+    containerd arrives at (loadconfig: imports, version, 2.x's migration). An
+    unreadable config is skipped, not failed: in a pod it is often simply not
+    mounted. ``containerd_version`` (from the socket) selects the known behaviours
+    that apply (KNOWN_BEHAVIOURS).
     """
     path_name = "containerd config_path"
     discard_name = "containerd discard_unpacked_layers"
     config_file, distribution = locate_config(config_file, distributions)
     hint = _edit_hint(config_file, distribution)
+    containerd2 = None if containerd_version is None else containerd_version >= (2, 0)
     try:
-        with open(config_file, "rb") as f:
-            config = tomllib.load(f)
+        loaded = load_image_settings(config_file, containerd2)
     except OSError as err:
         reason = f"{config_file} not readable ({err.strerror}); skipped"
         return [_skipped(path_name, reason), _skipped(discard_name, reason)]
-    except tomllib.TOMLDecodeError as err:
-        problem = f"{config_file} is not valid TOML ({err})"
-        return [_failed(path_name, problem, "fix the file, or point --containerd-config at "
-                                            "containerd's real config")]
-    version, plugin_id, registry, discard_table = _cri_sections(config)
+    except ConfigLoadError as err:
+        return [_failed(path_name, str(err), "fix the file, or point --containerd-config at "
+                                             "containerd's real config")]
+    version = loaded.version
     if version not in (1, 2, 3):
         return [_skipped(path_name, f"{config_file}: config version {version} unknown; skipped")]
-    disabled = config.get("disabled_plugins", [])
-    if isinstance(disabled, list) and ({plugin_id, _CRI_V1, _CRI_V2} & set(disabled)):
+    if {CRI_V1, CRI_V2, CRI_V3_IMAGES} & set(loaded.disabled_plugins):
         reason = (f"the CRI plugin is disabled in {config_file}, so only clients given "
                   "--hosts-dir read hosts.toml; skipped")
         return [_skipped(path_name, reason), _skipped(discard_name, reason)]
     results: list[CheckResult] = []
-    section = f'[plugins."{plugin_id}".registry]'
-    raw_path = registry.get("config_path")
-    if isinstance(raw_path, str) and raw_path:
-        paths = [p for p in raw_path.split(":") if p]
-    elif version == 3 and raw_path is None:
-        # containerd 2 reads hosts.toml from these unless told otherwise.
-        paths = ["/etc/containerd/certs.d", "/etc/docker/certs.d"]
-    else:
-        paths = []
+    if loaded.unreadable:
+        results.append(_skipped(IMPORTS_CHECK, f"{', '.join(loaded.unreadable)} (imported by "
+                                               f"{config_file}) not readable here; the "
+                                               "checks below do not see what they set"))
+    section = loaded.registry_section
+    paths = config_paths(loaded, containerd_version)
+    mirrors = table(loaded.registry, "mirrors")
     if not paths:
+        never = "containerd never reads hosts.toml"
+        if loaded.containerd2 and containerd_version is None:
+            never += f" on 2.0 and 2.1 (2.2 and later read {DEFAULT_CONFIG_PATH_LIST})"
         results.append(_failed(
-            path_name, f"{config_file} does not set config_path in {section}, so containerd "
-                       "never reads hosts.toml",
+            path_name, f"{config_file} does not set config_path in {section}, so {never}",
             f"add config_path = \"{registry_config_path or '/etc/containerd/certs.d'}\" under "
             f"{section} and restart containerd{hint}"))
+    elif mirrors:
+        results.append(_failed(
+            path_name, f"{section} sets both config_path and the deprecated mirrors table; "
+                       "containerd refuses that combination and its CRI plugin does not start",
+            f"move the entries of {section[:-1]}.mirrors] into hosts.toml files and delete it"))
     elif registry_config_path is not None and \
             os.path.normpath(registry_config_path) not in {os.path.normpath(p) for p in paths}:
         results.append(_failed(
@@ -363,50 +374,82 @@ def check_containerd_config(config_file: str,
                        f"writes {registry_config_path}",
             f"set --containerd-registry-config-path to {paths[0]}, or config_path in "
             f"{section} to {registry_config_path}"))
-    elif _table(registry, "mirrors") and version != 3:
-        results.append(_failed(
-            path_name, f"{section} sets both config_path and the deprecated mirrors table; "
-                       "containerd refuses that combination",
-            f"move the entries of {section[:-1]}.mirrors] into hosts.toml files and delete it"))
     else:
         results.append(_passed(path_name, f"hosts.toml read from {':'.join(paths)}"))
-    if discard_table.get("discard_unpacked_layers") is True:
+    if loaded.images.get("discard_unpacked_layers") is True:
         results.append(_failed(
             discard_name, f"{config_file} sets discard_unpacked_layers = true: containerd "
                           "deletes layers after unpacking, so this node has nothing to share",
-            f"set discard_unpacked_layers = false and restart containerd{hint}"))
+            f"set discard_unpacked_layers = false under {loaded.images_section} and restart "
+            f"containerd{hint}"))
     else:
         results.append(_passed(discard_name, "layers are kept after unpacking"))
     if version == 3:
-        results.append(_check_v3_keys(config_file, config, hint))
-    transfer = _check_transfer_service(config_file, containerd_version, discard_table, paths,
-                                       version, hint)
+        results.append(_check_v3_keys(config_file, loaded.main, hint))
+    transfer = _check_transfer_service(config_file, containerd_version, loaded, paths, hint)
     if transfer is not None:
         results.append(transfer)
     return results
 
 
+def config_paths(loaded: ImageSettings,
+                 containerd_version: tuple[int, int] | None) -> list[str]:
+    """The directories CRI reads hosts.toml from; empty when it reads none.
+
+    containerd 2.2 and later fill an empty config_path with their default list when
+    no mirrors are set; before, and when the version is unknown, empty means none.
+    """
+    raw = loaded.registry.get("config_path")
+    paths = [p for p in raw.split(":") if p] if isinstance(raw, str) else []
+    if not paths and loaded.containerd2 and not table(loaded.registry, "mirrors") and \
+            has_behaviour("default_config_path_list", containerd_version):
+        paths = DEFAULT_CONFIG_PATH_LIST.split(":")
+    return paths
+
+
 def _check_v3_keys(config_file: str, config: Mapping[str, Any], hint: str) -> CheckResult:
     """A version 3 file with image settings in their v2 places: containerd 2 ignores them."""
-    old = _table(config, "plugins", _CRI_V2)
+    old = table(config, "plugins", CRI_V2)
     misplaced = [f"registry.{k}" for k in ("config_path", "mirrors", "configs")
-                 if k in _table(old, "registry")]
+                 if k in table(old, "registry")]
     misplaced += [k for k in ("discard_unpacked_layers", "snapshotter")
-                  if k in _table(old, "containerd")]
+                  if k in table(old, "containerd")]
     if not misplaced:
         return _passed(V3_KEYS_CHECK, "image settings are in their version 3 places")
     return _failed(
         V3_KEYS_CHECK,
         f"{config_file} is version 3 but sets {', '.join(misplaced)} under "
-        f"[plugins.\"{_CRI_V2}\"], which containerd 2 ignores",
-        f"move them under [plugins.'{_CRI_V3_IMAGES}'] (registry.config_path under "
-        f"[plugins.'{_CRI_V3_IMAGES}'.registry]) and restart containerd{hint}",
+        f"[plugins.\"{CRI_V2}\"], which containerd 2 ignores",
+        f"move them under [plugins.'{CRI_V3_IMAGES}'] (registry.config_path under "
+        f"[plugins.'{CRI_V3_IMAGES}'.registry]) and restart containerd{hint}",
         warning=True)
 
 
+def local_pull_reasons(images: Mapping[str, Any]) -> list[str]:
+    """The settings that make containerd >= 2.1's CRI pull without the transfer service.
+
+    ``use_local_image_pull = true``, or any setting the transfer service cannot honour,
+    on which CRI falls back to pulling locally by itself (CheckLocalImagePullConfigs in
+    containerd's internal/cri/config, 2.1 and later); defaults as DefaultImageConfig.
+    """
+    registry = table(images, "registry")
+    found = [
+        ("use_local_image_pull = true", images.get("use_local_image_pull") is True),
+        ("disable_snapshot_annotations = false",
+         images.get("disable_snapshot_annotations") is False),
+        ("discard_unpacked_layers = true", images.get("discard_unpacked_layers") is True),
+        ("registry.mirrors", bool(table(registry, "mirrors"))),
+        ("registry.configs", bool(table(registry, "configs"))),
+        ("registry.auths", bool(table(registry, "auths"))),
+        (f"max_concurrent_downloads = {images.get('max_concurrent_downloads')}",
+         images.get("max_concurrent_downloads", 3) != 3),
+        ("image_pull_with_sync_fs = true", images.get("image_pull_with_sync_fs") is True),
+    ]
+    return [name for name, present in found if present]
+
+
 def _check_transfer_service(config_file: str, containerd_version: tuple[int, int] | None,
-                            images: Mapping[str, Any],
-                            paths: Sequence[str], config_version: int,
+                            loaded: ImageSettings, paths: Sequence[str],
                             hint: str) -> CheckResult | None:
     """containerd >= 2.1 pulls through its transfer service, which ignores a config_path list.
 
@@ -415,23 +458,25 @@ def _check_transfer_service(config_file: str, containerd_version: tuple[int, int
     reachable) is checked as if it were 2.1 or later: the fix is harmless on 2.0.
     """
     applies = has_behaviour("transfer_service_ignores_config_path_list", containerd_version)
-    if applies is False or (applies is None and config_version != 3):
+    if applies is False or (applies is None and not loaded.containerd2):
         return None
-    if images.get("use_local_image_pull") is True:
-        return _passed(TRANSFER_CHECK, "use_local_image_pull = true: CRI pulls read hosts.toml")
+    reasons = local_pull_reasons(loaded.images)
+    if reasons:
+        return _passed(TRANSFER_CHECK, f"{reasons[0]}: CRI pulls without the transfer "
+                                       "service and reads hosts.toml")
     if not paths:
         return _skipped(TRANSFER_CHECK, "no config_path; see the config_path check")
     if len(paths) == 1:
         return _passed(TRANSFER_CHECK, f"the transfer service reads hosts.toml from the single "
                                        f"config_path {paths[0]}")
-    section = f"[plugins.'{_CRI_V3_IMAGES}']"
     return _failed(
         TRANSFER_CHECK,
         f"{config_file}: config_path lists several directories ({':'.join(paths)}) and "
         "use_local_image_pull is not true, so containerd's transfer service ignores "
         "hosts.toml and CRI pulls never ask the mirror",
-        f"set use_local_image_pull = true under {section}, or set config_path to one "
-        f"directory (config_path = \"{paths[0]}\"), and restart containerd{hint}",
+        f"set use_local_image_pull = true under {loaded.images_section}, or set config_path "
+        f"to one directory (config_path = \"{paths[0]}\" under {loaded.registry_section}), "
+        f"and restart containerd{hint}",
         warning=True)
 
 

@@ -21,9 +21,9 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from meshmirror.addresses import format_host_port, is_wildcard
-from meshmirror.containerd.checks import CheckResult, run_startup_checks
+from meshmirror.containerd.checks import CheckResult, run_startup_checks, version_of
 from meshmirror.containerd.config import DoctorConfig
-from meshmirror.containerd.hostsconfig import HOSTS_FILE, MirroredRegistry
+from meshmirror.containerd.hostsconfig import DEFAULT_HOST_DIR, HOSTS_FILE, MirroredRegistry
 
 DEFAULT_TIMEOUT = 2.0
 __all__ = ["DoctorConfig", "doctor_command", "run_doctor"]
@@ -131,6 +131,105 @@ def _check_expected_targets(name: str, path: Path, pulls: Sequence[str],
     return CheckResult(name, False, problem=problem, fix=fix)
 
 
+def lookup_dirs(registry: str) -> list[str]:
+    """The directories containerd tries for ``registry``, in order (hostPaths, containerd
+    1.6 to 2.x): ``host_port_`` before ``host:port``, then ``_default``."""
+    host, sep, port = registry.rpartition(":")
+    ahead = [f"{host}_{port}_"] if sep and host and not registry.endswith("]") else []
+    return [*ahead, registry, DEFAULT_HOST_DIR]
+
+
+def check_shadowing(config_path: Path, registries: Sequence[MirroredRegistry],
+                    registry_addr: tuple[str, int],
+                    expected_targets: Sequence[str] = ()) -> list[CheckResult]:
+    """Directories containerd picks ahead of the ones meshmirror wrote, lacking the mirror.
+
+    containerd uses the first of ``host_port_``, ``host:port`` and ``_default`` that
+    exists, so a ``docker.io/hosts.toml`` written later by another tool (k3s's
+    registries.yaml, user data) takes docker.io's pulls away from ``_default``
+    silently, and a ``host_port_`` directory does the same to ``host:port``.
+    """
+    written = {r.directory for r in registries}
+    try:
+        present = sorted(entry.name for entry in config_path.iterdir() if entry.is_dir())
+    except OSError:
+        return []
+    results = []
+    for name in present:
+        if name in written or name.startswith("_"):
+            continue
+        shadowed = [r.directory for r in registries
+                    if name in lookup_dirs(r.directory)[:-1] or
+                    (r.directory == DEFAULT_HOST_DIR and name not in written)]
+        # A directory without hosts.toml (certificates only) shadows as much: containerd
+        # then pulls that registry with its certificates and no mirror.
+        if not shadowed:
+            continue
+        found = check_hosts_file(config_path, MirroredRegistry(name, None), registry_addr,
+                                 expected_targets)
+        if found.ok:
+            continue
+        path = config_path / name / HOSTS_FILE
+        why = (found.problem.removeprefix(f"{path} ") if path.exists() else
+               f"holds no {HOSTS_FILE}, so containerd pulls {name} without the mirror")
+        results.append(CheckResult(
+            f"hosts.toml {name}", False,
+            problem=f"{path.parent} is used for {name} instead of {shadowed[0]}/{HOSTS_FILE} "
+                    f"and {why}",
+            fix=f"remove {config_path / name} so containerd falls back to "
+                f"{shadowed[0]}/{HOSTS_FILE}, or list this node's mirror targets first in it"))
+    return results
+
+
+def ipv6_host_headers(text: str) -> list[str]:
+    """The ``[host."..."]`` headers whose key holds a bracket (an IPv6 address).
+
+    containerd 1.6 and 1.7 parse hosts.toml with go-toml v1, whose table-header lexer
+    stops at the first ``]`` even inside quotes (escaped as ``\\u005D`` too): the file
+    fails to decode and containerd pulls as if it did not exist. containerd 2 reads it.
+    No other form works on both (an inline ``[host]`` table is ignored by 2.x), so
+    configure writes the standard one and doctor says where it cannot work.
+    """
+    found = []
+    for line in text.splitlines():
+        header = line.strip()
+        if not header.startswith("[host.") or header.startswith("[["):
+            continue
+        key = header[len("[host."):].strip()
+        quote = key[:1]
+        if quote in ("'", '"'):
+            end = key.find(quote, 1)
+            inner = key[1:end] if end > 0 else key[1:]
+            if "]" in inner or "[" in inner or "\\u005" in inner.lower():
+                found.append(header)
+    return found
+
+
+def check_hosts_parse(config_path: Path, registries: Sequence[MirroredRegistry],
+                      containerd_version: tuple[int, int] | None) -> list[CheckResult]:
+    """hosts.toml files containerd 1.x cannot decode because of an IPv6 mirror address."""
+    if containerd_version is None or containerd_version >= (2, 0):
+        return []
+    results = []
+    for registry in registries:
+        path = config_path / registry.directory / HOSTS_FILE
+        try:
+            headers = ipv6_host_headers(path.read_text(errors="replace"))
+        except OSError:
+            continue
+        if headers:
+            version = ".".join(map(str, containerd_version))
+            results.append(CheckResult(
+                f"hosts.toml {registry.directory}", False,
+                problem=f"{path} has {headers[0]}: containerd {version} cannot parse an IPv6 "
+                        "address in a [host] header, so it ignores the file and pulls "
+                        "without the mirror",
+                fix="give the mirror targets a host name instead of an IPv6 address "
+                    "(--mirror-targets; the chart's service.registry.mirrorHost), or upgrade "
+                    "containerd to 2.x"))
+    return results
+
+
 def check_registry(registry_addr: tuple[str, int],
                    timeout: float = DEFAULT_TIMEOUT) -> CheckResult:
     """This node's registry accepts a TCP connection and answers ``GET /v2/`` with 200."""
@@ -169,6 +268,9 @@ def run_doctor(config: DoctorConfig) -> list[CheckResult]:
     results = run_startup_checks(config.containerd, registry_config_path=str(config_path))
     hosts = [check_hosts_file(config_path, r, config.registry_addr, config.hosts.targets)
              for r in config.hosts.registries]
+    hosts += check_shadowing(config_path, config.hosts.registries, config.registry_addr,
+                             config.hosts.targets)
+    hosts += check_hosts_parse(config_path, config.hosts.registries, version_of(results[0]))
     if not config.containerd_mirror_add:
         hosts = [as_information(r) for r in hosts]
     results.extend(hosts)

@@ -35,7 +35,7 @@ from meshmirror.containerd.client import (
     EventStream,
 )
 from meshmirror.containerd.proto import content_events_pb2, events_pb2, image_events_pb2
-from meshmirror.fileio import pread_chunks
+from meshmirror.fileio import FileChunks
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE, ManifestError, parse_manifest
 from meshmirror.oci.mediatypes import is_manifest_like
@@ -291,14 +291,22 @@ class ContainerdStore(Store):
             return
         fd = await self._open_direct(digest)
         if fd is not None:
-            try:
-                async for chunk in pread_chunks(fd, offset, end, CHUNK_SIZE):
+            async with contextlib.aclosing(FileChunks(fd, offset, end, CHUNK_SIZE)) as body:
+                async for chunk in body:
                     yield chunk
-            finally:
-                os.close(fd)
             return
         async for chunk in self._read_grpc(digest, offset, end - offset):
             yield chunk
+
+    async def open_file(self, digest: Digest, offset: int = 0, length: int | None = None
+                        ) -> FileChunks | None:
+        """The blob's file in containerd's content directory, when it is readable here."""
+        info = await self.stat(digest)
+        end = check_range(info.size, offset, length)
+        if end <= offset:
+            return None
+        fd = await self._open_direct(digest)
+        return None if fd is None else FileChunks(fd, offset, end, CHUNK_SIZE)
 
     async def _open_direct(self, digest: Digest) -> int | None:
         """A descriptor on the blob's file, or None when the directory is not readable here."""

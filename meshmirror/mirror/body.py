@@ -111,7 +111,9 @@ def take_over(response: aiohttp.ClientResponse) -> tuple[bytes, socket.socket] |
     return b"".join(buffered), sock
 
 
-BodyItem = bytes | PeerFailure | SinkFailure | None
+BodyItem = bytes | int | PeerFailure | SinkFailure | None
+"""What the loop gets from a pump: a chunk, or only its length when ``keep`` already
+holds it, then ``None`` at the end or a failure."""
 
 
 class BodyPump:
@@ -126,7 +128,10 @@ class BodyPump:
 
     - Back-pressure: the reader reads a chunk only when it holds one of
       ``read_ahead`` slots; the loop gives a slot back once the chunk it yielded
-      has been consumed, so memory stays at a few chunks per stream.
+      has been consumed, so memory stays at a few chunks per stream. A chunk that
+      ``keep`` holds (a blob-cache file) gives its slot back once hashed, and the
+      loop is told only its length: a fetch into the cache runs at the pace of
+      the peer and the hash, whatever else the loop is doing.
     - Stall bound: ``SO_RCVTIMEO`` makes a read wait at most ``stall_timeout``
       (with no byte it fails; with some it returns them), and a `Progress` fails
       the body when a window of waiting brought less than ``min_rate``.
@@ -236,7 +241,13 @@ class BodyPump:
                 self._post(SinkFailure.of(err))
                 self.stop()
                 continue
-            self._post(item)
+            if self._keep is None:
+                self._post(item)
+                continue
+            # Kept and hashed: the loop needs only the count, so the chunk's memory and
+            # slot go back now and the reader never waits on a busy loop.
+            self.consumed()
+            self._post(len(item))
 
     def read(self) -> None:
         """The reader thread; it always ends by queueing one final item."""

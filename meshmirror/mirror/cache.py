@@ -64,8 +64,10 @@ _SHARED_PIECES = 16
 class CacheEntry:
     """One blob's file: written in order by one thread at a time, read back by ranges.
 
-    ``written`` is how far the current attempt has reached; it only grows,
-    except through `reset` (the bytes failed verification and are written again).
+    ``written`` is how far the current attempt has reached from byte 0; it only
+    grows, except through `reset` (the bytes failed verification and are written
+    again). A striped blob (see `split`) is written as several byte ranges at once,
+    each in order; ``written`` is then the prefix they have filled together.
     """
 
     def __init__(self, cache: BlobCache, key: str, path: Path, size: int) -> None:
@@ -77,6 +79,8 @@ class CacheEntry:
         # Where the verified bytes came from (`flight.BlobSource.origin`).
         self.origin: str | None = None
         self.pins = 0
+        # Striped: [start, end, filled] per range, written in parallel (see `split`).
+        self._extents: list[list[int]] | None = None
         self._cache = cache
         self._recent: OrderedDict[tuple[int, int], asyncio.Future[bytes]] = OrderedDict()
         # Owned here; `BlobCache._drop` closes it.
@@ -97,10 +101,47 @@ class CacheEntry:
         self.written += len(chunk)
 
     def reset(self) -> None:
-        """Forget what was written (the bytes failed verification)."""
+        """Forget what was written (the bytes failed verification), stripes included."""
         self._file.seek(0)
         self._file.truncate()
         self.written = 0
+        self._extents = None
+
+    def split(self, bounds: list[tuple[int, int]]) -> None:
+        """Write the blob as the ranges ``bounds`` ([start, end), in order, covering it)
+        from here on, each with `write_at`; call on an empty entry."""
+        if self.written or not bounds or bounds[0][0] != 0 or bounds[-1][1] != self.size:
+            raise ValueError(f"cannot split a {self.size}-byte entry into {bounds}")
+        self._extents = [[start, end, start] for start, end in bounds]
+
+    def write_at(self, index: int, chunk: bytes) -> None:
+        """Append ``chunk`` to range ``index``; safe from one thread per range at a time."""
+        assert self._extents is not None, "split first"
+        extent = self._extents[index]
+        if extent[2] + len(chunk) > extent[1]:
+            raise ValueError(f"range {index} ends at byte {extent[1]}, was given "
+                             f"{extent[2] + len(chunk)}")
+        view = memoryview(chunk)
+        while view:
+            done = os.pwrite(self.fileno(), view, extent[2])
+            view = view[done:]
+            extent[2] += done
+        self.written = self.available(0)
+
+    def available(self, position: int) -> int:
+        """Where the bytes written from ``position`` on end (``position`` if none yet)."""
+        if self._extents is None:
+            return max(position, self.written)
+        for start, end, filled in self._extents:
+            if start <= position < end:
+                if filled < end:
+                    return max(position, filled)
+                position = end
+        return position
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` written bytes from ``offset`` (to hash what stripes filled)."""
+        return os.pread(self.fileno(), size, offset)
 
     def resize(self, size: int) -> bool:
         """Hold ``size`` bytes instead (the blob turned out another size); False when

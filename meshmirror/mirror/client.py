@@ -148,12 +148,13 @@ class PeerClient:
         *,
         headers: dict[str, str] | None = None,
         offset: int = 0,
+        end: int | None = None,
     ) -> PeerResponse:
-        """Ask one peer for ``path`` (from byte ``offset``); raise `PeerFailure` unless
-        it answers 200 (206 for an offset) within the connect and first-byte bounds."""
+        """Ask one peer for ``path`` (bytes ``offset`` to ``end``); raise `PeerFailure`
+        unless it answers 200 (206 for a range) within the connect and first-byte bounds."""
         request_headers = {PEER_HEADER: "1", "Accept-Encoding": "identity", **(headers or {})}
-        if offset:
-            request_headers["Range"] = f"bytes={offset}-"
+        if offset or end is not None:
+            request_headers["Range"] = f"bytes={offset}-{'' if end is None else end - 1}"
         url = f"{peer.http_base}{path}"
         queue = self._queues.get(peer.name)
         if queue is None:
@@ -196,7 +197,7 @@ class PeerClient:
             break
         opened = PeerResponse(peer, response, started, give_back,
                               Progress(self._options.min_rate, self._options.stall_timeout))
-        expected_status = 206 if offset else 200
+        expected_status = 206 if offset or end is not None else 200
         if response.status != expected_status:
             opened.release()
             reason = "not_found" if response.status == 404 else "bad_status"
@@ -311,8 +312,14 @@ class PeerClient:
             raise PeerFailure("broken", str(err)) from err
         if (slow := opened.progress.check(len(chunk), self._clock() - started)) is not None:
             raise slow
-        self._metrics.peer_bytes.inc(len(chunk))
+        self._count_bytes(opened.peer, len(chunk))
         return chunk
+
+    def _count_bytes(self, peer: Peer, size: int) -> None:
+        self._metrics.peer_bytes.inc(size)
+        same = self._router.same_zone(peer.name)
+        self._metrics.peer_zone_bytes.labels(
+            "unknown" if same is None else "same" if same else "cross").inc(size)
 
     async def read_whole(self, opened: PeerResponse, limit: int) -> bytes:
         """The whole body, at most ``limit`` bytes, under the same stall and rate bounds."""
@@ -332,10 +339,11 @@ class PeerClient:
         length: int,
         consume: Callable[[bytes], None],
         keep: Callable[[bytes], None] | None,
-    ) -> AsyncGenerator[bytes, None] | None:
+    ) -> AsyncGenerator[bytes | int, None] | None:
         """The rest of ``opened``'s body (``length`` bytes), read on body threads.
 
-        Each chunk comes already passed to ``keep`` and then ``consume``; a break
+        Each chunk comes already passed to ``keep`` and then ``consume`` (with a
+        ``keep``, as its length only: the bytes are where ``keep`` put them); a break
         raises `PeerFailure` after the last good chunk, a failure of ``keep`` or
         ``consume`` raises `SinkFailure`. Closing the generator stops the threads.
         None when half the body threads are taken or the response cannot be
@@ -366,7 +374,7 @@ class PeerClient:
         except RuntimeError:  # executor shut down: the node is stopping
             sock.close()
             pump.items.put_nowait(PeerFailure("broken", "mirror closed"))
-            return self._chunks(pump)
+            return self._chunks(pump, opened.peer)
         self._pumps.add(pump)
         self._pumps_started += 1
         hashing.add_done_callback(lambda _: self._pumps.discard(pump))
@@ -375,13 +383,13 @@ class PeerClient:
         except RuntimeError:
             sock.close()
             pump.abandon()  # the hashing thread passes the failure on and returns
-            return self._chunks(pump)
+            return self._chunks(pump, opened.peer)
         # Closed on the loop only once the reader is done with it, so a concurrent
         # stop() can never shut down a descriptor that has been reused.
         reading.add_done_callback(lambda _: sock.close())
-        return self._chunks(pump)
+        return self._chunks(pump, opened.peer)
 
-    async def _chunks(self, pump: BodyPump) -> AsyncGenerator[bytes, None]:
+    async def _chunks(self, pump: BodyPump, peer: Peer) -> AsyncGenerator[bytes | int, None]:
         try:
             while True:
                 item = await pump.items.get()
@@ -389,7 +397,11 @@ class PeerClient:
                     return
                 if isinstance(item, PeerFailure | SinkFailure):
                     raise item
-                self._metrics.peer_bytes.inc(len(item))
+                if isinstance(item, int):  # kept and hashed already: only its length
+                    self._count_bytes(peer, item)
+                    yield item
+                    continue
+                self._count_bytes(peer, len(item))
                 yield item
                 pump.consumed()
         finally:

@@ -36,6 +36,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Protocol
 
+from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import PeerFailure, SinkFailure, VerificationError
 from meshmirror.mirror.options import MirrorOptions
@@ -386,10 +387,12 @@ class BlobFetch:
 
         Every chunk is passed, in order, to ``keep`` (where the blob is held until
         verified, if it is) and ``consume`` (hashing), and the generator ends only
-        once all are. With ``threads`` the body is read and consumed on body
-        threads (`PeerClient.pump`), so the event loop only forwards chunks;
-        otherwise, or without a free body thread, it is read here and consumed on
-        the default executor, overlapped with the next read.
+        once all are. With a ``keep`` the chunk may come as ``b""`` (its bytes are
+        in the keep already, read on body threads): only the positions count. With
+        ``threads`` the body is read and consumed on body threads
+        (`PeerClient.pump`), so the event loop only forwards chunks; otherwise, or
+        without a free body thread, it is read here and consumed on the default
+        executor, overlapped with the next read.
         """
         off_loop = _keep_then(keep, consume)
         position = offset
@@ -400,7 +403,7 @@ class BlobFetch:
             current = self._current
             if current is None:
                 raise PeerFailure("exhausted", f"no peer left at byte {position}")
-            pumped: AsyncGenerator[bytes, None] | None = None
+            pumped: AsyncGenerator[bytes | int, None] | None = None
             if threads and pumped_from is not current:
                 pumped_from = current  # once per source: a refusal means read it here
                 if hashing is not None:
@@ -410,9 +413,13 @@ class BlobFetch:
             try:
                 if pumped is not None:
                     try:
-                        async for chunk in pumped:
-                            yield position, chunk
-                            position += len(chunk)
+                        async for item in pumped:
+                            if isinstance(item, int):  # kept and hashed on the threads
+                                yield position, b""
+                                position += item
+                                continue
+                            yield position, item
+                            position += len(item)
                     finally:
                         await pumped.aclose()
                     continue
@@ -444,6 +451,18 @@ def in_pieces(data: bytes, size: int) -> Iterator[bytes]:
         return
     for start in range(0, len(data), size):
         yield data[start : start + size]
+
+
+async def held_body(data: bytes, piece: int, budget: MemoryBudget | None = None,
+                    taken: int = 0) -> AsyncIterator[bytes]:
+    """A verified body held in memory, handed on in pieces of at most ``piece`` bytes;
+    ``taken`` bytes of ``budget`` go back once it is sent or dropped."""
+    try:
+        for part in in_pieces(data, piece):
+            yield part
+    finally:
+        if budget is not None:
+            budget.give(taken)
 
 
 def _mismatch(digest: Digest, detail: str = "") -> PeerFailure:

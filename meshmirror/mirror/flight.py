@@ -11,8 +11,7 @@ and readers are served from that file at any offset, Range included:
   checked out, then reads the file: every waiting request gets its headers at
   the same moment, none waits for the requests ahead of it;
 - a following reader (``verified=False``) gets bytes as they arrive, for a
-  consumer that verifies on its own (another mirror) or that would have
-  fetched those same bytes itself (the owner's containerd, upstream bytes).
+  consumer that verifies on its own (another mirror).
 
 Failure modes. The source starting over from byte 0 (a digest mismatch, a size
 disagreement: `BlobFetch` does this to find the liar) is counted as a restart
@@ -45,8 +44,9 @@ import logging
 import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from meshmirror.fileio import FileSpan
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.cache import BlobCache, CacheEntry
 from meshmirror.mirror.errors import PeerFailure, SinkFailure, VerificationError
@@ -107,11 +107,13 @@ class StreamSource:
     """A `BlobSource` over a `ChunkStream`: hashed in order, resumed after a break
     (at most ``resumes`` times), never started over: a mismatch is a failure."""
 
-    def __init__(self, stream: ChunkStream, digest: Digest, *, resumes: int = 3) -> None:
+    def __init__(self, stream: ChunkStream, digest: Digest, *, resumes: int = 3,
+                 size: int = 0) -> None:
+        """``size``: of a ``stream`` already open (then `open` is not called)."""
         self._stream = stream
         self._digest = digest
         self._resumes = resumes
-        self._size = 0
+        self._size = size
 
     @property
     def origin(self) -> str | None:
@@ -153,6 +155,28 @@ def _keep_and_hash(sink: Sink, consume: Callable[[bytes], None], chunk: bytes) -
     except Exception as err:
         raise SinkFailure.of(err) from err
     consume(chunk)
+
+
+@runtime_checkable
+class RangeSink(Sink, Protocol):
+    """A `Sink` that also takes a blob as byte ranges written at once (stripes, see
+    `rollout`): what a flight gives its source."""
+
+    def split(self, bounds: list[tuple[int, int]]) -> None:
+        """From here on the blob arrives as the ranges ``bounds`` (after a `reset`)."""
+        ...
+
+    def write_at(self, index: int, chunk: bytes) -> None:
+        """Append ``chunk`` to range ``index`` (one thread per range at a time)."""
+        ...
+
+    def available(self, position: int) -> int:
+        """Where the bytes written from ``position`` on end."""
+        ...
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Written bytes back, to hash them in order."""
+        ...
 
 
 class State(enum.Enum):
@@ -213,6 +237,10 @@ class Flight:
     def written(self) -> int:
         """Bytes of the current attempt in the entry (all of them once verified)."""
         return self.entry.written if self.entry is not None else 0
+
+    def available(self, position: int) -> int:
+        """Where the current attempt's bytes from ``position`` on end."""
+        return self.entry.available(position) if self.entry is not None else position
 
     @property
     def landed(self) -> bool:
@@ -313,6 +341,19 @@ class _FlightSink:
         self._started = True
         self._entry.reset()
 
+    def split(self, bounds: list[tuple[int, int]]) -> None:
+        self._entry.split(bounds)
+
+    def write_at(self, index: int, chunk: bytes) -> None:
+        self._entry.write_at(index, chunk)
+        self._flight.progressed()
+
+    def available(self, position: int) -> int:
+        return self._entry.available(position)
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        return self._entry.read_at(offset, size)
+
     def resize(self, size: int) -> bool:
         if not self._entry.resize(size):
             return False
@@ -359,7 +400,10 @@ class Reader:
         """Bytes [start, end); the body owns this reader and closes it (also when it is
         dropped unread). A verified reader's body must only be asked for once
         `wait_verified` said True."""
-        return Body(self._bytes(start, end), self.close, self.flight._loop)
+        span = None
+        if self.verified and self._entry is not None and self._entry.complete:
+            span = FileSpan(self._entry.fileno(), start, end)
+        return Body(self._bytes(start, end), self.close, self.flight._loop, span)
 
     async def _bytes(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
         flights = self.flight._flights
@@ -378,7 +422,8 @@ class Reader:
         attempt = flight.attempt
         position = start
         while position < end:
-            while flight.written <= position and flight.state is not State.VERIFIED:
+            while (flight.available(position) <= position
+                   and flight.state is not State.VERIFIED):
                 if flight.landed or flight.attempt != attempt:
                     raise VerificationError(f"{flight.key}: fetch failed at byte {position}")
                 try:
@@ -391,7 +436,8 @@ class Reader:
                 raise VerificationError(f"{flight.key}: fetch started over at byte {position}")
             entry = self._entry
             assert entry is not None
-            upto = min(end, flight.written if flight.state is not State.VERIFIED else end)
+            upto = min(end, flight.available(position)
+                       if flight.state is not State.VERIFIED else end)
             pieces = entry.read(position, upto, flights.piece, flights.budget)
             try:
                 async for piece in pieces:
@@ -414,27 +460,39 @@ class Reader:
 
 
 class Body:
-    """A reader's body whose `aclose` closes the reader even if it was never iterated."""
+    """A reader's body whose `aclose` closes the reader even if it was never iterated.
+
+    A verified reader's body is also its entry's file (`file_span`), which the server
+    sends with sendfile: no piece is read into memory, and the reader's pin keeps the
+    entry until the body is closed."""
 
     def __init__(self, chunks: AsyncGenerator[bytes, None], close: Callable[[], None],
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, span: FileSpan | None = None) -> None:
         self._chunks = chunks
         self._close = close
+        self._span = span
+        self._closed = False
         # A body dropped unread (the client left before its first byte) still lets go
         # of its reader; readers live on the loop, so a finalizer elsewhere defers.
         weakref.finalize(self, _close_on, loop, threading.get_ident(), close)
+
+    def file_span(self) -> FileSpan | None:
+        return None if self._closed else self._span
 
     def __aiter__(self) -> Body:
         return self
 
     async def __anext__(self) -> bytes:
+        self._span = None  # iterated: the bytes are being read, not sent from the file
         try:
             return await anext(self._chunks)
         except StopAsyncIteration:
+            self._closed = True
             self._close()
             raise
 
     async def aclose(self) -> None:
+        self._closed = True
         try:
             await self._chunks.aclose()
         finally:

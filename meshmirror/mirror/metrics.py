@@ -106,6 +106,15 @@ class MirrorMetrics:
             "Bytes received from peers (verified or not)",
             registry=registry,
         )
+        # Cross-zone transfer is what clouds bill; "unknown" when either zone is not known.
+        self.peer_zone_bytes = Counter(
+            "meshmirror_mirror_peer_zone_bytes",
+            "Bytes received from peers, by whether the peer is in this node's zone "
+            "(same, cross, unknown)",
+            ["zone"], registry=registry,
+        )
+        for zone in ("same", "cross", "unknown"):
+            self.peer_zone_bytes.labels(zone)
         self.first_byte = Histogram(
             "meshmirror_mirror_first_byte_seconds",
             "From a miss to the first peer's response headers (the lookup cost a pull sees)",

@@ -30,18 +30,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.cache import BlobCache
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import PeerFailure, SinkFailure
-from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink, in_pieces
-from meshmirror.mirror.flight import BlobSource, Flight, Flights, Reader, State, StreamSource
+from meshmirror.mirror.fetch import BlobFetch, DiscardSink, MemorySink, Sink, held_body
+from meshmirror.mirror.flight import BlobSource, Flight, Flights, Reader, State
 from meshmirror.mirror.metrics import MirrorMetrics, finished
 from meshmirror.mirror.options import MirrorOptions, PrivateImages
 from meshmirror.mirror.rollout import FirstFound, PeersFallback, Rollout
@@ -211,7 +210,7 @@ class PeerMirror:
             return Miss(MissReason.UPSTREAM_FAILED)
         self._count(registry, "manifest", "hit", path, started, None, len(fetched.data))
         return FallbackContent(digest, len(fetched.data), fetched.media_type,
-                               _held(fetched.data, self._options.send_size))
+                               held_body(fetched.data, self._options.send_size))
 
     async def _manifest_by_tag(self, registry: str, repository: str, tag: str, path: str,
                                started: float) -> FallbackContent | Miss:
@@ -242,7 +241,7 @@ class PeerMirror:
         except NotServableError as err:
             logger.info("stored manifest %s not servable: %s", digest, err)
             return Miss(MissReason.NO_PEER, "stored manifest not servable")
-        body = _held(data, self._options.send_size) if data is not None else None
+        body = held_body(data, self._options.send_size) if data is not None else None
         return FallbackContent(info.digest, info.size, media_type, body)
 
     async def _fetch_manifest(self, registry: str, peer_path: str, key: str,
@@ -288,7 +287,7 @@ class PeerMirror:
         if Digest.of(data, expected.algorithm) != expected:
             raise PeerFailure("digest_mismatch", f"manifest {expected}")
         return FallbackContent(expected, len(data), media_type or None,
-                               _held(data, self._options.send_size))
+                               held_body(data, self._options.send_size))
 
     async def open_blob(
         self,
@@ -307,12 +306,9 @@ class PeerMirror:
         if access.denied:
             self._count(registry, "blob", "refused", path, started)
             return _denied(access)
-        # A blob no peer holds comes through its tree; the owner's containerd may
-        # follow the upstream's bytes as they arrive (see `rollout`).
-        follow = (self._rollout is not None and not self._router.candidates(str(digest), 1)
-                  and self._rollout.is_owner(digest))
-        reader = self.flights.attach(digest, lambda: self._source(registry, repository, digest),
-                                     verified=not follow)
+        # A blob no peer holds comes through its tree (see `rollout`); containerd gets
+        # it verified, on the owner too (a slow upstream is then a 404, not a cut body).
+        reader = self.flights.attach(digest, lambda: self._source(registry, repository, digest))
         record = _BlobRecord(registry, path, started, reader.flight)
         try:
             content = await self._shared_blob(reader, record, digest, byte_range, want_body)
@@ -334,8 +330,7 @@ class PeerMirror:
         rollout = self._rollout
         if rollout is None:
             return fetch
-        return FirstFound(fetch, lambda: StreamSource(
-            rollout.stream(registry, repository, digest), digest, resumes=16))
+        return FirstFound(fetch, lambda: rollout.source(registry, repository, digest))
 
     async def _shared_blob(
         self,
@@ -445,7 +440,7 @@ class PeerMirror:
             body = bytes(memoryview(memory.data)[start:end])  # one copy, not two
             del memory
             return FallbackContent(digest, size, None,
-                                   _held(body, self._options.send_size, budget, size))
+                                   held_body(body, self._options.send_size, budget, size))
         self._count_blob(record, "hit")
         self._metrics.blob_bodies.labels("stream").inc()
         return FallbackContent(digest, size, None, fetch.stream(start, end))
@@ -526,15 +521,3 @@ class _Unshared:
 
 
 _UNSHARED = _Unshared()
-
-
-async def _held(data: bytes, piece: int, budget: MemoryBudget | None = None,
-                taken: int = 0) -> AsyncIterator[bytes]:
-    """A verified body held in memory, handed on in pieces of at most ``piece`` bytes;
-    ``taken`` bytes of ``budget`` go back once it is sent or dropped."""
-    try:
-        for part in in_pieces(data, piece):
-            yield part
-    finally:
-        if budget is not None:
-            budget.give(taken)

@@ -20,20 +20,27 @@ requests are served from a flight or the cache too, but never start a fetch.
 Nothing is advertised: the tree is a pure function of (digest, members), so a
 node that needs the blob knows whom to ask before any summary could say so.
 
-What containerd sees. The owner's containerd may follow the upstream's bytes
-as they arrive (it would have fetched the same bytes itself). Every other
-node's containerd gets the blob only once its digest verified, as for any
-peer's bytes; mirrors between them pass bytes on unverified, each verifying
-its own copy.
+What containerd sees. Every node's containerd, the owner's too, gets the blob
+only once its digest verified, as for any peer's bytes; mirrors between them
+pass bytes on unverified, each verifying its own copy. So an upstream too slow
+for the fetch's bound is a 404 for every containerd, which then goes to the
+upstream itself, never a body cut short (containerd 1.6 does not take a cut
+body to its next host).
 
-Failures. A parent that fails (refused, reset, stalled, or 429 because it
-serves `fanout` readers already) is left out and the tree recomputed without
-it, so the reader resumes with ``Range`` from its new parent, and a reader
-that becomes the owner (the old owner died) resumes from the upstream itself.
-With every member failed, the reader goes to the upstream directly. A node
-asked by a requester never asks that requester back. The upstream down or
-slow: bounded by `upstream.blobs`, then a miss, and containerd goes upstream
-itself. Private repositories never get here: the visibility check comes first.
+Stripes. A blob of at least `fanout` x `routing.owner.MIN_STRIPE` bytes is
+read as `fanout` byte ranges at once, each through its own rotated tree, into
+the one cache entry, and hashed whole in order (`TreeSource`).
+
+Failures. A parent that fails (refused, reset, stalled, or a 404 because it
+serves `fanout` readers' worth already and no slot freed within `slot_wait`)
+is left out and that tree (that stripe's) recomputed without it, so the reader
+resumes with ``Range`` from its new parent, and a reader that becomes the root
+(the old one died) resumes from the upstream itself. With every member
+failed, the reader goes to the upstream directly. A node asked by a requester
+never asks that requester back in the tree the requester reads from it. The
+upstream down or slow: bounded by `upstream.blobs` and the fetch's deadline,
+then a miss, and containerd goes upstream itself. Private repositories never
+get here: the visibility check comes first.
 """
 
 from __future__ import annotations
@@ -49,9 +56,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshmirror.mirror.client import PeerClient, PeerResponse
-from meshmirror.mirror.errors import PeerFailure
-from meshmirror.mirror.fetch import Sink
-from meshmirror.mirror.flight import BlobSource, Flights
+from meshmirror.mirror.errors import PeerFailure, SinkFailure
+from meshmirror.mirror.fetch import Sink, held_body
+from meshmirror.mirror.flight import BlobSource, Flights, RangeSink, StreamSource
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorOptions
 from meshmirror.mirror.visibility import BLOB_PROBE_REFERENCE, RepositoryAccess
@@ -60,7 +67,7 @@ from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
 from meshmirror.registry.fallback import FallbackContent, Miss, MissReason
 from meshmirror.registry.ranges import RangeSpec, UnsatisfiableRangeError
 from meshmirror.registry.requester import requester as client_address
-from meshmirror.routing.owner import FanoutTree
+from meshmirror.routing.owner import MIN_STRIPE, FanoutTree, stripe_count, stripe_range
 from meshmirror.routing.router import Peer, Router
 from meshmirror.upstream.blobs import (
     FetchedManifest,
@@ -78,6 +85,10 @@ _MAX_NAME = 256
 # The node that sent the tree request being served, if the request is one.
 _requester: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "meshmirror_tree_requester", default=None)
+# Where the tree request being served starts (its Range's first byte): which stripe's
+# tree the requester reads from this node, so the node never asks it back in that one.
+_asked_at: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "meshmirror_tree_asked_at", default=0)
 
 
 def tree_requests(app: ASGIApp) -> ASGIApp:
@@ -122,11 +133,17 @@ class RolloutMetrics:
             registry=registry)
         self.readers = Gauge(
             "meshmirror_rollout_readers",
-            "Peers' readers this node serves now (at most --rollout-fanout)",
+            "Peers' readers this node serves now, in whole blobs' worth (a stripe's reader "
+            "counts 1/--rollout-fanout); at most --rollout-fanout",
             registry=registry)
         self.readers_peak = Gauge(
             "meshmirror_rollout_readers_peak",
-            "The most peers' readers this node served at once since it started",
+            "The most peers' readers this node served at once since it started, as "
+            "meshmirror_rollout_readers counts them",
+            registry=registry)
+        self.striped = Counter(
+            "meshmirror_rollout_striped_blobs",
+            "Blobs this node fetched as stripes, each from its own tree (see docs/rollout.md)",
             registry=registry)
         self.refused = Counter(
             "meshmirror_rollout_readers_refused",
@@ -151,14 +168,27 @@ class Rollout:
         self.metrics = metrics
         # Tree requests wait on a parent that is itself opening the blob upstream, and
         # follow it at the upstream's pace: the upstream's bounds apply, not a peer's.
+        # A node may read every stripe of the blobs containerd fetches at once (3 by
+        # default) from one member, each stripe one request: room for them all, or a
+        # stripe queued behind the others could give up and go to the upstream.
         patient = replace(options, first_byte_timeout=content.first_byte_timeout + 1.0,
-                          stall_timeout=content.stall_timeout + 1.0)
+                          stall_timeout=content.stall_timeout + 1.0,
+                          peer_connections=max(options.peer_connections,
+                                               3 * (options.rollout_fanout + 1)))
         self.options = options
         self.client = PeerClient(router, session, patient, mirror_metrics)
         self._chunk = options.chunk_size
-        self.serving = 0  # tree and peer readers this node serves now
-        self.serving_peak = 0
+        # Tree and peer readers this node serves now, in whole blobs' worth (see `admit`).
+        self.serving = 0.0
+        self.serving_peak = 0.0
+        self._freed = asyncio.Event()  # set (and replaced) whenever a slot frees
+        # How long a tree request waits for a slot: well inside the requester's patience.
+        self.slot_wait = content.first_byte_timeout / 2
         self._manifests: dict[str, asyncio.Future[FetchedManifest | None]] = {}
+        # Registries whose upstream answered a stripe's range with the whole blob.
+        self.no_ranges: set[str] = set()
+        # A blob of at least `fanout` stripes of this many bytes is striped (tests lower it).
+        self.min_stripe = MIN_STRIPE
 
     def close(self) -> None:
         self.client.close()
@@ -168,36 +198,57 @@ class Rollout:
         """The member that sent the request being served, if it is a tree request."""
         return _requester.get()
 
-    def tree(self, digest: Digest, leave_out: set[str]) -> tuple[FanoutTree, dict[str, Peer]]:
+    def tree(self, digest: Digest, leave_out: set[str],
+             stripe: int = 0) -> tuple[FanoutTree, dict[str, Peer]]:
         peers = {p.name: p for p in self._router.peers()
                  if p.name not in leave_out and p.name != self.name}
-        return FanoutTree(str(digest), [self.name, *peers], self.fanout), peers
+        return FanoutTree(str(digest), [self.name, *peers], self.fanout, stripe), peers
 
-    def is_owner(self, digest: Digest) -> bool:
-        return self.tree(digest, set())[0].owner == self.name
-
-    def stream(self, registry: str, repository: str, digest: Digest) -> TreeStream:
-        """A `flight.ChunkStream` of the blob through the tree (see the module's note)."""
+    def source(self, registry: str, repository: str, digest: Digest) -> TreeSource:
+        """A `flight.BlobSource` of the blob through its tree or its stripes' trees (see
+        the module's note); made while serving a tree request, it never asks back the
+        member that sent it."""
         leave_out = {r} if (r := self.requester()) else set()
-        return TreeStream(self, registry, repository, digest, leave_out)
+        return TreeSource(self, registry, repository, digest, leave_out, _asked_at.get())
 
     # -- readers this node serves --------------------------------------------------
 
-    def admit(self) -> bool:
-        """Take a reader slot; False when `fanout` readers are served already."""
-        if self.serving >= self.fanout:
+    def admit(self, share: float = 1.0) -> bool:
+        """Take ``share`` of a reader slot (a stripe's reader takes 1/`fanout`: it moves
+        that share of a blob); False when `fanout` whole readers' worth are served."""
+        if self.serving + share > self.fanout + 1e-9:
             self.metrics.refused.inc()
             return False
-        self.serving += 1
+        self._take(share)
+        return True
+
+    async def admit_waiting(self, share: float, wait: float) -> bool:
+        """`admit`, waiting up to ``wait`` seconds for a slot to free. For tree requests:
+        in a small cluster with many blobs at once (every member reads every stripe from
+        its root) a node is briefly full; a refused reader would leave it out and could
+        end up fetching from the upstream itself, while a short wait costs nothing."""
+        try:
+            async with asyncio.timeout(wait):
+                while self.serving + share > self.fanout + 1e-9:
+                    await self._freed.wait()
+        except TimeoutError:
+            self.metrics.refused.inc()
+            return False
+        self._take(share)
+        return True
+
+    def _take(self, share: float) -> None:
+        self.serving += share
         self.serving_peak = max(self.serving_peak, self.serving)
         self.metrics.readers_served.inc()
         self.metrics.readers.set(self.serving)
         self.metrics.readers_peak.set(self.serving_peak)
-        return True
 
-    def release(self) -> None:
-        self.serving -= 1
+    def release(self, share: float = 1.0) -> None:
+        self.serving = max(0.0, self.serving - share)
         self.metrics.readers.set(self.serving)
+        freed, self._freed = self._freed, asyncio.Event()
+        freed.set()
 
     async def counted(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """``body`` holding a reader slot until it ends or is dropped."""
@@ -213,8 +264,11 @@ class Rollout:
     # -- the upstream --------------------------------------------------------------
 
     async def open_upstream(self, registry: str, repository: str, digest: Digest,
-                            offset: int) -> UpstreamBody | None:
-        opened = await self._content.open_blob(registry, repository, digest, offset)
+                            offset: int, end: int | None = None) -> UpstreamBody | None:
+        """Bytes [offset, end) of the blob from the upstream, always asked with a Range:
+        the answer's status says whether the upstream serves stripes."""
+        opened = await self._content.open_blob(registry, repository, digest, offset, end,
+                                               ranged=True)
         if isinstance(opened, UpstreamBody):
             self.metrics.upstream_fetches.labels("opened").inc()
             return opened
@@ -291,16 +345,26 @@ class Rollout:
         return FetchedManifest(digest, media_type or None, data)
 
 
+class NoRanges(PeerFailure):
+    """The upstream answered a range with the whole blob (200): it ignores ``Range``, so
+    stripes cannot be fetched from it (see `TreeSource`)."""
+
+    def __init__(self) -> None:
+        super().__init__("no_ranges", "the upstream ignores Range")
+
+
 class TreeStream:
-    """The blob's bytes from this node's parent in the tree, or from the upstream when
-    this node is the owner; resumed with Range from the next in order after a failure.
+    """The blob's bytes (or one stripe's, ``span``) from this node's parent in the tree
+    of ``stripe``, or from the upstream when this node is that tree's root; resumed with
+    Range from the next in order after a failure.
 
     A `flight.ChunkStream`: `open` finds a source and the size, `chunks` streams
-    from an offset and raises `PeerFailure` on a break (the flight resumes it).
+    from an offset to the span's end and raises `PeerFailure` on a break.
     """
 
     def __init__(self, rollout: Rollout, registry: str, repository: str, digest: Digest,
-                 leave_out: set[str]) -> None:
+                 leave_out: set[str], stripe: int = 0,
+                 span: tuple[int, int] | None = None) -> None:
         self._rollout = rollout
         self._registry = registry
         self._repository = repository
@@ -308,28 +372,42 @@ class TreeStream:
         self._path = f"/v2/{repository}/blobs/{digest}"
         self._left_out = set(leave_out)
         self._failed: set[str] = set()
-        self._size = 0
+        self._stripe = stripe
+        self._span = span
+        self._size = 0  # the whole blob's, once known (``_whole`` when given by the caller)
+        self._whole = 0
         self._position = 0
         self._peer: PeerResponse | None = None
         self._upstream: UpstreamBody | None = None
         self._origin: str | None = None  # the member, or "upstream", now sending
-        self._deadline = float("inf")
+        self.deadline = float("inf")
+        # Whether the source answered with a range: always for a peer; for the upstream,
+        # its status to the first request (asked with a Range, see `TreeSource`).
+        self.ranged = True
 
     @property
     def origin(self) -> str | None:
         """`flight.ChunkStream.origin`: the member (or "upstream") sending now."""
         return self._origin
 
+    @property
+    def end(self) -> int:
+        return self._span[1] if self._span is not None else self._size
+
+    def limit(self, end: int) -> None:
+        """Stream only up to ``end`` from here on (the first stripe of an open stream)."""
+        self._span = (0, end)
+
     async def open(self) -> int | None:
         size = await self._connect(0)
         if size is not None:
             # The whole fetch, resumes included, is bounded like a peer request.
-            self._deadline = (asyncio.get_running_loop().time()
-                              + self._rollout.options.deadline_for(size))
+            self.deadline = (asyncio.get_running_loop().time()
+                             + self._rollout.options.deadline_for(size))
         return size
 
     def _late(self) -> bool:
-        return asyncio.get_running_loop().time() > self._deadline
+        return asyncio.get_running_loop().time() > self.deadline
 
     def close(self) -> None:
         if self._peer is not None:
@@ -351,12 +429,12 @@ class TreeStream:
         opened = self._peer
         assert opened is not None
         client = self._rollout.client
-        while self._position < self._size:
+        while self._position < self.end:
             try:
                 if self._late():
                     raise PeerFailure("deadline", f"past the deadline at byte {self._position}")
                 chunk = await client.read_chunk(opened, min(self._rollout._chunk,
-                                                            self._size - self._position))
+                                                            self.end - self._position))
                 if not chunk:
                     raise PeerFailure("broken", "body ended")
             except PeerFailure as failure:
@@ -368,15 +446,19 @@ class TreeStream:
         self.close()
 
     async def _from_upstream(self, body: UpstreamBody) -> AsyncIterator[bytes]:
+        end = self.end
         try:
             async for chunk in body.chunks():
                 if self._late():
                     self.close()
                     raise PeerFailure("deadline", f"upstream past the deadline at "
                                                   f"byte {self._position}")
+                chunk = chunk[:end - self._position]
                 self._position += len(chunk)
                 self._rollout.upstream_bytes(len(chunk))
                 yield chunk
+                if self._position >= end:
+                    break
         except UpstreamStall as stall:
             self.close()
             raise PeerFailure("broken", f"upstream {stall}") from stall
@@ -391,58 +473,213 @@ class TreeStream:
 
     async def _connect(self, offset: int) -> int | None:
         """Open the blob at ``offset`` from the parent in the tree over the members not
-        yet failed (or left out), or from the upstream when this node is the root."""
+        yet failed (or left out), or from the upstream when this node is the root; the
+        whole blob's size. Raises `NoRanges` when the upstream ignores a stripe's range."""
         rollout = self._rollout
+        # A stripe needs the upstream to honour its range; a whole blob resumed from an
+        # offset takes a 200 too (`upstream.blobs` skips the prefix).
+        ranged = self._span is not None and (offset > 0 or self._span[1] < self._whole)
         while True:
-            tree, peers = rollout.tree(self._digest, self._left_out | self._failed)
+            tree, peers = rollout.tree(self._digest, self._left_out | self._failed,
+                                       self._stripe)
             placement = tree.placement(rollout.name)
             if placement.parent is None:
-                # The owner, in this view: the upstream, from where we are.
-                body = await rollout.open_upstream(self._registry, self._repository,
-                                                   self._digest, offset)
+                # The root, in this view: the upstream, from where we are.
+                body = await rollout.open_upstream(
+                    self._registry, self._repository, self._digest, offset,
+                    self._span[1] if self._span is not None else None)
                 if body is None:
                     return None
-                if offset and body.size != self._size:
+                if ranged and not body.ranged:
+                    body.close()  # the whole blob again: not worth a byte more
+                    raise NoRanges()
+                if offset and body.size != self._whole:
                     body.close()
                     return None
-                self._upstream, self._size, self._position = body, body.size, offset
+                self._upstream, self._position = body, offset
+                self._whole, self.ranged = body.size, body.ranged
+                if self._span is None:
+                    self._size = body.size
                 self._origin = "upstream"
                 return body.size
             peer = peers[placement.parent]
             try:
                 opened = await rollout.client.open(
                     peer, self._path, self._registry, offset=offset,
+                    end=self._span[1] if self._span is not None else None,
                     headers={TREE_HEADER: rollout.name})
             except PeerFailure as failure:
                 logger.info("%s: tree parent %s refused: %s", self._digest, peer.name, failure)
                 self._failed.add(peer.name)
                 continue
-            size = _size_of(opened, offset)
-            if size is None or (offset and size != self._size):
+            size = _size_of(opened)
+            if size is None or ((offset or self._span is not None) and size != self._whole):
                 opened.release()
                 self._failed.add(peer.name)
                 continue
-            self._peer, self._size, self._position = opened, size, offset
+            self._peer, self._position, self._whole = opened, offset, size
+            if self._span is None:
+                self._size = size
             self._origin = peer.name
             return size
 
 
-def _size_of(opened: PeerResponse, offset: int) -> int | None:
-    """The whole blob's size from a 200 (offset 0) or a 206 starting at ``offset``."""
-    headers = opened.response.headers
-    if offset == 0:
-        return opened.response.content_length
-    value = headers.get("Content-Range", "")
+def _size_of(opened: PeerResponse) -> int | None:
+    """The whole blob's size from a 200 or a 206 (its Content-Range)."""
+    response = opened.response
+    if response.status == 200:
+        return response.content_length
+    unit, _, rest = response.headers.get("Content-Range", "").partition(" ")
     try:
-        unit, _, rest = value.partition(" ")
-        span, _, total = rest.partition("/")
-        start = int(span.split("-", 1)[0])
-        if unit != "bytes" or start != offset:
-            return None
-        return int(total)
+        return int(rest.partition("/")[2]) if unit == "bytes" else None
     except ValueError:
         return None
 
+
+class TreeSource:
+    """A `flight.BlobSource` for a blob nobody holds: through its tree, or, for a blob of
+    at least F stripes of `routing.owner.MIN_STRIPE`, as F stripes at once, each from
+    its own tree (see `routing.owner`), assembled into the flight's one cache entry and
+    hashed whole in order as the stripes fill it.
+
+    How a node learns the size, and whether to stripe: it opens the blob through the
+    unrotated tree (stripe 0's) from byte 0, its root asking the upstream with a
+    ``Range`` so that the status says whether the upstream serves ranges. That first
+    answer then carries stripe 0 only. A stripe's root whose upstream ignores
+    ``Range`` (`NoRanges`) turns this node back to the whole blob through the one tree
+    (its followers start over), and the node stripes no blob of that registry again.
+    """
+
+    def __init__(self, rollout: Rollout, registry: str, repository: str, digest: Digest,
+                 leave_out: set[str], asked_at: int = 0) -> None:
+        """``leave_out``: the member this node serves the blob to, from byte
+        ``asked_at``; it is left out of the tree of the stripe that starts there (in the
+        other stripes' trees it is a member like any other)."""
+        self._rollout = rollout
+        self._args = (registry, repository, digest)
+        self._leave_out = leave_out
+        self._asked_at = asked_at
+        self._digest = digest
+        self._first = TreeStream(rollout, registry, repository, digest,
+                                 leave_out if asked_at == 0 else set())
+        self._streams: list[TreeStream] = [self._first]
+        self._size = 0
+        self._bounds: list[tuple[int, int]] = []
+
+    @property
+    def striped(self) -> bool:
+        """Whether the blob comes as stripes, from several members at once."""
+        return len(self._bounds) > 1
+
+    @property
+    def origin(self) -> str | None:
+        return "stripes" if self.striped else self._first.origin
+
+    async def open(self) -> int | None:
+        size = await self._first.open()
+        if size is None:
+            return None
+        self._size = size
+        rollout = self._rollout
+        stripes = stripe_count(size, rollout.fanout, rollout.min_stripe)
+        if stripes > 1 and self._first.ranged and self._args[0] not in rollout.no_ranges:
+            self._bounds = [stripe_range(size, stripes, s) for s in range(stripes)]
+            self._first.limit(self._bounds[0][1])
+        return size
+
+    async def fill(self, sink: Sink) -> bool:
+        if self.striped and not isinstance(sink, RangeSink):  # a sink written in order
+            self._bounds = []
+            self._first.limit(self._size)
+        if not self.striped or not isinstance(sink, RangeSink):
+            return await StreamSource(self._first, self._digest, resumes=16,
+                                      size=self._size).fill(sink)
+        sink.reset()
+        sink.split(self._bounds)
+        self._rollout.metrics.striped.inc()
+        try:
+            return await self._striped(sink)
+        except ExceptionGroup as group:
+            if (failed := group.subgroup(SinkFailure)) is not None:
+                raise failed.exceptions[0] from group
+            if group.subgroup(NoRanges) is None:
+                logger.info("%s: a stripe gave up: %s", self._digest, group.exceptions[0])
+                return False
+            self._rollout.no_ranges.add(self._args[0])
+        logger.info("%s: the upstream ignores Range; the whole blob through one tree",
+                    self._digest)
+        self.close()
+        self._bounds = []
+        whole = TreeStream(self._rollout, *self._args, self._leave_out)
+        self._streams = [whole]
+        if await whole.open() != self._size:
+            return False
+        return await StreamSource(whole, self._digest, resumes=16, size=self._size).fill(sink)
+
+    async def _striped(self, sink: RangeSink) -> bool:
+        for index, span in enumerate(self._bounds[1:], 1):
+            leave_out = self._leave_out if span[0] == self._asked_at else set()
+            stream = TreeStream(self._rollout, *self._args, leave_out, index, span)
+            stream._whole = self._size
+            stream.deadline = self._first.deadline
+            self._streams.append(stream)
+        progress = asyncio.Event()
+        async with asyncio.TaskGroup() as group:
+            for index, stream in enumerate(self._streams):
+                group.create_task(self._stripe(sink, index, stream, progress))
+            hashed = group.create_task(self._hash(sink, progress))
+        return hashed.result()
+
+    async def _stripe(self, sink: RangeSink, index: int, stream: TreeStream,
+                      progress: asyncio.Event) -> None:
+        position, end = self._bounds[index]
+        breaks = 0
+        while position < end:
+            try:
+                async for chunk in stream.chunks(position):
+                    await asyncio.to_thread(_keep, sink, index, chunk)
+                    position += len(chunk)
+                    progress.set()
+                if position < end:
+                    raise PeerFailure("broken", f"stripe {index} ended at byte {position}")
+            except NoRanges:
+                raise
+            except PeerFailure as failure:
+                breaks += 1
+                if breaks > 16:
+                    raise PeerFailure("exhausted", f"stripe {index}: {failure}") from failure
+
+    async def _hash(self, sink: RangeSink, progress: asyncio.Event) -> bool:
+        """Hash the blob in order as its prefix fills: verified soon after the last byte."""
+        hasher = self._digest.hasher()
+        position = 0
+        while position < self._size:
+            upto = sink.available(position)
+            if upto <= position:
+                progress.clear()
+                await progress.wait()
+                continue
+            data = await asyncio.to_thread(sink.read_at, position,
+                                           min(upto - position, _HASH_PIECE))
+            if not data:
+                raise PeerFailure("broken", f"cache file short at byte {position}")
+            hasher.update(data)
+            position += len(data)
+        return hasher.hexdigest() == self._digest.hex
+
+    def close(self) -> None:
+        for stream in self._streams:
+            stream.close()
+
+
+_HASH_PIECE = 1024 * 1024
+
+
+def _keep(sink: RangeSink, index: int, chunk: bytes) -> None:
+    try:
+        sink.write_at(index, chunk)
+    except Exception as err:
+        raise SinkFailure.of(err) from err
 
 
 class FirstFound:
@@ -500,9 +737,10 @@ class _Counted:
     """A body that holds one of the rollout's reader slots until it ends or is closed,
     also when it is never iterated."""
 
-    def __init__(self, body: AsyncIterator[bytes], rollout: Rollout) -> None:
+    def __init__(self, body: AsyncIterator[bytes], rollout: Rollout, share: float) -> None:
         self._body = body
         self._rollout: Rollout | None = rollout
+        self._share = share
 
     def __aiter__(self) -> _Counted:
         return self
@@ -518,7 +756,7 @@ class _Counted:
         rollout, self._rollout = self._rollout, None
         if rollout is None:
             return
-        rollout.release()
+        rollout.release(self._share)
         aclose = getattr(self._body, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -553,20 +791,36 @@ class PeersFallback:
             access = await self._access.check(registry, repository, BLOB_PROBE_REFERENCE)
             if access.denied:
                 return Miss(access.reason or MissReason.PRIVATE_REPOSITORY)
-        if not self._rollout.admit():
+        # A stripe's reader asks for a bounded range and moves 1/F of the blob.
+        share = (1.0 / self._rollout.fanout if tree and byte_range is not None
+                 and byte_range.last is not None else 1.0)
+        admitted = (await self._rollout.admit_waiting(share, self._rollout.slot_wait) if tree
+                    else self._rollout.admit(share))
+        if not admitted:
             return Miss(MissReason.BUSY, "rollout reader limit")
         source: Callable[[], BlobSource] = (
             (lambda: self._source(registry, repository, digest)) if tree else lambda: NoSource())
-        reader = self._flights.attach(digest, source, verified=False)
+        # A flight started here takes the requester's place in the stripes from the
+        # Range's first byte (the flight's task copies this context).
+        asked = _asked_at.set(byte_range.first or 0 if byte_range is not None else 0)
+        try:
+            reader = self._flights.attach(digest, source, verified=False)
+        finally:
+            _asked_at.reset(asked)
         try:
             size = await reader.opened()
         except BaseException:
             reader.close()
-            self._rollout.release()
+            self._rollout.release(share)
             raise
+        if (tree and share == 1.0 and size is not None and byte_range is None
+                and stripe_count(size, self._rollout.fanout, self._rollout.min_stripe) > 1):
+            # The requester's first answer of a blob it stripes: it reads stripe 0 only.
+            share = 1.0 / self._rollout.fanout
+            self._rollout.release(1.0 - share)
         if size is None or not want_body:
             reader.close()
-            self._rollout.release()
+            self._rollout.release(share)
             if size is None:
                 return Miss(MissReason.UPSTREAM_FAILED if tree else MissReason.NOT_HELD)
             return FallbackContent(digest, size, None, None)
@@ -574,12 +828,12 @@ class PeersFallback:
             selected = byte_range.resolve(size) if byte_range is not None else None
         except UnsatisfiableRangeError:
             reader.close()
-            self._rollout.release()
+            self._rollout.release(share)
             return FallbackContent(digest, size, None, None)
         start = 0 if selected is None else selected.offset
         end = size if selected is None else selected.offset + selected.length
         return FallbackContent(digest, size, None,
-                               _Counted(reader.body(start, end), self._rollout))
+                               _Counted(reader.body(start, end), self._rollout, share))
 
     async def open_manifest(self, registry: str, repository: str, reference: str,
                             want_body: bool) -> FallbackContent | Miss:
@@ -598,8 +852,5 @@ class PeersFallback:
         if fetched is None:
             return Miss(MissReason.UPSTREAM_FAILED)
         return FallbackContent(digest, len(fetched.data), fetched.media_type,
-                               _once(fetched.data) if want_body else None)
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+                               held_body(fetched.data, self._options.send_size)
+                               if want_body else None)

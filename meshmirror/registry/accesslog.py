@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshmirror.registry.fallback import BodyAborted, MissReason
 from meshmirror.registry.metrics import MissedRequest, RegistryMetrics
+from meshmirror.registry.serveroptions import ZERO_COPY_SEND, SendAborted
 
 SCOPE_HANDLER: Final = "meshmirror.handler"
 SCOPE_SOURCE: Final = "meshmirror.source"
@@ -59,6 +60,15 @@ class AccessLogMiddleware:
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
                 completed = not message.get("more_body", False)
+            elif message["type"] == ZERO_COPY_SEND:
+                try:
+                    await send(message)
+                except SendAborted as err:  # the client went: what did go out counts
+                    sent += err.sent
+                    raise
+                sent += int(message["count"])
+                completed = not message.get("more_body", False)
+                return
             await send(message)
 
         if self.metrics is not None:

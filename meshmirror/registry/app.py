@@ -35,6 +35,7 @@ instead of failing the pull.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from meshmirror.fileio import FileBacked
 from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE, ManifestError, parse_manifest
@@ -68,6 +70,7 @@ from meshmirror.registry.ranges import (
     parse_range,
 )
 from meshmirror.registry.requester import set_requester
+from meshmirror.registry.serveroptions import ZERO_COPY_SEND, SendAborted
 from meshmirror.store.base import BlobInfo, NotFoundError, Store
 
 API_VERSION_HEADER: Final = "Docker-Distribution-API-Version"
@@ -136,16 +139,31 @@ def _common_headers(digest: Digest, length: int, content_type: str) -> dict[str,
 class _BodyResponse(StreamingResponse):
     """Streams a pre-read first chunk, then ``body``; closes ``body`` however the
     response ends, even before its first chunk was asked for (the client left while
-    the headers were sent), since a fallback's body may hold a peer's connection."""
+    the headers were sent), since a fallback's body may hold a peer's connection.
+
+    A body that is a span of a file goes to a server that can send files
+    (`ZERO_COPY_SEND` in the scope's extensions) as that span: the kernel copies it
+    from the page cache to the socket, and no byte passes through Python."""
 
     def __init__(self, first: bytes | None, body: AsyncIterator[bytes], *, status_code: int,
                  headers: dict[str, str]) -> None:
         super().__init__(_prefixed(first, body), status_code=status_code, headers=headers)
         self._body = body
+        self._first = first
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            span = (self._body.file_span() if isinstance(self._body, FileBacked)
+                    and not self._first else None)
+            if span is not None and ZERO_COPY_SEND in scope.get("extensions", {}):
+                await send({"type": "http.response.start", "status": self.status_code,
+                            "headers": self.raw_headers})
+                with contextlib.suppress(SendAborted):  # the client left: logged as such
+                    await send({"type": ZERO_COPY_SEND, "file": span.fd,
+                                "offset": span.offset, "count": span.count,
+                                "more_body": False})
+            else:
+                await super().__call__(scope, receive, send)
         finally:
             await _aclose(self._body)
 
@@ -390,26 +408,40 @@ class RegistryApp:
             request.scope[SCOPE_SOURCE] = "local"
             return Response(b"", headers=headers)
         offset, length = (0, info.size) if selected is None else (selected.offset, selected.length)
-        body = self.store.read(digest, offset, length)
-        # Pull the first chunk before committing to a status, so a blob removed
-        # since stat still becomes a miss rather than a cut-off 200.
         try:
-            first: bytes | None = await anext(body) if length else None
-        except StopAsyncIteration:
-            first = None
-        except NotFoundError:
-            await _aclose(body)
-            return await self._fallback_blob(request, registry, path, digest, spec, head,
-                                               malformed)
-        except Exception:
-            await _aclose(body)
-            self.logger.warning("store failed reading a blob; treating it as a miss",
-                                exc_info=True)
+            first, body = await self._open_local(digest, offset, length)
+        except _Miss:
             return await self._fallback_blob(request, registry, path, digest, spec, head,
                                                malformed)
         request.scope[SCOPE_SOURCE] = "local"
         status = 200 if selected is None else 206
         return _BodyResponse(first, body, status_code=status, headers=headers)
+
+    async def _open_local(self, digest: Digest, offset: int, length: int
+                          ) -> tuple[bytes | None, AsyncIterator[bytes]]:
+        """The store's body for a blob range, or `_Miss`. A file the store can open is sent
+        by the server with sendfile; any other body's first chunk is read before the
+        status is committed, so a blob removed since stat is a miss, not a cut-off 200."""
+        body: AsyncIterator[bytes] | None = None
+        try:
+            if length:
+                body = await self.store.open_file(digest, offset, length)
+            if body is not None:
+                return None, body
+            body = self.store.read(digest, offset, length)
+            first: bytes | None = await anext(body) if length else None
+        except StopAsyncIteration:
+            first = None
+        except NotFoundError as err:
+            await _aclose(body)
+            raise _Miss(str(err)) from err
+        except Exception as err:
+            await _aclose(body)
+            self.logger.warning("store failed reading a blob; treating it as a miss",
+                                exc_info=True)
+            raise _Miss(str(err)) from err
+        assert body is not None
+        return first, body
 
     @staticmethod
     def _resolve(spec: RangeSpec | None, size: int) -> ByteRange | None:

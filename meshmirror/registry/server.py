@@ -41,22 +41,31 @@ import contextlib
 import errno
 import fcntl
 import logging
+import os
 import resource
 import socket
 import struct
 import termios
 from typing import Any, Final
 
+import h11
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.utils import wrap_app
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshmirror.addresses import bind_socket
-from meshmirror.registry.serveroptions import BACKLOG, ServerOptions
+from meshmirror.fileio import ShortFileError
+from meshmirror.registry.serveroptions import (
+    BACKLOG,
+    ZERO_COPY_SEND,
+    SendAborted,
+    ServerOptions,
+)
 
 __all__ = ["ServerMetrics", "ServerOptions", "bind_listener", "connection_cap",
            "listener_address", "serve"]
@@ -73,6 +82,10 @@ _ACCEPT_RETRY_DELAY: Final = 0.1
 _PRESSURE_ON, _PRESSURE_OFF = 0.75, 0.5
 # Aborted connections and cancelled tasks get this long to finish at shutdown.
 _ABORT_GRACE: Final = 1.0
+# At most this much per sendfile call, and the loop runs other work between calls: a
+# burst of responses that become ready at once (a verified blob's waiting readers) all
+# get their headers out promptly, and a fast client never holds the loop.
+_SENDFILE_MAX: Final = 1 << 20
 
 
 def bind_listener(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
@@ -216,22 +229,172 @@ def _unacknowledged(transport: asyncio.WriteTransport) -> int:
     pending = transport.get_write_buffer_size()
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError, ValueError):
-            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-            pending += struct.unpack("i", queued)[0]
+        with contextlib.suppress(ValueError):
+            pending += _kernel_queued(sock.fileno())
     return pending
+
+
+def _kernel_queued(fd: int) -> int:
+    """Bytes in the socket's send queue that the client has not acknowledged."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
+
+
+class _FileSpan:
+    """A file's bytes as h11 body data: h11 frames it by its length and passes it back
+    untouched (``send_with_data_passthrough``), so the connection can sendfile it."""
+
+    __slots__ = ("count", "fd", "offset", "sent")
+
+    def __init__(self, fd: int, offset: int, count: int) -> None:
+        self.fd, self.offset, self.count = fd, offset, count
+        self.sent = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def _set_ready(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _Connection(TCPServer):
     """Hypercorn's connection with bounded sends and no keep-alive wait after the client
     has gone; see the module docstring."""
 
-    def __init__(self, *args: Any, options: ServerOptions, limiter: _Limiter,
-                 summary: _Summary) -> None:
-        super().__init__(*args)
+    def __init__(self, app: ASGIApp, config: Config, *args: Any, options: ServerOptions,
+                 limiter: _Limiter, summary: _Summary) -> None:
+        super().__init__(wrap_app(self._app, config.wsgi_max_body_size,  # type: ignore[arg-type]
+                                  "asgi"),
+                         args[0], config, *args[1:])
+        self._inner = app
         self._options = options
         self._limiter = limiter
         self._summary = summary
+
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app, offered `ZERO_COPY_SEND` on HTTP/1.1: a file span it sends goes from
+        the page cache to the socket with ``sendfile``, not through Python."""
+        if scope["type"] != "http" or not isinstance(self.protocol.protocol, H11Protocol):
+            await self._inner(scope, receive, send)
+            return
+        scope["extensions"] = {**(scope.get("extensions") or {}), ZERO_COPY_SEND: {}}
+        head = scope["method"] == "HEAD"
+
+        async def send_files(message: Message) -> None:
+            if message["type"] != ZERO_COPY_SEND:
+                await send(message)
+                return
+            file = message["file"]
+            fd = file if isinstance(file, int) else file.fileno()
+            if not head and message["count"]:
+                count = int(message["count"])
+                sent = await self._send_file(fd, int(message.get("offset", 0)), count)
+                if sent < count:
+                    raise SendAborted(sent)
+            if not message.get("more_body", False):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await self._inner(scope, receive, send_files)
+
+    async def _send_file(self, fd: int, offset: int, count: int) -> int:
+        """``count`` bytes of ``fd`` from ``offset`` as response body, framed by h11, sent
+        by the kernel, bounded by the send timeout like every other write. Returns the
+        bytes sent: fewer than ``count`` when the connection ended first."""
+        h11_connection = self.protocol.protocol.connection
+        assert isinstance(h11_connection, h11.Connection)  # HTTP/1.1 only: see `_app`
+        span = _FileSpan(fd, offset, count)
+        async with self.send_lock:
+            if self.writer.transport.is_closing():
+                return 0
+            try:
+                for piece in h11_connection.send_with_data_passthrough(
+                        h11.Data(data=span)) or ():  # type: ignore[arg-type]  # by its length
+                    if isinstance(piece, _FileSpan):
+                        await self._sendfile(piece)
+                    else:  # chunked framing around it, if any
+                        self.writer.write(piece)
+                        await self._drain()
+                return span.sent
+            except (ConnectionError, RuntimeError):
+                pass
+            except _SendTimedOut:
+                self._summary.count("send_timeout")
+                self.abort()
+            except OSError as err:  # the file failed or ended early: cut the response short
+                log.warning("sending a file failed; connection aborted",
+                            extra={"fields": {"error": str(err)}})
+                self.abort()
+        await self.protocol.handle(Closed())
+        return span.sent
+
+    async def _sendfile(self, span: _FileSpan) -> None:
+        transport = self.writer.transport
+        await self._flush()
+        # Our own descriptor of the socket: the transport may close its own meanwhile (the
+        # client went, shutdown), and a number reused by another open must never be sent to.
+        out = os.dup(transport.get_extra_info("socket").fileno())
+        try:
+            position, end = span.offset, span.offset + span.count
+            while position < end:
+                # Other work first, before each call: responses that become ready
+                # together (a verified blob's readers) all get their headers out before
+                # any one of them starts copying its body.
+                await asyncio.sleep(0)
+                if transport.is_closing():
+                    raise ConnectionResetError("connection closed while sending a file")
+                try:
+                    sent = os.sendfile(out, span.fd, position, min(end - position, _SENDFILE_MAX))
+                except BlockingIOError:
+                    await self._writable(out)
+                    continue
+                if sent == 0:
+                    raise ShortFileError(f"file ended at byte {position}, "
+                                         f"{end - position} bytes early")
+                position += sent
+                span.sent += sent
+        finally:
+            os.close(out)
+
+    async def _flush(self) -> None:
+        """Wait until everything written before (the headers) has left our buffer."""
+        transport = self.writer.transport
+        if not transport.get_write_buffer_size():
+            return
+        low, high = transport.get_write_buffer_limits()
+        transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            await self._drain()
+        finally:
+            transport.set_write_buffer_limits(high=high, low=low)
+
+    async def _writable(self, fd: int) -> None:
+        """Until the socket takes more; `_SendTimedOut` once the client has acknowledged no
+        byte for ``send_timeout`` (the rule `_drain` keeps)."""
+        loop = asyncio.get_running_loop()
+        limit = self._options.send_timeout
+        pending = _kernel_queued(fd)
+        last_progress = loop.time()
+        while True:
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(fd, _set_ready, ready)
+            try:
+                async with asyncio.timeout(limit / 4):
+                    await ready
+                return
+            except TimeoutError:
+                if self.writer.transport.is_closing():
+                    raise ConnectionResetError("connection closed while sending a file") from None
+                size, now = _kernel_queued(fd), loop.time()
+                if size < pending:
+                    pending, last_progress = size, now
+                elif now - last_progress >= limit:
+                    raise _SendTimedOut from None
+            finally:
+                loop.remove_writer(fd)
 
     def abort(self) -> None:
         self.writer.transport.abort()
@@ -355,7 +518,6 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
     options = options or ServerOptions()
     loop = asyncio.get_running_loop()
     config = _config(options)
-    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     context = WorkerContext(None)
     cap = connection_cap(options.max_connections)
     if cap < options.max_connections:
@@ -372,7 +534,7 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
             transport, protocol = await loop.connect_accepted_socket(
                 lambda: asyncio.StreamReaderProtocol(reader, loop=loop), conn)
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-            connection = _Connection(wrapped, loop, config, context, {}, reader, writer,
+            connection = _Connection(app, config, loop, context, {}, reader, writer,
                                      options=options, limiter=limiter, summary=summary)
             task = asyncio.current_task()
             assert task is not None

@@ -11,10 +11,26 @@ them, and only `meshmirror.registry.server` needs Hypercorn.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 # Go's net/http takes the kernel's somaxconn; Hypercorn's default of 100 would
 # make a burst of 200 pulls wait a full SYN retransmit (1 s) for some of them.
 BACKLOG = 4096
+
+# The ASGI zero-copy send extension: the server advertises it in the scope's
+# ``extensions`` and the app then sends ``{"type": ZERO_COPY_SEND, "file": fd,
+# "offset": n, "count": n, "more_body": False}`` for a body that is a span of a file.
+ZERO_COPY_SEND: Final = "http.response.zerocopysend"
+
+
+class SendAborted(OSError):
+    """A zero-copy send ended short: the client went (or stopped reading) first. What
+    ASGI asks of a server whose ``send`` is called on a closed connection (an OSError),
+    with the bytes that did go out, for the access log."""
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"connection closed after {sent} bytes of a file")
+        self.sent = sent
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ peer's ``/_mesh/v1/summary`` whenever that epoch moves past the one it holds,
 and hands each installed summary to a sink (the BloomRouter). Filters never
 ride in gossip: metadata is capped at 512 bytes and a filter is kilobytes.
 
-Fetching rules, per peer:
+Fetching rules: at most 32 fetches in flight across all peers (a node joining
+thousands would otherwise hold a body per peer at once); and per peer:
   * at most one fetch in flight: one task per peer loops until the summary it
     holds is at least the advertised epoch, re-reading the advertised epoch on
     every turn, so a burst of epoch changes costs one fetch, not one each;
@@ -16,7 +17,28 @@ Fetching rules, per peer:
     advertised epoch cuts the wait short and restarts the backoff;
   * a response older than what is held is ignored (a slow response racing a
     newer one, or a load balancer answering from elsewhere);
-  * a dead or left peer is dropped at once, with its in-flight fetch.
+  * a dead or left peer is dropped at once, with its in-flight fetch;
+  * a peer already held is asked for a delta (see `summary`); a delta that does
+    not fit what is held (another base epoch or geometry, or a filter the sink
+    could not install) counts as an error and the next fetch asks for the whole
+    filter, so a broken or hostile delta costs one extra fetch, never wrong bits.
+
+Bounded memory. A node does not hold every peer's summary: at 5,000 peers of
+21,500 keys that would be 130 MiB of filters. It holds the summaries of the
+peers that fit in ``budget_bytes`` (24 MiB: about 940 such peers; with the
+directory's own ~8 MiB for 5,000 members, routing state stays within 32 MiB),
+chosen
+same zone first, then in an order of its own (a hash of its name and the
+peer's, so every node samples a different subset and each peer is held by
+about the same number of nodes). A peer's filter size is estimated from the
+key count it advertises (10 bits a key) before it is fetched and taken from
+the filter once held; a peer that understates its keys is caught when its
+filter arrives and the worst-ranked holdings are let go until the budget
+holds again, so what is held never exceeds the budget by more than one
+summary. Content held by a few percent of nodes is still found (a 1% holder
+share misses with probability 0.99^940, about 8e-5); content held by a
+handful of nodes of thousands may not be, and is then fetched upstream.
+Peers outside the subset stay known (membership), their summaries unfetched.
 
 `meshmirror.peering` feeds it from membership events, which reach the node's
 event loop through a queue (the mesh itself runs on its own thread): it calls
@@ -28,10 +50,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -42,6 +65,7 @@ from meshmirror.routing.router import Peer
 from meshmirror.routing.summary import (
     FetchError,
     Summary,
+    SummaryDelta,
     SummaryFormatError,
     fetch_summary,
     wall_clock_ms,
@@ -50,6 +74,15 @@ from meshmirror.routing.vouches import VouchBook
 
 log = logging.getLogger(__name__)
 
+# Fetches in flight at once. A node joining 5,000 peers would otherwise open about
+# 1,200 at once, each holding a body being read: tens of MiB at the start alone.
+MAX_CONCURRENT_FETCHES = 32
+# What the held summaries may take in all (see "Bounded memory" above).
+SUMMARY_BUDGET_BYTES = 24 * 1024 * 1024
+# Filter bits a key, as publishers size them (`bloom.bits_for`); for estimates only.
+_BITS_PER_KEY = 10.0
+# A peer that advertises no key count yet is assumed this large until fetched.
+_UNKNOWN_FILTER_BYTES = 32 * 1024
 _PROPAGATION_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
 
 
@@ -58,9 +91,21 @@ class SummarySink(Protocol):
 
     def set_summary(self, peer: Peer, summary: Summary) -> None: ...
 
+    def apply_delta(self, peer: Peer, delta: SummaryDelta) -> bool:
+        """Set the delta's positions in the peer's installed filter; False when no
+        filter of the delta's geometry is installed for it."""
+        ...
+
     def set_address(self, peer: Peer) -> None: ...
 
     def drop_peer(self, name: str) -> None: ...
+
+
+def _close(a: int | None, b: int | None) -> bool:
+    """Key counts near enough (within a quarter) that the held subset need not change."""
+    if a is None or b is None:
+        return a == b
+    return abs(a - b) <= max(a, b) // 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +118,7 @@ class HeldSummary:
     born_at_ms: int
     m: int
     k: int
+    reduction: int = 0
 
 
 def check_http_base(http_base: str) -> str:
@@ -103,8 +149,19 @@ class DirectoryMetrics:
                                registry=registry)
         self.peers = Gauge("meshmirror_peer_directory_peers",
                            "Alive peers known to the directory", registry=registry)
-        for result in ("ok", "not_modified", "error"):
+        self.selected = Gauge("meshmirror_peer_directory_selected",
+                              "Peers whose summaries this node holds (fits the memory budget)",
+                              registry=registry)
+        self.held_bytes = Gauge("meshmirror_peer_summary_held_bytes",
+                                "Bytes of peers' filters this node holds", registry=registry)
+        for result in ("ok", "delta", "not_modified", "error"):
             self.fetches.labels(result)
+        self.fetched_bytes = Counter(
+            "meshmirror_peer_summary_fetched_bytes",
+            "Bytes of summaries and deltas received from peers, by kind (full, delta)",
+            ["kind"], registry=registry)
+        for kind in ("full", "delta"):
+            self.fetched_bytes.labels(kind)
 
 
 @dataclass(slots=True)
@@ -115,7 +172,24 @@ class _PeerState:
     task: asyncio.Task[None] | None = None
     # Set when the advertised epoch moves: cuts a backoff wait short, so a peer
     # that failed a while ago is fetched as soon as it has something new.
-    poke: asyncio.Event = field(default_factory=asyncio.Event)
+    # (Made by the fetch task when it first waits: thousands of members, few waiting.)
+    poke: asyncio.Event | None = None
+    # After a delta that did not fit: ask for the whole filter next time.
+    full_next: bool = False
+    keys: int | None = None  # as advertised
+    selected: bool = False
+    order: bytes = b""  # where this node ranks the peer among those of its zone class
+    # The size of the last filter held: a peer let go for understating its keys is
+    # not chosen again on the same understatement.
+    seen_bytes: int = 0
+
+    def filter_bytes(self) -> int:
+        """The held filter's size, or an estimate from the advertised key count."""
+        if self.held is not None:
+            return self.held.m // 8
+        estimate = (_UNKNOWN_FILTER_BYTES if self.keys is None
+                    else max(128, int(self.keys * _BITS_PER_KEY / 8)))
+        return max(estimate, self.seen_bytes)
 
     def is_current(self) -> bool:
         if self.held is None:
@@ -128,9 +202,11 @@ class PeerDirectory:
 
     def __init__(self, sink: SummarySink, *, registry: CollectorRegistry | None = None,
                  timeout_s: float = 2.0, backoff_s: float = 0.1, max_backoff_s: float = 10.0,
-                 max_summary_bytes: int = 64 * 1024 * 1024,
+                 max_summary_bytes: int = 16 * 1024 * 1024,
                  wall_ms: Callable[[], int] | None = None,
-                 vouches: VouchBook | None = None) -> None:
+                 vouches: VouchBook | None = None, zone: str = "", own_name: str = "",
+                 budget_bytes: int = SUMMARY_BUDGET_BYTES,
+                 max_fetches: int = MAX_CONCURRENT_FETCHES) -> None:
         if timeout_s <= 0 or backoff_s <= 0 or max_backoff_s < backoff_s:
             raise ValueError("timeout_s > 0 and 0 < backoff_s <= max_backoff_s required")
         self._sink = sink
@@ -143,12 +219,22 @@ class PeerDirectory:
         self.vouches = vouches if vouches is not None else VouchBook()
         self.metrics = DirectoryMetrics(registry if registry is not None else CollectorRegistry())
         self._peers: dict[str, _PeerState] = {}
+        self._zone = zone
+        self._own_name = own_name
+        self._budget = budget_bytes
+        self._held_bytes = 0
+        # The selected peers' filter sizes as last reckoned (estimates until held).
+        self._committed = 0
+        self._selection_due = False
+        self._fetch_slots = asyncio.Semaphore(max_fetches)
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._update_share()
 
-    def update_peer(self, name: str, http_base: str, epoch: int | None) -> None:
-        """A peer is alive at ``http_base`` advertising ``epoch`` (None: not yet known)."""
+    def update_peer(self, name: str, http_base: str, epoch: int | None, zone: str = "",
+                    keys: int | None = None) -> None:
+        """A peer is alive at ``http_base`` in ``zone`` advertising ``epoch`` (None: not
+        yet known) and a summary of ``keys`` keys (None: not said)."""
         if self._closed:
             return
         base = check_http_base(http_base)
@@ -156,18 +242,78 @@ class PeerDirectory:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         state = self._peers.get(name)
         if state is None:
-            state = self._peers[name] = _PeerState(Peer(name, base), epoch)
+            state = self._peers[name] = _PeerState(Peer(name, base, zone), epoch, keys=keys)
+            state.order = hashlib.blake2b(f"{self._own_name}\0{name}".encode(),
+                                          digest_size=8).digest()
+            if self._committed + state.filter_bytes() <= self._budget:
+                # Room for it whatever the ranking: held at once, no reshuffle needed.
+                state.selected = True
+                self._committed += state.filter_bytes()
+            else:
+                self._select_soon()
         else:
-            if state.peer.http_base != base:
-                state.peer = Peer(name, base)
-                self._sink.set_address(state.peer)
+            if (state.peer.http_base, state.peer.zone) != (base, zone):
+                if state.peer.zone != zone:
+                    self._select_soon()
+                state.peer = Peer(name, base, zone)
+                if state.selected:
+                    self._sink.set_address(state.peer)
             if epoch is not None and (state.advertised is None or epoch > state.advertised):
                 state.advertised = epoch
-                state.poke.set()
+                if state.poke is not None:
+                    state.poke.set()
+            if keys != state.keys:
+                # Only a change that moves the estimate much can change the selection.
+                if state.held is None and not _close(keys, state.keys):
+                    self._select_soon()
+                state.keys = keys
+        if state.selected:
+            self._start_sync(state)
+        self._update_share()
+
+    def _start_sync(self, state: _PeerState) -> None:
         if not state.is_current() and (state.task is None or state.task.done()):
             state.task = asyncio.get_running_loop().create_task(
-                self._sync(state), name=f"summary-fetch-{name}")
+                self._sync(state), name=f"summary-fetch-{state.peer.name}")
+
+    def _select_soon(self) -> None:
+        """Choose the held subset once this burst of membership events is applied."""
+        if not self._selection_due:
+            self._selection_due = True
+            asyncio.get_running_loop().call_soon(self._select)
+
+    def _select(self) -> None:
+        """Hold the best-ranked peers whose filters fit the budget; let the rest go."""
+        self._selection_due = False
+        if self._closed:
+            return
+        ranked = sorted(self._peers.values(),
+                        key=lambda s: (bool(self._zone) and s.peer.zone != self._zone, s.order))
+        total = 0
+        for state in ranked:
+            size = state.filter_bytes()
+            keep = total + size <= self._budget
+            if keep:
+                total += size
+            if keep and not state.selected:
+                state.selected = True
+                self._start_sync(state)
+            elif not keep and state.selected:
+                self._let_go(state)
+        self._committed = total
         self._update_share()
+
+    def _let_go(self, state: _PeerState) -> None:
+        state.selected = False
+        if state.task is not None:
+            state.task.cancel()
+            state.task = None
+        if state.held is not None:
+            self._held_bytes -= state.held.m // 8
+        state.held = None
+        state.full_next = False
+        self._sink.drop_peer(state.peer.name)
+        self.vouches.drop(state.peer.name)
 
     def remove_peer(self, name: str) -> None:
         """A peer died or left: forget its summary and stop fetching it."""
@@ -176,8 +322,13 @@ class PeerDirectory:
             return
         if state.task is not None:
             state.task.cancel()
+        if state.held is not None:
+            self._held_bytes -= state.held.m // 8
+        if state.selected:
+            self._committed -= state.filter_bytes()
         self._sink.drop_peer(name)
         self.vouches.drop(name)
+        self._select_soon()  # room for another
         self._update_share()
 
     def held(self, name: str) -> HeldSummary | None:
@@ -189,10 +340,22 @@ class PeerDirectory:
         return [state.peer for state in self._peers.values()]
 
     def share(self) -> float:
-        """Share of alive peers whose advertised summary is held (1.0 with no peers)."""
-        if not self._peers:
+        """Share of the peers chosen to be held whose advertised summary is held (1.0 with
+        none)."""
+        chosen = [state for state in self._peers.values() if state.selected]
+        if not chosen:
             return 1.0
-        return sum(state.is_current() for state in self._peers.values()) / len(self._peers)
+        return sum(state.is_current() for state in chosen) / len(chosen)
+
+    def selected(self, name: str) -> bool:
+        """Whether this node holds (or is fetching) the peer's summary."""
+        state = self._peers.get(name)
+        return state is not None and state.selected
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the peers' filters held, which the budget bounds."""
+        return self._held_bytes
 
     async def close(self) -> None:
         self._closed = True
@@ -209,26 +372,37 @@ class PeerDirectory:
     def _update_share(self) -> None:
         self.metrics.share.set(self.share())
         self.metrics.peers.set(len(self._peers))
+        self.metrics.selected.set(sum(state.selected for state in self._peers.values()))
+        self.metrics.held_bytes.set(self._held_bytes)
 
     async def _sync(self, state: _PeerState) -> None:
         failures = 0
-        while self._peers.get(state.peer.name) is state and not state.is_current():
+        while (self._peers.get(state.peer.name) is state and state.selected
+               and not state.is_current()):
             try:
                 fetched = await self._fetch(state)
             except (aiohttp.ClientError, TimeoutError, SummaryFormatError, FetchError) as err:
                 self.metrics.fetches.labels("error").inc()
                 log.info("summary fetch from %s failed: %s", state.peer.name, err)
-                fetched = None
+                # Perhaps a bad delta: the whole filter next time, which a peer
+                # that cannot send deltas properly still serves.
+                state.full_next = True
             else:
-                self.metrics.fetches.labels("not_modified" if fetched is None else "ok").inc()
-            if fetched is not None and self._peers.get(state.peer.name) is state:
-                self._install(state, fetched)
+                result = "not_modified" if fetched is None else "ok"
+                if isinstance(fetched, SummaryDelta):
+                    result = "delta" if self._install_delta(state, fetched) else "error"
+                elif fetched is not None:
+                    state.full_next = False
+                    self._install(state, fetched)
+                self.metrics.fetches.labels(result).inc()
             if state.is_current():
                 return
             # Failed, not modified yet, or the peer answered an older epoch than
             # it advertises (published between the two): wait, then try again.
             failures += 1
             delay = min(self._max_backoff_s, self._backoff_s * 2 ** (failures - 1))
+            if state.poke is None:
+                state.poke = asyncio.Event()
             state.poke.clear()
             try:
                 async with asyncio.timeout(delay * random.uniform(0.5, 1.0)):
@@ -237,24 +411,65 @@ class PeerDirectory:
             except TimeoutError:
                 pass
 
-    async def _fetch(self, state: _PeerState) -> Summary | None:
-        """The peer's summary, or None when it answers 304 for the one held."""
+    async def _fetch(self, state: _PeerState) -> Summary | SummaryDelta | None:
+        """The peer's summary or a delta from the one held, or None when it answers
+        304 for the one held."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         held = state.held.epoch if state.held is not None else None
-        return await fetch_summary(self._session, state.peer.http_base, held, self._max_bytes)
+        async with self._fetch_slots:
+            return await fetch_summary(self._session, state.peer.http_base, held,
+                                       self._max_bytes, delta=not state.full_next,
+                                       on_body=self._count_bytes)
+
+    def _count_bytes(self, delta: bool, size: int) -> None:
+        self.metrics.fetched_bytes.labels("delta" if delta else "full").inc(size)
+
+    def _install_delta(self, state: _PeerState, delta: SummaryDelta) -> bool:
+        """Apply a delta to the held summary; False (and the whole filter next) when it
+        does not fit it."""
+        if self._peers.get(state.peer.name) is not state or not state.selected:
+            return True
+        held = state.held
+        if held is not None and delta.epoch <= held.epoch:
+            return True
+        if held is None or delta.base_epoch != held.epoch or (
+                (delta.m, delta.k, delta.reduction) != (held.m, held.k, held.reduction)) or (
+                not self._sink.apply_delta(state.peer, delta)):
+            # Not a delta from what is held: nothing is changed, the whole filter comes next.
+            log.info("summary delta from %s does not fit the summary held; fetching it whole",
+                     state.peer.name)
+            state.full_next = True
+            return False
+        self._held(state, delta.epoch, delta.count, delta.born_at_ms, delta.m, delta.k,
+                   delta.reduction)
+        self.vouches.set_vouches(state.peer.name, delta.vouches)
+        return True
 
     def _install(self, state: _PeerState, summary: Summary) -> None:
-        previous = state.held
-        if previous is not None and summary.epoch <= previous.epoch:
+        if self._peers.get(state.peer.name) is not state or not state.selected:
             return
-        state.held = HeldSummary(summary.epoch, summary.count, summary.born_at_ms, summary.m,
-                                 summary.k)
+        if state.held is not None and summary.epoch <= state.held.epoch:
+            return
         self._sink.set_summary(state.peer, summary)
+        self._held(state, summary.epoch, summary.count, summary.born_at_ms, summary.m,
+                   summary.k, summary.reduction)
         self.vouches.set_vouches(state.peer.name, summary.vouches)
+
+    def _held(self, state: _PeerState, epoch: int, count: int, born_at_ms: int, m: int, k: int,
+              reduction: int) -> None:
+        previous = state.held
+        reckoned = state.filter_bytes()
+        state.held = HeldSummary(epoch, count, born_at_ms, m, k, reduction)
+        state.seen_bytes = m // 8
+        self._committed += m // 8 - reckoned
+        self._held_bytes += m // 8 - (previous.m // 8 if previous is not None else 0)
+        if self._held_bytes > self._budget or self._committed > self._budget:
+            # Larger than its advertised keys said: choose again with the real size.
+            self._select_soon()
         # Observe only versions carrying keys newer than the last one held: the
         # first summary of a peer measures when we met it, not propagation.
-        if previous is not None and summary.born_at_ms > previous.born_at_ms:
-            delay_s = max(0, self._wall_ms() - summary.born_at_ms) / 1000
+        if previous is not None and born_at_ms > previous.born_at_ms:
+            delay_s = max(0, self._wall_ms() - born_at_ms) / 1000
             self.metrics.propagation.observe(delay_s)
         self._update_share()

@@ -14,14 +14,85 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from meshmirror.routing.bloom import DIGEST_KEY, BloomFilter, check_fp_rate
-from meshmirror.routing.summary import VERSION_VOUCHES, Summary, wall_clock_ms
+from meshmirror.routing.bloom import DIGEST_KEY, MASK, BloomFilter, check_fp_rate
+from meshmirror.routing.summary import (
+    VERSION,
+    VERSION_RANGE,
+    VERSION_VOUCHES,
+    Summary,
+    SummaryDelta,
+    wall_clock_ms,
+)
 from meshmirror.routing.vouches import NO_VOUCHES, Vouches
 from meshmirror.store.base import KeyEvent, Store
 
 log = logging.getLogger(__name__)
+
+U32Array = npt.NDArray[np.uint32]
+
+
+class DeltaLog:
+    """The positions each version since the last rebuild set, so a peer holding
+    any of those versions can be sent only what changed since.
+
+    Bounded twice: at most `MAX_VERSIONS` versions, and at most one position per
+    `BITS_PER_POSITION` bits of the filter in all (a delta of that many
+    positions is about a quarter of the whole filter's size, past which the
+    whole filter is the better answer anyway). The oldest versions go first;
+    a peer holding one of them gets the whole filter.
+    """
+
+    MAX_VERSIONS = 256
+    BITS_PER_POSITION = 32
+
+    def __init__(self) -> None:
+        self.base: int | None = None  # the epoch the logged versions start from
+        self._versions: list[tuple[int, U32Array]] = []
+        self._held = 0
+        self._encoded: dict[int, bytes] = {}
+
+    def restart(self, epoch: int) -> None:
+        """A rebuilt filter: nothing before ``epoch`` can be caught up with a delta."""
+        self.base = epoch
+        self._versions.clear()
+        self._held = 0
+        self._encoded.clear()
+
+    def append(self, epoch: int, fresh: U32Array, m: int) -> None:
+        self._versions.append((epoch, fresh))
+        self._held += len(fresh)
+        self._encoded.clear()
+        limit = max(64, m // self.BITS_PER_POSITION)
+        while self._versions and (len(self._versions) > self.MAX_VERSIONS
+                                  or self._held > limit):
+            dropped, positions = self._versions.pop(0)
+            self._held -= len(positions)
+            self.base = dropped
+
+    def delta(self, held: int, current: Summary) -> bytes | None:
+        """The encoded delta from epoch ``held`` to ``current``; None when unknown.
+
+        Encoded once per held epoch and version: in a rollout every peer holds
+        the same previous epoch, so they all get the same bytes."""
+        if held >= current.epoch:
+            return None
+        if held != self.base and all(epoch != held for epoch, _ in self._versions):
+            return None
+        cached = self._encoded.get(held)
+        if cached is None:
+            parts = [pos for epoch, pos in self._versions if epoch > held]
+            merged = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint32)
+            cached = SummaryDelta(
+                base_epoch=held, epoch=current.epoch, k=current.k, m=current.m,
+                reduction=current.reduction, count=current.count,
+                born_at_ms=current.born_at_ms, positions=merged.astype(np.uint64),
+                vouches=current.vouches).encode()
+            self._encoded[held] = cached
+        return cached
 
 
 class EpochClock:
@@ -76,16 +147,13 @@ class SummaryMetrics:
         self._tag_registries: set[str] = set()
         self._image_registries: set[str] = set()
 
-    def advertise(self, keys: Iterable[str]) -> None:
-        """Set the advertised gauges from the published keys (tags: ``registry/repo:tag``)."""
+    def advertise(self, tag_keys: Iterable[str], digests: int) -> None:
+        """Set the advertised gauges from the published tag keys (``registry/repo:tag``)
+        and the count of digest keys."""
         tags: dict[str, int] = {}
-        digests = 0
-        for key in keys:
-            if DIGEST_KEY.fullmatch(key):
-                digests += 1
-            else:
-                registry = key.split("/", 1)[0]
-                tags[registry] = tags.get(registry, 0) + 1
+        for key in tag_keys:
+            registry = key.split("/", 1)[0]
+            tags[registry] = tags.get(registry, 0) + 1
         # A registry whose last tag went stays at 0 rather than vanishing mid-graph.
         self._tag_registries.update(tags)
         for registry in self._tag_registries:
@@ -119,8 +187,9 @@ class SummaryPublisher:
         small, and 5% sits in that range; or
       * the fill pushes the estimated false-positive rate past 2x the target,
         i.e. the store has grown past the capacity the filter was sized for
-        (power-of-two sizing leaves up to 2x headroom, so growth rarely
-        triggers this).
+        (the filter is sized for the keys it is built with, so about 17% growth
+        since the last rebuild triggers this; a rebuild costs each peer one
+        whole filter instead of a delta).
     A rebuild also resynchronises with the store, so an event lost by a store's
     subscription is repaired; a periodic reconcile (``reconcile_interval_s``)
     catches the rest.
@@ -128,6 +197,15 @@ class SummaryPublisher:
     Vouches. ``vouches()``, when given, says which repositories this node vouches
     for (see `vouches`); they ride in every version, and ``vouches_changed()``
     publishes a new one through the same debounce as a store change.
+
+    Two filters. The published filter (`RANGE`, wire version 3) is sized to
+    what the keys need; a power-of-two (`MASK`) twin of the same keys is kept
+    beside it for peers that read only versions 1 and 2. Both are rebuilt
+    together and share epochs.
+
+    Deltas. The positions each version newly sets are kept in a `DeltaLog`
+    (reset by every rebuild), from which ``delta_since`` answers peers that
+    already hold an earlier version.
 
     Publication. The first change after a version starts a ``debounce_s``
     window (150 ms); everything arriving in it goes into one new version, so a
@@ -162,7 +240,14 @@ class SummaryPublisher:
         self.metrics = SummaryMetrics(registry if registry is not None else CollectorRegistry())
 
         self._keys: set[str] = set()
+        # The keys that are tags, not digests: what the tag gauges and image count read,
+        # kept apart so a publish never walks (or copies) 100,000 digest keys.
+        self._tags: set[str] = set()
         self._filter = BloomFilter.for_capacity(0, fp_rate)
+        self._legacy = BloomFilter.for_capacity(0, fp_rate, MASK)
+        self._fresh: list[npt.NDArray[np.uint64]] = []
+        self._rebuilt = True
+        self.deltas = DeltaLog()
         self._entries_at_rebuild = 0
         self._removed_since_rebuild = 0
         # Arrival time of the oldest key not yet in a published version.
@@ -174,6 +259,7 @@ class SummaryPublisher:
         self._current: Summary | None = None
         self._payload = b""
         self._vouched_payload = b""
+        self._ranged_payload = b""
         self._dirty = asyncio.Event()
         # Set and replaced on every version, so waiters wake exactly once per version.
         self._version_event = asyncio.Event()
@@ -195,6 +281,17 @@ class SummaryPublisher:
     def vouched_payload(self) -> bytes:
         """The latest version with this node's vouches, for peers that read them."""
         return self._vouched_payload
+
+    @property
+    def ranged_payload(self) -> bytes:
+        """The latest version as wire version 3: the filter `current` holds."""
+        return self._ranged_payload
+
+    def delta_since(self, epoch: int) -> bytes | None:
+        """What changed since version ``epoch``, encoded; None if that is not known."""
+        if self._current is None:
+            return None
+        return self.deltas.delta(epoch, self._current)
 
     async def start(self) -> None:
         """Subscribe to the store, publish the first version and keep publishing."""
@@ -239,16 +336,19 @@ class SummaryPublisher:
         if self._replay is not None:
             self._replay.append(event)
         changed = False
-        for key in event.added:
-            if key not in self._keys:
-                self._keys.add(key)
-                self._filter.add(key)
-                changed = True
-                if self._pending_arrival_ms is None:
-                    self._pending_arrival_ms = self._wall_ms()
+        added = [key for key in event.added if key not in self._keys]
+        if added:
+            self._keys.update(added)
+            self._tags.update(key for key in added if not DIGEST_KEY.fullmatch(key))
+            self._fresh.append(self._filter.add_fresh(added))
+            self._legacy.add_many(added)
+            changed = True
+            if self._pending_arrival_ms is None:
+                self._pending_arrival_ms = self._wall_ms()
         for key in event.removed:
             if key in self._keys:
                 self._keys.discard(key)
+                self._tags.discard(key)
                 self._removed_since_rebuild += 1
                 changed = True
         if changed:
@@ -285,7 +385,11 @@ class SummaryPublisher:
         replay, self._replay = self._replay, None
         had = self._keys
         self._keys = set(keys)
+        self._tags = {key for key in self._keys if not DIGEST_KEY.fullmatch(key)}
         self._filter = BloomFilter.build(self._keys, self.fp_rate)
+        self._legacy = BloomFilter.build(self._keys, self.fp_rate, reduction=MASK)
+        self._fresh.clear()
+        self._rebuilt = True
         self._entries_at_rebuild = len(self._keys)
         self._removed_since_rebuild = 0
         if self._keys - had and self._pending_arrival_ms is None and self._current is not None:
@@ -309,16 +413,28 @@ class SummaryPublisher:
                 log.exception("could not list vouches; publishing none")
         summary = Summary(epoch=self._epochs.next(), k=bloom.k, m=bloom.m, count=len(self._keys),
                           born_at_ms=self._born_at_ms, bits=bloom.bits.tobytes(),
-                          vouches=vouches)
+                          vouches=vouches, reduction=bloom.reduction)
+        legacy = Summary(epoch=summary.epoch, k=self._legacy.k, m=self._legacy.m,
+                         count=summary.count, born_at_ms=summary.born_at_ms,
+                         bits=self._legacy.bits.tobytes(), vouches=vouches, reduction=MASK)
         self._current = summary
-        self._payload = summary.encode()
-        self._vouched_payload = summary.encode(VERSION_VOUCHES)
+        self._payload = legacy.encode(VERSION)
+        self._vouched_payload = legacy.encode(VERSION_VOUCHES)
+        self._ranged_payload = summary.encode(VERSION_RANGE)
+        if self._rebuilt:
+            self.deltas.restart(summary.epoch)
+            self._rebuilt = False
+        else:
+            fresh = (np.unique(np.concatenate(self._fresh)) if self._fresh
+                     else np.zeros(0, dtype=np.uint64))
+            self.deltas.append(summary.epoch, fresh.astype(np.uint32), summary.m)
+        self._fresh.clear()
         self.metrics.keys.set(summary.count)
         self.metrics.vouches.set(len(vouches))
-        self.metrics.advertise(self._keys)
+        self.metrics.advertise(self._tags, len(self._keys) - len(self._tags))
         self._count_images_soon()
         self.metrics.epoch.set(summary.epoch)
-        self.metrics.bytes.set(len(self._payload))
+        self.metrics.bytes.set(len(self._ranged_payload))
         self.metrics.fp_rate.set(bloom.estimated_fp_rate())
         if self._on_publish is not None:
             try:
@@ -336,14 +452,12 @@ class SummaryPublisher:
         """
         if self._image_count is not None:
             self._image_count.cancel()
-        self._image_count = asyncio.create_task(self._count_images(frozenset(self._keys)),
+        self._image_count = asyncio.create_task(self._count_images(frozenset(self._tags)),
                                                 name="summary-images")
 
     async def _count_images(self, keys: frozenset[str]) -> None:
         images: dict[str, set[str]] = {}
         for key in keys:
-            if DIGEST_KEY.fullmatch(key):
-                continue
             registry, _, name = key.partition("/")
             repository, _, tag = name.rpartition(":")
             try:

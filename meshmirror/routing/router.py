@@ -5,10 +5,10 @@ serve locally, so the answer must cost microseconds with a thousand peers. Two
 implementations share one ranking:
 
 * ``BloomRouter`` matches a key against every peer's Bloom summary. Peers'
-  filters of the same geometry (m bits, k hashes) are stacked column by column
-  into one uint8 matrix of shape (m/8, peers); a key's k bit positions select k
-  contiguous rows, so one lookup is a gather of k*peers bytes and a reduction,
-  not a Python loop over peers.
+  filters (any sizes, both reductions) lie end to end in one uint8 buffer; a
+  key's k hash sums are reduced against every peer's size at once, so one
+  lookup is a few array operations on k*peers values and a gather of k*peers
+  bytes, not a Python loop over peers.
 * ``InMemoryRouter`` holds an explicit key -> peers map: exact answers for
   tests and for callers that know the truth.
 
@@ -20,6 +20,11 @@ filter says nothing, so the peer is no candidate for any key until it
 publishes a useful one.
 
 Ranking (``_Health``): the rest whose filter matches, ordered by
+  0. (one level below not penalised and not demoted) in this node's zone: a
+     router given its ``zone`` asks a holder in another zone, or in none
+     advertised, only after every same-zone holder, since cross-zone traffic is
+     billed in every cloud; a same-zone holder is preferred even with up to a
+     hundred requests in flight;
   1. not penalised: a peer that errored, or whose circuit has just closed
      again, is pushed below every healthy one for a cooling period that doubles
      with each consecutive failure (1 s up to 60 s) and ends on the first success;
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import abc
 import math
+import mmap
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -55,8 +61,8 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Histogram
 
-from meshmirror.routing.bloom import key_hashes, positions
-from meshmirror.routing.summary import Summary
+from meshmirror.routing.bloom import MASK, MAX_K, key_hashes, reduce_sums
+from meshmirror.routing.summary import Summary, SummaryDelta
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -67,10 +73,12 @@ _EMPTY: IntArray = np.zeros(0, dtype=np.int64)
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """A peer the mirror can ask: its mesh node name and its registry's base URL."""
+    """A peer the mirror can ask: its mesh node name, its registry's base URL and
+    its zone ("" when it advertises none)."""
 
     name: str
     http_base: str
+    zone: str = ""
 
 
 class _Health:
@@ -95,11 +103,15 @@ class _Health:
     FP_DEMOTE_FACTOR = 10.0
     _ARRAYS = ("in_flight", "latency", "errors", "false_pos", "penalty_until", "strikes",
                "bucket", "static_score", "circuit_until", "trips", "fp_seen", "fp_count",
-               "fp_at", "expected_fp")
+               "fp_at", "expected_fp", "cross_zone")
+    # Above any realistic in-flight count (1e6 each), below demotion and penalties.
+    CROSS_ZONE = 1e8
 
-    def __init__(self, clock: Callable[[], float], rng: np.random.Generator) -> None:
+    def __init__(self, clock: Callable[[], float], rng: np.random.Generator,
+                 zone: str = "") -> None:
         self._clock = clock
         self._rng = rng
+        self.zone = zone
         self.slot_of: dict[str, int] = {}
         self.peer_at: list[Peer | None] = []
         self._free: list[int] = []
@@ -121,6 +133,8 @@ class _Health:
         self.fp_count: FloatArray = np.zeros(0)
         self.fp_at: FloatArray = np.zeros(0)
         self.expected_fp: FloatArray = np.zeros(0)
+        # CROSS_ZONE for a peer outside this node's zone, else 0.
+        self.cross_zone: FloatArray = np.zeros(0)
 
     def _grow(self) -> None:
         new = max(16, self._size * 2)
@@ -144,6 +158,7 @@ class _Health:
             for name in self._ARRAYS:
                 getattr(self, name)[slot] = 0
         self.peer_at[slot] = peer
+        self.cross_zone[slot] = self.CROSS_ZONE if self.zone and peer.zone != self.zone else 0.0
         return slot
 
     def remove(self, name: str) -> int | None:
@@ -160,7 +175,7 @@ class _Health:
         slots = slots[self.circuit_until[slots] <= now]
         if len(slots) == 0:
             return []
-        score = self.static_score[slots] + self._rng.random(len(slots))
+        score = self.static_score[slots] + self.cross_zone[slots] + self._rng.random(len(slots))
         score[self.penalty_until[slots] > now] += 1e12
         score[self._demoted(slots, now)] += 1e9
         if len(slots) > limit:
@@ -280,9 +295,23 @@ class Router(abc.ABC):
     """Candidate peers for a key, plus the feedback that ranks them."""
 
     def __init__(self, *, registry: CollectorRegistry | None = None,
-                 clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
-        self._health = _Health(clock, np.random.default_rng(seed))
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None,
+                 zone: str = "") -> None:
+        self._health = _Health(clock, np.random.default_rng(seed), zone)
         self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
+
+    @property
+    def zone(self) -> str:
+        """This node's zone ("" when unknown: no peer is preferred for its zone)."""
+        return self._health.zone
+
+    def same_zone(self, peer_name: str) -> bool | None:
+        """Whether a known peer is in this node's zone; None when either zone is unknown."""
+        slot = self._health.slot_of.get(peer_name)
+        peer = None if slot is None else self._health.peer_at[slot]
+        if peer is None or not peer.zone or not self._health.zone:
+            return None
+        return peer.zone == self._health.zone
 
     @abc.abstractmethod
     def _matching_slots(self, key: str) -> IntArray:
@@ -355,8 +384,9 @@ class InMemoryRouter(Router):
     """Exact key -> peers map; the reference the Bloom router is held to."""
 
     def __init__(self, *, registry: CollectorRegistry | None = None,
-                 clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
-        super().__init__(registry=registry, clock=clock, seed=seed)
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None,
+                 zone: str = "") -> None:
+        super().__init__(registry=registry, clock=clock, seed=seed, zone=zone)
         self._holders: dict[str, set[int]] = {}
         self._keys_of: dict[int, set[str]] = {}
 
@@ -389,49 +419,160 @@ class InMemoryRouter(Router):
         return np.fromiter(holders, dtype=np.int64, count=len(holders))
 
 
-class _FilterGroup:
-    """Filters of one geometry stacked as columns of a (m/8, capacity) matrix."""
+@dataclass(frozen=True, slots=True)
+class _Active:
+    """What a lookup reads of the placed filters, as columns of (slots, 1) arrays."""
 
-    def __init__(self, m: int, k: int) -> None:
-        self.m = m
-        self.k = k
-        self.matrix: npt.NDArray[np.uint8] = np.zeros((m // 8, 0), dtype=np.uint8)
-        self.col_slot: IntArray = _EMPTY.copy()
-        self._free: list[int] = []
-        self.used = 0
+    slots: IntArray
+    m: npt.NDArray[np.uint64]
+    offset: IntArray
+    kmax: int
+    beyond_k: npt.NDArray[np.uint8] | None  # 1 where a filter has fewer than kmax hashes
+    reduction: int  # the first filter's; most share it
+    same_reduction: npt.NDArray[np.bool_] | None  # None when all do
 
-    def put(self, slot: int, bits: bytes) -> int:
-        if not self._free:
-            old_cap = self.matrix.shape[1]
-            cap = max(8, old_cap * 2)
-            matrix = np.zeros((self.m // 8, cap), dtype=np.uint8)
-            matrix[:, :old_cap] = self.matrix
-            col_slot = np.full(cap, -1, dtype=np.int64)
-            col_slot[:old_cap] = self.col_slot
-            self.matrix, self.col_slot = matrix, col_slot
-            self._free.extend(range(cap - 1, old_cap - 1, -1))
-        col = self._free.pop()
-        self.write(col, slot, bits)
-        self.used += 1
-        return col
 
-    def write(self, col: int, slot: int, bits: bytes) -> None:
-        self.matrix[:, col] = np.frombuffer(bits, dtype=np.uint8)
-        self.col_slot[col] = slot
+class _Filters:
+    """Every installed filter end to end in one byte buffer, one segment per slot.
 
-    def clear(self, col: int) -> None:
-        self.matrix[:, col] = 0
-        self.col_slot[col] = -1
-        self._free.append(col)
-        self.used -= 1
+    A filter replaced by one of the same byte length is overwritten in place
+    (the usual case: a new version, or a delta, of the same filter); any other
+    is appended and its old segment becomes garbage, compacted away (in place)
+    once garbage outweighs live bytes. Per-slot geometry lives in flat arrays
+    that a lookup reads whole.
+
+    Memory: the buffer is an anonymous mapping of `RESERVE` bytes, whose pages
+    the kernel backs only once written, so the reservation costs no resident
+    memory and growing never copies (a copy would hold the old and the new
+    buffer at once: twice the filters' size at the peak, past a 128 MiB pod
+    limit at 32 MiB of filters). Compaction hands the freed tail's pages back
+    (``MADV_DONTNEED``), so dropped peers' filters stop counting too.
+    """
+
+    RESERVE = 256 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._map: mmap.mmap | None = None  # reserved on first use
+        self.buf: npt.NDArray[np.uint8] = np.zeros(0, dtype=np.uint8)
+        self.end = 0
+        self.garbage = 0
+        self.offset: IntArray = _EMPTY.copy()
+        self.length: IntArray = _EMPTY.copy()
+        self.m: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
+        self.k: IntArray = _EMPTY.copy()
+        self.reduction: IntArray = _EMPTY.copy()
+        self.placed: npt.NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)
+        self._active: _Active | None = None
+
+    @property
+    def live_bytes(self) -> int:
+        return self.end - self.garbage
+
+    def _fit(self, slot: int) -> None:
+        if slot < len(self.placed):
+            return
+        size = max(16, 2 * len(self.placed), slot + 1)
+        for name in ("offset", "length", "m", "k", "reduction", "placed"):
+            old = getattr(self, name)
+            new = np.zeros(size, dtype=old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+
+    def put(self, slot: int, bits: bytes | npt.NDArray[np.uint8], m: int, k: int,
+            reduction: int) -> None:
+        self._fit(slot)
+        size = m // 8
+        if self.placed[slot] and int(self.length[slot]) == size:
+            start = int(self.offset[slot])
+        else:
+            self.remove(slot)
+            if self.end + size > len(self.buf):
+                self._grow(size)
+            start = self.end
+            self.end += size
+        self.buf[start:start + size] = np.frombuffer(bits, dtype=np.uint8) if isinstance(
+            bits, bytes) else bits
+        self.offset[slot], self.length[slot] = start, size
+        self.m[slot], self.k[slot], self.reduction[slot] = m, k, reduction
+        self.placed[slot] = True
+        self._active = None
+
+    def column(self, slot: int) -> npt.NDArray[np.uint8] | None:
+        """The slot's live bits (a view), or None when it has no filter."""
+        if slot >= len(self.placed) or not self.placed[slot]:
+            return None
+        start = int(self.offset[slot])
+        return self.buf[start:start + int(self.length[slot])]
+
+    def remove(self, slot: int) -> None:
+        if slot >= len(self.placed) or not self.placed[slot]:
+            return
+        self.placed[slot] = False
+        self.garbage += int(self.length[slot])
+        self._active = None
+        if self.garbage > self.live_bytes:
+            self._compact()
+
+    def _grow(self, need: int) -> None:
+        size = max(2 * len(self.buf), self.end + need, self.RESERVE)
+        mapped = mmap.mmap(-1, size)
+        buf = np.frombuffer(mapped, dtype=np.uint8)
+        buf[: self.end] = self.buf[: self.end]
+        old, self._map, self.buf = self._map, mapped, buf
+        if old is not None:
+            old.close()
+
+    def _compact(self) -> None:
+        """Slide live segments down over the garbage, in offset order (so a move never
+        overwrites a segment not yet moved), then zero the freed tail."""
+        slots = np.flatnonzero(self.placed)
+        slots = slots[np.argsort(self.offset[slots])]
+        at = 0
+        for slot in slots.tolist():
+            start, size = int(self.offset[slot]), int(self.length[slot])
+            if start != at:
+                self.buf[at:at + size] = self.buf[start:start + size]
+                self.offset[slot] = at
+            at += size
+        # The freed tail reads as zeros again, and its whole pages leave resident memory.
+        page = mmap.PAGESIZE
+        first_page = -(-at // page) * page
+        self.buf[at:min(first_page, self.end)] = 0
+        if self._map is not None and first_page < self.end:
+            self._map.madvise(mmap.MADV_DONTNEED, first_page,
+                              -(-self.end // page) * page - first_page)
+        self.end, self.garbage = at, 0
+        self._active = None  # offsets moved
+
+    def active(self) -> _Active:
+        """The placed slots and their geometry, gathered once per change of placement."""
+        if self._active is None:
+            slots = np.flatnonzero(self.placed).astype(np.int64)
+            k, reduction = self.k[slots], self.reduction[slots]
+            kmax = int(k.max()) if len(slots) else 0
+            first = int(reduction[0]) if len(slots) else MASK
+            self._active = _Active(
+                slots, self.m[slots][:, None], self.offset[slots][:, None], kmax,
+                (np.arange(kmax, dtype=np.uint64)[None, :] >= k[:, None].astype(np.uint64)
+                 ).astype(np.uint8) if bool(np.any(k != kmax)) else None,
+                first, None if bool(np.all(reduction == first)) else (reduction == first))
+        return self._active
 
     def match(self, h1: int, h2: int) -> IntArray:
-        pos = np.array(positions(h1, h2, self.k, self.m), dtype=np.int64)
-        rows = self.matrix[pos >> 3]
-        shifted = rows >> (pos & 7).astype(np.uint8)[:, None]
-        hit = np.bitwise_and.reduce(shifted, axis=0) & 1
-        # Cleared columns are all zero, so they can never match.
-        return self.col_slot[np.flatnonzero(hit)]
+        act = self.active()
+        if len(act.slots) == 0:
+            return _EMPTY
+        steps = np.arange(act.kmax, dtype=np.uint64)
+        sums = (np.uint64(h1) + steps * np.uint64(h2))[None, :]  # wraps modulo 2^64
+        pos = reduce_sums(sums, act.m, act.reduction)
+        if act.same_reduction is not None:
+            other = reduce_sums(sums, act.m, MASK if act.reduction != MASK else 1)
+            pos = np.where(act.same_reduction[:, None], pos, other)
+        index = act.offset + (pos >> np.uint64(3)).astype(np.int64)
+        bit = (self.buf[index] >> (pos & np.uint64(7)).astype(np.uint8)) & 1
+        if act.beyond_k is not None:
+            bit |= act.beyond_k
+        return act.slots[np.flatnonzero(np.bitwise_and.reduce(bit, axis=1))]
 
 
 def filter_fp_rate(summary: Summary) -> float:
@@ -439,10 +580,14 @@ def filter_fp_rate(summary: Summary) -> float:
 
     Taken from the bits themselves rather than from the key count the summary
     states, which a peer could understate."""
-    if summary.m == 0:
+    return bits_fp_rate(np.frombuffer(summary.bits, dtype=np.uint8), summary.m, summary.k)
+
+
+def bits_fp_rate(bits: npt.NDArray[np.uint8], m: int, k: int) -> float:
+    if m == 0:
         return 1.0
-    fill = int.from_bytes(summary.bits, "big").bit_count() / summary.m
-    return float(fill**summary.k)
+    fill = int(np.bitwise_count(bits).sum()) / m
+    return float(fill**k)
 
 
 class BloomRouter(Router):
@@ -458,52 +603,53 @@ class BloomRouter(Router):
     USELESS_FP = 0.5
 
     def __init__(self, *, registry: CollectorRegistry | None = None,
-                 clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
-        super().__init__(registry=registry, clock=clock, seed=seed)
-        self._groups: dict[tuple[int, int], _FilterGroup] = {}
-        self._where: dict[int, tuple[_FilterGroup, int]] = {}
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None,
+                 zone: str = "") -> None:
+        super().__init__(registry=registry, clock=clock, seed=seed, zone=zone)
+        self._filters = _Filters()
+
+    def filter_bytes(self) -> int:
+        """Bytes of peers' filters held: the router's memory that grows with peers."""
+        return self._filters.live_bytes
 
     def set_summary(self, peer: Peer, summary: Summary) -> None:
         slot = self._health.add(peer)
         expected = filter_fp_rate(summary)
         self._health.expected_fp[slot] = expected
-        if expected > self.USELESS_FP:
-            self._unplace(slot)
+        if expected > self.USELESS_FP or summary.k > MAX_K:
+            self._filters.remove(slot)
             return
-        placed = self._where.get(slot)
-        if placed is not None:
-            group, col = placed
-            if (group.m, group.k) == (summary.m, summary.k):
-                group.write(col, slot, summary.bits)
-                return
-            self._unplace(slot)
-        target = self._groups.get((summary.m, summary.k))
-        if target is None:
-            target = self._groups[(summary.m, summary.k)] = _FilterGroup(summary.m, summary.k)
-        self._where[slot] = (target, target.put(slot, summary.bits))
+        self._filters.put(slot, summary.bits, summary.m, summary.k, summary.reduction)
+
+    def apply_delta(self, peer: Peer, delta: SummaryDelta) -> bool:
+        """Set a delta's positions in the peer's filter, if one of its geometry is installed."""
+        slot = self._health.slot_of.get(peer.name)
+        if slot is None:
+            return False
+        filters = self._filters
+        bits = filters.column(slot)
+        if bits is None or (int(filters.m[slot]), int(filters.k[slot]),
+                            int(filters.reduction[slot])) != (delta.m, delta.k, delta.reduction):
+            return False
+        pos = delta.positions
+        np.bitwise_or.at(bits, (pos >> np.uint64(3)).astype(np.int64),
+                         np.left_shift(1, pos & np.uint64(7)).astype(np.uint8))
+        expected = bits_fp_rate(bits, delta.m, delta.k)
+        self._health.expected_fp[slot] = expected
+        if expected > self.USELESS_FP:
+            filters.remove(slot)
+        return True
 
     def set_address(self, peer: Peer) -> None:
-        """A known peer's registry moved; its filter and history stay."""
+        """A known peer's registry moved or its zone changed; its filter and history stay."""
         if peer.name in self._health.slot_of:
             self._health.add(peer)
 
     def drop_peer(self, name: str) -> None:
         slot = self._health.remove(name)
         if slot is not None:
-            self._unplace(slot)
-
-    def _unplace(self, slot: int) -> None:
-        placed = self._where.pop(slot, None)
-        if placed is None:
-            return
-        group, col = placed
-        group.clear(col)
-        if group.used == 0:
-            del self._groups[(group.m, group.k)]
+            self._filters.remove(slot)
 
     def _matching_slots(self, key: str) -> IntArray:
-        if not self._groups:
-            return _EMPTY
         h1, h2 = key_hashes(key)
-        found = [group.match(h1, h2) for group in self._groups.values()]
-        return found[0] if len(found) == 1 else np.concatenate(found)
+        return self._filters.match(h1, h2)

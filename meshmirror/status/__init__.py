@@ -42,7 +42,8 @@ def status_routes(store: Store, peering: Peering | None,
         config_path = os.environ.get(CONFIG_PATH_ENV)
         if config_path:
             metrics.registry.register(
-                HostsConfigCollector(Path(config_path), peering.config.http_base))
+                HostsConfigCollector(Path(config_path), peering.config.http_base,
+                                     peering.config.mirror.mirrored_registries))
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
 
     async def as_json(request: Request) -> Response:

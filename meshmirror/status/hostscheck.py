@@ -11,15 +11,18 @@ can be fed from outside (docs/metrics.md).
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from meshmirror.containerd.doctor import lookup_dirs
+from meshmirror.containerd.hostsconfig import BACKUP_DIR, PARTIAL_BACKUP_DIR, RESTORING_DIR
 from meshmirror.upstream.endpoints import entry_reaches
 
 CONFIG_PATH_ENV = "MESHMIRROR_CONTAINERD_REGISTRY_CONFIG_PATH"
+_NOT_REGISTRIES = frozenset({BACKUP_DIR, PARTIAL_BACKUP_DIR, RESTORING_DIR})
 
 
 def points_here(hosts_toml: Path, own_url: str) -> bool:
@@ -37,9 +40,14 @@ def points_here(hosts_toml: Path, own_url: str) -> bool:
 class HostsConfigCollector(Collector):
     """One gauge per ``<config_path>/<registry>/hosts.toml``: 1 if it points here, else 0."""
 
-    def __init__(self, config_path: Path, own_url: str) -> None:
+    def __init__(self, config_path: Path, own_url: str,
+                 mirrored: Collection[str] = ()) -> None:
+        """``mirrored``: the registries this node mirrors (--mirrored-registries); a
+        directory of any other registry is the node owner's and not reported. Empty:
+        every registry, through _default, which any other directory shadows."""
         self.config_path = config_path
         self.own_url = own_url
+        self.wanted = {d for r in mirrored for d in lookup_dirs(r)[:-1]}
 
     def describe(self) -> Iterable[Metric]:
         return [self._family()]
@@ -47,7 +55,10 @@ class HostsConfigCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         family = self._family()
         try:
-            registries = sorted(p for p in self.config_path.iterdir() if p.is_dir())
+            # configure's backups are no registry: a 0 for them would fire the alert.
+            registries = sorted(p for p in self.config_path.iterdir() if p.is_dir() and
+                                p.name not in _NOT_REGISTRIES and
+                                (not self.wanted or p.name in self.wanted))
         except OSError:
             registries = []
         for directory in registries:

@@ -14,6 +14,7 @@ import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from meshmirror.fileio import FileChunks
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 
@@ -144,6 +145,15 @@ class Store(abc.ABC):
         callers must stat first if they need to answer before streaming. A range
         outside the blob raises ValueError (see ``check_range``), never a short read.
         """
+
+    async def open_file(self, digest: Digest, offset: int = 0, length: int | None = None
+                        ) -> FileChunks | None:
+        """The bytes `read` would stream, as an open file's range: a server sends them with
+        ``sendfile`` instead of copying each chunk through Python. None when this store's
+        bytes are not in a file it can open here (memory, containerd over gRPC); raises
+        like `stat`, and ValueError for a range outside the blob. The caller closes it.
+        """
+        return None
 
     @abc.abstractmethod
     async def keys(self) -> frozenset[str]:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from meshmirror.fileio import pread_chunks
+from meshmirror.fileio import FileChunks
 from meshmirror.oci import mediatypes as mt
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.imagebuilder import (
@@ -264,19 +264,25 @@ class OciLayoutStore(Store):
 
     async def read(self, digest: Digest, offset: int = 0, length: int | None = None
                    ) -> AsyncIterator[bytes]:
+        body = await self.open_file(digest, offset, length)
+        if body is None:
+            return
+        async with contextlib.aclosing(body):
+            async for chunk in body:
+                yield chunk
+
+    async def open_file(self, digest: Digest, offset: int = 0, length: int | None = None
+                        ) -> FileChunks | None:
         info = await self.stat(digest)
         end = check_range(info.size, offset, length)
         if offset == end:
-            return
+            return None
         try:
-            fd = await asyncio.to_thread(os.open, blob_path(self.root, digest), os.O_RDONLY)
+            fd = await asyncio.to_thread(os.open, blob_path(self.root, digest),
+                                         os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFoundError(f"blob {digest} not found") from None
-        try:
-            async for chunk in pread_chunks(fd, offset, end, self.chunk_size):
-                yield chunk
-        finally:
-            os.close(fd)
+        return FileChunks(fd, offset, end, self.chunk_size)
 
     async def keys(self) -> frozenset[str]:
         return (await self._current()).keys

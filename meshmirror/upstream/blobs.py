@@ -66,17 +66,21 @@ class FetchedManifest:
 
 
 class UpstreamBody:
-    """An open upstream blob answer from ``offset`` to the end; ``size`` is the whole blob's.
+    """An open upstream blob answer from ``offset`` to ``end`` (the blob's end unless a
+    range was asked for); ``size`` is the whole blob's. ``ranged``: the upstream
+    answered the ``Range`` with a 206 (a 200 means it ignores ranges).
 
     Iterate `chunks` once; `close` is safe on any path, any number of times.
     """
 
     def __init__(self, response: aiohttp.ClientResponse, size: int, offset: int,
                  skip: int, stall_timeout: float, chunk: int,
-                 on_failure: Callable[[str], None]) -> None:
+                 on_failure: Callable[[str], None], end: int | None = None) -> None:
         self._response = response
         self.size = size
         self.offset = offset
+        self.end = size if end is None else min(end, size)
+        self.ranged = response.status == 206
         self._skip = skip  # a 200 to a Range request: the prefix to discard
         self.stall_timeout = stall_timeout
         self._chunk = chunk
@@ -86,7 +90,7 @@ class UpstreamBody:
         position = self.offset
         content = self._response.content
         try:
-            while position < self.size:
+            while position < self.end:
                 try:
                     async with asyncio.timeout(self.stall_timeout):
                         chunk = await content.read(self._chunk)
@@ -102,8 +106,8 @@ class UpstreamBody:
                     chunk = chunk[dropped:]
                     if not chunk:
                         continue
-                if position + len(chunk) > self.size:
-                    chunk = chunk[: self.size - position]
+                if position + len(chunk) > self.end:
+                    chunk = chunk[: self.end - position]
                 position += len(chunk)
                 yield chunk
         finally:
@@ -132,10 +136,14 @@ class UpstreamContent:
         self._chunk = chunk
 
     async def open_blob(self, registry: str, repository: str, digest: Digest,
-                        offset: int = 0) -> UpstreamBody | NotFound | AuthRequired | Unreachable:
-        """The blob from ``offset``; its headers within the first-byte bound."""
+                        offset: int = 0, end: int | None = None, *, ranged: bool = False
+                        ) -> UpstreamBody | NotFound | AuthRequired | Unreachable:
+        """The blob from ``offset`` (to ``end``); its headers within the first-byte bound.
+        ``ranged`` asks with a ``Range`` even from byte 0, to learn from the answer's
+        status whether the upstream serves ranges (`UpstreamBody.ranged`)."""
         path = f"/v2/{repository}/blobs/{digest}"
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        last = "" if end is None else str(end - 1)
+        headers = {"Range": f"bytes={offset}-{last}"} if offset or ranged or end else {}
         opened = await self._open(registry, repository, path, headers)
         if not isinstance(opened, aiohttp.ClientResponse):
             return opened
@@ -147,7 +155,7 @@ class UpstreamContent:
             response.release()
             return Unreachable(FailureKind.PROTOCOL, f"{path}: {err}")
         return UpstreamBody(response, size, offset, skip, self.stall_timeout, self._chunk,
-                            lambda reason: breaker.record_failure(f"body: {reason}"))
+                            lambda reason: breaker.record_failure(f"body: {reason}"), end)
 
     def allows(self, client: str | None) -> bool:
         """Whether ``client`` may make this node fetch content for it now: a manifest

@@ -44,14 +44,15 @@ def _write(tmp_path: Path, section: Section) -> str:
 
 
 def test_peer_hop(tmp_path: Path) -> None:
-    medians = {"distribution": 1.6e9, "local": 1.8e9, bench_peer_hop.VERIFIED: 0.48e9,
-               bench_peer_hop.STREAMED: 0.8e9}
-    cpu = {"distribution": [], "local": [0.9], bench_peer_hop.VERIFIED: [1.3, 3.4],
-           bench_peer_hop.STREAMED: [1.2, 2.1]}
-    text = _write(tmp_path, bench_peer_hop.section(512, 5, medians, cpu, LOAD))
-    assert "| peer hop (verified, then sent) | 0.48 | 0.30 | 1.30 + 3.40 |" in text
-    assert "| distribution | 1.60 | 1.00 | - |" in text
-    assert "| peer hop (streamed) / Distribution | >= 0.5x | 0.50x | yes |" in text
+    hop = bench_peer_hop
+    rates = {hop.DISTRIBUTION: [1.6e9], hop.CACHE: [0.7e9], hop.LOCAL: [1.8e9], hop.HOP: [0.8e9]}
+    cpu: dict[str, list[list[float]]] = {hop.DISTRIBUTION: [[]], hop.CACHE: [[]],
+                                         hop.LOCAL: [[0.5]], hop.HOP: [[0.5, 1.9]]}
+    text = _write(tmp_path, hop.section([hop.Figures(512, rates, cpu)], 5, LOAD))
+    assert "| peer hop | 0.80 | 0.50 | 1.14 | 0.50 + 1.90 |" in text
+    assert "| distribution | 1.60 | 1.00 | 2.29 | - |" in text
+    assert "| peer hop / pull-through cache, 512 MiB | >= 1x | 1.14x | yes |" in text
+    assert "--size-mib 512 --rounds 5`" in text
     assert f"{LOAD} before" in text
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,24 @@ class StoreConformance:
             got = await _read(harness.store, big.digest, offset, length)
             want = content[offset:] if length is None else content[offset : offset + length]
             assert got == want, f"range {offset}+{length}"
+
+    async def test_open_file_is_the_same_bytes_as_read(self, harness: StoreHarness) -> None:
+        """A store that offers a file (for sendfile) offers exactly what `read` streams:
+        the span and the chunks both; None is an answer too (no file here)."""
+        big = max(harness.image.blobs(), key=lambda r: r.size)
+        content = harness.image.blob_path(big.digest).read_bytes()
+        for offset, length in [(0, None), (MIB - 7, 2 * MIB + 9), (len(content) - 1, 1)]:
+            body = await harness.store.open_file(big.digest, offset, length)
+            if body is None:
+                return
+            want = content[offset:] if length is None else content[offset:offset + length]
+            span = body.file_span()
+            assert span is not None and span.count == len(want)
+            assert os.pread(span.fd, span.count, span.offset) == want
+            assert b"".join([chunk async for chunk in body]) == want
+            assert body.file_span() is None, "read to the end, the file is closed"
+        with pytest.raises(NotFoundError):
+            await harness.store.open_file(ABSENT)
 
     async def test_read_in_bounded_chunks(self, harness: StoreHarness) -> None:
         big = max(harness.image.blobs(), key=lambda r: r.size)

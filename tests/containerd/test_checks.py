@@ -54,8 +54,6 @@ def test_v2_config_with_config_path_passes(tmp_path: Path) -> None:
         # containerd 2 layout
         "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\n"
         "config_path = '/etc/containerd/certs.d'\n",
-        # containerd 2 reads /etc/containerd/certs.d by default
-        "version = 3\n[plugins.'io.containerd.cri.v1.images']\nsnapshotter = 'overlayfs'\n",
     ],
 )
 def test_config_path_found_in_every_layout(tmp_path: Path, text: str) -> None:
@@ -104,7 +102,9 @@ def test_config_path_with_deprecated_mirrors_fails(tmp_path: Path) -> None:
         V2_GOOD.replace("discard_unpacked_layers = false", "discard_unpacked_layers = true"),
         '[plugins.cri.containerd]\ndiscard_unpacked_layers = true\n'
         '[plugins.cri.registry]\nconfig_path = "/etc/containerd/certs.d"\n',
-        "version = 3\n[plugins.'io.containerd.cri.v1.images']\ndiscard_unpacked_layers = true\n",
+        "version = 3\n[plugins.'io.containerd.cri.v1.images']\ndiscard_unpacked_layers = true\n"
+        "[plugins.'io.containerd.cri.v1.images'.registry]\n"
+        "config_path = '/etc/containerd/certs.d'\n",
     ],
 )
 def test_discard_unpacked_layers_fails(tmp_path: Path, text: str) -> None:
@@ -362,3 +362,76 @@ def test_config_problem_metric() -> None:
     assert 'meshmirror_containerd_config_problem{check="transfer_service"} 1.0' in text
     assert 'meshmirror_containerd_config_problem{check="config_v3_keys"} 0.0' in text
     assert "socket" not in text
+
+
+# --- what containerd 2 really runs with (loadconfig; held against `config dump` in
+# test_loadconfig.py) ---------------------------------------------------------------
+
+V3_UNSET = "version = 3\n[plugins.'io.containerd.cri.v1.images']\nsnapshotter = 'overlayfs'\n"
+
+
+@pytest.mark.parametrize("version", [(2, 0), (2, 1), None])
+def test_unset_config_path_before_2_2_reads_no_hosts_toml(tmp_path: Path,
+                                                          version: tuple[int, int] | None) -> None:
+    """2.0 and 2.1 default config_path to '' (`containerd config default` of 2.1.9)."""
+    results = by_name(check_containerd_config(write(tmp_path, V3_UNSET), None, version))
+    result = results["containerd config_path"]
+    assert not result.ok and "never reads hosts.toml" in result.problem
+    assert "config_path = \"/etc/containerd/certs.d\"" in result.fix
+
+
+def test_unset_config_path_from_2_2_is_the_default_list(tmp_path: Path) -> None:
+    results = by_name(check_containerd_config(write(tmp_path, V3_UNSET), None, (2, 2)))
+    assert results["containerd config_path"].ok
+    assert not results[checks.TRANSFER_CHECK].ok
+
+
+V2_LIST = ('version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n'
+           'config_path = "/etc/containerd/certs.d:/etc/docker/certs.d"\n')
+
+
+@pytest.mark.parametrize(("text", "ok"), [
+    # the fix, written where containerd 2 reads it, in a version 2 file
+    (V2_LIST + "[plugins.'io.containerd.cri.v1.images']\nuse_local_image_pull = true\n", True),
+    # the same key where a version 2 file keeps its CRI settings: containerd 2 ignores it
+    (V2_LIST + '[plugins."io.containerd.grpc.v1.cri".containerd]\n'
+               "use_local_image_pull = true\n", False),
+    # settings the transfer service cannot honour make CRI pull locally by itself
+    (V2_LIST + '[plugins."io.containerd.grpc.v1.cri"]\nmax_concurrent_downloads = 5\n', True),
+    (V3_LIST + "[plugins.'io.containerd.cri.v1.images']\ndisable_snapshot_annotations = false\n",
+     True),
+    (V3_LIST + "[plugins.'io.containerd.cri.v1.images']\nimage_pull_with_sync_fs = true\n", True),
+    (V3_LIST + "[plugins.'io.containerd.cri.v1.images']\nmax_concurrent_downloads = 3\n", False),
+])
+def test_transfer_service_as_containerd_2_1_decides(tmp_path: Path, text: str, ok: bool) -> None:
+    result = by_name(check_containerd_config(write(tmp_path, text), None, (2, 1)))[
+        checks.TRANSFER_CHECK]
+    assert result.ok is ok, result.line()
+
+
+def test_no_version_line_on_containerd_2_ignores_v2_places(tmp_path: Path) -> None:
+    """containerd 2 reads a file without `version` as version 3 (config dump of 2.1.9)."""
+    text = ('[plugins."io.containerd.grpc.v1.cri".registry]\n'
+            'config_path = "/etc/containerd/certs.d"\n')
+    on_16 = by_name(check_containerd_config(write(tmp_path, text), None, (1, 6)))
+    on_21 = by_name(check_containerd_config(write(tmp_path, text), None, (2, 1)))
+    assert not on_16["containerd config_path"].ok  # version 1 wants plugins.cri there
+    result = on_21["containerd config_path"]
+    assert not result.ok and "io.containerd.cri.v1.images" in result.fix
+
+
+def test_mirrors_with_config_path_fail_on_containerd_2(tmp_path: Path) -> None:
+    """2.x's ValidateImageConfig refuses both, as 1.x did: CRI does not start."""
+    text = V3_LIST.replace(":/etc/docker/certs.d", "") \
+        + "[plugins.'io.containerd.cri.v1.images'.registry.mirrors.'docker.io']\n" \
+          "endpoint = ['https://m.example']\n"
+    result = by_name(check_containerd_config(write(tmp_path, text), None, (2, 1)))[
+        "containerd config_path"]
+    assert not result.ok and "mirrors" in result.problem
+
+
+def test_every_check_line_is_one_line(tmp_path: Path) -> None:
+    for text in (V3_UNSET, V3_LIST, V2_LIST, "version = \n"):
+        for version in ((1, 6), (2, 1), (2, 2), None):
+            for result in check_containerd_config(write(tmp_path, text), None, version):
+                assert "\n" not in result.line(), result.line()

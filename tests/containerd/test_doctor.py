@@ -280,3 +280,41 @@ def test_containerd_mirror_add_reads_the_environment(
     assert cli.parse_args(["doctor"]).containerd_mirror_add is False
     monkeypatch.delenv("MESHMIRROR_CONTAINERD_MIRROR_ADD")
     assert cli.parse_args(["doctor"]).containerd_mirror_add is True
+
+
+def test_lookup_dirs_follow_containerds_host_paths(tmp_path: Path) -> None:
+    """host_port_ before host:port before _default (hostPaths in containerd 1.6 to 2.x)."""
+    from meshmirror.containerd.doctor import check_shadowing, lookup_dirs
+    from meshmirror.containerd.hostsconfig import EVERY_REGISTRY, MirroredRegistry
+
+    assert lookup_dirs("127.0.0.1:5050") == ["127.0.0.1_5050_", "127.0.0.1:5050", "_default"]
+    assert lookup_dirs("ghcr.io") == ["ghcr.io", "_default"]
+    mine = MirroredRegistry("127.0.0.1:5050", "http://127.0.0.1:5050")
+    (tmp_path / "127.0.0.1:5050").mkdir()
+    (tmp_path / "127.0.0.1:5050" / "hosts.toml").write_text(
+        '[host."http://127.0.0.1:5000"]\ncapabilities = ["pull"]\n')
+    (tmp_path / "127.0.0.1_5050_").mkdir()
+    (tmp_path / "127.0.0.1_5050_" / "hosts.toml").write_text('server = "http://x:1"\n')
+    (tmp_path / "ghcr.io").mkdir()  # not mirrored, so not this node's business
+    (tmp_path / "ghcr.io" / "hosts.toml").write_text('server = "https://ghcr.io"\n')
+    found = check_shadowing(tmp_path, [mine], ("127.0.0.1", 5000))
+    assert [r.name for r in found] == ["hosts.toml 127.0.0.1_5050_"]
+    assert "\n" not in found[0].line()
+    # certificates only: containerd still takes the directory over _default
+    (tmp_path / "quay.io").mkdir()
+    (tmp_path / "quay.io" / "ca.crt").write_text("")
+    found = check_shadowing(tmp_path, [EVERY_REGISTRY, mine], ("127.0.0.1", 5000))
+    assert [r.name for r in found] == ["hosts.toml 127.0.0.1_5050_", "hosts.toml ghcr.io",
+                                       "hosts.toml quay.io"]
+    assert "holds no hosts.toml" in found[2].problem
+
+
+def test_ipv6_host_headers() -> None:
+    from meshmirror.containerd.doctor import ipv6_host_headers
+
+    text = ('server = "https://[fd00::9]:443"\n[host."http://[::1]:5000"]\n'
+            "[host.'http://[fd00::5]:30022']\n[host.\"http://10.0.0.1:30022\"]\n"
+            '[host."http://\\u005B::1\\u005D:5"]\n')
+    assert ipv6_host_headers(text) == ['[host."http://[::1]:5000"]',
+                                       "[host.'http://[fd00::5]:30022']",
+                                       '[host."http://\\u005B::1\\u005D:5"]']

@@ -8,6 +8,7 @@ passes here is what a kubelet pull does on a node.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,10 +17,13 @@ from pathlib import Path
 import pytest
 
 from meshmirror.cli import main
+from meshmirror.containerd.checks import check_socket, version_of
+from meshmirror.containerd.doctor import check_hosts_parse, check_shadowing
+from meshmirror.containerd.hostsconfig import EVERY_REGISTRY, parse_registry
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from tests.support.containerd import Containerd
 from tests.support.distribution import DistributionRegistry
-from tests.support.ports import free_port, loopback_host
+from tests.support.ports import free_dual_stack_port, free_port, loopback_host
 
 pytestmark = pytest.mark.real
 
@@ -126,6 +130,59 @@ def test_default_hosts_file_covers_unnamed_registries(setup: Setup) -> None:
     result = pull(setup)
     assert result.returncode == 0, result.stderr
     assert_image_complete(setup)
+
+
+def test_a_registry_directory_shadows_default_and_doctor_says_so(setup: Setup) -> None:
+    """containerd takes <registry>/hosts.toml over _default/hosts.toml: one written by
+    another tool after `configure` takes that registry's pulls off the mirror."""
+    configure(setup.hosts_dir, "--mirror-targets", setup.mirror.url)
+    other = setup.hosts_dir / setup.upstream.address
+    other.mkdir()
+    (other / "hosts.toml").write_text(f'server = "{setup.upstream.url}"\n')
+    setup.upstream.stop()
+    assert pull(setup).returncode != 0  # the mirror, which holds the image, was not asked
+    found = check_shadowing(setup.hosts_dir, [EVERY_REGISTRY], ("127.0.0.1", 5000),
+                            (setup.mirror.url,))
+    assert [r.name for r in found] == [f"hosts.toml {setup.upstream.address}"]
+    assert "instead of _default/hosts.toml" in found[0].problem
+    assert f"remove {other}" in found[0].fix
+    shutil.rmtree(other)  # the fix
+    assert not check_shadowing(setup.hosts_dir, [EVERY_REGISTRY], ("127.0.0.1", 5000),
+                               (setup.mirror.url,))
+    result = pull(setup)
+    assert result.returncode == 0, result.stderr
+    assert_image_complete(setup)
+
+
+def test_mirror_on_an_ipv6_literal(setup: Setup) -> None:
+    """`[host."http://[::1]:P"]`, as configure writes an IPv6 target: containerd 2 pulls
+    from a mirror listening only on ::1 with the upstream stopped; 1.6 and 1.7 cannot
+    decode the header, ignore the file and fail, and doctor's check says so."""
+    mirror6 = DistributionRegistry(host="[::1]", port=free_dual_stack_port())
+    # skopeo 1.9 cannot name an IPv6 registry: the mirror starts on the upstream's content.
+    shutil.rmtree(mirror6.storage)
+    shutil.copytree(setup.upstream.storage, mirror6.storage)
+    registry = parse_registry(setup.upstream.url)
+    with mirror6:
+        configure(setup.hosts_dir, "--mirrored-registries", setup.upstream.url,
+                  "--mirror-targets", f"http://[::1]:{mirror6.port}")
+        assert f'[host."http://[::1]:{mirror6.port}"]' in (
+            setup.hosts_dir / setup.upstream.address / "hosts.toml").read_text()
+        setup.upstream.stop()
+        result = pull(setup)
+        version = version_of(check_socket(str(setup.containerd.socket)))
+        assert version is not None
+        found = check_hosts_parse(setup.hosts_dir, [registry], version)
+        if version >= (2, 0):
+            assert result.returncode == 0, result.stderr
+            assert_image_complete(setup)
+            assert found == []
+        else:
+            assert result.returncode != 0
+            assert "failed to decode hosts.toml" in resolver_messages(setup, result)
+            assert [r.name for r in found] == [f"hosts.toml {setup.upstream.address}"]
+            assert "cannot parse an IPv6 address" in found[0].problem
+            assert "host name" in found[0].fix
 
 
 def test_without_resolve_tags_only_digests_come_from_the_mirror(setup: Setup) -> None:

@@ -112,6 +112,9 @@ def ctr_run(node: Node, cont: dict[str, Any], cid: str, *,
         options.append(f"--mount=type=bind,src={src},dst={mount['mountPath']},"
                        f"options=rbind:{mode}")
     options += [f"--env={k}={v}" for k, v in env.items()]
+    # The container's memory limit, as the kubelet would set it: the pod must work in it.
+    if (limit := cont.get("resources", {}).get("limits", {}).get("memory")) is not None:
+        options.append(f"--memory-limit={int(chart.quantity_value(str(limit)))}")
     node.containers.append(cid)
     if detach:  # its output, for the failure message of whatever goes wrong later
         options.append(f"--log-uri=file://{node.root / (cid + '.log')}")

@@ -63,15 +63,18 @@ class Rollout:
 
 
 @pytest.fixture
-def rollout(tmp_path: Path) -> Iterator[Rollout]:
+def rollout(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rollout]:
+    """Three nodes; an indirect parameter gives `meshmirror run` flags for each and the
+    upstream proxy's rate in bytes/s."""
+    extra, rate = getattr(request, "param", ((), 20e6))
     with TokenServer(tmp_path, public={PUBLIC}, pusher=USER) as tokens, \
             DistributionRegistry(auth=TokenAuth(tokens.realm, SERVICE, ISSUER,
                                                 tokens.rootcertbundle)) as upstream, \
-            CountingProxy(upstream.host, upstream.port, rate=20e6) as proxy:
+            CountingProxy(upstream.host, upstream.port, rate=rate) as proxy:
         nodes: list[E2ENode] = []
         try:
             # The token server is another loopback host: realms there need allowing.
-            allow = ("--upstream-allow-hosts", str(urlsplit(tokens.realm).hostname))
+            allow = ("--upstream-allow-hosts", str(urlsplit(tokens.realm).hostname), *extra)
             first = E2ENode("node-1", extra_args=allow)
             nodes = [first, *(E2ENode(f"node-{i}", join=first.mesh_address, extra_args=allow)
                               for i in (2, 3))]
@@ -151,9 +154,12 @@ def test_a_batched_rollout_fetches_the_public_image_once(rollout: Rollout) -> No
     assert max(peaks) <= 8
 
 
+# Fan-out 2 and a layer over 2 x 16 MiB: the layer comes as 2 stripes, each with its
+# own root; the killed owner is stripe 0's (the whole blob's rendezvous owner).
+@pytest.mark.parametrize("rollout", [(("--rollout-fanout", "2"), 20e6)], indirect=True)
 def test_the_owner_killed_mid_download_every_pull_completes(rollout: Rollout) -> None:
     nodes = rollout.nodes
-    big = 24 * MiB
+    big = 34 * MiB
     public = rollout.image(PUBLIC, (2 * MiB, big), seed=63)
     largest = max(public.platforms[0].layers, key=lambda layer: layer.size)
     owner_name = owner_of(str(largest.digest), [n.name for n in nodes])
@@ -163,7 +169,7 @@ def test_the_owner_killed_mid_download_every_pull_completes(rollout: Rollout) ->
     procs = _pull_all(nodes, public)
     # Kill the owner once it has fetched part (not all) of the largest layer.
     wait_until(lambda: metric(owner.metrics(), "meshmirror_rollout_upstream_bytes_total")
-               > big // 4, 30, f"{owner.name} to fetch a quarter of the layer")
+               > big // 8, 30, f"{owner.name} to fetch a quarter of its stripe")
     fetched_before_kill = metric(owner.metrics(), "meshmirror_rollout_upstream_bytes_total")
     owner.kill_meshmirror()
     assert fetched_before_kill < big, "the owner finished before the kill"
@@ -180,9 +186,42 @@ def test_the_owner_killed_mid_download_every_pull_completes(rollout: Rollout) ->
     owner.verify_image(public)
     total = image_bytes(public)
     upstream = rollout.proxy.bytes_to_clients
+    striped = sum(metric(n.metrics(), "meshmirror_rollout_striped_blobs_total")
+                  for n in others)
     _record({"case": "owner_killed", "owner": owner.name, "image_bytes": total,
+             "striped_blobs_on_survivors": striped,
              "owner_fetched_before_kill": fetched_before_kill, "upstream_bytes": upstream,
              "upstream_ratio": round(upstream / total, 3),
              "owner_pull_retried": codes[owner.name] != 0})
+    assert striped >= 1, "the layer came as stripes"
     # Bounded: at most the image once per node (today's cost without a mirror).
     assert upstream <= len(nodes) * total * 1.05
+
+
+# An upstream at 1 MB/s for the whole cluster, and mirrors that give a fetch 1 s plus
+# its size at 4 MiB/s: too slow for the mirrors' bound, not for containerd.
+@pytest.mark.parametrize("rollout", [(("--mirror-deadline", "1s", "--mirror-min-rate", "4Mi"),
+                                      1e6)], indirect=True)
+def test_a_slow_upstream_is_bounded_then_a_miss_and_every_pull_completes(
+        rollout: Rollout) -> None:
+    nodes = rollout.nodes
+    public = rollout.image(PUBLIC, (3 * MiB, 1 * MiB), seed=64)
+    largest = max(public.platforms[0].layers, key=lambda layer: layer.size)
+    rollout.proxy.reset()
+    codes = _wait(_pull_all(nodes, public))
+    for node in nodes:
+        assert codes[node.name] == 0, (node.dir / "pull-pub.log").read_text()[-1500:]
+        node.verify_image(public)
+    # The largest layer's owner gave up within its bound: its readers (every node's
+    # containerd, the owner's too) got a miss, so each containerd fetched it itself.
+    misses = sum(metric(n.metrics(), "meshmirror_mirror_misses_total", reason="upstream_failed")
+                 for n in nodes)
+    fetched = _fetched_by_mirrors(nodes)
+    total = image_bytes(public)
+    upstream = rollout.proxy.bytes_to_clients
+    _record({"case": "slow_upstream", "image_bytes": total, "upstream_bytes": upstream,
+             "fetched_by_mirrors": fetched, "upstream_failed_misses": misses})
+    assert misses >= len(nodes)
+    assert sum(metric(n.metrics(), "meshmirror_rollout_upstream_fetches_total",
+                      result="completed") for n in nodes) < len(public.platforms[0].layers)
+    assert upstream >= len(nodes) * largest.size

@@ -9,7 +9,9 @@ containerd 2.x, three configs:
   warns (log, status page, metric), and a CRI pull sends nothing to the mirror;
 - the same list with ``use_local_image_pull = true``: doctor is clean and the pull
   goes through the mirror;
-- one directory, transfer service: doctor is clean and the pull is mirrored.
+- one directory, transfer service: doctor is clean and the pull is mirrored;
+- the list with ``max_concurrent_downloads = 4``, which the transfer service cannot
+  honour: CRI falls back to its own pull, so doctor is clean and the pull mirrored.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 LIST = "list"
 LIST_LOCAL_PULL = "list+use_local_image_pull"
 SINGLE = "single"
+# A setting the transfer service cannot honour: CRI falls back to pulling locally by
+# itself (2.1's CheckLocalImagePullConfigs), so the list is read after all.
+LIST_FALLBACK = "list+max_concurrent_downloads"
+IMAGES_CONFIG = {LIST_LOCAL_PULL: "use_local_image_pull = true",
+                 LIST_FALLBACK: "max_concurrent_downloads = 4"}
 
 
 def doctor(node: E2ENode, upstream_url: str) -> subprocess.CompletedProcess[str]:
@@ -48,7 +55,7 @@ def doctor(node: E2ENode, upstream_url: str) -> subprocess.CompletedProcess[str]
 
 
 @pytest.mark.parametrize("version", versions_or_skip(("2.x",)))
-@pytest.mark.parametrize("case", [LIST, LIST_LOCAL_PULL, SINGLE])
+@pytest.mark.parametrize("case", [LIST, LIST_LOCAL_PULL, LIST_FALLBACK, SINGLE])
 def test_transfer_service_and_config_path(version: str, case: str, tmp_path: Path) -> None:
     other = tempfile.mkdtemp(prefix="certs-", dir=str(tmp_path))  # the list's second entry
     with DistributionRegistry() as upstream, \
@@ -59,8 +66,7 @@ def test_transfer_service_and_config_path(version: str, case: str, tmp_path: Pat
         push_image(layout, "1", upstream.address, "bypass/app")
         node = E2ENode("node-1", containerd_version=version, cri=True,
                        extra_config_paths=() if case == SINGLE else (other,),
-                       images_config="use_local_image_pull = true"
-                       if case == LIST_LOCAL_PULL else "")
+                       images_config=IMAGES_CONFIG.get(case, ""))
         try:
             node.start()
             node.configure(proxy.url, [node.registry_url])

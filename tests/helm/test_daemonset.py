@@ -18,7 +18,7 @@ import pytest
 
 from meshmirror import cli, flags
 from meshmirror.containerd import hostsconfig
-from meshmirror.mirror.options import TagResolution
+from meshmirror.mirror.options import MirrorOptions, TagResolution
 from tests.helm import chart
 from tests.helm.cmdline import check_env_names, check_exact_flags, node_env, parse_container
 
@@ -335,6 +335,26 @@ def one_pod_labels(manifests: list[chart.Manifest]) -> dict[str, str]:
     return labels
 
 
+def test_the_zone_label_is_read_with_get_on_nodes_only_when_asked_for(helm: Path) -> None:
+    manifests = chart.render()
+    assert not chart.of_kind(manifests, "ClusterRole")
+    assert "MESHMIRROR_ZONE_FROM_NODE_LABEL" not in chart.literal_env(
+        chart.container(manifests, "meshmirror"))
+    label = "topology.kubernetes.io/zone"
+    manifests = chart.render(sets=[f"meshmirror.zoneFromNodeLabel={label}"])
+    args = parse_container(chart.container(manifests, "meshmirror"))
+    assert args.zone_from_node_label == label
+    assert chart.pod_spec(manifests)["automountServiceAccountToken"] is True
+    role = chart.one(manifests, "ClusterRole")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    binding = chart.one(manifests, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    account = chart.one(manifests, "ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount",
+                                    "name": account["metadata"]["name"],
+                                    "namespace": chart.NAMESPACE}]
+
+
 def test_scheduling_and_security_defaults(helm: Path) -> None:
     manifests = chart.render()
     spec = chart.pod_spec(manifests)
@@ -381,3 +401,13 @@ def test_listen_on_pod_ip(helm: Path) -> None:
                                node={"status.podIP": pod_ip})
         assert (args.registry_addr, args.mesh_addr, args.metrics_addr) == (
             (pod_ip, 5000), (pod_ip, 7946), (pod_ip, 9090))
+
+
+def test_memory_limit_is_spegels_and_holds_the_mirrors_bounds(helm: Path) -> None:
+    """128Mi by default (measured: a 200-pull burst peaks at 80 MiB), and never less than
+    the peer-chunk budget the node is told it may hold, with room for the rest."""
+    cont = chart.container(chart.render(), "meshmirror")
+    limit = chart.quantity_value(cont["resources"]["limits"]["memory"])
+    assert limit == 128 * 2**20
+    budget = MirrorOptions().memory_limit
+    assert limit >= budget + 96 * 2**20, "the process itself takes about 70 MiB at rest"

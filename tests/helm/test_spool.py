@@ -45,7 +45,7 @@ def test_default_renders_volume_mount_and_env(helm: Path) -> None:
     manifests = chart.render()
     volume = spool_volume(manifests)
     assert volume == {"name": "spool", "emptyDir": {"sizeLimit": "4608Mi"}}
-    # On the node's disk: medium Memory would count against the 512Mi memory limit.
+    # On the node's disk: medium Memory would count against the 128Mi memory limit.
     assert "medium" not in volume["emptyDir"]
     main = chart.container(manifests, "meshmirror")
     assert spool_mounts(manifests) == [{"name": "spool", "mountPath": SPOOL_DIR}]

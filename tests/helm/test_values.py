@@ -56,6 +56,8 @@ INVALID = [
      "got boolean, want integer or string"),
     (["--set", "meshmirror.summaryFpRate=1.5"], "/meshmirror/summaryFpRate",
      "'1.5' does not match pattern"),
+    (["--set", "meshmirror.zoneFromNodeLabel=my zone"], "/meshmirror/zoneFromNodeLabel",
+     "'my zone' does not match pattern"),
     (["--set", "meshmirror.mirroredRegistries={docker.io/library}"],
      "/meshmirror/mirroredRegistries/0",
      "does not match pattern"),
@@ -99,6 +101,13 @@ INVALID = [
      "want object"),
     (["--set", "networkPolicy.enable=true"], "/networkPolicy", "'enable' not allowed"),
     (["--set", "commonLabels.bad key=x"], "", "'bad key' does not match pattern"),
+    # the chart's own labels: a selector label overridden leaves the DaemonSet's
+    # selector matching none of its pods (and the Services and NetworkPolicy too)
+    (["--set", "commonLabels.app\\.kubernetes\\.io/name=evil"], "",
+     "invalid propertyName 'app.kubernetes.io/name'"),
+    (["--set", "commonLabels.helm\\.sh/chart=x"], "", "invalid propertyName 'helm.sh/chart'"),
+    (["--set", "podLabels.app\\.kubernetes\\.io/instance=evil"], "",
+     "invalid propertyName 'app.kubernetes.io/instance'"),
     (["--set", "grafanaDashboard.label=-x"], "/grafanaDashboard/label",
      "does not match pattern"),
 ]

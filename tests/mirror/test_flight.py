@@ -18,7 +18,7 @@ from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.cache import BlobCache
 from meshmirror.mirror.errors import PeerFailure, VerificationError
 from meshmirror.mirror.fetch import Sink
-from meshmirror.mirror.flight import Flights, Reader, State, StreamSource
+from meshmirror.mirror.flight import Flights, RangeSink, Reader, State, StreamSource
 from meshmirror.oci.digest import Digest
 
 BLOB = os.urandom(300_000)
@@ -213,6 +213,28 @@ async def test_a_dropped_body_lets_go_of_its_pin(tmp_path: Path) -> None:
     flights.cache.close()
 
 
+async def test_a_verified_body_is_its_file_for_sendfile_and_keeps_its_pin(
+        tmp_path: Path) -> None:
+    """The server sends a verified body from the entry's file (no piece in memory); the
+    entry stays pinned until the body is closed, and a follower's body is never a file."""
+    flights, _ = flights_for(tmp_path)
+    source = FakeSource([BLOB])
+    follower = flights.attach(DIGEST, lambda: source, verified=False)
+    reader = flights.attach(DIGEST, lambda: source)
+    await reader.opened()
+    assert follower.body(0, 10).file_span() is None
+    source.feed(len(BLOB))
+    assert await reader.wait_verified()
+    body = reader.body(100, 5000)
+    span = body.file_span()
+    assert span is not None and (span.offset, span.end) == (100, 5000)
+    assert os.pread(span.fd, span.count, span.offset) == BLOB[100:5000]
+    assert flights.cache.held == len(BLOB)
+    await body.aclose()
+    assert body.file_span() is None and flights.cache.held == 0
+    flights.cache.close()
+
+
 async def test_a_blob_the_cache_cannot_hold_is_refused(tmp_path: Path) -> None:
     flights, events = flights_for(tmp_path, limit=len(BLOB) - 1)
     reader = flights.attach(DIGEST, lambda: FakeSource([BLOB]))
@@ -354,3 +376,54 @@ async def test_readers_in_step_share_each_piece_read(
     assert entry is not None and not entry._recent, "nothing kept once the readers left"
     flights.cache.unpin(entry)
     flights.cache.close()
+
+
+class StripedSource:
+    """Writes BLOB as three ranges at once, the last range first and one piece at a time
+    (a `RangeSink` source, as `rollout.TreeSource` is), when told to."""
+
+    def __init__(self) -> None:
+        self.bounds = [(0, 100_000), (100_000, 200_000), (200_000, len(BLOB))]
+        self.go = asyncio.Event()
+
+    @property
+    def origin(self) -> str | None:
+        return "stripes"
+
+    async def open(self) -> int | None:
+        return len(BLOB)
+
+    async def fill(self, sink: Sink) -> bool:
+        assert isinstance(sink, RangeSink)
+        sink.reset()
+        sink.split(self.bounds)
+        for index in (2, 0, 1):
+            start, end = self.bounds[index]
+            for low in range(start, end, 25_000):
+                sink.write_at(index, BLOB[low:min(end, low + 25_000)])
+                await asyncio.sleep(0)
+            if index == 2:
+                assert sink.available(0) == 0 and sink.available(200_000) == len(BLOB)
+                await self.go.wait()
+        return sink.available(0) == len(BLOB)
+
+    def close(self) -> None:
+        pass
+
+
+async def test_stripes_fill_one_entry_and_a_reader_follows_its_range(tmp_path: Path) -> None:
+    flights, _ = flights_for(tmp_path)
+    source = StripedSource()
+    whole = flights.attach(DIGEST, lambda: source)
+    last = flights.attach(DIGEST, lambda: source, verified=False)
+    assert await last.opened() == len(BLOB)
+    # The last stripe is all there while the prefix is empty: its reader has it already.
+    async with asyncio.timeout(5):
+        assert await drain(last, 200_000) == BLOB[200_000:]
+    first = flights.attach(DIGEST, lambda: source, verified=False)
+    following = asyncio.create_task(drain(first, 0, 150_000))
+    source.go.set()
+    async with asyncio.timeout(5):
+        assert await following == BLOB[:150_000]
+        assert await whole.wait_verified()
+        assert await drain(whole) == BLOB

@@ -27,7 +27,7 @@ from meshmirror.routing.router import InMemoryRouter
 from meshmirror.upstream import UpstreamClient, UpstreamEndpoints
 from meshmirror.upstream.blobs import UpstreamContent
 from tests.support.distribution import DistributionRegistry
-from tests.support.scripted_http import refused_url
+from tests.support.scripted_http import Reply, Request, Responder, ScriptedHTTPServer, refused_url
 from tests.support.skopeo import push_layout
 
 pytestmark = pytest.mark.real
@@ -141,3 +141,94 @@ async def test_an_upstream_that_is_down_is_a_quick_miss(owner: Owner) -> None:
     assert missed == Miss(MissReason.UPSTREAM_FAILED)
     assert owner.fetched("failed") >= 1
     assert owner.upstream_bytes == 0
+
+
+@pytest.fixture
+async def striped(owner: Owner) -> Owner:
+    """The owner with stripes of 1 MiB, so the 3 MiB layer is cut into 3 (fan-out 8)."""
+    owner.rollout.min_stripe = 1 * MiB
+    return owner
+
+
+async def test_a_large_blob_comes_as_stripes_assembled_and_verified_whole(
+        striped: Owner, upstream: Upstream) -> None:
+    layer = max(upstream.image.platforms[0].layers, key=lambda b: b.size)
+    data = upstream.image.blob_path(layer.digest).read_bytes()
+    bodies = await asyncio.gather(*(read(striped.mirror, upstream.name, layer.digest)
+                                    for _ in range(5)))
+    assert all(body == data for body in bodies)
+    # No peer: this node is every stripe's root, one ranged upstream fetch per stripe.
+    assert striped.fetched("opened") == 3 and striped.fetched("completed") == 3
+    assert striped.upstream_bytes == len(data)
+
+
+def _range_blind(data: bytes, digest: Digest, *, open_ended: bool) -> Responder:
+    """An upstream that ignores a ``Range`` (a 200 with the whole blob); with
+    ``open_ended`` it honours ``bytes=N-`` only, so the node stripes and then learns."""
+
+    def respond(request: Request) -> Reply:
+        if request.path == "/v2/":
+            return Reply(200, body=b"{}")
+        if request.path != f"/v2/{REPO}/blobs/{digest}":
+            return Reply(404)
+        wanted = request.headers.get("range", "")
+        if open_ended and wanted.endswith("-"):
+            start = int(wanted.removeprefix("bytes=")[:-1])
+            return Reply(206, (("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}"),),
+                         data[start:])
+        return Reply(200, body=data)
+
+    return respond
+
+
+@pytest.mark.parametrize("open_ended", [False, True])
+async def test_an_upstream_that_ignores_range_gives_the_whole_blob_through_one_tree(
+        tmp_path: Path, open_ended: bool) -> None:
+    data = bytes(range(256)) * (12 * 1024)  # 3 MiB
+    digest = Digest.of(data)
+    with ScriptedHTTPServer(_range_blind(data, digest, open_ended=open_ended)) as server:
+        name = server.url.removeprefix("http://")
+        registry = CollectorRegistry()
+        router = InMemoryRouter(registry=registry, seed=1)
+        options = MirrorOptions(upstream_cache_dir=tmp_path)
+        async with aiohttp.ClientSession() as session, \
+                UpstreamClient(UpstreamEndpoints(overrides={name: server.url})) as client:
+            content = UpstreamContent(client, first_byte_timeout=2.0, stall_timeout=2.0)
+            metrics = MirrorMetrics(registry)
+            rollout = Rollout("me", router, session, content, options,
+                              RolloutMetrics(registry), metrics)
+            rollout.min_stripe = 1 * MiB
+            mirror = PeerMirror(router, session, options=options, metrics=metrics,
+                                rollout=rollout)
+            try:
+                mirror.access.learned(name, REPO, True)
+                assert await read(mirror, name, digest) == data
+            finally:
+                mirror.close()
+                rollout.close()
+        # A 200 to the first Range: never striped. A 200 to a stripe's range only: the
+        # node falls back to the whole blob once and stripes nothing more from there.
+        assert (name in rollout.no_ranges) is open_ended
+        ranges = [r.headers.get("range") for r in server.requests if "/blobs/" in r.path]
+        assert ranges[0] == "bytes=0-"
+        if open_ended:  # the first, one or two stripes (the other may be cancelled first), whole
+            assert 3 <= len(ranges) <= 4 and ranges[-1] == "bytes=0-"
+        else:
+            assert len(ranges) == 1
+
+
+async def test_a_tree_reader_waits_briefly_for_a_slot_and_a_stripe_takes_a_share(
+        owner: Owner) -> None:
+    rollout = owner.rollout
+    assert all(rollout.admit(1.0) for _ in range(rollout.fanout))
+    assert not rollout.admit(1.0 / rollout.fanout)  # full, even for a stripe's share
+    waiting = asyncio.create_task(rollout.admit_waiting(1.0 / rollout.fanout, 5.0))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    rollout.release(1.0)
+    async with asyncio.timeout(5):
+        assert await waiting  # a freed slot goes to the waiting reader...
+    # ... and the rest of it to fanout - 1 more stripes' readers, then nobody.
+    assert all(rollout.admit(1.0 / rollout.fanout) for _ in range(rollout.fanout - 1))
+    assert not await rollout.admit_waiting(1.0 / rollout.fanout, 0.05)
+    assert rollout.serving == pytest.approx(rollout.fanout)

@@ -70,6 +70,30 @@ def test_hosts_config_points_here(tmp_path: Path) -> None:
         "docker.io": 1.0, "ghcr.io": 0.0}
 
 
+def test_hosts_config_gauge_skips_configures_backup(tmp_path: Path) -> None:
+    """configure moves what the directory held into _backup: no registry, no alert."""
+    from meshmirror.cli import main
+
+    (tmp_path / "ghcr.io").mkdir()
+    (tmp_path / "ghcr.io" / "hosts.toml").write_text('server = "https://ghcr.io"\n')
+    assert main(["configure", "--containerd-registry-config-path", str(tmp_path),
+                 "--mirror-targets", "http://10.0.0.7:5000"]) == 0
+    assert (tmp_path / "_backup").is_dir()
+    [family] = HostsConfigCollector(tmp_path, "http://10.0.0.7:5000").collect()
+    assert {s.labels["registry"]: s.value for s in family.samples} == {"_default": 1.0}
+
+
+
+def test_hosts_config_gauge_reports_only_mirrored_registries(tmp_path: Path) -> None:
+    """With --mirrored-registries docker.io, the owner's ghcr.io/ is not an alert."""
+    for name in ("docker.io", "ghcr.io"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "hosts.toml").write_text('server = "https://x"\n')
+    [family] = HostsConfigCollector(tmp_path, "http://10.0.0.7:5000",
+                                    frozenset({"docker.io"})).collect()
+    assert {s.labels["registry"]: s.value for s in family.samples} == {"docker.io": 0.0}
+
+
 def test_members_table_is_aligned() -> None:
     text = table([
         {"name": "node1", "address": "127.0.0.11:7946", "state": "alive",

@@ -12,15 +12,16 @@ from hypercorn.config import Config
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from meshmirror.routing.bloom import BloomFilter
-from meshmirror.routing.summary import VERSION_VOUCHES, Summary, summary_route
+from meshmirror.routing.bloom import MASK, RANGE, BloomFilter
+from meshmirror.routing.summary import VERSION, VERSION_VOUCHES, Summary, summary_route
 from tests.support.ports import free_port, loopback_host
 
 
-def make_summary(keys: list[str], epoch: int, born_at_ms: int = 0) -> Summary:
-    bloom = BloomFilter.build(keys)
+def make_summary(keys: list[str], epoch: int, born_at_ms: int = 0,
+                 reduction: int = RANGE) -> Summary:
+    bloom = BloomFilter.build(keys, reduction=reduction)
     return Summary(epoch=epoch, k=bloom.k, m=bloom.m, count=len(keys), born_at_ms=born_at_ms,
-                   bits=bloom.bits.tobytes())
+                   bits=bloom.bits.tobytes(), reduction=reduction)
 
 
 @dataclass
@@ -38,13 +39,30 @@ class PeerSource:
     def current(self) -> Summary | None:
         return self.summary
 
+    # Encoded deltas to serve, by the epoch a peer holds.
+    deltas: dict[int, bytes] = field(default_factory=dict)
+
     @property
     def payload(self) -> bytes:
-        return b"" if self.summary is None else self.summary.encode()
+        """Version 1 of a legacy (MASK) summary; a RANGE one only has version 3."""
+        if self.summary is None:
+            return b""
+        return self.summary.encode(VERSION if self.summary.reduction == MASK else None)
 
     @property
     def vouched_payload(self) -> bytes:
-        return b"" if self.summary is None else self.summary.encode(VERSION_VOUCHES)
+        if self.summary is None:
+            return b""
+        return self.summary.encode(VERSION_VOUCHES if self.summary.reduction == MASK else None)
+
+    @property
+    def ranged_payload(self) -> bytes:
+        """Version 3; a MASK summary has none, and the fake serves its version 2
+        bytes instead (the client reads a summary by its version byte)."""
+        return self.vouched_payload
+
+    def delta_since(self, epoch: int) -> bytes | None:
+        return self.deltas.get(epoch)
 
 
 class _Faults:

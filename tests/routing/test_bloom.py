@@ -8,23 +8,48 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshmirror.routing.bloom import BloomFilter, bits_for, key_hashes, optimal_k, positions
+from meshmirror.routing.bloom import (
+    MASK,
+    RANGE,
+    BloomFilter,
+    bits_for,
+    key_hashes,
+    optimal_k,
+    positions,
+)
+from meshmirror.routing.summary import Summary
 from tests.routing.fakes import digest_key
 
 
-def test_false_positive_rate_on_100k_keys_is_within_tolerance() -> None:
+@pytest.mark.parametrize(("reduction", "m"), [(MASK, 1 << 20), (RANGE, 996_864)])
+def test_false_positive_rate_on_100k_keys_is_within_tolerance(reduction: int, m: int) -> None:
     members = [digest_key(i) for i in range(100_000)]
-    bloom = BloomFilter.build(members, fp_rate=0.01)
+    bloom = BloomFilter.build(members, fp_rate=0.01, reduction=reduction)
     assert all(key in bloom for key in members[:: 97])
     # 100k digests and 100k tag keys never added.
     others = [digest_key(f"other-{i}") for i in range(50_000)]
     others += [f"docker.io/library/app{i}:v{i}" for i in range(50_000)]
     measured = sum(key in bloom for key in others) / len(others)
-    # Theory for this geometry: (1 - e^(-kn/m))^k, about 0.65% for m=2^20, k=7.
-    assert (bloom.m, bloom.k) == (1 << 20, 7)
+    # Theory for this geometry: (1 - e^(-kn/m))^k, about 0.65% for m=2^20 and
+    # 0.83% for the range-reduced filter's 10 bits per key, k=7.
+    assert (bloom.m, bloom.k) == (m, 7)
     theory = bloom.estimated_fp_rate()
     assert measured <= 0.01
     assert 0.7 * theory <= measured <= 1.3 * theory, (measured, theory)
+
+
+@pytest.mark.parametrize("keys", [1_000, 20_000, 100_000])
+def test_range_reduced_filters_take_at_most_10_5_bits_per_key_on_the_wire(keys: int) -> None:
+    bloom = BloomFilter.for_capacity(keys)
+    summary = Summary(epoch=1, k=bloom.k, m=bloom.m, count=keys, born_at_ms=0,
+                      bits=bloom.bits.tobytes())
+    assert len(summary.encode()) * 8 / keys <= 10.5
+
+
+@given(st.text(max_size=40), st.integers(min_value=8, max_value=1 << 32))
+def test_range_positions_fall_inside_any_size(key: str, m: int) -> None:
+    h1, h2 = key_hashes(key)
+    assert all(0 <= p < m for p in positions(h1, h2, 7, m))
 
 
 def test_every_added_key_matches_digests_and_tags() -> None:
@@ -77,16 +102,18 @@ def test_hashing_is_identical_in_another_process() -> None:
 def test_positions_for_a_smaller_power_of_two_are_the_larger_ones_masked(key: str, log_m: int
                                                                          ) -> None:
     h1, h2 = key_hashes(key)
-    big = positions(h1, h2, 7, 1 << (log_m + 1))
-    assert positions(h1, h2, 7, 1 << log_m) == [p & ((1 << log_m) - 1) for p in big]
+    big = positions(h1, h2, 7, 1 << (log_m + 1), MASK)
+    assert positions(h1, h2, 7, 1 << log_m, MASK) == [p & ((1 << log_m) - 1) for p in big]
 
 
-def test_sizing_is_a_power_of_two_with_about_ten_bits_per_key() -> None:
+def test_legacy_sizing_is_a_power_of_two_and_range_sizing_is_ten_bits_per_key() -> None:
     assert optimal_k(0.01) == 7
     assert optimal_k(0.001) == 10
-    m = bits_for(20_000, 0.01)
+    m = bits_for(20_000, 0.01, MASK)
     assert m & (m - 1) == 0
     assert 9.6 * 20_000 <= m < 2 * 9.6 * 20_000
+    m = bits_for(20_000, 0.01)
+    assert m % 64 == 0 and 9.6 * 20_000 <= m <= 10.0 * 20_000
     assert bits_for(0, 0.01) == bits_for(256, 0.01)
 
 
@@ -96,10 +123,12 @@ def test_an_impossible_fp_rate_is_refused(rate: float) -> None:
         BloomFilter.for_capacity(10, rate)
 
 
-@pytest.mark.parametrize(("m", "k"), [(1000, 7), (0, 7), (1024, 0), (1024, 33)])
-def test_an_invalid_geometry_is_refused(m: int, k: int) -> None:
+@pytest.mark.parametrize(("m", "k", "reduction"), [
+    (1000, 7, MASK), (1001, 7, RANGE), (0, 7, RANGE), (1024, 0, RANGE), (1024, 33, RANGE),
+    (1 << 33, 7, RANGE), (1024, 7, 2)])
+def test_an_invalid_geometry_is_refused(m: int, k: int, reduction: int) -> None:
     with pytest.raises(ValueError):
-        BloomFilter(m, k)
+        BloomFilter(m, k, reduction=reduction)
 
 
 def test_fill_estimates_grow_as_keys_are_added() -> None:

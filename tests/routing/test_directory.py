@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from meshmirror.routing.directory import HeldSummary, PeerDirectory, check_http_base
 from meshmirror.routing.router import BloomRouter, Peer
-from meshmirror.routing.summary import Summary
+from meshmirror.routing.summary import Summary, SummaryDelta
 from tests.routing.fakes import digest_key, until
 from tests.routing.servers import PeerSource, make_summary, peer_server
 
@@ -21,6 +21,10 @@ class RecordingSink:
 
     def set_summary(self, peer: Peer, summary: Summary) -> None:
         self.installed.append((peer, summary.epoch))
+
+    def apply_delta(self, peer: Peer, delta: SummaryDelta) -> bool:
+        self.installed.append((peer, delta.epoch))
+        return True
 
     def set_address(self, peer: Peer) -> None:
         self.installed.append((peer, -1))
@@ -188,6 +192,10 @@ async def test_garbage_and_wrong_content_type_are_not_installed(directory: Direc
         def vouched_payload(self) -> bytes:
             return self.payload
 
+        @property
+        def ranged_payload(self) -> bytes:
+            return self.payload
+
     source = Garbage(make_summary([digest_key(1)], epoch=3))
     async with peer_server(source) as srv:
         d.update_peer("n1", srv.http_base, 3)
@@ -292,5 +300,58 @@ async def test_a_new_epoch_cuts_a_long_backoff_short(registry: CollectorRegistry
             await until(lambda: d.held("n1") is not None, within=2)
             assert time.monotonic() - started < 1.0
             assert held(d, "n1").epoch == 2
+    finally:
+        await d.close()
+
+
+async def test_only_the_peers_that_fit_the_budget_are_held_same_zone_first() -> None:
+    """Ten peers of 2,000 keys (2.5 KB filters) and room for four: the two in this
+    node's zone, then two of the others; one leaving makes room for the next."""
+    registry = CollectorRegistry()
+    router = BloomRouter(registry=registry, zone="zone-a")
+    d = PeerDirectory(router, registry=registry, timeout_s=2, zone="zone-a", own_name="me",
+                      budget_bytes=4 * 2600)
+    keys = [digest_key(i) for i in range(2000)]
+    try:
+        async with peer_server(PeerSource(make_summary(keys, epoch=10))) as srv:
+            for n in range(10):
+                d.update_peer(f"n{n}", srv.http_base, 10, "zone-a" if n in (3, 7) else "zone-b",
+                              2000)
+            await until(lambda: sum(d.held(f"n{n}") is not None for n in range(10)) == 4)
+            held = {f"n{n}" for n in range(10) if d.held(f"n{n}") is not None}
+            assert {"n3", "n7"} <= held
+            assert d.held_bytes <= 4 * 2600 and d.share() == 1.0
+            assert registry.get_sample_value("meshmirror_peer_directory_selected") == 4
+            assert {p.name for p in router.candidates(keys[1], 10)} == held
+            gone = next(iter(held - {"n3", "n7"}))
+            d.remove_peer(gone)
+            await until(lambda: sum(d.held(f"n{n}") is not None for n in range(10)) == 4)
+            assert gone not in {p.name for p in router.candidates(keys[1], 10)}
+    finally:
+        await d.close()
+
+
+async def test_a_peer_that_understates_its_keys_is_let_go_when_its_filter_arrives() -> None:
+    registry = CollectorRegistry()
+    router = BloomRouter(registry=registry)
+    small = make_summary([digest_key(i) for i in range(100)], epoch=10)
+    big = make_summary([digest_key(i) for i in range(20_000)], epoch=10)
+    budget = 4 * (small.m // 8) + big.m // 16  # room for the honest, not for the liar's truth
+    d = PeerDirectory(router, registry=registry, timeout_s=2, own_name="me",
+                      budget_bytes=budget)
+    try:
+        async with (peer_server(PeerSource(small)) as honest,
+                    peer_server(PeerSource(big)) as liar):
+            d.update_peer("liar", liar.http_base, 10, keys=100)  # its filter is 200x that
+            for n in range(3):
+                d.update_peer(f"n{n}", honest.http_base, 10, keys=100)
+            await until(lambda: not d.selected("liar")
+                        and all(d.held(f"n{n}") is not None for n in range(3)))
+            assert d.held("liar") is None and d.held_bytes <= budget
+            assert router.candidates(digest_key(15_000)) == []  # only the liar had it
+            fetched = len(liar.source.requests)
+            d.update_peer("late", honest.http_base, 10, keys=100)  # a reselection
+            await until(lambda: d.held("late") is not None)
+            assert not d.selected("liar") and len(liar.source.requests) == fetched
     finally:
         await d.close()

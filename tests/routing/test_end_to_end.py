@@ -32,6 +32,13 @@ class PublisherSource(PeerSource):
     def vouched_payload(self) -> bytes:
         return b"" if self.publisher is None else self.publisher.vouched_payload
 
+    @property
+    def ranged_payload(self) -> bytes:
+        return b"" if self.publisher is None else self.publisher.ranged_payload
+
+    def delta_since(self, epoch: int) -> bytes | None:
+        return None if self.publisher is None else self.publisher.delta_since(epoch)
+
 
 async def test_a_new_key_on_one_node_is_routable_on_another_within_a_second() -> None:
     registry = CollectorRegistry()

@@ -6,8 +6,9 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from meshmirror.routing.bloom import MASK
 from meshmirror.routing.publisher import SummaryPublisher
-from meshmirror.routing.summary import MEDIA_TYPE, Summary, summary_route
+from meshmirror.routing.summary import MEDIA_TYPE, MEDIA_TYPE_V3, Summary, summary_route
 from tests.routing.fakes import KeyStore, digest_key
 
 Client = tuple[httpx.AsyncClient, SummaryPublisher]
@@ -34,9 +35,14 @@ async def test_get_returns_the_binary_summary_with_its_epoch_as_etag(client: Cli
     assert resp.status_code == 200
     assert resp.headers["content-type"] == MEDIA_TYPE
     assert resp.headers["etag"] == f'"{current.epoch}"'
+    # Asked for nothing in particular: version 1, which every meshmirror reads.
     summary = Summary.decode(resp.content)
-    assert summary == current
+    assert summary.reduction == MASK and summary.m & (summary.m - 1) == 0
+    assert (summary.epoch, summary.count) == (current.epoch, current.count)
     assert all(digest_key(i) in summary for i in range(50))
+    resp = await c.get("/_mesh/v1/summary", headers={"Accept": MEDIA_TYPE_V3})
+    assert resp.headers["content-type"] == MEDIA_TYPE_V3
+    assert Summary.decode(resp.content) == current
 
 
 @pytest.mark.parametrize("header", ['"{e}"', 'W/"{e}"', '"1", "{e}"', "*"])

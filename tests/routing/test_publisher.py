@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meshmirror.oci.imagebuilder import build_image
+from meshmirror.routing.bloom import MASK
 from meshmirror.routing.publisher import EpochClock, SummaryPublisher
 from meshmirror.routing.summary import Summary
 from meshmirror.store.memory import MemoryStore
@@ -53,7 +54,10 @@ async def test_first_version_is_published_by_start(started: Started) -> None:
     assert current.count == 1000
     assert all(digest_key(i) in current for i in range(1000))
     assert recorder.versions == [current]
-    assert publisher.payload == current.encode()
+    assert publisher.ranged_payload == current.encode()
+    legacy = Summary.decode(publisher.payload)  # version 1 for peers that read only that
+    assert legacy.reduction == MASK and legacy.epoch == current.epoch
+    assert all(digest_key(i) in legacy for i in range(1000))
     assert registry.get_sample_value("meshmirror_summary_keys") == 1000
     assert registry.get_sample_value("meshmirror_summary_epoch") == current.epoch
 

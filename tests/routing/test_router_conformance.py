@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meshmirror.routing.bloom import BloomFilter
+from meshmirror.routing.bloom import MASK, BloomFilter
 from meshmirror.routing.router import BloomRouter, InMemoryRouter, Peer, filter_fp_rate
 from meshmirror.routing.summary import Summary
 from tests.conformance.router_suite import FakeClock, RouterConformance, RouterHarness, key, peer
@@ -43,30 +43,34 @@ def test_bloom_router_matches_across_filter_geometries() -> None:
     for n, size in enumerate(sizes):
         router.set_summary(peer(n), summary_of({shared, key(f"only-{n}")}, capacity=size))
     router.set_summary(peer(9), summary_of({shared}, fp_rate=0.001))  # another k
-    assert len(router._groups) == 4
+    assert router.filter_bytes() == sum(
+        summary_of(set(), capacity=size).m // 8 for size in sizes) + summary_of(
+        set(), fp_rate=0.001).m // 8
     assert set(router.candidates(shared, 10)) == {peer(0), peer(1), peer(2), peer(9)}
     for n in range(3):
         assert router.candidates(key(f"only-{n}"), 10) == [peer(n)]
-    # A peer whose filter changes size moves group; emptied groups go away.
+    # A peer whose filter changes size moves; its old bits match nothing.
     router.set_summary(peer(0), summary_of({key("moved")}, capacity=20000))
-    assert len(router._groups) == 3
     assert router.candidates(key("moved"), 10) == [peer(0)]
     assert peer(0) not in router.candidates(shared, 10)
 
 
-def test_bloom_router_reuses_columns_of_dropped_peers() -> None:
+def test_bloom_router_compacts_the_space_of_dropped_peers() -> None:
     router = BloomRouter(seed=3)
+    one = summary_of({key(0)}).m // 8
     for n in range(20):
         router.set_summary(peer(n), summary_of({key(n)}))
     for n in range(10):
         router.drop_peer(peer(n).name)
+    assert router.filter_bytes() == 10 * one
+    router.drop_peer(peer(10).name)  # garbage now outweighs live filters: compacted
+    assert router._filters.end == router.filter_bytes() == 9 * one
     for n in range(20, 30):
         router.set_summary(peer(n), summary_of({key(n)}))
-    (group,) = router._groups.values()
-    assert group.matrix.shape[1] == 32 and group.used == 20
-    for n in range(10):
+    assert router.filter_bytes() == router._filters.end == 19 * one
+    for n in range(11):
         assert router.candidates(key(n), 5) == []
-    for n in range(10, 30):
+    for n in range(11, 30):
         assert router.candidates(key(n), 5) == [peer(n)]
 
 
@@ -104,3 +108,17 @@ def test_bloom_router_ignores_a_filter_that_matches_everything() -> None:
     assert 0.01 < filter_fp_rate(crowded) < BloomRouter.USELESS_FP
     router.set_summary(peer(3), crowded)
     assert peer(3) in router.candidates(key(5), 3)
+
+
+def test_bloom_router_matches_old_peers_power_of_two_filters_beside_new_ones() -> None:
+    """A rolling upgrade: peers still serving version 1 (masked positions) and peers
+    serving version 3 (range-reduced) answer the same lookup."""
+    router = BloomRouter(seed=3)
+    shared = key("shared")
+    old = BloomFilter.build([shared, key("old-only")], reduction=MASK)
+    router.set_summary(peer(1), Summary(epoch=1, k=old.k, m=old.m, count=2, born_at_ms=0,
+                                        bits=old.bits.tobytes(), reduction=MASK))
+    router.set_summary(peer(2), summary_of({shared, key("new-only")}))
+    assert set(router.candidates(shared, 5)) == {peer(1), peer(2)}
+    assert router.candidates(key("old-only"), 5) == [peer(1)]
+    assert router.candidates(key("new-only"), 5) == [peer(2)]

@@ -69,9 +69,11 @@ class DistributionRegistry:
 
     def __init__(self, host: str | None = None, port: int | None = None,
                  auth: TokenAuth | HtpasswdAuth | None = None, tls: bool = False,
-                 access_log: bool = False) -> None:
+                 access_log: bool = False, proxy_remote: str | None = None) -> None:
         """``tls``: serve HTTPS with a fresh self-signed cert (``self.tls_cert``);
-        ``access_log``: log each request, for `requests_seen`."""
+        ``access_log``: log each request, for `requests_seen`; ``proxy_remote``: run as
+        Distribution's pull-through cache of that registry URL (``proxy: remoteurl``),
+        which stores and hashes what it forwards: the baseline a mirror competes with."""
         self.host = host or loopback_host()
         self.port = port or free_port(self.host)
         self.dir = Path(tempfile.mkdtemp(prefix="distribution-"))
@@ -88,10 +90,11 @@ class DistributionRegistry:
             f"  filesystem:\n    rootdirectory: {self.storage}\n"
             "  delete:\n    enabled: true\n"
             "  maintenance:\n    uploadpurging:\n      enabled: false\n"
-            f"http:\n  addr: {self.host}:{self.port}\n"
+            f"http:\n  addr: \"{self.host}:{self.port}\"\n"  # quoted: [::1]:P is YAML flow
             + (f"  tls:\n    certificate: {self.tls_cert.cert}\n"
                f"    key: {self.tls_cert.key}\n" if self.tls_cert is not None else "")
             + (auth.config() if auth is not None else "")
+            + (f"proxy:\n  remoteurl: {proxy_remote}\n" if proxy_remote is not None else "")
         )
         self.auth = auth
 

@@ -34,11 +34,17 @@ class RunningNode:
 
 def start_node(store: str, log: Path, extra: tuple[str, ...] = (),
                env: Mapping[str, str] | None = None,
-               port_only: bool = False) -> RunningNode:
+               port_only: bool = False, same_as: RunningNode | None = None) -> RunningNode:
     """``env``: the process's environment instead of this one's (proxy variables).
     ``port_only``: listen on ``:PORT`` (every address, both families); the node's
-    addresses are then given as 127.0.0.1:PORT, and it advertises 127.0.0.1."""
-    if port_only:
+    addresses are then given as 127.0.0.1:PORT, and it advertises 127.0.0.1.
+    ``same_as``: a stopped node whose addresses this one takes over (a restart)."""
+    if same_as is not None:
+        host = same_as.address.rsplit(":", 1)[0]
+        ports = [int(a.rsplit(":", 1)[1]) for a in (same_as.address, same_as.metrics,
+                                                     same_as.mesh)]
+        listen = [f"{host}:{p}" for p in ports]
+    elif port_only:
         host = "127.0.0.1"
         ports = [free_dual_stack_port() for _ in range(3)]
         listen = [f":{p}" for p in ports]

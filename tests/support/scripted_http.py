@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import ssl
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -112,12 +113,17 @@ class ScriptedHTTPServer:
     """``with ScriptedHTTPServer(respond) as server:`` answers on ``server.url`` meanwhile."""
 
     def __init__(self, respond: Responder, host: str | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: a server context; the server then speaks HTTPS on ``url``."""
         self.host = host or loopback_host()
         self.port = port or free_port(self.host)
         self._log = _Log()
         self._server = LocalHTTPServer((self.host, self.port), _handler(respond, self._log))
         self._server.daemon_threads = True
+        self._scheme = "http"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            self._scheme = "https"
         # Keep-alive handler threads wait for the client's next request; don't join them.
         self._server.block_on_close = False
         self._thread = threading.Thread(target=self._server.serve_forever,
@@ -125,7 +131,7 @@ class ScriptedHTTPServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self._scheme}://{self.host}:{self.port}"
 
     @property
     def requests(self) -> list[Request]:
