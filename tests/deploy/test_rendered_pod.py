@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.deploy.test_image import IMAGE, archive  # noqa: F401 - the image fixture
+from tests.deploy.test_image import IMAGE
 from tests.helm import chart
 from tests.support.containerd import SYSTEM_VERSION, Containerd, versions_or_skip
 from tests.support.distribution import DistributionRegistry
@@ -229,7 +229,7 @@ def owner_hosts_toml(node: Node, host_port: int) -> None:
 
 @pytest.mark.parametrize(("value_files", "version"), CASES)
 def test_rendered_pod_on_two_nodes(
-    archive: Path,  # noqa: F811 - the fixture imported above
+    archive: Path,  # the image index, built once per session (conftest.py)
     upstream: tuple[DistributionRegistry, BuiltImage, BuiltImage],
     tmp_path: Path, value_files: tuple[str, ...], version: str,
 ) -> None:

@@ -10,6 +10,8 @@ through its mirror. What only a cluster has is rewritten to its local equivalent
 - ``kubectl ... exec ... -- CMD`` runs CMD (the pod's env is set, as in the pod);
 - ``kubectl ... logs ...`` reads node b's log file;
 - ``helm install|upgrade --install NAME CHART ARGS`` runs ``helm template`` with them;
+  the published chart (``oci://ghcr.io/meshmirror/charts/meshmirror --version V``) is
+  this checkout's chart, which the release packages, and V must be its version;
 - ``kubectl port-forward`` and ``crictl pull`` are done by the test itself: the
   docs then use ``$METRICS`` (b's metrics address, where port-forward would put it)
   and the pull is made through b's registry before the commands run.
@@ -30,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from meshmirror.oci.imagebuilder import build_image
 from tests.support.containerd import Containerd
@@ -75,6 +78,20 @@ _HELM_INSTALL = re.compile(r"^helm (?:install|upgrade --install) (.*)$", re.S)
 _DONE_BY_TEST = re.compile(r"^(kubectl\b.*\bport-forward\b|crictl pull\b)")
 
 
+_PUBLISHED_CHART = re.compile(r"oci://ghcr\.io/meshmirror/charts/meshmirror(\s+\\\n\s*|\s+)"
+                              r"--version\s+(\S+)")
+
+
+def published_chart_is_local(args: str) -> str:
+    """The release publishes ./helm/meshmirror as it is: the docs name its version."""
+    if not (m := _PUBLISHED_CHART.search(args)):
+        return args
+    chart = yaml.safe_load((REPO / "helm" / "meshmirror" / "Chart.yaml").read_text())
+    assert m.group(2) == chart["version"], (
+        f"the docs install chart version {m.group(2)}; the chart is {chart['version']}")
+    return args[:m.start()] + "./helm/meshmirror" + args[m.end():]
+
+
 def local(command: str) -> str | None:
     """The command as it runs here, or None for what the test does itself."""
     if _DONE_BY_TEST.match(command):
@@ -84,7 +101,7 @@ def local(command: str) -> str | None:
     if m := _LOGS.match(command):
         return 'cat "$NODE_LOG" ' + m.group(1)
     if m := _HELM_INSTALL.match(command):
-        return "helm template " + m.group(1)
+        return "helm template " + published_chart_is_local(m.group(1))
     if re.match(r"^(kubectl|crictl)\b", command):
         raise AssertionError(f"no local equivalent for a docs command: {command}")
     return command
