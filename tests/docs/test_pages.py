@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from meshmirror.migrate import _UNSET, RULES
+from meshmirror.migrate import RULES
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -35,7 +35,7 @@ def spegel_table() -> str:
     for key, rule in RULES.items():
         target = f"`{rule.target}`" if rule.target else "—"
         note = rule.why
-        if rule.spegel_default is not _UNSET and rule.target:
+        if rule.keeps_own_default and rule.target:
             note = (note + "; " if note else "") + (
                 "Spegel's default is not carried: meshmirror's own applies")
         lines.append(f"| `{key}` | {target} | {note} |")
