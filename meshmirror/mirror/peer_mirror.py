@@ -312,7 +312,7 @@ class PeerMirror:
             return _denied(access)
         # A blob no peer holds comes through its tree (see `rollout`); containerd gets
         # it verified, on the owner too (a slow upstream is then a 404, not a cut body).
-        if not self._new_fetch_allowed(digest):
+        if not self._new_fetch_allowed(digest, whole=want_body and byte_range is None):
             self._count(registry, "blob", "miss", path, started)
             return Miss(MissReason.BUSY, "client rate limit")
         reader = self.flights.attach(digest, lambda: self._source(registry, repository, digest))
@@ -328,18 +328,21 @@ class PeerMirror:
         reader.close()
         return await self._unshared_blob(registry, path, digest, byte_range, want_body, started)
 
-    def _new_fetch_allowed(self, digest: Digest) -> bool:
+    def _new_fetch_allowed(self, digest: Digest, whole: bool) -> bool:
         """Whether the client may start a fetch of ``digest`` (one nobody has in flight or
-        cached), at its pace of new upstream questions.
+        cached): a request for less than the whole blob takes one of the client's tokens
+        of new upstream questions.
 
-        Any request starts the whole blob's fetch into the cache, a HEAD or a one-byte
-        Range included, so one client could pull gigabytes and churn the cache with
-        requests that cost it nothing. Pacing each new fetch bounds that for GET, HEAD
-        and Range alike; joining a fetch or reading the cache costs no token.
-        (Answering a HEAD from a peer's HEAD instead would still leave GETs and Ranges
+        Any request starts the whole blob's fetch into the cache, so a HEAD or a one-byte
+        Range would let one client pull gigabytes and churn the cache at no cost to
+        itself. A GET of the whole blob is not charged: the client takes every byte it
+        made the node fetch (an abandoned one stops within a bounded number of bytes),
+        and containerd, one client with many layers to pull at a node's start, must not
+        be sent upstream by its own pace. Joining a fetch or reading the cache costs no
+        token either. (Answering a HEAD from a peer's HEAD instead would leave Ranges
         unpaced, and send containerd a size no digest has checked.)
         """
-        if self._pace is None or self.flights.flying(digest) is not None:
+        if whole or self._pace is None or self.flights.flying(digest) is not None:
             return True
         entry = self.flights.cache.open(str(digest))
         if entry is not None:
