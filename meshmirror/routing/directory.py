@@ -33,9 +33,10 @@ peer's, so every node samples a different subset and each peer is held by
 about the same number of nodes). A peer's filter size is estimated from the
 key count it advertises (10 bits a key) before it is fetched and taken from
 the filter once held; a peer that understates its keys is caught when its
-filter arrives and the worst-ranked holdings are let go until the budget
-holds again, so what is held never exceeds the budget by more than one
-summary. Content held by a few percent of nodes is still found (a 1% holder
+filter arrives: a filter larger than reckoned that the budget has no room
+for is not held (checked before the router takes it, so a flood of such
+peers cannot pile up filters between two reselections), and what is held
+never exceeds the budget. Content held by a few percent of nodes is still found (a 1% holder
 share misses with probability 0.99^940, about 8e-5); content held by a
 handful of nodes of thousands may not be, and is then fetched upstream.
 Peers outside the subset stay known (membership), their summaries unfetched.
@@ -305,7 +306,9 @@ class PeerDirectory:
 
     def _let_go(self, state: _PeerState) -> None:
         state.selected = False
-        if state.task is not None:
+        # A fetch task letting its own peer go ends by itself (its loop checks
+        # ``selected``); it stays recorded so a reselection does not start a second.
+        if state.task is not None and state.task is not asyncio.current_task():
             state.task.cancel()
             state.task = None
         if state.held is not None:
@@ -450,6 +453,19 @@ class PeerDirectory:
         if self._peers.get(state.peer.name) is not state or not state.selected:
             return
         if state.held is not None and summary.epoch <= state.held.epoch:
+            return
+        size = summary.m // 8
+        previous = state.held.m // 8 if state.held is not None else 0
+        if size > state.filter_bytes() and self._held_bytes - previous + size > self._budget:
+            # Larger than reckoned and past the budget: checked before the sink takes
+            # it, or a burst of such peers (up to the fetches in flight, each up to the
+            # size cap) would all be installed before the reselection let them go.
+            log.info("summary from %s is %d bytes, more than its keys said and than the "
+                     "budget has room for; not held", state.peer.name, size)
+            state.seen_bytes = size
+            self._let_go(state)
+            self._select_soon()
+            self._update_share()
             return
         self._sink.set_summary(state.peer, summary)
         self._held(state, summary.epoch, summary.count, summary.born_at_ms, summary.m,

@@ -355,3 +355,35 @@ async def test_a_peer_that_understates_its_keys_is_let_go_when_its_filter_arrive
             assert not d.selected("liar") and len(liar.source.requests) == fetched
     finally:
         await d.close()
+
+
+async def test_a_flood_of_peers_understating_their_keys_never_takes_the_router_past_the_budget(
+) -> None:
+    """Forty peers each advertise 100 keys and serve a 1 MiB filter: with 32 fetches in
+    flight, installing first and choosing again after would put dozens of them in the
+    router at once; none is held, and the router never holds more than the budget."""
+    registry = CollectorRegistry()
+    peak = 0
+
+    class PeakRouter(BloomRouter):
+        def set_summary(self, peer: Peer, summary: Summary) -> None:
+            nonlocal peak
+            super().set_summary(peer, summary)
+            peak = max(peak, self.filter_bytes())
+
+    router = PeakRouter(registry=registry)
+    m = 8 * 1024 * 1024
+    bits = bytearray(m // 8)
+    bits[0] = 1  # nearly empty, so the router would install it
+    huge = Summary(epoch=10, k=7, m=m, count=100, born_at_ms=0, bits=bytes(bits))
+    budget = 256 * 1024
+    d = PeerDirectory(router, registry=registry, timeout_s=10, own_name="me",
+                      budget_bytes=budget)
+    try:
+        async with peer_server(PeerSource(huge)) as liar:
+            for n in range(40):
+                d.update_peer(f"n{n}", liar.http_base, 10, keys=100)
+            await until(lambda: not any(d.selected(f"n{n}") for n in range(40)), within=30)
+            assert peak <= budget and router.filter_bytes() == 0 and d.held_bytes == 0
+    finally:
+        await d.close()
