@@ -419,10 +419,12 @@ class PeerDirectory:
         304 for the one held."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        held = state.held.epoch if state.held is not None else None
+        held = state.held
         async with self._fetch_slots:
-            return await fetch_summary(self._session, state.peer.http_base, held,
-                                       self._max_bytes, delta=not state.full_next,
+            return await fetch_summary(self._session, state.peer.http_base,
+                                       None if held is None else held.epoch, self._max_bytes,
+                                       delta=not state.full_next,
+                                       held_m=None if held is None else held.m,
                                        on_body=self._count_bytes)
 
     def _count_bytes(self, delta: bool, size: int) -> None:
