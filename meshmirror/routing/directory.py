@@ -81,7 +81,9 @@ MAX_CONCURRENT_FETCHES = 32
 # What the held summaries may take in all (see "Bounded memory" above).
 SUMMARY_BUDGET_BYTES = 24 * 1024 * 1024
 # Filter bits a key, as publishers size them (`bloom.bits_for`); for estimates only.
-_BITS_PER_KEY = 10.0
+# An int: a key count is a peer's word of any size (hundreds of digits fit its
+# metadata), and a float product of one raised OverflowError out of update_peer.
+_BITS_PER_KEY = 10
 # A peer that advertises no key count yet is assumed this large until fetched.
 _UNKNOWN_FILTER_BYTES = 32 * 1024
 _PROPAGATION_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
@@ -189,7 +191,7 @@ class _PeerState:
         if self.held is not None:
             return self.held.m // 8
         estimate = (_UNKNOWN_FILTER_BYTES if self.keys is None
-                    else max(128, int(self.keys * _BITS_PER_KEY / 8)))
+                    else max(128, self.keys * _BITS_PER_KEY // 8))
         return max(estimate, self.seen_bytes)
 
     def is_current(self) -> bool:
@@ -241,6 +243,8 @@ class PeerDirectory:
         base = check_http_base(http_base)
         if epoch is not None and epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if keys is not None and keys < 0:
+            raise ValueError(f"key count must be >= 0, got {keys}")
         state = self._peers.get(name)
         if state is None:
             state = self._peers[name] = _PeerState(Peer(name, base, zone), epoch, keys=keys)

@@ -387,3 +387,23 @@ async def test_a_flood_of_peers_understating_their_keys_never_takes_the_router_p
             assert peak <= budget and router.filter_bytes() == 0 and d.held_bytes == 0
     finally:
         await d.close()
+
+
+async def test_a_peer_advertising_an_absurd_key_count_is_known_and_never_held() -> None:
+    """A key count of 400 digits fits a member's metadata; the estimate of its filter
+    once raised OverflowError out of update_peer, which ended the node's membership
+    follower (no joins or deaths applied after it)."""
+    registry = CollectorRegistry()
+    d = PeerDirectory(BloomRouter(registry=registry), registry=registry, own_name="me")
+    absurd = int("9" * 400)
+    try:
+        d.update_peer("liar", "http://127.0.0.1:1", 5, keys=absurd)
+        d.update_peer("n1", "http://127.0.0.1:1", 5, keys=100)
+        d.update_peer("n1", "http://127.0.0.1:1", 6, keys=absurd)
+        await asyncio.sleep(0.05)  # the reselection
+        assert {p.name for p in d.peers()} == {"liar", "n1"}
+        assert not d.selected("liar") and not d.selected("n1")
+        with pytest.raises(ValueError, match="key count"):
+            d.update_peer("n2", "http://127.0.0.1:1", 5, keys=-1)
+    finally:
+        await d.close()
