@@ -33,8 +33,10 @@ peer's, so every node samples a different subset and each peer is held by
 about the same number of nodes). A peer's filter size is estimated from the
 key count it advertises (10 bits a key) before it is fetched and taken from
 the filter once held; a peer that understates its keys is caught when its
-filter arrives: a filter larger than reckoned that the budget has no room
-for is not held (checked before the router takes it, so a flood of such
+filter arrives: a fetch reads at most twice what is reckoned for the peer
+(so fetches in flight hold at most twice the budget; a larger body is refused
+on its Content-Length and the peer chosen again at that size), a filter larger
+than reckoned that the budget has no room for is not held (checked before the router takes it, so a flood of such
 peers cannot pile up filters between two reselections), and what is held
 never exceeds the budget. Content held by a few percent of nodes is still found (a 1% holder
 share misses with probability 0.99^940, about 8e-5); content held by a
@@ -64,10 +66,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from meshmirror.routing.router import Peer
 from meshmirror.routing.summary import (
+    SUMMARY_OVERHEAD,
     FetchError,
     Summary,
     SummaryDelta,
     SummaryFormatError,
+    SummaryTooLarge,
     fetch_summary,
     wall_clock_ms,
 )
@@ -388,6 +392,16 @@ class PeerDirectory:
                and not state.is_current()):
             try:
                 fetched = await self._fetch(state)
+            except SummaryTooLarge as err:
+                # Far larger than reckoned: chosen again (or not) at its real size.
+                self.metrics.fetches.labels("error").inc()
+                log.info("summary from %s is larger than its keys said: %s", state.peer.name,
+                         err)
+                state.seen_bytes = max(state.seen_bytes, err.size)
+                self._let_go(state)
+                self._select_soon()
+                self._update_share()
+                return
             except (aiohttp.ClientError, TimeoutError, SummaryFormatError, FetchError) as err:
                 self.metrics.fetches.labels("error").inc()
                 log.info("summary fetch from %s failed: %s", state.peer.name, err)
@@ -424,9 +438,13 @@ class PeerDirectory:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         held = state.held
+        # Read at most twice what the budget reckons for this peer: fetches in
+        # flight then hold at most twice the budget between them, where the 16 MiB
+        # cap alone let 32 peers understating their keys hold 512 MiB of bodies.
+        limit = min(self._max_bytes, SUMMARY_OVERHEAD + 2 * state.filter_bytes())
         async with self._fetch_slots:
             return await fetch_summary(self._session, state.peer.http_base,
-                                       None if held is None else held.epoch, self._max_bytes,
+                                       None if held is None else held.epoch, limit,
                                        delta=not state.full_next,
                                        held_m=None if held is None else held.m,
                                        on_body=self._count_bytes)

@@ -308,6 +308,25 @@ class FetchError(Exception):
     """A peer's summary response that cannot be used (status, type, size)."""
 
 
+class SummaryTooLarge(FetchError):
+    """A whole summary past the fetch's limit: ``size`` is its Content-Length, or the bytes
+    read when the limit was passed (a lower bound)."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+
+def _too_large(message: str, is_delta: bool, size: int) -> FetchError:
+    """A delta too large says nothing of the filter's size (only that the delta is
+    bad: the whole filter comes next); a whole summary too large does."""
+    return FetchError(message) if is_delta else SummaryTooLarge(message, size)
+
+
+# What a whole summary carries besides its bits: the header and the largest vouch section.
+SUMMARY_OVERHEAD = HEADER_SIZE + 4 + 12 * MAX_VOUCHES
+
+
 class SummarySource(Protocol):
     """What the endpoint needs from a SummaryPublisher."""
 
@@ -423,12 +442,13 @@ async def fetch_summary(session: aiohttp.ClientSession, http_base: str, held_epo
                 raise FetchError(f"{url} answered a delta to a request for the whole summary")
             max_bytes = min(max_bytes, max_delta_bytes(held_m))
         if resp.content_length is not None and resp.content_length > max_bytes:
-            raise FetchError(f"{url} summary of {resp.content_length} bytes exceeds the limit")
+            raise _too_large(f"{url} summary of {resp.content_length} bytes exceeds the limit "
+                             f"of {max_bytes}", is_delta, resp.content_length)
         body = bytearray()
         async for chunk in resp.content.iter_chunked(64 * 1024):
             body += chunk
             if len(body) > max_bytes:
-                raise FetchError(f"{url} summary exceeds {max_bytes} bytes")
+                raise _too_large(f"{url} summary exceeds {max_bytes} bytes", is_delta, len(body))
     if on_body is not None:
         on_body(is_delta, len(body))
     if is_delta:
