@@ -27,20 +27,20 @@ Bounded memory. A node does not hold every peer's summary: at 5,000 peers of
 21,500 keys that would be 130 MiB of filters. It holds the summaries of the
 peers that fit in ``budget_bytes`` (24 MiB: about 940 such peers; with the
 directory's own ~8 MiB for 5,000 members, routing state stays within 32 MiB),
-chosen
-same zone first, then in an order of its own (a hash of its name and the
-peer's, so every node samples a different subset and each peer is held by
-about the same number of nodes). A peer's filter size is estimated from the
-key count it advertises (10 bits a key) before it is fetched and taken from
-the filter once held; a peer that understates its keys is caught when its
-filter arrives: a fetch reads at most twice what is reckoned for the peer
-(so fetches in flight hold at most twice the budget; a larger body is refused
-on its Content-Length and the peer chosen again at that size), a filter larger
-than reckoned that the budget has no room for is not held (checked before the router takes it, so a flood of such
-peers cannot pile up filters between two reselections), and what is held
-never exceeds the budget. Content held by a few percent of nodes is still found (a 1% holder
-share misses with probability 0.99^940, about 8e-5); content held by a
-handful of nodes of thousands may not be, and is then fetched upstream.
+chosen same zone first, then in an order of its own (a hash of its name and the
+peer's, so every node samples a different subset and each peer is held by about
+the same number of nodes). A peer's filter size is estimated from the key count
+it advertises (10 bits a key) before it is fetched and taken from the filter
+once held; a peer that understates its keys is caught when its filter arrives:
+a fetch reads at most twice what is reckoned for the peer (so fetches in flight
+hold at most twice the budget; a larger body is refused on its Content-Length
+and the peer chosen again at that size), a filter larger than reckoned that the
+budget has no room for is not held (checked before the router takes it, so a
+flood of such peers cannot pile up filters between two reselections), and what
+is held never exceeds the budget. Content held by a few percent of nodes is
+still found (a 1% holder share misses with probability 0.99^940, about 8e-5);
+content held by a handful of nodes of thousands may not be, and is then fetched
+upstream.
 Peers outside the subset stay known (membership), their summaries unfetched.
 
 `meshmirror.peering` feeds it from membership events, which reach the node's
