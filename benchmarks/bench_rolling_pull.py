@@ -267,7 +267,8 @@ def peer_bytes(metrics: dict[str, float]) -> float:
     return sum(v for k, v in metrics.items() if k.startswith("meshmirror_mirror_peer_bytes_total"))
 
 
-def _label_totals(metrics: dict[str, float], prefix: str, label: str) -> dict[str, float]:
+def label_totals(metrics: dict[str, float], prefix: str, label: str) -> dict[str, float]:
+    """A counter's samples summed by one label's value, over every other label."""
     totals: dict[str, float] = {}
     for key, value in metrics.items():
         if key.startswith(prefix + "{"):
@@ -278,8 +279,8 @@ def _label_totals(metrics: dict[str, float], prefix: str, label: str) -> dict[st
 
 def mirror_results(metrics: dict[str, float]) -> str:
     """``hit 5, miss 6; peer failures: timeout 3``: what a node's mirror did with misses."""
-    results = _label_totals(metrics, "meshmirror_mirror_outcomes_total", "result")
-    failures = _label_totals(metrics, "meshmirror_mirror_peer_failures_total", "reason")
+    results = label_totals(metrics, "meshmirror_mirror_outcomes_total", "result")
+    failures = label_totals(metrics, "meshmirror_mirror_peer_failures_total", "reason")
     text = ", ".join(f"{k} {int(v)}" for k, v in sorted(results.items())) or "none"
     if failures:
         text += "; peer failures: " + ", ".join(

@@ -38,9 +38,9 @@ from pathlib import Path
 
 from benchmarks.bench_rolling_pull import (
     MeshNode,
-    _label_totals,
     configure_hosts,
     containerd_on_tmpfs,
+    label_totals,
     pull,
     start_meshmirror,
 )
@@ -124,7 +124,7 @@ def mirror_results(metrics: dict[str, float]) -> str:
     for prefix, label, title in (("meshmirror_mirror_outcomes_total", "result", ""),
                                  ("meshmirror_mirror_peer_failures_total", "reason",
                                   "peer failures: ")):
-        totals = {k: v for k, v in _label_totals(metrics, prefix, label).items() if v}
+        totals = {k: v for k, v in label_totals(metrics, prefix, label).items() if v}
         if totals:
             parts.append(title + ", ".join(f"{k} {v:.0f}" for k, v in sorted(totals.items())))
     return "; ".join(parts) or "none"

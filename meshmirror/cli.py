@@ -437,8 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("values", metavar="SPEGEL_VALUES.yaml|-",
                          help="prints meshmirror values; stderr says what became of each key")
     members = sub.add_parser("members", help="list the mesh members one node sees")
-    members.add_argument("--addr", default="127.0.0.1:9090", metavar="HOST:PORT",
-                         type=_typed("--addr", _parse_status_addr),
+    # --metrics-addr first, so MESHMIRROR_METRICS_ADDR (a pod's own) is the default:
+    # `kubectl exec` into a pod lists its members whatever its metrics port.
+    members.add_argument("--metrics-addr", "--addr", dest="addr", default="127.0.0.1:9090",
+                         metavar="HOST:PORT", type=_typed("--addr", _parse_status_addr),
                          help="the node's metrics address (it serves /status)")
     members.add_argument("--format", choices=["table", "json"], default="table")
 

@@ -31,6 +31,11 @@ class Rule:
     spegel_default: Any = _UNSET
     """Spegel's default, where meshmirror chose its own: that value is not carried."""
 
+    @property
+    def keeps_own_default(self) -> bool:
+        """Whether meshmirror's default replaces Spegel's (``spegel_default``)."""
+        return self.spegel_default is not _UNSET
+
 
 _OWN_IMAGE = "names Spegel's image; the chart names meshmirror's (image.repository, image.tag)"
 _STATELESS = ("keeps Spegel's libp2p identity on the host; meshmirror keeps no state: "
@@ -168,10 +173,10 @@ def migrate(spegel: Any) -> tuple[dict[str, Any], list[str]]:
                     notes.append(f"{path}: not a Spegel value meshmirror knows; not carried")
                 continue
             if rule.target is None:
-                if rule.spegel_default is not _UNSET and value == rule.spegel_default:
+                if rule.keeps_own_default and value == rule.spegel_default:
                     continue  # Spegel's default of a feature meshmirror lacks: nothing lost
                 notes.append(f"{path}: dropped: {rule.why}")
-            elif rule.spegel_default is not _UNSET and value == rule.spegel_default:
+            elif rule.keeps_own_default and value == rule.spegel_default:
                 notes.append(f"{path}: Spegel's default, so meshmirror's own default of "
                              f"{rule.target} applies" + (f" ({rule.why})" if rule.why else ""))
             else:

@@ -94,7 +94,7 @@ class Peering:
             read_bufsize=4 * 1024 * 1024,
             connector=aiohttp.TCPConnector(
                 limit=256, limit_per_host=32, ssl=False,
-                local_addr=(advertised, 0) if advertised and _bindable(advertised) else None),
+                local_addr=(advertised, 0) if advertised and bindable(advertised) else None),
             middlewares=(signing_middleware(self.auth),),
         )
         # Anonymous questions to upstreams: its own session (system trust store, no
@@ -209,7 +209,7 @@ class Peering:
 
 
 
-def _bindable(host: str) -> bool:
+def bindable(host: str) -> bool:
     """Whether peer requests can leave from ``host``: an IP of this machine. An address
     that is not (advertised through NAT, say) leaves the choice to the kernel."""
     try:

@@ -375,6 +375,15 @@ def test_members_addr_is_written_like_metrics_addr(given: str, dialled: str) -> 
     assert cli.parse_args(["members", "--addr", given]).addr == dialled
 
 
+def test_members_in_a_pod_dials_the_pods_own_metrics_addr(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The chart sets MESHMIRROR_METRICS_ADDR for `run`; `kubectl exec ... -- meshmirror
+    # members` in that pod must reach it, whatever service.metrics.port is.
+    monkeypatch.setenv("MESHMIRROR_METRICS_ADDR", ":9191")
+    assert cli.parse_args(["members"]).addr == "127.0.0.1:9191"
+    assert cli.parse_args(["members", "--addr", "127.0.0.9:9090"]).addr == "127.0.0.9:9090"
+
+
 def test_members_addr_that_cannot_be_dialled_is_one_line() -> None:
     with pytest.raises(UsageError, match="--addr 'host:port:x'"):
         cli.parse_args(["members", "--addr", "host:port:x"])

@@ -73,6 +73,8 @@ from meshmirror.registry.requester import set_requester
 from meshmirror.registry.serveroptions import ZERO_COPY_SEND, SendAborted
 from meshmirror.store.base import BlobInfo, NotFoundError, Store
 
+log = logging.getLogger(__name__)
+
 API_VERSION_HEADER: Final = "Docker-Distribution-API-Version"
 API_VERSION: Final = "registry/2.0"
 BLOB_CONTENT_TYPE: Final = "application/octet-stream"
@@ -220,12 +222,10 @@ async def _disconnected(receive: Receive) -> None:
 class RegistryApp:
     """Request handlers bound to one store, fallback and set of options."""
 
-    def __init__(self, store: Store, options: RegistryConfig, fallback: Fallback | None,
-                 logger: logging.Logger) -> None:
+    def __init__(self, store: Store, options: RegistryConfig, fallback: Fallback | None) -> None:
         self.store = store
         self.options = options
         self.fallback = fallback
-        self.logger = logger
 
     # -- routes ---------------------------------------------------------------
 
@@ -238,7 +238,7 @@ class RegistryApp:
         try:
             ready = await self.store.ready()
         except Exception:
-            self.logger.exception("store readiness check failed")
+            log.exception("store readiness check failed")
             ready = False
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
@@ -294,7 +294,7 @@ class RegistryApp:
         except _Miss:
             raise
         except Exception as err:
-            self.logger.warning("store failed serving a manifest; treating it as a miss",
+            log.warning("store failed serving a manifest; treating it as a miss",
                                 exc_info=True)
             raise _Miss(str(err)) from err
 
@@ -315,7 +315,7 @@ class RegistryApp:
 
         def describe(content: FallbackContent) -> tuple[int, dict[str, str]]:
             if content.media_type is None or not mediatypes.is_manifest_like(content.media_type):
-                self.logger.warning("fallback returned a manifest without a manifest media type",
+                log.warning("fallback returned a manifest without a manifest media type",
                                     extra={"fields": {"media_type": content.media_type}})
                 raise unknown
             return 200, _common_headers(content.digest, content.size, content.media_type)
@@ -342,11 +342,11 @@ class RegistryApp:
         try:
             content = await _unless_client_leaves(request.receive, ask(self.fallback))
         except _ClientLeft:
-            self.logger.info("client left while the fallback looked for a %s", kind)
+            log.info("client left while the fallback looked for a %s", kind)
             request.scope[SCOPE_REASON] = MissReason.CLIENT_LEFT
             raise unknown from None
         except Exception:
-            self.logger.warning("fallback failed on a %s; answering 404", kind, exc_info=True)
+            log.warning("fallback failed on a %s; answering 404", kind, exc_info=True)
             request.scope[SCOPE_REASON] = MissReason.ERROR
             raise unknown from None
         if isinstance(content, Miss):
@@ -404,7 +404,7 @@ class RegistryApp:
         except NotFoundError as err:
             raise _Miss(str(err)) from err
         except Exception as err:
-            self.logger.warning("store failed a blob stat; treating it as a miss", exc_info=True)
+            log.warning("store failed a blob stat; treating it as a miss", exc_info=True)
             raise _Miss(str(err)) from err
         if malformed is not None:
             malformed.headers["Content-Range"] = f"bytes */{info.size}"
@@ -440,7 +440,7 @@ class RegistryApp:
             raise _Miss(str(err)) from err
         except Exception as err:
             await _aclose(body)
-            self.logger.warning("store failed reading a blob; treating it as a miss",
+            log.warning("store failed reading a blob; treating it as a miss",
                                 exc_info=True)
             raise _Miss(str(err)) from err
         assert body is not None
@@ -494,15 +494,13 @@ class _AnyMethod:
 
 def create_app(store: Store, *, options: RegistryConfig | None = None,
                fallback: Fallback | None = None, metrics: RegistryMetrics | None = None,
-               logger: logging.Logger | None = None,
                extra_routes: Sequence[BaseRoute] = ()) -> ASGIApp:
     """The registry as an ASGI app; ``extra_routes`` lets other components add endpoints.
 
     The access log wraps the whole Starlette app so even its own 404s and 500s
     are logged with their final status.
     """
-    handlers = RegistryApp(store, options or RegistryConfig(), fallback,
-                           logger or logging.getLogger("meshmirror.registry"))
+    handlers = RegistryApp(store, options or RegistryConfig(), fallback)
     routes: list[BaseRoute] = [
         Route("/healthz", handlers.healthz, methods=["GET", "HEAD"]),
         Route("/readyz", handlers.readyz, methods=["GET", "HEAD"]),

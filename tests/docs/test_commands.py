@@ -139,6 +139,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningNode
                 "MESHMIRROR_CONTAINERD_REGISTRY_CONFIG_PATH": str(certs),
                 "MESHMIRROR_MIRRORED_REGISTRIES": "docker.io",
                 "MESHMIRROR_REGISTRY_ADDR": b.address,
+                "MESHMIRROR_METRICS_ADDR": b.metrics,
             }
             subprocess.run([sys.executable, "-m", "meshmirror", "configure",
                             "--mirror-targets", f"http://{b.address}"],

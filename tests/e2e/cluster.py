@@ -257,9 +257,9 @@ class E2ENode:
         return PullResult(done.returncode == 0, finished - started, started, finished,
                           (done.stdout + done.stderr)[-3000:])
 
-    def start_pull(self, ref: str, log: Path,
-                   hosts_dir: Path | None = None) -> subprocess.Popen[bytes]:
-        return spawn(self._pull_argv(ref, hosts_dir or self.hosts_dir), log)
+    def start_pull(self, ref: str, log: Path, hosts_dir: Path | None = None,
+                   user: str | None = None) -> subprocess.Popen[bytes]:
+        return spawn(self._pull_argv(ref, hosts_dir or self.hosts_dir, user), log)
 
     def pull_until(self, ref: str, deadline_s: float, interval: float = 0.1) -> PullResult:
         """Retry a pull until it succeeds or ``deadline_s`` passes (summaries may lag)."""

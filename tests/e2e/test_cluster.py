@@ -136,5 +136,6 @@ def _run_scenario(nodes: list[E2ENode], image: BuiltImage, upstream: Distributio
         "upstream_connections_after_stop": proxy.connections - connections_before,
         "summary_propagation_mean_s": propagation,
     })
+    # How soon after node 1 the others had it is a figure (recorded above), not an
+    # assertion: the wait is bounded, and a loaded machine must not fail a pull test.
     assert served <= 1.05 * total, (served, total)
-    assert all(t <= SPREAD_DEADLINE_S for t in after.values()), after

@@ -26,7 +26,7 @@ from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from meshmirror.routing.owner import owner_of
 from tests.e2e.cluster import E2ENode, image_bytes, metric, wait_mesh
 from tests.support.distribution import DistributionRegistry, TokenAuth
-from tests.support.processes import spawn, wait_until
+from tests.support.processes import wait_until
 from tests.support.proxy import CountingProxy
 from tests.support.skopeo import push_layout
 from tests.support.token_server import ISSUER, SERVICE, TokenServer
@@ -90,8 +90,9 @@ def rollout(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rollout]
 
 def _pull_all(nodes: list[E2ENode], image: BuiltImage, user: str | None = None
               ) -> dict[str, subprocess.Popen[bytes]]:
-    return {node.name: spawn(node._pull_argv(image.name, node.hosts_dir, user),
-                             node.dir / f"pull-{image.name.split('/')[1]}.log")
+    return {node.name: node.start_pull(image.name,
+                                       node.dir / f"pull-{image.name.split('/')[1]}.log",
+                                       user=user)
             for node in nodes}
 
 

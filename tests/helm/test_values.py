@@ -208,6 +208,16 @@ def test_gitops_key_renders_byte_identical_secrets(helm: Path) -> None:
     assert not chart.of_kind(chart.render(("encryption-existing-secret.yaml",)), "Secret")
 
 
+def test_a_gossip_key_beside_an_existing_secret_is_refused(helm: Path) -> None:
+    # Either would be used alone; together the key would be silently ignored, and a
+    # GitOps repository holding it would not hold the key the mesh runs with.
+    result = chart.run_helm(["template", chart.RELEASE, str(chart.CHART),
+                             "--set", "gossip.key=bWVzaG1pcnJvci1naXRvcHMta2V5LWZvci10ZXN0cyE=",
+                             "--set", "gossip.existingSecret=mine"])
+    assert result.returncode != 0
+    assert "gossip.key and gossip.existingSecret" in result.stderr, result.stderr
+
+
 def test_a_gossip_key_of_the_wrong_size_is_refused(helm: Path) -> None:
     result = chart.run_helm(["template", chart.RELEASE, str(chart.CHART),
                              "--set", "gossip.key=c2hvcnQ="])

@@ -12,7 +12,6 @@ Real processes: a holder node with the blobs, and the node under test joined to 
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 
 from meshmirror.oci.imagebuilder import build_image
 from tests.e2e.cluster import metric, parse_metrics
+from tests.support.http import http_status
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 
@@ -27,16 +27,6 @@ pytestmark = [pytest.mark.real]
 
 BURST = 2
 BLOBS = 5
-
-
-def _status(url: str, method: str, headers: dict[str, str] | None = None) -> int:
-    request = urllib.request.Request(url, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            response.read()
-            return int(response.status)
-    except urllib.error.HTTPError as err:
-        return err.code
 
 
 def _blob_requests_served(holder: RunningNode) -> int:
@@ -73,13 +63,13 @@ def test_each_fetch_a_client_starts_takes_its_pace_whatever_the_method(
             return f"http://{node.address}/v2/library/paced/blobs/{layers[i].digest}?ns=docker.io"
 
         # The first BURST fetches go through, by HEAD and by a one-byte Range ...
-        assert _status(url(0), "HEAD") == 200
-        assert _status(url(1), "GET", {"Range": "bytes=0-0"}) == 206
+        assert http_status(url(0), "HEAD") == 200
+        assert http_status(url(1), "GET", {"Range": "bytes=0-0"}) == 206
         # ... then no method starts another.
-        assert [_status(url(2), "HEAD"), _status(url(3), "GET", {"Range": "bytes=0-0"}),
-                _status(url(4), "GET")] == [404, 404, 404]
+        assert [http_status(url(2), "HEAD"), http_status(url(3), "GET", {"Range": "bytes=0-0"}),
+                http_status(url(4), "GET")] == [404, 404, 404]
         # What is cached costs nothing, however often it is asked for.
-        assert all(_status(url(i), m) == 200 for i in (0, 1) for m in ("HEAD", "GET") * 3)
+        assert all(http_status(url(i), m) == 200 for i in (0, 1) for m in ("HEAD", "GET") * 3)
         # The holder served the BURST fetches only.
         assert _blob_requests_served(holder) - served_before == BURST
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from meshmirror.mirror.marker import PEER_HEADER, TREE_HEADER
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from tests.e2e.cluster import metric, parse_metrics
 from tests.support.distribution import DistributionRegistry
+from tests.support.http import http_status
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop
 from tests.support.scripted_http import Reply, Request, ScriptedHTTPServer
@@ -50,16 +50,6 @@ def _node(tmp: Path, name: str, *flags: str) -> RunningNode:
     return start_node(f"oci:{store}", tmp / f"{name}.log", extra=(*UPSTREAM_FIRST, *flags))
 
 
-def _status(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> int:
-    request = urllib.request.Request(url, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            response.read()
-            return int(response.status)
-    except urllib.error.HTTPError as err:
-        return err.code
-
-
 def _answers(node: RunningNode, registry: str, result: str) -> float:
     with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as response:
         metrics = parse_metrics(response.read().decode())
@@ -77,11 +67,11 @@ def test_tree_requests_for_a_layer_on_the_manifests_endpoint_never_open_the_brea
         base = f"http://{node.address}/v2"
         hostile = {PEER_HEADER: "1", TREE_HEADER: "a-pod"}
         for headers in (hostile, {}) * 3:  # a tree request, and a client's own
-            assert _status(f"{base}/{REPO}/manifests/{layer}?ns={upstream.address}",
-                           headers) == 404
+            assert http_status(f"{base}/{REPO}/manifests/{layer}?ns={upstream.address}",
+                               headers=headers) == 404
         before = _answers(node, upstream.address, "answered")
         for _ in range(3):
-            _status(f"{base}/{REPO}/manifests/{TAG}?ns={upstream.address}", method="HEAD")
+            http_status(f"{base}/{REPO}/manifests/{TAG}?ns={upstream.address}", method="HEAD")
         # Honest tags are still the upstream's word, not peers'.
         assert _answers(node, upstream.address, "circuit_open") == 0
         assert _answers(node, upstream.address, "answered") - before == 3
@@ -103,7 +93,7 @@ def test_manifests_by_digest_fetched_for_a_client_are_paced_per_client(
         path = f"/v2/{REPO}/manifests/{digest}"
         url = f"http://{node.address}{path}?ns={upstream.address}"
         before = upstream.requests_seen("GET", path)
-        statuses = [_status(url, headers) for headers in
+        statuses = [http_status(url, headers=headers) for headers in
                     ({PEER_HEADER: "1", TREE_HEADER: "a-pod"}, {}) * 10]
         assert statuses[0] == 200  # the first ones are served
         assert upstream.requests_seen("GET", path) - before <= burst
@@ -128,8 +118,8 @@ def test_a_blob_redirect_to_another_private_host_gets_nothing_through(tmp_path: 
             node = _node(tmp_path, "redirected", "--mirrored-registries", address)
             try:
                 for headers in ({}, {PEER_HEADER: "1", TREE_HEADER: "a-pod"}):
-                    assert _status(f"http://{node.address}/v2/pub/app/blobs/{digest}"
-                                   f"?ns={address}", headers) == 404
+                    assert http_status(f"http://{node.address}/v2/pub/app/blobs/{digest}"
+                                       f"?ns={address}", headers=headers) == 404
             finally:
                 stop(node.proc)
             assert any("/blobs/" in r.path for r in evil.requests)  # it was asked
@@ -142,7 +132,7 @@ def test_a_blob_redirect_to_another_private_host_gets_nothing_through(tmp_path: 
                 # The owner's containerd follows the upstream's bytes: these fail their
                 # digest, so the response ends short of its length.
                 with contextlib.suppress(http.client.IncompleteRead):
-                    _status(f"http://{allowed.address}/v2/pub/app/blobs/{digest}?ns={address}")
+                    http_status(f"http://{allowed.address}/v2/pub/app/blobs/{digest}?ns={address}")
             finally:
                 stop(allowed.proc)
             assert [r.path for r in target.requests] == [f"/internal/{digest}"]

@@ -111,8 +111,8 @@ def test_refusals_are_counted_by_reason() -> None:
 
 
 def test_peer_requests_leave_from_the_advertised_address_only_when_it_is_ours() -> None:
-    from meshmirror.peering import _bindable
+    from meshmirror.peering import bindable
 
-    assert _bindable("127.0.0.1")
-    assert not _bindable("192.0.2.1")  # TEST-NET-1: advertised through NAT, say
-    assert not _bindable("registry.example")
+    assert bindable("127.0.0.1")
+    assert not bindable("192.0.2.1")  # TEST-NET-1: advertised through NAT, say
+    assert not bindable("registry.example")

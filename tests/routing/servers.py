@@ -6,14 +6,21 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshmirror.routing.bloom import MASK, RANGE, BloomFilter
+from meshmirror.routing.directory import PeerDirectory
+from meshmirror.routing.publisher import SummaryPublisher
+from meshmirror.routing.router import BloomRouter, Peer
 from meshmirror.routing.summary import VERSION, VERSION_VOUCHES, Summary, summary_route
+from meshmirror.store.base import Store
+from tests.routing.fakes import until
 from tests.support.ports import free_port, loopback_host
 
 
@@ -134,3 +141,69 @@ async def peer_server(source: PeerSource) -> AsyncIterator[PeerServer]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+@dataclass
+class PublisherSource(PeerSource):
+    publisher: SummaryPublisher | None = None
+
+    @property
+    def current(self) -> Summary | None:
+        return None if self.publisher is None else self.publisher.current
+
+    @property
+    def payload(self) -> bytes:
+        return b"" if self.publisher is None else self.publisher.payload
+
+    @property
+    def vouched_payload(self) -> bytes:
+        return b"" if self.publisher is None else self.publisher.vouched_payload
+
+    @property
+    def ranged_payload(self) -> bytes:
+        return b"" if self.publisher is None else self.publisher.ranged_payload
+
+    def delta_since(self, epoch: int) -> bytes | None:
+        return None if self.publisher is None else self.publisher.delta_since(epoch)
+
+
+@dataclass
+class PublishedPeer:
+    """This node's router and directory following one peer's live publisher."""
+
+    registry: CollectorRegistry
+    router: BloomRouter
+    directory: PeerDirectory
+    peer: Peer
+    publisher: SummaryPublisher
+
+
+@contextlib.asynccontextmanager
+async def published_peer(store: Store, *, timeout_s: float,
+                         debounce_s: float | None = None) -> AsyncIterator[PublishedPeer]:
+    """A peer serving ``store``'s summaries over loopback HTTP, wired to a directory as
+    a node wires them, once the directory holds its first summary."""
+    registry = CollectorRegistry()
+    router = BloomRouter(registry=registry)
+    directory = PeerDirectory(router, registry=registry, timeout_s=timeout_s)
+    source = PublisherSource()
+    try:
+        async with peer_server(source) as srv:
+            peer = Peer("node-a", srv.http_base)
+            loop = asyncio.get_running_loop()
+
+            # What the node wires: each version re-advertises the epoch (here
+            # straight to the directory; in a cluster through gossip metadata).
+            def advertise(summary: Summary) -> None:
+                loop.call_soon(directory.update_peer, peer.name, peer.http_base, summary.epoch)
+
+            pace: dict[str, Any] = {} if debounce_s is None else {"debounce_s": debounce_s}
+            source.publisher = SummaryPublisher(store, registry=CollectorRegistry(),
+                                                on_publish=advertise, **pace)
+            await source.publisher.start()
+            await until(lambda: directory.held(peer.name) is not None)
+            yield PublishedPeer(registry, router, directory, peer, source.publisher)
+    finally:
+        if source.publisher is not None:
+            await source.publisher.close()
+        await directory.close()

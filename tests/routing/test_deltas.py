@@ -24,8 +24,7 @@ from meshmirror.routing.summary import (
     max_delta_positions,
 )
 from tests.routing.fakes import KeyStore, digest_key, until
-from tests.routing.servers import PeerSource, make_summary, peer_server
-from tests.routing.test_end_to_end import PublisherSource
+from tests.routing.servers import PeerSource, make_summary, peer_server, published_peer
 
 
 def _apply(summary: Summary, delta: SummaryDelta) -> bytes:
@@ -126,41 +125,23 @@ async def test_the_endpoint_sends_a_delta_only_to_a_peer_that_asks_and_holds_a_k
 
 
 async def test_a_new_key_reaches_a_peer_as_a_delta_of_a_few_hundred_bytes() -> None:
-    registry = CollectorRegistry()
-    router = BloomRouter(registry=registry)
-    directory = PeerDirectory(router, registry=registry, timeout_s=2)
     store = KeyStore({digest_key(i) for i in range(20_000)})
-    source = PublisherSource()
-    try:
-        async with peer_server(source) as srv:
-            peer = Peer("node-a", srv.http_base)
-            loop = asyncio.get_running_loop()
-
-            def advertise(summary: Summary) -> None:
-                loop.call_soon(directory.update_peer, peer.name, peer.http_base, summary.epoch)
-
-            source.publisher = SummaryPublisher(store, registry=CollectorRegistry(),
-                                                on_publish=advertise, debounce_s=0.01)
-            await source.publisher.start()
-            await until(lambda: directory.held(peer.name) is not None)
-            full = registry.get_sample_value("meshmirror_peer_summary_fetched_bytes_total",
-                                             {"kind": "full"})
-            assert full is not None and full > 20_000  # 10 bits a key
-            layers = [digest_key(f"layer-{i}") for i in range(8)]
-            store.add(*layers, "docker.io/library/app:2")
-            await until(lambda: all(router.candidates(k) == [peer] for k in layers))
-            assert router.candidates("docker.io/library/app:2") == [peer]
-            assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
-                                             {"result": "delta"}) == 1
-            delta_bytes = registry.get_sample_value(
-                "meshmirror_peer_summary_fetched_bytes_total", {"kind": "delta"})
-            assert delta_bytes is not None and 0 < delta_bytes < 400
-            assert registry.get_sample_value("meshmirror_peer_summary_fetched_bytes_total",
-                                             {"kind": "full"}) == full
-    finally:
-        if source.publisher is not None:
-            await source.publisher.close()
-        await directory.close()
+    async with published_peer(store, timeout_s=2, debounce_s=0.01) as wired:
+        router, registry, peer = wired.router, wired.registry, wired.peer
+        full = registry.get_sample_value("meshmirror_peer_summary_fetched_bytes_total",
+                                         {"kind": "full"})
+        assert full is not None and full > 20_000  # 10 bits a key
+        layers = [digest_key(f"layer-{i}") for i in range(8)]
+        store.add(*layers, "docker.io/library/app:2")
+        await until(lambda: all(router.candidates(k) == [peer] for k in layers))
+        assert router.candidates("docker.io/library/app:2") == [peer]
+        assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
+                                         {"result": "delta"}) == 1
+        delta_bytes = registry.get_sample_value(
+            "meshmirror_peer_summary_fetched_bytes_total", {"kind": "delta"})
+        assert delta_bytes is not None and 0 < delta_bytes < 400
+        assert registry.get_sample_value("meshmirror_peer_summary_fetched_bytes_total",
+                                         {"kind": "full"}) == full
 
 
 async def test_a_delta_that_does_not_fit_the_held_summary_is_refused_then_fetched_whole(

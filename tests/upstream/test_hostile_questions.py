@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import http.client
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from meshmirror.upstream import BreakerState, Private, Public, UpstreamClient, U
 from meshmirror.upstream.guard import AddressGuard, ForbiddenAddress
 from tests.e2e.cluster import Metrics, metric, parse_metrics
 from tests.support.distribution import DistributionRegistry
+from tests.support.http import http_status
 from tests.support.netns import NetNamespace
 from tests.support.node import RunningNode, start_node
 from tests.support.ports import loopback_host
@@ -49,15 +49,6 @@ def _node(tmp: Path, name: str, *flags: str) -> RunningNode:
     store = tmp / name
     store.mkdir()
     return start_node(f"oci:{store}", tmp / f"{name}.log", extra=(*UPSTREAM_FIRST, *flags))
-
-
-def _status(url: str, method: str = "GET") -> int:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method=method),
-                                    timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as err:
-        return err.code
 
 
 def _metrics(node: RunningNode) -> Metrics:
@@ -97,7 +88,7 @@ def test_realms_and_redirects_to_private_or_link_local_hosts_get_nothing_through
             try:
                 for kind in kinds:
                     url = f"http://{node.address}/v2/{kind}/app/manifests/{TAG}?ns={registry}"
-                    assert _status(url) == 404
+                    assert http_status(url) == 404
                 assert _answers(node, registry, "forbidden") == len(kinds)
             finally:
                 stop(node.proc)
@@ -109,8 +100,8 @@ def test_realms_and_redirects_to_private_or_link_local_hosts_get_nothing_through
             allowed = _node(tmp_path, "allowed", "--mirrored-registries", registry,
                             "--upstream-allow-hosts", target.host)
             try:
-                assert _status(f"http://{allowed.address}/v2/private/app/manifests/{TAG}"
-                               f"?ns={registry}") == 404
+                assert http_status(f"http://{allowed.address}/v2/private/app/manifests/{TAG}"
+                                   f"?ns={registry}") == 404
             finally:
                 stop(allowed.proc)
             assert [r.path for r in target.requests] == ["/internal/admin/delete-everything"]
@@ -139,8 +130,8 @@ def test_only_registries_whose_hosts_toml_points_here_are_asked(tmp_path: Path) 
                     f'server = "{server.url}"\n[host."http://{target}"]\n'
                     '  capabilities = ["pull", "resolve"]\n')
             for server in (mirrored, elsewhere, other):
-                assert _status(f"http://{node.address}/v2/{REPO}/manifests/{TAG}"
-                               f"?ns={server.host}:{server.port}") == 404
+                assert http_status(f"http://{node.address}/v2/{REPO}/manifests/{TAG}"
+                                   f"?ns={server.host}:{server.port}") == 404
         finally:
             stop(node.proc)
         assert [r.method for r in mirrored.requests] == ["HEAD"]
@@ -174,7 +165,7 @@ def test_a_hundred_lookups_of_one_tag_make_at_most_two_upstream_requests(
             path = f"/v2/{REPO}/manifests/{tag} "
             before = upstream.requests_seen("HEAD", path)
             with ThreadPoolExecutor(max_workers=16) as pool:
-                statuses = list(pool.map(_status, [url] * 100, ["HEAD"] * 100))
+                statuses = list(pool.map(http_status, [url] * 100, ["HEAD"] * 100))
             assert set(statuses) == {404}  # no peer holds it / the upstream has no such tag
             asked = upstream.requests_seen("HEAD", path) - before
             assert 1 <= asked <= 2, (tag, asked)
@@ -191,13 +182,13 @@ def test_probe_shaped_requests_never_open_the_breaker(
         base = f"http://{node.address}/v2"
         for n in range(30):
             # A layer's digest on the manifests endpoint, each in a repository never seen.
-            assert _status(f"{base}/probe/r{n}/manifests/{layer}?ns={upstream.address}") == 404
+            assert http_status(f"{base}/probe/r{n}/manifests/{layer}?ns={upstream.address}") == 404
         metrics = _metrics(node)
         assert metric(metrics, "meshmirror_upstream_breaker_state", registry=upstream.address,
                       state="closed") == 1
         before = _answers(node, upstream.address, "answered")
         for _ in range(3):
-            _status(f"{base}/{REPO}/manifests/{TAG}?ns={upstream.address}")
+            http_status(f"{base}/{REPO}/manifests/{TAG}?ns={upstream.address}")
         # Honest tags are the upstream's word (its digest), not peers'.
         assert _answers(node, upstream.address, "answered") - before == 3
         assert _answers(node, upstream.address, "circuit_open") == 0
