@@ -171,10 +171,15 @@ class Peering:
     async def _follow(self, events: asyncio.Queue[MembershipEvent]) -> None:
         while True:
             event = await events.get()
-            if isinstance(event, MemberJoined | MemberUpdated):
-                self._apply(event.node, alive=True)
-            elif isinstance(event, MemberLeft):
-                self._apply(event.node, alive=False)
+            # One member's metadata must never end this loop: every join and death
+            # after it would go unapplied, and the node route to the dead.
+            try:
+                if isinstance(event, MemberJoined | MemberUpdated):
+                    self._apply(event.node, alive=True)
+                elif isinstance(event, MemberLeft):
+                    self._apply(event.node, alive=False)
+            except Exception:
+                log.exception("membership event not applied: %r", event)
 
     def _apply(self, member: NodeInfo, *, alive: bool) -> None:
         if member.name == self.config.node_name:

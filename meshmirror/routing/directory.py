@@ -27,17 +27,20 @@ Bounded memory. A node does not hold every peer's summary: at 5,000 peers of
 21,500 keys that would be 130 MiB of filters. It holds the summaries of the
 peers that fit in ``budget_bytes`` (24 MiB: about 940 such peers; with the
 directory's own ~8 MiB for 5,000 members, routing state stays within 32 MiB),
-chosen
-same zone first, then in an order of its own (a hash of its name and the
-peer's, so every node samples a different subset and each peer is held by
-about the same number of nodes). A peer's filter size is estimated from the
-key count it advertises (10 bits a key) before it is fetched and taken from
-the filter once held; a peer that understates its keys is caught when its
-filter arrives and the worst-ranked holdings are let go until the budget
-holds again, so what is held never exceeds the budget by more than one
-summary. Content held by a few percent of nodes is still found (a 1% holder
-share misses with probability 0.99^940, about 8e-5); content held by a
-handful of nodes of thousands may not be, and is then fetched upstream.
+chosen same zone first, then in an order of its own (a hash of its name and the
+peer's, so every node samples a different subset and each peer is held by about
+the same number of nodes). A peer's filter size is estimated from the key count
+it advertises (10 bits a key) before it is fetched and taken from the filter
+once held; a peer that understates its keys is caught when its filter arrives:
+a fetch reads at most twice what is reckoned for the peer (so fetches in flight
+hold at most twice the budget; a larger body is refused on its Content-Length
+and the peer chosen again at that size), a filter larger than reckoned that the
+budget has no room for is not held (checked before the router takes it, so a
+flood of such peers cannot pile up filters between two reselections), and what
+is held never exceeds the budget. Content held by a few percent of nodes is
+still found (a 1% holder share misses with probability 0.99^940, about 8e-5);
+content held by a handful of nodes of thousands may not be, and is then fetched
+upstream.
 Peers outside the subset stay known (membership), their summaries unfetched.
 
 `meshmirror.peering` feeds it from membership events, which reach the node's
@@ -63,10 +66,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from meshmirror.routing.router import Peer
 from meshmirror.routing.summary import (
+    SUMMARY_OVERHEAD,
     FetchError,
     Summary,
     SummaryDelta,
     SummaryFormatError,
+    SummaryTooLarge,
     fetch_summary,
     wall_clock_ms,
 )
@@ -80,7 +85,9 @@ MAX_CONCURRENT_FETCHES = 32
 # What the held summaries may take in all (see "Bounded memory" above).
 SUMMARY_BUDGET_BYTES = 24 * 1024 * 1024
 # Filter bits a key, as publishers size them (`bloom.bits_for`); for estimates only.
-_BITS_PER_KEY = 10.0
+# An int: a key count is a peer's word of any size (hundreds of digits fit its
+# metadata), and a float product of one raised OverflowError out of update_peer.
+_BITS_PER_KEY = 10
 # A peer that advertises no key count yet is assumed this large until fetched.
 _UNKNOWN_FILTER_BYTES = 32 * 1024
 _PROPAGATION_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
@@ -188,7 +195,7 @@ class _PeerState:
         if self.held is not None:
             return self.held.m // 8
         estimate = (_UNKNOWN_FILTER_BYTES if self.keys is None
-                    else max(128, int(self.keys * _BITS_PER_KEY / 8)))
+                    else max(128, self.keys * _BITS_PER_KEY // 8))
         return max(estimate, self.seen_bytes)
 
     def is_current(self) -> bool:
@@ -240,6 +247,8 @@ class PeerDirectory:
         base = check_http_base(http_base)
         if epoch is not None and epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if keys is not None and keys < 0:
+            raise ValueError(f"key count must be >= 0, got {keys}")
         state = self._peers.get(name)
         if state is None:
             state = self._peers[name] = _PeerState(Peer(name, base, zone), epoch, keys=keys)
@@ -305,7 +314,9 @@ class PeerDirectory:
 
     def _let_go(self, state: _PeerState) -> None:
         state.selected = False
-        if state.task is not None:
+        # A fetch task letting its own peer go ends by itself (its loop checks
+        # ``selected``); it stays recorded so a reselection does not start a second.
+        if state.task is not None and state.task is not asyncio.current_task():
             state.task.cancel()
             state.task = None
         if state.held is not None:
@@ -381,6 +392,16 @@ class PeerDirectory:
                and not state.is_current()):
             try:
                 fetched = await self._fetch(state)
+            except SummaryTooLarge as err:
+                # Far larger than reckoned: chosen again (or not) at its real size.
+                self.metrics.fetches.labels("error").inc()
+                log.info("summary from %s is larger than its keys said: %s", state.peer.name,
+                         err)
+                state.seen_bytes = max(state.seen_bytes, err.size)
+                self._let_go(state)
+                self._select_soon()
+                self._update_share()
+                return
             except (aiohttp.ClientError, TimeoutError, SummaryFormatError, FetchError) as err:
                 self.metrics.fetches.labels("error").inc()
                 log.info("summary fetch from %s failed: %s", state.peer.name, err)
@@ -416,10 +437,16 @@ class PeerDirectory:
         304 for the one held."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        held = state.held.epoch if state.held is not None else None
+        held = state.held
+        # Read at most twice what the budget reckons for this peer: fetches in
+        # flight then hold at most twice the budget between them, where the 16 MiB
+        # cap alone let 32 peers understating their keys hold 512 MiB of bodies.
+        limit = min(self._max_bytes, SUMMARY_OVERHEAD + 2 * state.filter_bytes())
         async with self._fetch_slots:
-            return await fetch_summary(self._session, state.peer.http_base, held,
-                                       self._max_bytes, delta=not state.full_next,
+            return await fetch_summary(self._session, state.peer.http_base,
+                                       None if held is None else held.epoch, limit,
+                                       delta=not state.full_next,
+                                       held_m=None if held is None else held.m,
                                        on_body=self._count_bytes)
 
     def _count_bytes(self, delta: bool, size: int) -> None:
@@ -450,6 +477,19 @@ class PeerDirectory:
         if self._peers.get(state.peer.name) is not state or not state.selected:
             return
         if state.held is not None and summary.epoch <= state.held.epoch:
+            return
+        size = summary.m // 8
+        previous = state.held.m // 8 if state.held is not None else 0
+        if size > state.filter_bytes() and self._held_bytes - previous + size > self._budget:
+            # Larger than reckoned and past the budget: checked before the sink takes
+            # it, or a burst of such peers (up to the fetches in flight, each up to the
+            # size cap) would all be installed before the reselection let them go.
+            log.info("summary from %s is %d bytes, more than its keys said and than the "
+                     "budget has room for; not held", state.peer.name, size)
+            state.seen_bytes = size
+            self._let_go(state)
+            self._select_soon()
+            self._update_share()
             return
         self._sink.set_summary(state.peer, summary)
         self._held(state, summary.epoch, summary.count, summary.born_at_ms, summary.m,

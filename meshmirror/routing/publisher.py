@@ -25,6 +25,7 @@ from meshmirror.routing.summary import (
     VERSION_VOUCHES,
     Summary,
     SummaryDelta,
+    max_delta_positions,
     wall_clock_ms,
 )
 from meshmirror.routing.vouches import NO_VOUCHES, Vouches
@@ -40,14 +41,12 @@ class DeltaLog:
     any of those versions can be sent only what changed since.
 
     Bounded twice: at most `MAX_VERSIONS` versions, and at most one position per
-    `BITS_PER_POSITION` bits of the filter in all (a delta of that many
-    positions is about a quarter of the whole filter's size, past which the
-    whole filter is the better answer anyway). The oldest versions go first;
+    `summary.BITS_PER_POSITION` bits of the filter in all
+    (`summary.max_delta_positions`, which receivers hold deltas to). The oldest versions go first;
     a peer holding one of them gets the whole filter.
     """
 
     MAX_VERSIONS = 256
-    BITS_PER_POSITION = 32
 
     def __init__(self) -> None:
         self.base: int | None = None  # the epoch the logged versions start from
@@ -66,7 +65,7 @@ class DeltaLog:
         self._versions.append((epoch, fresh))
         self._held += len(fresh)
         self._encoded.clear()
-        limit = max(64, m // self.BITS_PER_POSITION)
+        limit = max_delta_positions(m)
         while self._versions and (len(self._versions) > self.MAX_VERSIONS
                                   or self._held > limit):
             dropped, positions = self._versions.pop(0)

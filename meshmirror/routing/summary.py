@@ -47,8 +47,12 @@ what changed since E, a delta instead of the filter (big-endian)::
 and otherwise (E too old, or the filter rebuilt since) the whole version-3
 filter. A delta is a few hundred bytes where a filter is tens of kilobytes.
 Every length in it is checked against the bytes actually received before
-anything is allocated, so a peer's delta costs a receiver no more than its
-size, which the fetch bounds.
+anything is allocated. A delta never holds more than `max_delta_positions`
+positions of its filter (the publisher's log keeps no more), and a receiver
+reads one only against the filter it holds, so its body is bounded by
+`max_delta_bytes` of *that* filter rather than by the whole-summary cap:
+decoding costs tens of bytes a position in temporaries, which at the 16 MiB
+cap would be most of a GiB.
 
 HTTP: peers usually already hold the previous version, so a response carries
 ``ETag: "<epoch>"`` and a matching ``If-None-Match`` costs a 304 with no body.
@@ -70,7 +74,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from meshmirror.routing.bloom import MASK, RANGE, BloomFilter, U64Array, check_geometry
-from meshmirror.routing.vouches import NO_VOUCHES, Vouches, VouchFormatError
+from meshmirror.routing.vouches import MAX_VOUCHES, NO_VOUCHES, Vouches, VouchFormatError
 
 MEDIA_TYPE = "application/vnd.meshmirror.summary.v1"
 MEDIA_TYPE_V2 = "application/vnd.meshmirror.summary.v2"
@@ -91,6 +95,19 @@ _MASK64 = (1 << 64) - 1
 # Gaps between positions are below 2^32, so a varint is at most 5 bytes.
 _VARINT_MAX = 5
 _MEDIA_TYPES = (MEDIA_TYPE, MEDIA_TYPE_V2, MEDIA_TYPE_V3, DELTA_MEDIA_TYPE)
+# A delta carries at most one position per this many bits of its filter: about a
+# quarter of the whole filter's size, past which the whole filter is the better answer.
+BITS_PER_POSITION = 32
+
+
+def max_delta_positions(m: int) -> int:
+    """The most positions a delta of a filter of ``m`` bits carries."""
+    return max(64, m // BITS_PER_POSITION)
+
+
+def max_delta_bytes(m: int) -> int:
+    """The largest delta body of a filter of ``m`` bits: header, varints, vouches."""
+    return DELTA_HEADER_SIZE + _VARINT_MAX * max_delta_positions(m) + 4 + 12 * MAX_VOUCHES
 
 
 def wall_clock_ms() -> int:
@@ -193,6 +210,9 @@ class SummaryDelta:
         if npos > pos_bytes or end > len(data):
             raise SummaryFormatError(f"delta promises {npos} positions in {pos_bytes} bytes, "
                                      f"the body has {len(data) - DELTA_HEADER_SIZE}")
+        if npos > max_delta_positions(m):
+            raise SummaryFormatError(f"delta of {npos} positions, a filter of {m} bits sends "
+                                     f"at most {max_delta_positions(m)}")
         positions = decode_positions(bytes(data[DELTA_HEADER_SIZE:end]), npos, m)
         try:
             vouches = Vouches.decode(bytes(data[end:])) or NO_VOUCHES
@@ -288,6 +308,25 @@ class FetchError(Exception):
     """A peer's summary response that cannot be used (status, type, size)."""
 
 
+class SummaryTooLarge(FetchError):
+    """A whole summary past the fetch's limit: ``size`` is its Content-Length, or the bytes
+    read when the limit was passed (a lower bound)."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+
+def _too_large(message: str, is_delta: bool, size: int) -> FetchError:
+    """A delta too large says nothing of the filter's size (only that the delta is
+    bad: the whole filter comes next); a whole summary too large does."""
+    return FetchError(message) if is_delta else SummaryTooLarge(message, size)
+
+
+# What a whole summary carries besides its bits: the header and the largest vouch section.
+SUMMARY_OVERHEAD = HEADER_SIZE + 4 + 12 * MAX_VOUCHES
+
+
 class SummarySource(Protocol):
     """What the endpoint needs from a SummaryPublisher."""
 
@@ -370,18 +409,20 @@ def summary_route(source: SummarySource) -> Route:
 
 
 async def fetch_summary(session: aiohttp.ClientSession, http_base: str, held_epoch: int | None,
-                        max_bytes: int, *, delta: bool = True,
+                        max_bytes: int, *, delta: bool = True, held_m: int | None = None,
                         on_body: Callable[[bool, int], None] | None = None
                         ) -> Summary | SummaryDelta | None:
     """The client side: a peer's summary, a delta from ``held_epoch`` (asked for
-    when ``delta``), or None when it answers 304 for ``held_epoch``.
+    when ``delta`` and the held filter's size ``held_m`` is given, which bounds the
+    delta's body), or None when it answers 304 for ``held_epoch``.
     ``on_body(is_delta, size)`` is told the size of every body received.
 
     Raises FetchError for an answer that cannot be used, SummaryFormatError for
     bytes that do not parse, and aiohttp/timeout errors for transport failures.
     """
     accept = f"{MEDIA_TYPE_V3}, {MEDIA_TYPE_V2}, {MEDIA_TYPE}"
-    if delta and held_epoch is not None:
+    delta = delta and held_epoch is not None and held_m is not None
+    if delta:
         accept = f"{DELTA_MEDIA_TYPE}, {accept}"
     headers = {"Accept": accept}
     if held_epoch is not None:
@@ -396,13 +437,18 @@ async def fetch_summary(session: aiohttp.ClientSession, http_base: str, held_epo
             raise FetchError(f"{url} answered {resp.content_type!r}, want one of "
                              f"{', '.join(_MEDIA_TYPES)}")
         is_delta = resp.content_type == DELTA_MEDIA_TYPE
+        if is_delta:
+            if not delta or held_m is None:
+                raise FetchError(f"{url} answered a delta to a request for the whole summary")
+            max_bytes = min(max_bytes, max_delta_bytes(held_m))
         if resp.content_length is not None and resp.content_length > max_bytes:
-            raise FetchError(f"{url} summary of {resp.content_length} bytes exceeds the limit")
+            raise _too_large(f"{url} summary of {resp.content_length} bytes exceeds the limit "
+                             f"of {max_bytes}", is_delta, resp.content_length)
         body = bytearray()
         async for chunk in resp.content.iter_chunked(64 * 1024):
             body += chunk
             if len(body) > max_bytes:
-                raise FetchError(f"{url} summary exceeds {max_bytes} bytes")
+                raise _too_large(f"{url} summary exceeds {max_bytes} bytes", is_delta, len(body))
     if on_body is not None:
         on_body(is_delta, len(body))
     if is_delta:

@@ -12,6 +12,7 @@ filter, and stays healthy.
 
 from __future__ import annotations
 
+import json
 import signal
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from meshmirror.mesh.config import MeshConfig
 from meshmirror.mesh.tags import encode_tags
 from meshmirror.mesh.transport import MeshNode
 from meshmirror.oci.imagebuilder import build_image, remove_index_entries
-from meshmirror.peering import TAG_EPOCH, TAG_HTTP
+from meshmirror.peering import TAG_EPOCH, TAG_HTTP, TAG_KEYS
 from meshmirror.routing.summary import (
     DELTA_HEADER_SIZE,
     DELTA_MEDIA_TYPE,
@@ -182,3 +183,50 @@ def test_a_hostile_delta_is_refused_and_the_whole_filter_fetched_instead(
         if rogue is not None:
             rogue.stop(leave=False, timeout=5)
         stop(watcher.proc)
+
+
+def test_a_member_advertising_an_absurd_key_count_does_not_stop_the_node_following_the_mesh(
+        tmp_path: Path) -> None:
+    """A rogue's ``keys`` tag of 400 digits once raised OverflowError in the node's
+    membership follower and ended it: a member joining after it was never learned.
+    Here the watcher still fetches a later member's summary, and ignores the rogue's."""
+    summary = make_summary([digest_key("late")], epoch=7)
+
+    def respond(request: Request) -> Reply:
+        if request.headers.get("if-none-match") == etag_for(7):
+            return Reply(304)
+        return Reply(200, (("Content-Type", MEDIA_TYPE_V3), ("ETag", etag_for(7))),
+                     summary.encode())
+
+    empty = tmp_path / "watcher"
+    empty.mkdir()
+    watcher = start_node(f"oci:{empty}", tmp_path / "watcher.log", ("--node-name", "watcher"))
+    members: list[MeshNode] = []
+    try:
+        with ScriptedHTTPServer(respond) as server:
+            wh, wp = watcher.mesh.rsplit(":", 1)
+            for name, keys in (("rogue", "9" * 400), ("late", "1")):
+                host = loopback_host()
+                member = MeshNode(MeshConfig(), name=name, bind=(host, free_port(host)),
+                                  meta=encode_tags({TAG_HTTP: server.url, TAG_EPOCH: "7",
+                                                    TAG_KEYS: keys}),
+                                  join=[(wh, int(wp))])
+                member.start()
+                members.append(member)
+                if name == "rogue":
+                    wait_until(lambda: any(m["name"] == "rogue" for m in status(watcher)), 30,
+                               "the watcher to know the rogue")
+            wait_until(lambda: held_epoch(watcher, "late") == 7, 30,
+                       "the watcher to hold the later member's summary")
+            assert held_epoch(watcher, "rogue") is None
+        assert watcher.proc.poll() is None
+    finally:
+        for member in members:
+            member.stop(leave=False, timeout=5)
+        stop(watcher.proc)
+
+
+def status(node: RunningNode) -> list[dict[str, object]]:
+    with urllib.request.urlopen(f"http://{node.metrics}/status", timeout=5) as r:
+        members: list[dict[str, object]] = json.load(r)["mesh"]["members"]
+    return members

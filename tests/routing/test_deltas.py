@@ -6,6 +6,7 @@ import asyncio
 
 import aiohttp
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 
 from meshmirror.routing.directory import PeerDirectory
@@ -17,7 +18,10 @@ from meshmirror.routing.summary import (
     SUMMARY_PATH,
     Summary,
     SummaryDelta,
+    SummaryFormatError,
     etag_for,
+    max_delta_bytes,
+    max_delta_positions,
 )
 from tests.routing.fakes import KeyStore, digest_key, until
 from tests.routing.servers import PeerSource, make_summary, peer_server, published_peer
@@ -165,5 +169,42 @@ async def test_a_delta_that_does_not_fit_the_held_summary_is_refused_then_fetche
                                              {"result": "error"}) == 1
             assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
                                              {"result": "ok"}) == 2
+    finally:
+        await directory.close()
+
+
+def test_a_delta_with_more_positions_than_its_filter_ever_sends_is_refused() -> None:
+    m = 64 * 1024
+    many = SummaryDelta(base_epoch=1, epoch=2, k=7, m=m, reduction=1, count=1, born_at_ms=0,
+                        positions=np.arange(max_delta_positions(m) + 1, dtype=np.uint64))
+    with pytest.raises(SummaryFormatError, match="at most 2048"):
+        SummaryDelta.decode(many.encode())
+
+
+async def test_a_delta_larger_than_any_of_the_held_filter_is_refused_unread() -> None:
+    """A peer holding a 1-key filter is sent a 1 MiB delta claiming a 2^32-bit filter:
+    decoding it would cost ~50 MiB of temporaries (at the 16 MiB cap, most of a GiB);
+    it is refused by its size against the held filter, and the whole filter fetched."""
+    registry = CollectorRegistry()
+    router = BloomRouter(registry=registry)
+    directory = PeerDirectory(router, registry=registry, timeout_s=5, backoff_s=0.01)
+    first = make_summary([digest_key(1)], epoch=5)
+    second = make_summary([digest_key(1), digest_key(2)], epoch=6)
+    huge = SummaryDelta(base_epoch=5, epoch=6, k=7, m=1 << 32, reduction=1, count=2,
+                        born_at_ms=0, positions=np.arange(1 << 20, dtype=np.uint64)).encode()
+    assert len(huge) > max_delta_bytes(first.m)
+    source = PeerSource(first)
+    try:
+        async with peer_server(source) as srv:
+            directory.update_peer("n1", srv.http_base, 5)
+            await until(lambda: directory.held("n1") is not None)
+            source.summary, source.deltas = second, {5: huge}
+            directory.update_peer("n1", srv.http_base, 6)
+            await until(lambda: (held := directory.held("n1")) is not None and held.epoch == 6)
+            assert router.candidates(digest_key(2)) == [Peer("n1", srv.http_base)]
+            assert registry.get_sample_value("meshmirror_peer_summary_fetched_bytes_total",
+                                             {"kind": "delta"}) == 0
+            assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
+                                             {"result": "error"}) == 1
     finally:
         await directory.close()

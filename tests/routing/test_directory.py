@@ -355,3 +355,80 @@ async def test_a_peer_that_understates_its_keys_is_let_go_when_its_filter_arrive
             assert not d.selected("liar") and len(liar.source.requests) == fetched
     finally:
         await d.close()
+
+
+async def test_a_flood_of_peers_understating_their_keys_never_takes_the_router_past_the_budget(
+) -> None:
+    """Forty peers each advertise 100 keys and serve a 1 MiB filter: with 32 fetches in
+    flight, installing first and choosing again after would put dozens of them in the
+    router at once; none is held, the router never holds more than the budget, and no
+    body is even read."""
+    registry = CollectorRegistry()
+    peak = 0
+
+    class PeakRouter(BloomRouter):
+        def set_summary(self, peer: Peer, summary: Summary) -> None:
+            nonlocal peak
+            super().set_summary(peer, summary)
+            peak = max(peak, self.filter_bytes())
+
+    router = PeakRouter(registry=registry)
+    m = 8 * 1024 * 1024
+    bits = bytearray(m // 8)
+    bits[0] = 1  # nearly empty, so the router would install it
+    huge = Summary(epoch=10, k=7, m=m, count=100, born_at_ms=0, bits=bytes(bits))
+    budget = 256 * 1024
+    d = PeerDirectory(router, registry=registry, timeout_s=10, own_name="me",
+                      budget_bytes=budget)
+    try:
+        async with peer_server(PeerSource(huge)) as liar:
+            for n in range(40):
+                d.update_peer(f"n{n}", liar.http_base, 10, keys=100)
+            await until(lambda: not any(d.selected(f"n{n}") for n in range(40)), within=30)
+            assert peak <= budget and router.filter_bytes() == 0 and d.held_bytes == 0
+            # Refused by its Content-Length against twice what its keys said, unread:
+            # forty bodies of 1 MiB (up to 32 at once) never sat in this node's memory.
+            assert sample(registry, "meshmirror_peer_summary_fetched_bytes_total",
+                          {"kind": "full"}) == 0
+    finally:
+        await d.close()
+
+
+async def test_a_peer_advertising_an_absurd_key_count_is_known_and_never_held() -> None:
+    """A key count of 400 digits fits a member's metadata; the estimate of its filter
+    once raised OverflowError out of update_peer, which ended the node's membership
+    follower (no joins or deaths applied after it)."""
+    registry = CollectorRegistry()
+    d = PeerDirectory(BloomRouter(registry=registry), registry=registry, own_name="me")
+    absurd = int("9" * 400)
+    try:
+        d.update_peer("liar", "http://127.0.0.1:1", 5, keys=absurd)
+        d.update_peer("n1", "http://127.0.0.1:1", 5, keys=100)
+        d.update_peer("n1", "http://127.0.0.1:1", 6, keys=absurd)
+        await asyncio.sleep(0.05)  # the reselection
+        assert {p.name for p in d.peers()} == {"liar", "n1"}
+        assert not d.selected("liar") and not d.selected("n1")
+        with pytest.raises(ValueError, match="key count"):
+            d.update_peer("n2", "http://127.0.0.1:1", 5, keys=-1)
+    finally:
+        await d.close()
+
+
+async def test_a_filter_far_larger_than_its_keys_said_is_held_at_its_real_size_when_it_fits(
+        ) -> None:
+    """A fetch reads at most twice what the budget reckons for the peer; a filter past
+    that (an understated or stale key count) is chosen again at its real size, and
+    with room for it, fetched whole the next time."""
+    registry = CollectorRegistry()
+    d = PeerDirectory(BloomRouter(registry=registry), registry=registry, timeout_s=2,
+                      own_name="me")
+    big = make_summary([digest_key(i) for i in range(20_000)], epoch=10)
+    try:
+        async with peer_server(PeerSource(big)) as srv:
+            d.update_peer("n1", srv.http_base, 10, keys=100)  # its filter is 200x that
+            await until(lambda: d.held("n1") is not None)
+            assert held(d, "n1").m == big.m and len(srv.source.requests) == 2
+            assert sample(registry, "meshmirror_peer_summary_fetches_total",
+                          {"result": "error"}) == 1
+    finally:
+        await d.close()
