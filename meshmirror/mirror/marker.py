@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +52,7 @@ _KDF_INFO: Final = b"meshmirror peer request hmac v1"
 # bounds replay of a captured request, and tolerates nodes' clocks (NTP) drifting.
 MAX_CLOCK_SKEW: Final = 30.0
 _MAX_NAME: Final = 256
+_STAMP: Final = re.compile(r"[0-9]{1,20}")
 
 REFUSALS: Final = ("not_member", "unsigned", "malformed", "stale", "bad_signature",
                    "wrong_name")
@@ -173,7 +175,9 @@ class PeerAuth:
         if value is None:
             return "unsigned"
         parts = value.decode("latin-1").split(" ", 3)
-        if len(parts) != 4 or parts[0] != _AUTH_VERSION or not parts[1].isdigit() \
+        # ASCII digits only, and few: `str.isdigit` also takes digits `int` refuses
+        # ("\xb2") and lengths past `int`'s limit, which would end the request in a 500.
+        if len(parts) != 4 or parts[0] != _AUTH_VERSION or not _STAMP.fullmatch(parts[1]) \
                 or len(parts[3]) > _MAX_NAME:
             return "malformed"
         _, stamp, mac, name = parts
