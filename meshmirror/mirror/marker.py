@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from prometheus_client import CollectorRegistry, Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from meshmirror.flags import decimal
 from meshmirror.registry.errors import RegistryError
 from meshmirror.registry.paths import parse_v2_path
 
@@ -52,7 +52,6 @@ _KDF_INFO: Final = b"meshmirror peer request hmac v1"
 # bounds replay of a captured request, and tolerates nodes' clocks (NTP) drifting.
 MAX_CLOCK_SKEW: Final = 30.0
 _MAX_NAME: Final = 256
-_STAMP: Final = re.compile(r"[0-9]{1,20}")
 
 REFUSALS: Final = ("not_member", "unsigned", "malformed", "stale", "bad_signature",
                    "wrong_name")
@@ -177,7 +176,7 @@ class PeerAuth:
         parts = value.decode("latin-1").split(" ", 3)
         # ASCII digits only, and few: `str.isdigit` also takes digits `int` refuses
         # ("\xb2") and lengths past `int`'s limit, which would end the request in a 500.
-        if len(parts) != 4 or parts[0] != _AUTH_VERSION or not _STAMP.fullmatch(parts[1]) \
+        if len(parts) != 4 or parts[0] != _AUTH_VERSION or decimal(parts[1]) is None \
                 or len(parts[3]) > _MAX_NAME:
             return "malformed"
         _, stamp, mac, name = parts
