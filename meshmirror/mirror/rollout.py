@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
@@ -514,7 +515,7 @@ class TreeStream:
                 log.info("%s: tree parent %s refused: %s", self._digest, peer.name, failure)
                 self._failed.add(peer.name)
                 continue
-            size = _size_of(opened)
+            size = _size_of(opened, offset)
             if size is None or ((offset or self._span is not None) and size != self._whole):
                 opened.release()
                 self._failed.add(peer.name)
@@ -526,16 +527,20 @@ class TreeStream:
             return size
 
 
-def _size_of(opened: PeerResponse) -> int | None:
-    """The whole blob's size from a 200 or a 206 (its Content-Range)."""
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-[0-9]{1,19}/([0-9]{1,19})")
+
+
+def _size_of(opened: PeerResponse, offset: int) -> int | None:
+    """The whole blob's size from a 200 or a 206 (its Content-Range); None for a 206 that
+    does not start at ``offset``: its bytes would land in the wrong place (a stripe that
+    then fails the whole blob's digest), so the parent is left out instead."""
     response = opened.response
     if response.status == 200:
         return response.content_length
-    unit, _, rest = response.headers.get("Content-Range", "").partition(" ")
-    try:
-        return int(rest.partition("/")[2]) if unit == "bytes" else None
-    except ValueError:
+    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+    if match is None or int(match.group(1)) != offset:
         return None
+    return int(match.group(2))
 
 
 class TreeSource:
