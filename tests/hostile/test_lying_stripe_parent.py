@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -49,7 +50,14 @@ def _holds_summary(node: RunningNode) -> bool:
             and metric(metrics, "meshmirror_peer_summaries_share") >= 1)
 
 
-def test_a_stripe_parent_answering_from_the_wrong_offset_is_left_out(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lie", ["wrong_offset", "wrong_bytes"])
+def test_a_stripe_parent_that_sends_the_wrong_bytes_is_left_out(lie: str, tmp_path: Path
+                                                                 ) -> None:
+    """``wrong_offset``: a 206 from byte 0 whatever the range asked: seen in the headers,
+    the parent is left out at once and the first pull is served. ``wrong_bytes``: the
+    right headers, zeros for a body: only the blob's digest can tell; that pull is a
+    miss (containerd goes to the upstream), and the members that sent bytes of it are
+    left out of the blob's trees, so the next pull is served."""
     image = build_image(f"example.com/{REPO}:{TAG}", tmp_path / "image", (SIZE,), seed=47)
     layer = image.platforms[0].layers[0]
     digest = str(layer.digest)
@@ -72,10 +80,12 @@ def test_a_stripe_parent_answering_from_the_wrong_offset_is_left_out(tmp_path: P
         if "/blobs/" not in request.path or match is None:
             return Reply(404)
         asked.append(request.headers["range"])
-        length = int(match.group(2)) - int(match.group(1)) + 1
-        # The length asked for, but from byte 0.
-        return Reply(206, (("Content-Range", f"bytes 0-{length - 1}/{len(data)}"),
-                           ("Docker-Content-Digest", digest)), data[:length])
+        first, last = int(match.group(1)), int(match.group(2))
+        if lie == "wrong_offset":  # the length asked for, but from byte 0
+            return Reply(206, (("Content-Range", f"bytes 0-{last - first}/{len(data)}"),
+                               ("Docker-Content-Digest", digest)), data[:last - first + 1])
+        return Reply(206, (("Content-Range", f"bytes {first}-{last}/{len(data)}"),
+                           ("Docker-Content-Digest", digest)), bytes(last - first + 1))
 
     with DistributionRegistry() as upstream, ScriptedHTTPServer(sick) as http:
         push_layout(image.layout, TAG, upstream.address, REPO)
@@ -95,6 +105,10 @@ def test_a_stripe_parent_answering_from_the_wrong_offset_is_left_out(tmp_path: P
                             "--tag", f"keys={summary.count}"], tmp_path / "sick.log")
             wait_until(lambda: _holds_summary(node), 20, "the sick member's summary", 0.1)
             url = f"http://{node.address}/v2/{REPO}/blobs/{digest}?ns={upstream.address}"
+            if lie == "wrong_bytes":
+                with pytest.raises(urllib.error.HTTPError) as miss:
+                    urllib.request.urlopen(url, timeout=60)
+                assert miss.value.code == 404
             with urllib.request.urlopen(url, timeout=60) as response:
                 got = hashlib.sha256(response.read()).hexdigest()
             assert f"sha256:{got}" == digest
