@@ -108,3 +108,16 @@ def field_default(owner: type, name: str) -> Any:
                 return item.default_factory()
             raise TypeError(f"{owner.__name__}.{name} has no default")
     raise AttributeError(f"{owner.__name__} has no field {name!r}")
+
+
+_DECIMAL = re.compile(r"[0-9]{1,19}")
+
+
+def decimal(text: str | None) -> int | None:
+    """``text`` as a non-negative integer of ASCII digits (at most 19: an int64), else None.
+
+    For numbers that other nodes and clients write (tags, ETags, headers):
+    `str.isdigit` also takes digits that `int` refuses ("\\xb2") and lengths past
+    `int`'s limit, and the `ValueError` then ends a request, or a task, instead.
+    """
+    return int(text) if text is not None and _DECIMAL.fullmatch(text) else None

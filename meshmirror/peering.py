@@ -32,6 +32,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute
 
+from meshmirror.flags import decimal
 from meshmirror.mesh.events import MemberJoined, MemberLeft, MemberUpdated, NodeInfo
 from meshmirror.mesh.keyring import Keyring
 from meshmirror.mesh.metrics import register_mesh_metrics
@@ -179,7 +180,7 @@ class Peering:
                 elif isinstance(event, MemberLeft):
                     self._apply(event.node, alive=False)
             except Exception:
-                log.exception("membership event not applied: %r", event)
+                log.warning("membership event not applied: %r", event, exc_info=True)
 
     def _apply(self, member: NodeInfo, *, alive: bool) -> None:
         if member.name == self.config.node_name:
@@ -197,10 +198,10 @@ class Peering:
         if not http_base:
             return  # a plain Serf agent or another memberlist user: no registry to ask
         epoch_text = tags.get(TAG_EPOCH)
-        epoch = int(epoch_text) if epoch_text and epoch_text.isdigit() else None
+        epoch = decimal(epoch_text)
         self.members.set(member.name, (member.addr, urlsplit(http_base).hostname or ""))
         keys_text = tags.get(TAG_KEYS)
-        keys = int(keys_text) if keys_text and keys_text.isdigit() else None
+        keys = decimal(keys_text)
         try:
             self.directory.update_peer(member.name, http_base, epoch, tags.get(TAG_ZONE, ""),
                                        keys)

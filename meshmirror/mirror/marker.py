@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from prometheus_client import CollectorRegistry, Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from meshmirror.flags import decimal
 from meshmirror.registry.errors import RegistryError
 from meshmirror.registry.paths import parse_v2_path
 
@@ -173,7 +174,9 @@ class PeerAuth:
         if value is None:
             return "unsigned"
         parts = value.decode("latin-1").split(" ", 3)
-        if len(parts) != 4 or parts[0] != _AUTH_VERSION or not parts[1].isdigit() \
+        # ASCII digits only, and few: `str.isdigit` also takes digits `int` refuses
+        # ("\xb2") and lengths past `int`'s limit, which would end the request in a 500.
+        if len(parts) != 4 or parts[0] != _AUTH_VERSION or decimal(parts[1]) is None \
                 or len(parts[3]) > _MAX_NAME:
             return "malformed"
         _, stamp, mac, name = parts

@@ -48,6 +48,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
@@ -108,6 +110,8 @@ def tree_requests(app: ASGIApp) -> ASGIApp:
 
     return noted
 
+
+_MAX_SUSPECT_BLOBS = 1024
 
 UPSTREAM_RESULTS = ("opened", "completed", "manifest", "not_found", "auth_required", "failed")
 
@@ -190,6 +194,11 @@ class Rollout:
         self.no_ranges: set[str] = set()
         # A blob of at least `fanout` stripes of this many bytes is striped (tests lower it).
         self.min_stripe = MIN_STRIPE
+        # By digest, the members whose bytes went into a copy that failed its digest. A
+        # stripe cannot be verified alone, so all of them are left out of that blob's
+        # trees from then on: a member that sends wrong bytes would otherwise be asked
+        # again on every retry, and every retry would fail.
+        self._suspects: OrderedDict[str, set[str]] = OrderedDict()
 
     def close(self) -> None:
         self.client.close()
@@ -199,10 +208,20 @@ class Rollout:
         """The member that sent the request being served, if it is a tree request."""
         return _requester.get()
 
+    def suspect(self, digest: Digest, members: set[str]) -> None:
+        """``members`` sent bytes of a copy of ``digest`` that failed its digest."""
+        if not members:
+            return
+        key = str(digest)
+        self._suspects[key] = self._suspects.pop(key, set()) | members
+        while len(self._suspects) > _MAX_SUSPECT_BLOBS:
+            self._suspects.popitem(last=False)
+
     def tree(self, digest: Digest, leave_out: set[str],
              stripe: int = 0) -> tuple[FanoutTree, dict[str, Peer]]:
+        suspects = self._suspects.get(str(digest), set())
         peers = {p.name: p for p in self._router.peers()
-                 if p.name not in leave_out and p.name != self.name}
+                 if p.name not in leave_out and p.name not in suspects and p.name != self.name}
         return FanoutTree(str(digest), [self.name, *peers], self.fanout, stripe), peers
 
     def source(self, registry: str, repository: str, digest: Digest) -> TreeSource:
@@ -381,6 +400,7 @@ class TreeStream:
         self._peer: PeerResponse | None = None
         self._upstream: UpstreamBody | None = None
         self._origin: str | None = None  # the member, or "upstream", now sending
+        self.senders: set[str] = set()  # the members that sent bytes of this stream
         self.deadline = float("inf")
         # Whether the source answered with a range: always for a peer; for the upstream,
         # its status to the first request (asked with a Range, see `TreeSource`).
@@ -394,6 +414,11 @@ class TreeStream:
     @property
     def end(self) -> int:
         return self._span[1] if self._span is not None else self._size
+
+    @property
+    def position(self) -> int:
+        """The next byte this stream would send."""
+        return self._position
 
     def limit(self, end: int) -> None:
         """Stream only up to ``end`` from here on (the first stripe of an open stream)."""
@@ -514,28 +539,33 @@ class TreeStream:
                 log.info("%s: tree parent %s refused: %s", self._digest, peer.name, failure)
                 self._failed.add(peer.name)
                 continue
-            size = _size_of(opened)
+            size = _size_of(opened, offset)
             if size is None or ((offset or self._span is not None) and size != self._whole):
                 opened.release()
                 self._failed.add(peer.name)
                 continue
             self._peer, self._position, self._whole = opened, offset, size
+            self.senders.add(peer.name)
             if self._span is None:
                 self._size = size
             self._origin = peer.name
             return size
 
 
-def _size_of(opened: PeerResponse) -> int | None:
-    """The whole blob's size from a 200 or a 206 (its Content-Range)."""
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-[0-9]{1,19}/([0-9]{1,19})")
+
+
+def _size_of(opened: PeerResponse, offset: int) -> int | None:
+    """The whole blob's size from a 200 or a 206 (its Content-Range); None for a 206 that
+    does not start at ``offset``: its bytes would land in the wrong place (a stripe that
+    then fails the whole blob's digest), so the parent is left out instead."""
     response = opened.response
     if response.status == 200:
         return response.content_length
-    unit, _, rest = response.headers.get("Content-Range", "").partition(" ")
-    try:
-        return int(rest.partition("/")[2]) if unit == "bytes" else None
-    except ValueError:
+    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+    if match is None or int(match.group(1)) != offset:
         return None
+    return int(match.group(2))
 
 
 class TreeSource:
@@ -594,8 +624,11 @@ class TreeSource:
             self._bounds = []
             self._first.limit(self._size)
         if not self.striped or not isinstance(sink, RangeSink):
-            return await StreamSource(self._first, self._digest, resumes=16,
-                                      size=self._size).fill(sink)
+            verified = await StreamSource(self._first, self._digest, resumes=16,
+                                          size=self._size).fill(sink)
+            if not verified and self._first.position >= self._size:  # a mismatch
+                self._rollout.suspect(self._digest, self._first.senders)
+            return verified
         sink.reset()
         sink.split(self._bounds)
         self._rollout.metrics.striped.inc()
@@ -669,7 +702,10 @@ class TreeSource:
                 raise PeerFailure(FailureReason.BROKEN, f"cache file short at byte {position}")
             hasher.update(data)
             position += len(data)
-        return hasher.hexdigest() == self._digest.hex
+        if hasher.hexdigest() != self._digest.hex:
+            self._rollout.suspect(self._digest, {n for s in self._streams for n in s.senders})
+            return False
+        return True
 
     def close(self) -> None:
         for stream in self._streams:

@@ -73,6 +73,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from meshmirror.flags import decimal
 from meshmirror.routing.bloom import MASK, RANGE, BloomFilter, U64Array, check_geometry
 from meshmirror.routing.vouches import MAX_VOUCHES, NO_VOUCHES, Vouches, VouchFormatError
 
@@ -355,9 +356,9 @@ class SummarySource(Protocol):
 def _held_epoch(if_none_match: str) -> int | None:
     """The one epoch a peer says it holds, from ``If-None-Match: "E"``."""
     tag = if_none_match.strip().removeprefix("W/")
-    if len(tag) < 3 or tag[0] != '"' or tag[-1] != '"' or not tag[1:-1].isdigit():
+    if len(tag) < 3 or tag[0] != '"' or tag[-1] != '"':
         return None
-    return int(tag[1:-1])
+    return decimal(tag[1:-1])
 
 
 def etag_for(epoch: int) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshmirror import __version__
+from meshmirror.flags import decimal
 from meshmirror.mesh.tags import decode_tags
 from meshmirror.mesh.wire import WireError
 from meshmirror.peering import TAG_EPOCH, TAG_HTTP, Peering
@@ -33,7 +34,7 @@ def printable(text: str) -> str:
 
 
 def _int_or_none(text: str | None) -> int | None:
-    return int(text) if text is not None and text.isdigit() else None
+    return decimal(text)
 
 
 def _members(peering: Peering) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from meshmirror.flags import decimal
 from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.reference import is_digest_reference, validate_repository, validate_tag
@@ -152,7 +153,7 @@ def _tag_digest(reply: _Reply, reference: str) -> TagDigest | Unreachable:
     media_type = (content_type.split(";", 1)[0].strip()
                   if content_type and len(content_type) <= _MAX_MEDIA_TYPE else None)
     length = reply.headers.get("Content-Length", "")
-    size = int(length) if length.isdigit() and len(length) < 20 else None
+    size = decimal(length)
     return TagDigest(digest, media_type or None, size)
 
 
