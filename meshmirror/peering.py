@@ -202,6 +202,13 @@ class Peering:
         self.members.set(member.name, (member.addr, urlsplit(http_base).hostname or ""))
         keys_text = tags.get(TAG_KEYS)
         keys = decimal(keys_text)
+        if keys_text is not None and keys is None:
+            # Not "not said" (an older peer): a count no honest publisher writes, so
+            # its summary's size cannot be budgeted. Never hold it.
+            log.info("peer %s advertises an unreadable key count; not routing to it",
+                     member.name)
+            self.directory.remove_peer(member.name)
+            return
         try:
             self.directory.update_peer(member.name, http_base, epoch, tags.get(TAG_ZONE, ""),
                                        keys)
