@@ -138,4 +138,6 @@ def _run_scenario(nodes: list[E2ENode], image: BuiltImage, upstream: Distributio
     })
     # How soon after node 1 the others had it is a figure (recorded above), not an
     # assertion: the wait is bounded, and a loaded machine must not fail a pull test.
-    assert served <= 1.05 * total, (served, total)
+    # One upstream copy, plus at most one extra fetch of a blob when nodes briefly
+    # disagree on its owner (docs/rollout.md); a loaded CI run once read 1.12x.
+    assert served <= 1.05 * total + max(LAYERS), (served, total)
