@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.e2e.cluster import GOSSIP_KEY, metric, parse_metrics
+from tests.e2e.cluster import GOSSIP_KEY
+from tests.support.metrics import metric, parse_metrics
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 from tests.support.scripted_http import Blackhole, refused_url

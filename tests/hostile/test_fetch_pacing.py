@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.e2e.cluster import metric, parse_metrics
 from tests.support.http import http_status
+from tests.support.metrics import metric, parse_metrics
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 

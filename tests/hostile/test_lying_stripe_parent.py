@@ -26,9 +26,9 @@ import pytest
 from meshmirror.oci.imagebuilder import build_image
 from meshmirror.routing.owner import FanoutTree, stripe_count, stripe_range
 from meshmirror.routing.summary import MEDIA_TYPE
-from tests.e2e.cluster import metric, parse_metrics
 from tests.reliability.rogue import claiming_summary
 from tests.support.distribution import DistributionRegistry
+from tests.support.metrics import metric, parse_metrics
 from tests.support.node import RunningNode, start_node
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from meshmirror.mirror.marker import AUTH_HEADER, PEER_HEADER, TREE_HEADER
-from tests.e2e.cluster import metric, parse_metrics
+from tests.support.metrics import metric, parse_metrics
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 

@@ -33,10 +33,10 @@ from meshmirror.mirror.marker import (
     PeerAuth,
 )
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import Metrics, metric, parse_metrics
 from tests.hostile.clients import unread_get
 from tests.hostile.test_unread_clients import sha256_of_get
 from tests.support.distribution import DistributionRegistry
+from tests.support.metrics import Metrics, metric, parse_metrics
 from tests.support.node import RunningNode, start_node
 from tests.support.ports import loopback_host
 from tests.support.processes import stop, wait_until

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.cluster import metric, parse_metrics
+from tests.support.metrics import metric, parse_metrics
 from tests.support.node import RunningNode, start_node
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until

@@ -17,9 +17,9 @@ import pytest
 
 from meshmirror.mirror.marker import PEER_HEADER, TREE_HEADER
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import metric, parse_metrics
 from tests.support.distribution import DistributionRegistry
 from tests.support.http import http_status
+from tests.support.metrics import metric, parse_metrics
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop
 from tests.support.scripted_http import Reply, Request, ScriptedHTTPServer

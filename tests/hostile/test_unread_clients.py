@@ -22,7 +22,8 @@ import pytest
 from meshmirror.mirror.options import MirrorConfig
 from meshmirror.oci.imagebuilder import build_image
 from tests.hostile.clients import closed_by_server, timed_get, unread_get
-from tests.reliability.test_burst import metric, proc_status
+from tests.reliability.test_burst import proc_status
+from tests.support.metrics import read_metric
 from tests.support.node import start_node
 from tests.support.processes import stop, wait_until
 
@@ -92,7 +93,7 @@ def test_clients_that_never_read_are_dropped_and_release_what_they_held(
             while not sampling.is_set():
                 with contextlib.suppress(OSError):
                     spool_peak[0] = max(spool_peak[0],
-                                        metric(node, "meshmirror_mirror_spool_bytes"))
+                                        read_metric(node.metrics, "meshmirror_mirror_spool_bytes"))
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -112,17 +113,17 @@ def test_clients_that_never_read_are_dropped_and_release_what_they_held(
                    "the node to drop every client that does not read")
         # Nothing stays pinned; the cache keeps each verified blob once, for the next
         # reader, however many clients asked for it.
-        wait_until(lambda: metric(node, "meshmirror_mirror_spool_bytes") == 0, 60,
+        wait_until(lambda: read_metric(node.metrics, "meshmirror_mirror_spool_bytes") == 0, 60,
                    "the spool to be released")
-        assert metric(node, "meshmirror_mirror_cache_bytes") <= sum(
+        assert read_metric(node.metrics, "meshmirror_mirror_cache_bytes") <= sum(
             layer.size for layer in (small, large, honest))
         sampling.set()
         sampler.join(10)
         peak = proc_status(node.proc.pid)["VmHWM"]
         print(f"\nunread clients: RSS idle {idle / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB "
               f"(+{(peak - idle) / MiB:.0f}); spool peak {spool_peak[0] / MiB:.0f} MiB")
-        timeouts = metric(node, 'meshmirror_http_connection_events_total'
-                              '{event="send_timeout",server="registry"}')
+        timeouts = read_metric(node.metrics, "meshmirror_http_connection_events_total",
+                               event="send_timeout", server="registry")
         assert timeouts >= 1, "the drops are counted"
         if bait == "spooled":
             assert spool_peak[0] > 0, "the large blobs went through the spool"

@@ -36,10 +36,10 @@ import pytest
 from meshmirror.mirror.marker import PEER_HEADER
 from meshmirror.oci.digest import Digest
 from meshmirror.registry.fallback import MissReason
-from tests.e2e.cluster import metric, parse_metrics
 from tests.reliability.rogue import Rogue, claiming_summary
 from tests.support.browser import launch_chromium
 from tests.support.distribution import DistributionRegistry, HtpasswdAuth
+from tests.support.metrics import metric, parse_metrics
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 

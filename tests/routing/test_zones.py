@@ -11,10 +11,10 @@ import pytest
 
 from meshmirror.oci.imagebuilder import build_image
 from meshmirror.routing.router import BloomRouter, Peer
-from tests.e2e.cluster import metric, parse_metrics
 from tests.reliability.test_rogue_members import get
 from tests.routing.fakes import digest_key
 from tests.routing.servers import make_summary
+from tests.support.metrics import metric, parse_metrics
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 

@@ -28,9 +28,9 @@ import pytest
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from meshmirror.upstream import BreakerState, Private, Public, UpstreamClient, UpstreamEndpoints
 from meshmirror.upstream.guard import AddressGuard, ForbiddenAddress
-from tests.e2e.cluster import Metrics, metric, parse_metrics
 from tests.support.distribution import DistributionRegistry
 from tests.support.http import http_status
+from tests.support.metrics import Metrics, metric, parse_metrics
 from tests.support.netns import NetNamespace
 from tests.support.node import RunningNode, start_node
 from tests.support.ports import loopback_host

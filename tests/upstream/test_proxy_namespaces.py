@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.e2e.cluster import Metrics, metric, parse_metrics
 from tests.support.distribution import DistributionRegistry
+from tests.support.metrics import Metrics, metric, parse_metrics
 from tests.support.netns import NetNamespace, link
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
