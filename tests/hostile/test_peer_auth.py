@@ -33,8 +33,7 @@ from meshmirror.mirror.marker import (
     PeerAuth,
 )
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.hostile.clients import unread_get
-from tests.hostile.test_unread_clients import sha256_of_get
+from tests.hostile.clients import sha256_of_get, unread_get
 from tests.support.distribution import DistributionRegistry
 from tests.support.metrics import Metrics, metric, parse_metrics
 from tests.support.node import RunningNode, start_node

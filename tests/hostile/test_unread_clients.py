@@ -9,8 +9,6 @@ empty, joined to it, with a short ``--client-send-timeout``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import http.client
 import socket
 import threading
 import time
@@ -21,11 +19,10 @@ import pytest
 
 from meshmirror.mirror.options import MirrorConfig
 from meshmirror.oci.imagebuilder import build_image
-from tests.hostile.clients import closed_by_server, timed_get, unread_get
-from tests.reliability.test_burst import proc_status
+from tests.hostile.clients import closed_by_server, sha256_of_get, timed_get, unread_get
 from tests.support.metrics import read_metric
 from tests.support.node import start_node
-from tests.support.processes import stop, wait_until
+from tests.support.processes import proc_status, stop, wait_until
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -37,18 +34,6 @@ HOSTILE = 200
 # on a loaded machine, stops reading for that long.
 SEND_TIMEOUT_S = 10
 RSS_GROWTH = 96 * MiB
-
-
-def sha256_of_get(url: str, timeout: float) -> str:
-    """The body's digest, or what went wrong (for the assertion's message)."""
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(MiB):
-                digest.update(chunk)
-    except (OSError, http.client.HTTPException) as err:
-        return repr(err)
-    return f"sha256:{digest.hexdigest()}"
 
 
 @pytest.mark.parametrize("bait", ["spooled", "in-memory"])

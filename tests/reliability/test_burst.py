@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import time
 import urllib.request
 from pathlib import Path
@@ -22,8 +21,8 @@ import aiohttp
 import pytest
 
 from tests.support.metrics import read_metric
-from tests.support.node import RunningNode, holder_and_puller
-from tests.support.processes import wait_until
+from tests.support.node import RunningNode, blob_requests, holder_and_puller
+from tests.support.processes import proc_status, wait_until
 
 pytestmark = [pytest.mark.real]
 
@@ -32,23 +31,6 @@ LAYER = 64 * MiB
 CLIENTS = 200
 SPOOL_LIMIT = 1024 * MiB
 BURST_TIMEOUT_S = 150
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM and friends from /proc/<pid>/status, in bytes."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        match = re.fullmatch(r"(Vm\w+):\s+(\d+) kB", line)
-        if match:
-            fields[match.group(1)] = int(match.group(2)) * 1024
-    return fields
-
-
-def blob_requests(node: RunningNode, digest: str, method: str = "GET") -> list[dict[str, object]]:
-    """``node``'s access-log lines for requests of blob ``digest``."""
-    return [line for line in node.log_lines()
-            if line.get("msg") == "request" and line.get("method") == method
-            and str(line.get("path", "")).endswith(f"/blobs/{digest}")]
 
 
 async def pull_all(url: str, clients: int, spool_peak: list[float],

@@ -19,9 +19,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.reliability.test_burst import blob_requests
 from tests.support.metrics import read_metric
-from tests.support.node import RunningNode, holder_and_puller
+from tests.support.node import RunningNode, blob_requests, holder_and_puller
 from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.real]
