@@ -14,7 +14,7 @@ from meshmirror.routing.router import BloomRouter, Peer
 from tests.routing.fakes import digest_key
 from tests.routing.servers import make_summary
 from tests.support.http import timed_sha256
-from tests.support.metrics import metric, parse_metrics
+from tests.support.metrics import metric, scrape
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 
@@ -65,8 +65,7 @@ def test_a_router_that_knows_no_zone_prefers_none() -> None:
 # -- four real nodes in two zones ------------------------------------------------------
 
 def zone_bytes(node: RunningNode) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as r:
-        metrics = parse_metrics(r.read().decode())
+    metrics = scrape(node.metrics)
     return {zone: metric(metrics, "meshmirror_mirror_peer_zone_bytes_total", zone=zone)
             for zone in ("same", "cross", "unknown")}
 
