@@ -52,9 +52,10 @@ from benchmarks.results import (
     write_section,
 )
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import E2ENode, metric, wait_mesh
+from tests.e2e.cluster import E2ENode, wait_mesh
 from tests.reliability.rogue import Rogue, claiming_summary
 from tests.support.distribution import DistributionRegistry
+from tests.support.metrics import metric
 from tests.support.processes import wait_until
 from tests.support.proxy import CountingProxy
 from tests.support.skopeo import push_layout

@@ -49,6 +49,24 @@ def test_no_module_imports_another_modules_private_names() -> None:
     assert not found, "private names imported across modules:\n" + "\n".join(found)
 
 
+def test_no_module_imports_from_a_test_module() -> None:
+    """A helper two test files share lives in a helper module (tests/support/ or the
+    folder's own), so running or moving one test file never drags another's tests in."""
+    found = []
+    for relative, tree in sources():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module is not None and not node.level:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            found += [f"{relative}:{node.lineno}: {module}" for module in modules
+                      if module.split(".")[0] in TREES
+                      and module.rsplit(".", 1)[-1].startswith("test_")]
+    assert not found, "imports from test modules:\n" + "\n".join(found)
+
+
 def test_modules_log_through_log_named_after_the_module() -> None:
     found = []
     for relative, tree in sources():

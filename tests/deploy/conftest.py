@@ -17,9 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from meshmirror import __version__
+
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / "build" / "image-cache"
 BUILD_TIMEOUT = 1500.0
+# The reference the built image is tagged and loaded as.
+IMAGE = f"ghcr.io/meshmirror/meshmirror:{__version__}"
 
 
 def input_files() -> list[Path]:

@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 
 from meshmirror import __version__
-from tests.deploy.conftest import BUILD_TIMEOUT
+from tests.deploy.conftest import BUILD_TIMEOUT, IMAGE
 from tests.support.containerd import Containerd
 
-IMAGE = f"ghcr.io/meshmirror/meshmirror:{__version__}"
 PLATFORMS = ("amd64", "arm64")
 ELF_MACHINE = {"amd64": 0x3E, "arm64": 0xB7}  # e_machine: EM_X86_64, EM_AARCH64
 

@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.deploy.test_image import IMAGE
+from tests.deploy.conftest import IMAGE
 from tests.helm import chart
 from tests.support.containerd import SYSTEM_VERSION, Containerd, versions_or_skip
 from tests.support.distribution import DistributionRegistry

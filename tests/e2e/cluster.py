@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from meshmirror.oci.imagebuilder import BuiltImage
 from tests.support.containerd import NAMESPACE, SYSTEM_VERSION, Containerd
+from tests.support.metrics import Metrics, metric, scrape
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
 
@@ -41,24 +40,6 @@ MIRROR_RESOLVE_TIMEOUT = 0.5
 # Every node gets this gossip key unless told otherwise, as the chart does: an
 # encrypted mesh is also what lets peers resolve tags during an upstream outage.
 GOSSIP_KEY = "bWVzaG1pcnJvci1lMmUxNg=="  # base64 of 16 bytes
-
-Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def parse_metrics(text: str) -> Metrics:
-    """Prometheus text as {(sample name, sorted labels): value}."""
-    out: Metrics = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
-    return out
-
-
-def metric(metrics: Metrics, name: str, **labels: str) -> float:
-    """Sum of the samples named ``name`` whose labels include ``labels`` (0 when absent)."""
-    wanted = set(labels.items())
-    return sum(v for (n, lab), v in metrics.items() if n == name and wanted <= set(lab))
-
 
 @dataclass(frozen=True, slots=True)
 class PullResult:
@@ -341,8 +322,7 @@ class E2ENode:
     # -- metrics -----------------------------------------------------------------
 
     def metrics(self) -> Metrics:
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
-            return parse_metrics(r.read().decode())
+        return scrape(f"{self.host}:{self.metrics_port}")
 
     def alive_members(self) -> float:
         return metric(self.metrics(), "meshmirror_mesh_members", state="alive")

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import E2ENode, image_bytes, metric, wait_mesh
+from tests.e2e.cluster import E2ENode, image_bytes, wait_mesh
 from tests.support.distribution import DistributionRegistry
+from tests.support.metrics import metric
 from tests.support.proxy import CountingProxy
 from tests.support.skopeo import push_layout
 

@@ -22,9 +22,10 @@ import grpc
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.e2e.cluster import E2ENode, metric, wait_mesh, wait_summary_known
+from tests.e2e.cluster import E2ENode, wait_mesh, wait_summary_known
 from tests.support.containerd import versions_or_skip
 from tests.support.distribution import DistributionRegistry
+from tests.support.metrics import metric
 from tests.support.proxy import CountingProxy
 from tests.support.skopeo import push_layout
 

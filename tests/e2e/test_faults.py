@@ -31,8 +31,9 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import E2ENode, Metrics, PullResult, metric, wait_mesh
+from tests.e2e.cluster import E2ENode, PullResult, wait_mesh
 from tests.e2e.conftest import BIG_LAYER, MiB, Upstream
+from tests.support.metrics import Metrics, metric
 from tests.support.processes import wait_until
 from tests.support.proxy import CountingProxy
 from tests.support.skopeo import push_layout

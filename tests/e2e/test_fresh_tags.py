@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import GOSSIP_KEY, E2ENode, metric, wait_mesh, wait_summary_known
+from tests.e2e.cluster import GOSSIP_KEY, E2ENode, wait_mesh, wait_summary_known
 from tests.support.distribution import DistributionRegistry
+from tests.support.metrics import metric
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop
 from tests.support.proxy import CountingProxy

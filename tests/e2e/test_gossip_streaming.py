@@ -18,7 +18,8 @@ from collections.abc import Iterator
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage
-from tests.e2e.cluster import E2ENode, Metrics, metric, wait_mesh
+from tests.e2e.cluster import E2ENode, wait_mesh
+from tests.support.metrics import Metrics, metric
 from tests.support.processes import spawn, stop, wait_until
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]

@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.e2e.cluster import GOSSIP_KEY, metric, parse_metrics
+from tests.e2e.cluster import GOSSIP_KEY
+from tests.support.metrics import metric, scrape
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 from tests.support.scripted_http import Blackhole, refused_url
@@ -77,8 +78,7 @@ def _lookup(node: RunningNode, registry: str) -> tuple[float, str | None]:
 
 
 def _metrics(node: RunningNode) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as r:
-        return parse_metrics(r.read().decode())
+    return scrape(node.metrics)
 
 
 @pytest.mark.parametrize("kind", ["blackhole", "refused"])

@@ -32,8 +32,9 @@ import pytest
 
 from meshmirror.mirror.visibility import VISIBILITY_FILE
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import GOSSIP_KEY, E2ENode, Metrics, metric, wait_summary_known
+from tests.e2e.cluster import GOSSIP_KEY, E2ENode, wait_summary_known
 from tests.support.distribution import DistributionRegistry, TokenAuth
+from tests.support.metrics import Metrics, metric
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 from tests.support.skopeo import push_layout

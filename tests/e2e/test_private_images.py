@@ -26,8 +26,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import E2ENode, Metrics, metric, wait_mesh, wait_summary_known
+from tests.e2e.cluster import E2ENode, wait_mesh, wait_summary_known
 from tests.support.distribution import DistributionRegistry, HtpasswdAuth, TokenAuth
+from tests.support.metrics import Metrics, metric
 from tests.support.skopeo import push_layout
 from tests.support.token_server import ISSUER, SERVICE, TokenServer
 

@@ -24,8 +24,9 @@ import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from meshmirror.routing.owner import owner_of
-from tests.e2e.cluster import E2ENode, image_bytes, metric, wait_mesh
+from tests.e2e.cluster import E2ENode, image_bytes, wait_mesh
 from tests.support.distribution import DistributionRegistry, TokenAuth
+from tests.support.metrics import metric
 from tests.support.processes import wait_until
 from tests.support.proxy import CountingProxy
 from tests.support.skopeo import push_layout

@@ -25,9 +25,10 @@ import grpc
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.e2e.cluster import E2ENode, metric
+from tests.e2e.cluster import E2ENode
 from tests.support.containerd import versions_or_skip
 from tests.support.distribution import DistributionRegistry
+from tests.support.metrics import metric
 from tests.support.proxy import CountingProxy
 from tests.support.skopeo import push_layout
 

@@ -4,6 +4,8 @@ that would read or retry on their behalf."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import http.client
 import os
 import socket
 import time
@@ -64,3 +66,15 @@ def open_fds(pid: int) -> int:
     with contextlib.suppress(FileNotFoundError):
         return len(os.listdir(f"/proc/{pid}/fd"))
     return 0
+
+
+def sha256_of_get(url: str, timeout: float) -> str:
+    """The body's digest, or what went wrong (for the assertion's message)."""
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+    except (OSError, http.client.HTTPException) as err:
+        return repr(err)
+    return f"sha256:{digest.hexdigest()}"

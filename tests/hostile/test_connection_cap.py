@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.hostile.clients import closed_by_server, open_fds, timed_get
-from tests.reliability.test_burst import metric
+from tests.support.metrics import read_metric
 from tests.support.node import start_node
 from tests.support.processes import stop, wait_until
 
@@ -79,8 +79,8 @@ def test_connections_beyond_the_cap_wait_and_idle_ones_go(tmp_path: Path) -> Non
               f"{peak} (baseline {baseline}); /status {len(statuses)} probes, worst "
               f"{max(t for _, t in statuses):.2f} s")
         assert [status for status, _ in honest] == [200] * 3
-        assert metric(node, 'meshmirror_http_connection_events_total'
-                            '{event="at_cap",server="registry"}') >= 1
+        assert read_metric(node.metrics, "meshmirror_http_connection_events_total",
+                           event="at_cap", server="registry") >= 1
         # The cap, the honest client's connection, a metrics probe, a little slack.
         assert peak - baseline <= CAP + 4, peak - baseline
         assert statuses and all(status == 200 for status, _ in statuses)

@@ -14,14 +14,13 @@ Real processes: a holder node with the blobs, and the node under test joined to 
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.e2e.cluster import metric, parse_metrics
 from tests.support.http import http_status
+from tests.support.metrics import metric, scrape
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 
@@ -54,8 +53,7 @@ def test_each_partial_fetch_a_client_starts_takes_its_pace_and_a_whole_get_none(
                            "--upstream-client-rate", "0.001"))
 
         def summary_held() -> bool:
-            with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as r:
-                metrics = parse_metrics(r.read().decode())
+            metrics = scrape(node.metrics)
             return metric(metrics, "meshmirror_peer_summaries_share") >= 1.0
 
         wait_until(summary_held, 30, "the node to hold the holder's summary")

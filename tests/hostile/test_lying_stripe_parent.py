@@ -26,9 +26,9 @@ import pytest
 from meshmirror.oci.imagebuilder import build_image
 from meshmirror.routing.owner import FanoutTree, stripe_count, stripe_range
 from meshmirror.routing.summary import MEDIA_TYPE
-from tests.e2e.cluster import metric, parse_metrics
 from tests.reliability.rogue import claiming_summary
 from tests.support.distribution import DistributionRegistry
+from tests.support.metrics import metric, scrape
 from tests.support.node import RunningNode, start_node
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
@@ -44,8 +44,7 @@ SIZE = 34 * MiB  # two stripes at F = 2
 
 
 def _holds_summary(node: RunningNode) -> bool:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as response:
-        metrics = parse_metrics(response.read().decode())
+    metrics = scrape(node.metrics)
     return (metric(metrics, "meshmirror_peer_directory_peers") == 1
             and metric(metrics, "meshmirror_peer_summaries_share") >= 1)
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import base64
 import http.client
 import os
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from meshmirror.mirror.marker import AUTH_HEADER, PEER_HEADER, TREE_HEADER
-from tests.e2e.cluster import metric, parse_metrics
+from tests.support.metrics import metric, read_metric, scrape
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 
@@ -26,8 +25,7 @@ DIGEST = "sha256:" + "cd" * 32
 
 
 def _alive(node: RunningNode) -> float:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as response:
-        metrics = parse_metrics(response.read().decode())
+    metrics = scrape(node.metrics)
     return metric(metrics, "meshmirror_mesh_members", state="alive")
 
 
@@ -71,9 +69,8 @@ def test_malformed_auth_values_from_a_member_address_are_refused_not_errors(
         ]
         for value in values:
             assert _status_from(member, nodes[1], value) == 404, value
-        with urllib.request.urlopen(f"http://{nodes[1].metrics}/metrics", timeout=5) as r:
-            refused = metric(parse_metrics(r.read().decode()),
-                             "meshmirror_peer_markers_refused_total", reason="malformed")
+        refused = read_metric(nodes[1].metrics, "meshmirror_peer_markers_refused_total",
+                              reason="malformed")
         assert refused == len(values)
         log = (tmp_path / "node-1.log").read_text()
         assert "Traceback" not in log

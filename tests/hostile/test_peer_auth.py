@@ -19,7 +19,6 @@ import contextlib
 import os
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,10 +32,9 @@ from meshmirror.mirror.marker import (
     PeerAuth,
 )
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import Metrics, metric, parse_metrics
-from tests.hostile.clients import unread_get
-from tests.hostile.test_unread_clients import sha256_of_get
+from tests.hostile.clients import sha256_of_get, unread_get
 from tests.support.distribution import DistributionRegistry
+from tests.support.metrics import Metrics, metric, scrape
 from tests.support.node import RunningNode, start_node
 from tests.support.ports import loopback_host
 from tests.support.processes import stop, wait_until
@@ -58,8 +56,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
 
 
 def _metrics(node: RunningNode) -> Metrics:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as response:
-        return parse_metrics(response.read().decode())
+    return scrape(node.metrics)
 
 
 def _sum(nodes: list[RunningNode], name: str, **labels: str) -> float:

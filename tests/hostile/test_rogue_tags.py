@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.cluster import metric, parse_metrics
+from tests.support.metrics import read_metric
 from tests.support.node import RunningNode, start_node
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
@@ -27,8 +27,7 @@ pytestmark = [pytest.mark.real]
 
 
 def _gauge(node: RunningNode, name: str) -> float:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as response:
-        return metric(parse_metrics(response.read().decode()), name)
+    return read_metric(node.metrics, name)
 
 
 def _status(node: RunningNode) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +16,9 @@ import pytest
 
 from meshmirror.mirror.marker import PEER_HEADER, TREE_HEADER
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import metric, parse_metrics
 from tests.support.distribution import DistributionRegistry
 from tests.support.http import http_status
+from tests.support.metrics import metric, scrape
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop
 from tests.support.scripted_http import Reply, Request, ScriptedHTTPServer
@@ -51,8 +50,7 @@ def _node(tmp: Path, name: str, *flags: str) -> RunningNode:
 
 
 def _answers(node: RunningNode, registry: str, result: str) -> float:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as response:
-        metrics = parse_metrics(response.read().decode())
+    metrics = scrape(node.metrics)
     return metric(metrics, "meshmirror_upstream_answers_total", registry=registry, result=result)
 
 

@@ -9,8 +9,6 @@ empty, joined to it, with a short ``--client-send-timeout``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import http.client
 import socket
 import threading
 import time
@@ -21,10 +19,10 @@ import pytest
 
 from meshmirror.mirror.options import MirrorConfig
 from meshmirror.oci.imagebuilder import build_image
-from tests.hostile.clients import closed_by_server, timed_get, unread_get
-from tests.reliability.test_burst import metric, proc_status
+from tests.hostile.clients import closed_by_server, sha256_of_get, timed_get, unread_get
+from tests.support.metrics import read_metric
 from tests.support.node import start_node
-from tests.support.processes import stop, wait_until
+from tests.support.processes import proc_status, stop, wait_until
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -36,18 +34,6 @@ HOSTILE = 200
 # on a loaded machine, stops reading for that long.
 SEND_TIMEOUT_S = 10
 RSS_GROWTH = 96 * MiB
-
-
-def sha256_of_get(url: str, timeout: float) -> str:
-    """The body's digest, or what went wrong (for the assertion's message)."""
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(MiB):
-                digest.update(chunk)
-    except (OSError, http.client.HTTPException) as err:
-        return repr(err)
-    return f"sha256:{digest.hexdigest()}"
 
 
 @pytest.mark.parametrize("bait", ["spooled", "in-memory"])
@@ -92,7 +78,7 @@ def test_clients_that_never_read_are_dropped_and_release_what_they_held(
             while not sampling.is_set():
                 with contextlib.suppress(OSError):
                     spool_peak[0] = max(spool_peak[0],
-                                        metric(node, "meshmirror_mirror_spool_bytes"))
+                                        read_metric(node.metrics, "meshmirror_mirror_spool_bytes"))
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -112,17 +98,17 @@ def test_clients_that_never_read_are_dropped_and_release_what_they_held(
                    "the node to drop every client that does not read")
         # Nothing stays pinned; the cache keeps each verified blob once, for the next
         # reader, however many clients asked for it.
-        wait_until(lambda: metric(node, "meshmirror_mirror_spool_bytes") == 0, 60,
+        wait_until(lambda: read_metric(node.metrics, "meshmirror_mirror_spool_bytes") == 0, 60,
                    "the spool to be released")
-        assert metric(node, "meshmirror_mirror_cache_bytes") <= sum(
+        assert read_metric(node.metrics, "meshmirror_mirror_cache_bytes") <= sum(
             layer.size for layer in (small, large, honest))
         sampling.set()
         sampler.join(10)
         peak = proc_status(node.proc.pid)["VmHWM"]
         print(f"\nunread clients: RSS idle {idle / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB "
               f"(+{(peak - idle) / MiB:.0f}); spool peak {spool_peak[0] / MiB:.0f} MiB")
-        timeouts = metric(node, 'meshmirror_http_connection_events_total'
-                              '{event="send_timeout",server="registry"}')
+        timeouts = read_metric(node.metrics, "meshmirror_http_connection_events_total",
+                               event="send_timeout", server="registry")
         assert timeouts >= 1, "the drops are counted"
         if bait == "spooled":
             assert spool_peak[0] > 0, "the large blobs went through the spool"

@@ -25,7 +25,7 @@ from meshmirror.routing.vouches import VouchBook, Vouches, vouch_key
 from meshmirror.store.memory import MemoryStore
 from meshmirror.upstream import FailureKind, Unknown
 from tests.mirror.peers import FakePeer
-from tests.mirror.test_upstream_policy import (
+from tests.mirror.upstreams import (
     BLOB,
     BLOB_D,
     DOWN,

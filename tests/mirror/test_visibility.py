@@ -18,7 +18,7 @@ from meshmirror.mirror.visibility import (
     VisibilityCache,
 )
 from meshmirror.upstream import FailureKind, Unknown
-from tests.mirror.test_upstream_policy import ScriptedUpstream
+from tests.mirror.upstreams import ScriptedUpstream
 
 
 class Clocks:

@@ -36,10 +36,10 @@ import pytest
 from meshmirror.mirror.marker import PEER_HEADER
 from meshmirror.oci.digest import Digest
 from meshmirror.registry.fallback import MissReason
-from tests.e2e.cluster import metric, parse_metrics
 from tests.reliability.rogue import Rogue, claiming_summary
 from tests.support.browser import launch_chromium
 from tests.support.distribution import DistributionRegistry, HtpasswdAuth
+from tests.support.metrics import metric, scrape
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 
@@ -240,8 +240,7 @@ def test_each_miss_logs_its_reason_counts_it_and_shows_it(setup: Setup) -> None:
 
     for name in ("upstream", "tags_off"):
         node = getattr(setup, name)
-        with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as r:
-            metrics = parse_metrics(r.read().decode())
+        metrics = scrape(node.metrics)
         expected = {case.reason for case in cases if case.node == name}
         for reason in MissReason:
             assert metric(metrics, "meshmirror_mirror_misses_total",

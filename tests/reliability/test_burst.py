@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import time
 import urllib.request
 from pathlib import Path
@@ -21,8 +20,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support.node import RunningNode, holder_and_puller
-from tests.support.processes import wait_until
+from tests.support.metrics import read_metric
+from tests.support.node import RunningNode, blob_requests, holder_and_puller
+from tests.support.processes import proc_status, wait_until
 
 pytestmark = [pytest.mark.real]
 
@@ -31,30 +31,6 @@ LAYER = 64 * MiB
 CLIENTS = 200
 SPOOL_LIMIT = 1024 * MiB
 BURST_TIMEOUT_S = 150
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM and friends from /proc/<pid>/status, in bytes."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        match = re.fullmatch(r"(Vm\w+):\s+(\d+) kB", line)
-        if match:
-            fields[match.group(1)] = int(match.group(2)) * 1024
-    return fields
-
-
-def blob_requests(node: RunningNode, digest: str, method: str = "GET") -> list[dict[str, object]]:
-    """``node``'s access-log lines for requests of blob ``digest``."""
-    return [line for line in node.log_lines()
-            if line.get("msg") == "request" and line.get("method") == method
-            and str(line.get("path", "")).endswith(f"/blobs/{digest}")]
-
-
-def metric(node: RunningNode, name: str) -> float:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 async def pull_all(url: str, clients: int, spool_peak: list[float],
@@ -78,7 +54,8 @@ async def pull_all(url: str, clients: int, spool_peak: list[float],
 
         async def sample() -> None:
             while not done.is_set():
-                value = await asyncio.to_thread(metric, node, "meshmirror_mirror_spool_bytes")
+                value = await asyncio.to_thread(read_metric, node.metrics,
+                                                "meshmirror_mirror_spool_bytes")
                 spool_peak[0] = max(spool_peak[0], value)
                 await asyncio.sleep(0.5)
 
@@ -117,8 +94,8 @@ def test_200_concurrent_64mib_pulls_are_served_from_the_peer(tmp_path: Path) -> 
         peak = proc_status(node.proc.pid)["VmHWM"]
         served = sum(1 for status, digest in results
                      if status == 200 and digest == str(layer.digest))
-        spooled = metric(node, 'meshmirror_mirror_blob_bodies_total{mode="spool"}')
-        streamed = metric(node, 'meshmirror_mirror_blob_bodies_total{mode="stream"}')
+        spooled = read_metric(node.metrics, "meshmirror_mirror_blob_bodies_total", mode="spool")
+        streamed = read_metric(node.metrics, "meshmirror_mirror_blob_bodies_total", mode="stream")
         print(f"\nburst: {served}/{CLIENTS} served in {took:.1f} s; RSS idle "
               f"{idle / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB (+{(peak - idle) / MiB:.0f}); "
               f"spool peak {spool_peak[0] / MiB:.0f} MiB of {SPOOL_LIMIT / MiB:.0f}; "

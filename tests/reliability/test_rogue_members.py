@@ -15,10 +15,6 @@ peer failure with the peer's name).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +24,8 @@ import pytest
 from meshmirror.mirror.options import MirrorConfig
 from meshmirror.oci.imagebuilder import build_image
 from tests.reliability.rogue import KINDS, Rogue, all_ones_summary, claiming_summary
-from tests.support.node import RunningNode, start_node
+from tests.support.http import timed_sha256
+from tests.support.node import RunningNode, held_epoch, start_node
 from tests.support.processes import stop, wait_until
 
 pytestmark = [pytest.mark.real]
@@ -71,7 +68,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                              "--mirror-spool-dir", str(workdir),
                              "--upstream-cache-limit", "0"))
         url = f"http://{puller.address}/v2/library/app/blobs/{layer.digest}?ns=docker.io"
-        wait_until(lambda: get(url)[0] == str(layer.digest), 30,
+        wait_until(lambda: timed_sha256(url)[0] == str(layer.digest), 30,
                    "the puller to find the blob through the holder's summary")
         yield Cluster(holder, puller, url, str(layer.digest), workdir)
     finally:
@@ -82,29 +79,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             print("\nrogue member figures (20 sequential GETs each):")
             for case, line in FIGURES.items():
                 print(f"  {case}: {line}")
-
-
-def get(url: str) -> tuple[str | None, float]:
-    """The sha256 of the body (None for a non-200) and how long the GET took."""
-    began = time.monotonic()
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-    except OSError:
-        return None, time.monotonic() - began
-    return f"sha256:{digest.hexdigest()}", time.monotonic() - began
-
-
-def held_epoch(node: RunningNode, member: str) -> int | None:
-    with urllib.request.urlopen(f"http://{node.metrics}/status", timeout=5) as r:
-        status = json.load(r)
-    for entry in status["mesh"]["members"]:
-        if entry["name"] == member:
-            held = entry["held_epoch"]
-            return int(held) if held is not None else None
-    return None
 
 
 def blamed(node: RunningNode, peer: str) -> list[str]:
@@ -123,7 +97,7 @@ def test_a_rogue_member_never_hurts_a_pull(cluster: Cluster, kind: str, claims: 
                log=cluster.workdir / f"{name}.log", name=name) as rogue:
         wait_until(lambda: held_epoch(cluster.puller, name) == 7, 30,
                    f"the puller to hold {name}'s summary")
-        results = [get(cluster.url) for _ in range(GETS)]
+        results = [timed_sha256(cluster.url) for _ in range(GETS)]
         durations = sorted(took for _, took in results)
         p90 = durations[int(0.9 * GETS) - 1]
         FIGURES[name] = (f"p50 {durations[GETS // 2 - 1] * 1000:.0f} ms, "

@@ -19,8 +19,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.reliability.test_burst import blob_requests, metric
-from tests.support.node import RunningNode, holder_and_puller
+from tests.support.metrics import read_metric
+from tests.support.node import RunningNode, blob_requests, holder_and_puller
 from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.real]
@@ -80,13 +80,13 @@ def test_heads_and_one_byte_ranges_fetch_the_blob_once(tmp_path: Path) -> None:
         ranges = asyncio.run(ask(url(node, layer), "GET", {"Range": "bytes=0-0"}, count=20))
         assert {status for status, _ in ranges} == {206}
         assert all(body == ranges[0][1] and len(body) == 1 for _, body in ranges)
-        pulled = metric(node, "meshmirror_mirror_peer_bytes_total")
+        pulled = read_metric(node.metrics, "meshmirror_mirror_peer_bytes_total")
         sent = uploaded(holder, layer)
         print(f"\n20 HEADs + 20 bytes=0-0 of 64 MiB: node pulled {pulled / MiB:.1f} MiB from "
               f"peers, holder sent {sent / MiB:.1f} MiB in {len(blob_requests(holder, layer))}"
               " requests")
         assert sent <= 2 * size and pulled <= 2 * size + 2 * MiB
-        assert metric(node, "meshmirror_mirror_cache_bytes") >= size
+        assert read_metric(node.metrics, "meshmirror_mirror_cache_bytes") >= size
 
 
 def test_the_cache_never_exceeds_its_limit(tmp_path: Path) -> None:
@@ -126,11 +126,11 @@ def test_the_cache_never_exceeds_its_limit(tmp_path: Path) -> None:
         for digest, answers in zip(expected, results, strict=True):
             for status, body in answers:
                 assert status == 200 and f"sha256:{hashlib.sha256(body).hexdigest()}" == digest
-        evictions = metric(node, "meshmirror_mirror_cache_evictions_total")
+        evictions = read_metric(node.metrics, "meshmirror_mirror_cache_evictions_total")
         print(f"\ncache: peak {peak[0] / MiB:.1f} MiB of {limit / MiB:.0f}; "
               f"{evictions:.0f} evictions")
         assert peak[0] <= limit
-        assert metric(node, "meshmirror_mirror_cache_bytes") <= limit
+        assert read_metric(node.metrics, "meshmirror_mirror_cache_bytes") <= limit
         assert evictions >= 3
 
 
@@ -142,13 +142,14 @@ def test_a_lying_peer_gets_no_reader_unverified_bytes(tmp_path: Path) -> None:
         data[size // 2] ^= 0xFF  # same size, one byte wrong: only the digest can tell
         blob.write_bytes(bytes(data))
         wait_routed(node, small)
-        cached = metric(node, "meshmirror_mirror_cache_bytes")  # the small blob's
+        cached = read_metric(node.metrics, "meshmirror_mirror_cache_bytes")  # the small blob's
         answers = asyncio.run(ask(url(node, layer), "GET", count=10))
         # Every request waited on the one fetch; none got the corrupt body as complete.
         assert {status for status, _ in answers} == {404}
-        assert metric(node, 'meshmirror_mirror_peer_failures_total{reason="digest_mismatch"}') >= 1
-        assert metric(node, 'meshmirror_mirror_flights_total{result="failed"}') >= 1
-        assert metric(node, "meshmirror_mirror_cache_bytes") == cached, "nothing kept"
+        assert read_metric(node.metrics, "meshmirror_mirror_peer_failures_total",
+                           reason="digest_mismatch") >= 1
+        assert read_metric(node.metrics, "meshmirror_mirror_flights_total", result="failed") >= 1
+        assert read_metric(node.metrics, "meshmirror_mirror_cache_bytes") == cached, "nothing kept"
         asked = len(blob_requests(holder, layer))
         assert asked <= 2, "ten requests shared the failing fetch"
 
@@ -159,7 +160,7 @@ def test_a_request_that_leaves_stops_its_fetch(tmp_path: Path) -> None:
     size = 128 * MiB
     with nodes(tmp_path, [size, 1024]) as (holder, node, (layer, small)):
         wait_routed(node, small)
-        cached = metric(node, "meshmirror_mirror_cache_bytes")
+        cached = read_metric(node.metrics, "meshmirror_mirror_cache_bytes")
 
         async def leave_early() -> None:
             timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
@@ -167,7 +168,7 @@ def test_a_request_that_leaves_stops_its_fetch(tmp_path: Path) -> None:
                 request = asyncio.create_task(session.get(url(node, layer)))
 
                 def attached() -> bool:
-                    return metric(node, "meshmirror_mirror_flight_readers") >= 1
+                    return read_metric(node.metrics, "meshmirror_mirror_flight_readers") >= 1
 
                 await asyncio.to_thread(wait_until, attached, 30, "the request to attach")
                 request.cancel()  # the client goes: its connection closes
@@ -181,7 +182,7 @@ def test_a_request_that_leaves_stops_its_fetch(tmp_path: Path) -> None:
         print(f"\nabandoned fetch: holder sent {int(str(line['bytes'])) / MiB:.1f} MiB of "
               f"{size / MiB:.0f}")
         assert line.get("aborted") is True and int(str(line["bytes"])) < size
-        wait_until(lambda: metric(node, "meshmirror_mirror_flight_readers") == 0, 10,
+        wait_until(lambda: read_metric(node.metrics, "meshmirror_mirror_flight_readers") == 0, 10,
                    "the flight to land")
-        assert metric(node, 'meshmirror_mirror_flights_total{result="failed"}') == 1
-        assert metric(node, "meshmirror_mirror_cache_bytes") == cached, "nothing kept"
+        assert read_metric(node.metrics, "meshmirror_mirror_flights_total", result="failed") == 1
+        assert read_metric(node.metrics, "meshmirror_mirror_cache_bytes") == cached, "nothing kept"

@@ -33,11 +33,11 @@ from meshmirror.routing.summary import (
     SummaryDelta,
     etag_for,
 )
-from tests.e2e.cluster import metric, parse_metrics
-from tests.reliability.test_rogue_members import get, held_epoch
 from tests.routing.fakes import digest_key
 from tests.routing.servers import make_summary
-from tests.support.node import RunningNode, start_node
+from tests.support.http import timed_sha256
+from tests.support.metrics import metric, scrape
+from tests.support.node import RunningNode, held_epoch, start_node
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import stop, wait_until
 from tests.support.scripted_http import Reply, Request, ScriptedHTTPServer
@@ -48,9 +48,8 @@ pytestmark = [pytest.mark.real]
 NO_CACHE = ("--upstream-cache-limit", "0")
 
 
-def scrape(node: RunningNode) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as r:
-        metrics = parse_metrics(r.read().decode())
+def summary_fetches(node: RunningNode) -> dict[str, float]:
+    metrics = scrape(node.metrics)
     return {result: metric(metrics, "meshmirror_peer_summary_fetches_total", result=result)
             for result in ("ok", "delta", "error", "not_modified")}
 
@@ -85,15 +84,17 @@ def test_a_new_image_arrives_as_a_delta_and_a_restarted_holder_sends_its_whole_f
     layout, (holder, watcher) = nodes
     old = build_image("docker.io/library/old:1", layout, [2048], seed=1)  # the same bytes again
     old_layer = old.platforms[0].layers[0].digest
-    wait_until(lambda: get(blob_url(watcher, "library/old", old_layer))[0] == str(old_layer),
+    old_url = blob_url(watcher, "library/old", old_layer)
+    wait_until(lambda: timed_sha256(old_url)[0] == str(old_layer),
                30, "the watcher to route the holder's first image")
-    before = scrape(watcher)
+    before = summary_fetches(watcher)
 
     new = build_image("docker.io/library/new:1", layout, [2048], seed=2)
     new_layer = new.platforms[0].layers[0].digest
-    wait_until(lambda: get(blob_url(watcher, "library/new", new_layer))[0] == str(new_layer),
+    new_url = blob_url(watcher, "library/new", new_layer)
+    wait_until(lambda: timed_sha256(new_url)[0] == str(new_layer),
                30, "the watcher to route the holder's new image")
-    after = scrape(watcher)
+    after = summary_fetches(watcher)
     assert after["delta"] > before["delta"]
     assert after["ok"] == before["ok"]  # no whole filter was needed
     assert after["error"] == before["error"]
@@ -110,12 +111,12 @@ def test_a_new_image_arrives_as_a_delta_and_a_restarted_holder_sends_its_whole_f
     nodes[1][0] = restarted
     wait_until(lambda: (held_epoch(watcher, "holder") or 0) > held_before_restart, 60,
                "the watcher to hold the restarted holder's summary")
-    final = scrape(watcher)
+    final = summary_fetches(watcher)
     assert final["ok"] > after["ok"]  # the whole filter: no delta reaches back that far
     assert final["error"] == after["error"]
-    assert get(blob_url(watcher, "library/new", new_layer))[0] == str(new_layer)
+    assert timed_sha256(blob_url(watcher, "library/new", new_layer))[0] == str(new_layer)
     # The old image's layer left the holder's filter with the rebuild.
-    assert get(blob_url(watcher, "library/old", old_layer))[0] is None
+    assert timed_sha256(blob_url(watcher, "library/old", old_layer))[0] is None
 
 
 def _bad_delta(kind: str) -> Reply:
@@ -164,12 +165,12 @@ def test_a_hostile_delta_is_refused_and_the_whole_filter_fetched_instead(
             rogue.start()
             wait_until(lambda: held_epoch(watcher, "rogue") == 5, 30,
                        "the watcher to hold the rogue's first summary")
-            before = scrape(watcher)
+            before = summary_fetches(watcher)
             epoch[0] = 6
             rogue.update_meta(meta())
             wait_until(lambda: held_epoch(watcher, "rogue") == 6, 30,
                        "the watcher to fetch the rogue's summary whole")
-            after = scrape(watcher)
+            after = summary_fetches(watcher)
             assert after["error"] >= before["error"] + 1
             assert after["ok"] == before["ok"] + 1
             assert after["delta"] == before["delta"]

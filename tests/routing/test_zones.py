@@ -11,10 +11,10 @@ import pytest
 
 from meshmirror.oci.imagebuilder import build_image
 from meshmirror.routing.router import BloomRouter, Peer
-from tests.e2e.cluster import metric, parse_metrics
-from tests.reliability.test_rogue_members import get
 from tests.routing.fakes import digest_key
 from tests.routing.servers import make_summary
+from tests.support.http import timed_sha256
+from tests.support.metrics import metric, scrape
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 
@@ -65,8 +65,7 @@ def test_a_router_that_knows_no_zone_prefers_none() -> None:
 # -- four real nodes in two zones ------------------------------------------------------
 
 def zone_bytes(node: RunningNode) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as r:
-        metrics = parse_metrics(r.read().decode())
+    metrics = scrape(node.metrics)
     return {zone: metric(metrics, "meshmirror_mirror_peer_zone_bytes_total", zone=zone)
             for zone in ("same", "cross", "unknown")}
 
@@ -116,7 +115,7 @@ def test_a_blob_in_both_zones_comes_from_the_same_zone_and_one_only_across_from_
 
     start = zone_bytes(puller)
     for _ in range(6):
-        assert get(url % ("both", both_layer.digest))[0] == str(both_layer.digest)
+        assert timed_sha256(url % ("both", both_layer.digest))[0] == str(both_layer.digest)
     after_both = zone_bytes(puller)
     # Every fetch from a peer came from the one in zone a. (A GET that arrives while
     # the previous fetch of the same blob is still finishing joins it: fewer than six.)
@@ -124,7 +123,7 @@ def test_a_blob_in_both_zones_comes_from_the_same_zone_and_one_only_across_from_
     assert same % both_layer.size == 0 and 1 <= same // both_layer.size <= 6
     assert after_both["cross"] == start["cross"]
 
-    assert get(url % ("far", far_layer.digest))[0] == str(far_layer.digest)
+    assert timed_sha256(url % ("far", far_layer.digest))[0] == str(far_layer.digest)
     after_far = zone_bytes(puller)
     assert after_far["cross"] - after_both["cross"] == far_layer.size
     assert after_far["same"] == after_both["same"]

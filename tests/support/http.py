@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
 import urllib.error
 import urllib.request
 
@@ -17,3 +19,16 @@ def http_status(url: str, method: str = "GET", headers: dict[str, str] | None = 
             return int(response.status)
     except urllib.error.HTTPError as err:
         return err.code
+
+
+def timed_sha256(url: str) -> tuple[str | None, float]:
+    """The sha256 of the body (None for a non-200) and how long the GET took."""
+    began = time.monotonic()
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None, time.monotonic() - began
+    return f"sha256:{digest.hexdigest()}", time.monotonic() - began

@@ -96,3 +96,22 @@ def holder_and_puller(tmp_path: Path, reference: str, layers: list[int], *extra:
         for running in (node, holder):
             if running is not None:
                 stop(running.proc)
+
+
+def held_epoch(node: RunningNode, member: str) -> int | None:
+    """The summary epoch ``node`` holds for ``member`` (None before it has one): how a
+    test sees a summary, full or delta, arrive."""
+    with urllib.request.urlopen(f"http://{node.metrics}/status", timeout=5) as r:
+        status = json.load(r)
+    for entry in status["mesh"]["members"]:
+        if entry["name"] == member:
+            held = entry["held_epoch"]
+            return int(held) if held is not None else None
+    return None
+
+
+def blob_requests(node: RunningNode, digest: str, method: str = "GET") -> list[dict[str, object]]:
+    """``node``'s access-log lines for requests of blob ``digest``."""
+    return [line for line in node.log_lines()
+            if line.get("msg") == "request" and line.get("method") == method
+            and str(line.get("path", "")).endswith(f"/blobs/{digest}")]

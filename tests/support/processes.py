@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -57,3 +58,13 @@ def wait_until(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
         time.sleep(interval)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM and friends from /proc/<pid>/status, in bytes."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        match = re.fullmatch(r"(Vm\w+):\s+(\d+) kB", line)
+        if match:
+            fields[match.group(1)] = int(match.group(2)) * 1024
+    return fields

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import http.client
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,9 +27,9 @@ import pytest
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from meshmirror.upstream import BreakerState, Private, Public, UpstreamClient, UpstreamEndpoints
 from meshmirror.upstream.guard import AddressGuard, ForbiddenAddress
-from tests.e2e.cluster import Metrics, metric, parse_metrics
 from tests.support.distribution import DistributionRegistry
 from tests.support.http import http_status
+from tests.support.metrics import Metrics, metric, scrape
 from tests.support.netns import NetNamespace
 from tests.support.node import RunningNode, start_node
 from tests.support.ports import loopback_host
@@ -52,8 +51,7 @@ def _node(tmp: Path, name: str, *flags: str) -> RunningNode:
 
 
 def _metrics(node: RunningNode) -> Metrics:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as response:
-        return parse_metrics(response.read().decode())
+    return scrape(node.metrics)
 
 
 def _answers(node: RunningNode, registry: str, result: str) -> float:

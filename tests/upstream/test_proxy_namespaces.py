@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.e2e.cluster import Metrics, metric, parse_metrics
 from tests.support.distribution import DistributionRegistry
+from tests.support.metrics import Metrics, metric, scrape
 from tests.support.netns import NetNamespace, link
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
@@ -116,8 +116,7 @@ def _look_up_tag(node: RunningNode) -> int:
 
 
 def _metrics(node: RunningNode) -> Metrics:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as response:
-        return parse_metrics(response.read().decode())
+    return scrape(node.metrics)
 
 
 def _answers(node: RunningNode, result: str) -> float:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import msgpack
 
+from tests.support.metrics import Metrics, scrape
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop
 
@@ -191,18 +192,6 @@ def _acks(data: bytes) -> list[int]:
     return []
 
 
-def scrape(node: RunningNode) -> dict[str, float]:
-    """The node's /metrics as {'name{labels}': value}."""
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
 def status(node: RunningNode) -> dict[str, object]:
     with urllib.request.urlopen(f"http://{node.metrics}/status", timeout=5) as r:
         body: dict[str, object] = json.loads(r.read())
@@ -246,17 +235,17 @@ def _sees(node: RunningNode, names: set[str]) -> bool:
         return False
 
 
-def lag_samples_over(metrics: dict[str, float], bound: float) -> float:
+def lag_samples_over(metrics: Metrics, bound: float) -> float:
     """Loop-lag samples above ``bound`` s (a bucket edge), from the lag histogram if exported."""
-    count = metrics.get("meshmirror_mesh_loop_lag_seconds_count")
-    below = metrics.get(f'meshmirror_mesh_loop_lag_seconds_bucket{{le="{bound}"}}')
+    count = metrics.get(("meshmirror_mesh_loop_lag_seconds_count", ()))
+    below = metrics.get(("meshmirror_mesh_loop_lag_seconds_bucket", (("le", str(bound)),)))
     if count is None or below is None:
         return float("nan")
     return count - below
 
 
-def total(metrics: dict[str, float], prefix: str) -> float:
-    return sum(v for k, v in metrics.items() if k.startswith(prefix))
+def total(metrics: Metrics, prefix: str) -> float:
+    return sum(v for (name, _), v in metrics.items() if name.startswith(prefix))
 
 
 def slow_push_pull(claimed: int, user_state: int, budget: int) -> tuple[bytes, bytes]:
@@ -278,7 +267,7 @@ def measure(rate: float, seconds: float, claimed: int, user_state: int) -> dict[
         nodes = start_cluster(Path(tmp))
         try:
             time.sleep(2)
-            before = [scrape(n) for n in nodes]
+            before = [scrape(n.metrics) for n in nodes]
             pinger = Pinger(host_port(nodes[0].mesh))
             pinger.start()
             time.sleep(1)
@@ -290,7 +279,7 @@ def measure(rate: float, seconds: float, claimed: int, user_state: int) -> dict[
             elapsed = time.monotonic() - t0
             time.sleep(1)
             pinger.stop()
-            after = [scrape(n) for n in nodes]
+            after = [scrape(n.metrics) for n in nodes]
             return {
                 "claimed_nodes": claimed, "user_state": user_state, "rate_Bps": rate,
                 "sent_bytes": attack.sent,
@@ -303,8 +292,9 @@ def measure(rate: float, seconds: float, claimed: int, user_state: int) -> dict[
                 "suspicions_added": sum(total(a, "meshmirror_mesh_suspicions")
                                         - total(b, "meshmirror_mesh_suspicions")
                                         for a, b in zip(after, before, strict=True)),
-                "dropped_after": {k: v for k, v in after[0].items()
-                                  if k.startswith("meshmirror_mesh_dropped")},
+                "dropped_after": {f"{name}{dict(labels)}": v
+                                  for (name, labels), v in after[0].items()
+                                  if name.startswith("meshmirror_mesh_dropped")},
             }
         finally:
             for node in nodes:

@@ -25,12 +25,12 @@ from tests.mesh.net.attack import (
     host_port,
     lag_samples_over,
     push_pull_header,
-    scrape,
     slow_push_pull,
     start_cluster,
     status,
     total,
 )
+from tests.support.metrics import metric, scrape
 from tests.support.node import RunningNode
 from tests.support.processes import stop
 
@@ -79,7 +79,7 @@ class Watcher(threading.Thread):
 def test_slow_push_pull_streams_cost_the_loop_nothing(cluster: list[RunningNode]) -> None:
     target = cluster[0]
     addr = host_port(target.mesh)
-    before = [scrape(n) for n in cluster]
+    before = [scrape(n.metrics) for n in cluster]
     watcher, pinger = Watcher(cluster), Pinger(addr)
     watcher.start()
     pinger.start()
@@ -96,7 +96,7 @@ def test_slow_push_pull_streams_cost_the_loop_nothing(cluster: list[RunningNode]
     time.sleep(0.5)
     pinger.stop()
     watcher.stop()
-    after = [scrape(n) for n in cluster]
+    after = [scrape(n.metrics) for n in cluster]
 
     print(f"loop lag samples over 0.1 s: {lag_samples_over(after[0], 0.1):.0f}; "
           f"pings {pinger.summary()}; stream closed after {million.closed_after} s "
@@ -106,9 +106,9 @@ def test_slow_push_pull_streams_cost_the_loop_nothing(cluster: list[RunningNode]
     assert endless.sent > 4_000_000, "the drip did not keep going until the deadline"
     assert endless.closed_after is not None
     assert TCP_TIMEOUT - 1 <= endless.closed_after <= TCP_TIMEOUT + 2
-    dropped = {k: after[0].get(k, 0) - before[0].get(k, 0)
-               for k in ('meshmirror_mesh_dropped_packets_total{reason="too_many_nodes"}',
-                         'meshmirror_mesh_dropped_packets_total{reason="timeout"}')}
+    dropped = {reason: metric(after[0], "meshmirror_mesh_dropped_packets_total", reason=reason)
+               - metric(before[0], "meshmirror_mesh_dropped_packets_total", reason=reason)
+               for reason in ("too_many_nodes", "timeout")}
     assert set(dropped.values()) == {1}, dropped
     # The mesh did not notice: nobody suspected, every member alive throughout.
     assert watcher.polls > 10
@@ -128,7 +128,7 @@ def test_a_spoofed_name_that_is_not_utf8_never_reaches_the_status_page(
         cluster: list[RunningNode]) -> None:
     target = cluster[1]
     host, port = host_port(target.mesh)
-    before = scrape(target)
+    before = scrape(target.metrics)
     bad_names = [b"evil-\xff\xfe", b"caf\xe9", b"\xed\xa0\x80-surrogate", b"x" * 600]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((host, 0))
@@ -136,8 +136,9 @@ def test_a_spoofed_name_that_is_not_utf8_never_reaches_the_status_page(
             addr = socket.inet_aton(f"127.0.0.{200 + i}")
             sock.sendto(alive_packet(name, addr, 7946, incarnation=5), (host, port))
     deadline = time.monotonic() + 5
-    key = 'meshmirror_mesh_dropped_packets_total{reason="bad_name"}'
-    while scrape(target).get(key, 0) - before.get(key, 0) < len(bad_names):
+    dropped = "meshmirror_mesh_dropped_packets_total"
+    while (metric(scrape(target.metrics), dropped, reason="bad_name")
+           - metric(before, dropped, reason="bad_name")) < len(bad_names):
         assert time.monotonic() < deadline, "the spoofed packets were not counted as bad_name"
         time.sleep(0.1)
     # Gossip would have spread a poisoned name within a second or two: give it that long.

@@ -12,7 +12,7 @@ from meshmirror.mesh.keyring import Keyring
 from meshmirror.mesh.messages import Message
 from meshmirror.mesh.tags import decode_tags
 from meshmirror.mesh.wire import StreamDecoder, WireError
-from tests.mesh.wire.test_wire import KEY, SAMPLES, STREAM_SAMPLES
+from tests.mesh.wire.samples import KEY, SAMPLES, STREAM_SAMPLES
 
 VALID_PACKETS = [wire.seal_packet(wire.encode(m), keyring=None) for m in SAMPLES] + [
     wire.seal_packet(wire.compound([wire.encode(m) for m in SAMPLES]), keyring=None,
