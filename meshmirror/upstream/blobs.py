@@ -30,8 +30,8 @@ from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
 from meshmirror.oci.reference import validate_repository
+from meshmirror.upstream.breaker import behind_breaker
 from meshmirror.upstream.client import (
-    BREAKER_FAILURES,
     UpstreamClient,
     status_failure,
     transport_failure,
@@ -200,29 +200,18 @@ class UpstreamContent:
         except EndpointError as err:
             return Unreachable(FailureKind.CONFIG, str(err))
         url = base + path
-        breaker = self._client.breaker(registry)
-        if not breaker.allow():
-            return Unreachable(FailureKind.CIRCUIT_OPEN,
-                               f"{registry} held unreachable after: {breaker.health().last_error}")
-        try:
-            async with asyncio.timeout(self.first_byte_timeout):
-                result = await self._get_with_token(registry, repository, url, headers)
-        except TimeoutError:
-            result = Unreachable(FailureKind.TIMEOUT,
-                                 f"{url}: no answer within {self.first_byte_timeout:g}s")
-        except BaseException:
-            breaker.abandon()
-            raise
-        if (isinstance(result, Unreachable) and result.kind is FailureKind.SERVER_ERROR
-                and "/manifests/" in path):
-            # A manifest by a digest a client chose (a layer's, say) gets a 5xx from
-            # some registries: the request's shape, not an outage.
-            result = await self._client.shape_or_outage(registry, base, result)
-        if isinstance(result, Unreachable) and result.kind in BREAKER_FAILURES:
-            breaker.record_failure(f"{result.kind.value}: {result.reason}")
-        else:
-            breaker.record_success()
-        return result
+
+        async def get() -> aiohttp.ClientResponse | NotFound | AuthRequired | Unreachable:
+            result = await self._get_with_token(registry, repository, url, headers)
+            if (isinstance(result, Unreachable) and result.kind is FailureKind.SERVER_ERROR
+                    and "/manifests/" in path):
+                # A manifest by a digest a client chose (a layer's, say) gets a 5xx from
+                # some registries: the request's shape, not an outage.
+                return await self._client.shape_or_outage(registry, base, result)
+            return result
+
+        return await behind_breaker(self._client.breaker(registry), registry,
+                                    self.first_byte_timeout, url, get)
 
     async def _get_with_token(self, registry: str, repository: str, url: str,
                               headers: dict[str, str]

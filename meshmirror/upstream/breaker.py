@@ -6,15 +6,28 @@ or answer timeout before the mirror could fall back to peers. After
 refused at once for ``cooldown`` seconds; then one probe is let through
 (half-open): its success closes the breaker, its failure opens it again.
 
-Sans-IO: time comes from an injected clock, so tests drive it without sleeping.
+The breaker is sans-IO: time comes from an injected clock, so tests drive it
+without sleeping. :func:`behind_breaker` is the one place a call to the upstream
+is made under it, so every caller keeps the same contract (one outcome reported
+per allowed call, a cancelled one abandoned) and counts the same failures.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+from meshmirror.upstream.results import FailureKind, Unreachable
+
+# Outcomes that say the upstream is down or overloaded, as opposed to answering.
+BREAKER_FAILURES = frozenset({FailureKind.CONNECTION, FailureKind.TIMEOUT, FailureKind.TLS,
+                              FailureKind.SERVER_ERROR, FailureKind.RATE_LIMITED})
+
+_Answer = TypeVar("_Answer")
 
 
 class BreakerState(enum.Enum):
@@ -96,3 +109,31 @@ class CircuitBreaker:
         retry_at = (self._opened_at + self._cooldown
                     if state is BreakerState.OPEN and self._opened_at is not None else None)
         return BreakerHealth(state, self._failures, self._last_error, retry_at)
+
+
+async def behind_breaker(breaker: CircuitBreaker, registry: str, bound: float, where: str,
+                         ask: Callable[[], Awaitable[_Answer | Unreachable]]
+                         ) -> _Answer | Unreachable:
+    """``ask()`` within ``bound`` seconds if the breaker allows, its outcome reported to it.
+
+    Refused at once while the breaker holds ``registry`` unreachable; past the bound it
+    is an ``Unreachable`` naming ``where``. Only :data:`BREAKER_FAILURES` count
+    against the registry: any other answer, a 404 or a refusal to an anonymous
+    client included, shows it is up. A cancelled call frees the half-open probe slot.
+    """
+    if not breaker.allow():
+        return Unreachable(FailureKind.CIRCUIT_OPEN,
+                           f"{registry} held unreachable after: {breaker.health().last_error}")
+    try:
+        async with asyncio.timeout(bound):
+            result = await ask()
+    except TimeoutError:
+        result = Unreachable(FailureKind.TIMEOUT, f"{where}: no answer within {bound:g}s")
+    except BaseException:
+        breaker.abandon()
+        raise
+    if isinstance(result, Unreachable) and result.kind in BREAKER_FAILURES:
+        breaker.record_failure(f"{result.kind.value}: {result.reason}")
+    else:
+        breaker.record_success()
+    return result

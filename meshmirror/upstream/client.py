@@ -33,7 +33,12 @@ from meshmirror.flags import decimal
 from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest, DigestError
 from meshmirror.oci.reference import is_digest_reference, validate_repository, validate_tag
-from meshmirror.upstream.breaker import BreakerHealth, BreakerState, CircuitBreaker
+from meshmirror.upstream.breaker import (
+    BreakerHealth,
+    BreakerState,
+    CircuitBreaker,
+    behind_breaker,
+)
 from meshmirror.upstream.challenge import BearerChallenge, ChallengeError, parse_all
 from meshmirror.upstream.endpoints import EndpointError, UpstreamEndpoints
 from meshmirror.upstream.guard import (
@@ -77,9 +82,6 @@ _BASE_ANSWERED_TTL = 5.0
 _MAX_REDIRECTS = 3
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_MEDIA_TYPE = 255
-# Outcomes that say the upstream is down or overloaded, as opposed to answering.
-BREAKER_FAILURES = frozenset({FailureKind.CONNECTION, FailureKind.TIMEOUT, FailureKind.TLS,
-                               FailureKind.SERVER_ERROR, FailureKind.RATE_LIMITED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,32 +423,18 @@ class UpstreamClient:
             base = self._endpoints.url_for(registry)
         except EndpointError as err:
             return Unreachable(FailureKind.CONFIG, str(err))
-        breaker = self._breaker(registry)
         if self._limiter is not None and not self._limiter.allow(client):
             return Unreachable(FailureKind.THROTTLED,
                                f"client {client} asks too many new questions")
-        if not breaker.allow():
-            return Unreachable(FailureKind.CIRCUIT_OPEN,
-                               f"{registry} held unreachable after: {breaker.health().last_error}")
         # The registry's own host may be private (an in-cluster registry); so may the
         # proxies the operator configured. Anything else private is the guard's to refuse.
         permission = permit([URL(base).host, *self._proxies.hosts])
         try:
-            async with asyncio.timeout(self._total_timeout):
-                result = await self._head_manifest(registry, base, repository, reference)
-        except TimeoutError:
-            result = Unreachable(FailureKind.TIMEOUT,
-                                 f"{base}: no answer within {self._total_timeout:g}s")
-        except BaseException:
-            breaker.abandon()
-            raise
+            return await behind_breaker(
+                self._breaker(registry), registry, self._total_timeout, base,
+                lambda: self._head_manifest(registry, base, repository, reference))
         finally:
             reset(permission)
-        if isinstance(result, Unreachable) and result.kind in BREAKER_FAILURES:
-            breaker.record_failure(f"{result.kind.value}: {result.reason}")
-        else:
-            breaker.record_success()
-        return result
 
     async def _head_manifest(self, registry: str, base: str, repository: str,
                              reference: str) -> TagResult:

@@ -1,10 +1,13 @@
-"""The circuit breaker's states, driven by a fake clock."""
+"""The circuit breaker's states, driven by a fake clock, and the calls made behind it."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from meshmirror.upstream.breaker import BreakerState, CircuitBreaker
+from meshmirror.upstream.breaker import BreakerState, CircuitBreaker, behind_breaker
+from meshmirror.upstream.results import FailureKind, Unreachable
 
 
 class FakeClock:
@@ -86,3 +89,46 @@ def test_rejects_nonsense_settings() -> None:
         CircuitBreaker(0, 1.0)
     with pytest.raises(ValueError):
         CircuitBreaker(1, -1.0)
+
+
+async def test_behind_breaker_counts_only_outages_and_bounds_the_call() -> None:
+    breaker, _ = make(threshold=2)
+
+    async def refused() -> Unreachable:
+        return Unreachable(FailureKind.PROTOCOL, "garbage")
+
+    async def stuck() -> Unreachable:
+        await asyncio.sleep(10)
+        raise AssertionError("not reached")
+
+    # An answer that breaks the protocol shows the registry is up: not counted.
+    await behind_breaker(breaker, "r.test", 1.0, "https://r.test", refused)
+    assert breaker.health().consecutive_failures == 0
+    for _ in range(2):
+        result = await behind_breaker(breaker, "r.test", 0.01, "https://r.test", stuck)
+        assert isinstance(result, Unreachable) and result.kind is FailureKind.TIMEOUT
+        assert "https://r.test: no answer within" in result.reason
+    assert breaker.state is BreakerState.OPEN
+    held = await behind_breaker(breaker, "r.test", 1.0, "https://r.test", refused)
+    assert isinstance(held, Unreachable) and held.kind is FailureKind.CIRCUIT_OPEN
+    assert "r.test held unreachable after: timeout" in held.reason
+
+
+async def test_behind_breaker_frees_the_probe_of_a_cancelled_call() -> None:
+    breaker, clock = make(threshold=1)
+    breaker.allow()
+    breaker.record_failure("refused")
+    clock.now += 10.0
+    started = asyncio.Event()
+
+    async def hang() -> str:
+        started.set()
+        await asyncio.sleep(10)
+        return "late"
+
+    probe = asyncio.create_task(behind_breaker(breaker, "r.test", 5.0, "u", hang))
+    await asyncio.wait_for(started.wait(), 1.0)
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    assert breaker.allow()  # the slot is free for the next probe
