@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 import tomli_w
 
 from meshmirror.addresses import AddressError, parse_host_port
-from meshmirror.flags import UsageError, split_list
+from meshmirror.flags import UsageError, decimal, split_list
 
 BACKUP_DIR = "_backup"
 PARTIAL_BACKUP_DIR = "_backup.partial"
@@ -171,7 +171,7 @@ def bracket_ipv6_host(url: str) -> str:
         return url
     host, _, port = netloc.rpartition(":")
     for candidate, suffix in ((host, f":{port}"), (netloc, "")):
-        if suffix and not port.isdigit():
+        if suffix and decimal(port) is None:
             continue
         try:
             ipaddress.IPv6Address(candidate)

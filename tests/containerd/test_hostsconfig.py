@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from meshmirror.cli import main
 from meshmirror.containerd import hostsconfig
 from meshmirror.containerd.hostsconfig import MirroredRegistry, render_hosts
+from meshmirror.flags import UsageError
 
 Snapshot = dict[str, tuple[str, int, bytes | str]]
 
@@ -413,6 +414,16 @@ def test_rendered_toml_round_trips_any_existing_entries(
 ])
 def test_bare_ipv6_target_hosts_are_bracketed(given: str, written: str) -> None:
     assert hostsconfig.parse_mirror_target(given) == written
+
+
+@pytest.mark.parametrize("port", ["\u00b2", "\u0663\u0660", "", "5000x", "99999"])
+def test_a_bad_port_after_a_bare_ipv6_host_is_a_usage_error(port: str) -> None:
+    """Only ASCII digits read as a port: '²' is a digit to `str.isdigit` but no port."""
+    given = f"http://fd00::5:{port}"
+    with pytest.raises(UsageError, match="is not a host"):
+        hostsconfig.parse_mirror_target(given)
+    if port == "\u00b2":
+        assert hostsconfig.bracket_ipv6_host(given) == given  # not read as host:port
 
 
 def test_ipv6_node_ip_reaches_hosts_toml_bracketed(tmp_path: Path) -> None:
