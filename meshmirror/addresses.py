@@ -12,6 +12,8 @@ import errno
 import ipaddress
 import socket
 
+from meshmirror.flags import decimal
+
 ANY_HOST = ""
 """What a listener binds when its flag names no host (``:5000``): both families."""
 IPV4_ANY = "0.0.0.0"
@@ -54,13 +56,11 @@ def parse_host_port(
             raise AddressError(f"invalid address {text!r}: want HOST:PORT")
         port = default_port
     else:
-        try:
-            port = int(port_text)
-        except ValueError as err:
-            raise AddressError(
-                f"invalid address {text!r}: port {port_text!r} is not a number"
-            ) from err
-        if not 0 <= port <= 65535:
+        number = decimal(port_text)
+        if number is None:
+            raise AddressError(f"invalid address {text!r}: port {port_text!r} is not a number")
+        port = number
+        if port > 65535:
             raise AddressError(f"invalid address {text!r}: port must be 0-65535")
     return (host or default_host, port)
 

@@ -30,6 +30,14 @@ def test_port_only_parses_to_the_dual_stack_wildcard() -> None:
     assert parse_host_port("0.0.0.0:5000") == ("0.0.0.0", 5000)
 
 
+@pytest.mark.parametrize("text", ["host:\u00b2", "host:\u0663\u0660", "[::1]:+80", "host: 80",
+                                  "host:8_0", "host:65536", "host:"])
+def test_a_port_is_ascii_digits_within_range(text: str) -> None:
+    """`int` reads '٣٠', '+80' and '8_0'; a registry name from a client must not pass so."""
+    with pytest.raises(addresses.AddressError, match="invalid address"):
+        parse_host_port(text)
+
+
 def test_port_only_accepts_ipv6_and_ipv4() -> None:
     port = free_dual_stack_port()
     with bind_socket("", port) as sock:
