@@ -144,33 +144,43 @@ async def test_a_new_key_reaches_a_peer_as_a_delta_of_a_few_hundred_bytes() -> N
                                          {"kind": "full"}) == full
 
 
-async def test_a_delta_that_does_not_fit_the_held_summary_is_refused_then_fetched_whole(
-        ) -> None:
+# A peer first published _HELD (epoch 5), then _NEXT (epoch 6) with a delta from 5.
+_HELD = make_summary([digest_key(1)], epoch=5)
+_NEXT = make_summary([digest_key(1), digest_key(2)], epoch=6)
+
+
+async def _fetched_whole_despite(delta: bytes, timeout_s: float) -> CollectorRegistry:
+    """The directory, holding _HELD, is offered ``delta`` to reach _NEXT: it must end
+    up holding epoch 6 all the same (fetched whole). Its metrics, for what it counted."""
     registry = CollectorRegistry()
     router = BloomRouter(registry=registry)
-    directory = PeerDirectory(router, registry=registry, timeout_s=2, backoff_s=0.01)
-    first = make_summary([digest_key(1)], epoch=5)
-    second = make_summary([digest_key(1), digest_key(2)], epoch=6)
-    # Claims to start from epoch 4, which this node never held: applying it would
-    # leave bits that are neither version's.
-    wrong_base = SummaryDelta(base_epoch=4, epoch=6, k=second.k, m=second.m,
-                              reduction=second.reduction, count=2, born_at_ms=0,
-                              positions=np.array([3], dtype=np.uint64)).encode()
-    source = PeerSource(first)
+    directory = PeerDirectory(router, registry=registry, timeout_s=timeout_s, backoff_s=0.01)
+    source = PeerSource(_HELD)
     try:
         async with peer_server(source) as srv:
             directory.update_peer("n1", srv.http_base, 5)
             await until(lambda: directory.held("n1") is not None)
-            source.summary, source.deltas = second, {5: wrong_base}
+            source.summary, source.deltas = _NEXT, {5: delta}
             directory.update_peer("n1", srv.http_base, 6)
             await until(lambda: (held := directory.held("n1")) is not None and held.epoch == 6)
             assert router.candidates(digest_key(2)) == [Peer("n1", srv.http_base)]
-            assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
-                                             {"result": "error"}) == 1
-            assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
-                                             {"result": "ok"}) == 2
     finally:
         await directory.close()
+    return registry
+
+
+async def test_a_delta_that_does_not_fit_the_held_summary_is_refused_then_fetched_whole(
+        ) -> None:
+    # Claims to start from epoch 4, which this node never held: applying it would
+    # leave bits that are neither version's.
+    wrong_base = SummaryDelta(base_epoch=4, epoch=6, k=_NEXT.k, m=_NEXT.m,
+                              reduction=_NEXT.reduction, count=2, born_at_ms=0,
+                              positions=np.array([3], dtype=np.uint64)).encode()
+    registry = await _fetched_whole_despite(wrong_base, timeout_s=2)
+    assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
+                                     {"result": "error"}) == 1
+    assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
+                                     {"result": "ok"}) == 2
 
 
 def test_a_delta_with_more_positions_than_its_filter_ever_sends_is_refused() -> None:
@@ -185,26 +195,11 @@ async def test_a_delta_larger_than_any_of_the_held_filter_is_refused_unread() ->
     """A peer holding a 1-key filter is sent a 1 MiB delta claiming a 2^32-bit filter:
     decoding it would cost ~50 MiB of temporaries (at the 16 MiB cap, most of a GiB);
     it is refused by its size against the held filter, and the whole filter fetched."""
-    registry = CollectorRegistry()
-    router = BloomRouter(registry=registry)
-    directory = PeerDirectory(router, registry=registry, timeout_s=5, backoff_s=0.01)
-    first = make_summary([digest_key(1)], epoch=5)
-    second = make_summary([digest_key(1), digest_key(2)], epoch=6)
     huge = SummaryDelta(base_epoch=5, epoch=6, k=7, m=1 << 32, reduction=1, count=2,
                         born_at_ms=0, positions=np.arange(1 << 20, dtype=np.uint64)).encode()
-    assert len(huge) > max_delta_bytes(first.m)
-    source = PeerSource(first)
-    try:
-        async with peer_server(source) as srv:
-            directory.update_peer("n1", srv.http_base, 5)
-            await until(lambda: directory.held("n1") is not None)
-            source.summary, source.deltas = second, {5: huge}
-            directory.update_peer("n1", srv.http_base, 6)
-            await until(lambda: (held := directory.held("n1")) is not None and held.epoch == 6)
-            assert router.candidates(digest_key(2)) == [Peer("n1", srv.http_base)]
-            assert registry.get_sample_value("meshmirror_peer_summary_fetched_bytes_total",
-                                             {"kind": "delta"}) == 0
-            assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
-                                             {"result": "error"}) == 1
-    finally:
-        await directory.close()
+    assert len(huge) > max_delta_bytes(_HELD.m)
+    registry = await _fetched_whole_despite(huge, timeout_s=5)
+    assert registry.get_sample_value("meshmirror_peer_summary_fetched_bytes_total",
+                                     {"kind": "delta"}) == 0
+    assert registry.get_sample_value("meshmirror_peer_summary_fetches_total",
+                                     {"result": "error"}) == 1
