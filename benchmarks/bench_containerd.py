@@ -30,16 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.results import (
-    RESULTS,
-    Section,
-    Table,
-    Target,
-    load_average,
-    load_since,
-    utc_now,
-    write_section,
-)
+from benchmarks.results import BenchRun, Section, Table, Target, load_since, utc_now
 from meshmirror.containerd.client import ContainerdClient
 from meshmirror.containerd.store import ContainerdStore
 from meshmirror.oci.digest import Digest
@@ -165,10 +156,8 @@ def main() -> int:
                         help="containerd root and layouts on /dev/shm: containerd fsyncs "
                              "every blob commit (~25 ms each on this disk), which would "
                              "make importing 20,000 blobs take many minutes")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--no-write", action="store_true", help="print the section only")
-    args = parser.parse_args()
-    load_before = load_average()
+    bench = BenchRun(parser)
+    args = bench.args
     if min(args.images, args.layers, args.events, args.big_mib, args.rounds) < 1:
         parser.error("every count must be at least 1")
 
@@ -184,10 +173,8 @@ def main() -> int:
             figures = run(args, work, ctrd)
         finally:
             ctrd.close()
-    result = section(args, figures, load_before)
-    print(result.render())
-    if not args.no_write:
-        write_section(result, args.results)
+    result = section(args, figures, bench.load_before)
+    bench.publish(result)
     return 0
 
 

@@ -25,15 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.results import (
-    RESULTS,
-    Section,
-    Table,
-    load_average,
-    load_since,
-    utc_now,
-    write_section,
-)
+from benchmarks.results import BenchRun, Section, Table, load_since, utc_now
 from meshmirror.cli import main as meshmirror
 from meshmirror.oci.imagebuilder import build_image
 from tests.support.containerd import Containerd
@@ -126,14 +118,11 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--blackhole", action="store_true",
                         help="also measure a mirror whose SYNs are dropped (root; ~90 s)")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--no-write", action="store_true", help="print the section only")
-    args = parser.parse_args(argv)
-    load_before = load_average()
-    result = section(args.rounds, args.blackhole, run(args.rounds, args.blackhole), load_before)
-    print(result.render())
-    if not args.no_write:
-        write_section(result, args.results)
+    bench = BenchRun(parser, argv)
+    args = bench.args
+    result = section(args.rounds, args.blackhole, run(args.rounds, args.blackhole),
+                     bench.load_before)
+    bench.publish(result)
 
 
 if __name__ == "__main__":

@@ -31,16 +31,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.results import (
-    RESULTS,
-    Section,
-    Table,
-    Target,
-    load_average,
-    load_since,
-    utc_now,
-    write_section,
-)
+from benchmarks.results import BenchRun, Section, Table, Target, load_since, utc_now
 from meshmirror.oci.imagebuilder import build_image
 from meshmirror.oci.mediatypes import CONTAINERD_ACCEPT
 from tests.support.distribution import DistributionRegistry
@@ -115,10 +106,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--heads", type=int, default=200)
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--no-write", action="store_true", help="print the section only")
-    args = parser.parse_args()
-    load_before = load_average()
+    bench = BenchRun(parser)
+    args = bench.args
 
     with tempfile.TemporaryDirectory(prefix="bench-registry-") as tmp:
         layout = Path(tmp) / "layout"
@@ -173,10 +162,8 @@ def main() -> int:
         print(f"  {name:13s} max {max(values) * 1000:7.1f} ms")
     result = section(args, {name: statistics.median(v) for name, v in speeds.items()},
                      {name: (percentile(v, 0.5), percentile(v, 0.99))
-                      for name, v in latencies.items()}, load_before)
-    print(result.render())
-    if not args.no_write:
-        write_section(result, args.results)
+                      for name, v in latencies.items()}, bench.load_before)
+    bench.publish(result)
     return 0
 
 

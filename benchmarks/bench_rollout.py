@@ -44,16 +44,7 @@ from benchmarks.bench_rolling_pull import (
     pull,
     start_meshmirror,
 )
-from benchmarks.results import (
-    RESULTS,
-    Section,
-    Table,
-    Target,
-    load_average,
-    load_since,
-    utc_now,
-    write_section,
-)
+from benchmarks.results import BenchRun, Section, Table, Target, load_since, utc_now
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from meshmirror.routing.owner import DEFAULT_FANOUT
 from tests.support.distribution import DistributionRegistry
@@ -187,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="batches per mode, alternating meshmirror and baseline")
     parser.add_argument("--fanout", type=int, default=DEFAULT_FANOUT,
                         help="passed to every `meshmirror run` as --rollout-fanout")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--no-write", action="store_true", help="print the section only")
-    args = parser.parse_args(argv)
+    bench = BenchRun(parser, argv)
+    args = bench.args
     if args.nodes < 2:
         parser.error("--nodes: a batched rollout needs at least 2 nodes")
     if (min(args.layers, args.layer_mib, args.rounds, args.fanout) < 1
@@ -197,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--layers, --layer-mib, --rounds and --fanout must be >= 1 and "
                      "--rate-mb > 0")
 
-    load_before = load_average()
     scratch_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
     base: list[BatchFigures] = []
     mesh: list[BatchFigures] = []
@@ -220,10 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                     figures = batch_run(args, run_dir, proxy, image, mesh=with_mesh)
                     print(f"  ({time.monotonic() - started:.1f} s with setup)", flush=True)
                     (mesh if with_mesh else base).append(figures)
-    section = report(args, image_bytes, base, mesh, load_before)
-    print(section.render())
-    if not args.no_write:
-        write_section(section, args.results)
+    section = report(args, image_bytes, base, mesh, bench.load_before)
+    bench.publish(section)
     return 0
 
 

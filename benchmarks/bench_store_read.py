@@ -25,15 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.results import (
-    RESULTS,
-    Section,
-    Table,
-    load_average,
-    load_since,
-    utc_now,
-    write_section,
-)
+from benchmarks.results import BenchRun, Section, Table, load_since, utc_now
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.imagebuilder import build_image
 from meshmirror.store.ocilayout import OciLayoutStore
@@ -104,10 +96,8 @@ async def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--no-write", action="store_true", help="print the section only")
-    args = parser.parse_args(argv)
-    load_before = load_average()
+    bench = BenchRun(parser, argv)
+    args = bench.args
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
         t0 = time.perf_counter()
         image = build_image("127.0.0.1:5050/bench/big:1", Path(tmp), [args.size_mib * MIB])
@@ -156,7 +146,7 @@ async def main(argv: list[str] | None = None) -> None:
         name="bench_store_read", title="OciLayoutStore.read against a plain file read",
         command=f"python benchmarks/bench_store_read.py --size-mib {args.size_mib} "
                 f"--rounds {args.rounds}",
-        date=utc_now(), load=load_since(load_before),
+        date=utc_now(), load=load_since(bench.load_before),
         setup=f"A page-cached {args.size_mib} MiB blob, median GB/s over {args.rounds} rounds; "
               "the ratios are measured round by round in the same run.",
         tables=[Table(("reader", "median GB/s"),
@@ -169,9 +159,7 @@ async def main(argv: list[str] | None = None) -> None:
                f"{lag_text('blocking on loop 1 MiB')}.",
                f"Building the {args.size_mib} MiB layer took {build_s:.1f} s "
                f"({layer.size / build_s / 1e9:.2f} GB/s)."])
-    print(section.render())
-    if not args.no_write:
-        write_section(section, args.results)
+    bench.publish(section)
 
 if __name__ == "__main__":
     asyncio.run(main())

@@ -27,16 +27,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from benchmarks.results import (
-    RESULTS,
-    Section,
-    Table,
-    Target,
-    load_average,
-    load_since,
-    utc_now,
-    write_section,
-)
+from benchmarks.results import BenchRun, Section, Table, Target, load_since, utc_now
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorConfig, TagResolution
 from meshmirror.mirror.peer_mirror import PeerMirror
@@ -188,20 +179,16 @@ def section(rounds: int, figures: Figures, load: str) -> Section:
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=300)
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    load_before = load_average()
+    bench = BenchRun(parser)
+    args = bench.args
     with tempfile.TemporaryDirectory(prefix="bench-tags-") as tmp:
         image = build_image(f"example.com/{REPO}:{TAG}", Path(tmp) / "layout")
         manifest = (image.layout / "blobs" / "sha256" / image.digest.hex).read_bytes()
         with DistributionRegistry() as registry:
             push_layout(image.layout, TAG, registry.address, REPO)
             figures = asyncio.run(_run(registry, manifest, str(image.digest), args.rounds))
-    result = section(args.rounds, figures, load_since(load_before))
-    print(result.render())
-    if not args.no_write:
-        write_section(result, args.results)
+    result = section(args.rounds, figures, load_since(bench.load_before))
+    bench.publish(result)
     return 0
 
 

@@ -28,16 +28,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks.results import (
-    RESULTS,
-    Section,
-    Table,
-    Target,
-    load_average,
-    load_since,
-    utc_now,
-    write_section,
-)
+from benchmarks.results import BenchRun, Section, Table, Target, load_since, utc_now
 from meshmirror.oci import mediatypes
 from meshmirror.oci.imagebuilder import build_image
 from meshmirror.upstream import TagDigest, Unreachable, UpstreamClient, UpstreamEndpoints
@@ -137,10 +128,8 @@ def section(rounds: int, times: dict[str, list[float]], load: str) -> Section:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=500)
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    load_before = load_average()
+    bench = BenchRun(parser, argv)
+    args = bench.args
     with tempfile.TemporaryDirectory(prefix="bench-upstream-") as tmp:
         directory = Path(tmp)
         image = build_image(f"example.com/{REPO}:{TAG}", directory / "layout")
@@ -151,10 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             push_layout(image.layout, TAG, token_reg.address, REPO, tokens.pusher)
             push_layout(image.layout, TAG, public_reg.address, REPO)
             times = asyncio.run(_run(token_reg, public_reg, tokens.realm, args.rounds))
-    result = section(args.rounds, times, load_since(load_before))
-    print(result.render())
-    if not args.no_write:
-        write_section(result, args.results)
+    result = section(args.rounds, times, load_since(bench.load_before))
+    bench.publish(result)
     return 0
 
 

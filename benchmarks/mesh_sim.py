@@ -39,15 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run as a script: `benchmarks` is then importable
 
-from benchmarks.results import (  # noqa: E402
-    RESULTS,
-    Section,
-    Table,
-    load_average,
-    load_since,
-    utc_now,
-    write_section,
-)
+from benchmarks.results import BenchRun, Section, Table, load_since, utc_now  # noqa: E402
 from meshmirror.mesh.config import MeshConfig  # noqa: E402
 from meshmirror.mesh.events import Effect, MemberJoined, MemberLeft, MemberUpdated  # noqa: E402
 from meshmirror.mesh.simulator import NetworkModel, Simulator  # noqa: E402
@@ -262,11 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="50,100,200,1000")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--compress", action="store_true")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    load_before = load_average()
+    bench = BenchRun(parser, argv)
+    args = bench.args
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -287,16 +277,15 @@ def main(argv: list[str] | None = None) -> int:
                                                           else sys.argv[1:])
     section = Section(
         name="mesh_sim", title="Mesh membership, simulated",
-        command=command.strip(), date=utc_now(), load=load_since(load_before),
+        command=command.strip(), date=utc_now(), load=load_since(bench.load_before),
         setup=f"Seed {args.seed}, memberlist LAN defaults, LAN model 0.5-1 ms one way, packets "
               f"{'LZW-compressed' if args.compress else 'uncompressed'}; crash rows over 2 "
               "crashes at N=1000, 5 below; false deaths over 60 virtual s at 10% loss. Times "
               "are virtual, so the load changes only the CPU column.",
         tables=[table(results)],
         notes=[*comparison(results), f"Plot: `benchmarks/{PLOT.name}`."])
-    print(section.render())
-    if not args.no_write:
-        write_section(section, args.results)
+    bench.publish(section)
+    if bench.writes:
         plot(results, args.results.with_name(PLOT.name))  # beside the results it illustrates
     return 0
 

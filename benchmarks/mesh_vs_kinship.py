@@ -41,15 +41,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import (  # noqa: E402
-    RESULTS,
-    Section,
-    Table,
-    load_average,
-    load_since,
-    utc_now,
-    write_section,
-)
+from benchmarks.results import BenchRun, Section, Table, load_since, utc_now  # noqa: E402
 from tests.support.ports import free_port, loopback_host  # noqa: E402
 
 # ---------------------------------------------------------------- the kinship node process
@@ -313,10 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=20)
     parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    load_before = load_average()
+    bench = BenchRun(parser, argv)
+    args = bench.args
     if not 3 <= args.nodes <= 50:
         parser.error("--nodes must be 3-50")
     if not 1 <= args.kills <= args.nodes - 3:
@@ -331,10 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     kin = measure("kinship", args.nodes, args.kills)
     print(json.dumps(kin.__dict__), flush=True)
     section = report(mesh, kin, "python benchmarks/mesh_vs_kinship.py " + " ".join(argv),
-                     load_before)
-    print(section.render())
-    if not args.no_write:
-        write_section(section, args.results)
+                     bench.load_before)
+    bench.publish(section)
     return 0
 
 

@@ -15,6 +15,7 @@ shape.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import re
@@ -173,3 +174,31 @@ def write_section(section: Section, results: Path = RESULTS) -> None:
     text = results.read_text() if results.exists() else "# Benchmark results\n"
     text = replace_marked_section(text, section.name, section.render(), section.title)
     results.write_text(refresh_targets(text))
+
+
+class BenchRun:
+    """A benchmark's run from its flags to its section, the same for every benchmark.
+
+    Each takes ``--results`` (tests point it at a scratch copy) and ``--no-write``
+    (print only), records the load average from the moment its flags are read
+    (``load_before``, for `load_since` in its section), and prints its section
+    before writing it.
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser,
+                 argv: Sequence[str] | None = None) -> None:
+        parser.add_argument("--results", type=Path, default=RESULTS,
+                            help="the file to write the section into (default: %(default)s)")
+        parser.add_argument("--no-write", action="store_true", help="print the section only")
+        self.args = parser.parse_args(argv)
+        self.load_before = load_average()
+
+    @property
+    def writes(self) -> bool:
+        return not self.args.no_write
+
+    def publish(self, section: Section) -> None:
+        """Print ``section``; write it into ``--results`` unless ``--no-write``."""
+        print(section.render())
+        if self.writes:
+            write_section(section, self.args.results)

@@ -38,21 +38,11 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from benchmarks.results import (
-    RESULTS,
-    Section,
-    Table,
-    Target,
-    load_average,
-    load_since,
-    utc_now,
-    write_section,
-)
+from benchmarks.results import BenchRun, Section, Table, Target, load_since, utc_now
 from meshmirror.routing.owner import (
     DEFAULT_FANOUT,
     MIN_STRIPE,
@@ -249,9 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fanout", type=int, default=DEFAULT_FANOUT)
     parser.add_argument("--dt", type=float, default=0.02, help="virtual seconds per step")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    bench = BenchRun(parser, argv)
+    args = bench.args
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -260,7 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     if not sizes or min(sizes) < 2 or not set(modes) <= {"per-blob", "striped"}:
         parser.error("--sizes needs clusters of at least 2; --modes is per-blob and/or "
                      "striped")
-    load_before = load_average()
     started = time.process_time()
     image = args.image_mb * MB
     alone = run(1, "alone", image, args.fanout, args.seed, args.dt)
@@ -276,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:])
     section = Section(
         name="rollout_sim", title="Rollout, simulated",
-        command=command.strip(), date=utc_now(), load=load_since(load_before),
+        command=command.strip(), date=utc_now(), load=load_since(bench.load_before),
         setup=(f"A {image / MB:,.0f} MB image in {len(LAYERS_MB)} layers, F = {args.fanout}, "
                f"1 Gbit/s NICs x U(0.8, 1.2), 0.2-1 ms one way, upstream {UPSTREAM_RTT * 1000:g} "
                f"ms away; one node alone takes {alone.last_s:.1f} s. Fluid model, step "
@@ -298,9 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                "among all of them; the real nodes cap readers per node (--rollout-fanout, a "
                "stripe's reader counting 1/F) and send the excess to another member."],
         targets=targets(alone, outcomes))
-    print(section.render())
-    if not args.no_write:
-        write_section(section, args.results)
+    bench.publish(section)
     return 0
 
 

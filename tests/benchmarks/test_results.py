@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from benchmarks.results import (
     RESULTS,
     TARGETS,
+    BenchRun,
     Section,
     Table,
     Target,
@@ -136,3 +138,19 @@ def test_target_rejects_an_unknown_bound() -> None:
 def test_a_block_without_its_end_marker_is_an_error() -> None:
     with pytest.raises(ValueError, match="without"):
         replace_marked_section("<!-- BEGIN x -->\nbody\n", "x", "new")
+
+
+def test_a_bench_run_prints_always_and_writes_only_where_and_when_told(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = copy_of_results(tmp_path)
+    before = results.read_text()
+    section = _section("bench_fake_run")
+    printed = BenchRun(argparse.ArgumentParser(), ["--results", str(results), "--no-write"])
+    assert printed.args.results == results and not printed.writes
+    assert printed.load_before.count("/") == 2  # the 1/5/15-minute load at its start
+    printed.publish(section)
+    assert section.render() in capsys.readouterr().out
+    assert results.read_text() == before
+    BenchRun(argparse.ArgumentParser(), ["--results", str(results)]).publish(section)
+    assert block(results.read_text(), "bench_fake_run").strip() == section.render()
+    assert BenchRun(argparse.ArgumentParser(), []).args.results == RESULTS
