@@ -39,7 +39,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run as a script: `benchmarks` is then importable
 
-from benchmarks.results import BenchRun, Section, Table, load_since, utc_now  # noqa: E402
+from benchmarks.results import (  # noqa: E402
+    BenchRun,
+    Section,
+    Table,
+    cluster_sizes,
+    load_since,
+    utc_now,
+)
 from meshmirror.mesh.config import MeshConfig  # noqa: E402
 from meshmirror.mesh.events import Effect, MemberJoined, MemberLeft, MemberUpdated  # noqa: E402
 from meshmirror.mesh.simulator import NetworkModel, Simulator  # noqa: E402
@@ -252,20 +259,14 @@ def plot(results: list[SizeResult], path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="50,100,200,1000")
+    parser.add_argument("--sizes", type=cluster_sizes(least=3), default="50,100,200,1000")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--compress", action="store_true")
     bench = BenchRun(parser, argv)
     args = bench.args
-    try:
-        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError:
-        parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
-    if not sizes or min(sizes) < 3:
-        parser.error("--sizes needs cluster sizes of at least 3")
     cfg = MeshConfig(enable_compression=args.compress)
     results: list[SizeResult] = []
-    for n in sizes:
+    for n in args.sizes:
         start = time.process_time()
         res = run_lan(n, cfg, args.seed, crashes=2 if n >= 1000 else 5)
         run_loss(res, cfg, args.seed)

@@ -19,9 +19,11 @@ import argparse
 import datetime
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from meshmirror.flags import decimal
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 TARGETS = "targets"
@@ -174,6 +176,20 @@ def write_section(section: Section, results: Path = RESULTS) -> None:
     text = results.read_text() if results.exists() else "# Benchmark results\n"
     text = replace_marked_section(text, section.name, section.render(), section.title)
     results.write_text(refresh_targets(text))
+
+
+def cluster_sizes(least: int) -> Callable[[str], list[int]]:
+    """An argparse ``type`` for a simulator's ``--sizes``: comma-separated cluster sizes
+    ("50,100,1000"), at least one, none below ``least``; anything else is a usage error."""
+    def parse(text: str) -> list[int]:
+        given = [decimal(part.strip()) for part in text.split(",") if part.strip()]
+        sizes = [size for size in given if size is not None and size >= least]
+        if not sizes or len(sizes) != len(given):
+            raise argparse.ArgumentTypeError(f"want cluster sizes of at least {least}, "
+                                             f"comma-separated, not {text!r}")
+        return sizes
+
+    return parse
 
 
 class BenchRun:

@@ -42,7 +42,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import numpy.typing as npt
 
-from benchmarks.results import BenchRun, Section, Table, Target, load_since, utc_now
+from benchmarks.results import (
+    BenchRun,
+    Section,
+    Table,
+    Target,
+    cluster_sizes,
+    load_since,
+    utc_now,
+)
 from meshmirror.routing.owner import (
     DEFAULT_FANOUT,
     MIN_STRIPE,
@@ -233,7 +241,7 @@ def targets(alone: Outcome, outcomes: list[Outcome]) -> list[Target]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="100,1000,5000")
+    parser.add_argument("--sizes", type=cluster_sizes(least=2), default="100,1000,5000")
     parser.add_argument("--modes", default="per-blob,striped")
     parser.add_argument("--image-mb", type=float, default=1000.0)
     parser.add_argument("--fanout", type=int, default=DEFAULT_FANOUT)
@@ -241,20 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     bench = BenchRun(parser, argv)
     args = bench.args
-    try:
-        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError:
-        parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not sizes or min(sizes) < 2 or not set(modes) <= {"per-blob", "striped"}:
-        parser.error("--sizes needs clusters of at least 2; --modes is per-blob and/or "
-                     "striped")
+    if not modes or not set(modes) <= {"per-blob", "striped"}:
+        parser.error("--modes is per-blob and/or striped")
     started = time.process_time()
     image = args.image_mb * MB
     alone = run(1, "alone", image, args.fanout, args.seed, args.dt)
     print(json.dumps(asdict(alone)), flush=True)
     outcomes = []
-    for n in sizes:
+    for n in args.sizes:
         for mode in modes:
             outcome = run(n, mode, image, args.fanout, args.seed, args.dt)
             outcomes.append(outcome)

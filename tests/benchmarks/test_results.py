@@ -15,6 +15,7 @@ from benchmarks.results import (
     Section,
     Table,
     Target,
+    cluster_sizes,
     refresh_targets,
     replace_marked_section,
     write_section,
@@ -154,3 +155,10 @@ def test_a_bench_run_prints_always_and_writes_only_where_and_when_told(
     BenchRun(argparse.ArgumentParser(), ["--results", str(results)]).publish(section)
     assert block(results.read_text(), "bench_fake_run").strip() == section.render()
     assert BenchRun(argparse.ArgumentParser(), []).args.results == RESULTS
+
+
+def test_cluster_sizes_are_ascii_whole_numbers_at_least_the_least() -> None:
+    assert cluster_sizes(least=3)(" 50, 100,,1000 ") == [50, 100, 1000]
+    for bad in ("", ",", "2", "50,x", "50,\u00b2", "-5", "5.0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="at least 3"):
+            cluster_sizes(least=3)(bad)
