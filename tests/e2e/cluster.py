@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -378,6 +378,18 @@ def wait_mesh(nodes: Sequence[E2ENode], timeout: float = 30.0) -> None:
         return True
 
     wait_until(converged, timeout, f"{len(running)} nodes to see each other alive", 0.1)
+
+
+FIGURES = Path("/tmp/meshmirror-e2e-figures.jsonl")
+
+
+def record_figures(test: str, figures: Mapping[str, object]) -> None:
+    """Figures for benchmarks/RESULTS.md: printed (``-s`` shows them) and appended to
+    FIGURES, one JSON line a call, so a run's report can gather every test's."""
+    line = json.dumps({"test": test, **figures}, sort_keys=True, default=str)
+    print(line)
+    with FIGURES.open("a") as f:
+        f.write(line + "\n")
 
 
 def image_bytes(image: BuiltImage) -> int:

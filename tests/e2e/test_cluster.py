@@ -10,7 +10,6 @@ about one copy of the image.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import E2ENode, image_bytes, wait_mesh
+from tests.e2e.cluster import E2ENode, image_bytes, record_figures, wait_mesh
 from tests.support.distribution import DistributionRegistry
 from tests.support.metrics import metric
 from tests.support.proxy import CountingProxy
@@ -29,14 +28,6 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 MiB = 1024 * 1024
 LAYERS = (6 * MiB, 10 * MiB, 14 * MiB)
 SPREAD_DEADLINE_S = 5.0
-
-
-def _record(name: str, figures: dict[str, object]) -> None:
-    """Figures for benchmarks/RESULTS.md, printed and kept under /tmp for the report."""
-    line = json.dumps({"test": name, **figures}, sort_keys=True)
-    print(line)
-    with open("/tmp/meshmirror-e2e-figures.jsonl", "a") as f:
-        f.write(line + "\n")
 
 
 def test_cluster_shares_one_upstream_copy(tmp_path: Path) -> None:
@@ -127,7 +118,7 @@ def _run_scenario(nodes: list[E2ENode], image: BuiltImage, upstream: Distributio
         assert metric(m, "meshmirror_mirror_outcomes_total", result="hit") >= len(image.blobs())
         assert metric(m, "meshmirror_registry_response_bytes_total", source="peer") >= \
             total - image.root.size
-    _record("cluster", {
+    record_figures("cluster", {
         "image_bytes": total, "proxy_bytes_to_clients": served,
         "proxy_ratio": round(served / total, 4),
         "node1_pull_s": round(pulled.seconds, 3),

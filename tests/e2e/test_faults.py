@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.client
-import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import E2ENode, PullResult, wait_mesh
+from tests.e2e.cluster import E2ENode, PullResult, record_figures, wait_mesh
 from tests.e2e.conftest import BIG_LAYER, MiB, Upstream
 from tests.support.metrics import Metrics, metric
 from tests.support.processes import wait_until
@@ -50,13 +49,6 @@ PULLER_SPOOL_LIMIT = BIG_LAYER + 1 * MiB
 BLOCKER_LAYER = BIG_LAYER + 2 * MiB
 # Tries at landing a kill -9 while node 2 spools the layer (it takes well under a second).
 KILL_ATTEMPTS = 3
-
-
-def _record(name: str, figures: dict[str, object]) -> None:
-    line = json.dumps({"test": name, **figures}, sort_keys=True, default=str)
-    print(line)
-    with open("/tmp/meshmirror-e2e-figures.jsonl", "a") as f:
-        f.write(line + "\n")
 
 
 @dataclass
@@ -280,7 +272,7 @@ def test_serving_peer_killed_mid_transfer(cluster: Cluster, mode: str) -> None:
     survivor = c.n3 if victim is c.n1 else c.n1
     resumed = [r for r in _layer_requests(survivor, _layer(c.big)) if r.get("status") == 206]
     assert resumed, f"{survivor.name} never served a Range request"
-    _record(f"fault_peer_killed_{mode}", {
+    record_figures(f"fault_peer_killed_{mode}", {
         "victim": victim.name, "attempts": attempts,
         "peer_bytes_at_kill_MiB": round(at_kill / MiB, 1),
         "pull_finished_after_kill_s": round(finished_after_kill, 2),
@@ -338,8 +330,8 @@ def test_corrupt_small_blobs_come_from_the_good_peer(cluster: Cluster) -> None:
     # Small blobs are verified whole before sending: no response was cut short.
     for layer in c.small.platforms[0].layers:
         assert not any(r.get("aborted") for r in _layer_requests(c.n2, str(layer.digest)))
-    _record("fault_corrupt_small", {"pull_s": round(pull.result.seconds, 2),
-                                    "digest_mismatches": pull.mismatches})
+    record_figures("fault_corrupt_small", {"pull_s": round(pull.result.seconds, 2),
+                                           "digest_mismatches": pull.mismatches})
 
 
 def _layer_requests(node: E2ENode, digest: str, since: int = 0) -> list[dict[str, object]]:
@@ -369,7 +361,7 @@ def test_corrupt_large_blob_comes_from_the_good_peer(cluster: Cluster) -> None:
     c.n2.remove_image(c.big.name, c.big.digests())
     again = c.n2.pull(c.big.name)  # node 1 is still corrupt and still ranked first
     after = c.n2.metrics()
-    _record("fault_corrupt_large", {
+    record_figures("fault_corrupt_large", {
         "attempts": pull.attempts, "pull_s": round(pull.result.seconds, 2),
         "digest_mismatches": pull.mismatches,
         "requests": [(r.get("status"), r.get("bytes"), r.get("aborted", False))
@@ -416,7 +408,7 @@ def test_all_peers_gone_pulls_go_upstream_without_delay(cluster: Cluster) -> Non
         "ratio_dead_peers": round(statistics.median(dead_peers) / base, 2),
         "ratio_dead_mirror": round(statistics.median(dead_mirror) / base, 2),
     }
-    _record("fault_all_peers_gone", figures)
+    record_figures("fault_all_peers_gone", figures)
     # Generous: the bound is a refused connection or one resolve timeout per request.
     assert statistics.median(dead_peers) <= 3 * base + 2.0, figures
     assert statistics.median(dead_mirror) <= 3 * base + 2.0, figures

@@ -11,7 +11,6 @@ without the key cannot join, so no lookup returns its digest either.
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import GOSSIP_KEY, E2ENode, wait_mesh, wait_summary_known
+from tests.e2e.cluster import GOSSIP_KEY, E2ENode, record_figures, wait_mesh, wait_summary_known
 from tests.support.distribution import DistributionRegistry
 from tests.support.metrics import metric
 from tests.support.node import RunningNode, start_node
@@ -33,13 +32,6 @@ MiB = 1024 * 1024
 V1_LAYERS = (4 * MiB, 6 * MiB)
 V2_LAYERS = (4 * MiB, 6 * MiB, 3 * MiB)  # layers 0 and 1 are v1's, byte for byte
 LOOKUPS = 100
-
-
-def _record(figures: dict[str, object]) -> None:
-    line = json.dumps({"test": "fresh_tags", **figures}, sort_keys=True)
-    print(line)
-    with open("/tmp/meshmirror-e2e-figures.jsonl", "a") as f:
-        f.write(line + "\n")
 
 
 def _head_digest(node: E2ENode, repository: str, tag: str, registry: str) -> str | None:
@@ -150,7 +142,8 @@ def _scenario(nodes: list[E2ENode], rogues: list[RunningNode], v1: BuiltImage,
                       for _ in range(LOOKUPS)]
     assert str(forged2.digest) not in outage_answers
     assert str(forged.digest) not in outage_answers
-    _record({"node2_pull_s": round(pulled.seconds, 3), "node2_upstream_bytes": upstream_bytes,
-             "node2_peer_bytes": peer_bytes, "v2_new_layer_bytes": new_bytes,
-             "node3_outage_pull_s": round(outage_seconds, 3),
-             "outage_lookup_digests": sorted({a or "404" for a in outage_answers})})
+    record_figures("fresh_tags", {
+        "node2_pull_s": round(pulled.seconds, 3), "node2_upstream_bytes": upstream_bytes,
+        "node2_peer_bytes": peer_bytes, "v2_new_layer_bytes": new_bytes,
+        "node3_outage_pull_s": round(outage_seconds, 3),
+        "outage_lookup_digests": sorted({a or "404" for a in outage_answers})})

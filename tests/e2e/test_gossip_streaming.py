@@ -10,7 +10,6 @@ No node may start suspecting another, and every member must stay alive.
 from __future__ import annotations
 
 import functools
-import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage
-from tests.e2e.cluster import E2ENode, wait_mesh
+from tests.e2e.cluster import E2ENode, record_figures, wait_mesh
 from tests.support.metrics import Metrics, metric
 from tests.support.processes import spawn, stop, wait_until
 
@@ -128,10 +127,7 @@ def test_no_suspicion_while_streaming(nodes: list[E2ENode], big_image: BuiltImag
             "loop_lag_p99_le_ms": 1000 * _bucket_quantile(a, "meshmirror_mesh_loop_lag_seconds",
                                                           0.99),
         }
-    line = json.dumps({"test": "gossip_while_streaming", **figures}, sort_keys=True)
-    print(line)
-    with open("/tmp/meshmirror-e2e-figures.jsonl", "a") as f:
-        f.write(line + "\n")
+    record_figures("gossip_while_streaming", figures)
 
     # The load was real: several whole 200 MiB blobs went through two mirror hops.
     assert complete >= 4, figures

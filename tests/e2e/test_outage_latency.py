@@ -19,7 +19,6 @@ bounded only generously (three timeouts).
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 import urllib.error
@@ -31,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.e2e.cluster import GOSSIP_KEY
+from tests.e2e.cluster import GOSSIP_KEY, record_figures
 from tests.support.metrics import metric, scrape
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
@@ -43,13 +42,6 @@ REPO, TAG = "out/app", "1"
 TIMEOUT = 1.0  # --upstream-timeout
 THRESHOLD = 3  # --upstream-failure-threshold
 LOOKUPS = 43  # 40 with the breaker open
-
-
-def _record(figures: dict[str, object]) -> None:
-    line = json.dumps({"test": "outage_latency", **figures}, sort_keys=True)
-    print(line)
-    with open("/tmp/meshmirror-e2e-figures.jsonl", "a") as f:
-        f.write(line + "\n")
 
 
 @contextmanager
@@ -152,8 +144,9 @@ def _scenario(kind: str, registry: str, accepted: Callable[[], int | None], dige
     assert metric(m, "meshmirror_tag_resolutions_total", source="peer") == LOOKUPS
     open_median = statistics.median(times[THRESHOLD:])
     peers_median = statistics.median(peer_times)
-    _record({"upstream": kind, "upstream_timeout_s": TIMEOUT,
-             "before_breaker_s": [round(t, 3) for t in times[:THRESHOLD]],
-             "breaker_open_median_ms": round(open_median * 1e3, 2),
-             "peers_mode_median_ms": round(peers_median * 1e3, 2),
-             "upstream_connections": connections[-1]})
+    record_figures("outage_latency", {
+        "upstream": kind, "upstream_timeout_s": TIMEOUT,
+        "before_breaker_s": [round(t, 3) for t in times[:THRESHOLD]],
+        "breaker_open_median_ms": round(open_median * 1e3, 2),
+        "peers_mode_median_ms": round(peers_median * 1e3, 2),
+        "upstream_connections": connections[-1]})

@@ -32,7 +32,7 @@ import pytest
 
 from meshmirror.mirror.visibility import VISIBILITY_FILE
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import GOSSIP_KEY, E2ENode, wait_summary_known
+from tests.e2e.cluster import GOSSIP_KEY, E2ENode, record_figures, wait_summary_known
 from tests.support.distribution import DistributionRegistry, TokenAuth
 from tests.support.metrics import Metrics, metric
 from tests.support.node import RunningNode, start_node
@@ -46,13 +46,6 @@ MiB = 1024 * 1024
 PRIVATE, PUBLIC, TAG = "team/secret", "pub/app", "1"
 LAYERS = (2 * MiB, 1 * MiB)
 USER = ("alice", "alice-secret")
-
-
-def _record(figures: dict[str, object]) -> None:
-    line = json.dumps({"test": "outage_vouches", **figures}, sort_keys=True)
-    print(line)
-    with open("/tmp/meshmirror-e2e-figures.jsonl", "a") as f:
-        f.write(line + "\n")
 
 
 def _peer_bytes(metrics: Metrics) -> float:
@@ -169,9 +162,10 @@ def test_a_node_started_in_an_outage_pulls_on_a_members_vouch_never_a_private_im
             answered = [r for r in node_b.requests_logged()
                         if str(r.get("path", "")).startswith(f"/v2/{PRIVATE}/")]
             assert answered and {r.get("status") for r in answered} == {404}, answered
-            _record({"mesh": "encrypted", "cri_outage_pull_s": round(pull_seconds, 3),
-                     "public_peer_bytes": from_peers,
-                     "private_requests_refused_by_holder": refused})
+            record_figures("outage_vouches", {
+                "mesh": "encrypted", "cri_outage_pull_s": round(pull_seconds, 3),
+                "public_peer_bytes": from_peers,
+                "private_requests_refused_by_holder": refused})
         finally:
             if rogue is not None:
                 stop(rogue.proc)
@@ -234,8 +228,9 @@ def test_an_unencrypted_mesh_does_not_trust_vouches_but_a_node_trusts_its_own_ta
                           source="local") >= 2
             assert any("served from this node's store" in str(r.get("msg"))
                        for r in node_a.log_records())
-            _record({"mesh": "unencrypted", "own_tag_pull_s": round(again.seconds, 3),
-                     "vouch_not_trusted": _decisions(node_b, "vouch_not_trusted")})
+            record_figures("outage_vouches", {
+                "mesh": "unencrypted", "own_tag_pull_s": round(again.seconds, 3),
+                "vouch_not_trusted": _decisions(node_b, "vouch_not_trusted")})
         finally:
             for node in nodes:
                 node.close()

@@ -19,14 +19,13 @@ and is shared (its bytes come from node 1).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
-from tests.e2e.cluster import E2ENode, wait_mesh, wait_summary_known
+from tests.e2e.cluster import E2ENode, record_figures, wait_mesh, wait_summary_known
 from tests.support.distribution import DistributionRegistry, HtpasswdAuth, TokenAuth
 from tests.support.metrics import Metrics, metric
 from tests.support.skopeo import push_layout
@@ -38,13 +37,6 @@ MiB = 1024 * 1024
 PRIVATE, PUBLIC, TAG = "team/secret", "pub/app", "1"
 LAYERS = (3 * MiB, 2 * MiB)
 USER = ("alice", "alice-secret")
-
-
-def _record(figures: dict[str, object]) -> None:
-    line = json.dumps({"test": "private_images", **figures}, sort_keys=True)
-    print(line)
-    with open("/tmp/meshmirror-e2e-figures.jsonl", "a") as f:
-        f.write(line + "\n")
 
 
 def _peer_bytes(metrics: Metrics) -> float:
@@ -140,8 +132,9 @@ def test_token_registry_private_repository_never_from_peers(tmp_path: Path) -> N
             from_peer = _peer_bytes(node2.metrics()) - before
             layers = sum(layer.size for layer in public.platforms[0].layers)
             assert from_peer >= layers, (from_peer, layers)
-            _record({"kind": "token", **figures, "public_peer_bytes": from_peer,
-                     "public_pull_s": round(pulled.seconds, 3)})
+            record_figures("private_images", {
+                "kind": "token", **figures, "public_peer_bytes": from_peer,
+                "public_pull_s": round(pulled.seconds, 3)})
         finally:
             for node in nodes:
                 node.close()
@@ -157,7 +150,7 @@ def test_htpasswd_registry_is_private_throughout(tmp_path: Path) -> None:
         try:
             _start(nodes, upstream)
             figures = _private_stays_private(nodes[0], nodes[1], image, ":".join(USER))
-            _record({"kind": "htpasswd", **figures})
+            record_figures("private_images", {"kind": "htpasswd", **figures})
         finally:
             for node in nodes:
                 node.close()

@@ -12,7 +12,6 @@ and every pull still completes.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import pytest
 
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from meshmirror.routing.owner import owner_of
-from tests.e2e.cluster import E2ENode, image_bytes, wait_mesh
+from tests.e2e.cluster import E2ENode, image_bytes, record_figures, wait_mesh
 from tests.support.distribution import DistributionRegistry, TokenAuth
 from tests.support.metrics import metric
 from tests.support.processes import wait_until
@@ -38,13 +37,6 @@ MiB = 1024 * 1024
 PUBLIC, PRIVATE, TAG = "pub/app", "team/secret", "1"
 USER = ("alice", "alice-secret")
 PULL_TIMEOUT = 90.0
-
-
-def _record(figures: dict[str, object]) -> None:
-    line = json.dumps({"test": "rollout", **figures}, sort_keys=True)
-    print(line)
-    with open("/tmp/meshmirror-e2e-figures.jsonl", "a") as f:
-        f.write(line + "\n")
 
 
 @dataclass
@@ -142,11 +134,12 @@ def test_a_batched_rollout_fetches_the_public_image_once(rollout: Rollout) -> No
     peaks = [metric(m, "meshmirror_rollout_readers_peak") for m in metrics]
     refused = sum(metric(m, "meshmirror_mirror_outcomes_total", result="refused")
                   for m in metrics)
-    _record({"case": "batched", "nodes": len(nodes), "public_bytes": public_bytes,
-             "private_bytes": private_bytes, "upstream_bytes": upstream,
-             "fetched_by_mirrors": by_mirrors,
-             "public_upstream_ratio": round(from_upstream_for_public / public_bytes, 3),
-             "readers_peak": peaks, "seconds": round(seconds, 2)})
+    record_figures("rollout", {
+        "case": "batched", "nodes": len(nodes), "public_bytes": public_bytes,
+        "private_bytes": private_bytes, "upstream_bytes": upstream,
+        "fetched_by_mirrors": by_mirrors,
+        "public_upstream_ratio": round(from_upstream_for_public / public_bytes, 3),
+        "readers_peak": peaks, "seconds": round(seconds, 2)})
     # ... and the public one came from the upstream about once, fetched by the mirrors.
     assert from_upstream_for_public <= 1.05 * public_bytes, (upstream, public_bytes)
     assert public_bytes * 0.95 <= by_mirrors <= 1.05 * public_bytes, by_mirrors
@@ -190,11 +183,12 @@ def test_the_owner_killed_mid_download_every_pull_completes(rollout: Rollout) ->
     upstream = rollout.proxy.bytes_to_clients
     striped = sum(metric(n.metrics(), "meshmirror_rollout_striped_blobs_total")
                   for n in others)
-    _record({"case": "owner_killed", "owner": owner.name, "image_bytes": total,
-             "striped_blobs_on_survivors": striped,
-             "owner_fetched_before_kill": fetched_before_kill, "upstream_bytes": upstream,
-             "upstream_ratio": round(upstream / total, 3),
-             "owner_pull_retried": codes[owner.name] != 0})
+    record_figures("rollout", {
+        "case": "owner_killed", "owner": owner.name, "image_bytes": total,
+        "striped_blobs_on_survivors": striped,
+        "owner_fetched_before_kill": fetched_before_kill, "upstream_bytes": upstream,
+        "upstream_ratio": round(upstream / total, 3),
+        "owner_pull_retried": codes[owner.name] != 0})
     assert striped >= 1, "the layer came as stripes"
     # Bounded: at most the image once per node (today's cost without a mirror).
     assert upstream <= len(nodes) * total * 1.05
@@ -221,8 +215,9 @@ def test_a_slow_upstream_is_bounded_then_a_miss_and_every_pull_completes(
     fetched = _fetched_by_mirrors(nodes)
     total = image_bytes(public)
     upstream = rollout.proxy.bytes_to_clients
-    _record({"case": "slow_upstream", "image_bytes": total, "upstream_bytes": upstream,
-             "fetched_by_mirrors": fetched, "upstream_failed_misses": misses})
+    record_figures("rollout", {
+        "case": "slow_upstream", "image_bytes": total, "upstream_bytes": upstream,
+        "fetched_by_mirrors": fetched, "upstream_failed_misses": misses})
     assert misses >= len(nodes)
     # Each containerd then fetched the largest layer itself. (Whether the owner's own
     # fetch, which its readers had left, still ended in the cache is a race with the
