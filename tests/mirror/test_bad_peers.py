@@ -31,12 +31,6 @@ SMALL_DIGEST = Digest.of(SMALL)
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(auto_decompress=False) as s:
-        yield s
-
-
-@pytest.fixture
 async def started() -> AsyncIterator[list[FakePeer]]:
     peers: list[FakePeer] = []
     yield peers

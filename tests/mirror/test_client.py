@@ -28,12 +28,6 @@ PATH = f"/v2/r/blobs/{BLOB_D}"
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(auto_decompress=False) as s:
-        yield s
-
-
-@pytest.fixture
 async def peers() -> AsyncIterator[list[FakePeer]]:
     started: list[FakePeer] = []
     yield started

@@ -70,12 +70,6 @@ async def make_peer() -> AsyncIterator[MakePeer]:
         await peer.stop()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(auto_decompress=False) as s:
-        yield s
-
-
 class Settings(TypedDict, total=False):
     """Keyword arguments of ``MirrorConfig``, as ``mirror_for`` passes them on."""
 

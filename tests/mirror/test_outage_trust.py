@@ -33,10 +33,9 @@ from tests.mirror.upstreams import (
     REPO,
     ScriptedUpstream,
     peer,
-    session,
 )
 
-__all__ = ["peer", "session"]  # fixtures
+__all__ = ["peer"]  # a fixture
 
 NOW = 1_800_000_000.0
 DOWN_VISIBILITY = Unknown(FailureKind.CONNECTION, "refused")

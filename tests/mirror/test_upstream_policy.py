@@ -45,10 +45,9 @@ from tests.mirror.upstreams import (
     TAG_KEY,
     ScriptedUpstream,
     peer,
-    session,
 )
 
-__all__ = ["peer", "session"]  # fixtures
+__all__ = ["peer"]  # a fixture
 
 def build(session: aiohttp.ClientSession, peer: FakePeer, upstream: ScriptedUpstream, *,
           encrypted: bool = True, **options: object) -> tuple[PeerMirror, MirrorMetrics]:

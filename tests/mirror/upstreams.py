@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import aiohttp
 import pytest
 
 from meshmirror.oci.digest import Digest
@@ -70,9 +69,3 @@ async def peer() -> AsyncIterator[FakePeer]:
     started = await FakePeer("holder", behaviour).start()
     yield started
     await started.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(auto_decompress=False) as s:
-        yield s
