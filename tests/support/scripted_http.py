@@ -3,12 +3,11 @@
 :class:`ScriptedHTTPServer` answers each request with whatever a function returns
 (a 500, a garbage challenge, a token server's JSON) and records every request,
 so a test can assert that a call never reached the server. :class:`Blackhole`
-accepts TCP connections into its backlog and never answers: the client's
-connect succeeds and only its answer timeout can end the wait;
-:class:`Blackhole` accepts them too, holds them open without a byte
-in reply, and counts them, so a test can tell when a client stopped trying.
-They run on a thread, so the test's event loop and a synchronous benchmark can
-share them.
+accepts TCP connections, holds them open without a byte in reply, and counts
+them: the client's connect succeeds and only its answer timeout can end the
+wait, and a test can tell when a client stopped trying. :class:`RawReplyServer`
+answers with bytes that are not HTTP at all. They run on a thread, so the test's
+event loop and a synchronous benchmark can share them.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import Self
 from urllib.parse import parse_qs, urlsplit
 
 from tests.support.ports import free_port, loopback_host
@@ -156,24 +156,20 @@ class ScriptedHTTPServer:
         self.close()
 
 
-class Blackhole:
-    """Accepts every connection, reads and discards what arrives, never answers; counts them.
+class _AcceptLoop:
+    """A listening socket on loopback and a thread that accepts on it until closed.
 
-    Connects succeed and no byte ever comes back. It keeps accepting (a socket
-    that never accepts has a backlog that fills), so ``accepted`` is every
-    connection a client opened, however many there were.
+    A subclass says what a connection gets (`_take`) and what to do while none
+    arrives (`_idle`); the accept times out every 50 ms so `close` is prompt.
     """
 
-    def __init__(self, host: str | None = None) -> None:
+    def __init__(self, host: str | None, backlog: int) -> None:
         self.host = host or loopback_host()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind((self.host, 0))
-        self._sock.listen(64)
+        self._sock.listen(backlog)
         self._sock.settimeout(0.05)
         self.port = int(self._sock.getsockname()[1])
-        self._lock = threading.Lock()
-        self._accepted = 0
-        self._held: list[socket.socket] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -183,13 +179,60 @@ class Blackhole:
             try:
                 conn, _ = self._sock.accept()
             except (TimeoutError, OSError):
-                self._drain()
+                self._idle()
                 continue
-            conn.setblocking(False)
-            with self._lock:
-                self._accepted += 1
-                self._held.append(conn)
-            self._drain()
+            self._take(conn)
+
+    def _take(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _idle(self) -> None:
+        pass
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Blackhole(_AcceptLoop):
+    """Accepts every connection, reads and discards what arrives, never answers; counts them.
+
+    Connects succeed and no byte ever comes back. It keeps accepting (a socket
+    that never accepts has a backlog that fills), so ``accepted`` is every
+    connection a client opened, however many there were.
+    """
+
+    def __init__(self, host: str | None = None) -> None:
+        self._lock = threading.Lock()
+        self._accepted = 0
+        self._held: list[socket.socket] = []
+        super().__init__(host, backlog=64)
+
+    def _take(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        with self._lock:
+            self._accepted += 1
+            self._held.append(conn)
+        self._drain()
+
+    def _idle(self) -> None:
+        self._drain()
 
     def _drain(self) -> None:
         """Read what clients sent (a full receive buffer would stall their writes) and
@@ -215,75 +258,29 @@ class Blackhole:
         with self._lock:
             return self._accepted
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        super().close()
         with self._lock:
             for conn in self._held:
                 conn.close()
             self._held = []
-        self._sock.close()
-
-    def __enter__(self) -> Blackhole:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
-class RawReplyServer:
+class RawReplyServer(_AcceptLoop):
     """Answers every connection with fixed bytes, then closes it: a server that is not HTTP."""
 
     def __init__(self, data: bytes, host: str | None = None) -> None:
         self.data = data
-        self.host = host or loopback_host()
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind((self.host, 0))
-        self._sock.listen(16)
-        self._sock.settimeout(0.05)
-        self.port = int(self._sock.getsockname()[1])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__(host, backlog=16)
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
+    def _take(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(1.0)
             try:
-                conn, _ = self._sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            with conn:
-                conn.settimeout(1.0)
-                try:
-                    conn.recv(65536)
-                    conn.sendall(self.data)
-                except OSError:
-                    pass
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._sock.close()
-
-    def __enter__(self) -> RawReplyServer:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
+                conn.recv(65536)
+                conn.sendall(self.data)
+            except OSError:
+                pass
 
 
 def refused_url(host: str | None = None) -> str:
