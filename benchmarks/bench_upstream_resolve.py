@@ -35,7 +35,7 @@ from meshmirror.upstream import TagDigest, Unreachable, UpstreamClient, Upstream
 from tests.support.distribution import DistributionRegistry, TokenAuth
 from tests.support.scripted_http import refused_url
 from tests.support.skopeo import push_layout
-from tests.support.token_server import ISSUER, SERVICE, TokenServer
+from tests.support.token_server import ISSUER, LOOPBACK_ALLOWED, SERVICE, TokenServer
 
 REPO, TAG = "bench/app", "1"
 DOWN = "down.test"
@@ -70,7 +70,7 @@ async def _run(token_reg: DistributionRegistry, public_reg: DistributionRegistry
                                              DOWN: refused_url()})
     async with aiohttp.ClientSession() as session, \
             UpstreamClient(endpoints, session=session, failure_threshold=1,
-                           cooldown=3600) as warm:
+                           cooldown=3600, guard=LOOPBACK_ALLOWED) as warm:
         bearer = {**headers, "Authorization": f"Bearer {await _token(session, realm)}"}
         url = f"{token_reg.url}/v2/{REPO}/manifests/{TAG}"
         noauth_url = f"{public_reg.url}/v2/{REPO}/manifests/{TAG}"
@@ -88,7 +88,7 @@ async def _run(token_reg: DistributionRegistry, public_reg: DistributionRegistry
             assert isinstance(await warm.resolve_tag(token_reg.address, REPO, TAG), TagDigest)
 
         async def resolve_cold() -> None:
-            client = UpstreamClient(endpoints, session=session)
+            client = UpstreamClient(endpoints, session=session, guard=LOOPBACK_ALLOWED)
             assert isinstance(await client.resolve_tag(token_reg.address, REPO, TAG), TagDigest)
 
         async def breaker_open() -> None:

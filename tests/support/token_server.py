@@ -36,10 +36,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from meshmirror.upstream.guard import AddressGuard
 from tests.support.scripted_http import Reply, Request, ScriptedHTTPServer
 
 SERVICE = "meshmirror-test-registry"
 ISSUER = "meshmirror-test-token-issuer"
+# A token server listens on another loopback address than its registry, which the
+# upstream client's guard refuses unless allowed: what a node gets from
+# --upstream-allow-hosts 127.0.0.0/8.
+LOOPBACK_ALLOWED = AddressGuard.parse(["127.0.0.0/8"])
 
 
 def _b64url(data: bytes) -> str:

@@ -15,10 +15,9 @@ import pytest
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from meshmirror.upstream import UpstreamClient, UpstreamEndpoints
-from meshmirror.upstream.guard import AddressGuard
 from tests.support.distribution import DistributionRegistry, HtpasswdAuth, TokenAuth
 from tests.support.skopeo import push_layout
-from tests.support.token_server import ISSUER, SERVICE, TokenServer
+from tests.support.token_server import ISSUER, LOOPBACK_ALLOWED, SERVICE, TokenServer
 
 TAG = "1"
 PUBLIC_REPO = "pub/app"
@@ -45,11 +44,6 @@ class Upstream:
     @property
     def name(self) -> str:
         return self.registry.address
-
-
-# Test token servers listen on other loopback addresses than their registries: the
-# allow-list a node gets from --upstream-allow-hosts 127.0.0.0/8.
-LOOPBACK_ALLOWED = AddressGuard.parse(["127.0.0.0/8"])
 
 
 def client_for(*upstreams: Upstream | tuple[str, str], **options: object) -> UpstreamClient:
