@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,8 +14,8 @@ from meshmirror.oci.imagebuilder import BuiltImage
 from meshmirror.upstream import AuthRequired, FailureKind, NotFound, Unreachable
 from meshmirror.upstream.blobs import FetchedManifest, UpstreamBody, UpstreamContent, UpstreamStall
 from tests.support.ports import free_port, loopback_host
-from tests.support.scripted_http import refused_url
-from tests.upstream.conftest import PRIVATE_REPO, PUBLIC_REPO, Upstream, client_for
+from tests.support.scripted_http import Reply, Request, ScriptedHTTPServer, refused_url
+from tests.upstream.conftest import PRIVATE_REPO, PUBLIC_REPO, FakeClock, Upstream, client_for
 
 pytestmark = pytest.mark.real
 
@@ -114,3 +115,37 @@ async def test_a_stalled_body_and_silent_headers_are_bounded() -> None:
         content = UpstreamContent(client, stall_timeout=0.3, first_byte_timeout=0.3)
         silent = await content.open_blob(name, "a/b", Digest.of(b"x"))
         assert isinstance(silent, Unreachable) and silent.kind is FailureKind.TIMEOUT
+
+
+async def test_a_probe_given_up_while_its_5xx_is_checked_leaves_the_breaker_usable() -> None:
+    """A manifest fetch's 5xx is checked against ``/v2/`` before the breaker hears of
+    it. A caller that gives up during that check must free the half-open probe, or
+    the registry would be held unreachable for good (the check once ran outside the
+    breaker's wrapping, where a cancel skipped `abandon`)."""
+    clock = FakeClock()
+    base_asked, release = threading.Event(), threading.Event()
+
+    def respond(request: Request) -> Reply:
+        if request.path == "/v2/":
+            base_asked.set()
+            release.wait(10)
+            return Reply(200)
+        return Reply(500)
+
+    with ScriptedHTTPServer(respond) as server:
+        try:
+            async with client_for(("r.test", server.url), failure_threshold=1, cooldown=10,
+                                  clock=clock) as client:
+                breaker = client.breaker("r.test")
+                assert breaker.allow()
+                breaker.record_failure("refused")
+                clock.now += 10  # half-open: the next fetch is the probe
+                fetch = asyncio.create_task(UpstreamContent(client).fetch_manifest(
+                    "r.test", "a/b", Digest.of(b"a layer, asked for as a manifest")))
+                assert await asyncio.to_thread(base_asked.wait, 10)
+                fetch.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await fetch
+                assert breaker.allow(), "the probe slot was left taken"
+        finally:
+            release.set()
