@@ -389,8 +389,13 @@ def report(args: argparse.Namespace, image_bytes: int, runs: dict[str, list[Pull
             " / ".join(mirror_results(run.metrics[i]) for run in mesh)))
     base_total = mean_ratio(whole[MESH], whole[BASELINE])
     base_fetch = mean_ratio(fetch[MESH], fetch[BASELINE])
-    ideal_total = mean_ratio(whole[MESH], whole[IDEAL])
-    ideal_fetch = mean_ratio(fetch[MESH], fetch[IDEAL])
+    # Against the ideal, round by round: the two ran minutes apart at most, so a
+    # change in the machine's load (shared, 2 cores) moves both.
+    rounds = list(zip(mesh, runs[IDEAL], strict=True))
+    paired_total = [mean_ratio(m.seconds, i.seconds) for m, i in rounds]
+    paired_fetch = [mean_ratio(m.fetch_seconds, i.fetch_seconds) for m, i in rounds]
+    ideal_total = statistics.median(paired_total)
+    ideal_fetch = statistics.median(paired_fetch)
     upstream_base = [run.total_upstream / image_bytes for run in base]
     upstream_mesh = [run.total_upstream / image_bytes for run in mesh]
     sampled = []
@@ -427,14 +432,18 @@ def report(args: argparse.Namespace, image_bytes: int, runs: dict[str, list[Pull
                + ", ".join(f"{r:.2f}x" for r in upstream_base) + "; meshmirror "
                + ", ".join(f"**{r:.2f}x**" for r in upstream_mesh) + ".",
                f"Nodes after the first, mean of medians: whole pull {base_total:.2f}x the "
-               f"baseline and **{ideal_total:.2f}x the ideal**; fetch part {base_fetch:.2f}x "
-               f"the baseline and **{ideal_fetch:.2f}x the ideal**.", *sampled],
+               f"baseline, fetch part {base_fetch:.2f}x.",
+               "Nodes after the first against the ideal of the same round (mean over the "
+               "nodes), per round: whole pull "
+               + ", ".join(f"{r:.2f}x" for r in paired_total) + ", fetch part "
+               + ", ".join(f"{r:.2f}x" for r in paired_fetch)
+               + f"; median **{ideal_total:.2f}x** and **{ideal_fetch:.2f}x**.", *sampled],
         targets=[Target("upstream bytes per rolling pull / image (HTTP headers aside), "
                         "worst round", "<=", 1.01, max(upstream_mesh)),
                  Target("rolling pull: nodes 2..N / ideal (unthrottled loopback "
-                        "Distribution), whole pull", "<=", 1.1, ideal_total),
-                 Target("rolling pull: nodes 2..N / ideal, fetch part", "<=", 1.1,
-                        ideal_fetch)])
+                        "Distribution), whole pull, median round", "<=", 1.1, ideal_total),
+                 Target("rolling pull: nodes 2..N / ideal, fetch part, median round", "<=",
+                        1.1, ideal_fetch)])
 
 
 def main() -> int:
