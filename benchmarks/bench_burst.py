@@ -43,6 +43,7 @@ from benchmarks.results import (
     write_section,
 )
 from meshmirror.oci.imagebuilder import build_image
+from tests.helm.chart import default_memory_limit
 from tests.support.node import RunningNode, start_node
 from tests.support.processes import stop, wait_until
 
@@ -182,6 +183,8 @@ def section(result: Burst, load_before: str) -> Section:
             Target("burst: peer fetches of one blob", "<=", 1, result.peer_fetches, ""),
             Target("burst: headers p99 after the first client's", "<=", 1.0, spread99, " s"),
             Target("burst: node RSS over idle", "<=", result.size_mib, rss, " MiB"),
+            Target("burst: node peak RSS, against the chart's memory limit", "<=",
+                   default_memory_limit() / MiB, result.rss_peak_mib, " MiB"),
         ],
     )
 

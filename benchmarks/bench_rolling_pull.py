@@ -12,9 +12,13 @@ long that took after the previous pull ended (gossip + summary convergence).
 
 The baseline is the same rolling pull on fresh containerds whose hosts dir
 holds only the upstream ``server``: every node fetches the whole image over the
-rate-limited link. Rounds alternate the two modes. Figures: bytes the upstream
-served (target 1.0x the image with meshmirror, against N x without) and each
-node's pull time, whole and without the unpack that ctr reports separately.
+rate-limited link. The ideal is what a node after the first could hope for at
+best: the same pull with the hosts dir's ``server`` pointing straight at the
+Distribution on loopback, no proxy and no limit, as if the image sat in a
+registry on the node itself. Rounds rotate the three modes. Figures: bytes the
+upstream served (target 1.0x the image with meshmirror, against N x without) and
+each node's pull time, whole and without the unpack that ctr reports separately;
+nodes 2..N with meshmirror should take at most 1.1x the ideal.
 
     python -m benchmarks.bench_rolling_pull --nodes 3 --layer-mib 50 --layers 4 --rate-mb 50
 
@@ -37,11 +41,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -65,15 +70,23 @@ from tests.support.processes import spawn, stop, wait_until
 from tests.support.proxy import CountingProxy
 from tests.support.skopeo import push_layout
 
+# The three ways a rolling run pulls: through meshmirror, from the throttled upstream
+# alone, and from an unthrottled Distribution on loopback (the ideal).
+MESH, BASELINE, IDEAL = "meshmirror", "baseline", "ideal"
+MODES = (MESH, BASELINE, IDEAL)
 REPOSITORY = "bench/rolling"
 TAG = "1"
+# --sample-spool polls the pulling node's /metrics this often (it costs CPU, so the
+# figures of a sampled run are for sizing the spool, not for the time ratios).
+SAMPLE_INTERVAL = 0.05
 # A pull slower than this at the configured rate means something is stuck.
 PULL_TIMEOUT = 600.0
 
 
 @dataclass
 class PullFigures:
-    """One rolling run: per-node pull seconds, waits before each pull, upstream bytes."""
+    """One rolling run: per-node pull seconds, waits before each pull, upstream bytes.
+    ``label`` is the mode: one of `MODES`."""
 
     label: str
     seconds: list[float] = field(default_factory=list)
@@ -81,6 +94,9 @@ class PullFigures:
     waits: list[float] = field(default_factory=list)
     upstream_bytes: list[int] = field(default_factory=list)
     metrics: list[dict[str, float]] = field(default_factory=list)
+    # With --sample-spool: the pulling node's highest spool and cache gauges, per node.
+    peak_spool: list[float] = field(default_factory=list)
+    peak_cache: list[float] = field(default_factory=list)
 
     @property
     def total_upstream(self) -> int:
@@ -221,8 +237,18 @@ def pull(ctrd: Containerd, hosts_dir: Path, image: BuiltImage) -> tuple[float, f
 
 
 def rolling_run(args: argparse.Namespace, scratch: Path, proxy: CountingProxy,
-                image: BuiltImage, *, mesh: bool) -> PullFigures:
-    figures = PullFigures("meshmirror" if mesh else "baseline")
+                direct_url: str, image: BuiltImage, mode: str) -> PullFigures:
+    """One rolling pull in ``mode``; ``direct_url`` is the Distribution behind the proxy,
+    which the ideal pulls from with no limit. The ideal names the image by that address:
+    containerd 1.6 sends a pull to the image's own host whatever ``server`` its hosts.toml
+    names (checked here: a ``server`` of a closed port still pulled through the proxy)."""
+    figures = PullFigures(mode)
+    mesh = mode == MESH
+    upstream_url = proxy.url
+    if mode == IDEAL:
+        upstream_url = direct_url
+        direct = direct_url.removeprefix("http://")
+        image = replace(image, name=f"{direct}/{image.repository}:{image.tag}", registry=direct)
     run_dir = scratch / figures.label
     run_dir.mkdir()
     with ExitStack() as stack:
@@ -242,7 +268,7 @@ def rolling_run(args: argparse.Namespace, scratch: Path, proxy: CountingProxy,
         hosts_dirs = []
         for i in range(args.nodes):
             hosts_dirs.append(run_dir / f"hosts{i}")
-            configure_hosts(hosts_dirs[i], proxy.url, nodes[i].registry if mesh else None)
+            configure_hosts(hosts_dirs[i], upstream_url, nodes[i].registry if mesh else None)
         proxy.reset()
         previous_end = time.perf_counter()
         for i, ctrd in enumerate(ctrds):
@@ -251,7 +277,14 @@ def rolling_run(args: argparse.Namespace, scratch: Path, proxy: CountingProxy,
                            f"node{i}'s mirror to find the image on a peer", interval=0.02)
             figures.waits.append(time.perf_counter() - previous_end)
             before = proxy.bytes_to_clients
-            seconds, fetch_seconds = pull(ctrd, hosts_dirs[i], image)
+            with ExitStack() as sampling:
+                if mesh and args.sample_spool:
+                    peaks = sampling.enter_context(
+                        gauge_peaks(nodes[i], (SPOOL, CACHE), SAMPLE_INTERVAL))
+                seconds, fetch_seconds = pull(ctrd, hosts_dirs[i], image)
+            if mesh and args.sample_spool:
+                figures.peak_spool.append(peaks[SPOOL])
+                figures.peak_cache.append(peaks[CACHE])
             previous_end = time.perf_counter()
             figures.seconds.append(seconds)
             figures.fetch_seconds.append(fetch_seconds)
@@ -261,6 +294,38 @@ def rolling_run(args: argparse.Namespace, scratch: Path, proxy: CountingProxy,
                   f"(waited {figures.waits[-1]:.2f} s before)", flush=True)
         figures.metrics = [n.scrape() for n in nodes]
     return figures
+
+
+SPOOL = "meshmirror_mirror_spool_bytes{}"
+CACHE = "meshmirror_mirror_cache_bytes{}"
+
+
+@contextmanager
+def gauge_peaks(node: MeshNode, names: tuple[str, ...], interval: float
+                ) -> Iterator[dict[str, float]]:
+    """Highest value of each gauge in ``names`` seen on ``node`` while the block runs,
+    polled every ``interval`` seconds (and once at the end)."""
+    peaks = dict.fromkeys(names, 0.0)
+    done = threading.Event()
+
+    def sample() -> None:
+        while True:
+            try:
+                metrics = node.scrape()
+            except OSError:
+                metrics = {}
+            for name in names:
+                peaks[name] = max(peaks[name], metrics.get(name, 0.0))
+            if done.wait(interval):
+                return
+
+    thread = threading.Thread(target=sample, name=f"peaks-{node.name}", daemon=True)
+    thread.start()
+    try:
+        yield peaks
+    finally:
+        done.set()
+        thread.join(10)
 
 
 def peer_bytes(metrics: dict[str, float]) -> float:
@@ -281,10 +346,10 @@ def mirror_results(metrics: dict[str, float]) -> str:
     """``hit 5, miss 6; peer failures: timeout 3``: what a node's mirror did with misses."""
     results = label_totals(metrics, "meshmirror_mirror_outcomes_total", "result")
     failures = label_totals(metrics, "meshmirror_mirror_peer_failures_total", "reason")
-    text = ", ".join(f"{k} {int(v)}" for k, v in sorted(results.items())) or "none"
-    if failures:
+    text = ", ".join(f"{k} {int(v)}" for k, v in sorted(results.items()) if v) or "none"
+    if any(failures.values()):
         text += "; peer failures: " + ", ".join(
-            f"{k} {int(v)}" for k, v in sorted(failures.items()))
+            f"{k} {int(v)}" for k, v in sorted(failures.items()) if v)
     return text
 
 
@@ -293,31 +358,58 @@ def median_per_node(runs: list[PullFigures], pick: Callable[[PullFigures], list[
     return [statistics.median(pick(run)[i] for run in runs) for i in range(len(pick(runs[0])))]
 
 
-def report(args: argparse.Namespace, image_bytes: int, base: list[PullFigures],
-           mesh: list[PullFigures], load_before: str) -> Section:
+def mean_ratio(top: list[float], bottom: list[float]) -> float:
+    """Nodes 2..N (the ones a mirror can help): mean of ``top`` over mean of ``bottom``."""
+    return statistics.mean(top[1:]) / statistics.mean(bottom[1:])
+
+
+def report(args: argparse.Namespace, image_bytes: int, runs: dict[str, list[PullFigures]],
+           load_before: str) -> Section:
     """The benchmark's block in RESULTS.md, from the rounds of each mode."""
-    base_s = median_per_node(base, lambda f: f.seconds)
-    mesh_s = median_per_node(mesh, lambda f: f.seconds)
-    base_f = median_per_node(base, lambda f: f.fetch_seconds)
-    mesh_f = median_per_node(mesh, lambda f: f.fetch_seconds)
+    base, mesh = runs[BASELINE], runs[MESH]
+    whole = {mode: median_per_node(runs[mode], lambda f: f.seconds) for mode in MODES}
+    fetch = {mode: median_per_node(runs[mode], lambda f: f.fetch_seconds) for mode in MODES}
+
+    def cell(mode: str, i: int) -> str:
+        return f"{whole[mode][i]:.2f} ({fetch[mode][i]:.2f})"
+
+    def ratio(mode: str, i: int) -> str:
+        return (f"{whole[MESH][i] / whole[mode][i]:.2f} "
+                f"({fetch[MESH][i] / fetch[mode][i]:.2f})")
+
     rows = []
     for i in range(args.nodes):
         rows.append((
-            f"node{i}", f"{base_s[i]:.2f} ({base_f[i]:.2f})",
+            f"node{i}", cell(IDEAL, i), cell(BASELINE, i),
             "/".join(f"{run.upstream_bytes[i] / 1e6:.0f}" for run in base),
-            f"{mesh_s[i]:.2f} ({mesh_f[i]:.2f})",
+            cell(MESH, i),
             "/".join(f"{run.upstream_bytes[i] / 1e6:.0f}" for run in mesh),
-            f"{mesh_s[i] / base_s[i]:.2f} ({mesh_f[i] / base_f[i]:.2f})",
+            ratio(BASELINE, i), ratio(IDEAL, i),
             "-" if i == 0 else "/".join(f"{run.waits[i]:.2f}" for run in mesh),
             " / ".join(mirror_results(run.metrics[i]) for run in mesh)))
-    later = slice(1, None)
-    ratio_total = statistics.mean(mesh_s[later]) / statistics.mean(base_s[later])
-    ratio_fetch = statistics.mean(mesh_f[later]) / statistics.mean(base_f[later])
+    base_total = mean_ratio(whole[MESH], whole[BASELINE])
+    base_fetch = mean_ratio(fetch[MESH], fetch[BASELINE])
+    # Against the ideal, round by round: the two ran minutes apart at most, so a
+    # change in the machine's load (shared, 2 cores) moves both.
+    rounds = list(zip(mesh, runs[IDEAL], strict=True))
+    paired_total = [mean_ratio(m.seconds, i.seconds) for m, i in rounds]
+    paired_fetch = [mean_ratio(m.fetch_seconds, i.fetch_seconds) for m, i in rounds]
+    ideal_total = statistics.median(paired_total)
+    ideal_fetch = statistics.median(paired_fetch)
     upstream_base = [run.total_upstream / image_bytes for run in base]
     upstream_mesh = [run.total_upstream / image_bytes for run in mesh]
+    sampled = []
+    if args.sample_spool:
+        sampled.append(
+            "Pulling node's peak spool (pinned) / cache bytes, MiB, per node and round: "
+            + "; ".join(f"node{i} " + ", ".join(
+                f"{run.peak_spool[i] / 2**20:.0f}/{run.peak_cache[i] / 2**20:.0f}"
+                for run in mesh) for i in range(args.nodes))
+            + f" (polled every {SAMPLE_INTERVAL:g} s, which costs the mirror CPU).")
     command = (f"python -m benchmarks.bench_rolling_pull --nodes {args.nodes} --layers "
                f"{args.layers} --layer-mib {args.layer_mib} --rate-mb {args.rate_mb:g} "
-               f"--rounds {args.rounds}" + "".join(f" {flag}" for flag in run_flags(args)))
+               f"--rounds {args.rounds}" + "".join(f" {flag}" for flag in run_flags(args))
+               + (" --sample-spool" if args.sample_spool else ""))
     return Section(
         name="bench_rolling_pull", title="Rolling pull across containerd nodes",
         command=command, date=utc_now(), load=load_since(load_before),
@@ -325,22 +417,33 @@ def report(args: argparse.Namespace, image_bytes: int, base: list[PullFigures],
               "in all, in docker-registry behind a counting proxy limited to "
               f"{args.rate_mb:g} MB/s. Each of {args.nodes} nodes runs `ctr images pull "
               "--hosts-dir` in turn (containerd 1.6.20, root on /dev/shm, the pull includes "
-              "unpacking). Baseline: hosts.toml with only the upstream `server`. meshmirror: "
-              "`meshmirror configure` pointing at the node's own `meshmirror run --store "
-              f"containerd`, all nodes in one mesh. {args.rounds} rounds, meshmirror and "
-              "baseline alternating on fresh containerds; times are medians, per-round figures "
-              "are separated by `/`.",
-        tables=[Table(("node", "baseline s (fetch)", "baseline MB from upstream",
-                       "meshmirror s (fetch)", "meshmirror MB from upstream",
-                       "meshmirror/baseline (fetch)", "wait for summary s",
+              "unpacking). Ideal: hosts.toml whose `server` is the same docker-registry "
+              "straight on loopback, no proxy and no limit. Baseline: hosts.toml with only "
+              "the upstream `server`. meshmirror: `meshmirror configure` pointing at the "
+              "node's own `meshmirror run --store containerd`, all nodes in one mesh. "
+              f"{args.rounds} rounds, the three modes rotating on fresh containerds; times "
+              "are medians, per-round figures are separated by `/`.",
+        tables=[Table(("node", "ideal s (fetch)", "baseline s (fetch)",
+                       "baseline MB from upstream", "meshmirror s (fetch)",
+                       "meshmirror MB from upstream", "meshmirror/baseline (fetch)",
+                       "meshmirror/ideal (fetch)", "wait for summary s",
                        "meshmirror mirror results"), rows)],
         notes=["Bytes from upstream per rolling pull, as a multiple of the image: baseline "
                + ", ".join(f"{r:.2f}x" for r in upstream_base) + "; meshmirror "
                + ", ".join(f"**{r:.2f}x**" for r in upstream_mesh) + ".",
-               f"Nodes after the first, mean of medians: whole pull {ratio_total:.2f}x the "
-               f"baseline, fetch part {ratio_fetch:.2f}x."],
+               f"Nodes after the first, mean of medians: whole pull {base_total:.2f}x the "
+               f"baseline, fetch part {base_fetch:.2f}x.",
+               "Nodes after the first against the ideal of the same round (mean over the "
+               "nodes), per round: whole pull "
+               + ", ".join(f"{r:.2f}x" for r in paired_total) + ", fetch part "
+               + ", ".join(f"{r:.2f}x" for r in paired_fetch)
+               + f"; median **{ideal_total:.2f}x** and **{ideal_fetch:.2f}x**.", *sampled],
         targets=[Target("upstream bytes per rolling pull / image (HTTP headers aside), "
-                        "worst round", "<=", 1.01, max(upstream_mesh))])
+                        "worst round", "<=", 1.01, max(upstream_mesh)),
+                 Target("rolling pull: nodes 2..N / ideal (unthrottled loopback "
+                        "Distribution), whole pull, median round", "<=", 1.1, ideal_total),
+                 Target("rolling pull: nodes 2..N / ideal, fetch part, median round", "<=",
+                        1.1, ideal_fetch)])
 
 
 def main() -> int:
@@ -351,12 +454,15 @@ def main() -> int:
     parser.add_argument("--rate-mb", type=float, default=50.0,
                         help="upstream rate limit in MB/s (10^6 bytes)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rolling pulls per mode, alternating meshmirror and baseline")
+                        help="rolling pulls per mode, rotating meshmirror, baseline and ideal")
     parser.add_argument("--mirror-resolve-timeout", type=float, default=None, metavar="SECONDS",
                         help="passed to every `meshmirror run` (default: run's own default)")
     parser.add_argument("--mirror-spool-limit", default=None, metavar="SIZE",
                         help="passed to every `meshmirror run`; 0 streams blobs from peers "
                              "instead of holding them until verified")
+    parser.add_argument("--sample-spool", action="store_true",
+                        help="poll the pulling node's spool and cache gauges for their peaks "
+                             "(sizes the spool; the polling slows the mirror a little)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     args = parser.parse_args()
@@ -367,8 +473,7 @@ def main() -> int:
 
     load_before = load_average()
     scratch_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
-    base: list[PullFigures] = []
-    mesh: list[PullFigures] = []
+    runs: dict[str, list[PullFigures]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="bench-rolling-", dir=scratch_root) as tmp, \
             DistributionRegistry() as upstream:
         scratch = Path(tmp)
@@ -380,14 +485,14 @@ def main() -> int:
         shutil.rmtree(image.layout)
         with proxy:
             for round_no in range(args.rounds):
-                # Alternate which mode goes first so a drift in machine load hits both.
-                order = (True, False) if round_no % 2 == 0 else (False, True)
-                for with_mesh in order:
+                # Rotate which mode goes first so a drift in machine load hits each.
+                shift = round_no % len(MODES)
+                for mode in MODES[shift:] + MODES[:shift]:
                     run_dir = scratch / f"round{round_no}"
                     run_dir.mkdir(exist_ok=True)
-                    figures = rolling_run(args, run_dir, proxy, image, mesh=with_mesh)
-                    (mesh if with_mesh else base).append(figures)
-    section = report(args, image_bytes, base, mesh, load_before)
+                    runs[mode].append(rolling_run(args, run_dir, proxy, upstream.url,
+                                                  image, mode))
+    section = report(args, image_bytes, runs, load_before)
     print(section.render())
     if not args.no_write:
         write_section(section, args.results)

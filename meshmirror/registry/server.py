@@ -557,6 +557,12 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
             reader = asyncio.StreamReader(limit=2**16, loop=loop)
             if sent:
                 reader.feed_data(sent)
+            # connect_accepted_socket leaves Nagle on (create_server would not): a
+            # response written as headers then body then waits for the client's
+            # delayed ACK, 40 ms on every request after a connection's first
+            # (containerd and peers keep connections alive; benchmarks/RESULTS.md).
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             transport, protocol = await loop.connect_accepted_socket(
                 lambda: asyncio.StreamReaderProtocol(reader, loop=loop), conn)
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)

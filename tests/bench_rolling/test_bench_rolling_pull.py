@@ -6,6 +6,7 @@ would shift every "fetch" time, a misparsed label would misreport why a node mis
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import pytest
@@ -45,6 +46,48 @@ def test_mirror_results_totals_over_kinds_and_lists_failure_reasons() -> None:
 
 def test_mirror_results_of_an_idle_mirror() -> None:
     assert bench.mirror_results({"meshmirror_mirror_peer_bytes_total{}": 0.0}) == "none"
+
+
+def test_mirror_results_leave_out_labels_created_at_zero() -> None:
+    metrics = {
+        "meshmirror_mirror_outcomes_total{kind=blob,registry=r:1,result=hit}": 8.0,
+        "meshmirror_mirror_outcomes_total{kind=blob,registry=r:1,result=error}": 0.0,
+        "meshmirror_mirror_peer_failures_total{reason=timeout}": 0.0,
+    }
+    assert bench.mirror_results(metrics) == "hit 8"
+
+
+def figures(mode: str, seconds: list[float], upstream: list[int]) -> bench.PullFigures:
+    return bench.PullFigures(mode, seconds=seconds, fetch_seconds=[s - 1 for s in seconds],
+                             waits=[0.0] * len(seconds), upstream_bytes=upstream,
+                             metrics=[{} for _ in seconds])
+
+
+def test_report_checks_nodes_after_the_first_against_the_ideal() -> None:
+    """The first node has nothing to hop from, so only nodes 2..N count against the
+    ideal; the ratio is of means over those nodes, whole and without the unpack, taken
+    round by round (each against the ideal of its own round), then the median round."""
+    args = argparse.Namespace(nodes=3, layers=1, layer_mib=1, rate_mb=50.0, rounds=1,
+                              mirror_resolve_timeout=None, mirror_spool_limit=None,
+                              sample_spool=False)
+    args.rounds = 3
+    runs = {bench.IDEAL: [figures(bench.IDEAL, [2.0, 2.0, 2.0], [0, 0, 0]),
+                          figures(bench.IDEAL, [4.0, 4.0, 4.0], [0, 0, 0]),
+                          figures(bench.IDEAL, [2.0, 2.0, 2.0], [0, 0, 0])],
+            bench.BASELINE: [figures(bench.BASELINE, [5.0, 5.0, 5.0], [100, 100, 100])] * 3,
+            # Round 2 was loaded for both modes alike: 1.0x, not 2x the other rounds' ideal.
+            bench.MESH: [figures(bench.MESH, [5.0, 2.0, 2.4], [100, 0, 0]),
+                         figures(bench.MESH, [5.0, 4.0, 4.0], [100, 0, 0]),
+                         figures(bench.MESH, [5.0, 2.2, 2.6], [100, 0, 0])]}
+    section = bench.report(args, 100, runs, "0 / 0 / 0")
+    targets = {t.what: t for t in section.targets}
+    whole = targets["rolling pull: nodes 2..N / ideal (unthrottled loopback Distribution), "
+                    "whole pull, median round"]
+    fetch = targets["rolling pull: nodes 2..N / ideal, fetch part, median round"]
+    assert whole.latest == pytest.approx(2.2 / 2.0) and whole.met
+    assert fetch.latest == pytest.approx(1.2 / 1.0) and not fetch.met
+    assert targets["upstream bytes per rolling pull / image (HTTP headers aside), "
+                   "worst round"].latest == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("argv", [

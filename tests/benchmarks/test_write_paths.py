@@ -67,17 +67,25 @@ def test_burst_runs_small_and_writes_its_block(tmp_path: Path) -> None:
 
 def test_rolling_pull(tmp_path: Path) -> None:
     args = argparse.Namespace(nodes=2, layers=4, layer_mib=50, rate_mb=50.0, rounds=1,
-                              mirror_resolve_timeout=None, mirror_spool_limit="0")
+                              mirror_resolve_timeout=None, mirror_spool_limit="0",
+                              sample_spool=True)
     image = 200_000_000
+    ideal = bench_rolling_pull.PullFigures("ideal", [2.0, 2.5], [1.5, 1.6], [0.0, 0.0],
+                                           [0, 0], [{}, {}])
     base = bench_rolling_pull.PullFigures("baseline", [5.0, 5.2], [4.0, 4.1], [0.0, 0.0],
                                           [image, image], [{}, {}])
     hit = {"meshmirror_mirror_outcomes_total{kind=blob,result=hit}": 8.0}
     mesh = bench_rolling_pull.PullFigures("meshmirror", [5.1, 3.0], [4.0, 2.0], [0.0, 0.02],
-                                          [image, 1000], [{}, hit])
-    text = _write(tmp_path, bench_rolling_pull.report(args, image, [base], [mesh], LOAD))
-    assert "--rounds 1 --mirror-spool-limit 0`" in text
-    assert "| node1 | 5.20 (4.10) | 200 | 3.00 (2.00) | 0 | 0.58 (0.49) | 0.02 | hit 8 |" in text
+                                          [image, 1000], [{}, hit], [2**27, 2**27],
+                                          [2**27, 2**28])
+    runs = {"ideal": [ideal], "baseline": [base], "meshmirror": [mesh]}
+    text = _write(tmp_path, bench_rolling_pull.report(args, image, runs, LOAD))
+    assert "--rounds 1 --mirror-spool-limit 0 --sample-spool`" in text
+    assert ("| node1 | 2.50 (1.60) | 5.20 (4.10) | 200 | 3.00 (2.00) | 0 | 0.58 (0.49) "
+            "| 1.20 (1.25) | 0.02 | hit 8 |") in text
     assert "| <= 1.01x | 1.00x | yes |" in text
+    assert "whole pull, median round | <= 1.1x | 1.20x | **no** |" in text
+    assert "node0 128/128; node1 128/256" in text
 
 
 def test_registry(tmp_path: Path) -> None:

@@ -184,3 +184,10 @@ def quantity_value(text: str) -> Fraction:
     if match["exponent"]:
         return value * Fraction(10) ** int(match["exponent"][1:])
     return value * _QUANTITY_SUFFIXES.get(match["suffix"] or "", 1)
+
+
+def default_memory_limit() -> int:
+    """Bytes of the meshmirror container's memory limit in the chart's values.yaml: the
+    bound the memory benchmarks check a node's peak RSS against."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    return int(quantity_value(str(values["resources"]["limits"]["memory"])))
