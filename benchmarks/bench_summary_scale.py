@@ -50,6 +50,7 @@ from meshmirror.mesh.messages import NodeState, PushNodeState, PushPull
 from meshmirror.mesh.tags import encode_tags
 from meshmirror.mesh.wire import StreamDecoder, encode_stream
 from meshmirror.routing.bloom import MASK, BloomFilter
+from meshmirror.routing.directory import SUMMARY_BUDGET_BYTES
 from meshmirror.routing.summary import (
     MEDIA_TYPE_V3,
     SUMMARY_PATH,
@@ -318,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
                "membership, the directory's choice, the fetches, decoding and installing are "
                "the node's own code at full size.",
                f"The directory holds {held:,} of {CLUSTER:,} peers' summaries within its "
-               "24 MiB budget: anything held by 1% of nodes or more is found with "
+               f"{SUMMARY_BUDGET_BYTES >> 20} MiB budget: anything held by 1% of nodes or "
+               "more is found with "
                "certainty for practical purposes; content on a handful of nodes may be "
                "missed and is then fetched upstream (the cost of the bound). In a rollout "
                "every node stores the same image, so the subset costs it no hits.",
