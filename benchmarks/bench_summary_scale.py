@@ -102,10 +102,10 @@ def delta_size() -> tuple[int, int]:
 
 IMAGES = 1_000
 LAYERS = 98  # + manifest + config: 100 keys an image, 100,000 in all
-MEMBER_PORT = 7946
+MEMBER_PORT = 9  # the discard port: nothing answers the node's probes of them
 
 
-def write_layout(root: Path) -> int:
+def write_layout(root: Path, images: int = IMAGES) -> int:
     """An OCI layout of `IMAGES` images of `LAYERS` tiny distinct layers each, written
     directly (one index.json at the end): 100,000 digest keys in a few seconds. The
     digests are what matters to the node's memory, not the layers' sizes."""
@@ -118,7 +118,7 @@ def write_layout(root: Path) -> int:
         return {"digest": f"sha256:{digest}", "size": len(data)}
 
     manifests = []
-    for image in range(IMAGES):
+    for image in range(images):
         config = put(json.dumps({"architecture": "amd64", "os": "linux",
                                  "rootfs": {"type": "layers", "diff_ids": []},
                                  "image": image}).encode())
@@ -136,7 +136,7 @@ def write_layout(root: Path) -> int:
     (root / "index.json").write_text(json.dumps({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": manifests}))
-    return IMAGES * (LAYERS + 3)  # + each image's tag
+    return images * (LAYERS + 3)  # + each image's tag
 
 
 class FakeCluster:
