@@ -21,7 +21,7 @@ nodes and grows as N^2 in push-pull). What drives it:
 * fetching as the directory does: a holder has one fetch at a time, and
   versions published while it waits are picked up by that one fetch;
 * who holds whom: before this change every node held every peer (H = N - 1);
-  now each holds those that fit 24 MiB (H = 936 at 21,500 keys a peer), so a
+  now each holds those that fit 20 MiB (H = 780 at 21,500 keys a peer), so a
   node is fetched by about H peers.
 
 Figures per node per rollout: summary bytes in and out (a node fetches as much
@@ -194,10 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[Run] = []
     for n in SIZES:
         membership = (UDP_BPS + tcp_bps(n)) * ROLLOUT_S
+        subset = f"{SUMMARY_BUDGET_BYTES >> 20} MiB subset"
         for scheme, held, body in (("whole filters, every peer held (before)", n - 1, full),
-                                   ("whole filters, 24 MiB subset", min(n - 1, budget_held),
-                                    full),
-                                   ("deltas, 24 MiB subset", min(n - 1, budget_held), delta)):
+                                   (f"whole filters, {subset}", min(n - 1, budget_held), full),
+                                   (f"deltas, {subset}", min(n - 1, budget_held), delta)):
             versions, fetches, p999 = simulate(n, held, body, serve_s, rng)
             runs.append(Run(n, scheme, held, versions, fetches,
                             fetches * held * (body + HTTP_OVERHEAD), membership, p999))

@@ -25,8 +25,10 @@ thousands would otherwise hold a body per peer at once); and per peer:
 
 Bounded memory. A node does not hold every peer's summary: at 5,000 peers of
 21,500 keys that would be 130 MiB of filters. It holds the summaries of the
-peers that fit in ``budget_bytes`` (24 MiB: about 940 such peers; with the
-directory's own ~8 MiB for 5,000 members, routing state stays within 32 MiB),
+peers that fit in ``budget_bytes`` (20 MiB: about 780 such peers; a real node
+measured 11 MiB for the rest of what 5,000 members cost, gossip state and this
+directory included, so all it spends on peers stays within 32 MiB:
+bench_summary_scale),
 chosen same zone first, then in an order of its own (a hash of its name and the
 peer's, so every node samples a different subset and each peer is held by about
 the same number of nodes). A peer's filter size is estimated from the key count
@@ -38,7 +40,7 @@ and the peer chosen again at that size), a filter larger than reckoned that the
 budget has no room for is not held (checked before the router takes it, so a
 flood of such peers cannot pile up filters between two reselections), and what
 is held never exceeds the budget. Content held by a few percent of nodes is
-still found (a 1% holder share misses with probability 0.99^940, about 8e-5);
+still found (a 1% holder share misses with probability 0.99^780, about 4e-4);
 content held by a handful of nodes of thousands may not be, and is then fetched
 upstream.
 Peers outside the subset stay known (membership), their summaries unfetched.
@@ -83,7 +85,7 @@ log = logging.getLogger(__name__)
 # 1,200 at once, each holding a body being read: tens of MiB at the start alone.
 MAX_CONCURRENT_FETCHES = 32
 # What the held summaries may take in all (see "Bounded memory" above).
-SUMMARY_BUDGET_BYTES = 24 * 1024 * 1024
+SUMMARY_BUDGET_BYTES = 20 * 1024 * 1024
 # Filter bits a key, as publishers size them (`bloom.bits_for`); for estimates only.
 # An int: a key count is a peer's word of any size (hundreds of digits fit its
 # metadata), and a float product of one raised OverflowError out of update_peer.

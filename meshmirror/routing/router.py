@@ -61,7 +61,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Histogram
 
-from meshmirror.routing.bloom import MASK, MAX_K, key_hashes, reduce_sums
+from meshmirror.routing.bloom import MASK, MAX_K, key_hashes
 from meshmirror.routing.ranking import Outcome
 from meshmirror.routing.summary import Summary, SummaryDelta
 
@@ -178,7 +178,11 @@ class _Health:
             return []
         score = self.static_score[slots] + self.cross_zone[slots] + self._rng.random(len(slots))
         score[self.penalty_until[slots] > now] += 1e12
-        score[self._demoted(slots, now)] += 1e9
+        # Only peers with a 404 on record can be demoted: most have none, and the
+        # decay arithmetic over every match was a third of a popular key's lookup.
+        suspects = np.flatnonzero(self.fp_count[slots])
+        if len(suspects):
+            score[suspects[self._demoted(slots[suspects], now)]] += 1e9
         if len(slots) > limit:
             best = np.argpartition(score, limit - 1)[:limit]
             slots, score = slots[best], score[best]
@@ -431,15 +435,27 @@ class InMemoryRouter(Router):
 
 @dataclass(frozen=True, slots=True)
 class _Active:
-    """What a lookup reads of the placed filters, as columns of (slots, 1) arrays."""
+    """What a lookup reads of the placed filters, one value per placed slot, and the
+    scratch arrays it computes in, (kmax, slots) so every operation runs along
+    contiguous rows; allocated once per change of placement, so a lookup allocates
+    nothing in proportion to the peers but its answer."""
 
     slots: IntArray
     m: npt.NDArray[np.uint64]
-    offset: IntArray
+    mask: npt.NDArray[np.uint64]  # m - 1, for `MASK` filters
+    bit_offset: npt.NDArray[np.uint64]  # where each filter starts in the buffer, in bits
     kmax: int
     beyond_k: npt.NDArray[np.uint8] | None  # 1 where a filter has fewer than kmax hashes
     reduction: int  # the first filter's; most share it
     same_reduction: npt.NDArray[np.bool_] | None  # None when all do
+    pos: npt.NDArray[np.uint64]  # (kmax, slots) scratch
+    other: npt.NDArray[np.uint64] | None  # the other reduction's positions, when mixed
+    byte: npt.NDArray[np.uint64]
+    probe: npt.NDArray[np.uint8]
+    bit: npt.NDArray[np.uint8]
+
+
+_U64 = (1 << 64) - 1
 
 
 class _Filters:
@@ -561,28 +577,56 @@ class _Filters:
             k, reduction = self.k[slots], self.reduction[slots]
             kmax = int(k.max()) if len(slots) else 0
             first = int(reduction[0]) if len(slots) else MASK
+            m = self.m[slots]
+            shape = (kmax, len(slots))
+            same = None if bool(np.all(reduction == first)) else (reduction == first)
             self._active = _Active(
-                slots, self.m[slots][:, None], self.offset[slots][:, None], kmax,
-                (np.arange(kmax, dtype=np.uint64)[None, :] >= k[:, None].astype(np.uint64)
-                 ).astype(np.uint8) if bool(np.any(k != kmax)) else None,
-                first, None if bool(np.all(reduction == first)) else (reduction == first))
+                slots, m, np.maximum(m, np.uint64(1)) - np.uint64(1),
+                self.offset[slots].astype(np.uint64) * np.uint64(8), kmax,
+                (np.arange(kmax)[:, None] >= k[None, :]).astype(np.uint8)
+                if bool(np.any(k != kmax)) else None,
+                first, same, np.empty(shape, np.uint64),
+                None if same is None else np.empty(shape, np.uint64),
+                np.empty(shape, np.uint64), np.empty(shape, np.uint8),
+                np.empty(shape, np.uint8))
         return self._active
 
     def match(self, h1: int, h2: int) -> IntArray:
+        """Slots whose filters have all of the key's bits set.
+
+        A few whole-array operations on (k, slots) arrays, written into the
+        active set's scratch arrays: a lookup's cost is arithmetic, not allocation
+        and page faults, which is what its tail was made of."""
         act = self.active()
         if len(act.slots) == 0:
             return _EMPTY
-        steps = np.arange(act.kmax, dtype=np.uint64)
-        sums = (np.uint64(h1) + steps * np.uint64(h2))[None, :]  # wraps modulo 2^64
-        pos = reduce_sums(sums, act.m, act.reduction)
-        if act.same_reduction is not None:
-            other = reduce_sums(sums, act.m, MASK if act.reduction != MASK else 1)
-            pos = np.where(act.same_reduction[:, None], pos, other)
-        index = act.offset + (pos >> np.uint64(3)).astype(np.int64)
-        bit = (self.buf[index] >> (pos & np.uint64(7)).astype(np.uint8)) & 1
+        sums = [(h1 + i * h2) & _U64 for i in range(act.kmax)]  # wraps modulo 2^64
+        pos = act.pos
+        self._reduce(act, sums, act.reduction, pos)
+        if act.same_reduction is not None and act.other is not None:
+            self._reduce(act, sums, MASK if act.reduction != MASK else 1, act.other)
+            np.copyto(pos, act.other, where=~act.same_reduction)
+        np.add(pos, act.bit_offset, out=pos)  # bit positions in the whole buffer
+        np.right_shift(pos, np.uint64(3), out=act.byte)
+        np.take(self.buf, act.byte.view(np.int64), out=act.probe)
+        np.bitwise_and(pos, np.uint64(7), out=act.bit, casting="unsafe")  # 0-7 fits
+        np.right_shift(act.probe, act.bit, out=act.probe)
         if act.beyond_k is not None:
-            bit |= act.beyond_k
-        return act.slots[np.flatnonzero(np.bitwise_and.reduce(bit, axis=1))]
+            np.bitwise_or(act.probe, act.beyond_k, out=act.probe)
+        hit = np.bitwise_and.reduce(act.probe, axis=0)
+        return act.slots[np.flatnonzero(hit & 1)]
+
+    @staticmethod
+    def _reduce(act: _Active, sums: list[int], reduction: int,
+                out: npt.NDArray[np.uint64]) -> None:
+        """`bloom.reduce_sums` for every active filter at once, into ``out``."""
+        if reduction == MASK:
+            np.bitwise_and(np.array(sums, dtype=np.uint64)[:, None], act.mask, out=out)
+        else:
+            # Lemire's ((x >> 32) * m) >> 32; the high halves are taken in Python.
+            np.multiply(np.array([x >> 32 for x in sums], dtype=np.uint64)[:, None], act.m,
+                        out=out)
+            np.right_shift(out, np.uint64(32), out=out)
 
 
 def filter_fp_rate(summary: Summary) -> float:

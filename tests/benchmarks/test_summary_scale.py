@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from benchmarks.bench_summary_scale import delta_size, subset_hit_ratio
+from benchmarks.bench_summary_scale import delta_size, memory, subset_hit_ratio, write_layout
 from benchmarks.summary_sim import meta_999, simulate
 
 
@@ -24,3 +26,14 @@ def test_the_rollout_model_coalesces_versions_and_stays_within_gossip_time() -> 
 def test_the_subset_finds_widely_held_content() -> None:
     rows = subset_hit_ratio(936, seed=1, trials=200)
     assert float(rows[-1][2]) > 0.9999  # held by 5% of nodes
+
+
+def test_the_memory_scenario_runs_a_real_node_that_holds_its_peers(tmp_path: Path) -> None:
+    """The harness, small: a real node serving a 3-image layout joins 5 members
+    through the loopback seed and fetches and installs all 5 summaries."""
+    layout = tmp_path / "layout"
+    assert write_layout(layout, images=3) == 303
+    figures = memory(5, layout, tmp_path)
+    assert figures["members"] == 5 and figures["held"] == 5
+    assert figures["filter_bytes"] > 5 * 20_000  # 5 whole filters of 21,500 keys
+    assert figures["peak"] >= figures["rss"] > 0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meshmirror.routing.bloom import MASK, BloomFilter
+from meshmirror.routing.bloom import MASK, RANGE, BloomFilter
 from meshmirror.routing.router import BloomRouter, InMemoryRouter, Peer, filter_fp_rate
 from meshmirror.routing.summary import Summary
 from tests.conformance.router_suite import FakeClock, RouterConformance, RouterHarness, key, peer
@@ -122,3 +122,28 @@ def test_bloom_router_matches_old_peers_power_of_two_filters_beside_new_ones() -
     assert set(router.candidates(shared, 5)) == {peer(1), peer(2)}
     assert router.candidates(key("old-only"), 5) == [peer(1)]
     assert router.candidates(key("new-only"), 5) == [peer(2)]
+
+
+def test_bloom_router_answers_exactly_what_each_filter_answers() -> None:
+    """The router's one pass over all filters at once agrees, key by key, with asking
+    each peer's filter on its own, across sizes, hash counts and both reductions
+    (false positives included: both read the same bits)."""
+    rng = np.random.default_rng(7)
+    router = BloomRouter(seed=7, clock=FakeClock())
+    filters: dict[Peer, BloomFilter] = {}
+    for n in range(40):
+        members = [key(f"{n}-{i}") for i in range(int(rng.integers(1, 400)))]
+        bloom = BloomFilter.build(members, fp_rate=[0.01, 0.05, 0.001][n % 3],
+                                  reduction=MASK if n % 4 == 0 else RANGE)
+        filters[peer(n)] = bloom
+        router.set_summary(peer(n), Summary(epoch=1, k=bloom.k, m=bloom.m,
+                                            count=len(members), born_at_ms=0,
+                                            bits=bloom.bits.tobytes(),
+                                            reduction=bloom.reduction))
+    router.drop_peer(peer(5).name)  # a hole among the placed filters
+    del filters[peer(5)]
+    probes = [key(f"{n}-{i}") for n in range(40) for i in range(0, 400, 37)]
+    probes += [key(f"absent-{i}") for i in range(300)]
+    for probe in probes:
+        assert set(router.candidates(probe, 100)) == {
+            p for p, bloom in filters.items() if probe in bloom}
