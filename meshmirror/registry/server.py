@@ -264,7 +264,10 @@ class _Silent:
         sent = _read_ahead(conn, head)
         if sent is None:
             self._limiter.release()
-        elif b"\r\n\r\n" in sent or len(sent) > _SILENT_HEAD:
+            return
+        if not head:  # non-blocking for the transport; a dead connection skips the call
+            conn.setblocking(False)
+        if b"\r\n\r\n" in sent or len(sent) > _SILENT_HEAD:
             self._start(conn, sent)
         else:  # nothing yet, or part of a request head: a storm's byte before its close
             fd = conn.fileno()
@@ -565,7 +568,8 @@ class _Connection(TCPServer):
 
 
 def _read_ahead(conn: socket.socket, head: bytes = b"") -> bytes | None:
-    """What the client has sent already, read without waiting (b"" if nothing yet);
+    """What the client has sent already, read without waiting (b"" if nothing yet; ``conn``
+    may be in blocking mode);
     None, with ``conn`` closed, if its client has already closed or reset it without
     a whole request head.
 
@@ -582,7 +586,7 @@ def _read_ahead(conn: socket.socket, head: bytes = b"") -> bytes | None:
     size = len(head)
     while size < _READ_AHEAD:
         try:
-            data = conn.recv(_READ_AHEAD - size)
+            data = conn.recv(_READ_AHEAD - size, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             break
         except OSError:
@@ -707,7 +711,6 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
             except BaseException:
                 limiter.release()
                 raise
-            conn.setblocking(False)
             silent.accepted(conn)
             if loop.time() >= batch_ends:
                 await asyncio.sleep(0)
