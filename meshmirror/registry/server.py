@@ -202,7 +202,8 @@ class _Limiter:
         # have no ``pressure.wait()`` of their own.
         self.on_pressure: Callable[[], None] | None = None
         self._summary = summary
-        self._gauge = gauge
+        if gauge is not None:  # read at scrape time: no lock taken twice per connection
+            gauge.set_function(lambda: self.open)
         self._slot = asyncio.Event()
         self._slot.set()
 
@@ -213,15 +214,11 @@ class _Limiter:
             self._slot.clear()
             await self._slot.wait()
         self.open += 1
-        if self._gauge is not None:
-            self._gauge.inc()
         if self.open >= self.cap * _PRESSURE_ON and not self.pressure.is_set():
             self._press()
 
     def release(self) -> None:
         self.open -= 1
-        if self._gauge is not None:
-            self._gauge.dec()
         self._slot.set()
         if self.open < self.cap * _PRESSURE_OFF and self.idle_grace > 0:
             self.pressure.clear()
