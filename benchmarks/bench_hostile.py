@@ -19,8 +19,11 @@ one's interpreter lock with the honest client), for a fixed number of requests:
 
 Baseline: the same honest client for the same time, no attack. Reported per attack:
 the honest p50 and p95 (and worst) on each port, and p50/p95 as ratios of the
-baseline's. Targets: p50 within 3x of the baseline, and every honest answer within
-2 s (the issue's bound for the storms, held here for every attack).
+baseline's. Targets: p50 and p95 within 3x of the baseline's, and every honest answer
+within 2 s (the issue's bound for the storms, held here for every attack). The storms
+and the HEAD/Range burst are over in a second or two, so they are repeated back to
+back (`ROUNDS`, `BURSTS_PER_BLOB`) until their percentiles rest on enough honest
+requests.
 
     python -m benchmarks.bench_hostile
 """
@@ -61,6 +64,13 @@ MiB = 1024 * 1024
 REPO = "library/bench-hostile"
 SEND_TIMEOUT_S = 10
 ATTACK_LIMIT_S = 120.0  # every attack stops by itself well within this
+# A storm or a HEAD/Range burst is over in one to three seconds, too short for a stable
+# 95th percentile of the honest requests made meanwhile (30 to 50 of them): those
+# attacks run this many times back to back (the burst on a fresh blob each time).
+ROUNDS = 3
+# A HEAD/Range burst is a fifth of a second (the node fetches none of the blob for it):
+# it is repeated on each blob, the first time uncached.
+BURSTS_PER_BLOB = 3
 
 
 @dataclass(frozen=True)
@@ -135,10 +145,19 @@ def _request(host: str, port: int, method: str, path: str, headers: dict[str, st
         sock.close()
 
 
-def _head_range(host: str, port: int, path: str, count: int) -> None:
-    for _ in range(count):
-        _request(host, port, "HEAD", path, {})
-        _request(host, port, "GET", path, {"Range": "bytes=0-0"})
+def _head_range(host: str, port: int, paths: list[str], count: int) -> None:
+    for path in paths:  # the first burst on each blob finds it uncached on the node
+        for _ in range(BURSTS_PER_BLOB):
+            for _ in range(count):
+                _request(host, port, "HEAD", path, {})
+                _request(host, port, "GET", path, {"Range": "bytes=0-0"})
+
+
+def _rounds(attack: Callable[[], None], rounds: int) -> Callable[[], None]:
+    def repeated() -> None:
+        for _ in range(rounds):
+            attack()
+    return repeated
 
 
 def _labels(host: str, port: int, count: int) -> None:
@@ -196,8 +215,8 @@ def run(scale: float) -> list[Run]:
         for directory in (seeded, empty, spool):
             directory.mkdir()
         image = build_image(f"docker.io/{REPO}:1", seeded,
-                            [64 * 1024, in_memory + MiB, 64 * MiB], seed=23)
-        small, large, huge = image.platforms[0].layers
+                            [64 * 1024, in_memory + MiB] + [64 * MiB] * ROUNDS, seed=23)
+        small, large, *huge = image.platforms[0].layers
         holder = start_node(f"oci:{seeded}", tmp / "holder.log", ("--node-name", "holder"))
         node = None
         try:
@@ -225,12 +244,13 @@ def run(scale: float) -> list[Run]:
             attacks: list[tuple[str, str, Callable[[], None]]] = [
                 ("unread", f"{n(200)} clients GET a {large.size // MiB} MiB blob, never read",
                  lambda: _unread(host, port, path(large.digest), n(200))),
-                ("storm", f"{n(20000)} connect+close cycles",
-                 lambda: _storm(host, port, b"", n(20000))),
-                ("storm-byte", f"{n(20000)} connect, send one byte, close",
-                 lambda: _storm(host, port, b"G", n(20000))),
-                ("head-range", f"{n(20)} HEADs and {n(20)} bytes=0-0 of a 64 MiB blob",
-                 lambda: _head_range(host, port, path(huge.digest), n(20))),
+                ("storm", f"{ROUNDS} x {n(20000)} connect+close cycles",
+                 _rounds(lambda: _storm(host, port, b"", n(20000)), ROUNDS)),
+                ("storm-byte", f"{ROUNDS} x {n(20000)} connect, send one byte, close",
+                 _rounds(lambda: _storm(host, port, b"G", n(20000)), ROUNDS)),
+                ("head-range", f"{ROUNDS * BURSTS_PER_BLOB} x {n(20)} HEADs and {n(20)} "
+                 f"bytes=0-0 of a 64 MiB blob ({ROUNDS} blobs, each uncached at its first)",
+                 lambda: _head_range(host, port, [path(h.digest) for h in huge], n(20))),
                 ("labels", f"{n(2000)} distinct ns= hosts and {n(2000)} distinct methods",
                  lambda: _labels(host, port, n(2000))),
                 ("marker", f"{n(50)} forged tree requests for a blob, never read",
@@ -263,6 +283,8 @@ def section(runs: list[Run], scale: float, load_before: str) -> Section:
             if r.name != "baseline":
                 targets.append(Target(f"hostile {r.name}: honest {port} p50 vs no attack",
                                       "<=", 3, p50 / b50[port]))
+                targets.append(Target(f"hostile {r.name}: honest {port} p95 vs no attack",
+                                      "<=", 3, p95 / b95[port]))
                 targets.append(Target(f"hostile {r.name}: worst honest {port}", "<=",
                                       2, max(values), " s"))
         rows.append(cells)

@@ -46,6 +46,7 @@ import resource
 import socket
 import struct
 import termios
+from collections.abc import Callable
 from typing import Any, Final
 
 import h11
@@ -88,6 +89,10 @@ _ACCEPT_RETRY_DELAY: Final = 0.1
 _PRESSURE_ON, _PRESSURE_OFF = 0.75, 0.5
 # Aborted connections and cancelled tasks get this long to finish at shutdown.
 _ABORT_GRACE: Final = 1.0
+# A request head still incomplete at this size goes to the protocol, which bounds it.
+_SILENT_HEAD: Final = 4096
+# The accept loop yields after this long of accepting (`serve`).
+_ACCEPT_BUDGET: Final = 0.0005
 # At most this much of what a client sent before its connection was set up is read at
 # accept (`_read_ahead`); the request head is bounded at 16 KiB anyway.
 _READ_AHEAD: Final = 2**16
@@ -193,8 +198,12 @@ class _Limiter:
         self.open = 0
         self.idle_grace = idle_grace
         self.pressure = asyncio.Event()
+        # Called when pressure starts: connections waiting outside a task (`_Silent`)
+        # have no ``pressure.wait()`` of their own.
+        self.on_pressure: Callable[[], None] | None = None
         self._summary = summary
-        self._gauge = gauge
+        if gauge is not None:  # read at scrape time: no lock taken twice per connection
+            gauge.set_function(lambda: self.open)
         self._slot = asyncio.Event()
         self._slot.set()
 
@@ -205,15 +214,11 @@ class _Limiter:
             self._slot.clear()
             await self._slot.wait()
         self.open += 1
-        if self._gauge is not None:
-            self._gauge.inc()
-        if self.open >= self.cap * _PRESSURE_ON:
-            self.pressure.set()
+        if self.open >= self.cap * _PRESSURE_ON and not self.pressure.is_set():
+            self._press()
 
     def release(self) -> None:
         self.open -= 1
-        if self._gauge is not None:
-            self._gauge.dec()
         self._slot.set()
         if self.open < self.cap * _PRESSURE_OFF and self.idle_grace > 0:
             self.pressure.clear()
@@ -221,7 +226,79 @@ class _Limiter:
     def closing(self) -> None:
         """At shutdown every idle connection goes at once."""
         self.idle_grace = 0.0
+        self._press()
+
+    def _press(self) -> None:
         self.pressure.set()
+        if self.on_pressure is not None:
+            self.on_pressure()
+
+
+class _Silent:
+    """Connections accepted before their client sent a whole request head, waiting for
+    it with a reader callback and a timer each: no transport, protocol or task until a
+    request can start. A connect-and-close storm is accepted faster than its clients close, so
+    many of its connections arrive here; they must cost the node as little as the ones
+    already closed at accept (`_read_ahead`), or the honest connections queued behind
+    them in the listen backlog wait. A silent client is held like an idle keep-alive
+    one: ``keep_alive_timeout``, or the idle grace under pressure."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limiter: _Limiter,
+                 keep_alive: float, start: Callable[[socket.socket, bytes], None]) -> None:
+        self._loop = loop
+        self._limiter = limiter
+        self._keep_alive = keep_alive
+        self._start = start
+        # fd -> (connection, what it sent so far, since, timer)
+        self._waiting: dict[int, tuple[socket.socket, bytes, float, asyncio.TimerHandle]] = {}
+        limiter.on_pressure = self._press
+
+    def accepted(self, conn: socket.socket) -> None:
+        """Take over ``conn``, just accepted (its slot of the cap taken)."""
+        self._read(conn, b"", self._loop.time())
+
+    def _read(self, conn: socket.socket, head: bytes, since: float) -> None:
+        sent = _read_ahead(conn, head)
+        if sent is None:
+            self._limiter.release()
+            return
+        if not head:  # non-blocking for the transport; a dead connection skips the call
+            conn.setblocking(False)
+        if b"\r\n\r\n" in sent or len(sent) > _SILENT_HEAD:
+            self._start(conn, sent)
+        else:  # nothing yet, or part of a request head: a storm's byte before its close
+            fd = conn.fileno()
+            limit = (self._limiter.idle_grace if self._limiter.pressure.is_set()
+                     else self._keep_alive)
+            timer = self._loop.call_at(since + limit, self._expire, fd)
+            self._waiting[fd] = (conn, sent, since, timer)
+            self._loop.add_reader(fd, self._readable, fd)
+
+    def _take(self, fd: int) -> tuple[socket.socket, bytes, float]:
+        conn, head, since, timer = self._waiting.pop(fd)
+        timer.cancel()
+        self._loop.remove_reader(fd)
+        return conn, head, since
+
+    def _readable(self, fd: int) -> None:
+        self._read(*self._take(fd))
+
+    def _expire(self, fd: int) -> None:
+        conn = self._take(fd)[0]
+        conn.close()
+        self._limiter.release()
+
+    def _press(self) -> None:
+        for fd, (conn, head, since, timer) in list(self._waiting.items()):
+            expires = since + self._limiter.idle_grace
+            if expires < timer.when():
+                timer.cancel()
+                self._waiting[fd] = (conn, head, since,
+                                     self._loop.call_at(expires, self._expire, fd))
+
+    def close_all(self) -> None:
+        for fd in list(self._waiting):
+            self._expire(fd)
 
 
 class _SendTimedOut(Exception):
@@ -487,9 +564,11 @@ class _Connection(TCPServer):
         await asyncio.shield(self._initiate_server_close())
 
 
-def _read_ahead(conn: socket.socket) -> bytes | None:
-    """What the client has sent already, read without waiting; None, with ``conn``
-    closed, if its client has already closed or reset it without a whole request head.
+def _read_ahead(conn: socket.socket, head: bytes = b"") -> bytes | None:
+    """What the client has sent already, read without waiting (b"" if nothing yet; ``conn``
+    may be in blocking mode);
+    None, with ``conn`` closed, if its client has already closed or reset it without
+    a whole request head.
 
     A few system calls instead of a transport, a protocol and a task: a storm of
     connect-and-close (issue 23 saw 20,000 in seconds), with or without a byte or a
@@ -497,13 +576,14 @@ def _read_ahead(conn: socket.socket) -> bytes | None:
     connections queued behind it in the listen backlog wait little. (A peek alone
     sees the end only when nothing was sent: a storm that sends one byte took the
     full path for each connection, and honest connections waited up to 11 s behind it.)
-    What was read is handed to the connection, which reads on from there.
+    What was read is handed to the connection, which reads on from there; ``head`` is
+    what was read before, returned in front.
     """
-    chunks: list[bytes] = []
-    size = 0
+    chunks = [head]
+    size = len(head)
     while size < _READ_AHEAD:
         try:
-            data = conn.recv(_READ_AHEAD - size)
+            data = conn.recv(_READ_AHEAD - size, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             break
         except OSError:
@@ -513,11 +593,23 @@ def _read_ahead(conn: socket.socket) -> bytes | None:
             head = b"".join(chunks)
             if b"\r\n\r\n" in head:
                 return head  # a whole request, then half-closed: still answered
-            conn.close()
+            _close_at_once(conn)
             return None
         chunks.append(data)
         size += len(data)
     return b"".join(chunks)
+
+
+_LINGER_NONE: Final = struct.pack("ii", 1, 0)
+
+
+def _close_at_once(conn: socket.socket) -> None:
+    """Close a connection whose client has already gone, with a reset rather than a
+    FIN: there is nobody to say goodbye to, and on loopback the kernel does the FIN's
+    whole exchange inside our ``close()``, which a storm pays for per connection."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
+    conn.close()
 
 
 def _config(options: ServerConfig) -> Config:
@@ -541,6 +633,7 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
     """
     options = options or ServerConfig()
     loop = asyncio.get_running_loop()
+    sock.setblocking(False)
     config = _config(options)
     context = WorkerContext(None)
     cap = connection_cap(options.max_connections)
@@ -555,8 +648,7 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
     async def handle(conn: socket.socket, sent: bytes) -> None:
         try:
             reader = asyncio.StreamReader(limit=2**16, loop=loop)
-            if sent:
-                reader.feed_data(sent)
+            reader.feed_data(sent)
             # connect_accepted_socket leaves Nagle on (create_server would not): a
             # response written as headers then body then waits for the client's
             # delayed ACK, 40 ms on every request after a connection's first
@@ -583,11 +675,35 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
         connections.pop(task, None)
         limiter.release()
 
+    def start(conn: socket.socket, sent: bytes) -> None:
+        task = loop.create_task(handle(conn, sent))
+        task.add_done_callback(finished)
+
+    silent = _Silent(loop, limiter, options.keep_alive_timeout, start)
+
+    async def listener_readable() -> None:
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), _set_ready, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock.fileno())
+
     async def accept() -> None:
+        """Accepts whatever the backlog holds, a batch at a time: the other work of the
+        loop (requests already accepted, the other listener) runs between batches, and a
+        batch costs one loop turn rather than one per connection, so a storm is drained
+        faster than one accept per turn would manage."""
+        batch_ends = loop.time() + _ACCEPT_BUDGET
         while True:
             await limiter.acquire()
             try:
-                conn, _ = await loop.sock_accept(sock)
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                limiter.release()
+                await listener_readable()
+                batch_ends = loop.time() + _ACCEPT_BUDGET
+                continue
             except OSError as err:
                 limiter.release()
                 summary.count("accept_failed", errno.errorcode.get(err.errno or 0)
@@ -598,15 +714,10 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
             except BaseException:
                 limiter.release()
                 raise
-            sent = _read_ahead(conn)
-            if sent is None:
-                limiter.release()
-            else:
-                task = loop.create_task(handle(conn, sent))
-                task.add_done_callback(finished)
-            # An accept that needs no wait does not yield: without this a storm would
-            # be accepted up to the cap before one request or metrics scrape ran.
-            await asyncio.sleep(0)
+            silent.accepted(conn)
+            if loop.time() >= batch_ends:
+                await asyncio.sleep(0)
+                batch_ends = loop.time() + _ACCEPT_BUDGET
 
     acceptor = loop.create_task(accept(), name=f"accept-{name}")
     try:
@@ -618,6 +729,7 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
         sock.close()
         await context.terminated.set()
         limiter.closing()
+        silent.close_all()
         await _drain_connections(connections, options.graceful_timeout)
         summary.flush()
 

@@ -220,3 +220,36 @@ async def test_client_events_are_one_line_per_interval(
     assert len(records) == 1 and not records[0].exc_info
     assert records[0].fields["accept_failed_EMFILE"] == 10_000  # type: ignore[attr-defined]
     assert metrics.events.labels("registry", "accept_failed")._value.get() == 10_000
+
+
+async def test_connections_waiting_for_a_head_are_counted_and_freed() -> None:
+    """A connection with no whole request head yet has no transport or task (it waits on
+    a reader callback), yet holds its slot, shows in the gauge, and is freed when its
+    client goes; one that completes its head is then answered."""
+    metrics = ServerMetrics(CollectorRegistry())
+
+    def open_now() -> float:
+        return next(sample.value for family in metrics.connections.collect()
+                    for sample in family.samples if sample.labels == {"server": "registry"})
+
+    app = BodyApp()
+    host = loopback_host()
+    sock = bind_listener(host, 0)
+    port = sock.getsockname()[1]
+    shutdown = asyncio.Event()
+    task = asyncio.create_task(serve(app.app, sock, shutdown, ServerConfig(), metrics=metrics))
+    try:
+        silent = [socket.create_connection((host, port), timeout=10) for _ in range(3)]
+        partial = socket.create_connection((host, port), timeout=10)
+        partial.sendall(b"GET /v2/ HTTP/1.1\r\n")
+        await until(lambda: open_now() == 4, 10, "four open connections")
+        partial.sendall(f"Host: {host}\r\nConnection: close\r\n\r\n".encode())
+        answer = await asyncio.to_thread(partial.recv, 1 << 16)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        partial.close()
+        for conn in silent:
+            conn.close()
+        await until(lambda: open_now() == 0, 10, "every connection to be freed")
+    finally:
+        shutdown.set()
+        await asyncio.wait_for(task, 15)
