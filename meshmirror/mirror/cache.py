@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import IO
 
 from meshmirror.fileio import ShortFileError, pread_chunks
+from meshmirror.mirror.body import Chunk
 from meshmirror.mirror.budget import MemoryBudget
 
 _PREFIX = "meshmirror-cache-"
@@ -89,7 +90,7 @@ class CacheEntry:
     def fileno(self) -> int:
         return self._file.fileno()
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: Chunk) -> None:
         """Append ``chunk``; safe from any one thread at a time."""
         if self.written + len(chunk) > self.size:
             raise ValueError(f"cache entry for {self.size} bytes was given "
