@@ -61,6 +61,8 @@ class Progress:
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+# How often a reader waiting for its hashing thread to free a buffer looks at `stop`.
+_BUFFER_POLL_S = 0.05
 
 
 def map_large_chunks(threshold: int = 1024 * 1024) -> bool:
@@ -191,8 +193,8 @@ class BodyPump:
         self._slots = threading.Semaphore(max(1, read_ahead))
         # Kept bodies only: buffers free for the reader (at most one per slot, made
         # on first need; a hashed one comes back before its slot is released).
-        self._free: list[bytearray] = []
-        self._made = 0
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self.buffers_made = 0
         self._to_hash: queue.SimpleQueue[Chunk | BodyItem] = queue.SimpleQueue()
         self._stopping = False
         self.items: asyncio.Queue[BodyItem] = asyncio.Queue()
@@ -277,20 +279,37 @@ class BodyPump:
         if not isinstance(item, memoryview):
             return False
         buffer = item.obj
-        item.release()
+        with contextlib.suppress(BufferError):  # a slice still alive: garbage soon
+            item.release()
         assert isinstance(buffer, bytearray)
-        self._free.append(buffer)
+        self._free.put(buffer)
         return True
 
     def _buffer(self) -> bytearray | None:
-        """A buffer for the next chunk of a kept body (the reader holds a slot, so one
-        is free or may be made); None once stopping."""
-        if self._free:
-            return self._free.pop()
-        if not self._take(self._chunk_size):
-            return None
-        self._made += 1
-        return bytearray(self._chunk_size)
+        """A buffer for the next chunk of a kept body; None once stopping.
+
+        A free one if any; else a new one while the budget has room now (the first
+        one waits for room). Otherwise the reader waits for the hashing thread to
+        give one back rather than for the budget: a pump waiting for budget while
+        holding buffers could wait on another pump doing the same.
+        """
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return self._free.get_nowait()
+            if self._stopping:
+                return None
+            if self.buffers_made == 0:
+                if not self._take(self._chunk_size):
+                    return None
+            elif self._budget.try_take(self._chunk_size):
+                with self._held_lock:
+                    self._held.append(self._budget.clamp(self._chunk_size))
+            else:
+                with contextlib.suppress(queue.Empty):
+                    return self._free.get(timeout=_BUFFER_POLL_S)
+                continue
+            self.buffers_made += 1
+            return bytearray(self._chunk_size)
 
     def read(self) -> None:
         """The reader thread; it always ends by queueing one final item."""
