@@ -58,6 +58,11 @@ class MemoryBudget:
         self._peak = max(self._peak, self._used)
         return True
 
+    def try_take(self, size: int) -> bool:
+        """Take ``clamp(size)`` bytes if there is room now; False (nothing taken) if not."""
+        with self._cond:
+            return self._try(self.clamp(size))
+
     def take_blocking(self, size: int, stopped: Callable[[], bool]) -> bool:
         """Take ``clamp(size)`` bytes on a thread, waiting for room; False (nothing
         taken) once ``stopped()`` says the caller no longer needs them."""

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import IO
 
 from meshmirror.fileio import ShortFileError, pread_chunks
+from meshmirror.mirror.body import Chunk
 from meshmirror.mirror.budget import MemoryBudget
 
 _PREFIX = "meshmirror-cache-"
@@ -79,6 +80,9 @@ class CacheEntry:
         # Where the verified bytes came from (`flight.BlobSource.origin`).
         self.origin: str | None = None
         self.pins = 0
+        # Whether the file holds bytes: `reset` truncates only then, since ext4 flushes a
+        # file truncated to zero when it is closed (disk writes for a file about to go).
+        self._dirty = False
         # Striped: [start, end, filled] per range, written in parallel (see `split`).
         self._extents: list[list[int]] | None = None
         self._cache = cache
@@ -89,11 +93,12 @@ class CacheEntry:
     def fileno(self) -> int:
         return self._file.fileno()
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: Chunk) -> None:
         """Append ``chunk``; safe from any one thread at a time."""
         if self.written + len(chunk) > self.size:
             raise ValueError(f"cache entry for {self.size} bytes was given "
                              f"{self.written + len(chunk)}")
+        self._dirty = True
         view = memoryview(chunk)
         while view:  # unbuffered: a write may take less than it was given
             done = self._file.write(view)
@@ -103,7 +108,9 @@ class CacheEntry:
     def reset(self) -> None:
         """Forget what was written (the bytes failed verification), stripes included."""
         self._file.seek(0)
-        self._file.truncate()
+        if self._dirty:
+            self._file.truncate()
+            self._dirty = False
         self.written = 0
         self._extents = None
 
@@ -121,6 +128,7 @@ class CacheEntry:
         if extent[2] + len(chunk) > extent[1]:
             raise ValueError(f"range {index} ends at byte {extent[1]}, was given "
                              f"{extent[2] + len(chunk)}")
+        self._dirty = True
         view = memoryview(chunk)
         while view:
             done = os.pwrite(self.fileno(), view, extent[2])

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
-from meshmirror.mirror.body import BodyPump, Progress, map_large_chunks, take_over
+from meshmirror.mirror.body import BodyPump, Chunk, Progress, map_large_chunks, take_over
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure
 from meshmirror.mirror.hedging import hedged
@@ -338,8 +338,8 @@ class PeerClient:
         self,
         opened: PeerResponse,
         length: int,
-        consume: Callable[[bytes], None],
-        keep: Callable[[bytes], None] | None,
+        consume: Callable[[Chunk], None],
+        keep: Callable[[Chunk], None] | None,
     ) -> AsyncGenerator[bytes | int, None] | None:
         """The rest of ``opened``'s body (``length`` bytes), read on body threads.
 

@@ -36,6 +36,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Protocol
 
+from meshmirror.mirror.body import Chunk
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, VerificationError
@@ -48,7 +49,9 @@ from meshmirror.routing.router import Peer
 class Sink(Protocol):
     """Where a blob is held until verified: a `MemorySink` or a `cache.CacheEntry`."""
 
-    def write(self, chunk: bytes) -> None: ...
+    def write(self, chunk: Chunk) -> None:
+        """Hold ``chunk``'s bytes (a memoryview of a reused buffer: copy them)."""
+        ...
 
     def reset(self) -> None: ...
 
@@ -60,7 +63,7 @@ class Sink(Protocol):
 class DiscardSink:
     """Keeps nothing: for a HEAD, which needs the blob verified but not its bytes."""
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: Chunk) -> None:
         pass
 
     def reset(self) -> None:
@@ -77,7 +80,7 @@ class MemorySink:
         self.data = bytearray()
         self._limit = limit
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: Chunk) -> None:
         self.data += chunk
 
     def reset(self) -> None:
@@ -297,7 +300,7 @@ class BlobFetch:
         finally:
             self.close()
 
-    async def _resumable(self, consume: Callable[[bytes], None]
+    async def _resumable(self, consume: Callable[[Chunk], None]
                          ) -> AsyncIterator[tuple[int, bytes]]:
         """`_chunks` for a stream, whose length is announced: a size change aborts it."""
         try:
@@ -380,8 +383,8 @@ class BlobFetch:
     async def _chunks(
         self,
         offset: int,
-        consume: Callable[[bytes], None],
-        keep: Callable[[bytes], None] | None = None,
+        consume: Callable[[Chunk], None],
+        keep: Callable[[Chunk], None] | None = None,
         *,
         threads: bool,
     ) -> AsyncIterator[tuple[int, bytes]]:
@@ -472,7 +475,7 @@ def _mismatch(digest: Digest, detail: str = "") -> PeerFailure:
 
 
 def _keep_then(
-    keep: Callable[[bytes], None] | None, consume: Callable[[bytes], None]
+    keep: Callable[[Chunk], None] | None, consume: Callable[[Chunk], None]
 ) -> Callable[[bytes], None]:
     """One chunk's work off the loop: keep it, then hash it; a failure to keep it is ours."""
 

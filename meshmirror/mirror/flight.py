@@ -47,6 +47,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Protocol, runtime_checkable
 
 from meshmirror.fileio import FileSpan
+from meshmirror.mirror.body import Chunk
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.cache import BlobCache, CacheEntry
 from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, VerificationError
@@ -331,7 +332,7 @@ class _FlightSink:
         self._entry = entry
         self._started = False
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: Chunk) -> None:
         self._entry.write(chunk)
         self._flight.progressed()
 

@@ -144,6 +144,12 @@ class DistributionRegistry:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int:
+        """The running process's id (for a benchmark's CPU figures)."""
+        assert self._proc is not None, "start it first"
+        return self._proc.pid
+
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)

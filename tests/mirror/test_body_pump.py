@@ -1,0 +1,200 @@
+"""The pump's receive path for kept bodies (a hop filling its cache), over real sockets.
+
+A kept body is received into buffers the pump reuses; these tests hold it to the
+same rules as a fresh chunk per read: every byte lands once and in order, a peer
+that closes early, sends more than it announced or drips is found out, and the
+memory budget bounds the buffers without two pumps waiting on each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshmirror.mirror.body import BodyItem, BodyPump
+from meshmirror.mirror.budget import MemoryBudget
+from meshmirror.mirror.cache import BlobCache, CacheEntry
+from meshmirror.mirror.errors import FailureReason, PeerFailure
+from tests.support.ports import loopback_host
+
+CHUNK = 256 * 1024
+DATA = os.urandom(5 * CHUNK + 1234)
+
+
+class RawPeer:
+    """A loopback TCP server that sends one scripted body to the first client, then
+    closes: ``payload``, then ``drip`` one byte every ``drip`` seconds until the
+    client leaves (bounded at ten seconds)."""
+
+    def __init__(self, payload: bytes, drip: float | None = None) -> None:
+        self._payload = payload
+        self._drip = drip
+        self._listener = socket.create_server((loopback_host(), 0))
+        self._listener.settimeout(10)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(self._listener.getsockname()[:2], timeout=10)
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                conn.sendall(self._payload)
+                deadline = time.monotonic() + 10
+                while self._drip is not None and time.monotonic() < deadline:
+                    conn.sendall(b"x")
+                    time.sleep(self._drip)
+            except OSError:
+                pass  # the client left
+
+    def close(self) -> None:
+        self._listener.close()
+        self._thread.join(timeout=15)
+        assert not self._thread.is_alive()
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Iterator[BlobCache]:
+    blobs = BlobCache(tmp_path, 1 << 30, 1 << 30)
+    yield blobs
+    blobs.close()
+
+
+@pytest.fixture
+def threads() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
+    pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="test-body")
+    yield pool
+    pool.shutdown(wait=True)
+
+
+async def pump_into(entry: CacheEntry, peer: RawPeer, length: int, budget: MemoryBudget,
+                    pool: concurrent.futures.Executor, *, min_rate: float = 1.0,
+                    stall: float = 5.0) -> tuple[BodyItem, str, BodyPump]:
+    """Run one kept pump as `PeerClient.pump` does: its last item, the sha256 of what
+    it consumed, and the pump."""
+    loop = asyncio.get_running_loop()
+    sock = peer.connect()
+    hasher = hashlib.sha256()
+    pump = BodyPump(loop, sock, b"", length, chunk_size=CHUNK, stall_timeout=stall,
+                    min_rate=min_rate, budget=budget, consume=hasher.update,
+                    keep=entry.write, read_ahead=2)
+    hashing = loop.run_in_executor(pool, pump.hash)
+    reading = loop.run_in_executor(pool, pump.read)
+    counted = 0
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                item = await pump.items.get()
+                if not isinstance(item, int):
+                    break
+                counted += item
+    finally:
+        pump.stop()
+        pump.ended("loop")
+        await asyncio.wait_for(asyncio.gather(hashing, reading), 10)
+        sock.close()
+    assert counted == entry.written, "the loop was told of every byte kept"
+    return item, hasher.hexdigest(), pump
+
+
+def held(entry: CacheEntry) -> bytes:
+    return Path(entry.path).read_bytes()
+
+
+async def test_a_kept_body_lands_whole_through_two_reused_buffers(
+    cache: BlobCache, threads: concurrent.futures.Executor
+) -> None:
+    peer = RawPeer(DATA)
+    budget = MemoryBudget(64 * CHUNK)
+    entry = cache.reserve("k", len(DATA))
+    assert entry is not None
+    try:
+        end, digest, pump = await pump_into(entry, peer, len(DATA), budget, threads)
+    finally:
+        peer.close()
+    assert end is None
+    assert held(entry) == DATA and digest == hashlib.sha256(DATA).hexdigest()
+    assert 1 <= pump.buffers_made <= 2, "buffers are reused, one per read-ahead slot at most"
+    assert budget.used == 0, "the buffers' memory went back when the pump ended"
+
+
+async def test_a_peer_that_closes_early_is_broken_and_only_its_bytes_are_kept(
+    cache: BlobCache, threads: concurrent.futures.Executor
+) -> None:
+    sent = DATA[: 3 * CHUNK + 77]
+    peer = RawPeer(sent)
+    budget = MemoryBudget(64 * CHUNK)
+    entry = cache.reserve("k", len(DATA))
+    assert entry is not None
+    try:
+        end, _, _ = await pump_into(entry, peer, len(DATA), budget, threads)
+    finally:
+        peer.close()
+    assert isinstance(end, PeerFailure) and end.reason is FailureReason.BROKEN
+    assert held(entry) == sent, "what arrived is kept for a resume, nothing else"
+    assert budget.used == 0
+
+
+async def test_bytes_past_the_announced_length_are_never_kept(
+    cache: BlobCache, threads: concurrent.futures.Executor
+) -> None:
+    peer = RawPeer(DATA + b"trailing bytes a lying peer sent past its Content-Length")
+    budget = MemoryBudget(64 * CHUNK)
+    entry = cache.reserve("k", len(DATA))
+    assert entry is not None
+    try:
+        end, digest, _ = await pump_into(entry, peer, len(DATA), budget, threads)
+    finally:
+        peer.close()
+    assert end is None
+    assert held(entry) == DATA and digest == hashlib.sha256(DATA).hexdigest()
+
+
+async def test_a_dripping_peer_fails_the_rate_check_on_the_kept_path(
+    cache: BlobCache, threads: concurrent.futures.Executor
+) -> None:
+    peer = RawPeer(DATA[:CHUNK + 5], drip=0.02)
+    budget = MemoryBudget(64 * CHUNK)
+    entry = cache.reserve("k", len(DATA))
+    assert entry is not None
+    try:
+        end, _, _ = await pump_into(entry, peer, len(DATA), budget, threads,
+                                    min_rate=100_000.0, stall=0.3)
+    finally:
+        peer.close()
+    assert isinstance(end, PeerFailure) and end.reason is FailureReason.SLOW, end
+    assert budget.used == 0
+
+
+async def test_two_pumps_on_a_budget_of_one_buffer_both_finish(
+    cache: BlobCache, threads: concurrent.futures.Executor
+) -> None:
+    """Each pump may make its first buffer only when the budget has room and a second
+    only if there is room now: neither holds a buffer while waiting for the other's."""
+    budget = MemoryBudget(CHUNK + CHUNK // 2)
+    peers = [RawPeer(DATA), RawPeer(DATA)]
+    entries = [cache.reserve(f"k{i}", len(DATA)) for i in range(2)]
+    try:
+        results = await asyncio.gather(*(
+            pump_into(entry, peer, len(DATA), budget, threads)
+            for entry, peer in zip(entries, peers, strict=True) if entry is not None))
+    finally:
+        for peer in peers:
+            peer.close()
+    assert [end for end, _, _ in results] == [None, None]
+    assert all(entry is not None and held(entry) == DATA for entry in entries)
+    assert budget.peak <= budget.limit and budget.used == 0
