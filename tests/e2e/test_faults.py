@@ -48,7 +48,7 @@ CORRUPT_ATTEMPTS = 3
 PULLER_SPOOL_LIMIT = BIG_LAYER + 1 * MiB
 BLOCKER_LAYER = BIG_LAYER + 2 * MiB
 # Tries at landing a kill -9 while node 2 spools the layer (it takes well under a second).
-KILL_ATTEMPTS = 3
+KILL_ATTEMPTS = 5
 
 
 @dataclass
@@ -243,7 +243,9 @@ def test_serving_peer_killed_mid_transfer(cluster: Cluster, mode: str) -> None:
     Streamed (``--mirror-spool-limit 0``) the slow proxy between containerd and node
     2 paces the whole chain, so the kill lands mid-stream every time. Spooled, node 2
     fetches the layer from the peer as fast as it can before answering, so the kill
-    may land after it is done; then the pull is merely clean and we try again.
+    may land after it is done (node 2's byte counter trails what its reader thread has
+    already received); then the pull is merely clean, no break is seen, and we try
+    again.
     """
     c = cluster
     c.heal()
@@ -252,12 +254,17 @@ def test_serving_peer_killed_mid_transfer(cluster: Cluster, mode: str) -> None:
     before = c.n2.metrics()
     victim: E2ENode | None = None
     attempts = 0
+    broke_mid_transfer = False
     try:
-        while victim is None and attempts < KILL_ATTEMPTS:
+        while not broke_mid_transfer and attempts < KILL_ATTEMPTS:
             attempts += 1
             c.heal()
+            tried = c.n2.metrics()
             at_kill, finished_after_kill, victim = _pull_and_kill_the_server(
                 c, 40 * MiB if mode == "streamed" else 16 * MiB)
+            broke_mid_transfer = victim is not None and _delta(
+                c.n2.metrics(), tried, "meshmirror_mirror_peer_failures_total",
+                reason="broken") >= 1
         after = c.n2.metrics()  # before any restart below resets node 2's counters
     finally:
         if mode == "streamed":
