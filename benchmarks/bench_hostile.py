@@ -247,6 +247,7 @@ class Run:
     what: str
     honest: Latencies
     seconds: float
+    load: float = 0.0  # the 1-minute load average as it started: which runs a neighbour hit
 
 
 def _on_cpus(attack: Callable[[], None], cpus: frozenset[int] | None) -> Callable[[], None]:
@@ -260,6 +261,7 @@ def _on_cpus(attack: Callable[[], None], cpus: frozenset[int] | None) -> Callabl
 def _measure(node: RunningNode, blob: str, name: str, what: str,
              attack: Callable[[], None] | None, baseline_s: float,
              attacker_cpus: frozenset[int] | None = None) -> Run:
+    load = os.getloadavg()[0]
     started = time.monotonic()
     child = None
     if attack is not None:
@@ -280,7 +282,7 @@ def _measure(node: RunningNode, blob: str, name: str, what: str,
         if child.is_alive():
             child.kill()
             child.join(5)
-    return Run(name, what, honest, time.monotonic() - started)
+    return Run(name, what, honest, time.monotonic() - started, load)
 
 
 def run(scale: float, pinning: Pinning | None = None) -> list[Run]:
@@ -368,15 +370,16 @@ def section(trials: list[list[Run]], scale: float, load_before: str,
         base = runs[0].honest
         for r in runs:
             name = r.name if len(trials) == 1 else f"{r.name} (run {k})"
-            cells = [name, r.what, f"{r.seconds:.1f} s", str(len(r.honest.v2)),
-                     str(r.honest.failed)]
+            cells = [name, r.what, f"{r.seconds:.1f} s", f"{r.load:.2f}",
+                     str(len(r.honest.v2)), str(r.honest.failed)]
             ratios = _ratios(r, base)
             for port, values in (("v2", r.honest.v2), ("status", r.honest.status)):
                 p50, p95 = Latencies.p(values, 0.5), Latencies.p(values, 0.95)
                 cells.append(f"{p50 * 1000:.1f} / {p95 * 1000:.1f} / {max(values) * 1000:.0f}"
                              f" ms ({ratios[port][0]:.2f}x / {ratios[port][1]:.2f}x)")
             rows.append(cells)
-    tables = [Table(["attack", "what", "took", "honest requests", "honest failed",
+    tables = [Table(["attack", "what", "took", "load (1 min) at start", "honest requests",
+                     "honest failed",
                      "registry p50 / p95 / worst (ratio to baseline)",
                      "metrics p50 / p95 / worst (ratio)"], rows)]
     targets = []
