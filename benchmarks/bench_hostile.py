@@ -25,20 +25,37 @@ and the HEAD/Range burst are over in a second or two, so they are repeated back 
 back (`ROUNDS`, `BURSTS_PER_BLOB`) until their percentiles rest on enough honest
 requests.
 
+The attacker's own CPU (``--attacker-cpus 1 --node-cpus 0``). In a cluster the attacking
+pod runs on its own CPU: another node, or its own cgroup limit on this one. On a shared
+2-core machine an unpinned storm's client side takes the cores the node needs, so part of
+what the honest client waits for is the attacker's own work. With these flags each
+attack process is pinned (``sched_setaffinity``) to the attacker CPUs, and everything
+the node side is made of to the node CPUs: the node under test, the holder (another
+node in a cluster, but idle during the storms, and charged to the node side so that
+the attacker's CPU holds nothing else this benchmark starts) and the honest client,
+which stands for containerd on the node's own host and so shares its CPU. There is no
+upstream Distribution here: the holder serves the layers and the node runs with no
+upstream. Other work on the machine is not pinned and still runs on every CPU. Those
+runs alternate with unpinned ones (``--repeat`` of each) and are written to their own
+section, ``bench_hostile_pinned``; the unpinned runs stay in ``bench_hostile``.
+
     python -m benchmarks.bench_hostile
+    python -m benchmarks.bench_hostile --attacker-cpus 1 --node-cpus 0 --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import socket
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +100,55 @@ class Latencies:
     def p(values: list[float], q: float) -> float:
         ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("inf")
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """Which CPUs the attack processes and the node side (nodes, honest client) may use;
+    ``None`` leaves both where the scheduler puts them (the default, unpinned run)."""
+
+    attacker: frozenset[int]
+    node: frozenset[int]
+
+    def describe(self) -> str:
+        return (f"attacker on CPU {_cpu_list(self.attacker)}, nodes and honest client on "
+                f"CPU {_cpu_list(self.node)}")
+
+
+def _cpu_list(cpus: frozenset[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+def cpu_set(text: str) -> frozenset[int]:
+    """An argparse ``type``: a CPU list as taskset takes it ("1", "0,2", "0-1"), each CPU
+    one this process may run on."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            cpus.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"want a CPU list such as 1 or 0-1, not {text!r}") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise argparse.ArgumentTypeError(
+            f"CPU list {text!r} is not within this process's CPUs "
+            f"({_cpu_list(frozenset(allowed))}; see nproc)")
+    return frozenset(cpus)
+
+
+@contextmanager
+def _pinned(cpus: frozenset[int] | None) -> Iterator[None]:
+    """This process (the honest client) on ``cpus`` for the block; processes started
+    meanwhile (the nodes) inherit it. Put back as it was afterwards."""
+    before = os.sched_getaffinity(0)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _honest(node: RunningNode, blob: str, stop_at: Callable[[], bool]) -> Latencies:
@@ -181,14 +247,26 @@ class Run:
     what: str
     honest: Latencies
     seconds: float
+    load: float = 0.0  # the 1-minute load average as it started: which runs a neighbour hit
+
+
+def _on_cpus(attack: Callable[[], None], cpus: frozenset[int] | None) -> Callable[[], None]:
+    def pinned() -> None:
+        if cpus is not None:  # in the child, before the attack starts any thread
+            os.sched_setaffinity(0, cpus)
+        attack()
+    return pinned
 
 
 def _measure(node: RunningNode, blob: str, name: str, what: str,
-             attack: Callable[[], None] | None, baseline_s: float) -> Run:
+             attack: Callable[[], None] | None, baseline_s: float,
+             attacker_cpus: frozenset[int] | None = None) -> Run:
+    load = os.getloadavg()[0]
     started = time.monotonic()
     child = None
     if attack is not None:
-        child = multiprocessing.get_context("fork").Process(target=attack, daemon=True)
+        child = multiprocessing.get_context("fork").Process(
+            target=_on_cpus(attack, attacker_cpus), daemon=True)
         child.start()
 
         def done() -> bool:
@@ -204,12 +282,14 @@ def _measure(node: RunningNode, blob: str, name: str, what: str,
         if child.is_alive():
             child.kill()
             child.join(5)
-    return Run(name, what, honest, time.monotonic() - started)
+    return Run(name, what, honest, time.monotonic() - started, load)
 
 
-def run(scale: float) -> list[Run]:
+def run(scale: float, pinning: Pinning | None = None) -> list[Run]:
+    """One run on fresh nodes and a fresh image (so the HEAD/Range blobs start uncached)."""
     in_memory = MirrorConfig().verify_before_send_limit
-    with tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp_name:
+    with (tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp_name,
+          _pinned(pinning.node if pinning else None)):
         tmp = Path(tmp_name)
         seeded, empty, spool = tmp / "seeded", tmp / "empty", tmp / "spool"
         for directory in (seeded, empty, spool):
@@ -217,6 +297,7 @@ def run(scale: float) -> list[Run]:
         image = build_image(f"docker.io/{REPO}:1", seeded,
                             [64 * 1024, in_memory + MiB] + [64 * MiB] * ROUNDS, seed=23)
         small, large, *huge = image.platforms[0].layers
+        attacker_cpus = pinning.attacker if pinning else None
         holder = start_node(f"oci:{seeded}", tmp / "holder.log", ("--node-name", "holder"))
         node = None
         try:
@@ -258,7 +339,7 @@ def run(scale: float) -> list[Run]:
             ]
             runs = [_measure(node, blob, "baseline", "no attack", None, 10.0)]
             for name, what, attack in attacks:
-                runs.append(_measure(node, blob, name, what, attack, 0))
+                runs.append(_measure(node, blob, name, what, attack, 0, attacker_cpus))
                 time.sleep(2)  # let the node settle between attacks
             return runs
         finally:
@@ -267,31 +348,96 @@ def run(scale: float) -> list[Run]:
             stop(holder.proc)
 
 
-def section(runs: list[Run], scale: float, load_before: str) -> Section:
-    base = runs[0].honest
-    b50 = {"v2": Latencies.p(base.v2, 0.5), "status": Latencies.p(base.status, 0.5)}
-    b95 = {"v2": Latencies.p(base.v2, 0.95), "status": Latencies.p(base.status, 0.95)}
+def _ratios(run: Run, base: Latencies) -> dict[str, tuple[float, float]]:
+    """Per port: the run's honest p50 and p95 as ratios of the baseline's."""
+    return {port: (Latencies.p(values, 0.5) / Latencies.p(ref, 0.5),
+                   Latencies.p(values, 0.95) / Latencies.p(ref, 0.95))
+            for port, values, ref in (("v2", run.honest.v2, base.v2),
+                                      ("status", run.honest.status, base.status))}
+
+
+def _spread(values: list[float], unit: str = "x", scale: float = 1.0) -> str:
+    """Every run's figure, lowest to highest: the spread is the finding, not the best."""
+    return ", ".join(f"{v * scale:.2f}{unit}" for v in sorted(values))
+
+
+def section(trials: list[list[Run]], scale: float, load_before: str,
+            pinning: Pinning | None = None) -> Section:
+    """``trials``: one list of runs (baseline first) per repetition, each on fresh nodes.
+    A target holds the worst repetition's figure."""
     rows = []
+    for k, runs in enumerate(trials, 1):
+        base = runs[0].honest
+        for r in runs:
+            name = r.name if len(trials) == 1 else f"{r.name} (run {k})"
+            cells = [name, r.what, f"{r.seconds:.1f} s", f"{r.load:.2f}",
+                     str(len(r.honest.v2)), str(r.honest.failed)]
+            ratios = _ratios(r, base)
+            for port, values in (("v2", r.honest.v2), ("status", r.honest.status)):
+                p50, p95 = Latencies.p(values, 0.5), Latencies.p(values, 0.95)
+                cells.append(f"{p50 * 1000:.1f} / {p95 * 1000:.1f} / {max(values) * 1000:.0f}"
+                             f" ms ({ratios[port][0]:.2f}x / {ratios[port][1]:.2f}x)")
+            rows.append(cells)
+    tables = [Table(["attack", "what", "took", "load (1 min) at start", "honest requests",
+                     "honest failed",
+                     "registry p50 / p95 / worst (ratio to baseline)",
+                     "metrics p50 / p95 / worst (ratio)"], rows)]
     targets = []
-    for r in runs:
-        cells = [r.name, r.what, f"{r.seconds:.1f} s", str(len(r.honest.v2)),
-                 str(r.honest.failed)]
-        for port, values in (("v2", r.honest.v2), ("status", r.honest.status)):
-            p50, p95 = Latencies.p(values, 0.5), Latencies.p(values, 0.95)
-            cells.append(f"{p50 * 1000:.1f} / {p95 * 1000:.1f} / {max(values) * 1000:.0f} ms "
-                         f"({p50 / b50[port]:.2f}x / {p95 / b95[port]:.2f}x)")
-            if r.name != "baseline":
-                targets.append(Target(f"hostile {r.name}: honest {port} p50 vs no attack",
-                                      "<=", 3, p50 / b50[port]))
-                targets.append(Target(f"hostile {r.name}: honest {port} p95 vs no attack",
-                                      "<=", 3, p95 / b95[port]))
-                targets.append(Target(f"hostile {r.name}: worst honest {port}", "<=",
-                                      2, max(values), " s"))
-        rows.append(cells)
+    spread_rows = []
+    prefix = "hostile pinned" if pinning else "hostile"
+    for i, first in enumerate(trials[0][1:], 1):
+        per_run = [(_ratios(runs[i], runs[0].honest), runs[i]) for runs in trials]
+        cells = [first.name]
+        for port in ("v2", "status"):
+            p50s = [ratios[port][0] for ratios, _ in per_run]
+            p95s = [ratios[port][1] for ratios, _ in per_run]
+            worst = [max(r.honest.v2 if port == "v2" else r.honest.status)
+                     for _, r in per_run]
+            cells += [_spread(p50s), _spread(p95s)]
+            targets += [
+                Target(f"{prefix} {first.name}: honest {port} p50 vs no attack", "<=", 3,
+                       max(p50s)),
+                Target(f"{prefix} {first.name}: honest {port} p95 vs no attack", "<=", 3,
+                       max(p95s)),
+                Target(f"{prefix} {first.name}: worst honest {port}", "<=", 2, max(worst),
+                       " s"),
+            ]
+        spread_rows.append(cells)
+    if len(trials) > 1:
+        tables.append(Table(["attack", "registry p50 ratio, each run",
+                             "registry p95 ratio, each run", "metrics p50 ratio, each run",
+                             "metrics p95 ratio, each run"], spread_rows))
+    notes = ["Ratios compare with the same run's baseline; the machine is shared, so a "
+             "busy neighbour shows up in both the load average and the ratios."]
+    if len(trials) > 1:
+        notes.append(f"{len(trials)} runs, each on fresh nodes with its own baseline; a "
+                     "target holds the worst run's figure.")
+    if pinning:
+        notes.append(f"Pinned with sched_setaffinity: {pinning.describe()}. The attacker "
+                     "has its CPU to itself among the processes this benchmark starts, as "
+                     "an attacking pod in a cluster has its own node or cgroup limit; "
+                     "other work on the machine still runs on every CPU. The nodes and the "
+                     "honest client share the node CPU, as containerd and the mirror share "
+                     "a cluster node's. These runs alternate with the unpinned ones in "
+                     "bench_hostile, made by the same command.")
+    else:
+        notes.append("The attackers run on the same cores as the node: on a 2-core machine "
+                     "a storm's own CPU is part of what the honest client waits for (see "
+                     "bench_hostile_pinned for the attacker on its own CPU).")
+    notes.append("A worst case near the send timeout under `unread` is an honest request "
+                 "that waited for the node's memory budget (--mirror-memory-limit): each "
+                 "unread response holds one piece of it until the send timeout drops it.")
+    command = f"python -m benchmarks.bench_hostile --scale {scale:g}"
+    if pinning:
+        command += (f" --attacker-cpus {_cpu_list(pinning.attacker)}"
+                    f" --node-cpus {_cpu_list(pinning.node)}")
+    if len(trials) > 1:
+        command += f" --repeat {len(trials)}"
     return Section(
-        name="bench_hostile",
-        title="Hostile clients: honest latency under attack",
-        command=f"python -m benchmarks.bench_hostile --scale {scale:g}",
+        name="bench_hostile_pinned" if pinning else "bench_hostile",
+        title=("Hostile clients, attacker on its own CPU: honest latency under attack"
+               if pinning else "Hostile clients: honest latency under attack"),
+        command=command,
         date=utc_now(),
         load=load_since(load_before),
         setup=("A holder node and an empty node under test on loopback, default flags but "
@@ -299,32 +445,48 @@ def section(runs: list[Run], scale: float, load_before: str) -> Section:
                "at a time on a new connection: GET /v2/ or a cached small blob on the "
                "registry port, then GET /status on the metrics port. Each attack runs in its "
                "own process for a fixed amount of work; the baseline is 10 s with no attack."),
-        tables=[Table(["attack", "what", "took", "honest requests", "honest failed",
-                       "registry p50 / p95 / worst (ratio to baseline)",
-                       "metrics p50 / p95 / worst (ratio)"], rows)],
-        notes=["Ratios compare with the same run's baseline; the machine is shared, so a "
-               "busy neighbour shows up in both the load average and the ratios. The "
-               "attackers run on the same cores as the node: on a 2-core machine a storm's "
-               "own CPU is part of what the honest client waits for.",
-               "A worst case near the send timeout under `unread` is an honest request "
-               "that waited for the node's memory budget (--mirror-memory-limit): each "
-               "unread response holds one piece of it until the send timeout drops it."],
+        tables=tables,
+        notes=notes,
         targets=targets,
     )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every attack's count (0.05 for a smoke run)")
+    parser.add_argument("--attacker-cpus", type=cpu_set, default=None,
+                        help="CPU list for the attack processes (with --node-cpus): adds "
+                             "pinned runs, alternating with the unpinned ones")
+    parser.add_argument("--node-cpus", type=cpu_set, default=None,
+                        help="CPU list for the nodes and the honest client in pinned runs")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each kind (pinned, unpinned), alternating")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-write", action="store_true", help="print the section only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if (args.attacker_cpus is None) != (args.node_cpus is None):
+        parser.error("--attacker-cpus and --node-cpus go together")
+    if args.attacker_cpus is not None and args.attacker_cpus & args.node_cpus:
+        parser.error("--attacker-cpus and --node-cpus must not share a CPU")
+    if args.repeat < 1:
+        parser.error("--repeat wants at least 1")
+    pinning = (Pinning(args.attacker_cpus, args.node_cpus)
+               if args.attacker_cpus is not None else None)
     load_before = load_average()
-    result = section(run(args.scale), args.scale, load_before)
-    print(result.render())
-    if not args.no_write:
-        write_section(result, args.results)
+    unpinned: list[list[Run]] = []
+    pinned: list[list[Run]] = []
+    for _ in range(args.repeat):  # alternating, so that a busy minute falls on both kinds
+        if pinning is not None:
+            pinned.append(run(args.scale, pinning))
+        unpinned.append(run(args.scale))
+    results = [section(unpinned, args.scale, load_before)]
+    if pinning is not None:
+        results.append(section(pinned, args.scale, load_before, pinning))
+    for result in results:
+        print(result.render())
+        if not args.no_write:
+            write_section(result, args.results)
     return 0
 
 

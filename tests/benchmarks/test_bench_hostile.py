@@ -1,11 +1,26 @@
 """bench_hostile's section from made-up runs: ratios against the baseline and the targets
-it reports (the benchmark itself takes minutes, so it is not run here)."""
+it reports (the benchmark itself takes minutes, so it is not run here), and its CPU
+pinning flags: the attack process on the attacker CPUs, bad lists a usage error."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from pathlib import Path
+from typing import Any
 
-from benchmarks.bench_hostile import Latencies, Run, section
+import pytest
+
+from benchmarks.bench_hostile import (
+    Latencies,
+    Pinning,
+    Run,
+    _on_cpus,
+    _pinned,
+    cpu_set,
+    main,
+    section,
+)
 from benchmarks.results import write_section
 from tests.benchmarks.helpers import assert_only_block_changed, copy_of_results
 
@@ -15,7 +30,7 @@ def _run(name: str, seconds: float) -> Run:
 
 
 def test_latencies_are_reported_as_ratios_of_the_baseline(tmp_path: Path) -> None:
-    result = section([_run("baseline", 0.01), _run("storm", 0.02), _run("unread", 0.05)],
+    result = section([[_run("baseline", 0.01), _run("storm", 0.02), _run("unread", 0.05)]],
                      1.0, "(1/5/15 min) 0 / 0 / 0")
     rendered = result.render()
     assert "(2.00x / 2.00x)" in rendered and "(5.00x / 5.00x)" in rendered
@@ -28,3 +43,55 @@ def test_latencies_are_reported_as_ratios_of_the_baseline(tmp_path: Path) -> Non
     write_section(result, results)
     if "<!-- BEGIN bench_hostile -->" in before:
         assert_only_block_changed(before, results.read_text(), "bench_hostile")
+
+
+def test_pinned_runs_get_their_own_section_and_the_worst_run_holds_the_target() -> None:
+    pinning = Pinning(frozenset({1}), frozenset({0}))
+    trials = [[_run("baseline", 0.01), _run("storm", s)] for s in (0.02, 0.04, 0.03)]
+    result = section(trials, 1.0, "(1/5/15 min) 0 / 0 / 0", pinning)
+    assert result.name == "bench_hostile_pinned"
+    assert "--attacker-cpus 1 --node-cpus 0 --repeat 3" in result.command
+    rendered = result.render()
+    assert "storm (run 2)" in rendered and "2.00x, 3.00x, 4.00x" in rendered
+    met = {t.what: t for t in result.targets}
+    assert met["hostile pinned storm: honest v2 p50 vs no attack"].latest == 4.0
+    assert section(trials[:1], 1.0, "x").name == "bench_hostile"
+
+
+def _affinity(cpus: frozenset[int] | None, out: Any) -> None:
+    _on_cpus(lambda: out.put(sorted(os.sched_getaffinity(0))), cpus)()
+
+
+def test_an_attack_process_runs_on_the_attacker_cpus_and_the_node_side_on_its_own() -> None:
+    allowed = os.sched_getaffinity(0)
+    one = frozenset({min(allowed)})
+    out: Any = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(target=_affinity, args=(one, out))
+    child.start()
+    assert out.get(timeout=10) == sorted(one)
+    child.join(10)
+    with _pinned(one):
+        assert os.sched_getaffinity(0) == one
+    assert os.sched_getaffinity(0) == allowed  # put back afterwards
+
+
+@pytest.mark.parametrize("argv", [
+    ["--attacker-cpus", "0"],  # without --node-cpus
+    ["--attacker-cpus", "0", "--node-cpus", "0"],  # sharing a CPU
+    ["--attacker-cpus", "4096", "--node-cpus", "0"],  # not a CPU this process has
+    ["--attacker-cpus", "one", "--node-cpus", "0"],
+    ["--repeat", "0"],
+])
+def test_bad_cpu_flags_are_a_usage_error(argv: list[str],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--no-write"])
+    assert exited.value.code == 2
+    assert "--" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_cpu_lists_read_as_taskset_writes_them() -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    assert cpu_set(str(allowed[0])) == {allowed[0]}
+    assert cpu_set(f"{allowed[0]}-{allowed[0]}") == {allowed[0]}
+    assert cpu_set(",".join(map(str, allowed))) == set(allowed)
