@@ -162,9 +162,10 @@ async def test_a_large_blob_comes_as_stripes_assembled_and_verified_whole(
     assert striped.upstream_bytes == len(data)
 
 
-def _range_blind(data: bytes, digest: Digest, *, open_ended: bool) -> Responder:
+def _range_blind(data: bytes, digest: Digest, *, from_zero: bool) -> Responder:
     """An upstream that ignores a ``Range`` (a 200 with the whole blob); with
-    ``open_ended`` it honours ``bytes=N-`` only, so the node stripes and then learns."""
+    ``from_zero`` it honours ranges from byte 0 only (the probe), so the node stripes
+    and then learns."""
 
     def respond(request: Request) -> Reply:
         if request.path == "/v2/":
@@ -172,21 +173,21 @@ def _range_blind(data: bytes, digest: Digest, *, open_ended: bool) -> Responder:
         if request.path != f"/v2/{REPO}/blobs/{digest}":
             return Reply(404)
         wanted = request.headers.get("range", "")
-        if open_ended and wanted.endswith("-"):
-            start = int(wanted.removeprefix("bytes=")[:-1])
-            return Reply(206, (("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}"),),
-                         data[start:])
+        if from_zero and wanted.startswith("bytes=0-"):
+            last = min(int(wanted.removeprefix("bytes=0-") or len(data) - 1), len(data) - 1)
+            return Reply(206, (("Content-Range", f"bytes 0-{last}/{len(data)}"),),
+                         data[:last + 1])
         return Reply(200, body=data)
 
     return respond
 
 
-@pytest.mark.parametrize("open_ended", [False, True])
+@pytest.mark.parametrize("from_zero", [False, True])
 async def test_an_upstream_that_ignores_range_gives_the_whole_blob_through_one_tree(
-        tmp_path: Path, open_ended: bool) -> None:
+        tmp_path: Path, from_zero: bool) -> None:
     data = bytes(range(256)) * (12 * 1024)  # 3 MiB
     digest = Digest.of(data)
-    with ScriptedHTTPServer(_range_blind(data, digest, open_ended=open_ended)) as server:
+    with ScriptedHTTPServer(_range_blind(data, digest, from_zero=from_zero)) as server:
         name = server.url.removeprefix("http://")
         registry = CollectorRegistry()
         router = InMemoryRouter(registry=registry, seed=1)
@@ -206,13 +207,16 @@ async def test_an_upstream_that_ignores_range_gives_the_whole_blob_through_one_t
             finally:
                 mirror.close()
                 rollout.close()
-        # A 200 to the first Range: never striped. A 200 to a stripe's range only: the
-        # node falls back to the whole blob once and stripes nothing more from there.
-        assert (name in rollout.no_ranges) is open_ended
+        # A 200 to the probe: the whole blob from that one answer, never striped. A 200
+        # to a stripe's range only: the node falls back to the whole blob once and
+        # stripes nothing more from there.
+        assert (name in rollout.no_ranges) is from_zero
         ranges = [r.headers.get("range") for r in server.requests if "/blobs/" in r.path]
-        assert ranges[0] == "bytes=0-"
-        if open_ended:  # the first, one or two stripes (the other may be cancelled first), whole
-            assert 3 <= len(ranges) <= 4 and ranges[-1] == "bytes=0-"
+        assert ranges[0] == f"bytes=0-{MiB - 1}"  # the probe: bounded, whatever the size
+        if from_zero:  # the probe, one or two stripes (the other may be cancelled first),
+            # then the whole blob: its probe and the rest
+            assert 4 <= len(ranges) <= 5 and ranges[-2:] == [f"bytes=0-{MiB - 1}",
+                                                             f"bytes={MiB}-"]
         else:
             assert len(ranges) == 1
 
