@@ -182,6 +182,61 @@ def _range_blind(data: bytes, digest: Digest, *, from_zero: bool) -> Responder:
     return respond
 
 
+def _ranged(data: bytes, digest: Digest) -> Responder:
+    """An upstream that honours every ``Range`` (a 206 with just those bytes)."""
+
+    def respond(request: Request) -> Reply:
+        if request.path == "/v2/":
+            return Reply(200, body=b"{}")
+        if request.path != f"/v2/{REPO}/blobs/{digest}":
+            return Reply(404)
+        first, _, last = request.headers.get("range", "bytes=0-").removeprefix(
+            "bytes=").partition("-")
+        end = min(int(last) + 1 if last else len(data), len(data))
+        return Reply(206, (("Content-Range", f"bytes {first}-{end - 1}/{len(data)}"),),
+                     data[int(first):end])
+
+    return respond
+
+
+async def _read_once(tmp_path: Path, server: ScriptedHTTPServer, data: bytes) -> Rollout:
+    """One node with stripes of 1 MiB reads ``data`` (its own tree's root for every
+    stripe) from ``server``; its rollout, closed."""
+    name = server.url.removeprefix("http://")
+    registry = CollectorRegistry()
+    router = InMemoryRouter(registry=registry, seed=1)
+    options = MirrorConfig(upstream_cache_dir=tmp_path)
+    async with aiohttp.ClientSession() as session, \
+            UpstreamClient(UpstreamEndpoints(overrides={name: server.url})) as client:
+        content = UpstreamContent(client, first_byte_timeout=2.0, stall_timeout=2.0)
+        metrics = MirrorMetrics(registry)
+        rollout = Rollout("me", router, session, content, options,
+                          RolloutMetrics(registry), metrics)
+        rollout.min_stripe = 1 * MiB
+        mirror = PeerMirror(router, session, options=options, metrics=metrics,
+                            rollout=rollout)
+        try:
+            mirror.access.learned(name, REPO, True)
+            assert await read(mirror, name, Digest.of(data)) == data
+        finally:
+            mirror.close()
+            rollout.close()
+    return rollout
+
+
+async def test_stripe_0_is_a_bounded_probe_then_the_rest_each_byte_asked_once(
+        tmp_path: Path) -> None:
+    data = bytes(range(256)) * (14 * 1024)  # 3.5 MiB: 3 stripes, stripe 0 past the probe
+    with ScriptedHTTPServer(_ranged(data, Digest.of(data))) as server:
+        await _read_once(tmp_path, server, data)
+        ranges = [r.headers.get("range", "") for r in server.requests if "/blobs/" in r.path]
+    step = len(data) // 3
+    assert ranges[0] == f"bytes=0-{MiB - 1}"  # the probe: never past any stripe 0's end
+    assert sorted(ranges[1:]) == sorted([f"bytes={MiB}-{step - 1}",  # stripe 0's rest
+                                         f"bytes={step}-{2 * step - 1}",
+                                         f"bytes={2 * step}-{len(data) - 1}"])
+
+
 @pytest.mark.parametrize("from_zero", [False, True])
 async def test_an_upstream_that_ignores_range_gives_the_whole_blob_through_one_tree(
         tmp_path: Path, from_zero: bool) -> None:
@@ -189,24 +244,7 @@ async def test_an_upstream_that_ignores_range_gives_the_whole_blob_through_one_t
     digest = Digest.of(data)
     with ScriptedHTTPServer(_range_blind(data, digest, from_zero=from_zero)) as server:
         name = server.url.removeprefix("http://")
-        registry = CollectorRegistry()
-        router = InMemoryRouter(registry=registry, seed=1)
-        options = MirrorConfig(upstream_cache_dir=tmp_path)
-        async with aiohttp.ClientSession() as session, \
-                UpstreamClient(UpstreamEndpoints(overrides={name: server.url})) as client:
-            content = UpstreamContent(client, first_byte_timeout=2.0, stall_timeout=2.0)
-            metrics = MirrorMetrics(registry)
-            rollout = Rollout("me", router, session, content, options,
-                              RolloutMetrics(registry), metrics)
-            rollout.min_stripe = 1 * MiB
-            mirror = PeerMirror(router, session, options=options, metrics=metrics,
-                                rollout=rollout)
-            try:
-                mirror.access.learned(name, REPO, True)
-                assert await read(mirror, name, digest) == data
-            finally:
-                mirror.close()
-                rollout.close()
+        rollout = await _read_once(tmp_path, server, data)
         # A 200 to the probe: the whole blob from that one answer, never striped. A 200
         # to a stripe's range only: the node falls back to the whole blob once and
         # stripes nothing more from there.
