@@ -878,8 +878,12 @@ class PeersFallback:
             access = await self._access.check(registry, repository, BLOB_PROBE_REFERENCE)
             if access.denied:
                 return Miss(access.reason or MissReason.PRIVATE_REPOSITORY)
-        # A stripe's reader asks for a bounded range and moves 1/F of the blob.
-        share = (1.0 / self._rollout.fanout if tree and byte_range is not None
+        # A stripe's reader asks for a bounded range and moves 1/F of the blob. A first
+        # request (from byte 0: the probe, or an open-ended one from a member of the
+        # previous version) may be for a blob too small to stripe: a whole reader until
+        # the size says otherwise.
+        first = byte_range is None or byte_range.first == 0
+        share = (1.0 / self._rollout.fanout if tree and not first and byte_range is not None
                  and byte_range.last is not None else 1.0)
         admitted = (await self._rollout.admit_waiting(share, self._rollout.slot_wait) if tree
                     else self._rollout.admit(share))
@@ -900,7 +904,7 @@ class PeersFallback:
             reader.close()
             self._rollout.release(share)
             raise
-        if (tree and share == 1.0 and size is not None and byte_range is None
+        if (tree and share == 1.0 and size is not None and first
                 and stripe_count(size, self._rollout.fanout, self._rollout.min_stripe) > 1):
             # The requester's first answer of a blob it stripes: it reads stripe 0 only.
             share = 1.0 / self._rollout.fanout

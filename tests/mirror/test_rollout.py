@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
+from meshmirror.mirror import rollout as rollout_module
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorConfig
 from meshmirror.mirror.peer_mirror import PeerMirror
@@ -274,3 +275,25 @@ async def test_a_tree_reader_waits_briefly_for_a_slot_and_a_stripe_takes_a_share
     assert all(rollout.admit(1.0 / rollout.fanout) for _ in range(rollout.fanout - 1))
     assert not await rollout.admit_waiting(1.0 / rollout.fanout, 0.05)
     assert rollout.serving == pytest.approx(rollout.fanout)
+
+
+@pytest.mark.parametrize("min_stripe, stripes", [(16 * MiB, 1), (1 * MiB, 3)])
+async def test_the_probe_takes_a_whole_reader_slot_until_the_size_shows_stripes(
+        owner: Owner, upstream: Upstream, min_stripe: int, stripes: int) -> None:
+    """The bounded probe is a first request: for a blob too small to stripe its reader
+    moves the whole blob, so it holds a whole slot, as an open-ended first request did."""
+    owner.rollout.min_stripe = min_stripe
+    layer = max(upstream.image.platforms[0].layers, key=lambda b: b.size)
+    fallback = owner.mirror.peers_fallback
+    assert fallback is not None
+    token = rollout_module._requester.set("member-2")  # a tree request from member-2
+    try:
+        part = await fallback.open_blob(upstream.name, REPO, layer.digest,
+                                        parse_range(f"bytes=0-{MiB - 1}"), True)
+    finally:
+        rollout_module._requester.reset(token)
+    assert isinstance(part, FallbackContent) and part.body is not None
+    assert owner.rollout.serving == pytest.approx(1.0 if stripes == 1
+                                                  else 1.0 / owner.rollout.fanout)
+    assert len(b"".join([c async for c in part.body])) == MiB
+    assert owner.rollout.serving == 0
