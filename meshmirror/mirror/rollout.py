@@ -284,13 +284,17 @@ class Rollout:
     # -- the upstream --------------------------------------------------------------
 
     async def open_upstream(self, registry: str, repository: str, digest: Digest,
-                            offset: int, end: int | None = None) -> UpstreamBody | None:
+                            offset: int, end: int | None = None,
+                            follow_up: bool = False) -> UpstreamBody | None:
         """Bytes [offset, end) of the blob from the upstream, always asked with a Range:
-        the answer's status says whether the upstream serves stripes."""
+        the answer's status says whether the upstream serves stripes. A ``follow_up``
+        continues a stream whose first answer stopped where it was asked to (see
+        `TreeStream`): the same fetch, so not counted as opened again."""
         opened = await self._content.open_blob(registry, repository, digest, offset, end,
                                                ranged=True)
         if isinstance(opened, UpstreamBody):
-            self.metrics.upstream_fetches.labels("opened").inc()
+            if not follow_up:
+                self.metrics.upstream_fetches.labels("opened").inc()
             return opened
         result = ("not_found" if isinstance(opened, NotFound)
                   else "auth_required" if isinstance(opened, AuthRequired) else "failed")
@@ -380,6 +384,12 @@ class TreeStream:
 
     A `flight.ChunkStream`: `open` finds a source and the size, `chunks` streams
     from an offset to the span's end and raises `PeerFailure` on a break.
+
+    A stream that does not know the size yet (stripe 0's, or the whole blob's) asks
+    its source for the probe only, bytes [0, ``min_stripe``) (see `TreeSource`), and
+    when that answer ends where it was asked to, asks the same source for the rest:
+    a parent that is still assembling the blob serves the follow-up from its flight
+    as the bytes arrive, like any range.
     """
 
     def __init__(self, rollout: Rollout, registry: str, repository: str, digest: Digest,
@@ -400,6 +410,7 @@ class TreeStream:
         self._peer: PeerResponse | None = None
         self._upstream: UpstreamBody | None = None
         self._origin: str | None = None  # the member, or "upstream", now sending
+        self._answer_end = 0  # where the open answer stops: its range's end
         self.senders: set[str] = set()  # the members that sent bytes of this stream
         self.deadline = float("inf")
         # Whether the source answered with a range: always for a peer; for the upstream,
@@ -423,6 +434,11 @@ class TreeStream:
     def limit(self, end: int) -> None:
         """Stream only up to ``end`` from here on (the first stripe of an open stream)."""
         self._span = (0, end)
+
+    def leave_out(self, members: set[str]) -> None:
+        """Never ask ``members`` from the next connection on (the requester, once the
+        size shows it reads this stream's bytes from this node)."""
+        self._left_out |= members
 
     async def open(self) -> int | None:
         size = await self._connect(0)
@@ -448,20 +464,32 @@ class TreeStream:
             self.close()
             if self._late() or await self._connect(offset) is None:
                 raise PeerFailure(FailureReason.EXHAUSTED, f"no source left at byte {offset}")
-        if self._upstream is not None:
-            async for chunk in self._from_upstream(self._upstream):
-                yield chunk
-            return
+        while True:
+            if self._upstream is not None:
+                async for chunk in self._from_upstream(self._upstream):
+                    yield chunk
+            else:
+                async for chunk in self._from_peer():
+                    yield chunk
+            if self._position >= self.end:
+                return
+            # The answer ended where it was asked to (the probe): the rest, same source.
+            if self._late() or await self._connect(self._position) is None:
+                raise PeerFailure(FailureReason.EXHAUSTED,
+                                  f"no source left at byte {self._position}")
+
+    async def _from_peer(self) -> AsyncIterator[bytes]:
         opened = self._peer
         assert opened is not None
         client = self._rollout.client
-        while self._position < self.end:
+        end = min(self.end, self._answer_end)
+        while self._position < end:
             try:
                 if self._late():
                     raise PeerFailure(FailureReason.DEADLINE,
                                       f"past the deadline at byte {self._position}")
                 chunk = await client.read_chunk(opened, min(self._rollout._chunk,
-                                                            self.end - self._position))
+                                                            end - self._position))
                 if not chunk:
                     raise PeerFailure(FailureReason.BROKEN, "body ended")
             except PeerFailure as failure:
@@ -473,7 +501,7 @@ class TreeStream:
         self.close()
 
     async def _from_upstream(self, body: UpstreamBody) -> AsyncIterator[bytes]:
-        end = self.end
+        end = min(self.end, self._answer_end)
         try:
             async for chunk in body.chunks():
                 if self._late():
@@ -489,7 +517,8 @@ class TreeStream:
         except UpstreamStall as stall:
             self.close()
             raise PeerFailure(FailureReason.BROKEN, f"upstream {stall}") from stall
-        self._rollout.metrics.upstream_fetches.labels("completed").inc()
+        if self._position >= self.end:
+            self._rollout.metrics.upstream_fetches.labels("completed").inc()
         self.close()
 
     def _parent_failed(self, peer: Peer, failure: PeerFailure) -> None:
@@ -506,6 +535,12 @@ class TreeStream:
         # A stripe needs the upstream to honour its range; a whole blob resumed from an
         # offset takes a 200 too (`upstream.blobs` skips the prefix).
         ranged = self._span is not None and (offset > 0 or self._span[1] < self._whole)
+        # Before the size is known, the probe only (see the class's note); after it, to
+        # the span's end, or to the blob's with an open-ended range.
+        probe = self._span is None and self._whole == 0
+        end = (self._span[1] if self._span is not None
+               else rollout.min_stripe if probe else None)
+        follow_up = 0 < offset == self._answer_end
         while True:
             tree, peers = rollout.tree(self._digest, self._left_out | self._failed,
                                        self._stripe)
@@ -513,10 +548,11 @@ class TreeStream:
             if placement.parent is None:
                 # The root, in this view: the upstream, from where we are.
                 body = await rollout.open_upstream(
-                    self._registry, self._repository, self._digest, offset,
-                    self._span[1] if self._span is not None else None)
+                    self._registry, self._repository, self._digest, offset, end, follow_up)
                 if body is None:
                     return None
+                if probe and not body.ranged:
+                    body.end = body.size  # it ignores Range: the whole blob, read to its end
                 if ranged and not body.ranged:
                     body.close()  # the whole blob again: not worth a byte more
                     raise NoRanges()
@@ -525,6 +561,7 @@ class TreeStream:
                     return None
                 self._upstream, self._position = body, offset
                 self._whole, self.ranged = body.size, body.ranged
+                self._answer_end = body.end
                 if self._span is None:
                     self._size = body.size
                 self._origin = "upstream"
@@ -532,8 +569,7 @@ class TreeStream:
             peer = peers[placement.parent]
             try:
                 opened = await rollout.client.open(
-                    peer, self._path, self._registry, offset=offset,
-                    end=self._span[1] if self._span is not None else None,
+                    peer, self._path, self._registry, offset=offset, end=end,
                     headers={TREE_HEADER: rollout.name})
             except PeerFailure as failure:
                 log.info("%s: tree parent %s refused: %s", self._digest, peer.name, failure)
@@ -545,6 +581,7 @@ class TreeStream:
                 self._failed.add(peer.name)
                 continue
             self._peer, self._position, self._whole = opened, offset, size
+            self._answer_end = size if end is None else min(end, size)
             self.senders.add(peer.name)
             if self._span is None:
                 self._size = size
@@ -575,11 +612,17 @@ class TreeSource:
     hashed whole in order as the stripes fill it.
 
     How a node learns the size, and whether to stripe: it opens the blob through the
-    unrotated tree (stripe 0's) from byte 0, its root asking the upstream with a
-    ``Range`` so that the status says whether the upstream serves ranges. That first
-    answer then carries stripe 0 only. A stripe's root whose upstream ignores
-    ``Range`` (`NoRanges`) turns this node back to the whole blob through the one tree
-    (its followers start over), and the node stripes no blob of that registry again.
+    unrotated tree (stripe 0's) with a bounded *probe*, bytes [0, ``min_stripe``), the
+    least any striped blob's stripe 0 holds; its root asks the upstream the same, so
+    the status says whether the upstream serves ranges and Content-Range gives the
+    size. Stripe 0 then continues from there with a follow-up range to its own end
+    (`TreeStream`), and no byte past it was ever asked for: an open-ended first
+    request would let the upstream send what its socket buffers hold past stripe 0's
+    end, bytes stripe 1's root fetches again. An upstream that ignores ``Range``
+    answers the probe with the whole blob (200), which is then read to its end.
+    A stripe's root whose upstream ignores ``Range`` (`NoRanges`) turns this node back
+    to the whole blob through the one tree (its followers start over), and the node
+    stripes no blob of that registry again.
     """
 
     def __init__(self, rollout: Rollout, registry: str, repository: str, digest: Digest,
@@ -592,8 +635,10 @@ class TreeSource:
         self._leave_out = leave_out
         self._asked_at = asked_at
         self._digest = digest
+        # The requester reads stripe 0 from here if it asked inside the probe (which
+        # every layout's stripe 0 holds); past it, `open` decides once the size is known.
         self._first = TreeStream(rollout, registry, repository, digest,
-                                 leave_out if asked_at == 0 else set())
+                                 leave_out if asked_at < rollout.min_stripe else set())
         self._streams: list[TreeStream] = [self._first]
         self._size = 0
         self._bounds: list[tuple[int, int]] = []
@@ -617,6 +662,8 @@ class TreeSource:
         if stripes > 1 and self._first.ranged and self._args[0] not in rollout.no_ranges:
             self._bounds = [stripe_range(size, stripes, s) for s in range(stripes)]
             self._first.limit(self._bounds[0][1])
+        if self._asked_at < (self._bounds[0][1] if self._bounds else size):
+            self._first.leave_out(self._leave_out)
         return size
 
     async def fill(self, sink: Sink) -> bool:
@@ -653,7 +700,7 @@ class TreeSource:
 
     async def _striped(self, sink: RangeSink) -> bool:
         for index, span in enumerate(self._bounds[1:], 1):
-            leave_out = self._leave_out if span[0] == self._asked_at else set()
+            leave_out = self._leave_out if span[0] <= self._asked_at < span[1] else set()
             stream = TreeStream(self._rollout, *self._args, leave_out, index, span)
             stream._whole = self._size
             stream.deadline = self._first.deadline
@@ -831,8 +878,12 @@ class PeersFallback:
             access = await self._access.check(registry, repository, BLOB_PROBE_REFERENCE)
             if access.denied:
                 return Miss(access.reason or MissReason.PRIVATE_REPOSITORY)
-        # A stripe's reader asks for a bounded range and moves 1/F of the blob.
-        share = (1.0 / self._rollout.fanout if tree and byte_range is not None
+        # A stripe's reader asks for a bounded range and moves 1/F of the blob. A first
+        # request (from byte 0: the probe, or an open-ended one from a member of the
+        # previous version) may be for a blob too small to stripe: a whole reader until
+        # the size says otherwise.
+        first = byte_range is None or byte_range.first == 0
+        share = (1.0 / self._rollout.fanout if tree and not first and byte_range is not None
                  and byte_range.last is not None else 1.0)
         admitted = (await self._rollout.admit_waiting(share, self._rollout.slot_wait) if tree
                     else self._rollout.admit(share))
@@ -853,7 +904,7 @@ class PeersFallback:
             reader.close()
             self._rollout.release(share)
             raise
-        if (tree and share == 1.0 and size is not None and byte_range is None
+        if (tree and share == 1.0 and size is not None and first
                 and stripe_count(size, self._rollout.fanout, self._rollout.min_stripe) > 1):
             # The requester's first answer of a blob it stripes: it reads stripe 0 only.
             share = 1.0 / self._rollout.fanout

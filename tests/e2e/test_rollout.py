@@ -194,6 +194,34 @@ def test_the_owner_killed_mid_download_every_pull_completes(rollout: Rollout) ->
     assert upstream <= len(nodes) * total * 1.05
 
 
+# A 34 MiB layer: 2 stripes of 17 MiB (at least 16 MiB each), each fetched by its own
+# root, stripe 0's after the bounded probe that learns the size
+# (`mirror.rollout.TreeSource`). The default fan-out: room for every reader at once.
+@pytest.mark.parametrize("rollout", [((), 50e6)], indirect=True)
+def test_a_striped_blob_asks_the_upstream_for_each_byte_once(rollout: Rollout) -> None:
+    nodes = rollout.nodes
+    public = rollout.image(PUBLIC, (1 * MiB, 34 * MiB), seed=65)
+    rollout.proxy.reset()
+    codes = _wait(_pull_all(nodes, public))
+    for node in nodes:
+        assert codes[node.name] == 0, (node.dir / "pull-pub.log").read_text()[-1500:]
+        node.verify_image(public)
+    total = image_bytes(public)
+    upstream = rollout.proxy.bytes_to_clients
+    striped = sum(metric(n.metrics(), "meshmirror_rollout_striped_blobs_total") for n in nodes)
+    record_figures("rollout", {
+        "case": "striped_once", "image_bytes": total, "upstream_bytes": upstream,
+        "over_image": upstream - total, "striped_blobs": striped})
+    assert striped >= len(nodes), "the layer came as stripes on every node"
+    # The image once plus the answers' headers (a few hundred bytes each, for a few
+    # dozen requests): an open-ended first range overshot stripe 0 by what the
+    # upstream's socket buffers held, about 0.7 MB per 50 MiB layer.
+    # What went wrong, if the rollout was not healthy: the mirrors' own log lines.
+    trouble = [f"{n.name}: {r.get('msg')}" for n in nodes for r in n.log_records()
+               if str(r.get("logger", "")).startswith("meshmirror.mirror")]
+    assert total <= upstream <= total + 64 * 1024, (upstream, total, trouble[-20:])
+
+
 # An upstream at 1 MB/s for the whole cluster, and mirrors that give a fetch 1 s plus
 # its size at 4 MiB/s: too slow for the mirrors' bound, not for containerd.
 @pytest.mark.parametrize("rollout", [(("--mirror-deadline", "1s", "--mirror-min-rate", "4Mi"),

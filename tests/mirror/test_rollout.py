@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
+from meshmirror.mirror import rollout as rollout_module
 from meshmirror.mirror.metrics import MirrorMetrics
 from meshmirror.mirror.options import MirrorConfig
 from meshmirror.mirror.peer_mirror import PeerMirror
@@ -162,9 +163,10 @@ async def test_a_large_blob_comes_as_stripes_assembled_and_verified_whole(
     assert striped.upstream_bytes == len(data)
 
 
-def _range_blind(data: bytes, digest: Digest, *, open_ended: bool) -> Responder:
+def _range_blind(data: bytes, digest: Digest, *, from_zero: bool) -> Responder:
     """An upstream that ignores a ``Range`` (a 200 with the whole blob); with
-    ``open_ended`` it honours ``bytes=N-`` only, so the node stripes and then learns."""
+    ``from_zero`` it honours ranges from byte 0 only (the probe), so the node stripes
+    and then learns."""
 
     def respond(request: Request) -> Reply:
         if request.path == "/v2/":
@@ -172,47 +174,88 @@ def _range_blind(data: bytes, digest: Digest, *, open_ended: bool) -> Responder:
         if request.path != f"/v2/{REPO}/blobs/{digest}":
             return Reply(404)
         wanted = request.headers.get("range", "")
-        if open_ended and wanted.endswith("-"):
-            start = int(wanted.removeprefix("bytes=")[:-1])
-            return Reply(206, (("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}"),),
-                         data[start:])
+        if from_zero and wanted.startswith("bytes=0-"):
+            last = min(int(wanted.removeprefix("bytes=0-") or len(data) - 1), len(data) - 1)
+            return Reply(206, (("Content-Range", f"bytes 0-{last}/{len(data)}"),),
+                         data[:last + 1])
         return Reply(200, body=data)
 
     return respond
 
 
-@pytest.mark.parametrize("open_ended", [False, True])
+def _ranged(data: bytes, digest: Digest) -> Responder:
+    """An upstream that honours every ``Range`` (a 206 with just those bytes)."""
+
+    def respond(request: Request) -> Reply:
+        if request.path == "/v2/":
+            return Reply(200, body=b"{}")
+        if request.path != f"/v2/{REPO}/blobs/{digest}":
+            return Reply(404)
+        first, _, last = request.headers.get("range", "bytes=0-").removeprefix(
+            "bytes=").partition("-")
+        end = min(int(last) + 1 if last else len(data), len(data))
+        return Reply(206, (("Content-Range", f"bytes {first}-{end - 1}/{len(data)}"),),
+                     data[int(first):end])
+
+    return respond
+
+
+async def _read_once(tmp_path: Path, server: ScriptedHTTPServer, data: bytes) -> Rollout:
+    """One node with stripes of 1 MiB reads ``data`` (its own tree's root for every
+    stripe) from ``server``; its rollout, closed."""
+    name = server.url.removeprefix("http://")
+    registry = CollectorRegistry()
+    router = InMemoryRouter(registry=registry, seed=1)
+    options = MirrorConfig(upstream_cache_dir=tmp_path)
+    async with aiohttp.ClientSession() as session, \
+            UpstreamClient(UpstreamEndpoints(overrides={name: server.url})) as client:
+        content = UpstreamContent(client, first_byte_timeout=2.0, stall_timeout=2.0)
+        metrics = MirrorMetrics(registry)
+        rollout = Rollout("me", router, session, content, options,
+                          RolloutMetrics(registry), metrics)
+        rollout.min_stripe = 1 * MiB
+        mirror = PeerMirror(router, session, options=options, metrics=metrics,
+                            rollout=rollout)
+        try:
+            mirror.access.learned(name, REPO, True)
+            assert await read(mirror, name, Digest.of(data)) == data
+        finally:
+            mirror.close()
+            rollout.close()
+    return rollout
+
+
+async def test_stripe_0_is_a_bounded_probe_then_the_rest_each_byte_asked_once(
+        tmp_path: Path) -> None:
+    data = bytes(range(256)) * (14 * 1024)  # 3.5 MiB: 3 stripes, stripe 0 past the probe
+    with ScriptedHTTPServer(_ranged(data, Digest.of(data))) as server:
+        await _read_once(tmp_path, server, data)
+        ranges = [r.headers.get("range", "") for r in server.requests if "/blobs/" in r.path]
+    step = len(data) // 3
+    assert ranges[0] == f"bytes=0-{MiB - 1}"  # the probe: never past any stripe 0's end
+    assert sorted(ranges[1:]) == sorted([f"bytes={MiB}-{step - 1}",  # stripe 0's rest
+                                         f"bytes={step}-{2 * step - 1}",
+                                         f"bytes={2 * step}-{len(data) - 1}"])
+
+
+@pytest.mark.parametrize("from_zero", [False, True])
 async def test_an_upstream_that_ignores_range_gives_the_whole_blob_through_one_tree(
-        tmp_path: Path, open_ended: bool) -> None:
+        tmp_path: Path, from_zero: bool) -> None:
     data = bytes(range(256)) * (12 * 1024)  # 3 MiB
     digest = Digest.of(data)
-    with ScriptedHTTPServer(_range_blind(data, digest, open_ended=open_ended)) as server:
+    with ScriptedHTTPServer(_range_blind(data, digest, from_zero=from_zero)) as server:
         name = server.url.removeprefix("http://")
-        registry = CollectorRegistry()
-        router = InMemoryRouter(registry=registry, seed=1)
-        options = MirrorConfig(upstream_cache_dir=tmp_path)
-        async with aiohttp.ClientSession() as session, \
-                UpstreamClient(UpstreamEndpoints(overrides={name: server.url})) as client:
-            content = UpstreamContent(client, first_byte_timeout=2.0, stall_timeout=2.0)
-            metrics = MirrorMetrics(registry)
-            rollout = Rollout("me", router, session, content, options,
-                              RolloutMetrics(registry), metrics)
-            rollout.min_stripe = 1 * MiB
-            mirror = PeerMirror(router, session, options=options, metrics=metrics,
-                                rollout=rollout)
-            try:
-                mirror.access.learned(name, REPO, True)
-                assert await read(mirror, name, digest) == data
-            finally:
-                mirror.close()
-                rollout.close()
-        # A 200 to the first Range: never striped. A 200 to a stripe's range only: the
-        # node falls back to the whole blob once and stripes nothing more from there.
-        assert (name in rollout.no_ranges) is open_ended
+        rollout = await _read_once(tmp_path, server, data)
+        # A 200 to the probe: the whole blob from that one answer, never striped. A 200
+        # to a stripe's range only: the node falls back to the whole blob once and
+        # stripes nothing more from there.
+        assert (name in rollout.no_ranges) is from_zero
         ranges = [r.headers.get("range") for r in server.requests if "/blobs/" in r.path]
-        assert ranges[0] == "bytes=0-"
-        if open_ended:  # the first, one or two stripes (the other may be cancelled first), whole
-            assert 3 <= len(ranges) <= 4 and ranges[-1] == "bytes=0-"
+        assert ranges[0] == f"bytes=0-{MiB - 1}"  # the probe: bounded, whatever the size
+        if from_zero:  # the probe, one or two stripes (the other may be cancelled first),
+            # then the whole blob: its probe and the rest
+            assert 4 <= len(ranges) <= 5 and ranges[-2:] == [f"bytes=0-{MiB - 1}",
+                                                             f"bytes={MiB}-"]
         else:
             assert len(ranges) == 1
 
@@ -232,3 +275,25 @@ async def test_a_tree_reader_waits_briefly_for_a_slot_and_a_stripe_takes_a_share
     assert all(rollout.admit(1.0 / rollout.fanout) for _ in range(rollout.fanout - 1))
     assert not await rollout.admit_waiting(1.0 / rollout.fanout, 0.05)
     assert rollout.serving == pytest.approx(rollout.fanout)
+
+
+@pytest.mark.parametrize("min_stripe, stripes", [(16 * MiB, 1), (1 * MiB, 3)])
+async def test_the_probe_takes_a_whole_reader_slot_until_the_size_shows_stripes(
+        owner: Owner, upstream: Upstream, min_stripe: int, stripes: int) -> None:
+    """The bounded probe is a first request: for a blob too small to stripe its reader
+    moves the whole blob, so it holds a whole slot, as an open-ended first request did."""
+    owner.rollout.min_stripe = min_stripe
+    layer = max(upstream.image.platforms[0].layers, key=lambda b: b.size)
+    fallback = owner.mirror.peers_fallback
+    assert fallback is not None
+    token = rollout_module._requester.set("member-2")  # a tree request from member-2
+    try:
+        part = await fallback.open_blob(upstream.name, REPO, layer.digest,
+                                        parse_range(f"bytes=0-{MiB - 1}"), True)
+    finally:
+        rollout_module._requester.reset(token)
+    assert isinstance(part, FallbackContent) and part.body is not None
+    assert owner.rollout.serving == pytest.approx(1.0 if stripes == 1
+                                                  else 1.0 / owner.rollout.fanout)
+    assert len(b"".join([c async for c in part.body])) == MiB
+    assert owner.rollout.serving == 0
