@@ -304,3 +304,19 @@ async def test_the_published_bytes_for_given_keys_never_change() -> None:
         "b687cd04f047ff3a33a043a1e7d9127f1044734d6d5cca283c6ac5f1e6cf0ae5",
         "ba6c84071ff107553c91d6a356e541eae0129b0256d28441f526f26d5439b375",
         "1ee435586b2c7db714b17156648c4f3a5cb32e8ee139b714270034ec2fefee59"]
+
+
+async def test_removals_lost_by_the_store_are_repaired_by_reconcile() -> None:
+    store = KeyStore({digest_key(i) for i in range(10)})
+    publisher = SummaryPublisher(store, debounce_s=0.01, reconcile_interval_s=0.2)
+    await publisher.start()
+    try:
+        first = publisher.current
+        assert first is not None
+        store.lose_events = True
+        store.remove(digest_key(3))
+        summary = await _next_version(publisher, first.epoch)
+        assert summary.count == 9
+        assert digest_key(3) not in summary.filter()
+    finally:
+        await publisher.close()
