@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -227,7 +228,8 @@ class OciLayoutStore(Store):
                     continue
             blobs[text] = blob
         tags = {t: d for t, d in tags.items() if str(d) in blobs}
-        keys = frozenset(blobs) | frozenset(tag_key(*t) for t in tags)
+        # One set built in one pass: a union of two would hold 100,000 keys' table twice.
+        keys = frozenset(itertools.chain(blobs, (tag_key(*t) for t in tags)))
         return _Snapshot(signature, tags, blobs, keys)
 
     def _refresh_sync(self) -> _Snapshot:
