@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Set
 
 import numpy as np
 import numpy.typing as npt
@@ -90,14 +90,14 @@ class KeyHashes:
             self._sorted = np.setdiff1d(self._sorted, hashes[held], assume_unique=True)
         return [key for key, h in zip(keys, held.tolist(), strict=True) if h]
 
-    def differ(self, keys: frozenset[str]) -> tuple[list[str], int]:
+    def differ(self, keys: Set[str]) -> tuple[list[str], int]:
         """The store's ``keys`` not held, and how many held keys the store lacks."""
         hashes = _hashes(keys, len(keys))
         held = self._held(hashes)
         missing = [key for key, h in zip(keys, held.tolist(), strict=True) if not h]
         return missing, len(self._sorted) - int(held.sum())
 
-    def any_new(self, keys: frozenset[str]) -> bool:
+    def any_new(self, keys: Set[str]) -> bool:
         """Whether ``keys`` holds a key not held here."""
         return not bool(self._held(_hashes(keys, len(keys))).all())
 

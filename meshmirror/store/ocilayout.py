@@ -41,10 +41,10 @@ import sys
 import tarfile
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from meshmirror.fileio import FileChunks
 from meshmirror.oci import mediatypes as mt
@@ -127,6 +127,37 @@ _MEDIA_BITS = 16
 _MEDIA_UNKNOWN = (1 << _MEDIA_BITS) - 1  # past the table's bound: told as None
 
 
+_T = TypeVar("_T")
+
+
+class _Keys(Set[str]):
+    """A snapshot's key set as a view over its blob map and its tag keys, which never
+    share a key: the blob map already holds every digest, and a frozenset of them
+    beside it was a second 4 MiB table at 100,000 keys. Set operations between
+    views (a subscription's diff when index.json changed) walk it in Python, some
+    tens of ms at 100,000 keys, once per change."""
+
+    __slots__ = ("_blobs", "_tags")
+
+    def __init__(self, blobs: Mapping[str, int], tags: frozenset[str]) -> None:
+        self._blobs = blobs
+        self._tags = tags
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._blobs or key in self._tags
+
+    def __len__(self) -> int:
+        return len(self._blobs) + len(self._tags)
+
+    def __iter__(self) -> Iterator[str]:
+        return itertools.chain(self._blobs, self._tags)
+
+    @classmethod
+    def _from_iterable(cls, it: Iterable[_T]) -> frozenset[_T]:
+        """What set operations build: a plain frozenset, not another view."""
+        return frozenset(it)
+
+
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
     """What index.json reached when it last changed; replaced whole, never mutated."""
@@ -134,7 +165,7 @@ class _Snapshot:
     signature: _Signature | None
     tags: Mapping[_TagId, Digest] = field(default_factory=dict)
     blobs: Mapping[str, int] = field(default_factory=dict)  # packed, by digest text
-    keys: frozenset[str] = frozenset()
+    keys: Set[str] = frozenset()
 
 
 class OciLayoutStore(Store):
@@ -250,8 +281,7 @@ class OciLayoutStore(Store):
                     continue
             blobs[text] = info
         tags = {t: d for t, d in tags.items() if str(d) in blobs}
-        # One set built in one pass: a union of two would hold 100,000 keys' table twice.
-        keys = frozenset(itertools.chain(blobs, (tag_key(*t) for t in tags)))
+        keys = _Keys(blobs, frozenset(tag_key(*t) for t in tags))
         return _Snapshot(signature, tags, blobs, keys)
 
     def _refresh_sync(self) -> _Snapshot:
@@ -324,7 +354,7 @@ class OciLayoutStore(Store):
             raise NotFoundError(f"blob {digest} not found") from None
         return FileChunks(fd, offset, end, self.chunk_size)
 
-    async def keys(self) -> frozenset[str]:
+    async def keys(self) -> Set[str]:
         return (await self._current()).keys
 
     def subscribe(self) -> AsyncIterator[KeyEvent]:
