@@ -79,25 +79,37 @@ class MemberAddresses:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_name: dict[str, frozenset[str]] = {}
-        self._all: frozenset[str] = frozenset()
+        # A tuple per member and a count per address: at 5,000 members a frozenset
+        # each (216 bytes for one or two addresses) and a union of all rebuilt on
+        # every membership event cost 1 MiB and O(members) per event.
+        self._by_name: dict[str, tuple[str, ...]] = {}
+        self._members_at: dict[str, int] = {}  # address: how many members advertise it
 
     def set(self, name: str, addresses: Sequence[str]) -> None:
-        hosts = frozenset(h for a in addresses if (h := _host(a)) is not None)
+        hosts = tuple(dict.fromkeys(h for a in addresses if (h := _host(a)) is not None))
         with self._lock:
+            self._drop(name)
             self._by_name[name] = hosts
-            self._all = frozenset().union(*self._by_name.values())
+            for host in hosts:
+                self._members_at[host] = self._members_at.get(host, 0) + 1
 
     def remove(self, name: str) -> None:
         with self._lock:
-            if self._by_name.pop(name, None) is not None:
-                self._all = frozenset().union(*self._by_name.values())
+            self._drop(name)
 
-    def of(self, name: str) -> frozenset[str]:
-        return self._by_name.get(name, frozenset())
+    def _drop(self, name: str) -> None:
+        for host in self._by_name.pop(name, ()):
+            left = self._members_at[host] - 1
+            if left:
+                self._members_at[host] = left
+            else:
+                del self._members_at[host]
+
+    def of(self, name: str) -> tuple[str, ...]:
+        return self._by_name.get(name, ())
 
     def __contains__(self, host: object) -> bool:
-        return isinstance(host, str) and (_host(host) or host) in self._all
+        return isinstance(host, str) and (_host(host) or host) in self._members_at
 
 
 class PeerAuth:

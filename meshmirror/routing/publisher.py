@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Set
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +34,72 @@ from meshmirror.store.base import KeyEvent, Store
 log = logging.getLogger(__name__)
 
 U32Array = npt.NDArray[np.uint32]
+I64Array = npt.NDArray[np.int64]
+
+
+def _hashes(keys: Iterable[str], count: int = -1) -> I64Array:
+    return np.fromiter(map(hash, keys), np.int64, count)
+
+
+class KeyHashes:
+    """Which keys the published filter was given, held as one sorted array of 64-bit
+    hashes rather than a set of the store's strings.
+
+    The store already holds every key string; a second set of them cost 4 MiB of
+    table at 100,000 keys (plus each string's 8-byte slot), the hashes 0.8 MiB. The
+    publisher only asks "already added?", "how many?" and "which differ from the
+    store?", none of which needs the strings back. Python's ``hash()`` is salted per
+    process, which is fine here: the hashes never leave it (the filter's positions
+    come from `bloom.key_hashes`). Two of 100,000 keys share a 64-bit hash with
+    probability about 3e-10; the cost would be one key counted once.
+    """
+
+    def __init__(self, keys: Collection[str] = ()) -> None:
+        hashes = _hashes(keys, len(keys))
+        hashes.sort()  # in place: np.unique would hold a second copy
+        if len(hashes) > 1 and (hashes[1:] == hashes[:-1]).any():
+            hashes = np.unique(hashes)
+        self._sorted: I64Array = hashes
+
+    def __len__(self) -> int:
+        return len(self._sorted)
+
+    def _held(self, hashes: I64Array) -> npt.NDArray[np.bool_]:
+        if not len(self._sorted):
+            return np.zeros(len(hashes), np.bool_)
+        at = np.minimum(np.searchsorted(self._sorted, hashes), len(self._sorted) - 1)
+        held: npt.NDArray[np.bool_] = self._sorted[at] == hashes
+        return held
+
+    def add(self, keys: Iterable[str]) -> list[str]:
+        """Add ``keys``; those not held before, each once."""
+        keys = list(dict.fromkeys(keys))
+        hashes = _hashes(keys, len(keys))
+        fresh = ~self._held(hashes)
+        if fresh.any():
+            new = np.sort(hashes[fresh])
+            self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
+        return [key for key, f in zip(keys, fresh.tolist(), strict=True) if f]
+
+    def discard(self, keys: Iterable[str]) -> list[str]:
+        """Remove ``keys``; those that were held."""
+        keys = list(dict.fromkeys(keys))
+        hashes = _hashes(keys, len(keys))
+        held = self._held(hashes)
+        if held.any():
+            self._sorted = np.setdiff1d(self._sorted, hashes[held], assume_unique=True)
+        return [key for key, h in zip(keys, held.tolist(), strict=True) if h]
+
+    def differ(self, keys: Set[str]) -> tuple[list[str], int]:
+        """The store's ``keys`` not held, and how many held keys the store lacks."""
+        hashes = _hashes(keys, len(keys))
+        held = self._held(hashes)
+        missing = [key for key, h in zip(keys, held.tolist(), strict=True) if not h]
+        return missing, len(self._sorted) - int(held.sum())
+
+    def any_new(self, keys: Set[str]) -> bool:
+        """Whether ``keys`` holds a key not held here."""
+        return not bool(self._held(_hashes(keys, len(keys))).all())
 
 
 class DeltaLog:
@@ -238,7 +304,7 @@ class SummaryPublisher:
         self._vouches = vouches
         self.metrics = SummaryMetrics(registry if registry is not None else CollectorRegistry())
 
-        self._keys: set[str] = set()
+        self._keys = KeyHashes()
         # The keys that are tags, not digests: what the tag gauges and image count read,
         # kept apart so a publish never walks (or copies) 100,000 digest keys.
         self._tags: set[str] = set()
@@ -249,6 +315,7 @@ class SummaryPublisher:
         self.deltas = DeltaLog()
         self._entries_at_rebuild = 0
         self._removed_since_rebuild = 0
+        self._resync = False  # keys held that the store no longer has
         # Arrival time of the oldest key not yet in a published version.
         self._pending_arrival_ms: int | None = None
         self._born_at_ms = 0
@@ -335,21 +402,19 @@ class SummaryPublisher:
         if self._replay is not None:
             self._replay.append(event)
         changed = False
-        added = [key for key in event.added if key not in self._keys]
+        added = self._keys.add(event.added)
         if added:
-            self._keys.update(added)
             self._tags.update(key for key in added if not DIGEST_KEY.fullmatch(key))
             self._fresh.append(self._filter.add_fresh(added))
             self._legacy.add_many(added)
             changed = True
             if self._pending_arrival_ms is None:
                 self._pending_arrival_ms = self._wall_ms()
-        for key in event.removed:
-            if key in self._keys:
-                self._keys.discard(key)
-                self._tags.discard(key)
-                self._removed_since_rebuild += 1
-                changed = True
+        removed = self._keys.discard(event.removed)
+        if removed:
+            self._tags.difference_update(removed)
+            self._removed_since_rebuild += len(removed)
+            changed = True
         if changed:
             self._dirty.set()
 
@@ -368,6 +433,8 @@ class SummaryPublisher:
                 await aclose()
 
     def _needs_rebuild(self) -> bool:
+        if self._resync:
+            return True
         if self._removed_since_rebuild > self._rebuild_fraction * max(self._entries_at_rebuild, 1):
             return True
         return self._filter.estimated_fp_rate() > self._max_fp_factor * self.fp_rate
@@ -383,15 +450,16 @@ class SummaryPublisher:
             raise
         replay, self._replay = self._replay, None
         had = self._keys
-        self._keys = set(keys)
-        self._tags = {key for key in self._keys if not DIGEST_KEY.fullmatch(key)}
-        self._filter = BloomFilter.build(self._keys, self.fp_rate)
-        self._legacy = BloomFilter.build(self._keys, self.fp_rate, reduction=MASK)
+        self._keys = KeyHashes(keys)
+        self._tags = {key for key in keys if not DIGEST_KEY.fullmatch(key)}
+        self._filter = BloomFilter.build(keys, self.fp_rate)
+        self._legacy = BloomFilter.build(keys, self.fp_rate, reduction=MASK)
         self._fresh.clear()
         self._rebuilt = True
         self._entries_at_rebuild = len(self._keys)
         self._removed_since_rebuild = 0
-        if self._keys - had and self._pending_arrival_ms is None and self._current is not None:
+        self._resync = False
+        if had.any_new(keys) and self._pending_arrival_ms is None and self._current is not None:
             # Keys whose events were lost arrive now, as far as anyone can tell.
             self._pending_arrival_ms = self._wall_ms()
         for event in replay:
@@ -488,9 +556,11 @@ class SummaryPublisher:
             except Exception:
                 log.exception("summary reconcile could not read the store's keys")
                 continue
-            missing = keys - self._keys
-            extra = self._keys - keys
+            missing, extra = self._keys.differ(keys)
             if missing or extra:
                 log.warning("summary drifted from the store (%d missing, %d extra); resyncing",
-                            len(missing), len(extra))
-                self._apply(KeyEvent(added=frozenset(missing), removed=frozenset(extra)))
+                            len(missing), extra)
+                # Only the store's strings say which keys are extra: a rebuild drops them.
+                self._resync = bool(extra)
+                self._apply(KeyEvent(added=frozenset(missing)))
+                self._dirty.set()

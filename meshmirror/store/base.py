@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Set
 from dataclasses import dataclass
 
 from meshmirror.fileio import FileChunks
@@ -65,20 +65,20 @@ class KeyEventHub:
     abandoned without ``aclose()`` are dropped with their last reference.
     """
 
-    def __init__(self, keys: frozenset[str] = frozenset()) -> None:
+    def __init__(self, keys: Set[str] = frozenset()) -> None:
         self._keys = keys
         self._closed = False
         self._subscriptions: weakref.WeakSet[KeySubscription] = weakref.WeakSet()
 
     @property
-    def keys(self) -> frozenset[str]:
+    def keys(self) -> Set[str]:
         return self._keys
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def publish(self, keys: frozenset[str]) -> None:
+    def publish(self, keys: Set[str]) -> None:
         """Record the store's whole current key set; subscribers see the change."""
         if keys == self._keys:
             return
@@ -101,7 +101,7 @@ class KeyEventHub:
 class KeySubscription:
     """Async iterator of KeyEvents from a KeyEventHub; ends when the hub closes."""
 
-    def __init__(self, hub: KeyEventHub, baseline: frozenset[str]) -> None:
+    def __init__(self, hub: KeyEventHub, baseline: Set[str]) -> None:
         self._hub = hub
         self._last = baseline
         self._wake = asyncio.Event()
@@ -116,7 +116,8 @@ class KeySubscription:
             self._wake.clear()
             current = self._hub.keys
             if current != self._last:
-                event = KeyEvent(added=current - self._last, removed=self._last - current)
+                event = KeyEvent(added=frozenset(current - self._last),
+                                 removed=frozenset(self._last - current))
                 self._last = current
                 return event
             await self._wake.wait()
@@ -156,8 +157,11 @@ class Store(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def keys(self) -> frozenset[str]:
-        """Every digest and tag key this store currently holds."""
+    async def keys(self) -> Set[str]:
+        """Every digest and tag key this store currently holds; never mutated once
+        returned (a store changes by returning a new set). A set rather than a
+        frozenset, so a store can answer with a view over what it holds anyway
+        instead of a second table of 100,000 strings."""
 
     @abc.abstractmethod
     def subscribe(self) -> AsyncIterator[KeyEvent]:

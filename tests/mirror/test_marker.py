@@ -116,3 +116,17 @@ def test_peer_requests_leave_from_the_advertised_address_only_when_it_is_ours() 
     assert bindable("127.0.0.1")
     assert not bindable("192.0.2.1")  # TEST-NET-1: advertised through NAT, say
     assert not bindable("registry.example")
+
+
+def test_an_address_two_members_advertise_stays_a_member_until_both_are_gone() -> None:
+    members = MemberAddresses()
+    members.set("node-a", ("10.0.0.1", "10.0.0.2"))
+    members.set("node-b", ("10.0.0.1",))
+    members.set("node-a", ("10.0.0.3",))  # node-a moved: its old addresses go
+    assert "10.0.0.1" in members and "10.0.0.2" not in members and "10.0.0.3" in members
+    assert members.of("node-a") == ("10.0.0.3",)
+    members.remove("node-b")
+    assert "10.0.0.1" not in members and "::ffff:10.0.0.3" in members
+    members.remove("node-a")
+    members.remove("node-a")  # twice: nothing left to drop
+    assert "10.0.0.3" not in members and members.of("node-a") == ()

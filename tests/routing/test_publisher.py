@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -275,5 +276,47 @@ async def test_image_digests_are_counted_per_registry_from_the_tags(tmp_path: Pa
         assert gauge("meshmirror_advertised_image_digests", "docker.io") == 1
         assert gauge("meshmirror_advertised_image_tags", "docker.io") == 2
         assert gauge("meshmirror_advertised_image_tags", "ghcr.io") == 1
+    finally:
+        await publisher.close()
+
+
+async def test_the_published_bytes_for_given_keys_never_change() -> None:
+    """Peers and older nodes decode these bytes: how the publisher holds its keys
+    (strings, hashes) must not change what it publishes for them, including after
+    additions and removals. The digests were taken from the publisher that held a
+    set of strings."""
+    store = KeyStore({digest_key(i) for i in range(5000)} | {"docker.io/library/app:1"})
+    publisher = SummaryPublisher(store, debounce_s=0.01, reconcile_interval_s=0,
+                                 epochs=EpochClock(lambda: 1000), wall_ms=lambda: 7)
+    await publisher.start()
+    try:
+        got = [publisher.ranged_payload, publisher.payload]
+        store.add(*[digest_key(f"new{i}") for i in range(30)], "docker.io/library/app:2")
+        store.remove(digest_key(0), "docker.io/library/app:1")
+        summary = await _next_version(publisher, 1000)
+        got += [publisher.ranged_payload, publisher.payload, publisher.delta_since(1000) or b""]
+        assert summary.count == 5030
+    finally:
+        await publisher.close()
+    assert [hashlib.sha256(b).hexdigest() for b in got] == [
+        "12f86e4c8cb2affb3e91ea1d0671f6c9e0083c297c6fbe7eb81c807c6e343001",
+        "03f345914137e2455143ab6cca834e907f7ec9a3f08dd1d39436ed58b8c103c9",
+        "b687cd04f047ff3a33a043a1e7d9127f1044734d6d5cca283c6ac5f1e6cf0ae5",
+        "ba6c84071ff107553c91d6a356e541eae0129b0256d28441f526f26d5439b375",
+        "1ee435586b2c7db714b17156648c4f3a5cb32e8ee139b714270034ec2fefee59"]
+
+
+async def test_removals_lost_by_the_store_are_repaired_by_reconcile() -> None:
+    store = KeyStore({digest_key(i) for i in range(10)})
+    publisher = SummaryPublisher(store, debounce_s=0.01, reconcile_interval_s=0.2)
+    await publisher.start()
+    try:
+        first = publisher.current
+        assert first is not None
+        store.lose_events = True
+        store.remove(digest_key(3))
+        summary = await _next_version(publisher, first.epoch)
+        assert summary.count == 9
+        assert digest_key(3) not in summary.filter()
     finally:
         await publisher.close()

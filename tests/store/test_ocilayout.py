@@ -312,3 +312,20 @@ def test_concurrent_imports_keep_every_entry(tmp_path: Path) -> None:
     names = {e["annotations"][ANNOTATION_CONTAINERD_NAME]
              for e in json.loads((root / "index.json").read_bytes())["manifests"]}
     assert names == {im.name for im in images}
+
+
+async def test_the_key_set_holds_each_digest_only_in_its_canonical_text(tmp_path: Path) -> None:
+    """The store keeps raw digests and makes key text on demand: a key is exactly
+    what Digest.parse accepts and prints, nothing fromhex would also read."""
+    image = build_image("r.example/app:1", tmp_path, [100, 2000])
+    other = build_image("r.example/app:2", tmp_path / "other", [30])
+    store = OciLayoutStore(tmp_path)
+    keys = await store.keys()
+    assert set(keys) == image.keys() and len(keys) == len(image.keys())
+    text = str(image.digest)
+    assert text in keys and image.tag_key in keys
+    for variant in (text.upper(), "SHA256:" + image.digest.hex, f"{text[:9]} {text[9:]}",
+                    "sha512:" + image.digest.hex, text[:-2], "sha256:", 7, image.digest):
+        assert variant not in keys
+    assert str(other.digest) not in keys
+    assert keys - frozenset() == image.keys() and frozenset() == keys - keys
