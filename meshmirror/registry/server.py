@@ -364,6 +364,8 @@ class _Connection(TCPServer):
         self._options = options
         self._limiter = limiter
         self._summary = summary
+        # Set once the client's side has ended (`_read_data`): nothing more can come in.
+        self._client_ended = False
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app, offered `ZERO_COPY_SEND` on HTTP/1.1: a file span it sends goes from
@@ -556,10 +558,17 @@ class _Connection(TCPServer):
         await super()._read_data()
         # The client's side has ended and the request, if any, was told so; without
         # this the task group would wait out the keep-alive timer, holding the fd.
+        self._client_ended = True
         await self.idle_task.stop()
 
     async def _idle_timeout(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._client_ended:
+            # A request still in progress when the client's end arrived (sent with it,
+            # or pipelined) restarts this timer once answered: with nobody left to send
+            # another, the connection closes now rather than in ``keep_alive_timeout``.
+            await asyncio.shield(self._initiate_server_close())
+            return
         idle_since = loop.time()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.keep_alive_timeout):
