@@ -42,6 +42,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import resource
 import socket
 import struct
@@ -91,6 +92,9 @@ _PRESSURE_ON, _PRESSURE_OFF = 0.75, 0.5
 _ABORT_GRACE: Final = 1.0
 # A request head still incomplete at this size goes to the protocol, which bounds it.
 _SILENT_HEAD: Final = 4096
+# Where a request head ends, as h11 finds it: a blank line, ended by CRLF or a bare LF
+# (h11 accepts both, so a head ended by bare LFs is whole; a test sends each).
+_HEAD_END: Final = re.compile(rb"\n\r?\n")
 # The accept loop yields after this long of accepting (`serve`).
 _ACCEPT_BUDGET: Final = 0.0005
 # At most this much of what a client sent before its connection was set up is read at
@@ -264,7 +268,7 @@ class _Silent:
             return
         if not head:  # non-blocking for the transport; a dead connection skips the call
             conn.setblocking(False)
-        if b"\r\n\r\n" in sent or len(sent) > _SILENT_HEAD:
+        if _HEAD_END.search(sent) or len(sent) > _SILENT_HEAD:
             self._start(conn, sent)
         else:  # nothing yet, or part of a request head: a storm's byte before its close
             fd = conn.fileno()
@@ -360,6 +364,8 @@ class _Connection(TCPServer):
         self._options = options
         self._limiter = limiter
         self._summary = summary
+        # Set once the client's side has ended (`_read_data`): nothing more can come in.
+        self._client_ended = False
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app, offered `ZERO_COPY_SEND` on HTTP/1.1: a file span it sends goes from
@@ -552,10 +558,17 @@ class _Connection(TCPServer):
         await super()._read_data()
         # The client's side has ended and the request, if any, was told so; without
         # this the task group would wait out the keep-alive timer, holding the fd.
+        self._client_ended = True
         await self.idle_task.stop()
 
     async def _idle_timeout(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._client_ended:
+            # A request still in progress when the client's end arrived (sent with it,
+            # or pipelined) restarts this timer once answered: with nobody left to send
+            # another, the connection closes now rather than in ``keep_alive_timeout``.
+            await asyncio.shield(self._initiate_server_close())
+            return
         idle_since = loop.time()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.keep_alive_timeout):
@@ -591,7 +604,7 @@ def _read_ahead(conn: socket.socket, head: bytes = b"") -> bytes | None:
             return None
         if not data:
             head = b"".join(chunks)
-            if b"\r\n\r\n" in head:
+            if _HEAD_END.search(head):
                 return head  # a whole request, then half-closed: still answered
             _close_at_once(conn)
             return None
