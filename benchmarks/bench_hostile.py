@@ -139,7 +139,7 @@ def cpu_set(text: str) -> frozenset[int]:
 
 
 @contextmanager
-def _pinned(cpus: frozenset[int] | None) -> Iterator[None]:
+def pinned(cpus: frozenset[int] | None) -> Iterator[None]:
     """This process (the honest client) on ``cpus`` for the block; processes started
     meanwhile (the nodes) inherit it. Put back as it was afterwards."""
     before = os.sched_getaffinity(0)
@@ -250,7 +250,7 @@ class Run:
     load: float = 0.0  # the 1-minute load average as it started: which runs a neighbour hit
 
 
-def _on_cpus(attack: Callable[[], None], cpus: frozenset[int] | None) -> Callable[[], None]:
+def on_cpus(attack: Callable[[], None], cpus: frozenset[int] | None) -> Callable[[], None]:
     def pinned() -> None:
         if cpus is not None:  # in the child, before the attack starts any thread
             os.sched_setaffinity(0, cpus)
@@ -266,7 +266,7 @@ def _measure(node: RunningNode, blob: str, name: str, what: str,
     child = None
     if attack is not None:
         child = multiprocessing.get_context("fork").Process(
-            target=_on_cpus(attack, attacker_cpus), daemon=True)
+            target=on_cpus(attack, attacker_cpus), daemon=True)
         child.start()
 
         def done() -> bool:
@@ -289,7 +289,7 @@ def run(scale: float, pinning: Pinning | None = None) -> list[Run]:
     """One run on fresh nodes and a fresh image (so the HEAD/Range blobs start uncached)."""
     in_memory = MirrorConfig().verify_before_send_limit
     with (tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp_name,
-          _pinned(pinning.node if pinning else None)):
+          pinned(pinning.node if pinning else None)):
         tmp = Path(tmp_name)
         seeded, empty, spool = tmp / "seeded", tmp / "empty", tmp / "spool"
         for directory in (seeded, empty, spool):

@@ -15,10 +15,10 @@ from benchmarks.bench_hostile import (
     Latencies,
     Pinning,
     Run,
-    _on_cpus,
-    _pinned,
     cpu_set,
     main,
+    on_cpus,
+    pinned,
     section,
 )
 from benchmarks.results import write_section
@@ -59,7 +59,7 @@ def test_pinned_runs_get_their_own_section_and_the_worst_run_holds_the_target() 
 
 
 def _affinity(cpus: frozenset[int] | None, out: Any) -> None:
-    _on_cpus(lambda: out.put(sorted(os.sched_getaffinity(0))), cpus)()
+    on_cpus(lambda: out.put(sorted(os.sched_getaffinity(0))), cpus)()
 
 
 def test_an_attack_process_runs_on_the_attacker_cpus_and_the_node_side_on_its_own() -> None:
@@ -70,7 +70,7 @@ def test_an_attack_process_runs_on_the_attacker_cpus_and_the_node_side_on_its_ow
     child.start()
     assert out.get(timeout=10) == sorted(one)
     child.join(10)
-    with _pinned(one):
+    with pinned(one):
         assert os.sched_getaffinity(0) == one
     assert os.sched_getaffinity(0) == allowed  # put back afterwards
 

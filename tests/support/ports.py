@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import socket
 import threading
 
@@ -13,16 +14,35 @@ _lock = threading.Lock()
 _counter = itertools.count(2 + (os.getpid() % 50) * 4)
 
 
-def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    """A port that is free for both TCP and UDP on ``host`` right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+def _ephemeral_range() -> range:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(part) for part in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+# Ports handed out lie below the kernel's ephemeral range: a node binds its outgoing
+# connections to its own address (peers check where a request comes from), so a port
+# from that range can be taken by the node's own connect before it listens on it.
+_EPHEMERAL = _ephemeral_range()
+_random = random.Random(os.getpid())
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free for both TCP and UDP on ``host`` right now, outside the
+    ephemeral range."""
+    for _ in range(200):
+        with _lock:
+            port = _random.randrange(10000, 65536)
+        if port in _EPHEMERAL:
+            continue
         try:
-            with socket.socket(socket.AF_INET, other) as s:
-                s.bind((host, port))
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                tcp.bind((host, port))
+                udp.bind((host, port))
         except OSError:
             continue
         return port
