@@ -156,8 +156,14 @@ class E2ENode:
             time.sleep(0.05)
 
     def start(self) -> E2ENode:
+        """Start containerd, then meshmirror; a node that fails to start stops what it
+        started (the caller never got it, so nothing else would close it)."""
         self.start_containerd()
-        self.start_meshmirror()
+        try:
+            self.start_meshmirror()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def kill_meshmirror(self) -> None:
