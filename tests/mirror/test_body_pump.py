@@ -111,6 +111,19 @@ async def pump_into(entry: CacheEntry, peer: RawPeer, length: int, budget: Memor
     return item, hasher.hexdigest(), pump
 
 
+async def pump_from(cache: BlobCache, peer: RawPeer, budget: MemoryBudget,
+                    pool: concurrent.futures.Executor, **bounds: float
+                    ) -> tuple[BodyItem, str, BodyPump, CacheEntry]:
+    """`pump_into` a fresh cache entry for `DATA` from ``peer``, closed afterwards."""
+    entry = cache.reserve("k", len(DATA))
+    assert entry is not None
+    try:
+        end, digest, pump = await pump_into(entry, peer, len(DATA), budget, pool, **bounds)
+    finally:
+        peer.close()
+    return end, digest, pump, entry
+
+
 def held(entry: CacheEntry) -> bytes:
     return Path(entry.path).read_bytes()
 
@@ -118,14 +131,8 @@ def held(entry: CacheEntry) -> bytes:
 async def test_a_kept_body_lands_whole_through_two_reused_buffers(
     cache: BlobCache, threads: concurrent.futures.Executor
 ) -> None:
-    peer = RawPeer(DATA)
     budget = MemoryBudget(64 * CHUNK)
-    entry = cache.reserve("k", len(DATA))
-    assert entry is not None
-    try:
-        end, digest, pump = await pump_into(entry, peer, len(DATA), budget, threads)
-    finally:
-        peer.close()
+    end, digest, pump, entry = await pump_from(cache, RawPeer(DATA), budget, threads)
     assert end is None
     assert held(entry) == DATA and digest == hashlib.sha256(DATA).hexdigest()
     assert 1 <= pump.buffers_made <= 2, "buffers are reused, one per read-ahead slot at most"
@@ -136,14 +143,8 @@ async def test_a_peer_that_closes_early_is_broken_and_only_its_bytes_are_kept(
     cache: BlobCache, threads: concurrent.futures.Executor
 ) -> None:
     sent = DATA[: 3 * CHUNK + 77]
-    peer = RawPeer(sent)
     budget = MemoryBudget(64 * CHUNK)
-    entry = cache.reserve("k", len(DATA))
-    assert entry is not None
-    try:
-        end, _, _ = await pump_into(entry, peer, len(DATA), budget, threads)
-    finally:
-        peer.close()
+    end, _, _, entry = await pump_from(cache, RawPeer(sent), budget, threads)
     assert isinstance(end, PeerFailure) and end.reason is FailureReason.BROKEN
     assert held(entry) == sent, "what arrived is kept for a resume, nothing else"
     assert budget.used == 0
@@ -152,14 +153,9 @@ async def test_a_peer_that_closes_early_is_broken_and_only_its_bytes_are_kept(
 async def test_bytes_past_the_announced_length_are_never_kept(
     cache: BlobCache, threads: concurrent.futures.Executor
 ) -> None:
-    peer = RawPeer(DATA + b"trailing bytes a lying peer sent past its Content-Length")
     budget = MemoryBudget(64 * CHUNK)
-    entry = cache.reserve("k", len(DATA))
-    assert entry is not None
-    try:
-        end, digest, _ = await pump_into(entry, peer, len(DATA), budget, threads)
-    finally:
-        peer.close()
+    liar = RawPeer(DATA + b"trailing bytes a lying peer sent past its Content-Length")
+    end, digest, _, entry = await pump_from(cache, liar, budget, threads)
     assert end is None
     assert held(entry) == DATA and digest == hashlib.sha256(DATA).hexdigest()
 
@@ -167,15 +163,9 @@ async def test_bytes_past_the_announced_length_are_never_kept(
 async def test_a_dripping_peer_fails_the_rate_check_on_the_kept_path(
     cache: BlobCache, threads: concurrent.futures.Executor
 ) -> None:
-    peer = RawPeer(DATA[:CHUNK + 5], drip=0.02)
     budget = MemoryBudget(64 * CHUNK)
-    entry = cache.reserve("k", len(DATA))
-    assert entry is not None
-    try:
-        end, _, _ = await pump_into(entry, peer, len(DATA), budget, threads,
-                                    min_rate=100_000.0, stall=0.3)
-    finally:
-        peer.close()
+    end, _, _, _ = await pump_from(cache, RawPeer(DATA[:CHUNK + 5], drip=0.02), budget,
+                                   threads, min_rate=100_000.0, stall=0.3)
     assert isinstance(end, PeerFailure) and end.reason is FailureReason.SLOW, end
     assert budget.used == 0
 
