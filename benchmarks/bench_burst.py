@@ -33,14 +33,12 @@ from pathlib import Path
 import aiohttp
 
 from benchmarks.results import (
-    RESULTS,
+    BenchRun,
     Section,
     Table,
     Target,
-    load_average,
     load_since,
     utc_now,
-    write_section,
 )
 from meshmirror.oci.imagebuilder import build_image
 from tests.helm.chart import default_memory_limit
@@ -193,14 +191,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--size-mib", type=int, default=64)
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--no-write", action="store_true", help="print the section only")
-    args = parser.parse_args()
-    load_before = load_average()
-    result = section(run(args.clients, args.size_mib), load_before)
-    print(result.render())
-    if not args.no_write:
-        write_section(result, args.results)
+    bench = BenchRun(parser)
+    bench.publish(section(run(bench.args.clients, bench.args.size_mib), bench.load_before))
     return 0
 
 

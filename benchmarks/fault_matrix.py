@@ -43,13 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_burst import vm
 from benchmarks.results import (
+    BenchRun,
     Section,
     Table,
     Target,
-    load_average,
     load_since,
     utc_now,
-    write_section,
 )
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
 from tests.e2e.cluster import E2ENode, wait_mesh
@@ -304,43 +303,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--faults", default=",".join(FAULTS))
-    parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md")
-    args = parser.parse_args(argv)
+    bench = BenchRun(parser, argv)
+    args = bench.args
     faults = [f for f in args.faults.split(",") if f]
     unknown = set(faults) - set(FAULTS)
     if unknown:
         parser.error(f"unknown faults: {', '.join(sorted(unknown))}")
-    before = load_average()
     peak: list[int] = []
     with tempfile.TemporaryDirectory(prefix="fault-matrix-") as tmp:
         results = run(args.trials, faults, Path(tmp), peak)
     table = report(results)
-    print(table.render())
     peak_mib = peak[0] / MiB if peak else float("nan")
     limit_mib = default_memory_limit() / MiB
-    print(f"pulling node's peak RSS: {peak_mib:.0f} MiB")
     failures = sum(mirror_caused_failures(t) for t in results.values())
-    if not args.no_write:
-        write_section(Section(
-            name="fault_matrix",
-            title="Fault matrix: real containerd pulls while one thing goes wrong",
-            command=f"python benchmarks/fault_matrix.py --trials {args.trials}",
-            date=utc_now(),
-            load=load_since(before),
-            setup=("Three nodes (containerd 1.6 + `meshmirror run`) on loopback, Distribution "
-                   f"upstream; image of layers {', '.join(f'{s // MiB} MiB' for s in LAYERS)}; "
-                   "node 2 pulls from an empty store per trial with `ctr images pull "
-                   "--hosts-dir`, then pulls directly (no mirror) for comparison."),
-            tables=[table],
-            notes=["mirror-caused failure: the pull through the mirror failed while the "
-                   "direct one worked (upstream_down: any failure, peers hold everything).",
-                   f"The pulling node's meshmirror peaked at {peak_mib:.0f} MiB RSS over the "
-                   f"whole run (VmHWM), against the chart's {limit_mib:.0f}Mi memory limit."],
-            targets=[Target("mirror-caused pull failures, all faults", "<=", 0,
-                            float(failures), unit=""),
-                     Target("fault matrix: pulling node's peak RSS", "<=", limit_mib, peak_mib,
-                            unit=" MiB")],
-        ))
+    bench.publish(Section(
+        name="fault_matrix",
+        title="Fault matrix: real containerd pulls while one thing goes wrong",
+        command=f"python benchmarks/fault_matrix.py --trials {args.trials}",
+        date=utc_now(),
+        load=load_since(bench.load_before),
+        setup=("Three nodes (containerd 1.6 + `meshmirror run`) on loopback, Distribution "
+               f"upstream; image of layers {', '.join(f'{s // MiB} MiB' for s in LAYERS)}; "
+               "node 2 pulls from an empty store per trial with `ctr images pull "
+               "--hosts-dir`, then pulls directly (no mirror) for comparison."),
+        tables=[table],
+        notes=["mirror-caused failure: the pull through the mirror failed while the "
+               "direct one worked (upstream_down: any failure, peers hold everything).",
+               f"The pulling node's meshmirror peaked at {peak_mib:.0f} MiB RSS over the "
+               f"whole run (VmHWM), against the chart's {limit_mib:.0f}Mi memory limit."],
+        targets=[Target("mirror-caused pull failures, all faults", "<=", 0,
+                        float(failures), unit=""),
+                 Target("fault matrix: pulling node's peak RSS", "<=", limit_mib, peak_mib,
+                        unit=" MiB")],
+    ))
     return 0 if failures == 0 else 1
 
 

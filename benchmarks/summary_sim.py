@@ -43,14 +43,12 @@ import numpy as np
 
 from benchmarks.bench_summary_scale import PEER_KEYS, delta_size
 from benchmarks.results import (
-    RESULTS,
+    BenchRun,
     Section,
     Table,
     Target,
-    load_average,
     load_since,
     utc_now,
-    write_section,
 )
 from meshmirror.routing.directory import SUMMARY_BUDGET_BYTES
 
@@ -183,10 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--serve-ms", type=float, default=1.0)
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--no-write", action="store_true", help="print the section only")
-    args = parser.parse_args(argv)
-    load_before = load_average()
+    bench = BenchRun(parser, argv)
+    args = bench.args
     rng = np.random.default_rng(args.seed)
     full, delta = delta_size()
     budget_held = SUMMARY_BUDGET_BYTES // (full - 40)
@@ -211,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         name="summary_sim", title="A rollout's summary traffic at 5,000 nodes (model)",
         command=f"python -m benchmarks.summary_sim --seed {args.seed} --serve-ms "
                 f"{args.serve_ms:g}",
-        date=utc_now(), load=load_since(load_before),
+        date=utc_now(), load=load_since(bench.load_before),
         setup=(f"Model driven by the mesh simulator's convergence and traffic figures and the "
                f"encoded sizes (see the script's docstring): every node pulls one 8-layer "
                f"image in the same minute; whole filter {full:,} bytes ({PEER_KEYS:,} keys), "
@@ -233,9 +229,7 @@ def main(argv: list[str] | None = None) -> None:
                         deltas[5_000].bytes_per_node / deltas[1_000].bytes_per_node),
                  Target("p99.9 published to installed at 1,000 nodes, deltas", "<=", 2,
                         deltas[1_000].p999_s, " s")])
-    print(section.render())
-    if not args.no_write:
-        write_section(section, args.results)
+    bench.publish(section)
 
 
 if __name__ == "__main__":
