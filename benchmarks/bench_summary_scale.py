@@ -327,17 +327,20 @@ def main(argv: list[str] | None = None) -> None:
                "Before, at 5,000 peers all held: 127.8 MiB of filters alone (236 MiB peak in "
                "an earlier run of this benchmark).",
                "Where a node's memory goes, measured apart (/proc/self/status of a process "
-               "that imports what a node imports, then loads the same layout and publishes "
-               "its summary; tracemalloc of a node at 5,000 peers): the interpreter with the "
-               "modules a node imports (numpy, aiohttp, grpc, cryptography, hypercorn, "
-               "prometheus_client) ~74 MiB, a third of it shared libraries; the OCI layout's "
-               "100,000 blobs ~19 MiB (the blob map 5.0 MiB, raw 32-byte digests 6.2 MiB, "
-               "packed size and media type 3.1 MiB, the manifests' children 1.6 MiB; the key "
-               "set is a view over the blob map, its text made when walked); the publisher's "
-               "key hashes (0.8 MiB) and filters ~6 MiB. Before this: layout 29 MiB (digest "
-               "text, tuples, a frozenset of every key) and the publisher's own set of the "
-               "keys 4 MiB more. 5,000 members beyond the held filters cost ~9.5 MiB (gossip "
-               "state and its retransmit queue, the directory, peer addresses)."],
+               "that imports what a node imports, then loads the same layout; tracemalloc "
+               "of the store): the interpreter with the modules a node over an OCI layout "
+               "imports (numpy, aiohttp, cryptography, hypercorn, prometheus_client) ~65 "
+               "MiB, a third of it shared libraries (a node over containerd adds grpc, "
+               "8.5 MiB, which an OCI node no longer imports); the OCI layout's 100,000 "
+               "blobs 10.3 MiB RSS (a sorted table of raw digests with one packed size and "
+               "media type each, 3.9 MiB, and the manifests' children, 4.2 MiB, both flat "
+               "buffers: store/digests.py; the key set a view over the table); the "
+               "publisher's key hashes and filters ~6 MiB. Before this: the layout 18.8 "
+               "MiB (a dict of raw digests to ints and tuples of children), and grpc "
+               "imported by every node, together 17 MiB more at every row of the table "
+               "(5,000 peers: 129.1 MiB). 5,000 members beyond the held filters cost ~9.5 "
+               "MiB (gossip state and its retransmit queue, the directory, peer "
+               "addresses)."],
         targets=[Target("v3 bits per key on the wire at 20,000 keys", "<=", 10.5,
                         float(sizes[1][1]), ""),
                  Target("what 5,000 peers cost a node (RSS over alone: membership, directory, "
