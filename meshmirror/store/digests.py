@@ -261,7 +261,9 @@ class DigestKeys(Set[str]):
     def __iter__(self) -> Iterator[str]:
         return itertools.chain(map(digest_text, self._blobs), self._tags)
 
-    def __sub__(self, other: Set[Any]) -> frozenset[str]:
+    def __sub__(self, other: Set[Any]) -> Set[str]:
+        if not other:  # a first event from an empty baseline: this view, not its strings
+            return self
         if isinstance(other, DigestKeys):
             return frozenset(itertools.chain(
                 map(digest_text, self._blobs.difference(other._blobs)),
