@@ -7,7 +7,8 @@ ints, about 16 MiB of a node's 128 MiB. Here each width of digest (32 bytes for 
 of unsigned 64-bit numbers: 40 bytes a blob, 4 MiB at 100,000. Lookups are a binary
 search (a few microseconds, against the dict's fraction of one: a stat is followed by
 a file open, so it does not show); the table is built once per change of what the store
-holds and never mutated, which is what makes sorted arrays the right shape.
+holds and its digests never change after (only numbers learned later are ORed in), which
+is what makes sorted arrays the right shape.
 
 numpy's fixed-width byte strings (``S32``) compare as whole buffers but give back their
 elements with trailing NUL bytes stripped, so digests are read out as buffer slices,
@@ -165,9 +166,10 @@ class DigestTable:
 
     def same_digests(self, other: DigestTable) -> bool:
         """Whether both hold the same digests (their numbers aside)."""
-        return self._tables.keys() == other._tables.keys() and all(
-            np.array_equal(digests, other._tables[width][0])
-            for width, (digests, _) in self._tables.items())
+        mine = {width: t[0] for width, t in self._tables.items() if len(t[0])}
+        theirs = {width: t[0] for width, t in other._tables.items() if len(t[0])}
+        return mine.keys() == theirs.keys() and all(
+            np.array_equal(digests, theirs[width]) for width, digests in mine.items())
 
     def difference(self, other: DigestTable) -> Iterator[bytes]:
         """The digests here and not in ``other``, compared in C over the sorted arrays."""

@@ -72,6 +72,7 @@ def test_numbers_learned_later_carry_into_the_next_table() -> None:
     second.carry_bits(first, ~MEDIA_UNKNOWN & (1 << 64) - 1)
     assert (second.get(a), second.get(b), second.get(c)) == (5 << 16 | 1, None, 3)
     assert first.get(b) == 2  # `without` made a new table
+    assert _table([(a, 1)]).without(a).same_digests(DigestTable())  # an emptied width
 
 
 def test_key_views_media_types_and_packed_children() -> None:
