@@ -9,6 +9,10 @@ caller can print every problem in one go.
 containerd is asked through its gRPC API with hand-encoded messages (Version
 and Namespaces.List take a single string field at most), so the checks need no
 generated stubs and stay synchronous: they run before any event loop exists.
+grpc is imported by the calls that need it, not with the module: a node over an
+OCI layout imports this module (its hosts.toml checks reach it through
+``containerd.doctor``) and never talks to containerd, and grpc's import is 8 MiB
+of its resident memory.
 """
 
 from __future__ import annotations
@@ -19,9 +23,8 @@ import stat
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import grpc
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -35,6 +38,9 @@ from meshmirror.containerd.loadconfig import (
     load_image_settings,
     table,
 )
+
+if TYPE_CHECKING:
+    import grpc
 
 NAMESPACE_METADATA = "containerd-namespace"
 _VERSION_METHOD = "/containerd.services.version.v1.Version/Version"
@@ -210,6 +216,8 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 
 def _unary(socket_path: str, method: str, request: bytes, namespace: str | None,
            timeout: float) -> bytes:
+    import grpc
+
     metadata = ((NAMESPACE_METADATA, namespace),) if namespace else None
     with grpc.insecure_channel(f"unix://{socket_path}") as channel:
         call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
@@ -239,6 +247,8 @@ def check_socket(socket_path: str, timeout: float = DEFAULT_TIMEOUT) -> CheckRes
     if not stat.S_ISSOCK(mode):
         return _failed(name, f"{socket_path} is not a socket",
                        f"point {fix_flag} at containerd's socket ([grpc] address)")
+    import grpc
+
     try:
         reply = _unary(socket_path, _VERSION_METHOD, b"", None, timeout)
     except grpc.RpcError as err:
@@ -251,6 +261,8 @@ def check_socket(socket_path: str, timeout: float = DEFAULT_TIMEOUT) -> CheckRes
 
 
 def _code_name(err: grpc.RpcError) -> str:
+    import grpc
+
     code = err.code() if isinstance(err, grpc.Call) else None
     return code.name if code is not None else type(err).__name__
 
@@ -269,6 +281,8 @@ def check_namespace(socket_path: str, namespace: str,
                     timeout: float = DEFAULT_TIMEOUT) -> CheckResult:
     """The namespace whose images meshmirror shares exists in containerd."""
     name = "containerd namespace"
+    import grpc
+
     try:
         names = list_namespaces(socket_path, timeout)
     except grpc.RpcError as err:

@@ -137,6 +137,20 @@ class ContainerdClient:
             raise _translate(err, "list content") from err
         return out
 
+    async def content_digests(self, filters: Sequence[str] = ()) -> AsyncGenerator[str, None]:
+        """The digest of every blob of the namespace, as `list_content` streams them. Each
+        response's records are let go once their digests are read: the whole listing of
+        100,000 blobs held at once (its parsed messages live as long as any of their
+        records) cost a node over 30 MiB at the peak of a sync, and more after it."""
+        call = self._content.List(content_pb2.ListContentRequest(filters=list(filters)),
+                                  metadata=self._metadata, timeout=self.timeout * 6)
+        try:
+            async for response in call:
+                for info in response.info:
+                    yield info.digest
+        except grpc.aio.AioRpcError as err:
+            raise _translate(err, "list content") from err
+
     async def read_content(self, digest: str, offset: int = 0, size: int = 0
                            ) -> AsyncGenerator[bytes, None]:
         """Stream a blob from ``offset``; ``size`` 0 means to the end, as containerd defines it."""

@@ -279,6 +279,10 @@ class SummaryPublisher:
     under a continuous stream of events.
     """
 
+    # An event adding more keys than this, and than the filter holds, is taken as a
+    # rebuild from the store's keys rather than added key by key.
+    LARGE_EVENT = 1024
+
     def __init__(self, store: Store, fp_rate: float = 0.01, *,
                  registry: CollectorRegistry | None = None,
                  on_publish: Callable[[Summary], None] | None = None,
@@ -401,7 +405,16 @@ class SummaryPublisher:
     def _apply(self, event: KeyEvent) -> None:
         if self._replay is not None:
             self._replay.append(event)
-        changed = False
+        large = len(event.added) > max(len(self._keys), self.LARGE_EVENT)
+        if large:
+            # More keys than the filter holds (a store's first sync): the filter must be
+            # rebuilt for them anyway, and adding them one by one first held every key's
+            # string at once (20 MiB at 100,000 keys).
+            self._resync = True
+            if self._pending_arrival_ms is None:
+                self._pending_arrival_ms = self._wall_ms()
+            event = KeyEvent(removed=event.removed)
+        changed = large
         added = self._keys.add(event.added)
         if added:
             self._tags.update(key for key in added if not DIGEST_KEY.fullmatch(key))

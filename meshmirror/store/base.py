@@ -35,10 +35,12 @@ class BlobInfo:
 
 @dataclass(frozen=True, slots=True)
 class KeyEvent:
-    """Keys that appeared in or disappeared from the store since the last event."""
+    """Keys that appeared in or disappeared from the store since the last event. Sets
+    never mutated, as `Store.keys` returns them: a store's whole key set arriving at
+    once (containerd's first sync) comes as the store's own view, not 100,000 strings."""
 
-    added: frozenset[str] = frozenset()
-    removed: frozenset[str] = frozenset()
+    added: Set[str] = frozenset()
+    removed: Set[str] = frozenset()
 
 
 def check_range(size: int, offset: int, length: int | None) -> int:
@@ -116,8 +118,7 @@ class KeySubscription:
             self._wake.clear()
             current = self._hub.keys
             if current != self._last:
-                event = KeyEvent(added=frozenset(current - self._last),
-                                 removed=frozenset(self._last - current))
+                event = KeyEvent(added=current - self._last, removed=self._last - current)
                 self._last = current
                 return event
             await self._wake.wait()

@@ -34,18 +34,16 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
-import itertools
 import json
 import logging
 import os
 import sys
 import tarfile
 import tempfile
-import threading
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Set
+from collections.abc import AsyncIterator, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 from meshmirror.fileio import FileChunks
 from meshmirror.oci import mediatypes as mt
@@ -71,6 +69,16 @@ from meshmirror.store.base import (
     NotFoundError,
     Store,
     check_range,
+)
+from meshmirror.store.digests import (
+    ALGORITHMS,
+    MEDIA_BITS,
+    DigestKeys,
+    DigestTable,
+    DigestTableBuilder,
+    MediaTypes,
+    PackedDigests,
+    digest_text,
 )
 
 log = logging.getLogger(__name__)
@@ -116,85 +124,22 @@ def entry_reference(annotations: Mapping[str, str], base_name: str | None) -> Re
 
 
 # A blob reached through a descriptor: its digest's raw bytes (the algorithm is
-# implied by their length), and its size and media type packed in one int
-# (``size << 16 | n``, n the media type's number in the store's table). A layout
-# of 100,000 blobs held them as Descriptor, Digest and BlobInfo objects, an empty
-# annotations dict and a media type string each: 76 MiB, over half of a node's
-# 128 MiB; as (digest text, size, media type) tuples 27 MiB. The one int is 28-32
-# bytes where a tuple was 64 plus the size's own int, and 32 raw bytes take 72
-# where the text took 128; the key text is made when asked (a rebuild of the
-# summary, a subscription's diff), a BlobInfo when stat asks.
+# implied by their length), and its size and media type packed in one unsigned
+# 64-bit number (``size << 16 | n``, n the media type's number in the store's
+# table). A layout of 100,000 blobs held them as Descriptor, Digest and BlobInfo
+# objects, an empty annotations dict and a media type string each: 76 MiB, over
+# half of a node's 128 MiB; as (digest text, size, media type) tuples 27 MiB; as a
+# dict from raw digest to int 16 MiB; in a DigestTable 4 MiB. The key text is made
+# when asked (a rebuild of the summary, a subscription's diff), a BlobInfo when
+# stat asks.
 _Blob = tuple[bytes, int]
-_ALGORITHMS = {32: "sha256", 64: "sha512"}  # by raw length: what Digest.parse accepts
-_MEDIA_BITS = 16
-_MEDIA_UNKNOWN = (1 << _MEDIA_BITS) - 1  # past the table's bound: told as None
-
-
-_T = TypeVar("_T")
+# A descriptor's size past what 48 bits hold (256 TiB) is packed as this, which no
+# file on disk has, so the blob is never held, as it never would have been.
+_SIZE_UNHELD = (1 << (64 - MEDIA_BITS)) - 1
 
 
 def _raw(digest: Digest) -> bytes:
     return bytes.fromhex(digest.hex)
-
-
-def _text(raw: bytes) -> str:
-    return f"{_ALGORITHMS[len(raw)]}:{raw.hex()}"
-
-
-class _Keys(Set[str]):
-    """A snapshot's key set as a view over its blob map and its tag keys, which never
-    share a key: the blob map already holds every digest, and a frozenset of their
-    texts beside it was a second 4 MiB table (and 12 MiB of text) at 100,000 keys.
-    Digest keys are made on iteration. Set operations between
-    views (a subscription's diff when index.json changed) walk it in Python, some
-    tens of ms at 100,000 keys, once per change."""
-
-    __slots__ = ("_blobs", "_tags")
-
-    def __init__(self, blobs: Mapping[bytes, int], tags: frozenset[str]) -> None:
-        self._blobs = blobs
-        self._tags = tags
-
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            return False
-        if key in self._tags:
-            return True
-        algorithm, _, hex_part = key.partition(":")
-        try:
-            raw = bytes.fromhex(hex_part)
-        except ValueError:
-            return False
-        # fromhex takes upper case and spaces too: only the canonical text is a key.
-        return (_ALGORITHMS.get(len(raw)) == algorithm and raw.hex() == hex_part
-                and raw in self._blobs)
-
-    def __len__(self) -> int:
-        return len(self._blobs) + len(self._tags)
-
-    def __iter__(self) -> Iterator[str]:
-        return itertools.chain(map(_text, self._blobs), self._tags)
-
-    # Between two views (a subscription's diff and the hub's comparison when
-    # index.json changed) the raw digests compare in C: 4 ms at 100,000 keys where
-    # the element-wise walk took 350.
-    def __sub__(self, other: Set[Any]) -> frozenset[str]:
-        if isinstance(other, _Keys):
-            return frozenset(itertools.chain(
-                map(_text, self._blobs.keys() - other._blobs.keys()), self._tags - other._tags))
-        return frozenset(key for key in self if key not in other)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, _Keys):
-            return self._blobs.keys() == other._blobs.keys() and self._tags == other._tags
-        return super().__eq__(other)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking, like Set: unhashable
-
-    @classmethod
-    def _from_iterable(cls, it: Iterable[_T]) -> frozenset[_T]:
-        """What set operations build: a plain frozenset, not another view."""
-        return frozenset(it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +148,7 @@ class _Snapshot:
 
     signature: _Signature | None
     tags: Mapping[_TagId, Digest] = field(default_factory=dict)
-    blobs: Mapping[bytes, int] = field(default_factory=dict)  # packed, by raw digest
+    blobs: DigestTable = field(default_factory=DigestTable)  # packed infos by raw digest
     keys: Set[str] = frozenset()
 
 
@@ -222,11 +167,8 @@ class OciLayoutStore(Store):
         self.chunk_size = chunk_size
         self._snapshot = _Snapshot(signature=_NEVER_LOADED)
         # Manifests are content-addressed, so their children never change.
-        self._children: dict[bytes, tuple[tuple[bytes, ...], tuple[int, ...]]] = {}
-        # Media types by number, for the packed blob infos; a layout names a handful.
-        self._media_types: list[str] = []
-        self._media_numbers: dict[str, int] = {}
-        self._media_lock = threading.Lock()  # loads run in threads
+        self._children: dict[bytes, PackedDigests] = {}
+        self._media = MediaTypes()
         self._hub = KeyEventHub()
         self._poller: asyncio.Task[None] | None = None
         self._load_lock = asyncio.Lock()
@@ -250,7 +192,7 @@ class OciLayoutStore(Store):
     def _path(self, raw: bytes) -> str:
         # A str path, not `blob_path`: pathlib interns every part it parses, and a
         # walk of 100,000 blobs left a 1.8 MiB interned-string table behind.
-        return os.path.join(self.root, "blobs", _ALGORITHMS[len(raw)], raw.hex())
+        return os.path.join(self.root, "blobs", ALGORITHMS[len(raw)], raw.hex())
 
     def _blob_size(self, raw: bytes) -> int | None:
         try:
@@ -260,37 +202,27 @@ class OciLayoutStore(Store):
         return st.st_size
 
     def _blob(self, desc: Descriptor) -> _Blob:
-        number = self._media_numbers.get(desc.media_type)
-        if number is None:
-            with self._media_lock:
-                number = self._media_numbers.get(desc.media_type)
-                if number is None:
-                    number = min(len(self._media_types), _MEDIA_UNKNOWN)
-                    if number < _MEDIA_UNKNOWN:
-                        self._media_types.append(sys.intern(desc.media_type))
-                        self._media_numbers[self._media_types[-1]] = number
-        return (_raw(desc.digest), desc.size << _MEDIA_BITS | number)
+        return (_raw(desc.digest), min(desc.size, _SIZE_UNHELD) << MEDIA_BITS
+                | self._media.number(desc.media_type))
 
     def _media_type(self, info: int) -> str | None:
-        number = info & _MEDIA_UNKNOWN
-        return None if number == _MEDIA_UNKNOWN else self._media_types[number]
+        return self._media.name(info)
 
     def _manifest_children(self, raw: bytes, info: int) -> Iterator[_Blob]:
         cached = self._children.get(raw)
         if cached is None:
-            size = info >> _MEDIA_BITS
+            size = info >> MEDIA_BITS
             if size > MAX_MANIFEST_SIZE:
                 raise ManifestError(f"{size} bytes is over the manifest size limit")
             with open(self._path(raw), "rb") as f:
                 data = f.read()
-            if hashlib.new(_ALGORITHMS[len(raw)], data).digest() != raw:
-                raise ManifestError(f"{_text(raw)} does not match its content")
+            if hashlib.new(ALGORITHMS[len(raw)], data).digest() != raw:
+                raise ManifestError(f"{digest_text(raw)} does not match its content")
             media_type = self._media_type(info) or ""
-            children = [self._blob(child)
-                        for child in parse_manifest(data, media_type).children()]
-            cached = (tuple(t for t, _ in children), tuple(i for _, i in children))
+            cached = PackedDigests(self._blob(child)
+                                   for child in parse_manifest(data, media_type).children())
             self._children[raw] = cached
-        return zip(*cached, strict=True)
+        return iter(cached)
 
     def _load(self, signature: _Signature | None) -> _Snapshot | None:
         """Walk index.json; None when it cannot be read right now (keep the old view)."""
@@ -304,7 +236,10 @@ class OciLayoutStore(Store):
             log.warning("oci store %s: cannot use index.json: %s", self.root, err)
             return None
         tags: dict[_TagId, Digest] = {}
-        blobs: dict[bytes, int] = {}
+        # Flat buffers, not a set of every digest seen: a blob two images share is
+        # stat'ed twice and kept once by the builder; manifests are walked once.
+        builder = DigestTableBuilder()
+        walked: set[bytes] = set()
         pending = [self._blob(entry) for entry in index.manifests]
         for entry in index.manifests:
             ref = entry_reference(entry.annotations, self.base_name)
@@ -312,20 +247,23 @@ class OciLayoutStore(Store):
                 tags[(ref.registry, ref.repository, ref.tag)] = entry.digest
         while pending:
             raw, info = pending.pop()
-            if raw in blobs:
+            manifest = mt.is_manifest_like(self._media_type(info) or "")
+            if manifest and raw in walked:
                 continue
             size = self._blob_size(raw)
-            if size is None or size != info >> _MEDIA_BITS:
+            if size is None or size != info >> MEDIA_BITS:
                 continue  # absent or partial: neither served nor advertised
-            if mt.is_manifest_like(self._media_type(info) or ""):
+            if manifest:
+                walked.add(raw)
                 try:
                     pending.extend(self._manifest_children(raw, info))
                 except (OSError, ManifestError) as err:
-                    log.warning("oci store %s: skipping %s: %s", self.root, _text(raw), err)
+                    log.warning("oci store %s: skipping %s: %s", self.root, digest_text(raw), err)
                     continue
-            blobs[raw] = info
+            builder.add(raw, info)
+        blobs = builder.build()
         tags = {t: d for t, d in tags.items() if _raw(d) in blobs}
-        keys = _Keys(blobs, frozenset(tag_key(*t) for t in tags))
+        keys = DigestKeys(blobs, frozenset(tag_key(*t) for t in tags))
         return _Snapshot(signature, tags, blobs, keys)
 
     def _refresh_sync(self) -> _Snapshot:
@@ -374,7 +312,7 @@ class OciLayoutStore(Store):
         info = snap.blobs.get(_raw(digest))
         if info is None:
             raise NotFoundError(f"blob {digest} not found")
-        return BlobInfo(digest, info >> _MEDIA_BITS, self._media_type(info))
+        return BlobInfo(digest, info >> MEDIA_BITS, self._media_type(info))
 
     async def read(self, digest: Digest, offset: int = 0, length: int | None = None
                    ) -> AsyncIterator[bytes]:

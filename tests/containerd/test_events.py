@@ -50,8 +50,8 @@ class Changes:
             while not (added <= self.added and removed <= self.removed):
                 event = await anext(self._events)
                 self.events.append(event)
-                self.added |= event.added
-                self.removed |= event.removed
+                self.added.update(event.added)  # a Set, not always a frozenset
+                self.removed.update(event.removed)
 
         try:
             await asyncio.wait_for(until(), within)

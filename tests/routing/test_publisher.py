@@ -160,6 +160,26 @@ async def test_growth_past_capacity_rebuilds_a_bigger_filter(started: Started) -
     assert summary.filter().estimated_fp_rate() <= 0.01
 
 
+async def test_a_store_whose_keys_arrive_at_once_is_rebuilt_for_them() -> None:
+    # containerd's store is empty until its first sync, then adds everything in one event:
+    # the publisher builds the filter from the store's keys, born when they arrived.
+    store = KeyStore(set())
+    publisher = SummaryPublisher(store, 0.01, debounce_s=0.05)
+    await publisher.start()
+    try:
+        first = publisher.current
+        assert first is not None and first.count == 0
+        before_ms = time.time_ns() // 1_000_000
+        store.add(*[digest_key(f"synced{i}") for i in range(5000)])
+        summary = await _next_version(publisher, first.epoch)
+        assert publisher.rebuilds == 2 and summary.count == 5000
+        assert all(digest_key(f"synced{i}") in summary for i in range(5000))
+        assert summary.born_at_ms >= before_ms
+        assert summary.filter().estimated_fp_rate() <= 0.01
+    finally:
+        await publisher.close()
+
+
 async def test_events_lost_by_the_store_are_repaired_by_reconcile() -> None:
     store = KeyStore({digest_key(i) for i in range(10)})
     publisher = SummaryPublisher(store, debounce_s=0.01, reconcile_interval_s=0.2)
