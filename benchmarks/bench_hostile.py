@@ -248,6 +248,14 @@ class Run:
     honest: Latencies
     seconds: float
     load: float = 0.0  # the 1-minute load average as it started: which runs a neighbour hit
+    node_cpu: float = 0.0  # seconds of CPU the node under test used meanwhile
+    connections: int = 0  # a storm's connections, for its CPU per connection
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU (user and system, all threads) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def on_cpus(attack: Callable[[], None], cpus: frozenset[int] | None) -> Callable[[], None]:
@@ -260,8 +268,9 @@ def on_cpus(attack: Callable[[], None], cpus: frozenset[int] | None) -> Callable
 
 def _measure(node: RunningNode, blob: str, name: str, what: str,
              attack: Callable[[], None] | None, baseline_s: float,
-             attacker_cpus: frozenset[int] | None = None) -> Run:
+             attacker_cpus: frozenset[int] | None = None, connections: int = 0) -> Run:
     load = os.getloadavg()[0]
+    cpu_before = process_cpu(node.proc.pid)
     started = time.monotonic()
     child = None
     if attack is not None:
@@ -282,11 +291,14 @@ def _measure(node: RunningNode, blob: str, name: str, what: str,
         if child.is_alive():
             child.kill()
             child.join(5)
-    return Run(name, what, honest, time.monotonic() - started, load)
+    return Run(name, what, honest, time.monotonic() - started, load,
+               process_cpu(node.proc.pid) - cpu_before, connections)
 
 
-def run(scale: float, pinning: Pinning | None = None) -> list[Run]:
-    """One run on fresh nodes and a fresh image (so the HEAD/Range blobs start uncached)."""
+def run(scale: float, pinning: Pinning | None = None,
+        only: frozenset[str] | None = None) -> list[Run]:
+    """One run on fresh nodes and a fresh image (so the HEAD/Range blobs start uncached);
+    ``only``: the attacks to run, all when None."""
     in_memory = MirrorConfig().verify_before_send_limit
     with (tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp_name,
           pinned(pinning.node if pinning else None)):
@@ -322,6 +334,7 @@ def run(scale: float, pinning: Pinning | None = None) -> list[Run]:
             def n(count: int) -> int:
                 return max(1, int(count * scale))
 
+            storm = ROUNDS * n(20000)
             attacks: list[tuple[str, str, Callable[[], None]]] = [
                 ("unread", f"{n(200)} clients GET a {large.size // MiB} MiB blob, never read",
                  lambda: _unread(host, port, path(large.digest), n(200))),
@@ -339,7 +352,10 @@ def run(scale: float, pinning: Pinning | None = None) -> list[Run]:
             ]
             runs = [_measure(node, blob, "baseline", "no attack", None, 10.0)]
             for name, what, attack in attacks:
-                runs.append(_measure(node, blob, name, what, attack, 0, attacker_cpus))
+                if only is not None and name not in only:
+                    continue
+                runs.append(_measure(node, blob, name, what, attack, 0, attacker_cpus,
+                                     storm if name.startswith("storm") else 0))
                 time.sleep(2)  # let the node settle between attacks
             return runs
         finally:
@@ -356,6 +372,15 @@ def _ratios(run: Run, base: Latencies) -> dict[str, tuple[float, float]]:
                                       ("status", run.honest.status, base.status))}
 
 
+def per_connection_us(run: Run, base: Run) -> float | None:
+    """A storm's node CPU per connection in microseconds, less what the honest client
+    costs at the baseline's rate; None for other attacks."""
+    if not run.connections:
+        return None
+    honest = base.node_cpu / base.seconds * run.seconds
+    return max(0.0, run.node_cpu - honest) / run.connections * 1e6
+
+
 def _spread(values: list[float], unit: str = "x", scale: float = 1.0) -> str:
     """Every run's figure, lowest to highest: the spread is the finding, not the best."""
     return ", ".join(f"{v * scale:.2f}{unit}" for v in sorted(values))
@@ -370,8 +395,11 @@ def section(trials: list[list[Run]], scale: float, load_before: str,
         base = runs[0].honest
         for r in runs:
             name = r.name if len(trials) == 1 else f"{r.name} (run {k})"
+            per_connection = per_connection_us(r, runs[0])
             cells = [name, r.what, f"{r.seconds:.1f} s", f"{r.load:.2f}",
-                     str(len(r.honest.v2)), str(r.honest.failed)]
+                     str(len(r.honest.v2)), str(r.honest.failed),
+                     f"{r.node_cpu:.2f} s" + (f" ({per_connection:.1f} µs per connection)"
+                                              if per_connection is not None else "")]
             ratios = _ratios(r, base)
             for port, values in (("v2", r.honest.v2), ("status", r.honest.status)):
                 p50, p95 = Latencies.p(values, 0.5), Latencies.p(values, 0.95)
@@ -379,7 +407,7 @@ def section(trials: list[list[Run]], scale: float, load_before: str,
                              f" ms ({ratios[port][0]:.2f}x / {ratios[port][1]:.2f}x)")
             rows.append(cells)
     tables = [Table(["attack", "what", "took", "load (1 min) at start", "honest requests",
-                     "honest failed",
+                     "honest failed", "node CPU",
                      "registry p50 / p95 / worst (ratio to baseline)",
                      "metrics p50 / p95 / worst (ratio)"], rows)]
     targets = []
@@ -424,6 +452,9 @@ def section(trials: list[list[Run]], scale: float, load_before: str,
         notes.append("The attackers run on the same cores as the node: on a 2-core machine "
                      "a storm's own CPU is part of what the honest client waits for (see "
                      "bench_hostile_pinned for the attacker on its own CPU).")
+    notes.append("Node CPU: user and system time of the node under test while the attack "
+                 "ran (/proc/PID/stat, all its threads). Per storm connection, the honest "
+                 "client's share at the baseline's CPU rate is taken off first.")
     notes.append("A worst case near the send timeout under `unread` is an honest request "
                  "that waited for the node's memory budget (--mirror-memory-limit): each "
                  "unread response holds one piece of it until the send timeout drops it.")
@@ -462,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU list for the nodes and the honest client in pinned runs")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each kind (pinned, unpinned), alternating")
+    parser.add_argument("--attacks", type=lambda text: frozenset(text.split(",")),
+                        default=None, help="comma-separated attacks to run, e.g. "
+                        "storm,storm-byte (with --no-write: paired runs of a change)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     args = parser.parse_args(argv)
@@ -471,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--attacker-cpus and --node-cpus must not share a CPU")
     if args.repeat < 1:
         parser.error("--repeat wants at least 1")
+    if args.attacks is not None and not args.no_write:
+        parser.error("--attacks goes with --no-write: a section holds every attack")
     pinning = (Pinning(args.attacker_cpus, args.node_cpus)
                if args.attacker_cpus is not None else None)
     load_before = load_average()
@@ -478,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     pinned: list[list[Run]] = []
     for _ in range(args.repeat):  # alternating, so that a busy minute falls on both kinds
         if pinning is not None:
-            pinned.append(run(args.scale, pinning))
-        unpinned.append(run(args.scale))
+            pinned.append(run(args.scale, pinning, args.attacks))
+        unpinned.append(run(args.scale, only=args.attacks))
     results = [section(unpinned, args.scale, load_before)]
     if pinning is not None:
         results.append(section(pinned, args.scale, load_before, pinning))
