@@ -295,10 +295,37 @@ def _measure(node: RunningNode, blob: str, name: str, what: str,
                process_cpu(node.proc.pid) - cpu_before, connections)
 
 
+def storm_cpu(node: RunningNode, payload: bytes, cycles: int,
+              attacker_cpus: frozenset[int] | None) -> list[float]:
+    """The node's CPU per connection of a storm with no honest client beside it, in
+    microseconds, one figure per round of ``cycles``: what each storm connection costs
+    the node, less its idle CPU (gossip, timers) measured just before."""
+    host, port = node.address.rsplit(":", 1)
+    figures = []
+    for _ in range(ROUNDS):
+        idle_from = process_cpu(node.proc.pid)
+        time.sleep(1)
+        idle_rate = process_cpu(node.proc.pid) - idle_from
+        before, started = process_cpu(node.proc.pid), time.monotonic()
+        child = multiprocessing.get_context("fork").Process(
+            target=on_cpus(lambda: _storm(host, int(port), payload, cycles), attacker_cpus),
+            daemon=True)
+        child.start()
+        child.join(ATTACK_LIMIT_S)
+        if child.is_alive():
+            child.kill()
+            child.join(5)
+        time.sleep(0.5)  # the node finishes what its backlog still held
+        used = process_cpu(node.proc.pid) - before - idle_rate * (time.monotonic() - started)
+        figures.append(max(0.0, used) / cycles * 1e6)
+    return figures
+
+
 def run(scale: float, pinning: Pinning | None = None,
-        only: frozenset[str] | None = None) -> list[Run]:
+        only: frozenset[str] | None = None) -> tuple[list[Run], dict[str, list[float]]]:
     """One run on fresh nodes and a fresh image (so the HEAD/Range blobs start uncached);
-    ``only``: the attacks to run, all when None."""
+    ``only``: the attacks to run, all when None. Returns the runs, and per storm the
+    node's CPU per connection with no honest client (`storm_cpu`)."""
     in_memory = MirrorConfig().verify_before_send_limit
     with (tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp_name,
           pinned(pinning.node if pinning else None)):
@@ -357,7 +384,10 @@ def run(scale: float, pinning: Pinning | None = None,
                 runs.append(_measure(node, blob, name, what, attack, 0, attacker_cpus,
                                      storm if name.startswith("storm") else 0))
                 time.sleep(2)  # let the node settle between attacks
-            return runs
+            cpu = {name: storm_cpu(node, payload, n(20000), attacker_cpus)
+                   for name, payload in (("storm", b""), ("storm-byte", b"G"))
+                   if only is None or name in only}
+            return runs, cpu
         finally:
             if node is not None:
                 stop(node.proc)
@@ -387,9 +417,11 @@ def _spread(values: list[float], unit: str = "x", scale: float = 1.0) -> str:
 
 
 def section(trials: list[list[Run]], scale: float, load_before: str,
-            pinning: Pinning | None = None) -> Section:
+            pinning: Pinning | None = None,
+            cpu: list[dict[str, list[float]]] | None = None) -> Section:
     """``trials``: one list of runs (baseline first) per repetition, each on fresh nodes.
-    A target holds the worst repetition's figure."""
+    A target holds the worst repetition's figure. ``cpu``: per repetition, each storm's
+    node CPU per connection with no honest client (`storm_cpu`)."""
     rows = []
     for k, runs in enumerate(trials, 1):
         base = runs[0].honest
@@ -435,6 +467,12 @@ def section(trials: list[list[Run]], scale: float, load_before: str,
         tables.append(Table(["attack", "registry p50 ratio, each run",
                              "registry p95 ratio, each run", "metrics p50 ratio, each run",
                              "metrics p95 ratio, each run"], spread_rows))
+    if cpu:
+        tables.append(Table(
+            ["storm, no honest client", "node CPU per connection, each round (µs)"],
+            [[name, _spread(sorted(v for per_run in cpu for v in per_run.get(name, [])),
+                            " µs")]
+             for name in ("storm", "storm-byte") if any(name in c for c in cpu)]))
     notes = ["Ratios compare with the same run's baseline; the machine is shared, so a "
              "busy neighbour shows up in both the load average and the ratios."]
     if len(trials) > 1:
@@ -454,7 +492,9 @@ def section(trials: list[list[Run]], scale: float, load_before: str,
                      "bench_hostile_pinned for the attacker on its own CPU).")
     notes.append("Node CPU: user and system time of the node under test while the attack "
                  "ran (/proc/PID/stat, all its threads). Per storm connection, the honest "
-                 "client's share at the baseline's CPU rate is taken off first.")
+                 "client's share at the baseline's CPU rate is taken off first; the storms "
+                 f"are then run again, {ROUNDS} rounds each, with no honest client, and the "
+                 "node's idle CPU taken off (the table of each round).")
     notes.append("A worst case near the send timeout under `unread` is an honest request "
                  "that waited for the node's memory budget (--mirror-memory-limit): each "
                  "unread response holds one piece of it until the send timeout drops it.")
@@ -512,13 +552,19 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     unpinned: list[list[Run]] = []
     pinned: list[list[Run]] = []
+    unpinned_cpu: list[dict[str, list[float]]] = []
+    pinned_cpu: list[dict[str, list[float]]] = []
     for _ in range(args.repeat):  # alternating, so that a busy minute falls on both kinds
         if pinning is not None:
-            pinned.append(run(args.scale, pinning, args.attacks))
-        unpinned.append(run(args.scale, only=args.attacks))
-    results = [section(unpinned, args.scale, load_before)]
+            runs, cpu = run(args.scale, pinning, args.attacks)
+            pinned.append(runs)
+            pinned_cpu.append(cpu)
+        runs, cpu = run(args.scale, only=args.attacks)
+        unpinned.append(runs)
+        unpinned_cpu.append(cpu)
+    results = [section(unpinned, args.scale, load_before, cpu=unpinned_cpu)]
     if pinning is not None:
-        results.append(section(pinned, args.scale, load_before, pinning))
+        results.append(section(pinned, args.scale, load_before, pinning, pinned_cpu))
     for result in results:
         print(result.render())
         if not args.no_write:
