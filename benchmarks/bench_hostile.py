@@ -46,6 +46,7 @@ section, ``bench_hostile_pinned``; the unpinned runs stay in ``bench_hostile``.
 from __future__ import annotations
 
 import argparse
+import http.client
 import multiprocessing
 import os
 import socket
@@ -56,7 +57,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.results import (
@@ -95,6 +96,9 @@ class Latencies:
     v2: list[float]
     status: list[float]
     failed: int
+    # GET /v2/ on a connection kept alive, as containerd, peers and Prometheus keep
+    # theirs: beside the new-connection figures, which stay the headline.
+    kept: list[float] = field(default_factory=list)
 
     @staticmethod
     def p(values: list[float], q: float) -> float:
@@ -151,22 +155,46 @@ def pinned(cpus: frozenset[int] | None) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+def _kept_alive_get(connection: http.client.HTTPConnection) -> tuple[int, float]:
+    """(status, seconds) of GET /v2/ on ``connection``, which reconnects if the node
+    closed it; status 0 if it failed."""
+    started = time.monotonic()
+    try:
+        connection.request("GET", "/v2/")
+        with connection.getresponse() as response:
+            response.read()
+            status = response.status
+    except (OSError, http.client.HTTPException):
+        connection.close()  # the next request connects afresh
+        status = 0
+    return status, time.monotonic() - started
+
+
 def _honest(node: RunningNode, blob: str, stop_at: Callable[[], bool]) -> Latencies:
     v2: list[float] = []
     status: list[float] = []
+    kept: list[float] = []
     failed = 0
     urls = [f"http://{node.address}/v2/", f"http://{node.address}{blob}"]
+    host, port = node.address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
     i = 0
-    while not stop_at():
-        code, seconds = timed_get(urls[i % 2], 30)
-        failed += code != 200
-        v2.append(seconds)
-        code, seconds = timed_get(f"http://{node.metrics}/status", 30)
-        failed += code != 200
-        status.append(seconds)
-        i += 1
-        time.sleep(0.02)
-    return Latencies(v2, status, failed)
+    try:
+        while not stop_at():
+            code, seconds = timed_get(urls[i % 2], 30)
+            failed += code != 200
+            v2.append(seconds)
+            code, seconds = timed_get(f"http://{node.metrics}/status", 30)
+            failed += code != 200
+            status.append(seconds)
+            code, seconds = _kept_alive_get(connection)
+            failed += code != 200
+            kept.append(seconds)
+            i += 1
+            time.sleep(0.02)
+    finally:
+        connection.close()
+    return Latencies(v2, status, failed, kept)
 
 
 # -- attacks: each runs in a child process and stops after a fixed amount of work --------
@@ -398,8 +426,16 @@ def _ratios(run: Run, base: Latencies) -> dict[str, tuple[float, float]]:
     """Per port: the run's honest p50 and p95 as ratios of the baseline's."""
     return {port: (Latencies.p(values, 0.5) / Latencies.p(ref, 0.5),
                    Latencies.p(values, 0.95) / Latencies.p(ref, 0.95))
-            for port, values, ref in (("v2", run.honest.v2, base.v2),
-                                      ("status", run.honest.status, base.status))}
+            for port, values, ref in _ports(run.honest, base)}
+
+
+def _ports(run: Latencies, base: Latencies) -> list[tuple[str, list[float], list[float]]]:
+    """(name, the run's latencies, the baseline's) for each kind of honest request; the
+    kept-alive one only where both measured it."""
+    ports = [("v2", run.v2, base.v2), ("status", run.status, base.status)]
+    if run.kept and base.kept:
+        ports.append(("kept-alive v2", run.kept, base.kept))
+    return ports
 
 
 def per_connection_us(run: Run, base: Run) -> float | None:
@@ -433,7 +469,7 @@ def section(trials: list[list[Run]], scale: float, load_before: str,
                      f"{r.node_cpu:.2f} s" + (f" ({per_connection:.1f} µs per connection)"
                                               if per_connection is not None else "")]
             ratios = _ratios(r, base)
-            for port, values in (("v2", r.honest.v2), ("status", r.honest.status)):
+            for port, values, _ in _ports(r.honest, base):
                 p50, p95 = Latencies.p(values, 0.5), Latencies.p(values, 0.95)
                 cells.append(f"{p50 * 1000:.1f} / {p95 * 1000:.1f} / {max(values) * 1000:.0f}"
                              f" ms ({ratios[port][0]:.2f}x / {ratios[port][1]:.2f}x)")
@@ -441,19 +477,25 @@ def section(trials: list[list[Run]], scale: float, load_before: str,
     tables = [Table(["attack", "what", "took", "load (1 min) at start", "honest requests",
                      "honest failed", "node CPU",
                      "registry p50 / p95 / worst (ratio to baseline)",
-                     "metrics p50 / p95 / worst (ratio)"], rows)]
+                     "metrics p50 / p95 / worst (ratio)"]
+                    + (["registry, kept-alive connection: p50 / p95 / worst (ratio)"]
+                       if any(len(row) > 9 for row in rows) else []), rows)]
     targets = []
     spread_rows = []
     prefix = "hostile pinned" if pinning else "hostile"
     for i, first in enumerate(trials[0][1:], 1):
         per_run = [(_ratios(runs[i], runs[0].honest), runs[i]) for runs in trials]
         cells = [first.name]
-        for port in ("v2", "status"):
+        for port in ("v2", "status", "kept-alive v2"):
+            if not all(port in ratios for ratios, _ in per_run):
+                continue
             p50s = [ratios[port][0] for ratios, _ in per_run]
             p95s = [ratios[port][1] for ratios, _ in per_run]
-            worst = [max(r.honest.v2 if port == "v2" else r.honest.status)
-                     for _, r in per_run]
-            cells += [_spread(p50s), _spread(p95s)]
+            worst = [max(next(v for name, v, _ in _ports(r.honest, runs[0].honest)
+                              if name == port))
+                     for (_, r), runs in zip(per_run, trials, strict=True)]
+            if port != "kept-alive v2":  # the spread table keeps its columns
+                cells += [_spread(p50s), _spread(p95s)]
             targets += [
                 Target(f"{prefix} {first.name}: honest {port} p50 vs no attack", "<=", 3,
                        max(p50s)),
