@@ -281,6 +281,10 @@ class _Acceptor:
         self._scheduled = False
         self._stopping = False
         self._wake_read, self._wake_write = os.pipe()
+        # Connections accepted from now on inherit it: one whose client has already gone
+        # is reset at close without a system call of its own (`_close_at_once`), and the
+        # live ones, far fewer in a storm, take it off before the loop gets them.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
         self._thread = threading.Thread(target=self._run, name=f"accept-{name}", daemon=True)
 
     def start(self) -> None:
@@ -343,9 +347,10 @@ class _Acceptor:
                     poller.poll(int(_ACCEPT_RETRY_DELAY * 1000))
                 continue
             try:
-                sent = _read_ahead(conn)
-                if sent is None:  # the client has gone: closed already, never seen by the loop
+                sent = _read_ahead(conn, lingering=True)
+                if sent is None:  # the client has gone: reset already, never seen by the loop
                     continue
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
                 conn.setblocking(False)
                 limiter.take()
             except Exception as err:  # a bug, not a client: counted, named, never a flood
@@ -714,7 +719,8 @@ class _Connection(TCPServer):
         await asyncio.shield(self._initiate_server_close())
 
 
-def _read_ahead(conn: socket.socket, head: bytes = b"") -> bytes | None:
+def _read_ahead(conn: socket.socket, head: bytes = b"",
+                lingering: bool = False) -> bytes | None:
     """What the client has sent already, read without waiting (b"" if nothing yet; ``conn``
     may be in blocking mode);
     None, with ``conn`` closed, if its client has already closed or reset it without
@@ -727,7 +733,8 @@ def _read_ahead(conn: socket.socket, head: bytes = b"") -> bytes | None:
     sees the end only when nothing was sent: a storm that sends one byte took the
     full path for each connection, and honest connections waited up to 11 s behind it.)
     What was read is handed to the connection, which reads on from there; ``head`` is
-    what was read before, returned in front.
+    what was read before, returned in front. ``lingering``: ``conn`` is set to reset at
+    close already (inherited from the listener, `_Acceptor`).
     """
     chunks = [head]
     size = len(head)
@@ -743,7 +750,10 @@ def _read_ahead(conn: socket.socket, head: bytes = b"") -> bytes | None:
             head = b"".join(chunks)
             if _HEAD_END.search(head):
                 return head  # a whole request, then half-closed: still answered
-            _close_at_once(conn)
+            if lingering:
+                conn.close()
+            else:
+                _close_at_once(conn)
             return None
         chunks.append(data)
         size += len(data)
@@ -751,6 +761,7 @@ def _read_ahead(conn: socket.socket, head: bytes = b"") -> bytes | None:
 
 
 _LINGER_NONE: Final = struct.pack("ii", 1, 0)
+_LINGER_OFF: Final = struct.pack("ii", 0, 0)
 
 
 def _close_at_once(conn: socket.socket) -> None:
