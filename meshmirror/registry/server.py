@@ -44,12 +44,9 @@ import logging
 import os
 import re
 import resource
-import select
 import socket
 import struct
-import sys
 import termios
-import threading
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -98,12 +95,8 @@ _SILENT_HEAD: Final = 4096
 # Where a request head ends, as h11 finds it: a blank line, ended by CRLF or a bare LF
 # (h11 accepts both, so a head ended by bare LFs is whole; a test sends each).
 _HEAD_END: Final = re.compile(rb"\n\r?\n")
-# The accept thread waits at the cap for this long at most before it looks again.
-_SLOT_POLL: Final = 0.1
-# Shutdown waits this long at most for the accept thread to end.
-_ACCEPTOR_JOIN: Final = 5.0
-# The interpreter's switch interval while accept threads run (`_Acceptor.start`).
-_SWITCH_INTERVAL: Final = 0.0002
+# The accept loop yields after this long of accepting (`serve`).
+_ACCEPT_BUDGET: Final = 0.0005
 # At most this much of what a client sent before its connection was set up is read at
 # accept (`_read_ahead`); the request head is bounded at 16 KiB anyway.
 _READ_AHEAD: Final = 2**16
@@ -201,10 +194,7 @@ class _Summary:
 
 
 class _Limiter:
-    """The connection cap, and the pressure that makes idle connections go early.
-
-    Slots are taken by the accept thread (`_Acceptor`) and given back on the loop, so
-    the count is locked; pressure and everything else is the loop's."""
+    """The connection cap, and the pressure that makes idle connections go early."""
 
     def __init__(self, cap: int, idle_grace: float, summary: _Summary,
                  gauge: Gauge | None) -> None:
@@ -218,29 +208,22 @@ class _Limiter:
         self._summary = summary
         if gauge is not None:  # read at scrape time: no lock taken twice per connection
             gauge.set_function(lambda: self.open)
-        self._count = threading.Lock()
-        # Set when a slot frees while the accept thread waits at the cap.
-        self.freed = threading.Event()
-        self.waiting = False
+        self._slot = asyncio.Event()
+        self._slot.set()
 
-    def full(self) -> bool:
-        return self.open >= self.cap
-
-    def take(self) -> None:
-        """A slot for a connection just accepted (the accept thread, below the cap)."""
-        with self._count:
-            self.open += 1
-
-    def pressed(self) -> None:
-        """On the loop, after slots were taken: pressure starts at three quarters."""
+    async def acquire(self) -> None:
+        if self.open >= self.cap:
+            self._summary.count("at_cap")
+        while self.open >= self.cap:
+            self._slot.clear()
+            await self._slot.wait()
+        self.open += 1
         if self.open >= self.cap * _PRESSURE_ON and not self.pressure.is_set():
             self._press()
 
     def release(self) -> None:
-        with self._count:
-            self.open -= 1
-        if self.waiting:
-            self.freed.set()
+        self.open -= 1
+        self._slot.set()
         if self.open < self.cap * _PRESSURE_OFF and self.idle_grace > 0:
             self.pressure.clear()
 
@@ -253,129 +236,6 @@ class _Limiter:
         self.pressure.set()
         if self.on_pressure is not None:
             self.on_pressure()
-
-
-class _Acceptor:
-    """Accepts on a thread of its own, so that a connect-and-close storm never reaches the
-    event loop: the thread accepts, reads what the client sent without waiting
-    (`_read_ahead`) and closes at once the connections whose client has already gone;
-    the rest go to the loop in batches, one wake-up per batch. On the loop, each
-    storm connection cost a turn of the accept task and its bookkeeping, about twice
-    the system calls' own CPU, and honest connections queued behind the storm in the
-    listen backlog waited for all of it (benchmarks/RESULTS.md, bench_hostile). Accept,
-    poll, recv and close release the interpreter lock, so the loop runs meanwhile.
-
-    At the cap the thread stops accepting until the loop frees a slot: new connections
-    wait in the kernel's backlog (accept backpressure). A failed accept is counted on
-    the loop (`_Summary`), never logged per connection."""
-
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
-                 limiter: _Limiter, summary: _Summary,
-                 take: Callable[[socket.socket, bytes], None], name: str) -> None:
-        self._sock = sock
-        self._loop = loop
-        self._limiter = limiter
-        self._summary = summary
-        self._take = take
-        self._ready: collections.deque[tuple[socket.socket, bytes]] = collections.deque()
-        self._scheduled = False
-        self._stopping = False
-        self._wake_read, self._wake_write = os.pipe()
-        # Connections accepted from now on inherit it: one whose client has already gone
-        # is reset at close without a system call of its own (`_close_at_once`), and the
-        # live ones, far fewer in a storm, take it off before the loop gets them.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
-        self._thread = threading.Thread(target=self._run, name=f"accept-{name}", daemon=True)
-
-    def start(self) -> None:
-        """Starts the thread, and shortens the interpreter's switch interval (5 ms by
-        default) for the whole process. During a storm the thread is never idle, and it
-        takes the interpreter lock back after each system call before the loop's thread
-        gets to run; the loop then waits a whole interval for the lock each time it
-        wakes, several times per honest request. Measured with the attacker on its own
-        CPU: honest p95 20-58 ms at 5 ms, 4-14 ms at 0.2 ms, for about 4 us more CPU per
-        storm connection (benchmarks/RESULTS.md, bench_hostile_pinned)."""
-        if sys.getswitchinterval() > _SWITCH_INTERVAL:
-            sys.setswitchinterval(_SWITCH_INTERVAL)
-        self._thread.start()
-
-    async def stop(self) -> None:
-        """Ends the thread and joins it; connections it accepted that the loop has not
-        taken yet are closed."""
-        self._stopping = True
-        os.write(self._wake_write, b"\0")
-        self._limiter.freed.set()
-        await asyncio.to_thread(self._thread.join, _ACCEPTOR_JOIN)
-        if self._thread.is_alive():  # never seen: the thread waits only on the wake-up
-            log.warning("accept thread still running at shutdown")
-        while self._ready:
-            self._ready.popleft()[0].close()
-            self._limiter.release()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
-
-    def _hand_over(self) -> None:
-        """On the loop: the connections accepted since the last call."""
-        self._scheduled = False  # before draining: one appended from now on schedules again
-        ready = self._ready
-        while ready and not self._stopping:
-            self._take(*ready.popleft())
-        self._limiter.pressed()
-
-    def _report(self, event: str, detail: str | None = None) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closing
-            self._loop.call_soon_threadsafe(self._summary.count, event, detail)
-
-    def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        poller.register(self._wake_read, select.POLLIN)
-        limiter = self._limiter
-        while not self._stopping:
-            if limiter.full():
-                self._wait_for_slot()
-                continue
-            try:
-                conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                poller.poll()
-                continue
-            except OSError as err:
-                self._report("accept_failed", errno.errorcode.get(err.errno or 0)
-                             or type(err).__name__)
-                if err.errno in _ACCEPT_RESOURCE_ERRORS:
-                    poller.poll(int(_ACCEPT_RETRY_DELAY * 1000))
-                continue
-            try:
-                sent = _read_ahead(conn, lingering=True)
-                if sent is None:  # the client has gone: reset already, never seen by the loop
-                    continue
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
-                conn.setblocking(False)
-                limiter.take()
-            except Exception as err:  # a bug, not a client: counted, named, never a flood
-                conn.close()
-                self._report("connection_error", type(err).__name__)
-                continue
-            self._ready.append((conn, sent))
-            if not self._scheduled:
-                self._scheduled = True
-                try:
-                    self._loop.call_soon_threadsafe(self._hand_over)
-                except RuntimeError:  # the loop is closing; `stop` closes what is left
-                    return
-
-    def _wait_for_slot(self) -> None:
-        limiter = self._limiter
-        self._report("at_cap")
-        limiter.waiting = True
-        try:
-            while limiter.full() and not self._stopping:
-                limiter.freed.clear()
-                if limiter.full():
-                    limiter.freed.wait(_SLOT_POLL)
-        finally:
-            limiter.waiting = False
 
 
 class _Silent:
@@ -397,19 +257,20 @@ class _Silent:
         self._waiting: dict[int, tuple[socket.socket, bytes, float, asyncio.TimerHandle]] = {}
         limiter.on_pressure = self._press
 
-    def accepted(self, conn: socket.socket, sent: bytes) -> None:
-        """Take over ``conn``, just accepted (its slot of the cap taken, non-blocking), and
-        what its client sent so far."""
-        self._place(conn, sent, self._loop.time())
+    def accepted(self, conn: socket.socket) -> None:
+        """Take over ``conn``, just accepted (its slot of the cap taken), still set to
+        reset at close as the listener is (`serve`)."""
+        self._read(conn, b"", self._loop.time(), fresh=True)
 
-    def _read(self, conn: socket.socket, head: bytes, since: float) -> None:
-        sent = _read_ahead(conn, head)
+    def _read(self, conn: socket.socket, head: bytes, since: float,
+              fresh: bool = False) -> None:
+        sent = _read_ahead(conn, head, lingering=fresh)
         if sent is None:
             self._limiter.release()
             return
-        self._place(conn, sent, since)
-
-    def _place(self, conn: socket.socket, sent: bytes, since: float) -> None:
+        if fresh:  # a dead connection skips both calls
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+            conn.setblocking(False)  # for the transport
         if _HEAD_END.search(sent) or len(sent) > _SILENT_HEAD:
             self._start(conn, sent)
         else:  # nothing yet, or part of a request head: a storm's byte before its close
@@ -734,7 +595,7 @@ def _read_ahead(conn: socket.socket, head: bytes = b"",
     full path for each connection, and honest connections waited up to 11 s behind it.)
     What was read is handed to the connection, which reads on from there; ``head`` is
     what was read before, returned in front. ``lingering``: ``conn`` is set to reset at
-    close already (inherited from the listener, `_Acceptor`).
+    close already (inherited from the listener).
     """
     chunks = [head]
     size = len(head)
@@ -795,6 +656,11 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
     options = options or ServerConfig()
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
+    # Accepted connections inherit it: one whose client has already gone is reset at
+    # close without a system call of its own (`_close_at_once`; about 1 µs of the
+    # 14-15 µs a storm connection costs at least), and the live ones, far fewer in a
+    # storm, take it off at once (`_Silent`).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
     config = _config(options)
     context = WorkerContext(None)
     cap = connection_cap(options.max_connections)
@@ -842,12 +708,51 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
 
     silent = _Silent(loop, limiter, options.keep_alive_timeout, start)
 
-    acceptor = _Acceptor(sock, loop, limiter, summary, silent.accepted, name)
-    acceptor.start()
+    async def listener_readable() -> None:
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), _set_ready, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock.fileno())
+
+    async def accept() -> None:
+        """Accepts whatever the backlog holds, a batch at a time: the other work of the
+        loop (requests already accepted, the other listener) runs between batches, and a
+        batch costs one loop turn rather than one per connection, so a storm is drained
+        faster than one accept per turn would manage."""
+        batch_ends = loop.time() + _ACCEPT_BUDGET
+        while True:
+            await limiter.acquire()
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                limiter.release()
+                await listener_readable()
+                batch_ends = loop.time() + _ACCEPT_BUDGET
+                continue
+            except OSError as err:
+                limiter.release()
+                summary.count("accept_failed", errno.errorcode.get(err.errno or 0)
+                              or type(err).__name__)
+                if err.errno in _ACCEPT_RESOURCE_ERRORS:
+                    await asyncio.sleep(_ACCEPT_RETRY_DELAY)
+                continue
+            except BaseException:
+                limiter.release()
+                raise
+            silent.accepted(conn)
+            if loop.time() >= batch_ends:
+                await asyncio.sleep(0)
+                batch_ends = loop.time() + _ACCEPT_BUDGET
+
+    acceptor = loop.create_task(accept(), name=f"accept-{name}")
     try:
         await shutdown.wait()
     finally:
-        await acceptor.stop()
+        acceptor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acceptor
         sock.close()
         await context.terminated.set()
         limiter.closing()

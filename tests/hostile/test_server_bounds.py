@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -254,62 +253,6 @@ async def test_connections_waiting_for_a_head_are_counted_and_freed() -> None:
     finally:
         shutdown.set()
         await asyncio.wait_for(task, 15)
-
-
-async def test_a_storm_of_connect_and_close_never_reaches_the_loop(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """The accept thread closes connections whose client has already gone: the loop takes
-    over only the live ones (on the loop each storm connection cost a turn and its
-    bookkeeping, and honest connections queued behind the storm waited for it). At
-    shutdown the thread is joined and the listener closed.
-
-    The storm waits in the backlog behind a connection that holds the only slot, so
-    that every storm client has gone, with or without a byte sent, when it is accepted."""
-    taken: list[bytes] = []
-    take = server_module._Silent.accepted
-
-    def counted(self: server_module._Silent, conn: socket.socket, sent: bytes) -> None:
-        taken.append(sent)
-        take(self, conn, sent)
-
-    monkeypatch.setattr(server_module._Silent, "accepted", counted)
-    metrics = ServerMetrics(CollectorRegistry())
-    app = BodyApp()
-    host = loopback_host()
-    sock = bind_listener(host, 0)
-    port = sock.getsockname()[1]
-    shutdown = asyncio.Event()
-    cycles = 600
-    options = ServerConfig(max_connections=1, idle_timeout_under_pressure=1.0)
-    with caplog.at_level(logging.INFO):
-        task = asyncio.create_task(serve(app.app, sock, shutdown, options, metrics=metrics))
-        try:
-            await asyncio.sleep(0.1)
-            baseline = open_fds(os.getpid())
-            held = socket.create_connection((host, port), timeout=10)
-            await until(lambda: len(taken) == 1, 10, "the held connection to be taken")
-
-            def storm() -> None:
-                for i in range(cycles):
-                    with socket.create_connection((host, port), timeout=10) as conn:
-                        conn.sendall(b"G" * (i % 2))
-
-            await asyncio.to_thread(storm)
-            # The held connection goes after the idle grace; then the storm is accepted.
-            status, _ = await asyncio.to_thread(timed_get, f"http://{host}:{port}/v2/", 30)
-            assert status == 200
-            held.close()
-            await until(lambda: open_fds(os.getpid()) <= baseline + 2, 20,
-                        "every connection's descriptor to be closed")
-            assert len(taken) == 2 and taken[1].startswith(b"GET /v2/"), taken[:5]
-            assert metrics.events.labels("registry", "at_cap")._value.get() >= 1
-        finally:
-            shutdown.set()
-            await asyncio.wait_for(task, 15)
-    assert sock.fileno() == -1
-    assert not [t for t in threading.enumerate() if t.name.startswith("accept-")]
-    assert not [r for r in caplog.records if r.exc_info]
-    assert metrics.events.labels("registry", "connection_error")._value.get() == 0
 
 
 async def test_a_live_connection_closes_gracefully_after_its_answer() -> None:
