@@ -46,6 +46,7 @@ section, ``bench_hostile_pinned``; the unpinned runs stay in ``bench_hostile``.
 from __future__ import annotations
 
 import argparse
+import http.client
 import multiprocessing
 import os
 import socket
@@ -56,7 +57,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.results import (
@@ -95,6 +96,9 @@ class Latencies:
     v2: list[float]
     status: list[float]
     failed: int
+    # GET /v2/ on a connection kept alive, as containerd, peers and Prometheus keep
+    # theirs: beside the new-connection figures, which stay the headline.
+    kept: list[float] = field(default_factory=list)
 
     @staticmethod
     def p(values: list[float], q: float) -> float:
@@ -151,22 +155,46 @@ def pinned(cpus: frozenset[int] | None) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+def _kept_alive_get(connection: http.client.HTTPConnection) -> tuple[int, float]:
+    """(status, seconds) of GET /v2/ on ``connection``, which reconnects if the node
+    closed it; status 0 if it failed."""
+    started = time.monotonic()
+    try:
+        connection.request("GET", "/v2/")
+        with connection.getresponse() as response:
+            response.read()
+            status = response.status
+    except (OSError, http.client.HTTPException):
+        connection.close()  # the next request connects afresh
+        status = 0
+    return status, time.monotonic() - started
+
+
 def _honest(node: RunningNode, blob: str, stop_at: Callable[[], bool]) -> Latencies:
     v2: list[float] = []
     status: list[float] = []
+    kept: list[float] = []
     failed = 0
     urls = [f"http://{node.address}/v2/", f"http://{node.address}{blob}"]
+    host, port = node.address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
     i = 0
-    while not stop_at():
-        code, seconds = timed_get(urls[i % 2], 30)
-        failed += code != 200
-        v2.append(seconds)
-        code, seconds = timed_get(f"http://{node.metrics}/status", 30)
-        failed += code != 200
-        status.append(seconds)
-        i += 1
-        time.sleep(0.02)
-    return Latencies(v2, status, failed)
+    try:
+        while not stop_at():
+            code, seconds = timed_get(urls[i % 2], 30)
+            failed += code != 200
+            v2.append(seconds)
+            code, seconds = timed_get(f"http://{node.metrics}/status", 30)
+            failed += code != 200
+            status.append(seconds)
+            code, seconds = _kept_alive_get(connection)
+            failed += code != 200
+            kept.append(seconds)
+            i += 1
+            time.sleep(0.02)
+    finally:
+        connection.close()
+    return Latencies(v2, status, failed, kept)
 
 
 # -- attacks: each runs in a child process and stops after a fixed amount of work --------
@@ -248,6 +276,14 @@ class Run:
     honest: Latencies
     seconds: float
     load: float = 0.0  # the 1-minute load average as it started: which runs a neighbour hit
+    node_cpu: float = 0.0  # seconds of CPU the node under test used meanwhile
+    connections: int = 0  # a storm's connections, for its CPU per connection
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU (user and system, all threads) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def on_cpus(attack: Callable[[], None], cpus: frozenset[int] | None) -> Callable[[], None]:
@@ -260,8 +296,9 @@ def on_cpus(attack: Callable[[], None], cpus: frozenset[int] | None) -> Callable
 
 def _measure(node: RunningNode, blob: str, name: str, what: str,
              attack: Callable[[], None] | None, baseline_s: float,
-             attacker_cpus: frozenset[int] | None = None) -> Run:
+             attacker_cpus: frozenset[int] | None = None, connections: int = 0) -> Run:
     load = os.getloadavg()[0]
+    cpu_before = process_cpu(node.proc.pid)
     started = time.monotonic()
     child = None
     if attack is not None:
@@ -282,11 +319,41 @@ def _measure(node: RunningNode, blob: str, name: str, what: str,
         if child.is_alive():
             child.kill()
             child.join(5)
-    return Run(name, what, honest, time.monotonic() - started, load)
+    return Run(name, what, honest, time.monotonic() - started, load,
+               process_cpu(node.proc.pid) - cpu_before, connections)
 
 
-def run(scale: float, pinning: Pinning | None = None) -> list[Run]:
-    """One run on fresh nodes and a fresh image (so the HEAD/Range blobs start uncached)."""
+def storm_cpu(node: RunningNode, payload: bytes, cycles: int,
+              attacker_cpus: frozenset[int] | None) -> list[float]:
+    """The node's CPU per connection of a storm with no honest client beside it, in
+    microseconds, one figure per round of ``cycles``: what each storm connection costs
+    the node, less its idle CPU (gossip, timers) measured just before."""
+    host, port = node.address.rsplit(":", 1)
+    figures = []
+    for _ in range(ROUNDS):
+        idle_from = process_cpu(node.proc.pid)
+        time.sleep(1)
+        idle_rate = process_cpu(node.proc.pid) - idle_from
+        before, started = process_cpu(node.proc.pid), time.monotonic()
+        child = multiprocessing.get_context("fork").Process(
+            target=on_cpus(lambda: _storm(host, int(port), payload, cycles), attacker_cpus),
+            daemon=True)
+        child.start()
+        child.join(ATTACK_LIMIT_S)
+        if child.is_alive():
+            child.kill()
+            child.join(5)
+        time.sleep(0.5)  # the node finishes what its backlog still held
+        used = process_cpu(node.proc.pid) - before - idle_rate * (time.monotonic() - started)
+        figures.append(max(0.0, used) / cycles * 1e6)
+    return figures
+
+
+def run(scale: float, pinning: Pinning | None = None,
+        only: frozenset[str] | None = None) -> tuple[list[Run], dict[str, list[float]]]:
+    """One run on fresh nodes and a fresh image (so the HEAD/Range blobs start uncached);
+    ``only``: the attacks to run, all when None. Returns the runs, and per storm the
+    node's CPU per connection with no honest client (`storm_cpu`)."""
     in_memory = MirrorConfig().verify_before_send_limit
     with (tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp_name,
           pinned(pinning.node if pinning else None)):
@@ -322,6 +389,7 @@ def run(scale: float, pinning: Pinning | None = None) -> list[Run]:
             def n(count: int) -> int:
                 return max(1, int(count * scale))
 
+            storm = ROUNDS * n(20000)
             attacks: list[tuple[str, str, Callable[[], None]]] = [
                 ("unread", f"{n(200)} clients GET a {large.size // MiB} MiB blob, never read",
                  lambda: _unread(host, port, path(large.digest), n(200))),
@@ -339,9 +407,15 @@ def run(scale: float, pinning: Pinning | None = None) -> list[Run]:
             ]
             runs = [_measure(node, blob, "baseline", "no attack", None, 10.0)]
             for name, what, attack in attacks:
-                runs.append(_measure(node, blob, name, what, attack, 0, attacker_cpus))
+                if only is not None and name not in only:
+                    continue
+                runs.append(_measure(node, blob, name, what, attack, 0, attacker_cpus,
+                                     storm if name.startswith("storm") else 0))
                 time.sleep(2)  # let the node settle between attacks
-            return runs
+            cpu = {name: storm_cpu(node, payload, n(20000), attacker_cpus)
+                   for name, payload in (("storm", b""), ("storm-byte", b"G"))
+                   if only is None or name in only}
+            return runs, cpu
         finally:
             if node is not None:
                 stop(node.proc)
@@ -352,8 +426,25 @@ def _ratios(run: Run, base: Latencies) -> dict[str, tuple[float, float]]:
     """Per port: the run's honest p50 and p95 as ratios of the baseline's."""
     return {port: (Latencies.p(values, 0.5) / Latencies.p(ref, 0.5),
                    Latencies.p(values, 0.95) / Latencies.p(ref, 0.95))
-            for port, values, ref in (("v2", run.honest.v2, base.v2),
-                                      ("status", run.honest.status, base.status))}
+            for port, values, ref in _ports(run.honest, base)}
+
+
+def _ports(run: Latencies, base: Latencies) -> list[tuple[str, list[float], list[float]]]:
+    """(name, the run's latencies, the baseline's) for each kind of honest request; the
+    kept-alive one only where both measured it."""
+    ports = [("v2", run.v2, base.v2), ("status", run.status, base.status)]
+    if run.kept and base.kept:
+        ports.append(("kept-alive v2", run.kept, base.kept))
+    return ports
+
+
+def per_connection_us(run: Run, base: Run) -> float | None:
+    """A storm's node CPU per connection in microseconds, less what the honest client
+    costs at the baseline's rate; None for other attacks."""
+    if not run.connections:
+        return None
+    honest = base.node_cpu / base.seconds * run.seconds
+    return max(0.0, run.node_cpu - honest) / run.connections * 1e6
 
 
 def _spread(values: list[float], unit: str = "x", scale: float = 1.0) -> str:
@@ -362,38 +453,49 @@ def _spread(values: list[float], unit: str = "x", scale: float = 1.0) -> str:
 
 
 def section(trials: list[list[Run]], scale: float, load_before: str,
-            pinning: Pinning | None = None) -> Section:
+            pinning: Pinning | None = None,
+            cpu: list[dict[str, list[float]]] | None = None) -> Section:
     """``trials``: one list of runs (baseline first) per repetition, each on fresh nodes.
-    A target holds the worst repetition's figure."""
+    A target holds the worst repetition's figure. ``cpu``: per repetition, each storm's
+    node CPU per connection with no honest client (`storm_cpu`)."""
     rows = []
     for k, runs in enumerate(trials, 1):
         base = runs[0].honest
         for r in runs:
             name = r.name if len(trials) == 1 else f"{r.name} (run {k})"
+            per_connection = per_connection_us(r, runs[0])
             cells = [name, r.what, f"{r.seconds:.1f} s", f"{r.load:.2f}",
-                     str(len(r.honest.v2)), str(r.honest.failed)]
+                     str(len(r.honest.v2)), str(r.honest.failed),
+                     f"{r.node_cpu:.2f} s" + (f" ({per_connection:.1f} µs per connection)"
+                                              if per_connection is not None else "")]
             ratios = _ratios(r, base)
-            for port, values in (("v2", r.honest.v2), ("status", r.honest.status)):
+            for port, values, _ in _ports(r.honest, base):
                 p50, p95 = Latencies.p(values, 0.5), Latencies.p(values, 0.95)
                 cells.append(f"{p50 * 1000:.1f} / {p95 * 1000:.1f} / {max(values) * 1000:.0f}"
                              f" ms ({ratios[port][0]:.2f}x / {ratios[port][1]:.2f}x)")
             rows.append(cells)
     tables = [Table(["attack", "what", "took", "load (1 min) at start", "honest requests",
-                     "honest failed",
+                     "honest failed", "node CPU",
                      "registry p50 / p95 / worst (ratio to baseline)",
-                     "metrics p50 / p95 / worst (ratio)"], rows)]
+                     "metrics p50 / p95 / worst (ratio)"]
+                    + (["registry, kept-alive connection: p50 / p95 / worst (ratio)"]
+                       if any(len(row) > 9 for row in rows) else []), rows)]
     targets = []
     spread_rows = []
     prefix = "hostile pinned" if pinning else "hostile"
     for i, first in enumerate(trials[0][1:], 1):
         per_run = [(_ratios(runs[i], runs[0].honest), runs[i]) for runs in trials]
         cells = [first.name]
-        for port in ("v2", "status"):
+        for port in ("v2", "status", "kept-alive v2"):
+            if not all(port in ratios for ratios, _ in per_run):
+                continue
             p50s = [ratios[port][0] for ratios, _ in per_run]
             p95s = [ratios[port][1] for ratios, _ in per_run]
-            worst = [max(r.honest.v2 if port == "v2" else r.honest.status)
-                     for _, r in per_run]
-            cells += [_spread(p50s), _spread(p95s)]
+            worst = [max(next(v for name, v, _ in _ports(r.honest, runs[0].honest)
+                              if name == port))
+                     for (_, r), runs in zip(per_run, trials, strict=True)]
+            if port != "kept-alive v2":  # the spread table keeps its columns
+                cells += [_spread(p50s), _spread(p95s)]
             targets += [
                 Target(f"{prefix} {first.name}: honest {port} p50 vs no attack", "<=", 3,
                        max(p50s)),
@@ -407,6 +509,12 @@ def section(trials: list[list[Run]], scale: float, load_before: str,
         tables.append(Table(["attack", "registry p50 ratio, each run",
                              "registry p95 ratio, each run", "metrics p50 ratio, each run",
                              "metrics p95 ratio, each run"], spread_rows))
+    if cpu:
+        tables.append(Table(
+            ["storm, no honest client", "node CPU per connection, each round (µs)"],
+            [[name, _spread(sorted(v for per_run in cpu for v in per_run.get(name, [])),
+                            " µs")]
+             for name in ("storm", "storm-byte") if any(name in c for c in cpu)]))
     notes = ["Ratios compare with the same run's baseline; the machine is shared, so a "
              "busy neighbour shows up in both the load average and the ratios."]
     if len(trials) > 1:
@@ -424,6 +532,11 @@ def section(trials: list[list[Run]], scale: float, load_before: str,
         notes.append("The attackers run on the same cores as the node: on a 2-core machine "
                      "a storm's own CPU is part of what the honest client waits for (see "
                      "bench_hostile_pinned for the attacker on its own CPU).")
+    notes.append("Node CPU: user and system time of the node under test while the attack "
+                 "ran (/proc/PID/stat, all its threads). Per storm connection, the honest "
+                 "client's share at the baseline's CPU rate is taken off first; the storms "
+                 f"are then run again, {ROUNDS} rounds each, with no honest client, and the "
+                 "node's idle CPU taken off (the table of each round).")
     notes.append("A worst case near the send timeout under `unread` is an honest request "
                  "that waited for the node's memory budget (--mirror-memory-limit): each "
                  "unread response holds one piece of it until the send timeout drops it.")
@@ -462,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU list for the nodes and the honest client in pinned runs")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each kind (pinned, unpinned), alternating")
+    parser.add_argument("--attacks", type=lambda text: frozenset(text.split(",")),
+                        default=None, help="comma-separated attacks to run, e.g. "
+                        "storm,storm-byte (with --no-write: paired runs of a change)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     args = parser.parse_args(argv)
@@ -471,18 +587,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--attacker-cpus and --node-cpus must not share a CPU")
     if args.repeat < 1:
         parser.error("--repeat wants at least 1")
+    if args.attacks is not None and not args.no_write:
+        parser.error("--attacks goes with --no-write: a section holds every attack")
     pinning = (Pinning(args.attacker_cpus, args.node_cpus)
                if args.attacker_cpus is not None else None)
     load_before = load_average()
     unpinned: list[list[Run]] = []
     pinned: list[list[Run]] = []
+    unpinned_cpu: list[dict[str, list[float]]] = []
+    pinned_cpu: list[dict[str, list[float]]] = []
     for _ in range(args.repeat):  # alternating, so that a busy minute falls on both kinds
         if pinning is not None:
-            pinned.append(run(args.scale, pinning))
-        unpinned.append(run(args.scale))
-    results = [section(unpinned, args.scale, load_before)]
+            runs, cpu = run(args.scale, pinning, args.attacks)
+            pinned.append(runs)
+            pinned_cpu.append(cpu)
+        runs, cpu = run(args.scale, only=args.attacks)
+        unpinned.append(runs)
+        unpinned_cpu.append(cpu)
+    results = [section(unpinned, args.scale, load_before, cpu=unpinned_cpu)]
     if pinning is not None:
-        results.append(section(pinned, args.scale, load_before, pinning))
+        results.append(section(pinned, args.scale, load_before, pinning, pinned_cpu))
     for result in results:
         print(result.render())
         if not args.no_write:

@@ -95,3 +95,21 @@ def test_cpu_lists_read_as_taskset_writes_them() -> None:
     assert cpu_set(str(allowed[0])) == {allowed[0]}
     assert cpu_set(f"{allowed[0]}-{allowed[0]}") == {allowed[0]}
     assert cpu_set(",".join(map(str, allowed))) == set(allowed)
+
+
+def test_a_kept_alive_client_and_the_storm_cpu_are_reported_beside_the_headline() -> None:
+    def kept(name: str, seconds: float) -> Run:
+        return Run(name, f"{name} attack",
+                   Latencies([seconds] * 10, [seconds] * 10, 0, [seconds / 4] * 10), 5.0,
+                   node_cpu=1.0 if name == "baseline" else 2.2,
+                   connections=60_000 if name == "storm" else 0)
+
+    result = section([[kept("baseline", 0.01), kept("storm", 0.04)]], 1.0,
+                     "(1/5/15 min) 0 / 0 / 0", cpu=[{"storm": [20.0, 21.5]}])
+    rendered = result.render()
+    assert "registry, kept-alive connection" in rendered
+    assert "(20.0 µs per connection)" in rendered  # 2.2 s less 1.0 s over 60,000
+    assert "20.00 µs, 21.50 µs" in rendered
+    met = {t.what: t.met for t in result.targets}
+    assert not met["hostile storm: honest kept-alive v2 p50 vs no attack"]  # 4x
+    assert not met["hostile storm: honest v2 p50 vs no attack"]

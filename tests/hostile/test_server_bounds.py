@@ -253,3 +253,29 @@ async def test_connections_waiting_for_a_head_are_counted_and_freed() -> None:
     finally:
         shutdown.set()
         await asyncio.wait_for(task, 15)
+
+
+async def test_a_live_connection_closes_gracefully_after_its_answer() -> None:
+    """Accepted connections inherit the listener's reset-at-close (cheap for a storm's dead
+    ones); a live one must not keep it, or its close, with the end of the answer still
+    in the send queue for a client that reads slowly, would throw that away."""
+    size = 1024 * 1024
+
+    async def check(host: str, port: int, app: BodyApp) -> None:
+        def fetch() -> int:
+            conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            conn.settimeout(10)
+            with conn:
+                conn.connect((host, port))
+                conn.sendall(f"GET /sized?size={size} HTTP/1.1\r\nHost: {host}\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                received = b""
+                while data := conn.recv(4096):
+                    received += data
+                return len(received.split(b"\r\n\r\n", 1)[1])
+
+        await asyncio.sleep(0.1)
+        assert await asyncio.to_thread(fetch) == size
+
+    await serving(ServerConfig(), check, sndbuf=64 * 1024)
