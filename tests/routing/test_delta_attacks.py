@@ -1,0 +1,32 @@
+"""Attacks on the summary deltas from #18's review: what a client naming many old
+epochs can make a node hold, and deltas a hostile peer sends over real HTTP."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from meshmirror.routing.publisher import DeltaLog
+from meshmirror.routing.summary import Summary, SummaryDelta, max_delta_bytes, max_delta_positions
+
+
+def test_deltas_asked_from_every_logged_epoch_keep_only_a_few_encoded() -> None:
+    # 255 small versions then one large one, in a filter of 100,000 keys: the delta from
+    # each logged epoch holds the large version, and each was kept once encoded (7.7 MB).
+    m = 960_000
+    log = DeltaLog()
+    log.restart(1000)
+    for i in range(255):
+        log.append(1001 + i, np.array([7 * i + 3], np.uint32), m)
+    rng = np.random.default_rng(1)
+    log.append(2000, np.unique(rng.integers(0, m, max_delta_positions(m) - 300)
+                               ).astype(np.uint32), m)
+    current = Summary(epoch=2000, k=7, m=m, count=100_000, born_at_ms=0, bits=bytes(m // 8))
+    epochs = [1000, *range(1001, 1256)]
+    first = {epoch: log.delta(epoch, current) for epoch in epochs}
+    assert all(first.values())
+    assert log.encoded_bytes <= DeltaLog.MAX_ENCODED * max_delta_bytes(m)
+    # What was let go is encoded again when asked, to the same bytes.
+    for epoch in (1000, 1128, 1255):
+        again = log.delta(epoch, current)
+        assert again == first[epoch]
+        assert SummaryDelta.decode(again).base_epoch == epoch
