@@ -166,6 +166,9 @@ class OciLayoutStore(Store):
         self.poll_interval = poll_interval
         self.chunk_size = chunk_size
         self._snapshot = _Snapshot(signature=_NEVER_LOADED)
+        # The index.json last found unusable: not read again (nor warned about again on
+        # every lookup and poll, each re-parsing up to 64 MiB) until it changes.
+        self._refused: _Signature | None = _NEVER_LOADED
         # Manifests are content-addressed, so their children never change.
         self._children: dict[bytes, PackedDigests] = {}
         self._media = MediaTypes()
@@ -268,11 +271,17 @@ class OciLayoutStore(Store):
 
     def _refresh_sync(self) -> _Snapshot:
         signature = self._signature()
-        if signature != self._snapshot.signature:
+        if self._stale(signature):
             loaded = self._load(signature)
-            if loaded is not None:
+            if loaded is None:
+                self._refused = signature
+            else:
                 self._apply(loaded)
         return self._snapshot
+
+    def _stale(self, signature: _Signature | None) -> bool:
+        """Whether index.json changed since it was last loaded or found unusable."""
+        return signature != self._snapshot.signature and signature != self._refused
 
     def _apply(self, snapshot: _Snapshot) -> None:
         self._snapshot = snapshot
@@ -280,13 +289,15 @@ class OciLayoutStore(Store):
 
     async def _current(self) -> _Snapshot:
         """The snapshot, reloaded in a thread when index.json changed since the last look."""
-        if self._signature() == self._snapshot.signature:
+        if not self._stale(self._signature()):
             return self._snapshot
         async with self._load_lock:
             signature = self._signature()
-            if signature != self._snapshot.signature:
+            if self._stale(signature):
                 loaded = await asyncio.to_thread(self._load, signature)
-                if loaded is not None:
+                if loaded is None:
+                    self._refused = signature
+                else:
                     self._apply(loaded)
         return self._snapshot
 
