@@ -28,5 +28,5 @@ def test_deltas_asked_from_every_logged_epoch_keep_only_a_few_encoded() -> None:
     # What was let go is encoded again when asked, to the same bytes.
     for epoch in (1000, 1128, 1255):
         again = log.delta(epoch, current)
-        assert again == first[epoch]
+        assert again is not None and again == first[epoch]
         assert SummaryDelta.decode(again).base_epoch == epoch
