@@ -18,6 +18,8 @@ thousands would otherwise hold a body per peer at once); and per peer:
   * a response older than what is held is ignored (a slow response racing a
     newer one, or a load balancer answering from elsewhere);
   * a dead or left peer is dropped at once, with its in-flight fetch;
+  * an advertised epoch lower than before (the peer restarted with its clock
+    behind) is a new summary: fetched whole, whatever epoch is held;
   * a peer already held is asked for a delta (see `summary`); a delta that does
     not fit what is held (another base epoch or geometry, or a filter the sink
     could not install) counts as an error and the next fetch asks for the whole
