@@ -1,16 +1,19 @@
 """DigestTable and DigestKeys against a plain dict and set: the same answers for any
 digests, including the edge cases a sorted table has (its first and last element,
-digests one byte apart or a prefix of another, trailing NULs, an empty table)."""
+digests one byte apart or a prefix of another, trailing NULs, an empty table); and
+the bound on the media types a store names."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshmirror.oci import mediatypes as mt
 from meshmirror.store.digests import (
     DigestKeys,
     DigestTable,
     DigestTableBuilder,
+    MediaTypes,
     digest_text,
     raw_digest,
 )
@@ -81,3 +84,16 @@ def test_key_views_behave_like_sets(pairs: list[tuple[bytes, int]],
         assert (key in keys) == (key in mine)
         raw = raw_digest(key)
         assert raw is None or digest_text(raw) == key
+
+
+def test_media_types_a_store_names_are_bounded_and_manifests_stay_known() -> None:
+    # Media types come from manifests anyone can push and the table is never emptied:
+    # distinct or huge ones read as unknown past a bound, and the manifest types a
+    # store must recognise to walk images are named from the start.
+    media = MediaTypes()
+    named = [media.name(media.number(f"application/x-hostile-{n}")) for n in range(5000)]
+    assert named[0] == "application/x-hostile-0"
+    assert sum(name is not None for name in named) <= 1024
+    assert media.name(media.number("application/" + "x" * 4096)) is None
+    for known in sorted(mt.MANIFEST_TYPES | mt.INDEX_TYPES):
+        assert media.name(media.number(known)) == known
