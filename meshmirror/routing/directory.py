@@ -18,6 +18,8 @@ thousands would otherwise hold a body per peer at once); and per peer:
   * a response older than what is held is ignored (a slow response racing a
     newer one, or a load balancer answering from elsewhere);
   * a dead or left peer is dropped at once, with its in-flight fetch;
+  * an advertised epoch lower than before (the peer restarted with its clock
+    behind) is a new summary: fetched whole, whatever epoch is held;
   * a peer already held is asked for a delta (see `summary`); a delta that does
     not fit what is held (another base epoch or geometry, or a filter the sink
     could not install) counts as an error and the next fetch asks for the whole
@@ -273,6 +275,8 @@ class PeerDirectory:
                 state.advertised = epoch
                 if state.poke is not None:
                     state.poke.set()
+            elif epoch is not None and state.advertised is not None and epoch < state.advertised:
+                self._epochs_went_back(state, epoch)
             if keys != state.keys:
                 # Only a change that moves the estimate much can change the selection.
                 if state.held is None and not _close(keys, state.keys):
@@ -281,6 +285,23 @@ class PeerDirectory:
         if state.selected:
             self._start_sync(state)
         self._update_share()
+
+    def _epochs_went_back(self, state: _PeerState, epoch: int) -> None:
+        """The peer restarted with its clock behind the epochs it published before
+        (gossip never carries an older version of a member's metadata): what is held
+        is of a summary it no longer has, and no later epoch of it would replace that
+        until its clock caught up. Fetched whole again; the held bits route until then."""
+        log.info("peer %s now advertises epoch %d, before the %d it advertised: "
+                 "fetching its summary whole", state.peer.name, epoch, state.advertised)
+        state.advertised = epoch
+        if state.held is not None:
+            size = state.held.m // 8
+            state.held = None
+            self._held_bytes -= size
+            if state.selected:
+                self._committed += state.filter_bytes() - size
+        if state.poke is not None:
+            state.poke.set()
 
     def _start_sync(self, state: _PeerState) -> None:
         if not state.is_current() and (state.task is None or state.task.done()):

@@ -113,6 +113,10 @@ class DeltaLog:
     """
 
     MAX_VERSIONS = 256
+    # Encoded deltas kept for reuse. Peers mostly hold the same previous epoch or two,
+    # so a few cover a rollout; one per logged version could hold 256 deltas of up to
+    # the whole log each (7.7 MiB at 100,000 keys), for any client naming old epochs.
+    MAX_ENCODED = 8
 
     def __init__(self) -> None:
         self.base: int | None = None  # the epoch the logged versions start from
@@ -156,8 +160,15 @@ class DeltaLog:
                 reduction=current.reduction, count=current.count,
                 born_at_ms=current.born_at_ms, positions=merged.astype(np.uint64),
                 vouches=current.vouches).encode()
+            if len(self._encoded) >= self.MAX_ENCODED:
+                del self._encoded[next(iter(self._encoded))]  # the oldest encoded
             self._encoded[held] = cached
         return cached
+
+    @property
+    def encoded_bytes(self) -> int:
+        """Bytes of the encoded deltas kept for reuse."""
+        return sum(map(len, self._encoded.values()))
 
 
 class EpochClock:

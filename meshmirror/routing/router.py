@@ -30,7 +30,8 @@ Ranking (``_Health``): the rest whose filter matches, ordered by
      with each consecutive failure (1 s up to 60 s) and ends on the first success;
   2. not demoted: a peer whose learned false-positive rate (404s for keys its
      filter claimed, time-decayed) is far above what its filter's fill ratio
-     makes likely is asked after the peers whose filters tell the truth;
+     makes likely, or above one half whatever its filter, is asked after the
+     peers whose filters tell the truth;
   3. fewest requests in flight (spreads a burst of pulls across holders);
   4. recent history: an EWMA of latency inflated by EWMAs of the error and
      false-positive rates, in half-octave buckets so peers of similar speed tie;
@@ -102,6 +103,10 @@ class _Health:
     # of the rate the peer's own filter makes likely.
     FP_DEMOTE_FLOOR = 0.2
     FP_DEMOTE_FACTOR = 10.0
+    # ...and always past this: a filter nearly half full (k=1, or a peer claiming
+    # what it lacks) makes 404s "likely", and without a cap its peer was never
+    # demoted, answered first (its 404s are fast) and delayed every pull.
+    FP_DEMOTE_CAP = 0.5
     _ARRAYS = ("in_flight", "latency", "errors", "false_pos", "penalty_until", "strikes",
                "bucket", "static_score", "circuit_until", "trips", "fp_seen", "fp_count",
                "fp_at", "expected_fp", "cross_zone")
@@ -206,7 +211,8 @@ class _Health:
         fade = np.exp(-(now - self.fp_at[slots]) / self.FP_DECAY_S)
         rate = self.fp_count[slots] * fade / np.maximum(self.fp_seen[slots] * fade,
                                                         self.FP_PRIOR)
-        bound = np.maximum(self.FP_DEMOTE_FLOOR, self.FP_DEMOTE_FACTOR * self.expected_fp[slots])
+        bound = np.maximum(self.FP_DEMOTE_FLOOR, np.minimum(
+            self.FP_DEMOTE_CAP, self.FP_DEMOTE_FACTOR * self.expected_fp[slots]))
         result: npt.NDArray[np.bool_] = rate > bound
         return result
 

@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from meshmirror.oci import mediatypes as mt
+
 _Table = tuple[npt.NDArray[np.bytes_], npt.NDArray[np.uint64]]
 _T = TypeVar("_T")
 
@@ -57,6 +59,12 @@ def raw_digest(key: str) -> bytes | None:
 
 MEDIA_BITS = 16
 MEDIA_UNKNOWN = (1 << MEDIA_BITS) - 1  # past the table's bound: told as None
+# What a store names at most, and the longest name: the table is never emptied, and
+# media types come from manifests anyone can push, so without a bound four 3.5 MB
+# manifests of distinct 1 KB types held 24.5 MiB after their images left. Real stores
+# meet a dozen types, each well under RFC 6838's 255 characters.
+MAX_MEDIA_TYPES = 1024
+MAX_MEDIA_TYPE_LENGTH = 255
 
 
 class MediaTypes:
@@ -67,14 +75,20 @@ class MediaTypes:
         self._names: list[str] = []
         self._numbers: dict[str, int] = {}
         self._lock = threading.Lock()
+        # Named first, so a store whose table filled up still walks every manifest.
+        for known in sorted(mt.MANIFEST_TYPES | mt.INDEX_TYPES):
+            self.number(known)
 
     def number(self, media_type: str) -> int:
         number = self._numbers.get(media_type)
         if number is None:
+            if len(media_type) > MAX_MEDIA_TYPE_LENGTH:
+                return MEDIA_UNKNOWN
             with self._lock:
                 number = self._numbers.get(media_type)
                 if number is None:
-                    number = min(len(self._names), MEDIA_UNKNOWN)
+                    number = len(self._names) if len(self._names) < MAX_MEDIA_TYPES else (
+                        MEDIA_UNKNOWN)
                     if number < MEDIA_UNKNOWN:
                         self._names.append(sys.intern(media_type))
                         self._numbers[self._names[-1]] = number

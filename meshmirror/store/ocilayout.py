@@ -166,7 +166,11 @@ class OciLayoutStore(Store):
         self.poll_interval = poll_interval
         self.chunk_size = chunk_size
         self._snapshot = _Snapshot(signature=_NEVER_LOADED)
-        # Manifests are content-addressed, so their children never change.
+        # The index.json last found unusable: not read again (nor warned about again on
+        # every lookup and poll, each re-parsing up to 64 MiB) until it changes.
+        self._refused: _Signature | None = _NEVER_LOADED
+        # Manifests are content-addressed, so their children never change: kept for the
+        # manifests the last load reached.
         self._children: dict[bytes, PackedDigests] = {}
         self._media = MediaTypes()
         self._hub = KeyEventHub()
@@ -208,7 +212,8 @@ class OciLayoutStore(Store):
     def _media_type(self, info: int) -> str | None:
         return self._media.name(info)
 
-    def _manifest_children(self, raw: bytes, info: int) -> Iterator[_Blob]:
+    def _manifest_children(self, raw: bytes, info: int,
+                           kept: dict[bytes, PackedDigests]) -> Iterator[_Blob]:
         cached = self._children.get(raw)
         if cached is None:
             size = info >> MEDIA_BITS
@@ -221,7 +226,7 @@ class OciLayoutStore(Store):
             media_type = self._media_type(info) or ""
             cached = PackedDigests(self._blob(child)
                                    for child in parse_manifest(data, media_type).children())
-            self._children[raw] = cached
+        kept[raw] = cached
         return iter(cached)
 
     def _load(self, signature: _Signature | None) -> _Snapshot | None:
@@ -240,6 +245,10 @@ class OciLayoutStore(Store):
         # stat'ed twice and kept once by the builder; manifests are walked once.
         builder = DigestTableBuilder()
         walked: set[bytes] = set()
+        # The children of the manifests this walk reaches: those of manifests no longer
+        # reached go with the old snapshot, or a layout whose images come and go grew
+        # this cache by every manifest it ever held.
+        children: dict[bytes, PackedDigests] = {}
         pending = [self._blob(entry) for entry in index.manifests]
         for entry in index.manifests:
             ref = entry_reference(entry.annotations, self.base_name)
@@ -256,23 +265,30 @@ class OciLayoutStore(Store):
             if manifest:
                 walked.add(raw)
                 try:
-                    pending.extend(self._manifest_children(raw, info))
+                    pending.extend(self._manifest_children(raw, info, children))
                 except (OSError, ManifestError) as err:
                     log.warning("oci store %s: skipping %s: %s", self.root, digest_text(raw), err)
                     continue
             builder.add(raw, info)
         blobs = builder.build()
+        self._children = children
         tags = {t: d for t, d in tags.items() if _raw(d) in blobs}
         keys = DigestKeys(blobs, frozenset(tag_key(*t) for t in tags))
         return _Snapshot(signature, tags, blobs, keys)
 
     def _refresh_sync(self) -> _Snapshot:
         signature = self._signature()
-        if signature != self._snapshot.signature:
+        if self._stale(signature):
             loaded = self._load(signature)
-            if loaded is not None:
+            if loaded is None:
+                self._refused = signature
+            else:
                 self._apply(loaded)
         return self._snapshot
+
+    def _stale(self, signature: _Signature | None) -> bool:
+        """Whether index.json changed since it was last loaded or found unusable."""
+        return signature != self._snapshot.signature and signature != self._refused
 
     def _apply(self, snapshot: _Snapshot) -> None:
         self._snapshot = snapshot
@@ -280,13 +296,15 @@ class OciLayoutStore(Store):
 
     async def _current(self) -> _Snapshot:
         """The snapshot, reloaded in a thread when index.json changed since the last look."""
-        if self._signature() == self._snapshot.signature:
+        if not self._stale(self._signature()):
             return self._snapshot
         async with self._load_lock:
             signature = self._signature()
-            if signature != self._snapshot.signature:
+            if self._stale(signature):
                 loaded = await asyncio.to_thread(self._load, signature)
-                if loaded is not None:
+                if loaded is None:
+                    self._refused = signature
+                else:
                     self._apply(loaded)
         return self._snapshot
 

@@ -165,6 +165,28 @@ class StoreConformance:
     async def test_keys_are_every_digest_and_the_tag(self, harness: StoreHarness) -> None:
         assert await harness.store.keys() == harness.image.keys()
 
+    async def test_digests_next_to_held_ones_are_not_held(self, harness: StoreHarness) -> None:
+        """Stores may keep digests sorted and search them: the first and last held, and
+        digests one byte off either end of each, must be told apart."""
+        keys = await harness.store.keys()
+        held = sorted(bytes.fromhex(r.digest.hex) for r in harness.image.blobs())
+        near = {bytes(32), b"\xff" * 32}
+        for raw in held:
+            near |= {raw[:-1] + bytes([raw[-1] ^ 1]), bytes([raw[0] ^ 0x80]) + raw[1:],
+                     raw[:-1] + b"\0", raw[:-1] + b"\xff"}
+        near -= set(held)
+        for raw in [held[0], held[-1]]:
+            assert (await harness.store.stat(Digest("sha256", raw.hex()))).size > 0
+        for raw in sorted(near):
+            digest = Digest("sha256", raw.hex())
+            assert str(digest) not in keys
+            with pytest.raises(NotFoundError):
+                await harness.store.stat(digest)
+        assert f"sha256:{held[0].hex().upper()}" not in keys
+        assert f"sha512:{held[0].hex() * 2}" not in keys
+        expected = harness.image.keys()
+        assert all(key in keys for key in expected)
+
     # --------------------------------------------------------------- reads
 
     async def test_read_whole_blobs(self, harness: StoreHarness) -> None:
