@@ -336,6 +336,18 @@ class _FlightSink:
         self._entry.write(chunk)
         self._flight.progressed()
 
+    # `body.FileKeep`: a peer's body is spliced into the entry's file.
+    @property
+    def written(self) -> int:
+        return self._entry.written
+
+    def fileno(self) -> int:
+        return self._entry.fileno()
+
+    def appended(self, size: int) -> None:
+        self._entry.appended(size)
+        self._flight.progressed()
+
     def reset(self) -> None:
         if self._started:
             self._flight.restarted()
