@@ -239,6 +239,11 @@ class BodyPump:
         self._into = into if keep is not None and hasattr(os, "splice") else None
         # The spliced path's pipe capacity and hashing buffer, one chunk together.
         self._piece = max(64 * 1024, chunk_size // 2)
+        # The pump's own descriptor of ``into``'s file, made by the reader, closed by
+        # the hashing thread when it ends: a cancelled fetch's entry may close its file
+        # while the threads still run, and a reused descriptor number must never
+        # receive these bytes.
+        self._file: int | None = None
         self._remaining = length
         self._slots = threading.Semaphore(max(1, read_ahead))
         # Kept bodies only: buffers free for the reader (at most one per slot, made
@@ -314,6 +319,9 @@ class BodyPump:
             if not isinstance(item, bytes | memoryview):
                 if not self._stopping:
                     self._post(item)
+                if self._file is not None:
+                    os.close(self._file)
+                    self._file = None
                 return
             if self._stopping:
                 self._recycle(item)
@@ -340,8 +348,8 @@ class BodyPump:
 
     def _hash_landed(self, landed: _Landed, buffer: memoryview) -> None:
         """Hash what the reader spliced into the file, read back through ``buffer``."""
-        assert self._into is not None
-        fd = self._into.fileno()
+        fd = self._file
+        assert fd is not None
         position = landed.start
         while position < landed.end:
             got = os.preadv(fd, [buffer[:min(len(buffer), landed.end - position)]], position)
@@ -429,10 +437,16 @@ class BodyPump:
         if not self._take(self._chunk_size):
             return None
         try:
+            target = os.dup(into.fileno())
+        except (OSError, ValueError) as err:  # closed: the fetch is being dropped
+            return SinkFailure.of(err)
+        try:
             pipe_out, pipe_in = os.pipe2(os.O_CLOEXEC)
         except OSError as err:
+            os.close(target)
             self._give_last()
             raise _Unspliceable from err
+        self._file = target
         landed = offset = into.written
         first = True
         try:
@@ -441,7 +455,7 @@ class BodyPump:
                 capacity = fcntl.fcntl(pipe_in, _F_SETPIPE_SZ, capacity)
             except OSError:
                 capacity = 64 * 1024  # the default capacity (pipe-max-size is lower)
-            source, target = self._sock.fileno(), into.fileno()
+            source = self._sock.fileno()
             while self._remaining > 0:
                 if self._stopping:
                     return None
@@ -453,6 +467,8 @@ class BodyPump:
                                        f"no byte within {self._stall_timeout:g} s")
                 except OSError as err:
                     if first and err.errno in _NO_SPLICE:
+                        self._file = None
+                        os.close(target)
                         self._give_last()
                         raise _Unspliceable from err
                     return PeerFailure(FailureReason.BROKEN, str(err))
@@ -461,6 +477,7 @@ class BodyPump:
                     return PeerFailure(FailureReason.BROKEN, "body ended")
                 if (slow := self._progress.check(got, time.monotonic() - started)) is not None:
                     return slow
+                spliced = got
                 try:
                     while got:
                         moved = os.splice(pipe_out, target, got, offset_dst=offset)
@@ -472,7 +489,8 @@ class BodyPump:
                         self._remaining -= moved
                 except Exception as err:
                     return SinkFailure.of(err)
-                if offset - landed >= self._piece:
+                # Hashed a piece at a time, or as soon as the peer is slower than us.
+                if offset - landed >= self._piece or spliced < capacity:
                     self._to_hash.put(_Landed(landed, offset))
                     landed = offset
             return None

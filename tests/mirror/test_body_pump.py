@@ -134,7 +134,11 @@ async def pump_from(cache: BlobCache, peer: RawPeer, budget: MemoryBudget,
 
 
 def held(entry: CacheEntry) -> bytes:
-    return Path(entry.path).read_bytes()
+    return held_at(entry.path)
+
+
+def held_at(path: Path) -> bytes:
+    return path.read_bytes()
 
 
 async def test_a_kept_body_lands_whole_through_two_reused_buffers(
@@ -207,6 +211,47 @@ async def test_a_peer_that_goes_quiet_is_stalled_and_what_it_sent_is_kept(
     assert isinstance(end, PeerFailure) and end.reason is FailureReason.STALLED, end
     assert held(entry) == (sent + b"x")[:entry.written] and entry.written >= len(sent)
     assert budget.used == 0
+
+
+async def test_a_spliced_body_never_lands_in_a_file_that_reused_its_descriptor(
+    cache: BlobCache, threads: concurrent.futures.Executor, tmp_path: Path
+) -> None:
+    """A dropped fetch's entry closes its file while the pump's threads still run; a
+    file opened next gets that descriptor number and must not receive the peer's bytes."""
+    loop = asyncio.get_running_loop()
+    peer = RawPeer(DATA[:CHUNK], drip=0.01)
+    entry = cache.reserve("k", len(DATA))
+    assert entry is not None
+    sock = peer.connect()
+    pump = BodyPump(loop, sock, b"", len(DATA), chunk_size=CHUNK, stall_timeout=5.0,
+                    min_rate=1.0, budget=MemoryBudget(64 * CHUNK), consume=lambda _: None,
+                    keep=entry.write, into=entry, read_ahead=2)
+    hashing = loop.run_in_executor(threads, pump.hash)
+    reading = loop.run_in_executor(threads, pump.read)
+    other = tmp_path / "other"
+    try:
+        async with asyncio.timeout(20):
+            while entry.written < CHUNK:
+                assert isinstance(await pump.items.get(), int)
+            number = entry.fileno()
+            entry.close_file()
+            reused = os.open(other, os.O_WRONLY | os.O_CREAT)
+            try:
+                assert reused == number, "the lowest free number is reused"
+                dripped = entry.written
+                while entry.written < dripped + 5:
+                    item = await pump.items.get()
+                    assert isinstance(item, int), item
+            finally:
+                os.close(reused)
+    finally:
+        pump.stop()
+        pump.ended("loop")
+        await asyncio.wait_for(asyncio.gather(hashing, reading), 10)
+        sock.close()
+        peer.close()
+    assert held_at(other) == b"", "the peer's bytes went to the entry's own file"
+    assert held(entry)[:CHUNK] == DATA[:CHUNK]
 
 
 async def test_two_pumps_on_a_budget_of_one_buffer_both_finish(
