@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
+import fcntl
 import os
 import queue
 import socket
@@ -20,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import aiohttp
 
@@ -61,6 +64,9 @@ class Progress:
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_F_SETPIPE_SZ = 1031  # Linux's fcntl for a pipe's capacity (not in Python 3.11's fcntl)
+# splice(2) answers these when the socket or the file cannot splice: receive instead.
+_NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF})
 # How often a reader waiting for its hashing thread to free a buffer looks at `stop`.
 _BUFFER_POLL_S = 0.05
 
@@ -123,6 +129,35 @@ BodyItem = bytes | int | PeerFailure | SinkFailure | None
 holds it, then ``None`` at the end or a failure."""
 
 
+@runtime_checkable
+class FileKeep(Protocol):
+    """A keep whose bytes go to a file, appended at ``written``: the pump can splice
+    the socket straight into it (`BodyPump`) instead of receiving and writing."""
+
+    @property
+    def written(self) -> int: ...
+
+    def fileno(self) -> int: ...
+
+    def appended(self, size: int) -> None:
+        """``size`` more bytes were written to the file at ``written``, by the pump."""
+        ...
+
+
+class _Unspliceable(Exception):
+    """The socket cannot be spliced from: receive the body instead."""
+
+
+class _Landed:
+    """Bytes [start, end) of the file of a `FileKeep`, spliced there, to hash."""
+
+    __slots__ = ("end", "start")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+
+
 class BodyPump:
     """Reads and consumes (hashes, maybe spools) one peer response's body on two threads.
 
@@ -132,7 +167,17 @@ class BodyPump:
     the loop, which only forwards or counts. Reading (and keeping) overlaps
     hashing: sha256 is the slowest step, so it gets a thread to itself.
 
-    - Kept bodies (the hop's hot path) are received into ``read_ahead`` buffers
+    - A body kept in a file (``into``, the hop's hot path: a blob-cache entry) never
+      passes through Python: the reader splices it from the socket into a pipe and
+      from the pipe into the file at ``into.written`` (the kernel's single copy,
+      straight into the page cache), and the hashing thread reads each landed
+      range back into one reused buffer and hashes it. A receive and a write cost
+      two copies on one thread, and that thread, not sha256, bounded the hop. The
+      file holds what is not hashed yet, so the reader needs no read-ahead slot:
+      the pump takes one chunk from the budget for its life (half the pipe's
+      capacity, half the hashing buffer). Where splice is refused (no
+      ``os.splice``, a socket that cannot splice) the body is received instead.
+    - Other kept bodies are received into ``read_ahead`` buffers
       that the pump reuses, as memoryviews: ``keep`` and ``consume`` must copy what
       they hold on to. A fresh chunk per read cost the kernel a page fault and a
       page clear per 4 KiB (11% of a hop's CPU) and came cache-cold to the file
@@ -173,6 +218,7 @@ class BodyPump:
         budget: MemoryBudget,
         consume: Callable[[Chunk], None],
         keep: Callable[[Chunk], None] | None = None,
+        into: FileKeep | None = None,
         read_ahead: int,
     ) -> None:
         self._loop = loop
@@ -190,12 +236,21 @@ class BodyPump:
         self._ended: set[str] = set()
         self._consume = consume
         self._keep = keep
+        self._into = into if keep is not None and hasattr(os, "splice") else None
+        # The spliced path's pipe capacity and hashing buffer, one chunk together.
+        self._piece = max(64 * 1024, chunk_size // 2)
+        # The pump's own descriptor of ``into``'s file, made by the reader, closed by
+        # the hashing thread when it ends: a cancelled fetch's entry may close its file
+        # while the threads still run, and a reused descriptor number must never
+        # receive these bytes.
+        self._file: int | None = None
+        self._remaining = length
         self._slots = threading.Semaphore(max(1, read_ahead))
         # Kept bodies only: buffers free for the reader (at most one per slot, made
         # on first need; a hashed one comes back before its slot is released).
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self.buffers_made = 0
-        self._to_hash: queue.SimpleQueue[Chunk | BodyItem] = queue.SimpleQueue()
+        self._to_hash: queue.SimpleQueue[Chunk | _Landed | BodyItem] = queue.SimpleQueue()
         self._stopping = False
         self.items: asyncio.Queue[BodyItem] = asyncio.Queue()
 
@@ -245,11 +300,28 @@ class BodyPump:
 
     def hash(self) -> None:
         """The consuming thread: consume each chunk in order, then pass it to the loop."""
+        hashing: bytearray | None = None
         while True:
             item = self._to_hash.get()
+            if isinstance(item, _Landed):
+                if self._stopping:
+                    continue
+                if hashing is None:
+                    hashing = bytearray(self._piece)
+                try:
+                    self._hash_landed(item, memoryview(hashing))
+                except Exception as err:
+                    self._post(SinkFailure.of(err))
+                    self.stop()
+                    continue
+                self._post(item.end - item.start)
+                continue
             if not isinstance(item, bytes | memoryview):
                 if not self._stopping:
                     self._post(item)
+                if self._file is not None:
+                    os.close(self._file)
+                    self._file = None
                 return
             if self._stopping:
                 self._recycle(item)
@@ -273,6 +345,18 @@ class BodyPump:
             else:
                 self.consumed()  # the prefix, a chunk of its own
             self._post(size)
+
+    def _hash_landed(self, landed: _Landed, buffer: memoryview) -> None:
+        """Hash what the reader spliced into the file, read back through ``buffer``."""
+        fd = self._file
+        assert fd is not None
+        position = landed.start
+        while position < landed.end:
+            got = os.preadv(fd, [buffer[:min(len(buffer), landed.end - position)]], position)
+            if got <= 0:
+                raise SinkFailure(f"cache file ended at byte {position}")
+            self._consume(buffer[:got])
+            position += got
 
     def _recycle(self, item: Chunk) -> bool:
         """Give a received buffer back to the reader; False for a chunk of its own."""
@@ -331,18 +415,103 @@ class BodyPump:
             socket.SO_RCVTIMEO,
             struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000)),
         )
-        remaining = self._length
         if self._prefix:
             self._slots.acquire()
             if not self._take(len(self._prefix)):
                 return None
-            remaining -= len(self._prefix)
+            self._remaining -= len(self._prefix)
             if (failure := self._kept(self._prefix)) is not None:
                 return failure
             self._to_hash.put(self._prefix)
-        while remaining > 0:
+        if self._into is not None and self._remaining > 0:
+            with contextlib.suppress(_Unspliceable):
+                return self._splice(self._into)
+        return self._receive()
+
+    def _splice(self, into: FileKeep) -> BodyItem:
+        """The rest of the body from the socket into ``into``'s file through a pipe.
+
+        Raises `_Unspliceable`, with nothing read and nothing taken, when the socket
+        refuses to splice.
+        """
+        if not self._take(self._chunk_size):
+            return None
+        try:
+            target = os.dup(into.fileno())
+        except (OSError, ValueError) as err:  # closed: the fetch is being dropped
+            return SinkFailure.of(err)
+        try:
+            pipe_out, pipe_in = os.pipe2(os.O_CLOEXEC)
+        except OSError as err:
+            os.close(target)
+            self._give_last()
+            raise _Unspliceable from err
+        self._file = target
+        landed = offset = into.written
+        first = True
+        try:
+            capacity = self._piece
+            try:
+                capacity = fcntl.fcntl(pipe_in, _F_SETPIPE_SZ, capacity)
+            except OSError:
+                capacity = 64 * 1024  # the default capacity (pipe-max-size is lower)
+            source = self._sock.fileno()
+            while self._remaining > 0:
+                if self._stopping:
+                    return None
+                started = time.monotonic()
+                try:
+                    got = os.splice(source, pipe_in, min(capacity, self._remaining))
+                except (BlockingIOError, TimeoutError):
+                    return PeerFailure(FailureReason.STALLED,
+                                       f"no byte within {self._stall_timeout:g} s")
+                except OSError as err:
+                    if first and err.errno in _NO_SPLICE:
+                        self._file = None
+                        os.close(target)
+                        self._give_last()
+                        raise _Unspliceable from err
+                    return PeerFailure(FailureReason.BROKEN, str(err))
+                first = False
+                if not got:
+                    return PeerFailure(FailureReason.BROKEN, "body ended")
+                if (slow := self._progress.check(got, time.monotonic() - started)) is not None:
+                    return slow
+                spliced = got
+                try:
+                    while got:
+                        moved = os.splice(pipe_out, target, got, offset_dst=offset)
+                        if not moved:
+                            raise SinkFailure(f"the cache file took no byte at {offset}")
+                        into.appended(moved)
+                        offset += moved
+                        got -= moved
+                        self._remaining -= moved
+                except Exception as err:
+                    return SinkFailure.of(err)
+                # Hashed a piece at a time, or as soon as the peer is slower than us.
+                if offset - landed >= self._piece or spliced < capacity:
+                    self._to_hash.put(_Landed(landed, offset))
+                    landed = offset
+            return None
+        finally:
+            if offset > landed:  # every byte kept is hashed and counted, failure or not
+                self._to_hash.put(_Landed(landed, offset))
+            os.close(pipe_in)
+            os.close(pipe_out)
+
+    def _give_last(self) -> None:
+        """Give back the budget `_take` took last (splicing turned out impossible)."""
+        with self._held_lock:
+            size = self._held.pop() if self._held else 0
+        self._budget.give(size)
+
+    def _receive(self) -> BodyItem:
+        """The rest of the body through ``recv``, chunk by chunk."""
+        sock = self._sock
+        while self._remaining > 0:
             self._slots.acquire()
-            size = min(self._chunk_size, remaining)
+            size = min(self._chunk_size, self._remaining)
             if self._stopping:
                 return None
             buffer: bytearray | None = None
@@ -371,7 +540,7 @@ class BodyPump:
                 return PeerFailure(FailureReason.BROKEN, "body ended")
             if (slow := self._progress.check(received, time.monotonic() - started)) is not None:
                 return slow
-            remaining -= received
+            self._remaining -= received
             if (failure := self._kept(chunk)) is not None:
                 return failure
             self._to_hash.put(chunk)

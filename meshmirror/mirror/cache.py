@@ -94,22 +94,31 @@ class CacheEntry:
         return self._file.fileno()
 
     def write(self, chunk: Chunk) -> None:
-        """Append ``chunk``; safe from any one thread at a time."""
-        if self.written + len(chunk) > self.size:
-            raise ValueError(f"cache entry for {self.size} bytes was given "
-                             f"{self.written + len(chunk)}")
+        """Append ``chunk`` at ``written``; safe from any one thread at a time."""
+        self._fits(len(chunk))
         self._dirty = True
         view = memoryview(chunk)
-        while view:  # unbuffered: a write may take less than it was given
-            done = self._file.write(view)
-            view = view[done or 0:]
-        self.written += len(chunk)
+        while view:  # a write may take less than it was given
+            done = os.pwrite(self.fileno(), view, self.written)
+            view = view[done:]
+            self.written += done
+
+    def appended(self, size: int) -> None:
+        """``size`` bytes were written to the file at ``written`` by someone else (a
+        `body.BodyPump` splicing a socket into it, see `body.FileKeep`)."""
+        self._fits(size)
+        self._dirty = True
+        self.written += size
+
+    def _fits(self, size: int) -> None:
+        if self.written + size > self.size:
+            raise ValueError(f"cache entry for {self.size} bytes was given "
+                             f"{self.written + size}")
 
     def reset(self) -> None:
         """Forget what was written (the bytes failed verification), stripes included."""
-        self._file.seek(0)
         if self._dirty:
-            self._file.truncate()
+            self._file.truncate(0)
             self._dirty = False
         self.written = 0
         self._extents = None

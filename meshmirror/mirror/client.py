@@ -39,7 +39,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
-from meshmirror.mirror.body import BodyPump, Chunk, Progress, map_large_chunks, take_over
+from meshmirror.mirror.body import (
+    BodyPump,
+    Chunk,
+    FileKeep,
+    Progress,
+    map_large_chunks,
+    take_over,
+)
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure
 from meshmirror.mirror.hedging import hedged
@@ -340,11 +347,13 @@ class PeerClient:
         length: int,
         consume: Callable[[Chunk], None],
         keep: Callable[[Chunk], None] | None,
+        into: FileKeep | None = None,
     ) -> AsyncGenerator[bytes | int, None] | None:
         """The rest of ``opened``'s body (``length`` bytes), read on body threads.
 
         Each chunk comes already passed to ``keep`` and then ``consume`` (with a
-        ``keep``, as its length only: the bytes are where ``keep`` put them); a break
+        ``keep``, as its length only: the bytes are where ``keep`` put them; with
+        ``into`` as well, the file ``keep`` writes to, they are spliced there); a break
         raises `PeerFailure` after the last good chunk, a failure of ``keep`` or
         ``consume`` raises `SinkFailure`. Closing the generator stops the threads.
         None when half the body threads are taken or the response cannot be
@@ -368,6 +377,7 @@ class PeerClient:
             budget=self.budget,
             consume=consume,
             keep=keep,
+            into=into,
             read_ahead=self._options.read_ahead,
         )
         try:

@@ -36,7 +36,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Protocol
 
-from meshmirror.mirror.body import Chunk
+from meshmirror.mirror.body import Chunk, FileKeep
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, VerificationError
@@ -212,7 +212,8 @@ class BlobFetch:
             sink.reset()
             self._sources = [self._current.peer]
             try:
-                async for _ in self._chunks(0, hasher.update, sink.write, threads=threads):
+                async for _ in self._chunks(0, hasher.update, sink.write, threads=threads,
+                                            into=sink if isinstance(sink, FileKeep) else None):
                     pass
             except PeerFailure:
                 self.close()
@@ -387,6 +388,7 @@ class BlobFetch:
         keep: Callable[[Chunk], None] | None = None,
         *,
         threads: bool,
+        into: FileKeep | None = None,
     ) -> AsyncIterator[tuple[int, bytes]]:
         """(position, chunk) pairs from ``offset`` to the end, failing over on breaks.
 
@@ -397,7 +399,8 @@ class BlobFetch:
         ``threads`` the body is read and consumed on body threads
         (`PeerClient.pump`), so the event loop only forwards chunks; otherwise, or
         without a free body thread, it is read here and consumed on the default
-        executor, overlapped with the next read.
+        executor, overlapped with the next read. ``into``: ``keep``'s file, for body
+        threads to splice the body into (`body.BodyPump`).
         """
         off_loop = _keep_then(keep, consume)
         position = offset
@@ -414,7 +417,7 @@ class BlobFetch:
                 if hashing is not None:
                     await hashing  # the thread must carry on from a complete hash
                     hashing = None
-                pumped = self._client.pump(current, self._size - position, consume, keep)
+                pumped = self._client.pump(current, self._size - position, consume, keep, into)
             try:
                 if pumped is not None:
                     try:

@@ -215,6 +215,10 @@ class Flight:
         # Set when the node could not keep the bytes (a full disk): nobody else's fault.
         self.sink_failure: str | None = None
         self.readers: set[Reader] = set()
+        # Readers that follow the bytes as they arrive: only they need waking per write
+        # (counted on the loop, read by body threads; see `progressed`).
+        self._following = 0
+        self._wake_due = False
         self._flights = flights
         self._source = source
         self._loop = asyncio.get_running_loop()
@@ -250,11 +254,15 @@ class Flight:
     def attach(self, *, verified: bool = True) -> Reader:
         reader = Reader(self, verified=verified)
         self.readers.add(reader)
+        if not verified:
+            self._following += 1
         if self.entry is not None and self.state in (State.FETCHING, State.VERIFIED):
             reader.pin(self.entry)
         return reader
 
     def detach(self, reader: Reader) -> None:
+        if reader in self.readers and not reader.verified:
+            self._following -= 1
         self.readers.discard(reader)
         if not self.readers and not self.landed:
             self._abandon()
@@ -268,9 +276,22 @@ class Flight:
         event.set()
 
     def progressed(self) -> None:
-        """Bytes arrived; safe from any thread."""
+        """Bytes arrived; safe from any thread.
+
+        Only following readers wait for bytes (the others wait for the state, which
+        wakes them itself), and one wake pending on the loop serves every write
+        before it runs: a body thread writes thousands of times per GB, and a loop
+        woken for each spent CPU that the hop's hash needed.
+        """
+        if not self._following or self._wake_due:
+            return
+        self._wake_due = True
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
-            self._loop.call_soon_threadsafe(self._wake)
+            self._loop.call_soon_threadsafe(self._progress_wake)
+
+    def _progress_wake(self) -> None:
+        self._wake_due = False  # before waking: a write from now on schedules another
+        self._wake()
 
     def restarted(self) -> None:
         self.attempt += 1
@@ -334,6 +355,18 @@ class _FlightSink:
 
     def write(self, chunk: Chunk) -> None:
         self._entry.write(chunk)
+        self._flight.progressed()
+
+    # `body.FileKeep`: a peer's body is spliced into the entry's file.
+    @property
+    def written(self) -> int:
+        return self._entry.written
+
+    def fileno(self) -> int:
+        return self._entry.fileno()
+
+    def appended(self, size: int) -> None:
+        self._entry.appended(size)
         self._flight.progressed()
 
     def reset(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -133,6 +134,85 @@ async def test_a_following_reader_gets_bytes_as_they_arrive(tmp_path: Path) -> N
     got += [piece async for piece in body]
     assert b"".join(got) == BLOB[1000:]
     flights.cache.close()
+
+
+class BurstSource(FakeSource):
+    """Writes each fed size as 1,000-byte writes from a thread, as a body thread does,
+    while the loop is busy (it waits for the thread); ``wrote`` has each burst's end."""
+
+    def __init__(self, attempts: list[bytes]) -> None:
+        super().__init__(attempts)
+        self.wrote: asyncio.Queue[int] = asyncio.Queue()
+
+    async def fill(self, sink: Sink) -> bool:
+        body = self.attempts[0]
+        sink.reset()
+        position = 0
+        while position < len(body):
+            step = await self.go.get()
+
+            def burst(start: int = position, end: int = position + step) -> None:
+                for at in range(start, end, 1000):
+                    sink.write(body[at:min(end, at + 1000)])
+
+            writer = threading.Thread(target=burst)
+            writer.start()
+            writer.join(10)  # blocking the loop: a busy loop runs no wake meanwhile
+            assert not writer.is_alive()
+            position += step
+            self.wrote.put_nowait(position)
+        return Digest.of(body) == self.digest
+
+
+async def test_writes_wake_only_followers_and_a_burst_of_them_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body thread writes thousands of times per GB: the loop is woken for them only
+    when a follower waits for bytes, and once per burst, not once per write."""
+    flights, _ = flights_for(tmp_path)
+    source = BurstSource([BLOB])
+    verified = flights.attach(DIGEST, lambda: source)
+    flight = verified.flight
+    await verified.opened()
+    scheduled: list[object] = []
+    loop = asyncio.get_running_loop()
+    real = loop.call_soon_threadsafe
+
+    def counted(callback: object, *args: object, **kwargs: object) -> asyncio.Handle:
+        if getattr(callback, "__self__", None) is flight:  # not the file reads' own
+            scheduled.append(callback)
+        return real(callback, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    waiting = asyncio.create_task(flight.changed())
+    source.feed(100_000)
+    assert await asyncio.wait_for(source.wrote.get(), 10) == flight.written == 100_000
+    await asyncio.sleep(0.01)
+    assert not waiting.done(), "no follower: a write wakes nobody"
+    assert not scheduled
+    follower = flights.attach(DIGEST, lambda: source, verified=False)
+    body = follower.body(0, len(BLOB))
+    source.feed(100_000)
+    got = [piece async for piece in _take(body, 200_000)]
+    assert b"".join(got) == BLOB[:200_000]
+    assert waiting.done(), "the follower's bytes woke the loop"
+    assert len(scheduled) == 1, f"{len(scheduled)} wakes for 100 writes"
+    source.feed(len(BLOB) - 200_000)
+    assert await verified.wait_verified()
+    got += [piece async for piece in body]
+    assert b"".join(got) == BLOB
+    await body.aclose()
+    monkeypatch.undo()
+    flights.cache.close()
+
+
+async def _take(body: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
+    """Pieces of ``body`` until ``size`` bytes came."""
+    taken = 0
+    while taken < size:
+        piece = await anext(body)
+        taken += len(piece)
+        yield piece
 
 
 async def test_a_restart_aborts_followers_and_verified_readers_get_good_bytes(
