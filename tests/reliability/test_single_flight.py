@@ -156,8 +156,10 @@ def test_a_lying_peer_gets_no_reader_unverified_bytes(tmp_path: Path) -> None:
 
 def test_a_request_that_leaves_stops_its_fetch(tmp_path: Path) -> None:
     """The client leaves while the node is still fetching: nobody else wants the blob,
-    so the peer transfer stops short and nothing is kept."""
-    size = 128 * MiB
+    so the peer transfer stops short and nothing is kept. The blob is large and the
+    wait for the request to attach polls fast, so that a quick hop (the fetch runs at
+    about sha256's pace) is still moving when the client leaves."""
+    size = 256 * MiB
     with nodes(tmp_path, [size, 1024]) as (holder, node, (layer, small)):
         wait_routed(node, small)
         cached = read_metric(node.metrics, "meshmirror_mirror_cache_bytes")
@@ -170,7 +172,8 @@ def test_a_request_that_leaves_stops_its_fetch(tmp_path: Path) -> None:
                 def attached() -> bool:
                     return read_metric(node.metrics, "meshmirror_mirror_flight_readers") >= 1
 
-                await asyncio.to_thread(wait_until, attached, 30, "the request to attach")
+                await asyncio.to_thread(wait_until, attached, 30, "the request to attach",
+                                        0.005)
                 request.cancel()  # the client goes: its connection closes
                 with contextlib.suppress(asyncio.CancelledError):
                     await request
