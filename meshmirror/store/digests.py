@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 _Table = tuple[npt.NDArray[np.bytes_], npt.NDArray[np.uint64]]
+_Counts = npt.NDArray[np.uint32]
 _T = TypeVar("_T")
 
 ALGORITHMS = {32: "sha256", 64: "sha512"}  # by raw length: what Digest.parse accepts
@@ -172,13 +173,92 @@ class DigestTable:
             np.array_equal(digests, theirs[width]) for width, digests in mine.items())
 
     def difference(self, other: DigestTable) -> Iterator[bytes]:
-        """The digests here and not in ``other``, compared in C over the sorted arrays."""
-        for width, (digests, _) in self._tables.items():
-            theirs = other._tables.get(width)
+        """The digests here and not in ``other``."""
+        return self.changes(other)[0]
+
+    def changes(self, old: DigestTable) -> tuple[Iterator[bytes], Iterator[bytes]]:
+        """The digests here and not in ``old``, and those in ``old`` and not here, from one
+        search over the sorted arrays. A width whose array both share (a union that one
+        image event left as it was) costs nothing; np.setdiff1d, both ways, sorted both
+        arrays twice: 20-30 ms at 100,000 keys on the event loop."""
+        added: list[npt.NDArray[np.bytes_]] = []
+        removed: list[npt.NDArray[np.bytes_]] = []
+        for width in sorted(self._tables.keys() | old._tables.keys()):
+            mine = self._tables.get(width)
+            theirs = old._tables.get(width)
             if theirs is None:
-                yield from _raws(digests)
-            else:
-                yield from _raws(np.setdiff1d(digests, theirs[0], assume_unique=True))
+                assert mine is not None
+                added.append(mine[0])
+            elif mine is None:
+                removed.append(theirs[0])
+            elif mine[0] is not theirs[0]:
+                at, held = _locate(mine[0], theirs[0])
+                added.append(mine[0][~held])
+                kept = np.zeros(len(theirs[0]), dtype=bool)
+                kept[at[held]] = True
+                removed.append(theirs[0][~kept])
+        return (itertools.chain.from_iterable(map(_raws, added)),
+                itertools.chain.from_iterable(map(_raws, removed)))
+
+
+def _locate(keys: npt.NDArray[np.bytes_], digests: npt.NDArray[np.bytes_]
+            ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+    """Where each of ``keys`` (sorted, unique) would go in the sorted ``digests``, and
+    whether it is there.
+
+    A binary search over 32-byte strings and their comparison as strings took 3 ms for
+    100,000 keys; over their first 8 bytes as numbers (in the same order, being
+    big-endian) and a comparison 8 bytes at a time, 1.5. Random digests almost never
+    share those 8 bytes; where a key is not the digest its prefix led to but has its
+    prefix (which a crafted image could arrange), that key is searched again in full:
+    the answer, and the place a missing key goes, are exact either way.
+    """
+    if len(keys) < 64 or not len(digests):  # the prefix arrays cost more than they save
+        at = np.searchsorted(digests, keys)
+        return at, _same(keys, digests, at)
+    theirs = _prefixes(digests)
+    mine = _prefixes(keys)
+    if len(keys) * 8 < len(digests):
+        at = np.searchsorted(theirs, mine)
+    else:
+        # Of about equal length (two views of one store): where each would go is its
+        # rank among both less its rank among ``keys``, from a stable sort of the two
+        # runs (one merge: 0.5 ms against the search's 1.2). Stable, so a key comes
+        # before a digest with its prefix, as searchsorted's left side has it.
+        both = np.argsort(np.concatenate((mine, theirs)), kind="stable")
+        rank = np.empty_like(both)
+        rank[both] = np.arange(len(both))
+        at = rank[:len(keys)] - np.arange(len(keys))
+    held = _same(keys, digests, at)
+    # A key not found where a digest with its prefix is: the one it is, or the place it
+    # goes, is among those with that prefix, which only a full search tells.
+    again = np.flatnonzero(~held & (at < len(digests))
+                           & (theirs[np.minimum(at, len(digests) - 1)] == mine))
+    if len(again):
+        at[again] = np.searchsorted(digests, keys[again])
+        held[again] = _same(keys[again], digests, at[again])
+    return at, held
+
+
+def _same(keys: npt.NDArray[np.bytes_], digests: npt.NDArray[np.bytes_],
+          at: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+    """Whether each key is the digest at its position (none is past the end)."""
+    same = at < len(digests)
+    if not len(digests):
+        return same
+    words = keys.dtype.itemsize // 8
+    mine = np.ascontiguousarray(keys).view(np.uint64).reshape(-1, words)
+    theirs = np.take(np.ascontiguousarray(digests).view(np.uint64).reshape(-1, words),
+                     np.minimum(at, len(digests) - 1), axis=0)
+    for column in range(words):  # column by column: a row-wise all() was 6 times slower
+        same &= mine[:, column] == theirs[:, column]
+    return same
+
+
+def _prefixes(digests: npt.NDArray[np.bytes_]) -> npt.NDArray[np.uint64]:
+    """Each digest's first 8 bytes as a number, ordered as the digests are."""
+    words = np.ascontiguousarray(digests).view(">u8").reshape(len(digests), -1)
+    return words[:, 0].astype(np.uint64)
 
 
 def _raws(digests: npt.NDArray[np.bytes_]) -> Iterator[bytes]:
@@ -218,7 +298,13 @@ class DigestTableBuilder:
         self._values[width].append(value)
 
     def build(self) -> DigestTable:
+        return self.build_counted()[0]
+
+    def build_counted(self) -> tuple[DigestTable, dict[int, _Counts]]:
+        """The table, and how many times each of its digests was added (what a
+        `DigestUnion` starts from)."""
         tables: dict[int, _Table] = {}
+        counts: dict[int, _Counts] = {}
         for width, buffer in self._digests.items():
             digests = np.frombuffer(buffer, dtype=f"S{width}")
             # Stable, so among equal digests the first added comes first and is kept.
@@ -230,9 +316,92 @@ class DigestTableBuilder:
             if not first.all():
                 ordered, values = ordered[first], values[first]
             tables[width] = (ordered, values)
+            counts[width] = np.diff(np.flatnonzero(first), append=len(first)).astype(np.uint32)
         self._digests.clear()
         self._values.clear()
-        return DigestTable(tables)
+        return DigestTable(tables), counts
+
+
+class DigestUnion:
+    """The union of tables that each change whole (containerd's images), with how many
+    of them hold each digest, so that replacing one costs what it holds and one move of
+    the arrays. Rebuilt from every image after each image event, the union took tens of
+    ms at 100,000 keys (a sort of all of them) on the event loop that serves requests.
+
+    The table handed out is never changed but by `DigestTable.set_bits`: a change of
+    digests makes new arrays, so a key view over an earlier table (a subscriber's
+    baseline) still holds what it held, and a width no replacement touched keeps its
+    array, which `DigestTable.difference` then skips. The counts, 4 bytes a digest, are
+    the union's own and change in place.
+    """
+
+    __slots__ = ("_counts", "_table")
+
+    def __init__(self, tables: Iterable[DigestTable] = ()) -> None:
+        builder = DigestTableBuilder()
+        for table in tables:
+            builder.extend(table)
+        self._table, self._counts = builder.build_counted()
+
+    @property
+    def table(self) -> DigestTable:
+        return self._table
+
+    def replace(self, old: DigestTable | None, new: DigestTable | None) -> None:
+        """Count one member's ``new`` table in and its ``old`` one out. A digest the union
+        gains takes its number from ``new``; one it already held keeps its own, with the
+        bits learned since (first seen wins, as in the builder)."""
+        before = {} if old is None else old._tables
+        after = {} if new is None else new._tables
+        changed = dict(self._table._tables)
+        for width in sorted(before.keys() | after.keys()):
+            mine = before.get(width)
+            theirs = after.get(width)
+            if mine is not None and theirs is not None:
+                gone = mine[0][~_locate(mine[0], theirs[0])[1]]
+                fresh = ~_locate(theirs[0], mine[0])[1]
+                came, came_values = theirs[0][fresh], theirs[1][fresh]
+            elif mine is not None:
+                gone, came, came_values = mine[0], mine[0][:0], mine[1][:0]
+            else:
+                assert theirs is not None
+                gone, (came, came_values) = theirs[0][:0], theirs
+            if len(gone) or len(came):
+                self._apply(changed, width, gone, came, came_values)
+        if changed.keys() != self._table._tables.keys() or any(
+                changed[width] is not table for width, table in self._table._tables.items()):
+            self._table = DigestTable(changed)
+
+    def _apply(self, tables: dict[int, _Table], width: int, gone: npt.NDArray[np.bytes_],
+               came: npt.NDArray[np.bytes_], came_values: npt.NDArray[np.uint64]) -> None:
+        """Count ``gone`` out of and ``came`` into one width's arrays, both sorted and
+        unique; writes a new pair into ``tables`` when digests left or arrived."""
+        digests, values = tables.get(width) or (came[:0], came_values[:0])
+        counts = self._counts.get(width, np.zeros(0, dtype=np.uint32))
+        before = digests
+        if len(gone):
+            at, held = _locate(gone, digests)
+            at = at[held]
+            counts[at] -= 1
+            empty = at[counts[at] == 0]
+            if len(empty):
+                digests, values = np.delete(digests, empty), np.delete(values, empty)
+                counts = np.delete(counts, empty)
+        if len(came):
+            at, held = _locate(came, digests)
+            counts[at[held]] += 1
+            if not held.all():
+                at, new = at[~held], ~held
+                digests = np.insert(digests, at, came[new])
+                values = np.insert(values, at, came_values[new])
+                counts = np.insert(counts, at, np.uint32(1))
+        self._counts[width] = counts
+        if digests is not before:
+            if len(digests):
+                tables[width] = (digests, values)
+            else:
+                tables.pop(width, None)
+                del self._counts[width]
 
 
 class DigestKeys(Set[str]):
@@ -271,6 +440,15 @@ class DigestKeys(Set[str]):
                 map(digest_text, self._blobs.difference(other._blobs)),
                 self._tags - other._tags))
         return frozenset(key for key in self if key not in other)
+
+    def changes(self, old: Set[str]) -> tuple[Set[str], Set[str]]:
+        """``(self - old, old - self)``; between two views over tables from one search
+        (what a subscription reports when the store's key set changed)."""
+        if not isinstance(old, DigestKeys) or not old:
+            return self - old, old - self
+        added, removed = self._blobs.changes(old._blobs)
+        return (frozenset(itertools.chain(map(digest_text, added), self._tags - old._tags)),
+                frozenset(itertools.chain(map(digest_text, removed), old._tags - self._tags)))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, DigestKeys):
