@@ -137,6 +137,13 @@ def test_index_matches_a_model_through_random_changes(seed: int) -> None:
             assert set(removed) == views[-2][1] - views[-1][1]
     for view, keys in views:  # every view handed out still holds what it held
         assert set(view) == keys and len(view) == len(keys)
+    for _ in range(40):  # a subscriber several events behind: the steps between, or a search
+        first, second = sorted(rng.sample(range(len(views)), 2))
+        (old, old_keys), (new, new_keys) = views[first], views[second]
+        added, removed = new.changes(old)
+        assert (set(added), set(removed)) == (new_keys - old_keys, old_keys - new_keys)
+        added, removed = old.changes(new)  # and backwards, which no step leads to
+        assert (set(added), set(removed)) == (old_keys - new_keys, new_keys - old_keys)
 
 
 def test_a_resync_carries_sizes_into_a_union_built_whole() -> None:

@@ -57,3 +57,31 @@ def test_changes_and_union_replacement_match_sets(old_count: int, new_count: int
     union.replace(new, None)
     union.replace(_table(sorted(other)), None)
     assert len(union.table) == 0
+
+
+def test_a_diff_walks_the_steps_a_union_took_while_their_tables_are_held() -> None:
+    raws = _digests(300, 9)
+    a, b, c = _table(raws[:100]), _table(raws[50:150]), _table(raws[120:200])
+    union = DigestUnion([a])
+    first = union.table
+    union.replace(a, b)
+    middle = union.table
+    union.replace(b, c)
+    assert middle._step is not None and union.table._steps_since(first) is not None
+    added, removed = union.table.changes(first)
+    assert set(added) == set(raws[120:200]) - set(raws[:100])
+    assert set(removed) == set(raws[:100]) - set(raws[120:200])
+    after_c = union.table
+    union.replace(c, b)
+    after_b = union.table
+    union.replace(b, c)  # there and back: the last two steps cancel out
+    latest = union.table
+    steps = latest._steps_since(middle)
+    assert steps is not None and len(steps) == 3 and after_b is not after_c
+    assert [set(side) for side in latest.changes(after_c)] == [set(), set()]
+    assert [set(side) for side in latest.changes(middle)] == [
+        set(raws[120:200]) - set(raws[50:150]), set(raws[50:150]) - set(raws[120:200])]
+    del middle, after_c, after_b  # tables between no longer held: the diff searches instead
+    assert latest._steps_since(first) is None
+    added, removed = latest.changes(first)
+    assert set(added) == set(raws[120:200]) - set(raws[:100])
