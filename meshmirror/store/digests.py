@@ -210,36 +210,32 @@ class DigestTable:
 
     def _steps_since(self, old: DigestTable) -> list[_Step] | None:
         """The steps by which a union made this table from ``old``, oldest first; None
-        when it did not (or through tables no longer held, or too many digests for
-        the walk to beat the search)."""
+        when it did not, or when that was longer ago than its steps are kept."""
         steps: list[_Step] = []
-        moved = 0
-        table = self
-        while table is not old:
-            step = table._step
-            before = None if step is None else step.before()
-            if step is None or before is None or len(steps) == _MAX_STEPS:
-                return None
-            moved += step.size
-            if moved > _MAX_MOVED:
-                return None
+        step = self._step
+        while step is not None:
             steps.append(step)
-            table = before
-        return steps[::-1]
+            if step.before() is old:
+                return steps[::-1]
+            step = step.previous
+        return None
 
 
-# A subscriber a few events behind walks their steps; past these the search is cheaper.
+# How far back a union's steps are kept: a subscriber a few events behind (a burst of
+# image events during a pull) walks them; past these the search is cheaper.
 _MAX_STEPS = 16
 _MAX_MOVED = 4096
 
 
 class _Step:
     """What a `DigestUnion` replacement added to and removed from the table before it,
-    which it holds weakly: a subscription one event behind (the publisher's, each image
-    event) then gets its diff from the few digests that moved instead of a search over
-    every digest, 2-3 ms at 100,000 keys against 0.1."""
+    and the step before that: a subscription one or a few events behind (the
+    publisher's, on each image event) gets its diff from the few digests that moved
+    instead of a search over every digest, 2-3 ms at 100,000 keys against 0.1. The
+    tables themselves are held weakly, so a step costs what moved, never a table; only
+    the last `_MAX_STEPS` (and `_MAX_MOVED` digests) stay linked."""
 
-    __slots__ = ("added", "before", "removed", "size")
+    __slots__ = ("added", "before", "previous", "removed", "size")
 
     def __init__(self, before: DigestTable, added: list[npt.NDArray[np.bytes_]],
                  removed: list[npt.NDArray[np.bytes_]]) -> None:
@@ -247,6 +243,15 @@ class _Step:
         self.added = added
         self.removed = removed
         self.size = sum(map(len, added)) + sum(map(len, removed))
+        self.previous = before._step
+        step, kept, moved = self, 1, self.size
+        while step.previous is not None:
+            kept += 1
+            moved += step.previous.size
+            if kept > _MAX_STEPS or moved > _MAX_MOVED:
+                step.previous = None
+                break
+            step = step.previous
 
 
 def _compose(steps: list[_Step]) -> tuple[Iterator[bytes], Iterator[bytes]]:

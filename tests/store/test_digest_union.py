@@ -81,7 +81,16 @@ def test_a_diff_walks_the_steps_a_union_took_while_their_tables_are_held() -> No
     assert [set(side) for side in latest.changes(after_c)] == [set(), set()]
     assert [set(side) for side in latest.changes(middle)] == [
         set(raws[120:200]) - set(raws[50:150]), set(raws[50:150]) - set(raws[120:200])]
-    del middle, after_c, after_b  # tables between no longer held: the diff searches instead
-    assert latest._steps_since(first) is None
-    added, removed = latest.changes(first)
+    del middle, after_c, after_b  # the tables between need not be held, only the steps
+    assert latest._steps_since(first) is not None
+    for turn in range(10):  # but only the last 16 steps are: further back the diff searches
+        union.replace(c, b)
+        union.replace(b, c)
+        if turn == 4:
+            recent = union.table
+    assert union.table._steps_since(first) is None
+    assert union.table._steps_since(latest) is None
+    assert union.table._steps_since(recent) is not None
+    added, removed = union.table.changes(first)
     assert set(added) == set(raws[120:200]) - set(raws[:100])
+    assert set(removed) == set(raws[:100]) - set(raws[120:200])
