@@ -94,3 +94,11 @@ def test_a_diff_walks_the_steps_a_union_took_while_their_tables_are_held() -> No
     added, removed = union.table.changes(first)
     assert set(added) == set(raws[120:200]) - set(raws[:100])
     assert set(removed) == set(raws[:100]) - set(raws[120:200])
+
+
+def test_widths_not_a_multiple_of_8_bytes_compare_as_strings() -> None:
+    # No digest algorithm gives them, but a table holds whatever it is given.
+    raws = [hashlib.sha1(b"%d" % n).digest() for n in range(300)]
+    old, new = _table(raws[:200]), _table(raws[100:])
+    added, removed = new.changes(old)
+    assert set(added) == set(raws[200:]) and set(removed) == set(raws[:100])
