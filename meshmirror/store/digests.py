@@ -436,6 +436,8 @@ class DigestUnion:
         """Count one member's ``new`` table in and its ``old`` one out. A digest the union
         gains takes its number from ``new``; one it already held keeps its own, with the
         bits learned since (first seen wins, as in the builder)."""
+        if old is new:  # the same table again: nothing to count
+            return
         before = {} if old is None else old._tables
         after = {} if new is None else new._tables
         changed = dict(self._table._tables)
