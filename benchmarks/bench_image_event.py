@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import statistics
 import time
+import tracemalloc
 from collections.abc import Sequence
 
 from benchmarks.results import BenchRun, Section, Table, Target, load_since, utc_now
@@ -29,9 +30,11 @@ from meshmirror.store.digests import (
     digest_text,
 )
 
-# Wanted: an image event well under what a registry request waits for on the loop.
+# Wanted: an image event well under what a registry request waits for on the loop,
+# for little more memory than the union's table alone.
 EVENT_P50_MS = 5.0
 EVENT_VS_REBUILD = 0.25
+INDEX_VS_TABLE = 1.25
 
 
 def record(image: int, per: int, extra: int = 0) -> _ImageRecord:
@@ -43,6 +46,32 @@ def record(image: int, per: int, extra: int = 0) -> _ImageRecord:
         builder.add(hashlib.sha256(seed).digest(), 1)
     target = digest_text(hashlib.sha256(seeds[0]).digest())
     return _ImageRecord(target, builder.build(), f"r.example/img{image}:latest")
+
+
+def memory(images: int, per: int) -> dict[str, float]:
+    """MiB traced: the index over ``images`` records (its union's table, a count per
+    digest, the tag keys) and, the baseline, the union's table built whole alone."""
+    records = [record(image, per) for image in range(images)]
+    traced: dict[str, float] = {}
+    tracemalloc.start()
+    try:
+        builder = DigestTableBuilder()
+        for r in records:
+            builder.extend(r.blobs)
+        table = builder.build()
+        traced["table"] = tracemalloc.get_traced_memory()[0] / 2**20
+        del builder, table
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        index = _Index()
+        for image, r in enumerate(records):
+            index.put(f"img{image}", r)
+        index.keys()
+        current, peak = tracemalloc.get_traced_memory()
+        traced["index"], traced["index peak"] = (current - start) / 2**20, (peak - start) / 2**20
+    finally:
+        tracemalloc.stop()
+    return traced
 
 
 async def measure(images: int, per: int, events: int) -> dict[str, list[float]]:
@@ -76,7 +105,7 @@ async def measure(images: int, per: int, events: int) -> dict[str, list[float]]:
 
 
 def section(images: int, per: int, events: int, figures: dict[str, list[float]],
-            load: str) -> Section:
+            traced: dict[str, float], load: str) -> Section:
     p50 = {kind: statistics.median(times) for kind, times in figures.items()}
     worst = {kind: max(times) for kind, times in figures.items()}
     rows = [(label, f"{p50[kind]:.2f} ms", f"{worst[kind]:.2f} ms")
@@ -94,10 +123,17 @@ def section(images: int, per: int, events: int, figures: dict[str, list[float]],
         setup=f"{images:,} images of {per} blobs each ({images * per:,} keys); each event "
               "replaces one image's record with one holding more blobs, publishes the key "
               "view to a KeyEventHub and takes the subscription's KeyEvent:",
-        tables=[Table(("per event", "median", "max"), rows)],
+        tables=[Table(("per event", "median", "max"), rows),
+                Table(("held at the start (tracemalloc)", "MiB"), [
+                    ("index: union table, a count per digest, tag keys",
+                     f"{traced['index']:.2f}"),
+                    ("index, peak while built", f"{traced['index peak']:.2f}"),
+                    ("baseline: the union's table alone", f"{traced['table']:.2f}")])],
         targets=[Target("image event median", "<=", EVENT_P50_MS, p50["event"], " ms"),
                  Target("image event / rebuild, median", "<=", EVENT_VS_REBUILD,
-                        p50["event"] / p50["rebuild"])])
+                        p50["event"] / p50["rebuild"]),
+                 Target("index memory / union table alone", "<=", INDEX_VS_TABLE,
+                        traced["index"] / traced["table"])])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -109,8 +145,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = bench.args
     if min(args.images, args.per, args.events) < 1:
         parser.error("--images, --per and --events must be at least 1")
+    traced = memory(args.images, args.per)
     figures = asyncio.run(measure(args.images, args.per, args.events))
-    bench.publish(section(args.images, args.per, args.events, figures,
+    bench.publish(section(args.images, args.per, args.events, figures, traced,
                           load_since(bench.load_before)))
 
 
