@@ -21,7 +21,7 @@ import tracemalloc
 from collections.abc import Sequence
 
 from benchmarks.results import BenchRun, Section, Table, Target, load_since, utc_now
-from meshmirror.containerd.store import _ImageRecord, _Index
+from meshmirror.containerd.store import ImageIndex, ImageRecord
 from meshmirror.store.base import KeyEventHub
 from meshmirror.store.digests import (
     DigestKeys,
@@ -37,7 +37,7 @@ EVENT_VS_REBUILD = 0.25
 INDEX_VS_TABLE = 1.25
 
 
-def record(image: int, per: int, extra: int = 0) -> _ImageRecord:
+def record(image: int, per: int, extra: int = 0) -> ImageRecord:
     """Image ``image``'s record: ``per`` blobs of its own, ``extra`` more (a new version)."""
     seeds = [b"%d" % (image * per + n) for n in range(per)]
     seeds += [b"extra-%d-%d" % (image, n) for n in range(extra)]
@@ -45,7 +45,7 @@ def record(image: int, per: int, extra: int = 0) -> _ImageRecord:
     for seed in seeds:
         builder.add(hashlib.sha256(seed).digest(), 1)
     target = digest_text(hashlib.sha256(seeds[0]).digest())
-    return _ImageRecord(target, builder.build(), f"r.example/img{image}:latest")
+    return ImageRecord(target, builder.build(), f"r.example/img{image}:latest")
 
 
 def memory(images: int, per: int) -> dict[str, float]:
@@ -63,7 +63,7 @@ def memory(images: int, per: int) -> dict[str, float]:
         del builder, table
         tracemalloc.reset_peak()
         start = tracemalloc.get_traced_memory()[0]
-        index = _Index()
+        index = ImageIndex()
         for image, r in enumerate(records):
             index.put(f"img{image}", r)
         index.keys()
@@ -76,7 +76,7 @@ def memory(images: int, per: int) -> dict[str, float]:
 
 async def measure(images: int, per: int, events: int) -> dict[str, list[float]]:
     """Milliseconds per event: as the index does it now, and rebuilt (the baseline)."""
-    index = _Index()
+    index = ImageIndex()
     for image in range(images):
         index.put(f"img{image}", record(image, per))
     hub = KeyEventHub(index.keys())

@@ -106,7 +106,7 @@ _SIZE_SHIFT = MEDIA_BITS
 
 
 @dataclass(frozen=True, slots=True)
-class _ImageRecord:
+class ImageRecord:
     target: str
     # Reachable and present blobs, each with the media type its parent declared.
     blobs: DigestTable
@@ -119,13 +119,13 @@ class _ImageRecord:
 
 
 @dataclass(slots=True)
-class _Index:
+class ImageIndex:
     """Images of the namespace and the key set they add up to: the union of the images'
     tables, built from all of them when first asked (after a re-sync, carrying the sizes
     ``_previous`` learned) and from then on changed one image at a time, so an image
     event costs what that image holds, not a sort of every key on the node."""
 
-    images: dict[str, _ImageRecord] = field(default_factory=dict, init=False)
+    images: dict[str, ImageRecord] = field(default_factory=dict, init=False)
     _previous: DigestTable | None = None
     _union: DigestUnion | None = None
     # Each image's tag key, when it has one to advertise: asking 1,000 records on every
@@ -146,7 +146,7 @@ class _Index:
             self._keys = DigestKeys(self.blobs(), frozenset(self._tags.values()))
         return self._keys
 
-    def put(self, name: str, record: _ImageRecord | None) -> None:
+    def put(self, name: str, record: ImageRecord | None) -> None:
         """Replace (or, with None, drop) one image's contribution to the key set."""
         if record is None:
             old = self.images.pop(name, None)
@@ -181,7 +181,7 @@ class _Index:
         if raw is None or raw not in self.blobs():
             return
         for name, record in [(n, r) for n, r in self.images.items() if raw in r.blobs]:
-            self.put(name, _ImageRecord(record.target, record.blobs.without(raw), record.tag))
+            self.put(name, ImageRecord(record.target, record.blobs.without(raw), record.tag))
 
 
 def _children(ref: _Ref, data: bytes, media: MediaTypes) -> PackedDigests:
@@ -230,7 +230,7 @@ class ContainerdStore(Store):
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._rpc_timeout = rpc_timeout
-        self._index = _Index()
+        self._index = ImageIndex()
         self._manifest_cache: dict[str, PackedDigests] = {}
         self._media = MediaTypes()
         self._client: ContainerdClient | None = None
@@ -418,7 +418,7 @@ class ContainerdStore(Store):
                 for raw, number in cached)
 
     async def _walk(self, client: ContainerdClient, name: str, target: _Ref,
-                    present: Callable[[str], Awaitable[bool]]) -> _ImageRecord:
+                    present: Callable[[str], Awaitable[bool]]) -> ImageRecord:
         blobs = DigestTableBuilder()
         seen: set[str] = set()
         stack = [target]
@@ -433,7 +433,7 @@ class ContainerdStore(Store):
             blobs.add(raw, self._media.number(ref.media_type))
             if is_manifest_like(ref.media_type):
                 stack.extend(await self._children_of(client, ref))
-        return _ImageRecord(target.digest, blobs.build(), image_tag_key(name))
+        return ImageRecord(target.digest, blobs.build(), image_tag_key(name))
 
     async def _full_sync(self, client: ContainerdClient) -> None:
         """Rebuild the index from listings and publish the difference as one event."""
@@ -449,7 +449,7 @@ class ContainerdStore(Store):
             raw = raw_digest(digest)
             return raw is not None and raw in listing
 
-        fresh = _Index(_previous=self._index.blobs())  # the sizes learned so far carry over
+        fresh = ImageIndex(_previous=self._index.blobs())  # the sizes learned so far carry over
         for image in images:
             target = _Ref(image.target.digest, image.target.media_type)
             fresh.put(image.name, await self._walk(client, image.name, target, present))

@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from meshmirror.containerd.store import _ImageRecord, _Index
+from meshmirror.containerd.store import ImageIndex, ImageRecord
 from meshmirror.store.digests import (
     DigestKeys,
     DigestTable,
@@ -70,15 +70,15 @@ class _Model:
         return {digest_text(raw) for raw in self.union()} | tags
 
 
-def _record(name: str, blobs: dict[bytes, int], target: bytes) -> _ImageRecord:
+def _record(name: str, blobs: dict[bytes, int], target: bytes) -> ImageRecord:
     builder = DigestTableBuilder()
     for raw, media in blobs.items():
         builder.add(raw, media)
     tag = name if not name.startswith("sha256:") else None
-    return _ImageRecord(digest_text(target), builder.build(), tag)
+    return ImageRecord(digest_text(target), builder.build(), tag)
 
 
-def _check(index: _Index, model: _Model) -> None:
+def _check(index: ImageIndex, model: _Model) -> None:
     table = index.blobs()
     assert set(table) == model.union()
     for raw in POOL:
@@ -94,7 +94,7 @@ def _check(index: _Index, model: _Model) -> None:
 @pytest.mark.parametrize("seed", range(6))
 def test_index_matches_a_model_through_random_changes(seed: int) -> None:
     rng = random.Random(seed)
-    index, model = _Index(), _Model()
+    index, model = ImageIndex(), _Model()
     index.blobs()  # from here on the union changes one image at a time
     views: list[tuple[DigestKeys, set[str]]] = []
     for _ in range(160):
@@ -147,13 +147,13 @@ def test_index_matches_a_model_through_random_changes(seed: int) -> None:
 
 
 def test_a_resync_carries_sizes_into_a_union_built_whole() -> None:
-    index = _Index()
+    index = ImageIndex()
     shared, only_a, only_b = POOL[0], POOL[1], POOL[2]
     index.put("r.example/a:1", _record("r.example/a:1", {shared: 1, only_a: 2}, shared))
     index.put("r.example/b:1", _record("r.example/b:1", {shared: 3, only_b: 1}, only_b))
     index.learn_size(shared, 10)
     index.learn_size(only_a, 20)
-    fresh = _Index(_previous=index.blobs())
+    fresh = ImageIndex(_previous=index.blobs())
     fresh.put("r.example/b:1", _record("r.example/b:1", {shared: 3, only_b: 1}, only_b))
     assert fresh.size(shared) == 10 and fresh.size(only_a) is None
     assert set(fresh.keys()) == {digest_text(shared), digest_text(only_b), "r.example/b:1"}
