@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from meshmirror.fileio import FileChunks
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
+from meshmirror.store.digests import DigestKeys
 
 
 class NotFoundError(LookupError):
@@ -118,7 +119,11 @@ class KeySubscription:
             self._wake.clear()
             current = self._hub.keys
             if current != self._last:
-                event = KeyEvent(added=current - self._last, removed=self._last - current)
+                if isinstance(current, DigestKeys):  # both ways from one search
+                    added, removed = current.changes(self._last)
+                else:
+                    added, removed = current - self._last, self._last - current
+                event = KeyEvent(added=added, removed=removed)
                 self._last = current
                 return event
             await self._wake.wait()
