@@ -104,3 +104,22 @@ def test_bad_flags_exit_with_usage_before_starting_anything(
         bench.main()
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_report_checks_the_first_node_against_the_baseline_of_its_round() -> None:
+    """The first node has no peer: the mirror must not make it slower than pulling
+    straight from the upstream, compared round by round with the baseline's first node."""
+    args = argparse.Namespace(nodes=2, layers=1, layer_mib=1, rate_mb=50.0, rounds=3,
+                              mirror_resolve_timeout=None, mirror_spool_limit=None,
+                              sample_spool=False)
+    runs = {bench.IDEAL: [figures(bench.IDEAL, [2.0, 2.0], [0, 0])] * 3,
+            bench.BASELINE: [figures(bench.BASELINE, [5.0, 5.0], [100, 100]),
+                             figures(bench.BASELINE, [10.0, 5.0], [100, 100]),
+                             figures(bench.BASELINE, [5.0, 5.0], [100, 100])],
+            bench.MESH: [figures(bench.MESH, [5.5, 2.0], [100, 0]),
+                         figures(bench.MESH, [10.5, 2.0], [100, 0]),
+                         figures(bench.MESH, [4.5, 2.0], [100, 0])]}
+    section = bench.report(args, 100, runs, "0 / 0 / 0")
+    [first] = [t for t in section.targets if t.what.startswith("rolling pull: first node")]
+    assert first.latest == pytest.approx(10.5 / 10.0) and not first.met
+    assert "whole pull 1.10x, 1.05x, 0.90x" in " ".join(section.notes)
