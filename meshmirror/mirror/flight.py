@@ -600,25 +600,33 @@ class Turns:
         # Each holder, with its bytes received when last seen to move and when that was.
         self._holders: dict[Flight, tuple[int, float]] = {}
         self._waiting: dict[Flight, asyncio.Future[None]] = {}  # first come, first served
+        self._poller: asyncio.Task[None] | None = None
 
     async def take(self, flight: Flight) -> bool:
         """Return once ``flight`` holds a turn or was let go without one (`skip`); True
         when it had to wait."""
         future = asyncio.get_running_loop().create_future()
         self._waiting[flight] = future
+        self._hand_on()
+        if future.done():
+            return False
+        if self._poller is None or self._poller.done():
+            # One timer however many wait (an image of 50 layers queues 49 flights).
+            self._poller = asyncio.create_task(self._poll(), name="flight turns")
         try:
-            self._hand_on()
-            if future.done():
-                return False
-            while not future.done():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(future), self.poll)
-                self._hand_on()
+            await future
         except BaseException:
             self._waiting.pop(flight, None)
             self.release(flight)
             raise
         return True
+
+    async def _poll(self) -> None:
+        """Look at the holders every `poll` seconds while anyone waits: a holder's bytes
+        and silence are counted by body threads, which cannot wake the loop for it."""
+        while self._waiting:
+            await asyncio.sleep(self.poll)
+            self._hand_on()
 
     def skip(self, flight: Flight) -> None:
         """Let a waiting ``flight`` go at once, holding no turn."""
