@@ -196,10 +196,6 @@ class FlightEvents(Protocol):
 
     def flight_restarted(self) -> None: ...
 
-    def flight_waited(self) -> None:
-        """A flight waited for its turn (see `Turns`)."""
-        ...
-
     def flight_ended(self, result: str) -> None:
         """A flight landed; ``result`` is its final `State`'s value."""
         ...
@@ -223,9 +219,6 @@ class Flight:
         # (counted on the loop, read by body threads; see `progressed`).
         self._following = 0
         self._wake_due = False
-        # Bytes of the current attempt that arrived, counted by the body threads that
-        # write them: how far along the flight is, for `Turns`.
-        self.received = 0
         self._flights = flights
         self._source = source
         self._loop = asyncio.get_running_loop()
@@ -263,7 +256,6 @@ class Flight:
         self.readers.add(reader)
         if not verified:
             self._following += 1
-            self._flights.turns.skip(self)
         if self.entry is not None and self.state in (State.FETCHING, State.VERIFIED):
             reader.pin(self.entry)
         return reader
@@ -316,8 +308,6 @@ class Flight:
     async def _run(self, source: BlobSource) -> None:
         state = State.FAILED
         try:
-            if not self._following and await self._flights.turns.take(self):
-                self._flights.events.flight_waited()
             size = await source.open()
             if size is None:
                 state = State.MISSING
@@ -344,7 +334,6 @@ class Flight:
         except Exception:
             log.exception("fetch of %s failed", self.key)
         finally:
-            self._flights.turns.release(self)
             source.close()
             self.state = state
             if self.entry is not None:
@@ -366,7 +355,6 @@ class _FlightSink:
 
     def write(self, chunk: Chunk) -> None:
         self._entry.write(chunk)
-        self._flight.received += len(chunk)
         self._flight.progressed()
 
     # `body.FileKeep`: a peer's body is spliced into the entry's file.
@@ -379,7 +367,6 @@ class _FlightSink:
 
     def appended(self, size: int) -> None:
         self._entry.appended(size)
-        self._flight.received += size
         self._flight.progressed()
 
     def reset(self) -> None:
@@ -387,14 +374,12 @@ class _FlightSink:
             self._flight.restarted()
         self._started = True
         self._entry.reset()
-        self._flight.received = 0
 
     def split(self, bounds: list[tuple[int, int]]) -> None:
         self._entry.split(bounds)
 
     def write_at(self, index: int, chunk: bytes) -> None:
         self._entry.write_at(index, chunk)
-        self._flight.received += len(chunk)
         self._flight.progressed()
 
     def available(self, position: int) -> int:
@@ -556,116 +541,16 @@ def _close_on(loop: asyncio.AbstractEventLoop, thread: int, close: Callable[[], 
         loop.call_soon_threadsafe(close)
 
 
-# Flights that only containerd waits for fetch this many at a time (see `Turns`), each
-# handing its turn on when this many bytes are left to come (a blob this small holds
-# one only until its headers), or when no byte arrived for this long.
-TURNS = 1
-TURN_TAIL = 8 << 20
-TURN_IDLE = 0.25
-# How often a waiting flight looks at the ones holding turns.
-TURN_POLL = 0.02
-
-
-class Turns:
-    """Blobs that only this node's containerd waits for are fetched one after another.
-
-    containerd asks for every layer of an image at once and gets each only once it
-    verified (see `Reader`). Fetched side by side, the layers share the link (the
-    upstream's, or the node's CPU for a peer hop and its hash) and all verify at the
-    end together: containerd then ingests the whole image after the last byte, with
-    nothing left to overlap it. Measured on the rolling pull (benchmarks/RESULTS.md):
-    the first node got its four 50 MiB layers 4.8 s into the pull, all at once, and
-    took 1.3 s more to ingest them, where straight from the upstream it ingests as
-    the bytes come. In turns, the first layer verifies after a quarter of the time
-    and containerd ingests each layer while the next arrives; only the last one's
-    ingest is left after the last byte.
-
-    A turn is handed on once its flight has `TURN_TAIL` bytes or fewer left (so the
-    next one's first byte overlaps the tail, and a small blob holds a turn only until
-    its headers), once no byte arrived for `TURN_IDLE` (a slow or failing source
-    never holds up the others longer than that: they are then fetched side by side,
-    as before), and when it lands. A flight that another mirror follows
-    (``verified=False``: a tree request or a peer reading what is in flight) takes no
-    turn and skips the queue if it was waiting: it is someone else's pull, and two
-    nodes waiting on each other's turns would deadlock. A flight waits for its turn
-    before its source opens, so the source's deadlines start with the turn.
-    """
-
-    def __init__(self, limit: int = TURNS, *, tail: int = TURN_TAIL, idle: float = TURN_IDLE,
-                 poll: float = TURN_POLL) -> None:
-        self.limit = limit
-        self.tail = tail
-        self.idle = idle
-        self.poll = poll
-        # Each holder, with its bytes received when last seen to move and when that was.
-        self._holders: dict[Flight, tuple[int, float]] = {}
-        self._waiting: dict[Flight, asyncio.Future[None]] = {}  # first come, first served
-        self._poller: asyncio.Task[None] | None = None
-
-    async def take(self, flight: Flight) -> bool:
-        """Return once ``flight`` holds a turn or was let go without one (`skip`); True
-        when it had to wait."""
-        future = asyncio.get_running_loop().create_future()
-        self._waiting[flight] = future
-        self._hand_on()
-        if future.done():
-            return False
-        if self._poller is None or self._poller.done():
-            # One timer however many wait (an image of 50 layers queues 49 flights).
-            self._poller = asyncio.create_task(self._poll(), name="flight turns")
-        try:
-            await future
-        except BaseException:
-            self._waiting.pop(flight, None)
-            self.release(flight)
-            raise
-        return True
-
-    async def _poll(self) -> None:
-        """Look at the holders every `poll` seconds while anyone waits: a holder's bytes
-        and silence are counted by body threads, which cannot wake the loop for it."""
-        while self._waiting:
-            await asyncio.sleep(self.poll)
-            self._hand_on()
-
-    def skip(self, flight: Flight) -> None:
-        """Let a waiting ``flight`` go at once, holding no turn."""
-        future = self._waiting.pop(flight, None)
-        if future is not None and not future.done():
-            future.set_result(None)
-
-    def release(self, flight: Flight) -> None:
-        if self._holders.pop(flight, None) is not None:
-            self._hand_on()
-
-    def _hand_on(self) -> None:
-        now = asyncio.get_running_loop().time()
-        for flight, (seen, since) in list(self._holders.items()):
-            received = flight.received
-            nearly_done = flight.state is State.FETCHING and flight.size - received <= self.tail
-            if nearly_done or (received == seen and now - since >= self.idle):
-                del self._holders[flight]
-            elif received != seen:
-                self._holders[flight] = (received, now)
-        while self._waiting and len(self._holders) < self.limit:
-            flight = next(iter(self._waiting))
-            future = self._waiting.pop(flight)
-            if not future.done():
-                self._holders[flight] = (flight.received, now)
-                future.set_result(None)
-
-
 class Flights:
     """The node's table of fetches in flight, by key (a digest), over one cache."""
 
     def __init__(self, cache: BlobCache, events: FlightEvents, *, budget: MemoryBudget | None,
-                 piece: int, stall: float, turns: Turns | None = None) -> None:
+                 piece: int, stall: float) -> None:
         self.cache = cache
         self.events = events
         self.budget = budget
         self.piece = piece
         self.stall = stall
-        self.turns = turns if turns is not None else Turns()
         self._flying: dict[str, Flight] = {}
 
     def attach(self, digest: Digest, source: Callable[[], BlobSource], *,

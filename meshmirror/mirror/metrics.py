@@ -165,13 +165,6 @@ class MirrorMetrics:
             "disagreement); readers following unverified bytes were aborted",
             registry=registry,
         )
-        self.flight_turn_waits = Counter(
-            "meshmirror_mirror_flight_turn_waits",
-            "Fetches that waited for an earlier one before starting: blobs only this node's "
-            "containerd wants are fetched one after another, so containerd gets each layer "
-            "while the next arrives",
-            registry=registry,
-        )
         self.flights = Counter(
             "meshmirror_mirror_flights",
             "Blob fetches that landed, by result: verified, failed (the sources gave up or "
@@ -256,9 +249,6 @@ class MirrorMetrics:
 
     def flight_restarted(self) -> None:
         self.flight_restarts.inc()
-
-    def flight_waited(self) -> None:
-        self.flight_turn_waits.inc()
 
     def flight_ended(self, result: str) -> None:
         self.flights.labels(result if result in FLIGHT_RESULTS else "failed").inc()

@@ -19,7 +19,7 @@ from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.cache import BlobCache
 from meshmirror.mirror.errors import FailureReason, PeerFailure, VerificationError
 from meshmirror.mirror.fetch import Sink
-from meshmirror.mirror.flight import Flights, RangeSink, Reader, State, StreamSource, Turns
+from meshmirror.mirror.flight import Flights, RangeSink, Reader, State, StreamSource
 from meshmirror.oci.digest import Digest
 
 BLOB = os.urandom(300_000)
@@ -30,7 +30,7 @@ OTHER_DIGEST = Digest.of(OTHER)
 
 class Events:
     def __init__(self) -> None:
-        self.joined = self.restarted = self.waited = 0
+        self.joined = self.restarted = 0
         self.ended: list[str] = []
 
     def flight_joined(self) -> None:
@@ -38,9 +38,6 @@ class Events:
 
     def flight_restarted(self) -> None:
         self.restarted += 1
-
-    def flight_waited(self) -> None:
-        self.waited += 1
 
     def flight_ended(self, result: str) -> None:
         self.ended.append(result)
@@ -510,98 +507,3 @@ async def test_stripes_fill_one_entry_and_a_reader_follows_its_range(tmp_path: P
         assert await following == BLOB[:150_000]
         assert await whole.wait_verified()
         assert await drain(whole) == BLOB
-
-
-def turned_flights(tmp_path: Path, *, idle: float = 30.0) -> tuple[Flights, Events]:
-    """Flights taking turns with a tail of 1,000 bytes."""
-    events = Events()
-    return Flights(BlobCache(tmp_path, 10_000_000, 10_000_000), events,
-                   budget=MemoryBudget(1 << 20), piece=64 * 1024, stall=2.0,
-                   turns=Turns(tail=1000, idle=idle, poll=0.005)), events
-
-
-async def test_blobs_only_containerd_wants_are_fetched_in_turns(tmp_path: Path) -> None:
-    """The second blob's source opens only once the first has its tail left to come,
-    so containerd gets the first verified while the second arrives."""
-    flights, events = turned_flights(tmp_path)
-    first, second = FakeSource([BLOB]), FakeSource([OTHER], OTHER_DIGEST)
-    one = flights.attach(DIGEST, lambda: first)
-    two = flights.attach(OTHER_DIGEST, lambda: second)
-    assert await one.opened() == len(BLOB)
-    first.feed(len(BLOB) - 1001)
-    await asyncio.sleep(0.05)
-    assert one.flight.received == len(BLOB) - 1001
-    assert second.opened == 0, "the second waits while the first has more than its tail left"
-    first.feed(1)
-    assert await two.opened() == len(OTHER), "handed on at the tail"
-    assert events.waited == 1
-    first.feed(1000)
-    second.feed(len(OTHER))
-    assert await one.wait_verified() and await two.wait_verified()
-    assert await drain(one) == BLOB and await drain(two) == OTHER
-    flights.cache.close()
-
-
-async def test_a_flight_another_mirror_follows_takes_no_turn(tmp_path: Path) -> None:
-    """A peer reading a blob in flight (a tree request) is someone else's pull: its
-    flight starts at once, and one waiting for a turn goes when a peer joins it."""
-    flights, events = turned_flights(tmp_path)
-    first, second = FakeSource([BLOB]), FakeSource([OTHER], OTHER_DIGEST)
-    third_blob = os.urandom(5000)
-    third = FakeSource([third_blob], Digest.of(third_blob))
-    one = flights.attach(DIGEST, lambda: first)
-    assert await one.opened() == len(BLOB)
-    followed = flights.attach(Digest.of(third_blob), lambda: third, verified=False)
-    assert await followed.opened() == len(third_blob), "a followed flight does not wait"
-    two = flights.attach(OTHER_DIGEST, lambda: second)
-    await asyncio.sleep(0.05)
-    assert second.opened == 0
-    peer = flights.attach(OTHER_DIGEST, lambda: pytest.fail("joins"), verified=False)
-    assert await two.opened() == len(OTHER) and await peer.opened() == len(OTHER)
-    assert events.waited == 1, "it had waited until the peer came"
-    for source, blob in ((first, BLOB), (second, OTHER), (third, third_blob)):
-        source.feed(len(blob))
-    assert await one.wait_verified() and await two.wait_verified()
-    for reader in (one, two, followed, peer):
-        reader.close()
-    flights.cache.close()
-
-
-async def test_a_turn_with_no_bytes_coming_is_handed_on(tmp_path: Path) -> None:
-    """A source that sends nothing (a slow first byte, a stalled peer) holds the others
-    up for at most the idle bound; then they are fetched side by side."""
-    flights, events = turned_flights(tmp_path, idle=0.1)
-    first, second = FakeSource([BLOB]), FakeSource([OTHER], OTHER_DIGEST)
-    one = flights.attach(DIGEST, lambda: first)
-    two = flights.attach(OTHER_DIGEST, lambda: second)
-    assert await one.opened() == len(BLOB)
-    assert await two.opened() == len(OTHER), "handed on though the first got nothing"
-    assert events.waited == 1
-    second.feed(len(OTHER))
-    assert await two.wait_verified(), "the second verified while the first still waits"
-    first.feed(len(BLOB))
-    assert await one.wait_verified()
-    flights.cache.close()
-
-
-async def test_a_request_that_leaves_while_waiting_for_its_turn(tmp_path: Path) -> None:
-    """Its flight ends without opening its source, and the queue moves on past it."""
-    flights, events = turned_flights(tmp_path)
-    sources = [FakeSource([BLOB]), FakeSource([OTHER], OTHER_DIGEST)]
-    third_blob = os.urandom(300_000)
-    sources.append(FakeSource([third_blob], Digest.of(third_blob)))
-    one = flights.attach(DIGEST, lambda: sources[0])
-    leaving = flights.attach(OTHER_DIGEST, lambda: sources[1])
-    three = flights.attach(Digest.of(third_blob), lambda: sources[2])
-    assert await one.opened() == len(BLOB)
-    await asyncio.sleep(0.02)
-    leaving.close()
-    assert leaving.flight.landed
-    sources[0].feed(len(BLOB))
-    assert await one.wait_verified()
-    assert await three.opened() == len(third_blob)
-    sources[2].feed(len(third_blob))
-    assert await three.wait_verified()
-    assert sources[1].opened == 0 and sources[1].closed
-    assert events.ended.count("failed") == 1
-    flights.cache.close()

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -190,30 +189,3 @@ def test_a_request_that_leaves_stops_its_fetch(tmp_path: Path) -> None:
                    "the flight to land")
         assert read_metric(node.metrics, "meshmirror_mirror_flights_total", result="failed") == 1
         assert read_metric(node.metrics, "meshmirror_mirror_cache_bytes") == cached, "nothing kept"
-
-
-def test_layers_only_this_node_wants_are_fetched_one_after_another(tmp_path: Path) -> None:
-    """containerd asks for every layer at once and gets each only once it verified: the
-    node fetches them in turns (`flight.Turns`), so the first verifies early and the
-    rest follow, instead of all sharing the link and verifying together at the end. The
-    holder's access log shows it: a request for the next layer reaches it only when the
-    one before has its last few MiB to go, so it never sends three at once."""
-    size = 48 * MiB
-    with nodes(tmp_path, [size, size, size, 1024], seed=11) as (holder, node, digests):
-        layers, small = digests[:3], digests[3]
-        wait_routed(node, small)
-
-        async def all_layers() -> list[list[tuple[int, bytes]]]:
-            return await asyncio.gather(*(ask(url(node, layer), "GET") for layer in layers))
-
-        answers = asyncio.run(all_layers())
-        for layer, [(status, body)] in zip(layers, answers, strict=True):
-            assert status == 200 and f"sha256:{hashlib.sha256(body).hexdigest()}" == layer
-        assert read_metric(node.metrics, "meshmirror_mirror_flight_turn_waits_total") >= 1
-        spans = []
-        for layer in layers:
-            [line] = blob_requests(holder, layer)
-            end = datetime.fromisoformat(str(line["ts"])).timestamp()
-            spans.append((end - float(str(line["latency_ms"])) / 1000, end))
-        at_once = max(sum(start <= begin < end for start, end in spans) for begin, _ in spans)
-        assert at_once <= 2, f"the holder sent all three layers at once: {spans}"
