@@ -251,13 +251,15 @@ class PeerClient:
         headers: dict[str, str] | None = None,
         offset: int = 0,
         on_start: Callable[[Peer], None] | None = None,
+        on_failure: Callable[[Peer], None] | None = None,
     ) -> AsyncGenerator[PeerResponse, None]:
         """Peers' responses to `open`, best candidate first, hedging after ``hedge_delay``.
 
         Failed attempts are charged to their peers; a caller that finds a yielded
         response bad (and charges it) may ask for the next one. Close the
         generator when done: the attempts still running are cancelled and what
-        they opened is released. ``on_start`` learns each peer as it is asked.
+        they opened is released. ``on_start`` learns each peer as it is asked,
+        ``on_failure`` each one charged with a failure here.
         """
 
         def start(peer: Peer) -> Awaitable[PeerResponse]:
@@ -265,12 +267,17 @@ class PeerClient:
                 on_start(peer)
             return self.open(peer, path, registry, headers=headers, offset=offset)
 
+        def failed(peer: Peer, failure: PeerFailure) -> None:
+            self.failed(peer, failure)
+            if on_failure is not None:
+                on_failure(peer)
+
         return hedged(
             candidates,
             start,
             delay=self._options.hedge_delay,
             failure=PeerFailure,
-            on_failure=self.failed,
+            on_failure=failed,
             discard=PeerResponse.release,
         )
 

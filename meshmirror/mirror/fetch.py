@@ -315,15 +315,26 @@ class BlobFetch:
 
     async def _open_from(self, offset: int, candidates: Sequence[Peer]) -> PeerResponse | None:
         fresh = [peer for peer in candidates if peer.name not in self._tried]
+        # Peers asked here that answered or failed; the others lost a hedged race and were
+        # dropped unread: they did nothing wrong, so a later source may be one of them.
+        started: set[str] = set()
+        spent: set[str] = set()
+
+        def on_start(peer: Peer) -> None:
+            started.add(peer.name)
+            self._tried.add(peer.name)
+
         opener = self._client.open_hedged(
             fresh,
             self._path,
             self._registry,
             offset=offset,
-            on_start=lambda peer: self._tried.add(peer.name),
+            on_start=on_start,
+            on_failure=lambda peer: spent.add(peer.name),
         )
         try:
             async for opened in opener:
+                spent.add(opened.peer.name)
                 try:
                     self._check_headers(opened, offset)
                 except _SizeChanged:
@@ -337,6 +348,7 @@ class BlobFetch:
                 return opened
         finally:
             await opener.aclose()
+            self._tried -= started - spent
         return None
 
     def _check_headers(self, opened: PeerResponse, offset: int) -> None:

@@ -194,3 +194,22 @@ async def test_the_memory_budget_bounds_chunks_across_concurrent_fetches(
     budget = mirror.client.budget
     assert budget.peak <= budget.limit
     assert budget.used == 0
+
+
+async def test_a_peer_hedged_to_and_left_for_a_liar_is_asked_again_after_the_lie(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    """The liar answers after the hedge delay, so the honest peer is asked too; the liar's
+    headers come first and its response is taken, the honest one is dropped unread. Its
+    peer did nothing wrong: once the liar's bytes fail to verify, it is the next source
+    (it was left out as if it had failed, and the pull was a 404 with good bytes a
+    request away)."""
+    # Hedged after 50 ms; the honest peer's headers come 150 ms after the liar's, well
+    # inside the 300 ms stall bound that applies to them.
+    liar = await peer(started, "liar", corrupt=True, header_delay=0.08)
+    honest = await peer(started, "honest", header_delay=0.2)
+    mirror, router, registry = mirror_of(session, liar, honest)
+    assert await fetch(mirror) == BLOB
+    assert [r[1] for r in honest.behaviour.requests] == [None, None]
+    assert router.circuit_open(liar.name)
+    assert not router.circuit_open(honest.name)
+    assert failures(registry, "digest_mismatch") == 1
