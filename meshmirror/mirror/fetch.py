@@ -210,6 +210,11 @@ class BlobFetch:
         while self._current is not None:
             hasher = self._digest.hasher()
             sink.reset()
+            # Each attempt from byte 0 has its source's size (`_check_headers`): after a
+            # liar about the size, the next peer's blob must fit, and be all there is.
+            if not sink.resize(self._size):
+                self.close()
+                return False
             self._sources = [self._current.peer]
             try:
                 async for _ in self._chunks(0, hasher.update, sink.write, threads=threads,

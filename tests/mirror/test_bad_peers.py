@@ -213,3 +213,22 @@ async def test_a_peer_hedged_to_and_left_for_a_liar_is_asked_again_after_the_lie
     assert router.circuit_open(liar.name)
     assert not router.circuit_open(honest.name)
     assert failures(registry, "digest_mismatch") == 1
+
+
+@pytest.mark.parametrize("lie_size", [-1000, 1000], ids=["smaller", "larger"])
+async def test_a_liar_about_the_size_is_blamed_and_the_blob_read_from_the_next_peer(
+        session: aiohttp.ClientSession, started: list[FakePeer], lie_size: int) -> None:
+    """A peer announcing another size than the blob's (a compressed body, a lie) and
+    sending that many wrong bytes: the flight's cache entry was made for its size, and
+    the honest peer's whole blob did not fit it (a 404) or left the entry, and every
+    reader's Content-Length, at the liar's size."""
+    liar = await peer(started, "liar", lie=True, lie_size=lie_size)
+    honest = await peer(started, "honest")
+    mirror, router, registry = mirror_of(session, liar, honest)
+    assert await fetch(mirror) == BLOB
+    content = await mirror.open_blob("docker.io", "library/x", DIGEST, None, False)
+    assert isinstance(content, FallbackContent) and content.size == len(BLOB)
+    assert len(liar.behaviour.requests) == 1
+    assert router.circuit_open(liar.name)
+    assert not router.circuit_open(honest.name)
+    assert failures(registry, "digest_mismatch") == 1
