@@ -118,3 +118,44 @@ def test_a_sick_peer_on_the_spliced_hop_never_hurts_the_pull(cluster: Cluster,
     # The rogue's connections closed (above) means the pump's duplicate socket is too.
     wait_until(lambda: pipes_and_threads(puller.proc.pid) <= before, 10,
                f"the puller's pipes and threads to be back at {before}")
+
+
+def test_containerd_pulls_through_a_peer_that_lies_about_the_size(tmp_path: Path) -> None:
+    """containerd 1.6, asking the puller (its hosts.toml's upstream is a dead port), while
+    a rogue claims the layer and sends it gzip-compressed with the compressed length:
+    the layer must come from the holder, verified, with the blob's own length (a 404
+    sends containerd to the dead upstream and the pull fails)."""
+    from tests.registry.test_containerd_pull import dead_upstream, write_hosts
+    from tests.support.containerd import Containerd
+
+    seeded, empty = tmp_path / "seeded", tmp_path / "empty"
+    seeded.mkdir()
+    empty.mkdir()
+    image = build_image("docker.io/library/liar:1", seeded, [LAYER], seed=29)
+    layer = image.platforms[0].layers[0]
+    blob = (seeded / "blobs" / "sha256" / layer.digest.hex).read_bytes()
+    holder = start_node(f"oci:{seeded}", tmp_path / "holder.log", ("--node-name", "holder"))
+    puller = None
+    try:
+        puller = start_node(f"oci:{empty}", tmp_path / "puller.log",
+                            ("--node-name", "puller", "--join", holder.mesh,
+                             "--mirror-spool-dir", str(tmp_path)))
+        wait_until(lambda: held_epoch(puller, "holder") is not None, 30,
+                   "the puller to hold the holder's summary")
+        with Rogue("gzip", claiming_summary([str(layer.digest)], epoch=7), len(blob),
+                   join=puller.mesh, log=tmp_path / "rogue.log", name="rogue-gzip",
+                   blob=blob) as rogue, Containerd() as containerd:
+            wait_until(lambda: held_epoch(puller, "rogue-gzip") == 7, 30,
+                       "the puller to hold the rogue's summary")
+            hosts = tmp_path / "hosts"
+            write_hosts(hosts, "docker.io", dead_upstream(), puller.address)
+            containerd.ctr("images", "pull", "--hosts-dir", str(hosts), image.name,
+                           timeout=120)
+            assert rogue.state.blob_requests >= 1, "the case must exercise the rogue"
+            assert str(layer.digest) in containerd.ctr("content", "ls", "-q").stdout.split()
+        assert blamed(puller, "rogue-gzip") >= 1
+        assert blamed(puller, "holder") == 0
+    finally:
+        for node in (puller, holder):
+            if node is not None:
+                stop(node.proc)

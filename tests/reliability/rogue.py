@@ -114,7 +114,11 @@ def _handler(state: RogueState) -> type[socketserver.BaseRequestHandler]:
                 return
             digest = target.split("/blobs/", 1)[-1].split("?", 1)[0]
             if state.kind in BODY_KINDS:
-                _misframe(conn, state, method, digest, head)
+                if "/blobs/" in target:
+                    _misframe(conn, state, method, digest, head)
+                else:  # it claims blobs only: a tag or manifest is not its to answer
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
                 return
             conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {state.size}\r\n"
                          f"Docker-Content-Digest: {digest}\r\n"
