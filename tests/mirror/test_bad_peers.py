@@ -232,3 +232,22 @@ async def test_a_liar_about_the_size_is_blamed_and_the_blob_read_from_the_next_p
     assert router.circuit_open(liar.name)
     assert not router.circuit_open(honest.name)
     assert failures(registry, "digest_mismatch") == 1
+
+
+@pytest.mark.parametrize("lie_size", [-100_000, 500_000], ids=["smaller", "larger"])
+async def test_a_liar_about_the_size_leaves_the_memory_budget_as_it_was(
+        session: aiohttp.ClientSession, started: list[FakePeer], lie_size: int) -> None:
+    """A small blob the cache does not take is held in memory until verified, its size
+    taken from the budget as the first peer announced it. A liar's size and the verified
+    one differ: the budget got back the verified size, leaking the difference for good
+    (a larger lie: in-memory requests and body threads end up waiting for memory that
+    never comes back) or giving back memory others hold (a smaller one)."""
+    liar = await peer(started, "liar", lie=True, lie_size=lie_size)
+    honest = await peer(started, "honest")
+    mirror, _, _ = mirror_of(session, liar, honest, upstream_cache_limit=0)
+    budget = mirror.client.budget
+    held_elsewhere = 300_000
+    await budget.take(held_elsewhere)
+    assert await fetch(mirror, SMALL_DIGEST) == SMALL
+    assert liar.behaviour.requests, "the case must exercise the liar"
+    assert budget.used == held_elsewhere
