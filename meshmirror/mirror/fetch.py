@@ -265,6 +265,36 @@ class BlobFetch:
         self._current = opened
         return True
 
+    async def size_confirmed(self) -> bool:
+        """Whether another candidate agrees with the current source's size; True when
+        there is none to ask, or it cannot tell (unreachable, a false positive).
+
+        A stream sends bytes before they verify, and one peer's Content-Length chose it:
+        a peer announcing more than the cache holds had the node stream it garbage, for
+        as long as that size allows at the minimum rate. The blob's last byte by that
+        size, from another peer, says its total: a 416 or another total is a
+        disagreement nobody can settle before the bytes are sent.
+        """
+        current = self._current
+        if current is None:
+            return False
+        others = [peer for peer in self._router.candidates(
+            str(self._digest), limit=self._options.peers_tried + len(self._tried))
+            if peer.name != current.peer.name]
+        if not others or self._size == 0:
+            return True
+        try:
+            opened = await self._client.open(others[0], self._path, self._registry,
+                                             offset=self._size - 1, end=self._size)
+        except PeerFailure as failure:
+            return failure.reason is not FailureReason.BAD_STATUS
+        try:
+            match = re.fullmatch(r"bytes \d+-\d+/(\d+)",
+                                 opened.response.headers.get("Content-Range", ""))
+            return match is not None and int(match.group(1)) == self._size
+        finally:
+            opened.release()
+
     def stream(self, start: int, end: int) -> StreamBody:
         """Bytes [start, end) of the blob, hashed from byte 0; the last piece is held
         back until the whole digest verifies. The stream owns this fetch from here on.

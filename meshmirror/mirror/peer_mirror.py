@@ -472,6 +472,12 @@ class PeerMirror:
             del memory
             return FallbackContent(digest, size, None,
                                    held_body(body, self._options.send_size, budget, taken))
+        if not await fetch.size_confirmed():
+            fetch.close()
+            log.warning("peers disagree about the size of %s; not streaming it unverified",
+                        digest)
+            self._count_blob(record, "error")
+            return Miss(MissReason.PEERS_FAILED, "peers disagree about the size")
         self._count_blob(record, "hit")
         self._metrics.blob_bodies.labels("stream").inc()
         return FallbackContent(digest, size, None, fetch.stream(start, end))

@@ -251,3 +251,24 @@ async def test_a_liar_about_the_size_leaves_the_memory_budget_as_it_was(
     assert await fetch(mirror, SMALL_DIGEST) == SMALL
     assert liar.behaviour.requests, "the case must exercise the liar"
     assert budget.used == held_elsewhere
+
+
+async def test_a_liar_about_the_size_cannot_make_the_node_stream_it_unverified_bytes(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    """A blob the cache cannot hold is streamed, its bytes sent before they verify; the
+    first peer's Content-Length alone chose that path. A liar announcing more than the
+    cache holds (64 GiB, on a real node) was streamed to the client as garbage, for as
+    long as its size allowed at the minimum rate, and the honest peer resumed to was
+    blamed for a 416. Now another candidate must agree on the size first: here it does
+    not, and the answer is a 404 (containerd goes upstream), blaming nobody."""
+    liar = await peer(started, "liar", lie=True, lie_size=1000)
+    honest = await peer(started, "honest")
+    mirror, router, registry = mirror_of(session, liar, honest, upstream_cache_limit=0)
+    assert await fetch(mirror) is None
+    assert not router.circuit_open(honest.name)
+    assert failures(registry, "bad_status") == 0
+    # An honest stream, confirmed by the other peer's last byte, is served as before.
+    liar.behaviour.lie = False
+    assert await fetch(mirror) == BLOB
+    assert [r[1] for r in honest.behaviour.requests][-1] == f"bytes={len(BLOB) - 1}-{len(BLOB) - 1}"
+

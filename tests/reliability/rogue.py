@@ -32,8 +32,8 @@ KINDS = ("hang", "drip", "slow404", "instant404")
 # Rogues that hold the blob's real bytes (``blob``) and misframe them: the first half then
 # a close, or a reset; the whole blob and 1 MiB more on a kept-alive connection; the right
 # length of random bytes; the blob chunked, with no Content-Length; gzip-compressed with
-# its compressed length.
-BODY_KINDS = ("short", "reset", "long", "garbage", "chunked", "gzip")
+# its compressed length; random bytes announced as 64 GiB, more than any cache holds.
+BODY_KINDS = ("short", "reset", "long", "garbage", "chunked", "gzip", "huge")
 
 
 def all_ones_summary(epoch: int) -> Summary:
@@ -154,6 +154,8 @@ def _misframe(conn: socket.socket, state: RogueState, method: str, digest: str,
                if match else "")
     if state.kind == "chunked":
         framing += "Transfer-Encoding: chunked\r\n"
+    elif state.kind == "huge":
+        framing += f"Content-Length: {64 << 30}\r\n"
     elif state.kind == "gzip":
         framing += f"Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n"
     else:
@@ -171,6 +173,11 @@ def _misframe(conn: socket.socket, state: RogueState, method: str, digest: str,
         _client_gone(conn, 5.0)
     elif state.kind == "garbage":
         conn.sendall(os.urandom(len(body)))
+    elif state.kind == "huge":
+        junk = os.urandom(1 << 20)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and not state.stopping.is_set():
+            conn.sendall(junk)
     elif state.kind == "chunked":
         for at in range(0, len(body), 1 << 20):
             piece = body[at:at + (1 << 20)]
