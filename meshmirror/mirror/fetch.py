@@ -38,7 +38,7 @@ from typing import Protocol
 
 from meshmirror.mirror.body import Chunk, FileKeep
 from meshmirror.mirror.budget import MemoryBudget
-from meshmirror.mirror.client import PeerClient, PeerResponse
+from meshmirror.mirror.client import PeerClient, PeerResponse, RangePastEnd
 from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, VerificationError
 from meshmirror.mirror.options import MirrorConfig
 from meshmirror.oci.digest import Digest
@@ -354,10 +354,16 @@ class BlobFetch:
         # dropped unread: they did nothing wrong, so a later source may be one of them.
         started: set[str] = set()
         spent: set[str] = set()
+        past_end: list[Peer] = []  # answered 416: their blob ends before ``offset``
 
         def on_start(peer: Peer) -> None:
             started.add(peer.name)
             self._tried.add(peer.name)
+
+        def on_failure(peer: Peer, failure: PeerFailure) -> None:
+            spent.add(peer.name)
+            if isinstance(failure, RangePastEnd):
+                past_end.append(peer)
 
         opener = self._client.open_hedged(
             fresh,
@@ -365,7 +371,7 @@ class BlobFetch:
             self._registry,
             offset=offset,
             on_start=on_start,
-            on_failure=lambda peer: spent.add(peer.name),
+            on_failure=on_failure,
         )
         try:
             async for opened in opener:
@@ -384,6 +390,10 @@ class BlobFetch:
         finally:
             await opener.aclose()
             self._tried -= started - spent
+        if past_end:
+            # No peer resumes here, and one says the blob ends before: the size is in
+            # doubt, and the bytes from byte 0 at that peer will settle it.
+            raise _SizeChanged(past_end[0])
         return None
 
     def _check_headers(self, opened: PeerResponse, offset: int) -> None:

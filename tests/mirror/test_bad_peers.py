@@ -272,3 +272,18 @@ async def test_a_liar_about_the_size_cannot_make_the_node_stream_it_unverified_b
     assert await fetch(mirror) == BLOB
     assert [r[1] for r in honest.behaviour.requests][-1] == f"bytes={len(BLOB) - 1}-{len(BLOB) - 1}"
 
+
+async def test_a_liar_that_breaks_past_the_blobs_end_gets_nobody_else_blamed(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    """A liar announcing more than the blob and breaking after its real end: resumed to
+    past its end, the honest peer answers 416. That is a disagreement about the size,
+    which the bytes settle (as a different total in its Content-Range would be): the
+    blob is read again from byte 0 there, not a failure charged to the honest peer."""
+    liar = await peer(started, "liar", lie=True, lie_size=500_000,
+                      break_after=len(BLOB) + 100_000)
+    honest = await peer(started, "honest")
+    mirror, router, registry = mirror_of(session, liar, honest)
+    assert await fetch(mirror) == BLOB
+    assert [r[1] for r in honest.behaviour.requests] == [f"bytes={len(BLOB) + 100_000}-", None]
+    assert failures(registry, "bad_status") == 0
+    assert not router.circuit_open(honest.name)
