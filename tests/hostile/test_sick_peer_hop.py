@@ -28,6 +28,7 @@ import pytest
 
 from meshmirror.oci.imagebuilder import build_image
 from tests.reliability.rogue import BODY_KINDS, Rogue, claiming_summary
+from tests.support.containerd import Containerd, dead_upstream, write_hosts
 from tests.support.http import timed_sha256
 from tests.support.node import RunningNode, held_epoch, start_node
 from tests.support.processes import stop, wait_until
@@ -150,9 +151,6 @@ def test_containerd_pulls_through_a_peer_that_lies_about_the_size(tmp_path: Path
     a rogue claims the layer and sends it gzip-compressed with the compressed length:
     the layer must come from the holder, verified, with the blob's own length (a 404
     sends containerd to the dead upstream and the pull fails)."""
-    from tests.registry.test_containerd_pull import dead_upstream, write_hosts
-    from tests.support.containerd import Containerd
-
     seeded, empty = tmp_path / "seeded", tmp_path / "empty"
     seeded.mkdir()
     empty.mkdir()
