@@ -18,11 +18,14 @@ _PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def _die_with(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn``: the child gets SIGKILL when the thread that started it ends."""
+    """A ``preexec_fn``: the child gets SIGKILL when the thread that started it ends.
+
+    ``prctl`` is looked up here, before the fork: a ``dlopen`` in the child could wait
+    for ever on a loader lock another thread of the parent held at the fork."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def preexec() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before the prctl: nobody will kill us
             os._exit(1)
 
