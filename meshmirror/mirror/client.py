@@ -69,6 +69,12 @@ _TIMEOUT_REASONS = frozenset({FailureReason.TIMEOUT, FailureReason.CONNECT_TIMEO
 _READ_BUFSIZE = 256 * 1024
 
 
+class RangePastEnd(PeerFailure):
+    """A 416 to a request from an offset: the peer's blob ends before it. A disagreement
+    about the size with the peer that announced it, which the bytes settle (`fetch`):
+    not charged to this peer."""
+
+
 class PeerResponse:
     """A peer's response whose headers have arrived.
 
@@ -208,6 +214,9 @@ class PeerClient:
         expected_status = 206 if offset or end is not None else 200
         if response.status != expected_status:
             opened.release()
+            if response.status == 416 and offset:
+                raise RangePastEnd(FailureReason.BAD_STATUS, f"{url} answered 416",
+                                   elapsed=self._clock() - started)
             reason = (FailureReason.NOT_FOUND if response.status == 404
                       else FailureReason.BAD_STATUS)
             raise PeerFailure(reason, f"{url} answered {response.status}",
@@ -251,13 +260,15 @@ class PeerClient:
         headers: dict[str, str] | None = None,
         offset: int = 0,
         on_start: Callable[[Peer], None] | None = None,
+        on_failure: Callable[[Peer, PeerFailure], None] | None = None,
     ) -> AsyncGenerator[PeerResponse, None]:
         """Peers' responses to `open`, best candidate first, hedging after ``hedge_delay``.
 
         Failed attempts are charged to their peers; a caller that finds a yielded
         response bad (and charges it) may ask for the next one. Close the
         generator when done: the attempts still running are cancelled and what
-        they opened is released. ``on_start`` learns each peer as it is asked.
+        they opened is released. ``on_start`` learns each peer as it is asked,
+        ``on_failure`` each one charged with a failure here.
         """
 
         def start(peer: Peer) -> Awaitable[PeerResponse]:
@@ -265,12 +276,17 @@ class PeerClient:
                 on_start(peer)
             return self.open(peer, path, registry, headers=headers, offset=offset)
 
+        def failed(peer: Peer, failure: PeerFailure) -> None:
+            self.failed(peer, failure)
+            if on_failure is not None:
+                on_failure(peer, failure)
+
         return hedged(
             candidates,
             start,
             delay=self._options.hedge_delay,
             failure=PeerFailure,
-            on_failure=self.failed,
+            on_failure=failed,
             discard=PeerResponse.release,
         )
 
@@ -286,6 +302,9 @@ class PeerClient:
         The time the failure took counts like a success's: a peer that answers a
         quick 404 must not look like the fastest one.
         """
+        if isinstance(failure, RangePastEnd):
+            log.info("peer %s disagrees about the size: %s", peer.name, failure)
+            return
         self._metrics.peer_failures.labels(failure.reason).inc()
         latency = max(0.0, failure.elapsed or 0.0)
         if failure.reason is FailureReason.QUEUE_STALLED:

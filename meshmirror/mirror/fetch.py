@@ -38,7 +38,7 @@ from typing import Protocol
 
 from meshmirror.mirror.body import Chunk, FileKeep
 from meshmirror.mirror.budget import MemoryBudget
-from meshmirror.mirror.client import PeerClient, PeerResponse
+from meshmirror.mirror.client import PeerClient, PeerResponse, RangePastEnd
 from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure, VerificationError
 from meshmirror.mirror.options import MirrorConfig
 from meshmirror.oci.digest import Digest
@@ -210,6 +210,11 @@ class BlobFetch:
         while self._current is not None:
             hasher = self._digest.hasher()
             sink.reset()
+            # Each attempt from byte 0 has its source's size (`_check_headers`): after a
+            # liar about the size, the next peer's blob must fit, and be all there is.
+            if not sink.resize(self._size):
+                self.close()
+                return False
             self._sources = [self._current.peer]
             try:
                 async for _ in self._chunks(0, hasher.update, sink.write, threads=threads,
@@ -259,6 +264,36 @@ class BlobFetch:
             return False
         self._current = opened
         return True
+
+    async def size_confirmed(self) -> bool:
+        """Whether another candidate agrees with the current source's size; True when
+        there is none to ask, or it cannot tell (unreachable, a false positive).
+
+        A stream sends bytes before they verify, and one peer's Content-Length chose it:
+        a peer announcing more than the cache holds had the node stream it garbage, for
+        as long as that size allows at the minimum rate. The blob's last byte by that
+        size, from another peer, says its total: a 416 or another total is a
+        disagreement nobody can settle before the bytes are sent.
+        """
+        current = self._current
+        if current is None:
+            return False
+        others = [peer for peer in self._router.candidates(
+            str(self._digest), limit=self._options.peers_tried + len(self._tried))
+            if peer.name != current.peer.name]
+        if not others or self._size == 0:
+            return True
+        try:
+            opened = await self._client.open(others[0], self._path, self._registry,
+                                             offset=self._size - 1, end=self._size)
+        except PeerFailure as failure:
+            return failure.reason is not FailureReason.BAD_STATUS
+        try:
+            match = re.fullmatch(r"bytes \d+-\d+/(\d+)",
+                                 opened.response.headers.get("Content-Range", ""))
+            return match is not None and int(match.group(1)) == self._size
+        finally:
+            opened.release()
 
     def stream(self, start: int, end: int) -> StreamBody:
         """Bytes [start, end) of the blob, hashed from byte 0; the last piece is held
@@ -315,15 +350,32 @@ class BlobFetch:
 
     async def _open_from(self, offset: int, candidates: Sequence[Peer]) -> PeerResponse | None:
         fresh = [peer for peer in candidates if peer.name not in self._tried]
+        # Peers asked here that answered or failed; the others lost a hedged race and were
+        # dropped unread: they did nothing wrong, so a later source may be one of them.
+        started: set[str] = set()
+        spent: set[str] = set()
+        past_end: list[Peer] = []  # answered 416: their blob ends before ``offset``
+
+        def on_start(peer: Peer) -> None:
+            started.add(peer.name)
+            self._tried.add(peer.name)
+
+        def on_failure(peer: Peer, failure: PeerFailure) -> None:
+            spent.add(peer.name)
+            if isinstance(failure, RangePastEnd):
+                past_end.append(peer)
+
         opener = self._client.open_hedged(
             fresh,
             self._path,
             self._registry,
             offset=offset,
-            on_start=lambda peer: self._tried.add(peer.name),
+            on_start=on_start,
+            on_failure=on_failure,
         )
         try:
             async for opened in opener:
+                spent.add(opened.peer.name)
                 try:
                     self._check_headers(opened, offset)
                 except _SizeChanged:
@@ -337,6 +389,11 @@ class BlobFetch:
                 return opened
         finally:
             await opener.aclose()
+            self._tried -= started - spent
+        if past_end:
+            # No peer resumes here, and one says the blob ends before: the size is in
+            # doubt, and the bytes from byte 0 at that peer will settle it.
+            raise _SizeChanged(past_end[0])
         return None
 
     def _check_headers(self, opened: PeerResponse, offset: int) -> None:

@@ -446,9 +446,11 @@ class PeerMirror:
         end = size if selected is None else selected.offset + selected.length
         if size <= self._options.verify_before_send_limit:
             budget = self.client.budget
+            # The first peer's size, maybe a liar's: what goes back is what was taken.
+            taken = size
             try:
                 async with asyncio.timeout(self._options.deadline):
-                    await budget.take(size)
+                    await budget.take(taken)
             except TimeoutError:
                 fetch.close()
                 log.warning("no memory to hold a %d-byte blob within %g s; answering 404",
@@ -459,17 +461,23 @@ class PeerMirror:
                 memory = MemorySink(self._options.verify_before_send_limit)
                 miss = await self._verify(fetch, memory, record, threads=False)
             except BaseException:
-                budget.give(size)
+                budget.give(taken)
                 raise
             if miss:
-                budget.give(size)
+                budget.give(taken)
                 return miss
             self._metrics.blob_bodies.labels("memory").inc()
             size, end = fetch.size, fetch.size if selected is None else end  # the verified size
             body = bytes(memoryview(memory.data)[start:end])  # one copy, not two
             del memory
             return FallbackContent(digest, size, None,
-                                   held_body(body, self._options.send_size, budget, size))
+                                   held_body(body, self._options.send_size, budget, taken))
+        if not await fetch.size_confirmed():
+            fetch.close()
+            log.warning("peers disagree about the size of %s; not streaming it unverified",
+                        digest)
+            self._count_blob(record, "error")
+            return Miss(MissReason.PEERS_FAILED, "peers disagree about the size")
         self._count_blob(record, "hit")
         self._metrics.blob_bodies.labels("stream").inc()
         return FallbackContent(digest, size, None, fetch.stream(start, end))

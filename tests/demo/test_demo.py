@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.processes import child_options
+
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 
@@ -19,7 +21,7 @@ def _demo(*extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "meshmirror", "demo", "--image-size-mib", "8", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
-        start_new_session=True)
+        **child_options())
 
 
 def _children_of(pid: int) -> list[int]:

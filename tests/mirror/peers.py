@@ -28,6 +28,8 @@ class Behaviour:
     drip_interval: float | None = None
     # Send random bytes instead of the blob (the right length, the wrong content).
     lie: bool = False
+    # With ``lie``: this many bytes more (or fewer) than the blob, announced and sent.
+    lie_size: int = 0
     header_delay: float = 0.0
     not_found: bool = False
     requests: list[tuple[str, str | None, str | None]] = field(default_factory=list)
@@ -71,15 +73,20 @@ class FakePeer:
         if b.corrupt:
             data = data[:-1] + bytes([data[-1] ^ 0xFF])
         if b.lie:
-            data = bytes(len(data))
+            data = bytes(len(data) + b.lie_size)
         start = 0
-        match = re.fullmatch(r"bytes=(\d+)-", request.headers.get("Range", ""))
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", request.headers.get("Range", ""))
         status = 200
         headers = {"Docker-Content-Digest": request.match_info["digest"]}
         if match:
             start = int(match.group(1))
+            if start >= len(data):
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
+            total = len(data)
+            if match.group(2):
+                data = data[:int(match.group(2)) + 1]
             status = 206
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{total}"
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = len(data) - start
         await response.prepare(request)

@@ -194,3 +194,96 @@ async def test_the_memory_budget_bounds_chunks_across_concurrent_fetches(
     budget = mirror.client.budget
     assert budget.peak <= budget.limit
     assert budget.used == 0
+
+
+async def test_a_peer_hedged_to_and_left_for_a_liar_is_asked_again_after_the_lie(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    """The liar answers after the hedge delay, so the honest peer is asked too; the liar's
+    headers come first and its response is taken, the honest one is dropped unread. Its
+    peer did nothing wrong: once the liar's bytes fail to verify, it is the next source
+    (it was left out as if it had failed, and the pull was a 404 with good bytes a
+    request away)."""
+    # Hedged after 50 ms; the honest peer's headers come 150 ms after the liar's, well
+    # inside the 300 ms stall bound that applies to them.
+    liar = await peer(started, "liar", corrupt=True, header_delay=0.08)
+    honest = await peer(started, "honest", header_delay=0.2)
+    mirror, router, registry = mirror_of(session, liar, honest)
+    assert await fetch(mirror) == BLOB
+    assert [r[1] for r in honest.behaviour.requests] == [None, None]
+    assert router.circuit_open(liar.name)
+    assert not router.circuit_open(honest.name)
+    assert failures(registry, "digest_mismatch") == 1
+
+
+@pytest.mark.parametrize("lie_size", [-1000, 1000], ids=["smaller", "larger"])
+async def test_a_liar_about_the_size_is_blamed_and_the_blob_read_from_the_next_peer(
+        session: aiohttp.ClientSession, started: list[FakePeer], lie_size: int) -> None:
+    """A peer announcing another size than the blob's (a compressed body, a lie) and
+    sending that many wrong bytes: the flight's cache entry was made for its size, and
+    the honest peer's whole blob did not fit it (a 404) or left the entry, and every
+    reader's Content-Length, at the liar's size."""
+    liar = await peer(started, "liar", lie=True, lie_size=lie_size)
+    honest = await peer(started, "honest")
+    mirror, router, registry = mirror_of(session, liar, honest)
+    assert await fetch(mirror) == BLOB
+    content = await mirror.open_blob("docker.io", "library/x", DIGEST, None, False)
+    assert isinstance(content, FallbackContent) and content.size == len(BLOB)
+    assert len(liar.behaviour.requests) == 1
+    assert router.circuit_open(liar.name)
+    assert not router.circuit_open(honest.name)
+    assert failures(registry, "digest_mismatch") == 1
+
+
+@pytest.mark.parametrize("lie_size", [-100_000, 500_000], ids=["smaller", "larger"])
+async def test_a_liar_about_the_size_leaves_the_memory_budget_as_it_was(
+        session: aiohttp.ClientSession, started: list[FakePeer], lie_size: int) -> None:
+    """A small blob the cache does not take is held in memory until verified, its size
+    taken from the budget as the first peer announced it. A liar's size and the verified
+    one differ: the budget got back the verified size, leaking the difference for good
+    (a larger lie: in-memory requests and body threads end up waiting for memory that
+    never comes back) or giving back memory others hold (a smaller one)."""
+    liar = await peer(started, "liar", lie=True, lie_size=lie_size)
+    honest = await peer(started, "honest")
+    mirror, _, _ = mirror_of(session, liar, honest, upstream_cache_limit=0)
+    budget = mirror.client.budget
+    held_elsewhere = 300_000
+    await budget.take(held_elsewhere)
+    assert await fetch(mirror, SMALL_DIGEST) == SMALL
+    assert liar.behaviour.requests, "the case must exercise the liar"
+    assert budget.used == held_elsewhere
+
+
+async def test_a_liar_about_the_size_cannot_make_the_node_stream_it_unverified_bytes(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    """A blob the cache cannot hold is streamed, its bytes sent before they verify; the
+    first peer's Content-Length alone chose that path. A liar announcing more than the
+    cache holds (64 GiB, on a real node) was streamed to the client as garbage, for as
+    long as its size allowed at the minimum rate, and the honest peer resumed to was
+    blamed for a 416. Now another candidate must agree on the size first: here it does
+    not, and the answer is a 404 (containerd goes upstream), blaming nobody."""
+    liar = await peer(started, "liar", lie=True, lie_size=1000)
+    honest = await peer(started, "honest")
+    mirror, router, registry = mirror_of(session, liar, honest, upstream_cache_limit=0)
+    assert await fetch(mirror) is None
+    assert not router.circuit_open(honest.name)
+    assert failures(registry, "bad_status") == 0
+    # An honest stream, confirmed by the other peer's last byte, is served as before.
+    liar.behaviour.lie = False
+    assert await fetch(mirror) == BLOB
+    assert [r[1] for r in honest.behaviour.requests][-1] == f"bytes={len(BLOB) - 1}-{len(BLOB) - 1}"
+
+
+async def test_a_liar_that_breaks_past_the_blobs_end_gets_nobody_else_blamed(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    """A liar announcing more than the blob and breaking after its real end: resumed to
+    past its end, the honest peer answers 416. That is a disagreement about the size,
+    which the bytes settle (as a different total in its Content-Range would be): the
+    blob is read again from byte 0 there, not a failure charged to the honest peer."""
+    liar = await peer(started, "liar", lie=True, lie_size=500_000,
+                      break_after=len(BLOB) + 100_000)
+    honest = await peer(started, "honest")
+    mirror, router, registry = mirror_of(session, liar, honest)
+    assert await fetch(mirror) == BLOB
+    assert [r[1] for r in honest.behaviour.requests] == [f"bytes={len(BLOB) + 100_000}-", None]
+    assert failures(registry, "bad_status") == 0
+    assert not router.circuit_open(honest.name)

@@ -16,9 +16,8 @@ from urllib.parse import parse_qs
 import pytest
 
 from meshmirror.oci.imagebuilder import build_image
-from tests.support.containerd import Containerd
+from tests.support.containerd import Containerd, dead_upstream, write_hosts
 from tests.support.node import RunningNode, start_node
-from tests.support.ports import free_port, loopback_host
 from tests.support.processes import stop
 
 pytestmark = pytest.mark.real
@@ -28,20 +27,6 @@ pytestmark = pytest.mark.real
 def containerd() -> Iterator[Containerd]:
     with Containerd() as instance:
         yield instance
-
-
-def dead_upstream() -> str:
-    host = loopback_host()
-    return f"{host}:{free_port(host)}"
-
-
-def write_hosts(hosts_dir: Path, registry: str, upstream: str, mirror: str) -> None:
-    (hosts_dir / registry).mkdir(parents=True)
-    (hosts_dir / registry / "hosts.toml").write_text(
-        f'server = "http://{upstream}"\n\n'
-        f'[host."http://{mirror}"]\n'
-        '  capabilities = ["pull", "resolve"]\n'
-    )
 
 
 @pytest.mark.parametrize("registry", ["upstream", "docker.io"])

@@ -8,9 +8,13 @@ the rogue was asked and how many of its connections are still open.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import os
+import re
 import select
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
@@ -25,6 +29,11 @@ from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop
 
 KINDS = ("hang", "drip", "slow404", "instant404")
+# Rogues that hold the blob's real bytes (``blob``) and misframe them: the first half then
+# a close, or a reset; the whole blob and 1 MiB more on a kept-alive connection; the right
+# length of random bytes; the blob chunked, with no Content-Length; gzip-compressed with
+# its compressed length; random bytes announced as 64 GiB, more than any cache holds.
+BODY_KINDS = ("short", "reset", "long", "garbage", "chunked", "gzip", "huge")
 
 
 def all_ones_summary(epoch: int) -> Summary:
@@ -46,6 +55,8 @@ class RogueState:
     kind: str
     summary: Summary
     size: int  # the Content-Length it announces for any blob
+    blob: bytes = b""  # the bytes a `BODY_KINDS` rogue starts from
+    gzipped: bytes = b""  # ``blob`` compressed, made up front: headers must come at once
     blob_requests: int = 0
     open_connections: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -102,6 +113,13 @@ def _handler(state: RogueState) -> type[socketserver.BaseRequestHandler]:
                              b"Connection: close\r\n\r\n")
                 return
             digest = target.split("/blobs/", 1)[-1].split("?", 1)[0]
+            if state.kind in BODY_KINDS:
+                if "/blobs/" in target:
+                    _misframe(conn, state, method, digest, head)
+                else:  # it claims blobs only: a tag or manifest is not its to answer
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+                return
             conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {state.size}\r\n"
                          f"Docker-Content-Digest: {digest}\r\n"
                          "Content-Type: application/octet-stream\r\n\r\n".encode())
@@ -125,6 +143,50 @@ def _handler(state: RogueState) -> type[socketserver.BaseRequestHandler]:
     return Handler
 
 
+def _misframe(conn: socket.socket, state: RogueState, method: str, digest: str,
+              head: bytes) -> None:
+    """Answer as a `BODY_KINDS` rogue, honouring an open-ended Range as peers ask it."""
+    match = None if state.kind == "gzip" else re.search(rb"(?i)\r\nrange: bytes=(\d+)-\r\n", head)
+    start = int(match.group(1)) if match else 0
+    body = state.gzipped if state.kind == "gzip" else state.blob[start:]
+    status = "206 Partial Content" if match else "200 OK"
+    framing = (f"Content-Range: bytes {start}-{len(state.blob) - 1}/{len(state.blob)}\r\n"
+               if match else "")
+    if state.kind == "chunked":
+        framing += "Transfer-Encoding: chunked\r\n"
+    elif state.kind == "huge":
+        framing += f"Content-Length: {64 << 30}\r\n"
+    elif state.kind == "gzip":
+        framing += f"Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n"
+    else:
+        framing += f"Content-Length: {len(body)}\r\n"
+    conn.sendall(f"HTTP/1.1 {status}\r\nDocker-Content-Digest: {digest}\r\n{framing}\r\n"
+                 .encode())
+    if method == "HEAD":
+        return
+    if state.kind in ("short", "reset"):
+        conn.sendall(body[:len(body) // 2])
+        if state.kind == "reset":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    elif state.kind == "long":
+        conn.sendall(body + os.urandom(1 << 20))
+        _client_gone(conn, 5.0)
+    elif state.kind == "garbage":
+        conn.sendall(os.urandom(len(body)))
+    elif state.kind == "huge":
+        junk = os.urandom(1 << 20)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and not state.stopping.is_set():
+            conn.sendall(junk)
+    elif state.kind == "chunked":
+        for at in range(0, len(body), 1 << 20):
+            piece = body[at:at + (1 << 20)]
+            conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        conn.sendall(b"0\r\n\r\n")
+    else:
+        conn.sendall(body)
+
+
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -135,8 +197,9 @@ class Rogue:
     """``with Rogue(kind, summary, size, join=mesh_addr, log=path) as rogue:``"""
 
     def __init__(self, kind: str, summary: Summary, size: int, *, join: str, log: Path,
-                 name: str, key_file: Path | None = None) -> None:
-        self.state = RogueState(kind, summary, size)
+                 name: str, key_file: Path | None = None, blob: bytes = b"") -> None:
+        self.state = RogueState(kind, summary, size, blob,
+                                gzip.compress(blob, 1) if kind == "gzip" else b"")
         self.host = loopback_host()
         self.name = name
         self._server = _Server((self.host, free_port(self.host)), _handler(self.state))

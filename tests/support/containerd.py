@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.support.ports import free_port, loopback_host
 from tests.support.processes import spawn, stop, wait_until
 
 NAMESPACE = "k8s.io"
@@ -199,3 +200,19 @@ class Containerd:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def dead_upstream() -> str:
+    """A loopback address nobody listens on: a hosts.toml ``server`` a pull must not need."""
+    host = loopback_host()
+    return f"{host}:{free_port(host)}"
+
+
+def write_hosts(hosts_dir: Path, registry: str, upstream: str, mirror: str) -> None:
+    """A hosts.toml for ``registry`` under ``hosts_dir``: ``mirror`` first, then ``upstream``."""
+    (hosts_dir / registry).mkdir(parents=True)
+    (hosts_dir / registry / "hosts.toml").write_text(
+        f'server = "http://{upstream}"\n\n'
+        f'[host."http://{mirror}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )

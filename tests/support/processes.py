@@ -3,19 +3,60 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypedDict
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGKILL when the thread that started it ends.
+
+    ``prctl`` is looked up here, before the fork: a ``dlopen`` in the child could wait
+    for ever on a loader lock another thread of the parent held at the fork."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl: nobody will kill us
+            os._exit(1)
+
+    return preexec
+
+
+class ChildOptions(TypedDict):
+    start_new_session: bool
+    preexec_fn: Callable[[], None] | None
+
+
+def child_options() -> ChildOptions:
+    """``subprocess.Popen`` keywords for a program a test starts and must not outlive it.
+
+    Tests stop what they start (`stop`), but a pytest killed from outside (CI's timeout, a
+    second Ctrl-C) runs no cleanup, and children in their own session (so `stop` can
+    signal the group) were left running with parent PID 1. With these the kernel kills
+    the child when its parent goes (``PR_SET_PDEATHSIG``). Linux delivers that signal when
+    the starting *thread* ends, so only a child started on the main thread gets it: one
+    started by a short-lived worker thread would be killed at once.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    return {"start_new_session": True,
+            "preexec_fn": _die_with(os.getpid()) if main else None}
 
 
 def spawn(
     argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start a program in its own process group, output to a log file for post-mortems."""
+    """Start a program in its own process group, output to a log file for post-mortems;
+    it dies with the test process (`child_options`)."""
     log = open(log_path, "ab")  # noqa: SIM115 - the child owns the handle for its lifetime
     try:
         return subprocess.Popen(
@@ -23,8 +64,8 @@ def spawn(
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,
             env=env,
+            **child_options(),
         )
     finally:
         log.close()

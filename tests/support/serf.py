@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.ports import free_dual_stack_port, free_port, loopback_host
+from tests.support.processes import child_options
 
 SERF = shutil.which("serf")
 
@@ -95,7 +96,7 @@ class SerfCluster:
             cmd += ["-join", address]
         log = agent.log_path.open("wb")
         agent.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+                                      stdin=subprocess.DEVNULL, **child_options())
         log.close()
         self.agents.append(agent)
         deadline = time.monotonic() + 15

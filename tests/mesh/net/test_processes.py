@@ -25,6 +25,7 @@ import pytest
 
 from meshmirror.mesh.config import MeshConfig
 from tests.support.ports import free_port, loopback_host
+from tests.support.processes import child_options
 from tests.support.serf import wait_for
 
 pytestmark = [pytest.mark.slow]
@@ -84,7 +85,7 @@ class Mesh:
             cmd += ["--join", f"{seed.host}:{seed.port}"]
         p.view = {}
         p.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                                  stderr=subprocess.DEVNULL, text=True, **child_options())
         threading.Thread(target=self._read, args=(p, p.proc), daemon=True).start()
 
     def start(self, name: str, join: list[Proc]) -> Proc:
@@ -244,7 +245,7 @@ def test_no_false_positive_while_one_node_is_cpu_saturated(mesh: Mesh) -> None:
     # (two cores here) for 10 s; the mesh thread must still answer probes in time.
     spinners = [subprocess.Popen([sys.executable, "-c",
                                   "import time\nend=time.time()+10\nwhile time.time()<end: pass"],
-                                 start_new_session=True) for _ in range(2)]
+                                 **child_options()) for _ in range(2)]
     try:
         os.sched_setaffinity(busy.proc.pid, os.sched_getaffinity(spinners[0].pid))
         started = time.time()
