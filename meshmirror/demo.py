@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from meshmirror import eventloop
 from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.imagebuilder import BuiltImage, build_image
@@ -298,7 +299,7 @@ async def run_demo(config: DemoConfig, workdir: Path) -> int:
 def demo_command(config: DemoConfig) -> int:
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="meshmirror-demo-"))
     try:
-        return asyncio.run(run_demo(config, workdir))
+        return eventloop.run(run_demo(config, workdir))
     except (RuntimeError, TimeoutError) as err:
         print(f"meshmirror demo: {err}", file=sys.stderr)
         return 1

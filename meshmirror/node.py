@@ -44,6 +44,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
+from meshmirror import eventloop
 from meshmirror.mirror.marker import peer_dispatch, refuse_private
 from meshmirror.mirror.rollout import tree_requests
 from meshmirror.peering import Peering
@@ -321,7 +322,7 @@ def run_command(config: NodeConfig) -> int:
             return code
     if config.write_hosts_config and (code := write_hosts_config(config)) != 0:
         return code
-    return asyncio.run(run_node(with_node_zone(config), checks))
+    return eventloop.run(run_node(with_node_zone(config), checks))
 
 
 def with_node_zone(config: NodeConfig,

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshmirror import eventloop
 from meshmirror.addresses import bind_socket, is_wildcard, parse_host_port, sendable, unmapped
 from meshmirror.mesh import wire
 from meshmirror.mesh.config import MeshConfig
@@ -237,7 +238,7 @@ class MeshNode:
     # ------------------------------------------------------------ mesh thread
 
     def _run(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = eventloop.new_event_loop()
         self._loop = loop
         try:
             loop.run_until_complete(self._main())

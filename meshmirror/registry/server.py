@@ -208,23 +208,31 @@ class _Limiter:
         self._summary = summary
         if gauge is not None:  # read at scrape time: no lock taken twice per connection
             gauge.set_function(lambda: self.open)
-        self._slot = asyncio.Event()
-        self._slot.set()
+        self._pressure_on = cap * _PRESSURE_ON
+        self._pressure_off = cap * _PRESSURE_OFF
+        # Called once when a slot frees after `full` found none (the acceptor's resume).
+        self._on_slot: Callable[[], None] | None = None
 
-    async def acquire(self) -> None:
-        if self.open >= self.cap:
-            self._summary.count("at_cap")
-        while self.open >= self.cap:
-            self._slot.clear()
-            await self._slot.wait()
+    def full(self, on_slot: Callable[[], None]) -> bool:
+        """Whether every slot is taken; if so, ``on_slot`` is called once one frees."""
+        if self.open < self.cap:
+            return False
+        self._summary.count("at_cap")
+        self._on_slot = on_slot
+        return True
+
+    def take(self) -> None:
+        """A slot, for a connection just accepted (`full` said there was one)."""
         self.open += 1
-        if self.open >= self.cap * _PRESSURE_ON and not self.pressure.is_set():
+        if self.open >= self._pressure_on and not self.pressure.is_set():
             self._press()
 
     def release(self) -> None:
         self.open -= 1
-        self._slot.set()
-        if self.open < self.cap * _PRESSURE_OFF and self.idle_grace > 0:
+        if self._on_slot is not None:
+            on_slot, self._on_slot = self._on_slot, None
+            on_slot()
+        if self.open < self._pressure_off and self.idle_grace > 0:
             self.pressure.clear()
 
     def closing(self) -> None:
@@ -580,6 +588,74 @@ class _Connection(TCPServer):
         await asyncio.shield(self._initiate_server_close())
 
 
+class _Acceptor:
+    """The listener's accept loop, as a reader callback: whatever the backlog holds is
+    accepted in batches of at most `_ACCEPT_BUDGET`, and the loop's other work (requests
+    already accepted, the other listener) runs between batches. A callback that stays
+    registered costs a storm no task step, future or reader registration per wake-up,
+    and the loop's readiness check, not a coroutine, decides when the next batch runs.
+    At the cap it stops watching until a slot frees (`_Limiter.full`), so new
+    connections wait in the kernel's backlog."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 limiter: _Limiter, silent: _Silent, summary: _Summary) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._limiter = limiter
+        self._silent = silent
+        self._summary = summary
+        self._watching = False
+        self._stopped = False
+        self._retry: asyncio.TimerHandle | None = None
+
+    def watch(self) -> None:
+        self._retry = None
+        if not self._watching and not self._stopped:
+            self._loop.add_reader(self._fd, self._readable)
+            self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._loop.remove_reader(self._fd)
+            self._watching = False
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._unwatch()
+        if self._retry is not None:
+            self._retry.cancel()
+
+    def _readable(self) -> None:
+        loop, sock, limiter, silent = self._loop, self._sock, self._limiter, self._silent
+        batch_ends = loop.time() + _ACCEPT_BUDGET
+        while True:
+            if limiter.full(self.watch):
+                self._unwatch()
+                return
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # still watched: called again once the backlog holds more
+            except OSError as err:
+                self._summary.count("accept_failed", errno.errorcode.get(err.errno or 0)
+                                    or type(err).__name__)
+                if err.errno in _ACCEPT_RESOURCE_ERRORS:
+                    self._unwatch()
+                    self._retry = loop.call_later(_ACCEPT_RETRY_DELAY, self.watch)
+                    return
+                continue
+            limiter.take()
+            try:
+                silent.accepted(conn)
+            except Exception as err:  # a bug, not a client: counted, never a flood
+                self._summary.count("connection_error", type(err).__name__)
+                conn.close()
+                limiter.release()
+            if loop.time() >= batch_ends:
+                return  # the backlog is still readable: the next batch after other work
+
+
 def _read_ahead(conn: socket.socket, head: bytes = b"",
                 lingering: bool = False) -> bytes | None:
     """What the client has sent already, read without waiting (b"" if nothing yet; ``conn``
@@ -707,52 +783,12 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
         task.add_done_callback(finished)
 
     silent = _Silent(loop, limiter, options.keep_alive_timeout, start)
-
-    async def listener_readable() -> None:
-        ready: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(sock.fileno(), _set_ready, ready)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(sock.fileno())
-
-    async def accept() -> None:
-        """Accepts whatever the backlog holds, a batch at a time: the other work of the
-        loop (requests already accepted, the other listener) runs between batches, and a
-        batch costs one loop turn rather than one per connection, so a storm is drained
-        faster than one accept per turn would manage."""
-        batch_ends = loop.time() + _ACCEPT_BUDGET
-        while True:
-            await limiter.acquire()
-            try:
-                conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                limiter.release()
-                await listener_readable()
-                batch_ends = loop.time() + _ACCEPT_BUDGET
-                continue
-            except OSError as err:
-                limiter.release()
-                summary.count("accept_failed", errno.errorcode.get(err.errno or 0)
-                              or type(err).__name__)
-                if err.errno in _ACCEPT_RESOURCE_ERRORS:
-                    await asyncio.sleep(_ACCEPT_RETRY_DELAY)
-                continue
-            except BaseException:
-                limiter.release()
-                raise
-            silent.accepted(conn)
-            if loop.time() >= batch_ends:
-                await asyncio.sleep(0)
-                batch_ends = loop.time() + _ACCEPT_BUDGET
-
-    acceptor = loop.create_task(accept(), name=f"accept-{name}")
+    acceptor = _Acceptor(loop, sock, limiter, silent, summary)
+    acceptor.watch()
     try:
         await shutdown.wait()
     finally:
-        acceptor.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await acceptor
+        acceptor.stop()
         sock.close()
         await context.terminated.set()
         limiter.closing()

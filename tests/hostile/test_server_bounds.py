@@ -9,7 +9,8 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -18,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from meshmirror import eventloop
 from meshmirror.registry import server as server_module
 from meshmirror.registry.server import (
     ServerConfig,
@@ -279,3 +281,18 @@ async def test_a_live_connection_closes_gracefully_after_its_answer() -> None:
         assert await asyncio.to_thread(fetch) == size
 
     await serving(ServerConfig(), check, sndbuf=64 * 1024)
+
+
+@pytest.mark.parametrize("check", [
+    test_a_response_nobody_reads_is_dropped_and_its_body_closed,
+    test_a_closed_connection_with_unsent_bytes_does_not_linger,
+    test_connect_and_close_frees_the_descriptor_at_once,
+    test_at_the_cap_new_clients_wait_and_idle_ones_go,
+    test_connections_waiting_for_a_head_are_counted_and_freed,
+    test_a_live_connection_closes_gracefully_after_its_answer,
+], ids=lambda check: check.__name__.removeprefix("test_"))
+def test_the_bounds_hold_on_the_nodes_event_loop(
+        check: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """The tests above run on pytest's asyncio loop; a node runs on uvloop
+    (`meshmirror.eventloop`), whose readers, transports and sockets are its own."""
+    eventloop.run(check())
