@@ -120,6 +120,27 @@ class PackedDigests:
             yield self._joined[start:start + width], value
             start += width
 
+    def __len__(self) -> int:
+        return len(self._widths)
+
+    def __contains__(self, raw: object) -> bool:
+        """A search of the joined buffer (in C), each hit checked to start a digest of
+        that width: asking every image whether it holds a deleted blob is one of these
+        per image, 1,000 of them well under a millisecond."""
+        if not isinstance(raw, bytes) or not raw:
+            return False
+        at = self._joined.find(raw)
+        while at >= 0:
+            start = 0
+            for width in self._widths:
+                if start >= at:
+                    if start == at and width == len(raw):
+                        return True
+                    break
+                start += width
+            at = self._joined.find(raw, at + 1)
+        return False
+
 
 class DigestTable:
     """Raw digests, each with a number (what the store packs about the blob); immutable."""
@@ -379,6 +400,22 @@ class DigestTableBuilder:
             self._digests[width] += digests.tobytes()
             self._values[width].frombytes(values.tobytes())
 
+    def extend_packed(self, packed: PackedDigests, skip: Set[bytes] = frozenset()) -> None:
+        """Add each pair of ``packed`` but those in ``skip``: whole buffers at once when
+        it holds digests of one width and skips none (a manifest's children, always)."""
+        widths = packed._widths
+        if not skip and widths and widths.count(widths[0]) == len(widths):
+            width = widths[0]
+            if width not in self._digests:
+                self._digests[width] = bytearray()
+                self._values[width] = array("Q")
+            self._digests[width] += packed._joined
+            self._values[width].extend(packed._values)
+            return
+        for raw, value in packed:
+            if raw not in skip:
+                self.add(raw, value)
+
     def add(self, raw: bytes, value: int) -> None:
         width = len(raw)
         buffer = self._digests.get(width)
@@ -436,10 +473,15 @@ class DigestUnion:
 
     __slots__ = ("_counts", "_table")
 
-    def __init__(self, tables: Iterable[DigestTable] = ()) -> None:
-        builder = DigestTableBuilder()
-        for table in tables:
-            builder.extend(table)
+    def __init__(self, tables: Iterable[DigestTable] | DigestTableBuilder = ()) -> None:
+        """From the members' tables, or from a builder holding what they add up to
+        (digests added once per member that holds them)."""
+        if isinstance(tables, DigestTableBuilder):
+            builder = tables
+        else:
+            builder = DigestTableBuilder()
+            for table in tables:
+                builder.extend(table)
         self._table, self._counts = builder.build_counted()
 
     @property

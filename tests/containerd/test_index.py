@@ -18,7 +18,7 @@ from meshmirror.containerd.store import ImageIndex, ImageRecord
 from meshmirror.store.digests import (
     DigestKeys,
     DigestTable,
-    DigestTableBuilder,
+    PackedDigests,
     digest_text,
 )
 
@@ -71,11 +71,11 @@ class _Model:
 
 
 def _record(name: str, blobs: dict[bytes, int], target: bytes) -> ImageRecord:
-    builder = DigestTableBuilder()
-    for raw, media in blobs.items():
-        builder.add(raw, media)
+    """Blobs in two parts, as a walk names a target and a manifest's children."""
+    pairs = list(blobs.items())
     tag = name if not name.startswith("sha256:") else None
-    return ImageRecord(digest_text(target), builder.build(), tag)
+    return ImageRecord(digest_text(target),
+                       (PackedDigests(pairs[:1]), PackedDigests(pairs[1:])), tag)
 
 
 def _check(index: ImageIndex, model: _Model) -> None:
