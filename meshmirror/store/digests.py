@@ -123,6 +123,16 @@ class PackedDigests:
     def __len__(self) -> int:
         return len(self._widths)
 
+    def __eq__(self, other: object) -> bool:
+        """The same pairs: a re-walked image whose record equals the one held moves
+        nothing."""
+        if not isinstance(other, PackedDigests):
+            return NotImplemented
+        return other is self or (self._joined == other._joined and self._widths == other._widths
+                                 and self._values == other._values)
+
+    __hash__ = None  # type: ignore[assignment]
+
     def __contains__(self, raw: object) -> bool:
         """A search of the joined buffer (in C), each hit checked to start a digest of
         that width: asking every image whether it holds a deleted blob is one of these
@@ -181,26 +191,6 @@ class DigestTable:
         at = int(np.searchsorted(digests, np.frombuffer(raw, dtype=digests.dtype)[0]))
         if at < len(digests) and digests[at:at + 1].tobytes() == raw:
             values[at] |= np.uint64(bits)
-
-    def carry_bits(self, old: DigestTable, mask: int) -> None:
-        """OR into each number here the ``mask`` bits ``old`` holds for the same digest."""
-        for width, (digests, values) in self._tables.items():
-            theirs = old._tables.get(width)
-            if theirs is None or not len(theirs[0]) or not len(digests):
-                continue
-            at = np.minimum(np.searchsorted(theirs[0], digests), len(theirs[0]) - 1)
-            found = theirs[0][at] == digests
-            values[found] |= theirs[1][at[found]] & np.uint64(mask)
-
-    def without(self, raw: bytes) -> DigestTable:
-        """This table less one digest (a new table; this one is never changed)."""
-        tables = dict(self._tables)
-        table = tables.get(len(raw))
-        if table is not None:
-            digests, values = table
-            keep = digests != np.frombuffer(raw, dtype=digests.dtype)[0]
-            tables[len(raw)] = (digests[keep], values[keep])
-        return DigestTable(tables)
 
     def same_digests(self, other: DigestTable) -> bool:
         """Whether both hold the same digests (their numbers aside)."""
@@ -378,6 +368,42 @@ def _raws(digests: npt.NDArray[np.bytes_]) -> Iterator[bytes]:
     buffer = digests.view(np.uint8).reshape(-1).data
     for start in range(0, len(buffer), width):
         yield buffer[start:start + width].tobytes()
+
+
+class DigestSet:
+    """Raw digests collected only to be asked about (containerd's content listing, which
+    a full sync checks each walked blob against), sorted in place in the buffer they
+    were collected in: 3.2 MiB at 100,000 digests, where a `DigestTable` built from
+    them (numbers, a sort order, copies) took three times that at its peak."""
+
+    __slots__ = ("_buffers", "_sorted")
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, bytearray] = {}
+        self._sorted: dict[int, npt.NDArray[np.bytes_]] | None = None
+
+    def add(self, raw: bytes) -> None:
+        if self._sorted is not None:
+            raise ValueError("a DigestSet is sealed by its first lookup")
+        buffer = self._buffers.get(len(raw))
+        if buffer is None:
+            buffer = self._buffers[len(raw)] = bytearray()
+        buffer += raw
+
+    def __contains__(self, raw: object) -> bool:
+        if not isinstance(raw, bytes):
+            return False
+        if self._sorted is None:
+            self._sorted = {}
+            for width, buffer in self._buffers.items():
+                digests = np.frombuffer(buffer, dtype=f"S{width}")
+                digests.sort()  # in the bytearray itself: no copy
+                self._sorted[width] = digests
+        held = self._sorted.get(len(raw))
+        if held is None or not len(held):
+            return False
+        at = int(np.searchsorted(held, np.frombuffer(raw, dtype=held.dtype)[0]))
+        return at < len(held) and held[at:at + 1].tobytes() == raw
 
 
 class DigestTableBuilder:
