@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -636,20 +637,18 @@ def _trim_heap() -> None:
     union's build, the listing's messages); what they leave free inside the heap stayed
     resident, 5 MiB more RSS after each re-sync at 101,000 keys. malloc_trim takes
     about a millisecond once a minute; a C library without it (musl) has nothing to do."""
-    trim = _MALLOC_TRIM[0]
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
 
+@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
         trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     return trim
-
-
-_MALLOC_TRIM = [_malloc_trim()]
 
 
 def _read_limited(path: Path, limit: int) -> bytes:
