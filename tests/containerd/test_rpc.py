@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -165,3 +167,16 @@ async def test_reads_left_early_do_not_stall_later_calls(containerd: Containerd,
             assert [i.name for i in await client.list_images()] == [image.name]
     finally:
         await client.close()
+
+
+def test_a_node_over_containerd_loads_no_grpcio() -> None:
+    """What the node imports to read containerd (the store, the start-up checks):
+    grpcio's import alone was 9 MiB of its RSS."""
+    probe = ("import sys\nimport meshmirror.node, meshmirror.containerd.store, "
+             "meshmirror.containerd.checks, meshmirror.containerd.doctor\n"
+             "print(*sorted(m for m in sys.modules if m.split('.')[0] == 'grpc'))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).parents[2],
+                          capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"imported {done.stdout.strip()}"
