@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -235,3 +237,15 @@ async def test_close_ends_a_running_stream(containerd: Containerd) -> None:
     assert caught.value.code == CANCELLED
     with contextlib.suppress(RpcError):
         await events.aclose()
+
+
+def test_a_node_over_containerd_loads_no_grpcio() -> None:
+    """grpcio's C core was 9 MiB of a node's RSS: only tests and stub generation use it."""
+    probe = ("import sys, meshmirror.node, meshmirror.containerd.store, "
+             "meshmirror.containerd.checks, meshmirror.containerd.doctor\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'grpc'))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
