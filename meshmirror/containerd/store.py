@@ -117,14 +117,17 @@ class ImageRecord:
     absent: PackedDigests = field(default_factory=lambda: _NONE)
 
     def add_to(self, builder: DigestTableBuilder) -> None:
+        """Each held blob once, whatever number of this image's manifests name it (or
+        how often one does: identical empty layers): a union counts an image once per
+        blob, as `ImageIndex.put` counts it out, or the blob outlives the image."""
+        builder.extend(self.blobs())
+
+    def blobs(self) -> DigestTable:
         """Each held blob with its declared media type (a digest met twice: either)."""
+        builder = DigestTableBuilder()
         skip = frozenset(raw for raw, _ in self.absent)
         for part in self.parts:
             builder.extend_packed(part, skip)
-
-    def blobs(self) -> DigestTable:
-        builder = DigestTableBuilder()
-        self.add_to(builder)
         return builder.build()
 
     def holds(self, raw: bytes) -> bool:

@@ -182,3 +182,29 @@ def test_a_record_names_its_blobs_less_those_absent() -> None:
     assert less.without(shared).tag_key() is None  # what the tag points at is gone
     # A digest found inside another's bytes, not at a digest's start, is not held.
     assert not record.holds(layer[1:] + gone[:1])
+
+
+def test_a_blob_an_image_names_twice_leaves_with_the_image() -> None:
+    """The union is first built from every record at once: a layer one manifest lists
+    twice (identical empty layers), or two of an index's manifests share, counts once
+    for its image, or deleting the image left it advertised for good (a re-sync changes
+    the union in place and never rebuilds it)."""
+    index, model = ImageIndex(), _Model()
+    target, manifest, config, layer, other = POOL[:5]
+    twice = ImageRecord(digest_text(target), (
+        PackedDigests([(target, 1)]), PackedDigests([(manifest, 1), (other, 1)]),
+        PackedDigests([(config, 2), (layer, 3), (layer, 3)]),  # one layer listed twice
+        PackedDigests([(config, 2), (layer, 3)])), "r.example/a:1")  # shared by another
+    index.put("r.example/a:1", twice)
+    model.put("r.example/a:1", (target, {target: 1, manifest: 1, other: 1, config: 2,
+                                         layer: 3}))
+    index.put("r.example/b:1", _record("r.example/b:1", {other: 1, layer: 3}, other))
+    model.put("r.example/b:1", (other, {other: 1, layer: 3}))
+    _check(index, model)  # the first build, from every record
+    index.put("r.example/b:1", None)
+    model.put("r.example/b:1", None)
+    _check(index, model)
+    index.put("r.example/a:1", None)
+    model.put("r.example/a:1", None)
+    _check(index, model)
+    assert len(index.blobs()) == 0
