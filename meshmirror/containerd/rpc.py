@@ -39,12 +39,18 @@ UNKNOWN = Status.UNKNOWN.value
 DEADLINE_EXCEEDED = Status.DEADLINE_EXCEEDED.value
 NOT_FOUND = Status.NOT_FOUND.value
 INTERNAL = Status.INTERNAL.value
+RESOURCE_EXHAUSTED = Status.RESOURCE_EXHAUSTED.value
 UNAVAILABLE = Status.UNAVAILABLE.value
 
 # containerd streams Read in 1 MiB messages: two of them in flight per stream.
 STREAM_WINDOW = 2 * 1024 * 1024
 # All streams' windows together: a few stalled reads must not stop the others.
 CONNECTION_WINDOW = 32 * 1024 * 1024
+# The largest message taken: containerd sends at most 16 MiB unless configured to send
+# more (grpc max_send_message_size). grpclib itself reads, and acknowledges, whatever
+# length a message's prefix claims: a containerd gone wrong that announced 4 GiB had
+# the node buffer all it sent (300 MiB in 15 s) on a 128 MiB budget.
+MAX_MESSAGE = 64 * 1024 * 1024
 _CONFIG = Configuration(http2_stream_window_size=STREAM_WINDOW,
                         http2_connection_window_size=CONNECTION_WINDOW)
 
@@ -121,12 +127,15 @@ class Channel:
         try:
             async with call:
                 await call.send_message(request, end=True)
-                while (message := await call.recv_message()) is not None:
+                await call.recv_initial_metadata()
+                while (message := await _recv_message(call)) is not None:
                     yield message
                     task = asyncio.current_task()
                     cancelling = 0 if task is None else task.cancelling()
         except GRPCError as err:
             raise RpcError(err.status.value, err.message or "") from None
+        except _TooLarge as err:
+            raise RpcError(RESOURCE_EXHAUSTED, f"{method}: {err}") from None
         except (TimeoutError, StreamTerminatedError, OSError, AssertionError,
                 NotImplementedError, ProtocolError, h2.exceptions.H2Error) as err:
             # grpclib wakes a call that must fail (deadline, connection gone) by
@@ -158,6 +167,30 @@ class Channel:
         # grpclib asserts a stream did not end inside a message, and refuses
         # compressed ones (none is offered).
         return RpcError(INTERNAL, f"{method}: malformed answer ({err or type(err).__name__})")
+
+
+class _TooLarge(Exception):
+    """A message whose length prefix is over `MAX_MESSAGE`."""
+
+
+async def _recv_message(call: _GrpcStream[bytes, bytes]) -> bytes | None:
+    """grpclib's `Stream.recv_message` (after the initial metadata), with the length
+    prefix checked before the body is read: grpclib has no bound of its own. It runs
+    inside the call's wrapper, as grpclib's does, so the deadline and a lost connection
+    still wake it."""
+    with call._wrapper:
+        prefix = await call._stream.recv_data(5)
+        if not prefix:
+            return None
+        if prefix[0]:
+            raise NotImplementedError("compressed message (none was offered)")
+        length = int.from_bytes(prefix[1:5])
+        if length > MAX_MESSAGE:
+            raise _TooLarge(f"message of {length} bytes, over {MAX_MESSAGE}")
+        message = await call._stream.recv_data(length)
+        if len(message) != length:
+            raise AssertionError(f"stream ended {length - len(message)} bytes into a message")
+        return message
 
 
 def call_blocking(socket_path: str, method: str, request: bytes,

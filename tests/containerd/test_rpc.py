@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 import pytest
 
 from meshmirror.containerd.client import NAMESPACE_METADATA
@@ -18,7 +23,9 @@ from meshmirror.containerd.proto import content_pb2, images_pb2
 from meshmirror.containerd.rpc import (
     CANCELLED,
     DEADLINE_EXCEEDED,
+    MAX_MESSAGE,
     NOT_FOUND,
+    RESOURCE_EXHAUSTED,
     STREAM_WINDOW,
     UNAVAILABLE,
     Channel,
@@ -249,3 +256,69 @@ def test_a_node_over_containerd_loads_no_grpcio() -> None:
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+class _Boaster:
+    """An HTTP/2 server on a unix socket whose answer to ``/x.Y/Huge`` announces a
+    message of 4 GiB and sends as much of it as the client's windows allow (up to
+    ``limit``), counting it; ``/x.Y/Ok`` gets one message and status OK."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sent = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    path = dict(event.headers)[b":path"]
+                    conn.send_headers(event.stream_id, [(":status", "200"),
+                                                        ("content-type", "application/grpc")])
+                    if path == b"/x.Y/Huge":
+                        conn.send_data(event.stream_id, b"\0" + struct.pack(">I", 0xFFFFFFF0))
+                        self.tasks.add(asyncio.create_task(
+                            self._flood(conn, event.stream_id, writer)))
+                    else:
+                        conn.send_data(event.stream_id, b"\0" + struct.pack(">I", 2) + b"ok")
+                        conn.send_headers(event.stream_id, [("grpc-status", "0")],
+                                          end_stream=True)
+            writer.write(conn.data_to_send())
+        writer.close()
+
+    async def _flood(self, conn: h2.connection.H2Connection, stream_id: int,
+                     writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(h2.exceptions.H2Error, ConnectionError):
+            while self.sent < self.limit:
+                window = min(conn.local_flow_control_window(stream_id),
+                             conn.max_outbound_frame_size, self.limit - self.sent)
+                if window > 0:
+                    conn.send_data(stream_id, bytes(window))
+                    self.sent += window
+                writer.write(conn.data_to_send())
+                await writer.drain()
+                await asyncio.sleep(0.001 if window > 0 else 0.02)
+
+
+async def test_a_message_over_the_bound_is_refused_at_its_prefix(tmp_path: Path) -> None:
+    """grpclib reads whatever length a prefix claims: the node bounds it (a containerd
+    gone wrong had it buffer all it sent until the deadline)."""
+    boaster = _Boaster(limit=MAX_MESSAGE + 8 * MiB)
+    server = await asyncio.start_unix_server(boaster.serve, str(tmp_path / "boast.sock"))
+    channel = Channel(str(tmp_path / "boast.sock"))
+    try:
+        with pytest.raises(RpcError) as caught:
+            await channel.unary("/x.Y/Huge", b"", 20.0)
+        assert caught.value.code == RESOURCE_EXHAUSTED, caught.value
+        assert boaster.sent <= STREAM_WINDOW, boaster.sent
+        assert await channel.unary("/x.Y/Ok", b"", 5.0) == b"ok"  # the connection serves on
+    finally:
+        await channel.close()
+        for task in boaster.tasks:
+            task.cancel()
+        await asyncio.gather(*boaster.tasks, return_exceptions=True)
+        server.close()
+        await server.wait_closed()
