@@ -212,13 +212,15 @@ class ImageIndex:
             self.put(name, record.without(raw))
 
 
-def _children(digest: str, media_type: str, data: bytes, media: MediaTypes) -> PackedDigests:
-    """Descriptors an index or manifest points at; content we cannot parse has none."""
+def _children(digest: str, media_type: str, data: bytes, media: MediaTypes
+              ) -> PackedDigests | None:
+    """Descriptors an index or manifest points at; None for content that cannot be
+    parsed as ``media_type``."""
     try:
         manifest = parse_manifest(data, media_type)
     except ManifestError as err:
         log.warning("containerd content %s (%s) not walked: %s", digest, media_type, err)
-        return PackedDigests(())
+        return None
     return PackedDigests((bytes.fromhex(d.digest.hex), media.number(d.media_type))
                          for d in manifest.children())
 
@@ -260,6 +262,10 @@ class ContainerdStore(Store):
         self._rpc_timeout = rpc_timeout
         self._index = ImageIndex()
         self._manifest_cache: dict[bytes, PackedDigests] = {}
+        # Manifests that did not parse as the type a parent named them with. Not in the
+        # cache by digest alone: an image naming another's manifest with a wrong type
+        # (containerd takes a Docker type for an OCI manifest) hid that image's blobs.
+        self._unwalkable: set[tuple[bytes, str]] = set()
         self._media = MediaTypes()
         self._client: ContainerdClient | None = None
         self._connected = False
@@ -433,6 +439,8 @@ class ContainerdStore(Store):
         """A manifest's children, read once per digest; None when it cannot be read."""
         cached = self._manifest_cache.get(raw)
         if cached is None:
+            if (raw, media_type) in self._unwalkable:
+                return None
             digest = digest_text(raw)
             try:
                 data = await self._read_small(client, digest)
@@ -444,6 +452,9 @@ class ContainerdStore(Store):
                 log.warning("skipping %s: %s", digest, err)
                 return None
             cached = _children(digest, media_type, data, self._media)
+            if cached is None:
+                self._unwalkable.add((raw, media_type))
+                return None
             self._manifest_cache[raw] = cached
         return cached
 
@@ -502,6 +513,7 @@ class ContainerdStore(Store):
         held = index.blobs()
         for raw in [r for r in self._manifest_cache if r not in held]:
             del self._manifest_cache[raw]
+        self._unwalkable = {(raw, kind) for raw, kind in self._unwalkable if raw in held}
         self._publish()
         _trim_heap()
 
@@ -549,7 +561,9 @@ class ContainerdStore(Store):
                                                + self._settle_delay)
         elif topic == _CONTENT_DELETE:
             gone = content_events_pb2.ContentDelete.FromString(envelope.event.value)
-            self._manifest_cache.pop(raw_digest(gone.digest) or b"", None)
+            raw = raw_digest(gone.digest) or b""
+            self._manifest_cache.pop(raw, None)
+            self._unwalkable = {(r, kind) for r, kind in self._unwalkable if r != raw}
             self._index.forget_digest(gone.digest)
             self._publish()
 

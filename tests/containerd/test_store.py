@@ -229,3 +229,27 @@ async def test_a_layer_listed_twice_leaves_with_its_image(containerd: Containerd
         assert await store.keys() == image.keys()
         containerd.ctr("images", "rm", image.name)
         await wait_keys(store, frozenset(), exact=True)
+
+
+async def test_an_image_naming_a_manifest_with_a_wrong_type_hides_no_other_image(
+        containerd: Containerd, make_image: ImageFactory, tmp_path: Path) -> None:
+    """An index that names another image's OCI manifest with the Docker type (containerd
+    imports it) cannot be walked there; walked first (its name sorts first), it left
+    that manifest cached with no children, and the other image's config and layers
+    unadvertised for as long as it was held."""
+    victim = make_image("docker.io/library/victim:1", (1000, 2000), seed=51)
+    manifest = victim.platforms[0].manifest
+    index = write_blob(victim.layout, canonical_json({
+        "schemaVersion": 2, "mediaType": mt.OCI_INDEX,
+        "manifests": [dataclasses.replace(manifest, media_type=mt.DOCKER_MANIFEST).descriptor(
+            platform={"os": "linux", "architecture": "amd64"})],
+    }), mt.OCI_INDEX)
+    other = dataclasses.replace(victim, name="docker.io/library/a-other:1",
+                                repository="library/a-other", root=index, index=index)
+    write_archive(other, tmp_path / "other.tar")
+    import_image(containerd, victim)
+    containerd.ctr("images", "import", "--no-unpack", str(tmp_path / "other.tar"))
+    async with ContainerdStore(containerd.socket, NAMESPACE, containerd.content_path,
+                               resync_interval=3600.0) as store:
+        assert await store.wait_ready(READY_WITHIN)
+        assert await store.keys() == victim.keys() | {str(index.digest), other.tag_key}
