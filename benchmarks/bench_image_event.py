@@ -27,6 +27,7 @@ from meshmirror.store.digests import (
     DigestKeys,
     DigestTableBuilder,
     DigestUnion,
+    PackedDigests,
     digest_text,
 )
 
@@ -41,11 +42,11 @@ def record(image: int, per: int, extra: int = 0) -> ImageRecord:
     """Image ``image``'s record: ``per`` blobs of its own, ``extra`` more (a new version)."""
     seeds = [b"%d" % (image * per + n) for n in range(per)]
     seeds += [b"extra-%d-%d" % (image, n) for n in range(extra)]
-    builder = DigestTableBuilder()
-    for seed in seeds:
-        builder.add(hashlib.sha256(seed).digest(), 1)
-    target = digest_text(hashlib.sha256(seeds[0]).digest())
-    return ImageRecord(target, builder.build(), f"r.example/img{image}:latest")
+    raws = [hashlib.sha256(seed).digest() for seed in seeds]
+    # As a walk names them: the target, and its children (what the manifest cache holds).
+    return ImageRecord(digest_text(raws[0]), (PackedDigests([(raws[0], 1)]),
+                                              PackedDigests((raw, 1) for raw in raws[1:])),
+                       f"r.example/img{image}:latest")
 
 
 def memory(images: int, per: int) -> dict[str, float]:
@@ -57,7 +58,7 @@ def memory(images: int, per: int) -> dict[str, float]:
     try:
         builder = DigestTableBuilder()
         for r in records:
-            builder.extend(r.blobs)
+            r.add_to(builder)
         table = builder.build()
         traced["table"] = tracemalloc.get_traced_memory()[0] / 2**20
         del builder, table
@@ -93,7 +94,10 @@ async def measure(images: int, per: int, events: int) -> dict[str, list[float]]:
         figures["event"].append((time.perf_counter() - start) * 1e3)
         assert event.added, "the replacement added blobs"
         start = time.perf_counter()
-        union = DigestUnion(r.blobs for r in index.images.values())
+        builder = DigestTableBuilder()
+        for r in index.images.values():
+            r.add_to(builder)
+        union = DigestUnion(builder)
         rebuilt = DigestKeys(union.table, frozenset(
             tag for r in index.images.values() if (tag := r.tag_key()) is not None))
         built = time.perf_counter()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("aiohttp", "grpc", "numpy")
+HEAVY = ("aiohttp", "grpc", "grpclib", "numpy")
 
 _PROBE = """
 import runpy, sys

@@ -1,44 +1,40 @@
 """A small asyncio gRPC client for the parts of containerd's API meshmirror reads.
 
 Only images List/Get, content Info/List/Read and events Subscribe are called, so
-only those are declared in our own .proto files (see ``proto/``). Every request
-carries the ``containerd-namespace`` metadata, because containerd scopes images
-and content by namespace and answers NOT_FOUND for another namespace's records.
+only those are declared in our own .proto files (see ``proto/``); the calls are
+framed by `meshmirror.containerd.rpc` on `h2`, not grpcio (see there for why). Every
+request carries the ``containerd-namespace`` metadata, because containerd scopes
+images and content by namespace and answers NOT_FOUND for another namespace's records.
 
 gRPC errors are translated at this boundary: NOT_FOUND becomes the Store's
 ``NotFoundError`` and everything that means "containerd is not answering"
-becomes ``ContainerdUnavailableError``, so callers never import grpc.
+becomes ``ContainerdUnavailableError``, so callers never see a gRPC status.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
-from typing import Any
-
-import grpc
-import grpc.aio
 
 from meshmirror.containerd.proto import content_pb2, events_pb2, images_pb2
-from meshmirror.containerd.proto.content_pb2_grpc import ContentStub
-from meshmirror.containerd.proto.events_pb2_grpc import EventsStub
-from meshmirror.containerd.proto.images_pb2_grpc import ImagesStub
+from meshmirror.containerd.rpc import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    NOT_FOUND,
+    UNAVAILABLE,
+    UNKNOWN,
+    Channel,
+    RpcError,
+)
 from meshmirror.store.base import NotFoundError
 
 DEFAULT_NAMESPACE = "k8s.io"
 NAMESPACE_METADATA = "containerd-namespace"
 
-# containerd streams Read in 1 MiB messages; image and content listings of
-# 1,000 images / 20,000 blobs reach a few MiB, over gRPC's 4 MiB default.
-_MAX_MESSAGE = 64 * 1024 * 1024
-_UNAVAILABLE_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-    }
-)
+_UNAVAILABLE_CODES = frozenset({UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, UNKNOWN, INTERNAL})
+_IMAGES = "/containerd.services.images.v1.Images/"
+_CONTENT = "/containerd.services.content.v1.Content/"
+_EVENTS = "/containerd.services.events.v1.Events/"
 
 
 class ContainerdError(RuntimeError):
@@ -54,18 +50,18 @@ class ContainerdUnavailableError(NotFoundError):
     """
 
 
-def _translate(err: grpc.aio.AioRpcError, what: str) -> Exception:
-    code = err.code()
-    if code == grpc.StatusCode.NOT_FOUND:
+def _translate(err: RpcError, what: str) -> Exception:
+    if err.code == NOT_FOUND:
         return NotFoundError(f"{what}: not found in containerd")
-    if code in _UNAVAILABLE_CODES:
-        return ContainerdUnavailableError(f"{what}: containerd unavailable ({code.name}: "
-                                          f"{err.details()})")
-    return ContainerdError(f"{what}: containerd answered {code.name}: {err.details()}")
+    if err.code in _UNAVAILABLE_CODES:
+        return ContainerdUnavailableError(f"{what}: containerd unavailable ({err.name}: "
+                                          f"{err.details})")
+    return ContainerdError(f"{what}: containerd answered {err.name}: {err.details}")
 
 
 class ContainerdClient:
-    """One channel to one containerd socket, bound to one namespace."""
+    """One connection to one containerd socket, bound to one namespace; made on the
+    first call and again on the next call after it broke."""
 
     def __init__(self, socket_path: str, namespace: str = DEFAULT_NAMESPACE,
                  *, timeout: float = 10.0) -> None:
@@ -74,67 +70,43 @@ class ContainerdClient:
         self.socket_path = socket_path
         self.namespace = namespace
         self.timeout = timeout
-        self._metadata = ((NAMESPACE_METADATA, namespace),)
-        # Short reconnect backoff: after a containerd restart the store wants to
-        # notice within a fraction of a second, not grpc's default of up to 2 min.
-        self._channel = grpc.aio.insecure_channel(
-            f"unix://{socket_path}",
-            options=[
-                ("grpc.max_receive_message_length", _MAX_MESSAGE),
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 2000),
-            ],
-        )
-        # The generated service stubs carry no type hints (grpcio-tools writes
-        # none); the messages they return are typed through the .pyi files.
-        self._images = ImagesStub(self._channel)  # type: ignore[no-untyped-call]
-        self._content = ContentStub(self._channel)  # type: ignore[no-untyped-call]
-        self._events = EventsStub(self._channel)  # type: ignore[no-untyped-call]
+        self._channel = Channel(socket_path, ((NAMESPACE_METADATA, namespace),))
 
     async def close(self) -> None:
         await self._channel.close()
 
     async def list_images(self, filters: Sequence[str] = ()) -> list[images_pb2.Image]:
+        request = images_pb2.ListImagesRequest(filters=list(filters))
         try:
-            response: images_pb2.ListImagesResponse = await self._images.List(
-                images_pb2.ListImagesRequest(filters=list(filters)),
-                metadata=self._metadata, timeout=self.timeout,
-            )
-        except grpc.aio.AioRpcError as err:
+            data = await self._channel.unary(_IMAGES + "List", request.SerializeToString(),
+                                             self.timeout)
+        except RpcError as err:
             raise _translate(err, "list images") from err
-        return list(response.images)
+        return list(images_pb2.ListImagesResponse.FromString(data).images)
 
     async def get_image(self, name: str) -> images_pb2.Image:
+        request = images_pb2.GetImageRequest(name=name)
         try:
-            response: images_pb2.GetImageResponse = await self._images.Get(
-                images_pb2.GetImageRequest(name=name), metadata=self._metadata,
-                timeout=self.timeout,
-            )
-        except grpc.aio.AioRpcError as err:
+            data = await self._channel.unary(_IMAGES + "Get", request.SerializeToString(),
+                                             self.timeout)
+        except RpcError as err:
             raise _translate(err, f"image {name}") from err
-        return response.image
+        return images_pb2.GetImageResponse.FromString(data).image
 
     async def content_info(self, digest: str) -> content_pb2.Info:
+        request = content_pb2.InfoRequest(digest=digest)
         try:
-            response: content_pb2.InfoResponse = await self._content.Info(
-                content_pb2.InfoRequest(digest=digest), metadata=self._metadata,
-                timeout=self.timeout,
-            )
-        except grpc.aio.AioRpcError as err:
+            data = await self._channel.unary(_CONTENT + "Info", request.SerializeToString(),
+                                             self.timeout)
+        except RpcError as err:
             raise _translate(err, f"content {digest}") from err
-        return response.info
+        return content_pb2.InfoResponse.FromString(data).info
 
     async def list_content(self, filters: Sequence[str] = ()) -> list[content_pb2.Info]:
         """Every blob of the namespace in one streamed call, instead of one Info per blob."""
         out: list[content_pb2.Info] = []
-        call = self._content.List(content_pb2.ListContentRequest(filters=list(filters)),
-                                  metadata=self._metadata, timeout=self.timeout * 6)
-        try:
-            async for response in call:
-                out.extend(response.info)
-        except grpc.aio.AioRpcError as err:
-            raise _translate(err, "list content") from err
+        async for response in self._list_content(filters):
+            out.extend(response.info)
         return out
 
     async def content_digests(self, filters: Sequence[str] = ()) -> AsyncGenerator[str, None]:
@@ -142,54 +114,67 @@ class ContainerdClient:
         response's records are let go once their digests are read: the whole listing of
         100,000 blobs held at once (its parsed messages live as long as any of their
         records) cost a node over 30 MiB at the peak of a sync, and more after it."""
-        call = self._content.List(content_pb2.ListContentRequest(filters=list(filters)),
-                                  metadata=self._metadata, timeout=self.timeout * 6)
+        async for response in self._list_content(filters):
+            for info in response.info:
+                yield info.digest
+
+    async def _list_content(self, filters: Sequence[str]
+                            ) -> AsyncGenerator[content_pb2.ListContentResponse, None]:
+        request = content_pb2.ListContentRequest(filters=list(filters))
+        stream = self._channel.stream(_CONTENT + "List", request.SerializeToString(),
+                                      self.timeout * 6)
         try:
-            async for response in call:
-                for info in response.info:
-                    yield info.digest
-        except grpc.aio.AioRpcError as err:
+            async for data in stream:
+                yield content_pb2.ListContentResponse.FromString(data)
+        except RpcError as err:
             raise _translate(err, "list content") from err
+        finally:
+            await stream.aclose()
 
     async def read_content(self, digest: str, offset: int = 0, size: int = 0
                            ) -> AsyncGenerator[bytes, None]:
         """Stream a blob from ``offset``; ``size`` 0 means to the end, as containerd defines it."""
         if offset < 0 or size < 0:
             raise ValueError(f"offset and size must not be negative, got {offset}, {size}")
-        call = self._content.Read(
-            content_pb2.ReadContentRequest(digest=digest, offset=offset, size=size),
-            metadata=self._metadata,
-        )
+        request = content_pb2.ReadContentRequest(digest=digest, offset=offset, size=size)
+        stream = self._channel.stream(_CONTENT + "Read", request.SerializeToString())
         try:
-            async for response in call:
+            async for data in stream:
+                response = content_pb2.ReadContentResponse.FromString(data)
                 if response.data:
-                    yield bytes(response.data)
-        except grpc.aio.AioRpcError as err:
+                    yield response.data
+        except RpcError as err:
             raise _translate(err, f"read {digest}") from err
         finally:
-            call.cancel()
+            await stream.aclose()  # stopping early cancels the call at containerd
 
     def subscribe(self, filters: Iterable[str]) -> EventStream:
-        call = self._events.Subscribe(events_pb2.SubscribeRequest(filters=list(filters)),
-                                      metadata=self._metadata)
-        return EventStream(call)
+        request = events_pb2.SubscribeRequest(filters=list(filters))
+        return EventStream(self._channel.stream(_EVENTS + "Subscribe",
+                                                request.SerializeToString()))
 
 
 class EventStream:
     """A running events subscription; iterate for envelopes, ``cancel()`` to end it."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: AsyncGenerator[bytes, None]) -> None:
         self._call = call
+        self._cancelled = False
 
     def cancel(self) -> None:
-        self._call.cancel()
+        """End the subscription; its iteration, when running, ends with it."""
+        self._cancelled = True
 
     async def __aiter__(self) -> AsyncIterator[events_pb2.Envelope]:
         try:
-            async for envelope in self._call:
-                yield envelope
-        except grpc.aio.AioRpcError as err:
+            async for data in self._call:
+                if self._cancelled:
+                    return
+                yield events_pb2.Envelope.FromString(data)
+        except RpcError as err:
             raise _translate(err, "events subscription") from err
+        finally:
+            await self._call.aclose()
         # A stream that ends without an error still means containerd went away
         # (it never closes a subscription on its own).
         raise ContainerdUnavailableError("events subscription ended")

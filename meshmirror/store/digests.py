@@ -120,6 +120,37 @@ class PackedDigests:
             yield self._joined[start:start + width], value
             start += width
 
+    def __len__(self) -> int:
+        return len(self._widths)
+
+    def __eq__(self, other: object) -> bool:
+        """The same pairs: a re-walked image whose record equals the one held moves
+        nothing."""
+        if not isinstance(other, PackedDigests):
+            return NotImplemented
+        return other is self or (self._joined == other._joined and self._widths == other._widths
+                                 and self._values == other._values)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __contains__(self, raw: object) -> bool:
+        """A search of the joined buffer (in C), each hit checked to start a digest of
+        that width: asking every image whether it holds a deleted blob is one of these
+        per image, 1,000 of them well under a millisecond."""
+        if not isinstance(raw, bytes) or not raw:
+            return False
+        at = self._joined.find(raw)
+        while at >= 0:
+            start = 0
+            for width in self._widths:
+                if start >= at:
+                    if start == at and width == len(raw):
+                        return True
+                    break
+                start += width
+            at = self._joined.find(raw, at + 1)
+        return False
+
 
 class DigestTable:
     """Raw digests, each with a number (what the store packs about the blob); immutable."""
@@ -160,26 +191,6 @@ class DigestTable:
         at = int(np.searchsorted(digests, np.frombuffer(raw, dtype=digests.dtype)[0]))
         if at < len(digests) and digests[at:at + 1].tobytes() == raw:
             values[at] |= np.uint64(bits)
-
-    def carry_bits(self, old: DigestTable, mask: int) -> None:
-        """OR into each number here the ``mask`` bits ``old`` holds for the same digest."""
-        for width, (digests, values) in self._tables.items():
-            theirs = old._tables.get(width)
-            if theirs is None or not len(theirs[0]) or not len(digests):
-                continue
-            at = np.minimum(np.searchsorted(theirs[0], digests), len(theirs[0]) - 1)
-            found = theirs[0][at] == digests
-            values[found] |= theirs[1][at[found]] & np.uint64(mask)
-
-    def without(self, raw: bytes) -> DigestTable:
-        """This table less one digest (a new table; this one is never changed)."""
-        tables = dict(self._tables)
-        table = tables.get(len(raw))
-        if table is not None:
-            digests, values = table
-            keep = digests != np.frombuffer(raw, dtype=digests.dtype)[0]
-            tables[len(raw)] = (digests[keep], values[keep])
-        return DigestTable(tables)
 
     def same_digests(self, other: DigestTable) -> bool:
         """Whether both hold the same digests (their numbers aside)."""
@@ -359,6 +370,42 @@ def _raws(digests: npt.NDArray[np.bytes_]) -> Iterator[bytes]:
         yield buffer[start:start + width].tobytes()
 
 
+class DigestSet:
+    """Raw digests collected only to be asked about (containerd's content listing, which
+    a full sync checks each walked blob against), sorted in place in the buffer they
+    were collected in: 3.2 MiB at 100,000 digests, where a `DigestTable` built from
+    them (numbers, a sort order, copies) took three times that at its peak."""
+
+    __slots__ = ("_buffers", "_sorted")
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, bytearray] = {}
+        self._sorted: dict[int, npt.NDArray[np.bytes_]] | None = None
+
+    def add(self, raw: bytes) -> None:
+        if self._sorted is not None:
+            raise ValueError("a DigestSet is sealed by its first lookup")
+        buffer = self._buffers.get(len(raw))
+        if buffer is None:
+            buffer = self._buffers[len(raw)] = bytearray()
+        buffer += raw
+
+    def __contains__(self, raw: object) -> bool:
+        if not isinstance(raw, bytes):
+            return False
+        if self._sorted is None:
+            self._sorted = {}
+            for width, buffer in self._buffers.items():
+                digests = np.frombuffer(buffer, dtype=f"S{width}")
+                digests.sort()  # in the bytearray itself: no copy
+                self._sorted[width] = digests
+        held = self._sorted.get(len(raw))
+        if held is None or not len(held):
+            return False
+        at = int(np.searchsorted(held, np.frombuffer(raw, dtype=held.dtype)[0]))
+        return at < len(held) and held[at:at + 1].tobytes() == raw
+
+
 class DigestTableBuilder:
     """Collects (raw digest, number) pairs in flat buffers, never one object a blob, so
     building a table of 100,000 costs about what the table does; the first number given
@@ -378,6 +425,22 @@ class DigestTableBuilder:
                 self._values[width] = array("Q")
             self._digests[width] += digests.tobytes()
             self._values[width].frombytes(values.tobytes())
+
+    def extend_packed(self, packed: PackedDigests, skip: Set[bytes] = frozenset()) -> None:
+        """Add each pair of ``packed`` but those in ``skip``: whole buffers at once when
+        it holds digests of one width and skips none (a manifest's children, always)."""
+        widths = packed._widths
+        if not skip and widths and widths.count(widths[0]) == len(widths):
+            width = widths[0]
+            if width not in self._digests:
+                self._digests[width] = bytearray()
+                self._values[width] = array("Q")
+            self._digests[width] += packed._joined
+            self._values[width].extend(packed._values)
+            return
+        for raw, value in packed:
+            if raw not in skip:
+                self.add(raw, value)
 
     def add(self, raw: bytes, value: int) -> None:
         width = len(raw)
@@ -436,10 +499,15 @@ class DigestUnion:
 
     __slots__ = ("_counts", "_table")
 
-    def __init__(self, tables: Iterable[DigestTable] = ()) -> None:
-        builder = DigestTableBuilder()
-        for table in tables:
-            builder.extend(table)
+    def __init__(self, tables: Iterable[DigestTable] | DigestTableBuilder = ()) -> None:
+        """From the members' tables, or from a builder holding what they add up to
+        (digests added once per member that holds them)."""
+        if isinstance(tables, DigestTableBuilder):
+            builder = tables
+        else:
+            builder = DigestTableBuilder()
+            for table in tables:
+                builder.extend(table)
         self._table, self._counts = builder.build_counted()
 
     @property

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from meshmirror.containerd.client import ContainerdUnavailableError
-from meshmirror.containerd.store import ContainerdStore
+from meshmirror.containerd.store import ContainerdStore, ImageIndex, ImageRecord
 from meshmirror.store.base import KeyEvent, NotFoundError
 from tests.containerd.conftest import READY_WITHIN, ImageFactory, import_image, wait_keys
 from tests.support.containerd import NAMESPACE, Containerd
@@ -257,3 +257,47 @@ async def test_ctr_pull_from_a_registry(containerd: Containerd, tmp_path: Path) 
             containerd.ctr("images", "rm", image.name)
             await changes.wait(removed=want)
             assert await store.keys() == frozenset()
+
+
+async def test_a_resync_that_changes_many_images_lets_the_loop_serve_between_them(
+        make_image: ImageFactory, tmp_path: Path, containerd_version: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each image a re-sync changes moves the union's arrays; hundreds held the loop
+    for seconds in one go. Here the socket moves to a containerd with other images: a
+    task that runs whenever the loop gets control must run between any two changes."""
+    olds = [make_image(f"docker.io/library/old{n}:1", (100,), seed=100 + n) for n in range(6)]
+    new = make_image("docker.io/library/new:1", (100,), seed=99)
+    ticks = 0
+    seen: list[int] = []
+    put = ImageIndex.put
+
+    def counted(index: ImageIndex, name: str, record: ImageRecord | None) -> None:
+        seen.append(ticks)
+        put(index, name, record)
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    link = tmp_path / "ctrd.sock"
+    with Containerd(version=containerd_version) as first, \
+            Containerd(version=containerd_version) as second:
+        for old in olds:
+            import_image(first, old)
+        import_image(second, new)
+        os.symlink(first.socket, link)
+        async with _store(link) as store:
+            assert await store.wait_ready(READY_WITHIN)
+            monkeypatch.setattr(ImageIndex, "put", counted)
+            ticker = asyncio.create_task(tick())
+            try:
+                link.unlink()
+                os.symlink(second.socket, link)
+                first.stop()
+                await wait_keys(store, new.keys(), within=10.0, exact=True)
+            finally:
+                ticker.cancel()
+    assert len(seen) == len(olds) + 1
+    assert len(set(seen)) == len(seen), seen

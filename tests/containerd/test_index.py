@@ -18,7 +18,7 @@ from meshmirror.containerd.store import ImageIndex, ImageRecord
 from meshmirror.store.digests import (
     DigestKeys,
     DigestTable,
-    DigestTableBuilder,
+    PackedDigests,
     digest_text,
 )
 
@@ -71,11 +71,11 @@ class _Model:
 
 
 def _record(name: str, blobs: dict[bytes, int], target: bytes) -> ImageRecord:
-    builder = DigestTableBuilder()
-    for raw, media in blobs.items():
-        builder.add(raw, media)
+    """Blobs in two parts, as a walk names a target and a manifest's children."""
+    pairs = list(blobs.items())
     tag = name if not name.startswith("sha256:") else None
-    return ImageRecord(digest_text(target), builder.build(), tag)
+    return ImageRecord(digest_text(target),
+                       (PackedDigests(pairs[:1]), PackedDigests(pairs[1:])), tag)
 
 
 def _check(index: ImageIndex, model: _Model) -> None:
@@ -146,22 +146,65 @@ def test_index_matches_a_model_through_random_changes(seed: int) -> None:
         assert (set(added), set(removed)) == (old_keys - new_keys, new_keys - old_keys)
 
 
-def test_a_resync_carries_sizes_into_a_union_built_whole() -> None:
+def test_a_resync_changes_the_union_in_place_and_keeps_what_it_learned() -> None:
     index = ImageIndex()
     shared, only_a, only_b = POOL[0], POOL[1], POOL[2]
     index.put("r.example/a:1", _record("r.example/a:1", {shared: 1, only_a: 2}, shared))
     index.put("r.example/b:1", _record("r.example/b:1", {shared: 3, only_b: 1}, only_b))
     index.learn_size(shared, 10)
     index.learn_size(only_a, 20)
-    fresh = ImageIndex(_previous=index.blobs())
-    fresh.put("r.example/b:1", _record("r.example/b:1", {shared: 3, only_b: 1}, only_b))
-    assert fresh.size(shared) == 10 and fresh.size(only_a) is None
-    assert set(fresh.keys()) == {digest_text(shared), digest_text(only_b), "r.example/b:1"}
-    # and from here on it changes one image at a time, keeping what it learned
-    fresh.put("r.example/c:1", _record("r.example/c:1", {only_a: 0, shared: 0}, only_a))
-    assert fresh.size(shared) == 10 and fresh.size(only_a) is None
-    assert fresh.blobs().get(shared) == (11 << _SIZE_SHIFT) | 3
-    fresh.put("r.example/b:1", None)
-    fresh.put("r.example/c:1", None)
-    assert len(fresh.blobs()) == 0 and set(fresh.keys()) == set()
-    assert isinstance(fresh.blobs(), DigestTable)
+    table = index.blobs()
+    # A re-sync walks every image again: records equal to those held move nothing.
+    index.put("r.example/a:1", _record("r.example/a:1", {shared: 1, only_a: 2}, shared))
+    index.put("r.example/b:1", _record("r.example/b:1", {shared: 3, only_b: 1}, only_b))
+    assert index.blobs() is table
+    # An image gone and another changed: the digests still held keep their sizes.
+    index.put("r.example/a:1", None)
+    assert index.size(shared) == 10 and index.size(only_a) is None
+    assert set(index.keys()) == {digest_text(shared), digest_text(only_b), "r.example/b:1"}
+    index.put("r.example/c:1", _record("r.example/c:1", {only_a: 0, shared: 0}, only_a))
+    assert index.size(shared) == 10 and index.size(only_a) is None
+    assert index.blobs().get(shared) == (11 << _SIZE_SHIFT) | 1
+    index.put("r.example/b:1", None)
+    index.put("r.example/c:1", None)
+    assert len(index.blobs()) == 0 and set(index.keys()) == set()
+    assert isinstance(index.blobs(), DigestTable)
+
+
+def test_a_record_names_its_blobs_less_those_absent() -> None:
+    shared, layer, gone = POOL[0], POOL[1], POOL[2]
+    record = ImageRecord(digest_text(shared), (PackedDigests([(shared, 1)]),
+                                               PackedDigests([(layer, 2), (gone, 2)])),
+                         "r.example/a:1")
+    assert record.holds(gone) and record.tag_key() == "r.example/a:1"
+    less = record.without(gone)
+    assert set(less.blobs()) == {shared, layer} and not less.holds(gone)
+    assert less.without(shared).tag_key() is None  # what the tag points at is gone
+    # A digest found inside another's bytes, not at a digest's start, is not held.
+    assert not record.holds(layer[1:] + gone[:1])
+
+
+def test_a_blob_an_image_names_twice_leaves_with_the_image() -> None:
+    """The union is first built from every record at once: a layer one manifest lists
+    twice (identical empty layers), or two of an index's manifests share, counts once
+    for its image, or deleting the image left it advertised for good (a re-sync changes
+    the union in place and never rebuilds it)."""
+    index, model = ImageIndex(), _Model()
+    target, manifest, config, layer, other = POOL[:5]
+    twice = ImageRecord(digest_text(target), (
+        PackedDigests([(target, 1)]), PackedDigests([(manifest, 1), (other, 1)]),
+        PackedDigests([(config, 2), (layer, 3), (layer, 3)]),  # one layer listed twice
+        PackedDigests([(config, 2), (layer, 3)])), "r.example/a:1")  # shared by another
+    index.put("r.example/a:1", twice)
+    model.put("r.example/a:1", (target, {target: 1, manifest: 1, other: 1, config: 2,
+                                         layer: 3}))
+    index.put("r.example/b:1", _record("r.example/b:1", {other: 1, layer: 3}, other))
+    model.put("r.example/b:1", (other, {other: 1, layer: 3}))
+    _check(index, model)  # the first build, from every record
+    index.put("r.example/b:1", None)
+    model.put("r.example/b:1", None)
+    _check(index, model)
+    index.put("r.example/a:1", None)
+    model.put("r.example/a:1", None)
+    _check(index, model)
+    assert len(index.blobs()) == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from meshmirror.containerd.store import ContainerdStore, image_tag_key
 from meshmirror.oci import mediatypes as mt
 from meshmirror.oci.digest import Digest
+from meshmirror.oci.imagebuilder import BuiltImage, canonical_json, write_archive, write_blob
 from meshmirror.store.base import NotFoundError
 from tests.containerd.conftest import READY_WITHIN, ImageFactory, import_image, wait_keys
 from tests.support.containerd import NAMESPACE, Containerd
@@ -193,3 +196,60 @@ async def test_other_namespace_is_invisible(containerd: Containerd, store: Conta
     with pytest.raises(NotFoundError):
         await store.resolve(image.registry, image.repository, image.tag)
     assert await store.keys() == frozenset()
+
+
+def _layer_twice(image: BuiltImage, archive: Path) -> BuiltImage:
+    """``image`` with its one layer listed twice, as builders that write identical empty
+    layers make them."""
+    plat = image.platforms[0]
+    config_doc = json.loads(image.blob_path(plat.config.digest).read_bytes())
+    config_doc["rootfs"]["diff_ids"] *= 2
+    config_doc["history"] *= 2
+    config = write_blob(image.layout, canonical_json(config_doc), plat.config.media_type)
+    manifest = write_blob(image.layout, canonical_json({
+        "schemaVersion": 2, "mediaType": plat.manifest.media_type,
+        "config": config.descriptor(), "layers": [plat.layers[0].descriptor()] * 2,
+    }), plat.manifest.media_type)
+    twice = dataclasses.replace(image, root=manifest, platforms=(
+        dataclasses.replace(plat, manifest=manifest, config=config),))
+    write_archive(twice, archive)
+    return dataclasses.replace(twice, archive=archive)
+
+
+async def test_a_layer_listed_twice_leaves_with_its_image(containerd: Containerd,
+                                                         make_image: ImageFactory,
+                                                         tmp_path: Path) -> None:
+    """Synced at start (the union's first build), then deleted: nothing stays advertised."""
+    image = _layer_twice(make_image("docker.io/library/twice:1", (1000,), seed=41),
+                         tmp_path / "twice.tar")
+    import_image(containerd, image)
+    async with ContainerdStore(containerd.socket, NAMESPACE, containerd.content_path,
+                               resync_interval=3600.0) as store:
+        assert await store.wait_ready(READY_WITHIN)
+        assert await store.keys() == image.keys()
+        containerd.ctr("images", "rm", image.name)
+        await wait_keys(store, frozenset(), exact=True)
+
+
+async def test_an_image_naming_a_manifest_with_a_wrong_type_hides_no_other_image(
+        containerd: Containerd, make_image: ImageFactory, tmp_path: Path) -> None:
+    """An index that names another image's OCI manifest with the Docker type (containerd
+    imports it) cannot be walked there; walked first (its name sorts first), it left
+    that manifest cached with no children, and the other image's config and layers
+    unadvertised for as long as it was held."""
+    victim = make_image("docker.io/library/victim:1", (1000, 2000), seed=51)
+    manifest = victim.platforms[0].manifest
+    index = write_blob(victim.layout, canonical_json({
+        "schemaVersion": 2, "mediaType": mt.OCI_INDEX,
+        "manifests": [dataclasses.replace(manifest, media_type=mt.DOCKER_MANIFEST).descriptor(
+            platform={"os": "linux", "architecture": "amd64"})],
+    }), mt.OCI_INDEX)
+    other = dataclasses.replace(victim, name="docker.io/library/a-other:1",
+                                repository="library/a-other", root=index, index=index)
+    write_archive(other, tmp_path / "other.tar")
+    import_image(containerd, victim)
+    containerd.ctr("images", "import", "--no-unpack", str(tmp_path / "other.tar"))
+    async with ContainerdStore(containerd.socket, NAMESPACE, containerd.content_path,
+                               resync_interval=3600.0) as store:
+        assert await store.wait_ready(READY_WITHIN)
+        assert await store.keys() == victim.keys() | {str(index.digest), other.tag_key}

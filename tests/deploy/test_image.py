@@ -138,6 +138,6 @@ def test_arm64_rootfs_runs_meshmirror_under_qemu(archive: Path, tmp_path: Path) 
     assert chroot("/opt/meshmirror/bin/meshmirror", "--version") == f"meshmirror {__version__}"
     # The compiled wheels are the arm64 ones: each extension module loads.
     assert chroot("/opt/meshmirror/bin/python", "-c",
-                  "import platform, numpy, grpc, msgpack, yaml, aiohttp, "
+                  "import platform, numpy, multidict._multidict, msgpack, yaml, aiohttp, "
                   "cryptography.hazmat.primitives.ciphers.aead, meshmirror.node; "
                   "print(platform.machine())") == "aarch64"

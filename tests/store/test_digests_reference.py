@@ -49,18 +49,13 @@ def test_table_answers_like_a_dict(pairs: list[tuple[bytes, int]],
         assert (raw in table) == (raw in reference)
     assert set(table.difference(other)) == reference.keys() - other_ref.keys()
     assert table.same_digests(other) == (reference.keys() == other_ref.keys())
-    for raw in [*reference, *probes][:5]:
-        smaller = table.without(raw)
-        assert sorted(smaller) == sorted(r for r in reference if r != raw)
-        assert table.get(raw) == reference.get(raw)  # the original is unchanged
-    # Numbers learned later (set_bits) carry into a rebuilt table for the same digests.
-    for raw in list(reference)[:3]:
+    # Numbers learned later (set_bits) are ORed into the digests held, and only those.
+    for raw in [*list(reference)[:3], *probes[:2]]:
         table.set_bits(raw, bits)
-        reference[raw] |= bits
-    rebuilt, _ = _build([(raw, 0) for raw in reference] + others)
-    rebuilt.carry_bits(table, bits)
-    for raw in reference:
-        assert rebuilt.get(raw) == reference[raw] & bits
+        if raw in reference:
+            reference[raw] |= bits
+    for raw in [*reference, *probes]:
+        assert table.get(raw) == reference.get(raw)
 
 
 @settings(max_examples=100, deadline=None)
