@@ -26,12 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from meshmirror.oci.imagebuilder import build_image
 from tests.reliability.rogue import BODY_KINDS, Rogue, claiming_summary
 from tests.support.containerd import Containerd, dead_upstream, write_hosts
 from tests.support.http import timed_sha256
-from tests.support.node import RunningNode, held_epoch, start_node
-from tests.support.processes import stop, wait_until
+from tests.support.node import RunningNode, held_epoch, holder_and_puller
+from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.real]
 
@@ -52,28 +51,16 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("sick-hop")
-    seeded, empty = workdir / "seeded", workdir / "empty"
-    seeded.mkdir()
-    empty.mkdir()
     # One layer per case and one to find the holder with.
-    image = build_image("docker.io/library/sick:1", seeded, [LAYER] * (len(BODY_KINDS) + 1),
-                        seed=23)
-    layers = [str(layer.digest) for layer in image.platforms[0].layers]
-    holder = start_node(f"oci:{seeded}", workdir / "holder.log", ("--node-name", "holder"))
-    puller = None
-    try:
-        puller = start_node(f"oci:{empty}", workdir / "puller.log",
-                            ("--node-name", "puller", "--join", holder.mesh,
-                             "--mirror-spool-dir", str(workdir)))
+    with holder_and_puller(workdir, "docker.io/library/sick:1",
+                           [LAYER] * (len(BODY_KINDS) + 1), "--mirror-spool-dir",
+                           str(workdir), seed=23, puller="puller") as (holder, puller, image):
+        layers = [str(layer.digest) for layer in image.platforms[0].layers]
         url = blob_url(puller, layers[-1])
         wait_until(lambda: timed_sha256(url)[0] == layers[-1], 30,
                    "the puller to find the holder's blobs")
-        yield Cluster(holder, puller, seeded, dict(zip(BODY_KINDS, layers, strict=False)),
-                      workdir)
-    finally:
-        for node in (puller, holder):
-            if node is not None:
-                stop(node.proc)
+        yield Cluster(holder, puller, workdir / "seeded",
+                      dict(zip(BODY_KINDS, layers, strict=False)), workdir)
 
 
 def blob_url(node: RunningNode, digest: str) -> str:
@@ -151,18 +138,11 @@ def test_containerd_pulls_through_a_peer_that_lies_about_the_size(tmp_path: Path
     a rogue claims the layer and sends it gzip-compressed with the compressed length:
     the layer must come from the holder, verified, with the blob's own length (a 404
     sends containerd to the dead upstream and the pull fails)."""
-    seeded, empty = tmp_path / "seeded", tmp_path / "empty"
-    seeded.mkdir()
-    empty.mkdir()
-    image = build_image("docker.io/library/liar:1", seeded, [LAYER], seed=29)
-    layer = image.platforms[0].layers[0]
-    blob = (seeded / "blobs" / "sha256" / layer.digest.hex).read_bytes()
-    holder = start_node(f"oci:{seeded}", tmp_path / "holder.log", ("--node-name", "holder"))
-    puller = None
-    try:
-        puller = start_node(f"oci:{empty}", tmp_path / "puller.log",
-                            ("--node-name", "puller", "--join", holder.mesh,
-                             "--mirror-spool-dir", str(tmp_path)))
+    with holder_and_puller(tmp_path, "docker.io/library/liar:1", [LAYER],
+                           "--mirror-spool-dir", str(tmp_path), seed=29,
+                           puller="puller") as (_, puller, image):
+        layer = image.platforms[0].layers[0]
+        blob = (tmp_path / "seeded" / "blobs" / "sha256" / layer.digest.hex).read_bytes()
         wait_until(lambda: held_epoch(puller, "holder") is not None, 30,
                    "the puller to hold the holder's summary")
         with Rogue("gzip", claiming_summary([str(layer.digest)], epoch=7), len(blob),
@@ -178,7 +158,3 @@ def test_containerd_pulls_through_a_peer_that_lies_about_the_size(tmp_path: Path
             assert str(layer.digest) in containerd.ctr("content", "ls", "-q").stdout.split()
         assert blamed(puller, "rogue-gzip") >= 1
         assert blamed(puller, "holder") == 0
-    finally:
-        for node in (puller, holder):
-            if node is not None:
-                stop(node.proc)
