@@ -8,7 +8,7 @@ machine). A connect storm gains little from it, as the registry's listener handl
 storm's connections with bare system calls and never gives them a transport
 (benchmarks/RESULTS.md, "Hostile clients, attacker on its own CPU"); every honest
 connection, peer fetch and gossip stream does go through the loop. Everything the
-node uses runs on it unchanged: aiohttp, Hypercorn's protocol, grpc.aio,
+node uses runs on it unchanged: aiohttp, Hypercorn's protocol, grpclib,
 ``add_reader``/``add_writer`` on duplicated descriptors, signal handlers. Tests that
 start a server in-process mostly keep pytest's asyncio loop, so the code runs under
 both.

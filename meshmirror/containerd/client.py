@@ -1,8 +1,8 @@
 """A small asyncio gRPC client for the parts of containerd's API meshmirror reads.
 
 Only images List/Get, content Info/List/Read and events Subscribe are called, so
-only those are declared in our own .proto files (see ``proto/``); the calls are
-framed by `meshmirror.containerd.rpc` on `h2`, not grpcio (see there for why). Every
+only those are declared in our own .proto files (see ``proto/``); the calls go
+through `meshmirror.containerd.rpc` on grpclib, not grpcio (see there for why). Every
 request carries the ``containerd-namespace`` metadata, because containerd scopes
 images and content by namespace and answers NOT_FOUND for another namespace's records.
 
