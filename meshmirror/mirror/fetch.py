@@ -32,10 +32,10 @@ Once a peer has answered, the request has a deadline
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Protocol
 
+from meshmirror.contentrange import ContentRangeError, parse_content_range
 from meshmirror.mirror.body import Chunk, FileKeep
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.client import PeerClient, PeerResponse, RangePastEnd
@@ -289,11 +289,12 @@ class BlobFetch:
         except PeerFailure as failure:
             return failure.reason is not FailureReason.BAD_STATUS
         try:
-            match = re.fullmatch(r"bytes \d+-\d+/(\d+)",
-                                 opened.response.headers.get("Content-Range", ""))
-            return match is not None and int(match.group(1)) == self._size
+            said = parse_content_range(opened.response.headers.get("Content-Range"))
+        except ContentRangeError:
+            return False
         finally:
             opened.release()
+        return said.total == self._size
 
     def stream(self, start: int, end: int) -> StreamBody:
         """Bytes [start, end) of the blob, hashed from byte 0; the last piece is held
@@ -407,11 +408,14 @@ class BlobFetch:
                 raise PeerFailure(FailureReason.BAD_HEADERS, "no Content-Length")
             self._size = length
             return
-        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers.get("Content-Range", ""))
-        if match is None or int(match.group(1)) != offset:
-            raise PeerFailure(FailureReason.BAD_HEADERS,
-                              f"Content-Range {headers.get('Content-Range')!r}")
-        if int(match.group(3)) != self._size:
+        value = headers.get("Content-Range")
+        try:
+            said = parse_content_range(value)
+        except ContentRangeError as err:
+            raise PeerFailure(FailureReason.BAD_HEADERS, str(err)) from None
+        if said.first != offset or said.total is None:
+            raise PeerFailure(FailureReason.BAD_HEADERS, f"Content-Range {value!r}")
+        if said.total != self._size:
             raise _SizeChanged(opened.peer)
 
     async def _next_source(self, offset: int, failure: PeerFailure) -> bool:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -57,6 +56,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from meshmirror.contentrange import ContentRangeError, parse_content_range
 from meshmirror.mirror.client import PeerClient, PeerResponse
 from meshmirror.mirror.errors import FailureReason, PeerFailure, SinkFailure
 from meshmirror.mirror.fetch import Sink, held_body
@@ -589,9 +589,6 @@ class TreeStream:
             return size
 
 
-_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-[0-9]{1,19}/([0-9]{1,19})")
-
-
 def _size_of(opened: PeerResponse, offset: int) -> int | None:
     """The whole blob's size from a 200 or a 206 (its Content-Range); None for a 206 that
     does not start at ``offset``: its bytes would land in the wrong place (a stripe that
@@ -599,10 +596,11 @@ def _size_of(opened: PeerResponse, offset: int) -> int | None:
     response = opened.response
     if response.status == 200:
         return response.content_length
-    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
-    if match is None or int(match.group(1)) != offset:
+    try:
+        said = parse_content_range(response.headers.get("Content-Range"))
+    except ContentRangeError:
         return None
-    return int(match.group(2))
+    return said.total if said.first == offset else None
 
 
 class TreeSource:

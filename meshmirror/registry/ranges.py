@@ -25,6 +25,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from meshmirror.contentrange import ContentRange
+
 # 19 digits keeps every value inside a signed 64-bit integer, as Go clients
 # and servers require, and far from Python's int-from-string digit limit.
 _FIRST_LAST_RE = re.compile(r"([0-9]{1,19})-([0-9]{1,19})?")
@@ -58,7 +60,7 @@ class ByteRange:
         return self.offset + self.length - 1
 
     def content_range(self) -> str:
-        return f"bytes {self.offset}-{self.last}/{self.size}"
+        return ContentRange(self.offset, self.last, self.size).header()
 
 
 @dataclass(frozen=True, slots=True)

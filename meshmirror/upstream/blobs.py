@@ -19,13 +19,13 @@ only the whole blob can be checked against its digest.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
 import aiohttp
 
+from meshmirror.contentrange import parse_content_range
 from meshmirror.oci import mediatypes
 from meshmirror.oci.digest import Digest
 from meshmirror.oci.manifest import MAX_MANIFEST_SIZE
@@ -44,7 +44,6 @@ DEFAULT_FIRST_BYTE_TIMEOUT = 10.0
 DEFAULT_STALL_TIMEOUT = 10.0
 DEFAULT_CHUNK = 1024 * 1024
 _MAX_REDIRECTS = 5  # blob GETs are commonly redirected to object storage
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
 
 class UpstreamStall(Exception):
@@ -261,10 +260,11 @@ class UpstreamContent:
 def _extent(response: aiohttp.ClientResponse, offset: int) -> tuple[int, int]:
     """The whole blob's size and the prefix to skip, from a 200 or 206 to ``offset``."""
     if response.status == 206:
-        match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
-        if match is None or int(match.group(1)) != offset:
-            raise ValueError(f"Content-Range {response.headers.get('Content-Range')!r}")
-        return int(match.group(3)), 0
+        value = response.headers.get("Content-Range")
+        said = parse_content_range(value)  # a ContentRangeError is a ValueError
+        if said.first != offset or said.total is None:
+            raise ValueError(f"Content-Range {value!r}")
+        return said.total, 0
     length = response.content_length
     if length is None:
         raise ValueError("no Content-Length")
