@@ -1,4 +1,5 @@
-"""The committed gRPC stubs match the .proto files, and the protos match containerd's names."""
+"""The committed protobuf messages match the .proto files, and the protos match containerd's
+names."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ PROTO_DIR = REPO / "meshmirror" / "containerd" / "proto"
 
 
 def _generated(directory: Path) -> dict[str, bytes]:
+    """Every generated-looking file, grpcio service stubs included, so one that comes back
+    (committed, or generated again) fails the comparison."""
     return {p.name: p.read_bytes() for p in directory.iterdir()
             if p.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))}
 
