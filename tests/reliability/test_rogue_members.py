@@ -22,11 +22,10 @@ from pathlib import Path
 import pytest
 
 from meshmirror.mirror.options import MirrorConfig
-from meshmirror.oci.imagebuilder import build_image
 from tests.reliability.rogue import KINDS, Rogue, all_ones_summary, claiming_summary
 from tests.support.http import timed_sha256
-from tests.support.node import RunningNode, held_epoch, start_node
-from tests.support.processes import stop, wait_until
+from tests.support.node import RunningNode, held_epoch, holder_and_puller
+from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.real]
 
@@ -53,28 +52,19 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("rogues")
-    seeded, empty = workdir / "seeded", workdir / "empty"
-    seeded.mkdir()
-    empty.mkdir()
-    image = build_image("docker.io/library/app:1", seeded, [BLOB_SIZE], seed=5)
-    layer = image.platforms[0].layers[0]
-    holder = start_node(f"oci:{seeded}", workdir / "holder.log", ("--node-name", "holder"))
-    puller = None
     try:
         # No blob cache: each of the 20 GETs must ask peers again, which a cached
         # blob would not (tests/reliability/test_single_flight.py covers the cache).
-        puller = start_node(f"oci:{empty}", workdir / "puller.log",
-                            ("--node-name", "puller", "--join", holder.mesh,
-                             "--mirror-spool-dir", str(workdir),
-                             "--upstream-cache-limit", "0"))
-        url = f"http://{puller.address}/v2/library/app/blobs/{layer.digest}?ns=docker.io"
-        wait_until(lambda: timed_sha256(url)[0] == str(layer.digest), 30,
-                   "the puller to find the blob through the holder's summary")
-        yield Cluster(holder, puller, url, str(layer.digest), workdir)
+        with holder_and_puller(workdir, "docker.io/library/app:1", [BLOB_SIZE],
+                               "--mirror-spool-dir", str(workdir),
+                               "--upstream-cache-limit", "0",
+                               seed=5, puller="puller") as (holder, puller, image):
+            layer = image.platforms[0].layers[0]
+            url = f"http://{puller.address}/v2/library/app/blobs/{layer.digest}?ns=docker.io"
+            wait_until(lambda: timed_sha256(url)[0] == str(layer.digest), 30,
+                       "the puller to find the blob through the holder's summary")
+            yield Cluster(holder, puller, url, str(layer.digest), workdir)
     finally:
-        for node in (puller, holder):
-            if node is not None:
-                stop(node.proc)
         if FIGURES:
             print("\nrogue member figures (20 sequential GETs each):")
             for case, line in FIGURES.items():
