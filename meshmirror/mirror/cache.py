@@ -87,10 +87,13 @@ class CacheEntry:
         self._extents: list[list[int]] | None = None
         self._cache = cache
         self._recent: OrderedDict[tuple[int, int], asyncio.Future[bytes]] = OrderedDict()
-        # Owned here; `BlobCache._drop` closes it.
-        self._file: IO[bytes] = open(path, "w+b", buffering=0)  # noqa: SIM115
+        # Owned here; closed by `BlobCache._drop`, and by `BlobCache.unpin` for a complete
+        # entry nobody reads (`reopen` opens it again for the next reader).
+        self._file: IO[bytes] | None = open(path, "w+b", buffering=0)  # noqa: SIM115
 
     def fileno(self) -> int:
+        if self._file is None:
+            raise ValueError(f"cache file {self.path.name} is closed")
         return self._file.fileno()
 
     def write(self, chunk: Chunk) -> None:
@@ -118,7 +121,7 @@ class CacheEntry:
     def reset(self) -> None:
         """Forget what was written (the bytes failed verification), stripes included."""
         if self._dirty:
-            self._file.truncate(0)
+            os.ftruncate(self.fileno(), 0)
             self._dirty = False
         self.written = 0
         self._extents = None
@@ -231,8 +234,15 @@ class CacheEntry:
         self._recent.clear()
 
     def close_file(self) -> None:
-        with contextlib.suppress(OSError):
-            self._file.close()
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
+
+    def reopen(self) -> None:
+        """Open the file again if `close_file` closed it (raises OSError if it cannot)."""
+        if self._file is None:
+            self._file = open(self.path, "r+b", buffering=0)  # noqa: SIM115
 
 
 class BlobCache:
@@ -273,9 +283,23 @@ class BlobCache:
             return self._held
 
     def open(self, key: str) -> CacheEntry | None:
-        """The complete entry for ``key``, pinned (`unpin` it when done), or None."""
+        """The complete entry for ``key``, pinned (`unpin` it when done), or None.
+
+        An entry nobody reads has its file closed (`unpin`): a descriptor per complete
+        entry would let many small blobs, which ``limit`` counts in bytes only, use up
+        the process's descriptors. It is opened again here; one that cannot be (its
+        file removed under us, or no descriptor left) is a miss.
+        """
         entry = self._complete.get(key)
         if entry is None:
+            return None
+        try:
+            entry.reopen()
+        except FileNotFoundError:
+            del self._complete[key]
+            self._drop(entry)
+            return None
+        except OSError:
             return None
         self._complete.move_to_end(key)
         self.pin(entry)
@@ -336,6 +360,8 @@ class BlobCache:
             self._held -= entry.size
         if not entry.complete or self._complete.get(entry.key) is not entry:
             self._drop(entry)
+        else:
+            entry.close_file()  # `open` opens it again: see there
 
     def discard(self, entry: CacheEntry) -> None:
         """``entry`` will never complete (its fetch failed): it goes with its last pin."""
