@@ -145,7 +145,7 @@ class FileKeep(Protocol):
 
 
 class _Unspliceable(Exception):
-    """The socket cannot be spliced from: receive the body instead."""
+    """The socket cannot be spliced from, or the file into: receive the body instead."""
 
 
 class _Landed:
@@ -432,7 +432,7 @@ class BodyPump:
         """The rest of the body from the socket into ``into``'s file through a pipe.
 
         Raises `_Unspliceable`, with nothing read and nothing taken, when the socket
-        refuses to splice.
+        refuses to splice; when the file does, once the bytes read are kept (`_unspliced`).
         """
         if not self._take(self._chunk_size):
             return None
@@ -447,7 +447,7 @@ class BodyPump:
             self._give_last()
             raise _Unspliceable from err
         self._file = target
-        landed = offset = into.written
+        start = landed = offset = into.written
         first = True
         try:
             capacity = self._piece
@@ -487,6 +487,10 @@ class BodyPump:
                         offset += moved
                         got -= moved
                         self._remaining -= moved
+                except OSError as err:
+                    if offset == start and err.errno in _NO_SPLICE:
+                        return self._unspliced(pipe_out, got)
+                    return SinkFailure.of(err)
                 except Exception as err:
                     return SinkFailure.of(err)
                 # Hashed a piece at a time, or as soon as the peer is slower than us.
@@ -499,6 +503,27 @@ class BodyPump:
                 self._to_hash.put(_Landed(landed, offset))
             os.close(pipe_in)
             os.close(pipe_out)
+
+    def _unspliced(self, pipe_out: int, size: int) -> BodyItem:
+        """The file refused splice before taking a byte (EINVAL from some FUSE and
+        overlay setups): the ``size`` bytes already in the pipe are kept and hashed as
+        a received chunk (on the budget `_splice` took), then raises `_Unspliceable`
+        so `_receive` goes on with the rest."""
+        if self._file is not None:
+            os.close(self._file)
+        self._file = None
+        chunk = b""
+        while len(chunk) < size:
+            piece = os.read(pipe_out, size - len(chunk))
+            if not piece:
+                return SinkFailure(f"the pipe gave {len(chunk)} of {size} bytes")
+            chunk += piece
+        self._slots.acquire()
+        self._remaining -= size
+        if (failure := self._kept(chunk)) is not None:
+            return failure
+        self._to_hash.put(chunk)
+        raise _Unspliceable
 
     def _give_last(self) -> None:
         """Give back the budget `_take` took last (splicing turned out impossible)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from meshmirror.mirror.body import BodyItem, BodyPump
+from meshmirror.mirror.body import BodyItem, BodyPump, FileKeep
 from meshmirror.mirror.budget import MemoryBudget
 from meshmirror.mirror.cache import BlobCache, CacheEntry
 from meshmirror.mirror.errors import FailureReason, PeerFailure
@@ -91,15 +91,18 @@ def spliced(request: pytest.FixtureRequest) -> bool:
 
 async def pump_into(entry: CacheEntry, peer: RawPeer, length: int, budget: MemoryBudget,
                     pool: concurrent.futures.Executor, *, spliced: bool, min_rate: float = 1.0,
-                    stall: float = 5.0, prefix: bytes = b"") -> tuple[BodyItem, str, BodyPump]:
+                    stall: float = 5.0, prefix: bytes = b"", into: FileKeep | None = None
+                    ) -> tuple[BodyItem, str, BodyPump]:
     """Run one kept pump as `PeerClient.pump` does: its last item, the sha256 of what
-    it consumed, and the pump. ``prefix``: body bytes already read (as aiohttp's)."""
+    it consumed, and the pump. ``prefix``: body bytes already read (as aiohttp's);
+    ``into``: what a spliced pump splices into instead of ``entry`` itself."""
     loop = asyncio.get_running_loop()
     sock = peer.connect()
     hasher = hashlib.sha256()
     pump = BodyPump(loop, sock, prefix, length, chunk_size=CHUNK, stall_timeout=stall,
                     min_rate=min_rate, budget=budget, consume=hasher.update,
-                    keep=entry.write, into=entry if spliced else None, read_ahead=2)
+                    keep=entry.write, into=(into or entry) if spliced else None,
+                    read_ahead=2)
     hashing = loop.run_in_executor(pool, pump.hash)
     reading = loop.run_in_executor(pool, pump.read)
     counted = 0
@@ -121,13 +124,15 @@ async def pump_into(entry: CacheEntry, peer: RawPeer, length: int, budget: Memor
 
 async def pump_from(cache: BlobCache, peer: RawPeer, budget: MemoryBudget,
                     pool: concurrent.futures.Executor, *, spliced: bool, prefix: bytes = b"",
-                    **bounds: float) -> tuple[BodyItem, str, BodyPump, CacheEntry]:
+                    min_rate: float = 1.0, stall: float = 5.0
+                    ) -> tuple[BodyItem, str, BodyPump, CacheEntry]:
     """`pump_into` a fresh cache entry for `DATA` from ``peer``, closed afterwards."""
     entry = cache.reserve("k", len(DATA))
     assert entry is not None
     try:
         end, digest, pump = await pump_into(entry, peer, len(DATA), budget, pool,
-                                            spliced=spliced, prefix=prefix, **bounds)
+                                            spliced=spliced, prefix=prefix, min_rate=min_rate,
+                                            stall=stall)
     finally:
         peer.close()
     return end, digest, pump, entry
