@@ -28,7 +28,9 @@ A blob that cannot be admitted is refused (`reserve` returns None): the caller
 then streams it without caching, checked at its end (what ``--mirror-spool-limit``
 has always traded away). Sizes are reserved whole when an entry is made, from
 the size the source announced, so the directory never outgrows ``limit`` even
-mid-download.
+mid-download. An attempt whose bytes fail gives its reservation back (`CacheEntry.release`)
+while the next source is looked for, which may take until the fetch's deadline: a
+liar's announced size holds nothing once it is found out.
 
 Files live in a private subdirectory (``meshmirror-cache-*``) of the configured
 directory, locked with ``flock`` while the process lives; a new process
@@ -75,6 +77,9 @@ class CacheEntry:
         self.key = key
         self.path = path
         self.size = size
+        # Bytes of the cache's limits this entry holds: ``size``, or 0 once `release`d
+        # (until `resize` asks again); what may be written.
+        self.reserved = size
         self.written = 0
         self.complete = False
         # Where the verified bytes came from (`flight.BlobSource.origin`).
@@ -114,8 +119,8 @@ class CacheEntry:
         self.written += size
 
     def _fits(self, size: int) -> None:
-        if self.written + size > self.size:
-            raise ValueError(f"cache entry for {self.size} bytes was given "
+        if self.written + size > self.reserved:
+            raise ValueError(f"cache entry for {self.reserved} bytes was given "
                              f"{self.written + size}")
 
     def reset(self) -> None:
@@ -125,6 +130,13 @@ class CacheEntry:
             self._dirty = False
         self.written = 0
         self._extents = None
+
+    def release(self) -> None:
+        """`reset`, and give back what the entry holds of the cache's limits until
+        `resize` asks again: the attempt failed, and a liar's announced size must not
+        keep others out while the next source is looked for."""
+        self.reset()
+        self._cache.release(self)
 
     def split(self, bounds: list[tuple[int, int]]) -> None:
         """Write the blob as the ranges ``bounds`` ([start, end), in order, covering it)
@@ -137,7 +149,7 @@ class CacheEntry:
         """Append ``chunk`` to range ``index``; safe from one thread per range at a time."""
         assert self._extents is not None, "split first"
         extent = self._extents[index]
-        if extent[2] + len(chunk) > extent[1]:
+        if extent[2] + len(chunk) > min(extent[1], self.reserved):
             raise ValueError(f"range {index} ends at byte {extent[1]}, was given "
                              f"{extent[2] + len(chunk)}")
         self._dirty = True
@@ -325,15 +337,23 @@ class BlobCache:
         return entry
 
     def resize(self, entry: CacheEntry, size: int) -> bool:
-        extra = size - entry.size
+        extra = size - entry.reserved
         if extra > 0 and (extra > self.held_limit - self.held or not self._make_room(extra)):
             return False
         with self._lock:
             self._total += extra
             if entry.pins:
                 self._held += extra
-        entry.size = size
+        entry.size = entry.reserved = size
         return True
+
+    def release(self, entry: CacheEntry) -> None:
+        """``entry`` holds none of the limits until `resize` (see `CacheEntry.release`)."""
+        with self._lock:
+            self._total -= entry.reserved
+            if entry.pins:
+                self._held -= entry.reserved
+            entry.reserved = 0
 
     def complete(self, entry: CacheEntry) -> None:
         """``entry`` verified: later readers may `open` it."""
@@ -346,7 +366,7 @@ class BlobCache:
     def pin(self, entry: CacheEntry) -> None:
         with self._lock:
             if entry.pins == 0:
-                self._held += entry.size
+                self._held += entry.reserved
             entry.pins += 1
 
     def unpin(self, entry: CacheEntry) -> None:
@@ -357,7 +377,7 @@ class BlobCache:
                 entry.forget_pieces()
             if entry.pins:
                 return
-            self._held -= entry.size
+            self._held -= entry.reserved
         if not entry.complete or self._complete.get(entry.key) is not entry:
             self._drop(entry)
         else:
@@ -405,7 +425,7 @@ class BlobCache:
         with contextlib.suppress(OSError):
             entry.path.unlink()
         with self._lock:
-            self._total -= entry.size
+            self._total -= entry.reserved
 
     def _directory(self) -> Path:
         """This process's private subdirectory, made on first use (a node that never

@@ -55,6 +55,11 @@ class Sink(Protocol):
 
     def reset(self) -> None: ...
 
+    def release(self) -> None:
+        """`reset` after a failed attempt, also giving back the room held for its size
+        while the next source is looked for; `resize` takes it again."""
+        ...
+
     def resize(self, size: int) -> bool:
         """Make room for a blob of ``size`` bytes instead; False when it cannot."""
         ...
@@ -67,6 +72,9 @@ class DiscardSink:
         pass
 
     def reset(self) -> None:
+        pass
+
+    def release(self) -> None:
         pass
 
     def resize(self, size: int) -> bool:
@@ -85,6 +93,9 @@ class MemorySink:
 
     def reset(self) -> None:
         self.data.clear()
+
+    def release(self) -> None:
+        self.reset()
 
     def resize(self, size: int) -> bool:
         return size <= self._limit
@@ -207,9 +218,9 @@ class BlobFetch:
 
     async def _read_verified(self, sink: Sink, *, threads: bool) -> bool:
         suspects: list[Peer] = []  # contributors to a mismatch, cleared by a verified retry
+        sink.reset()
         while self._current is not None:
             hasher = self._digest.hasher()
-            sink.reset()
             # Each attempt from byte 0 has its source's size (`_check_headers`): after a
             # liar about the size, the next peer's blob must fit, and be all there is.
             if not sink.resize(self._size):
@@ -226,6 +237,7 @@ class BlobFetch:
             except _SizeChanged as changed:
                 # Nobody is charged for the disagreement: the bytes will tell.
                 suspects = []
+                sink.release()
                 if not await self._reopen(changed.peer) or not sink.resize(self._size):
                     self.close()
                     return False
@@ -235,6 +247,9 @@ class BlobFetch:
                     self._client.failed(peer, _mismatch(self._digest, "before a resume"))
                 self._succeeded()
                 return True
+            # The bytes were wrong: neither they nor their source's size hold the cache
+            # while the next source is looked for (up to the deadline).
+            sink.release()
             last = self._sources[-1]
             earlier = [peer for peer in self._sources[:-1] if peer.name != last.name]
             if earlier and not suspects:

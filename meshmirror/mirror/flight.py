@@ -375,6 +375,10 @@ class _FlightSink:
         self._started = True
         self._entry.reset()
 
+    def release(self) -> None:
+        self.reset()
+        self._entry.release()
+
     def split(self, bounds: list[tuple[int, int]]) -> None:
         self._entry.split(bounds)
 

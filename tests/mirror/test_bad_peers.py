@@ -11,6 +11,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -287,3 +288,35 @@ async def test_a_liar_that_breaks_past_the_blobs_end_gets_nobody_else_blamed(
     assert [r[1] for r in honest.behaviour.requests] == [f"bytes={len(BLOB) + 100_000}-", None]
     assert failures(registry, "bad_status") == 0
     assert not router.circuit_open(honest.name)
+
+
+async def test_a_liar_about_the_size_holds_none_of_the_cache_once_found_out(
+        session: aiohttp.ClientSession, started: list[FakePeer]) -> None:
+    """A peer announcing a larger size than the blob's, which the cache can take, had
+    the flight's entry reserve that size; once its bytes failed the digest, the entry
+    kept the reservation (and the bytes on disk) while the next peer was looked for,
+    which may take until the fetch's deadline. Here the honest peer takes a second to
+    answer: meanwhile the cache holds nothing."""
+    lie_size = 2 * 1024 * 1024
+    liar = await peer(started, "liar", lie=True, lie_size=lie_size)
+    honest = await peer(started, "honest", header_delay=1.0)
+    mirror, _, registry = mirror_of(session, liar, honest, stall_timeout=3.0,
+                                    first_byte_timeout=3.0)
+    cache = mirror.flights.cache
+    fetching = asyncio.create_task(fetch(mirror))
+    try:
+        async with asyncio.timeout(10):
+            while failures(registry, "digest_mismatch") == 0:  # noqa: ASYNC110 - no event
+                await asyncio.sleep(0.005)
+        assert not fetching.done(), "the honest peer's delay must still be running"
+        assert (cache.total, cache.held) == (0, 0)
+        assert all(path.stat().st_size == 0 for path in cache_files(mirror))
+        assert await fetching == BLOB
+    finally:
+        fetching.cancel()
+    assert cache.total == len(BLOB)
+
+
+def cache_files(mirror: PeerMirror) -> list[Path]:
+    root = mirror.flights.cache._root
+    return [] if root is None else [p for p in root.iterdir() if p.name != ".lock"]
