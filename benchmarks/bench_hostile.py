@@ -16,11 +16,11 @@ honest client), for a fixed number of requests:
   never read, held until the send timeout drops them;
 - ``storm``: connect+close cycles, and ``storm-byte``: the same with one byte sent
   before the close; from the attacker's own loopback address, as a pod's connections
-  come from its own, with up to `STORM_IN_FLIGHT` non-blocking connects outstanding.
-  Connections the kernel drops at SYN time (a source queue out of its accept rate) are
-  given up after `STORM_CONNECT_S`, and a round ends after `STORM_ROUND_S`, so a round
-  is bounded in count and time; the node CPU column reports how many connections
-  reached the node (connects that completed);
+  come from its own, with many non-blocking connects outstanding
+  (`tests.hostile.clients.storm`). Connections the kernel drops at SYN time (a source
+  queue out of its accept rate) are given up within a second, and a round ends after
+  `STORM_ROUND_S`, so a round is bounded in count and time; the node CPU column
+  reports how many connections reached the node (connects that completed);
 - ``head-range``: HEADs and ``bytes=0-0`` requests of a 64 MiB blob;
 - ``labels``: requests naming distinct ``ns=`` hosts and distinct method names;
 - ``marker``: forged peer markers (tree requests) on the blob, never read.
@@ -54,11 +54,9 @@ section, ``bench_hostile_pinned``; the unpinned runs stay in ``bench_hostile``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import multiprocessing
 import os
-import selectors
 import socket
 import tempfile
 import time
@@ -83,7 +81,7 @@ from benchmarks.results import (
 from meshmirror.mirror.marker import PEER_HEADER, TREE_HEADER
 from meshmirror.mirror.options import MirrorConfig
 from meshmirror.oci.imagebuilder import build_image
-from tests.hostile.clients import SMALL_RCVBUF, timed_get, unread_get
+from tests.hostile.clients import SMALL_RCVBUF, storm, timed_get, unread_get
 from tests.support.node import RunningNode, start_node
 from tests.support.ports import loopback_host
 from tests.support.processes import stop, wait_until
@@ -92,13 +90,9 @@ MiB = 1024 * 1024
 REPO = "library/bench-hostile"
 SEND_TIMEOUT_S = 10
 ATTACK_LIMIT_S = 120.0  # every attack stops by itself well within this
-# A storm round: connects outstanding at once, how long each may take (the kernel's
-# SYN retransmit is at 1 s: a dropped connect is given up before it), and the round's
-# end, whatever is left (with the node's accept rates, most of the count is dropped).
-STORM_IN_FLIGHT = 256
-STORM_CONNECT_S = 0.9
+# A storm round ends after this long, whatever is left of its count (with the node's
+# accept rates, the kernel drops most of it: `tests.hostile.clients.storm`).
 STORM_ROUND_S = 10.0
-_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 # A storm or a HEAD/Range burst is over in one to three seconds, too short for a stable
 # 95th percentile of the honest requests made meanwhile (30 to 50 of them): those
 # attacks run this many times back to back (the burst on a fresh blob each time).
@@ -242,63 +236,12 @@ def _unread(host: str, port: int, path: str, clients: int) -> None:
 
 def _storm(host: str, port: int, payload: bytes, cycles: int, source: str,
            connected: Any = None) -> None:
-    """``cycles`` connect+close cycles from ``source``, with up to `STORM_IN_FLIGHT`
-    connects outstanding (non-blocking, as a storm tool would: a connect the kernel
-    dropped at SYN time does not hold up the next), each given `STORM_CONNECT_S` to
-    complete; ends after `STORM_ROUND_S` whatever is left. ``connected`` (a shared
-    counter) counts the connects that completed: what reached the node's accept
-    queues."""
-    sel = selectors.DefaultSelector()
-    pending: dict[socket.socket, float] = {}
-    started = time.monotonic()
-    opened = done = 0
-    try:
-        while (opened < cycles or pending) and time.monotonic() - started < STORM_ROUND_S:
-            while opened < cycles and len(pending) < STORM_IN_FLIGHT:
-                sock = socket.socket()
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind((source, 0))
-                opened += 1
-                try:
-                    sock.connect((host, port))
-                except BlockingIOError:
-                    pending[sock] = time.monotonic()
-                    sel.register(sock, selectors.EVENT_WRITE, sock)
-                    continue
-                except OSError:
-                    sock.close()
-                    continue
-                done += 1
-                _finish(sock, payload)
-            for key, _ in sel.select(0.05):
-                sock = key.data
-                sel.unregister(sock)
-                del pending[sock]
-                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                    done += 1
-                    _finish(sock, payload)
-                else:
-                    sock.close()
-            now = time.monotonic()
-            for sock in [s for s, since in pending.items() if now - since > STORM_CONNECT_S]:
-                sel.unregister(sock)
-                del pending[sock]
-                sock.close()
-    finally:
-        for sock in pending:
-            sock.close()
-        sel.close()
-        if connected is not None:
-            with connected.get_lock():
-                connected.value += done
-
-
-def _finish(sock: socket.socket, payload: bytes) -> None:
-    with contextlib.suppress(OSError):
-        if payload:
-            sock.send(payload)
-    sock.close()
+    """`storm`, adding the connections that reached the node to ``connected`` (a
+    shared counter)."""
+    done = storm(host, port, payload, cycles, source, STORM_ROUND_S)
+    if connected is not None:
+        with connected.get_lock():
+            connected.value += done
 
 
 def _request(host: str, port: int, method: str, path: str, headers: dict[str, str]) -> None:

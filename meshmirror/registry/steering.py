@@ -36,7 +36,8 @@ from typing import Final
 
 from meshmirror.addresses import bind_socket
 
-__all__ = ["QUEUES", "Listeners", "bind_listeners", "own_addresses", "steering_program"]
+__all__ = ["QUEUES", "Listeners", "bind_listeners", "own_addresses", "source_queue",
+           "steering_program"]
 
 QUEUES: Final = 16
 """Listening sockets per steered port: queue 0 for the node's own addresses, and 15
@@ -99,6 +100,24 @@ def _mix(queues: int) -> list[_Op | str]:
             (_ALU_RSH_K, None, None, 16), (_ALU_XOR_X, None, None, 0),
             (_ALU_MOD_K, None, None, queues - 1), (_ALU_ADD_K, None, None, 1),
             (_RET_A, None, None, 0)]
+
+
+def source_queue(source: Address, own: Sequence[Address], queues: int = QUEUES) -> int:
+    """The queue `steering_program` picks for ``source``, computed here: for tests, and
+    for an operator asking which sources share a queue."""
+    if isinstance(source, ipaddress.IPv6Address) and source.ipv4_mapped is not None:
+        source = source.ipv4_mapped
+    if source in own:
+        return 0
+    if source.version == 4:
+        word = int(source)
+    else:
+        words = struct.unpack("!4I", source.packed)
+        word = words[2] ^ words[3]
+    word ^= word >> 16
+    word = (word * 0x45D9F3B) & 0xFFFFFFFF
+    word ^= word >> 16
+    return word % (queues - 1) + 1
 
 
 def _assemble(ops: list[_Op | str]) -> bytes:
