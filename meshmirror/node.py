@@ -242,15 +242,15 @@ class Node:
         self._extra.append(component)
 
     def _own_hosts(self) -> list[str]:
-        """The addresses this node is reached at by its own containerd: the registry's
-        listen host, the advertised one and the host of the URL peers are given (the
-        listen host is added by `HttpServer`; loopback by `own_addresses`)."""
+        """The addresses this node's own containerd may connect from: the advertised
+        host, the host of the URL peers are given and ``--client-own-addrs`` (the
+        registry's listen host is added by `HttpServer`, loopback by `own_addresses`)."""
         hosts: list[str] = []
         if self.config.peering is not None:
             if self.config.peering.advertise_addr is not None:
                 hosts.append(self.config.peering.advertise_addr[0])
             hosts.append(urlsplit(self.config.peering.http_base).hostname or "")
-        return hosts
+        return [*hosts, *self.config.server.own_addrs]
 
     def _assemble(self) -> list[Component]:
         options = RegistryConfig(default_registry=self.config.default_registry)

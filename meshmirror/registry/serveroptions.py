@@ -72,3 +72,9 @@ class ServerConfig:
     # thousands a second, and beyond this rate its connections are dropped by the
     # kernel before the node sees them.
     accept_rate: float = 200.0
+    # The node's own addresses beyond the ones its flags name (the registry's listen
+    # host, the advertised host, loopback): connections from them get the registry
+    # port's reserved accept queue, which has no rate. In Kubernetes, containerd dials
+    # the node's IP and reaches the pod through the hostPort with the node's IP as its
+    # source; the chart passes it (status.hostIP).
+    own_addrs: tuple[str, ...] = ()
