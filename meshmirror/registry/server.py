@@ -24,6 +24,10 @@ node (issue 23, docs/security.md):
   go after a short grace so that the slots turn over.
 - Failed accepts, timed-out sends and connection errors are counted (metrics) and
   logged as one summary line per interval, never one traceback each.
+- One listen backlog for every client lets a connect storm from one pod take the
+  CPU the node's own clients wait for. The registry port is a group of sockets
+  (`meshmirror.registry.steering`) the kernel chooses from by source address, and
+  each queue but the node's own is accepted from at a bounded rate (`_Bucket`).
 
 Hypercorn's config has no send timeout or connection cap (``backlog``,
 ``keep_alive_timeout``, ``read_timeout`` and ``h11_max_incomplete_size`` it has, and
