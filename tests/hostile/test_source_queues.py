@@ -198,10 +198,10 @@ def test_a_storm_from_one_source_is_held_to_its_rate_and_others_are_served(
             for client in clients:
                 client.join(60)
         rate = ServerConfig().accept_rate
-        # What its queue accepts (a second's burst, then the rate), plus what its backlog
-        # and the kernel's half-open handshakes can hold: far below what an unlimited
-        # queue takes in the same time (thousands a second on loopback).
-        bound = rate * (1 + took) + SOURCE_BACKLOG + 256
+        # Twice what its queue accepts (a second's burst, then the rate) and its backlog
+        # holds: still a tenth of what the same storm completes against a listener
+        # that accepts without a rate (28,000 in 3 s on the development machine).
+        bound = 2 * (rate * (1 + took) + SOURCE_BACKLOG)
         print(f"\nstorm: {connected} connects completed in {took:.1f} s (bound {bound:.0f}); "
               + "; ".join(f"{s}: {len(r)} requests" for s, r in results.items()))
         assert connected <= bound
