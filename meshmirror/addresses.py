@@ -81,31 +81,36 @@ def format_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def bind_socket(host: str, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+def bind_socket(host: str, port: int, kind: int = socket.SOCK_STREAM,
+                reuse_port: bool = False) -> socket.socket:
     """A socket of ``kind`` bound (not yet listening) to host:port; OSError if it cannot be.
 
     Port-only and ``[::]`` bind one dual-stack IPv6 socket; port-only falls back to
     IPv4 where IPv6 is unavailable. TCP gets SO_REUSEADDR, as every listener here wants.
+    ``reuse_port``: SO_REUSEPORT, for a group of listeners on one port
+    (`meshmirror.registry.steering`).
     """
     bare = host.strip("[]")
     if host in _DUAL_STACK:
         try:
-            return _bind(socket.AF_INET6, "::", port, kind, dual_stack=True)
+            return _bind(socket.AF_INET6, "::", port, kind, reuse_port, dual_stack=True)
         except OSError as err:
             if host != ANY_HOST or err.errno not in _NO_IPV6:
                 raise
-        return _bind(socket.AF_INET, IPV4_ANY, port, kind)
+        return _bind(socket.AF_INET, IPV4_ANY, port, kind, reuse_port)
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
-    return _bind(family, bare, port, kind)
+    return _bind(family, bare, port, kind, reuse_port)
 
 
-def _bind(family: int, host: str, port: int, kind: int,
+def _bind(family: int, host: str, port: int, kind: int, reuse_port: bool = False,
           dual_stack: bool = False) -> socket.socket:
     sock = socket.socket(family, kind)
     try:
         if kind == socket.SOCK_STREAM:
             # Not for UDP: there it would let a second process share the port.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if dual_stack:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))

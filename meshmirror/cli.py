@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import ipaddress
 import os
 import re
 import socket
@@ -105,6 +106,17 @@ def _parse_int(text: str) -> int:
         return int(text)
     except ValueError:
         raise ValueError("expected a whole number such as 3") from None
+
+
+def _parse_ip_list(text: str) -> tuple[str, ...]:
+    addresses = tuple(part.strip().strip("[]") for part in text.split(",") if part.strip())
+    for address in addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"{address!r} is not an IP address (want e.g. "
+                             "10.0.0.5,fd00::5)") from None
+    return addresses
 
 
 def _parse_float(text: str) -> float:
@@ -334,6 +346,11 @@ def _add_client_flags(run: argparse.ArgumentParser) -> None:
           parse=_parse_int, metavar="N",
           help="open registry connections at most (and at most half the open-file limit); "
                "more wait in the listen backlog")
+    _flag(run, "--client-own-addrs", ServerConfig, "own_addrs", parse=_parse_ip_list,
+          show=lambda value: ",".join(value) or "none", metavar="IP[,IP...]",
+          help="the node's own addresses, whose connections (containerd's) get the "
+               "registry port's reserved accept queue, with no accept rate; the listen "
+               "and advertised hosts and loopback always do")
 
 
 def _add_upstream_flags(run: argparse.ArgumentParser) -> None:
@@ -645,7 +662,8 @@ def _server_options(args: argparse.Namespace) -> ServerConfig:
     if args.client_send_timeout <= 0 or args.client_max_connections < 1:
         raise UsageError("--client-send-timeout must be > 0 and --client-max-connections >= 1")
     return ServerConfig(send_timeout=args.client_send_timeout,
-                         max_connections=args.client_max_connections)
+                         max_connections=args.client_max_connections,
+                         own_addrs=args.client_own_addrs)
 
 
 def node_config(args: argparse.Namespace) -> NodeConfig:

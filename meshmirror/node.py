@@ -24,12 +24,14 @@ import contextlib
 import importlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
+from urllib.parse import urlsplit
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -58,6 +60,8 @@ from meshmirror.registry.server import (
     listener_address,
     serve,
 )
+from meshmirror.registry.serveroptions import SOURCE_BACKLOG
+from meshmirror.registry.steering import Listeners, bind_listeners, own_addresses
 from meshmirror.runconfig import ZONE, NodeConfig
 from meshmirror.status import status_routes
 from meshmirror.store.base import Store
@@ -133,11 +137,16 @@ class StoreComponent:
 
 
 class HttpServer:
-    """One Hypercorn listener; binds in ``start()`` so a busy port fails the start."""
+    """One Hypercorn listener; binds in ``start()`` so a busy port fails the start.
+
+    ``own``: the node's own hosts, whose connections get the reserved accept queue;
+    given, the port is steered by source (`meshmirror.registry.steering`)."""
 
     def __init__(self, name: str, app: ASGIApp, host: str, port: int,
-                 options: ServerConfig, metrics: ServerMetrics | None = None) -> None:
+                 options: ServerConfig, metrics: ServerMetrics | None = None,
+                 own: Sequence[str] | None = None) -> None:
         self.name = name
+        self.own = own
         self.app = app
         self.host = host
         self.port = port
@@ -149,11 +158,23 @@ class HttpServer:
 
     async def start(self) -> None:
         try:
-            sock = bind_listener(self.host, self.port, self.options.backlog)
+            if self.own is None:
+                first = bind_listener(self.host, self.port, self.options.backlog)
+                sock: socket.socket | Listeners = first
+            else:
+                sock, unsteered = bind_listeners(
+                    self.host, self.port, self.options.backlog,
+                    own_addresses([self.host, *self.own]), SOURCE_BACKLOG)
+                first = sock.sockets[0]
+                if unsteered is not None:
+                    log.warning("one accept queue for every client: per-source queues "
+                                "need SO_REUSEPORT and SO_ATTACH_REUSEPORT_CBPF (Linux "
+                                "4.5+)", extra={"fields": {"server": self.name,
+                                                           "error": unsteered}})
         except OSError as err:
             raise StartError(f"{self.name}: cannot listen on {self.host}:{self.port}: "
                              f"{err.strerror or err}") from err
-        self.address = listener_address(sock)
+        self.address = listener_address(first)
         self._task = asyncio.create_task(
             serve(self.app, sock, self._shutdown, self.options, name=self.name,
                   metrics=self.metrics),
@@ -220,6 +241,17 @@ class Node:
     def add_component(self, component: Component) -> None:
         self._extra.append(component)
 
+    def _own_hosts(self) -> list[str]:
+        """The addresses this node's own containerd may connect from: the advertised
+        host, the host of the URL peers are given and ``--client-own-addrs`` (the
+        registry's listen host is added by `HttpServer`, loopback by `own_addresses`)."""
+        hosts: list[str] = []
+        if self.config.peering is not None:
+            if self.config.peering.advertise_addr is not None:
+                hosts.append(self.config.peering.advertise_addr[0])
+            hosts.append(urlsplit(self.config.peering.http_base).hostname or "")
+        return [*hosts, *self.config.server.own_addrs]
+
     def _assemble(self) -> list[Component]:
         options = RegistryConfig(default_registry=self.config.default_registry)
         registry_metrics = self.registry_metrics
@@ -249,7 +281,7 @@ class Node:
             *self.config.metrics_addr, replace(server, max_connections=min(
                 server.max_connections, _METRICS_MAX_CONNECTIONS)), self.server_metrics)
         self.registry_server = HttpServer("registry", registry_app, *self.config.registry_addr,
-                                          server, self.server_metrics)
+                                          server, self.server_metrics, self._own_hosts())
         return [StoreComponent(self.store), self.metrics_server, *self._extra,
                 self.registry_server]
 

@@ -71,6 +71,7 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "write_hosts_config": (NodeConfig, "write_hosts_config"),
     "client_send_timeout": (ServerConfig, "send_timeout"),
     "client_max_connections": (ServerConfig, "max_connections"),
+    "client_own_addrs": (ServerConfig, "own_addrs"),
     "containerd_registry_config_path": (HostsConfig, "config_path"),
     "prepend_existing": (HostsConfig, "prepend_existing"),
 }
@@ -112,8 +113,10 @@ def test_run_without_flags_builds_the_dataclass_defaults() -> None:
 def test_client_bounds_reach_the_server_options() -> None:
     config = cli.node_config(cli.parse_args(["run", "--store", "oci:/tmp",
                                              "--client-send-timeout", "1.5s",
-                                             "--client-max-connections", "64"]))
-    assert config.server == ServerConfig(send_timeout=1.5, max_connections=64)
+                                             "--client-max-connections", "64",
+                                             "--client-own-addrs", "10.0.0.5, [fd00::5]"]))
+    assert config.server == ServerConfig(send_timeout=1.5, max_connections=64,
+                                         own_addrs=("10.0.0.5", "fd00::5"))
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--client-send-timeout", "0"),
@@ -293,6 +296,7 @@ def test_bad_log_level_is_one_line_with_the_choices(capsys: pytest.CaptureFixtur
     ("--mirrored-registries", "docker.io/library", "e.g. ghcr.io"),
     ("--upstream-client-burst", "lots", "such as 3"),
     ("--upstream-client-rate", "fast", "such as 0.01"),
+    ("--client-own-addrs", "10.0.0.5,node-a", "10.0.0.5,fd00::5"),
 ])
 def test_bad_values_are_one_line_naming_the_flag(
     flag: str, value: str, example: str, capsys: pytest.CaptureFixture[str]

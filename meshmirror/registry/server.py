@@ -24,6 +24,10 @@ node (issue 23, docs/security.md):
   go after a short grace so that the slots turn over.
 - Failed accepts, timed-out sends and connection errors are counted (metrics) and
   logged as one summary line per interval, never one traceback each.
+- One listen backlog for every client lets a connect storm from one pod take the
+  CPU the node's own clients wait for. The registry port is a group of sockets
+  (`meshmirror.registry.steering`) the kernel chooses from by source address, and
+  each queue but the node's own is accepted from at a bounded rate (`_Bucket`).
 
 Hypercorn's config has no send timeout or connection cap (``backlog``,
 ``keep_alive_timeout``, ``read_timeout`` and ``h11_max_incomplete_size`` it has, and
@@ -64,10 +68,12 @@ from meshmirror.addresses import bind_socket
 from meshmirror.fileio import ShortFileError
 from meshmirror.registry.serveroptions import (
     BACKLOG,
+    SHARED_RATE,
     ZERO_COPY_SEND,
     SendAborted,
     ServerConfig,
 )
+from meshmirror.registry.steering import Listeners
 
 __all__ = [
     "ServerConfig",
@@ -137,7 +143,8 @@ def connection_cap(configured: int, open_file_limit: int | None = None) -> int:
 
 SERVERS: Final = ("registry", "metrics")
 """The listeners a node runs: the ``server`` label's values."""
-EVENTS: Final = ("send_timeout", "accept_failed", "connection_error", "at_cap")
+EVENTS: Final = ("send_timeout", "accept_failed", "connection_error", "at_cap",
+                  "rate_limited")
 """What can happen to a client connection: the ``event`` label's values."""
 
 
@@ -154,7 +161,9 @@ class ServerMetrics:
             "Client connection events, by listener: send_timeout (a response dropped "
             "because its client took no byte for --client-send-timeout), accept_failed, "
             "connection_error (set-up failed or a bug), at_cap (the listener stopped "
-            "accepting at --client-max-connections until a connection closed).",
+            "accepting at --client-max-connections until a connection closed), "
+            "rate_limited (a source queue used up its accept rate and is not read "
+            "until it refills: the kernel drops that queue's new connections).",
             ["server", "event"], registry=registry)
         for server in SERVERS:
             self.connections.labels(server)
@@ -210,15 +219,16 @@ class _Limiter:
             gauge.set_function(lambda: self.open)
         self._pressure_on = cap * _PRESSURE_ON
         self._pressure_off = cap * _PRESSURE_OFF
-        # Called once when a slot frees after `full` found none (the acceptor's resume).
-        self._on_slot: Callable[[], None] | None = None
+        # Called once when a slot frees after `full` found none (the acceptors' resume).
+        self._on_slot: list[Callable[[], None]] = []
 
     def full(self, on_slot: Callable[[], None]) -> bool:
         """Whether every slot is taken; if so, ``on_slot`` is called once one frees."""
         if self.open < self.cap:
             return False
         self._summary.count("at_cap")
-        self._on_slot = on_slot
+        if on_slot not in self._on_slot:
+            self._on_slot.append(on_slot)
         return True
 
     def take(self) -> None:
@@ -229,9 +239,10 @@ class _Limiter:
 
     def release(self) -> None:
         self.open -= 1
-        if self._on_slot is not None:
-            on_slot, self._on_slot = self._on_slot, None
-            on_slot()
+        if self._on_slot:
+            on_slot, self._on_slot = self._on_slot, []
+            for resume in on_slot:
+                resume()
         if self.open < self._pressure_off and self.idle_grace > 0:
             self.pressure.clear()
 
@@ -588,23 +599,51 @@ class _Connection(TCPServer):
         await asyncio.shield(self._initiate_server_close())
 
 
+class _Bucket:
+    """Accepts per second for a source queue: ``rate`` a second, up to ``rate`` at once
+    (a second's worth, so an honest burst of a pull's connections goes through)."""
+
+    __slots__ = ("_last", "_rate", "_tokens")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self._rate = rate
+        self._tokens = rate
+        self._last = now
+
+    def ready(self, now: float) -> float:
+        """0.0 if an accept may go now, else the seconds until one may."""
+        self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self._rate
+
+    def take(self) -> None:
+        self._tokens -= 1.0
+
+
 class _Acceptor:
-    """The listener's accept loop, as a reader callback: whatever the backlog holds is
+    """A listener's accept loop, as a reader callback: whatever the backlog holds is
     accepted in batches of at most `_ACCEPT_BUDGET`, and the loop's other work (requests
     already accepted, the other listener) runs between batches. A callback that stays
     registered costs a storm no task step, future or reader registration per wake-up,
     and the loop's readiness check, not a coroutine, decides when the next batch runs.
     At the cap it stops watching until a slot frees (`_Limiter.full`), so new
-    connections wait in the kernel's backlog."""
+    connections wait in the kernel's backlog.
+
+    A source queue (`meshmirror.registry.steering`) has ``buckets``: its own rate and
+    the one all source queues share. Out of tokens, it stops watching until they refill
+    (one timer), and its backlog fills: the kernel then drops that queue's new
+    connections at SYN time, and the node spends nothing on them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 limiter: _Limiter, silent: _Silent, summary: _Summary) -> None:
+                 limiter: _Limiter, silent: _Silent, summary: _Summary,
+                 buckets: tuple[_Bucket, ...] = ()) -> None:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
         self._limiter = limiter
         self._silent = silent
         self._summary = summary
+        self._buckets = buckets
         self._watching = False
         self._stopped = False
         self._retry: asyncio.TimerHandle | None = None
@@ -625,14 +664,24 @@ class _Acceptor:
         self._unwatch()
         if self._retry is not None:
             self._retry.cancel()
+            self._retry = None
 
     def _readable(self) -> None:
         loop, sock, limiter, silent = self._loop, self._sock, self._limiter, self._silent
-        batch_ends = loop.time() + _ACCEPT_BUDGET
+        now = loop.time()
+        batch_ends = now + _ACCEPT_BUDGET
+        buckets = self._buckets
         while True:
             if limiter.full(self.watch):
                 self._unwatch()
                 return
+            if buckets:
+                wait = max(bucket.ready(now) for bucket in buckets)
+                if wait:
+                    self._summary.count("rate_limited")
+                    self._unwatch()
+                    self._retry = loop.call_later(wait, self.watch)
+                    return
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -645,6 +694,8 @@ class _Acceptor:
                     self._retry = loop.call_later(_ACCEPT_RETRY_DELAY, self.watch)
                     return
                 continue
+            for bucket in buckets:
+                bucket.take()
             limiter.take()
             try:
                 silent.accepted(conn)
@@ -652,7 +703,8 @@ class _Acceptor:
                 self._summary.count("connection_error", type(err).__name__)
                 conn.close()
                 limiter.release()
-            if loop.time() >= batch_ends:
+            now = loop.time()
+            if now >= batch_ends:
                 return  # the backlog is still readable: the next batch after other work
 
 
@@ -720,23 +772,27 @@ def _config(options: ServerConfig) -> Config:
     return config
 
 
-async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
+async def serve(app: ASGIApp, sock: socket.socket | Listeners, shutdown: asyncio.Event,
                 options: ServerConfig | None = None, *, name: str = "registry",
                 metrics: ServerMetrics | None = None) -> None:
     """Serve until ``shutdown`` is set, then drain for at most ``graceful_timeout``.
 
     Takes ownership of ``sock``: it is closed when this returns, and must not
     be used by the caller afterwards. The app gets no lifespan events: the node
-    starts and stops what the app uses.
+    starts and stops what the app uses. Steered `Listeners` get an accept rate per
+    source queue (``accept_rate``) and a shared one for all of them; the reserved
+    queue and a lone socket have none.
     """
     options = options or ServerConfig()
     loop = asyncio.get_running_loop()
-    sock.setblocking(False)
-    # Accepted connections inherit it: one whose client has already gone is reset at
-    # close without a system call of its own (`_close_at_once`; about 1 µs of the
-    # 14-15 µs a storm connection costs at least), and the live ones, far fewer in a
-    # storm, take it off at once (`_Silent`).
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
+    listeners = sock if isinstance(sock, Listeners) else Listeners([sock], False)
+    for each in listeners.sockets:
+        each.setblocking(False)
+        # Accepted connections inherit it: one whose client has already gone is reset
+        # at close without a system call of its own (`_close_at_once`; about 1 µs of
+        # the 14-15 µs a storm connection costs at least), and the live ones, far
+        # fewer in a storm, take it off at once (`_Silent`).
+        each.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
     config = _config(options)
     context = WorkerContext(None)
     cap = connection_cap(options.max_connections)
@@ -783,13 +839,20 @@ async def serve(app: ASGIApp, sock: socket.socket, shutdown: asyncio.Event,
         task.add_done_callback(finished)
 
     silent = _Silent(loop, limiter, options.keep_alive_timeout, start)
-    acceptor = _Acceptor(loop, sock, limiter, silent, summary)
-    acceptor.watch()
+    acceptors = [_Acceptor(loop, listeners.sockets[0], limiter, silent, summary)]
+    if listeners.steered:
+        shared = _Bucket(options.accept_rate * SHARED_RATE, loop.time())
+        acceptors += [_Acceptor(loop, each, limiter, silent, summary,
+                                (_Bucket(options.accept_rate, loop.time()), shared))
+                      for each in listeners.sockets[1:]]
+    for acceptor in acceptors:
+        acceptor.watch()
     try:
         await shutdown.wait()
     finally:
-        acceptor.stop()
-        sock.close()
+        for acceptor in acceptors:
+            acceptor.stop()
+        listeners.close()
         await context.terminated.set()
         limiter.closing()
         silent.close_all()

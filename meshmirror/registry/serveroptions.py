@@ -17,6 +17,15 @@ from typing import Final
 # make a burst of 200 pulls wait a full SYN retransmit (1 s) for some of them.
 BACKLOG = 4096
 
+# All source queues together accept at most this many times `ServerConfig.accept_rate`,
+# so a storm from many addresses cannot add up to more (docs/security.md).
+SHARED_RATE = 4
+
+# A source queue's listen backlog at most: what waits there while its rate is used up.
+# Each waiting connection is a socket in kernel memory, and a queue's rate drains this
+# many in a few seconds; more waiting would only mean older connections.
+SOURCE_BACKLOG = 512
+
 # The ASGI zero-copy send extension: the server advertises it in the scope's
 # ``extensions`` and the app then sends ``{"type": ZERO_COPY_SEND, "file": fd,
 # "offset": n, "count": n, "more_body": False}`` for a body that is a span of a file.
@@ -55,3 +64,17 @@ class ServerConfig:
     # this long instead of `keep_alive_timeout`. An honest client sends its request
     # within milliseconds of connecting, and reconnects when an idle one is closed.
     idle_timeout_under_pressure: float = 2.0
+    # New connections accepted per second from one source queue of the registry port
+    # (`meshmirror.registry.steering`: sources other than the node's own addresses,
+    # hashed into 15 queues), up to a second's worth at once; all of them together
+    # take `SHARED_RATE` times this. containerd's pulls open tens of connections and
+    # keep them alive, a peer hop one per blob; a connect storm opens tens of
+    # thousands a second, and beyond this rate its connections are dropped by the
+    # kernel before the node sees them.
+    accept_rate: float = 200.0
+    # The node's own addresses beyond the ones its flags name (the registry's listen
+    # host, the advertised host, loopback): connections from them get the registry
+    # port's reserved accept queue, which has no rate. In Kubernetes, containerd dials
+    # the node's IP and reaches the pod through the hostPort with the node's IP as its
+    # source; the chart passes it (status.hostIP).
+    own_addrs: tuple[str, ...] = ()

@@ -49,6 +49,8 @@ def test_run_command_line_defaults(helm: Path) -> None:
     # run rewrites the node's hosts.toml entry at every start, as configure did.
     assert args.write_hosts_config is True
     assert args.mirror_targets == ["http://192.0.2.10:30022,http://192.0.2.10:30023"]
+    # containerd reaches the hostPort from the node's IP: the reserved accept queue's.
+    assert args.client_own_addrs == ("192.0.2.10",)
     assert args.containerd_registry_config_path == Path("/etc/containerd/certs.d")
     assert args.registry_filters is None
     # Gossip is encrypted by default, with the key the chart generates.

@@ -7,10 +7,21 @@ import contextlib
 import hashlib
 import http.client
 import os
+import selectors
 import socket
+import struct
 import time
 import urllib.error
 import urllib.request
+
+# A storm's connects outstanding at once, and how long each may take: the kernel's first
+# SYN retransmit is at 1 s, so a connect dropped at SYN time is given up before it.
+STORM_IN_FLIGHT = 256
+STORM_CONNECT_S = 0.9
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+# struct tcp_info: tcpi_total_retrans, a u32 after 8 bytes and 23 u32 fields.
+_TOTAL_RETRANS = struct.Struct("I")
+_TOTAL_RETRANS_OFFSET = 8 + 23 * 4
 
 # A receive buffer this small (the kernel doubles it and enforces a minimum) makes the
 # server's side fill at once, as a pod that stops reading would.
@@ -78,3 +89,89 @@ def sha256_of_get(url: str, timeout: float) -> str:
     except (OSError, http.client.HTTPException) as err:
         return repr(err)
     return f"sha256:{digest.hexdigest()}"
+
+
+def storm(host: str, port: int, payload: bytes, cycles: int, source: str,
+          limit_s: float) -> int:
+    """``cycles`` connect+close cycles from address ``source`` (``payload`` sent before
+    each close), as a storm tool would: non-blocking, `STORM_IN_FLIGHT` connects
+    outstanding, so a connect the kernel dropped at SYN time does not hold up the next;
+    each is given `STORM_CONNECT_S`, and the whole ends after ``limit_s``. Returns the
+    connects that completed: what reached the node's accept queues."""
+    sel = selectors.DefaultSelector()
+    pending: dict[socket.socket, float] = {}
+    started = time.monotonic()
+    opened = done = 0
+
+    def finish(sock: socket.socket) -> None:
+        nonlocal done
+        done += 1
+        with contextlib.suppress(OSError):
+            if payload:
+                sock.send(payload)
+        sock.close()
+
+    try:
+        while (opened < cycles or pending) and time.monotonic() - started < limit_s:
+            while opened < cycles and len(pending) < STORM_IN_FLIGHT:
+                sock = socket.socket()
+                sock.setblocking(False)
+                # The port is picked at connect, by the whole address pair: one source
+                # address would run out of ports at bind within a storm's count.
+                sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((source, 0))
+                opened += 1
+                try:
+                    sock.connect((host, port))
+                except BlockingIOError:
+                    pending[sock] = time.monotonic()
+                    sel.register(sock, selectors.EVENT_WRITE, sock)
+                    continue
+                except OSError:
+                    sock.close()
+                    continue
+                finish(sock)
+            for key, _ in sel.select(0.05):
+                sock = key.data
+                sel.unregister(sock)
+                del pending[sock]
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    finish(sock)
+                else:
+                    sock.close()
+            now = time.monotonic()
+            for sock in [s for s, since in pending.items() if now - since > STORM_CONNECT_S]:
+                sel.unregister(sock)
+                del pending[sock]
+                sock.close()
+    finally:
+        for sock in pending:
+            sock.close()
+        sel.close()
+    return done
+
+
+def get_from(source: str, host: str, port: int, path: str,
+             timeout: float = 30) -> tuple[int, int]:
+    """(status, retransmits) of one GET on a new connection from address ``source``;
+    status 0 if it failed. Retransmits are the connection's whole count (TCP_INFO),
+    taken once connected: nonzero when the kernel dropped its SYN, as it does for a
+    source queue whose backlog is full."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.settimeout(timeout)
+    try:
+        sock.bind((source, 0))
+        sock.connect((host, port))
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        retransmits = _TOTAL_RETRANS.unpack_from(info, _TOTAL_RETRANS_OFFSET)[0]
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+                     "\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(1 << 16):
+            answer += chunk
+        status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+        return status, retransmits
+    except OSError:
+        return 0, 0
+    finally:
+        sock.close()

@@ -1,6 +1,7 @@
 """The registry server's bounds, in-process with a plain Starlette app: a response nobody
 reads is dropped and its body closed, a connect-and-close frees its descriptor at once,
-and the connection cap makes new clients wait instead of failing while idle ones go."""
+and the connection cap makes new clients wait instead of failing while idle ones go; on
+the registry port's per-source accept queues (`serving`) and on a lone listener."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from meshmirror.registry.server import (
     connection_cap,
     serve,
 )
+from meshmirror.registry.serveroptions import BACKLOG, SOURCE_BACKLOG
+from meshmirror.registry.steering import bind_listeners
 from tests.hostile.clients import closed_by_server, open_fds, timed_get, unread_get
 from tests.support.ports import loopback_host
 
@@ -81,14 +84,19 @@ async def until(check: Callable[[], bool], seconds: float, what: str) -> None:
 async def serving(options: ServerConfig,
                   body: Callable[[str, int, BodyApp], Awaitable[None]],
                   sndbuf: int | None = None) -> None:
+    """Serves on the per-source queues a node's registry port has, with no address of
+    its own: the test's clients (127.0.0.1) are a source queue's, with its accept rate,
+    as a pod's would be."""
     app = BodyApp()
     host = loopback_host()
-    sock = bind_listener(host, 0)
-    if sndbuf is not None:  # accepted sockets inherit it, and the kernel stops tuning it
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    port = sock.getsockname()[1]
+    listeners, unsteered = bind_listeners(host, 0, BACKLOG, (), SOURCE_BACKLOG)
+    assert unsteered is None
+    for sock in listeners.sockets:
+        if sndbuf is not None:  # accepted sockets inherit it, and the kernel stops tuning it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    port = listeners.sockets[0].getsockname()[1]
     shutdown = asyncio.Event()
-    task = asyncio.create_task(serve(app.app, sock, shutdown, options))
+    task = asyncio.create_task(serve(app.app, listeners, shutdown, options))
     try:
         await body(host, port, app)
     finally:
