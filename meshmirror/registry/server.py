@@ -67,8 +67,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from meshmirror.addresses import bind_socket
 from meshmirror.fileio import ShortFileError
 from meshmirror.registry.serveroptions import (
+    ACCEPT_BURST_S,
     BACKLOG,
-    SHARED_RATE,
     ZERO_COPY_SEND,
     SendAborted,
     ServerConfig,
@@ -600,19 +600,21 @@ class _Connection(TCPServer):
 
 
 class _Bucket:
-    """Accepts per second for a source queue: ``rate`` a second, up to ``rate`` at once
-    (a second's worth, so an honest burst of a pull's connections goes through)."""
+    """Accepts per second for a source queue: ``rate`` a second, up to ``burst`` seconds'
+    worth at once (`ACCEPT_BURST_S`: an honest burst, such as every peer fetching a
+    changed summary, goes through)."""
 
-    __slots__ = ("_last", "_rate", "_tokens")
+    __slots__ = ("_capacity", "_last", "_rate", "_tokens")
 
-    def __init__(self, rate: float, now: float) -> None:
+    def __init__(self, rate: float, now: float, burst: float = ACCEPT_BURST_S) -> None:
         self._rate = rate
-        self._tokens = rate
+        self._capacity = rate * burst
+        self._tokens = self._capacity
         self._last = now
 
     def ready(self, now: float) -> float:
         """0.0 if an accept may go now, else the seconds until one may."""
-        self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
+        self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._rate)
         self._last = now
         return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self._rate
 
@@ -629,21 +631,21 @@ class _Acceptor:
     At the cap it stops watching until a slot frees (`_Limiter.full`), so new
     connections wait in the kernel's backlog.
 
-    A source queue (`meshmirror.registry.steering`) has ``buckets``: its own rate and
-    the one all source queues share. Out of tokens, it stops watching until they refill
-    (one timer), and its backlog fills: the kernel then drops that queue's new
-    connections at SYN time, and the node spends nothing on them."""
+    A source queue (`meshmirror.registry.steering`) has a ``bucket``: its rate. Out of
+    tokens, it stops watching until they refill (one timer), and its backlog fills: the
+    kernel then drops that queue's new connections at SYN time, and the node spends
+    nothing on them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  limiter: _Limiter, silent: _Silent, summary: _Summary,
-                 buckets: tuple[_Bucket, ...] = ()) -> None:
+                 bucket: _Bucket | None = None) -> None:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
         self._limiter = limiter
         self._silent = silent
         self._summary = summary
-        self._buckets = buckets
+        self._bucket = bucket
         self._watching = False
         self._stopped = False
         self._retry: asyncio.TimerHandle | None = None
@@ -670,18 +672,16 @@ class _Acceptor:
         loop, sock, limiter, silent = self._loop, self._sock, self._limiter, self._silent
         now = loop.time()
         batch_ends = now + _ACCEPT_BUDGET
-        buckets = self._buckets
+        bucket = self._bucket
         while True:
             if limiter.full(self.watch):
                 self._unwatch()
                 return
-            if buckets:
-                wait = max(bucket.ready(now) for bucket in buckets)
-                if wait:
-                    self._summary.count("rate_limited")
-                    self._unwatch()
-                    self._retry = loop.call_later(wait, self.watch)
-                    return
+            if bucket is not None and (wait := bucket.ready(now)):
+                self._summary.count("rate_limited")
+                self._unwatch()
+                self._retry = loop.call_later(wait, self.watch)
+                return
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -694,7 +694,7 @@ class _Acceptor:
                     self._retry = loop.call_later(_ACCEPT_RETRY_DELAY, self.watch)
                     return
                 continue
-            for bucket in buckets:
+            if bucket is not None:
                 bucket.take()
             limiter.take()
             try:
@@ -780,7 +780,7 @@ async def serve(app: ASGIApp, sock: socket.socket | Listeners, shutdown: asyncio
     Takes ownership of ``sock``: it is closed when this returns, and must not
     be used by the caller afterwards. The app gets no lifespan events: the node
     starts and stops what the app uses. Steered `Listeners` get an accept rate per
-    source queue (``accept_rate``) and a shared one for all of them; the reserved
+    source queue (``accept_rate``); the reserved
     queue and a lone socket have none.
     """
     options = options or ServerConfig()
@@ -841,9 +841,8 @@ async def serve(app: ASGIApp, sock: socket.socket | Listeners, shutdown: asyncio
     silent = _Silent(loop, limiter, options.keep_alive_timeout, start)
     acceptors = [_Acceptor(loop, listeners.sockets[0], limiter, silent, summary)]
     if listeners.steered:
-        shared = _Bucket(options.accept_rate * SHARED_RATE, loop.time())
         acceptors += [_Acceptor(loop, each, limiter, silent, summary,
-                                (_Bucket(options.accept_rate, loop.time()), shared))
+                                _Bucket(options.accept_rate, loop.time()))
                       for each in listeners.sockets[1:]]
     for acceptor in acceptors:
         acceptor.watch()

@@ -17,9 +17,13 @@ from typing import Final
 # make a burst of 200 pulls wait a full SYN retransmit (1 s) for some of them.
 BACKLOG = 4096
 
-# All source queues together accept at most this many times `ServerConfig.accept_rate`,
-# so a storm from many addresses cannot add up to more (docs/security.md).
-SHARED_RATE = 4
+# A source queue may accept this many seconds' worth of `ServerConfig.accept_rate` at
+# once. When a node's summary changes, every peer fetches it within the gossip's spread
+# (about 2 s at 5,000 nodes, each fetch with a 2 s timeout): some 330 new connections
+# per hashed queue, which must not wait for tokens. There is no rate shared by all
+# queues: 15 queues at their rate are already a bound (3,000 a second, under a tenth
+# of a core at 25 µs each), and a lower shared one would throttle those peers.
+ACCEPT_BURST_S = 2.0
 
 # A source queue's listen backlog at most: what waits there while its rate is used up.
 # Each waiting connection is a socket in kernel memory, and a queue's rate drains this
@@ -66,8 +70,8 @@ class ServerConfig:
     idle_timeout_under_pressure: float = 2.0
     # New connections accepted per second from one source queue of the registry port
     # (`meshmirror.registry.steering`: sources other than the node's own addresses,
-    # hashed into 15 queues), up to a second's worth at once; all of them together
-    # take `SHARED_RATE` times this. containerd's pulls open tens of connections and
+    # hashed into 15 queues), up to `ACCEPT_BURST_S` worth at once. containerd's pulls
+    # open tens of connections and
     # keep them alive, a peer hop one per blob; a connect storm opens tens of
     # thousands a second, and beyond this rate its connections are dropped by the
     # kernel before the node sees them.
