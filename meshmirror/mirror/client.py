@@ -32,7 +32,10 @@ rules that keep a bad peer from hurting a pull live in one place:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +71,23 @@ _TIMEOUT_REASONS = frozenset({FailureReason.TIMEOUT, FailureReason.CONNECT_TIMEO
 # aiohttp reads ahead up to twice this before pausing the socket.
 _READ_BUFSIZE = 256 * 1024
 
+# Body threads run at this much lower priority than the event loop's thread (Linux
+# threads each have a nice value).
+BODY_THREAD_NICENESS = 10
+
+
+def _yield_to_the_loop() -> None:
+    """A body thread's start: a lower priority than the event loop's.
+
+    Hashing a large blob is bulk work; the event loop answers requests that take a
+    millisecond. At the same priority, a hashing thread sharing a core with the loop
+    holds it for whole scheduler slices, and every request the loop answers meanwhile
+    waits: a client asking 20 HEADs of an uncached 64 MiB blob made honest answers on
+    the same core 4-9x slower at the 95th percentile. At a lower priority the kernel
+    runs the loop first, and the hashing still has every cycle the loop does not use.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: one priority for all
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BODY_THREAD_NICENESS)
 
 class RangePastEnd(PeerFailure):
     """A 416 to a request from an offset: the peer's blob ends before it. A disagreement
@@ -129,6 +149,7 @@ class PeerClient:
         self._body_executor = ThreadPoolExecutor(
             max_workers=max(1, options.body_threads),
             thread_name_prefix="meshmirror-peer-body",
+            initializer=_yield_to_the_loop,
         )
         self._pumps: set[BodyPump] = set()
         self._pumps_started = 0
