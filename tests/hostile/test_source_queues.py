@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from meshmirror import addresses
 from meshmirror.node import HttpServer
 from meshmirror.registry import steering
 from meshmirror.registry.serveroptions import (
@@ -44,7 +45,7 @@ from meshmirror.registry.steering import (
 )
 from tests.hostile.clients import get_from, storm
 from tests.support.node import start_node
-from tests.support.ports import loopback_host
+from tests.support.ports import free_port, loopback_host
 from tests.support.processes import stop
 
 STORM_S = 3.0
@@ -124,6 +125,58 @@ def test_an_address_in_use_is_still_an_error() -> None:
             bind_listeners(host, taken.getsockname()[1], BACKLOG, own_addresses([host]),
                            SOURCE_BACKLOG)
         assert raised.value.errno == errno.EADDRINUSE
+
+
+@pytest.mark.parametrize("pause", ["after_the_check", "after_the_first_of_the_group"])
+def test_two_processes_binding_one_port_at_once_never_share_it(
+        monkeypatch: pytest.MonkeyPatch, pause: str) -> None:
+    """Whether the port is free is checked, then the group is bound, in separate steps.
+    A second node starting while the first is between them (paused here, as on a busy
+    machine) must not join the first's SO_REUSEPORT group: exactly one of them holds
+    the port, and the other gets "address in use"."""
+    host = loopback_host()
+    port = free_port(host)
+    paused = threading.Event()
+    real_bind = addresses.bind_socket
+
+    def slow(bind_host: str, bind_port: int, reuse_port: bool = False) -> socket.socket:
+        first = threading.current_thread().name == "first" and reuse_port
+        if first and pause == "after_the_check" and not paused.is_set():
+            paused.set()
+            time.sleep(0.3)
+        sock = real_bind(bind_host, bind_port, reuse_port=reuse_port)
+        if first and not paused.is_set():
+            paused.set()
+            time.sleep(0.3)
+        return sock
+
+    monkeypatch.setattr(steering, "bind_socket", slow)
+    bound: dict[str, Listeners | OSError] = {}
+
+    def bind(name: str) -> None:
+        try:
+            bound[name] = bind_listeners(host, port, BACKLOG, own_addresses([host]),
+                                         SOURCE_BACKLOG)[0]
+        except OSError as err:
+            bound[name] = err
+
+    threads = [threading.Thread(target=bind, args=(name,), name=name)
+               for name in ("first", "second")]
+    threads[0].start()
+    assert paused.wait(10)
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    try:
+        held = [each for each in bound.values() if isinstance(each, Listeners)]
+        refused = [each for each in bound.values() if isinstance(each, OSError)]
+        assert len(held) == 1 and len(refused) == 1, bound
+        assert refused[0].errno == errno.EADDRINUSE
+        assert held[0].steered and len(held[0].sockets) == steering.QUEUES
+    finally:
+        for each in bound.values():
+            if isinstance(each, Listeners):
+                each.close()
 
 
 async def test_without_bpf_the_port_is_one_listener_and_says_so(
