@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from meshmirror import addresses
 from meshmirror.node import HttpServer
+from meshmirror.oci.imagebuilder import build_image
 from meshmirror.registry import steering
 from meshmirror.registry.serveroptions import (
     ACCEPT_BURST_S,
@@ -43,7 +44,7 @@ from meshmirror.registry.steering import (
     own_addresses,
     source_queue,
 )
-from tests.hostile.clients import get_from, storm
+from tests.hostile.clients import get_from, storm, unread_get
 from tests.support.node import start_node
 from tests.support.ports import free_port, loopback_host
 from tests.support.processes import stop
@@ -271,3 +272,39 @@ def test_a_storm_from_one_source_is_held_to_its_rate_and_others_are_served(
             assert all(retransmits == 0 for _, retransmits in answers), (source, answers)
     finally:
         stop(node.proc)
+
+
+@pytest.mark.real
+def test_a_pod_holding_unread_answers_leaves_the_node_and_other_pods_served(
+        tmp_path: Path) -> None:
+    """A pod's unread blob answers are each held for the send timeout: from one address,
+    at its queue's accept rate, they filled the whole connection cap, and the node's own
+    clients and every other pod waited for a send timeout. A real node, its cap low
+    (32), the pod holding twice that."""
+    cap = 32
+    store = tmp_path / "store"
+    store.mkdir()
+    image = build_image("docker.io/library/held:1", store, [8 << 20], seed=41)
+    blob = str(image.platforms[0].layers[0].digest)
+    node = start_node(f"oci:{store}", tmp_path / "node.log",
+                      ("--client-max-connections", str(cap)))
+    held: list[socket.socket] = []
+    try:
+        host, port_text = node.address.rsplit(":", 1)
+        port = int(port_text)
+        own = own_addresses([host])
+        attacker = loopback_host()
+        neighbour = next(source for source in (loopback_host() for _ in range(100))
+                         if source_queue(ipaddress.ip_address(source), own)
+                         != source_queue(ipaddress.ip_address(attacker), own))
+        path = f"/v2/library/held/blobs/{blob}?ns=docker.io"
+        held += [unread_get(host, port, path, source=attacker) for _ in range(2 * cap)]
+        time.sleep(1.0)
+        for source in (host, "127.0.0.1", neighbour):
+            status, _ = get_from(source, host, port, "/v2/", timeout=5)
+            assert status == 200, source
+    finally:
+        for sock in held:
+            sock.close()
+        stop(node.proc)
+
