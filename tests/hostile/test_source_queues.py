@@ -117,6 +117,34 @@ def test_dual_stack_and_ipv6_listeners_are_steered() -> None:
         listeners.close()
 
 
+def test_many_own_addresses_are_steered() -> None:
+    """The program's jumps to "return 0" were conditional ones, which reach at most 255
+    instructions: 30 IPv6 (or some 240 IPv4) own addresses put it out of reach, and
+    the node failed to start with a struct.error from `steering_program`."""
+    host = loopback_host()
+    own = own_addresses([host, *(f"10.9.{n // 250}.{n % 250 + 1}" for n in range(300)),
+                         *(f"fd00::{n + 1:x}" for n in range(100))])
+    listeners, unsteered = bind_listeners(host, 0, BACKLOG, own, SOURCE_BACKLOG)
+    try:
+        assert unsteered is None
+        port = listeners.sockets[0].getsockname()[1]
+        assert accepted_by(listeners, host, host, port) == 0
+        other = loopback_host()
+        assert accepted_by(listeners, other, host, port) == source_queue(
+            ipaddress.ip_address(other), own)
+    finally:
+        listeners.close()
+    dual, unsteered = bind_listeners("", 0, BACKLOG, own_addresses(
+        [*(f"fd00::{n + 1:x}" for n in range(100)), "::1"]), SOURCE_BACKLOG)
+    try:
+        assert unsteered is None
+        port = dual.sockets[0].getsockname()[1]
+        assert accepted_by(dual, "::1", "::1", port) == 0
+        assert accepted_by(dual, "127.0.0.1", "127.0.0.1", port) == 0
+    finally:
+        dual.close()
+
+
 def test_an_address_in_use_is_still_an_error() -> None:
     host = loopback_host()
     with socket.socket() as taken:
