@@ -6,8 +6,9 @@ stripe): a value read loosely puts bytes in the wrong place, which the digest th
 catches only after the whole blob has been moved. So the parser is strict, and every
 reader uses the same one:
 
-- the unit is ``bytes``, spelled so (every registry and Go's net/http send exactly
-  that), followed by one space and nothing else of whitespace;
+- the unit is ``bytes`` in any case (RFC 9110 section 14.1: range unit names are
+  case-insensitive, so an upstream may send ``Bytes``), followed by one space and
+  nothing else of whitespace;
 - positions and the total are ASCII digits (``re``'s ``\\d`` also takes other
   scripts' digits, which ``int`` reads), at most 19 of them, so every value fits a
   signed 64-bit integer as Go peers require;
@@ -26,7 +27,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
+_CONTENT_RANGE = re.compile(r"(?ai:bytes) ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
 
 
 class ContentRangeError(ValueError):

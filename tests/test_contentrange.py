@@ -22,13 +22,19 @@ def test_valid_values_parse(value: str, expected: ContentRange) -> None:
     assert said.header() == value
 
 
+@pytest.mark.parametrize("value", ["Bytes 0-0/1", "BYTES 0-0/1", "bYtEs 0-0/1"])
+def test_the_unit_is_case_insensitive(value: str) -> None:
+    """RFC 9110 section 14.1: range unit names are case-insensitive; an upstream that
+    spells it otherwise sends a valid 206, and its resume must not fail."""
+    assert parse_content_range(value) == ContentRange(0, 0, 1)
+
+
 @pytest.mark.parametrize("value", [
     None,
     "",
     "bytes",
     "bytes */10",                # a 416's unsatisfied range, no 206's
     "items 0-9/10",              # another unit
-    "Bytes 0-9/10",
     "bytes=0-9/10",              # the Range request's spelling
     " bytes 0-9/10",
     "bytes 0-9/10 ",
@@ -46,6 +52,7 @@ def test_valid_values_parse(value: str, expected: ContentRange) -> None:
     "bytes 0-9/-10",
     "bytes 0x0-9/10",
     "bytes \u0660-\u0669/\u0661\u0660",  # Arabic-Indic digits, which int() reads
+    "byte\u017f 0-9/10",          # a long s, which matches "s" in Unicode's case folding
     "bytes 9-5/10",              # last before first
     "bytes 0-10/10",             # ends past the blob
     "bytes 0-9/9",

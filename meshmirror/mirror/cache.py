@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import itertools
 import os
@@ -95,6 +96,9 @@ class CacheEntry:
         # Owned here; closed by `BlobCache._drop`, and by `BlobCache.unpin` for a complete
         # entry nobody reads (`reopen` opens it again for the next reader).
         self._file: IO[bytes] | None = open(path, "w+b", buffering=0)  # noqa: SIM115
+        # The file as `close_file` left it: (device, inode, size, mtime), which `reopen`
+        # must find again.
+        self._closed_as: tuple[int, int, int, int] | None = None
 
     def fileno(self) -> int:
         if self._file is None:
@@ -249,12 +253,33 @@ class CacheEntry:
         file, self._file = self._file, None
         if file is not None:
             with contextlib.suppress(OSError):
+                self._closed_as = _identity(os.fstat(file.fileno()))
                 file.close()
 
     def reopen(self) -> None:
-        """Open the file again if `close_file` closed it (raises OSError if it cannot)."""
-        if self._file is None:
-            self._file = open(self.path, "r+b", buffering=0)  # noqa: SIM115
+        """Open the file again if `close_file` closed it (raises OSError if it cannot).
+
+        FileNotFoundError too when the path now names another file, or the file was
+        written or truncated meanwhile: its verified bytes are gone, and serving what is
+        there would send a cut answer on every hit (sendfile finds the end early) or
+        unverified bytes. Whatever replaces it is not ours to check; it is a miss."""
+        if self._file is not None:
+            return
+        file = open(self.path, "r+b", buffering=0)  # noqa: SIM115
+        try:
+            found = _identity(os.fstat(file.fileno()))
+        except OSError:
+            file.close()
+            raise
+        if self._closed_as is not None and found != self._closed_as:
+            file.close()
+            raise FileNotFoundError(errno.ENOENT, "cache file changed while closed",
+                                    str(self.path))
+        self._file = file
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 class BlobCache:

@@ -44,7 +44,9 @@ import collections
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
+import math
 import os
 import re
 import resource
@@ -94,6 +96,11 @@ _ACCEPT_RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.EN
 _ACCEPT_RETRY_DELAY: Final = 0.1
 # Pressure starts at three quarters of the cap and ends below half of it.
 _PRESSURE_ON, _PRESSURE_OFF = 0.75, 0.5
+# On steered listeners, this share of the cap only the reserved queue (the node's own
+# addresses: containerd) may fill, and one source queue may hold at most this share of
+# the rest (`_Limiter`): it takes pods in four queues to make the other queues wait.
+_RESERVED_SHARE: Final = 0.25
+_QUEUE_SHARE: Final = 0.25
 # Aborted connections and cancelled tasks get this long to finish at shutdown.
 _ABORT_GRACE: Final = 1.0
 # A request head still incomplete at this size goes to the protocol, which bounds it.
@@ -203,58 +210,114 @@ class _Summary:
 
 
 class _Limiter:
-    """The connection cap, and the pressure that makes idle connections go early."""
+    """The connection cap, and the pressure that makes idle connections go early.
+
+    With ``queues`` > 1 (steered listeners, `meshmirror.registry.steering`) the cap is
+    split by accept queue: an accept rate bounds how fast a source queue opens
+    connections, not how many it keeps, and a pod holding unread responses (each kept
+    for the send timeout) or silent connections would otherwise fill the whole cap, and
+    the node's own containerd, on the reserved queue 0, would wait behind it. So
+    `_RESERVED_SHARE` of the cap is for queue 0 alone, and each source queue holds at
+    most `_QUEUE_SHARE` of the rest: a pod's connections then wait in its own queue's
+    backlog, not in everyone's. Pressure is per queue too (``pressure[queue]``): a
+    queue near its own limit closes its idle connections early, so that its slots
+    turn over, and the other queues' keep theirs."""
 
     def __init__(self, cap: int, idle_grace: float, summary: _Summary,
-                 gauge: Gauge | None) -> None:
+                 gauge: Gauge | None, queues: int = 1) -> None:
         self.cap = cap
         self.open = 0
+        self._by_queue = [0] * queues
+        self._sources_open = 0
+        self._sources_cap = cap - int(cap * _RESERVED_SHARE) if queues > 1 else cap
+        self._queue_cap = (max(1, math.ceil(self._sources_cap * _QUEUE_SHARE))
+                           if queues > 1 else cap)
         self.idle_grace = idle_grace
-        self.pressure = asyncio.Event()
-        # Called when pressure starts: connections waiting outside a task (`_Silent`)
-        # have no ``pressure.wait()`` of their own.
-        self.on_pressure: Callable[[], None] | None = None
+        self.pressure = [asyncio.Event() for _ in range(queues)]
+        # Called with the queues whose pressure starts: connections waiting outside a
+        # task (`_Silent`) have no ``pressure.wait()`` of their own.
+        self.on_pressure: Callable[[range], None] | None = None
         self._summary = summary
         if gauge is not None:  # read at scrape time: no lock taken twice per connection
             gauge.set_function(lambda: self.open)
-        self._pressure_on = cap * _PRESSURE_ON
-        self._pressure_off = cap * _PRESSURE_OFF
+        # Pressure from the whole cap (every queue), from the source queues' share (all
+        # but 0), and from one queue's own limit; each starts at `_PRESSURE_ON` of its
+        # limit and ends below `_PRESSURE_OFF`.
+        self._on = [limit * _PRESSURE_ON
+                    for limit in (cap, self._sources_cap, self._queue_cap)]
+        self._off = [limit * _PRESSURE_OFF
+                     for limit in (cap, self._sources_cap, self._queue_cap)]
+        self._all_pressed = self._sources_pressed = False
         # Called once when a slot frees after `full` found none (the acceptors' resume).
         self._on_slot: list[Callable[[], None]] = []
 
-    def full(self, on_slot: Callable[[], None]) -> bool:
-        """Whether every slot is taken; if so, ``on_slot`` is called once one frees."""
-        if self.open < self.cap:
+    def full(self, queue: int, on_slot: Callable[[], None]) -> bool:
+        """Whether every slot ``queue`` may take is taken; if so, ``on_slot`` is called
+        once one frees."""
+        if self.open < self.cap and (queue == 0 or (
+                self._sources_open < self._sources_cap
+                and self._by_queue[queue] < self._queue_cap)):
             return False
         self._summary.count("at_cap")
         if on_slot not in self._on_slot:
             self._on_slot.append(on_slot)
         return True
 
-    def take(self) -> None:
-        """A slot, for a connection just accepted (`full` said there was one)."""
+    def take(self, queue: int) -> None:
+        """A slot, for a connection just accepted from ``queue`` (`full` said there was
+        one)."""
         self.open += 1
-        if self.open >= self._pressure_on and not self.pressure.is_set():
-            self._press()
+        self._by_queue[queue] += 1
+        if queue:
+            self._sources_open += 1
+        if self.open >= self._on[0] and not self._all_pressed:
+            self._all_pressed = True
+            self._press(range(len(self.pressure)))
+        elif queue and self._sources_open >= self._on[1] and not self._sources_pressed:
+            self._sources_pressed = True
+            self._press(range(1, len(self.pressure)))
+        elif (queue and self._by_queue[queue] >= self._on[2]
+              and not self.pressure[queue].is_set()):
+            self._press(range(queue, queue + 1))
 
-    def release(self) -> None:
+    def release(self, queue: int) -> None:
         self.open -= 1
+        self._by_queue[queue] -= 1
+        if queue:
+            self._sources_open -= 1
         if self._on_slot:
             on_slot, self._on_slot = self._on_slot, []
             for resume in on_slot:
                 resume()
-        if self.open < self._pressure_off and self.idle_grace > 0:
-            self.pressure.clear()
+        if self.idle_grace <= 0:
+            return
+        if self._all_pressed and self.open < self._off[0]:
+            self._all_pressed = False
+            self._relieve(range(len(self.pressure)))
+        elif self._sources_pressed and self._sources_open < self._off[1]:
+            self._sources_pressed = False
+            self._relieve(range(1, len(self.pressure)))
+        elif self.pressure[queue].is_set():
+            self._relieve(range(queue, queue + 1))
 
     def closing(self) -> None:
         """At shutdown every idle connection goes at once."""
         self.idle_grace = 0.0
-        self._press()
+        self._all_pressed = True
+        self._press(range(len(self.pressure)))
 
-    def _press(self) -> None:
-        self.pressure.set()
+    def _press(self, queues: range) -> None:
+        for queue in queues:
+            self.pressure[queue].set()
         if self.on_pressure is not None:
-            self.on_pressure()
+            self.on_pressure(queues)
+
+    def _relieve(self, queues: range) -> None:
+        """Pressure ends on each of ``queues`` that no limit keeps it on."""
+        for queue in queues:
+            if not (self._all_pressed or (queue and (
+                    self._sources_pressed or self._by_queue[queue] >= self._off[2]))):
+                self.pressure[queue].clear()
 
 
 class _Silent:
@@ -267,59 +330,63 @@ class _Silent:
     one: ``keep_alive_timeout``, or the idle grace under pressure."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limiter: _Limiter,
-                 keep_alive: float, start: Callable[[socket.socket, bytes], None]) -> None:
+                 keep_alive: float,
+                 start: Callable[[socket.socket, bytes, int], None]) -> None:
         self._loop = loop
         self._limiter = limiter
         self._keep_alive = keep_alive
         self._start = start
-        # fd -> (connection, what it sent so far, since, timer)
-        self._waiting: dict[int, tuple[socket.socket, bytes, float, asyncio.TimerHandle]] = {}
+        # fd -> (connection, its accept queue, what it sent so far, since, timer)
+        self._waiting: dict[int, tuple[socket.socket, int, bytes, float,
+                                       asyncio.TimerHandle]] = {}
         limiter.on_pressure = self._press
 
-    def accepted(self, conn: socket.socket) -> None:
-        """Take over ``conn``, just accepted (its slot of the cap taken), still set to
-        reset at close as the listener is (`serve`)."""
-        self._read(conn, b"", self._loop.time(), fresh=True)
+    def accepted(self, conn: socket.socket, queue: int) -> None:
+        """Take over ``conn``, just accepted from ``queue`` (its slot of the cap taken),
+        still set to reset at close as the listener is (`serve`)."""
+        self._read(conn, queue, b"", self._loop.time(), fresh=True)
 
-    def _read(self, conn: socket.socket, head: bytes, since: float,
+    def _read(self, conn: socket.socket, queue: int, head: bytes, since: float,
               fresh: bool = False) -> None:
         sent = _read_ahead(conn, head, lingering=fresh)
         if sent is None:
-            self._limiter.release()
+            self._limiter.release(queue)
             return
         if fresh:  # a dead connection skips both calls
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
             conn.setblocking(False)  # for the transport
         if _HEAD_END.search(sent) or len(sent) > _SILENT_HEAD:
-            self._start(conn, sent)
+            self._start(conn, sent, queue)
         else:  # nothing yet, or part of a request head: a storm's byte before its close
             fd = conn.fileno()
-            limit = (self._limiter.idle_grace if self._limiter.pressure.is_set()
+            limit = (self._limiter.idle_grace if self._limiter.pressure[queue].is_set()
                      else self._keep_alive)
             timer = self._loop.call_at(since + limit, self._expire, fd)
-            self._waiting[fd] = (conn, sent, since, timer)
+            self._waiting[fd] = (conn, queue, sent, since, timer)
             self._loop.add_reader(fd, self._readable, fd)
 
-    def _take(self, fd: int) -> tuple[socket.socket, bytes, float]:
-        conn, head, since, timer = self._waiting.pop(fd)
+    def _take(self, fd: int) -> tuple[socket.socket, int, bytes, float]:
+        conn, queue, head, since, timer = self._waiting.pop(fd)
         timer.cancel()
         self._loop.remove_reader(fd)
-        return conn, head, since
+        return conn, queue, head, since
 
     def _readable(self, fd: int) -> None:
         self._read(*self._take(fd))
 
     def _expire(self, fd: int) -> None:
-        conn = self._take(fd)[0]
+        conn, queue = self._take(fd)[:2]
         conn.close()
-        self._limiter.release()
+        self._limiter.release(queue)
 
-    def _press(self) -> None:
-        for fd, (conn, head, since, timer) in list(self._waiting.items()):
+    def _press(self, queues: range) -> None:
+        for fd, (conn, queue, head, since, timer) in list(self._waiting.items()):
+            if queue not in queues:
+                continue
             expires = since + self._limiter.idle_grace
             if expires < timer.when():
                 timer.cancel()
-                self._waiting[fd] = (conn, head, since,
+                self._waiting[fd] = (conn, queue, head, since,
                                      self._loop.call_at(expires, self._expire, fd))
 
     def close_all(self) -> None:
@@ -378,13 +445,14 @@ class _Connection(TCPServer):
     has gone; see the module docstring."""
 
     def __init__(self, app: ASGIApp, config: Config, *args: Any, options: ServerConfig,
-                 limiter: _Limiter, summary: _Summary) -> None:
+                 limiter: _Limiter, summary: _Summary, queue: int = 0) -> None:
         super().__init__(wrap_app(self._app, config.wsgi_max_body_size,  # type: ignore[arg-type]
                                   "asgi"),
                          args[0], config, *args[1:])
         self._inner = app
         self._options = options
         self._limiter = limiter
+        self._queue = queue  # its accept queue: whose pressure closes it when idle
         self._summary = summary
         # Set once the client's side has ended (`_read_data`): nothing more can come in.
         self._client_ended = False
@@ -594,7 +662,7 @@ class _Connection(TCPServer):
         idle_since = loop.time()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.keep_alive_timeout):
-                await self._limiter.pressure.wait()
+                await self._limiter.pressure[self._queue].wait()
                 await asyncio.sleep(idle_since + self._limiter.idle_grace - loop.time())
         await asyncio.shield(self._initiate_server_close())
 
@@ -638,9 +706,10 @@ class _Acceptor:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  limiter: _Limiter, silent: _Silent, summary: _Summary,
-                 bucket: _Bucket | None = None) -> None:
+                 bucket: _Bucket | None = None, queue: int = 0) -> None:
         self._loop = loop
         self._sock = sock
+        self._queue = queue
         self._fd = sock.fileno()
         self._limiter = limiter
         self._silent = silent
@@ -674,7 +743,7 @@ class _Acceptor:
         batch_ends = now + _ACCEPT_BUDGET
         bucket = self._bucket
         while True:
-            if limiter.full(self.watch):
+            if limiter.full(self._queue, self.watch):
                 self._unwatch()
                 return
             if bucket is not None and (wait := bucket.ready(now)):
@@ -696,13 +765,13 @@ class _Acceptor:
                 continue
             if bucket is not None:
                 bucket.take()
-            limiter.take()
+            limiter.take(self._queue)
             try:
-                silent.accepted(conn)
+                silent.accepted(conn, self._queue)
             except Exception as err:  # a bug, not a client: counted, never a flood
                 self._summary.count("connection_error", type(err).__name__)
                 conn.close()
-                limiter.release()
+                limiter.release(self._queue)
             now = loop.time()
             if now >= batch_ends:
                 return  # the backlog is still readable: the next batch after other work
@@ -801,10 +870,11 @@ async def serve(app: ASGIApp, sock: socket.socket | Listeners, shutdown: asyncio
                  extra={"fields": {"server": name, "max_connections": cap}})
     summary = _Summary(name, metrics)
     limiter = _Limiter(cap, options.idle_timeout_under_pressure, summary,
-                       metrics.connections.labels(name) if metrics is not None else None)
+                       metrics.connections.labels(name) if metrics is not None else None,
+                       len(listeners.sockets) if listeners.steered else 1)
     connections: dict[asyncio.Task[None], _Connection] = {}
 
-    async def handle(conn: socket.socket, sent: bytes) -> None:
+    async def handle(conn: socket.socket, sent: bytes, queue: int) -> None:
         try:
             reader = asyncio.StreamReader(limit=2**16, loop=loop)
             reader.feed_data(sent)
@@ -818,7 +888,8 @@ async def serve(app: ASGIApp, sock: socket.socket | Listeners, shutdown: asyncio
                 lambda: asyncio.StreamReaderProtocol(reader, loop=loop), conn)
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             connection = _Connection(app, config, loop, context, {}, reader, writer,
-                                     options=options, limiter=limiter, summary=summary)
+                                     options=options, limiter=limiter, summary=summary,
+                                     queue=queue)
             task = asyncio.current_task()
             assert task is not None
             connections[task] = connection
@@ -830,20 +901,20 @@ async def serve(app: ASGIApp, sock: socket.socket | Listeners, shutdown: asyncio
             summary.count("connection_error", type(err).__name__)
             conn.close()
 
-    def finished(task: asyncio.Task[None]) -> None:
+    def finished(queue: int, task: asyncio.Task[None]) -> None:
         connections.pop(task, None)
-        limiter.release()
+        limiter.release(queue)
 
-    def start(conn: socket.socket, sent: bytes) -> None:
-        task = loop.create_task(handle(conn, sent))
-        task.add_done_callback(finished)
+    def start(conn: socket.socket, sent: bytes, queue: int) -> None:
+        task = loop.create_task(handle(conn, sent, queue))
+        task.add_done_callback(functools.partial(finished, queue))
 
     silent = _Silent(loop, limiter, options.keep_alive_timeout, start)
     acceptors = [_Acceptor(loop, listeners.sockets[0], limiter, silent, summary)]
     if listeners.steered:
         acceptors += [_Acceptor(loop, each, limiter, silent, summary,
-                                _Bucket(options.accept_rate, loop.time()))
-                      for each in listeners.sockets[1:]]
+                                _Bucket(options.accept_rate, loop.time()), queue)
+                      for queue, each in enumerate(listeners.sockets[1:], start=1)]
     for acceptor in acceptors:
         acceptor.watch()
     try:

@@ -146,22 +146,30 @@ def _assemble(ops: list[_Op | str]) -> bytes:
 def steering_program(own: Sequence[Address], queues: int = QUEUES) -> bytes:
     """The classic BPF program, as struct sock_filter's: 0 for a source in ``own``, else
     a hash of the source into 1..queues-1."""
+    # A conditional jump reaches at most 255 instructions ahead, so every jump here is
+    # short: a match is followed by its own "return 0", and the one long way (past the
+    # IPv4 part) is an unconditional jump, whose offset is 32 bits. (One shared
+    # "return 0" at the end put it out of reach with 30 IPv6 or some 240 IPv4 own
+    # addresses, and the node failed to start.)
     net = _SKF_NET_OFF
+    ret_own = (_RET_K, None, None, 0)
     ops: list[_Op | str] = [(_LD_B_ABS, None, None, net), (_ALU_AND_K, None, None, 0xF0),
-                            (_JMP_JEQ_K, "v6", None, 0x60)]
-    ops.append((_LD_W_ABS, None, None, net + _V4_SOURCE))
-    ops += [(_JMP_JEQ_K, "own", None, int(a)) for a in own if a.version == 4]
+                            (_JMP_JEQ_K, None, "v4", 0x60), (_JMP_JA, "v6", None, 0), "v4",
+                            (_LD_W_ABS, None, None, net + _V4_SOURCE)]
+    for n, address in enumerate(a for a in own if a.version == 4):
+        after = f"v4-{n + 1}"
+        ops += [(_JMP_JEQ_K, None, after, int(address)), ret_own, after]
     ops += [*_mix(queues), "v6"]
-    for n, address in enumerate(a for a in own if a.version == 6):
-        words = struct.unpack("!4I", address.packed)
+    for n, address6 in enumerate(a for a in own if a.version == 6):
+        words = struct.unpack("!4I", address6.packed)
         after = f"v6-{n + 1}"
         for w, word in enumerate(words):
             ops += [(_LD_W_ABS, None, None, net + _V6_SOURCE + 4 * w),
-                    (_JMP_JEQ_K, "own" if w == 3 else None, after, word)]
-        ops.append(after)
+                    (_JMP_JEQ_K, None, after, word)]
+        ops += [ret_own, after]
     ops += [(_LD_W_ABS, None, None, net + _V6_SOURCE + 8), (_TAX, None, None, 0),
             (_LD_W_ABS, None, None, net + _V6_SOURCE + 12), (_ALU_XOR_X, None, None, 0),
-            *_mix(queues), "own", (_RET_K, None, None, 0)]
+            *_mix(queues)]
     return _assemble(ops)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -30,8 +31,8 @@ from meshmirror.registry.server import (
     serve,
 )
 from meshmirror.registry.serveroptions import BACKLOG, SOURCE_BACKLOG
-from meshmirror.registry.steering import bind_listeners
-from tests.hostile.clients import closed_by_server, open_fds, timed_get, unread_get
+from meshmirror.registry.steering import bind_listeners, own_addresses, source_queue
+from tests.hostile.clients import closed_by_server, get_from, open_fds, timed_get, unread_get
 from tests.support.ports import loopback_host
 
 PIECE = 128 * 1024
@@ -210,6 +211,46 @@ async def test_at_the_cap_new_clients_wait_and_idle_ones_go() -> None:
                 s.close()
 
     await serving(ServerConfig(max_connections=cap), check)
+
+
+@pytest.mark.parametrize("sources", [1, 40])
+async def test_a_pod_holding_connections_leaves_slots_for_the_node_and_other_queues(
+        sources: int) -> None:
+    """The accept rate bounds how fast a source queue opens connections, not how many it
+    keeps: a pod holding unread responses (each kept for the send timeout) filled the
+    whole cap from one source, and the node's own containerd (the reserved queue) and
+    every other pod waited until the send timeout freed a slot. Pods in many queues
+    (40 addresses) can fill the source queues' share, never the reserved one."""
+    cap = 32
+    app = BodyApp()
+    host = loopback_host()
+    own = own_addresses([host])
+    listeners, unsteered = bind_listeners(host, 0, BACKLOG, own, SOURCE_BACKLOG)
+    assert unsteered is None
+    port = listeners.sockets[0].getsockname()[1]
+    attackers = [loopback_host() for _ in range(sources)]
+    neighbour = next(source for source in (loopback_host() for _ in range(100))
+                     if source_queue(ipaddress.ip_address(source), own)
+                     != source_queue(ipaddress.ip_address(attackers[0]), own))
+    shutdown = asyncio.Event()
+    task = asyncio.create_task(serve(app.app, listeners, shutdown,
+                                     ServerConfig(max_connections=cap, send_timeout=120)))
+    held: list[socket.socket] = []
+    try:
+        held += [unread_get(host, port, "/blob", source=attackers[n % sources])
+                 for n in range(max(cap, 2 * sources))]
+        await until(lambda: sum(answered(s) for s in held) >= 2, 10,
+                    "the attacker's first responses to be held")
+        await asyncio.sleep(0.5)
+        for source in (host, "127.0.0.1", neighbour)[:3 if sources == 1 else 2]:
+            status, _ = await asyncio.to_thread(get_from, source, host, port, "/v2/", 5)
+            assert status == 200, source
+        assert sum(answered(s) for s in held) < cap
+    finally:
+        for sock in held:
+            sock.close()
+        shutdown.set()
+        await asyncio.wait_for(task, 20)
 
 
 def test_the_cap_is_held_to_half_the_open_file_limit() -> None:

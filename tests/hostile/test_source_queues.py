@@ -28,7 +28,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from meshmirror import addresses
 from meshmirror.node import HttpServer
+from meshmirror.oci.imagebuilder import build_image
 from meshmirror.registry import steering
 from meshmirror.registry.serveroptions import (
     ACCEPT_BURST_S,
@@ -42,9 +44,9 @@ from meshmirror.registry.steering import (
     own_addresses,
     source_queue,
 )
-from tests.hostile.clients import get_from, storm
+from tests.hostile.clients import get_from, storm, unread_get
 from tests.support.node import start_node
-from tests.support.ports import loopback_host
+from tests.support.ports import free_port, loopback_host
 from tests.support.processes import stop
 
 STORM_S = 3.0
@@ -115,6 +117,34 @@ def test_dual_stack_and_ipv6_listeners_are_steered() -> None:
         listeners.close()
 
 
+def test_many_own_addresses_are_steered() -> None:
+    """The program's jumps to "return 0" were conditional ones, which reach at most 255
+    instructions: 30 IPv6 (or some 240 IPv4) own addresses put it out of reach, and
+    the node failed to start with a struct.error from `steering_program`."""
+    host = loopback_host()
+    own = own_addresses([host, *(f"10.9.{n // 250}.{n % 250 + 1}" for n in range(300)),
+                         *(f"fd00::{n + 1:x}" for n in range(100))])
+    listeners, unsteered = bind_listeners(host, 0, BACKLOG, own, SOURCE_BACKLOG)
+    try:
+        assert unsteered is None
+        port = listeners.sockets[0].getsockname()[1]
+        assert accepted_by(listeners, host, host, port) == 0
+        other = loopback_host()
+        assert accepted_by(listeners, other, host, port) == source_queue(
+            ipaddress.ip_address(other), own)
+    finally:
+        listeners.close()
+    dual, unsteered = bind_listeners("", 0, BACKLOG, own_addresses(
+        [*(f"fd00::{n + 1:x}" for n in range(100)), "::1"]), SOURCE_BACKLOG)
+    try:
+        assert unsteered is None
+        port = dual.sockets[0].getsockname()[1]
+        assert accepted_by(dual, "::1", "::1", port) == 0
+        assert accepted_by(dual, "127.0.0.1", "127.0.0.1", port) == 0
+    finally:
+        dual.close()
+
+
 def test_an_address_in_use_is_still_an_error() -> None:
     host = loopback_host()
     with socket.socket() as taken:
@@ -124,6 +154,58 @@ def test_an_address_in_use_is_still_an_error() -> None:
             bind_listeners(host, taken.getsockname()[1], BACKLOG, own_addresses([host]),
                            SOURCE_BACKLOG)
         assert raised.value.errno == errno.EADDRINUSE
+
+
+@pytest.mark.parametrize("pause", ["after_the_check", "after_the_first_of_the_group"])
+def test_two_processes_binding_one_port_at_once_never_share_it(
+        monkeypatch: pytest.MonkeyPatch, pause: str) -> None:
+    """Whether the port is free is checked, then the group is bound, in separate steps.
+    A second node starting while the first is between them (paused here, as on a busy
+    machine) must not join the first's SO_REUSEPORT group: exactly one of them holds
+    the port, and the other gets "address in use"."""
+    host = loopback_host()
+    port = free_port(host)
+    paused = threading.Event()
+    real_bind = addresses.bind_socket
+
+    def slow(bind_host: str, bind_port: int, reuse_port: bool = False) -> socket.socket:
+        first = threading.current_thread().name == "first" and reuse_port
+        if first and pause == "after_the_check" and not paused.is_set():
+            paused.set()
+            time.sleep(0.3)
+        sock = real_bind(bind_host, bind_port, reuse_port=reuse_port)
+        if first and not paused.is_set():
+            paused.set()
+            time.sleep(0.3)
+        return sock
+
+    monkeypatch.setattr(steering, "bind_socket", slow)
+    bound: dict[str, Listeners | OSError] = {}
+
+    def bind(name: str) -> None:
+        try:
+            bound[name] = bind_listeners(host, port, BACKLOG, own_addresses([host]),
+                                         SOURCE_BACKLOG)[0]
+        except OSError as err:
+            bound[name] = err
+
+    threads = [threading.Thread(target=bind, args=(name,), name=name)
+               for name in ("first", "second")]
+    threads[0].start()
+    assert paused.wait(10)
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    try:
+        held = [each for each in bound.values() if isinstance(each, Listeners)]
+        refused = [each for each in bound.values() if isinstance(each, OSError)]
+        assert len(held) == 1 and len(refused) == 1, bound
+        assert refused[0].errno == errno.EADDRINUSE
+        assert held[0].steered and len(held[0].sockets) == steering.QUEUES
+    finally:
+        for each in bound.values():
+            if isinstance(each, Listeners):
+                each.close()
 
 
 async def test_without_bpf_the_port_is_one_listener_and_says_so(
@@ -218,3 +300,39 @@ def test_a_storm_from_one_source_is_held_to_its_rate_and_others_are_served(
             assert all(retransmits == 0 for _, retransmits in answers), (source, answers)
     finally:
         stop(node.proc)
+
+
+@pytest.mark.real
+def test_a_pod_holding_unread_answers_leaves_the_node_and_other_pods_served(
+        tmp_path: Path) -> None:
+    """A pod's unread blob answers are each held for the send timeout: from one address,
+    at its queue's accept rate, they filled the whole connection cap, and the node's own
+    clients and every other pod waited for a send timeout. A real node, its cap low
+    (32), the pod holding twice that."""
+    cap = 32
+    store = tmp_path / "store"
+    store.mkdir()
+    image = build_image("docker.io/library/held:1", store, [8 << 20], seed=41)
+    blob = str(image.platforms[0].layers[0].digest)
+    node = start_node(f"oci:{store}", tmp_path / "node.log",
+                      ("--client-max-connections", str(cap)))
+    held: list[socket.socket] = []
+    try:
+        host, port_text = node.address.rsplit(":", 1)
+        port = int(port_text)
+        own = own_addresses([host])
+        attacker = loopback_host()
+        neighbour = next(source for source in (loopback_host() for _ in range(100))
+                         if source_queue(ipaddress.ip_address(source), own)
+                         != source_queue(ipaddress.ip_address(attacker), own))
+        path = f"/v2/library/held/blobs/{blob}?ns=docker.io"
+        held += [unread_get(host, port, path, source=attacker) for _ in range(2 * cap)]
+        time.sleep(1.0)
+        for source in (host, "127.0.0.1", neighbour):
+            status, _ = get_from(source, host, port, "/v2/", timeout=5)
+            assert status == 200, source
+    finally:
+        for sock in held:
+            sock.close()
+        stop(node.proc)
+

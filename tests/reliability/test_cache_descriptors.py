@@ -61,3 +61,35 @@ def test_complete_entries_hold_no_descriptor_and_are_served_again(tmp_path: Path
         assert {d: len(blob_requests(holder, d)) for d in digests} == asked
         wait_until(lambda: cache_descriptors(puller, spool) == [], 10,
                    "the puller to close the cache files it read again")
+
+
+def test_a_cache_file_changed_while_closed_is_a_miss(tmp_path: Path) -> None:
+    """An idle entry's file is opened again by path: one truncated meanwhile was served
+    cut on every hit (the zero-copy send finds its end early), and one replaced by
+    another file, the other file's bytes, unverified. Each is a miss now, fetched
+    again from the holder."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with holder_and_puller(tmp_path, "docker.io/library/few:1", [300_000, 300_001],
+                           "--mirror-spool-dir", str(spool), seed=32,
+                           puller="puller") as (holder, puller, image):
+        digests = [str(layer.digest) for layer in image.platforms[0].layers]
+
+        def url(digest: str) -> str:
+            return f"http://{puller.address}/v2/library/few/blobs/{digest}?ns=docker.io"
+
+        wait_until(lambda: timed_sha256(url(digests[0]))[0] == digests[0], 30,
+                   "the puller to find the holder's blobs")
+        assert [timed_sha256(url(d))[0] for d in digests] == digests
+        wait_until(lambda: cache_descriptors(puller, spool) == [], 10,
+                   "the puller to close its idle cache files")
+        files = {d: next(spool.glob(f"meshmirror-cache-*/{d.replace(':', '-')}.*"))
+                 for d in digests}
+        asked = {d: len(blob_requests(holder, d)) for d in digests}
+        truncated, replaced = digests
+        os.truncate(files[truncated], 1000)
+        other = files[replaced].with_name("other")
+        other.write_bytes(b"\0" * files[replaced].stat().st_size)
+        other.replace(files[replaced])
+        assert [timed_sha256(url(d))[0] for d in digests] == digests
+        assert all(len(blob_requests(holder, d)) > asked[d] for d in digests)
