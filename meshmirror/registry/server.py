@@ -66,16 +66,14 @@ from hypercorn.utils import wrap_app
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from meshmirror.addresses import bind_socket
 from meshmirror.fileio import ShortFileError
 from meshmirror.registry.serveroptions import (
     ACCEPT_BURST_S,
-    BACKLOG,
     ZERO_COPY_SEND,
     SendAborted,
     ServerConfig,
 )
-from meshmirror.registry.steering import Listeners
+from meshmirror.registry.steering import Listeners, bind_listener
 
 __all__ = [
     "ServerConfig",
@@ -117,20 +115,6 @@ _READ_AHEAD: Final = 2**16
 # burst of responses that become ready at once (a verified blob's waiting readers) all
 # get their headers out promptly, and a fast client never holds the loop.
 _SENDFILE_MAX: Final = 1 << 20
-
-
-def bind_listener(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
-    """A listening TCP socket on host:port; OSError (e.g. address in use) if it cannot be.
-
-    Port-only listens on IPv6 and IPv4 alike (`meshmirror.addresses.bind_socket`)."""
-    sock = bind_socket(host, port)
-    try:
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def listener_address(sock: socket.socket) -> str:

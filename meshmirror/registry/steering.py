@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from meshmirror.addresses import bind_socket
+from meshmirror.registry.serveroptions import BACKLOG
 
-__all__ = ["QUEUES", "Listeners", "bind_listeners", "own_addresses", "source_queue",
-           "steering_program"]
+__all__ = ["QUEUES", "Listeners", "bind_listener", "bind_listeners", "own_addresses",
+           "source_queue", "steering_program"]
 
 QUEUES: Final = 16
 """Listening sockets per steered port: queue 0 for the node's own addresses, and 15
@@ -179,6 +180,20 @@ def _attach(sock: socket.socket, program: bytes) -> None:
     sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
+def bind_listener(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
+    """A listening TCP socket on host:port; OSError (e.g. address in use) if it cannot be.
+
+    Port-only listens on IPv6 and IPv4 alike (`meshmirror.addresses.bind_socket`)."""
+    sock = bind_socket(host, port)
+    try:
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def bind_listeners(host: str, port: int, backlog: int, own: Sequence[Address],
                    source_backlog: int, queues: int = QUEUES) -> tuple[Listeners, str | None]:
     """The port's listeners, listening and non-blocking, and why they are not steered
@@ -210,11 +225,4 @@ def bind_listeners(host: str, port: int, backlog: int, own: Sequence[Address],
         for sock in sockets:
             sock.close()
         reason = errno.errorcode.get(err.errno or 0) or str(err)
-    sock = bind_socket(host, port)
-    try:
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return Listeners([sock], False), reason
+    return Listeners([bind_listener(host, port, backlog)], False), reason
